@@ -1,0 +1,41 @@
+# pgcast — `make help` lists the targets.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.DEFAULT_GOAL := help
+
+help: ## list the targets
+	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-10s %s\n", $$1, $$2}'
+
+install: $(STAMP) ## create .venv with pgcast and everything it needs
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+demo: install ## run the whole system on an embedded Postgres and show it working
+	$(BIN)/python -m bin.demo
+
+test: install ## run every test (unit, integration, acceptance) on a real Postgres
+	$(BIN)/pytest
+
+test-unit: install ## run the unit tests only (no database)
+	$(BIN)/pytest tests/unit
+
+lint: install ## ruff and mypy
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+bench: install ## run bench/ and rewrite bench/RESULTS.md
+	$(BIN)/python -m bench.run
+
+clean: ## stop the embedded Postgres and remove .pgcast/
+	-$(BIN)/pgcast db stop
+	rm -rf .pgcast
+
+.PHONY: help install demo test test-unit lint bench clean

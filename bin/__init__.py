@@ -1,0 +1,1 @@
+"""Thin executables: the `pgcast` CLI and the demo."""

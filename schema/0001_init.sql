@@ -1,0 +1,498 @@
+-- 0001_init: contacts, broadcasts, the recipient snapshot, the rate bucket, and the
+-- versioned functions that make every state change one atomic step.
+--
+-- Lock order (deadlock freedom): any transaction that locks both a broadcast row and
+-- some of its recipient rows locks the broadcast row FIRST. The worker's handoff locks
+-- only recipient rows (it reads the broadcast without locking it).
+
+CREATE TABLE contacts (
+    id              bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    account         text        NOT NULL,
+    email           text        NOT NULL,
+    name            text        NOT NULL DEFAULT '',
+    tags            text[]      NOT NULL DEFAULT '{}',
+    unsubscribed_at timestamptz,
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    updated_at      timestamptz NOT NULL DEFAULT now()
+);
+CREATE UNIQUE INDEX contacts_account_email ON contacts (account, lower(email));
+CREATE INDEX contacts_tags ON contacts USING gin (tags);
+
+CREATE TABLE broadcasts (
+    id               uuid        PRIMARY KEY DEFAULT gen_random_uuid(),
+    account          text        NOT NULL,
+    status           text        NOT NULL DEFAULT 'draft'
+        CHECK (status IN ('draft', 'sending', 'paused', 'sent', 'failed', 'cancelled')),
+    -- bumped by resume: work claimed under an older epoch can never be handed off
+    epoch            integer     NOT NULL DEFAULT 1,
+    subject          text        NOT NULL,
+    from_address     text        NOT NULL,
+    text_body        text,
+    html_body        text,
+    segment_tag      text,
+    -- per-broadcast cap in emails/s under the global limit; NULL = global limit only
+    rate_limit       double precision CHECK (rate_limit IS NULL OR rate_limit > 0),
+    -- counters: changed in the same transaction as the recipient rows they count
+    total            integer     NOT NULL DEFAULT 0,
+    sent             integer     NOT NULL DEFAULT 0,
+    failed           integer     NOT NULL DEFAULT 0,
+    skipped          integer     NOT NULL DEFAULT 0,
+    unknown          integer     NOT NULL DEFAULT 0,
+    cancelled        integer     NOT NULL DEFAULT 0,
+    -- consecutive failed handoffs, for the circuit breaker
+    failure_streak   integer     NOT NULL DEFAULT 0,
+    paused_reason    text,
+    audit_log        jsonb       NOT NULL DEFAULT '[]',
+    created_at       timestamptz NOT NULL DEFAULT now(),
+    updated_at       timestamptz NOT NULL DEFAULT now(),
+    started_at       timestamptz,
+    finished_at      timestamptz,
+    CHECK (text_body IS NOT NULL OR html_body IS NOT NULL)
+);
+CREATE INDEX broadcasts_account_created ON broadcasts (account, created_at DESC, id DESC);
+CREATE INDEX broadcasts_active ON broadcasts (status) WHERE status IN ('sending', 'paused');
+
+-- The snapshot. No foreign keys: a 1,000,000-row snapshot would pay one lookup per row,
+-- and a broadcast with recipients is never deleted (only drafts are).
+CREATE TABLE broadcast_recipients (
+    broadcast_id        uuid        NOT NULL,
+    contact_id          bigint      NOT NULL,
+    email               text        NOT NULL,
+    status              text        NOT NULL DEFAULT 'pending'
+        CHECK (status IN ('pending', 'claimed', 'sending', 'sent', 'failed', 'skipped',
+                          'unknown', 'cancelled')),
+    attempts            smallint    NOT NULL DEFAULT 0,
+    retry_at            timestamptz NOT NULL DEFAULT '-infinity',
+    claim_token         uuid,
+    claim_epoch         integer,
+    worker              text,
+    lease_expires_at    timestamptz,
+    provider_message_id text,
+    last_error          text,
+    sent_at             timestamptz,
+    PRIMARY KEY (broadcast_id, contact_id)
+) WITH (fillfactor = 80);
+-- what a worker may claim, in claim order
+CREATE INDEX broadcast_recipients_claimable ON broadcast_recipients (broadcast_id, retry_at, contact_id)
+    WHERE status = 'pending';
+-- what is in a worker's hands, for lease expiry and the drained check
+CREATE INDEX broadcast_recipients_in_flight ON broadcast_recipients (broadcast_id, lease_expires_at)
+    WHERE status IN ('claimed', 'sending');
+
+-- Token buckets for the rate limit. 'global' caps every worker; 'broadcast:<id>' rows cap
+-- one broadcast further.
+CREATE TABLE rate_limits (
+    name        text             PRIMARY KEY,
+    rate        double precision NOT NULL CHECK (rate >= 0),   -- emails per second, 0 = unlimited
+    burst       double precision NOT NULL CHECK (burst >= 1),  -- bucket size, emails
+    tokens      double precision NOT NULL,
+    refilled_at timestamptz      NOT NULL DEFAULT clock_timestamp(),
+    updated_at  timestamptz      NOT NULL DEFAULT now()
+);
+INSERT INTO rate_limits (name, rate, burst, tokens) VALUES ('global', 0, 1, 1);
+
+CREATE VIEW broadcast_progress AS
+SELECT id AS broadcast_id,
+       account,
+       status,
+       total,
+       total - sent - failed - skipped - unknown - cancelled AS pending,
+       sent,
+       failed,
+       skipped,
+       unknown,
+       cancelled,
+       epoch,
+       paused_reason,
+       created_at,
+       started_at,
+       finished_at
+FROM broadcasts;
+
+-- One audit entry.
+CREATE FUNCTION pgcast_audit_v1(p_action text, p_from text, p_to text, p_details jsonb)
+RETURNS jsonb LANGUAGE sql VOLATILE AS $$
+    SELECT jsonb_build_array(jsonb_build_object(
+        'action', p_action, 'from', p_from, 'to', p_to,
+        'at', to_jsonb(clock_timestamp()), 'details', coalesce(p_details, '{}'::jsonb)))
+$$;
+
+-- Control events for the workers (cancel, pause, resume, send, rate). Never per email.
+CREATE FUNCTION pgcast_notify_v1(p_event text, p_broadcast uuid, p_epoch integer)
+RETURNS void LANGUAGE sql AS $$
+    SELECT pg_notify('pgcast_control', json_build_object(
+        'event', p_event, 'broadcast', p_broadcast, 'epoch', p_epoch)::text)
+$$;
+
+-- send: lock the draft, snapshot its recipients, CAS draft -> sending (or straight to
+-- sent when nobody matches), all in the caller's one transaction.
+CREATE FUNCTION pgcast_send_v1(p_account text, p_id uuid)
+RETURNS TABLE (ok boolean, status text, queued integer)
+LANGUAGE plpgsql AS $$
+DECLARE
+    b broadcasts%ROWTYPE;
+    n integer;
+BEGIN
+    SELECT * INTO b FROM broadcasts WHERE id = p_id AND account = p_account FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    IF b.status <> 'draft' THEN
+        RETURN QUERY SELECT false, b.status, b.total;
+        RETURN;
+    END IF;
+    INSERT INTO broadcast_recipients (broadcast_id, contact_id, email)
+    SELECT p_id, c.id, c.email
+    FROM contacts c
+    WHERE c.account = p_account
+      AND c.unsubscribed_at IS NULL
+      AND (b.segment_tag IS NULL OR c.tags @> ARRAY[b.segment_tag])
+    ON CONFLICT DO NOTHING;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    IF b.rate_limit IS NOT NULL THEN
+        INSERT INTO rate_limits (name, rate, burst, tokens)
+        VALUES ('broadcast:' || p_id, b.rate_limit, greatest(1, ceil(b.rate_limit / 10)), 1)
+        ON CONFLICT (name) DO NOTHING;
+    END IF;
+    RETURN QUERY
+    UPDATE broadcasts AS u
+    SET status = CASE WHEN n = 0 THEN 'sent' ELSE 'sending' END,
+        total = n,
+        started_at = now(),
+        finished_at = CASE WHEN n = 0 THEN now() END,
+        updated_at = now(),
+        audit_log = u.audit_log || pgcast_audit_v1('send', u.status,
+            CASE WHEN n = 0 THEN 'sent' ELSE 'sending' END,
+            jsonb_build_object('recipients', n))
+    WHERE u.id = p_id AND u.status = ANY (ARRAY['draft'])
+    RETURNING true, u.status, u.total;
+    IF n > 0 THEN
+        PERFORM pgcast_notify_v1('send', p_id, b.epoch);
+    END IF;
+END
+$$;
+
+-- cancel: draft|sending|paused -> cancelled. Recipients not yet handed off end cancelled.
+-- already_queued = recipients the provider had or has (sent, in flight, unknown).
+CREATE FUNCTION pgcast_cancel_v1(p_account text, p_id uuid, p_details jsonb)
+RETURNS TABLE (ok boolean, status text, already_queued integer)
+LANGUAGE plpgsql AS $$
+DECLARE
+    n integer;
+    in_flight integer;
+BEGIN
+    UPDATE broadcasts AS u
+    SET status = 'cancelled', finished_at = now(), updated_at = now(),
+        audit_log = u.audit_log || pgcast_audit_v1('cancel', u.status, 'cancelled', p_details)
+    WHERE u.id = p_id AND u.account = p_account
+      AND u.status = ANY (ARRAY['draft', 'sending', 'paused']);
+    IF NOT FOUND THEN
+        RETURN QUERY SELECT false, b.status, b.sent + b.unknown
+            FROM broadcasts b WHERE b.id = p_id AND b.account = p_account;
+        RETURN;
+    END IF;
+    UPDATE broadcast_recipients r
+    SET status = 'cancelled', claim_token = NULL, lease_expires_at = NULL
+    WHERE r.broadcast_id = p_id AND r.status IN ('pending', 'claimed');
+    GET DIAGNOSTICS n = ROW_COUNT;
+    SELECT count(*) INTO in_flight FROM broadcast_recipients r
+    WHERE r.broadcast_id = p_id AND r.status = 'sending';
+    PERFORM pgcast_notify_v1('cancel', p_id, NULL);
+    RETURN QUERY
+    UPDATE broadcasts AS u SET cancelled = u.cancelled + n
+    WHERE u.id = p_id
+    RETURNING true, u.status, u.sent + u.unknown + in_flight;
+END
+$$;
+
+-- pause: sending -> paused with a reason. Claimed rows go back to pending.
+CREATE FUNCTION pgcast_pause_v1(p_account text, p_id uuid, p_reason text, p_details jsonb)
+RETURNS TABLE (ok boolean, status text)
+LANGUAGE plpgsql AS $$
+DECLARE
+    e integer;
+BEGIN
+    UPDATE broadcasts AS u
+    SET status = 'paused', paused_reason = p_reason, updated_at = now(),
+        audit_log = u.audit_log || pgcast_audit_v1('pause', u.status, 'paused',
+            coalesce(p_details, '{}'::jsonb) || jsonb_build_object('reason', p_reason))
+    WHERE u.id = p_id AND (p_account IS NULL OR u.account = p_account)
+      AND u.status = ANY (ARRAY['sending'])
+    RETURNING u.epoch INTO e;
+    IF NOT FOUND THEN
+        RETURN QUERY SELECT false, b.status FROM broadcasts b
+            WHERE b.id = p_id AND (p_account IS NULL OR b.account = p_account);
+        RETURN;
+    END IF;
+    UPDATE broadcast_recipients r
+    SET status = 'pending', claim_token = NULL, lease_expires_at = NULL
+    WHERE r.broadcast_id = p_id AND r.status = 'claimed';
+    PERFORM pgcast_notify_v1('pause', p_id, e);
+    RETURN QUERY SELECT true, 'paused'::text;
+END
+$$;
+
+-- resume: paused -> sending, bumping the epoch (fences work claimed before the pause).
+CREATE FUNCTION pgcast_resume_v1(p_account text, p_id uuid, p_details jsonb)
+RETURNS TABLE (ok boolean, status text)
+LANGUAGE plpgsql AS $$
+DECLARE
+    e integer;
+BEGIN
+    UPDATE broadcasts AS u
+    SET status = 'sending', epoch = u.epoch + 1, paused_reason = NULL, failure_streak = 0,
+        updated_at = now(),
+        audit_log = u.audit_log || pgcast_audit_v1('resume', u.status, 'sending', p_details)
+    WHERE u.id = p_id AND u.account = p_account AND u.status = ANY (ARRAY['paused'])
+    RETURNING u.epoch INTO e;
+    IF NOT FOUND THEN
+        RETURN QUERY SELECT false, b.status FROM broadcasts b
+            WHERE b.id = p_id AND b.account = p_account;
+        RETURN;
+    END IF;
+    PERFORM pgcast_notify_v1('resume', p_id, e);
+    RETURN QUERY SELECT true, 'sending'::text;
+END
+$$;
+
+-- finalize: sending -> sent | failed once no recipient row is non-terminal. Done means
+-- drained; counters are never compared with the total.
+CREATE FUNCTION pgcast_finalize_v1(p_id uuid)
+RETURNS TABLE (ok boolean, status text)
+LANGUAGE sql AS $$
+    UPDATE broadcasts AS u
+    SET status = CASE WHEN u.sent = 0 AND u.failed > 0 THEN 'failed' ELSE 'sent' END,
+        finished_at = now(), updated_at = now(),
+        audit_log = u.audit_log || pgcast_audit_v1('finish', u.status,
+            CASE WHEN u.sent = 0 AND u.failed > 0 THEN 'failed' ELSE 'sent' END,
+            jsonb_build_object('sent', u.sent, 'failed', u.failed, 'skipped', u.skipped,
+                               'unknown', u.unknown))
+    WHERE u.id = p_id AND u.status = ANY (ARRAY['sending'])
+      AND NOT EXISTS (SELECT 1 FROM broadcast_recipients r
+                      WHERE r.broadcast_id = p_id AND r.status = 'pending')
+      AND NOT EXISTS (SELECT 1 FROM broadcast_recipients r
+                      WHERE r.broadcast_id = p_id AND r.status IN ('claimed', 'sending'))
+    RETURNING true, u.status
+$$;
+
+-- claim: up to p_limit claimable rows of one sending broadcast, in one statement.
+-- A CTE, not WHERE id IN (SELECT ... SKIP LOCKED): see Postgres bug #15715.
+CREATE FUNCTION pgcast_claim_v1(p_id uuid, p_limit integer, p_token uuid, p_worker text,
+                                p_lease interval)
+RETURNS TABLE (contact_id bigint, email text, attempts smallint, epoch integer)
+LANGUAGE sql AS $$
+    WITH b AS (
+        SELECT id, epoch FROM broadcasts WHERE id = p_id AND status = 'sending'
+    ), picked AS (
+        SELECT r.broadcast_id, r.contact_id
+        FROM broadcast_recipients r, b
+        WHERE r.broadcast_id = b.id AND r.status = 'pending' AND r.retry_at <= now()
+        ORDER BY r.retry_at, r.contact_id
+        LIMIT p_limit
+        FOR UPDATE OF r SKIP LOCKED
+    )
+    UPDATE broadcast_recipients r
+    SET status = 'claimed', claim_token = p_token, claim_epoch = b.epoch, worker = p_worker,
+        lease_expires_at = clock_timestamp() + p_lease
+    FROM picked, b
+    WHERE r.broadcast_id = picked.broadcast_id AND r.contact_id = picked.contact_id
+    RETURNING r.contact_id, r.email, r.attempts, b.epoch
+$$;
+
+-- handoff: the fence before the provider call. Moves claimed rows of this claim to
+-- sending only while the broadcast is still sending at the claim's epoch; rows whose
+-- contact has unsubscribed go to skipped. Returns the rows to send now.
+-- Committed by the caller BEFORE the provider is called.
+CREATE FUNCTION pgcast_handoff_v1(p_id uuid, p_epoch integer, p_token uuid, p_ids bigint[])
+RETURNS TABLE (contact_id bigint, email text, name text)
+LANGUAGE plpgsql AS $$
+DECLARE
+    n_skip integer;
+BEGIN
+    PERFORM 1 FROM broadcasts b WHERE b.id = p_id AND b.status = 'sending' AND b.epoch = p_epoch;
+    IF NOT FOUND THEN
+        RETURN;  -- fenced: cancelled, paused or resumed since the claim
+    END IF;
+    IF EXISTS (SELECT 1 FROM broadcast_recipients r JOIN contacts c ON c.id = r.contact_id
+               WHERE r.broadcast_id = p_id AND r.contact_id = ANY (p_ids)
+                 AND c.unsubscribed_at IS NOT NULL) THEN
+        -- rare path: it changes a counter, so it takes the broadcast row first (lock
+        -- order) and checks the fence again under that lock
+        PERFORM 1 FROM broadcasts b WHERE b.id = p_id AND b.status = 'sending'
+            AND b.epoch = p_epoch FOR NO KEY UPDATE;
+        IF NOT FOUND THEN
+            RETURN;
+        END IF;
+        UPDATE broadcast_recipients r
+        SET status = 'skipped', last_error = 'unsubscribed', lease_expires_at = NULL
+        FROM contacts c
+        WHERE r.broadcast_id = p_id AND r.contact_id = ANY (p_ids) AND r.status = 'claimed'
+          AND r.claim_token = p_token AND c.id = r.contact_id AND c.unsubscribed_at IS NOT NULL;
+        GET DIAGNOSTICS n_skip = ROW_COUNT;
+        UPDATE broadcasts SET skipped = skipped + n_skip WHERE id = p_id;
+    END IF;
+    RETURN QUERY
+    UPDATE broadcast_recipients r
+    SET status = 'sending'
+    FROM contacts c
+    WHERE r.broadcast_id = p_id AND r.contact_id = ANY (p_ids) AND r.status = 'claimed'
+      AND r.claim_token = p_token AND c.id = r.contact_id AND c.unsubscribed_at IS NULL
+    RETURNING r.contact_id, r.email, c.name;
+END
+$$;
+
+-- record: the provider's answers for one group, and the counters, in one transaction.
+-- p_outcomes[i] is 'sent', 'failed', 'unknown' (the request left, no answer came back),
+-- 'retry' (counts as an attempt), 'throttled' (retry, no attempt) or 'release' (never
+-- reached the provider: back to pending as it was).
+-- Rows a sweeper already marked unknown are corrected if this claim still owns them.
+CREATE FUNCTION pgcast_record_v1(p_id uuid, p_token uuid, p_ids bigint[], p_outcomes text[],
+                                 p_message_ids text[], p_errors text[], p_retry_in double precision[],
+                                 p_breaker integer)
+RETURNS TABLE (recorded integer, tripped boolean)
+LANGUAGE plpgsql AS $$
+DECLARE
+    c record;
+    streak integer;
+BEGIN
+    PERFORM 1 FROM broadcasts WHERE id = p_id FOR NO KEY UPDATE;  -- lock order
+    WITH res AS (
+        SELECT * FROM unnest(p_ids, p_outcomes, p_message_ids, p_errors, p_retry_in)
+            AS t(contact_id, outcome, message_id, error, retry_in)
+    ), old AS (
+        SELECT r.contact_id, r.status FROM broadcast_recipients r
+        WHERE r.broadcast_id = p_id AND r.contact_id = ANY (p_ids) AND r.claim_token = p_token
+          AND r.status IN ('sending', 'unknown')
+        FOR UPDATE
+    ), upd AS (
+        UPDATE broadcast_recipients r
+        SET status = CASE WHEN res.outcome IN ('sent', 'failed', 'unknown') THEN res.outcome
+                          ELSE 'pending' END,
+            attempts = r.attempts + CASE WHEN res.outcome IN ('sent', 'failed', 'retry', 'unknown')
+                                         THEN 1 ELSE 0 END,
+            provider_message_id = res.message_id,
+            last_error = res.error,
+            sent_at = CASE WHEN res.outcome = 'sent' THEN now() END,
+            retry_at = CASE WHEN res.outcome IN ('retry', 'throttled')
+                            THEN clock_timestamp() + make_interval(secs => res.retry_in)
+                            ELSE r.retry_at END,
+            claim_token = CASE WHEN res.outcome IN ('sent', 'failed', 'unknown')
+                               THEN r.claim_token END,
+            lease_expires_at = NULL
+        FROM res JOIN old USING (contact_id)
+        WHERE r.broadcast_id = p_id AND r.contact_id = res.contact_id
+        RETURNING res.outcome, old.status AS old_status
+    )
+    SELECT count(*) AS n,
+           count(*) FILTER (WHERE outcome = 'sent') AS n_sent,
+           count(*) FILTER (WHERE outcome = 'failed') AS n_failed,
+           count(*) FILTER (WHERE outcome = 'unknown') AS n_unknown,
+           count(*) FILTER (WHERE outcome IN ('retry', 'failed')) AS n_bad,
+           count(*) FILTER (WHERE old_status = 'unknown') AS n_was_unknown
+    INTO c FROM upd;
+    UPDATE broadcasts
+    SET sent = sent + c.n_sent, failed = failed + c.n_failed, unknown = unknown + c.n_unknown - c.n_was_unknown,
+        failure_streak = CASE WHEN c.n_sent > 0 THEN 0 ELSE failure_streak + c.n_bad END,
+        updated_at = now()
+    WHERE id = p_id
+    RETURNING failure_streak INTO streak;
+    RETURN QUERY SELECT c.n::integer, p_breaker > 0 AND streak > p_breaker;
+END
+$$;
+
+-- release: rows this claim still holds but will not hand off go back to pending.
+CREATE FUNCTION pgcast_release_v1(p_id uuid, p_token uuid, p_ids bigint[])
+RETURNS integer LANGUAGE sql AS $$
+    WITH upd AS (
+        UPDATE broadcast_recipients r
+        SET status = 'pending', claim_token = NULL, lease_expires_at = NULL
+        WHERE r.broadcast_id = p_id AND r.contact_id = ANY (p_ids)
+          AND r.claim_token = p_token AND r.status = 'claimed'
+        RETURNING 1
+    ) SELECT count(*)::integer FROM upd
+$$;
+
+-- sweep: expired claims back to pending, expired handoffs to unknown (never re-sent),
+-- drained broadcasts finalized. One broadcast at a time, broadcast row locked first.
+CREATE FUNCTION pgcast_sweep_v1()
+RETURNS TABLE (broadcast_id uuid, reclaimed integer, unknown integer, finalized text)
+LANGUAGE plpgsql AS $$
+DECLARE
+    bid uuid;
+    n_re integer;
+    n_unk integer;
+    fin text;
+BEGIN
+    FOR bid IN SELECT b.id FROM broadcasts b WHERE b.status IN ('sending', 'paused', 'cancelled')
+               AND (b.status <> 'cancelled' OR EXISTS (
+                   SELECT 1 FROM broadcast_recipients r WHERE r.broadcast_id = b.id
+                     AND r.status IN ('claimed', 'sending')))
+    LOOP
+        PERFORM 1 FROM broadcasts b WHERE b.id = bid FOR NO KEY UPDATE;
+        UPDATE broadcast_recipients r
+        SET status = 'pending', claim_token = NULL, lease_expires_at = NULL
+        WHERE r.broadcast_id = bid AND r.status = 'claimed' AND r.lease_expires_at < clock_timestamp();
+        GET DIAGNOSTICS n_re = ROW_COUNT;
+        UPDATE broadcast_recipients r
+        SET status = 'unknown', last_error = 'worker lost during handoff: outcome unknown'
+        WHERE r.broadcast_id = bid AND r.status = 'sending' AND r.lease_expires_at < clock_timestamp();
+        GET DIAGNOSTICS n_unk = ROW_COUNT;
+        IF n_unk > 0 THEN
+            UPDATE broadcasts b SET unknown = b.unknown + n_unk WHERE b.id = bid;
+        END IF;
+        SELECT f.status INTO fin FROM pgcast_finalize_v1(bid) f;
+        IF n_re > 0 OR n_unk > 0 OR fin IS NOT NULL THEN
+            RETURN QUERY SELECT bid, n_re, n_unk, fin;
+        END IF;
+    END LOOP;
+END
+$$;
+
+-- renew: a live worker extends the lease of everything it holds.
+CREATE FUNCTION pgcast_renew_v1(p_worker text, p_lease interval)
+RETURNS integer LANGUAGE sql AS $$
+    WITH upd AS (
+        UPDATE broadcast_recipients r
+        SET lease_expires_at = clock_timestamp() + p_lease
+        WHERE r.status IN ('claimed', 'sending') AND r.worker = p_worker
+        RETURNING 1
+    ) SELECT count(*)::integer FROM upd
+$$;
+
+-- take tokens: up to p_want from bucket p_name. Serialised by an advisory lock; the
+-- refill reads clock_timestamp() after the lock (now() is the transaction's start).
+-- wait_seconds tells an empty-handed caller how long until one token is there.
+CREATE FUNCTION pgcast_take_tokens_v1(p_name text, p_want integer)
+RETURNS TABLE (granted integer, wait_seconds double precision)
+LANGUAGE plpgsql AS $$
+DECLARE
+    b rate_limits%ROWTYPE;
+    t timestamptz;
+    have double precision;
+    g integer;
+BEGIN
+    PERFORM pg_advisory_xact_lock(hashtext('pgcast.rate'), hashtext(p_name));
+    SELECT * INTO b FROM rate_limits WHERE name = p_name;
+    IF NOT FOUND OR b.rate = 0 THEN
+        RETURN QUERY SELECT p_want, 0.0::double precision;
+        RETURN;
+    END IF;
+    t := clock_timestamp();
+    have := least(b.burst, b.tokens + greatest(0, extract(epoch FROM t - b.refilled_at)) * b.rate);
+    g := greatest(0, least(p_want, floor(have)::integer));
+    UPDATE rate_limits SET tokens = have - g, refilled_at = t WHERE name = p_name;
+    RETURN QUERY SELECT g, CASE WHEN g > 0 THEN 0.0 ELSE (1 - (have - g)) / b.rate END;
+END
+$$;
+
+-- Any change to a bucket's rate or burst (pgcast rate set, or a DBA's UPDATE) tells the
+-- workers at once.
+CREATE FUNCTION pgcast_rate_changed_v1() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('pgcast_control', json_build_object(
+        'event', 'rate', 'bucket', NEW.name, 'rate', NEW.rate, 'burst', NEW.burst)::text);
+    RETURN NEW;
+END
+$$;
+CREATE TRIGGER rate_limits_changed AFTER INSERT OR UPDATE OF rate, burst ON rate_limits
+    FOR EACH ROW EXECUTE FUNCTION pgcast_rate_changed_v1();

@@ -1,0 +1,1 @@
+"""Data access: every runtime query (queries.sql) and the small helpers around them."""

@@ -1,0 +1,148 @@
+"""Broadcasts: validation shared by the CLI and the API, and the control operations."""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import uuid
+from typing import Any
+
+import psycopg
+
+from sql import contacts, errors
+from sql.queries import QUERIES
+
+MAX_SUBJECT_LENGTH = 998  # characters: RFC 5322 line limit
+TERMINAL = ("sent", "failed", "cancelled")
+
+
+def parse_id(raw: str) -> uuid.UUID:
+    """A broadcast id; raises InvalidInput."""
+    try:
+        return uuid.UUID(str(raw))
+    except ValueError:
+        raise errors.InvalidInput(f"not a broadcast id: {raw!r}") from None
+
+
+def validate_from(raw: Any) -> str:
+    """A From value, `addr` or `Name <addr>`, with a valid address; raises InvalidInput."""
+    if not isinstance(raw, str) or not raw.strip():
+        raise errors.InvalidInput("from must be a non-empty string")
+    name, addr = email.utils.parseaddr(raw.strip())
+    if not addr:
+        raise errors.InvalidInput(f"from is not an address: {raw!r}")
+    addr = contacts.normalize_email(addr)
+    return email.utils.formataddr((name, addr)) if name else addr
+
+
+def validate_content(subject: Any, text: Any, html: Any, tag: Any) -> dict[str, Any]:
+    """Checked subject/text/html/tag; raises InvalidInput."""
+    if not isinstance(subject, str) or not subject.strip():
+        raise errors.InvalidInput("subject must be a non-empty string")
+    if len(subject) > MAX_SUBJECT_LENGTH or "\n" in subject or "\r" in subject:
+        raise errors.InvalidInput("subject must be one line of at most 998 characters")
+    for label, value in (("text", text), ("html", html)):
+        if value is not None and not isinstance(value, str):
+            raise errors.InvalidInput(f"{label} must be a string")
+    if not (text or html):
+        raise errors.InvalidInput("a broadcast needs text or html content")
+    if tag is not None:
+        tag = contacts.validate_tags([tag])[0]
+    return {"subject": subject.strip(), "text_body": text or None, "html_body": html or None,
+            "segment_tag": tag}
+
+
+def create(conn: psycopg.Connection[Any], account: str, *, subject: Any, from_address: Any,
+           text: Any = None, html: Any = None, tag: Any = None,
+           rate_limit: float | None = None) -> dict[str, Any]:
+    """Create a draft; raises InvalidInput."""
+    fields = validate_content(subject, text, html, tag)
+    fields["from_address"] = validate_from(from_address)
+    if rate_limit is not None and rate_limit <= 0:
+        raise errors.InvalidInput("rate limit must be positive")
+    row = conn.execute(QUERIES["broadcast_create"],
+                       {"account": account, "rate_limit": rate_limit, **fields}).fetchone()
+    assert row is not None
+    return dict(row)
+
+
+def get(conn: psycopg.Connection[Any], account: str, broadcast_id: uuid.UUID) -> dict[str, Any]:
+    """One broadcast; raises NotFound."""
+    row = conn.execute(QUERIES["broadcast_get"], {"account": account, "id": broadcast_id}).fetchone()
+    if row is None:
+        raise errors.NotFound(f"no broadcast {broadcast_id}")
+    return dict(row)
+
+
+def send(conn: psycopg.Connection[Any], account: str, broadcast_id: uuid.UUID) -> dict[str, Any]:
+    """Snapshot and start sending: the seed system's response shape."""
+    row = conn.execute(QUERIES["broadcast_send"], {"account": account, "id": broadcast_id}).fetchone()
+    if row is None:
+        raise errors.NotFound(f"no broadcast {broadcast_id}")
+    if not row["ok"]:
+        return {"success": False, "status": row["status"],
+                "message": f"Broadcast is {row['status']}; only a draft can be sent"}
+    n = row["queued"]
+    message = (f"Broadcast sent to {n} recipients" if n else
+               "Broadcast has no recipients; marked sent")
+    return {"success": True, "status": row["status"], "queued": n, "message": message}
+
+
+def cancel(conn: psycopg.Connection[Any], account: str, broadcast_id: uuid.UUID,
+           details: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Cancel a draft, sending or paused broadcast."""
+    row = conn.execute(QUERIES["broadcast_cancel"], {
+        "account": account, "id": broadcast_id, "details": json.dumps(details or {})}).fetchone()
+    if row is None:
+        raise errors.NotFound(f"no broadcast {broadcast_id}")
+    if not row["ok"]:
+        return {"success": False, "status": row["status"],
+                "message": f"Broadcast is already {row['status']}; nothing to cancel"}
+    n = row["already_queued"]
+    return {"success": True, "status": "cancelled", "alreadyQueued": n,
+            "message": f"Cancelled — {n} emails were already handed to the provider"}
+
+
+def pause(conn: psycopg.Connection[Any], account: str | None, broadcast_id: uuid.UUID,
+          reason: str = "operator", details: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Pause a sending broadcast (account None: any account, for the worker)."""
+    row = conn.execute(QUERIES["broadcast_pause"], {
+        "account": account, "id": broadcast_id, "reason": reason,
+        "details": json.dumps(details or {})}).fetchone()
+    if row is None:
+        raise errors.NotFound(f"no broadcast {broadcast_id}")
+    if not row["ok"]:
+        return {"success": False, "status": row["status"],
+                "message": f"Broadcast is {row['status']}; only a sending broadcast can be paused"}
+    return {"success": True, "status": "paused", "message": f"Paused ({reason})"}
+
+
+def resume(conn: psycopg.Connection[Any], account: str, broadcast_id: uuid.UUID,
+           details: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Resume a paused broadcast."""
+    row = conn.execute(QUERIES["broadcast_resume"], {
+        "account": account, "id": broadcast_id, "details": json.dumps(details or {})}).fetchone()
+    if row is None:
+        raise errors.NotFound(f"no broadcast {broadcast_id}")
+    if not row["ok"]:
+        return {"success": False, "status": row["status"],
+                "message": f"Broadcast is {row['status']}; only a paused broadcast can be resumed"}
+    return {"success": True, "status": "sending", "message": "Resumed"}
+
+
+def progress(conn: psycopg.Connection[Any], account: str, broadcast_id: uuid.UUID) -> dict[str, Any]:
+    """The O(1) progress row; raises NotFound."""
+    row = conn.execute(QUERIES["broadcast_progress"],
+                       {"account": account, "id": broadcast_id}).fetchone()
+    if row is None:
+        raise errors.NotFound(f"no broadcast {broadcast_id}")
+    return dict(row)
+
+
+def list_page(conn: psycopg.Connection[Any], account: str, limit: int = 50,
+              before: tuple[Any, Any] | None = None) -> list[dict[str, Any]]:
+    """A page of an account's broadcasts, newest first."""
+    before_at, before_id = before if before else (None, None)
+    rows = conn.execute(QUERIES["broadcast_list"], {
+        "account": account, "limit": limit, "before_at": before_at, "before_id": before_id})
+    return [dict(r) for r in rows]

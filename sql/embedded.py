@@ -1,0 +1,80 @@
+"""The embedded Postgres (the pgserver wheel's binaries), data in $PGCAST_HOME/pgdata."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import subprocess
+import warnings
+from pathlib import Path
+
+from sql import errors
+
+logging.getLogger("pgserver").setLevel(logging.WARNING)  # it logs every start at INFO
+
+
+def home() -> Path:
+    """Where pgcast keeps its local state: $PGCAST_HOME, else ./.pgcast."""
+    return Path(os.environ.get("PGCAST_HOME", ".pgcast")).expanduser().resolve()
+
+
+def pgdata(base: Path | None = None) -> Path:
+    """The embedded server's data directory."""
+    return (base or home()) / "pgdata"
+
+
+def _quiet_import() -> object:
+    # pgserver asks platformdirs for XDG_RUNTIME_DIR at import; machines without it warn
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with contextlib.redirect_stderr(io.StringIO()):
+            import pgserver
+    return pgserver
+
+
+def start(base: Path | None = None) -> str:
+    """Start the embedded server unless it already runs (any process may); return its URL."""
+    data = pgdata(base)
+    data.parent.mkdir(parents=True, exist_ok=True)
+    pgserver = _quiet_import()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            server = pgserver.get_server(data, cleanup_mode=None)  # type: ignore[attr-defined]
+    except Exception as exc:  # pgserver raises bare subprocess/assert errors
+        log = data / "log"
+        tail = log.read_text()[-2000:] if log.exists() else ""
+        raise errors.EmbeddedServerError(f"cannot start embedded Postgres in {data}: {exc}\n{tail}")
+    return str(server.get_uri())
+
+
+def _pg_ctl(args: list[str], data: Path) -> subprocess.CompletedProcess[str]:
+    pgserver = _quiet_import()
+    from pgserver import _commands
+
+    binary = Path(_commands.POSTGRES_BIN_PATH) / "pg_ctl"
+    user = "pgserver" if os.geteuid() == 0 else None  # pgserver runs Postgres unprivileged
+    del pgserver
+    return subprocess.run(
+        [str(binary), "-D", str(data), *args], user=user, capture_output=True, text=True,
+        check=False, timeout=60,
+    )
+
+
+def running(base: Path | None = None) -> bool:
+    """Whether the embedded server of this home is up."""
+    data = pgdata(base)
+    return data.exists() and _pg_ctl(["status"], data).returncode == 0
+
+
+def stop(base: Path | None = None, mode: str = "fast") -> bool:
+    """Stop the embedded server; False when it was not running."""
+    data = pgdata(base)
+    if not running(base):
+        return False
+    done = _pg_ctl(["-w", "-m", mode, "stop"], data)
+    if done.returncode != 0:
+        raise errors.EmbeddedServerError(f"pg_ctl stop failed: {done.stderr.strip()}")
+    return True

@@ -1,0 +1,184 @@
+-- Every runtime query of pgcast. A block is `-- name --`, a one-line description, then
+-- one statement. Atomic multi-step logic lives in the versioned functions of schema/.
+
+-- migrate_lock --
+-- Serialises concurrent `pgcast migrate` runs (released at commit).
+SELECT pg_advisory_xact_lock(hashtext('pgcast.migrate'))
+
+-- migrations_table --
+-- The bookkeeping table of applied migrations.
+CREATE TABLE IF NOT EXISTS schema_migrations (
+    version    integer PRIMARY KEY,
+    name       text NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now()
+)
+
+-- migrations_applied --
+-- Versions already applied.
+SELECT version FROM schema_migrations ORDER BY version
+
+-- migration_record --
+-- Marks one migration applied.
+INSERT INTO schema_migrations (version, name) VALUES (%(version)s, %(name)s)
+
+-- procrastinate_installed --
+-- Whether procrastinate's schema is there.
+SELECT to_regclass('procrastinate_jobs') IS NOT NULL AS installed
+
+-- contacts_upsert --
+-- Inserts or updates contacts from a jsonb array; never clears an unsubscribe.
+INSERT INTO contacts AS c (account, email, name, tags)
+SELECT %(account)s, x.email, coalesce(x.name, ''), coalesce(x.tags, '{}')
+FROM jsonb_to_recordset(%(rows)s::jsonb) AS x(email text, name text, tags text[])
+ON CONFLICT (account, lower(email)) DO UPDATE
+SET email = EXCLUDED.email, name = EXCLUDED.name, tags = EXCLUDED.tags, updated_at = now()
+
+-- contact_unsubscribe --
+-- Marks a contact unsubscribed (keeps the first time); takes effect at the next handoff.
+UPDATE contacts
+SET unsubscribed_at = coalesce(unsubscribed_at, now()), updated_at = now()
+WHERE account = %(account)s AND lower(email) = lower(%(email)s)
+RETURNING id, email, unsubscribed_at
+
+-- broadcast_create --
+-- A new draft.
+INSERT INTO broadcasts (account, subject, from_address, text_body, html_body, segment_tag,
+                        rate_limit, audit_log)
+VALUES (%(account)s, %(subject)s, %(from_address)s, %(text_body)s, %(html_body)s,
+        %(segment_tag)s, %(rate_limit)s, pgcast_audit_v1('create', NULL, 'draft', NULL))
+RETURNING *
+
+-- broadcast_get --
+-- One broadcast of an account.
+SELECT * FROM broadcasts WHERE id = %(id)s AND account = %(account)s
+
+-- broadcast_list --
+-- An account's broadcasts, newest first, keyset-paged by (created_at, id).
+SELECT id, account, status, subject, segment_tag, total, sent, failed, skipped, unknown,
+       cancelled, created_at, started_at, finished_at
+FROM broadcasts
+WHERE account = %(account)s
+  AND (%(before_at)s::timestamptz IS NULL OR (created_at, id) < (%(before_at)s, %(before_id)s::uuid))
+ORDER BY created_at DESC, id DESC
+LIMIT %(limit)s
+
+-- broadcast_update_draft --
+-- Edits a draft (CAS on status); NULL keeps a field.
+UPDATE broadcasts
+SET subject = coalesce(%(subject)s, subject),
+    from_address = coalesce(%(from_address)s, from_address),
+    text_body = CASE WHEN %(set_text)s THEN %(text_body)s ELSE text_body END,
+    html_body = CASE WHEN %(set_html)s THEN %(html_body)s ELSE html_body END,
+    segment_tag = CASE WHEN %(set_tag)s THEN %(segment_tag)s ELSE segment_tag END,
+    updated_at = now(),
+    audit_log = audit_log || pgcast_audit_v1('edit', status, status, NULL)
+WHERE id = %(id)s AND account = %(account)s AND status = ANY (ARRAY['draft'])
+RETURNING *
+
+-- broadcast_delete_draft --
+-- Deletes a draft (CAS on status).
+DELETE FROM broadcasts
+WHERE id = %(id)s AND account = %(account)s AND status = ANY (ARRAY['draft'])
+RETURNING id
+
+-- broadcast_send --
+-- Snapshot the recipients and start sending (pgcast_send_v1).
+SELECT * FROM pgcast_send_v1(%(account)s, %(id)s)
+
+-- broadcast_cancel --
+-- Cancel a draft, sending or paused broadcast (pgcast_cancel_v1).
+SELECT * FROM pgcast_cancel_v1(%(account)s, %(id)s, %(details)s::jsonb)
+
+-- broadcast_pause --
+-- Pause a sending broadcast with a reason (pgcast_pause_v1); account NULL = any.
+SELECT * FROM pgcast_pause_v1(%(account)s, %(id)s, %(reason)s, %(details)s::jsonb)
+
+-- broadcast_resume --
+-- Resume a paused broadcast under a new epoch (pgcast_resume_v1).
+SELECT * FROM pgcast_resume_v1(%(account)s, %(id)s, %(details)s::jsonb)
+
+-- broadcast_progress --
+-- O(1) progress of one broadcast: the counters on its row.
+SELECT p.*, b.subject FROM broadcast_progress p JOIN broadcasts b ON b.id = p.broadcast_id
+WHERE p.broadcast_id = %(id)s AND p.account = %(account)s
+
+-- recipients_page --
+-- A broadcast's recipient rows, keyset-paged by contact_id, optionally by status.
+SELECT contact_id, email, status, attempts, last_error, provider_message_id, sent_at
+FROM broadcast_recipients
+WHERE broadcast_id = %(id)s
+  AND (%(status)s::text IS NULL OR status = %(status)s)
+  AND contact_id > %(after)s
+ORDER BY contact_id
+LIMIT %(limit)s
+
+-- active_broadcasts --
+-- Broadcasts workers may claim from, with their per-broadcast cap.
+SELECT id, epoch, rate_limit FROM broadcasts WHERE status = 'sending' ORDER BY started_at, id
+
+-- broadcast_fence --
+-- Whether work claimed at this epoch may still be handed off.
+SELECT 1 FROM broadcasts WHERE id = %(id)s AND status = 'sending' AND epoch = %(epoch)s
+
+-- broadcast_content --
+-- What a worker needs to render a broadcast's messages.
+SELECT id, account, subject, from_address, text_body, html_body FROM broadcasts WHERE id = %(id)s
+
+-- claim --
+-- Claim up to `limit` claimable rows of one broadcast (pgcast_claim_v1).
+SELECT * FROM pgcast_claim_v1(%(id)s, %(limit)s, %(token)s, %(worker)s,
+                              make_interval(secs => %(lease)s))
+
+-- handoff --
+-- The fence: claimed -> sending (or skipped) for one group (pgcast_handoff_v1).
+SELECT * FROM pgcast_handoff_v1(%(id)s, %(epoch)s, %(token)s, %(ids)s)
+
+-- record --
+-- One group's provider outcomes and counters (pgcast_record_v1).
+SELECT * FROM pgcast_record_v1(%(id)s, %(token)s, %(ids)s, %(outcomes)s, %(message_ids)s,
+                               %(errors)s, %(retry_in)s, %(breaker)s)
+
+-- release --
+-- Rows a claim holds but will not hand off go back to pending.
+SELECT pgcast_release_v1(%(id)s, %(token)s, %(ids)s) AS released
+
+-- unhandoff --
+-- Rows of a claim that reached sending but were provably never given to the provider.
+UPDATE broadcast_recipients
+SET status = 'pending', claim_token = NULL, lease_expires_at = NULL
+WHERE broadcast_id = %(id)s AND contact_id = ANY (%(ids)s) AND claim_token = %(token)s
+  AND status = 'sending'
+
+-- finalize --
+-- sending -> sent|failed when drained (pgcast_finalize_v1).
+SELECT * FROM pgcast_finalize_v1(%(id)s)
+
+-- sweep --
+-- Lease expiry, unknown outcomes, finalization (pgcast_sweep_v1).
+SELECT * FROM pgcast_sweep_v1()
+
+-- renew --
+-- Extends the lease on everything a live worker holds.
+SELECT pgcast_renew_v1(%(worker)s, make_interval(secs => %(lease)s)) AS renewed
+
+-- take_tokens --
+-- Up to `want` tokens from a bucket (pgcast_take_tokens_v1).
+SELECT * FROM pgcast_take_tokens_v1(%(name)s, %(want)s)
+
+-- drain_tokens --
+-- Empties a bucket for `seconds` worth of its rate (after a provider throttle).
+UPDATE rate_limits SET tokens = least(tokens, 0) - rate * %(seconds)s, refilled_at = clock_timestamp()
+WHERE name = %(name)s AND rate > 0
+
+-- rate_get --
+-- One bucket.
+SELECT name, rate, burst, tokens, refilled_at, updated_at FROM rate_limits WHERE name = %(name)s
+
+-- rate_set --
+-- Sets a bucket's rate and burst (the trigger tells the workers).
+INSERT INTO rate_limits AS r (name, rate, burst, tokens)
+VALUES (%(name)s, %(rate)s, %(burst)s, %(burst)s)
+ON CONFLICT (name) DO UPDATE
+SET rate = EXCLUDED.rate, burst = EXCLUDED.burst, tokens = least(r.tokens, EXCLUDED.burst),
+    updated_at = now()
+RETURNING name, rate, burst

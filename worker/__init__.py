@@ -1,0 +1,1 @@
+"""The engine: claim, hand off, send, record, finalize, sweep, rate limit, providers."""

@@ -1,0 +1,387 @@
+"""The dispatch loop: claim a batch, hand off small groups behind the fence, send, record."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import os
+import random
+import socket
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+from psycopg_pool import AsyncConnectionPool
+
+from sql.queries import QUERIES
+from worker import errors, providers, render
+
+log = logging.getLogger("pgcast.worker")
+
+NEVER = math.inf  # a halted epoch meaning "every epoch": the broadcast was cancelled
+DB_RETRY_MAX = 5.0  # seconds: the longest pause between attempts to reach Postgres
+
+
+@dataclass
+class Settings:
+    """How one worker process behaves (flags and environment)."""
+
+    concurrency: int = 4  # dispatch loops in this process
+    batch_size: int = 500  # rows per claim
+    group_size: int = 50  # rows per handoff/send/record
+    delay_ms: int = 0  # pause between batches of one loop
+    max_retries: int = 5  # transient failures tolerated per recipient before `failed`
+    max_broadcasts: int = 0  # broadcasts worked on at once; 0 = all
+    once: bool = False  # drain what is claimable now, then exit
+    lease: float = 30.0  # seconds a claim stays ours without renewal
+    poll: float = 1.0  # seconds between looks when LISTEN says nothing
+    retry_base: float = 2.0  # seconds: first transient backoff
+    retry_cap: float = 300.0  # seconds: longest transient backoff
+    throttle_backoff: float = 1.0  # seconds a provider throttle empties the global bucket for
+    breaker: int = 0  # pause a broadcast after this many failed handoffs in a row; 0 = off
+    sweeper: bool = True  # run the procrastinate sweeper in this process
+    sweep_cron: str = "* * * * * */5"  # every 5 seconds
+
+
+@dataclass
+class Outcome:
+    """What happened to one recipient of a group."""
+
+    contact_id: int
+    outcome: str  # sent | failed | unknown | retry | throttled | release
+    message_id: str | None = None
+    error: str | None = None
+    retry_in: float = 0.0
+    pause_reason: str | None = None  # account-level trouble: pause the broadcast
+
+
+@dataclass
+class Stats:
+    """Counts for the worker's exit line."""
+
+    sent: int = 0
+    failed: int = 0
+    retried: int = 0
+    skipped_or_fenced: int = 0
+    groups: int = 0
+
+
+@dataclass
+class _Active:
+    epoch: int
+    rate_limit: float | None
+    empty_since: float | None = None
+
+
+@dataclass
+class State:
+    """What the control listener tells the dispatch loops."""
+
+    halted: dict[uuid.UUID, float] = field(default_factory=dict)  # broadcast -> dead epochs <=
+    rates: dict[str, float] = field(default_factory=dict)  # bucket -> rate (0 = unlimited)
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def is_halted(self, broadcast_id: uuid.UUID, epoch: int) -> bool:
+        """True when work claimed at this epoch must not be handed off."""
+        return self.halted.get(broadcast_id, 0) >= epoch
+
+
+def backoff(attempt: int, base: float, cap: float) -> float:
+    """Exponential backoff with full jitter in [d/2, d] for the given attempt (1-based)."""
+    delay = min(cap, base * (2 ** max(0, attempt - 1)))
+    return delay / 2 + random.random() * delay / 2
+
+
+class Engine:
+    """One worker process's dispatch loops over a shared pool."""
+
+    def __init__(self, settings: Settings, provider: providers.Provider, pool: AsyncConnectionPool,
+                 state: State | None = None) -> None:
+        self.settings = settings
+        self.provider = provider
+        self.pool = pool
+        self.state = state or State()
+        self.name = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self.stopping = asyncio.Event()
+        self.stats = Stats()
+        self._active: dict[uuid.UUID, _Active] = {}
+        self._order: list[uuid.UUID] = []
+        self._next = 0
+        self._refreshed = 0.0
+        self._content: dict[uuid.UUID, render.Content] = {}
+        self._idle_loops = 0
+
+    # -- database access -------------------------------------------------------------
+
+    async def _q(self, name: str, params: dict[str, Any] | None = None) -> list[tuple[Any, ...]]:
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(QUERIES[name], params)  # type: ignore[arg-type]
+            return await cur.fetchall() if cur.description else []
+
+    async def _q_retry(self, name: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:
+        """Run a statement that must happen (records, releases), riding out outages."""
+        delay = 0.1
+        while True:
+            try:
+                return await self._q(name, params)
+            except (psycopg.OperationalError, psycopg.errors.AdminShutdown) as exc:
+                log.warning("postgres unreachable during %s (%s); retrying in %.1fs", name, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(DB_RETRY_MAX, delay * 2)
+
+    # -- which broadcast next ----------------------------------------------------------
+
+    async def _refresh(self) -> None:
+        rows = await self._q("active_broadcasts")
+        bucket = await self._q("rate_get", {"name": "global"})
+        if bucket:
+            self.state.rates["global"] = float(bucket[0][1])
+        limit = self.settings.max_broadcasts or len(rows)
+        fresh: dict[uuid.UUID, _Active] = {}
+        for bid, epoch, rate_limit in rows[:limit]:
+            fresh[bid] = _Active(epoch, rate_limit)
+        self._active = fresh
+        self._order = list(fresh)
+        self._refreshed = time.monotonic()
+        self._content = {k: v for k, v in self._content.items() if k in fresh}
+
+    async def _pick(self) -> uuid.UUID | None:
+        """The next broadcast in round-robin order that has not just come back empty."""
+        if self.state.wake.is_set() or time.monotonic() - self._refreshed > self.settings.poll:
+            self.state.wake.clear()
+            await self._refresh()
+        n = len(self._order)
+        for i in range(n):
+            bid = self._order[(self._next + i) % n]
+            entry = self._active.get(bid)
+            if entry is not None and entry.empty_since is None:
+                self._next = (self._next + i + 1) % max(1, n)
+                return bid
+        return None
+
+    async def _content_of(self, bid: uuid.UUID) -> render.Content:
+        content = self._content.get(bid)
+        if content is None:
+            async with self.pool.connection() as conn:
+                conn.row_factory = psycopg.rows.dict_row  # type: ignore[assignment]
+                try:
+                    cur = await conn.execute(QUERIES["broadcast_content"], {"id": bid})
+                    row = await cur.fetchone()
+                finally:
+                    conn.row_factory = psycopg.rows.tuple_row  # type: ignore[assignment]
+            assert row is not None
+            content = self._content[bid] = render.Content.from_row(row)  # type: ignore[arg-type]
+        return content
+
+    # -- the loops ---------------------------------------------------------------------
+
+    async def run(self) -> Stats:
+        """Run the dispatch loops until stopped (or, with --once, until drained)."""
+        loops = [asyncio.create_task(self._loop(i), name=f"dispatch-{i}")
+                 for i in range(self.settings.concurrency)]
+        try:
+            await asyncio.gather(*loops)
+        finally:
+            for task in loops:
+                task.cancel()
+        return self.stats
+
+    async def _loop(self, slot: int) -> None:
+        idle = False
+        while not self.stopping.is_set():
+            try:
+                bid = await self._pick()
+                if bid is None:
+                    if not idle:
+                        idle = True
+                        self._idle_loops += 1
+                    if self.settings.once and self._idle_loops >= self.settings.concurrency:
+                        self.stopping.set()  # every loop found nothing: drained
+                        return
+                    await self._idle_wait()
+                    continue
+                if idle:
+                    idle = False
+                    self._idle_loops -= 1
+                await self._work_one(bid)
+                if self.settings.delay_ms:
+                    await self._sleep(self.settings.delay_ms / 1000)
+            except (psycopg.OperationalError, psycopg.errors.AdminShutdown) as exc:
+                log.warning("dispatch-%d: postgres unreachable (%s); backing off", slot, exc)
+                await self._sleep(1.0)
+
+    async def _idle_wait(self) -> None:
+        """Sleep until LISTEN wakes us, the poll interval passes, or we stop."""
+        waiters = [asyncio.create_task(self.state.wake.wait()),
+                   asyncio.create_task(self.stopping.wait())]
+        try:
+            await asyncio.wait(waiters, timeout=self.settings.poll,
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waiters:
+                w.cancel()
+        # after a quiet poll interval every broadcast deserves another look
+        for entry in self._active.values():
+            entry.empty_since = None
+        self._refreshed = 0.0
+
+    async def _sleep(self, seconds: float) -> None:
+        try:
+            await asyncio.wait_for(self.stopping.wait(), timeout=seconds)
+        except TimeoutError:
+            pass
+
+    async def _work_one(self, bid: uuid.UUID) -> None:
+        token = uuid.uuid4()
+        rows = await self._q("claim", {"id": bid, "limit": self.settings.batch_size,
+                                       "token": token, "worker": self.name,
+                                       "lease": self.settings.lease})
+        if not rows:
+            entry = self._active.get(bid)
+            if entry is not None:
+                entry.empty_since = time.monotonic()
+            await self._q("finalize", {"id": bid})
+            return
+        epoch = rows[0][3]
+        batch = [(r[0], r[1], r[2]) for r in rows]
+        await self._work_batch(bid, epoch, token, batch)
+
+    async def _work_batch(self, bid: uuid.UUID, epoch: int, token: uuid.UUID,
+                          batch: list[tuple[int, str, int]]) -> None:
+        """Hand off and send a claimed batch group by group; release what is left."""
+        content = await self._content_of(bid)
+        attempts = {cid: a for cid, _, a in batch}
+        remaining = [cid for cid, _, _ in batch]
+        entry = self._active.get(bid)
+        rate_limit = entry.rate_limit if entry else None
+        try:
+            while remaining and not self.stopping.is_set():
+                if self.state.is_halted(bid, epoch):
+                    break
+                want = min(self.settings.group_size, len(remaining))
+                granted = await self._take_tokens(bid, rate_limit, want)
+                if granted == 0 or self.stopping.is_set() or self.state.is_halted(bid, epoch):
+                    break
+                group, remaining = remaining[:granted], remaining[granted:]
+                if not await self._hand_off_and_send(bid, epoch, token, group, attempts, content):
+                    break
+        finally:
+            if remaining:
+                await self._q_retry("release", {"id": bid, "token": token, "ids": remaining})
+
+    async def _hand_off_and_send(self, bid: uuid.UUID, epoch: int, token: uuid.UUID,
+                                 group: list[int], attempts: dict[int, int],
+                                 content: render.Content) -> bool:
+        """One group through the fence, the provider and the record; False: stop the batch."""
+        try:
+            handed = await self._q("handoff", {"id": bid, "epoch": epoch, "token": token,
+                                               "ids": group})
+        except (psycopg.OperationalError, psycopg.errors.AdminShutdown):
+            # did the handoff commit? Either way the provider was never called: undo it
+            await self._q_retry("unhandoff", {"id": bid, "token": token, "ids": group})
+            await self._q_retry("release", {"id": bid, "token": token, "ids": group})
+            raise
+        self.stats.groups += 1
+        self.stats.skipped_or_fenced += len(group) - len(handed)
+        if not handed:
+            # all skipped, or fenced (cancelled / paused / resumed since the claim)
+            still_ours = await self._q("broadcast_fence", {"id": bid, "epoch": epoch})
+            return bool(still_ours)
+        messages = [render.render(content, cid, addr, name) for cid, addr, name in handed]
+        if self.provider.blocking:
+            outcomes = await asyncio.to_thread(self._send_group, messages, attempts)
+        else:
+            outcomes = self._send_group(messages, attempts)
+        result = await self._q_retry("record", {
+            "id": bid, "token": token,
+            "ids": [o.contact_id for o in outcomes],
+            "outcomes": [o.outcome for o in outcomes],
+            "message_ids": [o.message_id for o in outcomes],
+            "errors": [o.error for o in outcomes],
+            "retry_in": [o.retry_in for o in outcomes],
+            "breaker": self.settings.breaker,
+        })
+        tripped = bool(result and result[0][1])
+        for o in outcomes:
+            if o.outcome == "sent":
+                self.stats.sent += 1
+            elif o.outcome == "failed":
+                self.stats.failed += 1
+            elif o.outcome in ("retry", "throttled"):
+                self.stats.retried += 1
+        blocked = next((o for o in outcomes if o.pause_reason), None)
+        if any(o.outcome == "throttled" for o in outcomes):
+            await self._q_retry("drain_tokens", {"name": "global",
+                                                 "seconds": self.settings.throttle_backoff})
+        if blocked is not None:
+            await self._pause(bid, epoch, blocked.pause_reason or "account",
+                              {"error": blocked.error})
+            return False
+        if tripped:
+            await self._pause(bid, epoch, "error_rate", {"threshold": self.settings.breaker})
+            return False
+        return True
+
+    async def _pause(self, bid: uuid.UUID, epoch: int, reason: str,
+                     details: dict[str, Any]) -> None:
+        log.warning("pausing broadcast %s: %s", bid, reason)
+        await self._q_retry("broadcast_pause", {"account": None, "id": bid, "reason": reason,
+                                                "details": json.dumps(details)})
+        self.state.halted[bid] = max(self.state.halted.get(bid, 0), epoch)
+
+    def _send_group(self, messages: list[render.Message], attempts: dict[int, int]) -> list[Outcome]:
+        """Send each message in order; stop at a throttle or an account-level error."""
+        outcomes: list[Outcome] = []
+        stop: Outcome | None = None
+        for message in messages:
+            cid = message.contact_id
+            if stop is not None:
+                outcomes.append(Outcome(cid, stop.outcome, retry_in=stop.retry_in))
+                continue
+            try:
+                outcomes.append(Outcome(cid, "sent", message_id=self.provider.send(message)))
+            except errors.Throttled as exc:
+                stop = Outcome(cid, "throttled", error=str(exc)[:500],
+                               retry_in=backoff(1, self.settings.throttle_backoff, 30.0))
+                outcomes.append(stop)
+            except errors.AccountBlocked as exc:
+                stop = Outcome(cid, "release", error=str(exc)[:500], pause_reason=exc.reason)
+                outcomes.append(stop)
+            except errors.RecipientRejected as exc:
+                outcomes.append(Outcome(cid, "failed", error=str(exc)[:500]))
+            except errors.OutcomeUnknown as exc:
+                outcomes.append(Outcome(cid, "unknown", error=str(exc)[:500]))
+            except errors.Transient as exc:
+                attempt = attempts.get(cid, 0) + 1
+                if attempt > self.settings.max_retries:
+                    outcomes.append(Outcome(cid, "failed",
+                                            error=f"gave up after {attempt} attempts: {exc}"[:500]))
+                else:
+                    outcomes.append(Outcome(cid, "retry", error=str(exc)[:500], retry_in=backoff(
+                        attempt, self.settings.retry_base, self.settings.retry_cap)))
+        return outcomes
+
+    # -- rate limit ---------------------------------------------------------------------
+
+    async def _take_tokens(self, bid: uuid.UUID, rate_limit: float | None, want: int) -> int:
+        """Tokens for up to `want` emails from the broadcast's and the global bucket."""
+        granted = want
+        if rate_limit:
+            granted = await self._take_from(f"broadcast:{bid}", granted)
+        if granted and self.state.rates.get("global", 1.0) != 0:
+            granted = await self._take_from("global", granted)
+        return granted
+
+    async def _take_from(self, bucket: str, want: int) -> int:
+        while not self.stopping.is_set():
+            rows = await self._q("take_tokens", {"name": bucket, "want": want})
+            granted, wait = rows[0]
+            if granted:
+                return int(granted)
+            # an empty bucket: sleep until a token is due (never a busy loop)
+            await self._sleep(min(1.0, max(0.005, float(wait))))
+        return 0

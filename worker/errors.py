@@ -1,0 +1,35 @@
+"""Provider failures, classified by what the engine must do about them."""
+
+from __future__ import annotations
+
+
+class ProviderError(Exception):
+    """Base of every classified provider failure."""
+
+
+class Transient(ProviderError):
+    """Not accepted, worth retrying later (connection refused, 5xx): counts as an attempt."""
+
+
+class Throttled(ProviderError):
+    """The provider asked us to slow down: retry later, not an attempt, drain the bucket."""
+
+
+class RecipientRejected(ProviderError):
+    """Permanent for this recipient (MessageRejected, bad request): the recipient fails."""
+
+
+class OutcomeUnknown(ProviderError):
+    """The request went out and no answer came back: maybe sent, never re-sent blindly."""
+
+
+class AccountBlocked(ProviderError):
+    """Account-level trouble (quota, suspended, paused sending): pause the broadcast."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class ConfigError(Exception):
+    """The worker's configuration is unusable (bad provider name, bad flag)."""

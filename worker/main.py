@@ -1,0 +1,112 @@
+"""A worker process: the dispatch loops, the control listener, the lease renewer, the sweeper."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import os
+import signal
+
+import psycopg
+from psycopg_pool import AsyncConnectionPool
+
+from sql.queries import QUERIES
+from worker import control, engine, errors, providers, sweeper
+
+log = logging.getLogger("pgcast.worker")
+
+DEFAULT_SES_RATE = 12.0  # emails/s when SES will not tell us its MaxSendRate
+SES_HEADROOM = 0.85  # share of SES's MaxSendRate we use
+
+
+def default_burst(rate: float) -> float:
+    """A tenth of a second's worth of tokens, at least one."""
+    return max(1.0, math.ceil(rate / 10))
+
+
+def configure_rate(url: str, provider: providers.Provider) -> float | None:
+    """Apply PGCAST_RATE/PGCAST_BURST (or SES's own limit) to the global bucket."""
+    raw = os.environ.get("PGCAST_RATE")
+    if raw is not None and raw.strip():
+        try:
+            rate = float(raw)
+        except ValueError:
+            raise errors.ConfigError(f"PGCAST_RATE must be a number, not {raw!r}") from None
+    elif provider.name == "ses":
+        known = provider.max_send_rate()
+        rate = round(known * SES_HEADROOM, 3) if known else DEFAULT_SES_RATE
+    else:
+        return None  # leave the bucket as the operator set it
+    if rate < 0:
+        raise errors.ConfigError("PGCAST_RATE must be >= 0 (0 = unlimited)")
+    burst_raw = os.environ.get("PGCAST_BURST")
+    try:
+        burst = float(burst_raw) if burst_raw else default_burst(rate)
+    except ValueError:
+        raise errors.ConfigError(f"PGCAST_BURST must be a number, not {burst_raw!r}") from None
+    if burst < 1:
+        raise errors.ConfigError("PGCAST_BURST must be >= 1")
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(QUERIES["rate_set"], {"name": "global", "rate": rate, "burst": burst})
+    return rate
+
+
+async def _renew(url: str, eng: engine.Engine) -> None:
+    """Extend the lease on everything this worker holds, every third of a lease."""
+    while not eng.stopping.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(eng.stopping.wait(), timeout=eng.settings.lease / 3)
+        if eng.stopping.is_set():
+            return
+        try:
+            async with eng.pool.connection() as conn:
+                await conn.execute(QUERIES["renew"], {"worker": eng.name,
+                                                      "lease": eng.settings.lease})
+        except psycopg.OperationalError as exc:
+            log.warning("lease renewal failed (%s); will retry", exc)
+
+
+async def _run_sweeper(url: str, settings: engine.Settings) -> None:
+    app = sweeper.make_app(url, settings.sweep_cron)
+    async with app.open_async():
+        await app.run_worker_async(queues=[sweeper.QUEUE], install_signal_handlers=False,
+                                   delete_jobs="successful", name="pgcast-sweeper",
+                                   fetch_job_polling_interval=settings.poll * 5)
+
+
+async def run(settings: engine.Settings, url: str) -> engine.Stats:
+    """Run one worker process until SIGTERM/SIGINT (or drained, with --once)."""
+    provider = providers.from_env()
+    configure_rate(url, provider)
+    if settings.once:
+        sweeper.sweep_once(url)
+    pool = AsyncConnectionPool(url, min_size=1, max_size=settings.concurrency + 2,
+                               kwargs={"autocommit": True}, open=False,
+                               check=AsyncConnectionPool.check_connection,
+                               reconnect_timeout=3600)
+    await pool.open(wait=True, timeout=30)
+    eng = engine.Engine(settings, provider, pool)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        # finish the group in hand, release the rest of the batch, exit 0
+        loop.add_signal_handler(sig, eng.stopping.set)
+    side = [asyncio.create_task(control.listen(url, eng.state, eng.stopping), name="listen"),
+            asyncio.create_task(_renew(url, eng), name="renew")]
+    if settings.sweeper and not settings.once:
+        side.append(asyncio.create_task(_run_sweeper(url, settings), name="sweeper"))
+    log.info("worker %s started (provider %s)", eng.name, provider.name)
+    try:
+        stats = await eng.run()
+    finally:
+        eng.stopping.set()
+        for task in side:
+            task.cancel()
+        for task in side:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        await pool.close()
+    if settings.once:
+        sweeper.sweep_once(url)
+    return stats

@@ -1,0 +1,113 @@
+"""The provider interface and the `null` and `file` providers (`ses` is in worker.ses)."""
+
+from __future__ import annotations
+
+import email.message
+import email.utils
+import itertools
+import os
+import tempfile
+from pathlib import Path
+from typing import Protocol
+
+from worker import errors, render
+
+
+class Provider(Protocol):
+    """Hands one message to a mail system; raises a worker.errors.ProviderError subclass."""
+
+    name: str
+    blocking: bool  # True: call it off the event loop (network or disk I/O)
+
+    def send(self, message: render.Message) -> str:
+        """Send one message; return the provider's message id."""
+        ...
+
+    def max_send_rate(self) -> float | None:
+        """The account's own sending limit in emails/s, when the provider knows it."""
+        ...
+
+
+class NullProvider:
+    """Accepts and discards everything: for benchmarks."""
+
+    name = "null"
+    blocking = False
+
+    def __init__(self) -> None:
+        self._ids = itertools.count(1)
+
+    def send(self, message: render.Message) -> str:
+        """Pretend to send."""
+        return f"null-{os.getpid()}-{next(self._ids)}"
+
+    def max_send_rate(self) -> float | None:
+        """No limit of its own."""
+        return None
+
+
+def to_rfc5322(message: render.Message, message_id: str) -> bytes:
+    """The message as RFC 5322 bytes."""
+    mail = email.message.EmailMessage()
+    mail["From"] = message.from_address
+    mail["To"] = message.to
+    mail["Subject"] = message.subject
+    mail["Date"] = email.utils.formatdate(localtime=False, usegmt=True)
+    mail["Message-ID"] = message_id
+    for key, value in message.headers.items():
+        mail[key] = value
+    if message.text is not None:
+        mail.set_content(message.text)
+        if message.html is not None:
+            mail.add_alternative(message.html, subtype="html")
+    else:
+        mail.set_content(message.html or "", subtype="html")
+    return bytes(mail)
+
+
+class FileProvider:
+    """Writes one .eml per recipient into an outbox directory."""
+
+    name = "file"
+    blocking = True
+
+    def __init__(self, outbox: Path) -> None:
+        self.outbox = outbox
+        self.outbox.mkdir(parents=True, exist_ok=True)
+
+    def send(self, message: render.Message) -> str:
+        """Write the .eml atomically (temp file + rename)."""
+        message_id = email.utils.make_msgid(domain="pgcast.local")
+        folder = self.outbox / message.headers.get("X-Pgcast-Broadcast", "adhoc")
+        try:
+            folder.mkdir(exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(to_rfc5322(message, message_id))
+            os.replace(tmp, folder / f"{message.contact_id}.eml")
+        except OSError as exc:
+            raise errors.Transient(f"outbox write failed: {exc}") from exc
+        return message_id
+
+    def max_send_rate(self) -> float | None:
+        """No limit of its own."""
+        return None
+
+
+def from_env() -> Provider:
+    """The provider named by PGCAST_PROVIDER (null, file, ses; default file)."""
+    name = os.environ.get("PGCAST_PROVIDER", "file").strip().lower()
+    if name == "null":
+        return NullProvider()
+    if name == "file":
+        outbox = os.environ.get("PGCAST_OUTBOX_DIR")
+        if outbox:
+            return FileProvider(Path(outbox))
+        from sql import embedded
+
+        return FileProvider(embedded.home() / "outbox")
+    if name == "ses":
+        from worker import ses
+
+        return ses.SesProvider.from_env()
+    raise errors.ConfigError(f"PGCAST_PROVIDER must be null, file or ses, not {name!r}")

@@ -1,0 +1,43 @@
+"""The periodic sweeper, as a procrastinate periodic task run inside the worker processes."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import procrastinate
+import psycopg
+
+from sql.queries import QUERIES
+
+log = logging.getLogger("pgcast.sweeper")
+
+QUEUE = "pgcast"
+
+
+def sweep_once(url: str) -> list[dict[str, Any]]:
+    """Reclaim expired leases, mark lost handoffs unknown, finalize drained broadcasts."""
+    with psycopg.connect(url, autocommit=True, row_factory=psycopg.rows.dict_row) as conn:
+        rows = conn.execute(QUERIES["sweep"]).fetchall()
+    for row in rows:
+        log.info("sweep %s: reclaimed %s, unknown %s, finalized %s", row["broadcast_id"],
+                 row["reclaimed"], row["unknown"], row["finalized"])
+    return [dict(r) for r in rows]
+
+
+def make_app(url: str, cron: str) -> procrastinate.App:
+    """A procrastinate app whose only task is the sweeper, deferred once per period."""
+    app = procrastinate.App(connector=procrastinate.PsycopgConnector(conninfo=url))
+
+    # queueing_lock: at most one sweep waiting at a time, however many workers defer it;
+    # procrastinate's periodic deferrer defers each period once across all workers.
+    @app.periodic(cron=cron, periodic_id="sweep")
+    @app.task(name="pgcast.sweep", queue=QUEUE, queueing_lock="pgcast.sweep")
+    async def sweep(timestamp: int) -> None:
+        async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+            cur = await conn.execute(QUERIES["sweep"])
+            for row in await cur.fetchall():
+                log.info("sweep: %s", row)
+
+    del sweep
+    return app
