@@ -73,7 +73,7 @@ CREATE TABLE broadcast_recipients (
     PRIMARY KEY (broadcast_id, contact_id)
 ) WITH (fillfactor = 80);
 -- what a worker may claim, in claim order
-CREATE INDEX broadcast_recipients_claimable ON broadcast_recipients (broadcast_id, retry_at, contact_id)
+CREATE INDEX broadcast_recipients_claimable ON broadcast_recipients (broadcast_id, contact_id)
     WHERE status = 'pending';
 -- what is in a worker's hands, for lease expiry and the drained check
 CREATE INDEX broadcast_recipients_in_flight ON broadcast_recipients (broadcast_id, lease_expires_at)
@@ -275,28 +275,38 @@ LANGUAGE sql AS $$
     RETURNING true, u.status
 $$;
 
--- claim: up to p_limit claimable rows of one sending broadcast, in one statement.
+-- claim: up to p_limit claimable rows of one sending broadcast, in one statement, from
+-- contact_id > p_after (each worker keeps its own cursor, so it never re-walks index
+-- entries of rows already claimed; it wraps to 0 when a pass comes back empty).
 -- A CTE, not WHERE id IN (SELECT ... SKIP LOCKED): see Postgres bug #15715.
 CREATE FUNCTION pgcast_claim_v1(p_id uuid, p_limit integer, p_token uuid, p_worker text,
-                                p_lease interval)
+                                p_lease interval, p_after bigint)
 RETURNS TABLE (contact_id bigint, email text, attempts smallint, epoch integer)
-LANGUAGE sql AS $$
-    WITH b AS (
-        SELECT id, epoch FROM broadcasts WHERE id = p_id AND status = 'sending'
-    ), picked AS (
-        SELECT r.broadcast_id, r.contact_id
-        FROM broadcast_recipients r, b
-        WHERE r.broadcast_id = b.id AND r.status = 'pending' AND r.retry_at <= now()
-        ORDER BY r.retry_at, r.contact_id
+LANGUAGE plpgsql AS $$
+DECLARE
+    e integer;
+BEGIN
+    SELECT b.epoch INTO e FROM broadcasts b WHERE b.id = p_id AND b.status = 'sending';
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    RETURN QUERY
+    WITH picked AS (
+        SELECT r.contact_id
+        FROM broadcast_recipients r
+        WHERE r.broadcast_id = p_id AND r.status = 'pending' AND r.contact_id > p_after
+          AND r.retry_at <= now()
+        ORDER BY r.contact_id
         LIMIT p_limit
-        FOR UPDATE OF r SKIP LOCKED
+        FOR UPDATE SKIP LOCKED
     )
     UPDATE broadcast_recipients r
-    SET status = 'claimed', claim_token = p_token, claim_epoch = b.epoch, worker = p_worker,
+    SET status = 'claimed', claim_token = p_token, claim_epoch = e, worker = p_worker,
         lease_expires_at = clock_timestamp() + p_lease
-    FROM picked, b
-    WHERE r.broadcast_id = picked.broadcast_id AND r.contact_id = picked.contact_id
-    RETURNING r.contact_id, r.email, r.attempts, b.epoch
+    FROM picked
+    WHERE r.broadcast_id = p_id AND r.contact_id = picked.contact_id
+    RETURNING r.contact_id, r.email, r.attempts, e;
+END
 $$;
 
 -- handoff: the fence before the provider call. Moves claimed rows of this claim to
@@ -380,7 +390,7 @@ BEGIN
                                THEN r.claim_token END,
             lease_expires_at = NULL
         FROM res JOIN old USING (contact_id)
-        WHERE r.broadcast_id = p_id AND r.contact_id = res.contact_id
+        WHERE r.broadcast_id = p_id AND r.contact_id = ANY (p_ids) AND r.contact_id = res.contact_id
         RETURNING res.outcome, old.status AS old_status
     )
     SELECT count(*) AS n,

@@ -1,4 +1,4 @@
-"""Loads the named blocks of queries.sql once, into QUERIES."""
+"""Loads the named blocks of every sql/*.sql file once, into QUERIES."""
 
 from __future__ import annotations
 
@@ -23,4 +23,17 @@ def parse(text: str) -> dict[str, LiteralString]:
     return queries
 
 
-QUERIES = parse(resources.files(__package__).joinpath("queries.sql").read_text())
+def load() -> dict[str, LiteralString]:
+    """Every block of every .sql file in this package; a name may be defined once."""
+    queries: dict[str, LiteralString] = {}
+    files = sorted((f for f in resources.files(__package__).iterdir() if f.name.endswith(".sql")),
+                   key=lambda f: f.name)
+    for f in files:
+        for name, statement in parse(f.read_text()).items():
+            if name in queries:
+                raise ValueError(f"query {name!r} is defined twice ({f.name})")
+            queries[name] = statement
+    return queries
+
+
+QUERIES = load()

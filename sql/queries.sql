@@ -127,7 +127,7 @@ SELECT id, account, subject, from_address, text_body, html_body FROM broadcasts 
 -- claim --
 -- Claim up to `limit` claimable rows of one broadcast (pgcast_claim_v1).
 SELECT * FROM pgcast_claim_v1(%(id)s, %(limit)s, %(token)s, %(worker)s,
-                              make_interval(secs => %(lease)s))
+                              make_interval(secs => %(lease)s), %(after)s)
 
 -- handoff --
 -- The fence: claimed -> sending (or skipped) for one group (pgcast_handoff_v1).

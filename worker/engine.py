@@ -75,6 +75,7 @@ class _Active:
     epoch: int
     rate_limit: float | None
     empty_since: float | None = None
+    cursor: int = 0  # highest contact_id this process claimed: the next claim starts after it
 
 
 @dataclass
@@ -143,7 +144,9 @@ class Engine:
         limit = self.settings.max_broadcasts or len(rows)
         fresh: dict[uuid.UUID, _Active] = {}
         for bid, epoch, rate_limit in rows[:limit]:
-            fresh[bid] = _Active(epoch, rate_limit)
+            old = self._active.get(bid)
+            fresh[bid] = _Active(epoch, rate_limit, old.empty_since if old else None,
+                                 old.cursor if old else 0)
         self._active = fresh
         self._order = list(fresh)
         self._refreshed = time.monotonic()
@@ -235,11 +238,22 @@ class Engine:
         except TimeoutError:
             pass
 
+    async def _claim(self, bid: uuid.UUID, token: uuid.UUID) -> list[tuple[Any, ...]]:
+        entry = self._active.get(bid)
+        after = entry.cursor if entry else 0
+        params = {"id": bid, "limit": self.settings.batch_size, "token": token,
+                  "worker": self.name, "lease": self.settings.lease, "after": after}
+        rows = await self._q("claim", params)
+        if not rows and after:
+            # the pass from the cursor is done: wrap around for released and retried rows
+            rows = await self._q("claim", {**params, "after": 0})
+        if entry is not None:
+            entry.cursor = max((r[0] for r in rows), default=0)
+        return rows
+
     async def _work_one(self, bid: uuid.UUID) -> None:
         token = uuid.uuid4()
-        rows = await self._q("claim", {"id": bid, "limit": self.settings.batch_size,
-                                       "token": token, "worker": self.name,
-                                       "lease": self.settings.lease})
+        rows = await self._claim(bid, token)
         if not rows:
             entry = self._active.get(bid)
             if entry is not None:

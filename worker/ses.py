@@ -77,7 +77,7 @@ class SesProvider:
             max_pool_connections=int(os.environ.get("PGCAST_SES_POOL", "20")),
         )
         session = boto3.session.Session()
-        region = session.region_name or "us-east-1"
+        region = session.region_name or os.environ.get("AWS_REGION") or "us-east-1"
         client = session.client("sesv2", region_name=region, config=config)
         return cls(client, os.environ.get("PGCAST_SES_CONFIGURATION_SET") or None)
 

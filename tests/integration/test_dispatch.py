@@ -1,0 +1,203 @@
+"""Claim, the handoff fence, record and sweep, driven statement by statement on real rows."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import psycopg
+
+from sql import broadcasts, contacts
+from sql.queries import QUERIES
+from tests import support
+
+Conn = psycopg.Connection[dict[str, Any]]
+
+
+def claim(conn: Conn, bid: uuid.UUID, n: int, lease: float = 30.0,
+          after: int = 0) -> tuple[uuid.UUID, list[dict[str, Any]]]:
+    token = uuid.uuid4()
+    rows = conn.execute(QUERIES["claim"], {"id": bid, "limit": n, "token": token,
+                                           "worker": "test", "lease": lease,
+                                           "after": after}).fetchall()
+    return token, rows
+
+
+def handoff(conn: Conn, bid: uuid.UUID, epoch: int, token: uuid.UUID,
+            ids: list[int]) -> list[dict[str, Any]]:
+    return conn.execute(QUERIES["handoff"], {"id": bid, "epoch": epoch, "token": token,
+                                             "ids": ids}).fetchall()
+
+
+def record(conn: Conn, bid: uuid.UUID, token: uuid.UUID, ids: list[int], outcome: str,
+           breaker: int = 0) -> dict[str, Any]:
+    row = conn.execute(QUERIES["record"], {
+        "id": bid, "token": token, "ids": ids, "outcomes": [outcome] * len(ids),
+        "message_ids": [f"m{i}" if outcome == "sent" else None for i in ids],
+        "errors": [None if outcome == "sent" else "boom" for _ in ids],
+        "retry_in": [0.0] * len(ids), "breaker": breaker}).fetchone()
+    assert row is not None
+    return row
+
+
+def test_claim_takes_disjoint_rows_under_skip_locked(db_url: str, conn: Conn) -> None:
+    support.seed_contacts(conn, 100)
+    bid = support.new_broadcast(conn)
+    with psycopg.connect(db_url, row_factory=psycopg.rows.dict_row) as other:
+        # other's claim is uncommitted: its rows stay locked while we claim
+        _, theirs = claim(other, bid, 30)  # type: ignore[arg-type]
+        _, ours = claim(conn, bid, 100)
+        other.commit()
+    assert len(theirs) == 30 and len(ours) == 70
+    assert not {r["contact_id"] for r in theirs} & {r["contact_id"] for r in ours}
+    assert support.status_counts(conn, bid) == {"claimed": 100}
+
+
+def test_claim_limit_is_exact(conn: Conn) -> None:
+    support.seed_contacts(conn, 50)
+    bid = support.new_broadcast(conn)
+    _, rows = claim(conn, bid, 7)
+    assert len(rows) == 7
+    assert support.status_counts(conn, bid) == {"claimed": 7, "pending": 43}
+
+
+def test_claim_after_cursor_then_wraps(conn: Conn) -> None:
+    support.seed_contacts(conn, 10)
+    bid = support.new_broadcast(conn)
+    ids = sorted(r["contact_id"] for r in conn.execute(
+        "SELECT contact_id FROM broadcast_recipients").fetchall())
+    _, rows = claim(conn, bid, 100, after=ids[4])
+    assert sorted(r["contact_id"] for r in rows) == ids[5:]
+    _, rows = claim(conn, bid, 100, after=0)
+    assert sorted(r["contact_id"] for r in rows) == ids[:5]
+
+
+def test_full_cycle_keeps_counters_true_and_finalizes(conn: Conn) -> None:
+    support.seed_contacts(conn, 10)
+    bid = support.new_broadcast(conn)
+    token, rows = claim(conn, bid, 10)
+    ids = [r["contact_id"] for r in rows]
+    handed = handoff(conn, bid, rows[0]["epoch"], token, ids)
+    assert len(handed) == 10 and {h["name"] for h in handed} >= {"User 0"}
+    assert support.status_counts(conn, bid) == {"sending": 10}
+    assert conn.execute(QUERIES["finalize"], {"id": bid}).fetchall() == []  # not drained
+    record(conn, bid, token, ids[:8], "sent")
+    record(conn, bid, token, ids[8:], "failed")
+    p = support.assert_counters_true(conn, bid)
+    assert (p["sent"], p["failed"]) == (8, 2)
+    done = conn.execute(QUERIES["finalize"], {"id": bid}).fetchall()
+    assert done == [{"ok": True, "status": "sent"}]
+
+
+def test_unsubscribed_after_send_is_skipped_at_handoff(conn: Conn) -> None:
+    support.seed_contacts(conn, 5)
+    bid = support.new_broadcast(conn)
+    token, rows = claim(conn, bid, 5)
+    contacts.unsubscribe(conn, "default", "user2@example.com")
+    handed = handoff(conn, bid, rows[0]["epoch"], token, [r["contact_id"] for r in rows])
+    assert "user2@example.com" not in {h["email"] for h in handed} and len(handed) == 4
+    p = support.assert_counters_true(conn, bid)
+    assert p["skipped"] == 1
+    skipped = conn.execute("SELECT email, last_error FROM broadcast_recipients "
+                           "WHERE status = 'skipped'").fetchall()
+    assert skipped == [{"email": "user2@example.com", "last_error": "unsubscribed"}]
+
+
+def test_cancel_after_claim_wins_over_the_handoff(conn: Conn) -> None:
+    support.seed_contacts(conn, 20)
+    bid = support.new_broadcast(conn)
+    token, rows = claim(conn, bid, 10)
+    result = broadcasts.cancel(conn, "default", bid)
+    assert result["success"] and result["alreadyQueued"] == 0
+    assert handoff(conn, bid, rows[0]["epoch"], token, [r["contact_id"] for r in rows]) == []
+    p = support.assert_counters_true(conn, bid)
+    assert (p["status"], p["cancelled"]) == ("cancelled", 20)
+
+
+def test_cancel_counts_what_was_already_handed_off(conn: Conn) -> None:
+    support.seed_contacts(conn, 20)
+    bid = support.new_broadcast(conn)
+    token, rows = claim(conn, bid, 10)
+    ids = [r["contact_id"] for r in rows]
+    handoff(conn, bid, rows[0]["epoch"], token, ids)
+    record(conn, bid, token, ids[:4], "sent")
+    result = broadcasts.cancel(conn, "default", bid)
+    assert result["alreadyQueued"] == 10  # 4 sent + 6 in flight
+    record(conn, bid, token, ids[4:], "sent")  # the in-flight group finishes
+    p = support.assert_counters_true(conn, bid)
+    assert (p["sent"], p["cancelled"], p["pending"]) == (10, 10, 0)
+
+
+def test_resume_fences_work_claimed_before_the_pause(conn: Conn) -> None:
+    support.seed_contacts(conn, 10)
+    bid = support.new_broadcast(conn)
+    token, rows = claim(conn, bid, 5)
+    epoch = rows[0]["epoch"]
+    assert broadcasts.pause(conn, "default", bid)["success"]
+    assert support.status_counts(conn, bid) == {"pending": 10}  # claims went back
+    # a claim that raced the pause and committed after it
+    conn.execute("UPDATE broadcast_recipients SET status = 'claimed', claim_token = %s "
+                 "WHERE contact_id = ANY(%s)", (token, [r["contact_id"] for r in rows]))
+    assert broadcasts.resume(conn, "default", bid)["success"]
+    assert handoff(conn, bid, epoch, token, [r["contact_id"] for r in rows]) == []
+    token2, rows2 = claim(conn, bid, 10)
+    assert {r["epoch"] for r in rows2} == {epoch + 1}
+
+
+def test_sweep_reclaims_expired_claims_and_marks_lost_handoffs_unknown(conn: Conn) -> None:
+    support.seed_contacts(conn, 10)
+    bid = support.new_broadcast(conn)
+    t1, rows1 = claim(conn, bid, 4, lease=0.001)
+    t2, rows2 = claim(conn, bid, 6, lease=0.001)
+    handoff(conn, bid, rows2[0]["epoch"], t2, [r["contact_id"] for r in rows2])
+    swept = conn.execute(QUERIES["sweep"]).fetchall()
+    assert swept == [{"broadcast_id": bid, "reclaimed": 4, "unknown": 6, "finalized": None}]
+    p = support.assert_counters_true(conn, bid)
+    assert p["unknown"] == 6
+    # the lost worker's late answer still lands, correcting unknown to sent
+    record(conn, bid, t2, [r["contact_id"] for r in rows2], "sent")
+    p = support.assert_counters_true(conn, bid)
+    assert (p["unknown"], p["sent"]) == (0, 6)
+    # the reclaimed rows are claimable again; a stale token cannot hand them off
+    assert handoff(conn, bid, rows1[0]["epoch"], t1, [r["contact_id"] for r in rows1]) == []
+    t3, rows3 = claim(conn, bid, 10)
+    assert len(rows3) == 4
+
+
+def test_sweep_finalizes_a_drained_broadcast_whose_last_recipient_failed(conn: Conn) -> None:
+    support.seed_contacts(conn, 3)
+    bid = support.new_broadcast(conn)
+    token, rows = claim(conn, bid, 3)
+    ids = [r["contact_id"] for r in rows]
+    handoff(conn, bid, rows[0]["epoch"], token, ids)
+    record(conn, bid, token, ids, "failed")
+    swept = conn.execute(QUERIES["sweep"]).fetchall()
+    assert swept == [{"broadcast_id": bid, "reclaimed": 0, "unknown": 0, "finalized": "failed"}]
+
+
+def test_retry_goes_back_to_pending_with_a_later_retry_at(conn: Conn) -> None:
+    support.seed_contacts(conn, 2)
+    bid = support.new_broadcast(conn)
+    token, rows = claim(conn, bid, 2)
+    ids = [r["contact_id"] for r in rows]
+    handoff(conn, bid, rows[0]["epoch"], token, ids)
+    conn.execute(QUERIES["record"], {"id": bid, "token": token, "ids": ids,
+                                     "outcomes": ["retry", "throttled"],
+                                     "message_ids": [None, None], "errors": ["e1", "e2"],
+                                     "retry_in": [60.0, 60.0], "breaker": 0})
+    rows = conn.execute("SELECT status, attempts, retry_at > now() AS later "
+                        "FROM broadcast_recipients ORDER BY contact_id").fetchall()
+    assert rows == [{"status": "pending", "attempts": 1, "later": True},
+                    {"status": "pending", "attempts": 0, "later": True}]
+    assert claim(conn, bid, 10)[1] == []  # not before retry_at
+
+
+def test_circuit_breaker_trips_after_consecutive_failures(conn: Conn) -> None:
+    support.seed_contacts(conn, 10)
+    bid = support.new_broadcast(conn)
+    token, rows = claim(conn, bid, 10)
+    ids = [r["contact_id"] for r in rows]
+    handoff(conn, bid, rows[0]["epoch"], token, ids)
+    assert record(conn, bid, token, ids[:3], "failed", breaker=5)["tripped"] is False
+    assert record(conn, bid, token, ids[3:5], "sent", breaker=5)["tripped"] is False
+    assert record(conn, bid, token, ids[5:], "failed", breaker=4)["tripped"] is True
