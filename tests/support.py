@@ -86,10 +86,11 @@ class Processes:
 
     def start(self, db_url: str, *args: str, **env: str) -> subprocess.Popen[str]:
         """Start `pgcast ARGS` in the background; its output goes to a log file."""
-        log = (self.tmp / f"proc-{len(self.procs)}.log").open("w")
-        proc = subprocess.Popen([sys.executable, "-m", "bin.cli", *args], cwd=ROOT,
-                                env=pgcast_env(db_url, **env), stdout=log,
-                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        with (self.tmp / f"proc-{len(self.procs)}.log").open("w") as log:
+            # the child keeps its own copy of the descriptor
+            proc = subprocess.Popen([sys.executable, "-m", "bin.cli", *args], cwd=ROOT,
+                                    env=pgcast_env(db_url, **env), stdout=log,
+                                    stderr=subprocess.STDOUT, text=True, start_new_session=True)
         self.procs.append(proc)
         return proc
 
