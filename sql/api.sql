@@ -1,0 +1,28 @@
+-- Queries of the HTTP API (api/). Every statement is scoped to the caller's account.
+
+-- api_health --
+-- The database answers (GET /healthz).
+SELECT 1 AS ok
+
+-- api_broadcast_status --
+-- The current status of one broadcast of an account (to explain a refused transition).
+SELECT status FROM broadcasts WHERE id = %(id)s AND account = %(account)s
+
+-- api_progress --
+-- O(1) progress from the broadcast row, with the database's clock for the rate.
+SELECT status, total, total - sent - failed - skipped - unknown - cancelled AS pending,
+       sent, failed, skipped, unknown, cancelled, started_at, finished_at,
+       statement_timestamp() AS now
+FROM broadcasts
+WHERE id = %(id)s AND account = %(account)s
+
+-- api_recipients_page --
+-- A broadcast's recipient rows, keyset-paged by contact_id, only if the account owns it.
+SELECT r.contact_id, r.email, r.status, r.attempts, r.last_error, r.sent_at
+FROM broadcast_recipients r
+WHERE r.broadcast_id = %(id)s
+  AND EXISTS (SELECT 1 FROM broadcasts b WHERE b.id = %(id)s AND b.account = %(account)s)
+  AND (%(status)s::text IS NULL OR r.status = %(status)s)
+  AND r.contact_id > %(after)s
+ORDER BY r.contact_id
+LIMIT %(limit)s

@@ -1,0 +1,149 @@
+"""Pure logic: query files, validation, error classification, the group sender, backoff."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from pathlib import Path
+from typing import Any
+
+import botocore.exceptions
+import pytest
+
+from sql import contacts, errors, queries
+from worker import engine, render
+from worker import errors as perr
+from worker import ses
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_every_query_named_in_code_exists_and_every_query_is_used() -> None:
+    names = set()
+    for folder in ("worker", "api", "bin", "sql"):
+        for path in (ROOT / folder).rglob("*.py"):
+            text = path.read_text()
+            names |= set(re.findall(r'QUERIES\["([a-z0-9_]+)"\]', text))
+            names |= set(re.findall(r'_q(?:_retry)?\("([a-z0-9_]+)"', text))
+    assert names - set(queries.QUERIES) == set()
+    unused = set(queries.QUERIES) - names
+    assert unused == set(), f"queries nobody runs: {unused}"
+
+
+def test_parse_rejects_duplicates_and_strips_descriptions() -> None:
+    parsed = queries.parse("-- a --\n-- says a\nSELECT 1\n\n-- b --\n-- says b\nSELECT 2\n")
+    assert parsed == {"a": "SELECT 1", "b": "SELECT 2"}
+    with pytest.raises(ValueError):
+        queries.parse("-- a --\n-- x\nSELECT 1\n-- a --\n-- y\nSELECT 2\n")
+
+
+def test_validate_keeps_last_duplicate_and_reports_bad_rows() -> None:
+    batch = contacts.validate([(2, "A@Example.com", "Ann", ["x"]), (3, "bad", None, []),
+                               (4, "a@example.com", "Ann 2", ["y", "y", " z "]),
+                               (5, 42, None, None), (6, "c@example.com", None, [""])])
+    assert batch.rows == [{"email": "a@example.com", "name": "Ann 2", "tags": ["y", "z"]}]
+    assert [(r.where, r.email) for r in batch.rejected] == [(3, "bad"), (5, "42"),
+                                                            (6, "c@example.com")]
+
+
+def test_read_csv_requires_an_email_column(tmp_path: Path) -> None:
+    f = tmp_path / "x.csv"
+    f.write_text("name,tags\nAnn,\n")
+    with pytest.raises(errors.InvalidInput):
+        contacts.read_csv(f)
+
+
+def client_error(code: str, status: int, message: str = "m") -> botocore.exceptions.ClientError:
+    return botocore.exceptions.ClientError(
+        {"Error": {"Code": code, "Message": message},
+         "ResponseMetadata": {"HTTPStatusCode": status}}, "SendEmail")
+
+
+@pytest.mark.parametrize(("exc", "kind", "reason"), [
+    (client_error("TooManyRequestsException", 429), perr.Throttled, None),
+    (client_error("Throttling", 400, "Maximum sending rate exceeded."), perr.Throttled, None),
+    (client_error("Throttling", 400, "Daily message quota exceeded."), perr.AccountBlocked,
+     "daily_quota"),
+    (client_error("SendingPausedException", 400), perr.AccountBlocked, "sending_paused"),
+    (client_error("AccountSuspendedException", 400), perr.AccountBlocked, "account_suspended"),
+    (client_error("MailFromDomainNotVerifiedException", 400), perr.AccountBlocked,
+     "mail_from_not_verified"),
+    (client_error("MessageRejected", 400), perr.RecipientRejected, None),
+    (client_error("BadRequestException", 400), perr.RecipientRejected, None),
+    (client_error("InternalFailure", 500), perr.Transient, None),
+    (botocore.exceptions.EndpointConnectionError(endpoint_url="http://x"), perr.Transient, None),
+    (botocore.exceptions.ReadTimeoutError(endpoint_url="http://x"), perr.OutcomeUnknown, None),
+])
+def test_ses_errors_are_classified(exc: Exception, kind: type, reason: str | None) -> None:
+    got = ses.classify(exc)
+    assert isinstance(got, kind)
+    if reason:
+        assert isinstance(got, perr.AccountBlocked) and got.reason == reason
+
+
+class ScriptedProvider:
+    """Answers each send from a script of results or exceptions (unit ring only)."""
+
+    name = "scripted"
+    blocking = False
+
+    def __init__(self, script: list[Any]) -> None:
+        self.script = list(script)
+        self.sent: list[str] = []
+
+    def send(self, message: render.Message) -> str:
+        step = self.script.pop(0)
+        if isinstance(step, Exception):
+            raise step
+        self.sent.append(message.to)
+        return str(step)
+
+    def max_send_rate(self) -> float | None:
+        return None
+
+
+def group(n: int) -> list[render.Message]:
+    content = render.Content(str(uuid.uuid4()), "a", "S", "f@example.com", "t", None)
+    return [render.render(content, i, f"u{i}@example.com", None) for i in range(n)]
+
+
+def outcomes_of(script: list[Any], attempts: dict[int, int] | None = None,
+                max_retries: int = 2) -> list[tuple[str, str | None]]:
+    eng = engine.Engine(engine.Settings(max_retries=max_retries), ScriptedProvider(script),
+                        pool=None)  # type: ignore[arg-type]
+    result = eng._send_group(group(len(script)), attempts or {})
+    return [(o.outcome, o.pause_reason) for o in result]
+
+
+def test_throttle_stops_the_group_without_counting_attempts() -> None:
+    got = outcomes_of(["m0", perr.Throttled("slow down"), "m2", "m3"])
+    assert got == [("sent", None), ("throttled", None), ("throttled", None), ("throttled", None)]
+
+
+def test_account_trouble_releases_the_rest_and_asks_for_a_pause() -> None:
+    got = outcomes_of(["m0", perr.AccountBlocked("sending_paused", "paused"), "m2"])
+    assert got == [("sent", None), ("release", "sending_paused"), ("release", None)]
+
+
+def test_transient_retries_until_max_retries_then_fails() -> None:
+    script = [perr.Transient("503"), perr.Transient("503"), perr.RecipientRejected("no"),
+              perr.OutcomeUnknown("timeout")]
+    got = outcomes_of(script, attempts={0: 0, 1: 2})
+    assert [g[0] for g in got] == ["retry", "failed", "failed", "unknown"]
+
+
+def test_backoff_grows_and_is_capped_with_jitter() -> None:
+    for attempt, top in ((1, 2.0), (2, 4.0), (3, 8.0), (10, 30.0)):
+        for _ in range(50):
+            d = engine.backoff(attempt, 2.0, 30.0)
+            assert top / 2 <= d <= top
+
+
+def test_halted_epochs() -> None:
+    state = engine.State()
+    bid = uuid.uuid4()
+    assert not state.is_halted(bid, 1)
+    state.halted[bid] = 1  # paused at epoch 1
+    assert state.is_halted(bid, 1) and not state.is_halted(bid, 2)
+    state.halted[bid] = engine.NEVER  # cancelled
+    assert state.is_halted(bid, 99)
