@@ -86,7 +86,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         concurrency=args.concurrency, batch_size=args.batch_size, group_size=args.group_size,
         delay_ms=args.delay_ms, max_retries=args.max_retries, max_broadcasts=args.max_broadcasts,
         once=args.once, lease=args.lease, breaker=args.breaker, sweeper=not args.no_sweeper,
-        retry_base=args.retry_base)
+        retry_base=args.retry_base, sweep_cron=f"* * * * * */{args.sweep_every}")
     if settings.concurrency < 1 or settings.batch_size < 1 or settings.group_size < 1:
         raise UsageError("--concurrency, --batch-size and --group-size must be at least 1")
     if settings.lease < 1:
@@ -201,6 +201,9 @@ def build_parser() -> Parser:
                    help="pause a broadcast after N failed handoffs in a row (default 50; 0 = off)")
     w.add_argument("--retry-base", type=_positive(float), default=2.0,
                    help="first transient-retry backoff in seconds (default 2)")
+    w.add_argument("--sweep-every", type=int, choices=range(1, 60), metavar="SECONDS",
+                   default=int(os.environ.get("PGCAST_SWEEP_SECONDS", "5")),
+                   help="sweeper period, 1-59 s (default 5, env PGCAST_SWEEP_SECONDS)")
     w.add_argument("--no-sweeper", action="store_true", help="do not run the sweeper here")
     w.set_defaults(func=cmd_worker)
 

@@ -62,11 +62,13 @@ CREATE TABLE broadcast_recipients (
         CHECK (status IN ('pending', 'claimed', 'sending', 'sent', 'failed', 'skipped',
                           'unknown', 'cancelled')),
     attempts            smallint    NOT NULL DEFAULT 0,
-    retry_at            timestamptz NOT NULL DEFAULT '-infinity',
+    retry_at            timestamptz,  -- not claimable before this; NULL = now
     claim_token         uuid,
     claim_epoch         integer,
     worker              text,
     lease_expires_at    timestamptz,
+    -- start of the handoff statement that moved this row to sending: its snapshot is later
+    handed_at           timestamptz,
     provider_message_id text,
     last_error          text,
     sent_at             timestamptz,
@@ -295,7 +297,7 @@ BEGIN
         SELECT r.contact_id
         FROM broadcast_recipients r
         WHERE r.broadcast_id = p_id AND r.status = 'pending' AND r.contact_id > p_after
-          AND r.retry_at <= now()
+          AND (r.retry_at IS NULL OR r.retry_at <= now())
         ORDER BY r.contact_id
         LIMIT p_limit
         FOR UPDATE SKIP LOCKED
@@ -343,7 +345,7 @@ BEGIN
     END IF;
     RETURN QUERY
     UPDATE broadcast_recipients r
-    SET status = 'sending'
+    SET status = 'sending', handed_at = statement_timestamp()
     FROM contacts c
     WHERE r.broadcast_id = p_id AND r.contact_id = ANY (p_ids) AND r.status = 'claimed'
       AND r.claim_token = p_token AND c.id = r.contact_id AND c.unsubscribed_at IS NULL
@@ -458,13 +460,14 @@ BEGIN
 END
 $$;
 
--- renew: a live worker extends the lease of everything it holds.
-CREATE FUNCTION pgcast_renew_v1(p_worker text, p_lease interval)
+-- renew: a live worker extends the lease of the claims it knows it holds (by token, so a
+-- claim whose answer was lost to a broken connection still expires).
+CREATE FUNCTION pgcast_renew_v1(p_tokens uuid[], p_lease interval)
 RETURNS integer LANGUAGE sql AS $$
     WITH upd AS (
         UPDATE broadcast_recipients r
         SET lease_expires_at = clock_timestamp() + p_lease
-        WHERE r.status IN ('claimed', 'sending') AND r.worker = p_worker
+        WHERE r.status IN ('claimed', 'sending') AND r.claim_token = ANY (p_tokens)
         RETURNING 1
     ) SELECT count(*)::integer FROM upd
 $$;

@@ -36,7 +36,7 @@ SET email = EXCLUDED.email, name = EXCLUDED.name, tags = EXCLUDED.tags, updated_
 -- contact_unsubscribe --
 -- Marks a contact unsubscribed (keeps the first time); takes effect at the next handoff.
 UPDATE contacts
-SET unsubscribed_at = coalesce(unsubscribed_at, now()), updated_at = now()
+SET unsubscribed_at = coalesce(unsubscribed_at, clock_timestamp()), updated_at = now()
 WHERE account = %(account)s AND lower(email) = lower(%(email)s)
 RETURNING id, email, unsubscribed_at
 
@@ -158,8 +158,8 @@ SELECT * FROM pgcast_finalize_v1(%(id)s)
 SELECT * FROM pgcast_sweep_v1()
 
 -- renew --
--- Extends the lease on everything a live worker holds.
-SELECT pgcast_renew_v1(%(worker)s, make_interval(secs => %(lease)s)) AS renewed
+-- Extends the lease on the claims a live worker holds.
+SELECT pgcast_renew_v1(%(tokens)s, make_interval(secs => %(lease)s)) AS renewed
 
 -- take_tokens --
 -- Up to `want` tokens from a bucket (pgcast_take_tokens_v1).

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import uuid
@@ -17,21 +18,26 @@ CHANNEL = "pgcast_control"
 
 
 def apply(state: engine.State, payload: str) -> None:
-    """Fold one notification into the shared state."""
+    """Fold one notification into the shared state; a malformed one is logged and ignored."""
+    # Anyone may NOTIFY this channel (a DBA, another version of pgcast): an event that
+    # does not parse must never raise here, or it would end the listener for good and
+    # every later cancel, pause and rate change would wait for the poll.
     try:
         event = json.loads(payload)
         kind = event["event"]
-    except (ValueError, KeyError, TypeError):
+        if kind == "rate":
+            rate = float(event["rate"])
+            if rate >= 0:  # NaN fails this too
+                state.rates[str(event["bucket"])] = rate
+            return
+        bid = uuid.UUID(str(event["broadcast"]))
+        if kind == "cancel":
+            state.halted[bid] = engine.NEVER
+        elif kind == "pause":
+            state.halted[bid] = max(state.halted.get(bid, 0), int(event["epoch"]))
+    except (ValueError, KeyError, TypeError, AttributeError):
         log.warning("ignoring malformed control event %r", payload)
         return
-    if kind == "rate":
-        state.rates[str(event["bucket"])] = float(event["rate"])
-        return
-    bid = uuid.UUID(event["broadcast"])
-    if kind == "cancel":
-        state.halted[bid] = engine.NEVER
-    elif kind == "pause":
-        state.halted[bid] = max(state.halted.get(bid, 0), int(event["epoch"]))
     state.wake.set()  # send, resume, and the others: look at the active list again
 
 
@@ -48,10 +54,8 @@ async def listen(url: str, state: engine.State, stopping: asyncio.Event) -> None
                 while not stopping.is_set():
                     async for note in conn.notifies(timeout=1.0):
                         apply(state, note.payload)
-        except psycopg.OperationalError as exc:
+        except psycopg.Error as exc:  # lost connection, server restart, broken socket
             log.warning("control listener lost postgres (%s); reconnecting in %.1fs", exc, delay)
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stopping.wait(), timeout=delay)
-            except TimeoutError:
-                pass
             delay = min(5.0, delay * 2)

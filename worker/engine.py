@@ -115,6 +115,7 @@ class Engine:
         self._refreshed = 0.0
         self._content: dict[uuid.UUID, render.Content] = {}
         self._idle_loops = 0
+        self.tokens_in_hand: set[uuid.UUID] = set()  # claims whose leases we renew
 
     # -- database access -------------------------------------------------------------
 
@@ -253,6 +254,13 @@ class Engine:
 
     async def _work_one(self, bid: uuid.UUID) -> None:
         token = uuid.uuid4()
+        self.tokens_in_hand.add(token)
+        try:
+            await self._claim_and_work(bid, token)
+        finally:
+            self.tokens_in_hand.discard(token)
+
+    async def _claim_and_work(self, bid: uuid.UUID, token: uuid.UUID) -> None:
         rows = await self._claim(bid, token)
         if not rows:
             entry = self._active.get(bid)

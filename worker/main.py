@@ -26,14 +26,27 @@ def default_burst(rate: float) -> float:
     return max(1.0, math.ceil(rate / 10))
 
 
+def _number(name: str, raw: str) -> float:
+    """A finite number from the environment; raises ConfigError."""
+    try:
+        value = float(raw)
+    except ValueError:
+        raise errors.ConfigError(f"{name} must be a number, not {raw!r}") from None
+    # float() takes "nan" and "inf"; Postgres would store them (NaN >= 0 holds there) and
+    # the bucket would then grant everything
+    if not math.isfinite(value):
+        raise errors.ConfigError(f"{name} must be a finite number, not {raw!r}")
+    return value
+
+
 def configure_rate(url: str, provider: providers.Provider) -> float | None:
     """Apply PGCAST_RATE/PGCAST_BURST (or SES's own limit) to the global bucket."""
     raw = os.environ.get("PGCAST_RATE")
-    if raw is not None and raw.strip():
-        try:
-            rate = float(raw)
-        except ValueError:
-            raise errors.ConfigError(f"PGCAST_RATE must be a number, not {raw!r}") from None
+    burst_raw = os.environ.get("PGCAST_BURST")
+    explicit = raw is not None and bool(raw.strip())
+    if explicit:
+        assert raw is not None
+        rate = _number("PGCAST_RATE", raw)
     elif provider.name == "ses":
         known = provider.max_send_rate()
         rate = round(known * SES_HEADROOM, 3) if known else DEFAULT_SES_RATE
@@ -41,14 +54,18 @@ def configure_rate(url: str, provider: providers.Provider) -> float | None:
         return None  # leave the bucket as the operator set it
     if rate < 0:
         raise errors.ConfigError("PGCAST_RATE must be >= 0 (0 = unlimited)")
-    burst_raw = os.environ.get("PGCAST_BURST")
-    try:
-        burst = float(burst_raw) if burst_raw else default_burst(rate)
-    except ValueError:
-        raise errors.ConfigError(f"PGCAST_BURST must be a number, not {burst_raw!r}") from None
+    burst = _number("PGCAST_BURST", burst_raw) if burst_raw else default_burst(rate)
     if burst < 1:
         raise errors.ConfigError("PGCAST_BURST must be >= 1")
     with psycopg.connect(url, autocommit=True) as conn:
+        if not explicit:
+            # SES's limit is a ceiling, not an order: a lower rate an operator set with
+            # `pgcast rate set` (or an UPDATE) survives worker restarts
+            row = conn.execute(QUERIES["rate_get"], {"name": "global"}).fetchone()
+            current = float(row[1]) if row else 0.0
+            if 0 < current <= rate:
+                log.info("keeping the global rate %.3g/s (SES allows %.3g/s)", current, rate)
+                return current
         conn.execute(QUERIES["rate_set"], {"name": "global", "rate": rate, "burst": burst})
     return rate
 
@@ -60,20 +77,33 @@ async def _renew(url: str, eng: engine.Engine) -> None:
             await asyncio.wait_for(eng.stopping.wait(), timeout=eng.settings.lease / 3)
         if eng.stopping.is_set():
             return
+        if not eng.tokens_in_hand:
+            continue
         try:
             async with eng.pool.connection() as conn:
-                await conn.execute(QUERIES["renew"], {"worker": eng.name,
+                await conn.execute(QUERIES["renew"], {"tokens": list(eng.tokens_in_hand),
                                                       "lease": eng.settings.lease})
         except psycopg.OperationalError as exc:
             log.warning("lease renewal failed (%s); will retry", exc)
 
 
-async def _run_sweeper(url: str, settings: engine.Settings) -> None:
-    app = sweeper.make_app(url, settings.sweep_cron)
-    async with app.open_async():
-        await app.run_worker_async(queues=[sweeper.QUEUE], install_signal_handlers=False,
-                                   delete_jobs="successful", name="pgcast-sweeper",
-                                   fetch_job_polling_interval=settings.poll * 5)
+async def _run_sweeper(url: str, settings: engine.Settings, stopping: asyncio.Event) -> None:
+    """procrastinate's worker for the sweeper task, restarted after a database outage."""
+    delay = 1.0
+    while not stopping.is_set():
+        try:
+            app = sweeper.make_app(url, settings.sweep_cron)
+            async with app.open_async():
+                await app.run_worker_async(queues=[sweeper.QUEUE], install_signal_handlers=False,
+                                           delete_jobs="successful", name="pgcast-sweeper",
+                                           fetch_job_polling_interval=settings.poll * 5)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - an outage must not end the sweeper for good
+            log.warning("sweeper stopped (%s); restarting in %.0fs", exc, delay)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stopping.wait(), timeout=delay)
+        delay = min(30.0, delay * 2)
 
 
 async def run(settings: engine.Settings, url: str) -> engine.Stats:
@@ -95,7 +125,8 @@ async def run(settings: engine.Settings, url: str) -> engine.Stats:
     side = [asyncio.create_task(control.listen(url, eng.state, eng.stopping), name="listen"),
             asyncio.create_task(_renew(url, eng), name="renew")]
     if settings.sweeper and not settings.once:
-        side.append(asyncio.create_task(_run_sweeper(url, settings), name="sweeper"))
+        side.append(asyncio.create_task(_run_sweeper(url, settings, eng.stopping),
+                                        name="sweeper"))
     log.info("worker %s started (provider %s)", eng.name, provider.name)
     try:
         stats = await eng.run()

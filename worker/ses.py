@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
@@ -25,6 +26,8 @@ ACCOUNT_LEVEL = {
 }
 THROTTLED = {"TooManyRequestsException", "Throttling", "ThrottlingException"}
 RECIPIENT = {"MessageRejected", "BadRequestException", "InvalidParameterValue"}
+CONNECT_TIMEOUT = 5.0  # seconds
+READ_TIMEOUT = 30.0  # seconds: a send answered later than this is an unknown outcome
 
 
 def classify(exc: Exception) -> errors.ProviderError:
@@ -46,11 +49,16 @@ def classify(exc: Exception) -> errors.ProviderError:
             return errors.Transient(f"{code or status}: {text}")
         # an unrecognised 4xx: retried a bounded number of times, then failed
         return errors.Transient(f"{code or status}: {text}")
-    if isinstance(exc, botocore.exceptions.ReadTimeoutError | botocore.exceptions.ConnectionClosedError):
-        # the request left; SES may have accepted it. Re-sending could mail twice.
+    if isinstance(exc, botocore.exceptions.ParamValidationError):
+        # refused by botocore before anything was sent: retrying cannot help
+        return errors.RecipientRejected(f"invalid request: {exc}")
+    if isinstance(exc, botocore.exceptions.HTTPClientError):
+        # read timeout, connection closed mid-answer, or anything else botocore wraps once
+        # the request may have left: SES may have accepted it, and re-sending could mail
+        # twice. (Connect failures are ConnectionError subclasses, handled below.)
         return errors.OutcomeUnknown(f"no answer from SES: {exc}")
     if isinstance(exc, botocore.exceptions.BotoCoreError | OSError):
-        # connect failures: nothing was sent
+        # connect failures (refused, DNS, connect timeout, TLS handshake): nothing was sent
         return errors.Transient(f"cannot reach SES: {exc}")
     return errors.Transient(f"{type(exc).__name__}: {exc}")
 
@@ -69,11 +77,14 @@ class SesProvider:
     def from_env(cls) -> SesProvider:
         """A client built from boto3's own configuration (AWS_REGION, AWS_ENDPOINT_URL_SESV2...)."""
         config = botocore.config.Config(
-            # pgcast owns retries: boto3's silent retries would hide throttles from the rate
-            # limiter and could re-send a message whose first attempt SES did accept.
+            # pgcast owns retries: boto3's silent retries (3 in standard mode, 5 in legacy,
+            # plus adaptive mode's client-side throttle) would hide throttles from the rate
+            # limiter and could re-send a message whose first attempt SES did accept. One
+            # attempt, set here explicitly so AWS_MAX_ATTEMPTS/AWS_RETRY_MODE or a profile's
+            # retry settings cannot turn retries back on.
             retries={"total_max_attempts": 1, "mode": "standard"},
-            connect_timeout=5,
-            read_timeout=30,
+            connect_timeout=CONNECT_TIMEOUT,
+            read_timeout=READ_TIMEOUT,
             max_pool_connections=int(os.environ.get("PGCAST_SES_POOL", "20")),
         )
         session = boto3.session.Session()
@@ -109,14 +120,27 @@ class SesProvider:
         """MaxSendRate from sesv2 get_account, else v1 get_send_quota; None when unknown."""
         try:
             quota = self.client.get_account().get("SendQuota", {})
-            if quota.get("MaxSendRate"):
-                return float(quota["MaxSendRate"])
+            rate = _usable_rate(quota.get("MaxSendRate"))
+            if rate is not None:
+                return rate
         except Exception:  # noqa: BLE001 - fall through to v1
             pass
         try:
+            # bounded like the send client: a worker must not hang at start on a dead endpoint
             v1 = boto3.session.Session().client(
                 "ses", region_name=self.client.meta.region_name,
-                config=botocore.config.Config(retries={"total_max_attempts": 1}))
-            return float(v1.get_send_quota()["MaxSendRate"])
+                config=botocore.config.Config(
+                    retries={"total_max_attempts": 1, "mode": "standard"},
+                    connect_timeout=CONNECT_TIMEOUT, read_timeout=CONNECT_TIMEOUT))
+            return _usable_rate(v1.get_send_quota().get("MaxSendRate"))
         except Exception:  # noqa: BLE001 - the caller falls back to a safe default
             return None
+
+
+def _usable_rate(raw: Any) -> float | None:
+    """A MaxSendRate we can use: a finite positive number, else None."""
+    try:
+        rate = float(raw)
+    except (TypeError, ValueError):
+        return None
+    return rate if math.isfinite(rate) and rate > 0 else None
