@@ -65,7 +65,8 @@ def cmd_db(args: argparse.Namespace) -> int:
         print(db.database_url())
         return 0
     if os.environ.get("DATABASE_URL"):
-        raise UsageError("DATABASE_URL is set: pgcast did not start that server and will not stop it")
+        raise UsageError("DATABASE_URL is set: pgcast did not start that server "
+                         "and will not stop it")
     stopped = embedded.stop()
     print("stopped" if stopped else "not running")
     return 0

@@ -68,7 +68,8 @@ def create(conn: psycopg.Connection[Any], account: str, *, subject: Any, from_ad
 
 def get(conn: psycopg.Connection[Any], account: str, broadcast_id: uuid.UUID) -> dict[str, Any]:
     """One broadcast; raises NotFound."""
-    row = conn.execute(QUERIES["broadcast_get"], {"account": account, "id": broadcast_id}).fetchone()
+    row = conn.execute(QUERIES["broadcast_get"],
+                       {"account": account, "id": broadcast_id}).fetchone()
     if row is None:
         raise errors.NotFound(f"no broadcast {broadcast_id}")
     return dict(row)
@@ -76,7 +77,8 @@ def get(conn: psycopg.Connection[Any], account: str, broadcast_id: uuid.UUID) ->
 
 def send(conn: psycopg.Connection[Any], account: str, broadcast_id: uuid.UUID) -> dict[str, Any]:
     """Snapshot and start sending: the seed system's response shape."""
-    row = conn.execute(QUERIES["broadcast_send"], {"account": account, "id": broadcast_id}).fetchone()
+    row = conn.execute(QUERIES["broadcast_send"],
+                       {"account": account, "id": broadcast_id}).fetchone()
     if row is None:
         raise errors.NotFound(f"no broadcast {broadcast_id}")
     if not row["ok"]:
@@ -130,7 +132,8 @@ def resume(conn: psycopg.Connection[Any], account: str, broadcast_id: uuid.UUID,
     return {"success": True, "status": "sending", "message": "Resumed"}
 
 
-def progress(conn: psycopg.Connection[Any], account: str, broadcast_id: uuid.UUID) -> dict[str, Any]:
+def progress(conn: psycopg.Connection[Any], account: str,
+             broadcast_id: uuid.UUID) -> dict[str, Any]:
     """The O(1) progress row; raises NotFound."""
     row = conn.execute(QUERIES["broadcast_progress"],
                        {"account": account, "id": broadcast_id}).fetchone()

@@ -119,7 +119,8 @@ def upsert(conn: psycopg.Connection[Any], account: str, rows: list[dict[str, Any
 
 def unsubscribe(conn: psycopg.Connection[Any], account: str, email: str) -> dict[str, Any]:
     """Unsubscribe one contact; raises NotFound."""
-    row = conn.execute(QUERIES["contact_unsubscribe"], {"account": account, "email": email}).fetchone()
+    row = conn.execute(QUERIES["contact_unsubscribe"],
+                       {"account": account, "email": email}).fetchone()
     if row is None:
         raise errors.NotFound(f"no contact {email} in account {account}")
     return dict(row)

@@ -46,7 +46,8 @@ def start(base: Path | None = None) -> str:
     except Exception as exc:  # pgserver raises bare subprocess/assert errors
         log = data / "log"
         tail = log.read_text()[-2000:] if log.exists() else ""
-        raise errors.EmbeddedServerError(f"cannot start embedded Postgres in {data}: {exc}\n{tail}")
+        raise errors.EmbeddedServerError(
+            f"cannot start embedded Postgres in {data}: {exc}\n{tail}") from exc
     return str(server.get_uri())
 
 

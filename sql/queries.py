@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from importlib import resources
-from typing import LiteralString, cast
+from typing import LiteralString
 
 _HEADER = re.compile(r"^-- ([a-z0-9_]+) --$", re.MULTILINE)
 
@@ -19,7 +19,7 @@ def parse(text: str) -> dict[str, LiteralString]:
         statement = "\n".join(lines[1:] if lines and lines[0].startswith("--") else lines).strip()
         if name in queries:
             raise ValueError(f"query {name!r} is defined twice")
-        queries[name] = cast(LiteralString, statement)
+        queries[name] = statement
     return queries
 
 

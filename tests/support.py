@@ -204,7 +204,8 @@ def new_broadcast(conn: psycopg.Connection[Any], *, account: str = "default",
 
 def progress(conn: psycopg.Connection[Any], bid: uuid.UUID) -> dict[str, Any]:
     """The broadcast_progress row."""
-    row = conn.execute("SELECT * FROM broadcast_progress WHERE broadcast_id = %s", (bid,)).fetchone()
+    row = conn.execute("SELECT * FROM broadcast_progress WHERE broadcast_id = %s",
+                       (bid,)).fetchone()
     assert row is not None
     return dict(row)
 

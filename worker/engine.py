@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
@@ -93,7 +94,7 @@ class State:
 
 def backoff(attempt: int, base: float, cap: float) -> float:
     """Exponential backoff with full jitter in [d/2, d] for the given attempt (1-based)."""
-    delay = min(cap, base * (2 ** max(0, attempt - 1)))
+    delay = min(cap, base * 2.0 ** max(0, attempt - 1))
     return delay / 2 + random.random() * delay / 2
 
 
@@ -121,7 +122,7 @@ class Engine:
 
     async def _q(self, name: str, params: dict[str, Any] | None = None) -> list[tuple[Any, ...]]:
         async with self.pool.connection() as conn:
-            cur = await conn.execute(QUERIES[name], params)  # type: ignore[arg-type]
+            cur = await conn.execute(QUERIES[name], params)
             return await cur.fetchall() if cur.description else []
 
     async def _q_retry(self, name: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:
@@ -131,7 +132,8 @@ class Engine:
             try:
                 return await self._q(name, params)
             except (psycopg.OperationalError, psycopg.errors.AdminShutdown) as exc:
-                log.warning("postgres unreachable during %s (%s); retrying in %.1fs", name, exc, delay)
+                log.warning("postgres unreachable during %s (%s); retrying in %.1fs",
+                            name, exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(DB_RETRY_MAX, delay * 2)
 
@@ -171,14 +173,11 @@ class Engine:
         content = self._content.get(bid)
         if content is None:
             async with self.pool.connection() as conn:
-                conn.row_factory = psycopg.rows.dict_row  # type: ignore[assignment]
-                try:
-                    cur = await conn.execute(QUERIES["broadcast_content"], {"id": bid})
-                    row = await cur.fetchone()
-                finally:
-                    conn.row_factory = psycopg.rows.tuple_row  # type: ignore[assignment]
+                cur = conn.cursor(row_factory=psycopg.rows.dict_row)
+                await cur.execute(QUERIES["broadcast_content"], {"id": bid})
+                row = await cur.fetchone()
             assert row is not None
-            content = self._content[bid] = render.Content.from_row(row)  # type: ignore[arg-type]
+            content = self._content[bid] = render.Content.from_row(row)
         return content
 
     # -- the loops ---------------------------------------------------------------------
@@ -234,10 +233,8 @@ class Engine:
         self._refreshed = 0.0
 
     async def _sleep(self, seconds: float) -> None:
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.stopping.wait(), timeout=seconds)
-        except TimeoutError:
-            pass
 
     async def _claim(self, bid: uuid.UUID, token: uuid.UUID) -> list[tuple[Any, ...]]:
         entry = self._active.get(bid)
@@ -355,7 +352,8 @@ class Engine:
                                                 "details": json.dumps(details)})
         self.state.halted[bid] = max(self.state.halted.get(bid, 0), epoch)
 
-    def _send_group(self, messages: list[render.Message], attempts: dict[int, int]) -> list[Outcome]:
+    def _send_group(self, messages: list[render.Message],
+                    attempts: dict[int, int]) -> list[Outcome]:
         """Send each message in order; stop at a throttle or an account-level error."""
         outcomes: list[Outcome] = []
         stop: Outcome | None = None

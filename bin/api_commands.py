@@ -1,0 +1,83 @@
+"""`pgcast api` (the HTTP API under uvicorn) and `pgcast token` (a development JWT)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any
+
+from api import auth, config
+from api import errors as api_errors
+from sql import errors as sql_errors
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8080
+DEFAULT_TTL = 3600  # seconds
+
+
+# Bad configuration raises sql.errors.InvalidInput: bin.cli.main turns it into one line on
+# stderr and exit 2 (bin.cli.UsageError would not match when the CLI runs as __main__).
+
+
+def _settings() -> config.Settings:
+    try:
+        return config.from_env()
+    except api_errors.ConfigError as exc:
+        raise sql_errors.InvalidInput(str(exc)) from None
+
+
+def make_token(account: str, sub: str = "dev", ttl: float = DEFAULT_TTL) -> str:
+    """A token for `account` signed with PGCAST_JWT_SECRET (aud/iss from the environment)."""
+    try:
+        return auth.make_token(_settings(), account, sub, ttl)
+    except api_errors.ConfigError as exc:
+        raise sql_errors.InvalidInput(str(exc)) from None
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    """Print a development token."""
+    print(make_token(args.account, args.sub, args.ttl))
+    return 0
+
+
+def cmd_api(args: argparse.Namespace) -> int:
+    """Serve the API with uvicorn until SIGINT/SIGTERM."""
+    import uvicorn
+
+    from api import app as api_app
+    from sql import db
+
+    if not 0 < args.port < 65536:
+        raise sql_errors.InvalidInput(f"--port must be between 1 and 65535: {args.port}")
+    application = api_app.create_app(_settings(), db.database_url())
+    uvicorn.run(application, host=args.host, port=args.port, proxy_headers=False,
+                log_level=os.environ.get("PGCAST_LOG_LEVEL", "info").lower(),
+                access_log=os.environ.get("PGCAST_API_ACCESS_LOG", "0") == "1")
+    return 0
+
+
+def _ttl(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {raw!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0: {raw!r}")
+    return value
+
+
+def register(sub: Any) -> None:
+    """Add `api` and `token` to the pgcast command line."""
+    a = sub.add_parser("api", help="serve the HTTP API (uvicorn)")
+    a.add_argument("--host", default=os.environ.get("PGCAST_API_HOST", DEFAULT_HOST),
+                   help=f"listen address (default {DEFAULT_HOST}, env PGCAST_API_HOST)")
+    a.add_argument("--port", type=int, default=int(os.environ.get("PGCAST_API_PORT", DEFAULT_PORT)),
+                   help=f"listen port (default {DEFAULT_PORT}, env PGCAST_API_PORT)")
+    a.set_defaults(func=cmd_api)
+
+    t = sub.add_parser("token", help="print a JWT signed with PGCAST_JWT_SECRET (development)")
+    t.add_argument("--account", required=True)
+    t.add_argument("--sub", default="dev", help="the token's subject (default dev)")
+    t.add_argument("--ttl", type=_ttl, default=float(DEFAULT_TTL),
+                   help=f"lifetime in seconds (default {DEFAULT_TTL})")
+    t.set_defaults(func=cmd_token)
