@@ -1,9 +1,12 @@
 -- 0001_init: contacts, broadcasts, the recipient snapshot, the rate bucket, and the
 -- versioned functions that make every state change one atomic step.
 --
--- Lock order (deadlock freedom): any transaction that locks both a broadcast row and
--- some of its recipient rows locks the broadcast row FIRST. The worker's handoff locks
--- only recipient rows (it reads the broadcast without locking it).
+-- Lock order (deadlock freedom):
+-- 1. a transaction that locks both a broadcast row and some of its recipient rows locks
+--    the broadcast row FIRST (the worker's handoff reads the broadcast without locking it);
+-- 2. a statement that locks several recipient rows locks them in (broadcast_id, contact_id)
+--    order, through `SELECT ... ORDER BY ... FOR UPDATE` (LockRows runs above the Sort).
+-- Claims use SKIP LOCKED and never wait.
 
 CREATE TABLE contacts (
     id              bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
@@ -195,7 +198,10 @@ BEGIN
     END IF;
     UPDATE broadcast_recipients r
     SET status = 'cancelled', claim_token = NULL, lease_expires_at = NULL
-    WHERE r.broadcast_id = p_id AND r.status IN ('pending', 'claimed');
+    FROM (SELECT l.contact_id FROM broadcast_recipients l
+          WHERE l.broadcast_id = p_id AND l.status IN ('pending', 'claimed')
+          ORDER BY l.contact_id FOR UPDATE) AS locked
+    WHERE r.broadcast_id = p_id AND r.contact_id = locked.contact_id;
     GET DIAGNOSTICS n = ROW_COUNT;
     SELECT count(*) INTO in_flight FROM broadcast_recipients r
     WHERE r.broadcast_id = p_id AND r.status = 'sending';
@@ -228,7 +234,10 @@ BEGIN
     END IF;
     UPDATE broadcast_recipients r
     SET status = 'pending', claim_token = NULL, lease_expires_at = NULL
-    WHERE r.broadcast_id = p_id AND r.status = 'claimed';
+    FROM (SELECT l.contact_id FROM broadcast_recipients l
+          WHERE l.broadcast_id = p_id AND l.status = 'claimed'
+          ORDER BY l.contact_id FOR UPDATE) AS locked
+    WHERE r.broadcast_id = p_id AND r.contact_id = locked.contact_id;
     PERFORM pgcast_notify_v1('pause', p_id, e);
     RETURN QUERY SELECT true, 'paused'::text;
 END
@@ -337,19 +346,23 @@ BEGIN
         END IF;
         UPDATE broadcast_recipients r
         SET status = 'skipped', last_error = 'unsubscribed', lease_expires_at = NULL
-        FROM contacts c
-        WHERE r.broadcast_id = p_id AND r.contact_id = ANY (p_ids) AND r.status = 'claimed'
-          AND r.claim_token = p_token AND c.id = r.contact_id AND c.unsubscribed_at IS NOT NULL;
+        FROM (SELECT l.contact_id FROM broadcast_recipients l JOIN contacts c ON c.id = l.contact_id
+              WHERE l.broadcast_id = p_id AND l.contact_id = ANY (p_ids) AND l.status = 'claimed'
+                AND l.claim_token = p_token AND c.unsubscribed_at IS NOT NULL
+              ORDER BY l.contact_id FOR UPDATE OF l) AS locked
+        WHERE r.broadcast_id = p_id AND r.contact_id = locked.contact_id;
         GET DIAGNOSTICS n_skip = ROW_COUNT;
         UPDATE broadcasts SET skipped = skipped + n_skip WHERE id = p_id;
     END IF;
     RETURN QUERY
     UPDATE broadcast_recipients r
     SET status = 'sending', handed_at = statement_timestamp()
-    FROM contacts c
-    WHERE r.broadcast_id = p_id AND r.contact_id = ANY (p_ids) AND r.status = 'claimed'
-      AND r.claim_token = p_token AND c.id = r.contact_id AND c.unsubscribed_at IS NULL
-    RETURNING r.contact_id, r.email, c.name;
+    FROM (SELECT l.contact_id, c.name FROM broadcast_recipients l JOIN contacts c ON c.id = l.contact_id
+          WHERE l.broadcast_id = p_id AND l.contact_id = ANY (p_ids) AND l.status = 'claimed'
+            AND l.claim_token = p_token AND c.unsubscribed_at IS NULL
+          ORDER BY l.contact_id FOR UPDATE OF l) AS locked
+    WHERE r.broadcast_id = p_id AND r.contact_id = locked.contact_id
+    RETURNING r.contact_id, r.email, locked.name;
 END
 $$;
 
@@ -375,6 +388,7 @@ BEGIN
         SELECT r.contact_id, r.status FROM broadcast_recipients r
         WHERE r.broadcast_id = p_id AND r.contact_id = ANY (p_ids) AND r.claim_token = p_token
           AND r.status IN ('sending', 'unknown')
+        ORDER BY r.contact_id
         FOR UPDATE
     ), upd AS (
         UPDATE broadcast_recipients r
@@ -415,11 +429,16 @@ $$;
 -- release: rows this claim still holds but will not hand off go back to pending.
 CREATE FUNCTION pgcast_release_v1(p_id uuid, p_token uuid, p_ids bigint[])
 RETURNS integer LANGUAGE sql AS $$
-    WITH upd AS (
+    WITH locked AS (
+        SELECT l.contact_id FROM broadcast_recipients l
+        WHERE l.broadcast_id = p_id AND l.contact_id = ANY (p_ids)
+          AND l.claim_token = p_token AND l.status = 'claimed'
+        ORDER BY l.contact_id FOR UPDATE
+    ), upd AS (
         UPDATE broadcast_recipients r
         SET status = 'pending', claim_token = NULL, lease_expires_at = NULL
-        WHERE r.broadcast_id = p_id AND r.contact_id = ANY (p_ids)
-          AND r.claim_token = p_token AND r.status = 'claimed'
+        FROM locked
+        WHERE r.broadcast_id = p_id AND r.contact_id = locked.contact_id
         RETURNING 1
     ) SELECT count(*)::integer FROM upd
 $$;
@@ -443,11 +462,19 @@ BEGIN
         PERFORM 1 FROM broadcasts b WHERE b.id = bid FOR NO KEY UPDATE;
         UPDATE broadcast_recipients r
         SET status = 'pending', claim_token = NULL, lease_expires_at = NULL
-        WHERE r.broadcast_id = bid AND r.status = 'claimed' AND r.lease_expires_at < clock_timestamp();
+        FROM (SELECT l.contact_id FROM broadcast_recipients l
+              WHERE l.broadcast_id = bid AND l.status = 'claimed'
+                AND l.lease_expires_at < clock_timestamp()
+              ORDER BY l.contact_id FOR UPDATE) AS locked
+        WHERE r.broadcast_id = bid AND r.contact_id = locked.contact_id;
         GET DIAGNOSTICS n_re = ROW_COUNT;
         UPDATE broadcast_recipients r
         SET status = 'unknown', last_error = 'worker lost during handoff: outcome unknown'
-        WHERE r.broadcast_id = bid AND r.status = 'sending' AND r.lease_expires_at < clock_timestamp();
+        FROM (SELECT l.contact_id FROM broadcast_recipients l
+              WHERE l.broadcast_id = bid AND l.status = 'sending'
+                AND l.lease_expires_at < clock_timestamp()
+              ORDER BY l.contact_id FOR UPDATE) AS locked
+        WHERE r.broadcast_id = bid AND r.contact_id = locked.contact_id;
         GET DIAGNOSTICS n_unk = ROW_COUNT;
         IF n_unk > 0 THEN
             UPDATE broadcasts b SET unknown = b.unknown + n_unk WHERE b.id = bid;
@@ -464,10 +491,15 @@ $$;
 -- claim whose answer was lost to a broken connection still expires).
 CREATE FUNCTION pgcast_renew_v1(p_tokens uuid[], p_lease interval)
 RETURNS integer LANGUAGE sql AS $$
-    WITH upd AS (
+    WITH locked AS (
+        SELECT l.broadcast_id, l.contact_id FROM broadcast_recipients l
+        WHERE l.status IN ('claimed', 'sending') AND l.claim_token = ANY (p_tokens)
+        ORDER BY l.broadcast_id, l.contact_id FOR UPDATE
+    ), upd AS (
         UPDATE broadcast_recipients r
         SET lease_expires_at = clock_timestamp() + p_lease
-        WHERE r.status IN ('claimed', 'sending') AND r.claim_token = ANY (p_tokens)
+        FROM locked
+        WHERE r.broadcast_id = locked.broadcast_id AND r.contact_id = locked.contact_id
         RETURNING 1
     ) SELECT count(*)::integer FROM upd
 $$;
