@@ -27,7 +27,9 @@ def sweep_once(url: str) -> list[dict[str, Any]]:
 
 def make_app(url: str, cron: str) -> procrastinate.App:
     """A procrastinate app whose only task is the sweeper, deferred once per period."""
-    app = procrastinate.App(connector=procrastinate.PsycopgConnector(conninfo=url))
+    # two connections: the job fetch/LISTEN and the sweep itself need no more per worker
+    app = procrastinate.App(connector=procrastinate.PsycopgConnector(
+        conninfo=url, min_size=1, max_size=2))
 
     # queueing_lock: at most one sweep waiting at a time, however many workers defer it;
     # procrastinate's periodic deferrer defers each period once across all workers.
