@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from types import FrameType
 from typing import Any
 
 from api import auth, config
@@ -13,6 +14,7 @@ from sql import errors as sql_errors
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
 DEFAULT_TTL = 3600  # seconds
+GRACEFUL_SHUTDOWN = 5  # seconds: open SSE streams would otherwise hold SIGTERM off forever
 
 
 # Bad configuration raises sql.errors.InvalidInput: bin.cli.main turns it into one line on
@@ -50,9 +52,18 @@ def cmd_api(args: argparse.Namespace) -> int:
     if not 0 < args.port < 65536:
         raise sql_errors.InvalidInput(f"--port must be between 1 and 65535: {args.port}")
     application = api_app.create_app(_settings(), db.database_url())
-    uvicorn.run(application, host=args.host, port=args.port, proxy_headers=False,
-                log_level=os.environ.get("PGCAST_LOG_LEVEL", "info").lower(),
-                access_log=os.environ.get("PGCAST_API_ACCESS_LOG", "0") == "1")
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            # open SSE streams see this and end, so the graceful shutdown finishes cleanly
+            application.state.stopping = True
+            super().handle_exit(sig, frame)
+
+    Server(uvicorn.Config(
+        application, host=args.host, port=args.port, proxy_headers=False,
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN,
+        log_level=os.environ.get("PGCAST_LOG_LEVEL", "info").lower(),
+        access_log=os.environ.get("PGCAST_API_ACCESS_LOG", "0") == "1")).run()
     return 0
 
 

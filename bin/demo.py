@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
+import secrets
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
-from bin import progressbar
+from bin import api_commands, progressbar
 from sql import broadcasts, contacts, db, embedded, migrate
 
 CONTACTS = 3000
@@ -26,7 +31,7 @@ def say(text: str) -> None:
 
 def generate_contacts(path: Path) -> list[str]:
     """A CSV of CONTACTS people, a third tagged beta; returns a few to unsubscribe."""
-    rng = random.Random(7)
+    rng = random.Random()  # new people leave on every run
     lines = ["email,name,tags"]
     for i in range(CONTACTS):
         tags = "beta;early" if i % 3 == 0 else ("early" if i % 5 == 0 else "")
@@ -42,6 +47,52 @@ def start_worker(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
         return subprocess.Popen([sys.executable, "-m", "bin.cli", "worker", "--concurrency", "2",
                                  "--group-size", "25"], env=env, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def start_api(home: Path, env: dict[str, str]) -> tuple[str, str]:
+    """`pgcast api` in the background (left running for the curl line); returns URL and pid."""
+    pid_file = home / "demo-api.pid"
+    if pid_file.exists():  # the API of an earlier demo run
+        with contextlib.suppress(ValueError, ProcessLookupError, PermissionError):
+            os.kill(int(pid_file.read_text()), signal.SIGTERM)
+            time.sleep(1)
+    port = int(os.environ.get("PGCAST_DEMO_PORT", "8080"))
+    if not _port_free(port):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+    with (home / "demo-api.log").open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "bin.cli", "api", "--host", "127.0.0.1",
+                                 "--port", str(port)], env=env, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    pid_file.write_text(str(proc.pid))
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/healthz", timeout=1).close()
+            return url, str(proc.pid)
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"pgcast api did not start; see {home / 'demo-api.log'}") from None
+            time.sleep(0.2)
+
+
+def jwt_secret(home: Path) -> str:
+    """PGCAST_JWT_SECRET, else one generated once for the demo and kept in $PGCAST_HOME."""
+    if os.environ.get("PGCAST_JWT_SECRET"):
+        return os.environ["PGCAST_JWT_SECRET"]
+    path = home / "demo-jwt-secret"
+    if not path.exists():
+        path.write_text(secrets.token_urlsafe(48))
+        path.chmod(0o600)
+    return path.read_text().strip()
 
 
 def main() -> int:
@@ -80,9 +131,15 @@ def main() -> int:
 
     say(f"starting {WORKERS} worker processes (provider: file, outbox {outbox})")
     env = dict(os.environ, DATABASE_URL=url, PGCAST_PROVIDER="file",
-               PGCAST_OUTBOX_DIR=str(outbox), PGCAST_LOG_LEVEL="WARNING")
+               PGCAST_OUTBOX_DIR=str(outbox), PGCAST_LOG_LEVEL="WARNING",
+               PGCAST_JWT_SECRET=jwt_secret(home))
     logs = [home / f"demo-worker-{i}.log" for i in range(WORKERS)]
     workers = [start_worker(env, log) for log in logs]
+    say("starting the HTTP API (pgcast api)")
+    api_url, api_pid = start_api(home, env)
+    os.environ["PGCAST_JWT_SECRET"] = env["PGCAST_JWT_SECRET"]
+    token = api_commands.make_token(ACCOUNT, sub="demo", ttl=24 * 3600)
+    print(f"  {api_url} (pid {api_pid})")
     try:
         say("sending: the snapshot is taken in the same transaction as draft -> sending")
         with db.connect(url, autocommit=True) as conn:
@@ -95,6 +152,15 @@ def main() -> int:
             print()
             final = progressbar.watch(lambda: broadcasts.progress(conn, ACCOUNT, bid))
         summarize(final, outbox / str(bid), url)
+        say("the same progress over HTTP (the API stays up; stop it with "
+            f"`kill {api_pid}`):")
+        curl = (f"curl -s -H 'Authorization: Bearer {token}' "
+                f"{api_url}/broadcasts/{bid}/progress")
+        print(f"  {curl}")
+        req = urllib.request.Request(f"{api_url}/broadcasts/{bid}/progress",
+                                     headers={"Authorization": f"Bearer {token}"})
+        with urllib.request.urlopen(req, timeout=10) as answer:
+            print(f"  -> {answer.read().decode()}")
     finally:
         for w in workers:
             if w.poll() is None:

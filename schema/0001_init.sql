@@ -80,6 +80,10 @@ CREATE TABLE broadcast_recipients (
 -- what a worker may claim, in claim order
 CREATE INDEX broadcast_recipients_claimable ON broadcast_recipients (broadcast_id, contact_id)
     WHERE status = 'pending';
+-- the recipients a person looks for (API ?status= filter): few rows, so a partial index
+-- costs the hot path nothing
+CREATE INDEX broadcast_recipients_problems ON broadcast_recipients (broadcast_id, status, contact_id)
+    WHERE status IN ('failed', 'unknown', 'skipped');
 -- what is in a worker's hands, for lease expiry and the drained check
 CREATE INDEX broadcast_recipients_in_flight ON broadcast_recipients (broadcast_id, lease_expires_at)
     WHERE status IN ('claimed', 'sending');

@@ -75,12 +75,11 @@ def get(conn: psycopg.Connection[Any], account: str, broadcast_id: uuid.UUID) ->
     return dict(row)
 
 
-def send(conn: psycopg.Connection[Any], account: str, broadcast_id: uuid.UUID) -> dict[str, Any]:
-    """Snapshot and start sending: the seed system's response shape."""
-    row = conn.execute(QUERIES["broadcast_send"],
-                       {"account": account, "id": broadcast_id}).fetchone()
-    if row is None:
-        raise errors.NotFound(f"no broadcast {broadcast_id}")
+# -- results: the response of each control operation, shared by the CLI and the API --------
+
+
+def send_result(row: dict[str, Any]) -> dict[str, Any]:
+    """The answer to a send, from a pgcast_send_v1 row."""
     if not row["ok"]:
         return {"success": False, "status": row["status"],
                 "message": f"Broadcast is {row['status']}; only a draft can be sent"}
@@ -90,13 +89,8 @@ def send(conn: psycopg.Connection[Any], account: str, broadcast_id: uuid.UUID) -
     return {"success": True, "status": row["status"], "queued": n, "message": message}
 
 
-def cancel(conn: psycopg.Connection[Any], account: str, broadcast_id: uuid.UUID,
-           details: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Cancel a draft, sending or paused broadcast."""
-    row = conn.execute(QUERIES["broadcast_cancel"], {
-        "account": account, "id": broadcast_id, "details": json.dumps(details or {})}).fetchone()
-    if row is None:
-        raise errors.NotFound(f"no broadcast {broadcast_id}")
+def cancel_result(row: dict[str, Any]) -> dict[str, Any]:
+    """The answer to a cancel, from a pgcast_cancel_v1 row."""
     if not row["ok"]:
         return {"success": False, "status": row["status"],
                 "message": f"Broadcast is already {row['status']}; nothing to cancel"}
@@ -105,31 +99,54 @@ def cancel(conn: psycopg.Connection[Any], account: str, broadcast_id: uuid.UUID,
             "message": f"Cancelled — {n} emails were already handed to the provider"}
 
 
-def pause(conn: psycopg.Connection[Any], account: str | None, broadcast_id: uuid.UUID,
-          reason: str = "operator", details: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Pause a sending broadcast (account None: any account, for the worker)."""
-    row = conn.execute(QUERIES["broadcast_pause"], {
-        "account": account, "id": broadcast_id, "reason": reason,
-        "details": json.dumps(details or {})}).fetchone()
-    if row is None:
-        raise errors.NotFound(f"no broadcast {broadcast_id}")
+def pause_result(row: dict[str, Any], reason: str) -> dict[str, Any]:
+    """The answer to a pause, from a pgcast_pause_v1 row."""
     if not row["ok"]:
         return {"success": False, "status": row["status"],
                 "message": f"Broadcast is {row['status']}; only a sending broadcast can be paused"}
     return {"success": True, "status": "paused", "message": f"Paused ({reason})"}
 
 
-def resume(conn: psycopg.Connection[Any], account: str, broadcast_id: uuid.UUID,
-           details: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Resume a paused broadcast."""
-    row = conn.execute(QUERIES["broadcast_resume"], {
-        "account": account, "id": broadcast_id, "details": json.dumps(details or {})}).fetchone()
-    if row is None:
-        raise errors.NotFound(f"no broadcast {broadcast_id}")
+def resume_result(row: dict[str, Any]) -> dict[str, Any]:
+    """The answer to a resume, from a pgcast_resume_v1 row."""
     if not row["ok"]:
         return {"success": False, "status": row["status"],
                 "message": f"Broadcast is {row['status']}; only a paused broadcast can be resumed"}
     return {"success": True, "status": "sending", "message": "Resumed"}
+
+
+def _control(conn: psycopg.Connection[Any], query: str, params: dict[str, Any]) -> dict[str, Any]:
+    row = conn.execute(QUERIES[query], params).fetchone()
+    if row is None:
+        raise errors.NotFound(f"no broadcast {params['id']}")
+    return dict(row)
+
+
+def send(conn: psycopg.Connection[Any], account: str, broadcast_id: uuid.UUID) -> dict[str, Any]:
+    """Snapshot and start sending: the seed system's response shape."""
+    return send_result(_control(conn, "broadcast_send", {"account": account, "id": broadcast_id}))
+
+
+def cancel(conn: psycopg.Connection[Any], account: str, broadcast_id: uuid.UUID,
+           details: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Cancel a draft, sending or paused broadcast."""
+    return cancel_result(_control(conn, "broadcast_cancel", {
+        "account": account, "id": broadcast_id, "details": json.dumps(details or {})}))
+
+
+def pause(conn: psycopg.Connection[Any], account: str | None, broadcast_id: uuid.UUID,
+          reason: str = "operator", details: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Pause a sending broadcast (account None: any account, for the worker)."""
+    return pause_result(_control(conn, "broadcast_pause", {
+        "account": account, "id": broadcast_id, "reason": reason,
+        "details": json.dumps(details or {})}), reason)
+
+
+def resume(conn: psycopg.Connection[Any], account: str, broadcast_id: uuid.UUID,
+           details: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Resume a paused broadcast."""
+    return resume_result(_control(conn, "broadcast_resume", {
+        "account": account, "id": broadcast_id, "details": json.dumps(details or {})}))
 
 
 def progress(conn: psycopg.Connection[Any], account: str,

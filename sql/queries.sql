@@ -102,16 +102,6 @@ SELECT * FROM pgcast_resume_v1(%(account)s, %(id)s, %(details)s::jsonb)
 SELECT p.*, b.subject FROM broadcast_progress p JOIN broadcasts b ON b.id = p.broadcast_id
 WHERE p.broadcast_id = %(id)s AND p.account = %(account)s
 
--- recipients_page --
--- A broadcast's recipient rows, keyset-paged by contact_id, optionally by status.
-SELECT contact_id, email, status, attempts, last_error, provider_message_id, sent_at
-FROM broadcast_recipients
-WHERE broadcast_id = %(id)s
-  AND (%(status)s::text IS NULL OR status = %(status)s)
-  AND contact_id > %(after)s
-ORDER BY contact_id
-LIMIT %(limit)s
-
 -- active_broadcasts --
 -- Broadcasts workers may claim from, with their per-broadcast cap.
 SELECT id, epoch, rate_limit FROM broadcasts WHERE status = 'sending' ORDER BY started_at, id

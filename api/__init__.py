@@ -1,0 +1,1 @@
+"""The HTTP API for the dashboard: a Starlette app that meets the workers only in Postgres."""

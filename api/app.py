@@ -1,0 +1,127 @@
+"""The Starlette application: routes, JWT middleware, error handlers, the pool's lifespan."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import psycopg
+import psycopg_pool
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.authentication import AuthenticationMiddleware
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from api import auth, broadcasts, config, contacts, context, control, db, errors, http, openapi
+from api import progress as progress_routes
+from sql import errors as sql_errors
+
+log = logging.getLogger("pgcast.api")
+
+
+async def healthz(request: Request) -> Response:
+    """GET /healthz: no auth; 200 when Postgres answers."""
+    await db.one(context.pool(request), "api_health", {})
+    return http.Json({"status": "ok"})
+
+
+async def openapi_json(request: Request) -> Response:
+    """GET /openapi.json."""
+    return http.Json(request.app.state.openapi)
+
+
+Endpoint = Callable[[Request], Awaitable[Response]]
+
+
+def route(path: str, **by_method: Endpoint) -> Route:
+    """One Route per path (so a 405 lists every allowed method in Allow), dispatched by method."""
+    async def endpoint(request: Request) -> Response:
+        method = "GET" if request.method == "HEAD" else request.method  # Starlette adds HEAD
+        return await by_method[method](request)
+
+    endpoint.__name__ = "_".join(f.__name__ for f in by_method.values())
+    return Route(path, endpoint, methods=list(by_method))
+
+
+ROUTES = [
+    route("/healthz", GET=healthz),
+    route("/openapi.json", GET=openapi_json),
+    route("/contacts", POST=contacts.upsert),
+    route("/contacts/unsubscribe", POST=contacts.unsubscribe),
+    route("/broadcasts", GET=broadcasts.list_page, POST=broadcasts.create),
+    route("/broadcasts/{id}", GET=broadcasts.get, PATCH=broadcasts.update,
+          DELETE=broadcasts.delete),
+    route("/broadcasts/{id}/send", POST=control.send),
+    route("/broadcasts/{id}/cancel", POST=control.cancel),
+    route("/broadcasts/{id}/pause", POST=control.pause),
+    route("/broadcasts/{id}/resume", POST=control.resume),
+    route("/broadcasts/{id}/progress", GET=progress_routes.progress),
+    route("/broadcasts/{id}/events", GET=progress_routes.events),
+    route("/broadcasts/{id}/recipients", GET=progress_routes.recipients),
+]
+
+
+async def _api_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, errors.ApiError)
+    return http.Json(exc.body(), status_code=exc.status_code)
+
+
+async def _invalid_input(request: Request, exc: Exception) -> Response:
+    return http.Json(errors.InvalidBody(str(exc)).body(), status_code=422)
+
+
+async def _unavailable(request: Request, exc: Exception) -> Response:
+    log.warning("database unavailable: %s", exc)
+    return http.Json(errors.Unavailable("the database is unavailable; retry later").body(),
+                     status_code=503, headers={"Retry-After": "1"})
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "error")
+    return http.Json({"error": code, "message": str(exc.detail)}, status_code=exc.status_code,
+                     headers=exc.headers)
+
+
+EXCEPTION_HANDLERS: dict[Any, Any] = {
+    errors.ApiError: _api_error,
+    sql_errors.InvalidInput: _invalid_input,
+    psycopg_pool.PoolTimeout: _unavailable,
+    psycopg.OperationalError: _unavailable,
+    HTTPException: _http_error,
+}
+
+
+def create_app(settings: config.Settings, database_url: str) -> Starlette:
+    """The app; its lifespan opens and closes the connection pool."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        pool = db.make_pool(database_url, settings.pool_size)
+        await pool.open(wait=False)  # /healthz says 503 until Postgres answers
+        app.state.pool = pool
+        try:
+            yield
+        finally:
+            await pool.close()
+
+    app = Starlette(
+        routes=ROUTES, lifespan=lifespan, exception_handlers=EXCEPTION_HANDLERS,
+        middleware=[Middleware(AuthenticationMiddleware, backend=auth.JWTBackend(settings),
+                               on_error=auth.on_error)])
+    app.state.settings = settings
+    app.state.stopping = False  # set by the server on SIGTERM: SSE streams end
+    app.state.openapi = openapi.document()
+    return app
+
+
+def from_env() -> Starlette:
+    """The app configured from the environment (uvicorn --factory api.app:from_env)."""
+    from sql import db as sql_db
+
+    return create_app(config.from_env(), sql_db.database_url())

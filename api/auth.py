@@ -1,0 +1,111 @@
+"""JWT bearer authentication: PyJWT behind Starlette's AuthenticationMiddleware."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import jwt
+from starlette.authentication import (
+    AuthCredentials,
+    AuthenticationBackend,
+    AuthenticationError,
+    BaseUser,
+)
+from starlette.requests import HTTPConnection
+from starlette.responses import JSONResponse, Response
+
+from api import config, errors
+
+PUBLIC_PATHS = frozenset({"/healthz"})
+REQUIRED_CLAIMS = ("exp", "sub", "account")
+MAX_ACCOUNT_LENGTH = 200  # characters
+
+
+class Principal(BaseUser):
+    """The caller: the token's subject, acting inside the token's account."""
+
+    def __init__(self, account: str, sub: str) -> None:
+        self.account = account
+        self.sub = sub
+
+    @property
+    def is_authenticated(self) -> bool:
+        """Always: a Principal only exists for a verified token."""
+        return True
+
+    @property
+    def display_name(self) -> str:
+        """The token's subject."""
+        return self.sub
+
+
+class JWTBackend(AuthenticationBackend):
+    """Verifies `Authorization: Bearer <JWT>` with the pinned algorithm and key."""
+
+    def __init__(self, settings: config.Settings) -> None:
+        self.settings = settings
+
+    async def authenticate(self, conn: HTTPConnection) -> tuple[AuthCredentials, BaseUser] | None:
+        """A Principal for a valid token; None on public paths; AuthenticationError otherwise."""
+        if conn.url.path in PUBLIC_PATHS:
+            return None
+        header = conn.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if not header:
+            raise AuthenticationError("missing bearer token")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise AuthenticationError("the Authorization header must be `Bearer <token>`")
+        claims = verify(self.settings, token.strip())
+        return AuthCredentials(["authenticated"]), Principal(claims["account"], claims["sub"])
+
+
+def verify(settings: config.Settings, token: str) -> dict[str, Any]:
+    """The claims of a valid token; raises AuthenticationError with the reason."""
+    s = settings
+    try:
+        claims: dict[str, Any] = jwt.decode(
+            token, s.key, algorithms=[s.algorithm], audience=s.audience, issuer=s.issuer,
+            leeway=s.leeway,
+            options={"require": list(REQUIRED_CLAIMS), "verify_aud": s.audience is not None,
+                     "verify_iss": s.issuer is not None})
+    except jwt.PyJWTError as exc:
+        raise AuthenticationError(f"invalid token: {exc}") from None
+    account = claims.get("account")
+    if not isinstance(account, str) or not account or len(account) > MAX_ACCOUNT_LENGTH:
+        raise AuthenticationError("invalid token: the account claim must be a non-empty string")
+    if not isinstance(claims.get("sub"), str) or not claims["sub"]:
+        raise AuthenticationError("invalid token: the sub claim must be a non-empty string")
+    return claims
+
+
+def on_error(conn: HTTPConnection, exc: AuthenticationError) -> Response:
+    """401 with a JSON body and an RFC 6750 challenge."""
+    return JSONResponse({"error": "unauthorized", "message": str(exc)}, status_code=401,
+                        headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
+
+
+def principal(conn: HTTPConnection) -> Principal:
+    """The authenticated caller (the middleware guarantees one on non-public routes)."""
+    user = conn.user
+    if not isinstance(user, Principal):  # defence in depth: never serve a route unscoped
+        raise errors.Unauthorized("missing bearer token")
+    return user
+
+
+def make_token(settings: config.Settings, account: str, sub: str = "dev",
+               ttl: float = 3600) -> str:
+    """An HS256 token for `account`, signed with the configured secret (dev and demo)."""
+    if settings.secret is None:
+        raise errors.ConfigError("pgcast token signs with PGCAST_JWT_SECRET; none is set")
+    if not account:
+        raise errors.ConfigError("the account must be non-empty")
+    if ttl <= 0:
+        raise errors.ConfigError("the ttl must be positive")
+    now = int(time.time())
+    claims: dict[str, Any] = {"sub": sub, "account": account, "iat": now, "exp": now + int(ttl)}
+    if settings.audience:
+        claims["aud"] = settings.audience
+    if settings.issuer:
+        claims["iss"] = settings.issuer
+    return jwt.encode(claims, settings.secret, algorithm="HS256")

@@ -1,0 +1,158 @@
+"""Broadcast drafts: create, list, read, edit and delete (drafts only)."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import datetime as dt
+import uuid
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from api import auth, context, db, errors, http
+from sql import broadcasts
+from sql import errors as sql_errors
+
+PAGE_DEFAULT = 50
+PAGE_MAX = 200
+COUNTERS = ("total", "sent", "failed", "skipped", "unknown", "cancelled")
+CONTENT_FIELDS = {"subject": http.STRING, "from": http.STRING, "text": http.STRING_OR_NULL,
+                  "html": http.STRING_OR_NULL, "tag": http.STRING_OR_NULL}
+
+
+def pending(row: dict[str, Any]) -> int:
+    """Recipients not yet in a terminal state."""
+    return int(row["total"]) - sum(int(row[c]) for c in COUNTERS[1:])
+
+
+def summary_json(row: dict[str, Any]) -> dict[str, Any]:
+    """A broadcast as listed."""
+    return {"id": row["id"], "status": row["status"], "subject": row["subject"],
+            "tag": row["segment_tag"], **{c: row[c] for c in COUNTERS}, "pending": pending(row),
+            "created_at": row["created_at"], "started_at": row["started_at"],
+            "finished_at": row["finished_at"]}
+
+
+def broadcast_json(row: dict[str, Any]) -> dict[str, Any]:
+    """A broadcast in full."""
+    return {**summary_json(row), "from": row["from_address"], "text": row["text_body"],
+            "html": row["html_body"], "paused_reason": row["paused_reason"],
+            "updated_at": row["updated_at"]}
+
+
+def _invalid(exc: sql_errors.InvalidInput) -> errors.InvalidBody:
+    return errors.InvalidBody(str(exc))
+
+
+async def create(request: Request) -> Response:
+    """POST /broadcasts: a new draft."""
+    who = auth.principal(request)
+    body = http.fields(await http.read_json(request), "body",
+                       {k: CONTENT_FIELDS[k] for k in ("subject", "from")},
+                       {k: CONTENT_FIELDS[k] for k in ("text", "html", "tag")})
+    try:
+        values = broadcasts.validate_content(body["subject"], body.get("text"),
+                                             body.get("html"), body.get("tag"))
+        values["from_address"] = broadcasts.validate_from(body["from"])
+    except sql_errors.InvalidInput as exc:
+        raise _invalid(exc) from None
+    row = await db.one(context.pool(request), "broadcast_create",
+                       {"account": who.account, "rate_limit": None, **values})
+    assert row is not None
+    return http.Json(broadcast_json(row), status_code=201)
+
+
+def _encode_cursor(row: dict[str, Any]) -> str:
+    raw = f"{row['created_at'].isoformat()}|{row['id']}".encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> tuple[dt.datetime, uuid.UUID]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        at, _, bid = raw.partition("|")
+        when = dt.datetime.fromisoformat(at)
+        if when.tzinfo is None:
+            raise ValueError("naive timestamp")
+        return when, uuid.UUID(bid)
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        raise errors.InvalidBody("cursor is not a cursor this API returned") from None
+
+
+async def list_page(request: Request) -> Response:
+    """GET /broadcasts: newest first, keyset-paged by an opaque cursor."""
+    who = auth.principal(request)
+    limit = http.query_int(request, "limit", PAGE_DEFAULT, 1, PAGE_MAX)
+    cursor = request.query_params.get("cursor")
+    before_at, before_id = _decode_cursor(cursor) if cursor else (None, None)
+    rows = await db.all_rows(context.pool(request), "broadcast_list", {
+        "account": who.account, "limit": limit, "before_at": before_at, "before_id": before_id})
+    next_cursor = _encode_cursor(rows[-1]) if len(rows) == limit else None
+    return http.Json({"broadcasts": [summary_json(r) for r in rows], "next_cursor": next_cursor})
+
+
+async def get(request: Request) -> Response:
+    """GET /broadcasts/{id}."""
+    who = auth.principal(request)
+    row = await db.one(context.pool(request), "broadcast_get",
+                       {"account": who.account, "id": context.broadcast_id(request)})
+    if row is None:
+        raise errors.NotFound(context.NO_BROADCAST)
+    return http.Json(broadcast_json(row))
+
+
+async def refused(request: Request, account: str, bid: uuid.UUID, doing: str) -> Response:
+    """409 with the current status, or 404 when the broadcast is gone or not ours."""
+    row = await db.one(context.pool(request), "api_broadcast_status",
+                       {"account": account, "id": bid})
+    if row is None:
+        raise errors.NotFound(context.NO_BROADCAST)
+    return http.Json({"success": False, "status": row["status"],
+                      "message": f"Broadcast is {row['status']}; only a draft can be {doing}"},
+                     status_code=409)
+
+
+async def update(request: Request) -> Response:
+    """PATCH /broadcasts/{id}: edit a draft; null clears text, html or tag."""
+    who = auth.principal(request)
+    bid = context.broadcast_id(request)
+    body = http.fields(await http.read_json(request), "body", {}, CONTENT_FIELDS)
+    if not body:
+        raise errors.InvalidBody("nothing to change: give subject, from, text, html or tag")
+    current = await db.one(context.pool(request), "broadcast_get",
+                           {"account": who.account, "id": bid})
+    if current is None:
+        raise errors.NotFound(context.NO_BROADCAST)
+    if current["status"] != "draft":
+        return await refused(request, who.account, bid, "edited")
+    merged = {"subject": current["subject"], "text": current["text_body"],
+              "html": current["html_body"], "tag": current["segment_tag"]}
+    merged.update({k: v for k, v in body.items() if k != "from"})
+    try:
+        values = broadcasts.validate_content(merged["subject"], merged["text"], merged["html"],
+                                             merged["tag"])
+        from_address = broadcasts.validate_from(body["from"]) if "from" in body else None
+    except sql_errors.InvalidInput as exc:
+        raise _invalid(exc) from None
+    row = await db.one(context.pool(request), "broadcast_update_draft", {
+        "account": who.account, "id": bid, "subject": values["subject"],
+        "from_address": from_address,
+        "set_text": "text" in body, "text_body": values["text_body"],
+        "set_html": "html" in body, "html_body": values["html_body"],
+        "set_tag": "tag" in body, "segment_tag": values["segment_tag"]})
+    if row is None:  # sent or deleted since we read it: the CAS decided
+        return await refused(request, who.account, bid, "edited")
+    return http.Json(broadcast_json(row))
+
+
+async def delete(request: Request) -> Response:
+    """DELETE /broadcasts/{id}: delete a draft."""
+    who = auth.principal(request)
+    bid = context.broadcast_id(request)
+    row = await db.one(context.pool(request), "broadcast_delete_draft",
+                       {"account": who.account, "id": bid})
+    if row is None:
+        return await refused(request, who.account, bid, "deleted")
+    return Response(status_code=204)

@@ -1,0 +1,64 @@
+"""Send, cancel, pause, resume: one versioned SQL function each (CAS + audit + NOTIFY).
+
+The response shapes and messages come from sql.broadcasts, shared with the CLI.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from api import auth, context, db, errors, http
+from sql import broadcasts
+
+PAUSE_REASON = "operator"
+
+
+def _details(who: auth.Principal) -> str:
+    # who did it goes into the broadcast's audit log
+    return json.dumps({"via": "api", "sub": who.sub})
+
+
+async def _call(request: Request, who: auth.Principal, name: str,
+                extra: dict[str, Any]) -> dict[str, Any]:
+    row = await db.one(context.pool(request), name,
+                       {"account": who.account, "id": context.broadcast_id(request), **extra})
+    if row is None:
+        raise errors.NotFound(context.NO_BROADCAST)
+    return dict(row)
+
+
+def _answer(result: dict[str, Any]) -> Response:
+    # the CLI's shapes and messages (sql.broadcasts); a refused transition is a 409
+    return http.Json(result, status_code=200 if result["success"] else 409)
+
+
+async def send(request: Request) -> Response:
+    """POST /broadcasts/{id}/send: snapshot the recipients and return at once."""
+    row = await _call(request, auth.principal(request), "broadcast_send", {})
+    return _answer(broadcasts.send_result(row))
+
+
+async def cancel(request: Request) -> Response:
+    """POST /broadcasts/{id}/cancel: stop a draft, sending or paused broadcast."""
+    who = auth.principal(request)
+    row = await _call(request, who, "broadcast_cancel", {"details": _details(who)})
+    return _answer(broadcasts.cancel_result(row))
+
+
+async def pause(request: Request) -> Response:
+    """POST /broadcasts/{id}/pause: hold a sending broadcast."""
+    who = auth.principal(request)
+    row = await _call(request, who, "broadcast_pause",
+                      {"reason": PAUSE_REASON, "details": _details(who)})
+    return _answer(broadcasts.pause_result(row, PAUSE_REASON))
+
+
+async def resume(request: Request) -> Response:
+    """POST /broadcasts/{id}/resume: continue a paused broadcast under a new epoch."""
+    who = auth.principal(request)
+    row = await _call(request, who, "broadcast_resume", {"details": _details(who)})
+    return _answer(broadcasts.resume_result(row))

@@ -1,0 +1,50 @@
+"""The async connection pool and the few ways routes talk to Postgres (named queries only)."""
+
+from __future__ import annotations
+
+from typing import Any, LiteralString
+
+import psycopg
+from psycopg.rows import DictRow, dict_row
+from psycopg_pool import AsyncConnectionPool
+
+from sql.queries import QUERIES
+
+CHECKOUT_TIMEOUT = 5.0  # seconds a request waits for a pooled connection before a 503
+
+Pool = AsyncConnectionPool[psycopg.AsyncConnection[DictRow]]
+
+
+def make_pool(url: str, size: int) -> Pool:
+    """A closed pool of autocommit dict-row connections; open it in the lifespan."""
+    return AsyncConnectionPool(
+        url, min_size=1, max_size=size, open=False, timeout=CHECKOUT_TIMEOUT,
+        connection_class=psycopg.AsyncConnection[DictRow],
+        kwargs={"autocommit": True, "row_factory": dict_row},
+        name="pgcast-api")
+
+
+def query(name: str) -> LiteralString:
+    """A named statement from sql/."""
+    return QUERIES[name]
+
+
+async def one(pool: Pool, name: str, params: dict[str, Any]) -> DictRow | None:
+    """The first row of a named query, holding a connection only for that statement."""
+    async with pool.connection() as conn:
+        cur = await conn.execute(QUERIES[name], params)
+        return await cur.fetchone()
+
+
+async def all_rows(pool: Pool, name: str, params: dict[str, Any]) -> list[DictRow]:
+    """Every row of a named query."""
+    async with pool.connection() as conn:
+        cur = await conn.execute(QUERIES[name], params)
+        return await cur.fetchall()
+
+
+async def rowcount(pool: Pool, name: str, params: dict[str, Any]) -> int:
+    """How many rows a named write touched."""
+    async with pool.connection() as conn:
+        cur = await conn.execute(QUERIES[name], params)
+        return cur.rowcount

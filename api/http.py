@@ -1,0 +1,126 @@
+"""JSON in and out: bounded body reading, strict field checks, and the response encoder."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from api import errors
+
+MAX_BODY_BYTES = 8 * 1024 * 1024  # 10,000 contacts with names and tags fit easily
+
+# JSON types a field may have: the name shown in errors, and the Python check
+STRING = ("a string", (str,))
+STRING_OR_NULL = ("a string or null", (str, type(None)))
+ARRAY = ("an array", (list,))
+ARRAY_OR_NULL = ("an array or null", (list, type(None)))
+Kind = tuple[str, tuple[type, ...]]
+
+
+def _default(value: Any) -> Any:
+    if isinstance(value, dt.datetime | dt.date):
+        return value.isoformat()
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    raise TypeError(f"cannot encode {type(value).__name__}")
+
+
+class Json(JSONResponse):
+    """A JSON response that also encodes datetimes and UUIDs."""
+
+    def render(self, content: Any) -> bytes:
+        """Compact UTF-8 JSON."""
+        return json.dumps(content, default=_default, ensure_ascii=False, allow_nan=False,
+                          separators=(",", ":")).encode()
+
+
+def dumps(content: Any) -> str:
+    """Compact JSON text (for SSE data lines)."""
+    return json.dumps(content, default=_default, separators=(",", ":"))
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+async def read_json(request: Request) -> Any:
+    """The parsed body; raises MalformedJson or BodyTooLarge."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise errors.BodyTooLarge(f"the body is larger than {MAX_BODY_BYTES} bytes")
+        chunks.append(chunk)
+    raw = b"".join(chunks)
+    if not raw.strip():
+        raise errors.MalformedJson("the body is empty; send a JSON object")
+    try:
+        value = json.loads(raw, parse_constant=_no_constants)
+    except (ValueError, RecursionError) as exc:
+        raise errors.MalformedJson(f"the body is not valid JSON: {exc}") from None
+    try:
+        _check_text(value)
+    except RecursionError:
+        raise errors.InvalidBody("the body is nested too deeply") from None
+    return value
+
+
+def _check_text(value: Any) -> None:
+    # Postgres text cannot hold NUL, and lone surrogates cannot be encoded as UTF-8
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise errors.InvalidBody("strings must not contain NUL characters")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise errors.InvalidBody("strings must be valid Unicode (no lone surrogates)") from None
+    elif isinstance(value, list):
+        for item in value:
+            _check_text(item)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_text(key)
+            _check_text(item)
+
+
+def fields(value: Any, where: str, required: Mapping[str, Kind],
+           optional: Mapping[str, Kind] | None = None) -> dict[str, Any]:
+    """An object with exactly these fields and types; raises InvalidBody listing every problem."""
+    optional = optional or {}
+    if not isinstance(value, dict):
+        raise errors.InvalidBody(f"{where} must be a JSON object")
+    problems: list[dict[str, Any]] = []
+    for name in value:
+        if name not in required and name not in optional:
+            problems.append({"field": f"{where}.{name}", "problem": "unknown field"})
+    for name, (label, types) in {**required, **optional}.items():
+        if name not in value:
+            if name in required:
+                problems.append({"field": f"{where}.{name}", "problem": "required"})
+        elif not isinstance(value[name], types) or isinstance(value[name], bool):
+            problems.append({"field": f"{where}.{name}", "problem": f"must be {label}"})
+    if problems:
+        first = problems[0]
+        raise errors.InvalidBody(f"{first['field']}: {first['problem']}", problems)
+    return dict(value)
+
+
+def query_int(request: Request, name: str, default: int, lo: int, hi: int) -> int:
+    """An integer query parameter within [lo, hi]; raises InvalidBody."""
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise errors.InvalidBody(f"{name} must be an integer") from None
+    if not lo <= value <= hi:
+        raise errors.InvalidBody(f"{name} must be between {lo} and {hi}")
+    return value

@@ -1,0 +1,191 @@
+"""The OpenAPI 3.1 document of every route (tests check it against the app and fuzz it)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+BROADCAST_STATUSES = ["draft", "sending", "paused", "sent", "failed", "cancelled"]
+RECIPIENT_STATUSES = ["pending", "claimed", "sending", "sent", "failed", "skipped", "unknown",
+                      "cancelled"]
+JSON = "application/json"
+
+STR = {"type": "string"}
+INT = {"type": "integer", "minimum": 0}
+STR_OR_NULL = {"type": ["string", "null"]}
+TIME = {"type": "string", "format": "date-time"}
+TIME_OR_NULL = {"type": ["string", "null"], "format": "date-time"}
+
+
+def ref(name: str) -> dict[str, str]:
+    """A $ref to a component schema."""
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def obj(props: dict[str, Any], required: list[str] | None = None,
+        closed: bool = True) -> dict[str, Any]:
+    """An object schema; required defaults to every property."""
+    out: dict[str, Any] = {"type": "object", "properties": props,
+                           "required": list(props) if required is None else required}
+    if closed:
+        out["additionalProperties"] = False
+    return out
+
+
+COUNTERS = {k: INT for k in ("total", "sent", "failed", "skipped", "unknown", "cancelled",
+                             "pending")}
+SUMMARY = {"id": {"type": "string", "format": "uuid"},
+           "status": {"enum": BROADCAST_STATUSES}, "subject": STR, "tag": STR_OR_NULL,
+           **COUNTERS, "created_at": TIME, "started_at": TIME_OR_NULL,
+           "finished_at": TIME_OR_NULL}
+CONTENT = {"subject": {"type": "string", "minLength": 1, "maxLength": 998,
+                       "description": "one line"},
+           "from": {"type": "string", "minLength": 1,
+                    "description": "`addr@example.com` or `Name <addr@example.com>`"},
+           "text": {**STR_OR_NULL, "description": "plain-text body; text or html is required"},
+           "html": {**STR_OR_NULL, "description": "HTML body; text or html is required"},
+           "tag": {"type": ["string", "null"], "maxLength": 100,
+                   "description": "send only to contacts with this tag (null: every contact)"}}
+
+SCHEMAS: dict[str, Any] = {
+    "Error": obj({"error": STR, "message": STR,
+                  "details": {"type": "array", "items": obj({"field": STR, "problem": STR})}},
+                 ["error", "message"]),
+    "Conflict": obj({"success": {"const": False}, "status": {"enum": BROADCAST_STATUSES},
+                     "message": STR}),
+    "Health": obj({"status": {"const": "ok"}}),
+    "ContactIn": obj({"email": STR, "name": STR_OR_NULL,
+                      "tags": {"type": ["array", "null"], "items": STR}}, ["email"]),
+    "ContactsIn": obj({"contacts": {"type": "array", "maxItems": 10000,
+                                    "items": ref("ContactIn")}}),
+    "ContactsResult": obj({"upserted": INT, "rejected": {"type": "array", "items": obj(
+        {"index": INT, "email": STR, "reason": STR})}}),
+    "UnsubscribeIn": obj({"email": STR}),
+    "Unsubscribed": obj({"success": {"const": True}, "email": STR, "unsubscribed_at": TIME}),
+    "BroadcastCreate": obj(CONTENT, ["subject", "from"]),
+    "BroadcastPatch": {**obj(CONTENT, []), "minProperties": 1},
+    "BroadcastSummary": obj(SUMMARY),
+    "Broadcast": obj({**SUMMARY, "from": STR, "text": STR_OR_NULL, "html": STR_OR_NULL,
+                      "paused_reason": STR_OR_NULL, "updated_at": TIME}),
+    "BroadcastPage": obj({"broadcasts": {"type": "array", "items": ref("BroadcastSummary")},
+                          "next_cursor": STR_OR_NULL}),
+    "SendResult": obj({"success": {"const": True}, "status": {"enum": ["sending", "sent"]},
+                       "queued": INT, "message": STR}),
+    "CancelResult": obj({"success": {"const": True}, "status": {"const": "cancelled"},
+                         "alreadyQueued": INT, "message": STR}),
+    "ControlResult": obj({"success": {"const": True}, "status": {"enum": ["paused", "sending"]},
+                          "message": STR}),
+    "Progress": obj({"status": {"enum": BROADCAST_STATUSES}, **{
+        k: INT for k in ("total", "pending", "sent", "failed", "skipped", "unknown", "cancelled")},
+        "rate": {"type": ["number", "null"], "minimum": 0,
+                 "description": "emails/s finished, averaged since started_at"},
+        "eta_seconds": {"type": ["integer", "null"], "minimum": 0}}),
+    "Recipient": obj({"email": STR, "status": {"enum": RECIPIENT_STATUSES},
+                      "attempts": INT, "last_error": STR_OR_NULL, "sent_at": TIME_OR_NULL}),
+    "RecipientPage": obj({"recipients": {"type": "array", "items": ref("Recipient")},
+                          "next_cursor": STR_OR_NULL}),
+}
+
+
+def _json(schema: str, description: str) -> dict[str, Any]:
+    return {"description": description, "content": {JSON: {"schema": ref(schema)}}}
+
+
+ERRORS = {
+    "400": _json("Error", "the body is not JSON"),
+    "401": _json("Error", "no valid bearer token"),
+    "404": _json("Error", "no such broadcast in this account"),
+    "409": _json("Conflict", "not allowed in the broadcast's current status; nothing changed"),
+    "413": _json("Error", "the body is too large"),
+    "422": _json("Error", "a wrong type, a missing or unknown field, or an invalid value"),
+    "503": _json("Error", "Postgres is unreachable"),
+}
+ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string", "format": "uuid"}}
+
+
+def op(summary: str, ok: tuple[str, dict[str, Any]], errors: str, *,
+       body: str | None = None, params: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """One operation; `errors` lists the error statuses it may answer (plus 401 and 503)."""
+    responses = {ok[0]: ok[1]}
+    for code in [*errors.split(), "401", "503"]:
+        responses[code] = ERRORS[code]
+    out: dict[str, Any] = {"summary": summary, "responses": responses}
+    if params:
+        out["parameters"] = params
+    if body:
+        out["requestBody"] = {"required": True, "content": {JSON: {"schema": ref(body)}}}
+    return out
+
+
+def _query(name: str, schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"name": name, "in": "query", "required": False, "schema": schema,
+            "description": description}
+
+
+def _paths() -> dict[str, Any]:
+    body_errors = "400 413 422"
+    control = "404 409"
+    return {
+        "/healthz": {"get": {
+            "summary": "the API and its database answer (no auth)", "security": [],
+            "responses": {"200": _json("Health", "healthy"), "503": ERRORS["503"]}}},
+        "/openapi.json": {"get": op("this document", ("200", {
+            "description": "OpenAPI 3.1", "content": {JSON: {"schema": {"type": "object"}}}}), "")},
+        "/contacts": {"post": op("upsert contacts (at most 10,000)", (
+            "200", _json("ContactsResult", "upserted, and invalid items by index")), body_errors,
+            body="ContactsIn")},
+        "/contacts/unsubscribe": {"post": op("unsubscribe a contact", (
+            "200", _json("Unsubscribed", "unsubscribed")), f"{body_errors} 404",
+            body="UnsubscribeIn")},
+        "/broadcasts": {
+            "post": op("create a draft", ("201", _json("Broadcast", "the new draft")),
+                       body_errors, body="BroadcastCreate"),
+            "get": op("list broadcasts, newest first", ("200", _json("BroadcastPage", "a page")),
+                      "422", params=[
+                          _query("limit", {"type": "integer", "minimum": 1, "maximum": 200},
+                                 "page size (default 50)"),
+                          _query("cursor", STR, "next_cursor of the previous page")])},
+        "/broadcasts/{id}": {
+            "get": op("one broadcast", ("200", _json("Broadcast", "the broadcast")), "404",
+                      params=[ID]),
+            "patch": op("edit a draft", ("200", _json("Broadcast", "the edited draft")),
+                        f"{body_errors} 404 409", body="BroadcastPatch", params=[ID]),
+            "delete": op("delete a draft", ("204", {"description": "deleted"}), "404 409",
+                         params=[ID])},
+        "/broadcasts/{id}/send": {"post": op("snapshot the recipients and start sending", (
+            "200", _json("SendResult", "queued")), control, params=[ID])},
+        "/broadcasts/{id}/cancel": {"post": op("cancel a draft, sending or paused broadcast", (
+            "200", _json("CancelResult", "cancelled")), control, params=[ID])},
+        "/broadcasts/{id}/pause": {"post": op("pause a sending broadcast", (
+            "200", _json("ControlResult", "paused")), control, params=[ID])},
+        "/broadcasts/{id}/resume": {"post": op("resume a paused broadcast", (
+            "200", _json("ControlResult", "sending again")), control, params=[ID])},
+        "/broadcasts/{id}/progress": {"get": op("counters, rate and ETA, read in O(1)", (
+            "200", _json("Progress", "progress")), "404", params=[ID])},
+        "/broadcasts/{id}/events": {"get": op("progress as Server-Sent Events", ("200", {
+            "description": "`progress` events on change, then one `done` event when the "
+                           "broadcast is terminal (`gone` if a draft is deleted)",
+            "content": {"text/event-stream": {"schema": STR}}}), "404", params=[ID])},
+        "/broadcasts/{id}/recipients": {"get": op("recipient rows, keyset-paged", (
+            "200", _json("RecipientPage", "a page")), "404 422", params=[
+                ID,
+                _query("status", {"enum": RECIPIENT_STATUSES}, "only rows in this status"),
+                _query("cursor", {"type": "string", "pattern": "^[0-9]{1,18}$"},
+                       "next_cursor of the previous page"),
+                _query("limit", {"type": "integer", "minimum": 1, "maximum": 1000},
+                       "page size (default 100)")])},
+    }
+
+
+def document() -> dict[str, Any]:
+    """The whole OpenAPI 3.1 document."""
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "pgcast", "version": "1",
+                 "description": "Email broadcasts on Postgres. Every route but /healthz needs "
+                                "`Authorization: Bearer <JWT>` with `sub` and `account` claims; "
+                                "everything is scoped to the token's account."},
+        "paths": _paths(),
+        "components": {"schemas": SCHEMAS, "securitySchemes": {
+            "bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}}},
+        "security": [{"bearer": []}],
+    }

@@ -1,0 +1,123 @@
+"""Progress (O(1) from the broadcast row), its Server-Sent Events stream, and recipient pages."""
+
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+
+from api import auth, context, db, errors, http, openapi
+from sql import broadcasts
+
+COUNTS = ("total", "pending", "sent", "failed", "skipped", "unknown", "cancelled")
+RECIPIENT_STATUSES = tuple(openapi.RECIPIENT_STATUSES)
+PAGE_DEFAULT = 100
+PAGE_MAX = 1000
+HEARTBEAT = 15.0  # seconds without an event before a comment line keeps proxies from closing
+RETRY_MS = 3000  # the EventSource reconnect delay we ask browsers for
+
+
+def progress_json(row: dict[str, Any]) -> dict[str, Any]:
+    """The progress shape; rate is the average since started_at, in emails per second.
+
+    rate counts every recipient a worker finished (sent, failed, skipped, unknown) over the
+    time from started_at to finished_at, or to the database's now while running (paused time
+    included). eta_seconds is pending / rate while sending, 0 once terminal, else null.
+    """
+    out: dict[str, Any] = {"status": row["status"], **{k: int(row[k]) for k in COUNTS}}
+    rate: float | None = None
+    if row["started_at"] is not None:
+        done = out["sent"] + out["failed"] + out["skipped"] + out["unknown"]
+        end = row["finished_at"] or row["now"]
+        elapsed = max((end - row["started_at"]).total_seconds(), 0.001)
+        rate = round(done / elapsed, 2)
+    eta: int | None = None
+    if out["status"] in broadcasts.TERMINAL:
+        eta = 0
+    elif out["status"] == "sending" and rate:
+        eta = math.ceil(out["pending"] / rate)
+    return {**out, "rate": rate, "eta_seconds": eta}
+
+
+async def _read(pool: db.Pool, account: str, bid: uuid.UUID) -> dict[str, Any] | None:
+    row = await db.one(pool, "api_progress", {"account": account, "id": bid})
+    return progress_json(row) if row is not None else None
+
+
+async def progress(request: Request) -> Response:
+    """GET /broadcasts/{id}/progress."""
+    who = auth.principal(request)
+    snap = await _read(context.pool(request), who.account, context.broadcast_id(request))
+    if snap is None:
+        raise errors.NotFound(context.NO_BROADCAST)
+    return http.Json(snap)
+
+
+def _event(name: str, seq: int, data: dict[str, Any]) -> str:
+    return f"event: {name}\nid: {seq}\ndata: {http.dumps(data)}\n\n"
+
+
+async def _stream(request: Request, account: str, bid: uuid.UUID,
+                  first: dict[str, Any]) -> AsyncIterator[str]:
+    # One short pooled checkout per read, none while sleeping: an idle tab costs no connection.
+    pool, interval = context.pool(request), context.settings(request).events_interval
+    yield f"retry: {RETRY_MS}\n\n"
+    snap: dict[str, Any] | None = first
+    last_key: tuple[Any, ...] | None = None
+    last_write, seq = time.monotonic(), 0
+    while snap is not None:
+        key = (snap["status"], *(snap[k] for k in COUNTS))  # rate/eta move with the clock only
+        if key != last_key:
+            seq += 1
+            yield _event("progress", seq, snap)
+            last_key, last_write = key, time.monotonic()
+        elif time.monotonic() - last_write > HEARTBEAT:
+            yield ": keep-alive\n\n"
+            last_write = time.monotonic()
+        if snap["status"] in broadcasts.TERMINAL:
+            yield _event("done", seq + 1, snap)
+            return
+        await anyio.sleep(interval)
+        if context.stopping(request) or await request.is_disconnected():
+            return  # on shutdown the browser's EventSource reconnects (to another instance)
+        snap = await _read(pool, account, bid)
+    yield _event("gone", seq + 1, {"message": context.NO_BROADCAST})  # a draft was deleted
+
+
+async def events(request: Request) -> Response:
+    """GET /broadcasts/{id}/events: progress events on change, then `done` when terminal."""
+    who = auth.principal(request)
+    bid = context.broadcast_id(request)
+    first = await _read(context.pool(request), who.account, bid)
+    if first is None:
+        raise errors.NotFound(context.NO_BROADCAST)
+    return StreamingResponse(_stream(request, who.account, bid, first),
+                             media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def recipients(request: Request) -> Response:
+    """GET /broadcasts/{id}/recipients: keyset-paged by contact id, optionally by status."""
+    who = auth.principal(request)
+    bid = context.broadcast_id(request)
+    status = request.query_params.get("status") or None
+    if status is not None and status not in RECIPIENT_STATUSES:
+        raise errors.InvalidBody(f"status must be one of {', '.join(RECIPIENT_STATUSES)}")
+    limit = http.query_int(request, "limit", PAGE_DEFAULT, 1, PAGE_MAX)
+    after = http.query_int(request, "cursor", 0, 0, 2**63 - 1)
+    pool = context.pool(request)
+    rows = await db.all_rows(pool, "api_recipients_page", {
+        "account": who.account, "id": bid, "status": status, "after": after, "limit": limit})
+    if not rows and await db.one(pool, "api_broadcast_status",
+                                 {"account": who.account, "id": bid}) is None:
+        raise errors.NotFound(context.NO_BROADCAST)
+    items = [{"email": r["email"], "status": r["status"], "attempts": r["attempts"],
+              "last_error": r["last_error"], "sent_at": r["sent_at"]} for r in rows]
+    next_cursor = str(rows[-1]["contact_id"]) if len(rows) == limit else None
+    return http.Json({"recipients": items, "next_cursor": next_cursor})

@@ -1,0 +1,210 @@
+"""Progress endpoint latency over real HTTP, 1,000,000 recipients vs 1,000 (O(1) or not).
+
+    python -m bench.api [--requests 1000] [--clients 50] [--big 1000000] [--small 1000]
+
+Starts `pgcast api` (uvicorn, its own process) on an embedded Postgres in a temp dir (or on
+DATABASE_URL, in a fresh database dropped at the end), fills one broadcast with --big recipient
+rows and one with --small straight from generate_series, then for each: p50/p99 of --requests
+sequential GET /broadcasts/{id}/progress, and requests/s with --clients concurrent clients.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg import sql as pgsql
+from psycopg.conninfo import make_conninfo
+
+from api import auth, config
+from sql import embedded, migrate
+
+ROOT = Path(__file__).resolve().parent.parent
+SECRET = "bench-secret-0123456789-abcdefghijklmnop"
+ACCOUNT = "bench"
+
+
+def pct(values: list[float], p: float) -> float:
+    """The p-th percentile (nearest rank)."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(p / 100 * len(ordered)) - 1))]
+
+
+def fill(conn: psycopg.Connection[Any], n: int, start: int) -> uuid.UUID:
+    """A sending broadcast with n recipients (contacts start..start+n-1), half of them sent."""
+    conn.execute("INSERT INTO contacts (account, email) SELECT %s, 'c' || g || '@example.com' "
+                 "FROM generate_series(%s::bigint, %s::bigint) g", (ACCOUNT, start, start + n - 1))
+    row = conn.execute(
+        "INSERT INTO broadcasts (account, status, subject, from_address, text_body, total, sent, "
+        "started_at) VALUES (%s, 'sending', 'bench', 'a@example.com', 'x', %s, %s, "
+        "now() - interval '60 s') RETURNING id", (ACCOUNT, n, n // 2)).fetchone()
+    assert row is not None
+    bid: uuid.UUID = row[0]
+    conn.execute(
+        "INSERT INTO broadcast_recipients (broadcast_id, contact_id, email, status, sent_at) "
+        "SELECT %s, c.id, c.email, CASE WHEN c.id - %s < %s THEN 'sent' ELSE 'pending' END, "
+        "CASE WHEN c.id - %s < %s THEN now() END FROM contacts c "
+        "WHERE c.account = %s AND c.id BETWEEN %s AND %s",
+        (bid, start, n // 2, start, n // 2, ACCOUNT, start, start + n - 1))
+    return bid
+
+
+class Client:
+    """A minimal HTTP/1.1 keep-alive client (httpx's own overhead under 50-way concurrency
+    would dominate what we want to measure: the server)."""
+
+    def __init__(self, port: int, request: bytes) -> None:
+        self.port, self.request = port, request
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def get(self) -> bytes:
+        """One request; the body of a 200."""
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
+        assert self.reader is not None
+        self.writer.write(self.request)
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        status = head.split(b" ", 2)[1]
+        length = next(int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length:"))
+        body = await self.reader.readexactly(length)
+        if status != b"200":
+            raise RuntimeError(f"HTTP {status.decode()}: {body[:200]!r}")
+        return body
+
+    async def close(self) -> None:
+        """Close the connection."""
+        if self.writer is not None:
+            self.writer.close()
+            await self.writer.wait_closed()
+
+
+async def measure(port: int, token: str, bid: uuid.UUID, requests: int,
+                  clients: int) -> dict[str, float]:
+    """p50/p99 (ms) of sequential requests, then requests/s with `clients` at once."""
+    request = (f"GET /broadcasts/{bid}/progress HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+               f"Authorization: Bearer {token}\r\n\r\n").encode()
+    pool = [Client(port, request) for _ in range(clients)]
+    try:
+        for c in pool:  # warm: connections, prepared statements, caches
+            await c.get()
+        times: list[float] = []
+        for _ in range(requests):
+            t0 = time.perf_counter()
+            await pool[0].get()
+            times.append((time.perf_counter() - t0) * 1000)
+
+        async def run(c: Client, k: int) -> None:
+            for _ in range(k):
+                await c.get()
+
+        per = max(1, requests * 2 // clients)
+        t0 = time.perf_counter()
+        await asyncio.gather(*(run(c, per) for c in pool))
+        rps = per * clients / (time.perf_counter() - t0)
+    finally:
+        for c in pool:
+            await c.close()
+    return {"p50": pct(times, 50), "p99": pct(times, 99), "rps": rps}
+
+
+def _up(base: str) -> bool:
+    try:
+        urllib.request.urlopen(f"{base}/healthz", timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+def run(url: str, args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    """Fill, serve, measure; return the figures per broadcast size."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        migrate.migrate(conn)
+        t0 = time.perf_counter()
+        ids = {args.big: fill(conn, args.big, 1), args.small: fill(conn, args.small, args.big + 1)}
+        conn.execute("VACUUM ANALYZE")
+        conn.execute("CHECKPOINT")  # the fill's dirty pages are not flushed during the runs
+        print(f"filled {args.big + args.small} recipient rows in {time.perf_counter() - t0:.1f}s",
+              file=sys.stderr)
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    base = f"http://127.0.0.1:{port}"
+    env = dict(os.environ, DATABASE_URL=url, PGCAST_JWT_SECRET=SECRET, PGCAST_LOG_LEVEL="warning")
+    server = subprocess.Popen([sys.executable, "-m", "bin.cli", "api", "--port", str(port)],
+                              cwd=ROOT, env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not _up(base):
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("pgcast api did not start")
+            time.sleep(0.1)
+        token = auth.make_token(config.from_env({"PGCAST_JWT_SECRET": SECRET}), ACCOUNT, "bench")
+        figures = {}
+        # alternate the two sizes (small, big, small, big) so a noisy neighbour hits both
+        for round_ in (1, 2):
+            for n, bid in sorted(ids.items()):
+                figures[f"{n:,} recipients #{round_}"] = asyncio.run(
+                    measure(port, token, bid, args.requests, args.clients))
+        return figures
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+def main() -> int:
+    """Print the figures and the command."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--requests", type=int, default=1000)
+    p.add_argument("--clients", type=int, default=50)
+    p.add_argument("--big", type=int, default=1_000_000)
+    p.add_argument("--small", type=int, default=1000)
+    args = p.parse_args()
+    command = "python -m bench.api " + shlex.join(sys.argv[1:])
+    server_url = os.environ.get("DATABASE_URL")
+    base_dir = None
+    if server_url:
+        name = f"pgcast_bench_{uuid.uuid4().hex[:8]}"
+        with psycopg.connect(server_url, autocommit=True) as conn:
+            conn.execute(pgsql.SQL("CREATE DATABASE {}").format(pgsql.Identifier(name)))
+        url = make_conninfo(server_url, dbname=name)
+    else:
+        base_dir = Path(tempfile.mkdtemp(prefix="pgcast-bench-"))
+        os.chmod(base_dir, 0o755)
+        url = embedded.start(base_dir)
+    try:
+        figures = run(url, args)
+    finally:
+        if server_url:
+            with psycopg.connect(server_url, autocommit=True) as conn:
+                conn.execute(pgsql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+                    pgsql.Identifier(name)))
+        elif base_dir:
+            embedded.stop(base_dir, mode="immediate")
+    print(f"$ {command.strip()}")
+    print(f"GET /broadcasts/{{id}}/progress over HTTP (uvicorn, 1 process), "
+          f"{args.requests} sequential requests, then {args.clients} concurrent clients")
+    print(f"{'broadcast':<26}{'p50 ms':>9}{'p99 ms':>9}{'req/s':>10}")
+    for label, f in figures.items():
+        print(f"{label:<26}{f['p50']:>9.2f}{f['p99']:>9.2f}{f['rps']:>10.0f}")
+    print(f"load average at the end: {os.getloadavg()[0]:.2f} ({os.cpu_count()} cores)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
