@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import logging
+import math
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -42,8 +43,8 @@ def _positive(kind: type) -> Callable[[str], Any]:
             value = kind(raw)
         except ValueError:
             raise argparse.ArgumentTypeError(f"not a number: {raw!r}") from None
-        if value < 0:
-            raise argparse.ArgumentTypeError(f"must be >= 0: {raw!r}")
+        if not math.isfinite(value) or value < 0:
+            raise argparse.ArgumentTypeError(f"must be a finite number >= 0: {raw!r}")
         return value
     return parse
 
@@ -248,7 +249,7 @@ def build_parser() -> Parser:
     rsub = r.add_subparsers(dest="action", required=True, parser_class=Parser)
     rs = rsub.add_parser("set", help="emails per second for all workers (0 = unlimited)")
     rs.add_argument("rate", type=_positive(float))
-    rs.add_argument("--burst", type=float)
+    rs.add_argument("--burst", type=_positive(float))
     rsub.add_parser("show", help="the current bucket")
     r.set_defaults(func=cmd_rate)
 

@@ -534,6 +534,23 @@ BEGIN
 END
 $$;
 
+-- drain: a provider throttle empties the bucket for p_seconds of its rate. Under the same
+-- lock as the takers, and idempotent: N workers throttled at once wait p_seconds, not N times.
+CREATE FUNCTION pgcast_drain_tokens_v1(p_name text, p_seconds double precision)
+RETURNS void LANGUAGE plpgsql AS $$
+DECLARE
+    t timestamptz;
+BEGIN
+    PERFORM pg_advisory_xact_lock(hashtext('pgcast.rate'), hashtext(p_name));
+    t := clock_timestamp();
+    UPDATE rate_limits
+    SET tokens = least(burst, tokens + greatest(0, extract(epoch FROM t - refilled_at)) * rate,
+                       -rate * p_seconds),
+        refilled_at = t
+    WHERE name = p_name AND rate > 0;
+END
+$$;
+
 -- Any change to a bucket's rate or burst (pgcast rate set, or a DBA's UPDATE) tells the
 -- workers at once.
 CREATE FUNCTION pgcast_rate_changed_v1() RETURNS trigger LANGUAGE plpgsql AS $$

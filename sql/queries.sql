@@ -159,9 +159,8 @@ SELECT pgcast_renew_v1(%(tokens)s, make_interval(secs => %(lease)s)) AS renewed
 SELECT * FROM pgcast_take_tokens_v1(%(name)s, %(want)s)
 
 -- drain_tokens --
--- Empties a bucket for `seconds` worth of its rate (after a provider throttle).
-UPDATE rate_limits SET tokens = least(tokens, 0) - rate * %(seconds)s, refilled_at = clock_timestamp()
-WHERE name = %(name)s AND rate > 0
+-- Empties a bucket for `seconds` (after a throttle); throttles at one moment do not stack.
+SELECT pgcast_drain_tokens_v1(%(name)s, %(seconds)s)
 
 -- rate_get --
 -- One bucket.

@@ -117,6 +117,7 @@ class Engine:
         self._content: dict[uuid.UUID, render.Content] = {}
         self._idle_loops = 0
         self.tokens_in_hand: set[uuid.UUID] = set()  # claims whose leases we renew
+        self._throttles = 0  # provider throttles in a row: the next one backs off longer
 
     # -- database access -------------------------------------------------------------
 
@@ -282,7 +283,7 @@ class Engine:
                 if self.state.is_halted(bid, epoch):
                     break
                 want = min(self.settings.group_size, len(remaining))
-                granted = await self._take_tokens(bid, rate_limit, want)
+                granted = await self._take_tokens(bid, epoch, rate_limit, want)
                 if granted == 0 or self.stopping.is_set() or self.state.is_halted(bid, epoch):
                     break
                 group, remaining = remaining[:granted], remaining[granted:]
@@ -364,9 +365,11 @@ class Engine:
                 continue
             try:
                 outcomes.append(Outcome(cid, "sent", message_id=self.provider.send(message)))
+                self._throttles = 0
             except errors.Throttled as exc:
-                stop = Outcome(cid, "throttled", error=str(exc)[:500],
-                               retry_in=backoff(1, self.settings.throttle_backoff, 30.0))
+                self._throttles += 1
+                stop = Outcome(cid, "throttled", error=str(exc)[:500], retry_in=backoff(
+                    self._throttles, self.settings.throttle_backoff, 30.0))
                 outcomes.append(stop)
             except errors.AccountBlocked as exc:
                 stop = Outcome(cid, "release", error=str(exc)[:500], pause_reason=exc.reason)
@@ -387,17 +390,19 @@ class Engine:
 
     # -- rate limit ---------------------------------------------------------------------
 
-    async def _take_tokens(self, bid: uuid.UUID, rate_limit: float | None, want: int) -> int:
+    async def _take_tokens(self, bid: uuid.UUID, epoch: int, rate_limit: float | None,
+                           want: int) -> int:
         """Tokens for up to `want` emails from the broadcast's and the global bucket."""
         granted = want
         if rate_limit:
-            granted = await self._take_from(f"broadcast:{bid}", granted)
+            granted = await self._take_from(f"broadcast:{bid}", bid, epoch, granted)
         if granted and self.state.rates.get("global", 1.0) != 0:
-            granted = await self._take_from("global", granted)
+            granted = await self._take_from("global", bid, epoch, granted)
         return granted
 
-    async def _take_from(self, bucket: str, want: int) -> int:
-        while not self.stopping.is_set():
+    async def _take_from(self, bucket: str, bid: uuid.UUID, epoch: int, want: int) -> int:
+        # a halted broadcast's loop stops waiting: its tokens would be wasted
+        while not self.stopping.is_set() and not self.state.is_halted(bid, epoch):
             rows = await self._q("take_tokens", {"name": bucket, "want": want})
             granted, wait = rows[0]
             if granted:

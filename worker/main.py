@@ -22,8 +22,10 @@ SES_HEADROOM = 0.85  # share of SES's MaxSendRate we use
 
 
 def default_burst(rate: float) -> float:
-    """A tenth of a second's worth of tokens, at least one."""
-    return max(1.0, math.ceil(rate / 10))
+    """A twentieth of a second's worth of tokens, at least one."""
+    # small, so that scheduling jitter between the grant and the provider call cannot push a
+    # whole extra bucket into one second of sending
+    return max(1.0, math.ceil(rate / 20))
 
 
 def _number(name: str, raw: str) -> float:

@@ -1,0 +1,185 @@
+"""Rate-limit bench: 4 `pgcast worker` processes, null provider, against one global bucket.
+
+For each target rate it seeds rate x duration contacts, sends one broadcast, waits until it
+is drained, and measures from the recipients' sent_at: the achieved rate and the largest
+number of sends in any 1-second window, versus rate + burst.
+
+    python -m bench.ratelimit                  # embedded Postgres in a temp dir
+    DATABASE_URL=postgresql://... python -m bench.ratelimit   # a server you run
+    python -m bench.ratelimit --case 12:60 --case 500:20
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.rows import dict_row
+
+from sql import broadcasts, embedded, migrate
+from worker import main as worker_main
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKERS = 4  # processes
+CASES = ((12.0, 60.0), (500.0, 20.0))  # (emails/s, seconds)
+WINDOW = 1.0  # seconds
+
+
+@dataclass
+class Result:
+    """One case's figures."""
+
+    rate: float
+    burst: float
+    sent: int
+    span: float  # seconds from the first to the last sent_at
+    achieved: float  # emails/s: sent / span
+    steady: float  # emails/s without the initial full bucket: (sent - burst) / span
+    max_window: int  # most sends in any 1-second window of sent_at
+    max_handed: int  # the same over handed_at (the handoff right after the tokens were taken)
+
+    def line(self) -> str:
+        """One printable line."""
+        error = (self.achieved - self.rate) / self.rate * 100
+        verdict = "ok" if abs(error) <= 2 and self.max_window <= self.rate + self.burst else "MISS"
+        return (f"target {self.rate:g}/s burst {self.burst:g}: {self.sent} sent in "
+                f"{self.span:.2f}s -> achieved {self.achieved:.2f}/s ({error:+.2f}%), "
+                f"steady {self.steady:.2f}/s; max in any {WINDOW:g}s window {self.max_window} "
+                f"(limit rate+burst = {self.rate + self.burst:g}; by handed_at {self.max_handed})"
+                f" [{verdict}]")
+
+
+def max_in_window(times: list[float], width: float) -> int:
+    """The most timestamps in any half-open window [t, t + width)."""
+    best, lo = 0, 0
+    for hi, t in enumerate(times):
+        while times[lo] <= t - width:
+            lo += 1
+        best = max(best, hi - lo + 1)
+    return best
+
+
+@contextlib.contextmanager
+def server() -> Iterator[str]:
+    """DATABASE_URL's server, else an embedded Postgres in a temp dir (stopped at the end)."""
+    url = os.environ.get("DATABASE_URL")
+    if url:
+        yield url
+        return
+    base = Path(tempfile.mkdtemp(prefix="pgcast-bench-"))
+    os.chmod(base, 0o755)
+    try:
+        yield embedded.start(base)
+    finally:
+        embedded.stop(base, mode="fast")
+
+
+@contextlib.contextmanager
+def database(server_url: str) -> Iterator[str]:
+    """A fresh migrated database on the server, dropped afterwards."""
+    name = f"pgcast_bench_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')  # type: ignore[arg-type]
+    params = conninfo_to_dict(server_url)
+    params["dbname"] = name
+    url = make_conninfo(**params)
+    try:
+        with psycopg.connect(url) as conn:
+            migrate.migrate(conn)
+        yield url
+    finally:
+        with psycopg.connect(server_url, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')  # type: ignore[arg-type]
+
+
+def run_case(url: str, rate: float, seconds: float, logs: Path) -> Result:
+    """One target rate: seed, start the workers, send, wait until drained, measure."""
+    burst = worker_main.default_burst(rate)
+    n = int(rate * seconds)
+    with psycopg.connect(url, autocommit=True, row_factory=dict_row) as conn:
+        conn.execute("TRUNCATE contacts, broadcast_recipients, broadcasts")
+        conn.execute("INSERT INTO contacts (account, email) SELECT 'bench', "
+                      "'r' || g || '@bench.example' FROM generate_series(1, %s) g", (n,))
+        env = {**os.environ, "DATABASE_URL": url, "PYTHONPATH": str(ROOT),
+               "PGCAST_PROVIDER": "null", "PGCAST_RATE": str(rate), "PGCAST_BURST": str(burst),
+               "PGCAST_LOG_LEVEL": "WARNING"}
+        procs = [subprocess.Popen([sys.executable, "-m", "bin.cli", "worker"], cwd=ROOT, env=env,
+                                  stdout=(logs / f"worker-{rate:g}-{i}.log").open("w"),
+                                  stderr=subprocess.STDOUT, start_new_session=True)
+                 for i in range(WORKERS)]
+        try:
+            _wait(lambda: _listeners(conn) >= WORKERS, 60, "the workers to start")
+            row = broadcasts.create(conn, "bench", subject="bench", from_address="b@bench.example",
+                                    text="hello")
+            assert broadcasts.send(conn, "bench", row["id"])["success"]
+            _wait(lambda: broadcasts.progress(conn, "bench", row["id"])["status"] == "sent",
+                  seconds * 3 + 60, "the broadcast to drain")
+            stamps = conn.execute(
+                "SELECT extract(epoch FROM sent_at - min(sent_at) OVER ())::float8 AS t, "
+                "extract(epoch FROM handed_at - min(handed_at) OVER ())::float8 AS h "
+                "FROM broadcast_recipients WHERE broadcast_id = %s AND status = 'sent' "
+                "ORDER BY sent_at", (row["id"],)).fetchall()
+        finally:
+            for p in procs:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, signal.SIGTERM)
+            for p in procs:
+                p.wait(timeout=60)
+    times = [float(r["t"]) for r in stamps]
+    span = times[-1] - times[0]
+    return Result(rate, burst, len(times), span, len(times) / span, (len(times) - burst) / span,
+                  max_in_window(times, WINDOW),
+                  max_in_window(sorted(float(r["h"]) for r in stamps), WINDOW))
+
+
+def _listeners(conn: psycopg.Connection[Any]) -> int:
+    row = conn.execute("SELECT count(*) AS n FROM pg_stat_activity WHERE "
+                       "query = 'LISTEN pgcast_control' AND datname = current_database()"
+                       ).fetchone()
+    return int(row["n"]) if row else 0
+
+
+def _wait(predicate: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(0.2)
+
+
+def _case(raw: str) -> tuple[float, float]:
+    rate, _, seconds = raw.partition(":")
+    return float(rate), float(seconds or 20)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the cases and print one line each."""
+    parser = argparse.ArgumentParser(prog="python -m bench.ratelimit", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--case", action="append", type=_case, metavar="RATE:SECONDS",
+                        help="a target rate and duration (default 12:60 and 500:20)")
+    args = parser.parse_args(argv)
+    logs = Path(tempfile.mkdtemp(prefix="pgcast-bench-logs-"))
+    print(f"{WORKERS} worker processes x 4 dispatch loops, null provider, cpus {os.cpu_count()}; "
+          f"worker logs in {logs}")
+    with server() as server_url, database(server_url) as url:
+        for rate, seconds in args.case or CASES:
+            print(run_case(url, rate, seconds, logs).line(), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,204 @@
+"""A fault-injecting HTTP proxy in front of the SES test server, for the acceptance ring.
+
+Workers point AWS_ENDPOINT_URL_SESV2 at it. Every sesv2 SendEmail request (POST
+/v2/email/outbound-emails) is matched against the current rules; a matching rule answers
+with the error shape real SES v2 uses (a rest-json error: status, `x-amzn-ErrorType`
+header, `{"message": ...}` body) and the request never reaches the server. Everything
+else is forwarded unchanged. Loopback only; bounded request size and upstream timeouts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import http.server
+import ipaddress
+import json
+import threading
+import urllib.parse
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+SEND_EMAIL_PATH = "/v2/email/outbound-emails"
+MAX_BODY = 4 * 1024 * 1024  # bytes: a SendEmail request is far smaller
+UPSTREAM_TIMEOUT = 30.0  # seconds
+# the namespace suffix SES puts after the code in x-amzn-ErrorType (botocore strips it)
+ERROR_NAMESPACE = "http://internal.amazon.com/coral/com.amazonaws.services.email/"
+
+
+@dataclass
+class Rule:
+    """Answer some SendEmail requests with one SES error instead of forwarding them."""
+
+    status: int
+    code: str
+    message: str
+    every: int = 1  # answer every Nth matching request (1 = all of them)
+    skip: int = 0  # let the first `skip` matching requests through first
+    limit: int | None = None  # answer at most this many, then forward again
+    match: str | None = None  # only requests whose body contains this text
+    seen: int = 0  # matching requests so far
+    answered: int = 0  # requests this rule answered
+
+
+# Error shapes of the real SES v2 API (SendEmail), by what they mean to pgcast.
+def throttled(every: int = 5) -> Rule:
+    """429 TooManyRequestsException, the sending-rate throttle."""
+    return Rule(429, "TooManyRequestsException", "Maximum sending rate exceeded.", every=every)
+
+
+def rejected(address: str) -> Rule:
+    """400 MessageRejected for one recipient address."""
+    return Rule(400, "MessageRejected", "Email address is on the suppression list.",
+                match=f"<{address}>")  # To is `Name <address>`
+
+
+def sending_paused(skip: int = 0) -> Rule:
+    """400 SendingPausedException for every request after the first `skip`."""
+    return Rule(400, "SendingPausedException",
+                "Sending is paused for this account.", skip=skip)
+
+
+def daily_quota(skip: int = 0) -> Rule:
+    """429 TooManyRequestsException carrying the daily-quota message (not a rate throttle)."""
+    return Rule(429, "TooManyRequestsException", "Daily message quota exceeded.", skip=skip)
+
+
+def server_error(status: int = 500) -> Rule:
+    """A 5xx InternalFailure on every request."""
+    return Rule(status, "InternalFailure", "An internal error occurred.")
+
+
+class FaultProxy:
+    """The proxy server, serving from a daemon thread until close()."""
+
+    def __init__(self, upstream: str) -> None:
+        target = urllib.parse.urlsplit(upstream)
+        host = target.hostname or ""
+        if not ipaddress.ip_address(host).is_loopback:
+            raise ValueError(f"the fault proxy only forwards to loopback, not {host!r}")
+        self.upstream_host = host
+        self.upstream_port = int(target.port or 80)
+        self._lock = threading.Lock()
+        self._rules: list[Rule] = []
+        self.send_requests = 0  # SendEmail requests received
+        self.forwarded_sends = 0  # SendEmail requests forwarded upstream
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self._thread = threading.Thread(target=self.server.serve_forever,
+                                        kwargs={"poll_interval": 0.1},
+                                        name="faultproxy", daemon=True)
+        self._thread.start()
+
+    def set_rules(self, *rules: Rule) -> None:
+        """Replace the rules (none: forward everything)."""
+        with self._lock:
+            self._rules = list(rules)
+
+    @property
+    def injected(self) -> int:
+        """How many SendEmail requests the rules answered."""
+        with self._lock:
+            return sum(r.answered for r in self._rules)
+
+    def decide(self, path: str, body: bytes) -> Rule | None:
+        """The rule that answers this request, if any (counts it)."""
+        if path.split("?")[0].rstrip("/") != SEND_EMAIL_PATH:
+            return None
+        text = body.decode("utf-8", "replace")
+        with self._lock:
+            self.send_requests += 1
+            for rule in self._rules:
+                if rule.match is not None and rule.match not in text:
+                    continue
+                if rule.limit is not None and rule.answered >= rule.limit:
+                    continue
+                rule.seen += 1
+                if rule.seen <= rule.skip or (rule.seen - rule.skip) % rule.every != 0:
+                    continue
+                rule.answered += 1
+                return rule
+            self.forwarded_sends += 1
+        return None
+
+    def env(self) -> dict[str, str]:
+        """What a worker needs to send its sesv2 calls through the proxy."""
+        return {"AWS_ENDPOINT_URL_SESV2": self.url}
+
+    def close(self) -> None:
+        """Stop serving and wait for the thread."""
+        self.server.shutdown()
+        self.server.server_close()
+        self._thread.join(timeout=10)
+
+
+def _handler(proxy: FaultProxy) -> type[http.server.BaseHTTPRequestHandler]:
+    class Handler(http.server.BaseHTTPRequestHandler):
+        """Answers from a rule or forwards; keep-alive like a real endpoint."""
+
+        protocol_version = "HTTP/1.1"
+        timeout = 60  # seconds an idle keep-alive connection may stay open
+
+        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+            """Quiet: pytest would show it as noise."""
+
+        def _body(self) -> bytes | None:
+            length = int(self.headers.get("Content-Length") or 0)
+            if length > MAX_BODY:
+                self._reply(413, {"Content-Type": "text/plain"}, b"request too large")
+                return None
+            return self.rfile.read(length) if length else b""
+
+        def _reply(self, status: int, headers: dict[str, str], body: bytes) -> None:
+            self.send_response(status)
+            for key, value in headers.items():
+                self.send_header(key, value)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def _forward(self, body: bytes) -> None:
+            upstream = http.client.HTTPConnection(proxy.upstream_host, proxy.upstream_port,
+                                                  timeout=UPSTREAM_TIMEOUT)
+            try:
+                skip = {"host", "content-length", "connection", "transfer-encoding"}
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in skip}
+                upstream.request(self.command, self.path, body=body or None, headers=headers)
+                answer = upstream.getresponse()
+                data = answer.read()
+                passed = {k: v for k, v in answer.getheaders()
+                          if k.lower() not in skip and k.lower() != "keep-alive"}
+                self._reply(answer.status, passed, data)
+            finally:
+                upstream.close()
+
+        def _handle(self) -> None:
+            body = self._body()
+            if body is None:
+                return
+            rule = proxy.decide(self.path, body)
+            if rule is None:
+                self._forward(body)
+                return
+            self._reply(rule.status, {
+                "Content-Type": "application/json",
+                "x-amzn-RequestId": str(uuid.uuid4()),
+                "x-amzn-ErrorType": f"{rule.code}:{ERROR_NAMESPACE}",
+            }, json.dumps({"message": rule.message}).encode())
+
+        do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _handle
+
+    return Handler
+
+
+@contextlib.contextmanager
+def running(upstream: str) -> Iterator[FaultProxy]:
+    """A proxy in front of `upstream` for the duration of the block."""
+    proxy = FaultProxy(upstream)
+    try:
+        yield proxy
+    finally:
+        proxy.close()
