@@ -38,10 +38,25 @@ async def openapi_json(request: Request) -> Response:
 Endpoint = Callable[[Request], Awaitable[Response]]
 
 
+def _query_names(path: str, method: str) -> frozenset[str]:
+    """The query parameters the OpenAPI document declares for one operation."""
+    operation = openapi.document()["paths"].get(path, {}).get(method.lower(), {})
+    return frozenset(p["name"] for p in operation.get("parameters", []) if p["in"] == "query")
+
+
 def route(path: str, **by_method: Endpoint) -> Route:
     """One Route per path (so a 405 lists every allowed method in Allow), dispatched by method."""
+    allowed = {method: _query_names(path, method) for method in by_method}
+
     async def endpoint(request: Request) -> Response:
         method = "GET" if request.method == "HEAD" else request.method  # Starlette adds HEAD
+        # unknown or repeated query parameters are refused, as unknown JSON fields are
+        names = [k for k, _ in request.query_params.multi_items()]
+        unknown = sorted(set(names) - allowed[method])
+        if unknown:
+            raise errors.InvalidBody(f"unknown query parameter: {unknown[0]!r}")
+        if len(names) != len(set(names)):
+            raise errors.InvalidBody("a query parameter is repeated")
         return await by_method[method](request)
 
     endpoint.__name__ = "_".join(f.__name__ for f in by_method.values())

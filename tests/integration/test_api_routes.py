@@ -244,3 +244,12 @@ def test_openapi_documents_every_route(api: h.Api) -> None:
               for m in (route.methods or ()) if m != "HEAD"}
     documented = {(m, p) for p, ops in doc["paths"].items() for m in ops}
     assert served == documented
+
+
+def test_unknown_or_repeated_query_parameters_are_422(api: h.Api, conn: Conn) -> None:
+    for path in ("/broadcasts?limt=5", "/broadcasts?limit=5&limit=6",
+                 f"/broadcasts/{uuid.uuid4()}/progress?x=1"):
+        r = api.get(path)
+        assert r.status_code == 422, (path, r.text)
+        assert "query parameter" in r.json()["message"]
+    assert api.get("/broadcasts?limit=5").status_code == 200
