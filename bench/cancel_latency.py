@@ -45,8 +45,8 @@ def run(url: str, cancels: int, recipients: int, rate: float) -> dict[str, Any]:
         env = dict(os.environ, DATABASE_URL=url, PGCAST_PROVIDER="null",
                    PGCAST_LOG_LEVEL="WARNING")
         env.pop("PGCAST_RATE", None)
-        workers = [subprocess.Popen([sys.executable, "-m", "bin.cli", "worker", "--concurrency", "2",
-                                     "--group-size", "50", "--batch-size", "500"],
+        args = ["worker", "--concurrency", "2", "--group-size", "50", "--batch-size", "500"]
+        workers = [subprocess.Popen([sys.executable, "-m", "bin.cli", *args],
                                     cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                                     stderr=subprocess.DEVNULL, start_new_session=True)
                    for _ in range(3)]
