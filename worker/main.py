@@ -22,10 +22,11 @@ SES_HEADROOM = 0.85  # share of SES's MaxSendRate we use
 
 
 def default_burst(rate: float) -> float:
-    """A twentieth of a second's worth of tokens, at least one."""
-    # small, so that scheduling jitter between the grant and the provider call cannot push a
-    # whole extra bucket into one second of sending
-    return max(1.0, math.ceil(rate / 20))
+    """A twentieth of a second's worth of tokens, at least two."""
+    # small, so that no second sees much more than the rate; at least two, because a bucket
+    # of one loses the refill whenever no taker is waiting at the instant it fills
+    # (measured at 12/s: burst 1 achieved -3.1%, burst 2 +0.3%)
+    return max(2.0, math.ceil(rate / 20))
 
 
 def _number(name: str, raw: str) -> float:

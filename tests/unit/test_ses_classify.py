@@ -85,8 +85,8 @@ def test_bad_rate_settings_are_refused_before_touching_the_database(
         worker_main.configure_rate("postgresql://nowhere.invalid/x", FakeSes(14))  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize(("rate", "burst"), [(0, 1), (0.85, 1), (12, 1), (30, 2), (500, 25)])
-def test_default_burst_is_a_twentieth_of_a_second(rate: float, burst: float) -> None:
+@pytest.mark.parametrize(("rate", "burst"), [(0, 2), (0.85, 2), (12, 2), (60, 3), (500, 25)])
+def test_default_burst_is_a_twentieth_of_a_second_at_least_two(rate: float, burst: float) -> None:
     assert worker_main.default_burst(rate) == burst
 
 
