@@ -6,6 +6,11 @@
 --    the broadcast row FIRST (the worker's handoff reads the broadcast without locking it);
 -- 2. a statement that locks several recipient rows locks them in (broadcast_id, contact_id)
 --    order, through `SELECT ... ORDER BY ... FOR UPDATE` (LockRows runs above the Sort).
+-- Plan shape: the locked keys are gathered into an array first (`= ANY (ARRAY(...))`, an
+-- InitPlan run once) and the update then finds each row by primary key. A join with the
+-- locked set instead lets a planner with stale statistics (a new broadcast id it has never
+-- seen: estimated 1 row, really 1,000,000) put the whole broadcast on the outer side of a
+-- nested loop: measured, a sweep ran 10 minutes holding the broadcast row.
 -- Claims use SKIP LOCKED and never wait.
 
 CREATE TABLE contacts (
@@ -205,10 +210,10 @@ BEGIN
     END IF;
     UPDATE broadcast_recipients r
     SET status = 'cancelled', claim_token = NULL, lease_expires_at = NULL
-    FROM (SELECT l.contact_id FROM broadcast_recipients l
-          WHERE l.broadcast_id = p_id AND l.status IN ('pending', 'claimed')
-          ORDER BY l.contact_id FOR UPDATE) AS locked
-    WHERE r.broadcast_id = p_id AND r.contact_id = locked.contact_id;
+    WHERE r.broadcast_id = p_id AND r.contact_id = ANY (ARRAY(
+        SELECT l.contact_id FROM broadcast_recipients l
+        WHERE l.broadcast_id = p_id AND l.status IN ('pending', 'claimed')
+        ORDER BY l.contact_id FOR UPDATE));
     GET DIAGNOSTICS n = ROW_COUNT;
     SELECT count(*) INTO in_flight FROM broadcast_recipients r
     WHERE r.broadcast_id = p_id AND r.status = 'sending';
@@ -241,10 +246,10 @@ BEGIN
     END IF;
     UPDATE broadcast_recipients r
     SET status = 'pending', claim_token = NULL, lease_expires_at = NULL
-    FROM (SELECT l.contact_id FROM broadcast_recipients l
-          WHERE l.broadcast_id = p_id AND l.status = 'claimed'
-          ORDER BY l.contact_id FOR UPDATE) AS locked
-    WHERE r.broadcast_id = p_id AND r.contact_id = locked.contact_id;
+    WHERE r.broadcast_id = p_id AND r.contact_id = ANY (ARRAY(
+        SELECT l.contact_id FROM broadcast_recipients l
+        WHERE l.broadcast_id = p_id AND l.status = 'claimed'
+        ORDER BY l.contact_id FOR UPDATE));
     PERFORM pgcast_notify_v1('pause', p_id, e);
     RETURN QUERY SELECT true, 'paused'::text;
 END
@@ -296,7 +301,9 @@ $$;
 -- claim: up to p_limit claimable rows of one sending broadcast, in one statement, from
 -- contact_id > p_after (each worker keeps its own cursor, so it never re-walks index
 -- entries of rows already claimed; it wraps to 0 when a pass comes back empty).
--- A CTE, not WHERE id IN (SELECT ... SKIP LOCKED): see Postgres bug #15715.
+-- The picked ids come from an ARRAY() InitPlan, evaluated exactly once as a CTE would be;
+-- never WHERE id IN (SELECT ... SKIP LOCKED), which can update more rows than LIMIT
+-- (Postgres bug #15715).
 CREATE FUNCTION pgcast_claim_v1(p_id uuid, p_limit integer, p_token uuid, p_worker text,
                                 p_lease interval, p_after bigint)
 RETURNS TABLE (contact_id bigint, email text, attempts smallint, epoch integer)
@@ -312,20 +319,17 @@ BEGIN
         RETURN;
     END IF;
     RETURN QUERY
-    WITH picked AS (
-        SELECT r.contact_id
-        FROM broadcast_recipients r
-        WHERE r.broadcast_id = p_id AND r.status = 'pending' AND r.contact_id > p_after
-          AND (r.retry_at IS NULL OR r.retry_at <= now())
-        ORDER BY r.contact_id
-        LIMIT p_limit
-        FOR UPDATE SKIP LOCKED
-    )
     UPDATE broadcast_recipients r
     SET status = 'claimed', claim_token = p_token, claim_epoch = e, worker = p_worker,
         lease_expires_at = clock_timestamp() + p_lease
-    FROM picked
-    WHERE r.broadcast_id = p_id AND r.contact_id = picked.contact_id
+    WHERE r.broadcast_id = p_id AND r.contact_id = ANY (ARRAY(
+        SELECT l.contact_id
+        FROM broadcast_recipients l
+        WHERE l.broadcast_id = p_id AND l.status = 'pending' AND l.contact_id > p_after
+          AND (l.retry_at IS NULL OR l.retry_at <= now())
+        ORDER BY l.contact_id
+        LIMIT p_limit
+        FOR UPDATE SKIP LOCKED))
     RETURNING r.contact_id, r.email, r.attempts, e;
 END
 $$;
@@ -356,23 +360,24 @@ BEGIN
         END IF;
         UPDATE broadcast_recipients r
         SET status = 'skipped', last_error = 'unsubscribed', lease_expires_at = NULL
-        FROM (SELECT l.contact_id FROM broadcast_recipients l JOIN contacts c ON c.id = l.contact_id
-              WHERE l.broadcast_id = p_id AND l.contact_id = ANY (p_ids) AND l.status = 'claimed'
-                AND l.claim_token = p_token AND c.unsubscribed_at IS NOT NULL
-              ORDER BY l.contact_id FOR UPDATE OF l) AS locked
-        WHERE r.broadcast_id = p_id AND r.contact_id = locked.contact_id;
+        WHERE r.broadcast_id = p_id AND r.contact_id = ANY (ARRAY(
+            SELECT l.contact_id FROM broadcast_recipients l JOIN contacts c ON c.id = l.contact_id
+            WHERE l.broadcast_id = p_id AND l.contact_id = ANY (p_ids) AND l.status = 'claimed'
+              AND l.claim_token = p_token AND c.unsubscribed_at IS NOT NULL
+            ORDER BY l.contact_id FOR UPDATE OF l));
         GET DIAGNOSTICS n_skip = ROW_COUNT;
         UPDATE broadcasts SET skipped = skipped + n_skip WHERE id = p_id;
     END IF;
     RETURN QUERY
     UPDATE broadcast_recipients r
     SET status = 'sending', handed_at = statement_timestamp()
-    FROM (SELECT l.contact_id, c.name FROM broadcast_recipients l JOIN contacts c ON c.id = l.contact_id
-          WHERE l.broadcast_id = p_id AND l.contact_id = ANY (p_ids) AND l.status = 'claimed'
-            AND l.claim_token = p_token AND c.unsubscribed_at IS NULL
-          ORDER BY l.contact_id FOR UPDATE OF l) AS locked
-    WHERE r.broadcast_id = p_id AND r.contact_id = locked.contact_id
-    RETURNING r.contact_id, r.email, locked.name;
+    FROM contacts c
+    WHERE r.broadcast_id = p_id AND c.id = r.contact_id AND r.contact_id = ANY (ARRAY(
+        SELECT l.contact_id FROM broadcast_recipients l JOIN contacts k ON k.id = l.contact_id
+        WHERE l.broadcast_id = p_id AND l.contact_id = ANY (p_ids) AND l.status = 'claimed'
+          AND l.claim_token = p_token AND k.unsubscribed_at IS NULL
+        ORDER BY l.contact_id FOR UPDATE OF l))
+    RETURNING r.contact_id, r.email, c.name;
 END
 $$;
 
@@ -445,16 +450,14 @@ CREATE FUNCTION pgcast_release_v1(p_id uuid, p_token uuid, p_ids bigint[])
 RETURNS integer LANGUAGE sql AS $$
     -- lost to a server crash, released rows stay claimed until their lease expires: no fsync
     SELECT set_config('synchronous_commit', 'off', true);
-    WITH locked AS (
-        SELECT l.contact_id FROM broadcast_recipients l
-        WHERE l.broadcast_id = p_id AND l.contact_id = ANY (p_ids)
-          AND l.claim_token = p_token AND l.status = 'claimed'
-        ORDER BY l.contact_id FOR UPDATE
-    ), upd AS (
+    WITH upd AS (
         UPDATE broadcast_recipients r
         SET status = 'pending', claim_token = NULL, lease_expires_at = NULL
-        FROM locked
-        WHERE r.broadcast_id = p_id AND r.contact_id = locked.contact_id
+        WHERE r.broadcast_id = p_id AND r.contact_id = ANY (ARRAY(
+            SELECT l.contact_id FROM broadcast_recipients l
+            WHERE l.broadcast_id = p_id AND l.contact_id = ANY (p_ids)
+              AND l.claim_token = p_token AND l.status = 'claimed'
+            ORDER BY l.contact_id FOR UPDATE))
         RETURNING 1
     ) SELECT count(*)::integer FROM upd
 $$;
@@ -478,19 +481,19 @@ BEGIN
         PERFORM 1 FROM broadcasts b WHERE b.id = bid FOR NO KEY UPDATE;
         UPDATE broadcast_recipients r
         SET status = 'pending', claim_token = NULL, lease_expires_at = NULL
-        FROM (SELECT l.contact_id FROM broadcast_recipients l
-              WHERE l.broadcast_id = bid AND l.status = 'claimed'
-                AND l.lease_expires_at < clock_timestamp()
-              ORDER BY l.contact_id FOR UPDATE) AS locked
-        WHERE r.broadcast_id = bid AND r.contact_id = locked.contact_id;
+        WHERE r.broadcast_id = bid AND r.contact_id = ANY (ARRAY(
+            SELECT l.contact_id FROM broadcast_recipients l
+            WHERE l.broadcast_id = bid AND l.status = 'claimed'
+              AND l.lease_expires_at < clock_timestamp()
+            ORDER BY l.contact_id FOR UPDATE));
         GET DIAGNOSTICS n_re = ROW_COUNT;
         UPDATE broadcast_recipients r
         SET status = 'unknown', last_error = 'worker lost during handoff: outcome unknown'
-        FROM (SELECT l.contact_id FROM broadcast_recipients l
-              WHERE l.broadcast_id = bid AND l.status = 'sending'
-                AND l.lease_expires_at < clock_timestamp()
-              ORDER BY l.contact_id FOR UPDATE) AS locked
-        WHERE r.broadcast_id = bid AND r.contact_id = locked.contact_id;
+        WHERE r.broadcast_id = bid AND r.contact_id = ANY (ARRAY(
+            SELECT l.contact_id FROM broadcast_recipients l
+            WHERE l.broadcast_id = bid AND l.status = 'sending'
+              AND l.lease_expires_at < clock_timestamp()
+            ORDER BY l.contact_id FOR UPDATE));
         GET DIAGNOSTICS n_unk = ROW_COUNT;
         IF n_unk > 0 THEN
             UPDATE broadcasts b SET unknown = b.unknown + n_unk WHERE b.id = bid;
@@ -507,15 +510,14 @@ $$;
 -- claim whose answer was lost to a broken connection still expires).
 CREATE FUNCTION pgcast_renew_v1(p_tokens uuid[], p_lease interval)
 RETURNS integer LANGUAGE sql AS $$
-    WITH locked AS (
-        SELECT l.broadcast_id, l.contact_id FROM broadcast_recipients l
-        WHERE l.status IN ('claimed', 'sending') AND l.claim_token = ANY (p_tokens)
-        ORDER BY l.broadcast_id, l.contact_id FOR UPDATE
-    ), upd AS (
+    WITH upd AS (
         UPDATE broadcast_recipients r
         SET lease_expires_at = clock_timestamp() + p_lease
-        FROM locked
-        WHERE r.broadcast_id = locked.broadcast_id AND r.contact_id = locked.contact_id
+        -- rows of several broadcasts: found again by ctid (a Tid Scan), still ours: locked
+        WHERE r.ctid = ANY (ARRAY(
+            SELECT l.ctid FROM broadcast_recipients l
+            WHERE l.status IN ('claimed', 'sending') AND l.claim_token = ANY (p_tokens)
+            ORDER BY l.broadcast_id, l.contact_id FOR UPDATE))
         RETURNING 1
     ) SELECT count(*)::integer FROM upd
 $$;

@@ -140,11 +140,11 @@ SELECT pgcast_release_v1(%(id)s, %(token)s, %(ids)s) AS released
 -- Rows of a claim that reached sending but were provably never given to the provider.
 UPDATE broadcast_recipients r
 SET status = 'pending', claim_token = NULL, lease_expires_at = NULL, handed_at = NULL
-FROM (SELECT l.contact_id FROM broadcast_recipients l
-      WHERE l.broadcast_id = %(id)s AND l.contact_id = ANY (%(ids)s)
-        AND l.claim_token = %(token)s AND l.status = 'sending'
-      ORDER BY l.contact_id FOR UPDATE) AS locked
-WHERE r.broadcast_id = %(id)s AND r.contact_id = locked.contact_id
+WHERE r.broadcast_id = %(id)s AND r.contact_id = ANY (ARRAY(
+    SELECT l.contact_id FROM broadcast_recipients l
+    WHERE l.broadcast_id = %(id)s AND l.contact_id = ANY (%(ids)s)
+      AND l.claim_token = %(token)s AND l.status = 'sending'
+    ORDER BY l.contact_id FOR UPDATE))
 
 -- finalize --
 -- sending -> sent|failed when drained (pgcast_finalize_v1).

@@ -127,12 +127,23 @@ class Engine:
             return await cur.fetchall() if cur.description else []
 
     async def _q_retry(self, name: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:
-        """Run a statement that must happen (records, releases), riding out outages."""
+        """Run a statement that must happen (records, releases), riding out outages.
+
+        Once the worker is stopping it keeps trying for one lease at most: after that the
+        sweeper owns the rows anyway (claimed rows go back to pending, sending rows become
+        unknown), and a stop must not hang on a database that is gone.
+        """
         delay = 0.1
+        give_up: float | None = None
         while True:
             try:
                 return await self._q(name, params)
             except (psycopg.OperationalError, psycopg.errors.AdminShutdown) as exc:
+                if self.stopping.is_set():
+                    give_up = give_up or time.monotonic() + self.settings.lease
+                    if time.monotonic() > give_up:
+                        log.error("giving up %s while stopping: %s", name, exc)
+                        raise
                 log.warning("postgres unreachable during %s (%s); retrying in %.1fs",
                             name, exc, delay)
                 await asyncio.sleep(delay)

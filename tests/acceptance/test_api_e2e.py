@@ -6,7 +6,6 @@ import contextlib
 import json
 import signal
 import threading
-import urllib.request
 import uuid
 from typing import Any
 
@@ -20,14 +19,6 @@ from tests.integration import test_api_helpers as h
 pytestmark = pytest.mark.acceptance
 Conn = psycopg.Connection[dict[str, Any]]
 N = 300  # contacts
-
-
-def _up(url: str) -> bool:
-    try:
-        urllib.request.urlopen(f"{url}/healthz", timeout=1).close()
-        return True
-    except OSError:
-        return False
 
 
 def _read_events(url: str, headers: dict[str, str], out: list[tuple[str, Any]],
@@ -51,7 +42,8 @@ def test_a_broadcast_driven_over_http(db_url: str, conn: Conn, procs: support.Pr
     base = f"http://127.0.0.1:{port}"
     api = procs.start(db_url, "api", "--port", str(port), PGCAST_JWT_SECRET=h.SECRET,
                       PGCAST_API_EVENTS_INTERVAL="0.1")
-    support.wait_for(lambda: _up(base) or api.poll() is not None, timeout=30, what="pgcast api")
+    support.wait_for(lambda: h.api_up(base) or api.poll() is not None, timeout=30,
+                     what="pgcast api")
     assert api.poll() is None, procs.log(api)
     token = support.pgcast(db_url, "token", "--account", h.ACCOUNT, env=support.pgcast_env(
         db_url, PGCAST_JWT_SECRET=h.SECRET)).stdout.strip()

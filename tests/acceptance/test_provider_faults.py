@@ -244,7 +244,7 @@ def test_ses_worker_without_pgcast_rate_uses_85_percent_of_max_send_rate(
     conn.execute("UPDATE rate_limits SET rate = 0 WHERE name = 'global'")
     procs.start(db_url, "worker", "--concurrency", "1", **env)
     # moto: sesv2 get_account is missing, v1 get_send_quota says MaxSendRate 1.0
-    support.wait_for(lambda: rate_of(conn) == (0.85, 1.0), timeout=WAIT, what="the SES rate")
+    support.wait_for(lambda: rate_of(conn) == (0.85, 2.0), timeout=WAIT, what="the SES rate")
 
 
 def test_ses_limit_does_not_override_a_lower_operator_rate_on_restart(
@@ -255,4 +255,4 @@ def test_ses_limit_does_not_override_a_lower_operator_rate_on_restart(
     worker = procs.start(db_url, "worker", "--concurrency", "1", **env)
     support.wait_for(lambda: listening(conn) == 1, timeout=WAIT, what="the worker")
     assert worker.poll() is None
-    assert rate_of(conn) == (0.25, 1.0)
+    assert rate_of(conn) == (0.25, 2.0)

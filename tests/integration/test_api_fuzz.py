@@ -18,14 +18,6 @@ from tests.integration import test_api_helpers as h
 schema = schemathesis.openapi.from_dict(openapi.document())
 
 
-def _up(url: str) -> bool:
-    try:
-        urllib.request.urlopen(f"{url}/healthz", timeout=1).close()
-        return True
-    except OSError:
-        return False
-
-
 @pytest.fixture(scope="module")
 def server(pg_server: str, template_db: str, tmp_path_factory: pytest.TempPathFactory
            ) -> Iterator[str]:
@@ -40,7 +32,7 @@ def server(pg_server: str, template_db: str, tmp_path_factory: pytest.TempPathFa
         url = f"http://127.0.0.1:{port}"
         try:
             proc = procs.start(db_url, "api", "--port", str(port), PGCAST_JWT_SECRET=h.SECRET)
-            support.wait_for(lambda: _up(url) or proc.poll() is not None, timeout=30,
+            support.wait_for(lambda: h.api_up(url) or proc.poll() is not None, timeout=30,
                              what="pgcast api")
             assert proc.poll() is None, procs.log(proc)
             yield url

@@ -6,6 +6,7 @@ import contextlib
 import functools
 import json
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -132,3 +133,12 @@ async def sse(app: Any, path: str, headers: dict[str, str],
                     if "event" in lines:
                         on_event(lines["event"], json.loads(lines["data"]))
     return status
+
+
+def api_up(url: str) -> bool:
+    """Whether a `pgcast api` at url answers /healthz."""
+    try:
+        urllib.request.urlopen(f"{url}/healthz", timeout=1).close()
+        return True
+    except OSError:
+        return False
