@@ -81,7 +81,20 @@ CREATE TABLE broadcast_recipients (
     last_error          text,
     sent_at             timestamptz,
     PRIMARY KEY (broadcast_id, contact_id)
-) WITH (fillfactor = 80);
+) WITH (
+    fillfactor = 80,
+    -- Every recipient is updated three times (claimed, sending, sent) and no status change is
+    -- HOT (status is in the partial indexes' predicates), so a 1,000,000-recipient drain
+    -- leaves millions of dead tuples and dead index entries. The defaults (20% of the table)
+    -- wait far too long on a table that keeps every broadcast's rows: vacuum and analyze
+    -- after 2% instead, and let vacuum run at ten times the default cost limit.
+    autovacuum_vacuum_scale_factor = 0.02,
+    autovacuum_vacuum_threshold = 10000,
+    autovacuum_vacuum_insert_scale_factor = 0.02,
+    autovacuum_analyze_scale_factor = 0.02,
+    autovacuum_analyze_threshold = 10000,
+    autovacuum_vacuum_cost_limit = 2000
+);
 -- what a worker may claim, in claim order
 CREATE INDEX broadcast_recipients_claimable ON broadcast_recipients (broadcast_id, contact_id)
     WHERE status = 'pending';
