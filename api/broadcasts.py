@@ -148,7 +148,7 @@ async def update(request: Request) -> Response:
 
 
 async def delete(request: Request) -> Response:
-    """DELETE /broadcasts/{id}: delete a draft."""
+    """Delete a draft: DELETE /broadcasts/{id}."""
     who = auth.principal(request)
     bid = context.broadcast_id(request)
     row = await db.one(context.pool(request), "broadcast_delete_draft",
