@@ -16,7 +16,6 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,8 @@ from typing import Any
 import psycopg
 from psycopg.rows import dict_row
 
-from sql import broadcasts, embedded, migrate
+from bench import common
+from sql import broadcasts
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -93,25 +93,14 @@ def run(url: str, cancels: int, recipients: int, rate: float) -> dict[str, Any]:
 
 
 def main() -> int:
-    """Parse flags, run on DATABASE_URL or a fresh embedded server, print figures."""
+    """Parse flags, run on a fresh database (DATABASE_URL's server or an embedded one)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cancels", type=int, default=25)
     ap.add_argument("--recipients", type=int, default=20000)
     ap.add_argument("--rate", type=float, default=5000.0, help="global rate, emails/s")
     args = ap.parse_args()
-    base = None
-    url = os.environ.get("DATABASE_URL")
-    if not url:
-        base = Path(tempfile.mkdtemp(prefix="pgcast-bench-"))
-        base.chmod(0o755)
-        url = embedded.start(base)
-    try:
-        with psycopg.connect(url) as c:
-            migrate.migrate(c)
+    with common.server() as server_url, common.database(server_url, "cancel") as url:
         r = run(url, args.cancels, args.recipients, args.rate)
-    finally:
-        if base is not None:
-            embedded.stop(base, mode="immediate")
     print(f"cancel latency over {r['cancels']} cancels, 3 workers x concurrency 2, "
           f"null provider at {args.rate:g}/s, {args.recipients} recipients each")
     print(f"  cancel commit -> last handoff:         p50 {r['handoff_p50']:.1f} ms   "

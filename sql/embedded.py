@@ -52,12 +52,11 @@ def start(base: Path | None = None) -> str:
 
 
 def _pg_ctl(args: list[str], data: Path) -> subprocess.CompletedProcess[str]:
-    pgserver = _quiet_import()
+    _quiet_import()
     from pgserver import _commands
 
     binary = Path(_commands.POSTGRES_BIN_PATH) / "pg_ctl"
     user = "pgserver" if os.geteuid() == 0 else None  # pgserver runs Postgres unprivileged
-    del pgserver
     return subprocess.run(
         [str(binary), "-D", str(data), *args], user=user, capture_output=True, text=True,
         check=False, timeout=60,

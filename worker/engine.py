@@ -67,7 +67,6 @@ class Stats:
     sent: int = 0
     failed: int = 0
     retried: int = 0
-    skipped_or_fenced: int = 0
     groups: int = 0
 
 
@@ -75,7 +74,7 @@ class Stats:
 class _Active:
     epoch: int
     rate_limit: float | None
-    empty_since: float | None = None
+    empty: bool = False  # its last claim came back empty: skip it until the next look
     cursor: int = 0  # highest contact_id this process claimed: the next claim starts after it
 
 
@@ -160,7 +159,7 @@ class Engine:
         fresh: dict[uuid.UUID, _Active] = {}
         for bid, epoch, rate_limit in rows[:limit]:
             old = self._active.get(bid)
-            fresh[bid] = _Active(epoch, rate_limit, old.empty_since if old else None,
+            fresh[bid] = _Active(epoch, rate_limit, old.empty if old else False,
                                  old.cursor if old else 0)
         self._active = fresh
         self._order = list(fresh)
@@ -176,7 +175,7 @@ class Engine:
         for i in range(n):
             bid = self._order[(self._next + i) % n]
             entry = self._active.get(bid)
-            if entry is not None and entry.empty_since is None:
+            if entry is not None and not entry.empty:
                 self._next = (self._next + i + 1) % max(1, n)
                 return bid
         return None
@@ -241,7 +240,7 @@ class Engine:
                 w.cancel()
         # after a quiet poll interval every broadcast deserves another look
         for entry in self._active.values():
-            entry.empty_since = None
+            entry.empty = False
         self._refreshed = 0.0
 
     async def _sleep(self, seconds: float) -> None:
@@ -274,7 +273,7 @@ class Engine:
         if not rows:
             entry = self._active.get(bid)
             if entry is not None:
-                entry.empty_since = time.monotonic()
+                entry.empty = True
             await self._q("finalize", {"id": bid})
             return
         epoch = rows[0][3]
@@ -317,7 +316,6 @@ class Engine:
             await self._q_retry("release", {"id": bid, "token": token, "ids": group})
             raise
         self.stats.groups += 1
-        self.stats.skipped_or_fenced += len(group) - len(handed)
         if not handed:
             # all skipped, or fenced (cancelled / paused / resumed since the claim)
             still_ours = await self._q("broadcast_fence", {"id": bid, "epoch": epoch})

@@ -73,7 +73,7 @@ def configure_rate(url: str, provider: providers.Provider) -> float | None:
     return rate
 
 
-async def _renew(url: str, eng: engine.Engine) -> None:
+async def _renew(eng: engine.Engine) -> None:
     """Extend the lease on everything this worker holds, every third of a lease."""
     while not eng.stopping.is_set():
         with contextlib.suppress(TimeoutError):
@@ -126,7 +126,7 @@ async def run(settings: engine.Settings, url: str) -> engine.Stats:
         # finish the group in hand, release the rest of the batch, exit 0
         loop.add_signal_handler(sig, eng.stopping.set)
     side = [asyncio.create_task(control.listen(url, eng.state, eng.stopping), name="listen"),
-            asyncio.create_task(_renew(url, eng), name="renew")]
+            asyncio.create_task(_renew(eng), name="renew")]
     if settings.sweeper and not settings.once:
         side.append(asyncio.create_task(_run_sweeper(url, settings, eng.stopping),
                                         name="sweeper"))

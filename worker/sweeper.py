@@ -18,11 +18,15 @@ QUEUE = "pgcast"
 def sweep_once(url: str) -> list[dict[str, Any]]:
     """Reclaim expired leases, mark lost handoffs unknown, finalize drained broadcasts."""
     with psycopg.connect(url, autocommit=True, row_factory=psycopg.rows.dict_row) as conn:
-        rows = conn.execute(QUERIES["sweep"]).fetchall()
+        rows = [dict(r) for r in conn.execute(QUERIES["sweep"]).fetchall()]
+    _log(rows)
+    return rows
+
+
+def _log(rows: list[dict[str, Any]]) -> None:
     for row in rows:
         log.info("sweep %s: reclaimed %s, unknown %s, finalized %s", row["broadcast_id"],
                  row["reclaimed"], row["unknown"], row["finalized"])
-    return [dict(r) for r in rows]
 
 
 def make_app(url: str, cron: str) -> procrastinate.App:
@@ -36,10 +40,10 @@ def make_app(url: str, cron: str) -> procrastinate.App:
     @app.periodic(cron=cron, periodic_id="sweep")
     @app.task(name="pgcast.sweep", queue=QUEUE, queueing_lock="pgcast.sweep")
     async def sweep(timestamp: int) -> None:
-        async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+        async with await psycopg.AsyncConnection.connect(
+                url, autocommit=True, row_factory=psycopg.rows.dict_row) as conn:
             cur = await conn.execute(QUERIES["sweep"])
-            for row in await cur.fetchall():
-                log.info("sweep: %s", row)
+            _log([dict(r) for r in await cur.fetchall()])
 
     del sweep
     return app
