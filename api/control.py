@@ -45,7 +45,8 @@ async def send(request: Request) -> Response:
     if broadcasts.needs_analyze(result):
         # fresh planner statistics for the workers, after the answer has gone out
         response.background = BackgroundTask(db.rowcount, context.pool(request),
-                                             "analyze_recipients", {})
+                                             "analyze_recipients",
+                                             {"id": context.broadcast_id(request)})
     return response
 
 

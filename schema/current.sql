@@ -1,5 +1,6 @@
--- 0001_init: contacts, broadcasts, the recipient snapshot, the rate bucket, and the
--- versioned functions that make every state change one atomic step.
+-- The current schema: what 0001_init and every later migration add up to (a test checks).
+-- Contacts, broadcasts, the recipient snapshot (one partition per broadcast, 0002), the
+-- rate bucket, and the versioned functions that make every state change one atomic step.
 --
 -- Lock order (deadlock freedom):
 -- 1. a transaction that locks both a broadcast row and some of its recipient rows locks
@@ -62,6 +63,8 @@ CREATE INDEX broadcasts_active ON broadcasts (status) WHERE status IN ('sending'
 
 -- The snapshot. No foreign keys: a 1,000,000-row snapshot would pay one lookup per row,
 -- and a broadcast with recipients is never deleted (only drafts are).
+-- One partition per broadcast, named by pgcast_partition_name_v1 (storage parameters are
+-- set on each partition: a partitioned table has no storage of its own).
 CREATE TABLE broadcast_recipients (
     broadcast_id        uuid        NOT NULL,
     contact_id          bigint      NOT NULL,
@@ -81,20 +84,7 @@ CREATE TABLE broadcast_recipients (
     last_error          text,
     sent_at             timestamptz,
     PRIMARY KEY (broadcast_id, contact_id)
-) WITH (
-    fillfactor = 80,
-    -- Every recipient is updated three times (claimed, sending, sent) and no status change is
-    -- HOT (status is in the partial indexes' predicates), so a 1,000,000-recipient drain
-    -- leaves millions of dead tuples and dead index entries. The defaults (20% of the table)
-    -- wait far too long on a table that keeps every broadcast's rows: vacuum and analyze
-    -- after 2% instead, and let vacuum run at ten times the default cost limit.
-    autovacuum_vacuum_scale_factor = 0.02,
-    autovacuum_vacuum_threshold = 10000,
-    autovacuum_vacuum_insert_scale_factor = 0.02,
-    autovacuum_analyze_scale_factor = 0.02,
-    autovacuum_analyze_threshold = 10000,
-    autovacuum_vacuum_cost_limit = 2000
-);
+) PARTITION BY LIST (broadcast_id);
 -- what a worker may claim, in claim order
 CREATE INDEX broadcast_recipients_claimable ON broadcast_recipients (broadcast_id, contact_id)
     WHERE status = 'pending';
@@ -107,6 +97,65 @@ CREATE INDEX broadcast_recipients_problems ON broadcast_recipients (broadcast_id
 -- an index condition instead of reading every entry the broadcast ever had in flight)
 CREATE INDEX broadcast_recipients_in_flight ON broadcast_recipients (broadcast_id, contact_id)
     WHERE status IN ('claimed', 'sending');
+
+-- the partition that holds one broadcast's recipients
+CREATE FUNCTION pgcast_partition_name_v1(p_id uuid)
+RETURNS text LANGUAGE sql IMMUTABLE AS $$
+    SELECT 'broadcast_recipients_' || replace(p_id::text, '-', '')
+$$;
+
+-- a new, unattached partition for one broadcast: its columns, the CHECK that lets ATTACH
+-- skip its validation scan, and the two indexes that stay empty while it is filled (a
+-- pending row matches neither predicate). The primary key and the claim index are built
+-- by pgcast_partition_attach_v1 after the rows are in.
+CREATE FUNCTION pgcast_partition_create_v1(p_id uuid)
+RETURNS text LANGUAGE plpgsql AS $$
+DECLARE
+    part text := pgcast_partition_name_v1(p_id);
+BEGIN
+    EXECUTE format(
+        'CREATE TABLE %I (LIKE broadcast_recipients INCLUDING DEFAULTS INCLUDING CONSTRAINTS,'
+        ' CONSTRAINT %I CHECK (broadcast_id = %L)) WITH ('
+        -- Every recipient is updated three times (claimed, sending, sent) and no status
+        -- change is HOT (status is in the partial indexes' predicates): vacuum and analyze
+        -- after 2% of the partition instead of the default 20%, at ten times the default
+        -- cost limit.
+        '  fillfactor = 80,'
+        '  autovacuum_vacuum_scale_factor = 0.02,'
+        '  autovacuum_vacuum_threshold = 10000,'
+        '  autovacuum_vacuum_insert_scale_factor = 0.02,'
+        '  autovacuum_analyze_scale_factor = 0.02,'
+        '  autovacuum_analyze_threshold = 10000,'
+        '  autovacuum_vacuum_cost_limit = 2000)',
+        part, part || '_broadcast', p_id);
+    EXECUTE format('CREATE INDEX %I ON %I (broadcast_id, status, contact_id)'
+                   ' WHERE status IN (''failed'', ''unknown'', ''skipped'')',
+                   part || '_problems', part);
+    EXECUTE format('CREATE INDEX %I ON %I (broadcast_id, contact_id)'
+                   ' WHERE status IN (''claimed'', ''sending'')', part || '_in_flight', part);
+    RETURN part;
+END
+$$;
+
+-- attach a filled partition: ATTACH builds the primary key and the claim index in one
+-- sorted pass each and, thanks to the CHECK, does not scan the rows to validate them
+CREATE FUNCTION pgcast_partition_attach_v1(p_id uuid)
+RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
+    EXECUTE format('ALTER TABLE broadcast_recipients ATTACH PARTITION %I FOR VALUES IN (%L)',
+                   pgcast_partition_name_v1(p_id), p_id);
+END
+$$;
+
+-- fresh planner statistics for one broadcast's partition (after a big snapshot)
+CREATE FUNCTION pgcast_analyze_v1(p_id uuid)
+RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
+    IF to_regclass(pgcast_partition_name_v1(p_id)) IS NOT NULL THEN
+        EXECUTE format('ANALYZE %I', pgcast_partition_name_v1(p_id));
+    END IF;
+END
+$$;
 
 -- Token buckets for the rate limit. 'global' caps every worker; 'broadcast:<id>' rows cap
 -- one broadcast further.
@@ -151,55 +200,6 @@ CREATE FUNCTION pgcast_notify_v1(p_event text, p_broadcast uuid, p_epoch integer
 RETURNS void LANGUAGE sql AS $$
     SELECT pg_notify('pgcast_control', json_build_object(
         'event', p_event, 'broadcast', p_broadcast, 'epoch', p_epoch)::text)
-$$;
-
--- send: lock the draft, snapshot its recipients, CAS draft -> sending (or straight to
--- sent when nobody matches), all in the caller's one transaction.
-CREATE FUNCTION pgcast_send_v1(p_account text, p_id uuid)
-RETURNS TABLE (ok boolean, status text, queued integer)
-LANGUAGE plpgsql AS $$
-DECLARE
-    b broadcasts%ROWTYPE;
-    n integer;
-BEGIN
-    SELECT * INTO b FROM broadcasts WHERE id = p_id AND account = p_account FOR UPDATE;
-    IF NOT FOUND THEN
-        RETURN;
-    END IF;
-    IF b.status <> 'draft' THEN
-        RETURN QUERY SELECT false, b.status, b.total;
-        RETURN;
-    END IF;
-    INSERT INTO broadcast_recipients (broadcast_id, contact_id, email)
-    SELECT p_id, c.id, c.email
-    FROM contacts c
-    WHERE c.account = p_account
-      AND c.unsubscribed_at IS NULL
-      AND (b.segment_tag IS NULL OR c.tags @> ARRAY[b.segment_tag]);
-    -- no ON CONFLICT: the broadcast is new (locked draft) and contacts.id is unique, so it
-    -- could never fire, and speculative insertion cost 40% of the snapshot
-    GET DIAGNOSTICS n = ROW_COUNT;
-    IF b.rate_limit IS NOT NULL THEN
-        INSERT INTO rate_limits (name, rate, burst, tokens)
-        VALUES ('broadcast:' || p_id, b.rate_limit, greatest(1, ceil(b.rate_limit / 10)), 1)
-        ON CONFLICT (name) DO NOTHING;
-    END IF;
-    RETURN QUERY
-    UPDATE broadcasts AS u
-    SET status = CASE WHEN n = 0 THEN 'sent' ELSE 'sending' END,
-        total = n,
-        started_at = now(),
-        finished_at = CASE WHEN n = 0 THEN now() END,
-        updated_at = now(),
-        audit_log = u.audit_log || pgcast_audit_v1('send', u.status,
-            CASE WHEN n = 0 THEN 'sent' ELSE 'sending' END,
-            jsonb_build_object('recipients', n))
-    WHERE u.id = p_id AND u.status = ANY (ARRAY['draft'])
-    RETURNING true, u.status, u.total;
-    IF n > 0 THEN
-        PERFORM pgcast_notify_v1('send', p_id, b.epoch);
-    END IF;
-END
 $$;
 
 -- cancel: draft|sending|paused -> cancelled. Recipients not yet handed off end cancelled.
@@ -519,22 +519,6 @@ BEGIN
 END
 $$;
 
--- renew: a live worker extends the lease of the claims it knows it holds (by token, so a
--- claim whose answer was lost to a broken connection still expires).
-CREATE FUNCTION pgcast_renew_v1(p_tokens uuid[], p_lease interval)
-RETURNS integer LANGUAGE sql AS $$
-    WITH upd AS (
-        UPDATE broadcast_recipients r
-        SET lease_expires_at = clock_timestamp() + p_lease
-        -- rows of several broadcasts: found again by ctid (a Tid Scan), still ours: locked
-        WHERE r.ctid = ANY (ARRAY(
-            SELECT l.ctid FROM broadcast_recipients l
-            WHERE l.status IN ('claimed', 'sending') AND l.claim_token = ANY (p_tokens)
-            ORDER BY l.broadcast_id, l.contact_id FOR UPDATE))
-        RETURNING 1
-    ) SELECT count(*)::integer FROM upd
-$$;
-
 -- take tokens: up to p_want from bucket p_name. Serialised by an advisory lock; the
 -- refill reads clock_timestamp() after the lock (now() is the transaction's start).
 -- wait_seconds tells an empty-handed caller how long until one token is there.
@@ -589,3 +573,85 @@ END
 $$;
 CREATE TRIGGER rate_limits_changed AFTER INSERT OR UPDATE OF rate, burst ON rate_limits
     FOR EACH ROW EXECUTE FUNCTION pgcast_rate_changed_v1();
+
+-- send: lock the draft, snapshot its recipients into a new partition, CAS draft -> sending
+-- (or straight to sent when nobody matches), all in the caller's one transaction.
+CREATE FUNCTION pgcast_send_v2(p_account text, p_id uuid)
+RETURNS TABLE (ok boolean, status text, queued integer)
+LANGUAGE plpgsql AS $$
+DECLARE
+    b broadcasts%ROWTYPE;
+    n integer;
+    part text;
+BEGIN
+    SELECT * INTO b FROM broadcasts WHERE id = p_id AND account = p_account FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    IF b.status <> 'draft' THEN
+        RETURN QUERY SELECT false, b.status, b.total;
+        RETURN;
+    END IF;
+    part := pgcast_partition_create_v1(p_id);
+    -- no ON CONFLICT and no key yet: the broadcast is new (locked draft) and contacts.id
+    -- is unique, so a conflict cannot happen; the key is built after the rows are in
+    EXECUTE format(
+        'INSERT INTO %I (broadcast_id, contact_id, email)'
+        ' SELECT $1, c.id, c.email FROM contacts c'
+        ' WHERE c.account = $2 AND c.unsubscribed_at IS NULL'
+        '   AND ($3::text IS NULL OR c.tags @> ARRAY[$3::text])', part)
+        USING p_id, p_account, b.segment_tag;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    IF n > 0 THEN
+        PERFORM pgcast_partition_attach_v1(p_id);
+    ELSE
+        EXECUTE format('DROP TABLE %I', part);  -- nobody to send to: no partition
+    END IF;
+    IF b.rate_limit IS NOT NULL THEN
+        INSERT INTO rate_limits (name, rate, burst, tokens)
+        VALUES ('broadcast:' || p_id, b.rate_limit, greatest(1, ceil(b.rate_limit / 10)), 1)
+        ON CONFLICT (name) DO NOTHING;
+    END IF;
+    RETURN QUERY
+    UPDATE broadcasts AS u
+    SET status = CASE WHEN n = 0 THEN 'sent' ELSE 'sending' END,
+        total = n,
+        started_at = now(),
+        finished_at = CASE WHEN n = 0 THEN now() END,
+        updated_at = now(),
+        audit_log = u.audit_log || pgcast_audit_v1('send', u.status,
+            CASE WHEN n = 0 THEN 'sent' ELSE 'sending' END,
+            jsonb_build_object('recipients', n))
+    WHERE u.id = p_id AND u.status = ANY (ARRAY['draft'])
+    RETURNING true, u.status, u.total;
+    IF n > 0 THEN
+        PERFORM pgcast_notify_v1('send', p_id, b.epoch);
+    END IF;
+END
+$$;
+
+-- renew: a live worker extends the lease of the claims it knows it holds, by (broadcast,
+-- claim token) pairs, so a claim whose answer was lost to a broken connection still
+-- expires. One broadcast at a time, each one's rows locked in contact_id order.
+CREATE FUNCTION pgcast_renew_v2(p_ids uuid[], p_tokens uuid[], p_lease interval)
+RETURNS integer LANGUAGE plpgsql AS $$
+DECLARE
+    c record;
+    n integer;
+    total integer := 0;
+BEGIN
+    FOR c IN SELECT t.id, array_agg(t.token) AS tokens
+             FROM unnest(p_ids, p_tokens) AS t(id, token) GROUP BY t.id ORDER BY t.id LOOP
+        UPDATE broadcast_recipients r
+        SET lease_expires_at = clock_timestamp() + p_lease
+        WHERE r.broadcast_id = c.id AND r.contact_id = ANY (ARRAY(
+            SELECT l.contact_id FROM broadcast_recipients l
+            WHERE l.broadcast_id = c.id AND l.status IN ('claimed', 'sending')
+              AND l.claim_token = ANY (c.tokens)
+            ORDER BY l.contact_id FOR UPDATE));
+        GET DIAGNOSTICS n = ROW_COUNT;
+        total := total + n;
+    END LOOP;
+    RETURN total;
+END
+$$;

@@ -82,7 +82,7 @@ def get(conn: psycopg.Connection[Any], account: str, broadcast_id: uuid.UUID) ->
 
 
 def send_result(row: dict[str, Any]) -> dict[str, Any]:
-    """The answer to a send, from a pgcast_send_v1 row."""
+    """The answer to a send, from a pgcast_send_v2 row."""
     if not row["ok"]:
         return {"success": False, "status": row["status"],
                 "message": f"Broadcast is {row['status']}; only a draft can be sent"}
@@ -130,7 +130,7 @@ def send(conn: psycopg.Connection[Any], account: str, broadcast_id: uuid.UUID) -
     result = send_result(_control(conn, "broadcast_send",
                                   {"account": account, "id": broadcast_id}))
     if needs_analyze(result):
-        conn.execute(QUERIES["analyze_recipients"])
+        conn.execute(QUERIES["analyze_recipients"], {"id": broadcast_id})
     return result
 
 

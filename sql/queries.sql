@@ -82,12 +82,13 @@ WHERE id = %(id)s AND account = %(account)s AND status = ANY (ARRAY['draft'])
 RETURNING id
 
 -- broadcast_send --
--- Snapshot the recipients and start sending (pgcast_send_v1).
-SELECT * FROM pgcast_send_v1(%(account)s, %(id)s)
+-- Snapshot the recipients into the broadcast's own partition and start sending.
+SELECT * FROM pgcast_send_v2(%(account)s, %(id)s)
 
 -- analyze_recipients --
--- Fresh planner statistics after a big snapshot (its own transaction, after the send).
-ANALYZE broadcast_recipients
+-- Fresh planner statistics for one broadcast's partition after a big snapshot (its own
+-- transaction, after the send).
+SELECT pgcast_analyze_v1(%(id)s)
 
 -- broadcast_cancel --
 -- Cancel a draft, sending or paused broadcast (pgcast_cancel_v1).
@@ -155,8 +156,8 @@ SELECT * FROM pgcast_finalize_v1(%(id)s)
 SELECT * FROM pgcast_sweep_v1()
 
 -- renew --
--- Extends the lease on the claims a live worker holds.
-SELECT pgcast_renew_v1(%(tokens)s, make_interval(secs => %(lease)s)) AS renewed
+-- Extends the lease on the claims a live worker holds: (broadcast, claim token) pairs.
+SELECT pgcast_renew_v2(%(ids)s, %(tokens)s, make_interval(secs => %(lease)s)) AS renewed
 
 -- take_tokens --
 -- Up to `want` tokens from a bucket (pgcast_take_tokens_v1).

@@ -115,7 +115,8 @@ class Engine:
         self._refreshed = 0.0
         self._content: dict[uuid.UUID, render.Content] = {}
         self._idle_loops = 0
-        self.tokens_in_hand: set[uuid.UUID] = set()  # claims whose leases we renew
+        # claims whose leases we renew: claim token -> its broadcast
+        self.tokens_in_hand: dict[uuid.UUID, uuid.UUID] = {}
         self._throttles = 0  # provider throttles in a row: the next one backs off longer
 
     # -- database access -------------------------------------------------------------
@@ -262,11 +263,11 @@ class Engine:
 
     async def _work_one(self, bid: uuid.UUID) -> None:
         token = uuid.uuid4()
-        self.tokens_in_hand.add(token)
+        self.tokens_in_hand[token] = bid
         try:
             await self._claim_and_work(bid, token)
         finally:
-            self.tokens_in_hand.discard(token)
+            self.tokens_in_hand.pop(token, None)
 
     async def _claim_and_work(self, bid: uuid.UUID, token: uuid.UUID) -> None:
         rows = await self._claim(bid, token)

@@ -84,7 +84,9 @@ async def _renew(eng: engine.Engine) -> None:
             continue
         try:
             async with eng.pool.connection() as conn:
-                await conn.execute(QUERIES["renew"], {"tokens": list(eng.tokens_in_hand),
+                held = list(eng.tokens_in_hand.items())
+                await conn.execute(QUERIES["renew"], {"tokens": [t for t, _ in held],
+                                                      "ids": [b for _, b in held],
                                                       "lease": eng.settings.lease})
         except psycopg.OperationalError as exc:
             log.warning("lease renewal failed (%s); will retry", exc)

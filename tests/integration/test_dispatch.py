@@ -164,6 +164,47 @@ def test_sweep_reclaims_expired_claims_and_marks_lost_handoffs_unknown(conn: Con
     assert len(rows3) == 4
 
 
+def test_renew_extends_only_the_claims_named_by_broadcast_and_token(conn: Conn) -> None:
+    support.seed_contacts(conn, 20)
+    a, b = support.new_broadcast(conn), support.new_broadcast(conn)
+    # the same physical row positions in both partitions: a ctid match alone would be wrong
+    ta, rows_a = claim(conn, a, 5, lease=0.001)
+    tb, rows_b = claim(conn, b, 5, lease=0.001)
+    t_other, _ = claim(conn, a, 5, lease=0.001)
+    sent = [rows_a[0]["contact_id"]]
+    handoff(conn, a, rows_a[0]["epoch"], ta, sent)
+    renewed = conn.execute(QUERIES["renew"], {"ids": [a, b, b], "tokens": [ta, tb, ta],
+                                             "lease": 60.0}).fetchone()
+    assert renewed == {"renewed": 10}  # (b, ta) names nothing
+    leases = conn.execute(
+        "SELECT broadcast_id, claim_token, bool_and(lease_expires_at > clock_timestamp() "
+        "+ interval '50 seconds') AS long FROM broadcast_recipients "
+        "WHERE claim_token IS NOT NULL GROUP BY 1, 2").fetchall()
+    assert {(r["broadcast_id"], r["claim_token"]): r["long"] for r in leases} == {
+        (a, ta): True, (b, tb): True, (a, t_other): False}
+    # renewed claims survive a sweep; the unrenewed one goes back to pending
+    swept = conn.execute(QUERIES["sweep"]).fetchall()
+    assert swept == [{"broadcast_id": a, "reclaimed": 5, "unknown": 0, "finalized": None}]
+    assert len(rows_b) == 5
+
+
+def test_each_broadcast_gets_its_own_partition_and_an_empty_send_none(conn: Conn) -> None:
+    support.seed_contacts(conn, 10, tag="vip")
+    support.seed_contacts(conn, 5, start=100)
+    everyone = support.new_broadcast(conn)
+    vips = support.new_broadcast(conn, tag="vip")
+    nobody = support.new_broadcast(conn, tag="no-such-tag")
+    rows = conn.execute(
+        "SELECT c.relname AS part, (SELECT count(*) FROM broadcast_recipients r"
+        "  WHERE r.tableoid = c.oid) AS n FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid"
+        " WHERE i.inhparent = 'broadcast_recipients'::regclass").fetchall()
+    counts = {r["part"]: r["n"] for r in rows}
+    assert counts == {f"broadcast_recipients_{everyone.hex}": 15,
+                      f"broadcast_recipients_{vips.hex}": 10}
+    p = support.assert_counters_true(conn, nobody)
+    assert (p["status"], p["total"]) == ("sent", 0)
+
+
 def test_sweep_finalizes_a_drained_broadcast_whose_last_recipient_failed(conn: Conn) -> None:
     support.seed_contacts(conn, 3)
     bid = support.new_broadcast(conn)

@@ -72,3 +72,49 @@ def test_two_migrates_at_once_are_safe(pg_server: str) -> None:
         with psycopg.connect(url) as conn:
             n = conn.execute("SELECT count(*) FROM schema_migrations").fetchone()
         assert n is not None and n[0] == len(schema.migrations())
+
+
+def test_0002_moves_each_broadcasts_rows_into_its_own_partition(pg_server: str) -> None:
+    first, *later = schema.migrations()
+    assert first.version == 1 and later, "this test upgrades from 0001"
+    with support.fresh_database(pg_server, "template0") as url, psycopg.connect(url) as conn:
+        conn.execute(first.sql)  # type: ignore[arg-type]
+        conn.execute("CREATE TABLE schema_migrations (version integer PRIMARY KEY, name text "
+                     "NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())")
+        conn.execute("INSERT INTO schema_migrations (version, name) VALUES (1, %s)",
+                     (first.name,))
+        conn.execute("INSERT INTO contacts (account, email) SELECT 'a', 'u' || g || '@x.test' "
+                     "FROM generate_series(1, 30) g")
+        ids = [conn.execute("INSERT INTO broadcasts (account, subject, from_address, text_body)"
+                            " VALUES ('a', 's', 'f@x.test', 't') RETURNING id").fetchone()[0]
+               for _ in range(2)]
+        for bid in ids:
+            assert conn.execute("SELECT queued FROM pgcast_send_v1('a', %s)",
+                                (bid,)).fetchone() == (30,)
+        # some progress on the first broadcast, which must survive the move
+        conn.execute("UPDATE broadcast_recipients SET status = 'sent', sent_at = now(), "
+                     "provider_message_id = 'm' || contact_id "
+                     "WHERE broadcast_id = %s AND contact_id <= 10", (ids[0],))
+        before = conn.execute("SELECT * FROM broadcast_recipients ORDER BY 1, 2").fetchall()
+        conn.commit()
+
+        migrate.migrate(conn)
+
+        after = conn.execute("SELECT * FROM broadcast_recipients ORDER BY 1, 2").fetchall()
+        assert after == before
+        parts = conn.execute(
+            "SELECT c.relname, pg_get_expr(c.relpartbound, c.oid) FROM pg_inherits i "
+            "JOIN pg_class c ON c.oid = i.inhrelid "
+            "WHERE i.inhparent = 'broadcast_recipients'::regclass ORDER BY 1").fetchall()
+        assert sorted(parts) == sorted(
+            (f"broadcast_recipients_{bid.hex}", f"FOR VALUES IN ('{bid}')") for bid in ids)
+        # every index of the parent exists on each partition
+        n_indexes = conn.execute(
+            "SELECT count(*) FROM pg_index WHERE indrelid = %s::regclass",
+            (f"broadcast_recipients_{ids[0].hex}",)).fetchone()
+        assert n_indexes == (4,)
+        assert conn.execute("SELECT to_regclass('broadcast_recipients_0001')").fetchone() == (None,)
+        # and the engine's functions work on the moved rows
+        claimed = conn.execute("SELECT count(*) FROM pgcast_claim_v1(%s, 100, gen_random_uuid(),"
+                               " 'w', interval '30 seconds', 0)", (ids[0],)).fetchone()
+        assert claimed == (20,)
