@@ -49,6 +49,32 @@ def _positive(kind: type) -> Callable[[str], Any]:
     return parse
 
 
+def _group_ms(raw: str) -> float:
+    """A finite number of milliseconds > 0 (from --group-ms or PGCAST_GROUP_MS)."""
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(
+            f"must be a finite number > 0 (flag or PGCAST_GROUP_MS): {raw!r}")
+    return value
+
+
+def _group_size(raw: str) -> int | None:
+    """`auto` (None: sized to the provider's measured speed) or a whole number >= 1."""
+    if raw.strip().lower() == "auto":
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be 'auto' or a whole number >= 1: {raw!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 'auto' or a whole number >= 1: {raw!r}")
+    return value
+
+
 def _read_text(path: str | None) -> str | None:
     if path is None:
         return None
@@ -86,11 +112,12 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     settings = engine.Settings(
         concurrency=args.concurrency, batch_size=args.batch_size, group_size=args.group_size,
-        delay_ms=args.delay_ms, max_retries=args.max_retries, max_broadcasts=args.max_broadcasts,
-        once=args.once, lease=args.lease, breaker=args.breaker, sweeper=not args.no_sweeper,
-        retry_base=args.retry_base, sweep_cron=f"* * * * * */{args.sweep_every}")
-    if settings.concurrency < 1 or settings.batch_size < 1 or settings.group_size < 1:
-        raise UsageError("--concurrency, --batch-size and --group-size must be at least 1")
+        group_ms=args.group_ms, delay_ms=args.delay_ms, max_retries=args.max_retries,
+        max_broadcasts=args.max_broadcasts, once=args.once, lease=args.lease,
+        breaker=args.breaker, sweeper=not args.no_sweeper, retry_base=args.retry_base,
+        sweep_cron=f"* * * * * */{args.sweep_every}")
+    if settings.concurrency < 1 or settings.batch_size < 1:
+        raise UsageError("--concurrency and --batch-size must be at least 1")
     if settings.lease < 1:
         raise UsageError("--lease must be at least 1 second")
     logging.basicConfig(level=os.environ.get("PGCAST_LOG_LEVEL", "INFO").upper(),
@@ -188,7 +215,15 @@ def build_parser() -> Parser:
     w = sub.add_parser("worker", help="run a worker process")
     w.add_argument("--concurrency", type=int, default=4, help="dispatch loops (default 4)")
     w.add_argument("--batch-size", type=int, default=500, help="rows per claim (default 500)")
-    w.add_argument("--group-size", type=int, default=50, help="rows per handoff (default 50)")
+    w.add_argument("--group-size", type=_group_size, default=None, metavar="N|auto",
+                   help="rows per handoff: 'auto' (default) sizes each group to fit --group-ms "
+                        "of provider time (1 to --batch-size); N fixes it (the most a crash "
+                        "can leave unknown, per loop)")
+    # a string default goes through the type check too: a bad PGCAST_GROUP_MS is a usage error
+    w.add_argument("--group-ms", type=_group_ms, metavar="MS",
+                   default=os.environ.get("PGCAST_GROUP_MS", "250"),
+                   help="with --group-size auto: target provider time per group in ms "
+                        "(default 250, env PGCAST_GROUP_MS)")
     w.add_argument("--delay-ms", type=_positive(int), default=0, help="pause between batches")
     w.add_argument("--max-retries", type=_positive(int), default=5,
                    help="transient failures per recipient before it fails (default 5)")

@@ -10,6 +10,7 @@ import math
 import os
 import random
 import socket
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -25,6 +26,8 @@ log = logging.getLogger("pgcast.worker")
 
 NEVER = math.inf  # a halted epoch meaning "every epoch": the broadcast was cancelled
 DB_RETRY_MAX = 5.0  # seconds: the longest pause between attempts to reach Postgres
+GROUP_START = 10  # auto group size before the provider's speed has been measured
+GROUP_ALPHA = 0.2  # weight of the newest group in the provider's moving average
 
 
 @dataclass
@@ -33,7 +36,8 @@ class Settings:
 
     concurrency: int = 4  # dispatch loops in this process
     batch_size: int = 500  # rows per claim
-    group_size: int = 50  # rows per handoff/send/record
+    group_size: int | None = None  # rows per handoff/send/record; None = auto (see GroupSizer)
+    group_ms: float = 250.0  # auto: target provider time per group, in milliseconds
     delay_ms: int = 0  # pause between batches of one loop
     max_retries: int = 5  # transient failures tolerated per recipient before `failed`
     max_broadcasts: int = 0  # broadcasts worked on at once; 0 = all
@@ -91,6 +95,58 @@ class State:
         return self.halted.get(broadcast_id, 0) >= epoch
 
 
+class GroupSizer:
+    """How many rows the next group hands off: a fixed number, or sized to the provider.
+
+    Auto: the provider's seconds per message is an exponentially weighted moving average
+    over groups (the first measurement replaces the starting guess), and a group is what
+    fits in `group_ms` of provider time: floor(group_ms / 1000 / average), clamped to
+    [1, batch_size]. Fast providers get few big groups (fewer synchronous commits); slow ones
+    small groups (a short time between handoff and record: what a crash leaves `unknown`).
+    Shared by one Engine's dispatch loops; `observe` may be called from provider threads.
+    """
+
+    def __init__(self, fixed: int | None, group_ms: float, batch_size: int,
+                 start: int = GROUP_START, alpha: float = GROUP_ALPHA) -> None:
+        if fixed is not None and fixed < 1:
+            raise ValueError(f"group size must be at least 1, not {fixed}")
+        if not (math.isfinite(group_ms) and group_ms > 0):
+            raise ValueError(f"group_ms must be a finite number > 0, not {group_ms}")
+        if batch_size < 1:
+            raise ValueError(f"batch size must be at least 1, not {batch_size}")
+        if not 0 < alpha <= 1:
+            raise ValueError(f"alpha must be in (0, 1], not {alpha}")
+        self.fixed = fixed
+        self.target = group_ms / 1000
+        self.batch_size = batch_size
+        self.start = start
+        self.alpha = alpha
+        self.per_message: float | None = None  # seconds; None until the first measurement
+        self._lock = threading.Lock()
+
+    def size(self) -> int:
+        """Rows for the next group (before the rate limit has its say)."""
+        if self.fixed is not None:
+            return self.fixed
+        avg = self.per_message
+        if avg is None:
+            want = float(self.start)
+        elif avg <= 0:
+            want = float(self.batch_size)
+        else:
+            want = self.target / avg  # inf when avg is subnormal: clamped before floor()
+        return max(1, math.floor(min(float(self.batch_size), want)))
+
+    def observe(self, seconds: float, messages: int) -> None:
+        """The provider took `seconds` of wall time for `messages` attempted sends."""
+        if self.fixed is not None or messages < 1 or not math.isfinite(seconds):
+            return
+        sample = max(0.0, seconds) / messages
+        with self._lock:
+            old = self.per_message
+            self.per_message = sample if old is None else old + self.alpha * (sample - old)
+
+
 def backoff(attempt: int, base: float, cap: float) -> float:
     """Exponential backoff with full jitter in [d/2, d] for the given attempt (1-based)."""
     delay = min(cap, base * 2.0 ** max(0, attempt - 1))
@@ -118,6 +174,7 @@ class Engine:
         # claims whose leases we renew: claim token -> its broadcast
         self.tokens_in_hand: dict[uuid.UUID, uuid.UUID] = {}
         self._throttles = 0  # provider throttles in a row: the next one backs off longer
+        self.sizer = GroupSizer(settings.group_size, settings.group_ms, settings.batch_size)
 
     # -- database access -------------------------------------------------------------
 
@@ -293,7 +350,7 @@ class Engine:
             while remaining and not self.stopping.is_set():
                 if self.state.is_halted(bid, epoch):
                     break
-                want = min(self.settings.group_size, len(remaining))
+                want = min(self.sizer.size(), len(remaining))
                 granted = await self._take_tokens(bid, epoch, rate_limit, want)
                 if granted == 0 or self.stopping.is_set() or self.state.is_halted(bid, epoch):
                     break
@@ -368,11 +425,14 @@ class Engine:
         """Send each message in order; stop at a throttle or an account-level error."""
         outcomes: list[Outcome] = []
         stop: Outcome | None = None
+        attempted = 0
+        started = time.perf_counter()
         for message in messages:
             cid = message.contact_id
             if stop is not None:
                 outcomes.append(Outcome(cid, stop.outcome, retry_in=stop.retry_in))
                 continue
+            attempted += 1
             try:
                 outcomes.append(Outcome(cid, "sent", message_id=self.provider.send(message)))
                 self._throttles = 0
@@ -396,6 +456,7 @@ class Engine:
                 else:
                     outcomes.append(Outcome(cid, "retry", error=str(exc)[:500], retry_in=backoff(
                         attempt, self.settings.retry_base, self.settings.retry_cap)))
+        self.sizer.observe(time.perf_counter() - started, attempted)
         return outcomes
 
     # -- rate limit ---------------------------------------------------------------------

@@ -66,6 +66,9 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(
         ["contacts", "import", str(tmp_path / "missing.csv")],
         ["contacts", "unsubscribe", "nobody@example.com"],
         ["worker", "--concurrency", "zero"],
+        ["worker", "--group-size", "0"],
+        ["worker", "--group-size", "some"],
+        ["worker", "--group-ms", "0"],
         ["rate", "set", "-5"],
         ["frobnicate"],
     ]
