@@ -129,8 +129,8 @@ SELECT * FROM pgcast_claim_v1(%(id)s, %(limit)s, %(token)s, %(worker)s,
 SELECT * FROM pgcast_handoff_v1(%(id)s, %(epoch)s, %(token)s, %(ids)s)
 
 -- record --
--- One group's provider outcomes and counters (pgcast_record_v1).
-SELECT * FROM pgcast_record_v1(%(id)s, %(token)s, %(ids)s, %(outcomes)s, %(message_ids)s,
+-- One group's provider outcomes and counters.
+SELECT * FROM pgcast_record_v2(%(id)s, %(token)s, %(ids)s, %(outcomes)s, %(message_ids)s,
                                %(errors)s, %(retry_in)s, %(breaker)s)
 
 -- release --
