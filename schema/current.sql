@@ -238,36 +238,6 @@ BEGIN
 END
 $$;
 
--- pause: sending -> paused with a reason. Claimed rows go back to pending.
-CREATE FUNCTION pgcast_pause_v1(p_account text, p_id uuid, p_reason text, p_details jsonb)
-RETURNS TABLE (ok boolean, status text)
-LANGUAGE plpgsql AS $$
-DECLARE
-    e integer;
-BEGIN
-    UPDATE broadcasts AS u
-    SET status = 'paused', paused_reason = p_reason, updated_at = now(),
-        audit_log = u.audit_log || pgcast_audit_v1('pause', u.status, 'paused',
-            coalesce(p_details, '{}'::jsonb) || jsonb_build_object('reason', p_reason))
-    WHERE u.id = p_id AND (p_account IS NULL OR u.account = p_account)
-      AND u.status = ANY (ARRAY['sending'])
-    RETURNING u.epoch INTO e;
-    IF NOT FOUND THEN
-        RETURN QUERY SELECT false, b.status FROM broadcasts b
-            WHERE b.id = p_id AND (p_account IS NULL OR b.account = p_account);
-        RETURN;
-    END IF;
-    UPDATE broadcast_recipients r
-    SET status = 'pending', claim_token = NULL, lease_expires_at = NULL
-    WHERE r.broadcast_id = p_id AND r.contact_id = ANY (ARRAY(
-        SELECT l.contact_id FROM broadcast_recipients l
-        WHERE l.broadcast_id = p_id AND l.status = 'claimed'
-        ORDER BY l.contact_id FOR UPDATE));
-    PERFORM pgcast_notify_v1('pause', p_id, e);
-    RETURN QUERY SELECT true, 'paused'::text;
-END
-$$;
-
 -- resume: paused -> sending, bumping the epoch (fences work claimed before the pause).
 CREATE FUNCTION pgcast_resume_v1(p_account text, p_id uuid, p_details jsonb)
 RETURNS TABLE (ok boolean, status text)
@@ -723,5 +693,81 @@ BEGIN
     WHERE id = p_id
     RETURNING failure_streak INTO streak;
     RETURN QUERY SELECT c.n::integer, p_breaker > 0 AND streak > p_breaker;
+END
+$$;
+
+-- claim and hand off in one statement, for a worker that will send the whole batch at
+-- once (a provider fast enough that its group is the batch). Synchronous, like every
+-- handoff. Recipients whose contact unsubscribed since the snapshot are only claimed
+-- (handed = false): the worker passes them to pgcast_handoff_v1, whose rare path skips
+-- them under the broadcast row lock (taking that lock here, after the recipients, would
+-- break the lock order).
+-- The fence: a cancel marks pending rows cancelled, so it and this statement meet on the
+-- rows (whichever locks a row first wins, and a handoff commits before the cancel that
+-- waited for it). A pause leaves pending rows alone, so it meets this statement on an
+-- advisory lock instead: shared here, exclusive in pgcast_pause_v2, taken before the
+-- broadcast is read. A pause waits for handoffs in progress; a handoff that waited for a
+-- pause reads `paused` and hands off nothing.
+CREATE FUNCTION pgcast_claim_handoff_v1(p_id uuid, p_limit integer, p_token uuid,
+                                        p_worker text, p_lease interval, p_after bigint)
+RETURNS TABLE (contact_id bigint, email text, name text, attempts smallint, epoch integer,
+               handed boolean)
+LANGUAGE plpgsql AS $$
+DECLARE
+    e integer;
+BEGIN
+    PERFORM pg_advisory_xact_lock_shared(hashtext('pgcast.handoff'), hashtext(p_id::text));
+    SELECT b.epoch INTO e FROM broadcasts b WHERE b.id = p_id AND b.status = 'sending';
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    RETURN QUERY
+    UPDATE broadcast_recipients r
+    SET status = CASE WHEN c.unsubscribed_at IS NULL THEN 'sending' ELSE 'claimed' END,
+        handed_at = CASE WHEN c.unsubscribed_at IS NULL THEN statement_timestamp() END,
+        claim_token = p_token, claim_epoch = e, worker = p_worker,
+        lease_expires_at = clock_timestamp() + p_lease
+    FROM contacts c
+    WHERE r.broadcast_id = p_id AND c.id = r.contact_id AND r.contact_id = ANY (ARRAY(
+        SELECT l.contact_id
+        FROM broadcast_recipients l
+        WHERE l.broadcast_id = p_id AND l.status = 'pending' AND l.contact_id > p_after
+          AND (l.retry_at IS NULL OR l.retry_at <= now())
+        ORDER BY l.contact_id
+        LIMIT p_limit
+        FOR UPDATE SKIP LOCKED))
+    RETURNING r.contact_id, r.email, c.name, r.attempts, e, c.unsubscribed_at IS NULL;
+END
+$$;
+
+-- pause: sending -> paused; claimed rows go back to pending. v2 takes the advisory lock
+-- that fences pgcast_claim_handoff_v1 (v1 did not know it).
+CREATE FUNCTION pgcast_pause_v2(p_account text, p_id uuid, p_reason text, p_details jsonb)
+RETURNS TABLE (ok boolean, status text)
+LANGUAGE plpgsql AS $$
+DECLARE
+    e integer;
+BEGIN
+    PERFORM pg_advisory_xact_lock(hashtext('pgcast.handoff'), hashtext(p_id::text));
+    UPDATE broadcasts AS u
+    SET status = 'paused', paused_reason = p_reason, updated_at = now(),
+        audit_log = u.audit_log || pgcast_audit_v1('pause', u.status, 'paused',
+            coalesce(p_details, '{}'::jsonb) || jsonb_build_object('reason', p_reason))
+    WHERE u.id = p_id AND (p_account IS NULL OR u.account = p_account)
+      AND u.status = ANY (ARRAY['sending'])
+    RETURNING u.epoch INTO e;
+    IF NOT FOUND THEN
+        RETURN QUERY SELECT false, b.status FROM broadcasts b
+            WHERE b.id = p_id AND (p_account IS NULL OR b.account = p_account);
+        RETURN;
+    END IF;
+    UPDATE broadcast_recipients r
+    SET status = 'pending', claim_token = NULL, lease_expires_at = NULL
+    WHERE r.broadcast_id = p_id AND r.contact_id = ANY (ARRAY(
+        SELECT l.contact_id FROM broadcast_recipients l
+        WHERE l.broadcast_id = p_id AND l.status = 'claimed'
+        ORDER BY l.contact_id FOR UPDATE));
+    PERFORM pgcast_notify_v1('pause', p_id, e);
+    RETURN QUERY SELECT true, 'paused'::text;
 END
 $$;

@@ -103,7 +103,7 @@ def cancel_result(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def pause_result(row: dict[str, Any], reason: str) -> dict[str, Any]:
-    """The answer to a pause, from a pgcast_pause_v1 row."""
+    """The answer to a pause, from a pgcast_pause_v2 row."""
     if not row["ok"]:
         return {"success": False, "status": row["status"],
                 "message": f"Broadcast is {row['status']}; only a sending broadcast can be paused"}

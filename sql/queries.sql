@@ -95,8 +95,8 @@ SELECT pgcast_analyze_v1(%(id)s)
 SELECT * FROM pgcast_cancel_v1(%(account)s, %(id)s, %(details)s::jsonb)
 
 -- broadcast_pause --
--- Pause a sending broadcast with a reason (pgcast_pause_v1); account NULL = any.
-SELECT * FROM pgcast_pause_v1(%(account)s, %(id)s, %(reason)s, %(details)s::jsonb)
+-- Pause a sending broadcast with a reason; account NULL = any.
+SELECT * FROM pgcast_pause_v2(%(account)s, %(id)s, %(reason)s, %(details)s::jsonb)
 
 -- broadcast_resume --
 -- Resume a paused broadcast under a new epoch (pgcast_resume_v1).
@@ -124,6 +124,11 @@ SELECT id, account, subject, from_address, text_body, html_body FROM broadcasts 
 SELECT * FROM pgcast_claim_v1(%(id)s, %(limit)s, %(token)s, %(worker)s,
                               make_interval(secs => %(lease)s), %(after)s)
 
+-- claim_handoff --
+-- Claim up to `limit` rows and hand them off at once (handed = false: only claimed).
+SELECT * FROM pgcast_claim_handoff_v1(%(id)s, %(limit)s, %(token)s, %(worker)s,
+                                      make_interval(secs => %(lease)s), %(after)s)
+
 -- handoff --
 -- The fence: claimed -> sending (or skipped) for one group (pgcast_handoff_v1).
 SELECT * FROM pgcast_handoff_v1(%(id)s, %(epoch)s, %(token)s, %(ids)s)
@@ -145,6 +150,16 @@ WHERE r.broadcast_id = %(id)s AND r.contact_id = ANY (ARRAY(
     SELECT l.contact_id FROM broadcast_recipients l
     WHERE l.broadcast_id = %(id)s AND l.contact_id = ANY (%(ids)s)
       AND l.claim_token = %(token)s AND l.status = 'sending'
+    ORDER BY l.contact_id FOR UPDATE))
+
+-- unclaim --
+-- Back to pending: all a claim_handoff took whose answer was lost (the provider saw none).
+UPDATE broadcast_recipients r
+SET status = 'pending', claim_token = NULL, lease_expires_at = NULL, handed_at = NULL
+WHERE r.broadcast_id = %(id)s AND r.contact_id = ANY (ARRAY(
+    SELECT l.contact_id FROM broadcast_recipients l
+    WHERE l.broadcast_id = %(id)s AND l.claim_token = %(token)s
+      AND l.status IN ('claimed', 'sending')
     ORDER BY l.contact_id FOR UPDATE))
 
 -- finalize --

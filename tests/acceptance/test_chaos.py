@@ -15,12 +15,16 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+import pytest
 
 from sql import broadcasts, embedded, migrate
 from tests import support
 
 Conn = psycopg.Connection[dict[str, Any]]
 GROUP = 10  # --group-size of the workers in these tests
+BATCH = 50  # --batch-size; a group this big makes the worker claim and hand off in one statement
+# both dispatch paths: claim, then hand off in groups; and the direct claim-and-hand-off
+PATHS = pytest.mark.parametrize("group", [GROUP, BATCH], ids=["groups", "direct"])
 
 
 def ses_env(ses: support.MotoServer, **extra: str) -> dict[str, str]:
@@ -28,9 +32,9 @@ def ses_env(ses: support.MotoServer, **extra: str) -> dict[str, str]:
             "PGCAST_LEASE_SECONDS": "3", "PGCAST_SWEEP_SECONDS": "1", **extra}
 
 
-def worker_args(concurrency: int = 1) -> list[str]:
-    return ["worker", "--concurrency", str(concurrency), "--batch-size", "50",
-            "--group-size", str(GROUP)]
+def worker_args(concurrency: int = 1, group: int = GROUP) -> list[str]:
+    return ["worker", "--concurrency", str(concurrency), "--batch-size", str(BATCH),
+            "--group-size", str(group)]
 
 
 def deliveries(ses: support.MotoServer) -> collections.Counter[str]:
@@ -69,13 +73,14 @@ def wait_nothing_in_flight(conn: Conn, bid: uuid.UUID) -> None:
         timeout=60, what="in-flight groups to finish")
 
 
+@PATHS
 def test_kill_9_workers_repeatedly(conn: Conn, db_url: str, ses: support.MotoServer,
-                                   procs: support.Processes) -> None:
+                                   procs: support.Processes, group: int) -> None:
     ses.verify("news@example.com")
     support.seed_contacts(conn, 2000)
     bid = support.new_broadcast(conn)
     env = ses_env(ses)
-    live = [procs.start(db_url, *worker_args(), **env) for _ in range(3)]
+    live = [procs.start(db_url, *worker_args(group=group), **env) for _ in range(3)]
     rng = random.Random(5)
     kills = 0
     while kills < 6 and support.progress(conn, bid)["status"] == "sending":
@@ -86,13 +91,13 @@ def test_kill_9_workers_repeatedly(conn: Conn, db_url: str, ses: support.MotoSer
         victim = live.pop(rng.randrange(len(live)))
         procs.stop(victim, signal.SIGKILL)
         kills += 1
-        live.append(procs.start(db_url, *worker_args(), **env))
+        live.append(procs.start(db_url, *worker_args(group=group), **env))
     assert kills >= 3
     p = wait_status(conn, bid, "sent", "failed")
     p = support.assert_counters_true(conn, bid)
     assert p["pending"] == 0 and p["sent"] + p["unknown"] == 2000, p
     # with --concurrency 1, a kill leaves at most one group in the provider's hands
-    assert p["unknown"] <= kills * GROUP, (p, kills)
+    assert p["unknown"] <= kills * group, (p, kills)
     got = deliveries(ses)
     rows = rows_by_email(conn, bid)
     assert max(got.values()) == 1  # nobody mailed twice
@@ -104,13 +109,14 @@ def test_kill_9_workers_repeatedly(conn: Conn, db_url: str, ses: support.MotoSer
     assert set(got) <= set(rows)
 
 
+@PATHS
 def test_cancel_mid_send(conn: Conn, db_url: str, ses: support.MotoServer,
-                         procs: support.Processes) -> None:
+                         procs: support.Processes, group: int) -> None:
     ses.verify("news@example.com")
     support.seed_contacts(conn, 3000)
     bid = support.new_broadcast(conn)
     for _ in range(3):
-        procs.start(db_url, *worker_args(concurrency=2), **ses_env(ses))
+        procs.start(db_url, *worker_args(concurrency=2, group=group), **ses_env(ses))
     wait_sent_at_least(conn, bid, 300)
     result = broadcasts.cancel(conn, "default", bid)
     committed = server_now(conn)
@@ -129,13 +135,14 @@ def test_cancel_mid_send(conn: Conn, db_url: str, ses: support.MotoServer,
     assert sum(got.values()) == p["sent"] and max(got.values()) == 1
 
 
+@PATHS
 def test_pause_wait_resume(conn: Conn, db_url: str, ses: support.MotoServer,
-                           procs: support.Processes) -> None:
+                           procs: support.Processes, group: int) -> None:
     ses.verify("news@example.com")
     support.seed_contacts(conn, 1500)
     bid = support.new_broadcast(conn)
     for _ in range(2):
-        procs.start(db_url, *worker_args(concurrency=2), **ses_env(ses))
+        procs.start(db_url, *worker_args(concurrency=2, group=group), **ses_env(ses))
     wait_sent_at_least(conn, bid, 200)
     assert broadcasts.pause(conn, "default", bid)["success"]
     paused_at = server_now(conn)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 import uuid
 from typing import Any
 
@@ -38,6 +40,31 @@ def record(conn: Conn, bid: uuid.UUID, token: uuid.UUID, ids: list[int], outcome
         "retry_in": [0.0] * len(ids), "breaker": breaker}).fetchone()
     assert row is not None
     return row
+
+
+def claim_handoff(conn: Conn, bid: uuid.UUID, n: int,
+                  after: int = 0) -> tuple[uuid.UUID, list[dict[str, Any]]]:
+    token = uuid.uuid4()
+    rows = conn.execute(QUERIES["claim_handoff"], {"id": bid, "limit": n, "token": token,
+                                                   "worker": "test", "lease": 30.0,
+                                                   "after": after}).fetchall()
+    return token, rows
+
+
+def in_thread(fn: Any) -> tuple[threading.Thread, dict[str, Any]]:
+    """Run fn in a thread; its result or exception lands in the returned dict."""
+    out: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            out["result"] = fn()
+        except Exception as exc:  # the test asserts on it
+            out["error"] = exc
+        out["at"] = time.monotonic()
+
+    t = threading.Thread(target=run)
+    t.start()
+    return t, out
 
 
 def test_claim_takes_disjoint_rows_under_skip_locked(db_url: str, conn: Conn) -> None:
@@ -126,6 +153,94 @@ def test_cancel_counts_what_was_already_handed_off(conn: Conn) -> None:
     record(conn, bid, token, ids[4:], "sent")  # the in-flight group finishes
     p = support.assert_counters_true(conn, bid)
     assert (p["sent"], p["cancelled"], p["pending"]) == (10, 10, 0)
+
+
+def test_claim_handoff_hands_off_in_one_statement(conn: Conn) -> None:
+    support.seed_contacts(conn, 12)
+    bid = support.new_broadcast(conn)
+    contacts.unsubscribe(conn, "default", "user3@example.com")
+    token, rows = claim_handoff(conn, bid, 10)
+    assert [r["contact_id"] for r in rows] == sorted(r["contact_id"] for r in rows)
+    assert len(rows) == 10 and {r["epoch"] for r in rows} == {1}
+    assert [r["email"] for r in rows if not r["handed"]] == ["user3@example.com"]
+    assert support.status_counts(conn, bid) == {"sending": 9, "claimed": 1, "pending": 2}
+    assert conn.execute("SELECT count(*) AS n FROM broadcast_recipients WHERE status = "
+                        "'sending' AND handed_at IS NULL").fetchone() == {"n": 0}
+    handed = [r["contact_id"] for r in rows if r["handed"]]
+    record(conn, bid, token, handed, "sent")
+    # the unsubscribed one goes through the ordinary handoff, which skips it
+    assert handoff(conn, bid, 1, token, [r["contact_id"] for r in rows if not r["handed"]]) == []
+    token2, rest = claim_handoff(conn, bid, 10, after=rows[-1]["contact_id"])
+    record(conn, bid, token2, [r["contact_id"] for r in rest], "sent")
+    assert claim_handoff(conn, bid, 10)[1] == []
+    conn.execute(QUERIES["finalize"], {"id": bid})
+    p = support.assert_counters_true(conn, bid)
+    assert (p["status"], p["sent"], p["skipped"]) == ("sent", 11, 1)
+
+
+def test_unclaim_puts_back_everything_a_lost_claim_handoff_took(conn: Conn) -> None:
+    support.seed_contacts(conn, 10)
+    bid = support.new_broadcast(conn)
+    contacts.unsubscribe(conn, "default", "user3@example.com")
+    token, rows = claim_handoff(conn, bid, 6)
+    other, theirs = claim_handoff(conn, bid, 4, after=rows[-1]["contact_id"])
+    conn.execute(QUERIES["unclaim"], {"id": bid, "token": token})
+    counts = conn.execute(
+        "SELECT status, count(*) AS n, count(handed_at) AS handed, count(claim_token) AS held "
+        "FROM broadcast_recipients GROUP BY 1 ORDER BY 1").fetchall()
+    # ours (one of them only claimed) are pending and unmarked; the other claim's are not
+    assert counts == [{"status": "pending", "n": 6, "handed": 0, "held": 0},
+                      {"status": "sending", "n": 4, "handed": 4, "held": 4}]
+    assert len(theirs) == 4 and other != token
+
+
+def test_a_pause_waits_for_a_claim_handoff_in_progress(db_url: str, conn: Conn) -> None:
+    support.seed_contacts(conn, 20)
+    bid = support.new_broadcast(conn)
+    with psycopg.connect(db_url, row_factory=psycopg.rows.dict_row) as worker:
+        _, rows = claim_handoff(worker, bid, 8)  # type: ignore[arg-type]
+        assert len(rows) == 8  # handed off, not yet committed
+        t, out = in_thread(lambda: broadcasts.pause(conn, "default", bid))
+        time.sleep(0.5)
+        assert t.is_alive(), "the pause must wait for the handoff in progress"
+        committed = time.monotonic()
+        worker.commit()
+        t.join(10)
+    assert out["result"]["success"] and out["at"] >= committed
+    # the handoff committed first; nothing can be handed off after the pause
+    assert claim_handoff(conn, bid, 20)[1] == []
+    assert support.status_counts(conn, bid) == {"sending": 8, "pending": 12}
+
+
+def test_a_claim_handoff_that_waited_for_a_pause_hands_off_nothing(db_url: str,
+                                                                  conn: Conn) -> None:
+    support.seed_contacts(conn, 20)
+    bid = support.new_broadcast(conn)
+    with psycopg.connect(db_url, row_factory=psycopg.rows.dict_row) as operator:
+        assert broadcasts.pause(operator, "default", bid)["success"]  # type: ignore[arg-type]
+        t, out = in_thread(lambda: claim_handoff(conn, bid, 20))
+        time.sleep(0.5)
+        assert t.is_alive(), "the handoff must wait for the pause in progress"
+        operator.commit()
+        t.join(10)
+    assert out["result"][1] == []
+    assert support.status_counts(conn, bid) == {"pending": 20}
+
+
+def test_a_cancel_counts_a_claim_handoff_that_committed_first(db_url: str, conn: Conn) -> None:
+    support.seed_contacts(conn, 20)
+    bid = support.new_broadcast(conn)
+    with psycopg.connect(db_url, row_factory=psycopg.rows.dict_row) as worker:
+        _, rows = claim_handoff(worker, bid, 8)  # type: ignore[arg-type]
+        t, out = in_thread(lambda: broadcasts.cancel(conn, "default", bid))
+        time.sleep(0.5)
+        assert t.is_alive(), "the cancel must wait for the rows the handoff holds"
+        worker.commit()
+        t.join(10)
+    assert out["result"]["success"] and out["result"]["alreadyQueued"] == 8
+    p = support.assert_counters_true(conn, bid)
+    assert (p["status"], p["cancelled"]) == ("cancelled", 12)
+    assert support.status_counts(conn, bid) == {"sending": 8, "cancelled": 12}
 
 
 def test_resume_fences_work_claimed_before_the_pause(conn: Conn) -> None:
