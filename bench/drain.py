@@ -81,11 +81,15 @@ class Profiler:
                     self._maintenance(conn)
 
     def _maintenance(self, conn: Any, first: bool = False) -> None:
+        # over every broadcast's partition of broadcast_recipients
         row = conn.execute(
-            "SELECT autovacuum_count, autoanalyze_count, n_live_tup, n_dead_tup, "
-            "       pg_relation_size('broadcast_recipients') AS heap "
-            "FROM pg_stat_user_tables WHERE relname = 'broadcast_recipients'").fetchone()
-        if row is None:
+            "SELECT sum(autovacuum_count) AS autovacuum_count, "
+            "       sum(autoanalyze_count) AS autoanalyze_count, "
+            "       sum(n_live_tup) AS n_live_tup, sum(n_dead_tup) AS n_dead_tup, "
+            "       sum(pg_relation_size(relid)) AS heap "
+            "FROM pg_stat_user_tables WHERE relid IN (SELECT inhrelid FROM pg_inherits "
+            "  WHERE inhparent = 'broadcast_recipients'::regclass)").fetchone()
+        if row is None or row["heap"] is None:
             return
         now = time.perf_counter() - self.t0
         for key in ("autovacuum_count", "autoanalyze_count"):
@@ -125,10 +129,15 @@ def drain_one(url: str, workers: common.Workers, *, tag: str | None = None,
 def run_series(url: str, recipients: int, broadcasts: int = 1, *, seed: bool = True,
                tag: str | None = None, concurrency: int = CONCURRENCY,
                profile: bool = False, after_send: str | None = None,
-               worker_args: list[str] | None = None) -> list[Drain]:
-    """Seed contacts (unless told not to), start 2 workers, drain `broadcasts` in a row."""
+               worker_args: list[str] | None = None, earlier: int = 0) -> list[Drain]:
+    """Seed contacts (unless told not to), start 2 workers, drain `broadcasts` in a row.
+
+    earlier: first send and cancel that many small broadcasts of another account, so their
+    partitions are there (what a long-lived database looks like to the planner)."""
     if seed:
         common.seed_contacts(url, recipients)
+    if earlier:
+        add_earlier_broadcasts(url, earlier)
     results = []
     args = ["--concurrency", str(concurrency), *(worker_args or [])]
     with common.Workers(url, WORKERS, args) as workers:
@@ -136,6 +145,20 @@ def run_series(url: str, recipients: int, broadcasts: int = 1, *, seed: bool = T
             results.append(drain_one(url, workers, tag=tag, profile=profile,
                                      after_send=after_send))
     return results
+
+
+def add_earlier_broadcasts(url: str, n: int, size: int = 10) -> None:
+    """n sent-then-cancelled broadcasts of `size` recipients each, one partition apiece."""
+    from sql import broadcasts
+
+    with common.connect(url) as conn:
+        conn.execute("INSERT INTO contacts (account, email) SELECT 'earlier', "
+                     "'old' || g || '@example.com' FROM generate_series(1, %s) g", (size,))
+        for _ in range(n):
+            row = broadcasts.create(conn, "earlier", subject="Old", from_address="o@example.com",
+                                    text="old", tag=None)
+            assert broadcasts.send(conn, "earlier", row["id"])["success"]
+            assert broadcasts.cancel(conn, "earlier", row["id"])["success"]
 
 
 def figures(results: list[Drain], cmd: str, key: str = "drain") -> list[common.Figure]:
@@ -190,6 +213,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--after-send", metavar="SQL",
                    help="experiment: run this right after each send commits (timed with the "
                         "drain), e.g. 'ANALYZE broadcast_recipients'")
+    p.add_argument("--earlier", type=int, default=0, metavar="N",
+                   help="first send and cancel N small broadcasts (N partitions already there)")
     p.add_argument("--json", type=Path, help="also write the figures here")
     args = p.parse_args(argv)
     extra = ["--recipients", str(args.recipients)]
@@ -203,11 +228,14 @@ def main(argv: list[str] | None = None) -> None:
         extra += ["--broadcasts", str(args.broadcasts)]
     if args.concurrency != CONCURRENCY:
         extra += ["--concurrency", str(args.concurrency)]
+    if args.earlier:
+        extra += ["--earlier", str(args.earlier)]
     cmd = common.command("drain", *extra)
     with common.bench_db("drain") as url:
         results = run_series(url, args.recipients, args.broadcasts,
                              concurrency=args.concurrency, profile=args.profile,
-                             after_send=args.after_send, worker_args=worker_args)
+                             after_send=args.after_send, worker_args=worker_args,
+                             earlier=args.earlier)
     figs = figures(results, cmd)
     common.report(figs, cmd)
     if args.profile:
