@@ -17,9 +17,9 @@ BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 
 SCALES: dict[str, dict[str, int]] = {
     "full": {"floor": 1_000_000, "peer": 20_000, "big": 1_000_000, "issue2": 200_000,
-             "small": 100_000, "snapshot_repeats": 3, "progress_samples": 5_000},
+             "small": 100_000, "snapshot_repeats": 3, "progress_samples": 5_000, "earlier": 500},
     "small": {"floor": 100_000, "peer": 3_000, "big": 100_000, "issue2": 50_000,
-              "small": 20_000, "snapshot_repeats": 1, "progress_samples": 1_000},
+              "small": 20_000, "snapshot_repeats": 1, "progress_samples": 1_000, "earlier": 50},
 }
 
 TEMPLATE = f"""# Benchmark results
@@ -66,6 +66,21 @@ def suite(srv: str, s: dict[str, int], scale: str, log: Any) -> list[common.Figu
     f2 = drain.figures(r2, cmd, key="drain_issue2")[0]
     f2.aim, f2.passed = ">= 10,000/s (issue 2)", f2.value >= 10_000
     figs.append(f2)
+
+    step(f"drain: {s['issue2']:,} recipients after {s['earlier']:,} earlier broadcasts")
+    with common.database(srv, "earlier") as url:
+        cmd = common.command("drain", "--recipients", str(s["issue2"]),
+                             "--earlier", str(s["earlier"]))
+        old = drain.run_series(url, s["issue2"], earlier=s["earlier"])
+    fo = drain.figures(old, cmd, key="drain_earlier")[0]
+    fo.label = (f"pgcast drain, {s['issue2']:,} recipients, with {s['earlier']:,} earlier "
+                "broadcasts' partitions attached")
+    figs.append(fo)
+    figs.append(ratio("drain_earlier_vs_fresh", f"drain with {s['earlier']:,} earlier "
+                      "broadcasts / on a fresh database", fo.value, f2.value,
+                      ">= 0.9× (no slower as broadcasts accumulate)",
+                      fo.value >= 0.9 * f2.value, run_cmd,
+                      f"{fo.value:,.0f} vs {f2.value:,.0f} recipients/s"))
 
     step(f"drain: {s['small']:,} recipients (RSS)")
     with common.database(srv, "rss") as url:
