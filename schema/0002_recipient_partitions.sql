@@ -66,10 +66,13 @@ CREATE INDEX broadcast_recipients_problems ON broadcast_recipients (broadcast_id
 CREATE INDEX broadcast_recipients_in_flight ON broadcast_recipients (broadcast_id, contact_id)
     WHERE status IN ('claimed', 'sending');
 
--- the partition that holds one broadcast's recipients
+-- the partition that holds one broadcast's recipients, schema-qualified and quoted: it lives
+-- in broadcast_recipients' schema, whatever the caller's search_path
 CREATE FUNCTION pgcast_partition_name_v1(p_id uuid)
-RETURNS text LANGUAGE sql IMMUTABLE AS $$
-    SELECT 'broadcast_recipients_' || replace(p_id::text, '-', '')
+RETURNS text LANGUAGE sql STABLE AS $$
+    SELECT format('%s.%I', c.relnamespace::regnamespace,
+                  'broadcast_recipients_' || replace(p_id::text, '-', ''))
+    FROM pg_class c WHERE c.oid = 'broadcast_recipients'::regclass
 $$;
 
 -- a new, unattached partition for one broadcast: its columns, the CHECK that lets ATTACH
@@ -80,14 +83,15 @@ CREATE FUNCTION pgcast_partition_create_v1(p_id uuid)
 RETURNS text LANGUAGE plpgsql AS $$
 DECLARE
     part text := pgcast_partition_name_v1(p_id);
+    bare text := 'broadcast_recipients_' || replace(p_id::text, '-', '');
 BEGIN
     EXECUTE format(
-        'CREATE TABLE %I (LIKE broadcast_recipients INCLUDING DEFAULTS INCLUDING CONSTRAINTS,'
+        'CREATE TABLE %s (LIKE broadcast_recipients INCLUDING DEFAULTS INCLUDING CONSTRAINTS,'
         ' CONSTRAINT %I CHECK (broadcast_id = %L)) WITH ('
-        -- Every recipient is updated three times (claimed, sending, sent) and no status
-        -- change is HOT (status is in the partial indexes' predicates): vacuum and analyze
-        -- after 2% of the partition instead of the default 20%, at ten times the default
-        -- cost limit.
+        -- No status change is HOT (status is in the partial indexes' predicates), so free
+        -- space kept for updates only makes the snapshot write more pages: fillfactor 100.
+        -- Each recipient leaves two or three dead versions: vacuum and analyze after 2% of
+        -- the partition instead of the default 20%, at ten times the default cost limit.
         '  fillfactor = 100,'
         '  autovacuum_vacuum_scale_factor = 0.02,'
         '  autovacuum_vacuum_threshold = 10000,'
@@ -95,12 +99,12 @@ BEGIN
         '  autovacuum_analyze_scale_factor = 0.02,'
         '  autovacuum_analyze_threshold = 10000,'
         '  autovacuum_vacuum_cost_limit = 2000)',
-        part, part || '_broadcast', p_id);
-    EXECUTE format('CREATE INDEX %I ON %I (broadcast_id, status, contact_id)'
+        part, bare || '_broadcast', p_id);
+    EXECUTE format('CREATE INDEX %I ON %s (broadcast_id, status, contact_id)'
                    ' WHERE status IN (''failed'', ''unknown'', ''skipped'')',
-                   part || '_problems', part);
-    EXECUTE format('CREATE INDEX %I ON %I (broadcast_id, contact_id)'
-                   ' WHERE status IN (''claimed'', ''sending'')', part || '_in_flight', part);
+                   bare || '_problems', part);
+    EXECUTE format('CREATE INDEX %I ON %s (broadcast_id, contact_id)'
+                   ' WHERE status IN (''claimed'', ''sending'')', bare || '_in_flight', part);
     RETURN part;
 END
 $$;
@@ -110,7 +114,7 @@ $$;
 CREATE FUNCTION pgcast_partition_attach_v1(p_id uuid)
 RETURNS void LANGUAGE plpgsql AS $$
 BEGIN
-    EXECUTE format('ALTER TABLE broadcast_recipients ATTACH PARTITION %I FOR VALUES IN (%L)',
+    EXECUTE format('ALTER TABLE broadcast_recipients ATTACH PARTITION %s FOR VALUES IN (%L)',
                    pgcast_partition_name_v1(p_id), p_id);
 END
 $$;
@@ -120,7 +124,7 @@ CREATE FUNCTION pgcast_analyze_v1(p_id uuid)
 RETURNS void LANGUAGE plpgsql AS $$
 BEGIN
     IF to_regclass(pgcast_partition_name_v1(p_id)) IS NOT NULL THEN
-        EXECUTE format('ANALYZE %I', pgcast_partition_name_v1(p_id));
+        EXECUTE format('ANALYZE %s', pgcast_partition_name_v1(p_id));
     END IF;
 END
 $$;
@@ -131,7 +135,7 @@ DECLARE
     bid uuid;
 BEGIN
     FOR bid IN SELECT DISTINCT broadcast_id FROM broadcast_recipients_0001 ORDER BY 1 LOOP
-        EXECUTE format('INSERT INTO %I SELECT * FROM broadcast_recipients_0001'
+        EXECUTE format('INSERT INTO %s SELECT * FROM broadcast_recipients_0001'
                        ' WHERE broadcast_id = %L', pgcast_partition_create_v1(bid), bid);
         PERFORM pgcast_partition_attach_v1(bid);
     END LOOP;
@@ -144,6 +148,14 @@ DROP FUNCTION pgcast_renew_v1(uuid[], interval);
 -- a pause that does not take pgcast_pause_v2's advisory lock would not fence
 -- pgcast_claim_handoff_v1
 DROP FUNCTION pgcast_pause_v1(text, uuid, text, jsonb);
+-- planned without the broadcast id (LANGUAGE sql) or looping over every broadcast's rows,
+-- they would open and lock every partition at each call: v2 are plpgsql
+DROP FUNCTION pgcast_sweep_v1();
+DROP FUNCTION pgcast_finalize_v1(uuid);
+DROP FUNCTION pgcast_release_v1(uuid, uuid, bigint[]);
+-- quadratic in the group size, and it put rows back to pending in a cancelled broadcast
+DROP FUNCTION pgcast_record_v1(uuid, uuid, bigint[], text[], text[], text[], double precision[],
+                               integer);
 
 -- send: lock the draft, snapshot its recipients into a new partition, CAS draft -> sending
 -- (or straight to sent when nobody matches), all in the caller's one transaction.
@@ -167,7 +179,7 @@ BEGIN
     -- no ON CONFLICT and no key yet: the broadcast is new (locked draft) and contacts.id
     -- is unique, so a conflict cannot happen; the key is built after the rows are in
     EXECUTE format(
-        'INSERT INTO %I (broadcast_id, contact_id, email)'
+        'INSERT INTO %s (broadcast_id, contact_id, email)'
         ' SELECT $1, c.id, c.email FROM contacts c'
         ' WHERE c.account = $2 AND c.unsubscribed_at IS NULL'
         '   AND ($3::text IS NULL OR c.tags @> ARRAY[$3::text])', part)
@@ -176,7 +188,7 @@ BEGIN
     IF n > 0 THEN
         PERFORM pgcast_partition_attach_v1(p_id);
     ELSE
-        EXECUTE format('DROP TABLE %I', part);  -- nobody to send to: no partition
+        EXECUTE format('DROP TABLE %s', part);  -- nobody to send to: no partition
     END IF;
     IF b.rate_limit IS NOT NULL THEN
         INSERT INTO rate_limits (name, rate, burst, tokens)
@@ -247,12 +259,16 @@ DECLARE
     was_unknown integer;
     c record;
     streak integer;
+    is_cancelled boolean;
 BEGIN
     -- Not worth an fsync, and it must not hold the broadcast row through one (every worker's
     -- record queues on that row): a record lost to a server crash leaves its rows sending,
     -- and the sweeper turns them unknown: never re-sent. The handoff stays synchronous.
     PERFORM set_config('synchronous_commit', 'off', true);
-    PERFORM 1 FROM broadcasts WHERE id = p_id FOR NO KEY UPDATE;  -- lock order
+    -- lock order; a broadcast cancelled while this group was in the provider's hands gets
+    -- its unsent rows as cancelled (a cancel only sees pending and claimed rows)
+    SELECT b.status = 'cancelled' INTO is_cancelled FROM broadcasts b WHERE b.id = p_id
+    FOR NO KEY UPDATE;
     -- the rows this claim still holds; those the sweeper already counted unknown are
     -- corrected by their late outcome
     SELECT coalesce(array_agg(l.contact_id), '{}'), count(*) FILTER (WHERE l.status = 'unknown')
@@ -265,13 +281,14 @@ BEGIN
     WITH upd AS (
         UPDATE broadcast_recipients r
         SET status = CASE WHEN res.outcome IN ('sent', 'failed', 'unknown') THEN res.outcome
+                          WHEN is_cancelled THEN 'cancelled'
                           ELSE 'pending' END,
             attempts = r.attempts + CASE WHEN res.outcome IN ('sent', 'failed', 'retry', 'unknown')
                                          THEN 1 ELSE 0 END,
             provider_message_id = res.message_id,
             last_error = res.error,
             sent_at = CASE WHEN res.outcome = 'sent' THEN now() END,
-            retry_at = CASE WHEN res.outcome IN ('retry', 'throttled')
+            retry_at = CASE WHEN res.outcome IN ('retry', 'throttled') AND NOT is_cancelled
                             THEN clock_timestamp() + make_interval(secs => res.retry_in)
                             ELSE r.retry_at END,
             claim_token = CASE WHEN res.outcome IN ('sent', 'failed', 'unknown')
@@ -281,17 +298,18 @@ BEGIN
             AS res(contact_id, outcome, message_id, error, retry_in)
         WHERE r.broadcast_id = p_id AND r.contact_id = ANY (locked)
           AND r.contact_id = res.contact_id
-        RETURNING res.outcome
+        RETURNING res.outcome, r.status
     )
     SELECT count(*) AS n,
            count(*) FILTER (WHERE outcome = 'sent') AS n_sent,
            count(*) FILTER (WHERE outcome = 'failed') AS n_failed,
            count(*) FILTER (WHERE outcome = 'unknown') AS n_unknown,
-           count(*) FILTER (WHERE outcome IN ('retry', 'failed')) AS n_bad
+           count(*) FILTER (WHERE outcome IN ('retry', 'failed')) AS n_bad,
+           count(*) FILTER (WHERE status = 'cancelled') AS n_cancelled
     INTO c FROM upd;
     UPDATE broadcasts
     SET sent = sent + c.n_sent, failed = failed + c.n_failed,
-        unknown = unknown + c.n_unknown - was_unknown,
+        unknown = unknown + c.n_unknown - was_unknown, cancelled = cancelled + c.n_cancelled,
         failure_streak = CASE WHEN c.n_sent > 0 THEN 0 ELSE failure_streak + c.n_bad END,
         updated_at = now()
     WHERE id = p_id
@@ -380,17 +398,150 @@ BEGIN
 END
 $$;
 
+-- unhandoff: rows of a claim that reached sending (or were only claimed) but provably never
+-- reached the provider: the worker lost the answer of the statement that handed them off.
+-- p_ids NULL = every such row of the token (a direct claim_handoff has a single group).
+-- Back to pending, or to cancelled (and counted) when the broadcast was cancelled meanwhile:
+-- a cancel only sees pending and claimed rows, so these would otherwise stay pending in a
+-- cancelled broadcast. Broadcast row first (lock order).
+CREATE FUNCTION pgcast_unhandoff_v1(p_id uuid, p_token uuid, p_ids bigint[])
+RETURNS integer
+LANGUAGE plpgsql
+SET plan_cache_mode = force_custom_plan
+AS $$
+DECLARE
+    is_cancelled boolean;
+    n integer;
+BEGIN
+    SELECT b.status = 'cancelled' INTO is_cancelled FROM broadcasts b WHERE b.id = p_id
+    FOR NO KEY UPDATE;
+    UPDATE broadcast_recipients r
+    SET status = CASE WHEN is_cancelled THEN 'cancelled' ELSE 'pending' END,
+        claim_token = NULL, lease_expires_at = NULL, handed_at = NULL
+    WHERE r.broadcast_id = p_id AND r.contact_id = ANY (ARRAY(
+        SELECT l.contact_id FROM broadcast_recipients l
+        WHERE l.broadcast_id = p_id AND (p_ids IS NULL OR l.contact_id = ANY (p_ids))
+          AND l.claim_token = p_token AND l.status IN ('claimed', 'sending')
+        ORDER BY l.contact_id FOR UPDATE));
+    GET DIAGNOSTICS n = ROW_COUNT;
+    IF is_cancelled AND n > 0 THEN
+        UPDATE broadcasts SET cancelled = broadcasts.cancelled + n WHERE id = p_id;
+    END IF;
+    RETURN n;
+END
+$$;
+
+-- finalize, release and sweep, v2: the same statements as v1 in plpgsql, whose plans are
+-- made with the broadcast id known, so they are pruned to its partition. v1 were
+-- LANGUAGE sql (planned without the id: every partition opened and locked at each call) or
+-- drove their loop with a join over all of them (sweep).
+
+-- finalize: sending -> sent|failed once nothing is pending, claimed or sending.
+CREATE FUNCTION pgcast_finalize_v2(p_id uuid)
+RETURNS TABLE (ok boolean, status text)
+LANGUAGE plpgsql
+SET plan_cache_mode = force_custom_plan
+AS $$
+BEGIN
+    RETURN QUERY
+    UPDATE broadcasts AS u
+    SET status = CASE WHEN u.sent = 0 AND u.failed > 0 THEN 'failed' ELSE 'sent' END,
+        finished_at = now(), updated_at = now(),
+        audit_log = u.audit_log || pgcast_audit_v1('finish', u.status,
+            CASE WHEN u.sent = 0 AND u.failed > 0 THEN 'failed' ELSE 'sent' END,
+            jsonb_build_object('sent', u.sent, 'failed', u.failed, 'skipped', u.skipped,
+                               'unknown', u.unknown))
+    WHERE u.id = p_id AND u.status = ANY (ARRAY['sending'])
+      AND NOT EXISTS (SELECT 1 FROM broadcast_recipients r
+                      WHERE r.broadcast_id = p_id AND r.status = 'pending')
+      AND NOT EXISTS (SELECT 1 FROM broadcast_recipients r
+                      WHERE r.broadcast_id = p_id AND r.status IN ('claimed', 'sending'))
+    RETURNING true, u.status;
+END
+$$;
+
+-- release: rows a claim holds but will not hand off go back to pending.
+CREATE FUNCTION pgcast_release_v2(p_id uuid, p_token uuid, p_ids bigint[])
+RETURNS integer
+LANGUAGE plpgsql
+SET plan_cache_mode = force_custom_plan
+AS $$
+DECLARE
+    n integer;
+BEGIN
+    -- lost to a server crash, released rows stay claimed until their lease expires: no fsync
+    PERFORM set_config('synchronous_commit', 'off', true);
+    UPDATE broadcast_recipients r
+    SET status = 'pending', claim_token = NULL, lease_expires_at = NULL
+    WHERE r.broadcast_id = p_id AND r.contact_id = ANY (ARRAY(
+        SELECT l.contact_id FROM broadcast_recipients l
+        WHERE l.broadcast_id = p_id AND l.contact_id = ANY (p_ids)
+          AND l.claim_token = p_token AND l.status = 'claimed'
+        ORDER BY l.contact_id FOR UPDATE));
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n;
+END
+$$;
+
+-- sweep: expired claims back to pending, expired handoffs to unknown (never re-sent),
+-- drained broadcasts finalized. One broadcast at a time, in id order (as renew), broadcast
+-- row locked first. A cancelled broadcast is visited only while its counters say rows are
+-- still in flight (a cancel turns every pending and claimed row into cancelled, so what
+-- the counters do not account for is sending): no scan of finished broadcasts' rows.
+CREATE FUNCTION pgcast_sweep_v2()
+RETURNS TABLE (broadcast_id uuid, reclaimed integer, unknown integer, finalized text)
+LANGUAGE plpgsql
+SET plan_cache_mode = force_custom_plan
+AS $$
+DECLARE
+    bid uuid;
+    n_re integer;
+    n_unk integer;
+    fin text;
+BEGIN
+    FOR bid IN SELECT b.id FROM broadcasts b
+               WHERE b.status IN ('sending', 'paused')
+                  OR (b.status = 'cancelled'
+                      AND b.total - b.sent - b.failed - b.skipped - b.unknown - b.cancelled > 0)
+               ORDER BY b.id
+    LOOP
+        PERFORM 1 FROM broadcasts b WHERE b.id = bid FOR NO KEY UPDATE;
+        UPDATE broadcast_recipients r
+        SET status = 'pending', claim_token = NULL, lease_expires_at = NULL
+        WHERE r.broadcast_id = bid AND r.contact_id = ANY (ARRAY(
+            SELECT l.contact_id FROM broadcast_recipients l
+            WHERE l.broadcast_id = bid AND l.status = 'claimed'
+              AND l.lease_expires_at < clock_timestamp()
+            ORDER BY l.contact_id FOR UPDATE));
+        GET DIAGNOSTICS n_re = ROW_COUNT;
+        UPDATE broadcast_recipients r
+        SET status = 'unknown', last_error = 'worker lost during handoff: outcome unknown'
+        WHERE r.broadcast_id = bid AND r.contact_id = ANY (ARRAY(
+            SELECT l.contact_id FROM broadcast_recipients l
+            WHERE l.broadcast_id = bid AND l.status = 'sending'
+              AND l.lease_expires_at < clock_timestamp()
+            ORDER BY l.contact_id FOR UPDATE));
+        GET DIAGNOSTICS n_unk = ROW_COUNT;
+        IF n_unk > 0 THEN
+            UPDATE broadcasts b SET unknown = b.unknown + n_unk WHERE b.id = bid;
+        END IF;
+        SELECT f.status INTO fin FROM pgcast_finalize_v2(bid) f;
+        IF n_re > 0 OR n_unk > 0 OR fin IS NOT NULL THEN
+            RETURN QUERY SELECT bid, n_re, n_unk, fin;
+        END IF;
+    END LOOP;
+END
+$$;
+
 -- Plans: with one partition per broadcast, a generic plan of a statement on
 -- broadcast_recipients covers every partition and locks them all at each execution (run-time
 -- pruning happens after the locks), so it slows down as broadcasts accumulate; measured, a
 -- 200k drain with 300 earlier broadcasts' partitions ran 12-16% slower. A custom plan is
--- pruned to the one partition while it is planned: the functions that touch recipients
--- always plan that way.
+-- pruned to the one partition while it is planned: the plpgsql functions that touch
+-- recipients always plan that way (a LANGUAGE sql function is planned without its
+-- arguments and cannot be pruned at all: finalize, release and sweep have a plpgsql v2).
 ALTER FUNCTION pgcast_cancel_v1(text, uuid, jsonb) SET plan_cache_mode = force_custom_plan;
-ALTER FUNCTION pgcast_finalize_v1(uuid) SET plan_cache_mode = force_custom_plan;
 ALTER FUNCTION pgcast_claim_v1(uuid, integer, uuid, text, interval, bigint)
     SET plan_cache_mode = force_custom_plan;
 ALTER FUNCTION pgcast_handoff_v1(uuid, integer, uuid, bigint[])
     SET plan_cache_mode = force_custom_plan;
-ALTER FUNCTION pgcast_release_v1(uuid, uuid, bigint[]) SET plan_cache_mode = force_custom_plan;
-ALTER FUNCTION pgcast_sweep_v1() SET plan_cache_mode = force_custom_plan;

@@ -140,35 +140,19 @@ SELECT * FROM pgcast_record_v2(%(id)s, %(token)s, %(ids)s, %(outcomes)s, %(messa
 
 -- release --
 -- Rows a claim holds but will not hand off go back to pending.
-SELECT pgcast_release_v1(%(id)s, %(token)s, %(ids)s) AS released
+SELECT pgcast_release_v2(%(id)s, %(token)s, %(ids)s) AS released
 
 -- unhandoff --
--- Rows of a claim that reached sending but were provably never given to the provider.
-UPDATE broadcast_recipients r
-SET status = 'pending', claim_token = NULL, lease_expires_at = NULL, handed_at = NULL
-WHERE r.broadcast_id = %(id)s AND r.contact_id = ANY (ARRAY(
-    SELECT l.contact_id FROM broadcast_recipients l
-    WHERE l.broadcast_id = %(id)s AND l.contact_id = ANY (%(ids)s)
-      AND l.claim_token = %(token)s AND l.status = 'sending'
-    ORDER BY l.contact_id FOR UPDATE))
-
--- unclaim --
--- Back to pending: all a claim_handoff took whose answer was lost (the provider saw none).
-UPDATE broadcast_recipients r
-SET status = 'pending', claim_token = NULL, lease_expires_at = NULL, handed_at = NULL
-WHERE r.broadcast_id = %(id)s AND r.contact_id = ANY (ARRAY(
-    SELECT l.contact_id FROM broadcast_recipients l
-    WHERE l.broadcast_id = %(id)s AND l.claim_token = %(token)s
-      AND l.status IN ('claimed', 'sending')
-    ORDER BY l.contact_id FOR UPDATE))
+-- Rows of a claim handed off but provably never given to the provider (ids NULL = all).
+SELECT pgcast_unhandoff_v1(%(id)s, %(token)s, %(ids)s) AS undone
 
 -- finalize --
--- sending -> sent|failed when drained (pgcast_finalize_v1).
-SELECT * FROM pgcast_finalize_v1(%(id)s)
+-- sending -> sent|failed when drained.
+SELECT * FROM pgcast_finalize_v2(%(id)s)
 
 -- sweep --
--- Lease expiry, unknown outcomes, finalization (pgcast_sweep_v1).
-SELECT * FROM pgcast_sweep_v1()
+-- Lease expiry, unknown outcomes, finalization.
+SELECT * FROM pgcast_sweep_v2()
 
 -- renew --
 -- Extends the lease on the claims a live worker holds: (broadcast, claim token) pairs.

@@ -358,11 +358,13 @@ class Engine:
 
     async def _claim_handoff_and_send(self, bid: uuid.UUID, token: uuid.UUID) -> None:
         """One statement claims a batch and hands it off; then the provider and the record."""
+        # before the handoff: nothing may fail between it and the provider call
+        content = await self._content_of(bid)
         try:
             rows = await self._claim(bid, token, "claim_handoff")
         except (psycopg.OperationalError, psycopg.errors.AdminShutdown):
             # did it commit? Either way the provider was never called: put back what it took
-            await self._q_retry("unclaim", {"id": bid, "token": token})
+            await self._q_retry("unhandoff", {"id": bid, "token": token, "ids": None})
             raise
         if not rows:
             await self._drained(bid)
@@ -373,10 +375,11 @@ class Engine:
         # contacts that unsubscribed since the snapshot were only claimed: the handoff skips
         # them (under the broadcast row lock), and whatever it cannot is released
         claimed = [r[0] for r in rows if not r[5]]
-        content = await self._content_of(bid)
         try:
-            self.stats.groups += 1
-            go_on = await self._send_and_record(bid, epoch, token, handed, attempts, content)
+            go_on = True
+            if handed:
+                self.stats.groups += 1
+                go_on = await self._send_and_record(bid, epoch, token, handed, attempts, content)
             if go_on and claimed and not self.state.is_halted(bid, epoch):
                 await self._hand_off_and_send(bid, epoch, token, claimed, attempts, content)
         finally:

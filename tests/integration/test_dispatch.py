@@ -178,13 +178,13 @@ def test_claim_handoff_hands_off_in_one_statement(conn: Conn) -> None:
     assert (p["status"], p["sent"], p["skipped"]) == ("sent", 11, 1)
 
 
-def test_unclaim_puts_back_everything_a_lost_claim_handoff_took(conn: Conn) -> None:
+def test_unhandoff_puts_back_everything_a_lost_claim_handoff_took(conn: Conn) -> None:
     support.seed_contacts(conn, 10)
     bid = support.new_broadcast(conn)
     contacts.unsubscribe(conn, "default", "user3@example.com")
     token, rows = claim_handoff(conn, bid, 6)
     other, theirs = claim_handoff(conn, bid, 4, after=rows[-1]["contact_id"])
-    conn.execute(QUERIES["unclaim"], {"id": bid, "token": token})
+    conn.execute(QUERIES["unhandoff"], {"id": bid, "token": token, "ids": None})
     counts = conn.execute(
         "SELECT status, count(*) AS n, count(handed_at) AS handed, count(claim_token) AS held "
         "FROM broadcast_recipients GROUP BY 1 ORDER BY 1").fetchall()
@@ -241,6 +241,32 @@ def test_a_cancel_counts_a_claim_handoff_that_committed_first(db_url: str, conn:
     p = support.assert_counters_true(conn, bid)
     assert (p["status"], p["cancelled"]) == ("cancelled", 12)
     assert support.status_counts(conn, bid) == {"sending": 8, "cancelled": 12}
+
+
+def test_a_retry_recorded_after_a_cancel_ends_cancelled(conn: Conn) -> None:
+    support.seed_contacts(conn, 10)
+    bid = support.new_broadcast(conn)
+    token, rows = claim(conn, bid, 6)
+    ids = [r["contact_id"] for r in rows]
+    handoff(conn, bid, rows[0]["epoch"], token, ids)
+    assert broadcasts.cancel(conn, "default", bid)["alreadyQueued"] == 6
+    # the group in the provider's hands comes back: 3 sent, 3 to be retried
+    record(conn, bid, token, ids[:3], "sent")
+    record(conn, bid, token, ids[3:], "retry")
+    p = support.assert_counters_true(conn, bid)
+    assert (p["sent"], p["cancelled"], p["pending"]) == (3, 7, 0)
+    assert support.status_counts(conn, bid) == {"sent": 3, "cancelled": 7}
+
+
+def test_unhandoff_after_a_cancel_ends_cancelled(conn: Conn) -> None:
+    support.seed_contacts(conn, 10)
+    bid = support.new_broadcast(conn)
+    token, rows = claim_handoff(conn, bid, 4)
+    assert broadcasts.cancel(conn, "default", bid)["alreadyQueued"] == 4
+    undone = conn.execute(QUERIES["unhandoff"], {"id": bid, "token": token, "ids": None})
+    assert undone.fetchone() == {"undone": 4}
+    p = support.assert_counters_true(conn, bid)
+    assert (p["cancelled"], p["pending"]) == (10, 0)
 
 
 def test_resume_fences_work_claimed_before_the_pause(conn: Conn) -> None:
@@ -300,7 +326,11 @@ def test_renew_extends_only_the_claims_named_by_broadcast_and_token(conn: Conn) 
     # renewed claims survive a sweep; the unrenewed one goes back to pending
     swept = conn.execute(QUERIES["sweep"]).fetchall()
     assert swept == [{"broadcast_id": a, "reclaimed": 5, "unknown": 0, "finalized": None}]
-    assert len(rows_b) == 5
+    assert support.status_counts(conn, b) == {"claimed": 5, "pending": 15}
+    assert {r["contact_id"] for r in rows_b} == {
+        r["contact_id"] for r in conn.execute(
+            "SELECT contact_id FROM broadcast_recipients WHERE broadcast_id = %s "
+            "AND claim_token = %s", (b, tb))}
 
 
 def test_each_broadcast_gets_its_own_partition_and_an_empty_send_none(conn: Conn) -> None:
@@ -318,6 +348,14 @@ def test_each_broadcast_gets_its_own_partition_and_an_empty_send_none(conn: Conn
                       f"broadcast_recipients_{vips.hex}": 10}
     p = support.assert_counters_true(conn, nobody)
     assert (p["status"], p["total"]) == ("sent", 0)
+    # partitions live with their parent, whatever the sender's search_path says
+    conn.execute("CREATE SCHEMA elsewhere")
+    conn.execute("SET search_path = elsewhere, public")
+    there = support.new_broadcast(conn)
+    row = conn.execute("SELECT relnamespace::regnamespace::text AS nsp FROM pg_class "
+                       "WHERE relname = %s", (f"broadcast_recipients_{there.hex}",)).fetchone()
+    assert row == {"nsp": "public"}
+    assert support.assert_counters_true(conn, there)["total"] == 15
 
 
 def test_sweep_finalizes_a_drained_broadcast_whose_last_recipient_failed(conn: Conn) -> None:

@@ -85,12 +85,25 @@ def test_0002_moves_each_broadcasts_rows_into_its_own_partition(pg_server: str) 
                      (first.name,))
         conn.execute("INSERT INTO contacts (account, email) SELECT 'a', 'u' || g || '@x.test' "
                      "FROM generate_series(1, 30) g")
-        ids = [conn.execute("INSERT INTO broadcasts (account, subject, from_address, text_body)"
-                            " VALUES ('a', 's', 'f@x.test', 't') RETURNING id").fetchone()[0]
-               for _ in range(2)]
+        def draft(tag: str | None = None) -> Any:
+            row = conn.execute("INSERT INTO broadcasts (account, subject, from_address, "
+                               "text_body, segment_tag) VALUES ('a', 's', 'f@x.test', 't', %s) "
+                               "RETURNING id", (tag,)).fetchone()
+            assert row is not None
+            return row[0]
+
+        ids = [draft(), draft()]
         for bid in ids:
             assert conn.execute("SELECT queued FROM pgcast_send_v1('a', %s)",
                                 (bid,)).fetchone() == (30,)
+        # also: a draft, a broadcast nobody matched, a paused one whose claims went back
+        still_draft, nobody = draft(), draft("no-such-tag")
+        assert conn.execute("SELECT status FROM pgcast_send_v1('a', %s)",
+                            (nobody,)).fetchone() == ("sent",)
+        conn.execute("SELECT * FROM pgcast_claim_v1(%s, 5, gen_random_uuid(), 'w', "
+                     "interval '30 seconds', 0)", (ids[1],))
+        assert conn.execute("SELECT ok FROM pgcast_pause_v1('a', %s, 'operator', '{}')",
+                            (ids[1],)).fetchone() == (True,)
         # some progress on the first broadcast, which must survive the move
         conn.execute("UPDATE broadcast_recipients SET status = 'sent', sent_at = now(), "
                      "provider_message_id = 'm' || contact_id "
@@ -118,3 +131,13 @@ def test_0002_moves_each_broadcasts_rows_into_its_own_partition(pg_server: str) 
         claimed = conn.execute("SELECT count(*) FROM pgcast_claim_v1(%s, 100, gen_random_uuid(),"
                                " 'w', interval '30 seconds', 0)", (ids[0],)).fetchone()
         assert claimed == (20,)
+        assert conn.execute("SELECT ok FROM pgcast_resume_v1('a', %s, '{}')",
+                            (ids[1],)).fetchone() == (True,)
+        assert conn.execute("SELECT count(*) FROM pgcast_claim_handoff_v1(%s, 100, "
+                            "gen_random_uuid(), 'w', interval '30 seconds', 0)",
+                            (ids[1],)).fetchone() == (30,)
+        # the draft can still be sent, into a partition of its own
+        assert conn.execute("SELECT queued FROM pgcast_send_v2('a', %s)",
+                            (still_draft,)).fetchone() == (30,)
+        assert conn.execute("SELECT count(*) FROM broadcast_recipients WHERE broadcast_id = %s",
+                            (nobody,)).fetchone() == (0,)
