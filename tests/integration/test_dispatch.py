@@ -16,12 +16,12 @@ from tests import support
 Conn = psycopg.Connection[dict[str, Any]]
 
 
-def claim(conn: Conn, bid: uuid.UUID, n: int, lease: float = 30.0,
-          after: int = 0) -> tuple[uuid.UUID, list[dict[str, Any]]]:
+def claim(conn: Conn, bid: uuid.UUID, n: int, lease: float = 30.0, after: int = 0,
+          query: str = "claim") -> tuple[uuid.UUID, list[dict[str, Any]]]:
     token = uuid.uuid4()
-    rows = conn.execute(QUERIES["claim"], {"id": bid, "limit": n, "token": token,
-                                           "worker": "test", "lease": lease,
-                                           "after": after}).fetchall()
+    rows = conn.execute(QUERIES[query], {"id": bid, "limit": n, "token": token,
+                                         "worker": "test", "lease": lease,
+                                         "after": after}).fetchall()
     return token, rows
 
 
@@ -44,11 +44,7 @@ def record(conn: Conn, bid: uuid.UUID, token: uuid.UUID, ids: list[int], outcome
 
 def claim_handoff(conn: Conn, bid: uuid.UUID, n: int,
                   after: int = 0) -> tuple[uuid.UUID, list[dict[str, Any]]]:
-    token = uuid.uuid4()
-    rows = conn.execute(QUERIES["claim_handoff"], {"id": bid, "limit": n, "token": token,
-                                                   "worker": "test", "lease": 30.0,
-                                                   "after": after}).fetchall()
-    return token, rows
+    return claim(conn, bid, n, after=after, query="claim_handoff")
 
 
 def in_thread(fn: Any) -> tuple[threading.Thread, dict[str, Any]]:
