@@ -1,6 +1,6 @@
 -- The current schema: what 0001_init and every later migration add up to (a test checks).
--- Contacts, broadcasts, the recipient snapshot (one partition per broadcast, 0002), the
--- rate bucket, and the versioned functions that make every state change one atomic step.
+-- Contacts, broadcasts, the recipient snapshot (one partition per broadcast, 0002, each
+-- with its own primary key, 0003), the rate bucket, and the versioned functions that make every state change one atomic step.
 --
 -- Lock order (deadlock freedom):
 -- 1. a transaction that locks both a broadcast row and some of its recipient rows locks
@@ -83,20 +83,27 @@ CREATE TABLE broadcast_recipients (
     provider_message_id text,
     last_error          text,
     sent_at             timestamptz,
-    PRIMARY KEY (broadcast_id, contact_id)
+    -- worker is set by a row's first claim and never cleared: NULL means never claimed
+    CONSTRAINT broadcast_recipients_claimed_check
+        CHECK (worker IS NOT NULL OR status IN ('pending', 'cancelled'))
 ) PARTITION BY LIST (broadcast_id);
--- what a worker may claim, in claim order
-CREATE INDEX broadcast_recipients_claimable ON broadcast_recipients (contact_id)
-    WHERE status = 'pending';
--- the recipients a person looks for (API ?status= filter): few rows, so a partial index
--- costs the hot path nothing
+-- No primary key here: each partition has its own, (contact_id), built after the snapshot's
+-- rows are in (pgcast_partition_attach_v2). A key on this table would have to include
+-- broadcast_id, which is the same in every row of a partition: twice as wide to build.
+-- A row whose worker is NULL was never claimed ("fresh"). A fresh pending row is found by walking the partition's key from a worker's cursor; every
+-- row in flight, requeued, failed, unknown or skipped has been claimed, so the partial
+-- indexes test worker IS NOT NULL first: a fresh row fails at once, and a 1,000,000-row
+-- snapshot does not pay for status comparisons. A query that wants one of them says
+-- worker IS NOT NULL too (the planner uses a partial index only when the query implies it).
+-- recipients back to pending after a claim: what a claim takes before fresh rows
+CREATE INDEX broadcast_recipients_requeued ON broadcast_recipients (contact_id)
+    WHERE worker IS NOT NULL AND status = 'pending';
+-- the recipients a person looks for (API ?status= filter)
 CREATE INDEX broadcast_recipients_problems ON broadcast_recipients (broadcast_id, status, contact_id)
-    WHERE status IN ('failed', 'unknown', 'skipped');
--- what is in a worker's hands, for lease expiry and the drained check
--- (keyed like the primary key, so a plan that picks it still gets contact_id = ANY (...) as
--- an index condition instead of reading every entry the broadcast ever had in flight)
+    WHERE worker IS NOT NULL AND status IN ('failed', 'unknown', 'skipped');
+-- what is in a worker's hands, for leases, pause, cancel and the drained check
 CREATE INDEX broadcast_recipients_in_flight ON broadcast_recipients (broadcast_id, contact_id)
-    WHERE status IN ('claimed', 'sending');
+    WHERE worker IS NOT NULL AND status IN ('claimed', 'sending');
 
 -- the partition that holds one broadcast's recipients, schema-qualified and quoted: it lives
 -- in broadcast_recipients' schema, whatever the caller's search_path
@@ -108,10 +115,10 @@ RETURNS text LANGUAGE sql STABLE AS $$
 $$;
 
 -- a new, unattached partition for one broadcast: its columns, the CHECK that lets ATTACH
--- skip its validation scan, and the two indexes that stay empty while it is filled (a
--- pending row matches neither predicate). The primary key and the claim index are built
--- by pgcast_partition_attach_v1 after the rows are in.
-CREATE FUNCTION pgcast_partition_create_v1(p_id uuid)
+-- skip its validation scan, and the three partial indexes that stay empty while it is
+-- filled (a fresh row fails their first test, worker IS NOT NULL). The primary key is built
+-- by pgcast_partition_attach_v2 after the rows are in.
+CREATE FUNCTION pgcast_partition_create_v2(p_id uuid)
 RETURNS text LANGUAGE plpgsql AS $$
 DECLARE
     part text := pgcast_partition_name_v1(p_id);
@@ -132,22 +139,28 @@ BEGIN
         '  autovacuum_analyze_threshold = 10000,'
         '  autovacuum_vacuum_cost_limit = 2000)',
         part, bare || '_broadcast', p_id);
+    EXECUTE format('CREATE INDEX %I ON %s (contact_id)'
+                   ' WHERE worker IS NOT NULL AND status = ''pending''', bare || '_requeued', part);
     EXECUTE format('CREATE INDEX %I ON %s (broadcast_id, status, contact_id)'
-                   ' WHERE status IN (''failed'', ''unknown'', ''skipped'')',
+                   ' WHERE worker IS NOT NULL AND status IN (''failed'', ''unknown'', ''skipped'')',
                    bare || '_problems', part);
     EXECUTE format('CREATE INDEX %I ON %s (broadcast_id, contact_id)'
-                   ' WHERE status IN (''claimed'', ''sending'')', bare || '_in_flight', part);
+                   ' WHERE worker IS NOT NULL AND status IN (''claimed'', ''sending'')',
+                   bare || '_in_flight', part);
     RETURN part;
 END
 $$;
 
--- attach a filled partition: ATTACH builds the primary key and the claim index in one
--- sorted pass each and, thanks to the CHECK, does not scan the rows to validate them
-CREATE FUNCTION pgcast_partition_attach_v1(p_id uuid)
+-- attach a filled partition: its primary key in one sorted pass, then ATTACH, which finds
+-- every index of the parent already there and, thanks to the CHECK, does not scan the rows
+CREATE FUNCTION pgcast_partition_attach_v2(p_id uuid)
 RETURNS void LANGUAGE plpgsql AS $$
+DECLARE
+    part text := pgcast_partition_name_v1(p_id);
 BEGIN
+    EXECUTE format('ALTER TABLE %s ADD PRIMARY KEY (contact_id)', part);
     EXECUTE format('ALTER TABLE broadcast_recipients ATTACH PARTITION %s FOR VALUES IN (%L)',
-                   pgcast_partition_name_v1(p_id), p_id);
+                   part, p_id);
 END
 $$;
 
@@ -213,9 +226,12 @@ $$;
 
 -- cancel: draft|sending|paused -> cancelled. Recipients not yet handed off end cancelled.
 -- already_queued = recipients the provider had or has (sent, in flight, unknown).
-CREATE FUNCTION pgcast_cancel_v1(p_account text, p_id uuid, p_details jsonb)
+-- v2: counts the rows in flight through 0003's in-flight index (worker IS NOT NULL).
+CREATE FUNCTION pgcast_cancel_v2(p_account text, p_id uuid, p_details jsonb)
 RETURNS TABLE (ok boolean, status text, already_queued integer)
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql
+SET plan_cache_mode = force_custom_plan
+AS $$
 DECLARE
     n integer;
     in_flight integer;
@@ -238,7 +254,7 @@ BEGIN
         ORDER BY l.contact_id FOR UPDATE));
     GET DIAGNOSTICS n = ROW_COUNT;
     SELECT count(*) INTO in_flight FROM broadcast_recipients r
-    WHERE r.broadcast_id = p_id AND r.status = 'sending';
+    WHERE r.broadcast_id = p_id AND r.worker IS NOT NULL AND r.status = 'sending';
     PERFORM pgcast_notify_v1('cancel', p_id, NULL);
     RETURN QUERY
     UPDATE broadcasts AS u SET cancelled = u.cancelled + n
@@ -269,18 +285,75 @@ BEGIN
     RETURN QUERY SELECT true, 'sending'::text;
 END
 $$;
--- claim: up to p_limit claimable rows of one sending broadcast, in one statement, from
--- contact_id > p_after (each worker keeps its own cursor, so it never re-walks index
--- entries of rows already claimed; it wraps to 0 when a pass comes back empty).
--- The picked ids come from an ARRAY() InitPlan, evaluated exactly once as a CTE would be;
--- never WHERE id IN (SELECT ... SKIP LOCKED), which can update more rows than LIMIT
--- (Postgres bug #15715).
-CREATE FUNCTION pgcast_claim_v1(p_id uuid, p_limit integer, p_token uuid, p_worker text,
+-- the rows a claim takes, locked (SKIP LOCKED: a claim never waits): first recipients back
+-- to pending after an earlier claim whose retry time has come (the requeued index, the
+-- whole broadcast: few rows), then fresh ones after the worker's cursor (the primary key,
+-- in contact_id order). last_fresh: the highest fresh contact_id taken, the cursor when no
+-- fresh row was needed, NULL when fresh rows were needed and none was free after the
+-- cursor (the worker then looks behind it with pgcast_fresh_floor_v1). A fresh row never
+-- has a retry time: only a record sets one, and it sets worker too.
+CREATE FUNCTION pgcast_claim_rows_v1(p_id uuid, p_limit integer, p_after bigint,
+                                     OUT ids bigint[], OUT last_fresh bigint)
+LANGUAGE plpgsql
+SET plan_cache_mode = force_custom_plan
+AS $$
+DECLARE
+    fresh bigint[];
+BEGIN
+    ids := ARRAY(
+        SELECT l.contact_id FROM broadcast_recipients l
+        WHERE l.broadcast_id = p_id AND l.worker IS NOT NULL AND l.status = 'pending'
+          AND (l.retry_at IS NULL OR l.retry_at <= now())
+        ORDER BY l.contact_id
+        LIMIT p_limit
+        FOR UPDATE SKIP LOCKED);
+    last_fresh := p_after;
+    IF cardinality(ids) < p_limit THEN
+        fresh := ARRAY(
+            SELECT l.contact_id FROM broadcast_recipients l
+            WHERE l.broadcast_id = p_id AND l.status = 'pending' AND l.worker IS NULL
+              AND l.contact_id > p_after
+            ORDER BY l.contact_id
+            LIMIT p_limit - cardinality(ids)
+            FOR UPDATE SKIP LOCKED);
+        last_fresh := fresh[cardinality(fresh)];
+        ids := ids || fresh;
+    END IF;
+END
+$$;
+
+-- the lowest fresh contact_id >= p_from, or NULL: a plain read, so a fresh row that another
+-- transaction has locked (a claim about to commit, or one about to roll back) counts. Rows
+-- never become fresh again, so a worker that found no fresh row after its cursor learns
+-- from this where the fresh rows it walked past (locked by a transaction that then rolled
+-- back) begin, and that none is left once it returns NULL.
+CREATE FUNCTION pgcast_fresh_floor_v1(p_id uuid, p_from bigint)
+RETURNS bigint
+LANGUAGE plpgsql
+SET plan_cache_mode = force_custom_plan
+AS $$
+BEGIN
+    RETURN (SELECT l.contact_id FROM broadcast_recipients l
+            WHERE l.broadcast_id = p_id AND l.status = 'pending' AND l.worker IS NULL
+              AND l.contact_id >= p_from
+            ORDER BY l.contact_id
+            LIMIT 1);
+END
+$$;
+
+-- claim: up to p_limit claimable rows -> claimed (requeued rows first, then fresh rows after
+-- the worker's cursor p_after), with a lease. Every row returned carries last_fresh (see
+-- pgcast_claim_rows_v1).
+CREATE FUNCTION pgcast_claim_v2(p_id uuid, p_limit integer, p_token uuid, p_worker text,
                                 p_lease interval, p_after bigint)
-RETURNS TABLE (contact_id bigint, email text, attempts smallint, epoch integer)
-LANGUAGE plpgsql AS $$
+RETURNS TABLE (contact_id bigint, email text, attempts smallint, epoch integer,
+               last_fresh bigint)
+LANGUAGE plpgsql
+SET plan_cache_mode = force_custom_plan
+AS $$
 DECLARE
     e integer;
+    c record;
 BEGIN
     -- a claim lost to a server crash leaves its rows pending: its worker's handoff then
     -- fails the fence. Not worth an fsync.
@@ -289,19 +362,14 @@ BEGIN
     IF NOT FOUND THEN
         RETURN;
     END IF;
+    c := pgcast_claim_rows_v1(p_id, p_limit, p_after);
     RETURN QUERY
     UPDATE broadcast_recipients r
-    SET status = 'claimed', claim_token = p_token, claim_epoch = e, worker = p_worker,
+    SET status = 'claimed', claim_token = p_token, claim_epoch = e,
+        worker = coalesce(p_worker, 'unnamed'),
         lease_expires_at = clock_timestamp() + p_lease
-    WHERE r.broadcast_id = p_id AND r.contact_id = ANY (ARRAY(
-        SELECT l.contact_id
-        FROM broadcast_recipients l
-        WHERE l.broadcast_id = p_id AND l.status = 'pending' AND l.contact_id > p_after
-          AND (l.retry_at IS NULL OR l.retry_at <= now())
-        ORDER BY l.contact_id
-        LIMIT p_limit
-        FOR UPDATE SKIP LOCKED))
-    RETURNING r.contact_id, r.email, r.attempts, e;
+    WHERE r.broadcast_id = p_id AND r.contact_id = ANY (c.ids)
+    RETURNING r.contact_id, r.email, r.attempts, e, c.last_fresh;
 END
 $$;
 
@@ -408,7 +476,7 @@ CREATE TRIGGER rate_limits_changed AFTER INSERT OR UPDATE OF rate, burst ON rate
 
 -- send: lock the draft, snapshot its recipients into a new partition, CAS draft -> sending
 -- (or straight to sent when nobody matches), all in the caller's one transaction.
-CREATE FUNCTION pgcast_send_v2(p_account text, p_id uuid)
+CREATE FUNCTION pgcast_send_v3(p_account text, p_id uuid)
 RETURNS TABLE (ok boolean, status text, queued integer)
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -424,7 +492,7 @@ BEGIN
         RETURN QUERY SELECT false, b.status, b.total;
         RETURN;
     END IF;
-    part := pgcast_partition_create_v1(p_id);
+    part := pgcast_partition_create_v2(p_id);
     -- no ON CONFLICT and no key yet: the broadcast is new (locked draft) and contacts.id
     -- is unique, so a conflict cannot happen; the key is built after the rows are in
     EXECUTE format(
@@ -435,7 +503,7 @@ BEGIN
         USING p_id, p_account, b.segment_tag;
     GET DIAGNOSTICS n = ROW_COUNT;
     IF n > 0 THEN
-        PERFORM pgcast_partition_attach_v1(p_id);
+        PERFORM pgcast_partition_attach_v2(p_id);
     ELSE
         EXECUTE format('DROP TABLE %s', part);  -- nobody to send to: no partition
     END IF;
@@ -465,7 +533,8 @@ $$;
 -- renew: a live worker extends the lease of the claims it knows it holds, by (broadcast,
 -- claim token) pairs, so a claim whose answer was lost to a broken connection still
 -- expires. One broadcast at a time, each one's rows locked in contact_id order.
-CREATE FUNCTION pgcast_renew_v2(p_ids uuid[], p_tokens uuid[], p_lease interval)
+-- v3: finds them through 0003's in-flight index (worker IS NOT NULL).
+CREATE FUNCTION pgcast_renew_v3(p_ids uuid[], p_tokens uuid[], p_lease interval)
 RETURNS integer LANGUAGE plpgsql
 SET plan_cache_mode = force_custom_plan
 AS $$
@@ -480,8 +549,8 @@ BEGIN
         SET lease_expires_at = clock_timestamp() + p_lease
         WHERE r.broadcast_id = c.id AND r.contact_id = ANY (ARRAY(
             SELECT l.contact_id FROM broadcast_recipients l
-            WHERE l.broadcast_id = c.id AND l.status IN ('claimed', 'sending')
-              AND l.claim_token = ANY (c.tokens)
+            WHERE l.broadcast_id = c.id AND l.worker IS NOT NULL
+              AND l.status IN ('claimed', 'sending') AND l.claim_token = ANY (c.tokens)
             ORDER BY l.contact_id FOR UPDATE));
         GET DIAGNOSTICS n = ROW_COUNT;
         total := total + n;
@@ -573,49 +642,48 @@ $$;
 -- (handed = false): the worker passes them to pgcast_handoff_v1, whose rare path skips
 -- them under the broadcast row lock (taking that lock here, after the recipients, would
 -- break the lock order).
--- The fence: a cancel marks pending rows cancelled, so it and this statement meet on the
+-- The fence: a cancel marks pending rows cancelled, so it and this function meet on the
 -- rows (whichever locks a row first wins, and a handoff commits before the cancel that
--- waited for it). A pause leaves pending rows alone, so it meets this statement on an
+-- waited for it). A pause leaves pending rows alone, so it meets this function on an
 -- advisory lock instead: shared here, exclusive in pgcast_pause_v2, taken before the
 -- broadcast is read. A pause waits for handoffs in progress; a handoff that waited for a
 -- pause reads `paused` and hands off nothing.
-CREATE FUNCTION pgcast_claim_handoff_v1(p_id uuid, p_limit integer, p_token uuid,
+-- v2: the rows come from pgcast_claim_rows_v1 (requeued first, then fresh after the cursor),
+-- and each row returned carries last_fresh.
+CREATE FUNCTION pgcast_claim_handoff_v2(p_id uuid, p_limit integer, p_token uuid,
                                         p_worker text, p_lease interval, p_after bigint)
 RETURNS TABLE (contact_id bigint, email text, name text, attempts smallint, epoch integer,
-               handed boolean)
+               handed boolean, last_fresh bigint)
 LANGUAGE plpgsql
 SET plan_cache_mode = force_custom_plan
 AS $$
 DECLARE
     e integer;
+    c record;
 BEGIN
     PERFORM pg_advisory_xact_lock_shared(hashtext('pgcast.handoff'), hashtext(p_id::text));
     SELECT b.epoch INTO e FROM broadcasts b WHERE b.id = p_id AND b.status = 'sending';
     IF NOT FOUND THEN
         RETURN;
     END IF;
+    c := pgcast_claim_rows_v1(p_id, p_limit, p_after);
     RETURN QUERY
     UPDATE broadcast_recipients r
-    SET status = CASE WHEN c.unsubscribed_at IS NULL THEN 'sending' ELSE 'claimed' END,
-        handed_at = CASE WHEN c.unsubscribed_at IS NULL THEN statement_timestamp() END,
-        claim_token = p_token, claim_epoch = e, worker = p_worker,
+    SET status = CASE WHEN k.unsubscribed_at IS NULL THEN 'sending' ELSE 'claimed' END,
+        handed_at = CASE WHEN k.unsubscribed_at IS NULL THEN statement_timestamp() END,
+        claim_token = p_token, claim_epoch = e, worker = coalesce(p_worker, 'unnamed'),
         lease_expires_at = clock_timestamp() + p_lease
-    FROM contacts c
-    WHERE r.broadcast_id = p_id AND c.id = r.contact_id AND r.contact_id = ANY (ARRAY(
-        SELECT l.contact_id
-        FROM broadcast_recipients l
-        WHERE l.broadcast_id = p_id AND l.status = 'pending' AND l.contact_id > p_after
-          AND (l.retry_at IS NULL OR l.retry_at <= now())
-        ORDER BY l.contact_id
-        LIMIT p_limit
-        FOR UPDATE SKIP LOCKED))
-    RETURNING r.contact_id, r.email, c.name, r.attempts, e, c.unsubscribed_at IS NULL;
+    FROM contacts k
+    WHERE r.broadcast_id = p_id AND k.id = r.contact_id AND r.contact_id = ANY (c.ids)
+    RETURNING r.contact_id, r.email, k.name, r.attempts, e, k.unsubscribed_at IS NULL,
+              c.last_fresh;
 END
 $$;
 
--- pause: sending -> paused; claimed rows go back to pending. v2 takes the advisory lock
--- that fences pgcast_claim_handoff_v1 (v1 did not know it).
-CREATE FUNCTION pgcast_pause_v2(p_account text, p_id uuid, p_reason text, p_details jsonb)
+-- pause: sending -> paused; claimed rows go back to pending. Takes the advisory lock that
+-- fences pgcast_claim_handoff_v2 (exclusive here, shared there).
+-- v3: finds the claimed rows through 0003's in-flight index (worker IS NOT NULL).
+CREATE FUNCTION pgcast_pause_v3(p_account text, p_id uuid, p_reason text, p_details jsonb)
 RETURNS TABLE (ok boolean, status text)
 LANGUAGE plpgsql
 SET plan_cache_mode = force_custom_plan
@@ -640,7 +708,7 @@ BEGIN
     SET status = 'pending', claim_token = NULL, lease_expires_at = NULL
     WHERE r.broadcast_id = p_id AND r.contact_id = ANY (ARRAY(
         SELECT l.contact_id FROM broadcast_recipients l
-        WHERE l.broadcast_id = p_id AND l.status = 'claimed'
+        WHERE l.broadcast_id = p_id AND l.worker IS NOT NULL AND l.status = 'claimed'
         ORDER BY l.contact_id FOR UPDATE));
     PERFORM pgcast_notify_v1('pause', p_id, e);
     RETURN QUERY SELECT true, 'paused'::text;
@@ -653,7 +721,8 @@ $$;
 -- Back to pending, or to cancelled (and counted) when the broadcast was cancelled meanwhile:
 -- a cancel only sees pending and claimed rows, so these would otherwise stay pending in a
 -- cancelled broadcast. Broadcast row first (lock order).
-CREATE FUNCTION pgcast_unhandoff_v1(p_id uuid, p_token uuid, p_ids bigint[])
+-- v2: finds the rows through 0003's in-flight index (worker IS NOT NULL).
+CREATE FUNCTION pgcast_unhandoff_v2(p_id uuid, p_token uuid, p_ids bigint[])
 RETURNS integer
 LANGUAGE plpgsql
 SET plan_cache_mode = force_custom_plan
@@ -670,7 +739,8 @@ BEGIN
     WHERE r.broadcast_id = p_id AND r.contact_id = ANY (ARRAY(
         SELECT l.contact_id FROM broadcast_recipients l
         WHERE l.broadcast_id = p_id AND (p_ids IS NULL OR l.contact_id = ANY (p_ids))
-          AND l.claim_token = p_token AND l.status IN ('claimed', 'sending')
+          AND l.claim_token = p_token AND l.worker IS NOT NULL
+          AND l.status IN ('claimed', 'sending')
         ORDER BY l.contact_id FOR UPDATE));
     GET DIAGNOSTICS n = ROW_COUNT;
     IF is_cancelled AND n > 0 THEN
@@ -685,13 +755,25 @@ $$;
 -- LANGUAGE sql (planned without the id: every partition opened and locked at each call) or
 -- drove their loop with a join over all of them (sweep).
 
--- finalize: sending -> sent|failed once nothing is pending, claimed or sending.
-CREATE FUNCTION pgcast_finalize_v2(p_id uuid)
+-- finalize: sending -> sent|failed once nothing is pending, claimed or sending. The small
+-- indexes answer first (something in flight or requeued: not yet, and no walk); only then
+-- is the partition walked for a fresh row, which at the end of a broadcast happens once.
+-- The decision itself is one statement, so its three checks read one snapshot: a row that
+-- moves between pending and in flight while they run cannot slip between them.
+CREATE FUNCTION pgcast_finalize_v3(p_id uuid)
 RETURNS TABLE (ok boolean, status text)
 LANGUAGE plpgsql
 SET plan_cache_mode = force_custom_plan
 AS $$
 BEGIN
+    IF EXISTS (SELECT 1 FROM broadcast_recipients r
+               WHERE r.broadcast_id = p_id AND r.worker IS NOT NULL
+                 AND r.status IN ('claimed', 'sending'))
+       OR EXISTS (SELECT 1 FROM broadcast_recipients r
+                  WHERE r.broadcast_id = p_id AND r.worker IS NOT NULL
+                    AND r.status = 'pending') THEN
+        RETURN;
+    END IF;
     RETURN QUERY
     UPDATE broadcasts AS u
     SET status = CASE WHEN u.sent = 0 AND u.failed > 0 THEN 'failed' ELSE 'sent' END,
@@ -702,9 +784,14 @@ BEGIN
                                'unknown', u.unknown))
     WHERE u.id = p_id AND u.status = ANY (ARRAY['sending'])
       AND NOT EXISTS (SELECT 1 FROM broadcast_recipients r
-                      WHERE r.broadcast_id = p_id AND r.status = 'pending')
+                      WHERE r.broadcast_id = p_id AND r.worker IS NOT NULL
+                        AND r.status IN ('claimed', 'sending'))
       AND NOT EXISTS (SELECT 1 FROM broadcast_recipients r
-                      WHERE r.broadcast_id = p_id AND r.status IN ('claimed', 'sending'))
+                      WHERE r.broadcast_id = p_id AND r.worker IS NOT NULL
+                        AND r.status = 'pending')
+      AND NOT EXISTS (SELECT 1 FROM broadcast_recipients r
+                      WHERE r.broadcast_id = p_id AND r.status = 'pending'
+                        AND r.worker IS NULL)
     RETURNING true, u.status;
 END
 $$;
@@ -737,7 +824,8 @@ $$;
 -- row locked first. A cancelled broadcast is visited only while its counters say rows are
 -- still in flight (a cancel turns every pending and claimed row into cancelled, so what
 -- the counters do not account for is sending): no scan of finished broadcasts' rows.
-CREATE FUNCTION pgcast_sweep_v2()
+-- v3: finalizes with pgcast_finalize_v3; its lookups say worker IS NOT NULL (0003's indexes).
+CREATE FUNCTION pgcast_sweep_v3()
 RETURNS TABLE (broadcast_id uuid, reclaimed integer, unknown integer, finalized text)
 LANGUAGE plpgsql
 SET plan_cache_mode = force_custom_plan
@@ -759,7 +847,7 @@ BEGIN
         SET status = 'pending', claim_token = NULL, lease_expires_at = NULL
         WHERE r.broadcast_id = bid AND r.contact_id = ANY (ARRAY(
             SELECT l.contact_id FROM broadcast_recipients l
-            WHERE l.broadcast_id = bid AND l.status = 'claimed'
+            WHERE l.broadcast_id = bid AND l.worker IS NOT NULL AND l.status = 'claimed'
               AND l.lease_expires_at < clock_timestamp()
             ORDER BY l.contact_id FOR UPDATE));
         GET DIAGNOSTICS n_re = ROW_COUNT;
@@ -767,14 +855,14 @@ BEGIN
         SET status = 'unknown', last_error = 'worker lost during handoff: outcome unknown'
         WHERE r.broadcast_id = bid AND r.contact_id = ANY (ARRAY(
             SELECT l.contact_id FROM broadcast_recipients l
-            WHERE l.broadcast_id = bid AND l.status = 'sending'
+            WHERE l.broadcast_id = bid AND l.worker IS NOT NULL AND l.status = 'sending'
               AND l.lease_expires_at < clock_timestamp()
             ORDER BY l.contact_id FOR UPDATE));
         GET DIAGNOSTICS n_unk = ROW_COUNT;
         IF n_unk > 0 THEN
             UPDATE broadcasts b SET unknown = b.unknown + n_unk WHERE b.id = bid;
         END IF;
-        SELECT f.status INTO fin FROM pgcast_finalize_v2(bid) f;
+        SELECT f.status INTO fin FROM pgcast_finalize_v3(bid) f;
         IF n_re > 0 OR n_unk > 0 OR fin IS NOT NULL THEN
             RETURN QUERY SELECT bid, n_re, n_unk, fin;
         END IF;
@@ -789,8 +877,5 @@ $$;
 -- pruned to the one partition while it is planned: the plpgsql functions that touch
 -- recipients always plan that way (a LANGUAGE sql function is planned without its
 -- arguments and cannot be pruned at all: finalize, release and sweep have a plpgsql v2).
-ALTER FUNCTION pgcast_cancel_v1(text, uuid, jsonb) SET plan_cache_mode = force_custom_plan;
-ALTER FUNCTION pgcast_claim_v1(uuid, integer, uuid, text, interval, bigint)
-    SET plan_cache_mode = force_custom_plan;
 ALTER FUNCTION pgcast_handoff_v1(uuid, integer, uuid, bigint[])
     SET plan_cache_mode = force_custom_plan;

@@ -82,7 +82,7 @@ def get(conn: psycopg.Connection[Any], account: str, broadcast_id: uuid.UUID) ->
 
 
 def send_result(row: dict[str, Any]) -> dict[str, Any]:
-    """The answer to a send, from a pgcast_send_v2 row."""
+    """The answer to a send, from a pgcast_send_v3 row."""
     if not row["ok"]:
         return {"success": False, "status": row["status"],
                 "message": f"Broadcast is {row['status']}; only a draft can be sent"}
@@ -93,7 +93,7 @@ def send_result(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def cancel_result(row: dict[str, Any]) -> dict[str, Any]:
-    """The answer to a cancel, from a pgcast_cancel_v1 row."""
+    """The answer to a cancel, from a pgcast_cancel_v2 row."""
     if not row["ok"]:
         return {"success": False, "status": row["status"],
                 "message": f"Broadcast is already {row['status']}; nothing to cancel"}
@@ -103,7 +103,7 @@ def cancel_result(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def pause_result(row: dict[str, Any], reason: str) -> dict[str, Any]:
-    """The answer to a pause, from a pgcast_pause_v2 row."""
+    """The answer to a pause, from a pgcast_pause_v3 row."""
     if not row["ok"]:
         return {"success": False, "status": row["status"],
                 "message": f"Broadcast is {row['status']}; only a sending broadcast can be paused"}

@@ -83,7 +83,7 @@ RETURNING id
 
 -- broadcast_send --
 -- Snapshot the recipients into the broadcast's own partition and start sending.
-SELECT * FROM pgcast_send_v2(%(account)s, %(id)s)
+SELECT * FROM pgcast_send_v3(%(account)s, %(id)s)
 
 -- analyze_recipients --
 -- Fresh planner statistics for one broadcast's partition after a big snapshot (its own
@@ -91,12 +91,12 @@ SELECT * FROM pgcast_send_v2(%(account)s, %(id)s)
 SELECT pgcast_analyze_v1(%(id)s)
 
 -- broadcast_cancel --
--- Cancel a draft, sending or paused broadcast (pgcast_cancel_v1).
-SELECT * FROM pgcast_cancel_v1(%(account)s, %(id)s, %(details)s::jsonb)
+-- Cancel a draft, sending or paused broadcast (pgcast_cancel_v2).
+SELECT * FROM pgcast_cancel_v2(%(account)s, %(id)s, %(details)s::jsonb)
 
 -- broadcast_pause --
 -- Pause a sending broadcast with a reason; account NULL = any.
-SELECT * FROM pgcast_pause_v2(%(account)s, %(id)s, %(reason)s, %(details)s::jsonb)
+SELECT * FROM pgcast_pause_v3(%(account)s, %(id)s, %(reason)s, %(details)s::jsonb)
 
 -- broadcast_resume --
 -- Resume a paused broadcast under a new epoch (pgcast_resume_v1).
@@ -120,14 +120,19 @@ SELECT 1 FROM broadcasts WHERE id = %(id)s AND status = 'sending' AND epoch = %(
 SELECT id, account, subject, from_address, text_body, html_body FROM broadcasts WHERE id = %(id)s
 
 -- claim --
--- Claim up to `limit` claimable rows of one broadcast (pgcast_claim_v1).
-SELECT * FROM pgcast_claim_v1(%(id)s, %(limit)s, %(token)s, %(worker)s,
+-- Claim up to `limit` rows of one broadcast: requeued first, then fresh after the cursor
+-- `after` (pgcast_claim_v2; last_fresh = the cursor's next value, NULL = none left after it).
+SELECT * FROM pgcast_claim_v2(%(id)s, %(limit)s, %(token)s, %(worker)s,
                               make_interval(secs => %(lease)s), %(after)s)
 
 -- claim_handoff --
 -- Claim up to `limit` rows and hand them off at once (handed = false: only claimed).
-SELECT * FROM pgcast_claim_handoff_v1(%(id)s, %(limit)s, %(token)s, %(worker)s,
+SELECT * FROM pgcast_claim_handoff_v2(%(id)s, %(limit)s, %(token)s, %(worker)s,
                                       make_interval(secs => %(lease)s), %(after)s)
+
+-- fresh_floor --
+-- The lowest never-claimed pending contact_id >= `from` of one broadcast, or NULL.
+SELECT pgcast_fresh_floor_v1(%(id)s, %(from)s) AS floor
 
 -- handoff --
 -- The fence: claimed -> sending (or skipped) for one group (pgcast_handoff_v1).
@@ -144,19 +149,19 @@ SELECT pgcast_release_v2(%(id)s, %(token)s, %(ids)s) AS released
 
 -- unhandoff --
 -- Rows of a claim handed off but provably never given to the provider (ids NULL = all).
-SELECT pgcast_unhandoff_v1(%(id)s, %(token)s, %(ids)s) AS undone
+SELECT pgcast_unhandoff_v2(%(id)s, %(token)s, %(ids)s) AS undone
 
 -- finalize --
 -- sending -> sent|failed when drained.
-SELECT * FROM pgcast_finalize_v2(%(id)s)
+SELECT * FROM pgcast_finalize_v3(%(id)s)
 
 -- sweep --
 -- Lease expiry, unknown outcomes, finalization.
-SELECT * FROM pgcast_sweep_v2()
+SELECT * FROM pgcast_sweep_v3()
 
 -- renew --
 -- Extends the lease on the claims a live worker holds: (broadcast, claim token) pairs.
-SELECT pgcast_renew_v2(%(ids)s, %(tokens)s, make_interval(secs => %(lease)s)) AS renewed
+SELECT pgcast_renew_v3(%(ids)s, %(tokens)s, make_interval(secs => %(lease)s)) AS renewed
 
 -- take_tokens --
 -- Up to `want` tokens from a bucket (pgcast_take_tokens_v1).

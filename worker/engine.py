@@ -28,6 +28,7 @@ NEVER = math.inf  # a halted epoch meaning "every epoch": the broadcast was canc
 DB_RETRY_MAX = 5.0  # seconds: the longest pause between attempts to reach Postgres
 GROUP_START = 10  # auto group size before the provider's speed has been measured
 GROUP_ALPHA = 0.2  # weight of the newest group in the provider's moving average
+PAST_END = 2**63 - 1  # a claim cursor past every contact_id: no fresh row left to look for
 
 
 @dataclass
@@ -79,7 +80,11 @@ class _Active:
     epoch: int
     rate_limit: float | None
     empty: bool = False  # its last claim came back empty: skip it until the next look
-    cursor: int = 0  # highest contact_id this process claimed: the next claim starts after it
+    # Fresh rows (never claimed) are claimed in contact_id order after `cursor`, the highest
+    # fresh contact_id this process took. None is below `floor`: the lowest fresh row when
+    # this process last looked behind its cursor (PAST_END: none is left).
+    cursor: int = 0
+    floor: int = 0
 
 
 @dataclass
@@ -217,8 +222,8 @@ class Engine:
         fresh: dict[uuid.UUID, _Active] = {}
         for bid, epoch, rate_limit in rows[:limit]:
             old = self._active.get(bid)
-            fresh[bid] = _Active(epoch, rate_limit, old.empty if old else False,
-                                 old.cursor if old else 0)
+            fresh[bid] = (_Active(epoch, rate_limit, old.empty, old.cursor, old.floor) if old
+                          else _Active(epoch, rate_limit))
         self._active = fresh
         self._order = list(fresh)
         self._refreshed = time.monotonic()
@@ -307,17 +312,30 @@ class Engine:
 
     async def _claim(self, bid: uuid.UUID, token: uuid.UUID,
                      query: str = "claim") -> list[tuple[Any, ...]]:
-        """A batch from the claim cursor (`claim`, or `claim_handoff`: contact_id first)."""
-        entry = self._active.get(bid)
-        after = entry.cursor if entry else 0
+        """A batch: requeued rows, then fresh ones from the cursor (`claim`, or
+        `claim_handoff`; contact_id first, last_fresh last in every row)."""
+        entry = self._active.get(bid) or _Active(0, None)
         params = {"id": bid, "limit": self.settings.batch_size, "token": token,
-                  "worker": self.name, "lease": self.settings.lease, "after": after}
+                  "worker": self.name, "lease": self.settings.lease, "after": entry.cursor}
         rows = await self._q(query, params)
-        if not rows and after:
-            # the pass from the cursor is done: wrap around for released and retried rows
-            rows = await self._q(query, {**params, "after": 0})
-        if entry is not None:
-            entry.cursor = max((r[0] for r in rows), default=0)
+        if rows and rows[0][-1] is not None:
+            entry.cursor = rows[0][-1]
+            return rows
+        # No fresh row was free after the cursor: the others took them, hold them right now,
+        # or (rarely) one was locked when this process walked past it by a transaction that
+        # then rolled back. Where do fresh rows begin? A plain read from the last floor, so
+        # the walk over rows claimed earlier happens once per broadcast, not per claim.
+        if entry.floor < PAST_END:
+            found = await self._q("fresh_floor", {"id": bid, "from": entry.floor})
+            floor = found[0][0] if found else None
+            entry.floor = PAST_END if floor is None else floor
+            moved = entry.floor - 1 if floor is not None else PAST_END
+            if moved != entry.cursor:
+                entry.cursor = moved
+                if not rows and floor is not None:
+                    rows = await self._q(query, {**params, "after": entry.cursor})
+                    if rows and rows[0][-1] is not None:
+                        entry.cursor = rows[0][-1]
         return rows
 
     async def _work_one(self, bid: uuid.UUID) -> None:

@@ -163,6 +163,41 @@ def test_pause_wait_resume(conn: Conn, db_url: str, ses: support.MotoServer,
     assert len(got) == 1500 and max(got.values()) == 1
 
 
+@PATHS
+def test_rows_a_rolled_back_transaction_held_are_still_sent(conn: Conn, db_url: str,
+                                                            ses: support.MotoServer,
+                                                            procs: support.Processes,
+                                                            group: int) -> None:
+    """Claims skip locked rows and move on: rows that a transaction locked while the workers
+    walked past, and then rolled back, are still sent, once, and only then is the broadcast
+    finished."""
+    ses.verify("news@example.com")
+    support.seed_contacts(conn, 1000)
+    bid = support.new_broadcast(conn)
+    with psycopg.connect(db_url) as holder:
+        # what a claim that then rolls back does: lock fresh rows, mid-way through the list
+        # (a subquery: FOR UPDATE also locks the rows an OFFSET skips)
+        held = holder.execute(
+            "SELECT contact_id FROM broadcast_recipients WHERE broadcast_id = %(id)s "
+            "AND contact_id IN (SELECT contact_id FROM broadcast_recipients "
+            "  WHERE broadcast_id = %(id)s ORDER BY contact_id OFFSET 400 LIMIT 20) "
+            "FOR UPDATE", {"id": bid}).fetchall()
+        assert len(held) == 20
+        for _ in range(2):
+            procs.start(db_url, *worker_args(concurrency=2, group=group), **ses_env(ses))
+        wait_sent_at_least(conn, bid, 980)
+        time.sleep(2)  # two poll intervals of claims that find nothing free
+        p = support.progress(conn, bid)
+        assert (p["status"], p["sent"]) == ("sending", 980), p
+        assert support.status_counts(conn, bid) == {"sent": 980, "pending": 20}
+        holder.rollback()
+    p = wait_status(conn, bid, "sent", timeout=60)
+    p = support.assert_counters_true(conn, bid)
+    assert p["sent"] == 1000
+    got = deliveries(ses)
+    assert len(got) == 1000 and max(got.values()) == 1
+
+
 def test_unsubscribes_during_the_send(conn: Conn, db_url: str, ses: support.MotoServer,
                                       procs: support.Processes) -> None:
     ses.verify("news@example.com")

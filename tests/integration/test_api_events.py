@@ -42,7 +42,8 @@ def test_events_on_change_then_done(db_url: str, conn: Conn) -> None:
     def step(n: int, data: dict[str, Any]) -> None:
         # each change happens only after the stream reported the previous state
         if data["sent"] == 0 and data["status"] == "sending":
-            conn.execute("UPDATE broadcast_recipients SET status = 'sent' WHERE broadcast_id = %s "
+            conn.execute("UPDATE broadcast_recipients SET status = 'sent', worker = 'w' "
+                         "WHERE broadcast_id = %s "
                          "AND contact_id IN (SELECT contact_id FROM broadcast_recipients "
                          "WHERE broadcast_id = %s ORDER BY contact_id LIMIT 3)", (bid, bid))
             conn.execute("UPDATE broadcasts SET sent = 3 WHERE id = %s", (bid,))

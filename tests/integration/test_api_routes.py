@@ -199,8 +199,8 @@ def test_recipients_are_keyset_paged_and_filtered(api: h.Api, conn: Conn) -> Non
     support.seed_contacts(conn, 7, account=A)
     b = create(api)
     api.post(f"/broadcasts/{b['id']}/send")
-    conn.execute("UPDATE broadcast_recipients SET status = 'failed', last_error = 'bounced' "
-                 "WHERE email IN ('user2@example.com', 'user5@example.com')")
+    conn.execute("UPDATE broadcast_recipients SET status = 'failed', last_error = 'bounced', "
+                 "worker = 'w' WHERE email IN ('user2@example.com', 'user5@example.com')")
     emails, cursor = [], None
     while True:
         r = api.get(f"/broadcasts/{b['id']}/recipients",

@@ -8,6 +8,7 @@ import uuid
 from typing import Any
 
 import psycopg
+import pytest
 
 from sql import broadcasts, contacts
 from sql.queries import QUERIES
@@ -84,15 +85,84 @@ def test_claim_limit_is_exact(conn: Conn) -> None:
     assert support.status_counts(conn, bid) == {"claimed": 7, "pending": 43}
 
 
-def test_claim_after_cursor_then_wraps(conn: Conn) -> None:
+def recipient_ids(conn: Conn, bid: uuid.UUID) -> list[int]:
+    return [r["contact_id"] for r in conn.execute(
+        "SELECT contact_id FROM broadcast_recipients WHERE broadcast_id = %s ORDER BY 1",
+        (bid,)).fetchall()]
+
+
+def fresh_floor(conn: Conn, bid: uuid.UUID, start: int = 0) -> int | None:
+    row = conn.execute(QUERIES["fresh_floor"], {"id": bid, "from": start}).fetchone()
+    assert row is not None
+    return row["floor"]  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("query", ["claim", "claim_handoff"])
+def test_fresh_rows_come_after_the_cursor_and_report_where_it_moves(conn: Conn,
+                                                                    query: str) -> None:
     support.seed_contacts(conn, 10)
     bid = support.new_broadcast(conn)
-    ids = sorted(r["contact_id"] for r in conn.execute(
-        "SELECT contact_id FROM broadcast_recipients").fetchall())
-    _, rows = claim(conn, bid, 100, after=ids[4])
-    assert sorted(r["contact_id"] for r in rows) == ids[5:]
-    _, rows = claim(conn, bid, 100, after=0)
+    ids = recipient_ids(conn, bid)
+    _, rows = claim(conn, bid, 3, after=ids[4], query=query)
+    assert sorted(r["contact_id"] for r in rows) == ids[5:8]
+    assert {r["last_fresh"] for r in rows} == {ids[7]}
+    _, rows = claim(conn, bid, 100, after=ids[7], query=query)
+    assert sorted(r["contact_id"] for r in rows) == ids[8:]
+    # nothing fresh after the cursor: the rows behind it are not looked at
+    assert claim(conn, bid, 100, after=ids[9], query=query)[1] == []
+    assert fresh_floor(conn, bid) == ids[0]
+    _, rows = claim(conn, bid, 100, after=ids[0] - 1, query=query)
     assert sorted(r["contact_id"] for r in rows) == ids[:5]
+    assert fresh_floor(conn, bid) is None
+
+
+def test_requeued_rows_are_claimed_before_fresh_ones(conn: Conn) -> None:
+    support.seed_contacts(conn, 10)
+    bid = support.new_broadcast(conn)
+    ids = recipient_ids(conn, bid)
+    token, rows = claim(conn, bid, 4)
+    released = conn.execute(QUERIES["release"], {"id": bid, "token": token,
+                                                 "ids": ids[1:3]}).fetchone()
+    assert released == {"released": 2}
+    # released rows are back to pending but not fresh: the requeued index has them
+    assert fresh_floor(conn, bid) == ids[4]
+    _, rows = claim(conn, bid, 3, after=ids[3])
+    assert sorted(r["contact_id"] for r in rows) == [ids[1], ids[2], ids[4]]
+    assert {r["last_fresh"] for r in rows} == {ids[4]}
+    # requeued rows alone fill the claim: the cursor stays where it was
+    token, rows = claim(conn, bid, 2, after=ids[4])
+    assert sorted(r["contact_id"] for r in rows) == ids[5:7]
+    conn.execute(QUERIES["release"], {"id": bid, "token": token, "ids": ids[5:7]})
+    _, rows = claim(conn, bid, 2, after=ids[6])
+    assert sorted(r["contact_id"] for r in rows) == ids[5:7]
+    assert {r["last_fresh"] for r in rows} == {ids[6]}
+
+
+def test_the_fresh_floor_counts_rows_another_transaction_has_locked(db_url: str,
+                                                                    conn: Conn) -> None:
+    support.seed_contacts(conn, 10)
+    bid = support.new_broadcast(conn)
+    ids = recipient_ids(conn, bid)
+    with psycopg.connect(db_url) as holder:
+        # locked as a claim that will roll back locks them
+        holder.execute("SELECT 1 FROM broadcast_recipients WHERE broadcast_id = %s "
+                       "AND contact_id = ANY (%s) FOR UPDATE", (bid, ids[2:4]))
+        _, rows = claim(conn, bid, 100)
+        assert sorted(r["contact_id"] for r in rows) == ids[:2] + ids[4:]
+        assert claim(conn, bid, 100, after=ids[9])[1] == []
+        assert fresh_floor(conn, bid) == ids[2]
+        # nothing in flight, nothing requeued, but two rows never claimed: not finished
+        conn.execute("UPDATE broadcast_recipients SET status = 'sent' WHERE broadcast_id = %s "
+                     "AND status = 'claimed'", (bid,))
+        assert conn.execute(QUERIES["finalize"], {"id": bid}).fetchall() == []
+        holder.rollback()
+    _, rows = claim(conn, bid, 100, after=ids[2] - 1)
+    assert sorted(r["contact_id"] for r in rows) == ids[2:4]
+    conn.execute("UPDATE broadcast_recipients SET status = 'sent' WHERE broadcast_id = %s "
+                 "AND status = 'claimed'", (bid,))
+    assert fresh_floor(conn, bid) is None
+    assert conn.execute(QUERIES["finalize"], {"id": bid}).fetchall() == [
+        {"ok": True, "status": "sent"}]
 
 
 def test_full_cycle_keeps_counters_true_and_finalizes(conn: Conn) -> None:
@@ -380,6 +450,12 @@ def test_retry_goes_back_to_pending_with_a_later_retry_at(conn: Conn) -> None:
     assert rows == [{"status": "pending", "attempts": 1, "later": True},
                     {"status": "pending", "attempts": 0, "later": True}]
     assert claim(conn, bid, 10)[1] == []  # not before retry_at
+    # nothing claimable and nothing in flight, but not finished: the retries are waiting
+    assert conn.execute(QUERIES["finalize"], {"id": bid}).fetchall() == []
+    conn.execute("UPDATE broadcast_recipients SET retry_at = now() - interval '1 second' "
+                 "WHERE contact_id = %s", (ids[0],))
+    _, rows = claim(conn, bid, 10)
+    assert [r["contact_id"] for r in rows] == [ids[0]]
 
 
 def test_circuit_breaker_trips_after_consecutive_failures(conn: Conn) -> None:

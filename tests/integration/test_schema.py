@@ -74,7 +74,8 @@ def test_two_migrates_at_once_are_safe(pg_server: str) -> None:
         assert n is not None and n[0] == len(schema.migrations())
 
 
-def test_0002_moves_each_broadcasts_rows_into_its_own_partition(pg_server: str) -> None:
+def test_upgrade_from_0001_moves_each_broadcasts_rows_into_its_own_keyed_partition(
+        pg_server: str) -> None:
     first, *later = schema.migrations()
     assert first.version == 1 and later, "this test upgrades from 0001"
     with support.fresh_database(pg_server, "template0") as url, psycopg.connect(url) as conn:
@@ -106,6 +107,7 @@ def test_0002_moves_each_broadcasts_rows_into_its_own_partition(pg_server: str) 
                             (ids[1],)).fetchone() == (True,)
         # some progress on the first broadcast, which must survive the move
         conn.execute("UPDATE broadcast_recipients SET status = 'sent', sent_at = now(), "
+                     "worker = 'w', "
                      "provider_message_id = 'm' || contact_id "
                      "WHERE broadcast_id = %s AND contact_id <= 10", (ids[0],))
         before = conn.execute("SELECT * FROM broadcast_recipients ORDER BY 1, 2").fetchall()
@@ -121,23 +123,34 @@ def test_0002_moves_each_broadcasts_rows_into_its_own_partition(pg_server: str) 
             "WHERE i.inhparent = 'broadcast_recipients'::regclass ORDER BY 1").fetchall()
         assert sorted(parts) == sorted(
             (f"broadcast_recipients_{bid.hex}", f"FOR VALUES IN ('{bid}')") for bid in ids)
-        # every index of the parent exists on each partition
-        n_indexes = conn.execute(
-            "SELECT count(*) FROM pg_index WHERE indrelid = %s::regclass",
-            (f"broadcast_recipients_{ids[0].hex}",)).fetchone()
-        assert n_indexes == (4,)
+        # every index of the parent exists on each partition, and each has its own key
+        for bid in ids:
+            part = f"broadcast_recipients_{bid.hex}"
+            indexes = conn.execute(
+                "SELECT count(*) FILTER (WHERE inhparent IS NOT NULL), "
+                "       array_agg(pg_get_indexdef(x.indexrelid)) FILTER (WHERE x.indisprimary) "
+                "FROM pg_index x LEFT JOIN pg_inherits h ON h.inhrelid = x.indexrelid "
+                "WHERE x.indrelid = %s::regclass", (part,)).fetchone()
+            assert indexes == (3, [f"CREATE UNIQUE INDEX {part}_pkey ON public.{part} "
+                                   "USING btree (contact_id)"])
         assert conn.execute("SELECT to_regclass('broadcast_recipients_0001')").fetchone() == (None,)
         # and the engine's functions work on the moved rows
-        claimed = conn.execute("SELECT count(*) FROM pgcast_claim_v1(%s, 100, gen_random_uuid(),"
+        claimed = conn.execute("SELECT count(*) FROM pgcast_claim_v2(%s, 100, gen_random_uuid(),"
                                " 'w', interval '30 seconds', 0)", (ids[0],)).fetchone()
         assert claimed == (20,)
         assert conn.execute("SELECT ok FROM pgcast_resume_v1('a', %s, '{}')",
                             (ids[1],)).fetchone() == (True,)
-        assert conn.execute("SELECT count(*) FROM pgcast_claim_handoff_v1(%s, 100, "
-                            "gen_random_uuid(), 'w', interval '30 seconds', 0)",
-                            (ids[1],)).fetchone() == (30,)
+        # the 5 claims the pause put back are requeued (claimed first), the 25 others fresh
+        assert conn.execute("SELECT array_agg(contact_id ORDER BY contact_id) FILTER "
+                            "(WHERE worker IS NOT NULL) FROM broadcast_recipients "
+                            "WHERE broadcast_id = %s AND status = 'pending'",
+                            (ids[1],)).fetchone() == (list(range(1, 6)),)
+        handed = conn.execute("SELECT contact_id, last_fresh FROM pgcast_claim_handoff_v2(%s, 10, "
+                              "gen_random_uuid(), 'w', interval '30 seconds', 0)",
+                              (ids[1],)).fetchall()
+        assert sorted(handed) == [(i, 10) for i in range(1, 11)]
         # the draft can still be sent, into a partition of its own
-        assert conn.execute("SELECT queued FROM pgcast_send_v2('a', %s)",
+        assert conn.execute("SELECT queued FROM pgcast_send_v3('a', %s)",
                             (still_draft,)).fetchone() == (30,)
         assert conn.execute("SELECT count(*) FROM broadcast_recipients WHERE broadcast_id = %s",
                             (nobody,)).fetchone() == (0,)

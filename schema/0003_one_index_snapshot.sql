@@ -1,0 +1,543 @@
+-- 0003_one_index_snapshot: a new partition gets one index built after its rows are in,
+-- not two, and the indexes that are maintained while it is filled cost next to nothing.
+--
+-- Why (measured, bench/RESULTS.md "Third round"): after 0002 a send of 1,000,000 recipients
+-- cost the bare INSERT ... SELECT plus two sorted index builds at ATTACH, the primary key
+-- (broadcast_id, contact_id) and the claim index (contact_id) WHERE status = 'pending',
+-- about 0.35 s each against 0.8-1.1 s for the rows, plus 0.2-0.3 s of testing every row
+-- against the predicates of the partial indexes (text comparisons of status). Now:
+-- * The primary key is each partition's own, (contact_id): half as wide (broadcast_id is
+--   the same in every row of a partition, and the partition's CHECK says which), so it
+--   builds in about 0.2 s. The parent has no primary key of its own (a partitioned table's
+--   key must include the partition key); each partition, the table that holds rows and
+--   that logical replication publishes, has one.
+-- * The claim index is gone. A recipient nobody has claimed yet ("fresh": status pending,
+--   worker NULL) is found by walking the primary key from the worker's cursor, as the
+--   claim index was walked before. A recipient that went back to pending after a claim (a
+--   retry, a throttle, a release, an expired lease, a pause) is found through
+--   broadcast_recipients_requeued.
+-- * worker is set by a row's first claim and never cleared: NULL means never claimed. Every
+--   row in flight, requeued, failed, unknown or skipped has been claimed, so the partial
+--   indexes now say `worker IS NOT NULL AND ...`: a fresh row fails that first test at once,
+--   and the snapshot no longer pays for the status comparisons. Queries that want one of
+--   these indexes say `worker IS NOT NULL` too (the planner uses a partial index only for a
+--   query that implies its predicate).
+-- * Finalize can no longer ask a pending index whether anything is left: it asks the small
+--   indexes first and walks for a fresh row only when they are empty (pgcast_finalize_v3).
+--
+-- Functions: send, claim, claim_handoff, finalize, sweep, renew, pause, unhandoff and cancel
+-- get new versions. The old ones are dropped: their plans needed the indexes dropped here
+-- (without them a claim, finalize, renew or pause reads the whole partition), and
+-- partition_create_v1/attach_v1 would build a partition without a primary key. Restart
+-- workers and the API after `pgcast migrate`.
+
+ALTER TABLE broadcast_recipients DROP CONSTRAINT broadcast_recipients_pkey;
+DROP INDEX broadcast_recipients_claimable;
+-- what the partial indexes below rely on, now checked: only a fresh row, or one cancelled
+-- before anyone claimed it, has no worker. Rows edited by hand before this migration into a
+-- state only a claim leads to get a worker name that says so.
+UPDATE broadcast_recipients SET worker = 'before 0003'
+WHERE worker IS NULL AND status NOT IN ('pending', 'cancelled');
+ALTER TABLE broadcast_recipients ADD CONSTRAINT broadcast_recipients_claimed_check
+    CHECK (worker IS NOT NULL OR status IN ('pending', 'cancelled'));
+DROP INDEX broadcast_recipients_problems;
+DROP INDEX broadcast_recipients_in_flight;
+-- recipients back to pending after a claim: what a claim takes before fresh rows
+CREATE INDEX broadcast_recipients_requeued ON broadcast_recipients (contact_id)
+    WHERE worker IS NOT NULL AND status = 'pending';
+-- the recipients a person looks for (API ?status= filter)
+CREATE INDEX broadcast_recipients_problems ON broadcast_recipients (broadcast_id, status, contact_id)
+    WHERE worker IS NOT NULL AND status IN ('failed', 'unknown', 'skipped');
+-- what is in a worker's hands, for leases, pause, cancel and the drained check
+CREATE INDEX broadcast_recipients_in_flight ON broadcast_recipients (broadcast_id, contact_id)
+    WHERE worker IS NOT NULL AND status IN ('claimed', 'sending');
+DO $$
+DECLARE
+    part regclass;
+BEGIN
+    FOR part IN SELECT i.inhrelid::regclass FROM pg_inherits i
+                WHERE i.inhparent = 'broadcast_recipients'::regclass ORDER BY 1 LOOP
+        EXECUTE format('ALTER TABLE %s ADD PRIMARY KEY (contact_id)', part);
+    END LOOP;
+END
+$$;
+
+DROP FUNCTION pgcast_send_v2(text, uuid);
+DROP FUNCTION pgcast_partition_create_v1(uuid);
+DROP FUNCTION pgcast_partition_attach_v1(uuid);
+DROP FUNCTION pgcast_claim_v1(uuid, integer, uuid, text, interval, bigint);
+DROP FUNCTION pgcast_claim_handoff_v1(uuid, integer, uuid, text, interval, bigint);
+DROP FUNCTION pgcast_sweep_v2();
+DROP FUNCTION pgcast_finalize_v2(uuid);
+DROP FUNCTION pgcast_renew_v2(uuid[], uuid[], interval);
+DROP FUNCTION pgcast_pause_v2(text, uuid, text, jsonb);
+DROP FUNCTION pgcast_unhandoff_v1(uuid, uuid, bigint[]);
+DROP FUNCTION pgcast_cancel_v1(text, uuid, jsonb);
+
+-- a new, unattached partition for one broadcast: its columns, the CHECK that lets ATTACH
+-- skip its validation scan, and the three partial indexes that stay empty while it is
+-- filled (a fresh row fails their first test, worker IS NOT NULL). The primary key is built
+-- by pgcast_partition_attach_v2 after the rows are in.
+CREATE FUNCTION pgcast_partition_create_v2(p_id uuid)
+RETURNS text LANGUAGE plpgsql AS $$
+DECLARE
+    part text := pgcast_partition_name_v1(p_id);
+    bare text := 'broadcast_recipients_' || replace(p_id::text, '-', '');
+BEGIN
+    EXECUTE format(
+        'CREATE TABLE %s (LIKE broadcast_recipients INCLUDING DEFAULTS INCLUDING CONSTRAINTS,'
+        ' CONSTRAINT %I CHECK (broadcast_id = %L)) WITH ('
+        -- No status change is HOT (status is in the partial indexes' predicates), so free
+        -- space kept for updates only makes the snapshot write more pages: fillfactor 100.
+        -- Each recipient leaves two or three dead versions: vacuum and analyze after 2% of
+        -- the partition instead of the default 20%, at ten times the default cost limit.
+        '  fillfactor = 100,'
+        '  autovacuum_vacuum_scale_factor = 0.02,'
+        '  autovacuum_vacuum_threshold = 10000,'
+        '  autovacuum_vacuum_insert_scale_factor = 0.02,'
+        '  autovacuum_analyze_scale_factor = 0.02,'
+        '  autovacuum_analyze_threshold = 10000,'
+        '  autovacuum_vacuum_cost_limit = 2000)',
+        part, bare || '_broadcast', p_id);
+    EXECUTE format('CREATE INDEX %I ON %s (contact_id)'
+                   ' WHERE worker IS NOT NULL AND status = ''pending''', bare || '_requeued', part);
+    EXECUTE format('CREATE INDEX %I ON %s (broadcast_id, status, contact_id)'
+                   ' WHERE worker IS NOT NULL AND status IN (''failed'', ''unknown'', ''skipped'')',
+                   bare || '_problems', part);
+    EXECUTE format('CREATE INDEX %I ON %s (broadcast_id, contact_id)'
+                   ' WHERE worker IS NOT NULL AND status IN (''claimed'', ''sending'')',
+                   bare || '_in_flight', part);
+    RETURN part;
+END
+$$;
+
+-- attach a filled partition: its primary key in one sorted pass, then ATTACH, which finds
+-- every index of the parent already there and, thanks to the CHECK, does not scan the rows
+CREATE FUNCTION pgcast_partition_attach_v2(p_id uuid)
+RETURNS void LANGUAGE plpgsql AS $$
+DECLARE
+    part text := pgcast_partition_name_v1(p_id);
+BEGIN
+    EXECUTE format('ALTER TABLE %s ADD PRIMARY KEY (contact_id)', part);
+    EXECUTE format('ALTER TABLE broadcast_recipients ATTACH PARTITION %s FOR VALUES IN (%L)',
+                   part, p_id);
+END
+$$;
+
+-- send: lock the draft, snapshot its recipients into a new partition, CAS draft -> sending
+-- (or straight to sent when nobody matches), all in the caller's one transaction.
+CREATE FUNCTION pgcast_send_v3(p_account text, p_id uuid)
+RETURNS TABLE (ok boolean, status text, queued integer)
+LANGUAGE plpgsql AS $$
+DECLARE
+    b broadcasts%ROWTYPE;
+    n integer;
+    part text;
+BEGIN
+    SELECT * INTO b FROM broadcasts WHERE id = p_id AND account = p_account FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    IF b.status <> 'draft' THEN
+        RETURN QUERY SELECT false, b.status, b.total;
+        RETURN;
+    END IF;
+    part := pgcast_partition_create_v2(p_id);
+    -- no ON CONFLICT and no key yet: the broadcast is new (locked draft) and contacts.id
+    -- is unique, so a conflict cannot happen; the key is built after the rows are in
+    EXECUTE format(
+        'INSERT INTO %s (broadcast_id, contact_id, email)'
+        ' SELECT $1, c.id, c.email FROM contacts c'
+        ' WHERE c.account = $2 AND c.unsubscribed_at IS NULL'
+        '   AND ($3::text IS NULL OR c.tags @> ARRAY[$3::text])', part)
+        USING p_id, p_account, b.segment_tag;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    IF n > 0 THEN
+        PERFORM pgcast_partition_attach_v2(p_id);
+    ELSE
+        EXECUTE format('DROP TABLE %s', part);  -- nobody to send to: no partition
+    END IF;
+    IF b.rate_limit IS NOT NULL THEN
+        INSERT INTO rate_limits (name, rate, burst, tokens)
+        VALUES ('broadcast:' || p_id, b.rate_limit, greatest(1, ceil(b.rate_limit / 10)), 1)
+        ON CONFLICT (name) DO NOTHING;
+    END IF;
+    RETURN QUERY
+    UPDATE broadcasts AS u
+    SET status = CASE WHEN n = 0 THEN 'sent' ELSE 'sending' END,
+        total = n,
+        started_at = now(),
+        finished_at = CASE WHEN n = 0 THEN now() END,
+        updated_at = now(),
+        audit_log = u.audit_log || pgcast_audit_v1('send', u.status,
+            CASE WHEN n = 0 THEN 'sent' ELSE 'sending' END,
+            jsonb_build_object('recipients', n))
+    WHERE u.id = p_id AND u.status = ANY (ARRAY['draft'])
+    RETURNING true, u.status, u.total;
+    IF n > 0 THEN
+        PERFORM pgcast_notify_v1('send', p_id, b.epoch);
+    END IF;
+END
+$$;
+
+-- the rows a claim takes, locked (SKIP LOCKED: a claim never waits): first recipients back
+-- to pending after an earlier claim whose retry time has come (the requeued index, the
+-- whole broadcast: few rows), then fresh ones after the worker's cursor (the primary key,
+-- in contact_id order). last_fresh: the highest fresh contact_id taken, the cursor when no
+-- fresh row was needed, NULL when fresh rows were needed and none was free after the
+-- cursor (the worker then looks behind it with pgcast_fresh_floor_v1). A fresh row never
+-- has a retry time: only a record sets one, and it sets worker too.
+CREATE FUNCTION pgcast_claim_rows_v1(p_id uuid, p_limit integer, p_after bigint,
+                                     OUT ids bigint[], OUT last_fresh bigint)
+LANGUAGE plpgsql
+SET plan_cache_mode = force_custom_plan
+AS $$
+DECLARE
+    fresh bigint[];
+BEGIN
+    ids := ARRAY(
+        SELECT l.contact_id FROM broadcast_recipients l
+        WHERE l.broadcast_id = p_id AND l.worker IS NOT NULL AND l.status = 'pending'
+          AND (l.retry_at IS NULL OR l.retry_at <= now())
+        ORDER BY l.contact_id
+        LIMIT p_limit
+        FOR UPDATE SKIP LOCKED);
+    last_fresh := p_after;
+    IF cardinality(ids) < p_limit THEN
+        fresh := ARRAY(
+            SELECT l.contact_id FROM broadcast_recipients l
+            WHERE l.broadcast_id = p_id AND l.status = 'pending' AND l.worker IS NULL
+              AND l.contact_id > p_after
+            ORDER BY l.contact_id
+            LIMIT p_limit - cardinality(ids)
+            FOR UPDATE SKIP LOCKED);
+        last_fresh := fresh[cardinality(fresh)];
+        ids := ids || fresh;
+    END IF;
+END
+$$;
+
+-- the lowest fresh contact_id >= p_from, or NULL: a plain read, so a fresh row that another
+-- transaction has locked (a claim about to commit, or one about to roll back) counts. Rows
+-- never become fresh again, so a worker that found no fresh row after its cursor learns
+-- from this where the fresh rows it walked past (locked by a transaction that then rolled
+-- back) begin, and that none is left once it returns NULL.
+CREATE FUNCTION pgcast_fresh_floor_v1(p_id uuid, p_from bigint)
+RETURNS bigint
+LANGUAGE plpgsql
+SET plan_cache_mode = force_custom_plan
+AS $$
+BEGIN
+    RETURN (SELECT l.contact_id FROM broadcast_recipients l
+            WHERE l.broadcast_id = p_id AND l.status = 'pending' AND l.worker IS NULL
+              AND l.contact_id >= p_from
+            ORDER BY l.contact_id
+            LIMIT 1);
+END
+$$;
+
+-- claim: up to p_limit claimable rows -> claimed (requeued rows first, then fresh rows after
+-- the worker's cursor p_after), with a lease. Every row returned carries last_fresh (see
+-- pgcast_claim_rows_v1).
+CREATE FUNCTION pgcast_claim_v2(p_id uuid, p_limit integer, p_token uuid, p_worker text,
+                                p_lease interval, p_after bigint)
+RETURNS TABLE (contact_id bigint, email text, attempts smallint, epoch integer,
+               last_fresh bigint)
+LANGUAGE plpgsql
+SET plan_cache_mode = force_custom_plan
+AS $$
+DECLARE
+    e integer;
+    c record;
+BEGIN
+    -- a claim lost to a server crash leaves its rows pending: its worker's handoff then
+    -- fails the fence. Not worth an fsync.
+    PERFORM set_config('synchronous_commit', 'off', true);
+    SELECT b.epoch INTO e FROM broadcasts b WHERE b.id = p_id AND b.status = 'sending';
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    c := pgcast_claim_rows_v1(p_id, p_limit, p_after);
+    RETURN QUERY
+    UPDATE broadcast_recipients r
+    SET status = 'claimed', claim_token = p_token, claim_epoch = e,
+        worker = coalesce(p_worker, 'unnamed'),
+        lease_expires_at = clock_timestamp() + p_lease
+    WHERE r.broadcast_id = p_id AND r.contact_id = ANY (c.ids)
+    RETURNING r.contact_id, r.email, r.attempts, e, c.last_fresh;
+END
+$$;
+
+-- claim and hand off in one statement, for a worker that will send the whole batch at
+-- once (a provider fast enough that its group is the batch). Synchronous, like every
+-- handoff. Recipients whose contact unsubscribed since the snapshot are only claimed
+-- (handed = false): the worker passes them to pgcast_handoff_v1, whose rare path skips
+-- them under the broadcast row lock (taking that lock here, after the recipients, would
+-- break the lock order).
+-- The fence: a cancel marks pending rows cancelled, so it and this function meet on the
+-- rows (whichever locks a row first wins, and a handoff commits before the cancel that
+-- waited for it). A pause leaves pending rows alone, so it meets this function on an
+-- advisory lock instead: shared here, exclusive in pgcast_pause_v2, taken before the
+-- broadcast is read. A pause waits for handoffs in progress; a handoff that waited for a
+-- pause reads `paused` and hands off nothing.
+-- v2: the rows come from pgcast_claim_rows_v1 (requeued first, then fresh after the cursor),
+-- and each row returned carries last_fresh.
+CREATE FUNCTION pgcast_claim_handoff_v2(p_id uuid, p_limit integer, p_token uuid,
+                                        p_worker text, p_lease interval, p_after bigint)
+RETURNS TABLE (contact_id bigint, email text, name text, attempts smallint, epoch integer,
+               handed boolean, last_fresh bigint)
+LANGUAGE plpgsql
+SET plan_cache_mode = force_custom_plan
+AS $$
+DECLARE
+    e integer;
+    c record;
+BEGIN
+    PERFORM pg_advisory_xact_lock_shared(hashtext('pgcast.handoff'), hashtext(p_id::text));
+    SELECT b.epoch INTO e FROM broadcasts b WHERE b.id = p_id AND b.status = 'sending';
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    c := pgcast_claim_rows_v1(p_id, p_limit, p_after);
+    RETURN QUERY
+    UPDATE broadcast_recipients r
+    SET status = CASE WHEN k.unsubscribed_at IS NULL THEN 'sending' ELSE 'claimed' END,
+        handed_at = CASE WHEN k.unsubscribed_at IS NULL THEN statement_timestamp() END,
+        claim_token = p_token, claim_epoch = e, worker = coalesce(p_worker, 'unnamed'),
+        lease_expires_at = clock_timestamp() + p_lease
+    FROM contacts k
+    WHERE r.broadcast_id = p_id AND k.id = r.contact_id AND r.contact_id = ANY (c.ids)
+    RETURNING r.contact_id, r.email, k.name, r.attempts, e, k.unsubscribed_at IS NULL,
+              c.last_fresh;
+END
+$$;
+
+-- finalize: sending -> sent|failed once nothing is pending, claimed or sending. The small
+-- indexes answer first (something in flight or requeued: not yet, and no walk); only then
+-- is the partition walked for a fresh row, which at the end of a broadcast happens once.
+-- The decision itself is one statement, so its three checks read one snapshot: a row that
+-- moves between pending and in flight while they run cannot slip between them.
+CREATE FUNCTION pgcast_finalize_v3(p_id uuid)
+RETURNS TABLE (ok boolean, status text)
+LANGUAGE plpgsql
+SET plan_cache_mode = force_custom_plan
+AS $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM broadcast_recipients r
+               WHERE r.broadcast_id = p_id AND r.worker IS NOT NULL
+                 AND r.status IN ('claimed', 'sending'))
+       OR EXISTS (SELECT 1 FROM broadcast_recipients r
+                  WHERE r.broadcast_id = p_id AND r.worker IS NOT NULL
+                    AND r.status = 'pending') THEN
+        RETURN;
+    END IF;
+    RETURN QUERY
+    UPDATE broadcasts AS u
+    SET status = CASE WHEN u.sent = 0 AND u.failed > 0 THEN 'failed' ELSE 'sent' END,
+        finished_at = now(), updated_at = now(),
+        audit_log = u.audit_log || pgcast_audit_v1('finish', u.status,
+            CASE WHEN u.sent = 0 AND u.failed > 0 THEN 'failed' ELSE 'sent' END,
+            jsonb_build_object('sent', u.sent, 'failed', u.failed, 'skipped', u.skipped,
+                               'unknown', u.unknown))
+    WHERE u.id = p_id AND u.status = ANY (ARRAY['sending'])
+      AND NOT EXISTS (SELECT 1 FROM broadcast_recipients r
+                      WHERE r.broadcast_id = p_id AND r.worker IS NOT NULL
+                        AND r.status IN ('claimed', 'sending'))
+      AND NOT EXISTS (SELECT 1 FROM broadcast_recipients r
+                      WHERE r.broadcast_id = p_id AND r.worker IS NOT NULL
+                        AND r.status = 'pending')
+      AND NOT EXISTS (SELECT 1 FROM broadcast_recipients r
+                      WHERE r.broadcast_id = p_id AND r.status = 'pending'
+                        AND r.worker IS NULL)
+    RETURNING true, u.status;
+END
+$$;
+
+-- sweep: expired claims back to pending, expired handoffs to unknown (never re-sent),
+-- drained broadcasts finalized. One broadcast at a time, in id order (as renew), broadcast
+-- row locked first. A cancelled broadcast is visited only while its counters say rows are
+-- still in flight (a cancel turns every pending and claimed row into cancelled, so what
+-- the counters do not account for is sending): no scan of finished broadcasts' rows.
+-- v3: finalizes with pgcast_finalize_v3; its lookups say worker IS NOT NULL (0003's indexes).
+CREATE FUNCTION pgcast_sweep_v3()
+RETURNS TABLE (broadcast_id uuid, reclaimed integer, unknown integer, finalized text)
+LANGUAGE plpgsql
+SET plan_cache_mode = force_custom_plan
+AS $$
+DECLARE
+    bid uuid;
+    n_re integer;
+    n_unk integer;
+    fin text;
+BEGIN
+    FOR bid IN SELECT b.id FROM broadcasts b
+               WHERE b.status IN ('sending', 'paused')
+                  OR (b.status = 'cancelled'
+                      AND b.total - b.sent - b.failed - b.skipped - b.unknown - b.cancelled > 0)
+               ORDER BY b.id
+    LOOP
+        PERFORM 1 FROM broadcasts b WHERE b.id = bid FOR NO KEY UPDATE;
+        UPDATE broadcast_recipients r
+        SET status = 'pending', claim_token = NULL, lease_expires_at = NULL
+        WHERE r.broadcast_id = bid AND r.contact_id = ANY (ARRAY(
+            SELECT l.contact_id FROM broadcast_recipients l
+            WHERE l.broadcast_id = bid AND l.worker IS NOT NULL AND l.status = 'claimed'
+              AND l.lease_expires_at < clock_timestamp()
+            ORDER BY l.contact_id FOR UPDATE));
+        GET DIAGNOSTICS n_re = ROW_COUNT;
+        UPDATE broadcast_recipients r
+        SET status = 'unknown', last_error = 'worker lost during handoff: outcome unknown'
+        WHERE r.broadcast_id = bid AND r.contact_id = ANY (ARRAY(
+            SELECT l.contact_id FROM broadcast_recipients l
+            WHERE l.broadcast_id = bid AND l.worker IS NOT NULL AND l.status = 'sending'
+              AND l.lease_expires_at < clock_timestamp()
+            ORDER BY l.contact_id FOR UPDATE));
+        GET DIAGNOSTICS n_unk = ROW_COUNT;
+        IF n_unk > 0 THEN
+            UPDATE broadcasts b SET unknown = b.unknown + n_unk WHERE b.id = bid;
+        END IF;
+        SELECT f.status INTO fin FROM pgcast_finalize_v3(bid) f;
+        IF n_re > 0 OR n_unk > 0 OR fin IS NOT NULL THEN
+            RETURN QUERY SELECT bid, n_re, n_unk, fin;
+        END IF;
+    END LOOP;
+END
+$$;
+
+-- renew: a live worker extends the lease of the claims it knows it holds, by (broadcast,
+-- claim token) pairs, so a claim whose answer was lost to a broken connection still
+-- expires. One broadcast at a time, each one's rows locked in contact_id order.
+-- v3: finds them through 0003's in-flight index (worker IS NOT NULL).
+CREATE FUNCTION pgcast_renew_v3(p_ids uuid[], p_tokens uuid[], p_lease interval)
+RETURNS integer LANGUAGE plpgsql
+SET plan_cache_mode = force_custom_plan
+AS $$
+DECLARE
+    c record;
+    n integer;
+    total integer := 0;
+BEGIN
+    FOR c IN SELECT t.id, array_agg(t.token) AS tokens
+             FROM unnest(p_ids, p_tokens) AS t(id, token) GROUP BY t.id ORDER BY t.id LOOP
+        UPDATE broadcast_recipients r
+        SET lease_expires_at = clock_timestamp() + p_lease
+        WHERE r.broadcast_id = c.id AND r.contact_id = ANY (ARRAY(
+            SELECT l.contact_id FROM broadcast_recipients l
+            WHERE l.broadcast_id = c.id AND l.worker IS NOT NULL
+              AND l.status IN ('claimed', 'sending') AND l.claim_token = ANY (c.tokens)
+            ORDER BY l.contact_id FOR UPDATE));
+        GET DIAGNOSTICS n = ROW_COUNT;
+        total := total + n;
+    END LOOP;
+    RETURN total;
+END
+$$;
+
+-- pause: sending -> paused; claimed rows go back to pending. Takes the advisory lock that
+-- fences pgcast_claim_handoff_v2 (exclusive here, shared there).
+-- v3: finds the claimed rows through 0003's in-flight index (worker IS NOT NULL).
+CREATE FUNCTION pgcast_pause_v3(p_account text, p_id uuid, p_reason text, p_details jsonb)
+RETURNS TABLE (ok boolean, status text)
+LANGUAGE plpgsql
+SET plan_cache_mode = force_custom_plan
+AS $$
+DECLARE
+    e integer;
+BEGIN
+    PERFORM pg_advisory_xact_lock(hashtext('pgcast.handoff'), hashtext(p_id::text));
+    UPDATE broadcasts AS u
+    SET status = 'paused', paused_reason = p_reason, updated_at = now(),
+        audit_log = u.audit_log || pgcast_audit_v1('pause', u.status, 'paused',
+            coalesce(p_details, '{}'::jsonb) || jsonb_build_object('reason', p_reason))
+    WHERE u.id = p_id AND (p_account IS NULL OR u.account = p_account)
+      AND u.status = ANY (ARRAY['sending'])
+    RETURNING u.epoch INTO e;
+    IF NOT FOUND THEN
+        RETURN QUERY SELECT false, b.status FROM broadcasts b
+            WHERE b.id = p_id AND (p_account IS NULL OR b.account = p_account);
+        RETURN;
+    END IF;
+    UPDATE broadcast_recipients r
+    SET status = 'pending', claim_token = NULL, lease_expires_at = NULL
+    WHERE r.broadcast_id = p_id AND r.contact_id = ANY (ARRAY(
+        SELECT l.contact_id FROM broadcast_recipients l
+        WHERE l.broadcast_id = p_id AND l.worker IS NOT NULL AND l.status = 'claimed'
+        ORDER BY l.contact_id FOR UPDATE));
+    PERFORM pgcast_notify_v1('pause', p_id, e);
+    RETURN QUERY SELECT true, 'paused'::text;
+END
+$$;
+
+-- unhandoff: rows of a claim that reached sending (or were only claimed) but provably never
+-- reached the provider: the worker lost the answer of the statement that handed them off.
+-- p_ids NULL = every such row of the token (a direct claim_handoff has a single group).
+-- Back to pending, or to cancelled (and counted) when the broadcast was cancelled meanwhile:
+-- a cancel only sees pending and claimed rows, so these would otherwise stay pending in a
+-- cancelled broadcast. Broadcast row first (lock order).
+-- v2: finds the rows through 0003's in-flight index (worker IS NOT NULL).
+CREATE FUNCTION pgcast_unhandoff_v2(p_id uuid, p_token uuid, p_ids bigint[])
+RETURNS integer
+LANGUAGE plpgsql
+SET plan_cache_mode = force_custom_plan
+AS $$
+DECLARE
+    is_cancelled boolean;
+    n integer;
+BEGIN
+    SELECT b.status = 'cancelled' INTO is_cancelled FROM broadcasts b WHERE b.id = p_id
+    FOR NO KEY UPDATE;
+    UPDATE broadcast_recipients r
+    SET status = CASE WHEN is_cancelled THEN 'cancelled' ELSE 'pending' END,
+        claim_token = NULL, lease_expires_at = NULL, handed_at = NULL
+    WHERE r.broadcast_id = p_id AND r.contact_id = ANY (ARRAY(
+        SELECT l.contact_id FROM broadcast_recipients l
+        WHERE l.broadcast_id = p_id AND (p_ids IS NULL OR l.contact_id = ANY (p_ids))
+          AND l.claim_token = p_token AND l.worker IS NOT NULL
+          AND l.status IN ('claimed', 'sending')
+        ORDER BY l.contact_id FOR UPDATE));
+    GET DIAGNOSTICS n = ROW_COUNT;
+    IF is_cancelled AND n > 0 THEN
+        UPDATE broadcasts SET cancelled = broadcasts.cancelled + n WHERE id = p_id;
+    END IF;
+    RETURN n;
+END
+$$;
+
+-- cancel: draft|sending|paused -> cancelled. Recipients not yet handed off end cancelled.
+-- already_queued = recipients the provider had or has (sent, in flight, unknown).
+-- v2: counts the rows in flight through 0003's in-flight index (worker IS NOT NULL).
+CREATE FUNCTION pgcast_cancel_v2(p_account text, p_id uuid, p_details jsonb)
+RETURNS TABLE (ok boolean, status text, already_queued integer)
+LANGUAGE plpgsql
+SET plan_cache_mode = force_custom_plan
+AS $$
+DECLARE
+    n integer;
+    in_flight integer;
+BEGIN
+    UPDATE broadcasts AS u
+    SET status = 'cancelled', finished_at = now(), updated_at = now(),
+        audit_log = u.audit_log || pgcast_audit_v1('cancel', u.status, 'cancelled', p_details)
+    WHERE u.id = p_id AND u.account = p_account
+      AND u.status = ANY (ARRAY['draft', 'sending', 'paused']);
+    IF NOT FOUND THEN
+        RETURN QUERY SELECT false, b.status, b.sent + b.unknown
+            FROM broadcasts b WHERE b.id = p_id AND b.account = p_account;
+        RETURN;
+    END IF;
+    UPDATE broadcast_recipients r
+    SET status = 'cancelled', claim_token = NULL, lease_expires_at = NULL
+    WHERE r.broadcast_id = p_id AND r.contact_id = ANY (ARRAY(
+        SELECT l.contact_id FROM broadcast_recipients l
+        WHERE l.broadcast_id = p_id AND l.status IN ('pending', 'claimed')
+        ORDER BY l.contact_id FOR UPDATE));
+    GET DIAGNOSTICS n = ROW_COUNT;
+    SELECT count(*) INTO in_flight FROM broadcast_recipients r
+    WHERE r.broadcast_id = p_id AND r.worker IS NOT NULL AND r.status = 'sending';
+    PERFORM pgcast_notify_v1('cancel', p_id, NULL);
+    RETURN QUERY
+    UPDATE broadcasts AS u SET cancelled = u.cancelled + n
+    WHERE u.id = p_id
+    RETURNING true, u.status, u.sent + u.unknown + in_flight;
+END
+$$;
