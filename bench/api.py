@@ -52,12 +52,16 @@ def fill(conn: psycopg.Connection[Any], n: int, start: int) -> uuid.UUID:
         "now() - interval '60 s') RETURNING id", (ACCOUNT, n, n // 2)).fetchone()
     assert row is not None
     bid: uuid.UUID = row[0]
+    part = conn.execute("SELECT pgcast_partition_create_v2(%s)", (bid,)).fetchone()
+    assert part is not None
     conn.execute(
-        "INSERT INTO broadcast_recipients (broadcast_id, contact_id, email, status, sent_at) "
+        f"INSERT INTO {part[0]} (broadcast_id, contact_id, email, status, worker, sent_at) "
         "SELECT %s, c.id, c.email, CASE WHEN c.id - %s < %s THEN 'sent' ELSE 'pending' END, "
+        "CASE WHEN c.id - %s < %s THEN 'bench' END, "
         "CASE WHEN c.id - %s < %s THEN now() END FROM contacts c "
         "WHERE c.account = %s AND c.id BETWEEN %s AND %s",
-        (bid, start, n // 2, start, n // 2, ACCOUNT, start, start + n - 1))
+        (bid, start, n // 2, start, n // 2, start, n // 2, ACCOUNT, start, start + n - 1))
+    conn.execute("SELECT pgcast_partition_attach_v2(%s)", (bid,))
     return bid
 
 
