@@ -42,6 +42,29 @@ ALTER TABLE broadcast_recipients ADD CONSTRAINT broadcast_recipients_claimed_che
     CHECK (worker IS NOT NULL OR status IN ('pending', 'cancelled'));
 DROP INDEX broadcast_recipients_problems;
 DROP INDEX broadcast_recipients_in_flight;
+-- each existing partition: its own key, and the new partial indexes under the names a new
+-- partition gets (pgcast_partition_create_v2); the parent's indexes below then adopt them
+DO $$
+DECLARE
+    part regclass;
+    bare text;
+BEGIN
+    FOR part IN SELECT i.inhrelid::regclass FROM pg_inherits i
+                WHERE i.inhparent = 'broadcast_recipients'::regclass ORDER BY 1 LOOP
+        bare := (SELECT c.relname FROM pg_class c WHERE c.oid = part);
+        EXECUTE format('ALTER TABLE %s ADD PRIMARY KEY (contact_id)', part);
+        EXECUTE format('CREATE INDEX %I ON %s (contact_id)'
+                       ' WHERE worker IS NOT NULL AND status = ''pending''',
+                       bare || '_requeued', part);
+        EXECUTE format('CREATE INDEX %I ON %s (broadcast_id, status, contact_id)'
+                       ' WHERE worker IS NOT NULL AND status IN (''failed'', ''unknown'', ''skipped'')',
+                       bare || '_problems', part);
+        EXECUTE format('CREATE INDEX %I ON %s (broadcast_id, contact_id)'
+                       ' WHERE worker IS NOT NULL AND status IN (''claimed'', ''sending'')',
+                       bare || '_in_flight', part);
+    END LOOP;
+END
+$$;
 -- recipients back to pending after a claim: what a claim takes before fresh rows
 CREATE INDEX broadcast_recipients_requeued ON broadcast_recipients (contact_id)
     WHERE worker IS NOT NULL AND status = 'pending';
@@ -51,16 +74,6 @@ CREATE INDEX broadcast_recipients_problems ON broadcast_recipients (broadcast_id
 -- what is in a worker's hands, for leases, pause, cancel and the drained check
 CREATE INDEX broadcast_recipients_in_flight ON broadcast_recipients (broadcast_id, contact_id)
     WHERE worker IS NOT NULL AND status IN ('claimed', 'sending');
-DO $$
-DECLARE
-    part regclass;
-BEGIN
-    FOR part IN SELECT i.inhrelid::regclass FROM pg_inherits i
-                WHERE i.inhparent = 'broadcast_recipients'::regclass ORDER BY 1 LOOP
-        EXECUTE format('ALTER TABLE %s ADD PRIMARY KEY (contact_id)', part);
-    END LOOP;
-END
-$$;
 
 DROP FUNCTION pgcast_send_v2(text, uuid);
 DROP FUNCTION pgcast_partition_create_v1(uuid);

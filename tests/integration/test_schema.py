@@ -123,9 +123,15 @@ def test_upgrade_from_0001_moves_each_broadcasts_rows_into_its_own_keyed_partiti
             "WHERE i.inhparent = 'broadcast_recipients'::regclass ORDER BY 1").fetchall()
         assert sorted(parts) == sorted(
             (f"broadcast_recipients_{bid.hex}", f"FOR VALUES IN ('{bid}')") for bid in ids)
-        # every index of the parent exists on each partition, and each has its own key
+        # every index of the parent exists on each partition, named as a new partition's
+        # would be, and each has its own key
         for bid in ids:
             part = f"broadcast_recipients_{bid.hex}"
+            names = conn.execute("SELECT array_agg(i ORDER BY i) FROM (SELECT indexrelid::"
+                                 "regclass::text AS i FROM pg_index WHERE indrelid = "
+                                 "%s::regclass) x", (part,)).fetchone()
+            assert names == ([f"{part}_{s}" for s in ("in_flight", "pkey", "problems",
+                                                      "requeued")],)
             indexes = conn.execute(
                 "SELECT count(*) FILTER (WHERE inhparent IS NOT NULL), "
                 "       array_agg(pg_get_indexdef(x.indexrelid)) FILTER (WHERE x.indisprimary) "
