@@ -23,9 +23,9 @@ FROM broadcast_recipients r
 WHERE r.broadcast_id = %(id)s
   AND EXISTS (SELECT 1 FROM broadcasts b WHERE b.id = %(id)s AND b.account = %(account)s)
   AND (%(status)s::text IS NULL OR r.status = %(status)s)
-  -- a failed, unknown or skipped row was claimed first (worker set): said here, a plan made
-  -- for one of those statuses can use the partial index broadcast_recipients_problems
-  AND (%(status)s::text IS NULL OR %(status)s::text NOT IN ('failed', 'unknown', 'skipped')
+  -- only pending and cancelled rows may lack a worker (broadcast_recipients_claimed_check):
+  -- said here, a plan made for any other status can use the partial indexes
+  AND (%(status)s::text IS NULL OR %(status)s::text IN ('pending', 'cancelled')
        OR r.worker IS NOT NULL)
   AND r.contact_id > %(after)s
 ORDER BY r.contact_id

@@ -321,12 +321,19 @@ class Engine:
         if rows and rows[0][-1] is not None:
             entry.cursor = rows[0][-1]
             return rows
+        if not rows and self.state.is_halted(bid, entry.epoch):
+            return rows  # paused or cancelled: nothing to look for
         # No fresh row was free after the cursor: the others took them, hold them right now,
         # or (rarely) one was locked when this process walked past it by a transaction that
         # then rolled back. Where do fresh rows begin? A plain read from the last floor, so
         # the walk over rows claimed earlier happens once per broadcast, not per claim.
         if entry.floor < PAST_END:
-            found = await self._q("fresh_floor", {"id": bid, "from": entry.floor})
+            try:
+                found = await self._q("fresh_floor", {"id": bid, "from": entry.floor})
+            except (psycopg.OperationalError, psycopg.errors.AdminShutdown):
+                if rows:
+                    return rows  # claimed: work them; the floor can wait for the next claim
+                raise
             floor = found[0][0] if found else None
             entry.floor = PAST_END if floor is None else floor
             moved = entry.floor - 1 if floor is not None else PAST_END
@@ -363,7 +370,11 @@ class Engine:
         entry = self._active.get(bid)
         if entry is not None:
             entry.empty = True
-        await self._q("finalize", {"id": bid})
+        rows = await self._q("finalize", {"id": bid})
+        if rows and not rows[0][0] and entry is not None:
+            # not finished, nothing in flight or requeued, yet never-claimed rows are left
+            # (a claim whose commit a server crash lost): look for them from the start again
+            entry.floor = entry.cursor = 0
 
     def _direct(self, bid: uuid.UUID) -> bool:
         """Claim and hand off in one statement? When the provider is fast enough to take the

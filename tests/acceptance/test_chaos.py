@@ -198,6 +198,41 @@ def test_rows_a_rolled_back_transaction_held_are_still_sent(conn: Conn, db_url: 
     assert len(got) == 1000 and max(got.values()) == 1
 
 
+@PATHS
+def test_rows_whose_claim_a_crash_lost_are_still_sent(conn: Conn, db_url: str,
+                                                      ses: support.MotoServer,
+                                                      procs: support.Processes,
+                                                      group: int) -> None:
+    """A claim commits asynchronously, so a server crash can lose it: its rows are then
+    never-claimed again, behind every worker's cursor, after the workers have stopped looking
+    for such rows. They are still sent, once, and only then is the broadcast finished."""
+    ses.verify("news@example.com")
+    support.seed_contacts(conn, 1000)
+    bid = support.new_broadcast(conn)
+    # a claim of 20 rows mid-list by a worker that is gone (its lease has an hour to run)
+    lost = conn.execute(
+        "UPDATE broadcast_recipients SET status = 'claimed', worker = 'lost', "
+        "claim_token = gen_random_uuid(), lease_expires_at = now() + interval '1 hour' "
+        "WHERE broadcast_id = %(id)s AND contact_id IN (SELECT contact_id FROM "
+        "  broadcast_recipients WHERE broadcast_id = %(id)s ORDER BY contact_id "
+        "  OFFSET 400 LIMIT 20) RETURNING contact_id", {"id": bid}).fetchall()
+    assert len(lost) == 20
+    for _ in range(2):
+        procs.start(db_url, *worker_args(concurrency=2, group=group), **ses_env(ses))
+    wait_sent_at_least(conn, bid, 980)
+    time.sleep(2)  # claims that find nothing: the workers know no never-claimed row is left
+    assert support.status_counts(conn, bid) == {"sent": 980, "claimed": 20}
+    # what the server holds after a crash lost that claim's commit
+    conn.execute("UPDATE broadcast_recipients SET status = 'pending', worker = NULL, "
+                 "claim_token = NULL, lease_expires_at = NULL "
+                 "WHERE broadcast_id = %s AND worker = 'lost'", (bid,))
+    p = wait_status(conn, bid, "sent", timeout=60)
+    p = support.assert_counters_true(conn, bid)
+    assert p["sent"] == 1000
+    got = deliveries(ses)
+    assert len(got) == 1000 and max(got.values()) == 1
+
+
 def test_unsubscribes_during_the_send(conn: Conn, db_url: str, ses: support.MotoServer,
                                       procs: support.Processes) -> None:
     ses.verify("news@example.com")

@@ -151,10 +151,13 @@ def test_the_fresh_floor_counts_rows_another_transaction_has_locked(db_url: str,
         assert sorted(r["contact_id"] for r in rows) == ids[:2] + ids[4:]
         assert claim(conn, bid, 100, after=ids[9])[1] == []
         assert fresh_floor(conn, bid) == ids[2]
-        # nothing in flight, nothing requeued, but two rows never claimed: not finished
+        # nothing in flight, nothing requeued, but two rows never claimed: not finished,
+        # and finalize says why
         conn.execute("UPDATE broadcast_recipients SET status = 'sent' WHERE broadcast_id = %s "
                      "AND status = 'claimed'", (bid,))
-        assert conn.execute(QUERIES["finalize"], {"id": bid}).fetchall() == []
+        assert conn.execute(QUERIES["finalize"], {"id": bid}).fetchall() == [
+            {"ok": False, "status": "sending"}]
+        assert conn.execute(QUERIES["sweep"]).fetchall() == []  # nor does the sweep finish it
         holder.rollback()
     _, rows = claim(conn, bid, 100, after=ids[2] - 1)
     assert sorted(r["contact_id"] for r in rows) == ids[2:4]
