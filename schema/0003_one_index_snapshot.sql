@@ -86,6 +86,9 @@ DROP FUNCTION pgcast_renew_v2(uuid[], uuid[], interval);
 DROP FUNCTION pgcast_pause_v2(text, uuid, text, jsonb);
 DROP FUNCTION pgcast_unhandoff_v1(uuid, uuid, bigint[]);
 DROP FUNCTION pgcast_cancel_v1(text, uuid, jsonb);
+-- put rows back to pending in a finished broadcast (see pgcast_record_v3)
+DROP FUNCTION pgcast_record_v2(uuid, uuid, bigint[], text[], text[], text[], double precision[],
+                               integer);
 
 -- a new, unattached partition for one broadcast: its columns, the CHECK that lets ATTACH
 -- skip its validation scan, and the three partial indexes that stay empty while it is
@@ -588,5 +591,92 @@ BEGIN
     UPDATE broadcasts AS u SET cancelled = u.cancelled + n
     WHERE u.id = p_id
     RETURNING true, u.status, u.sent + u.unknown + in_flight;
+END
+$$;
+
+-- record: one group's provider outcomes and the broadcast's counters, in one transaction.
+-- The rows are locked first (contact_id order) and the outcomes reach them through a hash
+-- join, linear in the group's size (v1 put the unnest() on the inner side of a nested loop).
+-- v3: a retry, throttle or release that arrives after the broadcast finished (the sweeper
+-- had counted the row unknown when its worker's lease ran out, and the broadcast was then
+-- finalized) ends the row failed, counted: v2 put it back to pending in a finished broadcast,
+-- where nothing would ever take it. Counters now follow the rows' new statuses.
+CREATE FUNCTION pgcast_record_v3(p_id uuid, p_token uuid, p_ids bigint[], p_outcomes text[],
+                                 p_message_ids text[], p_errors text[], p_retry_in double precision[],
+                                 p_breaker integer)
+RETURNS TABLE (recorded integer, tripped boolean)
+LANGUAGE plpgsql
+SET enable_nestloop = off
+SET plan_cache_mode = force_custom_plan
+AS $$
+DECLARE
+    locked bigint[];
+    was_unknown integer;
+    c record;
+    streak integer;
+    st text;
+    is_cancelled boolean;
+    is_finished boolean;
+BEGIN
+    -- Not worth an fsync, and it must not hold the broadcast row through one (every worker's
+    -- record queues on that row): a record lost to a server crash leaves its rows sending,
+    -- and the sweeper turns them unknown: never re-sent. The handoff stays synchronous.
+    PERFORM set_config('synchronous_commit', 'off', true);
+    -- lock order; a broadcast cancelled while this group was in the provider's hands gets
+    -- its unsent rows as cancelled (a cancel only sees pending and claimed rows), and one
+    -- that finished meanwhile gets them as failed
+    SELECT b.status INTO st FROM broadcasts b WHERE b.id = p_id FOR NO KEY UPDATE;
+    is_cancelled := st = 'cancelled';
+    is_finished := st IN ('sent', 'failed');
+    -- the rows this claim still holds; those the sweeper already counted unknown are
+    -- corrected by their late outcome
+    SELECT coalesce(array_agg(l.contact_id), '{}'), count(*) FILTER (WHERE l.status = 'unknown')
+    INTO locked, was_unknown
+    FROM (SELECT r.contact_id, r.status FROM broadcast_recipients r
+          WHERE r.broadcast_id = p_id AND r.contact_id = ANY (p_ids) AND r.claim_token = p_token
+            AND r.status IN ('sending', 'unknown')
+          ORDER BY r.contact_id
+          FOR UPDATE) l;
+    WITH upd AS (
+        UPDATE broadcast_recipients r
+        SET status = CASE WHEN res.outcome IN ('sent', 'failed', 'unknown') THEN res.outcome
+                          WHEN is_cancelled THEN 'cancelled'
+                          WHEN is_finished THEN 'failed'
+                          ELSE 'pending' END,
+            attempts = r.attempts + CASE WHEN res.outcome IN ('sent', 'failed', 'retry', 'unknown')
+                                         THEN 1 ELSE 0 END,
+            provider_message_id = res.message_id,
+            last_error = CASE WHEN is_finished AND res.outcome NOT IN ('sent', 'failed', 'unknown')
+                              THEN 'broadcast finished before the ' || res.outcome
+                                   || coalesce(': ' || res.error, '')
+                              ELSE res.error END,
+            sent_at = CASE WHEN res.outcome = 'sent' THEN now() END,
+            retry_at = CASE WHEN res.outcome IN ('retry', 'throttled') AND st IN ('sending', 'paused')
+                            THEN clock_timestamp() + make_interval(secs => res.retry_in)
+                            ELSE r.retry_at END,
+            claim_token = CASE WHEN res.outcome IN ('sent', 'failed', 'unknown')
+                               THEN r.claim_token END,
+            lease_expires_at = NULL
+        FROM unnest(p_ids, p_outcomes, p_message_ids, p_errors, p_retry_in)
+            AS res(contact_id, outcome, message_id, error, retry_in)
+        WHERE r.broadcast_id = p_id AND r.contact_id = ANY (locked)
+          AND r.contact_id = res.contact_id
+        RETURNING res.outcome, r.status
+    )
+    SELECT count(*) AS n,
+           count(*) FILTER (WHERE status = 'sent') AS n_sent,
+           count(*) FILTER (WHERE status = 'failed') AS n_failed,
+           count(*) FILTER (WHERE status = 'unknown') AS n_unknown,
+           count(*) FILTER (WHERE outcome IN ('retry', 'failed')) AS n_bad,
+           count(*) FILTER (WHERE status = 'cancelled') AS n_cancelled
+    INTO c FROM upd;
+    UPDATE broadcasts
+    SET sent = sent + c.n_sent, failed = failed + c.n_failed,
+        unknown = unknown + c.n_unknown - was_unknown, cancelled = cancelled + c.n_cancelled,
+        failure_streak = CASE WHEN c.n_sent > 0 THEN 0 ELSE failure_streak + c.n_bad END,
+        updated_at = now()
+    WHERE id = p_id
+    RETURNING failure_streak INTO streak;
+    RETURN QUERY SELECT c.n::integer, p_breaker > 0 AND streak > p_breaker;
 END
 $$;

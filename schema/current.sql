@@ -567,11 +567,13 @@ END
 $$;
 
 -- record: one group's provider outcomes and the broadcast's counters, in one transaction.
--- v2 (v1 joined the outcomes to the locked rows in one statement, and with groups of
--- hundreds of rows the planner put the unnest() on the inner side of a nested loop: every
--- row rescanned every outcome, 50 ms for 500 rows). Now the rows are locked first (contact_id
--- order) and the outcomes reach them through a hash join, linear in the group's size.
-CREATE FUNCTION pgcast_record_v2(p_id uuid, p_token uuid, p_ids bigint[], p_outcomes text[],
+-- The rows are locked first (contact_id order) and the outcomes reach them through a hash
+-- join, linear in the group's size (v1 put the unnest() on the inner side of a nested loop).
+-- v3: a retry, throttle or release that arrives after the broadcast finished (the sweeper
+-- had counted the row unknown when its worker's lease ran out, and the broadcast was then
+-- finalized) ends the row failed, counted: v2 put it back to pending in a finished broadcast,
+-- where nothing would ever take it. Counters now follow the rows' new statuses.
+CREATE FUNCTION pgcast_record_v3(p_id uuid, p_token uuid, p_ids bigint[], p_outcomes text[],
                                  p_message_ids text[], p_errors text[], p_retry_in double precision[],
                                  p_breaker integer)
 RETURNS TABLE (recorded integer, tripped boolean)
@@ -584,16 +586,20 @@ DECLARE
     was_unknown integer;
     c record;
     streak integer;
+    st text;
     is_cancelled boolean;
+    is_finished boolean;
 BEGIN
     -- Not worth an fsync, and it must not hold the broadcast row through one (every worker's
     -- record queues on that row): a record lost to a server crash leaves its rows sending,
     -- and the sweeper turns them unknown: never re-sent. The handoff stays synchronous.
     PERFORM set_config('synchronous_commit', 'off', true);
     -- lock order; a broadcast cancelled while this group was in the provider's hands gets
-    -- its unsent rows as cancelled (a cancel only sees pending and claimed rows)
-    SELECT b.status = 'cancelled' INTO is_cancelled FROM broadcasts b WHERE b.id = p_id
-    FOR NO KEY UPDATE;
+    -- its unsent rows as cancelled (a cancel only sees pending and claimed rows), and one
+    -- that finished meanwhile gets them as failed
+    SELECT b.status INTO st FROM broadcasts b WHERE b.id = p_id FOR NO KEY UPDATE;
+    is_cancelled := st = 'cancelled';
+    is_finished := st IN ('sent', 'failed');
     -- the rows this claim still holds; those the sweeper already counted unknown are
     -- corrected by their late outcome
     SELECT coalesce(array_agg(l.contact_id), '{}'), count(*) FILTER (WHERE l.status = 'unknown')
@@ -607,13 +613,17 @@ BEGIN
         UPDATE broadcast_recipients r
         SET status = CASE WHEN res.outcome IN ('sent', 'failed', 'unknown') THEN res.outcome
                           WHEN is_cancelled THEN 'cancelled'
+                          WHEN is_finished THEN 'failed'
                           ELSE 'pending' END,
             attempts = r.attempts + CASE WHEN res.outcome IN ('sent', 'failed', 'retry', 'unknown')
                                          THEN 1 ELSE 0 END,
             provider_message_id = res.message_id,
-            last_error = res.error,
+            last_error = CASE WHEN is_finished AND res.outcome NOT IN ('sent', 'failed', 'unknown')
+                              THEN 'broadcast finished before the ' || res.outcome
+                                   || coalesce(': ' || res.error, '')
+                              ELSE res.error END,
             sent_at = CASE WHEN res.outcome = 'sent' THEN now() END,
-            retry_at = CASE WHEN res.outcome IN ('retry', 'throttled') AND NOT is_cancelled
+            retry_at = CASE WHEN res.outcome IN ('retry', 'throttled') AND st IN ('sending', 'paused')
                             THEN clock_timestamp() + make_interval(secs => res.retry_in)
                             ELSE r.retry_at END,
             claim_token = CASE WHEN res.outcome IN ('sent', 'failed', 'unknown')
@@ -626,9 +636,9 @@ BEGIN
         RETURNING res.outcome, r.status
     )
     SELECT count(*) AS n,
-           count(*) FILTER (WHERE outcome = 'sent') AS n_sent,
-           count(*) FILTER (WHERE outcome = 'failed') AS n_failed,
-           count(*) FILTER (WHERE outcome = 'unknown') AS n_unknown,
+           count(*) FILTER (WHERE status = 'sent') AS n_sent,
+           count(*) FILTER (WHERE status = 'failed') AS n_failed,
+           count(*) FILTER (WHERE status = 'unknown') AS n_unknown,
            count(*) FILTER (WHERE outcome IN ('retry', 'failed')) AS n_bad,
            count(*) FILTER (WHERE status = 'cancelled') AS n_cancelled
     INTO c FROM upd;

@@ -140,7 +140,7 @@ SELECT * FROM pgcast_handoff_v1(%(id)s, %(epoch)s, %(token)s, %(ids)s)
 
 -- record --
 -- One group's provider outcomes and counters.
-SELECT * FROM pgcast_record_v2(%(id)s, %(token)s, %(ids)s, %(outcomes)s, %(message_ids)s,
+SELECT * FROM pgcast_record_v3(%(id)s, %(token)s, %(ids)s, %(outcomes)s, %(message_ids)s,
                                %(errors)s, %(retry_in)s, %(breaker)s)
 
 -- release --

@@ -374,6 +374,32 @@ def test_sweep_reclaims_expired_claims_and_marks_lost_handoffs_unknown(conn: Con
     assert len(rows3) == 4
 
 
+def test_a_retry_that_arrives_after_the_broadcast_finished_ends_failed(conn: Conn) -> None:
+    support.seed_contacts(conn, 4)
+    bid = support.new_broadcast(conn)
+    token, rows = claim(conn, bid, 4, lease=0.001)
+    ids = sorted(r["contact_id"] for r in rows)
+    handoff(conn, bid, rows[0]["epoch"], token, ids)
+    # the worker is slow, not dead: its lease runs out, the sweeper counts the rows unknown
+    # and, everything being accounted for, finishes the broadcast
+    swept = conn.execute(QUERIES["sweep"]).fetchall()
+    assert swept == [{"broadcast_id": bid, "reclaimed": 0, "unknown": 4, "finalized": "sent"}]
+    # then the provider's answers arrive: two sent, two throttled
+    conn.execute(QUERIES["record"], {"id": bid, "token": token, "ids": ids,
+                                     "outcomes": ["sent", "sent", "throttled", "retry"],
+                                     "message_ids": ["m1", "m2", None, None],
+                                     "errors": [None, None, "slow down", "timeout"],
+                                     "retry_in": [0.0, 0.0, 5.0, 5.0], "breaker": 0})
+    p = support.assert_counters_true(conn, bid)
+    assert (p["status"], p["sent"], p["failed"], p["unknown"], p["pending"]) == (
+        "sent", 2, 2, 0, 0)
+    errors = conn.execute("SELECT last_error FROM broadcast_recipients WHERE broadcast_id = %s "
+                          "AND status = 'failed' ORDER BY contact_id", (bid,)).fetchall()
+    assert [e["last_error"] for e in errors] == [
+        "broadcast finished before the throttled: slow down",
+        "broadcast finished before the retry: timeout"]
+
+
 def test_renew_extends_only_the_claims_named_by_broadcast_and_token(conn: Conn) -> None:
     support.seed_contacts(conn, 20)
     a, b = support.new_broadcast(conn), support.new_broadcast(conn)
