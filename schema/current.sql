@@ -114,10 +114,29 @@ RETURNS text LANGUAGE sql STABLE AS $$
     FROM pg_class c WHERE c.oid = 'broadcast_recipients'::regclass
 $$;
 
+-- the partial indexes of one broadcast's partition, under the names the parent's indexes
+-- adopt at ATTACH: empty on a new partition (a fresh row fails worker IS NOT NULL)
+CREATE FUNCTION pgcast_partition_indexes_v1(p_id uuid)
+RETURNS void LANGUAGE plpgsql AS $$
+DECLARE
+    part text := pgcast_partition_name_v1(p_id);
+    bare text := 'broadcast_recipients_' || replace(p_id::text, '-', '');
+BEGIN
+    EXECUTE format('CREATE INDEX %I ON %s (contact_id)'
+                   ' WHERE worker IS NOT NULL AND status = ''pending''', bare || '_requeued', part);
+    EXECUTE format('CREATE INDEX %I ON %s (broadcast_id, status, contact_id)'
+                   ' WHERE worker IS NOT NULL AND status IN (''failed'', ''unknown'', ''skipped'')',
+                   bare || '_problems', part);
+    EXECUTE format('CREATE INDEX %I ON %s (broadcast_id, contact_id)'
+                   ' WHERE worker IS NOT NULL AND status IN (''claimed'', ''sending'')',
+                   bare || '_in_flight', part);
+END
+$$;
+
 -- a new, unattached partition for one broadcast: its columns, the CHECK that lets ATTACH
 -- skip its validation scan, and the three partial indexes that stay empty while it is
--- filled (a fresh row fails their first test, worker IS NOT NULL). The primary key is built
--- by pgcast_partition_attach_v2 after the rows are in.
+-- filled (pgcast_partition_indexes_v1). The primary key is built by
+-- pgcast_partition_attach_v2 after the rows are in.
 CREATE FUNCTION pgcast_partition_create_v2(p_id uuid)
 RETURNS text LANGUAGE plpgsql AS $$
 DECLARE
@@ -139,14 +158,7 @@ BEGIN
         '  autovacuum_analyze_threshold = 10000,'
         '  autovacuum_vacuum_cost_limit = 2000)',
         part, bare || '_broadcast', p_id);
-    EXECUTE format('CREATE INDEX %I ON %s (contact_id)'
-                   ' WHERE worker IS NOT NULL AND status = ''pending''', bare || '_requeued', part);
-    EXECUTE format('CREATE INDEX %I ON %s (broadcast_id, status, contact_id)'
-                   ' WHERE worker IS NOT NULL AND status IN (''failed'', ''unknown'', ''skipped'')',
-                   bare || '_problems', part);
-    EXECUTE format('CREATE INDEX %I ON %s (broadcast_id, contact_id)'
-                   ' WHERE worker IS NOT NULL AND status IN (''claimed'', ''sending'')',
-                   bare || '_in_flight', part);
+    PERFORM pgcast_partition_indexes_v1(p_id);
     RETURN part;
 END
 $$;
@@ -776,8 +788,11 @@ $$;
 -- Only a sending broadcast is looked at. The small indexes answer first (something in flight
 -- or requeued: not yet, and no walk). Only then is the partition walked for a never-claimed
 -- row, in the same statement as the other two checks, so the three read one snapshot and a
--- row moving between pending and in flight cannot slip between them (no row ever leaves a
--- finished status for an unfinished one, so what that snapshot shows finished stays so).
+-- row moving between pending and in flight cannot slip between them. One move leaves a
+-- finished status: a late retry, throttle or release turns an unknown row (its worker's
+-- lease ran out) back to pending (pgcast_record_v3). Record holds the broadcast row until it
+-- commits, so the broadcast row is locked and the two small checks are made again before
+-- the update.
 -- Not finished only because never-claimed rows are left: one row (false, 'sending'). A
 -- worker that found nothing to claim learns from it to look behind its cursor again (the
 -- rows of a claim whose asynchronous commit a server crash lost are fresh again).
@@ -817,6 +832,16 @@ BEGIN
         RETURN;
     END IF;
     IF busy OR requeued THEN
+        RETURN;
+    END IF;
+    PERFORM 1 FROM broadcasts b WHERE b.id = p_id AND b.status = 'sending' FOR NO KEY UPDATE;
+    IF NOT FOUND
+       OR EXISTS (SELECT 1 FROM broadcast_recipients r
+                  WHERE r.broadcast_id = p_id AND r.worker IS NOT NULL
+                    AND r.status IN ('claimed', 'sending'))
+       OR EXISTS (SELECT 1 FROM broadcast_recipients r
+                  WHERE r.broadcast_id = p_id AND r.worker IS NOT NULL
+                    AND r.status = 'pending') THEN
         RETURN;
     END IF;
     RETURN QUERY

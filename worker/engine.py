@@ -222,7 +222,10 @@ class Engine:
         fresh: dict[uuid.UUID, _Active] = {}
         for bid, epoch, rate_limit in rows[:limit]:
             old = self._active.get(bid)
-            fresh[bid] = (_Active(epoch, rate_limit, old.empty, old.cursor, old.floor) if old
+            # every broadcast gets a look at each refresh: a process kept busy by another
+            # broadcast would otherwise never come back to one whose claim once came back
+            # empty (its retries' time has come since, or its rows were put back)
+            fresh[bid] = (_Active(epoch, rate_limit, False, old.cursor, old.floor) if old
                           else _Active(epoch, rate_limit))
         self._active = fresh
         self._order = list(fresh)

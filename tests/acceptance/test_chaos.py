@@ -73,6 +73,22 @@ def wait_nothing_in_flight(conn: Conn, bid: uuid.UUID) -> None:
         timeout=60, what="in-flight groups to finish")
 
 
+
+def wait_all_sent_once(conn: Conn, ses: support.MotoServer, bid: uuid.UUID, n: int,
+                       timeout: float = 180) -> None:
+    """The broadcast finishes `sent`, its counters match its rows, and each of its n
+    recipients received exactly one message."""
+    wait_status(conn, bid, "sent", timeout=timeout)
+    p = support.assert_counters_true(conn, bid)
+    assert p["sent"] == n, p
+    got = deliveries(ses)
+    assert len(got) == n and max(got.values()) == 1
+
+
+# 20 recipients in the middle of a 1,000-recipient broadcast
+MID_LIST = ("SELECT contact_id FROM broadcast_recipients WHERE broadcast_id = %(id)s "
+            "ORDER BY contact_id OFFSET 400 LIMIT 20")
+
 @PATHS
 def test_kill_9_workers_repeatedly(conn: Conn, db_url: str, ses: support.MotoServer,
                                    procs: support.Processes, group: int) -> None:
@@ -156,11 +172,7 @@ def test_pause_wait_resume(conn: Conn, db_url: str, ses: support.MotoServer,
                         "AND handed_at > %s", (bid, paused_at)).fetchone()
     assert late is not None and late["n"] == 0
     assert broadcasts.resume(conn, "default", bid)["success"]
-    p = wait_status(conn, bid, "sent")
-    p = support.assert_counters_true(conn, bid)
-    assert p["sent"] == 1500
-    got = deliveries(ses)
-    assert len(got) == 1500 and max(got.values()) == 1
+    wait_all_sent_once(conn, ses, bid, 1500)
 
 
 @PATHS
@@ -179,9 +191,7 @@ def test_rows_a_rolled_back_transaction_held_are_still_sent(conn: Conn, db_url: 
         # (a subquery: FOR UPDATE also locks the rows an OFFSET skips)
         held = holder.execute(
             "SELECT contact_id FROM broadcast_recipients WHERE broadcast_id = %(id)s "
-            "AND contact_id IN (SELECT contact_id FROM broadcast_recipients "
-            "  WHERE broadcast_id = %(id)s ORDER BY contact_id OFFSET 400 LIMIT 20) "
-            "FOR UPDATE", {"id": bid}).fetchall()
+            f"AND contact_id IN ({MID_LIST}) FOR UPDATE", {"id": bid}).fetchall()
         assert len(held) == 20
         for _ in range(2):
             procs.start(db_url, *worker_args(concurrency=2, group=group), **ses_env(ses))
@@ -191,11 +201,7 @@ def test_rows_a_rolled_back_transaction_held_are_still_sent(conn: Conn, db_url: 
         assert (p["status"], p["sent"]) == ("sending", 980), p
         assert support.status_counts(conn, bid) == {"sent": 980, "pending": 20}
         holder.rollback()
-    p = wait_status(conn, bid, "sent", timeout=60)
-    p = support.assert_counters_true(conn, bid)
-    assert p["sent"] == 1000
-    got = deliveries(ses)
-    assert len(got) == 1000 and max(got.values()) == 1
+    wait_all_sent_once(conn, ses, bid, 1000, timeout=60)
 
 
 @PATHS
@@ -213,9 +219,8 @@ def test_rows_whose_claim_a_crash_lost_are_still_sent(conn: Conn, db_url: str,
     lost = conn.execute(
         "UPDATE broadcast_recipients SET status = 'claimed', worker = 'lost', "
         "claim_token = gen_random_uuid(), lease_expires_at = now() + interval '1 hour' "
-        "WHERE broadcast_id = %(id)s AND contact_id IN (SELECT contact_id FROM "
-        "  broadcast_recipients WHERE broadcast_id = %(id)s ORDER BY contact_id "
-        "  OFFSET 400 LIMIT 20) RETURNING contact_id", {"id": bid}).fetchall()
+        f"WHERE broadcast_id = %(id)s AND contact_id IN ({MID_LIST}) RETURNING contact_id",
+        {"id": bid}).fetchall()
     assert len(lost) == 20
     for _ in range(2):
         procs.start(db_url, *worker_args(concurrency=2, group=group), **ses_env(ses))
@@ -226,11 +231,29 @@ def test_rows_whose_claim_a_crash_lost_are_still_sent(conn: Conn, db_url: str,
     conn.execute("UPDATE broadcast_recipients SET status = 'pending', worker = NULL, "
                  "claim_token = NULL, lease_expires_at = NULL "
                  "WHERE broadcast_id = %s AND worker = 'lost'", (bid,))
-    p = wait_status(conn, bid, "sent", timeout=60)
-    p = support.assert_counters_true(conn, bid)
-    assert p["sent"] == 1000
-    got = deliveries(ses)
-    assert len(got) == 1000 and max(got.values()) == 1
+    wait_all_sent_once(conn, ses, bid, 1000, timeout=60)
+
+
+def test_a_busy_worker_comes_back_to_a_broadcast_whose_retries_came_due(
+        conn: Conn, db_url: str, ses: support.MotoServer, procs: support.Processes) -> None:
+    """One dispatch loop, two broadcasts: a small one whose recipients all wait for their
+    retry time, and a big one that keeps the loop busy. When the retries come due, the small
+    broadcast is served before the big one ends."""
+    ses.verify("news@example.com")
+    support.seed_contacts(conn, 5, tag="small")
+    support.seed_contacts(conn, 6000, start=5)
+    small = support.new_broadcast(conn, tag="small")
+    # its five recipients were tried and throttled: due again in 3 seconds
+    conn.execute("UPDATE broadcast_recipients SET worker = 'earlier', attempts = 1, "
+                 "retry_at = clock_timestamp() + interval '3 seconds' WHERE broadcast_id = %s",
+                 (small,))
+    big = support.new_broadcast(conn)
+    # 1,000/s: the big broadcast takes about 6 seconds, during which the loop is never idle
+    procs.start(db_url, *worker_args(concurrency=1), **ses_env(ses, PGCAST_RATE="1000",
+                                                                PGCAST_BURST="50"))
+    wait_status(conn, small, "sent", timeout=60)
+    assert support.progress(conn, big)["status"] == "sending"
+    wait_status(conn, big, "sent", timeout=120)
 
 
 def test_unsubscribes_during_the_send(conn: Conn, db_url: str, ses: support.MotoServer,

@@ -400,6 +400,36 @@ def test_a_retry_that_arrives_after_the_broadcast_finished_ends_failed(conn: Con
         "broadcast finished before the retry: timeout"]
 
 
+def test_finalize_waits_for_a_late_retry_that_puts_an_unknown_row_back(db_url: str,
+                                                                      conn: Conn) -> None:
+    support.seed_contacts(conn, 3)
+    bid = support.new_broadcast(conn)
+    slow, rows = claim(conn, bid, 1, lease=0.001)
+    late = [r["contact_id"] for r in rows]
+    handoff(conn, bid, rows[0]["epoch"], slow, late)
+    token, rows = claim(conn, bid, 2, lease=60)
+    ids = [r["contact_id"] for r in rows]
+    handoff(conn, bid, rows[0]["epoch"], token, ids)
+    swept = conn.execute(QUERIES["sweep"]).fetchall()  # the slow worker's row: unknown
+    assert swept == [{"broadcast_id": bid, "reclaimed": 0, "unknown": 1, "finalized": None}]
+    record(conn, bid, token, ids, "sent")  # nothing in flight now
+    with psycopg.connect(db_url, row_factory=psycopg.rows.dict_row) as slow_worker:
+        # the slow worker's answer, a retry, is being recorded: the row goes back to pending
+        record(slow_worker, bid, slow, late, "retry")  # type: ignore[arg-type]
+        def finalize() -> list[dict[str, Any]]:
+            with support.connect(db_url) as other:
+                return other.execute(QUERIES["finalize"], {"id": bid}).fetchall()
+
+        t, out = in_thread(finalize)
+        time.sleep(0.5)
+        assert t.is_alive()  # it saw the row unknown, and waits for the broadcast row
+        slow_worker.commit()
+        t.join(10)
+    assert out.get("result") == [], out  # not finished: a recipient is pending again
+    p = support.assert_counters_true(conn, bid)
+    assert (p["status"], p["pending"], p["sent"], p["unknown"]) == ("sending", 1, 2, 0)
+
+
 def test_renew_extends_only_the_claims_named_by_broadcast_and_token(conn: Conn) -> None:
     support.seed_contacts(conn, 20)
     a, b = support.new_broadcast(conn), support.new_broadcast(conn)
