@@ -85,6 +85,7 @@ class _Active:
     # this process last looked behind its cursor (PAST_END: none is left).
     cursor: int = 0
     floor: int = 0
+    looking: bool = False  # one of this process's loops is reading the floor right now
 
 
 @dataclass
@@ -221,12 +222,14 @@ class Engine:
         limit = self.settings.max_broadcasts or len(rows)
         fresh: dict[uuid.UUID, _Active] = {}
         for bid, epoch, rate_limit in rows[:limit]:
-            old = self._active.get(bid)
+            entry = self._active.get(bid) or _Active(epoch, rate_limit)
+            # the same object: loops in the middle of a claim update the live entry
+            entry.epoch, entry.rate_limit = epoch, rate_limit
             # every broadcast gets a look at each refresh: a process kept busy by another
             # broadcast would otherwise never come back to one whose claim once came back
             # empty (its retries' time has come since, or its rows were put back)
-            fresh[bid] = (_Active(epoch, rate_limit, False, old.cursor, old.floor) if old
-                          else _Active(epoch, rate_limit))
+            entry.empty = False
+            fresh[bid] = entry
         self._active = fresh
         self._order = list(fresh)
         self._refreshed = time.monotonic()
@@ -330,13 +333,19 @@ class Engine:
         # or (rarely) one was locked when this process walked past it by a transaction that
         # then rolled back. Where do fresh rows begin? A plain read from the last floor, so
         # the walk over rows claimed earlier happens once per broadcast, not per claim.
-        if entry.floor < PAST_END:
+        # One loop at a time: the loops of a process reach the end of the fresh rows together,
+        # and each read walks every row claimed before it (measured: the reads were 2.9-8.1%
+        # of a 200k drain's samples when every loop made its own, 1.6% with one at a time).
+        if entry.floor < PAST_END and not entry.looking:
+            entry.looking = True
             try:
                 found = await self._q("fresh_floor", {"id": bid, "from": entry.floor})
             except (psycopg.OperationalError, psycopg.errors.AdminShutdown):
                 if rows:
                     return rows  # claimed: work them; the floor can wait for the next claim
                 raise
+            finally:
+                entry.looking = False
             floor = found[0][0] if found else None
             entry.floor = PAST_END if floor is None else floor
             moved = entry.floor - 1 if floor is not None else PAST_END
