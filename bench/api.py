@@ -199,7 +199,7 @@ def main() -> int:
                 conn.execute(pgsql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
                     pgsql.Identifier(name)))
         elif base_dir:
-            embedded.stop(base_dir, mode="immediate")
+            embedded.discard(base_dir)
     print(f"$ {command.strip()}")
     print(f"GET /broadcasts/{{id}}/progress over HTTP (uvicorn, 1 process), "
           f"{args.requests} sequential requests, then {args.clients} concurrent clients")

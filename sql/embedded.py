@@ -6,6 +6,7 @@ import contextlib
 import io
 import logging
 import os
+import shutil
 import subprocess
 import warnings
 from pathlib import Path
@@ -78,3 +79,12 @@ def stop(base: Path | None = None, mode: str = "fast") -> bool:
     if done.returncode != 0:
         raise errors.EmbeddedServerError(f"pg_ctl stop failed: {done.stderr.strip()}")
     return True
+
+
+def discard(base: Path, mode: str = "immediate") -> None:
+    """Stop a throwaway server (tests, benchmarks) and delete its directory: a 1M-row run
+    leaves gigabytes, and every test session a data directory."""
+    with contextlib.suppress(errors.EmbeddedServerError):
+        stop(base, mode=mode)
+    if not running(base):
+        shutil.rmtree(base, ignore_errors=True)

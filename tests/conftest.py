@@ -30,7 +30,7 @@ def pg_server() -> Iterator[str]:
     try:
         yield url
     finally:
-        embedded.stop(base, mode="immediate")
+        embedded.discard(base)
 
 
 @pytest.fixture(scope="session")

@@ -323,4 +323,4 @@ def test_postgres_restart_mid_send(ses: support.MotoServer, procs: support.Proce
             assert len(got) == 2000 and max(got.values()) == 1
     finally:
         procs.cleanup()
-        embedded.stop(base, mode="immediate")
+        embedded.discard(base)
