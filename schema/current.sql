@@ -787,12 +787,11 @@ $$;
 -- finalize: sending -> sent|failed once nothing is pending, claimed or sending.
 -- Only a sending broadcast is looked at. The small indexes answer first (something in flight
 -- or requeued: not yet, and no walk). Only then is the partition walked for a never-claimed
--- row, in the same statement as the other two checks, so the three read one snapshot and a
--- row moving between pending and in flight cannot slip between them. One move leaves a
--- finished status: a late retry, throttle or release turns an unknown row (its worker's
--- lease ran out) back to pending (pgcast_record_v3). Record holds the broadcast row until it
--- commits, so the broadcast row is locked and the two small checks are made again before
--- the update.
+-- row; none found, none can appear (rows never become never-claimed again). Then the
+-- broadcast row is locked and the small indexes are asked again: rows may have moved
+-- between pending and in flight since, and one move leaves a finished status (a late retry,
+-- throttle or release turns an unknown row, whose worker's lease ran out, back to pending:
+-- pgcast_record_v3), whose record holds the broadcast row until it commits.
 -- Not finished only because never-claimed rows are left: one row (false, 'sending'). A
 -- worker that found nothing to claim learns from it to look behind its cursor again (the
 -- rows of a claim whose asynchronous commit a server crash lost are fresh again).
@@ -801,10 +800,6 @@ RETURNS TABLE (ok boolean, status text)
 LANGUAGE plpgsql
 SET plan_cache_mode = force_custom_plan
 AS $$
-DECLARE
-    busy boolean;
-    requeued boolean;
-    fresh boolean;
 BEGIN
     PERFORM 1 FROM broadcasts b WHERE b.id = p_id AND b.status = 'sending';
     IF NOT FOUND THEN
@@ -818,20 +813,9 @@ BEGIN
                     AND r.status = 'pending') THEN
         RETURN;
     END IF;
-    SELECT EXISTS (SELECT 1 FROM broadcast_recipients r
-                   WHERE r.broadcast_id = p_id AND r.worker IS NOT NULL
-                     AND r.status IN ('claimed', 'sending')),
-           EXISTS (SELECT 1 FROM broadcast_recipients r
-                   WHERE r.broadcast_id = p_id AND r.worker IS NOT NULL
-                     AND r.status = 'pending'),
-           EXISTS (SELECT 1 FROM broadcast_recipients r
-                   WHERE r.broadcast_id = p_id AND r.status = 'pending' AND r.worker IS NULL)
-    INTO busy, requeued, fresh;
-    IF fresh THEN
+    IF EXISTS (SELECT 1 FROM broadcast_recipients r
+               WHERE r.broadcast_id = p_id AND r.status = 'pending' AND r.worker IS NULL) THEN
         RETURN QUERY SELECT false, 'sending'::text;
-        RETURN;
-    END IF;
-    IF busy OR requeued THEN
         RETURN;
     END IF;
     PERFORM 1 FROM broadcasts b WHERE b.id = p_id AND b.status = 'sending' FOR NO KEY UPDATE;
