@@ -81,8 +81,8 @@ class _Active:
     rate_limit: float | None
     empty: bool = False  # its last claim came back empty: skip it until the next look
     # Fresh rows (never claimed) are claimed in contact_id order after `cursor`, the highest
-    # fresh contact_id this process took. None is below `floor`: the lowest fresh row when
-    # this process last looked behind its cursor (PAST_END: none is left).
+    # fresh contact_id this process took. No fresh row is below `floor`: the lowest fresh row
+    # when this process last looked behind its cursor (PAST_END: none is left).
     cursor: int = 0
     floor: int = 0
     looking: bool = False  # one of this process's loops is reading the floor right now
@@ -329,33 +329,43 @@ class Engine:
             return rows
         if not rows and self.state.is_halted(bid, entry.epoch):
             return rows  # paused or cancelled: nothing to look for
-        # No fresh row was free after the cursor: the others took them, hold them right now,
-        # or (rarely) one was locked when this process walked past it by a transaction that
-        # then rolled back. Where do fresh rows begin? A plain read from the last floor, so
-        # the walk over rows claimed earlier happens once per broadcast, not per claim.
-        # One loop at a time: the loops of a process reach the end of the fresh rows together,
-        # and each read walks every row claimed before it (measured: the reads were 2.9-8.1%
-        # of a 200k drain's samples when every loop made its own, 1.6% with one at a time).
-        if entry.floor < PAST_END and not entry.looking:
-            entry.looking = True
-            try:
-                found = await self._q("fresh_floor", {"id": bid, "from": entry.floor})
-            except (psycopg.OperationalError, psycopg.errors.AdminShutdown):
-                if rows:
-                    return rows  # claimed: work them; the floor can wait for the next claim
-                raise
-            finally:
-                entry.looking = False
-            floor = found[0][0] if found else None
-            entry.floor = PAST_END if floor is None else floor
-            moved = entry.floor - 1 if floor is not None else PAST_END
-            if moved != entry.cursor:
-                entry.cursor = moved
-                if not rows and floor is not None:
-                    rows = await self._q(query, {**params, "after": entry.cursor})
-                    if rows and rows[0][-1] is not None:
-                        entry.cursor = rows[0][-1]
+        try:
+            moved = await self._look_behind(bid, entry)
+        except (psycopg.OperationalError, psycopg.errors.AdminShutdown):
+            if rows:
+                return rows  # claimed: work them; the floor can wait for the next claim
+            raise
+        if moved and not rows:
+            rows = await self._q(query, {**params, "after": entry.cursor})
+            if rows and rows[0][-1] is not None:
+                entry.cursor = rows[0][-1]
         return rows
+
+    async def _look_behind(self, bid: uuid.UUID, entry: _Active) -> bool:
+        """No fresh row was free after the cursor: the others took them, hold them right now,
+        or (rarely) one was locked when this process walked past it by a transaction that
+        then rolled back. Where do fresh rows begin? A plain read from the last floor, so the
+        walk over rows claimed earlier happens once per broadcast, not per claim. Moves the
+        cursor to just below the floor (past the end when none is left); True when it moved
+        to a row worth claiming from.
+
+        One loop at a time: the loops of a process reach the end of the fresh rows together,
+        and each read walks every row claimed before it (measured: the reads were 2.9-8.1% of
+        a 200k drain's samples when every loop made its own, 1.6% with one at a time)."""
+        if entry.floor >= PAST_END or entry.looking:
+            return False
+        entry.looking = True
+        try:
+            found = await self._q("fresh_floor", {"id": bid, "from": entry.floor})
+        finally:
+            entry.looking = False
+        floor = found[0][0] if found else None
+        entry.floor = PAST_END if floor is None else floor
+        moved = PAST_END if floor is None else floor - 1
+        if moved == entry.cursor:
+            return False
+        entry.cursor = moved
+        return floor is not None
 
     async def _work_one(self, bid: uuid.UUID) -> None:
         token = uuid.uuid4()
