@@ -22,16 +22,48 @@ CREATE TABLE contacts (
     tags            text[]      NOT NULL DEFAULT '{}',
     unsubscribed_at timestamptz,
     created_at      timestamptz NOT NULL DEFAULT now(),
-    updated_at      timestamptz NOT NULL DEFAULT now()
+    updated_at      timestamptz NOT NULL DEFAULT now(),
+    -- custom fields for merge tags: a flat JSON object (0004)
+    attributes        jsonb       NOT NULL DEFAULT '{}',
+    -- not mailable after a hard bounce, repeated soft bounces or a complaint (0004)
+    suppressed_at     timestamptz,
+    suppressed_reason text,
+    suppressed_detail text,
+    soft_bounces      integer     NOT NULL DEFAULT 0,
+    CONSTRAINT contacts_attributes_check CHECK (jsonb_typeof(attributes) = 'object'),
+    CONSTRAINT contacts_suppressed_reason_check
+        CHECK (suppressed_reason IN ('bounce', 'soft_bounce', 'complaint')),
+    CONSTRAINT contacts_suppressed_check
+        CHECK ((suppressed_at IS NULL) = (suppressed_reason IS NULL))
 );
 CREATE UNIQUE INDEX contacts_account_email ON contacts (account, lower(email));
 CREATE INDEX contacts_tags ON contacts USING gin (tags);
+CREATE INDEX contacts_suppressed ON contacts (account, suppressed_at)
+    WHERE suppressed_at IS NOT NULL;
+
+-- Every unsubscribe, resubscribe, suppression and unsuppression of a contact, appended,
+-- with where it came from (source) and who did it (actor) (0004).
+CREATE TABLE contact_events (
+    id           bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    account      text        NOT NULL,
+    contact_id   bigint      NOT NULL,
+    at           timestamptz NOT NULL DEFAULT clock_timestamp(),
+    action       text        NOT NULL
+        CHECK (action IN ('unsubscribe', 'resubscribe', 'suppress', 'unsuppress',
+                          'soft_bounce', 'erase')),
+    -- where it came from: one-click, api, cli, import, ses, sql
+    source       text        NOT NULL CHECK (source <> ''),
+    -- who: {"via": "api", "sub": ...}, {"via": "cli", "user": ..., "host": ...}, ...
+    actor        jsonb       NOT NULL DEFAULT '{}',
+    broadcast_id uuid,
+    details      jsonb       NOT NULL DEFAULT '{}'
+);
+CREATE INDEX contact_events_contact ON contact_events (account, contact_id, at);
 
 CREATE TABLE broadcasts (
     id               uuid        PRIMARY KEY DEFAULT gen_random_uuid(),
     account          text        NOT NULL,
-    status           text        NOT NULL DEFAULT 'draft'
-        CHECK (status IN ('draft', 'sending', 'paused', 'sent', 'failed', 'cancelled')),
+    status           text        NOT NULL DEFAULT 'draft',
     -- bumped by resume: work claimed under an older epoch can never be handed off
     epoch            integer     NOT NULL DEFAULT 1,
     subject          text        NOT NULL,
@@ -56,10 +88,29 @@ CREATE TABLE broadcasts (
     updated_at       timestamptz NOT NULL DEFAULT now(),
     started_at       timestamptz,
     finished_at      timestamptz,
-    CHECK (text_body IS NOT NULL OR html_body IS NOT NULL)
+    CHECK (text_body IS NOT NULL OR html_body IS NOT NULL),
+    -- a scheduled start and an optional latest start (0004)
+    scheduled_at     timestamptz,
+    not_after        timestamptz,
+    -- delivery feedback counters (0004)
+    delivered        integer     NOT NULL DEFAULT 0,
+    bounced          integer     NOT NULL DEFAULT 0,
+    complained       integer     NOT NULL DEFAULT 0,
+    -- weight within the account's share of the rate (0004)
+    priority         smallint    NOT NULL DEFAULT 1,
+    CONSTRAINT broadcasts_status_check
+        CHECK (status IN ('draft', 'scheduled', 'sending', 'paused', 'sent', 'failed',
+                          'cancelled')),
+    CONSTRAINT broadcasts_priority_check CHECK (priority BETWEEN 1 AND 10),
+    CONSTRAINT broadcasts_scheduled_check
+        CHECK (status <> 'scheduled' OR scheduled_at IS NOT NULL),
+    CONSTRAINT broadcasts_not_after_check
+        CHECK (not_after IS NULL OR scheduled_at IS NULL OR not_after >= scheduled_at)
 );
 CREATE INDEX broadcasts_account_created ON broadcasts (account, created_at DESC, id DESC);
 CREATE INDEX broadcasts_active ON broadcasts (status) WHERE status IN ('sending', 'paused');
+-- the scheduled broadcasts whose time has come, in time order: O(due) for the sweeper
+CREATE INDEX broadcasts_scheduled ON broadcasts (scheduled_at) WHERE status = 'scheduled';
 
 -- The snapshot. No foreign keys: a 1,000,000-row snapshot would pay one lookup per row,
 -- and a broadcast with recipients is never deleted (only drafts are).
@@ -83,6 +134,10 @@ CREATE TABLE broadcast_recipients (
     provider_message_id text,
     last_error          text,
     sent_at             timestamptz,
+    -- delivery feedback: annotations, not dispatch states (0004)
+    delivered_at        timestamptz,
+    bounced_at          timestamptz,
+    complained_at       timestamptz,
     -- worker is set by a row's first claim and never cleared: NULL means never claimed
     CONSTRAINT broadcast_recipients_claimed_check
         CHECK (worker IS NOT NULL OR status IN ('pending', 'cancelled'))
@@ -218,7 +273,11 @@ SELECT id AS broadcast_id,
        paused_reason,
        created_at,
        started_at,
-       finished_at
+       finished_at,
+       scheduled_at,
+       delivered,
+       bounced,
+       complained
 FROM broadcasts;
 
 -- One audit entry.

@@ -1,0 +1,1 @@
+"""Message composition both the API and the worker use: pure code, no I/O."""
