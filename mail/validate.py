@@ -122,15 +122,15 @@ def sender(value: Any, field: str = "from") -> tuple[str, str]:
         raise errors.InvalidValue(field, "must not be empty")
     header = email.policy.default.header_factory("From", raw)
     defects = list(getattr(header, "defects", []))
-    addresses = list(getattr(header, "addresses", ()))
-    if len(addresses) != 1 or getattr(header, "groups", ()) and any(
-            g.display_name for g in header.groups):  # type: ignore[attr-defined]
+    addresses: list[email.headerregistry.Address] = list(getattr(header, "addresses", []))
+    groups: list[email.headerregistry.Group] = list(getattr(header, "groups", []))
+    if len(addresses) != 1 or any(g.display_name for g in groups):
         raise errors.InvalidValue(field, "must be exactly one address, as `Name <a@example.com>`")
     if defects:
         raise errors.InvalidValue(
             field, "is not a valid address line (quote a display name that contains "
                    "@, comma or angle brackets: \"Acme, Inc.\" <a@example.com>)")
-    parsed: email.headerregistry.Address = addresses[0]
+    parsed = addresses[0]
     if not parsed.addr_spec or "@" not in parsed.addr_spec:
         raise errors.InvalidValue(field, "has no address")
     if parsed.display_name and "@" in parsed.display_name and '"' not in raw:
