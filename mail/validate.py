@@ -61,10 +61,10 @@ def text_line(field: str, value: Any, max_length: int, *, required: bool = True)
     if len(value) > max_length:
         raise errors.InvalidValue(field, f"must be at most {max_length} characters")
     _no_controls(field, value)
-    value = value.strip()
-    if required and not value:
+    clean: str = value.strip()
+    if required and not clean:
         raise errors.InvalidValue(field, "must not be empty")
-    return value
+    return clean
 
 
 def name(value: Any, field: str = "name") -> str:
