@@ -8,14 +8,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import email_validator
 import psycopg
 
+from mail import errors as mail_errors
+from mail import validate as validate_mail
 from sql import errors
 from sql.queries import QUERIES
-
-MAX_TAG_LENGTH = 100  # characters
-MAX_NAME_LENGTH = 500  # characters
 
 
 @dataclass
@@ -35,50 +33,44 @@ class Batch:
     rejected: list[Rejected] = field(default_factory=list)
 
 
-def normalize_email(raw: str) -> str:
-    """A syntactically valid address, normalized; raises InvalidInput."""
+def normalize_email(raw: Any, field_name: str = "email") -> str:
+    """A valid address, normalized (IDNA domain); raises InvalidInput."""
     try:
-        info = email_validator.validate_email(raw.strip(), check_deliverability=False)
-    except email_validator.EmailNotValidError as exc:
+        return validate_mail.address(raw, field_name)
+    except mail_errors.InvalidValue as exc:
         raise errors.InvalidInput(str(exc)) from None
-    return str(info.normalized)
 
 
 def validate_tags(tags: Any) -> list[str]:
-    """A list of non-empty, unique, reasonably short tags; raises InvalidInput."""
-    if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
-        raise errors.InvalidInput("tags must be a list of strings")
-    out: list[str] = []
-    for t in (t.strip() for t in tags):
-        if not t:
-            raise errors.InvalidInput("a tag is empty")
-        if len(t) > MAX_TAG_LENGTH:
-            raise errors.InvalidInput(f"tag longer than {MAX_TAG_LENGTH} characters")
-        if t not in out:
-            out.append(t)
-    return out
+    """At most 100 non-empty, unique, reasonably short tags; raises InvalidInput."""
+    try:
+        return validate_mail.tags(tags)
+    except mail_errors.InvalidValue as exc:
+        raise errors.InvalidInput(str(exc)) from None
 
 
-def validate(items: list[tuple[int, Any, Any, Any]]) -> Batch:
-    """Validate (where, email, name, tags) items; the last of duplicate addresses wins."""
+def validate(items: list[tuple[Any, ...]]) -> Batch:
+    """Validate (where, email, name, tags[, attributes]) items; the last of duplicates wins.
+
+    Every check is bounded before it looks at a value (mail.validate), and a name, tag or
+    address that could become header syntax is refused with the reason.
+    """
     batch = Batch()
     by_key: dict[str, dict[str, Any]] = {}
-    for where, email, name, tags in items:
-        shown = email if isinstance(email, str) else repr(email)
+    for item in items:
+        where, email, name, tags = item[:4]
+        attributes = item[4] if len(item) > 4 else None
+        shown = email[:300] if isinstance(email, str) else repr(email)[:300]
         try:
-            if not isinstance(email, str):
-                raise errors.InvalidInput("email must be a string")
-            address = normalize_email(email)
-            if name is not None and not isinstance(name, str):
-                raise errors.InvalidInput("name must be a string")
-            if name and len(name) > MAX_NAME_LENGTH:
-                raise errors.InvalidInput(f"name longer than {MAX_NAME_LENGTH} characters")
-            clean_tags = validate_tags(tags if tags is not None else [])
-        except errors.InvalidInput as exc:
+            address = validate_mail.address(email)
+            row: dict[str, Any] = {"email": address, "name": validate_mail.name(name),
+                                   "tags": validate_mail.tags(tags)}
+            if attributes is not None:
+                row["attributes"] = validate_mail.attributes(attributes)
+        except mail_errors.InvalidValue as exc:
             batch.rejected.append(Rejected(where, shown, str(exc)))
             continue
-        by_key[address.lower()] = {"email": address, "name": (name or "").strip(),
-                                   "tags": clean_tags}
+        by_key[address.lower()] = row
     batch.rows = list(by_key.values())
     return batch
 

@@ -26,12 +26,16 @@ INSERT INTO schema_migrations (version, name) VALUES (%(version)s, %(name)s)
 SELECT to_regclass('procrastinate_jobs') IS NOT NULL AS installed
 
 -- contacts_upsert --
--- Inserts or updates contacts from a jsonb array; never clears an unsubscribe.
-INSERT INTO contacts AS c (account, email, name, tags)
-SELECT %(account)s, x.email, coalesce(x.name, ''), coalesce(x.tags, '{}')
-FROM jsonb_to_recordset(%(rows)s::jsonb) AS x(email text, name text, tags text[])
+-- Inserts or updates contacts from a jsonb array; never clears an unsubscribe; attributes
+-- merge (a key given replaces that key, the others stay).
+INSERT INTO contacts AS c (account, email, name, tags, attributes)
+SELECT %(account)s, x.email, coalesce(x.name, ''), coalesce(x.tags, '{}'),
+       coalesce(x.attributes, '{}')
+FROM jsonb_to_recordset(%(rows)s::jsonb) AS x(email text, name text, tags text[],
+                                              attributes jsonb)
 ON CONFLICT (account, lower(email)) DO UPDATE
-SET email = EXCLUDED.email, name = EXCLUDED.name, tags = EXCLUDED.tags, updated_at = now()
+SET email = EXCLUDED.email, name = EXCLUDED.name, tags = EXCLUDED.tags,
+    attributes = c.attributes || EXCLUDED.attributes, updated_at = now()
 
 -- contact_unsubscribe --
 -- Marks a contact unsubscribed (keeps the first time); takes effect at the next handoff.
