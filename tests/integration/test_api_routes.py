@@ -153,9 +153,12 @@ def test_transitions_and_409s(api: h.Api, conn: Conn) -> None:
     assert api.post(f"{url}/cancel").status_code == 409
     row = conn.execute("SELECT status, audit_log FROM broadcasts").fetchone()
     assert row is not None and row["status"] == "cancelled"
-    actions = [(e["action"], e["details"].get("via")) for e in row["audit_log"]]
-    assert actions == [("create", None), ("send", None), ("pause", "api"), ("resume", "api"),
-                       ("cancel", "api")]
+    # every API action names the token's sub (issue 16); the send keeps its own details
+    actions = [(e["action"], e["details"].get("via"), e["details"].get("sub"))
+               for e in row["audit_log"]]
+    assert actions == [(a, "api", "tester") for a in ("create", "send", "pause", "resume",
+                                                       "cancel")]
+    assert row["audit_log"][1]["details"]["recipients"] == 10
     assert support.assert_counters_true(conn, uuid.UUID(b["id"]))["cancelled"] == 10
 
 
