@@ -6,7 +6,6 @@ import argparse
 import dataclasses
 import math
 import os
-import sys
 from types import FrameType
 from typing import Any
 
@@ -63,11 +62,6 @@ def cmd_api(args: argparse.Namespace) -> int:
         settings = dataclasses.replace(settings, limit_concurrency=args.limit_concurrency)
     if args.timeout_keep_alive is not None:
         settings = dataclasses.replace(settings, timeout_keep_alive=args.timeout_keep_alive)
-    if settings.max_streams > settings.total_streams:
-        # one account may hold every stream slot the process has; no error, but say so
-        print(f"pgcast api: PGCAST_API_MAX_STREAMS={settings.max_streams} is above the "
-              f"{settings.total_streams} streams this process serves (half of "
-              f"--limit-concurrency {settings.limit_concurrency})", file=sys.stderr)
     application = api_app.create_app(settings, db.database_url())
 
     class Server(uvicorn.Server):

@@ -122,7 +122,9 @@ def test_recipient_cursors_are_opaque_and_bound_to_the_account(api: h.Api, conn:
     cursor = first["next_cursor"]
     ids = [r["contact_id"] for r in conn.execute(
         "SELECT contact_id FROM broadcast_recipients ORDER BY contact_id").fetchall()]
-    assert str(ids[1]) not in cursor
+    assert cursor != str(ids[1]) and not cursor.isdigit()
+    again = api.get(f"/broadcasts/{bid}/recipients", params={"limit": 2}).json()["next_cursor"]
+    assert again != cursor  # a fresh nonce each time: equal positions do not look equal
     raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
     assert ids[1].to_bytes(8, "big") not in raw  # sealed, not encoded
     r = api.get(f"/broadcasts/{bid}/recipients", params={"limit": 2, "cursor": cursor})
@@ -133,6 +135,21 @@ def test_recipient_cursors_are_opaque_and_bound_to_the_account(api: h.Api, conn:
     for bad in ((other, cursor), (bid, str(ids[1])), (bid, cursor[:-2] + "AA")):
         r = api.get(f"/broadcasts/{bad[0]}/recipients", params={"cursor": bad[1]})
         assert r.status_code == 422, r.text
+
+
+def test_cursor_keys_are_shared_by_processes_with_the_same_secret() -> None:
+    from api import config, cursors, errors
+
+    one, two = h.settings(), h.settings()
+    assert one.cursor_key == two.cursor_key and len(one.cursor_key) == 32
+    sealed = cursors.seal(one.cursor_key, "scope", 42)
+    assert cursors.open_(two.cursor_key, "scope", sealed) == 42
+    other = h.settings(PGCAST_API_CURSOR_SECRET="c" * 32)
+    with pytest.raises(errors.InvalidBody):
+        cursors.open_(other.cursor_key, "scope", sealed)
+    with pytest.raises(errors.ConfigError, match="PGCAST_API_CURSOR_SECRET must be at least 32"):
+        h.settings(PGCAST_API_CURSOR_SECRET="short")
+    assert config.cursor_key(None, None) != config.cursor_key(None, None)  # public key: random
 
 
 def test_the_last_page_says_there_is_no_next_page(api: h.Api, conn: Conn) -> None:
