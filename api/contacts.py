@@ -50,7 +50,8 @@ async def upsert(request: Request) -> Response:
     if rows != "[]":
         upserted = await db.rowcount(context.pool(request), "contacts_upsert",
                                      {"account": who.account, "rows": rows})
-    return http.Json({"upserted": upserted, "rejected": rejected})
+    # 10,000 rejections render to megabytes of JSON: encoded in the thread too
+    return await http.off_loop(http.Json, {"upserted": upserted, "rejected": rejected})
 
 
 async def unsubscribe(request: Request) -> Response:
