@@ -139,7 +139,7 @@ async def update(request: Request) -> Response:
         from_address = broadcasts.validate_from(body["from"]) if "from" in body else None
     except sql_errors.InvalidInput as exc:
         raise _invalid(exc) from None
-    row = await db.one(context.pool(request), "api_broadcast_update_draft", {
+    row = await db.one(context.pool(request), "broadcast_update_draft", {
         "account": who.account, "id": bid, "details": control.details(who),
         "subject": values["subject"],
         "from_address": from_address,

@@ -39,19 +39,6 @@ VALUES (%(account)s, %(subject)s, %(from_address)s, %(text_body)s, %(html_body)s
         %(segment_tag)s, NULL, pgcast_audit_v1('create', NULL, 'draft', %(details)s::jsonb))
 RETURNING *
 
--- api_broadcast_update_draft --
--- Edits a draft (CAS on status; NULL keeps a field); the audit entry names the caller.
-UPDATE broadcasts
-SET subject = coalesce(%(subject)s, subject),
-    from_address = coalesce(%(from_address)s, from_address),
-    text_body = CASE WHEN %(set_text)s THEN %(text_body)s ELSE text_body END,
-    html_body = CASE WHEN %(set_html)s THEN %(html_body)s ELSE html_body END,
-    segment_tag = CASE WHEN %(set_tag)s THEN %(segment_tag)s ELSE segment_tag END,
-    updated_at = now(),
-    audit_log = audit_log || pgcast_audit_v1('edit', status, status, %(details)s::jsonb)
-WHERE id = %(id)s AND account = %(account)s AND status = ANY (ARRAY['draft'])
-RETURNING *
-
 -- api_audit_send_actor --
 -- Names the caller in the `send` entry the send function just appended (same transaction,
 -- right after it, the broadcast row still locked by it).
