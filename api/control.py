@@ -16,6 +16,7 @@ from api import auth, context, db, errors, http
 from sql import broadcasts
 
 PAUSE_REASON = "operator"
+SEND_FIELDS = {"allow_empty": http.BOOLEAN}
 
 
 def details(who: auth.Principal) -> str:
@@ -45,15 +46,17 @@ def _answer(result: dict[str, Any]) -> Response:
 async def send(request: Request) -> Response:
     """POST /broadcasts/{id}/send: snapshot the recipients and return at once."""
     who = auth.principal(request)
-    params = {"account": who.account, "id": context.broadcast_id(request)}
-    async with db.transaction(context.pool(request)) as conn:
-        row = await (await conn.execute(db.query("broadcast_send"), params)).fetchone()
-        if row is not None and row["ok"]:  # the send function's audit entry gains the caller
-            await conn.execute(db.query("api_audit_send_actor"),
-                               {**params, "details": details(who)})
-    if row is None:
-        raise errors.NotFound(context.NO_BROADCAST)
-    result = broadcasts.send_result(dict(row))
+    raw = await http.read_body(request)  # the body is optional: {"allow_empty": true}
+    parsed = await http.off_loop(http.parse_json, raw) if raw.strip() else {}
+    body = http.fields(parsed, "body", {}, SEND_FIELDS)
+    row = await _call(request, who, "broadcast_send",
+                      {"allow_empty": body.get("allow_empty", False), "details": details(who)})
+    segment = None
+    if row["status"] == "empty":
+        found = await db.one(context.pool(request), "broadcast_get",
+                             {"account": who.account, "id": context.broadcast_id(request)})
+        segment = found["segment_tag"] if found else None
+    result = broadcasts.send_result(row, segment)
     response = _answer(result)
     if broadcasts.needs_analyze(result):
         # fresh planner statistics for the workers, after the answer has gone out

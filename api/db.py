@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import AsyncIterator
 from typing import Any, LiteralString
 
 import psycopg
@@ -51,9 +49,3 @@ async def rowcount(pool: Pool, name: str, params: dict[str, Any]) -> int:
         cur = await conn.execute(QUERIES[name], params)
         return cur.rowcount
 
-
-@contextlib.asynccontextmanager
-async def transaction(pool: Pool) -> AsyncIterator[psycopg.AsyncConnection[DictRow]]:
-    """A connection inside one transaction (committed when the block ends without error)."""
-    async with pool.connection() as conn, conn.transaction():
-        yield conn

@@ -27,6 +27,7 @@ STRING_OR_NULL = ("a string or null", (str, type(None)))
 ARRAY = ("an array", (list,))
 ARRAY_OR_NULL = ("an array or null", (list, type(None)))
 OBJECT_OR_NULL = ("an object or null", (dict, type(None)))
+BOOLEAN = ("true or false", (bool,))
 Kind = tuple[str, tuple[type, ...]]
 
 
@@ -199,7 +200,8 @@ def fields(value: Any, where: str, required: Mapping[str, Kind],
         if name not in value:
             if name in required:
                 problems.append({"field": f"{where}.{name}", "problem": "required"})
-        elif not isinstance(value[name], types) or isinstance(value[name], bool):
+        elif not isinstance(value[name], types) or (isinstance(value[name], bool)
+                                                     and bool not in types):
             problems.append({"field": f"{where}.{name}", "problem": f"must be {label}"})
     if problems:  # every problem named, in the message and in details
         raise errors.InvalidBody("; ".join(f"{p['field']}: {p['problem']}" for p in problems),

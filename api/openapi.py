@@ -50,8 +50,13 @@ SCHEMAS: dict[str, Any] = {
     "Error": obj({"error": STR, "message": STR,
                   "details": {"type": "array", "items": obj({"field": STR, "problem": STR})}},
                  ["error", "message"]),
-    "Conflict": obj({"success": {"const": False}, "status": {"enum": BROADCAST_STATUSES},
-                     "message": STR}),
+    "Conflict": obj({"success": {"const": False},
+                     "status": {"enum": [*BROADCAST_STATUSES, "empty"],
+                                "description": "the current status, or `empty`: nobody to "
+                                               "send to (send with allow_empty to send anyway)"},
+                     "queued": INT, "message": STR}, ["success", "status", "message"]),
+    "SendIn": obj({"allow_empty": {"type": "boolean", "description": "send even when no "
+                                   "subscribed contact matches (default false)"}}, []),
     "Health": obj({"status": {"const": "ok"}}),
     "ContactIn": obj({"email": STR, "name": STR_OR_NULL,
                       "tags": {"type": ["array", "null"], "items": STR},
@@ -158,8 +163,10 @@ def _paths() -> dict[str, Any]:
                         f"{body_errors} 404 409", body="BroadcastPatch", params=[ID]),
             "delete": op("delete a draft", ("204", {"description": "deleted"}), "404 409",
                          params=[ID])},
-        "/broadcasts/{id}/send": {"post": op("snapshot the recipients and start sending", (
-            "200", _json("SendResult", "queued")), control, params=[ID])},
+        "/broadcasts/{id}/send": {"post": {
+            **op("snapshot the recipients and start sending", (
+                "200", _json("SendResult", "queued")), f"{control} 400 413 422", params=[ID]),
+            "requestBody": {"required": False, "content": {JSON: {"schema": ref("SendIn")}}}}},
         "/broadcasts/{id}/cancel": {"post": op("cancel a draft, sending or paused broadcast", (
             "200", _json("CancelResult", "cancelled")), control, params=[ID])},
         "/broadcasts/{id}/pause": {"post": op("pause a sending broadcast", (

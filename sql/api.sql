@@ -38,11 +38,3 @@ INSERT INTO broadcasts (account, subject, from_address, text_body, html_body, se
 VALUES (%(account)s, %(subject)s, %(from_address)s, %(text_body)s, %(html_body)s,
         %(segment_tag)s, NULL, pgcast_audit_v1('create', NULL, 'draft', %(details)s::jsonb))
 RETURNING *
-
--- api_audit_send_actor --
--- Names the caller in the `send` entry the send function just appended (same transaction,
--- right after it, the broadcast row still locked by it).
-UPDATE broadcasts
-SET audit_log = jsonb_set(audit_log, ARRAY[(jsonb_array_length(audit_log) - 1)::text, 'details'],
-                          coalesce(audit_log -> -1 -> 'details', '{}') || %(details)s::jsonb)
-WHERE id = %(id)s AND account = %(account)s AND audit_log -> -1 ->> 'action' = 'send'

@@ -13,6 +13,7 @@ import psycopg
 import pytest
 
 from api import app as api_app
+from sql import broadcasts
 from tests import support
 from tests.integration import test_api_helpers as h
 from tests.integration import test_api_security as sec
@@ -44,6 +45,7 @@ def _draft(api: h.Api, **body: Any) -> dict[str, Any]:
 ])
 def test_a_signed_token_with_nul_or_a_lone_surrogate_is_401(
         api: h.Api, conn: Conn, claim: str, value: str) -> None:
+    support.seed_contacts(conn, 2, account=A)
     victim = support.new_broadcast(conn, account=A)
     token = sec.forged({"alg": "HS256", "typ": "JWT"}, sec.claims(**{claim: value}),
                        h.SECRET.encode())
@@ -85,7 +87,8 @@ def test_a_stream_ends_when_its_token_expires(db_url: str, conn: Conn) -> None:
 def test_streams_per_account_are_capped(db_url: str, conn: Conn) -> None:
     draft = support.new_broadcast(conn, account=A, send=False)
     theirs = support.new_broadcast(conn, account="other", send=False)
-    finished = support.new_broadcast(conn, account=A)  # no contacts: sent at once
+    finished = support.new_broadcast(conn, account=A, send=False)
+    broadcasts.cancel(conn, A, finished)  # terminal: its stream ends by itself
     app = api_app.create_app(h.settings(PGCAST_API_MAX_STREAMS="2"), db_url)
     answers: list[int] = []
 
