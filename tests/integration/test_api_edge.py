@@ -155,6 +155,24 @@ def test_cursor_keys_are_shared_by_processes_with_the_same_secret() -> None:
     assert config.cursor_key(None, None) != config.cursor_key(None, None)  # public key: random
 
 
+def test_limits_from_the_environment() -> None:
+    from api import config, errors
+
+    s = h.settings()
+    assert (s.limit_concurrency, s.timeout_keep_alive, s.max_streams, s.total_streams) == (
+        1000, 5.0, 20, 500)
+    s = h.settings(PGCAST_API_LIMIT_CONCURRENCY="10", PGCAST_API_TIMEOUT_KEEP_ALIVE="30",
+                   PGCAST_API_MAX_STREAMS="3")
+    assert (s.limit_concurrency, s.timeout_keep_alive, s.max_streams, s.total_streams) == (
+        10, 30.0, 3, 5)
+    for env, message in (({"PGCAST_API_LIMIT_CONCURRENCY": "3"}, "at least 4"),
+                         ({"PGCAST_API_MAX_STREAMS": "0"}, "at least 1"),
+                         ({"PGCAST_API_TIMEOUT_KEEP_ALIVE": "x"}, "not a number")):
+        with pytest.raises(errors.ConfigError, match=message):
+            h.settings(**env)
+    assert config.MIN_LIMIT_CONCURRENCY == 4
+
+
 def test_the_last_page_says_there_is_no_next_page(api: h.Api, conn: Conn) -> None:
     support.seed_contacts(conn, 4, account=A)
     bid = support.new_broadcast(conn, account=A)
