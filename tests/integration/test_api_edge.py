@@ -76,7 +76,7 @@ def test_a_stream_ends_when_its_token_expires(db_url: str, conn: Conn) -> None:
     async def watch() -> int:
         async with app.router.lifespan_context(app):
             with anyio.fail_after(30):
-                return await h.sse(app, f"/broadcasts/{bid}/events", h.auth(ttl=2),
+                return await h.sse(app, f"/broadcasts/{bid}/events", h.auth(ttl=4),
                                    lambda name, data: seen.append(name))
 
     assert anyio.run(watch) == 200
