@@ -993,3 +993,12 @@ $$;
 -- arguments and cannot be pruned at all: finalize, release and sweep have a plpgsql v2).
 ALTER FUNCTION pgcast_handoff_v1(uuid, integer, uuid, bigint[])
     SET plan_cache_mode = force_custom_plan;
+
+-- 0006_unsubscribe_key
+CREATE TABLE unsubscribe_keys (
+    id         boolean     PRIMARY KEY DEFAULT true CHECK (id),
+    secret     text        NOT NULL
+        DEFAULT replace(gen_random_uuid()::text || gen_random_uuid()::text, '-', ''),
+    created_at timestamptz NOT NULL DEFAULT now()
+);
+INSERT INTO unsubscribe_keys DEFAULT VALUES;
