@@ -18,7 +18,9 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from api import auth, broadcasts, config, contacts, context, control, db, errors, http, openapi
+from api import preview as preview_routes
 from api import progress as progress_routes
+from api import unsubscribe as unsubscribe_routes
 from sql import errors as sql_errors
 
 log = logging.getLogger("pgcast.api")
@@ -78,6 +80,9 @@ ROUTES = [
     route("/broadcasts/{id}/progress", GET=progress_routes.progress),
     route("/broadcasts/{id}/events", GET=progress_routes.events),
     route("/broadcasts/{id}/recipients", GET=progress_routes.recipients),
+    route("/broadcasts/{id}/preview", GET=preview_routes.show),
+    route("/u/{token}", GET=unsubscribe_routes.page,
+          POST=unsubscribe_routes.one_click),
 ]
 
 

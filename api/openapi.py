@@ -66,6 +66,13 @@ SCHEMAS: dict[str, Any] = {
     "BroadcastSummary": obj(SUMMARY),
     "Broadcast": obj({**SUMMARY, "from": STR, "text": STR_OR_NULL, "html": STR_OR_NULL,
                       "paused_reason": STR_OR_NULL, "updated_at": TIME}),
+    "BroadcastWritten": obj({**SUMMARY, "from": STR, "text": STR_OR_NULL, "html": STR_OR_NULL,
+                             "paused_reason": STR_OR_NULL, "updated_at": TIME,
+                             "warnings": {"type": "array", "items": STR, "description":
+                                          "what to fix, though the draft was saved"}}),
+    "Preview": obj({"contact": STR, "sample": {"type": "boolean"}, "subject": STR,
+                    "text": STR_OR_NULL, "html": STR_OR_NULL,
+                    "headers": {"type": "object", "additionalProperties": STR}}),
     "BroadcastPage": obj({"broadcasts": {"type": "array", "items": ref("BroadcastSummary")},
                           "next_cursor": STR_OR_NULL}),
     "SendResult": obj({"success": {"const": True}, "status": {"enum": ["sending", "sent"]},
@@ -137,7 +144,7 @@ def _paths() -> dict[str, Any]:
             "200", _json("Unsubscribed", "unsubscribed")), f"{body_errors} 404",
             body="UnsubscribeIn")},
         "/broadcasts": {
-            "post": op("create a draft", ("201", _json("Broadcast", "the new draft")),
+            "post": op("create a draft", ("201", _json("BroadcastWritten", "the new draft")),
                        body_errors, body="BroadcastCreate"),
             "get": op("list broadcasts, newest first", ("200", _json("BroadcastPage", "a page")),
                       "422", params=[
@@ -147,7 +154,7 @@ def _paths() -> dict[str, Any]:
         "/broadcasts/{id}": {
             "get": op("one broadcast", ("200", _json("Broadcast", "the broadcast")), "404",
                       params=[ID]),
-            "patch": op("edit a draft", ("200", _json("Broadcast", "the edited draft")),
+            "patch": op("edit a draft", ("200", _json("BroadcastWritten", "the edited draft")),
                         f"{body_errors} 404 409", body="BroadcastPatch", params=[ID]),
             "delete": op("delete a draft", ("204", {"description": "deleted"}), "404 409",
                          params=[ID])},
@@ -173,7 +180,35 @@ def _paths() -> dict[str, Any]:
                        "next_cursor of the previous page"),
                 _query("limit", {"type": "integer", "minimum": 1, "maximum": 1000},
                        "page size (default 100)")])},
+        "/broadcasts/{id}/preview": {"get": op(
+            "the message one contact would receive (rendered subject, text, html, headers)", (
+                "200", _json("Preview", "the rendered message")), "404 422", params=[
+                ID, _query("contact", STR, "the contact's address (default: a sample contact "
+                                           "of the account)")])},
+        "/u/{token}": {
+            "get": {"summary": "one-click unsubscribe: a page with one confirm button (never "
+                               "unsubscribes; no auth)", "security": [],
+                    "parameters": [TOKEN], "responses": {
+                        "200": _html("the confirm page"),
+                        "400": _html("the link is not valid (says nothing about the contact)")}},
+            "post": {"summary": "one-click unsubscribe (RFC 8058): idempotent, no auth",
+                     "security": [], "parameters": [TOKEN],
+                     "requestBody": {"required": True, "content": {
+                         "application/x-www-form-urlencoded": {"schema": obj(
+                             {"List-Unsubscribe": {"const": "One-Click"}}, closed=False)}}},
+                     "responses": {
+                         "200": _html("unsubscribed (or already unsubscribed)"),
+                         "400": _html("the link is not valid, or the body is not "
+                                      "`List-Unsubscribe=One-Click`")}}},
     }
+
+
+TOKEN = {"name": "token", "in": "path", "required": True, "schema": STR,
+         "description": "the opaque token of the List-Unsubscribe link"}
+
+
+def _html(description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"text/html": {"schema": STR}}}
 
 
 def document() -> dict[str, Any]:

@@ -15,6 +15,7 @@ from typing import Any, NoReturn
 
 import psycopg
 
+from mail import template
 from sql import broadcasts, contacts, db, embedded, errors, migrate
 from sql.queries import QUERIES
 
@@ -159,6 +160,8 @@ def cmd_broadcast(args: argparse.Namespace) -> int:
                                     from_address=args.from_address, text=_read_text(args.text),
                                     html=_read_text(args.html), tag=args.tag,
                                     rate_limit=args.rate_limit)
+            for warning in template.warnings(row["text_body"], row["html_body"]):
+                print(f"pgcast: warning: {warning}", file=sys.stderr)
             print(row["id"])
             return 0
         if action == "list":

@@ -102,7 +102,8 @@ class Content:
     def __init__(self, broadcast_id: str, account: str, subject: str, from_address: str,
                  text: str | None, html: str | None, *,
                  keys: unsubscribe.Keys | None = None,
-                 base_url: str = unsubscribe.DEFAULT_PUBLIC_URL, test: bool = False) -> None:
+                 base_url: str = unsubscribe.DEFAULT_PUBLIC_URL, test: bool = False,
+                 inert: bool = False) -> None:
         self.broadcast_id = str(broadcast_id)
         self.account = account
         self.subject_source = subject
@@ -112,7 +113,8 @@ class Content:
         # without configured keys (unit tests, benchmarks): a key of this process only
         self.keys = keys or unsubscribe.Keys((os.urandom(32).hex(),))
         self.base_url = base_url
-        self.test = test
+        self.test = test  # a test send: subject prefixed, unsubscribe link inert
+        self.inert = inert or test  # unsubscribe links show the page, unsubscribe nobody
         self.problem: str | None = None  # the broadcast cannot be sent: every message says why
         self.from_header = ""
         self.broadcast_vars = {"id": self.broadcast_id, "subject": subject}
@@ -153,7 +155,7 @@ class Content:
         if self.problem:
             raise errors.RenderError(self.problem)
         to = mailbox(name, email_address, "To")
-        token = self.keys.make(self.account, contact_id, self.broadcast_id, self.test)
+        token = self.keys.make(self.account, contact_id, self.broadcast_id, self.inert)
         link = unsubscribe.link(self.base_url, token)
         context = {
             "contact": {"email": email_address, "name": name or "", "tags": list(tags or []),

@@ -161,3 +161,21 @@ def compile_part(part: str, source: str) -> Renderer:
         return "".join(out)
 
     return render
+
+
+def check_broadcast(subject: str, text: str | None, html: str | None) -> None:
+    """Check a broadcast's three templates; raises TemplateInvalid."""
+    for part, source in (("subject", subject), ("text", text), ("html", html)):
+        if source is not None:
+            check(part, source)
+
+
+NO_UNSUBSCRIBE_LINK = ("neither text nor html shows {{ unsubscribe_url }}: Gmail and Yahoo "
+                       "expect a visible unsubscribe link in bulk mail")
+
+
+def warnings(text: str | None, html: str | None) -> list[str]:
+    """What a marketer should fix, though the broadcast can be sent as it is."""
+    if any(source and uses(source, "unsubscribe_url") for source in (text, html)):
+        return []
+    return [NO_UNSUBSCRIBE_LINK]
