@@ -73,6 +73,13 @@ SCHEMAS: dict[str, Any] = {
     "Preview": obj({"contact": STR, "sample": {"type": "boolean"}, "subject": STR,
                     "text": STR_OR_NULL, "html": STR_OR_NULL,
                     "headers": {"type": "object", "additionalProperties": STR}}),
+    "TestSendIn": obj({"to": {"type": "array", "minItems": 1, "maxItems": 5, "items": STR},
+                       "contact": {**STR_OR_NULL, "description":
+                                   "whose data fills the template (default: a sample contact)"}},
+                      ["to"]),
+    "TestSends": obj({"test_sends": {"type": "array", "items": obj(
+        {"id": INT, "to": STR, "status": {"enum": ["queued", "sending", "sent", "failed"]},
+         "message_id": STR_OR_NULL, "error": STR_OR_NULL}, ["id", "to", "status"])}}),
     "BroadcastPage": obj({"broadcasts": {"type": "array", "items": ref("BroadcastSummary")},
                           "next_cursor": STR_OR_NULL}),
     "SendResult": obj({"success": {"const": True}, "status": {"enum": ["sending", "sent"]},
@@ -104,6 +111,7 @@ ERRORS = {
     "409": _json("Conflict", "not allowed in the broadcast's current status; nothing changed"),
     "413": _json("Error", "the body is too large"),
     "422": _json("Error", "a wrong type, a missing or unknown field, or an invalid value"),
+    "429": _json("Error", "over the account's hourly test-send cap (50 messages)"),
     "503": _json("Error", "Postgres is unreachable"),
 }
 ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string", "format": "uuid"}}
@@ -185,6 +193,14 @@ def _paths() -> dict[str, Any]:
                 "200", _json("Preview", "the rendered message")), "404 422", params=[
                 ID, _query("contact", STR, "the contact's address (default: a sample contact "
                                            "of the account)")])},
+        "/broadcasts/{id}/test": {
+            "post": op("send the rendered message to at most 5 addresses, subject prefixed "
+                       "`[TEST] ` (a running worker delivers it; not counted in progress)", (
+                           "202", _json("TestSends", "queued")), f"{body_errors} 404 429",
+                       body="TestSendIn", params=[ID]),
+            "get": op("the outcome of test sends", ("200", _json("TestSends", "their status")),
+                      "404 422", params=[
+                          ID, _query("ids", STR, "test send ids, comma-separated")])},
         "/u/{token}": {
             "get": {"summary": "one-click unsubscribe: a page with one confirm button (never "
                                "unsubscribes; no auth)", "security": [],

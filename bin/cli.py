@@ -282,6 +282,9 @@ def build_parser() -> Parser:
     for sp in sps:
         sp.add_argument("--account", default=ACCOUNT_DEFAULT)
     b.set_defaults(func=cmd_broadcast)
+    from bin import content_commands  # preview and test: their own func
+
+    content_commands.register(bsub, ACCOUNT_DEFAULT)
 
     r = sub.add_parser("rate", help="the global rate limit")
     rsub = r.add_subparsers(dest="action", required=True, parser_class=Parser)

@@ -150,11 +150,16 @@ class Content:
 
     def render(self, contact_id: int, email_address: str, name: str | None,
                attributes: dict[str, Any] | None = None,
-               tags: list[str] | None = None) -> Message:
-        """The message for one recipient; raises RenderError when it cannot be built."""
+               tags: list[str] | None = None, deliver_to: str | None = None) -> Message:
+        """The message for one recipient; raises RenderError when it cannot be built.
+
+        `deliver_to` (a test send) addresses the message elsewhere; the contact's own data
+        still fills the template.
+        """
         if self.problem:
             raise errors.RenderError(self.problem)
-        to = mailbox(name, email_address, "To")
+        target = deliver_to or email_address
+        to = mailbox(name, target, "To")
         token = self.keys.make(self.account, contact_id, self.broadcast_id, self.inert)
         link = unsubscribe.link(self.base_url, token)
         context = {
@@ -177,7 +182,7 @@ class Content:
                    "List-Unsubscribe-Post": LIST_UNSUBSCRIBE_POST,
                    "X-Pgcast-Broadcast": self.broadcast_id}
         return Message(contact_id, to, self.from_header, subject, text, html, headers,
-                       addr_spec(email_address), self.broadcast_id)
+                       addr_spec(target), self.broadcast_id)
 
 
 def to_rfc5322(message: Message, message_id: str, date: str | None = None) -> bytes:

@@ -36,3 +36,27 @@ SELECT id, email, name, tags, attributes FROM contacts
 WHERE account = %(account)s AND (%(email)s::text IS NULL OR lower(email) = lower(%(email)s))
 ORDER BY id
 LIMIT 1
+
+-- test_send_queue --
+-- Queues test sends unless the account passes its hourly cap (pgcast_test_send_v1).
+SELECT * FROM pgcast_test_send_v1(%(account)s, %(id)s, %(to)s, %(contact)s, %(cap)s)
+
+-- test_send_start --
+-- A worker takes queued test sends (each is sent at most once).
+UPDATE test_sends SET status = 'sending'
+WHERE id = ANY(%(ids)s) AND status = 'queued'
+RETURNING id, account, broadcast_id, to_address, contact_email
+
+-- test_send_record --
+-- The outcome of one test send.
+UPDATE test_sends
+SET status = %(status)s, message_id = %(message_id)s, error = %(error)s,
+    finished_at = clock_timestamp()
+WHERE id = %(id)s
+
+-- test_send_status --
+-- Test sends of one broadcast of an account, by id.
+SELECT id, to_address, status, message_id, error, requested_at, finished_at
+FROM test_sends
+WHERE id = ANY(%(ids)s) AND account = %(account)s AND broadcast_id = %(id)s
+ORDER BY id

@@ -64,7 +64,8 @@ class FileProvider:
             fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
             with os.fdopen(fd, "wb") as handle:
                 handle.write(mail_message.to_rfc5322(message, message_id))
-            os.replace(tmp, folder / f"{message.contact_id}.eml")
+            test = message.headers.get("X-Pgcast-Test-Send")  # beside, never over, a real one
+            os.replace(tmp, folder / (f"test-{test}.eml" if test else f"{message.contact_id}.eml"))
         except OSError as exc:
             raise errors.Transient(f"outbox write failed: {exc}") from exc
         return message_id

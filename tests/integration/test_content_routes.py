@@ -193,3 +193,30 @@ def test_render_failure_is_that_recipients_alone() -> None:
     with pytest.raises(errors.RenderError, match="too long"):
         content.render(2, "b@example.com", "B", {"word": "ab", "times": 10**8})
     assert content.render(3, "c@example.com", "C", {"word": "c", "times": 2}).text == "cc"
+
+
+def test_test_sends_are_queued_bounded_and_capped_per_account(api: h.Api, conn: Conn) -> None:
+    bid = create(api, text="Hi {{ unsubscribe_url }}")["id"]
+    too_many = api.post(f"/broadcasts/{bid}/test", json={"to": [f"a{i}@example.com"
+                                                                for i in range(6)]})
+    assert too_many.status_code == 422 and "at most 5" in too_many.json()["message"]
+    assert api.post(f"/broadcasts/{bid}/test", json={"to": ["not an address"]}).status_code == 422
+    assert api.post(f"/broadcasts/{uuid.uuid4()}/test",
+                    json={"to": ["a@example.com"]}).status_code == 404
+    five = [f"me{i}@example.com" for i in range(5)]
+    for _ in range(10):  # 50 messages: the hourly cap
+        r = api.post(f"/broadcasts/{bid}/test", json={"to": five})
+        assert r.status_code == 202, r.text
+        assert [t["status"] for t in r.json()["test_sends"]] == ["queued"] * 5
+    over = api.post(f"/broadcasts/{bid}/test", json={"to": ["one@example.com"]})
+    assert over.status_code == 429 and over.json()["error"] == "too_many_test_sends"
+    counts = conn.execute("SELECT count(*) AS n FROM test_sends").fetchone()
+    assert counts == {"n": 50}
+    jobs_left = conn.execute("SELECT count(*) AS n FROM procrastinate_jobs "
+                             "WHERE task_name = 'pgcast.test_send'").fetchone()
+    assert jobs_left == {"n": 10}
+    row = conn.execute("SELECT status, total FROM broadcasts WHERE id = %s", (bid,)).fetchone()
+    assert row == {"status": "draft", "total": 0}
+    ids = ",".join(str(i) for i in range(1, 4))
+    listed = api.get(f"/broadcasts/{bid}/test", params={"ids": ids}).json()["test_sends"]
+    assert [t["status"] for t in listed] == ["queued"] * 3
