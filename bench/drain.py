@@ -101,10 +101,11 @@ class Profiler:
 
 
 def drain_one(url: str, workers: common.Workers, *, tag: str | None = None,
-              profile: bool = False, after_send: str | None = None) -> Drain:
+              profile: bool = False, after_send: str | None = None,
+              template: str = "plain") -> Drain:
     """Send one draft to the running workers and time it to `sent`."""
     with common.connect(url) as conn:
-        bid = common.new_draft(conn, tag)
+        bid = common.new_draft(conn, tag, template)
         with common.RssSampler([p.pid for p in workers.procs]) as rss:
             t0 = time.perf_counter()
             n, send_s = common.send(conn, bid)
@@ -129,7 +130,8 @@ def drain_one(url: str, workers: common.Workers, *, tag: str | None = None,
 def run_series(url: str, recipients: int, broadcasts: int = 1, *, seed: bool = True,
                tag: str | None = None, concurrency: int = CONCURRENCY,
                profile: bool = False, after_send: str | None = None,
-               worker_args: list[str] | None = None, earlier: int = 0) -> list[Drain]:
+               worker_args: list[str] | None = None, earlier: int = 0,
+               template: str = "plain", module: str = "bin.cli") -> list[Drain]:
     """Seed contacts (unless told not to), start 2 workers, drain `broadcasts` in a row.
 
     earlier: first send and cancel that many small broadcasts of another account, so their
@@ -140,10 +142,10 @@ def run_series(url: str, recipients: int, broadcasts: int = 1, *, seed: bool = T
         add_earlier_broadcasts(url, earlier)
     results = []
     args = ["--concurrency", str(concurrency), *(worker_args or [])]
-    with common.Workers(url, WORKERS, args) as workers:
+    with common.Workers(url, WORKERS, args, module=module) as workers:
         for _ in range(broadcasts):
             results.append(drain_one(url, workers, tag=tag, profile=profile,
-                                     after_send=after_send))
+                                     after_send=after_send, template=template))
     return results
 
 
@@ -187,6 +189,15 @@ def figures(results: list[Drain], cmd: str, key: str = "drain") -> list[common.F
     return out
 
 
+def against_main(main: Drain, ours: Drain, cmd: str) -> common.Figure:
+    """This drain's rate over the same drain with main's plain renderer (aim >= 0.5)."""
+    ratio = ours.rate / main.rate
+    return common.Figure(
+        "drain_vs_main", f"{ours.recipients:,} drain, this content / main's plain renderer",
+        ratio, "x", aim=">= 0.5", passed=ratio >= 0.5, command=cmd,
+        note=f"{ours.rate:,.0f}/s vs {main.rate:,.0f}/s, one round each, same contacts")
+
+
 def print_profile(results: list[Drain]) -> None:
     """The sampled timeline, wait events and autovacuum runs of each drain."""
     for i, r in enumerate(results, start=1):
@@ -219,6 +230,12 @@ def main(argv: list[str] | None = None) -> None:
                         "drain), e.g. 'ANALYZE broadcast_recipients'")
     p.add_argument("--earlier", type=int, default=0, metavar="N",
                    help="first send and cancel N small broadcasts (N partitions already there)")
+    p.add_argument("--template", choices=sorted(common.TEMPLATES), default="plain",
+                   help="the broadcast's content: plain (no merge tag) or merge (three merge "
+                        "tags and the unsubscribe link in text and html)")
+    p.add_argument("--against-main", action="store_true",
+                   help="first drain the same recipients with main's plain renderer "
+                        "(bench.main_renderer), then with --template; print the ratio")
     p.add_argument("--json", type=Path, help="also write the figures here")
     args = p.parse_args(argv)
     extra = ["--recipients", str(args.recipients)]
@@ -234,13 +251,24 @@ def main(argv: list[str] | None = None) -> None:
         extra += ["--concurrency", str(args.concurrency)]
     if args.earlier:
         extra += ["--earlier", str(args.earlier)]
+    if args.template != "plain":
+        extra += ["--template", args.template]
+    if args.against_main:
+        extra += ["--against-main"]
     cmd = common.command("drain", *extra)
+    baseline: list[Drain] = []
     with common.bench_db("drain") as url:
-        results = run_series(url, args.recipients, args.broadcasts,
+        if args.against_main:
+            baseline = run_series(url, args.recipients, 1, concurrency=args.concurrency,
+                                  worker_args=worker_args, module="bench.main_renderer")
+        results = run_series(url, args.recipients, args.broadcasts, seed=not baseline,
                              concurrency=args.concurrency, profile=args.profile,
                              after_send=args.after_send, worker_args=worker_args,
-                             earlier=args.earlier)
+                             earlier=args.earlier, template=args.template)
     figs = figures(results, cmd)
+    if baseline:
+        figs = [*figures(baseline, cmd, key="drain_main"), *figs, against_main(
+            baseline[0], results[0], cmd)]
     common.report(figs, cmd)
     if args.profile:
         print_profile(results)

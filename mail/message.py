@@ -115,6 +115,7 @@ class Content:
         self.base_url = base_url
         self.test = test  # a test send: subject prefixed, unsubscribe link inert
         self.inert = inert or test  # unsubscribe links show the page, unsubscribe nobody
+        self._token = self.keys.maker(account, self.broadcast_id, self.inert)
         self.problem: str | None = None  # the broadcast cannot be sent: every message says why
         self.from_header = ""
         self.broadcast_vars = {"id": self.broadcast_id, "subject": subject}
@@ -158,10 +159,10 @@ class Content:
         """
         if self.problem:
             raise errors.RenderError(self.problem)
-        target = deliver_to or email_address
-        to = mailbox(name, target, "To")
-        token = self.keys.make(self.account, contact_id, self.broadcast_id, self.inert)
-        link = unsubscribe.link(self.base_url, token)
+        spec = addr_spec(deliver_to or email_address)
+        shown = phrase(name or "", "To")
+        to = f"{shown} <{spec}>" if shown else spec
+        link = unsubscribe.link(self.base_url, self._token(contact_id))
         context = {
             "contact": {"email": email_address, "name": name or "", "tags": list(tags or []),
                         "attributes": dict(attributes or {})},
@@ -182,7 +183,7 @@ class Content:
                    "List-Unsubscribe-Post": LIST_UNSUBSCRIBE_POST,
                    "X-Pgcast-Broadcast": self.broadcast_id}
         return Message(contact_id, to, self.from_header, subject, text, html, headers,
-                       addr_spec(target), self.broadcast_id)
+                       spec, self.broadcast_id)
 
 
 def to_rfc5322(message: Message, message_id: str, date: str | None = None) -> bytes:

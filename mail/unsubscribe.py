@@ -14,6 +14,7 @@ import functools
 import os
 import struct
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidTag
@@ -76,13 +77,24 @@ class Keys:
     def make(self, account: str, contact_id: int, broadcast_id: str | uuid.UUID,
              test: bool = False) -> str:
         """A token for one contact of one broadcast."""
+        return self.maker(account, broadcast_id, test)(contact_id)
+
+    def maker(self, account: str, broadcast_id: str | uuid.UUID,
+              test: bool = False) -> Callable[[int], str]:
+        """Tokens for the contacts of one broadcast (what they share is packed once)."""
         bid = broadcast_id if isinstance(broadcast_id, uuid.UUID) else uuid.UUID(broadcast_id)
-        name = account.encode()[:MAX_ACCOUNT]
-        plain = _HEAD.pack(VERSION, KIND_TEST if test else KIND_REAL, bid.bytes,
-                           contact_id) + name
-        nonce = os.urandom(_NONCE)
-        sealed = _aead(self.secrets[0]).encrypt(nonce, plain, _AAD)
-        return base64.urlsafe_b64encode(nonce + sealed).rstrip(b"=").decode()
+        head = struct.Struct(">BB16s").pack(VERSION, KIND_TEST if test else KIND_REAL,
+                                            bid.bytes)
+        tail = account.encode()[:MAX_ACCOUNT]
+        seal = _aead(self.secrets[0]).encrypt
+        contact = struct.Struct(">q").pack
+
+        def make(contact_id: int) -> str:
+            nonce = os.urandom(_NONCE)
+            sealed = seal(nonce, head + contact(contact_id) + tail, _AAD)
+            return base64.urlsafe_b64encode(nonce + sealed).rstrip(b"=").decode()
+
+        return make
 
     def read(self, token: str) -> Target:
         """What a token names; raises InvalidToken."""
