@@ -108,9 +108,11 @@ def check(part: str, source: str) -> None:
     env = _env(part)
     try:
         tree = env.parse(source)
+        # compiles the template too: an unknown filter or test is refused here
+        undeclared = jinja2.meta.find_undeclared_variables(tree)
     except jinja2.TemplateSyntaxError as exc:
         raise errors.TemplateInvalid(part, exc.lineno, exc.message or "syntax error") from None
-    unknown = jinja2.meta.find_undeclared_variables(tree) - set(NAMES) - _GLOBALS
+    unknown = undeclared - set(NAMES) - _GLOBALS
     if unknown:
         first = sorted(unknown)[0]
         line = next((n.lineno for n in tree.find_all(jinja2.nodes.Name) if n.name == first),

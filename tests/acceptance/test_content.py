@@ -142,3 +142,22 @@ def test_a_test_send_without_a_worker_times_out_non_zero(conn: Conn, db_url: str
                           "me@example.com", "--timeout", "1", check=False)
     assert done.returncode == 1 and "within 1s" in done.stderr
     assert uuid.UUID(str(draft["id"]))
+
+
+def test_a_ses_worker_refuses_to_start_without_public_url_and_secret(db_url: str) -> None:
+    base = {"PGCAST_PROVIDER": "ses", "AWS_REGION": "us-east-1",
+            "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
+    secret = "s" * 32
+    for extra in ({}, {"PGCAST_PUBLIC_URL": "https://mail.example"},
+                  {"PGCAST_UNSUBSCRIBE_SECRET": secret}):
+        env = support.pgcast_env(db_url, **base, **extra)
+        for name in ("PGCAST_PUBLIC_URL", "PGCAST_UNSUBSCRIBE_SECRET"):
+            if name not in extra:
+                env.pop(name, None)
+        done = support.pgcast(db_url, "worker", "--once", env=env, check=False)
+        assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+        assert "PGCAST_PUBLIC_URL" in done.stderr and "PGCAST_UNSUBSCRIBE_SECRET" in done.stderr
+    short = support.pgcast_env(db_url, **base, PGCAST_PUBLIC_URL="https://mail.example",
+                               PGCAST_UNSUBSCRIBE_SECRET="too-short")
+    done = support.pgcast(db_url, "worker", "--once", env=short, check=False)
+    assert done.returncode == 2 and "at least 32 bytes" in done.stderr
