@@ -156,6 +156,7 @@ def compile_part(part: str, source: str) -> Renderer:
 
     def render(context: dict[str, Any]) -> str:
         out: list[str] = []
+        append = out.append
         size = 0
         try:
             for chunk in root(context_class(env, {**base, **context}, None, blocks)):
@@ -163,7 +164,7 @@ def compile_part(part: str, source: str) -> Renderer:
                 if size > MAX_PART:
                     raise errors.RenderError(f"{part}: the rendered {part} is longer than "
                                              f"{MAX_PART} characters")
-                out.append(chunk)
+                append(chunk)
         except errors.RenderError:
             raise
         except Exception as exc:  # noqa: BLE001 - any template fault is this recipient's
