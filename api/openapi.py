@@ -211,6 +211,8 @@ def _paths() -> dict[str, Any]:
                      "security": [], "parameters": [TOKEN],
                      "requestBody": {"required": True, "content": {
                          "application/x-www-form-urlencoded": {"schema": obj(
+                             {"List-Unsubscribe": {"const": "One-Click"}}, closed=False)},
+                         "multipart/form-data": {"schema": obj(
                              {"List-Unsubscribe": {"const": "One-Click"}}, closed=False)}}},
                      "responses": {
                          "200": _html("unsubscribed (or already unsubscribed)"),

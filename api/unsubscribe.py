@@ -7,6 +7,8 @@ forged token answers 400 with a page that says nothing about any contact.
 
 from __future__ import annotations
 
+import email.parser
+import email.policy
 import os
 import urllib.parse
 
@@ -42,6 +44,26 @@ INVALID = _PAGE.format(title="Invalid link",
                             "email, whole.</p>")
 BAD_FORM = _PAGE.format(title="Unsubscribe",
                         body="<p>The request was not a one-click unsubscribe.</p>")
+
+
+def is_one_click(content_type: str, body: bytes) -> bool:
+    """Whether a POST body is `List-Unsubscribe=One-Click`, urlencoded or multipart/form-data.
+
+    RFC 8058 asks mail clients for multipart/form-data and allows urlencoded: take both.
+    """
+    if content_type.lower().startswith("multipart/form-data"):
+        head = f"Content-Type: {content_type}\r\n\r\n".encode("latin-1", "replace")
+        parsed = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(head + body)
+        if not parsed.is_multipart():
+            return False
+        for part in parsed.iter_parts():
+            name = part.get_param("name", header="content-disposition")
+            value = part.get_payload(decode=True)
+            if (name == ONE_CLICK[0] and isinstance(value, bytes)
+                    and value.strip() == ONE_CLICK[1].encode()):
+                return True
+        return False
+    return ONE_CLICK in urllib.parse.parse_qsl(body.decode("latin-1"))
 
 
 def _html(page: str, status: int = 200) -> Response:
@@ -88,8 +110,7 @@ async def one_click(request: Request) -> Response:
         body += chunk
         if len(body) > MAX_FORM:
             return _html(BAD_FORM, 400)
-    form = urllib.parse.parse_qsl(body.decode("latin-1"))
-    if ONE_CLICK not in form:
+    if not is_one_click(request.headers.get("content-type", ""), body):
         return _html(BAD_FORM, 400)
     if target.test:
         return _html(TEST_DONE)

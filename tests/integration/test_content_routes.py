@@ -17,6 +17,10 @@ Conn = psycopg.Connection[dict[str, Any]]
 A = h.ACCOUNT
 ONE_CLICK = {"content": b"List-Unsubscribe=One-Click",
              "headers": {"Content-Type": "application/x-www-form-urlencoded"}}
+# RFC 8058 asks mail clients for multipart/form-data
+MULTIPART = {"content": b'--b0\r\nContent-Disposition: form-data; name="List-Unsubscribe"\r\n'
+                        b"\r\nOne-Click\r\n--b0--\r\n",
+             "headers": {"Content-Type": "multipart/form-data; boundary=b0"}}
 
 
 @pytest.fixture
@@ -132,8 +136,8 @@ def test_one_click_post_unsubscribes_once_and_get_never_does(
     assert 'name="List-Unsubscribe" value="One-Click"' in page.text
     assert conn.execute("SELECT unsubscribed_at FROM contacts").fetchone() == {
         "unsubscribed_at": None}
-    for _ in range(2):  # idempotent
-        done = public.post(f"/u/{token}", **ONE_CLICK)
+    for form in (ONE_CLICK, MULTIPART):  # idempotent; both encodings RFC 8058 allows
+        done = public.post(f"/u/{token}", **form)
         assert done.status_code == 200 and "You are unsubscribed" in done.text
         assert "set-cookie" not in done.headers and "location" not in done.headers
     row = conn.execute("SELECT unsubscribed_at FROM contacts").fetchone()
@@ -165,6 +169,9 @@ def test_forged_altered_and_test_tokens_unsubscribe_nobody(
     r = public.post(f"/u/{test_token}", **ONE_CLICK)
     assert r.status_code == 200 and "nobody was unsubscribed" in r.text
     assert public.post(f"/u/{good}", content=b"", headers=ONE_CLICK["headers"]).status_code == 400
+    wrong = MULTIPART["content"].replace(b"One-Click", b"Two-Click")  # type: ignore[attr-defined]
+    assert public.post(f"/u/{good}", content=wrong,
+                       headers=MULTIPART["headers"]).status_code == 400
     row = conn.execute("SELECT unsubscribed_at FROM contacts").fetchone()
     assert row == {"unsubscribed_at": None}
     assert conn.execute("SELECT count(*) AS n FROM contact_events").fetchone() == {"n": 0}
