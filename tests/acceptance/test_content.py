@@ -54,8 +54,7 @@ def test_personalised_eml_and_one_click_unsubscribe_skips_the_next_broadcast(
     ann = read(outbox / str(first["id"]) / f"{ids['ann@example.com']}.eml")
     bob = read(outbox / str(first["id"]) / f"{ids['bob@example.com']}.eml")
     assert str(ann["Subject"]) == "Hi Ann" and str(bob["Subject"]) == "Hi"
-    # (attributes reach the worker's render once the handoff returns them: migration 0005)
-    assert body(ann, "plain").startswith("Dear Ann,\r\nyour plan: ")
+    assert body(ann, "plain").startswith("Dear Ann,\r\nyour plan: pro.\r\n")
     assert "Dear friend," in body(bob, "plain") and "your plan: free." in body(bob, "plain")
     assert "<p>Dear friend</p>" in body(bob, "html")
     link = str(bob["List-Unsubscribe"]).strip("<>")
