@@ -1067,16 +1067,6 @@ BEGIN
 END
 $$;
 
--- Plans: with one partition per broadcast, a generic plan of a statement on
--- broadcast_recipients covers every partition and locks them all at each execution (run-time
--- pruning happens after the locks), so it slows down as broadcasts accumulate; measured, a
--- 200k drain with 300 earlier broadcasts' partitions ran 12-16% slower. A custom plan is
--- pruned to the one partition while it is planned: the plpgsql functions that touch
--- recipients always plan that way (a LANGUAGE sql function is planned without its
--- arguments and cannot be pruned at all: finalize, release and sweep have a plpgsql v2).
-ALTER FUNCTION pgcast_handoff_v1(uuid, integer, uuid, bigint[])
-    SET plan_cache_mode = force_custom_plan;
-
 -- 0006_content
 CREATE TABLE unsubscribe_keys (
     id         boolean     PRIMARY KEY DEFAULT true CHECK (id),
