@@ -160,3 +160,15 @@ def test_a_ses_worker_refuses_to_start_without_public_url_and_secret(db_url: str
                                PGCAST_UNSUBSCRIBE_SECRET="too-short")
     done = support.pgcast(db_url, "worker", "--once", env=short, check=False)
     assert done.returncode == 2 and "at least 32 bytes" in done.stderr
+
+
+def test_the_cli_refuses_a_test_send_past_the_hourly_cap(conn: Conn, db_url: str) -> None:
+    draft = broadcasts.create(conn, "default", subject="Hi", from_address="news@example.com",
+                              text="x {{ unsubscribe_url }}")
+    conn.execute("INSERT INTO test_sends (account, broadcast_id, to_address) "
+                 "SELECT 'default', %s, 'me@example.com' FROM generate_series(1, 50)",
+                 (draft["id"],))
+    done = support.pgcast(db_url, "broadcast", "test", str(draft["id"]), "--to",
+                          "me@example.com", check=False)
+    assert done.returncode == 1 and "at most 50 test messages" in done.stderr
+    assert conn.execute("SELECT count(*) AS n FROM test_sends").fetchone() == {"n": 50}
