@@ -53,8 +53,11 @@ def one_line(value: str) -> str:
     return _LINE_BREAKS.sub(" ", value).strip()
 
 
+LONG = 500  # characters: a longer value is sent as folded encoded words (lines <= 998)
+
+
 def _needs_encoding(value: str) -> bool:
-    return "=?" in value or _PLAIN.fullmatch(value) is None
+    return "=?" in value or len(value) > LONG or _PLAIN.fullmatch(value) is None
 
 
 def encode_words(value: str, header_name: str) -> str:

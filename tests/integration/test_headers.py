@@ -97,6 +97,18 @@ def test_a_stored_subject_is_data_and_encoded_words_are_never_decoded_into_heade
         assert shown == subject
 
 
+def test_long_stored_names_and_subjects_keep_header_lines_short(tmp_path: Path) -> None:
+    message = render.render(content(subject="s" * 3000), 7, CONTACT, "n" * 5000)
+    raw, parsed = eml(tmp_path, message)
+    assert_safe(parsed, CONTACT)
+    head = raw.split(b"\r\n\r\n")[0]
+    assert max(len(line) for line in head.split(b"\r\n")) <= 998
+    assert str(parsed["Subject"]) == "s" * 3000
+    # (Python's address parser keeps the folding space between adjacent encoded words, which
+    # RFC 2047 says a reader drops)
+    assert parsed["To"].addresses[0].display_name.replace(" ", "") == "n" * 5000
+
+
 def test_eml_is_written_with_crlf_line_endings(tmp_path: Path) -> None:
     raw, _ = eml(tmp_path, render.render(content(text="one\ntwo\r\nthree\n",
                                                  html="<p>four</p>\n<p>five</p>"),
