@@ -22,6 +22,7 @@ from mail import validate as validate_mail
 log = logging.getLogger("pgcast.api")
 
 PUBLIC_PATHS = frozenset({"/healthz"})
+PUBLIC_PREFIXES = ("/u/",)  # one-click unsubscribe: the token in the path is the credential
 REQUIRED_CLAIMS = ("exp", "sub", "account")
 MAX_ACCOUNT_LENGTH = 200  # characters
 MAX_SUB_LENGTH = 200  # characters
@@ -55,7 +56,7 @@ class JWTBackend(AuthenticationBackend):
 
     async def authenticate(self, conn: HTTPConnection) -> tuple[AuthCredentials, BaseUser] | None:
         """A Principal for a valid token; None on public paths; AuthenticationError otherwise."""
-        if conn.url.path in PUBLIC_PATHS:
+        if conn.url.path in PUBLIC_PATHS or conn.url.path.startswith(PUBLIC_PREFIXES):
             return None
         header = conn.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")

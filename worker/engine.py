@@ -485,7 +485,8 @@ class Engine:
                                attempts: dict[int, int], content: render.Content) -> bool:
         """Rows already handed off: the provider, then the record; False: stop the batch."""
         # rows of the handoff: contact_id, email, name, attributes
-        messages = [render.render(content, cid, addr, name) for cid, addr, name, *_ in handed]
+        messages = [render.render(content, cid, addr, name, attrs)
+                    for cid, addr, name, attrs, *_ in handed]
         if self.provider.blocking:
             outcomes = await asyncio.to_thread(self._send_group, messages, attempts)
         else:

@@ -10,6 +10,7 @@ import boto3
 import botocore.config
 import botocore.exceptions
 
+from mail import message as mail_message
 from worker import errors, render
 
 # SES error codes that stop the whole account, mapped to the pause reason kept on the broadcast.
@@ -108,11 +109,13 @@ class SesProvider:
             body["Text"] = {"Data": message.text, "Charset": "UTF-8"}
         if message.html is not None:
             body["Html"] = {"Data": message.html, "Charset": "UTF-8"}
+        # header values built by mail.message (display names as RFC 2047 data), one line each
         request: dict[str, Any] = {
-            "FromEmailAddress": message.from_address,
-            "Destination": {"ToAddresses": [message.to]},
+            "FromEmailAddress": mail_message.unfolded(message.from_address),
+            "Destination": {"ToAddresses": [mail_message.unfolded(message.to)]},
             "Content": {"Simple": {
-                "Subject": {"Data": message.subject, "Charset": "UTF-8"},
+                "Subject": {"Data": mail_message.ses_subject(message.subject),
+                            "Charset": "UTF-8"},
                 "Body": body,
                 "Headers": [{"Name": k, "Value": v} for k, v in message.headers.items()],
             }},
