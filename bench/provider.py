@@ -57,6 +57,7 @@ class Result:
     duplicates: int
     steady: float  # requests/s over the middle 80% of deliveries
     max_window: int  # most requests received in any 1-second window
+    max_handed: int  # most rows handed off (tokens spent) in any 1-second window
     most_in_flight: int
     cpu_ms: float  # worker CPU milliseconds per delivered message (all processes)
     split: list[int]
@@ -68,7 +69,8 @@ class Result:
         cap = (f" (rate + burst = {self.rate + self.burst:g})" if self.rate else "")
         return (f"{self.latency_ms:g} ms, {limit}, {self.procs} process(es): "
                 f"{self.received} received, {self.duplicates} duplicates, steady "
-                f"{self.steady:.1f}/s{ratio}; most in any {WINDOW:g}s {self.max_window}{cap}; "
+                f"{self.steady:.1f}/s{ratio}; most in any {WINDOW:g}s {self.max_window} received, "
+                f"{self.max_handed} handed off{cap}; "
                 f"endpoint in flight at most {self.most_in_flight}; CPU "
                 f"{self.cpu_ms:.2f} ms/message; split {self.split}")
 
@@ -148,6 +150,9 @@ def run_case(url: str, latency_ms: float, rate: float, nprocs: int, n: int,
             bid = _send_and_drain(conn, n / max(rate, 50) * 4 + 60)
             cpu = _cpu(procs) - cpu0
             split = _split(conn, bid)
+            handed = [float(r["h"]) for r in conn.execute(
+                "SELECT extract(epoch FROM handed_at)::float8 AS h FROM broadcast_recipients "
+                "WHERE broadcast_id = %s AND handed_at IS NOT NULL ORDER BY 1", (bid,))]
         finally:
             _stop(procs)
         got = endpoint.snapshot()
@@ -155,7 +160,8 @@ def run_case(url: str, latency_ms: float, rate: float, nprocs: int, n: int,
     counts = Counter(r.to for r in got)
     return Result(latency_ms, rate, burst, nprocs, len(got),
                   sum(c - 1 for c in counts.values()), steady_rate(times),
-                  ratelimit.max_in_window(times, WINDOW), endpoint.most_in_flight,
+                  ratelimit.max_in_window(times, WINDOW), ratelimit.max_in_window(handed, WINDOW),
+                  endpoint.most_in_flight,
                   cpu / max(1, len(got)) * 1000, split)
 
 

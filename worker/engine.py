@@ -112,6 +112,7 @@ class Engine:
         self._idle_loops = 0
         # claims whose leases we renew: claim token -> its broadcast
         self.tokens_in_hand: dict[uuid.UUID, uuid.UUID] = {}
+        self._groups: set[asyncio.Task[None]] = set()  # groups in flight after their claim
 
     # -- which broadcast next ----------------------------------------------------------
 
@@ -175,6 +176,8 @@ class Engine:
                  for i in range(self.settings.concurrency)]
         try:
             await asyncio.gather(*loops)
+            while self._groups:  # a stop lets the calls in flight finish and be recorded
+                await asyncio.gather(*list(self._groups))
         finally:
             for task in loops:
                 task.cancel()
@@ -239,29 +242,65 @@ class Engine:
     async def _work_one(self, bid: uuid.UUID) -> None:
         token = uuid.uuid4()
         self.tokens_in_hand[token] = bid
+        groups: set[asyncio.Task[None]] = set()
         try:
-            await self._claim_and_work(bid, token)
+            await self._claim_and_work(bid, token, groups)
         finally:
-            self.tokens_in_hand.pop(token, None)
+            # the loop goes on to its next claim while this one's last groups are in the
+            # provider's hands (no stall per claim); the lease is renewed until they are recorded
+            self._track(token, groups)
         entry = self._active.get(bid)
         if entry is not None:
             entry.errors = 0
 
+    def _rows_per_second(self, entry: claims.Active) -> float:
+        """What this process can send of this broadcast (inf: no limit and no measurement)."""
+        rate = self.buckets.global_rate()
+        best = self.window.rows_per_second(rate) if self.provider.blocking \
+            else (rate if rate > 0 else math.inf)
+        return min(best, entry.rate_limit) if entry.rate_limit else best
+
+    def _group_size(self, entry: claims.Active) -> int:
+        """Rows for the next group: fixed; or auto, about --group-ms of this process's sending:
+        what the provider does in that time one call after another (GroupSizer), or what the
+        process sends in that time with its calls side by side, whichever is more. The window
+        and the tokens may grant fewer."""
+        size = self.sizer.size()
+        if self.sizer.fixed is not None or not self.provider.blocking:
+            return size
+        side_by_side = self._rows_per_second(entry) * self.settings.group_ms / 1000
+        if math.isfinite(side_by_side):
+            size = max(size, min(self.settings.batch_size, math.floor(side_by_side)))
+        return size
+
     def _claim_size(self, entry: claims.Active) -> int:
         """Rows per claim: about a second of what this process can send (see claims)."""
-        rate = self.buckets.global_rate()
-        rows_per_second = self.window.rows_per_second(rate) if self.provider.blocking \
-            else (rate if rate > 0 else math.inf)
-        if entry.rate_limit:
-            rows_per_second = min(rows_per_second, entry.rate_limit)
-        return claims.claim_size(rows_per_second, self.settings.concurrency,
+        return claims.claim_size(self._rows_per_second(entry), self.settings.concurrency,
                                  self.settings.lease, self.settings.batch_size)
 
-    async def _claim_and_work(self, bid: uuid.UUID, token: uuid.UUID) -> None:
+    def _track(self, token: uuid.UUID, groups: set[asyncio.Task[None]]) -> None:
+        """Forget the claim token once every group of its claim is recorded."""
+        left = {t for t in groups if not t.done()}
+        if not left:
+            self.tokens_in_hand.pop(token, None)
+            return
+        self._groups |= left
+
+        def done(task: asyncio.Task[None]) -> None:
+            left.discard(task)
+            self._groups.discard(task)
+            if not left:
+                self.tokens_in_hand.pop(token, None)
+
+        for task in left:
+            task.add_done_callback(done)
+
+    async def _claim_and_work(self, bid: uuid.UUID, token: uuid.UUID,
+                              groups: set[asyncio.Task[None]]) -> None:
         entry = self._active.get(bid) or claims.Active(0, None)
         limit = self._claim_size(entry)
         if self._direct(entry, limit):
-            await self._claim_handoff_and_send(bid, entry, token, limit)
+            await self._claim_handoff_and_send(bid, entry, token, limit, groups)
             return
         rows = await self.claims.claim(bid, entry, token, limit)
         if not rows:
@@ -271,7 +310,7 @@ class Engine:
         attempts = {r["contact_id"]: r["attempts"] for r in rows}
         content = await self._content_of(bid)
         await self._work_groups(bid, entry, epoch, token, [r["contact_id"] for r in rows],
-                                attempts, content)
+                                attempts, content, groups)
 
     async def _drained(self, bid: uuid.UUID) -> None:
         """Nothing claimable: skip the broadcast until the next look, maybe finalize it."""
@@ -294,7 +333,8 @@ class Engine:
                 and (not self.provider.blocking or self.sizer.fixed is not None))
 
     async def _claim_handoff_and_send(self, bid: uuid.UUID, entry: claims.Active,
-                                      token: uuid.UUID, limit: int) -> None:
+                                      token: uuid.UUID, limit: int,
+                                      groups: set[asyncio.Task[None]]) -> None:
         """One statement claims a batch and hands it off; then the provider and the record."""
         # before the handoff: nothing may fail between it and the provider call
         content = await self._content_of(bid)
@@ -319,15 +359,16 @@ class Engine:
                 await self._send_and_record(bid, epoch, token, handed, attempts, content, 0)
         finally:
             if claimed:
-                await self._work_groups(bid, entry, epoch, token, claimed, attempts, content)
+                await self._work_groups(bid, entry, epoch, token, claimed, attempts, content,
+                                        groups)
 
     async def _work_groups(self, bid: uuid.UUID, entry: claims.Active, epoch: int,
                            token: uuid.UUID, remaining: list[int], attempts: dict[int, int],
-                           content: render.Content | str) -> None:
+                           content: render.Content | str,
+                           in_flight: set[asyncio.Task[None]]) -> None:
         """Hand off claimed rows group by group, each group's calls running while the next
-        is handed off (a fixed group size: one group at a time); release what is left and
-        wait for every group to be recorded."""
-        in_flight: set[asyncio.Task[None]] = set()
+        is handed off, and release what is left. The groups still in flight are left in
+        `in_flight`; a fixed group size keeps one group at a time and waits for it."""
         try:
             try:
                 while remaining and not self.stopping.is_set():
@@ -335,7 +376,7 @@ class Engine:
                         break
                     if self.sizer.fixed is not None and in_flight:
                         await asyncio.wait(in_flight)  # the most a crash leaves: one group
-                    want = min(self.sizer.size(), len(remaining))
+                    want = min(self._group_size(entry), len(remaining))
                     slots = await self._slots(want)
                     granted = 0
                     try:
@@ -364,7 +405,7 @@ class Engine:
                     await self.db.q_retry("release", {"id": bid, "token": token,
                                                       "ids": remaining})
         finally:
-            if in_flight:
+            if in_flight and self.sizer.fixed is not None:
                 await asyncio.gather(*in_flight)
 
     async def _slots(self, want: int) -> int:

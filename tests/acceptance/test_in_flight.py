@@ -108,3 +108,26 @@ def test_a_cancel_stops_new_calls_at_once_with_many_in_flight(
     got = received(endpoint)
     assert sum(got.values()) == p["sent"] == handed and max(got.values()) == 1
     assert uuid.UUID(str(p["broadcast_id"])) == bid
+
+
+def test_two_processes_share_a_small_broadcast(conn: Conn, db_url: str,
+                                               procs: support.Processes,
+                                               endpoint: sesd.Endpoint) -> None:
+    """Claims hold about a second of a process's sending (here 200/s over 4 loops: 50 rows),
+    not 500 rows per loop: the second process finds work instead of idling."""
+    support.seed_contacts(conn, 800)
+    extra = {**env(endpoint), "PGCAST_RATE": "200"}
+    for _ in range(2):
+        procs.start(db_url, "worker", **extra)
+    support.wait_for(lambda: conn.execute(
+        "SELECT count(*) AS n FROM pg_stat_activity WHERE query = 'LISTEN pgcast_control' "
+        "AND datname = current_database()").fetchone()["n"] >= 2,  # type: ignore[index]
+        timeout=60, what="both workers listening")
+    bid = support.new_broadcast(conn)
+    support.wait_for(lambda: support.progress(conn, bid)["status"] == "sent", timeout=120,
+                     what="the broadcast to finish")
+    split = [r["n"] for r in conn.execute(
+        "SELECT worker, count(*) AS n FROM broadcast_recipients WHERE broadcast_id = %s "
+        "GROUP BY worker", (bid,)).fetchall()]
+    assert len(split) == 2 and min(split) >= 800 // 5, split
+    assert max(received(endpoint).values()) == 1
