@@ -93,10 +93,13 @@ def _start(url: str, env: dict[str, str], n: int, logs: Path, label: str,
            args: list[str]) -> list[subprocess.Popen[str]]:
     full = {**os.environ, "DATABASE_URL": url, "PYTHONPATH": str(ROOT),
             "PGCAST_LOG_LEVEL": "WARNING", **env}
-    return [subprocess.Popen([sys.executable, "-m", "bin.cli", "worker", *args], cwd=ROOT,
-                             env=full, stdout=(logs / f"worker-{label}-{i}.log").open("w"),
-                             stderr=subprocess.STDOUT, start_new_session=True, text=True)
-            for i in range(n)]
+    procs = []
+    for i in range(n):
+        with (logs / f"worker-{label}-{i}.log").open("w") as log:  # the child keeps its copy
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "bin.cli", "worker", *args], cwd=ROOT, env=full,
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True, text=True))
+    return procs
 
 
 def _stop(procs: list[subprocess.Popen[str]]) -> None:
