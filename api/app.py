@@ -19,6 +19,8 @@ from starlette.routing import Route
 
 from api import auth, broadcasts, config, contacts, context, control, db, errors, http, openapi
 from api import progress as progress_routes
+from api import suppression as suppression_routes
+from api import webhooks as webhook_routes
 from sql import errors as sql_errors
 
 log = logging.getLogger("pgcast.api")
@@ -78,6 +80,9 @@ ROUTES = [
     route("/broadcasts/{id}/progress", GET=progress_routes.progress),
     route("/broadcasts/{id}/events", GET=progress_routes.events),
     route("/broadcasts/{id}/recipients", GET=progress_routes.recipients),
+    route("/contacts/suppressed", GET=suppression_routes.suppressed),
+    route("/contacts/unsuppress", POST=suppression_routes.unsuppress),
+    route("/webhooks/ses", POST=webhook_routes.ses),
 ]
 
 
@@ -132,6 +137,7 @@ def create_app(settings: config.Settings, database_url: str) -> Starlette:
     app.state.settings = settings
     app.state.stopping = False  # set by the server on SIGTERM: SSE streams end
     app.state.openapi = openapi.document()
+    app.state.feedback = webhook_routes.from_env()  # None: /webhooks/ses answers 404
     return app
 
 

@@ -17,7 +17,7 @@ from starlette.responses import JSONResponse, Response
 
 from api import config, errors
 
-PUBLIC_PATHS = frozenset({"/healthz"})
+PUBLIC_PATHS = frozenset({"/healthz", "/webhooks/ses"})  # the webhook: SNS signatures
 REQUIRED_CLAIMS = ("exp", "sub", "account")
 MAX_ACCOUNT_LENGTH = 200  # characters
 

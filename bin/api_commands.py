@@ -51,7 +51,10 @@ def cmd_api(args: argparse.Namespace) -> int:
 
     if not 0 < args.port < 65536:
         raise sql_errors.InvalidInput(f"--port must be between 1 and 65535: {args.port}")
-    application = api_app.create_app(_settings(), db.database_url())
+    try:
+        application = api_app.create_app(_settings(), db.database_url())
+    except api_errors.ConfigError as exc:  # PGCAST_SNS_* and the feedback limits
+        raise sql_errors.InvalidInput(str(exc)) from None
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame: FrameType | None) -> None:
