@@ -116,6 +116,16 @@ def test_cli_suppressed_and_unsuppress(conn: Conn, db_url: str) -> None:
     assert missing.returncode == 2 and "no contact" in missing.stderr
 
 
+def test_api_refuses_to_start_with_a_limit_out_of_range(db_url: str) -> None:
+    env = support.pgcast_env(db_url, PGCAST_JWT_SECRET=h.SECRET, PGCAST_SNS_TOPIC_ARNS=m.TOPIC,
+                             PGCAST_MAX_BOUNCE_RATE="5")
+    done = support.pgcast(db_url, "api", "--port", str(support.free_port()), env=env,
+                          check=False, timeout=60)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "pgcast: error: PGCAST_MAX_BOUNCE_RATE must be between 0 and 1: '5'"]
+
+
 def test_progress_shows_feedback_counters_in_api_and_cli(api: h.Api, conn: Conn,
                                                          db_url: str) -> None:
     support.seed_contacts(conn, 3, account=A)

@@ -152,6 +152,10 @@ REFUSALS = {
         ev, cert_url=m.CERT_URL.replace("https", "http")),
     "certificate with credentials": lambda ev: m.notification(
         ev, cert_url=m.CERT_URL.replace("https://", "https://x@")),
+    "certificate on another port": lambda ev: m.notification(
+        ev, cert_url=m.CERT_URL.replace(".com/", ".com:8443/")),
+    "certificate not a .pem": lambda ev: m.notification(
+        ev, cert_url=m.CERT_URL.replace(".pem", ".txt")),
     "unknown signature version": lambda ev: {**m.notification(ev), "SignatureVersion": "3"},
     "signature not base64": lambda ev: {**m.notification(ev), "Signature": "not base64!"},
     "missing MessageId": lambda ev: {k: v for k, v in m.notification(ev).items()
@@ -163,13 +167,14 @@ REFUSALS = {
 
 @pytest.mark.parametrize("case", list(REFUSALS))
 def test_refused_messages_fetch_nothing_and_change_nothing(
-        hook: Hook, conn: Conn, case: str) -> None:
+        hook: Hook, conn: Conn, case: str, caplog: pytest.LogCaptureFixture) -> None:
     bid, rows = sending(conn)
     r0 = rows[0]
     ev = m.ses_event("Bounce", r0["email"], broadcast=bid, contact=r0["contact_id"])
     r = hook.post(REFUSALS[case](ev))
     assert r.status_code == 403, r.text
     assert r.json()["error"] == "refused"
+    assert any("SNS message refused" in x.getMessage() for x in caplog.records)
     assert hook.fetcher.urls == []
     assert contact(conn, r0["contact_id"])["suppressed_at"] is None
     assert support.progress(conn, bid)["bounced"] == 0
@@ -195,7 +200,8 @@ def test_a_forged_signature_is_refused_and_fetches_only_the_certificate(
 
 
 @pytest.mark.parametrize("version", ["1", "2"])
-def test_a_subscription_is_confirmed_once_after_the_checks(hook: Hook, version: str) -> None:
+def test_a_subscription_is_confirmed_once_after_the_checks(
+        hook: Hook, version: str, caplog: pytest.LogCaptureFixture) -> None:
     sub = m.subscription(version=version)
     r = hook.post(sub)
     assert (r.status_code, r.json()) == (200, {"outcome": "confirmed"})
@@ -205,6 +211,24 @@ def test_a_subscription_is_confirmed_once_after_the_checks(hook: Hook, version: 
     r = hook.post(m.subscription("UnsubscribeConfirmation", version=version))
     assert (r.status_code, r.json()) == (200, {"outcome": "unsubscribed"})
     assert hook.fetcher.urls == [m.CERT_URL, m.SUBSCRIBE_URL]  # logged, nothing fetched
+    assert any("unsubscribed this endpoint" in x.getMessage() and x.levelname == "WARNING"
+               for x in caplog.records)
+
+
+def test_a_certificate_that_cannot_be_fetched_is_503_so_sns_retries(
+        db_url: str, conn: Conn) -> None:
+    def down(url: str) -> bytes:
+        raise OSError("connection refused")
+
+    bid, rows = sending(conn)
+    ev = m.ses_event("Bounce", rows[0]["email"], broadcast=bid, contact=rows[0]["contact_id"])
+    msg = m.notification(ev)
+    with h.client(db_url) as api:
+        api.app.state.feedback = feedback(down)  # type: ignore[arg-type]
+        r = Hook(api, m.Fetcher()).post(msg)
+        assert (r.status_code, r.json()["error"]) == (503, "unavailable")
+        api.app.state.feedback = feedback(m.Fetcher())
+        assert Hook(api, m.Fetcher()).post(msg).json() == {"outcome": "applied"}  # the retry
 
 
 def test_the_route_is_404_without_topics_and_needs_no_token(db_url: str) -> None:
@@ -335,6 +359,29 @@ def test_tags_of_another_account_or_no_row_fall_back_to_the_address(
     assert hook.post(m.notification(ev)).json() == {"outcome": "logged"}
     assert contact(conn, other["id"])["suppressed_at"] is None
     assert support.progress(conn, bid)["complained"] == 0
+
+
+def test_tags_of_a_row_that_does_not_exist_fall_back_to_the_address(
+        hook: Hook, conn: Conn) -> None:
+    support.seed_contacts(conn, 2, account=A)
+    ev = m.ses_event("Bounce", "user1@example.com", broadcast=uuid.uuid4(), contact=1)
+    assert hook.post(m.notification(ev)).json() == {"outcome": "applied"}
+    rows = conn.execute("SELECT email FROM contacts WHERE suppressed_reason = 'bounce'")
+    assert [r["email"] for r in rows] == ["user1@example.com"]
+
+
+def test_unsuppress_after_a_complaint_keeps_the_unsubscribe(
+        hook: Hook, conn: Conn) -> None:
+    from sql import feedback as sql_feedback
+
+    bid, rows = sending(conn)
+    r0 = rows[0]
+    ev = m.ses_event("Complaint", r0["email"], broadcast=bid, contact=r0["contact_id"])
+    assert hook.post(m.notification(ev)).json() == {"outcome": "applied"}
+    out = sql_feedback.unsuppress(conn, A, r0["email"], "sql", {"via": "test"})
+    assert out["success"] is True and out["was"] == "complaint"
+    c = contact(conn, r0["contact_id"])
+    assert c["suppressed_at"] is None and c["unsubscribed_at"] is not None
 
 
 def test_other_ses_events_and_non_ses_messages_are_seen_and_ignored(
