@@ -37,6 +37,11 @@ def _when(raw: Any, fallback: dt.datetime) -> dt.datetime:
     return fallback
 
 
+def _text(value: Any) -> str | None:
+    """Printable text for the database (Postgres text holds no NUL), bounded."""
+    return str(value).replace("\x00", "")[:MAX_DETAIL] if value else None
+
+
 def _tag(tags: Any, name: str) -> str | None:
     values = tags.get(name) if isinstance(tags, dict) else None
     if isinstance(values, list) and len(values) == 1 and isinstance(values[0], str):
@@ -61,7 +66,7 @@ def _addresses(items: Any, key: str | None) -> list[str]:
     if not isinstance(items, list):
         return []
     out = [i.get(key) if key and isinstance(i, dict) else i for i in items[:MAX_ADDRESSES]]
-    return [a for a in out if isinstance(a, str) and 0 < len(a) <= 320]
+    return [a for a in out if isinstance(a, str) and 0 < len(a) <= 320 and "\x00" not in a]
 
 
 def parse(text: str, sns_time: dt.datetime) -> Event | None:
@@ -88,16 +93,16 @@ def parse(text: str, sns_time: dt.datetime) -> Event | None:
         hard = b.get("bounceType") == "Permanent"
         return Event("bounce" if hard else "soft_bounce", _when(b.get("timestamp"), fallback),
                      broadcast, contact, _addresses(recipients, "emailAddress"),
-                     detail[:MAX_DETAIL] or None)
+                     _text(detail))
     if kind == "Complaint" and isinstance(body.get("complaint"), dict):
         c = body["complaint"]
         feedback = c.get("complaintFeedbackType")
         return Event("complaint", _when(c.get("timestamp"), fallback), broadcast, contact,
                      _addresses(c.get("complainedRecipients"), "emailAddress"),
-                     str(feedback)[:MAX_DETAIL] if feedback else None)
+                     _text(feedback))
     if kind == "Delivery" and isinstance(body.get("delivery"), dict):
         d = body["delivery"]
         return Event("delivery", _when(d.get("timestamp"), fallback), broadcast, contact,
                      _addresses(d.get("recipients"), None), None)
     # Send, Reject, Open, Click, DeliveryDelay...: seen, nothing to apply
-    return Event(kind.lower()[:40], fallback, broadcast, contact, [], None)
+    return Event(kind.lower().replace("\x00", "")[:40], fallback, broadcast, contact, [], None)

@@ -110,7 +110,7 @@ async def ses(request: Request) -> Response:
     if kind == "SubscriptionConfirmation":
         try:
             await feedback.verifier.get(message["SubscribeURL"])
-        except OSError as exc:
+        except (OSError, sns.Refused) as exc:
             log.warning("cannot confirm the subscription to %s: %s", message["TopicArn"], exc)
             raise errors.Unavailable("the subscription could not be confirmed; retry") from None
         log.info("confirmed the SNS subscription to %s", message["TopicArn"])
