@@ -1,6 +1,6 @@
 """One SES webhook call's latency, and its statements, with 10 broadcasts and with 1,000+.
 
-    python -m bench.feedback [--broadcasts 1000] [--rows 1000] [--calls 2000]
+    python -m bench.feedback [--broadcasts 1000] [--rows 1000] [--calls 2000] [--rounds 10]
 
 Fills --broadcasts sending broadcasts of --rows recipient rows each (1,000,000 by default),
 one partition each, straight from generate_series, in batches of 50 partitions per
@@ -8,15 +8,17 @@ transaction. Each call is a real signed SNS notification (SignatureVersion 2, si
 the clock starts) through the real app in-process (httpx's ASGI transport: the verifier's
 certificate comes through its fetch seam, which no HTTP server would let a bench use), on a
 tagged row of a random broadcast: 70 % deliveries, 10 % soft bounces, 10 % hard bounces,
-10 % complaints. p50/p99 are measured after the first 10 broadcasts exist and again after all
-of them, with the statements each call sends (counted at the app's one database door) to
-show the call does not grow with the number of broadcasts.
+10 % complaints. Calls of the same mix go to a second database that holds only 10 such
+broadcasts, in paired rounds back to back (the machine is shared: the estimator, decided
+before the run, is the median of the rounds' p50 ratios), and the statements each call sends
+are counted at the app's one database door: the call does not grow with the broadcasts.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import sys
 import time
@@ -86,72 +88,103 @@ def messages(lows: dict[uuid.UUID, int], rows: int, calls: int,
     return out
 
 
-def measure(url: str, batch: list[dict[str, Any]]) -> dict[str, float]:
-    """p50/p99 in ms of one call each, and statements per call."""
-    fetcher = m.Fetcher()
-    times: list[float] = []
-    outcomes: dict[str, int] = {}
-    statements = 0
-    real_one = api_db.one
+class Caller:
+    """The real app on one database, the test certificate behind its fetch seam."""
 
-    async def counted(*args: Any, **kw: Any) -> Any:
-        nonlocal statements
-        statements += 1
-        return await real_one(*args, **kw)
-
-    with h.client(url) as api, unittest.mock.patch.object(webhooks.db, "one", counted):
+    def __init__(self, url: str) -> None:
+        self.client = h.client(url)
+        self.api = self.client.__enter__()
         # the guard computes on every counted event; limits of 1.0 keep every broadcast
         # sending, so each call costs what a call in the middle of a broadcast costs
-        api.app.state.feedback = webhooks.Feedback(
-            sns.Verifier(frozenset({m.TOPIC}), webhooks.DEFAULT_MAX_AGE, fetch=fetcher),
+        self.api.app.state.feedback = webhooks.Feedback(
+            sns.Verifier(frozenset({m.TOPIC}), webhooks.DEFAULT_MAX_AGE, fetch=m.Fetcher()),
             max_bounce_rate=1.0, max_complaint_rate=1.0)
-        hook_headers = {"Content-Type": "text/plain; charset=UTF-8"}
-        for warm in batch[:20]:  # pool, certificate cache, plans
-            api.post("/webhooks/ses", content=json.dumps(warm), headers=hook_headers)
-        statements = 0
-        for msg in batch[20:]:
-            body = json.dumps(msg)
-            t0 = time.perf_counter()
-            r = api.post("/webhooks/ses", content=body, headers=hook_headers)
-            times.append((time.perf_counter() - t0) * 1000)
-            if r.status_code != 200:
-                raise RuntimeError(f"HTTP {r.status_code}: {r.text[:200]}")
+        self.times: list[float] = []
+        self.outcomes: dict[str, int] = {}
+
+    def call(self, msg: dict[str, Any], timed: bool = True) -> None:
+        """One POST /webhooks/ses."""
+        body = json.dumps(msg)
+        t0 = time.perf_counter()
+        r = self.api.post("/webhooks/ses", content=body,
+                          headers={"Content-Type": "text/plain; charset=UTF-8"})
+        elapsed = (time.perf_counter() - t0) * 1000
+        if r.status_code != 200:
+            raise RuntimeError(f"HTTP {r.status_code}: {r.text[:200]}")
+        if timed:
+            self.times.append(elapsed)
             outcome = r.json()["outcome"]
-            outcomes[outcome] = outcomes.get(outcome, 0) + 1
-    n = len(times)
-    return {"p50": common.percentile(times, 50), "p99": common.percentile(times, 99),
-            "statements": statements / n, "calls": n, **{f"n_{k}": v
-                                                              for k, v in outcomes.items()}}
+            self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
+
+    def close(self) -> None:
+        """Stop the app."""
+        self.client.__exit__(None, None, None)
 
 
 def main() -> int:
-    """Fill, measure at 10 broadcasts and at all of them, print the figures."""
+    """Fill both databases, alternate rounds of calls, print the figures."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--broadcasts", type=int, default=1000)
     p.add_argument("--rows", type=int, default=1000)
-    p.add_argument("--calls", type=int, default=2000)
+    p.add_argument("--calls", type=int, default=2000, help="timed calls per database")
+    p.add_argument("--rounds", type=int, default=10)
     args = p.parse_args()
     cmd = common.command("feedback", *sys.argv[1:])
     rng = random.Random(14)
-    results = {}
-    with common.bench_db("feedback") as url:
+    statements = 0
+    real_one = api_db.one
+
+    async def counted(*a: Any, **kw: Any) -> Any:
+        nonlocal statements
+        statements += 1
+        return await real_one(*a, **kw)
+
+    with common.server() as srv, common.database(srv, "few") as few_url, \
+            common.database(srv, "many") as many_url, \
+            unittest.mock.patch.object(webhooks.db, "one", counted):
         t0 = time.perf_counter()
-        few = fill(url, 0, 10, args.rows)
-        results["10 broadcasts"] = measure(url, messages(few, args.rows, args.calls, rng))
-        more = fill(url, 10, args.broadcasts - 10, args.rows)
-        with common.connect(url) as conn:
-            conn.execute("VACUUM ANALYZE")
+        few = fill(few_url, 0, 10, args.rows)
+        many = fill(many_url, 0, args.broadcasts, args.rows)
+        for url in (few_url, many_url):
+            with common.connect(url) as conn:
+                conn.execute("VACUUM ANALYZE")
+                conn.execute("CHECKPOINT")
+        with common.connect(many_url) as conn:
             total = conn.execute("SELECT count(*) AS n FROM broadcast_recipients").fetchone()["n"]
         fill_s = time.perf_counter() - t0
-        results[f"{args.broadcasts:,} broadcasts"] = measure(
-            url, messages({**few, **more}, args.rows, args.calls, rng))
-    print(f"POST /webhooks/ses, in-process app, {args.calls - 20} timed calls after 20 "
-          f"warm-up calls; {total:,} recipient rows over {args.broadcasts:,} broadcasts "
-          f"(setup {fill_s:.0f} s)")
-    print(f"{'with':<20}{'p50 ms':>9}{'p99 ms':>9}{'stmts/call':>12}  outcomes")
-    for label, f in results.items():
-        outcomes = ", ".join(f"{k[2:]} {v}" for k, v in f.items() if k.startswith("n_"))
-        print(f"{label:<20}{f['p50']:>9.2f}{f['p99']:>9.2f}{f['statements']:>12.2f}  {outcomes}")
+        callers = {"10 broadcasts": (Caller(few_url), few),
+                   f"{args.broadcasts:,} broadcasts": (Caller(many_url), many)}
+        ratios = []
+        try:
+            for caller, lows in callers.values():  # pool, certificate cache, plans
+                for msg in messages(lows, args.rows, 20, rng):
+                    caller.call(msg, timed=False)
+            statements = 0
+            per = max(1, args.calls // args.rounds)
+            for _ in range(args.rounds):  # paired rounds, back to back: load hits both
+                medians = []
+                for caller, lows in callers.values():
+                    start = len(caller.times)
+                    for msg in messages(lows, args.rows, per, rng):
+                        caller.call(msg)
+                    medians.append(common.median(caller.times[start:]))
+                ratios.append(medians[1] / medians[0])
+        finally:
+            for caller, _ in callers.values():
+                caller.close()
+    calls = sum(len(c.times) for c, _ in callers.values())
+    print(f"POST /webhooks/ses through the app in-process; {args.rounds} paired rounds of {per} "
+          f"calls per database; {total:,} recipient rows over {args.broadcasts:,} broadcasts "
+          f"vs 10 broadcasts (setup {fill_s:.0f} s)")
+    print(f"{'with':<20}{'p50 ms':>9}{'p99 ms':>9}  outcomes")
+    for label, (c, _) in callers.items():
+        outcomes = ", ".join(f"{k} {v}" for k, v in c.outcomes.items())
+        print(f"{label:<20}{common.percentile(c.times, 50):>9.2f}"
+              f"{common.percentile(c.times, 99):>9.2f}  {outcomes}")
+    print(f"p50 ratio {args.broadcasts:,} / 10 broadcasts: median of paired rounds "
+          f"{common.median(ratios):.2f} (rounds {min(ratios):.2f}-{max(ratios):.2f})")
+    print(f"statements per call: {statements / calls:.2f}")
+    print(f"load average at the end: {os.getloadavg()[0]:.2f} ({os.cpu_count()} cores)")
     print(f"reproduce: {cmd}")
     return 0
 
