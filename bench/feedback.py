@@ -62,7 +62,7 @@ def _broadcast(conn: Any, lo: int, rows: int) -> uuid.UUID:
         "started_at) VALUES (%s, 'sending', 'bench', 'a@example.com', 'x', %s, %s, now()) "
         "RETURNING id", (ACCOUNT, rows, rows)).fetchone()
     bid: uuid.UUID = row["id"]
-    part = conn.execute("SELECT pgcast_partition_create_v2(%s) AS name", (bid,)).fetchone()
+    part = conn.execute("SELECT pgcast_partition_create_v3(%s) AS name", (bid,)).fetchone()
     conn.execute(
         f"INSERT INTO {part['name']} (broadcast_id, contact_id, email, status, worker, sent_at) "
         "SELECT %s, c.id, c.email, 'sent', 'bench', now() FROM contacts c "

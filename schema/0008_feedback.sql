@@ -145,8 +145,10 @@ $$;
 -- 'soft_bounce' (transient or undetermined), 'complaint', 'delivery'; anything else is only
 -- recorded as seen. Tagged (p_broadcast, p_contact from the message's EmailTags): the
 -- recipient row is found by primary key in its broadcast's partition; lock order: the
--- contact row first, then the broadcast row, then the recipient row (0005's trigger on
--- contacts takes the handoff fence's lock, which a handoff takes before the broadcast).
+-- contact row first (no handoff locks one), then the account's contacts fence (0005's
+-- trigger, when a suppression or unsubscribe changes), then the broadcast row, then the
+-- recipient row: 0005's order (advisory locks, broadcast, recipients) with the contact
+-- row before it.
 -- Untagged: a hard bounce suppresses the addresses in every account; a complaint, a soft
 -- bounce or a delivery changes nothing (outcome 'logged': one sender's business).
 -- n_contacts: contacts the event concerned. guard: the reason the broadcast should pause for now (pgcast_guard_v1 does it, in its
@@ -196,10 +198,13 @@ BEGIN
             RETURN QUERY SELECT 'logged'::text, NULL::uuid, 0, NULL::text;
             RETURN;
         END IF;
-        -- the address does not exist: suppressed in every account that has it
-        FOR cid IN SELECT k.id FROM contacts k
-                   WHERE lower(k.email) = ANY (ARRAY(SELECT lower(a) FROM unnest(p_addresses) a))
-                   ORDER BY k.id FOR NO KEY UPDATE LOOP
+        -- the address does not exist: suppressed in every account that has it. Every row
+        -- is locked first, then the accounts' contact fences (0005's trigger) are taken in
+        -- the order of their keys: two such calls never wait for each other in a circle
+        FOREACH cid IN ARRAY ARRAY(
+            SELECT k.id FROM contacts k
+            WHERE lower(k.email) = ANY (ARRAY(SELECT lower(a) FROM unnest(p_addresses) a))
+            ORDER BY hashtext(k.account), k.id FOR NO KEY UPDATE) LOOP
             PERFORM pgcast_contact_feedback_v1(cid, p_event, p_detail, p_at, p_soft_limit,
                                                NULL, p_message_id);
             n := n + 1;
@@ -239,7 +244,7 @@ BEGIN
 END
 $$;
 
--- The reputation guard: pauses a sending broadcast (pgcast_pause_v3, reason bounce_rate or
+-- The reputation guard: pauses a sending broadcast (pgcast_pause_v4, reason bounce_rate or
 -- complaint_rate, the figures in the audit log) when its rates are past the limits, checked
 -- again under the handoff lock and the broadcast row lock (the order pgcast_pause_v3 takes
 -- them). Returns the reason, or NULL when the broadcast is fine or no longer sending.
@@ -256,7 +261,7 @@ BEGIN
     IF reason IS NULL THEN
         RETURN NULL;
     END IF;
-    PERFORM pgcast_pause_v3(NULL, p_id, reason, jsonb_build_object(
+    PERFORM pgcast_pause_v4(NULL, p_id, reason, jsonb_build_object(
         'by', 'guard', 'sent', b.sent - b.guard_sent, 'bounced', b.bounced - b.guard_bounced,
         'complained', b.complained - b.guard_complained,
         'max_bounce_rate', p_max_bounce, 'max_complaint_rate', p_max_complaint));

@@ -101,3 +101,45 @@ def test_the_guard_pauses_a_sending_broadcast_when_bounces_cross_the_threshold(
     assert final["status"] == "sent", final
     support.assert_counters_true(conn, bid)
     fw.assert_feedback_counters_true(conn, bid)
+
+
+def _mailed(ses: support.MotoServer) -> list[str]:
+    return [to.split("<")[-1].rstrip(">") for msg in ses.messages()
+            for to in msg["destinations"]["ToAddresses"]]
+
+
+def _drain(conn: Conn, db_url: str, ses: support.MotoServer, bid: uuid.UUID) -> dict[str, Any]:
+    support.pgcast(db_url, "worker", "--once", env=support.pgcast_env(db_url, **ses_env(ses)))
+    return support.progress(conn, bid)
+
+
+def _row(conn: Conn, bid: uuid.UUID, email: str) -> dict[str, Any]:
+    row = conn.execute("SELECT contact_id, email FROM broadcast_recipients "
+                       "WHERE broadcast_id = %s AND email = %s", (bid, email)).fetchone()
+    assert row is not None
+    return dict(row)
+
+
+@pytest.mark.parametrize("kind", ["Bounce", "Complaint"])
+def test_a_hard_bounce_or_complaint_suppresses_the_contact_and_the_next_broadcast_skips_it(
+        conn: Conn, db_url: str, ses: support.MotoServer, hook: fw.Hook, kind: str) -> None:
+    ses.verify("news@example.com")
+    support.seed_contacts(conn, 20)
+    first = support.new_broadcast(conn)
+    assert _drain(conn, db_url, ses, first)["sent"] == 20
+    gone = _row(conn, first, "user3@example.com")
+    ev = m.ses_event(kind, gone["email"], broadcast=first, contact=gone["contact_id"])
+    assert hook.post(m.notification(ev)).json() == {"outcome": "applied"}
+    # a broadcast snapshotted before the next event: that contact is skipped at the handoff
+    second = support.new_broadcast(conn)
+    late = _row(conn, second, "user5@example.com")
+    ev = m.ses_event(kind, late["email"], broadcast=first,
+                     contact=_row(conn, first, "user5@example.com")["contact_id"])
+    assert hook.post(m.notification(ev)).json() == {"outcome": "applied"}
+    assert support.progress(conn, second)["total"] == 19  # user3 left out of the snapshot
+    p = _drain(conn, db_url, ses, second)
+    assert (p["status"], p["sent"], p["skipped"]) == ("sent", 18, 1), p
+    support.assert_counters_true(conn, second)
+    mailed = _mailed(ses)
+    assert len(mailed) == 38
+    assert mailed.count("user3@example.com") == 1 and mailed.count("user5@example.com") == 1
