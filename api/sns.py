@@ -56,8 +56,12 @@ _OPENER = urllib.request.build_opener(_NoRedirect)
 
 def https_get(url: str) -> bytes:
     """GET an https URL (already checked to be on an SNS host), bounded; no redirects."""
-    with _OPENER.open(url, timeout=FETCH_TIMEOUT) as answer:
-        body: bytes = answer.read(MAX_CERT_BYTES + 1)
+    try:
+        with _OPENER.open(url, timeout=FETCH_TIMEOUT) as answer:
+            body: bytes = answer.read(MAX_CERT_BYTES + 1)
+    except urllib.error.HTTPError as exc:
+        exc.close()  # it holds the answer's socket (a redirect, an error status)
+        raise
     if len(body) > MAX_CERT_BYTES:
         raise Refused(f"the answer of {url} is too large")
     return body
