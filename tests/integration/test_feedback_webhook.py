@@ -181,22 +181,36 @@ def test_refused_messages_fetch_nothing_and_change_nothing(
     assert conn.execute("SELECT count(*) AS n FROM sns_messages").fetchone() == {"n": 0}
 
 
-def test_a_forged_signature_is_refused_and_fetches_only_the_certificate(
-        hook: Hook, conn: Conn) -> None:
+def test_a_forged_signature_is_refused_without_any_fetch(hook: Hook, conn: Conn) -> None:
     bid, rows = sending(conn)
-    r0 = rows[0]
-    ev = m.ses_event("Bounce", r0["email"], broadcast=bid, contact=r0["contact_id"])
-    forged = {**m.notification(ev), "Message": json.dumps(
-        m.ses_event("Bounce", rows[1]["email"], broadcast=bid, contact=rows[1]["contact_id"]))}
-    assert hook.post(forged).status_code == 403
-    assert hook.fetcher.urls == [m.CERT_URL]  # a signature needs the key: nothing else
-    # with the certificate cached, a forged subscription fetches nothing at all
-    sub = {**m.subscription(), "SubscribeURL": m.SUBSCRIBE_URL + "&forged=1"}
-    assert hook.post(sub).status_code == 403
-    assert hook.fetcher.urls == [m.CERT_URL]
+    r0, r1 = rows[0], rows[1]
+    ev = m.ses_event("Delivery", r0["email"], broadcast=bid, contact=r0["contact_id"])
+    assert hook.post(m.notification(ev)).json() == {"outcome": "applied"}
+    assert hook.fetcher.urls == [m.CERT_URL]  # the certificate, once, for a valid message
+    hook.fetcher.urls.clear()
+    bounce = m.ses_event("Bounce", r0["email"], broadcast=bid, contact=r0["contact_id"])
+    other = m.ses_event("Bounce", r1["email"], broadcast=bid, contact=r1["contact_id"])
+    forged = [
+        {**m.notification(bounce), "Message": json.dumps(other)},  # the body changed
+        {**m.notification(bounce, version="2"), "SignatureVersion": "1"},  # the hash changed
+        {**m.notification(bounce), "Signature": m.notification(other)["Signature"]},
+        {**m.subscription(), "SubscribeURL": m.SUBSCRIBE_URL + "&forged=1"},
+    ]
+    for msg in forged:
+        r = hook.post(msg)
+        assert (r.status_code, r.json()["message"]) == (403, "the signature does not verify")
+    assert hook.fetcher.urls == []  # no certificate again, no SubscribeURL
     assert support.progress(conn, bid)["bounced"] == 0
     assert conn.execute("SELECT count(*) AS n FROM contacts WHERE suppressed_at IS NOT NULL"
                         ).fetchone() == {"n": 0}
+    assert conn.execute("SELECT count(*) AS n FROM sns_messages").fetchone() == {"n": 1}
+
+
+def test_on_a_cold_cache_a_forged_message_fetches_only_the_certificate(
+        hook: Hook, conn: Conn) -> None:
+    forged = {**m.subscription(), "SubscribeURL": m.SUBSCRIBE_URL + "&forged=1"}
+    assert hook.post(forged).status_code == 403
+    assert hook.fetcher.urls == [m.CERT_URL]  # checking a signature needs the key
 
 
 @pytest.mark.parametrize("version", ["1", "2"])
