@@ -7,7 +7,7 @@ import json
 from starlette.requests import Request
 from starlette.responses import Response
 
-from api import auth, context, db, errors, http
+from api import auth, context, cursors, db, errors, http
 from sql import errors as sql_errors
 from sql import feedback
 
@@ -23,11 +23,15 @@ async def suppressed(request: Request) -> Response:
     except sql_errors.InvalidInput as exc:
         raise errors.InvalidBody(str(exc)) from None
     limit = http.query_int(request, "limit", PAGE_DEFAULT, 1, PAGE_MAX)
-    after = http.query_int(request, "cursor", 0, 0, 2**63 - 1)
+    # sealed like the recipients' cursors: a contact id would tell how many contacts exist
+    key, scope = context.settings(request).cursor_key, f"suppressed\0{who.account}\0{why}"
+    raw = request.query_params.get("cursor")
+    after = cursors.open_(key, scope, raw) if raw else 0
     rows = await db.all_rows(context.pool(request), "feedback_suppressed_page", {
-        "account": who.account, "reason": why, "after": after, "limit": limit})
-    next_cursor = str(rows[-1]["id"]) if len(rows) == limit else None
-    return http.Json({"contacts": [feedback.item(r) for r in rows], "next_cursor": next_cursor})
+        "account": who.account, "reason": why, "after": after, "limit": limit + 1})
+    page = rows[:limit]  # one more was read: is there a next page?
+    next_cursor = cursors.seal(key, scope, page[-1]["id"]) if len(rows) > limit else None
+    return http.Json({"contacts": [feedback.item(r) for r in page], "next_cursor": next_cursor})
 
 
 async def unsuppress(request: Request) -> Response:

@@ -63,8 +63,19 @@ def test_get_suppressed_lists_the_accounts_own_by_reason_and_pages(api: h.Api,
     assert [c["email"] for c in r.json()["contacts"]] == ["user2@example.com"]
     first = api.get("/contacts/suppressed", params={"limit": 2}).json()
     assert len(first["contacts"]) == 2 and first["next_cursor"]
+    assert not first["next_cursor"].isdigit()  # sealed: no contact id shows through
     rest = api.get("/contacts/suppressed", params={"cursor": first["next_cursor"]}).json()
     assert [c["email"] for c in rest["contacts"]] == ["user4@example.com"]
+    assert rest["next_cursor"] is None
+    exact = api.get("/contacts/suppressed", params={"limit": 3}).json()
+    assert len(exact["contacts"]) == 3 and exact["next_cursor"] is None  # no empty last page
+    for bad in ("3", first["next_cursor"] + "x"):
+        assert api.get("/contacts/suppressed", params={"cursor": bad}).status_code == 422
+    # a cursor is refused in another account and for another reason
+    assert api.get("/contacts/suppressed", params={"cursor": first["next_cursor"]},
+                   headers=h.auth("other")).status_code == 422
+    assert api.get("/contacts/suppressed", params={"cursor": first["next_cursor"],
+                                                   "reason": "bounce"}).status_code == 422
     assert api.get("/contacts/suppressed", params={"reason": "spam"}).status_code == 422
     other = api.get("/contacts/suppressed", headers=h.auth("other")).json()
     assert [c["email"] for c in other["contacts"]] == ["user0@example.com"]
