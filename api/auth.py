@@ -21,7 +21,7 @@ from mail import validate as validate_mail
 
 log = logging.getLogger("pgcast.api")
 
-PUBLIC_PATHS = frozenset({"/healthz"})
+PUBLIC_PATHS = frozenset({"/healthz", "/webhooks/ses"})  # the webhook: SNS signatures
 PUBLIC_PREFIXES = ("/u/",)  # one-click unsubscribe: the token in the path is the credential
 REQUIRED_CLAIMS = ("exp", "sub", "account")
 MAX_ACCOUNT_LENGTH = 200  # characters

@@ -46,6 +46,25 @@ CONTENT = {"subject": {"type": "string", "minLength": 1, "maxLength": 998,
            "tag": {"type": ["string", "null"], "maxLength": 100,
                    "description": "send only to contacts with this tag (null: every contact)"}}
 
+SUPPRESSION_REASONS = ["bounce", "soft_bounce", "complaint"]
+FEEDBACK_COUNTERS = {
+    "delivered": {**INT, "description": "recipients SES reported delivered"},
+    "bounced": {**INT, "description": "recipients that bounced permanently (hard bounces)"},
+    "complained": {**INT, "description": "recipients who complained (marked it spam)"}}
+FEEDBACK_SCHEMAS: dict[str, Any] = {
+    "Suppressed": obj({"email": STR, "reason": {"enum": SUPPRESSION_REASONS},
+                       "detail": STR_OR_NULL, "suppressed_at": TIME,
+                       "soft_bounces": INT, "unsubscribed_at": TIME_OR_NULL}),
+    "SuppressedPage": obj({"contacts": {"type": "array", "items": ref("Suppressed")},
+                           "next_cursor": STR_OR_NULL}),
+    "Unsuppressed": obj({"success": {"const": True}, "email": STR,
+                         "was": {"enum": SUPPRESSION_REASONS}, "message": STR}),
+    "NotSuppressed": obj({"success": {"const": False}, "email": STR, "message": STR}),
+    "WebhookResult": obj({"outcome": {"enum": [
+        "applied", "duplicate", "ignored", "logged", "unmatched", "confirmed", "unsubscribed"]},
+        "paused": {"enum": ["bounce_rate", "complaint_rate"]}}, ["outcome"]),
+}
+
 SCHEMAS: dict[str, Any] = {
     "Error": obj({"error": STR, "message": STR,
                   "details": {"type": "array", "items": obj({"field": STR, "problem": STR})}},
@@ -98,6 +117,7 @@ SCHEMAS: dict[str, Any] = {
                           "message": STR}),
     "Progress": obj({"status": {"enum": BROADCAST_STATUSES}, **{
         k: INT for k in ("total", "pending", "sent", "failed", "skipped", "unknown", "cancelled")},
+        **FEEDBACK_COUNTERS,
         "rate": {"type": ["number", "null"], "minimum": 0,
                  "description": "emails/s finished, averaged since started_at"},
         "eta_seconds": {"type": ["integer", "null"], "minimum": 0}}),
@@ -105,6 +125,7 @@ SCHEMAS: dict[str, Any] = {
                       "attempts": INT, "last_error": STR_OR_NULL, "sent_at": TIME_OR_NULL}),
     "RecipientPage": obj({"recipients": {"type": "array", "items": ref("Recipient")},
                           "next_cursor": STR_OR_NULL}),
+    **FEEDBACK_SCHEMAS,
 }
 
 
@@ -243,6 +264,33 @@ def _html(description: str) -> dict[str, Any]:
     return {"description": description, "content": {"text/html": {"schema": STR}}}
 
 
+def _feedback_paths() -> dict[str, Any]:
+    """Suppression and the SES webhook (issue 14)."""
+    unsuppress = op("lift a contact's suppression (audited)", (
+        "200", _json("Unsuppressed", "lifted")), "400 413 422 404", body="UnsubscribeIn")
+    unsuppress["responses"]["409"] = _json("NotSuppressed", "the contact is not suppressed")
+    return {
+        "/contacts/suppressed": {"get": op("suppressed contacts, keyset-paged", (
+            "200", _json("SuppressedPage", "a page")), "422", params=[
+                _query("reason", {"enum": SUPPRESSION_REASONS}, "only this reason"),
+                _query("cursor", STR, "next_cursor of the previous page (opaque)"),
+                _query("limit", {"type": "integer", "minimum": 1, "maximum": 1000},
+                       "page size (default 100)")])},
+        "/contacts/unsuppress": {"post": unsuppress},
+        "/webhooks/ses": {"post": {
+            "summary": "Amazon SNS deliveries of SES events (no JWT: the SNS signature)",
+            "security": [],
+            "requestBody": {"required": True, "content": {"text/plain": {"schema": STR},
+                                                          JSON: {"schema": {"type": "object"}}}},
+            "responses": {
+                "200": _json("WebhookResult", "verified; applied once, or a duplicate"),
+                "400": ERRORS["400"], "413": ERRORS["413"],
+                "403": _json("Error", "refused: signature, topic, age or certificate URL"),
+                "404": _json("Error", "the webhook is off (PGCAST_SNS_TOPIC_ARNS unset)"),
+                "503": _json("Error", "Postgres or the signing certificate is unreachable")}}},
+    }
+
+
 def document() -> dict[str, Any]:
     """The whole OpenAPI 3.1 document."""
     return {
@@ -251,7 +299,7 @@ def document() -> dict[str, Any]:
                  "description": "Email broadcasts on Postgres. Every route but /healthz needs "
                                 "`Authorization: Bearer <JWT>` with `sub` and `account` claims; "
                                 "everything is scoped to the token's account."},
-        "paths": _paths(),
+        "paths": {**_paths(), **_feedback_paths()},
         "components": {"schemas": SCHEMAS, "securitySchemes": {
             "bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}}},
         "security": [{"bearer": []}],

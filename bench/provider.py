@@ -84,7 +84,7 @@ def steady_rate(times: list[float]) -> float:
 
 
 def _seed(conn: psycopg.Connection[Any], n: int) -> None:
-    conn.execute("TRUNCATE contacts, broadcast_recipients, broadcasts, rate_limits")
+    conn.execute("TRUNCATE contacts, broadcast_recipients, broadcasts, rate_limits CASCADE")
     conn.execute("INSERT INTO contacts (account, email) SELECT 'bench', "
                  "'r' || g || '@bench.example' FROM generate_series(1, %s) g", (n,))
 

@@ -279,6 +279,9 @@ def build_parser() -> Parser:
     for sp in (ci, cu):
         sp.add_argument("--account", default=ACCOUNT_DEFAULT)
     c.set_defaults(func=cmd_contacts)
+    from bin import suppression_commands  # suppressed, unsuppress (SES feedback)
+
+    suppression_commands.register(csub, ACCOUNT_DEFAULT)
 
     b = sub.add_parser("broadcast", help="create, send and control broadcasts")
     bsub = b.add_subparsers(dest="action", required=True, parser_class=Parser)
