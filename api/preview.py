@@ -31,7 +31,7 @@ async def show(request: Request) -> Response:
             str(row["id"]), row["account"], row["subject"], row["from_address"],
             row["text_body"], row["html_body"], keys=await unsubscribe_routes.keys(request),
             base_url=unsubscribe_routes.configured_url(), inert=True)
-        return http.Json(preview.of(content, contact))
+        return http.Json(await http.off_loop(preview.of, content, contact))
     except (mail_errors.RenderError, mail_errors.InvalidValue) as exc:
         raise errors.InvalidBody(str(exc)) from None
 
