@@ -59,7 +59,7 @@ SELECT * FROM broadcasts WHERE id = %(id)s AND account = %(account)s
 -- broadcast_list --
 -- An account's broadcasts, newest first, keyset-paged by (created_at, id).
 SELECT id, account, status, subject, segment_tag, total, sent, failed, skipped, unknown,
-       cancelled, created_at, started_at, finished_at
+       cancelled, created_at, started_at, finished_at, scheduled_at
 FROM broadcasts
 WHERE account = %(account)s
   AND (%(before_at)s::timestamptz IS NULL OR (created_at, id) < (%(before_at)s, %(before_id)s::uuid))
@@ -95,8 +95,8 @@ SELECT * FROM pgcast_send_v3(%(account)s, %(id)s)
 SELECT pgcast_analyze_v1(%(id)s)
 
 -- broadcast_cancel --
--- Cancel a draft, sending or paused broadcast (pgcast_cancel_v2).
-SELECT * FROM pgcast_cancel_v2(%(account)s, %(id)s, %(details)s::jsonb)
+-- Cancel a draft, scheduled, sending or paused broadcast (pgcast_cancel_v3).
+SELECT * FROM pgcast_cancel_v3(%(account)s, %(id)s, %(details)s::jsonb)
 
 -- broadcast_pause --
 -- Pause a sending broadcast with a reason; account NULL = any.

@@ -9,6 +9,7 @@ import procrastinate
 import psycopg
 
 from sql.queries import QUERIES
+from worker import starter
 
 log = logging.getLogger("pgcast.sweeper")
 
@@ -19,6 +20,7 @@ def sweep_once(url: str) -> list[dict[str, Any]]:
     """Reclaim expired leases, mark lost handoffs unknown, finalize drained broadcasts."""
     with psycopg.connect(url, autocommit=True, row_factory=psycopg.rows.dict_row) as conn:
         rows = [dict(r) for r in conn.execute(QUERIES["sweep"]).fetchall()]
+        starter.start_due(conn)  # and start the scheduled broadcasts whose time has come
     _log(rows)
     return rows
 
@@ -44,6 +46,7 @@ def make_app(url: str, cron: str) -> procrastinate.App:
                 url, autocommit=True, row_factory=psycopg.rows.dict_row) as conn:
             cur = await conn.execute(QUERIES["sweep"])
             _log([dict(r) for r in await cur.fetchall()])
+            await starter.start_due_async(conn)
 
     del sweep
     return app
