@@ -19,6 +19,7 @@ from starlette.routing import Route
 
 from api import auth, broadcasts, config, contacts, context, control, db, errors, http, openapi
 from api import progress as progress_routes
+from api import schedule as schedule_routes
 from sql import errors as sql_errors
 
 log = logging.getLogger("pgcast.api")
@@ -78,6 +79,10 @@ ROUTES = [
     route("/broadcasts/{id}/progress", GET=progress_routes.progress),
     route("/broadcasts/{id}/events", GET=progress_routes.events),
     route("/broadcasts/{id}/recipients", GET=progress_routes.recipients),
+    route("/broadcasts/{id}/schedule", POST=schedule_routes.schedule_route),
+    route("/broadcasts/{id}/unschedule", POST=schedule_routes.unschedule_route),
+    route("/broadcasts/{id}/retry", POST=schedule_routes.retry_route),
+    route("/broadcasts/{id}/copy", POST=schedule_routes.copy_route),
 ]
 
 
