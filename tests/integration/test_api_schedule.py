@@ -51,6 +51,8 @@ def test_schedule_unschedule_and_edits_need_a_draft(api: h.Api, conn: Conn) -> N
     r = api.patch(f"/broadcasts/{bid}", json={"subject": "changed"})
     assert (r.status_code, r.json()["status"]) == (409, "scheduled")
     assert api.delete(f"/broadcasts/{bid}").status_code == 409
+    r = api.post(f"/broadcasts/{bid}/send")
+    assert (r.status_code, r.json()["status"]) == (409, "scheduled")
     r = api.post(f"/broadcasts/{bid}/schedule", json={"at": iso(60)})
     assert (r.status_code, r.json()["success"]) == (409, False)
     r = api.post(f"/broadcasts/{bid}/unschedule")
