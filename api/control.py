@@ -39,8 +39,15 @@ def _answer(result: dict[str, Any]) -> Response:
 
 async def send(request: Request) -> Response:
     """POST /broadcasts/{id}/send: snapshot the recipients and return at once."""
-    row = await _call(request, auth.principal(request), "broadcast_send", {})
-    result = broadcasts.send_result(row)
+    who = auth.principal(request)
+    row = await _call(request, who, "broadcast_send",
+                      {"allow_empty": False, "details": _details(who)})
+    segment = None
+    if row["status"] == "empty":
+        found = await db.one(context.pool(request), "broadcast_get",
+                             {"account": who.account, "id": context.broadcast_id(request)})
+        segment = found["segment_tag"] if found else None
+    result = broadcasts.send_result(row, segment)
     response = _answer(result)
     if broadcasts.needs_analyze(result):
         # fresh planner statistics for the workers, after the answer has gone out

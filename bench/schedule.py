@@ -2,14 +2,16 @@
 
 The starts a sweep makes are O(due broadcasts) through the broadcasts_scheduled index: with
 10,000 broadcasts scheduled for later, a sweep that finds nothing due should cost what it
-costs with none. Times one empty start_due, the whole sweep (lease expiry and finalize pass,
-then start_due), and one start of a due broadcast, with and without the scheduled backlog.
+costs with none. Times one empty start_due, a whole sweep (sweeper.sweep_conn: lease expiry
+and finalize, one broadcast per transaction; then start_due), and one start of a due
+broadcast, with and without the scheduled backlog.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,7 @@ import psycopg
 
 from bench import common
 from sql.queries import QUERIES
-from worker import starter
+from worker import starter, sweeper
 
 WARMUP = 20  # calls before timing
 # the function's own lookup of due broadcasts, for EXPLAIN ANALYZE
@@ -35,11 +37,11 @@ def _backlog(conn: psycopg.Connection[Any], n: int) -> None:
     conn.execute("ANALYZE broadcasts")
 
 
-def _time(conn: psycopg.Connection[Any], query: str, samples: int) -> list[float]:
+def _time(call: Callable[[], Any], samples: int) -> list[float]:
     times = []
     for i in range(WARMUP + samples):
         t0 = time.perf_counter()
-        conn.execute(QUERIES[query]).fetchall()
+        call()
         if i >= WARMUP:
             times.append((time.perf_counter() - t0) * 1000)
     return times
@@ -63,8 +65,9 @@ def measure(url: str, backlog: int, samples: int, due: int) -> dict[str, Any]:
     with common.connect(url) as conn:
         if backlog:
             _backlog(conn, backlog)
-        empty = _time(conn, "start_due", samples)
-        sweep = _time(conn, "sweep", samples)
+        empty = _time(lambda: conn.execute(QUERIES["start_due"]).fetchall(), samples)
+        # the whole sweep a worker runs: leases and finalize per broadcast, then the starts
+        sweep = _time(lambda: (sweeper.sweep_conn(conn), starter.start_due(conn)), samples)
         plan = [r["QUERY PLAN"] for r in conn.execute(
             f"EXPLAIN (ANALYZE, BUFFERS, COSTS OFF) {DUE}").fetchall()]  # type: ignore[arg-type]
         per_start = _starts(conn, due)
@@ -82,7 +85,7 @@ def run(backlog: int, samples: int, due: int, contacts: int) -> list[common.Figu
                 results[n] = measure(url, n, samples, due)
     figures = []
     for key, label in (("empty", "start_due finding nothing due"),
-                       ("sweep", "the sweep query (leases, finalize)")):
+                       ("sweep", "a whole sweep (sweeper.sweep_conn, then start_due)")):
         for n in (0, backlog):
             t = results[n][key]
             figures.append(common.Figure(

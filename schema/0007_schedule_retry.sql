@@ -2,15 +2,13 @@
 -- * broadcasts.failed_reason: why a broadcast ended failed without sending (missed_window,
 --   empty_segment); NULL otherwise.
 -- * pgcast_schedule_v1 / pgcast_unschedule_v1: draft <-> scheduled (CAS + audit).
--- * pgcast_cancel_v3: v2 plus a scheduled broadcast.
 -- * pgcast_start_due_v1: starts one due scheduled broadcast (the sweeper calls it until it
---   answers nothing), through the send function, exactly once whatever the number of callers.
+--   answers nothing), through pgcast_send_v4 (0005), exactly once whatever the number of
+--   callers.
 -- * pgcast_retry_v1: a finished broadcast's failed (and, when asked, unknown) rows back to
 --   pending under a new epoch, the broadcast back to sending.
 
 ALTER TABLE broadcasts ADD COLUMN failed_reason text;
-
-DROP FUNCTION pgcast_cancel_v2(text, uuid, jsonb);
 
 -- schedule: draft -> scheduled at p_at, with an optional latest start p_not_after. The edges
 -- check the times (an offset given, not in the past, not_after >= at); the table's CHECKs
@@ -20,6 +18,8 @@ CREATE FUNCTION pgcast_schedule_v1(p_account text, p_id uuid, p_at timestamptz,
 RETURNS TABLE (ok boolean, status text, scheduled_at timestamptz, not_after timestamptz)
 LANGUAGE plpgsql AS $$
 BEGIN
+    -- an acknowledged schedule is not lost to a crash, whatever the server's setting
+    PERFORM set_config('synchronous_commit', 'on', true);
     RETURN QUERY
     UPDATE broadcasts AS u
     SET status = 'scheduled', scheduled_at = p_at, not_after = p_not_after, updated_at = now(),
@@ -40,6 +40,7 @@ CREATE FUNCTION pgcast_unschedule_v1(p_account text, p_id uuid, p_details jsonb)
 RETURNS TABLE (ok boolean, status text)
 LANGUAGE plpgsql AS $$
 BEGIN
+    PERFORM set_config('synchronous_commit', 'on', true);
     RETURN QUERY
     UPDATE broadcasts AS u
     SET status = 'draft', scheduled_at = NULL, not_after = NULL, updated_at = now(),
@@ -55,54 +56,16 @@ BEGIN
 END
 $$;
 
--- cancel: draft|scheduled|sending|paused -> cancelled. Recipients not yet handed off end
--- cancelled. already_queued = recipients the provider had or has (sent, in flight, unknown).
--- v3: a scheduled broadcast too (it has no recipients yet: it never starts).
-CREATE FUNCTION pgcast_cancel_v3(p_account text, p_id uuid, p_details jsonb)
-RETURNS TABLE (ok boolean, status text, already_queued integer)
-LANGUAGE plpgsql
-SET plan_cache_mode = force_custom_plan
-AS $$
-DECLARE
-    n integer;
-    in_flight integer;
-BEGIN
-    UPDATE broadcasts AS u
-    SET status = 'cancelled', finished_at = now(), updated_at = now(),
-        audit_log = u.audit_log || pgcast_audit_v1('cancel', u.status, 'cancelled', p_details)
-    WHERE u.id = p_id AND u.account = p_account
-      AND u.status = ANY (ARRAY['draft', 'scheduled', 'sending', 'paused']);
-    IF NOT FOUND THEN
-        RETURN QUERY SELECT false, b.status, b.sent + b.unknown
-            FROM broadcasts b WHERE b.id = p_id AND b.account = p_account;
-        RETURN;
-    END IF;
-    UPDATE broadcast_recipients r
-    SET status = 'cancelled', claim_token = NULL, lease_expires_at = NULL
-    WHERE r.broadcast_id = p_id AND r.contact_id = ANY (ARRAY(
-        SELECT l.contact_id FROM broadcast_recipients l
-        WHERE l.broadcast_id = p_id AND l.status IN ('pending', 'claimed')
-        ORDER BY l.contact_id FOR UPDATE));
-    GET DIAGNOSTICS n = ROW_COUNT;
-    SELECT count(*) INTO in_flight FROM broadcast_recipients r
-    WHERE r.broadcast_id = p_id AND r.worker IS NOT NULL AND r.status = 'sending';
-    PERFORM pgcast_notify_v1('cancel', p_id, NULL);
-    RETURN QUERY
-    UPDATE broadcasts AS u SET cancelled = u.cancelled + n
-    WHERE u.id = p_id
-    RETURNING true, u.status, u.sent + u.unknown + in_flight;
-END
-$$;
-
 -- start: the due scheduled broadcast whose time came first, started through the send
--- function in the caller's one transaction; no row when none is due. The sweeper calls it
--- until it answers nothing, one broadcast per transaction. SKIP LOCKED: concurrent sweepers
--- each take another broadcast (or none), and the send's compare-and-set on the locked row
--- makes every start happen once. The due rows come from the broadcasts_scheduled index, in
--- time order: O(due), whatever the number of broadcasts scheduled later.
--- A start later than not_after ends the broadcast failed (missed_window); one whose segment
--- has nobody mailable at its start ends failed (empty_segment): never a silent empty send.
--- The audit entry of the start records scheduled_at, started_at and the lateness in seconds.
+-- function (pgcast_send_v4) in the caller's one transaction; no row when none is due. The
+-- sweeper calls it until it answers nothing, one broadcast per transaction. SKIP LOCKED:
+-- concurrent sweepers each take another broadcast (or none), and the send's compare-and-set
+-- on the locked row makes every start happen once. The due rows come from the
+-- broadcasts_scheduled index, in time order: O(due), whatever the number of broadcasts
+-- scheduled later. A start later than not_after ends the broadcast failed (missed_window);
+-- one whose segment has nobody mailable at its start ends failed (empty_segment: the send
+-- answers 'empty' and changes nothing): never a silent empty send. The audit entry of the
+-- start (the send's, or the failure's) records scheduled_at, started_at and the lateness.
 CREATE FUNCTION pgcast_start_due_v1()
 RETURNS TABLE (broadcast_id uuid, status text, queued integer, reason text,
                lateness_seconds double precision)
@@ -114,7 +77,9 @@ DECLARE
     why text;
     started jsonb;
 BEGIN
-    SELECT d.id, d.account, d.segment_tag, d.scheduled_at, d.not_after INTO b
+    -- a start that failed is as durable as one that sent (send_v4 pins the same)
+    PERFORM set_config('synchronous_commit', 'on', true);
+    SELECT d.id, d.account, d.scheduled_at, d.not_after INTO b
     FROM broadcasts d
     WHERE d.status = 'scheduled' AND d.scheduled_at <= now()
     ORDER BY d.scheduled_at
@@ -124,36 +89,27 @@ BEGIN
         RETURN;
     END IF;
     late := round(extract(epoch FROM now() - b.scheduled_at), 3);
-    started := jsonb_build_object('scheduled_at', b.scheduled_at, 'not_after', b.not_after,
-                                  'started_at', now(), 'lateness_seconds', late);
+    started := jsonb_build_object('via', 'schedule', 'scheduled_at', b.scheduled_at,
+                                  'not_after', b.not_after, 'started_at', now(),
+                                  'lateness_seconds', late);
     IF b.not_after IS NOT NULL AND now() > b.not_after THEN
         why := 'missed_window';
-    ELSIF NOT EXISTS (SELECT 1 FROM contacts c
-                      WHERE c.account = b.account AND c.unsubscribed_at IS NULL
-                        AND c.suppressed_at IS NULL
-                        AND (b.segment_tag IS NULL OR c.tags @> ARRAY[b.segment_tag])) THEN
+    ELSE
+        SELECT * INTO s FROM pgcast_send_v4(b.account, b.id, false, started);
+        IF s.ok THEN
+            RETURN QUERY SELECT b.id, s.status, s.queued, NULL::text, late;
+            RETURN;
+        END IF;
+        -- 'empty': nobody mailable, and the send changed nothing
         why := 'empty_segment';
     END IF;
-    IF why IS NOT NULL THEN
-        RETURN QUERY
-        UPDATE broadcasts AS u
-        SET status = 'failed', failed_reason = why, finished_at = now(), updated_at = now(),
-            audit_log = u.audit_log || pgcast_audit_v1('start', u.status, 'failed',
-                started || jsonb_build_object('reason', why))
-        WHERE u.id = b.id AND u.status = ANY (ARRAY['scheduled'])
-        RETURNING u.id, u.status, 0, why, late;
-        RETURN;
-    END IF;
-    -- pgcast_send_v3 takes a draft: the locked row goes through draft inside this transaction
-    UPDATE broadcasts AS u SET status = 'draft' WHERE u.id = b.id;
-    SELECT * INTO s FROM pgcast_send_v3(b.account, b.id);
-    -- the send's own audit entry (the last one) is the start's: from scheduled, when, how late
     RETURN QUERY
     UPDATE broadcasts AS u
-    SET audit_log = jsonb_set(jsonb_set(u.audit_log, '{-1,from}', '"scheduled"'),
-                              '{-1,details}', (u.audit_log -> -1 -> 'details') || started)
-    WHERE u.id = b.id
-    RETURNING u.id, u.status, u.total, NULL::text, late;
+    SET status = 'failed', failed_reason = why, finished_at = now(), updated_at = now(),
+        audit_log = u.audit_log || pgcast_audit_v1('start', u.status, 'failed',
+            started || jsonb_build_object('reason', why))
+    WHERE u.id = b.id AND u.status = ANY (ARRAY['scheduled'])
+    RETURNING u.id, u.status, 0, why, late;
 END
 $$;
 
@@ -178,6 +134,8 @@ DECLARE
     n_unknown integer;
     e integer;
 BEGIN
+    -- an acknowledged retry is not lost to a crash, whatever the server's setting
+    PERFORM set_config('synchronous_commit', 'on', true);
     SELECT b.status INTO st FROM broadcasts b WHERE b.id = p_id AND b.account = p_account
     FOR NO KEY UPDATE;
     IF NOT FOUND THEN

@@ -6,6 +6,7 @@ import logging
 from typing import Any
 
 import psycopg
+from psycopg.rows import dict_row
 
 from sql import broadcasts
 from sql.queries import QUERIES
@@ -27,27 +28,29 @@ def _log(row: dict[str, Any]) -> None:
 def start_due(conn: psycopg.Connection[Any]) -> list[dict[str, Any]]:
     """Start every due scheduled broadcast, one per transaction (autocommit connection)."""
     started: list[dict[str, Any]] = []
+    cur = conn.cursor(row_factory=dict_row)
     while len(started) < MAX_PER_SWEEP:
-        row = conn.execute(QUERIES["start_due"]).fetchone()
+        row = cur.execute(QUERIES["start_due"]).fetchone()
         if row is None:
             break
         started.append(dict(row))
         _log(started[-1])
         if row["reason"] is None and row["queued"] >= broadcasts.ANALYZE_AFTER:
-            conn.execute(QUERIES["analyze_recipients"], {"id": row["broadcast_id"]})
+            cur.execute(QUERIES["analyze_recipients"], {"id": row["broadcast_id"]})
     return started
 
 
 async def start_due_async(conn: psycopg.AsyncConnection[Any]) -> list[dict[str, Any]]:
     """start_due on an async autocommit connection (the procrastinate task)."""
     started: list[dict[str, Any]] = []
+    cur = conn.cursor(row_factory=dict_row)
     while len(started) < MAX_PER_SWEEP:
-        cur = await conn.execute(QUERIES["start_due"])
+        await cur.execute(QUERIES["start_due"])
         row = await cur.fetchone()
         if row is None:
             break
         started.append(dict(row))
         _log(started[-1])
         if row["reason"] is None and row["queued"] >= broadcasts.ANALYZE_AFTER:
-            await conn.execute(QUERIES["analyze_recipients"], {"id": row["broadcast_id"]})
+            await cur.execute(QUERIES["analyze_recipients"], {"id": row["broadcast_id"]})
     return started

@@ -75,8 +75,11 @@ def test_three_workers_start_a_scheduled_broadcast_once_and_never_a_cancelled_on
     schedule.schedule(conn, "default", later, iso(3.5))
     result = cli_json(db_url, "broadcast", "schedule", str(bid), "--at", iso(2))
     assert (result["success"], result["status"]) == (True, "scheduled")
-    listed = support.pgcast(db_url, "broadcast", "list").stdout
-    assert f"{bid}  scheduled" in listed and "  at 20" in listed
+    far = create(db_url, tmp_path, "in an hour")
+    at_far = schedule.schedule(conn, "default", far, iso(3600))["scheduled_at"]
+    listed = support.pgcast(db_url, "broadcast", "list").stdout.splitlines()
+    [line] = [x for x in listed if x.startswith(str(far))]
+    assert f"{far}  scheduled" in line and line.endswith(f"  at {at_far.isoformat()}")
     # the sweepers start due broadcasts in time order: once `later` has started, every sweep
     # after the cancelled one's time has passed it by
     for b in (bid, later):
@@ -92,6 +95,7 @@ def test_three_workers_start_a_scheduled_broadcast_once_and_never_a_cancelled_on
     partitions = conn.execute("SELECT count(*) AS n FROM pg_inherits "
                               "WHERE inhparent = 'broadcast_recipients'::regclass").fetchone()
     assert partitions is not None and partitions["n"] == 2  # bid and later: one snapshot each
+    assert support.progress(conn, far)["status"] == "scheduled"
     gone = support.progress(conn, dropped)
     assert (gone["status"], gone["total"], gone["started_at"]) == ("cancelled", 0, None)
     assert support.status_counts(conn, dropped) == {}

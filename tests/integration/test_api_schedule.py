@@ -51,8 +51,6 @@ def test_schedule_unschedule_and_edits_need_a_draft(api: h.Api, conn: Conn) -> N
     r = api.patch(f"/broadcasts/{bid}", json={"subject": "changed"})
     assert (r.status_code, r.json()["status"]) == (409, "scheduled")
     assert api.delete(f"/broadcasts/{bid}").status_code == 409
-    r = api.post(f"/broadcasts/{bid}/send")
-    assert (r.status_code, r.json()["status"]) == (409, "scheduled")
     r = api.post(f"/broadcasts/{bid}/schedule", json={"at": iso(60)})
     assert (r.status_code, r.json()["success"]) == (409, False)
     r = api.post(f"/broadcasts/{bid}/unschedule")
@@ -82,6 +80,18 @@ def test_bad_schedule_bodies_are_422_and_change_nothing(api: h.Api, conn: Conn,
 def test_a_naive_time_is_refused_with_a_clear_message(api: h.Api, conn: Conn) -> None:
     r = api.post(f"/broadcasts/{draft(conn)}/schedule", json={"at": "2026-12-24T09:00:00"})
     assert "has no offset" in r.json()["message"]
+
+
+def test_send_starts_a_scheduled_broadcast_at_once(api: h.Api, conn: Conn) -> None:
+    support.seed_contacts(conn, 3, account=A)
+    bid = draft(conn)
+    api.post(f"/broadcasts/{bid}/schedule", json={"at": iso(3600)})
+    r = api.post(f"/broadcasts/{bid}/send")
+    assert (r.status_code, r.json()["status"], r.json()["queued"]) == (200, "sending", 3)
+    assert starter.start_due(conn) == []
+    log = conn.execute("SELECT audit_log -> -1 AS e FROM broadcasts WHERE id = %s",
+                       (bid,)).fetchone()
+    assert log is not None and (log["e"]["action"], log["e"]["from"]) == ("send", "scheduled")
 
 
 def test_cancel_a_scheduled_broadcast(api: h.Api, conn: Conn) -> None:
