@@ -160,3 +160,27 @@ def test_retry_reaches_the_rejected_recipients_once_and_unknown_ones_only_when_a
     retries = [e["details"] for e in audit(conn, bid) if e["action"] == "retry"]
     assert [(d["requeued"], d["include_unknown"], d["via"]) for d in retries] == [
         (3, False, "cli"), (1, True, "cli")]
+
+
+def test_cli_schedule_unschedule_copy_and_bad_input(db_url: str, conn: Conn,
+                                                     tmp_path: Path) -> None:
+    bid = create(db_url, tmp_path, "cli")
+    naive = support.pgcast(db_url, "broadcast", "schedule", str(bid), "--at",
+                           "2026-12-24T09:00:00", check=False)
+    assert naive.returncode == 2 and naive.stdout == ""
+    assert naive.stderr.startswith("pgcast: error: at has no offset")
+    assert support.progress(conn, bid)["status"] == "draft"
+    result = cli_json(db_url, "broadcast", "schedule", str(bid), "--at", iso(3600),
+                      "--not-after", iso(7200))
+    assert result["status"] == "scheduled" and result["not_after"] is not None
+    again = support.pgcast(db_url, "broadcast", "schedule", str(bid), "--at", iso(60),
+                           check=False)
+    assert again.returncode == 1 and json.loads(again.stdout)["status"] == "scheduled"
+    assert cli_json(db_url, "broadcast", "unschedule", str(bid))["status"] == "draft"
+    copy = support.pgcast(db_url, "broadcast", "copy", str(bid)).stdout.strip()
+    new = conn.execute("SELECT status, subject, audit_log -> 0 -> 'details' AS d "
+                       "FROM broadcasts WHERE id = %s", (copy,)).fetchone()
+    assert new is not None and (new["status"], new["subject"]) == ("draft", "cli")
+    assert new["d"]["copied_from"] == str(bid) and new["d"]["via"] == "cli"
+    entries = [(e["action"], e["details"].get("via")) for e in audit(conn, bid)]
+    assert entries == [("create", None), ("schedule", "cli"), ("unschedule", "cli")]
