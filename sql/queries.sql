@@ -109,7 +109,8 @@ SELECT * FROM pgcast_resume_v1(%(account)s, %(id)s, %(details)s::jsonb)
 
 -- broadcast_progress --
 -- O(1) progress of one broadcast: the counters on its row.
-SELECT p.*, b.subject FROM broadcast_progress p JOIN broadcasts b ON b.id = p.broadcast_id
+SELECT p.*, b.subject, b.failed_reason
+FROM broadcast_progress p JOIN broadcasts b ON b.id = p.broadcast_id
 WHERE p.broadcast_id = %(id)s AND p.account = %(account)s
 
 -- active_broadcasts --

@@ -123,6 +123,9 @@ def test_a_start_later_than_not_after_fails_missed_window(conn: Conn) -> None:
         ("failed", 0, "missed_window")]
     b = row_of(conn, bid)
     assert (b["status"], b["failed_reason"], b["total"]) == ("failed", "missed_window", 0)
+    shown = broadcasts.progress(conn, "default", bid)  # what `broadcast status` prints
+    assert (shown["status"], shown["failed_reason"]) == ("failed", "missed_window")
+    assert shown["scheduled_at"] is not None
     assert b["finished_at"] is not None
     entry = audit(conn, bid)[-1]
     assert (entry["action"], entry["from"], entry["to"]) == ("start", "scheduled", "failed")
