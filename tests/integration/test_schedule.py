@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import datetime as dt
+import threading
 import uuid
 from typing import Any
 
@@ -195,3 +197,25 @@ def test_list_shows_scheduled_at(conn: Conn) -> None:
     result = schedule.schedule(conn, "default", bid, iso(3600))
     [listed] = broadcasts.list_page(conn, "default")
     assert listed["scheduled_at"] == result["scheduled_at"]
+
+
+def test_concurrent_sweepers_start_each_due_broadcast_once(db_url: str, conn: Conn) -> None:
+    support.seed_contacts(conn, 30)
+    due = [support.new_broadcast(conn, send=False) for _ in range(6)]
+    for i, bid in enumerate(due):
+        schedule.schedule(conn, "default", bid, iso(-30 + i))
+    barrier = threading.Barrier(4)
+
+    def sweeper() -> list[dict[str, Any]]:
+        with support.connect(db_url) as own:
+            barrier.wait()
+            return starter.start_due(own)
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        results = [f.result(timeout=120) for f in [pool.submit(sweeper) for _ in range(4)]]
+    started = [r["broadcast_id"] for rows in results for r in rows]
+    assert sorted(started) == sorted(due)  # each once, by one sweeper or another
+    for bid in due:
+        p = support.assert_counters_true(conn, bid)
+        assert (p["status"], p["total"]) == ("sending", 30)
+        assert [e["action"] for e in audit(conn, bid)].count("send") == 1
