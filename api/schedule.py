@@ -93,4 +93,5 @@ async def copy_route(request: Request) -> Response:
     """POST /broadcasts/{id}/copy: a new draft with the same content and segment."""
     who = auth.principal(request)
     row = await _call(request, who, "broadcast_copy", {})
-    return http.Json(broadcasts.broadcast_json(row), status_code=201)
+    return http.Json(broadcasts.broadcast_json(row), status_code=201,
+                     headers={"Location": f"/broadcasts/{row['id']}"})

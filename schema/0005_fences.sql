@@ -141,6 +141,8 @@ DECLARE
     n integer;
     part text;
 BEGIN
+    -- an acknowledged send is not lost to a crash, whatever the server's setting
+    PERFORM set_config('synchronous_commit', 'on', true);
     SELECT * INTO b FROM broadcasts WHERE id = p_id AND account = p_account FOR UPDATE;
     IF NOT FOUND THEN
         RETURN;

@@ -9,7 +9,7 @@ import procrastinate
 import psycopg
 
 from sql.queries import QUERIES
-from worker import starter
+from worker import starter, testsend
 
 log = logging.getLogger("pgcast.sweeper")
 
@@ -70,4 +70,5 @@ def make_app(url: str, cron: str) -> procrastinate.App:
             await starter.start_due_async(conn)
 
     del sweep
+    testsend.register(app, url)  # test sends ride on the same procrastinate worker
     return app

@@ -149,4 +149,5 @@ def test_copy_route(api: h.Api, conn: Conn) -> None:
     assert r.status_code == 201, r.text
     new = r.json()
     assert new["id"] != str(bid) and new["status"] == "draft" and new["total"] == 0
+    assert r.headers["Location"] == f"/broadcasts/{new['id']}"
     assert (new["subject"], new["text"]) == ("Hello", "Hello there")
