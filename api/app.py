@@ -20,6 +20,7 @@ from starlette.routing import Route
 from api import auth, broadcasts, config, contacts, context, control, db, errors, http, openapi
 from api import preview as preview_routes
 from api import progress as progress_routes
+from api import schedule as schedule_routes
 from api import suppression as suppression_routes
 from api import testsend as testsend_routes
 from api import unsubscribe as unsubscribe_routes
@@ -83,6 +84,10 @@ ROUTES = [
     route("/broadcasts/{id}/progress", GET=progress_routes.progress),
     route("/broadcasts/{id}/events", GET=progress_routes.events),
     route("/broadcasts/{id}/recipients", GET=progress_routes.recipients),
+    route("/broadcasts/{id}/schedule", POST=schedule_routes.schedule_route),
+    route("/broadcasts/{id}/unschedule", POST=schedule_routes.unschedule_route),
+    route("/broadcasts/{id}/retry", POST=schedule_routes.retry_route),
+    route("/broadcasts/{id}/copy", POST=schedule_routes.copy_route),
     route("/broadcasts/{id}/preview", GET=preview_routes.show),
     route("/broadcasts/{id}/test", POST=testsend_routes.create, GET=testsend_routes.status),
     route("/u/{token}", GET=unsubscribe_routes.page,

@@ -33,14 +33,15 @@ def summary_json(row: dict[str, Any]) -> dict[str, Any]:
     return {"id": row["id"], "status": row["status"], "subject": row["subject"],
             "tag": row["segment_tag"], **{c: row[c] for c in COUNTERS}, "pending": pending(row),
             "created_at": row["created_at"], "started_at": row["started_at"],
-            "finished_at": row["finished_at"]}
+            "finished_at": row["finished_at"], "scheduled_at": row["scheduled_at"]}
 
 
 def broadcast_json(row: dict[str, Any]) -> dict[str, Any]:
     """A broadcast in full."""
     return {**summary_json(row), "from": row["from_address"], "text": row["text_body"],
             "html": row["html_body"], "paused_reason": row["paused_reason"],
-            "updated_at": row["updated_at"]}
+            "updated_at": row["updated_at"], "not_after": row["not_after"],
+            "failed_reason": row["failed_reason"]}
 
 
 def with_warnings(body: dict[str, Any]) -> dict[str, Any]:

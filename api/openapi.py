@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-BROADCAST_STATUSES = ["draft", "sending", "paused", "sent", "failed", "cancelled"]
+BROADCAST_STATUSES = ["draft", "scheduled", "sending", "paused", "sent", "failed",
+                      "cancelled"]
 RECIPIENT_STATUSES = ["pending", "claimed", "sending", "sent", "failed", "skipped", "unknown",
                       "cancelled"]
 JSON = "application/json"
@@ -14,6 +15,8 @@ INT = {"type": "integer", "minimum": 0}
 STR_OR_NULL = {"type": ["string", "null"]}
 TIME = {"type": "string", "format": "date-time"}
 TIME_OR_NULL = {"type": ["string", "null"], "format": "date-time"}
+FAILED_REASON = {"enum": ["missed_window", "empty_segment", None],
+                 "description": "why a scheduled start failed"}
 
 
 def ref(name: str) -> dict[str, str]:
@@ -36,7 +39,7 @@ COUNTERS = {k: INT for k in ("total", "sent", "failed", "skipped", "unknown", "c
 SUMMARY = {"id": {"type": "string", "format": "uuid"},
            "status": {"enum": BROADCAST_STATUSES}, "subject": STR, "tag": STR_OR_NULL,
            **COUNTERS, "created_at": TIME, "started_at": TIME_OR_NULL,
-           "finished_at": TIME_OR_NULL}
+           "finished_at": TIME_OR_NULL, "scheduled_at": TIME_OR_NULL}
 CONTENT = {"subject": {"type": "string", "minLength": 1, "maxLength": 998,
                        "description": "one line"},
            "from": {"type": "string", "minLength": 1,
@@ -92,9 +95,12 @@ SCHEMAS: dict[str, Any] = {
     "BroadcastPatch": {**obj(CONTENT, []), "minProperties": 1},
     "BroadcastSummary": obj(SUMMARY),
     "Broadcast": obj({**SUMMARY, "from": STR, "text": STR_OR_NULL, "html": STR_OR_NULL,
-                      "paused_reason": STR_OR_NULL, "updated_at": TIME}),
+                      "paused_reason": STR_OR_NULL, "updated_at": TIME,
+                      "not_after": TIME_OR_NULL,
+                      "failed_reason": FAILED_REASON}),
     "BroadcastWritten": obj({**SUMMARY, "from": STR, "text": STR_OR_NULL, "html": STR_OR_NULL,
                              "paused_reason": STR_OR_NULL, "updated_at": TIME,
+                             "not_after": TIME_OR_NULL, "failed_reason": FAILED_REASON,
                              "warnings": {"type": "array", "items": STR, "description":
                                           "what to fix, though the draft was saved"}}),
     "Preview": obj({"contact": STR, "sample": {"type": "boolean"}, "subject": STR,
@@ -120,9 +126,25 @@ SCHEMAS: dict[str, Any] = {
         **FEEDBACK_COUNTERS,
         "rate": {"type": ["number", "null"], "minimum": 0,
                  "description": "emails/s finished, averaged since started_at"},
-        "eta_seconds": {"type": ["integer", "null"], "minimum": 0}}),
+        "eta_seconds": {"type": ["integer", "null"], "minimum": 0},
+        "scheduled_at": TIME_OR_NULL}),
     "Recipient": obj({"email": STR, "status": {"enum": RECIPIENT_STATUSES},
                       "attempts": INT, "last_error": STR_OR_NULL, "sent_at": TIME_OR_NULL}),
+    "ScheduleIn": obj({"at": {**STR, "description": "ISO 8601 with an offset, at most a "
+                                                      "minute in the past"},
+                       "not_after": {**STR_OR_NULL, "description": "latest start (ISO 8601 "
+                                     "with an offset, not earlier than at)"}}, ["at"]),
+    "ScheduleResult": obj({"success": {"const": True}, "status": {"const": "scheduled"},
+                           "scheduled_at": TIME, "not_after": TIME_OR_NULL, "message": STR}),
+    "UnscheduleResult": obj({"success": {"const": True}, "status": {"const": "draft"},
+                             "message": STR}),
+    "RetryIn": obj({"include_unknown": {"type": "boolean", "description": "also requeue "
+                                        "recipients whose outcome is unknown (default false)"}},
+                   []),
+    "RetryResult": obj({"success": {"const": True}, "status": {"const": "sending"},
+                        "requeued": {"type": "integer", "minimum": 1}, "message": STR}),
+    "RetryConflict": obj({"success": {"const": False}, "status": {"enum": BROADCAST_STATUSES},
+                          "requeued": {"const": 0}, "message": STR}),
     "RecipientPage": obj({"recipients": {"type": "array", "items": ref("Recipient")},
                           "next_cursor": STR_OR_NULL}),
     **FEEDBACK_SCHEMAS,
@@ -203,7 +225,8 @@ def _paths() -> dict[str, Any]:
             **op("snapshot the recipients and start sending", (
                 "200", _json("SendResult", "queued")), f"{control} 400 413 422", params=[ID]),
             "requestBody": {"required": False, "content": {JSON: {"schema": ref("SendIn")}}}}},
-        "/broadcasts/{id}/cancel": {"post": op("cancel a draft, sending or paused broadcast", (
+        "/broadcasts/{id}/cancel": {"post": op(
+            "cancel a draft, scheduled, sending or paused broadcast", (
             "200", _json("CancelResult", "cancelled")), control, params=[ID])},
         "/broadcasts/{id}/pause": {"post": op("pause a sending broadcast", (
             "200", _json("ControlResult", "paused")), control, params=[ID])},
@@ -253,6 +276,26 @@ def _paths() -> dict[str, Any]:
                          "200": _html("unsubscribed (or already unsubscribed)"),
                          "400": _html("the link is not valid, or the body is not "
                                       "`List-Unsubscribe=One-Click`")}}},
+        **_schedule_paths(),
+    }
+
+
+def _schedule_paths() -> dict[str, Any]:
+    retry = op("send again to the failed (and, when asked, unknown) recipients of a finished "
+               "broadcast", ("200", _json("RetryResult", "requeued")), "400 413 422 404",
+               params=[ID])
+    retry["requestBody"] = {"required": False, "content": {JSON: {"schema": ref("RetryIn")}}}
+    retry["responses"]["409"] = _json("RetryConflict", "not finished, or nothing to retry")
+    return {
+        "/broadcasts/{id}/schedule": {"post": op("start a draft at a given time", (
+            "200", _json("ScheduleResult", "scheduled")), "400 413 422 404 409",
+            body="ScheduleIn", params=[ID])},
+        "/broadcasts/{id}/unschedule": {"post": op("take a scheduled broadcast back to draft", (
+            "200", _json("UnscheduleResult", "a draft again")), "404 409", params=[ID])},
+        "/broadcasts/{id}/retry": {"post": retry},
+        "/broadcasts/{id}/copy": {"post": op("a new draft with the same content and segment", (
+            "201", {**_json("Broadcast", "the new draft"), "headers": {"Location": {
+                "schema": STR, "description": "/broadcasts/{new id}"}}}), "404", params=[ID])},
     }
 
 

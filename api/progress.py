@@ -44,7 +44,7 @@ def progress_json(row: dict[str, Any]) -> dict[str, Any]:
         eta = 0
     elif out["status"] == "sending" and rate:
         eta = math.ceil(out["pending"] / rate)
-    return {**out, "rate": rate, "eta_seconds": eta}
+    return {**out, "rate": rate, "eta_seconds": eta, "scheduled_at": row["scheduled_at"]}
 
 
 async def _read(pool: db.Pool, account: str, bid: uuid.UUID) -> dict[str, Any] | None:

@@ -59,7 +59,7 @@ SELECT * FROM broadcasts WHERE id = %(id)s AND account = %(account)s
 -- broadcast_list --
 -- An account's broadcasts, newest first, keyset-paged by (created_at, id).
 SELECT id, account, status, subject, segment_tag, total, sent, failed, skipped, unknown,
-       cancelled, created_at, started_at, finished_at
+       cancelled, created_at, started_at, finished_at, scheduled_at
 FROM broadcasts
 WHERE account = %(account)s
   AND (%(before_at)s::timestamptz IS NULL OR (created_at, id) < (%(before_at)s, %(before_id)s::uuid))
@@ -109,7 +109,8 @@ SELECT * FROM pgcast_resume_v1(%(account)s, %(id)s, %(details)s::jsonb)
 
 -- broadcast_progress --
 -- O(1) progress of one broadcast: the counters on its row.
-SELECT p.*, b.subject FROM broadcast_progress p JOIN broadcasts b ON b.id = p.broadcast_id
+SELECT p.*, b.subject, b.failed_reason
+FROM broadcast_progress p JOIN broadcasts b ON b.id = p.broadcast_id
 WHERE p.broadcast_id = %(id)s AND p.account = %(account)s
 
 -- active_broadcasts --
