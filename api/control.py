@@ -16,11 +16,17 @@ from api import auth, context, db, errors, http
 from sql import broadcasts
 
 PAUSE_REASON = "operator"
+SEND_FIELDS = {"allow_empty": http.BOOLEAN}
 
 
-def _details(who: auth.Principal) -> str:
-    # who did it goes into the broadcast's audit log
-    return json.dumps({"via": "api", "sub": who.sub})
+def details(who: auth.Principal) -> str:
+    """The audit details of an API action, as JSON: who did it."""
+    return json.dumps(actor(who))
+
+
+def actor(who: auth.Principal) -> dict[str, str]:
+    """Who did an action, as the audit log records it."""
+    return {"via": "api", "sub": who.sub}
 
 
 async def _call(request: Request, who: auth.Principal, name: str,
@@ -40,8 +46,11 @@ def _answer(result: dict[str, Any]) -> Response:
 async def send(request: Request) -> Response:
     """POST /broadcasts/{id}/send: snapshot the recipients and return at once."""
     who = auth.principal(request)
+    raw = await http.read_body(request)  # the body is optional: {"allow_empty": true}
+    parsed = await http.off_loop(http.parse_json, raw) if raw.strip() else {}
+    body = http.fields(parsed, "body", {}, SEND_FIELDS)
     row = await _call(request, who, "broadcast_send",
-                      {"allow_empty": False, "details": _details(who)})
+                      {"allow_empty": body.get("allow_empty", False), "details": details(who)})
     segment = None
     if row["status"] == "empty":
         found = await db.one(context.pool(request), "broadcast_get",
@@ -60,7 +69,7 @@ async def send(request: Request) -> Response:
 async def cancel(request: Request) -> Response:
     """POST /broadcasts/{id}/cancel: stop a draft, sending or paused broadcast."""
     who = auth.principal(request)
-    row = await _call(request, who, "broadcast_cancel", {"details": _details(who)})
+    row = await _call(request, who, "broadcast_cancel", {"details": details(who)})
     return _answer(broadcasts.cancel_result(row))
 
 
@@ -68,12 +77,12 @@ async def pause(request: Request) -> Response:
     """POST /broadcasts/{id}/pause: hold a sending broadcast."""
     who = auth.principal(request)
     row = await _call(request, who, "broadcast_pause",
-                      {"reason": PAUSE_REASON, "details": _details(who)})
+                      {"reason": PAUSE_REASON, "details": details(who)})
     return _answer(broadcasts.pause_result(row, PAUSE_REASON))
 
 
 async def resume(request: Request) -> Response:
     """POST /broadcasts/{id}/resume: continue a paused broadcast under a new epoch."""
     who = auth.principal(request)
-    row = await _call(request, who, "broadcast_resume", {"details": _details(who)})
+    row = await _call(request, who, "broadcast_resume", {"details": details(who)})
     return _answer(broadcasts.resume_result(row))

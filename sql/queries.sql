@@ -67,7 +67,7 @@ ORDER BY created_at DESC, id DESC
 LIMIT %(limit)s
 
 -- broadcast_update_draft --
--- Edits a draft (CAS on status); NULL keeps a field.
+-- Edits a draft (CAS on status); NULL keeps a field; details name the caller in the audit.
 UPDATE broadcasts
 SET subject = coalesce(%(subject)s, subject),
     from_address = coalesce(%(from_address)s, from_address),
@@ -75,7 +75,7 @@ SET subject = coalesce(%(subject)s, subject),
     html_body = CASE WHEN %(set_html)s THEN %(html_body)s ELSE html_body END,
     segment_tag = CASE WHEN %(set_tag)s THEN %(segment_tag)s ELSE segment_tag END,
     updated_at = now(),
-    audit_log = audit_log || pgcast_audit_v1('edit', status, status, NULL)
+    audit_log = audit_log || pgcast_audit_v1('edit', status, status, %(details)s::jsonb)
 WHERE id = %(id)s AND account = %(account)s AND status = ANY (ARRAY['draft'])
 RETURNING *
 

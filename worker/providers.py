@@ -17,6 +17,9 @@ class Provider(Protocol):
 
     name: str
     blocking: bool  # True: call it off the event loop (network or disk I/O)
+    # True: an exception it does not classify may come after the message left (network),
+    # so the recipient is `unknown`; False: such an exception means nothing was sent
+    may_have_sent_on_error: bool
 
     def send(self, message: render.Message) -> str:
         """Send one message; return the provider's message id."""
@@ -32,6 +35,7 @@ class NullProvider:
 
     name = "null"
     blocking = False
+    may_have_sent_on_error = False
 
     def __init__(self) -> None:
         self._ids = itertools.count(1)
@@ -50,6 +54,7 @@ class FileProvider:
 
     name = "file"
     blocking = True
+    may_have_sent_on_error = False  # the .eml appears by one rename, the last step
 
     def __init__(self, outbox: Path) -> None:
         self.outbox = outbox
@@ -75,8 +80,9 @@ class FileProvider:
         return None
 
 
-def from_env() -> Provider:
-    """The provider named by PGCAST_PROVIDER (null, file, ses; default file)."""
+def from_env(max_in_flight: int = 10) -> Provider:
+    """The provider named by PGCAST_PROVIDER (null, file, ses; default file), able to take
+    `max_in_flight` calls at once."""
     name = os.environ.get("PGCAST_PROVIDER", "file").strip().lower()
     if name == "null":
         return NullProvider()
@@ -90,5 +96,5 @@ def from_env() -> Provider:
     if name == "ses":
         from worker import ses
 
-        return ses.SesProvider.from_env()
+        return ses.SesProvider.from_env(max_in_flight)
     raise errors.ConfigError(f"PGCAST_PROVIDER must be null, file or ses, not {name!r}")
