@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import datetime as dt
@@ -60,8 +61,9 @@ async def create(request: Request) -> Response:
                        {k: CONTENT_FIELDS[k] for k in ("subject", "from")},
                        {k: CONTENT_FIELDS[k] for k in ("text", "html", "tag")})
     try:
-        values = broadcasts.validate_content(body["subject"], body.get("text"),
-                                             body.get("html"), body.get("tag"))
+        # templates are parsed and compiled to be checked: CPU work, off the event loop
+        values = await asyncio.to_thread(broadcasts.validate_content, body["subject"],
+                                         body.get("text"), body.get("html"), body.get("tag"))
         values["from_address"] = broadcasts.validate_from(body["from"])
     except sql_errors.InvalidInput as exc:
         raise _invalid(exc) from None
@@ -141,8 +143,8 @@ async def update(request: Request) -> Response:
               "html": current["html_body"], "tag": current["segment_tag"]}
     merged.update({k: v for k, v in body.items() if k != "from"})
     try:
-        values = broadcasts.validate_content(merged["subject"], merged["text"], merged["html"],
-                                             merged["tag"])
+        values = await asyncio.to_thread(broadcasts.validate_content, merged["subject"],
+                                         merged["text"], merged["html"], merged["tag"])
         from_address = broadcasts.validate_from(body["from"]) if "from" in body else None
     except sql_errors.InvalidInput as exc:
         raise _invalid(exc) from None

@@ -172,3 +172,26 @@ def test_the_cli_refuses_a_test_send_past_the_hourly_cap(conn: Conn, db_url: str
                           "me@example.com", check=False)
     assert done.returncode == 1 and "at most 50 test messages" in done.stderr
     assert conn.execute("SELECT count(*) AS n FROM test_sends").fetchone() == {"n": 50}
+
+
+def test_a_render_failure_fails_that_recipient_only(conn: Conn, db_url: str,
+                                                     tmp_path: Path) -> None:
+    conn.execute("INSERT INTO contacts (account, email, name, attributes) VALUES "
+                 "('default', 'ok1@example.com', 'A', '{\"word\": \"ab\", \"times\": 2}'), "
+                 "('default', 'huge@example.com', 'B', "
+                 "'{\"word\": \"ab\", \"times\": 100000000}'), "
+                 "('default', 'ok2@example.com', 'C', '{\"word\": \"c\", \"times\": 3}')")
+    row = broadcasts.create(conn, "default", subject="Hi", from_address="news@example.com",
+                            text="{{ contact.attributes.word * contact.attributes.times }} "
+                                 "{{ unsubscribe_url }}")
+    broadcasts.send(conn, "default", row["id"])
+    outbox = tmp_path / "outbox"
+    done = support.pgcast(db_url, "worker", "--once", env=file_env(db_url, outbox))
+    assert done.returncode == 0
+    rows = {r["email"]: r for r in conn.execute(
+        "SELECT email, status, last_error FROM broadcast_recipients WHERE broadcast_id = %s",
+        (row["id"],))}
+    assert rows["ok1@example.com"]["status"] == rows["ok2@example.com"]["status"] == "sent"
+    assert rows["huge@example.com"]["status"] == "failed"
+    assert "too long" in rows["huge@example.com"]["last_error"]
+    assert len(list((outbox / str(row["id"])).glob("*.eml"))) == 2
