@@ -18,6 +18,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from api import auth, broadcasts, config, contacts, context, control, db, errors, http, openapi
+from api import dashboard_routes as dashboard
 from api import progress as progress_routes
 from sql import errors as sql_errors
 
@@ -78,6 +79,9 @@ ROUTES = [
     route("/broadcasts/{id}/progress", GET=progress_routes.progress),
     route("/broadcasts/{id}/events", GET=progress_routes.events),
     route("/broadcasts/{id}/recipients", GET=progress_routes.recipients),
+    route("/broadcasts/{id}/audit", GET=dashboard.audit_log),
+    route("/broadcasts/{id}/audience", GET=dashboard.audience),
+    route("/contacts/import", POST=dashboard.import_csv),
 ]
 
 
@@ -126,7 +130,8 @@ def create_app(settings: config.Settings, database_url: str) -> Starlette:
             await pool.close()
 
     app = Starlette(
-        routes=ROUTES, lifespan=lifespan, exception_handlers=EXCEPTION_HANDLERS,
+        routes=[*ROUTES, *dashboard.PAGES], lifespan=lifespan,
+        exception_handlers=EXCEPTION_HANDLERS,
         middleware=[Middleware(AuthenticationMiddleware, backend=auth.JWTBackend(settings),
                                on_error=auth.on_error)])
     app.state.settings = settings

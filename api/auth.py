@@ -17,7 +17,8 @@ from starlette.responses import JSONResponse, Response
 
 from api import config, errors
 
-PUBLIC_PATHS = frozenset({"/healthz"})
+PUBLIC_PATHS = frozenset({"/healthz", "/"})  # "/": the dashboard page, which holds no data
+PUBLIC_PREFIXES = ("/static/",)  # the dashboard's files
 REQUIRED_CLAIMS = ("exp", "sub", "account")
 MAX_ACCOUNT_LENGTH = 200  # characters
 
@@ -48,7 +49,7 @@ class JWTBackend(AuthenticationBackend):
 
     async def authenticate(self, conn: HTTPConnection) -> tuple[AuthCredentials, BaseUser] | None:
         """A Principal for a valid token; None on public paths; AuthenticationError otherwise."""
-        if conn.url.path in PUBLIC_PATHS:
+        if conn.url.path in PUBLIC_PATHS or conn.url.path.startswith(PUBLIC_PREFIXES):
             return None
         header = conn.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
