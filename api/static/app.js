@@ -325,7 +325,7 @@ async function detailView(id) {
   let b = await api("GET", `/broadcasts/${id}`, { signal: controller.signal });
   const main = $("main");
   const el = {
-    title: h("h1", { id: "subject", class: "grow" }),
+    title: h("h1", { id: "subject" }),
     status: h("span", { id: "status" }),
     actions: h("div", { class: "actions", id: "actions" }),
     reason: h("div", { class: "reason", id: "paused-reason", hidden: true }),
@@ -343,10 +343,10 @@ async function detailView(id) {
     recipients: h("tbody", { id: "recipients" }),
   };
   fill(main,
-    h("div", { class: "row" }, el.title, el.status),
+    h("div", { class: "title" }, el.title, el.status),
     h("div", { class: "panel" },
       el.actions, el.reason,
-      h("div", { class: "headline", style: null }, el.pct, el.of, h("span", { class: "spacer grow" }), el.rate, el.eta),
+      h("div", { class: "headline" }, el.pct, el.of, h("span", { class: "spacer grow" }), el.rate, el.eta),
       el.bar, el.counters, el.audience),
     h("div", { class: "panel" }, h("h2", {}, "Messages per second"), el.canvas),
     h("div", { class: "cols" },

@@ -38,22 +38,22 @@ export class RateChart {
     const left = 56, right = 12, top = 12, bottom = 26;
     const w = width - left - right, hgt = height - top - bottom;
     const pts = this.points;
-    const maxT = Math.max(10, pts.length ? pts[pts.length - 1][0] : 0);
+    const maxT = niceCeil(Math.max(10, pts.length ? pts[pts.length - 1][0] : 0));
     const maxR = niceCeil(Math.max(1, ...pts.map((p) => p[1])));
     g.font = "11px system-ui, sans-serif";
     g.fillStyle = "#667085";
     g.strokeStyle = "#e3e6eb";
     g.lineWidth = 1;
-    for (let i = 0; i <= 4; i++) {
-      const y = top + hgt - (hgt * i) / 4;
+    for (let i = 0; i <= 5; i++) {
+      const y = top + hgt - (hgt * i) / 5;
       g.beginPath(); g.moveTo(left, y + 0.5); g.lineTo(left + w, y + 0.5); g.stroke();
       g.textAlign = "right"; g.textBaseline = "middle";
-      g.fillText(`${Math.round((maxR * i) / 4).toLocaleString("en-US")}/s`, left - 6, y);
+      g.fillText(`${Math.round((maxR * i) / 5).toLocaleString("en-US")}/s`, left - 6, y);
     }
     g.textAlign = "center"; g.textBaseline = "top";
-    for (let i = 0; i <= 4; i++) {
-      const x = left + (w * i) / 4;
-      g.fillText(`${Math.round((maxT * i) / 4)}s`, x, top + hgt + 6);
+    for (let i = 0; i <= 5; i++) {
+      const x = left + (w * i) / 5;
+      g.fillText(`${Math.round((maxT * i) / 5)}s`, x, top + hgt + 6);
     }
     if (!pts.length) {
       g.textAlign = "center"; g.textBaseline = "middle";

@@ -1,0 +1,36 @@
+"""A real pgcast stack for the browser tests (and `make screenshot`): API, workers, tokens."""
+
+from __future__ import annotations
+
+import subprocess
+from typing import Any
+
+from tests import support
+from tests.integration import test_api_helpers as h
+
+
+class Stack:
+    """`pgcast api` (uvicorn) on a free port; workers on demand; tokens for the account."""
+
+    def __init__(self, db_url: str, procs: support.Processes) -> None:
+        self.db_url, self.procs = db_url, procs
+        port = support.free_port()
+        self.base = f"http://127.0.0.1:{port}"
+        # leeway 0: an expired token is refused the moment it expires
+        self.api = procs.start(db_url, "api", "--port", str(port), PGCAST_JWT_SECRET=h.SECRET,
+                               PGCAST_API_EVENTS_INTERVAL="0.2", PGCAST_JWT_LEEWAY="0")
+        support.wait_for(lambda: h.api_up(self.base) or self.api.poll() is not None,
+                         timeout=30, what="pgcast api")
+        assert self.api.poll() is None, procs.log(self.api)
+
+    def workers(self, n: int, rate: int) -> list[subprocess.Popen[str]]:
+        """n worker processes on the null provider, sharing a global rate of `rate` emails/s."""
+        return [self.procs.start(self.db_url, "worker", "--concurrency", "2",
+                                 PGCAST_PROVIDER="null", PGCAST_RATE=str(rate),
+                                 PGCAST_BURST=str(max(1, rate // 10)))
+                for _ in range(n)]
+
+    @staticmethod
+    def token(ttl: float = 600, **kw: Any) -> str:
+        """A token for the test account."""
+        return h.token(ttl=ttl, **kw)
