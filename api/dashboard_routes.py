@@ -94,6 +94,9 @@ def _parse(path: Path) -> contacts.Batch:
     except sql_errors.InvalidInput as exc:
         # the reader names its file; the caller knows it as the request body
         raise errors.InvalidBody(str(exc).replace(str(path), "the CSV body")) from None
+    except UnicodeDecodeError as exc:  # a bad byte the reader does not catch itself
+        raise errors.InvalidBody(f"the CSV body is not UTF-8: byte {exc.start + 1} "
+                                 f"cannot be decoded; nothing was imported") from None
 
 
 async def import_csv(request: Request) -> Response:

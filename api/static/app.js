@@ -423,10 +423,12 @@ async function detailView(id) {
   // live progress: the event stream, read with fetch so the token stays in the header
   (async () => {
     let wait = 3000;
+    let interrupted = false;
     while (!controller.signal.aborted) {
       let ended = false;
       try {
         const retry = await readEvents(`/broadcasts/${id}/events`, (name, data) => {
+          if (interrupted) { interrupted = false; clearError(); }  // back: the banner is stale
           if (name === "gone") { ended = true; showError(data.message); return; }
           if (name !== "progress" && name !== "done") return;
           chart.add(data);
@@ -438,6 +440,7 @@ async function detailView(id) {
         if (retry) wait = retry;
       } catch (error) {
         if (controller.signal.aborted || (error instanceof ApiError && error.status === 401)) return;
+        interrupted = true;
         showError(`Live progress interrupted: ${error.message}; reconnecting…`);
       }
       if (ended) return;

@@ -42,11 +42,16 @@ def browser(playwright: Playwright) -> Iterator[Browser]:
 
 
 @pytest.fixture
-def page(browser: Browser) -> Iterator[Page]:
+def problems() -> list[str]:
+    """The page's errors and console errors (a test may remove ones it caused on purpose)."""
+    return []
+
+
+@pytest.fixture
+def page(browser: Browser, problems: list[str]) -> Iterator[Page]:
     """A fresh tab in its own context (its own sessionStorage); fails on any page error."""
     context = browser.new_context(viewport=VIEWPORT)
     p = context.new_page()
-    problems: list[str] = []
     p.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))
     # a CSP violation or a failed script shows up as a console error
     p.on("console", lambda m: problems.append(f"console {m.type}: {m.text}")

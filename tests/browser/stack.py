@@ -14,14 +14,24 @@ class Stack:
 
     def __init__(self, db_url: str, procs: support.Processes) -> None:
         self.db_url, self.procs = db_url, procs
-        port = support.free_port()
-        self.base = f"http://127.0.0.1:{port}"
+        self.port = support.free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.api = self._start_api()
+
+    def _start_api(self) -> subprocess.Popen[str]:
         # leeway 0: an expired token is refused the moment it expires
-        self.api = procs.start(db_url, "api", "--port", str(port), PGCAST_JWT_SECRET=h.SECRET,
-                               PGCAST_API_EVENTS_INTERVAL="0.2", PGCAST_JWT_LEEWAY="0")
-        support.wait_for(lambda: h.api_up(self.base) or self.api.poll() is not None,
+        api = self.procs.start(self.db_url, "api", "--port", str(self.port),
+                               PGCAST_JWT_SECRET=h.SECRET, PGCAST_API_EVENTS_INTERVAL="0.2",
+                               PGCAST_JWT_LEEWAY="0")
+        support.wait_for(lambda: h.api_up(self.base) or api.poll() is not None,
                          timeout=30, what="pgcast api")
-        assert self.api.poll() is None, procs.log(self.api)
+        assert api.poll() is None, self.procs.log(api)
+        return api
+
+    def restart_api(self) -> None:
+        """Stop the API (SIGTERM ends its event streams) and start a new one on the same port."""
+        self.procs.stop(self.api, timeout=60)
+        self.api = self._start_api()
 
     def workers(self, n: int, rate: int) -> list[subprocess.Popen[str]]:
         """n worker processes on the null provider, sharing a global rate of `rate` emails/s."""

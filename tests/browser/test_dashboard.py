@@ -190,3 +190,25 @@ def test_the_page_loads_without_a_token_and_a_bad_token_is_refused(
     page.click("#signin-button")
     expect(page.locator("#signin-message")).to_contain_text(
         "invalid token: Signature verification failed")
+
+
+def test_live_progress_comes_back_after_an_api_restart(page: Page, pgcast: stack.Stack,
+                                                      conn: Conn, problems: list[str]) -> None:
+    """A stream that ends without `done` (the server restarted) is opened again."""
+    support.seed_contacts(conn, 3, account=ACCOUNT)
+    token = pgcast.token()
+    auth = {"Authorization": f"Bearer {token}"}
+    bid = httpx.post(f"{pgcast.base}/broadcasts", headers=auth, json={
+        "subject": "Restart", "from": "news@example.com", "text": "x"}).json()["id"]
+    sign_in(page, pgcast.base, token)
+    page.goto(f"{pgcast.base}/#/b/{bid}")
+    expect(page.locator("#status [data-status]")).to_have_text("draft")
+    expect(page.locator("#count-total")).to_have_text("0")
+    pgcast.restart_api()
+    # no worker runs: the broadcast stays `sending`, with its snapshot counted
+    assert httpx.post(f"{pgcast.base}/broadcasts/{bid}/send", headers=auth).status_code == 200
+    expect(page.locator("#count-total")).to_have_text("3", timeout=WAIT)
+    expect(page.locator("#status [data-status]")).to_have_text("sending")
+    expect(page.locator("#error")).to_be_hidden()
+    # while the API was down the page's reconnect attempts were refused: expected here
+    problems[:] = [p for p in problems if "ERR_CONNECTION_REFUSED" not in p]

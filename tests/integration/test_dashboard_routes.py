@@ -114,6 +114,9 @@ def test_import_refuses_other_media_types_bad_files_and_oversized_bodies(
                  headers={"Content-Type": "text/csv"})
     assert r.status_code == 422
     assert r.json()["message"] == "the CSV body: the header must name an 'email' column"
+    r = api.post("/contacts/import", content=b"email\nok@example.com\n\xff@example.com\n",
+                 headers={"Content-Type": "text/csv"})
+    assert r.status_code == 422 and r.json()["error"] == "invalid_request"  # a file-level error
     monkeypatch.setattr(dashboard_routes, "MAX_IMPORT_BYTES", 64)
     r = api.post("/contacts/import", content=b"email\n" + b"x@example.com\n" * 10,
                  headers={"Content-Type": "text/csv"})
