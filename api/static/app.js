@@ -13,7 +13,7 @@ const PAGE = 25;
 // Broadcast actions. Each appears when its route is in /openapi.json and the broadcast is in
 // one of `when`; adding a route to the dashboard is one entry here.
 const ACTIONS = [
-  { route: "POST /broadcasts/{id}/send", label: "Send…", when: ["draft"], primary: true,
+  { route: "POST /broadcasts/{id}/send", label: "Send…", when: ["draft", "scheduled"], primary: true,
     confirm: sendConfirm },
   { route: "POST /broadcasts/{id}/schedule", label: "Schedule…", when: ["draft"],
     fields: [{ name: "at", label: "Start at (local time)", type: "datetime-local", convert: isoWithOffset }] },

@@ -9,11 +9,13 @@ from typing import Any
 
 import httpx
 import psycopg
+import pytest
 from playwright.sync_api import Dialog, Page, Request, expect
 
 from tests import support
 from tests.browser import stack
 
+pytestmark = pytest.mark.browser
 Conn = psycopg.Connection[dict[str, Any]]
 ACCOUNT = "acme"  # the account of stack.Stack.token()
 N = 1200  # tagged contacts in the CSV
