@@ -214,3 +214,27 @@ def test_live_progress_comes_back_after_an_api_restart(page: Page, pgcast: stack
     expect(page.locator("#error")).to_be_hidden()
     # while the API was down the page's reconnect attempts were refused: expected here
     problems[:] = [p for p in problems if "ERR_CONNECTION_REFUSED" not in p]
+
+
+def test_api_errors_are_shown_as_the_api_words_them(page: Page, pgcast: stack.Stack,
+                                                    shots: Path) -> None:
+    """A refused edit and a refused unsubscribe show the API's own message."""
+    token = pgcast.token()
+    auth = {"Authorization": f"Bearer {token}"}
+    bid = httpx.post(f"{pgcast.base}/broadcasts", headers=auth, json={
+        "subject": "Draft", "from": "news@example.com", "text": "x"}).json()["id"]
+    refused = httpx.patch(f"{pgcast.base}/broadcasts/{bid}", headers=auth,
+                          json={"from": "not an address"})
+    assert refused.status_code == 422
+    sign_in(page, pgcast.base, token)
+    page.screenshot(path=str(shots / "list.png"))
+    page.goto(f"{pgcast.base}/#/b/{bid}")
+    page.fill("#f-from", "not an address")
+    page.click("#save")
+    expect(page.locator("#error-text")).to_have_text(refused.json()["message"])
+    page.click("#error-close")
+    page.click("nav >> text=Contacts")
+    page.fill("#unsubscribe-form input[name=email]", "nobody@example.com")
+    page.click("#unsubscribe-form button")
+    expect(page.locator("#error-text")).to_have_text("contact not found")
+    page.screenshot(path=str(shots / "contacts.png"))
