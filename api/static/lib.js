@@ -7,12 +7,11 @@ const TOKEN_KEY = "pgcast.token";
 export function h(tag, attrs, ...children) {
   const el = document.createElement(tag);
   for (const [key, value] of Object.entries(attrs || {})) {
-    if (value === null || value === undefined || value === false) continue;
+    if (value === null || value === undefined) continue;
     if (key.startsWith("on")) el.addEventListener(key.slice(2), value);
     else if (key === "class") el.className = value;
-    else if (key === "text") el.textContent = value;
-    else if (key in el && key !== "list" && key !== "form") el[key] = value;
-    else el.setAttribute(key, value === true ? "" : String(value));
+    else if (key in el && key !== "list" && key !== "form") el[key] = value;  // a property
+    else if (value !== false) el.setAttribute(key, value === true ? "" : String(value));
   }
   for (const child of children.flat()) {
     if (child === null || child === undefined || child === false) continue;
