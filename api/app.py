@@ -87,7 +87,7 @@ ROUTES = [
 
 async def _api_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, errors.ApiError)
-    return http.Json(exc.body(), status_code=exc.status_code)
+    return http.Json(exc.body(), status_code=exc.status_code, headers=exc.headers)
 
 
 async def _invalid_input(request: Request, exc: Exception) -> Response:

@@ -50,11 +50,19 @@ SCHEMAS: dict[str, Any] = {
     "Error": obj({"error": STR, "message": STR,
                   "details": {"type": "array", "items": obj({"field": STR, "problem": STR})}},
                  ["error", "message"]),
-    "Conflict": obj({"success": {"const": False}, "status": {"enum": BROADCAST_STATUSES},
-                     "message": STR}),
+    "Conflict": obj({"success": {"const": False},
+                     "status": {"enum": [*BROADCAST_STATUSES, "empty"],
+                                "description": "the current status, or `empty`: nobody to "
+                                               "send to (send with allow_empty to send anyway)"},
+                     "queued": INT, "message": STR}, ["success", "status", "message"]),
+    "SendIn": obj({"allow_empty": {"type": "boolean", "description": "send even when no "
+                                   "subscribed contact matches (default false)"}}, []),
     "Health": obj({"status": {"const": "ok"}}),
     "ContactIn": obj({"email": STR, "name": STR_OR_NULL,
-                      "tags": {"type": ["array", "null"], "items": STR}}, ["email"]),
+                      "tags": {"type": ["array", "null"], "items": STR},
+                      "attributes": {"type": ["object", "null"],
+                                     "description": "flat: string, number or boolean values; "
+                                                    "merged into the stored ones"}}, ["email"]),
     "ContactsIn": obj({"contacts": {"type": "array", "maxItems": 10000,
                                     "items": ref("ContactIn")}}),
     "ContactsResult": obj({"upserted": INT, "rejected": {"type": "array", "items": obj(
@@ -103,6 +111,8 @@ ERRORS = {
     "409": _json("Conflict", "not allowed in the broadcast's current status; nothing changed"),
     "413": _json("Error", "the body is too large"),
     "415": _json("Error", "the body is not of the media type the route reads"),
+    "429": {**_json("Error", "too many progress streams open (this account, or this server)"),
+            "headers": {"Retry-After": {"schema": {"type": "integer"}}}},
     "422": _json("Error", "a wrong type, a missing or unknown field, or an invalid value"),
     "503": _json("Error", "Postgres is unreachable"),
 }
@@ -144,7 +154,9 @@ def _paths() -> dict[str, Any]:
             "200", _json("Unsubscribed", "unsubscribed")), f"{body_errors} 404",
             body="UnsubscribeIn")},
         "/broadcasts": {
-            "post": op("create a draft", ("201", _json("Broadcast", "the new draft")),
+            "post": op("create a draft", ("201", {
+                **_json("Broadcast", "the new draft"),
+                "headers": {"Location": {"schema": STR, "description": "/broadcasts/{id}"}}}),
                        body_errors, body="BroadcastCreate"),
             "get": op("list broadcasts, newest first", ("200", _json("BroadcastPage", "a page")),
                       "422", params=[
@@ -158,8 +170,10 @@ def _paths() -> dict[str, Any]:
                         f"{body_errors} 404 409", body="BroadcastPatch", params=[ID]),
             "delete": op("delete a draft", ("204", {"description": "deleted"}), "404 409",
                          params=[ID])},
-        "/broadcasts/{id}/send": {"post": op("snapshot the recipients and start sending", (
-            "200", _json("SendResult", "queued")), control, params=[ID])},
+        "/broadcasts/{id}/send": {"post": {
+            **op("snapshot the recipients and start sending", (
+                "200", _json("SendResult", "queued")), f"{control} 400 413 422", params=[ID]),
+            "requestBody": {"required": False, "content": {JSON: {"schema": ref("SendIn")}}}}},
         "/broadcasts/{id}/cancel": {"post": op("cancel a draft, sending or paused broadcast", (
             "200", _json("CancelResult", "cancelled")), control, params=[ID])},
         "/broadcasts/{id}/pause": {"post": op("pause a sending broadcast", (
@@ -170,14 +184,14 @@ def _paths() -> dict[str, Any]:
             "200", _json("Progress", "progress")), "404", params=[ID])},
         "/broadcasts/{id}/events": {"get": op("progress as Server-Sent Events", ("200", {
             "description": "`progress` events on change, then one `done` event when the "
-                           "broadcast is terminal (`gone` if a draft is deleted)",
-            "content": {"text/event-stream": {"schema": STR}}}), "404", params=[ID])},
+                           "broadcast is terminal (`gone` if a draft is deleted, `expired` "
+                           "when the token expires)",
+            "content": {"text/event-stream": {"schema": STR}}}), "404 429", params=[ID])},
         "/broadcasts/{id}/recipients": {"get": op("recipient rows, keyset-paged", (
             "200", _json("RecipientPage", "a page")), "404 422", params=[
                 ID,
                 _query("status", {"enum": RECIPIENT_STATUSES}, "only rows in this status"),
-                _query("cursor", {"type": "string", "pattern": "^[0-9]{1,18}$"},
-                       "next_cursor of the previous page"),
+                _query("cursor", STR, "next_cursor of the previous page (opaque)"),
                 _query("limit", {"type": "integer", "minimum": 1, "maximum": 1000},
                        "page size (default 100)")])},
         # the dashboard's routes (api/dashboard_routes.py)

@@ -124,7 +124,13 @@ function signOut(message) {
   renderSignIn(message);
 }
 
-whenUnauthorized((message) => signOut(`Signed out: ${message}. Paste a new token to continue.`));
+whenUnauthorized((message) => {
+  // the API gives every 401 the same text; the token's own exp says when it was an expiry
+  const c = claims(session.token || "");
+  const expired = c && typeof c.exp === "number" && c.exp * 1000 <= Date.now();
+  signOut(expired ? `Your token expired at ${new Date(c.exp * 1000).toLocaleTimeString()} (${message}). Paste a new token to continue.`
+    : `Signed out: ${message}. Paste a new token to continue.`);
+});
 
 async function loadFeatures() {
   const doc = await api("GET", "/openapi.json");
@@ -430,6 +436,7 @@ async function detailView(id) {
         const retry = await readEvents(`/broadcasts/${id}/events`, (name, data) => {
           if (interrupted) { interrupted = false; clearError(); }  // back: the banner is stale
           if (name === "gone") { ended = true; showError(data.message); return; }
+          if (name === "expired") { wait = 0; return; }  // the token ran out: asking again signs out
           if (name !== "progress" && name !== "done") return;
           chart.add(data);
           const changed = data.status !== b.status;
@@ -437,7 +444,7 @@ async function detailView(id) {
           if (changed) refresh().catch(reportUnlessSignedOut);
           if (name === "done") ended = true;
         }, controller.signal);
-        if (retry) wait = retry;
+        if (retry && wait) wait = retry;
       } catch (error) {
         if (controller.signal.aborted || (error instanceof ApiError && error.status === 401)) return;
         interrupted = true;

@@ -168,12 +168,28 @@ def test_a_subject_with_markup_renders_as_text(page: Page, pgcast: stack.Stack,
 
 
 def test_an_expired_token_returns_to_sign_in(page: Page, pgcast: stack.Stack) -> None:
-    """The next request after the token expires brings the sign-in back with the API's reason."""
+    """The next request after the token expires brings the sign-in back, saying it expired."""
     sign_in(page, pgcast.base, pgcast.token(ttl=4))
     # the list refreshes every few seconds; the first refresh after expiry is refused
-    expect(page.locator("#signin-message")).to_contain_text("expired", timeout=30_000)
+    expect(page.locator("#signin-message")).to_contain_text("Your token expired at",
+                                                            timeout=30_000)
+    expect(page.locator("#signin-message")).to_contain_text("a valid bearer token is required")
     expect(page.locator("#signin")).to_be_visible()
     assert page.evaluate("sessionStorage.length") == 0
+
+
+def test_an_expired_token_ends_the_detail_view_too(page: Page, pgcast: stack.Stack) -> None:
+    """The detail view makes no request of its own while it watches: the stream's `expired`
+    event is what brings the sign-in back."""
+    token = pgcast.token(ttl=5)
+    bid = httpx.post(f"{pgcast.base}/broadcasts", headers={"Authorization": f"Bearer {token}"},
+                     json={"subject": "Watched", "from": "news@example.com", "text": "x"}
+                     ).json()["id"]
+    sign_in(page, pgcast.base, token)
+    page.goto(f"{pgcast.base}/#/b/{bid}")
+    expect(page.locator("#status [data-status]")).to_have_text("draft")
+    expect(page.locator("#signin-message")).to_contain_text("Your token expired at",
+                                                            timeout=30_000)
 
 
 def test_the_page_loads_without_a_token_and_a_bad_token_is_refused(
@@ -190,8 +206,8 @@ def test_the_page_loads_without_a_token_and_a_bad_token_is_refused(
     assert all(u.rstrip("/") == pgcast.base or "/static/" in u for u in requests), requests
     page.fill("#token", pgcast.token() + "x")
     page.click("#signin-button")
-    expect(page.locator("#signin-message")).to_contain_text(
-        "invalid token: Signature verification failed")
+    expect(page.locator("#signin-message")).to_have_text(
+        "Signed out: a valid bearer token is required. Paste a new token to continue.")
 
 
 def test_live_progress_comes_back_after_an_api_restart(page: Page, pgcast: stack.Stack,
