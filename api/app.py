@@ -19,7 +19,10 @@ from starlette.routing import Route
 
 from api import auth, broadcasts, config, contacts, context, control, db, errors, http, openapi
 from api import dashboard_routes as dashboard
+from api import preview as preview_routes
 from api import progress as progress_routes
+from api import testsend as testsend_routes
+from api import unsubscribe as unsubscribe_routes
 from sql import errors as sql_errors
 
 log = logging.getLogger("pgcast.api")
@@ -82,6 +85,10 @@ ROUTES = [
     route("/broadcasts/{id}/audit", GET=dashboard.audit_log),
     route("/broadcasts/{id}/audience", GET=dashboard.audience),
     route("/contacts/import", POST=dashboard.import_csv),
+    route("/broadcasts/{id}/preview", GET=preview_routes.show),
+    route("/broadcasts/{id}/test", POST=testsend_routes.create, GET=testsend_routes.status),
+    route("/u/{token}", GET=unsubscribe_routes.page,
+          POST=unsubscribe_routes.one_click),
 ]
 
 
@@ -135,6 +142,7 @@ def create_app(settings: config.Settings, database_url: str) -> Starlette:
         middleware=[Middleware(AuthenticationMiddleware, backend=auth.JWTBackend(settings),
                                on_error=auth.on_error)])
     app.state.settings = settings
+    app.state.database_url = database_url  # procrastinate jobs are deferred on their own pool
     app.state.stopping = False  # set by the server on SIGTERM: SSE streams end
     app.state.openapi = openapi.document()
     return app

@@ -12,6 +12,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from api import auth, context, control, db, errors, http
+from mail import template
 from sql import broadcasts
 from sql import errors as sql_errors
 
@@ -42,6 +43,11 @@ def broadcast_json(row: dict[str, Any]) -> dict[str, Any]:
             "updated_at": row["updated_at"]}
 
 
+def with_warnings(body: dict[str, Any]) -> dict[str, Any]:
+    """A create/update answer with what should be fixed (no unsubscribe link, ...)."""
+    return {**body, "warnings": template.warnings(body["text"], body["html"])}
+
+
 def _invalid(exc: sql_errors.InvalidInput) -> errors.InvalidBody:
     return errors.InvalidBody(str(exc))
 
@@ -61,7 +67,7 @@ async def create(request: Request) -> Response:
     row = await db.one(context.pool(request), "api_broadcast_create",
                        {"account": who.account, "details": control.details(who), **values})
     assert row is not None
-    return http.Json(broadcast_json(row), status_code=201,
+    return http.Json(with_warnings(broadcast_json(row)), status_code=201,
                      headers={"Location": f"/broadcasts/{row['id']}"})
 
 
@@ -148,7 +154,7 @@ async def update(request: Request) -> Response:
         "set_tag": "tag" in body, "segment_tag": values["segment_tag"]})
     if row is None:  # sent or deleted since we read it: the CAS decided
         return await refused(request, who.account, bid, "edited")
-    return http.Json(broadcast_json(row))
+    return http.Json(with_warnings(broadcast_json(row)))
 
 
 async def delete(request: Request) -> Response:

@@ -74,6 +74,20 @@ SCHEMAS: dict[str, Any] = {
     "BroadcastSummary": obj(SUMMARY),
     "Broadcast": obj({**SUMMARY, "from": STR, "text": STR_OR_NULL, "html": STR_OR_NULL,
                       "paused_reason": STR_OR_NULL, "updated_at": TIME}),
+    "BroadcastWritten": obj({**SUMMARY, "from": STR, "text": STR_OR_NULL, "html": STR_OR_NULL,
+                             "paused_reason": STR_OR_NULL, "updated_at": TIME,
+                             "warnings": {"type": "array", "items": STR, "description":
+                                          "what to fix, though the draft was saved"}}),
+    "Preview": obj({"contact": STR, "sample": {"type": "boolean"}, "subject": STR,
+                    "text": STR_OR_NULL, "html": STR_OR_NULL,
+                    "headers": {"type": "object", "additionalProperties": STR}}),
+    "TestSendIn": obj({"to": {"type": "array", "minItems": 1, "maxItems": 5, "items": STR},
+                       "contact": {**STR_OR_NULL, "description":
+                                   "whose data fills the template (default: a sample contact)"}},
+                      ["to"]),
+    "TestSends": obj({"test_sends": {"type": "array", "items": obj(
+        {"id": INT, "to": STR, "status": {"enum": ["queued", "sending", "sent", "failed"]},
+         "message_id": STR_OR_NULL, "error": STR_OR_NULL}, ["id", "to", "status"])}}),
     "BroadcastPage": obj({"broadcasts": {"type": "array", "items": ref("BroadcastSummary")},
                           "next_cursor": STR_OR_NULL}),
     "SendResult": obj({"success": {"const": True}, "status": {"enum": ["sending", "sent"]},
@@ -111,9 +125,10 @@ ERRORS = {
     "409": _json("Conflict", "not allowed in the broadcast's current status; nothing changed"),
     "413": _json("Error", "the body is too large"),
     "415": _json("Error", "the body is not of the media type the route reads"),
-    "429": {**_json("Error", "too many progress streams open (this account, or this server)"),
-            "headers": {"Retry-After": {"schema": {"type": "integer"}}}},
     "422": _json("Error", "a wrong type, a missing or unknown field, or an invalid value"),
+    "429": {**_json("Error", "too many progress streams open (this account, or this server), "
+                             "or over the account's hourly test-send cap (50 messages)"),
+            "headers": {"Retry-After": {"schema": {"type": "integer"}}}},
     "503": _json("Error", "Postgres is unreachable"),
 }
 ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string", "format": "uuid"}}
@@ -155,7 +170,7 @@ def _paths() -> dict[str, Any]:
             body="UnsubscribeIn")},
         "/broadcasts": {
             "post": op("create a draft", ("201", {
-                **_json("Broadcast", "the new draft"),
+                **_json("BroadcastWritten", "the new draft"),
                 "headers": {"Location": {"schema": STR, "description": "/broadcasts/{id}"}}}),
                        body_errors, body="BroadcastCreate"),
             "get": op("list broadcasts, newest first", ("200", _json("BroadcastPage", "a page")),
@@ -166,7 +181,7 @@ def _paths() -> dict[str, Any]:
         "/broadcasts/{id}": {
             "get": op("one broadcast", ("200", _json("Broadcast", "the broadcast")), "404",
                       params=[ID]),
-            "patch": op("edit a draft", ("200", _json("Broadcast", "the edited draft")),
+            "patch": op("edit a draft", ("200", _json("BroadcastWritten", "the edited draft")),
                         f"{body_errors} 404 409", body="BroadcastPatch", params=[ID]),
             "delete": op("delete a draft", ("204", {"description": "deleted"}), "404 409",
                          params=[ID])},
@@ -205,7 +220,45 @@ def _paths() -> dict[str, Any]:
                 "200", _json("ImportResult", "imported, and rejected rows by line")),
             "413 415 422"), "requestBody": {"required": True, "content": {
                 "text/csv": {"schema": STR}}}}},
+        "/broadcasts/{id}/preview": {"get": op(
+            "the message one contact would receive (rendered subject, text, html, headers)", (
+                "200", _json("Preview", "the rendered message")), "404 422", params=[
+                ID, _query("contact", STR, "the contact's address (default: a sample contact "
+                                           "of the account)")])},
+        "/broadcasts/{id}/test": {
+            "post": op("send the rendered message to at most 5 addresses, subject prefixed "
+                       "`[TEST] ` (a running worker delivers it; not counted in progress)", (
+                           "202", _json("TestSends", "queued")), f"{body_errors} 404 429",
+                       body="TestSendIn", params=[ID]),
+            "get": op("the outcome of test sends", ("200", _json("TestSends", "their status")),
+                      "404 422", params=[
+                          ID, _query("ids", STR, "test send ids, comma-separated")])},
+        "/u/{token}": {
+            "get": {"summary": "one-click unsubscribe: a page with one confirm button (never "
+                               "unsubscribes; no auth)", "security": [],
+                    "parameters": [TOKEN], "responses": {
+                        "200": _html("the confirm page"),
+                        "400": _html("the link is not valid (says nothing about the contact)")}},
+            "post": {"summary": "one-click unsubscribe (RFC 8058): idempotent, no auth",
+                     "security": [], "parameters": [TOKEN],
+                     "requestBody": {"required": True, "content": {
+                         "application/x-www-form-urlencoded": {"schema": obj(
+                             {"List-Unsubscribe": {"const": "One-Click"}}, closed=False)},
+                         "multipart/form-data": {"schema": obj(
+                             {"List-Unsubscribe": {"const": "One-Click"}}, closed=False)}}},
+                     "responses": {
+                         "200": _html("unsubscribed (or already unsubscribed)"),
+                         "400": _html("the link is not valid, or the body is not "
+                                      "`List-Unsubscribe=One-Click`")}}},
     }
+
+
+TOKEN = {"name": "token", "in": "path", "required": True, "schema": STR,
+         "description": "the opaque token of the List-Unsubscribe link"}
+
+
+def _html(description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"text/html": {"schema": STR}}}
 
 
 def document() -> dict[str, Any]:

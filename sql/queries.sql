@@ -121,8 +121,10 @@ SELECT id, epoch, rate_limit FROM broadcasts WHERE status = 'sending' ORDER BY s
 SELECT 1 FROM broadcasts WHERE id = %(id)s AND status = 'sending' AND epoch = %(epoch)s
 
 -- broadcast_content --
--- What a worker needs to render a broadcast's messages.
-SELECT id, account, subject, from_address, text_body, html_body FROM broadcasts WHERE id = %(id)s
+-- What a worker needs to render a broadcast's messages (and the generated unsubscribe key).
+SELECT id, account, subject, from_address, text_body, html_body,
+       (SELECT secret FROM unsubscribe_keys) AS unsubscribe_key
+FROM broadcasts WHERE id = %(id)s
 
 -- claim --
 -- Claim up to `limit` rows of one broadcast: requeued first, then fresh after the cursor

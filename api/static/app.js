@@ -23,7 +23,8 @@ const ACTIONS = [
     query: true, show: true },
   { route: "POST /broadcasts/{id}/test", label: "Test send…", when: ["draft", "scheduled"],
     fields: [{ name: "to", label: "Send to (comma-separated, at most 5)", list: true },
-             { name: "contact", label: "Render for contact (optional)", optional: true }] },
+             { name: "contact", label: "Render for contact (optional)", optional: true }],
+    done: (r) => `Test message queued for ${(r.test_sends || []).map((t) => t.to).join(", ")}; a running worker sends it.` },
   { route: "POST /broadcasts/{id}/pause", label: "Pause", when: ["sending"] },
   { route: "POST /broadcasts/{id}/resume", label: "Resume", when: ["paused"], primary: true },
   { route: "POST /broadcasts/{id}/retry", label: "Retry failed…", when: ["sent", "failed"],
@@ -320,6 +321,7 @@ function newView() {
       for (const k of ["text", "html", "tag"]) if (body[k] === null) delete body[k];
       const b = await api("POST", "/broadcasts", { json: body });
       location.hash = `#/b/${b.id}`;
+      if (b.warnings && b.warnings.length) notice(b.warnings.join(" "));
     }, "Create draft"));
 }
 
@@ -380,7 +382,7 @@ async function detailView(id) {
     if (b.status === "draft") {
       fill(el.content, contentForm(b, async (body) => {
         b = await api("PATCH", `/broadcasts/${id}`, { json: body });
-        notice("Draft saved.");
+        notice(["Draft saved.", ...(b.warnings || [])].join(" "));
         renderBroadcast();
       }, "Save draft"));
     } else {
@@ -514,7 +516,8 @@ async function runAction(action, b, button, refresh) {
       : await api(method, path, method === "POST" ? { json: values } : {});
     if (action.show) {
       await ask({ title: action.label.replace("…", ""), text: JSON.stringify(result, null, 2) });
-    } else if (result && typeof result.message === "string") notice(result.message);
+    } else if (action.done) notice(action.done(result));
+    else if (result && typeof result.message === "string") notice(result.message);
     else notice(`${action.label.replace("…", "")}: done.`);
     if (action.after) action.after(result);
     else await refresh();

@@ -76,7 +76,7 @@ def test_import_create_send_watch_pause_resume(page: Page, pgcast: stack.Stack, 
     page.click("nav >> text=New broadcast")
     page.fill("#f-subject", "Our spring launch")
     page.fill("#f-from", "Acme News <news@acme.example>")
-    page.fill("#f-text", "Hello {{name}}, we launched.")
+    page.fill("#f-text", "Hello {{ contact.name }}, we launched. {{ unsubscribe_url }}")
     page.fill("#f-tag", "beta")
     page.click("#save")
     expect(page.locator("#status [data-status]")).to_have_text("draft")
@@ -254,3 +254,33 @@ def test_api_errors_are_shown_as_the_api_words_them(page: Page, pgcast: stack.St
     page.click("#unsubscribe-form button")
     expect(page.locator("#error-text")).to_have_text("contact not found")
     page.screenshot(path=str(shots / "contacts.png"))
+
+
+def test_preview_and_test_send_appear_with_their_routes(page: Page, pgcast: stack.Stack,
+                                                       conn: Conn) -> None:
+    """Actions of routes added after the page was built: shown because the API serves them."""
+    token = pgcast.token()
+    auth = {"Authorization": f"Bearer {token}"}
+    paths = httpx.get(f"{pgcast.base}/openapi.json", headers=auth).json()["paths"]
+    support.seed_contacts(conn, 1, account=ACCOUNT)
+    bid = httpx.post(f"{pgcast.base}/broadcasts", headers=auth, json={
+        "subject": "Hi {{ contact.name }}", "from": "news@example.com",
+        "text": "Hello {{ contact.name }} {{ unsubscribe_url }}"}).json()["id"]
+    sign_in(page, pgcast.base, token)
+    page.goto(f"{pgcast.base}/#/b/{bid}")
+    expect(page.locator("#status [data-status]")).to_have_text("draft")
+    for action, path in (("preview", "/broadcasts/{id}/preview"),
+                         ("test", "/broadcasts/{id}/test")):
+        expect(page.locator(f"[data-action={action}]")).to_have_count(1 if path in paths else 0)
+    if "/broadcasts/{id}/preview" in paths:
+        page.click("[data-action=preview]")
+        page.fill("#dialog-fields input[name=contact]", "user0@example.com")
+        page.click("#dialog-ok")
+        expect(page.locator("#dialog-text")).to_contain_text('"subject": "Hi User 0"')
+        page.click("#dialog-ok")
+    if "/broadcasts/{id}/test" in paths:
+        page.click("[data-action=test]")
+        page.fill("#dialog-fields input[name=to]", "qa@example.com")
+        page.click("#dialog-ok")
+        expect(page.locator("#notice")).to_have_text(
+            "Test message queued for qa@example.com; a running worker sends it.")

@@ -11,6 +11,7 @@ import pytest
 
 from api import app as api_app
 from api import openapi
+from mail import template
 from tests import support
 from tests.integration import test_api_helpers as h
 
@@ -84,6 +85,8 @@ def test_unsubscribe(api: h.Api, conn: Conn) -> None:
 def test_create_get_list_patch_delete_a_draft(api: h.Api, conn: Conn) -> None:
     b = create(api, tag="vip")
     assert b["status"] == "draft" and b["from"] == "News <news@example.com>" and b["tag"] == "vip"
+    # create and edit answers add "warnings" (content/no unsubscribe link) to the broadcast
+    assert b.pop("warnings") == [template.NO_UNSUBSCRIBE_LINK]
     assert api.get(f"/broadcasts/{b['id']}").json() == b
     r = api.patch(f"/broadcasts/{b['id']}", json={"subject": "New", "html": "<p>x</p>",
                                                    "text": None, "tag": None})
