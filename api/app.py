@@ -18,6 +18,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from api import auth, broadcasts, config, contacts, context, control, db, errors, http, openapi
+from api import dashboard_routes as dashboard
 from api import preview as preview_routes
 from api import progress as progress_routes
 from api import schedule as schedule_routes
@@ -88,6 +89,9 @@ ROUTES = [
     route("/broadcasts/{id}/unschedule", POST=schedule_routes.unschedule_route),
     route("/broadcasts/{id}/retry", POST=schedule_routes.retry_route),
     route("/broadcasts/{id}/copy", POST=schedule_routes.copy_route),
+    route("/broadcasts/{id}/audit", GET=dashboard.audit_log),
+    route("/broadcasts/{id}/audience", GET=dashboard.audience),
+    route("/contacts/import", POST=dashboard.import_csv),
     route("/broadcasts/{id}/preview", GET=preview_routes.show),
     route("/broadcasts/{id}/test", POST=testsend_routes.create, GET=testsend_routes.status),
     route("/u/{token}", GET=unsubscribe_routes.page,
@@ -143,7 +147,8 @@ def create_app(settings: config.Settings, database_url: str) -> Starlette:
             await pool.close()
 
     app = Starlette(
-        routes=ROUTES, lifespan=lifespan, exception_handlers=EXCEPTION_HANDLERS,
+        routes=[*ROUTES, *dashboard.PAGES], lifespan=lifespan,
+        exception_handlers=EXCEPTION_HANDLERS,
         middleware=[Middleware(AuthenticationMiddleware, backend=auth.JWTBackend(settings),
                                on_error=auth.on_error)])
     app.state.settings = settings

@@ -148,6 +148,12 @@ SCHEMAS: dict[str, Any] = {
     "RecipientPage": obj({"recipients": {"type": "array", "items": ref("Recipient")},
                           "next_cursor": STR_OR_NULL}),
     **FEEDBACK_SCHEMAS,
+    # the dashboard's routes (api/dashboard_routes.py)
+    "AuditLog": obj({"audit_log": {"type": "array", "items": {"type": "object"}}}),
+    "Audience": obj({"status": {"enum": BROADCAST_STATUSES}, "tag": STR_OR_NULL,
+                     "audience": INT}),
+    "ImportResult": obj({"imported": INT, "rejected": {"type": "array", "items": obj(
+        {"line": INT, "email": STR, "reason": STR})}}),
 }
 
 
@@ -161,6 +167,7 @@ ERRORS = {
     "404": _json("Error", "no such broadcast in this account"),
     "409": _json("Conflict", "not allowed in the broadcast's current status; nothing changed"),
     "413": _json("Error", "the body is too large"),
+    "415": _json("Error", "the body is not of the media type the route reads"),
     "422": _json("Error", "a wrong type, a missing or unknown field, or an invalid value"),
     "429": {**_json("Error", "too many progress streams open (this account, or this server), "
                              "or over the account's hourly test-send cap (50 messages)"),
@@ -246,6 +253,17 @@ def _paths() -> dict[str, Any]:
                 _query("cursor", STR, "next_cursor of the previous page (opaque)"),
                 _query("limit", {"type": "integer", "minimum": 1, "maximum": 1000},
                        "page size (default 100)")])},
+        # the dashboard's routes (api/dashboard_routes.py)
+        "/broadcasts/{id}/audit": {"get": op("the audit log: every transition, oldest first", (
+            "200", _json("AuditLog", "the audit log")), "404", params=[ID])},
+        "/broadcasts/{id}/audience": {"get": op(
+            "how many contacts a send would reach now (segment, minus unsubscribed and "
+            "suppressed)", ("200", _json("Audience", "the count")), "404", params=[ID])},
+        "/contacts/import": {"post": {**op(
+            "upsert contacts from a CSV body (email,name,tags), as `pgcast contacts import`", (
+                "200", _json("ImportResult", "imported, and rejected rows by line")),
+            "413 415 422"), "requestBody": {"required": True, "content": {
+                "text/csv": {"schema": STR}}}}},
         "/broadcasts/{id}/preview": {"get": op(
             "the message one contact would receive (rendered subject, text, html, headers)", (
                 "200", _json("Preview", "the rendered message")), "404 422", params=[
