@@ -18,7 +18,8 @@ from tests.integration import test_api_helpers as h
 Conn = psycopg.Connection[dict[str, Any]]
 TEXT = ("Dear {{ contact.name | default('friend', true) }},\n"
         "your plan: {{ contact.attributes.plan | default('free') }}.\n"
-        "Unsubscribe: {{ unsubscribe_url }}\n")
+        "Unsubscribe: {{ unsubscribe_url }}\n"
+        "{% if 'vip' in contact.tags %}VIP{% endif %}\n")
 HTML = ('<p>Dear {{ contact.name | default("friend", true) }}</p>'
         '<p><a href="{{ unsubscribe_url }}">Unsubscribe</a></p>')
 
@@ -41,10 +42,10 @@ def body(parsed: email.message.EmailMessage, subtype: str) -> str:
 
 def test_personalised_eml_and_one_click_unsubscribe_skips_the_next_broadcast(
         conn: Conn, db_url: str, tmp_path: Path) -> None:
-    conn.execute("INSERT INTO contacts (account, email, name, attributes) VALUES "
-                 "('default', 'ann@example.com', 'Ann', '{\"plan\": \"pro\"}'), "
-                 "('default', 'bob@example.com', '', '{}'), "
-                 "('default', 'cy@example.com', 'Cy', '{}')")
+    conn.execute("INSERT INTO contacts (account, email, name, attributes, tags) VALUES "
+                 "('default', 'ann@example.com', 'Ann', '{\"plan\": \"pro\"}', '{vip}'), "
+                 "('default', 'bob@example.com', '', '{}', '{}'), "
+                 "('default', 'cy@example.com', 'Cy', '{}', '{}')")
     ids = {r["email"]: r["id"] for r in conn.execute("SELECT id, email FROM contacts")}
     first = broadcasts.create(conn, "default", subject="Hi {{ contact.name }}",
                               from_address="News <news@example.com>", text=TEXT, html=HTML)
@@ -56,6 +57,8 @@ def test_personalised_eml_and_one_click_unsubscribe_skips_the_next_broadcast(
     assert str(ann["Subject"]) == "Hi Ann" and str(bob["Subject"]) == "Hi"
     assert body(ann, "plain").startswith("Dear Ann,\r\nyour plan: pro.\r\n")
     assert "Dear friend," in body(bob, "plain") and "your plan: free." in body(bob, "plain")
+    # contact.tags is read at the handoff like the name and the attributes
+    assert "VIP" in body(ann, "plain") and "VIP" not in body(bob, "plain")
     assert "<p>Dear friend</p>" in body(bob, "html")
     link = str(bob["List-Unsubscribe"]).strip("<>")
     assert str(bob["List-Unsubscribe-Post"]) == "List-Unsubscribe=One-Click"
