@@ -165,12 +165,13 @@ SELECT pgcast_unhandoff_v2(%(id)s, %(token)s, %(ids)s) AS undone
 SELECT * FROM pgcast_finalize_v4(%(id)s)
 
 -- sweep_candidates --
--- The broadcasts a sweep visits: sending or paused, and cancelled ones with rows in flight.
+-- Sending, paused, and cancelled with rows in flight: two index scans, never a finished one.
+SELECT b.id FROM broadcasts b WHERE b.status IN ('sending', 'paused')
+UNION
 SELECT b.id FROM broadcasts b
-WHERE b.status IN ('sending', 'paused')
-   OR (b.status = 'cancelled'
-       AND b.total - b.sent - b.failed - b.skipped - b.unknown - b.cancelled > 0)
-ORDER BY b.id
+WHERE b.status = 'cancelled'
+  AND b.total - b.sent - b.failed - b.skipped - b.unknown - b.cancelled > 0
+ORDER BY 1
 
 -- sweep_one --
 -- Lease expiry, unknown outcomes and finalization of one broadcast (its own transaction).
