@@ -56,7 +56,7 @@ def fill(conn: psycopg.Connection[Any], n: int, start: int) -> uuid.UUID:
         "now() - interval '60 s') RETURNING id", (ACCOUNT, n, n // 2)).fetchone()
     assert row is not None
     bid: uuid.UUID = row[0]
-    part = conn.execute("SELECT pgcast_partition_create_v2(%s)", (bid,)).fetchone()
+    part = conn.execute("SELECT pgcast_partition_create_v3(%s)", (bid,)).fetchone()
     assert part is not None
     conn.execute(
         f"INSERT INTO {part[0]} (broadcast_id, contact_id, email, status, worker, sent_at) "
