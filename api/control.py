@@ -37,10 +37,32 @@ def _answer(result: dict[str, Any]) -> Response:
     return http.Json(result, status_code=200 if result["success"] else 409)
 
 
+async def _allow_empty(request: Request) -> bool:
+    # the body is optional: none, or {"allow_empty": true|false}
+    headers = request.headers
+    if headers.get("content-length", "0") == "0" and "transfer-encoding" not in headers:
+        return False
+    body = await http.read_json(request)
+    if not isinstance(body, dict) or set(body) - {"allow_empty"}:
+        raise errors.InvalidBody('body: the only field is "allow_empty"')
+    value = body.get("allow_empty", False)
+    if not isinstance(value, bool):
+        raise errors.InvalidBody("body.allow_empty: must be true or false")
+    return value
+
+
 async def send(request: Request) -> Response:
-    """POST /broadcasts/{id}/send: snapshot the recipients and return at once."""
-    row = await _call(request, auth.principal(request), "broadcast_send", {})
-    result = broadcasts.send_result(row)
+    """POST /broadcasts/{id}/send: snapshot the recipients and return at once (409 when
+    nobody matches, unless {"allow_empty": true})."""
+    who = auth.principal(request)
+    row = await _call(request, who, "broadcast_send",
+                      {"allow_empty": await _allow_empty(request)})
+    tag = None
+    if row["status"] == "empty":
+        found = await db.one(context.pool(request), "broadcast_get",
+                             {"account": who.account, "id": context.broadcast_id(request)})
+        tag = found["segment_tag"] if found else None
+    result = broadcasts.send_result(row, tag)
     response = _answer(result)
     if broadcasts.needs_analyze(result):
         # fresh planner statistics for the workers, after the answer has gone out

@@ -85,8 +85,18 @@ def get(conn: psycopg.Connection[Any], account: str, broadcast_id: uuid.UUID) ->
 # -- results: the response of each control operation, shared by the CLI and the API --------
 
 
-def send_result(row: dict[str, Any]) -> dict[str, Any]:
-    """The answer to a send, from a pgcast_send_v3 row."""
+def empty_message(tag: str | None) -> str:
+    """Why a send with nobody to mail was refused, naming the segment."""
+    who = (f"no mailable contact has the tag {tag!r}" if tag else
+           "the account has no mailable contact")
+    return (f"Nobody to send to: {who}; nothing was sent (allow_empty sends it anyway, "
+            f"and it finishes at once)")
+
+
+def send_result(row: dict[str, Any], tag: str | None = None) -> dict[str, Any]:
+    """The answer to a send, from a pgcast_send row (status 'empty': refused, nobody matched)."""
+    if not row["ok"] and row["status"] == "empty":
+        return {"success": False, "status": "empty", "message": empty_message(tag)}
     if not row["ok"]:
         return {"success": False, "status": row["status"],
                 "message": f"Broadcast is {row['status']}; only a draft can be sent"}
@@ -129,10 +139,13 @@ def _control(conn: psycopg.Connection[Any], query: str, params: dict[str, Any]) 
     return dict(row)
 
 
-def send(conn: psycopg.Connection[Any], account: str, broadcast_id: uuid.UUID) -> dict[str, Any]:
-    """Snapshot and start sending: the seed system's response shape."""
-    result = send_result(_control(conn, "broadcast_send",
-                                  {"account": account, "id": broadcast_id}))
+def send(conn: psycopg.Connection[Any], account: str, broadcast_id: uuid.UUID, *,
+         allow_empty: bool = False) -> dict[str, Any]:
+    """Snapshot and start sending (refused when nobody matches, unless allow_empty)."""
+    row = _control(conn, "broadcast_send",
+                   {"account": account, "id": broadcast_id, "allow_empty": allow_empty})
+    tag = get(conn, account, broadcast_id)["segment_tag"] if row["status"] == "empty" else None
+    result = send_result(row, tag)
     if needs_analyze(result):
         conn.execute(QUERIES["analyze_recipients"], {"id": broadcast_id})
     return result

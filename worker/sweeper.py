@@ -24,6 +24,9 @@ def sweep_once(url: str) -> list[dict[str, Any]]:
 
 
 def _log(rows: list[dict[str, Any]]) -> None:
+    # every run at DEBUG; what it changed at INFO (an operator wants finished broadcasts,
+    # and reclaimed leases or unknown outcomes mean a worker died)
+    log.debug("sweep ran: %d broadcasts changed", len(rows))
     for row in rows:
         log.info("sweep %s: reclaimed %s, unknown %s, finalized %s", row["broadcast_id"],
                  row["reclaimed"], row["unknown"], row["finalized"])
