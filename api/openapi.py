@@ -215,8 +215,9 @@ def _with_operator_routes(paths: dict[str, Any]) -> dict[str, Any]:
         "erase a person's data; a hash is kept so a re-import is refused", (
             "200", _json("Erased", "erased (or the address is now refused)")),
         "400 413 422", body="EmailIn")}
-    paths["/broadcasts/{id}/send"]["post"]["requestBody"] = {
-        "required": False, "content": {JSON: {"schema": ref("SendIn")}}}
+    send = paths["/broadcasts/{id}/send"]["post"]
+    send["requestBody"] = {"required": False, "content": {JSON: {"schema": ref("SendIn")}}}
+    send["responses"].update({code: ERRORS[code] for code in ("400", "413", "422")})
     return paths
 
 

@@ -87,7 +87,7 @@ def register(sub: Any) -> None:
     a.set_defaults(func=cmd_api)
 
     t = sub.add_parser("token", help="print a JWT signed with PGCAST_JWT_SECRET (development)")
-    t.add_argument("--account", required=True)
+    t.add_argument("--account", required=True, help="the account (tenant) the token acts in")
     t.add_argument("--sub", default="dev", help="the token's subject (default dev)")
     t.add_argument("--ttl", type=_ttl, default=float(DEFAULT_TTL),
                    help=f"lifetime in seconds (default {DEFAULT_TTL})")
