@@ -13,23 +13,31 @@ from sql.queries import QUERIES
 log = logging.getLogger("pgcast.sweeper")
 
 QUEUE = "pgcast"
+COUNTS = ("status", "total", "sent", "failed", "skipped", "unknown", "cancelled")
 
 
 def sweep_once(url: str) -> list[dict[str, Any]]:
     """Reclaim expired leases, mark lost handoffs unknown, finalize drained broadcasts."""
     with psycopg.connect(url, autocommit=True, row_factory=psycopg.rows.dict_row) as conn:
         rows = [dict(r) for r in conn.execute(QUERIES["sweep"]).fetchall()]
-    _log(rows)
+        counts = [conn.execute(QUERIES["broadcast_counts"], {"id": r["broadcast_id"]}).fetchone()
+                  for r in rows if r["finalized"]]
+    _log(rows, [c for c in counts if c is not None])
     return rows
 
 
-def _log(rows: list[dict[str, Any]]) -> None:
+def _log(rows: list[dict[str, Any]], finished: list[Any]) -> None:
     # every run at DEBUG; what it changed at INFO (an operator wants finished broadcasts,
     # and reclaimed leases or unknown outcomes mean a worker died)
     log.debug("sweep ran: %d broadcasts changed", len(rows))
     for row in rows:
-        log.info("sweep %s: reclaimed %s, unknown %s, finalized %s", row["broadcast_id"],
-                 row["reclaimed"], row["unknown"], row["finalized"])
+        if row["reclaimed"] or row["unknown"]:
+            log.info("sweep %s: reclaimed %s, unknown %s", row["broadcast_id"], row["reclaimed"],
+                     row["unknown"])
+    for bid, c in zip([r["broadcast_id"] for r in rows if r["finalized"]], finished,
+                      strict=False):
+        log.info("broadcast %s finished %s: total %s, sent %s, failed %s, skipped %s, "
+                 "unknown %s, cancelled %s", bid, *(c[k] for k in COUNTS))
 
 
 def make_app(url: str, cron: str) -> procrastinate.App:
@@ -46,7 +54,13 @@ def make_app(url: str, cron: str) -> procrastinate.App:
         async with await psycopg.AsyncConnection.connect(
                 url, autocommit=True, row_factory=psycopg.rows.dict_row) as conn:
             cur = await conn.execute(QUERIES["sweep"])
-            _log([dict(r) for r in await cur.fetchall()])
+            rows = [dict(r) for r in await cur.fetchall()]
+            finished = []
+            for r in rows:
+                if r["finalized"]:
+                    got = await conn.execute(QUERIES["broadcast_counts"], {"id": r["broadcast_id"]})
+                    finished.append(await got.fetchone())
+            _log(rows, finished)
 
     del sweep
     return app

@@ -205,3 +205,30 @@ def test_default_home_is_the_xdg_data_dir_and_an_existing_dot_pgcast_is_kept(
         said.append(done.stderr.strip().splitlines())
     assert said[0][0].startswith(f"pgcast: using the existing {work / '.pgcast'}")
     assert said[0][1:] == said[1] == [f"pgcast: data in {work / '.pgcast' / 'pgdata'}"]
+
+
+def test_worker_logs_what_an_operator_needs_at_info_and_sweeps_only_at_debug(
+        conn: Conn, db_url: str, procs: support.Processes) -> None:
+    support.seed_contacts(conn, 3)
+    bid = support.new_broadcast(conn)
+    proc = procs.start(db_url, "worker", "--sweep-every", "1", PGCAST_PROVIDER="null",
+                       PGCAST_LOG_LEVEL="INFO")
+    support.wait_for(lambda: support.progress(conn, bid)["status"] == "sent")
+    # sweeps deferred two periods apart, and none left to run: the sweeper ran at least twice
+    # while the worker logged at INFO (procrastinate keeps only the latest defer's row)
+    def last_defer() -> Any:
+        row = conn.execute("SELECT max(defer_timestamp) AS t FROM procrastinate_periodic_defers "
+                           "WHERE NOT EXISTS (SELECT 1 FROM procrastinate_jobs "
+                           "WHERE status IN ('todo', 'doing'))").fetchone()
+        return row["t"] if row else None
+
+    support.wait_for(last_defer)
+    first = last_defer()
+    support.wait_for(lambda: (last_defer() or 0) >= first + 2)
+    assert procs.stop(proc) == 0
+    log = procs.log(proc)
+    assert "started (provider null)" in log
+    assert f"working on broadcast {bid}" in log
+    assert (f"broadcast {bid} finished sent: total 3, sent 3, failed 0, skipped 0, unknown 0, "
+            "cancelled 0") in log
+    assert "procrastinate" not in log and "sweep ran" not in log, log
