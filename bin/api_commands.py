@@ -67,6 +67,14 @@ def cmd_api(args: argparse.Namespace) -> int:
     return 0
 
 
+def _port(raw: str) -> int:
+    try:
+        return int(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be a port number, 1-65535 (flag or PGCAST_API_PORT): {raw!r}") from None
+
+
 def _ttl(raw: str) -> float:
     try:
         value = float(raw)
@@ -82,7 +90,9 @@ def register(sub: Any) -> None:
     a = sub.add_parser("api", help="serve the HTTP API (uvicorn)")
     a.add_argument("--host", default=os.environ.get("PGCAST_API_HOST", DEFAULT_HOST),
                    help=f"listen address (default {DEFAULT_HOST}, env PGCAST_API_HOST)")
-    a.add_argument("--port", type=int, default=int(os.environ.get("PGCAST_API_PORT", DEFAULT_PORT)),
+    # a string default goes through the type too: a bad PGCAST_API_PORT is one line, exit 2
+    a.add_argument("--port", type=_port,
+                   default=os.environ.get("PGCAST_API_PORT", str(DEFAULT_PORT)),
                    help=f"listen port (default {DEFAULT_PORT}, env PGCAST_API_PORT)")
     a.set_defaults(func=cmd_api)
 

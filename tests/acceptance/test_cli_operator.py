@@ -180,9 +180,11 @@ def test_version_and_bad_log_level(db_url: str) -> None:
         assert done.stderr.strip().splitlines() == [
             "pgcast: error: PGCAST_LOG_LEVEL: 'verbose' is not a log level; use one of debug, "
             "info, warning, error, critical (default info)"]
-    for var, value in (("PGCAST_LEASE_SECONDS", "soon"), ("PGCAST_BREAKER", "-1"),
-                       ("PGCAST_SWEEP_SECONDS", "90")):
-        done = run(db_url, "worker", "--once", env=support.pgcast_env(db_url, **{var: value}))
+    for var, value, command in (("PGCAST_LEASE_SECONDS", "soon", "worker"),
+                                ("PGCAST_BREAKER", "-1", "worker"),
+                                ("PGCAST_SWEEP_SECONDS", "90", "worker"),
+                                ("PGCAST_API_PORT", "http", "api")):
+        done = run(db_url, command, env=support.pgcast_env(db_url, **{var: value}))
         assert done.returncode == 2 and var in done.stderr, done
         assert len(done.stderr.strip().splitlines()) == 1
 
