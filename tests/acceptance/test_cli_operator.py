@@ -234,3 +234,31 @@ def test_worker_logs_what_an_operator_needs_at_info_and_sweeps_only_at_debug(
     assert (f"broadcast {bid} finished sent: total 3, sent 3, failed 0, skipped 0, unknown 0, "
             "cancelled 0") in log
     assert "procrastinate" not in log and "sweep ran" not in log, log
+
+
+def test_watch_of_a_paused_broadcast_shows_no_eta_and_ends_with_the_api_shape(
+        conn: Conn, db_url: str) -> None:
+    support.seed_contacts(conn, 5)
+    bid = support.new_broadcast(conn)
+    conn.execute("UPDATE broadcasts SET started_at = now() - interval '10 seconds'")
+    run(db_url, "broadcast", "pause", str(bid))
+    done = run(db_url, "broadcast", "status", str(bid)[:8], "--watch")
+    bar, last = done.stdout.strip().splitlines()
+    assert bar.endswith("ETA -  paused"), bar
+    final = json.loads(last)
+    assert (final["status"], final["eta_seconds"]) == ("paused", None)
+
+
+def test_db_url_prints_the_url_alone_on_stdout_and_where_the_data_lives_on_stderr(
+        tmp_path: Path) -> None:
+    from sql import embedded
+
+    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+    env["PGCAST_HOME"] = str(tmp_path / "home")
+    try:
+        done = subprocess.run([PGCAST, "db", "url"], env=env, capture_output=True, text=True,
+                              timeout=120, check=True)
+        assert done.stdout.count("\n") == 1 and done.stdout.startswith("postgresql://")
+        assert done.stderr.strip() == f"pgcast: data in {tmp_path / 'home' / 'pgdata'}"
+    finally:
+        embedded.discard(tmp_path / "home")
