@@ -89,8 +89,8 @@ def empty_message(tag: str | None) -> str:
     """Why a send with nobody to mail was refused, naming the segment."""
     who = (f"no mailable contact has the tag {tag!r}" if tag else
            "the account has no mailable contact")
-    return (f"Nobody to send to: {who}; nothing was sent (allow_empty sends it anyway, "
-            f"and it finishes at once)")
+    return (f"Nobody to send to: {who}; nothing was sent (to send it anyway, and have it "
+            f"finish at once: --allow-empty, or {{\"allow_empty\": true}} in the API)")
 
 
 def send_result(row: dict[str, Any], tag: str | None = None) -> dict[str, Any]:
