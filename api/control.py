@@ -56,13 +56,13 @@ async def send(request: Request) -> Response:
     nobody matches, unless {"allow_empty": true})."""
     who = auth.principal(request)
     row = await _call(request, who, "broadcast_send",
-                      {"allow_empty": await _allow_empty(request)})
-    tag = None
+                      {"allow_empty": await _allow_empty(request), "details": _details(who)})
+    segment = None
     if row["status"] == "empty":
         found = await db.one(context.pool(request), "broadcast_get",
                              {"account": who.account, "id": context.broadcast_id(request)})
-        tag = found["segment_tag"] if found else None
-    result = broadcasts.send_result(row, tag)
+        segment = found["segment_tag"] if found else None
+    result = broadcasts.send_result(row, segment)
     response = _answer(result)
     if broadcasts.needs_analyze(result):
         # fresh planner statistics for the workers, after the answer has gone out

@@ -85,19 +85,19 @@ def get(conn: psycopg.Connection[Any], account: str, broadcast_id: uuid.UUID) ->
 # -- results: the response of each control operation, shared by the CLI and the API --------
 
 
-def empty_message(tag: str | None) -> str:
+def empty_message(segment: str | None) -> str:
     """Why a send with nobody to mail was refused, naming the segment."""
-    who = (f"no mailable contact has the tag {tag!r}" if tag else
+    who = (f"no mailable contact has the tag {segment!r}" if segment else
            "the account has no mailable contact")
     return (f"Nobody to send to: {who}; nothing was sent (to send it anyway, and have it "
             f"finish at once: --allow-empty, or {{\"allow_empty\": true}} in the API)")
 
 
-def send_result(row: dict[str, Any], tag: str | None = None) -> dict[str, Any]:
-    """The answer to a send, from a pgcast_send row (status 'empty': refused, nobody matched)."""
-    if not row["ok"] and row["status"] == "empty":
-        return {"success": False, "status": "empty", "message": empty_message(tag)}
+def send_result(row: dict[str, Any], segment: str | None = None) -> dict[str, Any]:
+    """The answer to a send, from a pgcast_send_v4 row (segment: the broadcast's tag)."""
     if not row["ok"]:
+        if row["status"] == "empty":
+            return {"success": False, "status": "empty", "message": empty_message(segment)}
         return {"success": False, "status": row["status"],
                 "message": f"Broadcast is {row['status']}; only a draft can be sent"}
     n = row["queued"]
@@ -140,12 +140,17 @@ def _control(conn: psycopg.Connection[Any], query: str, params: dict[str, Any]) 
 
 
 def send(conn: psycopg.Connection[Any], account: str, broadcast_id: uuid.UUID, *,
-         allow_empty: bool = False) -> dict[str, Any]:
-    """Snapshot and start sending (refused when nobody matches, unless allow_empty)."""
-    row = _control(conn, "broadcast_send",
-                   {"account": account, "id": broadcast_id, "allow_empty": allow_empty})
-    tag = get(conn, account, broadcast_id)["segment_tag"] if row["status"] == "empty" else None
-    result = send_result(row, tag)
+         allow_empty: bool = False, details: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Snapshot and start sending: the seed system's response shape."""
+    row = _control(conn, "broadcast_send", {"account": account, "id": broadcast_id,
+                                            "allow_empty": allow_empty,
+                                            "details": json.dumps(details or {})})
+    segment = None
+    if row["status"] == "empty":
+        found = conn.execute(QUERIES["broadcast_get"],
+                             {"account": account, "id": broadcast_id}).fetchone()
+        segment = found["segment_tag"] if found else None
+    result = send_result(row, segment)
     if needs_analyze(result):
         conn.execute(QUERIES["analyze_recipients"], {"id": broadcast_id})
     return result

@@ -3,12 +3,11 @@
 
 -- contacts_page --
 -- An account's contacts by address, keyset-paged on the unique index (account, lower(email))
--- so a cursor is an address the caller has seen; optionally by tag and mailing status
--- (erased contacts are left out: nothing of them is left to show).
+-- so a cursor is an address the caller has seen; optionally by tag and mailing status.
 SELECT lower(email) AS key, email, name, tags, attributes, unsubscribed_at, suppressed_at, suppressed_reason,
        created_at, updated_at
 FROM contacts
-WHERE account = %(account)s AND erased_at IS NULL
+WHERE account = %(account)s
   AND lower(email) > %(after)s
   AND (%(tag)s::text IS NULL OR tags @> ARRAY[%(tag)s::text])
   AND (%(status)s::text IS NULL
@@ -22,7 +21,7 @@ LIMIT %(limit)s
 -- Every attribute name an account's contacts use (the columns of `contacts export`).
 SELECT DISTINCT k.key
 FROM contacts c, jsonb_object_keys(c.attributes) AS k(key)
-WHERE c.account = %(account)s AND c.erased_at IS NULL AND c.attributes <> '{}'
+WHERE c.account = %(account)s AND c.attributes <> '{}'
 ORDER BY 1
 
 -- contacts_count --
@@ -32,7 +31,7 @@ SELECT count(*) AS total,
        count(*) FILTER (WHERE unsubscribed_at IS NOT NULL) AS unsubscribed,
        count(*) FILTER (WHERE suppressed_at IS NOT NULL) AS suppressed
 FROM contacts
-WHERE account = %(account)s AND erased_at IS NULL
+WHERE account = %(account)s
   AND (%(tag)s::text IS NULL OR tags @> ARRAY[%(tag)s::text])
 
 -- contact_resubscribe --
@@ -40,7 +39,7 @@ WHERE account = %(account)s AND erased_at IS NULL
 -- `changed` is false when the contact was not unsubscribed (nothing recorded).
 WITH c AS (
     SELECT id, email, unsubscribed_at, suppressed_at FROM contacts
-    WHERE account = %(account)s AND lower(email) = lower(%(email)s) AND erased_at IS NULL
+    WHERE account = %(account)s AND lower(email) = lower(%(email)s)
     FOR UPDATE
 ), u AS (
     UPDATE contacts k SET unsubscribed_at = NULL, updated_at = now()

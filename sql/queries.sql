@@ -109,8 +109,9 @@ WHERE id = %(id)s AND account = %(account)s AND status = ANY (ARRAY['draft'])
 RETURNING id
 
 -- broadcast_send --
--- Snapshot the recipients into the broadcast's own partition and start sending.
-SELECT * FROM pgcast_send_v3(%(account)s, %(id)s)
+-- Snapshot the mailable recipients into the broadcast's own partition and start sending
+-- (status 'empty', nothing changed, when nobody matches and allow_empty is false).
+SELECT * FROM pgcast_send_v4(%(account)s, %(id)s, %(allow_empty)s, %(details)s::jsonb)
 
 -- analyze_recipients --
 -- Fresh planner statistics for one broadcast's partition after a big snapshot (its own
@@ -118,12 +119,12 @@ SELECT * FROM pgcast_send_v3(%(account)s, %(id)s)
 SELECT pgcast_analyze_v1(%(id)s)
 
 -- broadcast_cancel --
--- Cancel a draft, sending or paused broadcast (pgcast_cancel_v2).
-SELECT * FROM pgcast_cancel_v2(%(account)s, %(id)s, %(details)s::jsonb)
+-- Cancel a draft, scheduled, sending or paused broadcast (pgcast_cancel_v3).
+SELECT * FROM pgcast_cancel_v3(%(account)s, %(id)s, %(details)s::jsonb)
 
 -- broadcast_pause --
 -- Pause a sending broadcast with a reason; account NULL = any.
-SELECT * FROM pgcast_pause_v3(%(account)s, %(id)s, %(reason)s, %(details)s::jsonb)
+SELECT * FROM pgcast_pause_v4(%(account)s, %(id)s, %(reason)s, %(details)s::jsonb)
 
 -- broadcast_resume --
 -- Resume a paused broadcast under a new epoch (pgcast_resume_v1).
@@ -148,13 +149,13 @@ SELECT id, account, subject, from_address, text_body, html_body FROM broadcasts 
 
 -- claim --
 -- Claim up to `limit` rows of one broadcast: requeued first, then fresh after the cursor
--- `after` (pgcast_claim_v2; last_fresh = the cursor's next value, NULL = none left after it).
-SELECT * FROM pgcast_claim_v2(%(id)s, %(limit)s, %(token)s, %(worker)s,
+-- `after` (pgcast_claim_v3; last_fresh = the cursor's next value, NULL = none left after it).
+SELECT * FROM pgcast_claim_v3(%(id)s, %(limit)s, %(token)s, %(worker)s,
                               make_interval(secs => %(lease)s), %(after)s)
 
 -- claim_handoff --
 -- Claim up to `limit` rows and hand them off at once (handed = false: only claimed).
-SELECT * FROM pgcast_claim_handoff_v2(%(id)s, %(limit)s, %(token)s, %(worker)s,
+SELECT * FROM pgcast_claim_handoff_v3(%(id)s, %(limit)s, %(token)s, %(worker)s,
                                       make_interval(secs => %(lease)s), %(after)s)
 
 -- fresh_floor --
@@ -162,12 +163,13 @@ SELECT * FROM pgcast_claim_handoff_v2(%(id)s, %(limit)s, %(token)s, %(worker)s,
 SELECT pgcast_fresh_floor_v1(%(id)s, %(from)s) AS floor
 
 -- handoff --
--- The fence: claimed -> sending (or skipped) for one group (pgcast_handoff_v1).
-SELECT * FROM pgcast_handoff_v1(%(id)s, %(epoch)s, %(token)s, %(ids)s)
+-- The fence: claimed -> sending (or skipped) for one group, with each contact's name and
+-- attributes (pgcast_handoff_v2).
+SELECT * FROM pgcast_handoff_v2(%(id)s, %(epoch)s, %(token)s, %(ids)s)
 
 -- record --
 -- One group's provider outcomes and counters.
-SELECT * FROM pgcast_record_v3(%(id)s, %(token)s, %(ids)s, %(outcomes)s, %(message_ids)s,
+SELECT * FROM pgcast_record_v4(%(id)s, %(token)s, %(ids)s, %(outcomes)s, %(message_ids)s,
                                %(errors)s, %(retry_in)s, %(breaker)s)
 
 -- release --
@@ -180,11 +182,19 @@ SELECT pgcast_unhandoff_v2(%(id)s, %(token)s, %(ids)s) AS undone
 
 -- finalize --
 -- sending -> sent|failed when drained.
-SELECT * FROM pgcast_finalize_v3(%(id)s)
+SELECT * FROM pgcast_finalize_v4(%(id)s)
 
--- sweep --
--- Lease expiry, unknown outcomes, finalization.
-SELECT * FROM pgcast_sweep_v3()
+-- sweep_candidates --
+-- The broadcasts a sweep visits: sending or paused, and cancelled ones with rows in flight.
+SELECT b.id FROM broadcasts b
+WHERE b.status IN ('sending', 'paused')
+   OR (b.status = 'cancelled'
+       AND b.total - b.sent - b.failed - b.skipped - b.unknown - b.cancelled > 0)
+ORDER BY b.id
+
+-- sweep_one --
+-- Lease expiry, unknown outcomes and finalization of one broadcast (its own transaction).
+SELECT * FROM pgcast_sweep_one_v1(%(id)s)
 
 -- renew --
 -- Extends the lease on the claims a live worker holds: (broadcast, claim token) pairs.

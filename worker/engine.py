@@ -430,12 +430,13 @@ class Engine:
         if not rows:
             await self._drained(bid)
             return
-        epoch = rows[0][4]
-        attempts = {r[0]: r[3] for r in rows}
-        handed = [(r[0], r[1], r[2]) for r in rows if r[5]]
+        # contact_id, email, name, attributes, attempts, epoch, handed, last_fresh
+        epoch = rows[0][5]
+        attempts = {r[0]: r[4] for r in rows}
+        handed = [(r[0], r[1], r[2], r[3]) for r in rows if r[6]]
         # contacts that unsubscribed since the snapshot were only claimed: the handoff skips
         # them (under the broadcast row lock), and whatever it cannot is released
-        claimed = [r[0] for r in rows if not r[5]]
+        claimed = [r[0] for r in rows if not r[6]]
         try:
             go_on = True
             if handed:
@@ -490,10 +491,11 @@ class Engine:
         return await self._send_and_record(bid, epoch, token, handed, attempts, content)
 
     async def _send_and_record(self, bid: uuid.UUID, epoch: int, token: uuid.UUID,
-                               handed: list[tuple[int, str, str | None]],
+                               handed: list[tuple[Any, ...]],
                                attempts: dict[int, int], content: render.Content) -> bool:
         """Rows already handed off: the provider, then the record; False: stop the batch."""
-        messages = [render.render(content, cid, addr, name) for cid, addr, name in handed]
+        # rows of the handoff: contact_id, email, name, attributes
+        messages = [render.render(content, cid, addr, name) for cid, addr, name, *_ in handed]
         if self.provider.blocking:
             outcomes = await asyncio.to_thread(self._send_group, messages, attempts)
         else:

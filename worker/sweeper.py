@@ -16,13 +16,36 @@ QUEUE = "pgcast"
 COUNTS = ("status", "total", "sent", "failed", "skipped", "unknown", "cancelled")
 
 
+def sweep_conn(conn: psycopg.Connection[Any]) -> list[dict[str, Any]]:
+    """One sweep on an autocommit connection: one broadcast per transaction."""
+    done: list[dict[str, Any]] = []
+    cur = conn.cursor(row_factory=psycopg.rows.dict_row)
+    ids = [r["id"] for r in cur.execute(QUERIES["sweep_candidates"]).fetchall()]
+    for bid in ids:
+        done.extend(dict(r) for r in cur.execute(QUERIES["sweep_one"], {"id": bid}).fetchall())
+    return done
+
+
+async def sweep_async(conn: psycopg.AsyncConnection[Any]) -> list[dict[str, Any]]:
+    """sweep_conn on an asynchronous autocommit connection."""
+    done: list[dict[str, Any]] = []
+    cur = conn.cursor(row_factory=psycopg.rows.dict_row)
+    await cur.execute(QUERIES["sweep_candidates"])
+    ids = [r["id"] for r in await cur.fetchall()]
+    for bid in ids:
+        await cur.execute(QUERIES["sweep_one"], {"id": bid})
+        done.extend(dict(r) for r in await cur.fetchall())
+    return done
+
+
 def sweep_once(url: str) -> list[dict[str, Any]]:
     """Reclaim expired leases, mark lost handoffs unknown, finalize drained broadcasts."""
-    with psycopg.connect(url, autocommit=True, row_factory=psycopg.rows.dict_row) as conn:
-        rows = [dict(r) for r in conn.execute(QUERIES["sweep"]).fetchall()]
-        counts = [conn.execute(QUERIES["broadcast_counts"], {"id": r["broadcast_id"]}).fetchone()
-                  for r in rows if r["finalized"]]
-    _log(rows, [c for c in counts if c is not None])
+    with psycopg.connect(url, autocommit=True) as conn:
+        rows = sweep_conn(conn)
+        cur = conn.cursor(row_factory=psycopg.rows.dict_row)
+        finished = [cur.execute(QUERIES["broadcast_counts"], {"id": r["broadcast_id"]}).fetchone()
+                    for r in rows if r["finalized"]]
+    _log(rows, finished)
     return rows
 
 
@@ -36,8 +59,9 @@ def _log(rows: list[dict[str, Any]], finished: list[Any]) -> None:
                      row["unknown"])
     for bid, c in zip([r["broadcast_id"] for r in rows if r["finalized"]], finished,
                       strict=False):
-        log.info("broadcast %s finished %s: total %s, sent %s, failed %s, skipped %s, "
-                 "unknown %s, cancelled %s", bid, *(c[k] for k in COUNTS))
+        if c is not None:
+            log.info("broadcast %s finished %s: total %s, sent %s, failed %s, skipped %s, "
+                     "unknown %s, cancelled %s", bid, *(c[k] for k in COUNTS))
 
 
 def make_app(url: str, cron: str) -> procrastinate.App:
@@ -53,8 +77,7 @@ def make_app(url: str, cron: str) -> procrastinate.App:
     async def sweep(timestamp: int) -> None:
         async with await psycopg.AsyncConnection.connect(
                 url, autocommit=True, row_factory=psycopg.rows.dict_row) as conn:
-            cur = await conn.execute(QUERIES["sweep"])
-            rows = [dict(r) for r in await cur.fetchall()]
+            rows = await sweep_async(conn)
             finished = []
             for r in rows:
                 if r["finalized"]:

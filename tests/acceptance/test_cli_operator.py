@@ -265,3 +265,23 @@ def test_db_url_prints_the_url_alone_on_stdout_and_where_the_data_lives_on_stder
         assert done.stderr.strip() == f"pgcast: data in {tmp_path / 'home' / 'pgdata'}"
     finally:
         embedded.discard(tmp_path / "home")
+
+
+def test_a_send_that_matches_nobody_is_refused_naming_the_segment_unless_allowed(
+        conn: Conn, db_url: str, tmp_path: Path) -> None:
+    support.seed_contacts(conn, 2, tag="vip")
+    body = tmp_path / "b.txt"
+    body.write_text("Hi")
+    bid = run(db_url, "broadcast", "create", "--subject", "S", "--from", "a@example.com",
+              "--text", str(body), "--tag", "vpi").stdout.strip()
+    done = run(db_url, "broadcast", "send", bid)
+    assert done.returncode == 1, done
+    refused = json.loads(done.stdout)
+    assert (refused["success"], refused["status"]) == (False, "empty")
+    assert "'vpi'" in refused["message"] and "--allow-empty" in refused["message"]
+    assert conn.execute("SELECT status FROM broadcasts").fetchone() == {"status": "draft"}
+    done = run(db_url, "broadcast", "send", bid, "--allow-empty")
+    assert done.returncode == 0, done
+    sent = json.loads(done.stdout)
+    assert (sent["success"], sent["queued"]) == (True, 0)
+    assert conn.execute("SELECT status FROM broadcasts").fetchone() == {"status": "sent"}

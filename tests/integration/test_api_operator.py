@@ -92,3 +92,17 @@ def test_send_body_is_optional_and_checked(api: h.Api, conn: Conn) -> None:
         assert api.post(f"/broadcasts/{bid}/send", json=bad).status_code == 422, bad
     r = api.post(f"/broadcasts/{bid}/send", json={"allow_empty": False})
     assert r.status_code == 200 and r.json()["queued"] == 1, r.text
+
+
+def test_a_send_that_matches_nobody_is_409_naming_the_segment_unless_allowed(
+        api: h.Api, conn: Conn) -> None:
+    support.seed_contacts(conn, 2, account=A, tag="vip")
+    r = api.post("/broadcasts", json={"subject": "S", "from": "a@example.com", "text": "x",
+                                      "tag": "vpi"})
+    bid = r.json()["id"]
+    r = api.post(f"/broadcasts/{bid}/send")
+    assert r.status_code == 409, r.text
+    assert (r.json()["status"], "'vpi'" in r.json()["message"]) == ("empty", True)
+    assert conn.execute("SELECT status FROM broadcasts").fetchone() == {"status": "draft"}
+    r = api.post(f"/broadcasts/{bid}/send", json={"allow_empty": True})
+    assert r.status_code == 200 and r.json()["queued"] == 0, r.text

@@ -27,12 +27,9 @@ def test_erase_pins_synchronous_commit_and_keeps_only_the_hash(db_url: str) -> N
         kept = conn.execute("SELECT account, email_hash FROM contact_erasures").fetchall()
         assert kept == [{"account": "default",
                          "email_hash": hashlib.sha256(b"user0@example.com").digest()}]
-        contact = conn.execute("SELECT email, name, unsubscribed_at, erased_at FROM contacts"
-                               ).fetchone()
-        assert contact is not None
-        assert contact["email"] == f"erased-{row['contact_id']}@erased.invalid"
-        assert contact["name"] == "" and contact["unsubscribed_at"] is not None
-        assert contact["erased_at"] is not None
+        assert conn.execute("SELECT count(*) AS n FROM contacts").fetchone() == {"n": 0}
+        event = conn.execute("SELECT contact_id, action FROM contact_events").fetchone()
+        assert event == {"contact_id": row["contact_id"], "action": "erase"}
 
 
 def test_an_erased_contact_still_in_a_sending_broadcast_is_skipped_not_mailed(
@@ -49,4 +46,6 @@ def test_an_erased_contact_still_in_a_sending_broadcast_is_skipped_not_mailed(
         "SELECT email, status FROM broadcast_recipients").fetchall()}
     assert left == {f"erased-{erased['contact_id']}@erased.invalid": "skipped",
                     "user1@example.com": "sending"}
+    assert conn.execute("SELECT last_error FROM broadcast_recipients WHERE status = 'skipped'"
+                        ).fetchone() == {"last_error": "contact erased"}
     support.assert_counters_true(conn, bid)
