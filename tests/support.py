@@ -190,14 +190,14 @@ def seed_contacts(conn: psycopg.Connection[Any], n: int, *, account: str = "defa
 
 def new_broadcast(conn: psycopg.Connection[Any], *, account: str = "default",
                   tag: str | None = None, from_address: str = "news@example.com",
-                  send: bool = True) -> uuid.UUID:
+                  send: bool = True, allow_empty: bool = False) -> uuid.UUID:
     """A draft (sent unless send=False); returns its id."""
     from sql import broadcasts
 
     row = broadcasts.create(conn, account, subject="Hello", from_address=from_address,
                             text="Hello there", tag=tag)
     if send:
-        result = broadcasts.send(conn, account, row["id"])
+        result = broadcasts.send(conn, account, row["id"], allow_empty=allow_empty)
         assert result["success"], result
     return uuid.UUID(str(row["id"]))
 

@@ -154,7 +154,7 @@ def test_transitions_and_409s(api: h.Api, conn: Conn) -> None:
     row = conn.execute("SELECT status, audit_log FROM broadcasts").fetchone()
     assert row is not None and row["status"] == "cancelled"
     actions = [(e["action"], e["details"].get("via")) for e in row["audit_log"]]
-    assert actions == [("create", None), ("send", None), ("pause", "api"), ("resume", "api"),
+    assert actions == [("create", None), ("send", "api"), ("pause", "api"), ("resume", "api"),
                        ("cancel", "api")]
     assert support.assert_counters_true(conn, uuid.UUID(b["id"]))["cancelled"] == 10
 
@@ -174,12 +174,13 @@ def test_api_messages_equal_the_cli_ones(api: h.Api, conn: Conn) -> None:
         assert ours == getattr(broadcasts, action)(conn, A, bid)
 
 
-def test_send_with_no_recipients_is_sent_at_once(api: h.Api) -> None:
+def test_send_with_no_recipients_is_refused_naming_the_segment(api: h.Api) -> None:
     b = create(api, tag="nobody")
     r = api.post(f"/broadcasts/{b['id']}/send")
-    assert r.json()["queued"] == 0 and r.json()["status"] == "sent"
+    assert r.status_code == 409
+    assert r.json()["status"] == "empty" and "'nobody'" in r.json()["message"]
     p = api.get(f"/broadcasts/{b['id']}/progress").json()
-    assert (p["status"], p["total"], p["eta_seconds"]) == ("sent", 0, 0)
+    assert (p["status"], p["total"]) == ("draft", 0)
 
 
 def test_progress_is_the_row_counters(api: h.Api, conn: Conn) -> None:
