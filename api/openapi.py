@@ -197,6 +197,8 @@ SCHEMAS.update({
                   []),
 })
 SCHEMAS["Conflict"]["properties"]["status"] = {"enum": [*BROADCAST_STATUSES, "empty"]}
+SCHEMAS["Conflict"]["properties"]["queued"] = {"const": 0,
+                                               "description": "with status empty: nobody"}
 
 
 def _with_operator_routes(paths: dict[str, Any]) -> dict[str, Any]:

@@ -85,19 +85,14 @@ def get(conn: psycopg.Connection[Any], account: str, broadcast_id: uuid.UUID) ->
 # -- results: the response of each control operation, shared by the CLI and the API --------
 
 
-def empty_message(segment: str | None) -> str:
-    """Why a send with nobody to mail was refused, naming the segment."""
-    who = (f"no mailable contact has the tag {segment!r}" if segment else
-           "the account has no mailable contact")
-    return (f"Nobody to send to: {who}; nothing was sent (to send it anyway, and have it "
-            f"finish at once: --allow-empty, or {{\"allow_empty\": true}} in the API)")
-
-
 def send_result(row: dict[str, Any], segment: str | None = None) -> dict[str, Any]:
     """The answer to a send, from a pgcast_send_v4 row (segment: the broadcast's tag)."""
     if not row["ok"]:
         if row["status"] == "empty":
-            return {"success": False, "status": "empty", "message": empty_message(segment)}
+            who = f"tag {segment!r}" if segment else "the account"
+            return {"success": False, "status": "empty", "queued": 0,
+                    "message": f"Nobody to send to: no subscribed contact matches {who}; "
+                               "nothing was sent (allow_empty sends it anyway)"}
         return {"success": False, "status": row["status"],
                 "message": f"Broadcast is {row['status']}; only a draft can be sent"}
     n = row["queued"]

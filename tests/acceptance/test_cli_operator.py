@@ -278,7 +278,7 @@ def test_a_send_that_matches_nobody_is_refused_naming_the_segment_unless_allowed
     assert done.returncode == 1, done
     refused = json.loads(done.stdout)
     assert (refused["success"], refused["status"]) == (False, "empty")
-    assert "'vpi'" in refused["message"] and "--allow-empty" in refused["message"]
+    assert "'vpi'" in refused["message"] and "allow_empty" in refused["message"]
     assert conn.execute("SELECT status FROM broadcasts").fetchone() == {"status": "draft"}
     done = run(db_url, "broadcast", "send", bid, "--allow-empty")
     assert done.returncode == 0, done
