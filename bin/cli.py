@@ -220,7 +220,8 @@ def cmd_broadcast(args: argparse.Namespace) -> int:
             _emit(broadcast_commands.progress(conn, args.account, bid))
             return 0
         if action == "send":
-            result = broadcasts.send(conn, args.account, bid, allow_empty=args.allow_empty)
+            result = broadcasts.send(conn, args.account, bid, allow_empty=args.allow_empty,
+                                     details=output.actor(args.actor))
         else:
             ops: dict[str, Callable[..., dict[str, Any]]] = {
                 "cancel": broadcasts.cancel, "pause": broadcasts.pause,
@@ -342,7 +343,7 @@ def build_parser() -> Parser:
         if name == "send":
             sp.add_argument("--allow-empty", action="store_true",
                             help="send even when no contact matches (default: refused, exit 1)")
-        if name in ("cancel", "pause", "resume"):
+        if name in ("send", "cancel", "pause", "resume"):
             sp.add_argument("--actor", metavar="NAME",
                             help="who is doing this, for the audit log (default: the OS user)")
         sps.append(sp)
