@@ -16,11 +16,17 @@ from api import auth, context, db, errors, http
 from sql import broadcasts
 
 PAUSE_REASON = "operator"
+SEND_FIELDS = {"allow_empty": http.BOOLEAN}
 
 
-def _details(who: auth.Principal) -> str:
-    # who did it goes into the broadcast's audit log
-    return json.dumps({"via": "api", "sub": who.sub})
+def details(who: auth.Principal) -> str:
+    """The audit details of an API action, as JSON: who did it."""
+    return json.dumps(actor(who))
+
+
+def actor(who: auth.Principal) -> dict[str, str]:
+    """Who did an action, as the audit log records it."""
+    return {"via": "api", "sub": who.sub}
 
 
 async def _call(request: Request, who: auth.Principal, name: str,
@@ -37,26 +43,14 @@ def _answer(result: dict[str, Any]) -> Response:
     return http.Json(result, status_code=200 if result["success"] else 409)
 
 
-async def _allow_empty(request: Request) -> bool:
-    # the body is optional: none, or {"allow_empty": true|false}
-    headers = request.headers
-    if headers.get("content-length", "0") == "0" and "transfer-encoding" not in headers:
-        return False
-    body = await http.read_json(request)
-    if not isinstance(body, dict) or set(body) - {"allow_empty"}:
-        raise errors.InvalidBody('body: the only field is "allow_empty"')
-    value = body.get("allow_empty", False)
-    if not isinstance(value, bool):
-        raise errors.InvalidBody("body.allow_empty: must be true or false")
-    return value
-
-
 async def send(request: Request) -> Response:
-    """POST /broadcasts/{id}/send: snapshot the recipients and return at once (409 when
-    nobody matches, unless {"allow_empty": true})."""
+    """POST /broadcasts/{id}/send: snapshot the recipients and return at once."""
     who = auth.principal(request)
+    raw = await http.read_body(request)  # the body is optional: {"allow_empty": true}
+    parsed = await http.off_loop(http.parse_json, raw) if raw.strip() else {}
+    body = http.fields(parsed, "body", {}, SEND_FIELDS)
     row = await _call(request, who, "broadcast_send",
-                      {"allow_empty": await _allow_empty(request), "details": _details(who)})
+                      {"allow_empty": body.get("allow_empty", False), "details": details(who)})
     segment = None
     if row["status"] == "empty":
         found = await db.one(context.pool(request), "broadcast_get",
@@ -75,7 +69,7 @@ async def send(request: Request) -> Response:
 async def cancel(request: Request) -> Response:
     """POST /broadcasts/{id}/cancel: stop a draft, sending or paused broadcast."""
     who = auth.principal(request)
-    row = await _call(request, who, "broadcast_cancel", {"details": _details(who)})
+    row = await _call(request, who, "broadcast_cancel", {"details": details(who)})
     return _answer(broadcasts.cancel_result(row))
 
 
@@ -83,12 +77,12 @@ async def pause(request: Request) -> Response:
     """POST /broadcasts/{id}/pause: hold a sending broadcast."""
     who = auth.principal(request)
     row = await _call(request, who, "broadcast_pause",
-                      {"reason": PAUSE_REASON, "details": _details(who)})
+                      {"reason": PAUSE_REASON, "details": details(who)})
     return _answer(broadcasts.pause_result(row, PAUSE_REASON))
 
 
 async def resume(request: Request) -> Response:
     """POST /broadcasts/{id}/resume: continue a paused broadcast under a new epoch."""
     who = auth.principal(request)
-    row = await _call(request, who, "broadcast_resume", {"details": _details(who)})
+    row = await _call(request, who, "broadcast_resume", {"details": details(who)})
     return _answer(broadcasts.resume_result(row))

@@ -16,11 +16,13 @@ from typing import Any, NoReturn
 import psycopg
 
 from bin import broadcast_commands, contacts_commands, output
+from mail import template
 from sql import broadcasts, contacts, db, embedded, errors, migrate
 from sql.queries import QUERIES
 
 ACCOUNT_DEFAULT = "default"
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+MAX_IN_FLIGHT = "128"  # --max-in-flight's default: worker.engine.MAX_IN_FLIGHT (a test checks)
 
 
 class UsageError(Exception):
@@ -106,6 +108,17 @@ def _sweep_seconds(raw: str) -> int:
     return value
 
 
+def _at_least_one(raw: str) -> int:
+    """A whole number >= 1 (from a flag or its environment variable)."""
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1: {raw!r}")
+    return value
+
+
 def _group_size(raw: str) -> int | None:
     """`auto` (None: sized to the provider's measured speed) or a whole number >= 1."""
     if raw.strip().lower() == "auto":
@@ -162,12 +175,13 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     settings = engine.Settings(
         concurrency=args.concurrency, batch_size=args.batch_size, group_size=args.group_size,
-        group_ms=args.group_ms, delay_ms=args.delay_ms, max_retries=args.max_retries,
+        group_ms=args.group_ms, max_in_flight=args.max_in_flight,
+        delay_ms=args.delay_ms, max_retries=args.max_retries,
         max_broadcasts=args.max_broadcasts, once=args.once, lease=args.lease,
         breaker=args.breaker, sweeper=not args.no_sweeper, retry_base=args.retry_base,
         sweep_cron=f"* * * * * */{args.sweep_every}")
-    if settings.concurrency < 1 or settings.batch_size < 1:
-        raise UsageError("--concurrency and --batch-size must be at least 1")
+    if settings.concurrency < 1 or settings.batch_size < 1 or settings.max_in_flight < 1:
+        raise UsageError("--concurrency, --batch-size and --max-in-flight must be at least 1")
     if settings.lease < 1:
         raise UsageError("--lease must be at least 1 second")
     level = log_level()
@@ -206,6 +220,8 @@ def cmd_broadcast(args: argparse.Namespace) -> int:
                                     from_address=args.from_address, text=_read_text(args.text),
                                     html=_read_text(args.html), tag=args.tag,
                                     rate_limit=args.rate_limit)
+            for warning in template.warnings(row["text_body"], row["html_body"]):
+                print(f"pgcast: warning: {warning}", file=sys.stderr)
             print(row["id"])
             return 0
         if action == "list":
@@ -266,8 +282,18 @@ def build_parser() -> Parser:
     sub.add_parser("migrate", help="create or upgrade the schema").set_defaults(func=cmd_migrate)
 
     w = sub.add_parser("worker", help="run a worker process")
-    w.add_argument("--concurrency", type=int, default=4, help="dispatch loops (default 4)")
-    w.add_argument("--batch-size", type=int, default=500, help="rows per claim (default 500)")
+    w.add_argument("--concurrency", type=int, default=4,
+                   help="dispatch loops: claims worked on at once (default 4); provider calls "
+                        "in flight are --max-in-flight's")
+    w.add_argument("--batch-size", type=int, default=500,
+                   help="the most rows one claim takes (default 500); claims are sized to "
+                        "about a second of this process's sending")
+    w.add_argument("--max-in-flight", metavar="N",
+                   # a string default goes through the type check too, like --group-ms
+                   type=_at_least_one, default=os.environ.get("PGCAST_MAX_IN_FLIGHT",
+                                                              MAX_IN_FLIGHT),
+                   help="the most provider calls in flight at once in this process (default "
+                        f"{MAX_IN_FLIGHT}, env PGCAST_MAX_IN_FLIGHT)")
     w.add_argument("--group-size", type=_group_size, default=None, metavar="N|auto",
                    help="rows per handoff: 'auto' (default) sizes each group to fit --group-ms "
                         "of provider time (1 to --batch-size); N fixes it (the most a crash "
@@ -315,6 +341,9 @@ def build_parser() -> Parser:
         sp.add_argument("--account", default=ACCOUNT_DEFAULT,
                         help=f"the account (tenant) to act on (default {ACCOUNT_DEFAULT})")
     c.set_defaults(func=cmd_contacts)
+    from bin import suppression_commands  # suppressed, unsuppress (SES feedback)
+
+    suppression_commands.register(csub, ACCOUNT_DEFAULT)
 
     b = sub.add_parser("broadcast", help="create, send and control broadcasts")
     bsub = b.add_subparsers(dest="action", required=True, parser_class=Parser)
@@ -351,6 +380,9 @@ def build_parser() -> Parser:
         sp.add_argument("--account", default=ACCOUNT_DEFAULT,
                         help=f"the account (tenant) to act on (default {ACCOUNT_DEFAULT})")
     b.set_defaults(func=cmd_broadcast)
+    from bin import content_commands  # preview and test: their own func
+
+    content_commands.register(bsub, ACCOUNT_DEFAULT)
 
     r = sub.add_parser("rate", help="the global rate limit")
     rsub = r.add_subparsers(dest="action", required=True, parser_class=Parser)

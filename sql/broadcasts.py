@@ -9,6 +9,7 @@ from typing import Any
 import psycopg
 
 from mail import errors as mail_errors
+from mail import template
 from mail import validate as validate_mail
 from sql import contacts, errors
 from sql.queries import QUERIES
@@ -53,6 +54,10 @@ def validate_content(subject: Any, text: Any, html: Any, tag: Any) -> dict[str, 
             raise errors.InvalidInput(f"{label} must not contain NUL")
     if not (text or html):
         raise errors.InvalidInput("a broadcast needs text or html content")
+    try:  # merge tags: syntax and names, checked before anything is stored
+        template.check_broadcast(clean_subject, text or None, html or None)
+    except mail_errors.TemplateInvalid as exc:
+        raise errors.InvalidInput(str(exc)) from None
     if tag is not None:
         tag = contacts.validate_tags([tag])[0]
     return {"subject": clean_subject, "text_body": text or None, "html_body": html or None,

@@ -90,7 +90,7 @@ ORDER BY created_at DESC, id DESC
 LIMIT %(limit)s
 
 -- broadcast_update_draft --
--- Edits a draft (CAS on status); NULL keeps a field.
+-- Edits a draft (CAS on status); NULL keeps a field; details name the caller in the audit.
 UPDATE broadcasts
 SET subject = coalesce(%(subject)s, subject),
     from_address = coalesce(%(from_address)s, from_address),
@@ -98,7 +98,7 @@ SET subject = coalesce(%(subject)s, subject),
     html_body = CASE WHEN %(set_html)s THEN %(html_body)s ELSE html_body END,
     segment_tag = CASE WHEN %(set_tag)s THEN %(segment_tag)s ELSE segment_tag END,
     updated_at = now(),
-    audit_log = audit_log || pgcast_audit_v1('edit', status, status, NULL)
+    audit_log = audit_log || pgcast_audit_v1('edit', status, status, %(details)s::jsonb)
 WHERE id = %(id)s AND account = %(account)s AND status = ANY (ARRAY['draft'])
 RETURNING *
 
@@ -144,8 +144,10 @@ SELECT id, epoch, rate_limit FROM broadcasts WHERE status = 'sending' ORDER BY s
 SELECT 1 FROM broadcasts WHERE id = %(id)s AND status = 'sending' AND epoch = %(epoch)s
 
 -- broadcast_content --
--- What a worker needs to render a broadcast's messages.
-SELECT id, account, subject, from_address, text_body, html_body FROM broadcasts WHERE id = %(id)s
+-- What a worker needs to render a broadcast's messages (and the generated unsubscribe key).
+SELECT id, account, subject, from_address, text_body, html_body,
+       (SELECT secret FROM unsubscribe_keys) AS unsubscribe_key
+FROM broadcasts WHERE id = %(id)s
 
 -- claim --
 -- Claim up to `limit` rows of one broadcast: requeued first, then fresh after the cursor

@@ -137,7 +137,10 @@ class MotoServer:
         """What boto3 needs to talk to this server."""
         return {"AWS_ENDPOINT_URL_SESV2": self.url, "AWS_ENDPOINT_URL_SES": self.url,
                 "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1"}
+                "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1",
+                # a worker with the ses provider refuses to start without both
+                "PGCAST_PUBLIC_URL": "https://pgcast.example",
+                "PGCAST_UNSUBSCRIBE_SECRET": "test-unsubscribe-secret-of-at-least-32-bytes"}
 
     def reset(self) -> None:
         """Forget every identity and message."""

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import email.message
-import email.utils
 import itertools
 import os
 import tempfile
 from pathlib import Path
 from typing import Protocol
 
+from mail import message as mail_message
 from worker import errors, render
 
 
@@ -18,6 +17,9 @@ class Provider(Protocol):
 
     name: str
     blocking: bool  # True: call it off the event loop (network or disk I/O)
+    # True: an exception it does not classify may come after the message left (network),
+    # so the recipient is `unknown`; False: such an exception means nothing was sent
+    may_have_sent_on_error: bool
 
     def send(self, message: render.Message) -> str:
         """Send one message; return the provider's message id."""
@@ -33,6 +35,7 @@ class NullProvider:
 
     name = "null"
     blocking = False
+    may_have_sent_on_error = False
 
     def __init__(self) -> None:
         self._ids = itertools.count(1)
@@ -46,30 +49,12 @@ class NullProvider:
         return None
 
 
-def to_rfc5322(message: render.Message, message_id: str) -> bytes:
-    """The message as RFC 5322 bytes."""
-    mail = email.message.EmailMessage()
-    mail["From"] = message.from_address
-    mail["To"] = message.to
-    mail["Subject"] = message.subject
-    mail["Date"] = email.utils.formatdate(localtime=False, usegmt=True)
-    mail["Message-ID"] = message_id
-    for key, value in message.headers.items():
-        mail[key] = value
-    if message.text is not None:
-        mail.set_content(message.text)
-        if message.html is not None:
-            mail.add_alternative(message.html, subtype="html")
-    else:
-        mail.set_content(message.html or "", subtype="html")
-    return bytes(mail)
-
-
 class FileProvider:
     """Writes one .eml per recipient into an outbox directory."""
 
     name = "file"
     blocking = True
+    may_have_sent_on_error = False  # the .eml appears by one rename, the last step
 
     def __init__(self, outbox: Path) -> None:
         self.outbox = outbox
@@ -77,14 +62,15 @@ class FileProvider:
 
     def send(self, message: render.Message) -> str:
         """Write the .eml atomically (temp file + rename)."""
-        message_id = email.utils.make_msgid(domain="pgcast.local")
+        message_id = mail_message.make_message_id()
         folder = self.outbox / message.headers.get("X-Pgcast-Broadcast", "adhoc")
         try:
             folder.mkdir(exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
             with os.fdopen(fd, "wb") as handle:
-                handle.write(to_rfc5322(message, message_id))
-            os.replace(tmp, folder / f"{message.contact_id}.eml")
+                handle.write(mail_message.to_rfc5322(message, message_id))
+            test = message.headers.get("X-Pgcast-Test-Send")  # beside, never over, a real one
+            os.replace(tmp, folder / (f"test-{test}.eml" if test else f"{message.contact_id}.eml"))
         except OSError as exc:
             raise errors.Transient(f"outbox write failed: {exc}") from exc
         return message_id
@@ -94,8 +80,9 @@ class FileProvider:
         return None
 
 
-def from_env() -> Provider:
-    """The provider named by PGCAST_PROVIDER (null, file, ses; default file)."""
+def from_env(max_in_flight: int = 10) -> Provider:
+    """The provider named by PGCAST_PROVIDER (null, file, ses; default file), able to take
+    `max_in_flight` calls at once."""
     name = os.environ.get("PGCAST_PROVIDER", "file").strip().lower()
     if name == "null":
         return NullProvider()
@@ -109,5 +96,5 @@ def from_env() -> Provider:
     if name == "ses":
         from worker import ses
 
-        return ses.SesProvider.from_env()
+        return ses.SesProvider.from_env(max_in_flight)
     raise errors.ConfigError(f"PGCAST_PROVIDER must be null, file or ses, not {name!r}")

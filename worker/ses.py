@@ -10,6 +10,7 @@ import boto3
 import botocore.config
 import botocore.exceptions
 
+from mail import message as mail_message
 from worker import errors, render
 
 # SES error codes that stop the whole account, mapped to the pause reason kept on the broadcast.
@@ -77,14 +78,19 @@ class SesProvider:
 
     name = "ses"
     blocking = True
+    may_have_sent_on_error = True  # the request may have reached SES
 
     def __init__(self, client: Any, configuration_set: str | None = None) -> None:
         self.client = client
         self.configuration_set = configuration_set
 
     @classmethod
-    def from_env(cls) -> SesProvider:
-        """A client built from boto3's own configuration (AWS_REGION, AWS_ENDPOINT_URL_SESV2...)."""
+    def from_env(cls, max_in_flight: int = 10) -> SesProvider:
+        """A client built from boto3's own configuration (AWS_REGION, AWS_ENDPOINT_URL_SESV2...),
+        with a connection for each of `max_in_flight` calls at once.
+
+        One client, shared by the engine's provider threads: boto3 clients are thread-safe
+        (sessions are not, so the session is used here, once, on this thread)."""
         config = botocore.config.Config(
             # pgcast owns retries: boto3's silent retries (3 in standard mode, 5 in legacy,
             # plus adaptive mode's client-side throttle) would hide throttles from the rate
@@ -94,7 +100,9 @@ class SesProvider:
             retries={"total_max_attempts": 1, "mode": "standard"},
             connect_timeout=CONNECT_TIMEOUT,
             read_timeout=READ_TIMEOUT,
-            max_pool_connections=int(os.environ.get("PGCAST_SES_POOL", "20")),
+            # one pooled connection per call in flight: botocore's default of 10 would make
+            # the other calls wait for a connection (and log "connection pool is full")
+            max_pool_connections=max_in_flight,
         )
         session = boto3.session.Session()
         region = session.region_name or os.environ.get("AWS_REGION") or "us-east-1"
@@ -108,14 +116,17 @@ class SesProvider:
             body["Text"] = {"Data": message.text, "Charset": "UTF-8"}
         if message.html is not None:
             body["Html"] = {"Data": message.html, "Charset": "UTF-8"}
+        # header values built by mail.message (display names as RFC 2047 data), one line each
         request: dict[str, Any] = {
-            "FromEmailAddress": message.from_address,
-            "Destination": {"ToAddresses": [message.to]},
+            "FromEmailAddress": mail_message.unfolded(message.from_address),
+            "Destination": {"ToAddresses": [mail_message.unfolded(message.to)]},
             "Content": {"Simple": {
-                "Subject": {"Data": message.subject, "Charset": "UTF-8"},
+                "Subject": {"Data": mail_message.ses_subject(message.subject),
+                            "Charset": "UTF-8"},
                 "Body": body,
                 "Headers": [{"Name": k, "Value": v} for k, v in message.headers.items()],
             }},
+            "EmailTags": email_tags(message),
         }
         if self.configuration_set:
             request["ConfigurationSetName"] = self.configuration_set
@@ -145,6 +156,15 @@ class SesProvider:
             return _usable_rate(v1.get_send_quota().get("MaxSendRate"))
         except Exception:  # noqa: BLE001 - the caller falls back to a safe default
             return None
+
+
+def email_tags(message: render.Message) -> list[dict[str, str]]:
+    """The tags SES echoes in every event (mail.tags): the webhook finds the row by them."""
+    tags = [{"Name": "pgcast_contact", "Value": str(message.contact_id)}]
+    broadcast = message.headers.get("X-Pgcast-Broadcast")
+    if broadcast:
+        tags.insert(0, {"Name": "pgcast_broadcast", "Value": broadcast})
+    return tags
 
 
 def _usable_rate(raw: Any) -> float | None:

@@ -9,6 +9,7 @@ import procrastinate
 import psycopg
 
 from sql.queries import QUERIES
+from worker import testsend
 
 log = logging.getLogger("pgcast.sweeper")
 
@@ -86,4 +87,5 @@ def make_app(url: str, cron: str) -> procrastinate.App:
             _log(rows, finished)
 
     del sweep
+    testsend.register(app, url)  # test sends ride on the same procrastinate worker
     return app

@@ -15,7 +15,8 @@ def test_relative_links_resolve_and_nothing_cites_a_missing_design_file() -> Non
     for doc in DOCS:
         text = doc.read_text()
         assert "DESIGN.md" not in text, doc.name
-        for target in LINK.findall(text):
+        # a link shown as an example in a code span (`[text](url)`) is not a link
+        for target in LINK.findall(re.sub(r"`[^`]*`", "", text)):
             if "://" in target:
                 continue
             assert (doc.parent / target).exists(), (doc.name, target)

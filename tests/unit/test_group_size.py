@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from typing import Any
@@ -9,11 +10,11 @@ from typing import Any
 import pytest
 
 from bin import cli
-from worker import engine, render
+from worker import dispatch, engine, inflight, render
 from worker import errors as perr
 
 
-def feed(sizer: engine.GroupSizer, per_message: float, groups: int = 30) -> int:
+def feed(sizer: inflight.GroupSizer, per_message: float, groups: int = 30) -> int:
     """Observe `groups` groups of the current size at `per_message` seconds each; the size."""
     for _ in range(groups):
         n = sizer.size()
@@ -22,34 +23,34 @@ def feed(sizer: engine.GroupSizer, per_message: float, groups: int = 30) -> int:
 
 
 def test_auto_starts_at_ten() -> None:
-    assert engine.GroupSizer(None, 250, 500).size() == 10
-    assert engine.GroupSizer(None, 250, 4).size() == 4  # never above the batch
+    assert inflight.GroupSizer(None, 250, 500).size() == 10
+    assert inflight.GroupSizer(None, 250, 4).size() == 4  # never above the batch
 
 
 def test_auto_grows_to_the_batch_for_a_fast_provider() -> None:
-    assert feed(engine.GroupSizer(None, 250, 500), 0.0) == 500
-    assert feed(engine.GroupSizer(None, 250, 500), 2e-6) == 500
-    assert feed(engine.GroupSizer(None, 250, 200), 1e-4) == 200
+    assert feed(inflight.GroupSizer(None, 250, 500), 0.0) == 500
+    assert feed(inflight.GroupSizer(None, 250, 500), 2e-6) == 500
+    assert feed(inflight.GroupSizer(None, 250, 200), 1e-4) == 200
 
 
 def test_auto_shrinks_for_a_slow_provider() -> None:
-    sizer = engine.GroupSizer(None, 250, 500)
+    sizer = inflight.GroupSizer(None, 250, 500)
     sizer.observe(1.0, 10)  # the first group: 100 ms a message
     assert sizer.size() == 2
     assert feed(sizer, 0.1) == 2
-    assert feed(engine.GroupSizer(None, 250, 500), 0.08) == 3
-    assert feed(engine.GroupSizer(None, 1000, 500), 0.1) == 10
+    assert feed(inflight.GroupSizer(None, 250, 500), 0.08) == 3
+    assert feed(inflight.GroupSizer(None, 1000, 500), 0.1) == 10
 
 
 def test_auto_never_below_one() -> None:
-    sizer = engine.GroupSizer(None, 250, 500)
+    sizer = inflight.GroupSizer(None, 250, 500)
     assert feed(sizer, 5.0) == 1
     sizer.observe(3600.0, 1)
     assert sizer.size() == 1
 
 
 def test_auto_follows_a_change_in_speed_gradually() -> None:
-    sizer = engine.GroupSizer(None, 250, 500)
+    sizer = inflight.GroupSizer(None, 250, 500)
     assert feed(sizer, 0.001) == 250
     sizer.observe(0.1, 1)  # one slow message: the average moves, it does not jump there
     assert 1 < sizer.size() < 250
@@ -58,18 +59,18 @@ def test_auto_follows_a_change_in_speed_gradually() -> None:
 
 
 def test_a_fixed_size_ignores_measurements() -> None:
-    sizer = engine.GroupSizer(50, 250, 500)
+    sizer = inflight.GroupSizer(50, 250, 500)
     assert sizer.size() == 50
     for per_message in (0.0, 0.1, 10.0):
         sizer.observe(per_message * 50, 50)
         assert sizer.size() == 50
     assert sizer.per_message is None
     # exactly as before: a fixed size is not clamped to the batch (the batch caps it anyway)
-    assert engine.GroupSizer(800, 250, 500).size() == 800
+    assert inflight.GroupSizer(800, 250, 500).size() == 800
 
 
 def test_empty_or_odd_observations_are_ignored() -> None:
-    sizer = engine.GroupSizer(None, 250, 500)
+    sizer = inflight.GroupSizer(None, 250, 500)
     sizer.observe(1.0, 0)
     sizer.observe(float("nan"), 5)
     sizer.observe(float("inf"), 5)
@@ -85,13 +86,13 @@ def test_empty_or_odd_observations_are_ignored() -> None:
                           (None, 250, 0)])
 def test_bad_settings_are_refused(fixed: int | None, group_ms: float, batch: int) -> None:
     with pytest.raises(ValueError):
-        engine.GroupSizer(fixed, group_ms, batch)
+        inflight.GroupSizer(fixed, group_ms, batch)
 
 
 # -- the engine feeds it ------------------------------------------------------------------
 
 
-class RecordingSizer(engine.GroupSizer):
+class RecordingSizer(inflight.GroupSizer):
     def __init__(self) -> None:
         super().__init__(None, 250, 500)
         self.seen: list[tuple[float, int]] = []
@@ -132,7 +133,10 @@ def test_send_group_measures_the_messages_it_attempted() -> None:
     eng = engine.Engine(engine.Settings(), SlowProvider(0.01, script),
                         pool=None)  # type: ignore[arg-type]
     sizer = eng.sizer = RecordingSizer()
-    outcomes = eng._send_group(messages(5), {})
+    content = render.Content(str(uuid.uuid4()), "a", "S", "f@example.com", "t", None)
+    handed = [dispatch.Recipient(i, f"u{i}@example.com", None) for i in range(5)]
+    outcomes = asyncio.run(eng.sender.send_group(content, handed, {}))
+    eng._observe(outcomes)
     assert [o.outcome for o in outcomes] == ["sent", "retry", "throttled", "throttled",
                                              "throttled"]
     assert len(sizer.seen) == 1
@@ -140,6 +144,7 @@ def test_send_group_measures_the_messages_it_attempted() -> None:
     assert attempted == 3  # the two after the throttle never reached the provider
     assert seconds >= 0.03
     assert sizer.size() <= 250 // 10
+    assert eng.window.latency is not None and eng.window.latency >= 0.01
 
 
 def test_engine_sizer_follows_settings() -> None:

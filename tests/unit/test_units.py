@@ -11,7 +11,7 @@ import botocore.exceptions
 import pytest
 
 from sql import contacts, errors, queries
-from worker import engine, render, ses
+from worker import dispatch, engine, render, ses
 from worker import errors as perr
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -126,9 +126,10 @@ def group(n: int) -> list[render.Message]:
 
 def outcomes_of(script: list[Any], attempts: dict[int, int] | None = None,
                 max_retries: int = 2) -> list[tuple[str, str | None]]:
-    eng = engine.Engine(engine.Settings(max_retries=max_retries), ScriptedProvider(script),
-                        pool=None)  # type: ignore[arg-type]
-    result = eng._send_group(group(len(script)), attempts or {})
+    sender = dispatch.Sender(ScriptedProvider(script), dispatch.Retries(max_retries=max_retries),
+                             None)
+    stop: list[dispatch.Outcome] = []
+    result = [sender.send_one(m, attempts or {}, stop) for m in group(len(script))]
     return [(o.outcome, o.pause_reason) for o in result]
 
 
@@ -152,7 +153,7 @@ def test_transient_retries_until_max_retries_then_fails() -> None:
 def test_backoff_grows_and_is_capped_with_jitter() -> None:
     for attempt, top in ((1, 2.0), (2, 4.0), (3, 8.0), (10, 30.0)):
         for _ in range(50):
-            d = engine.backoff(attempt, 2.0, 30.0)
+            d = dispatch.backoff(attempt, 2.0, 30.0)
             assert top / 2 <= d <= top
 
 

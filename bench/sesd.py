@@ -1,0 +1,180 @@
+"""A local SES-compatible HTTP endpoint with a configurable latency, for benchmarks and tests.
+
+It answers sesv2 SendEmail (POST /v2/email/outbound-emails) with `{"MessageId": ...}` after
+`latency` seconds, and records when each request arrived and for whom: rates are measured
+here, where the provider receives the requests. asyncio, HTTP/1.1 keep-alive, loopback only.
+Requests whose body contains one of `no_id_for` are answered 200 with no MessageId (an
+answer botocore accepts and pgcast cannot read: the request did reach the provider).
+
+    python -m bench.sesd --latency-ms 100 --port 8025
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+SEND_EMAIL_PATH = "/v2/email/outbound-emails"
+MAX_BODY = 4 * 1024 * 1024  # bytes
+
+
+@dataclass
+class Received:
+    """One SendEmail request as the endpoint saw it."""
+
+    at: float  # time.monotonic() when its body had arrived
+    to: str  # the address part of the first ToAddresses entry
+
+
+@dataclass
+class Endpoint:
+    """The endpoint's settings and what it received (read it from any thread)."""
+
+    latency: float = 0.1  # seconds before each answer
+    no_id_for: list[str] = field(default_factory=list)
+    received: list[Received] = field(default_factory=list)
+    in_flight: int = 0  # requests being answered right now
+    most_in_flight: int = 0  # the highest in_flight seen
+    port: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _open: dict[asyncio.Task[Any], asyncio.StreamWriter] = field(default_factory=dict)
+
+    def reset(self) -> None:
+        """Forget what was received."""
+        with self._lock:
+            self.received = []
+            self.most_in_flight = self.in_flight
+
+    def snapshot(self) -> list[Received]:
+        """A copy of what was received so far."""
+        with self._lock:
+            return list(self.received)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._open[task] = writer
+        try:
+            while True:
+                line = await reader.readline()
+                if not line:
+                    return
+                method, path, _ = line.decode("latin-1").split(" ", 2)
+                length = 0
+                while True:
+                    header = await reader.readline()
+                    if header in (b"\r\n", b"\n", b""):
+                        break
+                    name, _, value = header.decode("latin-1").partition(":")
+                    if name.strip().lower() == "content-length":
+                        length = int(value.strip())
+                if length > MAX_BODY:
+                    return
+                body = await reader.readexactly(length) if length else b""
+                if method == "POST" and path.split("?")[0] == SEND_EMAIL_PATH:
+                    status, answer = await self._send_email(body)
+                else:
+                    status, answer = 404, {"message": f"not served here: {method} {path}"}
+                data = json.dumps(answer).encode()
+                writer.write(f"HTTP/1.1 {status} X\r\nContent-Type: application/json\r\n"
+                             f"x-amzn-RequestId: {uuid.uuid4()}\r\n"
+                             f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+                await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError, ValueError):
+            return
+        finally:
+            self._open.pop(task, None)
+            writer.close()
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await writer.wait_closed()
+
+    async def _send_email(self, body: bytes) -> tuple[int, dict[str, str]]:
+        request = json.loads(body)
+        to = str(request.get("Destination", {}).get("ToAddresses", [""])[0])
+        address = to.rsplit("<", 1)[-1].rstrip(">")
+        with self._lock:
+            self.received.append(Received(time.monotonic(), address))
+            self.in_flight += 1
+            self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            await asyncio.sleep(self.latency)
+        finally:
+            with self._lock:
+                self.in_flight -= 1
+        text = body.decode("utf-8", "replace")
+        if any(marker in text for marker in self.no_id_for):
+            return 200, {}
+        return 200, {"MessageId": f"sesd-{uuid.uuid4()}"}
+
+    async def serve(self, port: int = 0, ready: threading.Event | None = None) -> None:
+        """Serve until cancelled."""
+        server = await asyncio.start_server(self._handle, "127.0.0.1", port, backlog=1024)
+        self.port = int(server.sockets[0].getsockname()[1])
+        if ready is not None:
+            ready.set()
+        try:
+            await server.serve_forever()
+        finally:
+            # close every connection (a worker still running keeps its own open)
+            server.close()
+            handlers = list(self._open)
+            for handler in handlers:
+                handler.cancel()
+            await asyncio.gather(*handlers, return_exceptions=True)
+            await server.wait_closed()
+
+    def env(self) -> dict[str, str]:
+        """What boto3 in a worker needs to send here."""
+        url = f"http://127.0.0.1:{self.port}"
+        return {"AWS_ENDPOINT_URL_SESV2": url, "AWS_ENDPOINT_URL_SES": url,
+                "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1",
+                "PGCAST_PROVIDER": "ses"}
+
+
+@contextlib.contextmanager
+def running(latency: float, no_id_for: list[str] | None = None):  # type: ignore[no-untyped-def]
+    """An Endpoint served from a daemon thread with its own event loop, for the block."""
+    endpoint = Endpoint(latency=latency, no_id_for=list(no_id_for or []))
+    ready = threading.Event()
+    loop = asyncio.new_event_loop()
+    task: list[asyncio.Task[None]] = []
+
+    def run() -> None:
+        asyncio.set_event_loop(loop)
+        task.append(loop.create_task(endpoint.serve(0, ready)))
+        with contextlib.suppress(asyncio.CancelledError):
+            loop.run_until_complete(task[0])
+
+    thread = threading.Thread(target=run, daemon=True, name="sesd")
+    thread.start()
+    if not ready.wait(10):
+        raise RuntimeError("the SES endpoint did not start")
+    try:
+        yield endpoint
+    finally:
+        loop.call_soon_threadsafe(task[0].cancel)
+        thread.join(10)
+        loop.close()
+
+
+def main() -> None:
+    """Serve in the foreground."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--latency-ms", type=float, default=100.0)
+    parser.add_argument("--port", type=int, default=8025)
+    args = parser.parse_args()
+    endpoint = Endpoint(latency=args.latency_ms / 1000)
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(endpoint.serve(args.port))
+
+
+if __name__ == "__main__":
+    main()

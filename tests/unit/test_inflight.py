@@ -1,0 +1,137 @@
+"""The in-flight window, claim sizes, and per-recipient isolation of rendering and sending."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import uuid
+from typing import Any
+
+import pytest
+
+from bin import cli
+from worker import claims, dispatch, engine, inflight, render
+
+
+def test_the_window_follows_littles_law_within_its_bounds() -> None:
+    w = inflight.Window(128)
+    assert w.limit(200) == 128  # no latency measured yet: the most
+    for _ in range(100):
+        w.observe(0.1)
+    assert w.latency == pytest.approx(0.1)
+    assert w.limit(200) == math.ceil(200 * 0.1 * inflight.HEADROOM) + inflight.SPARE
+    assert w.limit(0) == 128  # unlimited rate: the most
+    for _ in range(100):
+        w.observe(0.3)
+    assert w.limit(200) == math.ceil(200 * 0.3 * inflight.HEADROOM) + inflight.SPARE
+    assert w.limit(2000) == 128  # never above --max-in-flight, however slow the provider
+
+
+def test_a_throttle_halves_the_window_and_successes_grow_it_back() -> None:
+    w = inflight.Window(64)
+    w.throttled()
+    assert w.limit(0) == 32
+    w.throttled()
+    w.throttled()
+    assert w.limit(0) == 8
+    for _ in range(10):
+        w.throttled()
+    assert w.limit(0) == 1  # never below one call
+    w.succeeded(1000)
+    assert 40 <= w.limit(0) <= 46  # about sqrt(2 x 1000): additive increase
+    w.succeeded(100_000)
+    assert w.limit(0) == 64
+
+
+def test_acquire_grants_what_is_free_and_waits_for_a_release() -> None:
+    async def run() -> tuple[int, int, int]:
+        w = inflight.Window(5)
+        first = await w.acquire(3, 0)
+        second = await w.acquire(4, 0)  # only two left
+        waiter = asyncio.create_task(w.acquire(2, 0))
+        await asyncio.sleep(0)
+        assert not waiter.done()
+        w.release(1)
+        third = await asyncio.wait_for(waiter, 5)
+        return first, second, third
+    assert asyncio.run(run()) == (3, 2, 1)
+
+
+@pytest.mark.parametrize(("rate", "loops", "lease", "batch", "want"), [
+    (200.0, 4, 30.0, 500, 50),  # a second of 200/s over four loops
+    (math.inf, 4, 30.0, 500, 500),  # nothing known: the batch size
+    (17_000.0, 4, 30.0, 500, 500),
+    (200.0, 1, 1.5, 500, 100),  # at most a third of a lease
+    (0.5, 4, 30.0, 500, 1),
+])
+def test_claims_hold_about_a_second_of_sending(rate: float, loops: int, lease: float,
+                                                batch: int, want: int) -> None:
+    assert claims.claim_size(rate, loops, lease, batch) == want
+
+
+def test_the_cli_default_in_flight_is_the_engines() -> None:
+    assert int(cli.MAX_IN_FLIGHT) == engine.MAX_IN_FLIGHT >= 64
+    args = cli.build_parser().parse_args(["worker"])
+    assert args.max_in_flight == engine.MAX_IN_FLIGHT
+    assert cli.build_parser().parse_args(["worker", "--max-in-flight", "7"]).max_in_flight == 7
+
+
+class Raising:
+    """A provider whose send raises what it is given (unit ring only)."""
+
+    name = "raising"
+    blocking = False
+
+    def __init__(self, exc: Exception, may_have_sent: bool) -> None:
+        self.exc = exc
+        self.may_have_sent_on_error = may_have_sent
+
+    def send(self, message: render.Message) -> str:
+        raise self.exc
+
+    def max_send_rate(self) -> float | None:
+        return None
+
+
+CONTENT = render.Content(str(uuid.uuid4()), "a", "S", "f@example.com", "t", None)
+
+
+@pytest.mark.parametrize(("may_have_sent", "want"), [(True, "unknown"), (False, "failed")])
+def test_an_unclassified_provider_exception_is_that_recipients_outcome(
+        may_have_sent: bool, want: str) -> None:
+    sender = dispatch.Sender(Raising(KeyError("MessageId"), may_have_sent), dispatch.Retries(),
+                             None)
+    one = [dispatch.Recipient(1, "a@example.com", None)]
+    out = asyncio.run(sender.send_group(CONTENT, one, {}))
+    assert [(o.outcome, o.seconds is not None) for o in out] == [(want, True)]
+    assert out[0].error is not None and "KeyError" in out[0].error
+
+
+def test_a_message_that_cannot_be_built_fails_alone_and_is_never_sent(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    sent: list[str] = []
+
+    class Recording(Raising):
+        def send(self, message: render.Message) -> str:
+            sent.append(message.to)
+            return "m"
+
+    real = render.render
+
+    def render_or_raise(content: Any, cid: int, address: str, name: str | None,
+                        attributes: dict[str, Any] | None = None) -> Any:
+        if cid == 2:
+            raise ValueError("no such template variable")
+        return real(content, cid, address, name, attributes)
+
+    monkeypatch.setattr(render, "render", render_or_raise)
+    sender = dispatch.Sender(Recording(RuntimeError(), True), dispatch.Retries(), None)
+    handed = [dispatch.Recipient(i, f"u{i}@example.com", None) for i in (1, 2, 3)]
+    out = asyncio.run(sender.send_group(CONTENT, handed, {}))
+    assert [o.outcome for o in out] == ["sent", "failed", "sent"]
+    assert out[1].seconds is None and out[1].error is not None
+    assert out[1].error.startswith("cannot build the message: ValueError")
+    assert sent == ["u1@example.com", "u3@example.com"]
+    # content that cannot be built at all: every recipient fails with the reason
+    out = asyncio.run(sender.send_group("KeyError: 'subject'", handed, {}))
+    assert {o.outcome for o in out} == {"failed"} and len(sent) == 2

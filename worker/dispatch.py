@@ -1,0 +1,182 @@
+"""Dispatching to the provider: render and send each message on its own, classify outcomes.
+
+Every recipient gets an outcome, whatever raises: a message that cannot be built fails
+with the reason; a provider error is classified (worker.errors); any other exception from
+the provider is `unknown` when the request may have left (a network provider), `failed`
+otherwise. Nothing here raises, so a group handed off is always recorded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import random
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from worker import errors, providers, render
+
+log = logging.getLogger("pgcast.worker")
+
+ERROR_CHARS = 500  # characters of an error kept in last_error
+THROTTLE_CAP = 30.0  # seconds: the longest backoff after provider throttles in a row
+
+
+@dataclass
+class Outcome:
+    """What happened to one recipient of a group."""
+
+    contact_id: int
+    outcome: str  # sent | failed | unknown | retry | throttled | release
+    message_id: str | None = None
+    error: str | None = None
+    retry_in: float = 0.0
+    pause_reason: str | None = None  # account-level trouble: pause the broadcast
+    seconds: float | None = None  # the provider call's duration; None: never called
+
+
+@dataclass
+class Retries:
+    """How transient failures and throttles are retried."""
+
+    max_retries: int = 5  # transient failures tolerated per recipient before `failed`
+    retry_base: float = 2.0  # seconds: first transient backoff
+    retry_cap: float = 300.0  # seconds: longest transient backoff
+    throttle_backoff: float = 1.0  # seconds: first throttle backoff
+
+
+def backoff(attempt: int, base: float, cap: float) -> float:
+    """Exponential backoff with full jitter in [d/2, d] for the given attempt (1-based)."""
+    delay = min(cap, base * 2.0 ** max(0, attempt - 1))
+    return delay / 2 + random.random() * delay / 2
+
+
+def describe(exc: BaseException) -> str:
+    """An unexpected exception as one bounded line for last_error (its type says most)."""
+    return f"{type(exc).__name__}: {exc}"[:ERROR_CHARS]
+
+
+def reason(exc: errors.ProviderError) -> str:
+    """A classified provider error for last_error: its own words."""
+    return str(exc)[:ERROR_CHARS]
+
+
+@dataclass(frozen=True)
+class Recipient:
+    """A row handed off: whom to send to."""
+
+    contact_id: int
+    email: str
+    name: str | None
+    attributes: dict[str, Any] | None = None  # the contact's attributes, when the query has them
+
+
+def recipient(row: dict[str, Any]) -> Recipient:
+    """From a `handoff` or `claim_handoff` row."""
+    return Recipient(row["contact_id"], row["email"], row["name"], row.get("attributes"))
+
+
+def build(content: render.Content | str, r: Recipient) -> render.Message | Outcome:
+    """The message for one recipient, or its `failed` outcome saying why it cannot be built
+    (`content` is the reason as text when the broadcast's own content cannot be)."""
+    cid = r.contact_id
+    if isinstance(content, str):
+        return Outcome(cid, "failed", error=f"cannot build the message: {content}"[:ERROR_CHARS])
+    try:
+        return render.render(content, cid, r.email, r.name, r.attributes)
+    except Exception as exc:  # noqa: BLE001 - deterministic: this recipient fails, not the loop
+        return Outcome(cid, "failed", error=f"cannot build the message: {describe(exc)}"
+                       [:ERROR_CHARS])
+
+
+class Sender:
+    """Sends groups of messages: side by side on an executor for a blocking provider, in
+    order on the event loop for one that is not."""
+
+    def __init__(self, provider: providers.Provider, retries: Retries,
+                 executor: concurrent.futures.Executor | None) -> None:
+        self.provider = provider
+        self.retries = retries
+        self.executor = executor
+        # an exception the provider did not classify may come after the request left
+        self.may_have_sent = bool(getattr(provider, "may_have_sent_on_error", True))
+        self._throttles = 0  # provider throttles in a row: the next one backs off longer
+        self._lock = threading.Lock()
+
+    async def send_group(self, content: render.Content | str,
+                         handed: list[Recipient],
+                         attempts: dict[int, int]) -> list[Outcome]:
+        """One outcome per handed-off row, in order; never raises (but CancelledError)."""
+        built = [build(content, r) for r in handed]
+        stop: list[Outcome] = []  # a throttle or account trouble: the rest are not called
+        if self.executor is None or not self.provider.blocking:
+            return [b if isinstance(b, Outcome) else self.send_one(b, attempts, stop)
+                    for b in built]
+        loop = asyncio.get_running_loop()
+        futures: list[asyncio.Future[Outcome]] = []
+        for b in built:
+            if isinstance(b, Outcome):
+                done: asyncio.Future[Outcome] = loop.create_future()
+                done.set_result(b)
+                futures.append(done)
+            else:
+                futures.append(loop.run_in_executor(self.executor, self.send_one, b,
+                                                    attempts, stop))
+        return list(await asyncio.gather(*futures))
+
+    def send_one(self, message: render.Message, attempts: dict[int, int],
+                 stop: list[Outcome]) -> Outcome:
+        """Send one message (any thread); whatever happens becomes its outcome."""
+        cid = message.contact_id
+        if stop:
+            return Outcome(cid, stop[0].outcome, retry_in=stop[0].retry_in)
+        started = time.perf_counter()
+        try:
+            message_id = self.provider.send(message)
+            outcome = Outcome(cid, "sent", message_id=str(message_id))
+            self._throttles = 0
+        except errors.Throttled as exc:
+            with self._lock:
+                self._throttles += 1
+                n = self._throttles
+            outcome = Outcome(cid, "throttled", error=reason(exc), retry_in=backoff(
+                n, self.retries.throttle_backoff, THROTTLE_CAP))
+            stop.append(outcome)
+        except errors.AccountBlocked as exc:
+            outcome = Outcome(cid, "release", error=reason(exc), pause_reason=exc.reason)
+            stop.append(Outcome(cid, "release"))
+        except errors.RecipientRejected as exc:
+            outcome = Outcome(cid, "failed", error=reason(exc))
+        except errors.OutcomeUnknown as exc:
+            outcome = Outcome(cid, "unknown", error=reason(exc))
+        except errors.Transient as exc:
+            attempt = attempts.get(cid, 0) + 1
+            if attempt > self.retries.max_retries:
+                outcome = Outcome(cid, "failed",
+                                  error=f"gave up after {attempt} attempts: {exc}"[:ERROR_CHARS])
+            else:
+                outcome = Outcome(cid, "retry", error=reason(exc), retry_in=backoff(
+                    attempt, self.retries.retry_base, self.retries.retry_cap))
+        except Exception as exc:  # noqa: BLE001 - one recipient's outcome, never the process's
+            log.exception("provider %s raised an unclassified error for contact %s",
+                          self.provider.name, cid)
+            kind = "unknown" if self.may_have_sent else "failed"
+            outcome = Outcome(cid, kind, error=f"unexpected provider error: {describe(exc)}"
+                              [:ERROR_CHARS])
+        outcome.seconds = time.perf_counter() - started
+        return outcome
+
+
+def record_params(bid: Any, token: Any, outcomes: list[Outcome],
+                  breaker: int) -> dict[str, Any]:
+    """The `record` statement's parameters for one group."""
+    return {"id": bid, "token": token,
+            "ids": [o.contact_id for o in outcomes],
+            "outcomes": [o.outcome for o in outcomes],
+            "message_ids": [o.message_id for o in outcomes],
+            "errors": [o.error for o in outcomes],
+            "retry_in": [o.retry_in for o in outcomes],
+            "breaker": breaker}

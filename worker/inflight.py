@@ -1,0 +1,140 @@
+"""How much one process puts in the provider's hands: group sizes and the in-flight window."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import threading
+
+GROUP_START = 10  # auto group size before the provider's speed has been measured
+GROUP_ALPHA = 0.2  # weight of the newest group in the provider's moving average
+LATENCY_ALPHA = 0.1  # weight of the newest call in the window's latency average
+HEADROOM = 1.5  # calls in flight per call Little's law asks for (records, jitter, refills)
+SPARE = 4  # calls in flight beyond Little's law: a group and a bit while the estimate settles
+
+
+class GroupSizer:
+    """How many rows the next group hands off: a fixed number, or sized to the provider.
+
+    Auto: the provider's seconds per message is an exponentially weighted moving average
+    over groups (the first measurement replaces the starting guess), and a group is what
+    fits in `group_ms` of provider time: floor(group_ms / 1000 / average), clamped to
+    [1, batch_size]. Fast providers get few big groups (fewer synchronous commits); slow ones
+    small groups. `seconds` is the time the provider spent on the group's calls, added up
+    (calls run side by side, so this is not the group's wall time).
+    """
+
+    def __init__(self, fixed: int | None, group_ms: float, batch_size: int,
+                 start: int = GROUP_START, alpha: float = GROUP_ALPHA) -> None:
+        if fixed is not None and fixed < 1:
+            raise ValueError(f"group size must be at least 1, not {fixed}")
+        if not (math.isfinite(group_ms) and group_ms > 0):
+            raise ValueError(f"group_ms must be a finite number > 0, not {group_ms}")
+        if batch_size < 1:
+            raise ValueError(f"batch size must be at least 1, not {batch_size}")
+        if not 0 < alpha <= 1:
+            raise ValueError(f"alpha must be in (0, 1], not {alpha}")
+        self.fixed = fixed
+        self.target = group_ms / 1000
+        self.batch_size = batch_size
+        self.start = start
+        self.alpha = alpha
+        self.per_message: float | None = None  # seconds; None until the first measurement
+        self._lock = threading.Lock()
+
+    def size(self) -> int:
+        """Rows for the next group (before the window and the rate limit have their say)."""
+        if self.fixed is not None:
+            return self.fixed
+        avg = self.per_message
+        if avg is None:
+            want = float(self.start)
+        elif avg <= 0:
+            want = float(self.batch_size)
+        else:
+            want = self.target / avg  # inf when avg is subnormal: clamped before floor()
+        return max(1, math.floor(min(float(self.batch_size), want)))
+
+    def observe(self, seconds: float, messages: int) -> None:
+        """The provider spent `seconds` on `messages` attempted sends."""
+        if self.fixed is not None or messages < 1 or not math.isfinite(seconds):
+            return
+        sample = max(0.0, seconds) / messages
+        with self._lock:
+            old = self.per_message
+            self.per_message = sample if old is None else old + self.alpha * (sample - old)
+
+
+class Window:
+    """Provider calls in flight in one process: about rate x latency (Little's law).
+
+    A slot is held from a message's handoff until its group is recorded, so the slots in use
+    bound what a crash of this process can leave `unknown`. The limit is
+    ceil(rate x latency x HEADROOM) + SPARE with the global rate and the measured latency of
+    one call (the most when either is unknown or the rate is unlimited), never above `most`
+    (--max-in-flight) nor above `cap`: a throttle halves `cap`, and each successful call
+    grows it by 1/cap (additive increase, multiplicative decrease). Event-loop only.
+    """
+
+    def __init__(self, most: int) -> None:
+        if most < 1:
+            raise ValueError(f"max in flight must be at least 1, not {most}")
+        self.most = most
+        self.cap = float(most)
+        self.used = 0
+        self.latency: float | None = None  # seconds per call, moving average
+        self._changed = asyncio.Event()
+
+    def limit(self, rate: float) -> int:
+        """Calls allowed in flight right now, at this global rate (0 = unlimited)."""
+        want = self.most
+        if rate > 0 and self.latency is not None:
+            want = min(want, math.ceil(rate * self.latency * HEADROOM) + SPARE)
+        return max(1, min(want, math.floor(self.cap)))
+
+    def free(self, rate: float) -> int:
+        """Slots free right now."""
+        return max(0, self.limit(rate) - self.used)
+
+    async def acquire(self, want: int, rate: float) -> int:
+        """Between 1 and `want` slots, as many as are free, once at least one is."""
+        while True:
+            free = self.free(rate)
+            if free > 0:
+                n = min(want, free)
+                self.used += n
+                return n
+            self._changed.clear()
+            await self._changed.wait()
+
+    def release(self, n: int) -> None:
+        """Give back slots."""
+        if n > 0:
+            self.used -= n
+            self._changed.set()
+
+    def observe(self, seconds: float) -> None:
+        """One call took `seconds`."""
+        if math.isfinite(seconds) and seconds >= 0:
+            old = self.latency
+            self.latency = seconds if old is None else old + LATENCY_ALPHA * (seconds - old)
+
+    def succeeded(self, calls: int) -> None:
+        """Calls went through: grow the cap back towards `most`."""
+        for _ in range(calls):
+            self.cap = min(float(self.most), self.cap + 1 / self.cap)
+        self._changed.set()
+
+    def throttled(self) -> None:
+        """The provider asked us to slow down: halve the cap (at least one call)."""
+        self.cap = max(1.0, self.cap / 2)
+
+    def rows_per_second(self, rate: float) -> float:
+        """What this process can send: the window over the latency, and the rate (inf: no
+        measurement and no limit)."""
+        best = math.inf
+        if rate > 0:
+            best = rate
+        if self.latency is not None and self.latency > 0:
+            best = min(best, self.limit(rate) / self.latency)
+        return best

@@ -1,0 +1,63 @@
+"""The engine's statements: run a named query on the shared pool, riding out outages."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import psycopg
+from psycopg_pool import AsyncConnectionPool
+
+from sql.queries import QUERIES
+
+log = logging.getLogger("pgcast.worker")
+
+DB_RETRY_MAX = 5.0  # seconds: the longest pause between attempts to reach Postgres
+UNREACHABLE = (psycopg.OperationalError, psycopg.errors.AdminShutdown)
+
+
+class Db:
+    """Named queries over one process's pool."""
+
+    def __init__(self, pool: AsyncConnectionPool, stopping: asyncio.Event, lease: float) -> None:
+        self.pool = pool
+        self.stopping = stopping
+        self.lease = lease
+
+    async def q(self, name: str, params: dict[str, Any] | None = None) -> list[tuple[Any, ...]]:
+        """Run one named statement; its rows (none for a statement without a result)."""
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(QUERIES[name], params)
+            return await cur.fetchall() if cur.description else []
+
+    async def dicts(self, name: str, params: dict[str, Any]) -> list[dict[str, Any]]:
+        """A named query's rows as dicts (read by column name: columns may be added)."""
+        async with self.pool.connection() as conn:
+            cur = conn.cursor(row_factory=psycopg.rows.dict_row)
+            await cur.execute(QUERIES[name], params)
+            return await cur.fetchall()
+
+    async def q_retry(self, name: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:
+        """Run a statement that must happen (records, releases), riding out outages.
+
+        Once the worker is stopping it keeps trying for one lease at most: after that the
+        sweeper owns the rows anyway (claimed rows go back to pending, sending rows become
+        unknown), and a stop must not hang on a database that is gone.
+        """
+        delay = 0.1
+        give_up: float | None = None
+        while True:
+            try:
+                return await self.q(name, params)
+            except UNREACHABLE as exc:
+                if self.stopping.is_set():
+                    give_up = give_up or time.monotonic() + self.lease
+                    if time.monotonic() > give_up:
+                        log.error("giving up %s while stopping: %s", name, exc)
+                        raise
+                log.warning("postgres unreachable during %s (%s); retrying in %.1fs",
+                            name, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(DB_RETRY_MAX, delay * 2)
