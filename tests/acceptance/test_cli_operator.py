@@ -13,6 +13,7 @@ from typing import Any
 import psycopg
 
 from api import progress as api_progress
+from sql.queries import QUERIES
 from tests import support
 from tests.acceptance.test_cli_import import PGCAST, run
 
@@ -114,10 +115,10 @@ def test_broadcast_status_has_the_api_progress_keys(conn: Conn, db_url: str) -> 
     support.seed_contacts(conn, 2)
     bid = support.new_broadcast(conn)
     status = json.loads(run(db_url, "broadcast", "status", str(bid)).stdout)
-    row = conn.execute("SELECT status, total, 0 AS pending, sent, failed, skipped, unknown, "
-                       "cancelled, started_at, finished_at, now() FROM broadcasts").fetchone()
+    row = conn.execute(QUERIES["api_progress"], {"account": "default", "id": bid}).fetchone()
     assert row is not None
     assert list(status) == list(api_progress.progress_json(row))
+    assert {"rate", "eta_seconds"} <= set(status)
     assert status["eta_seconds"] is None or isinstance(status["eta_seconds"], int)
 
 
@@ -234,7 +235,7 @@ def test_worker_logs_what_an_operator_needs_at_info_and_sweeps_only_at_debug(
     support.wait_for(lambda: (last_defer() or 0) >= first + 2)
     assert procs.stop(proc) == 0
     log = procs.log(proc)
-    assert "started (provider null)" in log
+    assert "started (provider null" in log
     assert f"working on broadcast {bid}" in log
     assert (f"broadcast {bid} finished sent: total 3, sent 3, failed 0, skipped 0, unknown 0, "
             "cancelled 0") in log
