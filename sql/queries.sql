@@ -32,10 +32,11 @@ SELECT to_regclass('procrastinate_jobs') IS NOT NULL AS installed
 -- one); an erased address is left out. Returns each written address and whether it is new.
 WITH x AS (
     SELECT x.*
-    FROM jsonb_to_recordset(%(rows)s::jsonb) AS x(email text, name text, tags text[],
-                                                  attributes jsonb,
-                                                  unsubscribed_at timestamptz,
-                                                  suppressed_reason text)
+    FROM ROWS FROM (jsonb_to_recordset(%(rows)s::jsonb)
+                    AS (email text, name text, tags text[], attributes jsonb,
+                        unsubscribed_at timestamptz, suppressed_reason text))
+         WITH ORDINALITY AS x(email, name, tags, attributes, unsubscribed_at,
+                              suppressed_reason, n)
     WHERE NOT EXISTS (SELECT 1 FROM contact_erasures e
                       WHERE e.account = %(account)s
                         AND e.email_hash = sha256(convert_to(lower(x.email), 'UTF8')))
@@ -47,6 +48,7 @@ SELECT %(account)s, x.email, coalesce(x.name, ''), coalesce(x.tags, '{}'),
        CASE WHEN x.suppressed_reason IS NOT NULL THEN clock_timestamp() END,
        x.suppressed_reason
 FROM x
+ORDER BY x.n  -- new contacts get their ids in the order given (the anti-join may reorder)
 ON CONFLICT (account, lower(email)) DO UPDATE
 SET email = EXCLUDED.email,
     name = CASE WHEN %(replace)s OR EXCLUDED.name <> '' THEN EXCLUDED.name ELSE c.name END,
