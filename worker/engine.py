@@ -124,6 +124,8 @@ class Engine:
         limit = self.settings.max_broadcasts or len(rows)
         fresh: dict[uuid.UUID, claims.Active] = {}
         for bid, epoch, rate_limit in rows[:limit]:
+            if bid not in self._active:
+                log.info("working on broadcast %s (epoch %s)", bid, epoch)
             entry = self._active.get(bid) or claims.Active(epoch, rate_limit)
             # the same object: loops in the middle of a claim update the live entry
             entry.epoch, entry.rate_limit = epoch, rate_limit
@@ -318,10 +320,18 @@ class Engine:
         if entry is not None:
             entry.empty = True
         rows = await self.db.q("finalize", {"id": bid})
+        if rows and rows[0][0]:
+            await self._log_finished(bid)
         if rows and not rows[0][0] and entry is not None:
             # not finished, nothing in flight or requeued, yet never-claimed rows are left
             # (a claim whose commit a server crash lost): look for them from the start again
             entry.floor = entry.cursor = 0
+
+    async def _log_finished(self, bid: uuid.UUID) -> None:
+        counts = await self.db.q("broadcast_counts", {"id": bid})
+        if counts:
+            log.info("broadcast %s finished %s: total %s, sent %s, failed %s, skipped %s, "
+                     "unknown %s, cancelled %s", bid, *counts[0])
 
     def _direct(self, entry: claims.Active, limit: int) -> bool:
         """Claim and hand off in one statement? When the whole claim is one group (a provider
