@@ -18,7 +18,10 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from api import auth, broadcasts, config, contacts, context, control, db, errors, http, openapi
+from api import preview as preview_routes
 from api import progress as progress_routes
+from api import testsend as testsend_routes
+from api import unsubscribe as unsubscribe_routes
 from sql import errors as sql_errors
 
 log = logging.getLogger("pgcast.api")
@@ -78,12 +81,16 @@ ROUTES = [
     route("/broadcasts/{id}/progress", GET=progress_routes.progress),
     route("/broadcasts/{id}/events", GET=progress_routes.events),
     route("/broadcasts/{id}/recipients", GET=progress_routes.recipients),
+    route("/broadcasts/{id}/preview", GET=preview_routes.show),
+    route("/broadcasts/{id}/test", POST=testsend_routes.create, GET=testsend_routes.status),
+    route("/u/{token}", GET=unsubscribe_routes.page,
+          POST=unsubscribe_routes.one_click),
 ]
 
 
 async def _api_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, errors.ApiError)
-    return http.Json(exc.body(), status_code=exc.status_code)
+    return http.Json(exc.body(), status_code=exc.status_code, headers=exc.headers)
 
 
 async def _invalid_input(request: Request, exc: Exception) -> Response:
@@ -130,6 +137,7 @@ def create_app(settings: config.Settings, database_url: str) -> Starlette:
         middleware=[Middleware(AuthenticationMiddleware, backend=auth.JWTBackend(settings),
                                on_error=auth.on_error)])
     app.state.settings = settings
+    app.state.database_url = database_url  # procrastinate jobs are deferred on their own pool
     app.state.stopping = False  # set by the server on SIGTERM: SSE streams end
     app.state.openapi = openapi.document()
     return app

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -16,18 +17,25 @@ from starlette.requests import HTTPConnection
 from starlette.responses import JSONResponse, Response
 
 from api import config, errors
+from mail import validate as validate_mail
+
+log = logging.getLogger("pgcast.api")
 
 PUBLIC_PATHS = frozenset({"/healthz"})
+PUBLIC_PREFIXES = ("/u/",)  # one-click unsubscribe: the token in the path is the credential
 REQUIRED_CLAIMS = ("exp", "sub", "account")
 MAX_ACCOUNT_LENGTH = 200  # characters
+MAX_SUB_LENGTH = 200  # characters
+UNAUTHORIZED = "a valid bearer token is required"  # the only 401 text: reasons go to the log
 
 
 class Principal(BaseUser):
     """The caller: the token's subject, acting inside the token's account."""
 
-    def __init__(self, account: str, sub: str) -> None:
+    def __init__(self, account: str, sub: str, expires: float = float("inf")) -> None:
         self.account = account
         self.sub = sub
+        self.expires = expires  # the token's exp, seconds since the epoch
 
     @property
     def is_authenticated(self) -> bool:
@@ -48,7 +56,7 @@ class JWTBackend(AuthenticationBackend):
 
     async def authenticate(self, conn: HTTPConnection) -> tuple[AuthCredentials, BaseUser] | None:
         """A Principal for a valid token; None on public paths; AuthenticationError otherwise."""
-        if conn.url.path in PUBLIC_PATHS:
+        if conn.url.path in PUBLIC_PATHS or conn.url.path.startswith(PUBLIC_PREFIXES):
             return None
         header = conn.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
@@ -57,7 +65,8 @@ class JWTBackend(AuthenticationBackend):
         if scheme.lower() != "bearer" or not token.strip():
             raise AuthenticationError("the Authorization header must be `Bearer <token>`")
         claims = verify(self.settings, token.strip())
-        return AuthCredentials(["authenticated"]), Principal(claims["account"], claims["sub"])
+        return AuthCredentials(["authenticated"]), Principal(claims["account"], claims["sub"],
+                                                             float(claims["exp"]))
 
 
 def verify(settings: config.Settings, token: str) -> dict[str, Any]:
@@ -71,17 +80,30 @@ def verify(settings: config.Settings, token: str) -> dict[str, Any]:
                      "verify_iss": s.issuer is not None})
     except jwt.PyJWTError as exc:
         raise AuthenticationError(f"invalid token: {exc}") from None
-    account = claims.get("account")
-    if not isinstance(account, str) or not account or len(account) > MAX_ACCOUNT_LENGTH:
-        raise AuthenticationError("invalid token: the account claim must be a non-empty string")
-    if not isinstance(claims.get("sub"), str) or not claims["sub"]:
-        raise AuthenticationError("invalid token: the sub claim must be a non-empty string")
+    _claim_text(claims, "account", MAX_ACCOUNT_LENGTH)
+    _claim_text(claims, "sub", MAX_SUB_LENGTH)
     return claims
 
 
+def _claim_text(claims: dict[str, Any], name: str, max_length: int) -> None:
+    """A claim we store or query by: a short non-empty string Postgres can hold as text."""
+    value = claims.get(name)
+    if not isinstance(value, str) or not value or len(value) > max_length:
+        raise AuthenticationError(f"invalid token: the {name} claim must be a non-empty string "
+                                  f"of at most {max_length} characters")
+    try:  # a lone surrogate cannot be encoded; NUL cannot be stored in text or jsonb
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise AuthenticationError(f"invalid token: the {name} claim is not valid Unicode") from None
+    found = validate_mail.control_character(value)
+    if found:
+        raise AuthenticationError(f"invalid token: the {name} claim holds {found}")
+
+
 def on_error(conn: HTTPConnection, exc: AuthenticationError) -> Response:
-    """401 with a JSON body and an RFC 6750 challenge."""
-    return JSONResponse({"error": "unauthorized", "message": str(exc)}, status_code=401,
+    """401 with a generic JSON body and an RFC 6750 challenge; the reason goes to the log."""
+    log.info("401 %s %s: %s", conn.scope.get("method", "GET"), conn.url.path, exc)
+    return JSONResponse({"error": "unauthorized", "message": UNAUTHORIZED}, status_code=401,
                         headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
 
 

@@ -11,7 +11,8 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
-from api import auth, context, db, errors, http
+from api import auth, context, control, db, errors, http
+from mail import template
 from sql import broadcasts
 from sql import errors as sql_errors
 
@@ -42,6 +43,11 @@ def broadcast_json(row: dict[str, Any]) -> dict[str, Any]:
             "updated_at": row["updated_at"]}
 
 
+def with_warnings(body: dict[str, Any]) -> dict[str, Any]:
+    """A create/update answer with what should be fixed (no unsubscribe link, ...)."""
+    return {**body, "warnings": template.warnings(body["text"], body["html"])}
+
+
 def _invalid(exc: sql_errors.InvalidInput) -> errors.InvalidBody:
     return errors.InvalidBody(str(exc))
 
@@ -58,10 +64,11 @@ async def create(request: Request) -> Response:
         values["from_address"] = broadcasts.validate_from(body["from"])
     except sql_errors.InvalidInput as exc:
         raise _invalid(exc) from None
-    row = await db.one(context.pool(request), "broadcast_create",
-                       {"account": who.account, "rate_limit": None, **values})
+    row = await db.one(context.pool(request), "api_broadcast_create",
+                       {"account": who.account, "details": control.details(who), **values})
     assert row is not None
-    return http.Json(broadcast_json(row), status_code=201)
+    return http.Json(with_warnings(broadcast_json(row)), status_code=201,
+                     headers={"Location": f"/broadcasts/{row['id']}"})
 
 
 def _encode_cursor(row: dict[str, Any]) -> str:
@@ -87,10 +94,12 @@ async def list_page(request: Request) -> Response:
     limit = http.query_int(request, "limit", PAGE_DEFAULT, 1, PAGE_MAX)
     cursor = request.query_params.get("cursor")
     before_at, before_id = _decode_cursor(cursor) if cursor else (None, None)
-    rows = await db.all_rows(context.pool(request), "broadcast_list", {
-        "account": who.account, "limit": limit, "before_at": before_at, "before_id": before_id})
-    next_cursor = _encode_cursor(rows[-1]) if len(rows) == limit else None
-    return http.Json({"broadcasts": [summary_json(r) for r in rows], "next_cursor": next_cursor})
+    rows = await db.all_rows(context.pool(request), "broadcast_list", {  # one more: a next page?
+        "account": who.account, "limit": limit + 1, "before_at": before_at,
+        "before_id": before_id})
+    page = rows[:limit]
+    next_cursor = _encode_cursor(page[-1]) if len(rows) > limit else None
+    return http.Json({"broadcasts": [summary_json(r) for r in page], "next_cursor": next_cursor})
 
 
 async def get(request: Request) -> Response:
@@ -137,14 +146,15 @@ async def update(request: Request) -> Response:
     except sql_errors.InvalidInput as exc:
         raise _invalid(exc) from None
     row = await db.one(context.pool(request), "broadcast_update_draft", {
-        "account": who.account, "id": bid, "subject": values["subject"],
+        "account": who.account, "id": bid, "details": control.details(who),
+        "subject": values["subject"],
         "from_address": from_address,
         "set_text": "text" in body, "text_body": values["text_body"],
         "set_html": "html" in body, "html_body": values["html_body"],
         "set_tag": "tag" in body, "segment_tag": values["segment_tag"]})
     if row is None:  # sent or deleted since we read it: the CAS decided
         return await refused(request, who.account, bid, "edited")
-    return http.Json(broadcast_json(row))
+    return http.Json(with_warnings(broadcast_json(row)))
 
 
 async def delete(request: Request) -> Response:

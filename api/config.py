@@ -8,8 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+from cryptography.hazmat.primitives.kdf import hkdf
 
 from api import errors
 
@@ -17,6 +18,10 @@ MIN_SECRET_BYTES = 32  # HS256 keys shorter than the hash output are guessable o
 DEFAULT_LEEWAY = 10.0  # seconds of clock skew tolerated on exp/nbf/iat
 DEFAULT_POOL_SIZE = 10  # connections per API process
 DEFAULT_EVENTS_INTERVAL = 0.5  # seconds between two progress reads of one SSE stream
+DEFAULT_MAX_STREAMS = 20  # open SSE streams per account in one API process
+DEFAULT_LIMIT_CONCURRENCY = 1000  # connections (and requests) uvicorn serves at once
+DEFAULT_TIMEOUT_KEEP_ALIVE = 5.0  # seconds an idle keep-alive connection is kept open
+MIN_LIMIT_CONCURRENCY = 4  # room for one stream, /healthz and an ordinary request
 
 # Which algorithms each kind of public key may verify; the first is the default.
 _ALGORITHMS: dict[type[Any], tuple[str, ...]] = {
@@ -38,6 +43,19 @@ class Settings:
     leeway: float = DEFAULT_LEEWAY
     pool_size: int = DEFAULT_POOL_SIZE
     events_interval: float = DEFAULT_EVENTS_INTERVAL
+    max_streams: int = DEFAULT_MAX_STREAMS
+    limit_concurrency: int = DEFAULT_LIMIT_CONCURRENCY
+    timeout_keep_alive: float = DEFAULT_TIMEOUT_KEEP_ALIVE
+    cursor_key: bytes = b""  # 32 bytes; derived from the secret, PGCAST_API_CURSOR_SECRET or random
+
+    @property
+    def total_streams(self) -> int:
+        """SSE streams this process holds at once over every account: half of uvicorn's limit.
+
+        An open stream is a connection and a task to uvicorn, so streams at their cap leave the
+        other half of limit_concurrency to /healthz and ordinary requests (never a 503).
+        """
+        return max(1, self.limit_concurrency // 2)
 
     @property
     def secret(self) -> bytes | None:
@@ -110,6 +128,8 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
     if algorithm not in allowed:
         raise errors.ConfigError(f"PGCAST_JWT_ALGORITHM {algorithm} does not fit the key "
                                  f"(allowed: {', '.join(allowed)})")
+    limit = int(_number(env, "PGCAST_API_LIMIT_CONCURRENCY", DEFAULT_LIMIT_CONCURRENCY,
+                        MIN_LIMIT_CONCURRENCY))
     return Settings(
         algorithm=algorithm, key=key,
         audience=env.get("PGCAST_JWT_AUDIENCE") or None,
@@ -117,4 +137,26 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         leeway=_number(env, "PGCAST_JWT_LEEWAY", DEFAULT_LEEWAY, 0),
         pool_size=int(_number(env, "PGCAST_API_POOL_SIZE", DEFAULT_POOL_SIZE, 1)),
         events_interval=_number(env, "PGCAST_API_EVENTS_INTERVAL", DEFAULT_EVENTS_INTERVAL, 0.05),
+        max_streams=int(_number(env, "PGCAST_API_MAX_STREAMS", DEFAULT_MAX_STREAMS, 1)),
+        limit_concurrency=limit,
+        timeout_keep_alive=_number(env, "PGCAST_API_TIMEOUT_KEEP_ALIVE",
+                                   DEFAULT_TIMEOUT_KEEP_ALIVE, 1),
+        cursor_key=cursor_key(env.get("PGCAST_API_CURSOR_SECRET") or None, secret),
     )
+
+
+def cursor_key(cursor_secret: str | None, jwt_secret: str | None) -> bytes:
+    """The 32-byte key that seals recipient cursors.
+
+    Derived (HKDF-SHA256) from PGCAST_API_CURSOR_SECRET, else from PGCAST_JWT_SECRET, so every
+    API process behind one load balancer reads the others' cursors; with a public key and no
+    cursor secret, a random key per process (cursors then last as long as the process).
+    """
+    material = cursor_secret or jwt_secret
+    if material is None:
+        return os.urandom(32)
+    if cursor_secret is not None and len(cursor_secret.encode()) < MIN_SECRET_BYTES:
+        raise errors.ConfigError(f"PGCAST_API_CURSOR_SECRET must be at least {MIN_SECRET_BYTES} "
+                                 f"bytes (got {len(cursor_secret.encode())})")
+    return hkdf.HKDF(algorithm=hashes.SHA256(), length=32, salt=None,
+                info=b"pgcast api cursor v1").derive(material.encode())

@@ -16,11 +16,17 @@ from api import auth, context, db, errors, http
 from sql import broadcasts
 
 PAUSE_REASON = "operator"
+SEND_FIELDS = {"allow_empty": http.BOOLEAN}
 
 
-def _details(who: auth.Principal) -> str:
-    # who did it goes into the broadcast's audit log
-    return json.dumps({"via": "api", "sub": who.sub})
+def details(who: auth.Principal) -> str:
+    """The audit details of an API action, as JSON: who did it."""
+    return json.dumps(actor(who))
+
+
+def actor(who: auth.Principal) -> dict[str, str]:
+    """Who did an action, as the audit log records it."""
+    return {"via": "api", "sub": who.sub}
 
 
 async def _call(request: Request, who: auth.Principal, name: str,
@@ -39,8 +45,18 @@ def _answer(result: dict[str, Any]) -> Response:
 
 async def send(request: Request) -> Response:
     """POST /broadcasts/{id}/send: snapshot the recipients and return at once."""
-    row = await _call(request, auth.principal(request), "broadcast_send", {})
-    result = broadcasts.send_result(row)
+    who = auth.principal(request)
+    raw = await http.read_body(request)  # the body is optional: {"allow_empty": true}
+    parsed = await http.off_loop(http.parse_json, raw) if raw.strip() else {}
+    body = http.fields(parsed, "body", {}, SEND_FIELDS)
+    row = await _call(request, who, "broadcast_send",
+                      {"allow_empty": body.get("allow_empty", False), "details": details(who)})
+    segment = None
+    if row["status"] == "empty":
+        found = await db.one(context.pool(request), "broadcast_get",
+                             {"account": who.account, "id": context.broadcast_id(request)})
+        segment = found["segment_tag"] if found else None
+    result = broadcasts.send_result(row, segment)
     response = _answer(result)
     if broadcasts.needs_analyze(result):
         # fresh planner statistics for the workers, after the answer has gone out
@@ -53,7 +69,7 @@ async def send(request: Request) -> Response:
 async def cancel(request: Request) -> Response:
     """POST /broadcasts/{id}/cancel: stop a draft, sending or paused broadcast."""
     who = auth.principal(request)
-    row = await _call(request, who, "broadcast_cancel", {"details": _details(who)})
+    row = await _call(request, who, "broadcast_cancel", {"details": details(who)})
     return _answer(broadcasts.cancel_result(row))
 
 
@@ -61,12 +77,12 @@ async def pause(request: Request) -> Response:
     """POST /broadcasts/{id}/pause: hold a sending broadcast."""
     who = auth.principal(request)
     row = await _call(request, who, "broadcast_pause",
-                      {"reason": PAUSE_REASON, "details": _details(who)})
+                      {"reason": PAUSE_REASON, "details": details(who)})
     return _answer(broadcasts.pause_result(row, PAUSE_REASON))
 
 
 async def resume(request: Request) -> Response:
     """POST /broadcasts/{id}/resume: continue a paused broadcast under a new epoch."""
     who = auth.principal(request)
-    row = await _call(request, who, "broadcast_resume", {"details": _details(who)})
+    row = await _call(request, who, "broadcast_resume", {"details": details(who)})
     return _answer(broadcasts.resume_result(row))

@@ -48,3 +48,4 @@ async def rowcount(pool: Pool, name: str, params: dict[str, Any]) -> int:
     async with pool.connection() as conn:
         cur = await conn.execute(QUERIES[name], params)
         return cur.rowcount
+

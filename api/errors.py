@@ -11,10 +11,12 @@ class ApiError(Exception):
     status_code = 500
     code = "error"
 
-    def __init__(self, message: str, details: list[dict[str, Any]] | None = None) -> None:
+    def __init__(self, message: str, details: list[dict[str, Any]] | None = None,
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.details = details
+        self.headers = headers
 
     def body(self) -> dict[str, Any]:
         """The JSON error body: {"error", "message"[, "details"]}."""
@@ -57,6 +59,13 @@ class NotFound(ApiError):
 
     status_code = 404
     code = "not_found"
+
+
+class TooManyStreams(ApiError):
+    """The account, or this process, has as many SSE streams open as it may."""
+
+    status_code = 429
+    code = "too_many_streams"
 
 
 class Unavailable(ApiError):

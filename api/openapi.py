@@ -50,11 +50,19 @@ SCHEMAS: dict[str, Any] = {
     "Error": obj({"error": STR, "message": STR,
                   "details": {"type": "array", "items": obj({"field": STR, "problem": STR})}},
                  ["error", "message"]),
-    "Conflict": obj({"success": {"const": False}, "status": {"enum": BROADCAST_STATUSES},
-                     "message": STR}),
+    "Conflict": obj({"success": {"const": False},
+                     "status": {"enum": [*BROADCAST_STATUSES, "empty"],
+                                "description": "the current status, or `empty`: nobody to "
+                                               "send to (send with allow_empty to send anyway)"},
+                     "queued": INT, "message": STR}, ["success", "status", "message"]),
+    "SendIn": obj({"allow_empty": {"type": "boolean", "description": "send even when no "
+                                   "subscribed contact matches (default false)"}}, []),
     "Health": obj({"status": {"const": "ok"}}),
     "ContactIn": obj({"email": STR, "name": STR_OR_NULL,
-                      "tags": {"type": ["array", "null"], "items": STR}}, ["email"]),
+                      "tags": {"type": ["array", "null"], "items": STR},
+                      "attributes": {"type": ["object", "null"],
+                                     "description": "flat: string, number or boolean values; "
+                                                    "merged into the stored ones"}}, ["email"]),
     "ContactsIn": obj({"contacts": {"type": "array", "maxItems": 10000,
                                     "items": ref("ContactIn")}}),
     "ContactsResult": obj({"upserted": INT, "rejected": {"type": "array", "items": obj(
@@ -66,6 +74,20 @@ SCHEMAS: dict[str, Any] = {
     "BroadcastSummary": obj(SUMMARY),
     "Broadcast": obj({**SUMMARY, "from": STR, "text": STR_OR_NULL, "html": STR_OR_NULL,
                       "paused_reason": STR_OR_NULL, "updated_at": TIME}),
+    "BroadcastWritten": obj({**SUMMARY, "from": STR, "text": STR_OR_NULL, "html": STR_OR_NULL,
+                             "paused_reason": STR_OR_NULL, "updated_at": TIME,
+                             "warnings": {"type": "array", "items": STR, "description":
+                                          "what to fix, though the draft was saved"}}),
+    "Preview": obj({"contact": STR, "sample": {"type": "boolean"}, "subject": STR,
+                    "text": STR_OR_NULL, "html": STR_OR_NULL,
+                    "headers": {"type": "object", "additionalProperties": STR}}),
+    "TestSendIn": obj({"to": {"type": "array", "minItems": 1, "maxItems": 5, "items": STR},
+                       "contact": {**STR_OR_NULL, "description":
+                                   "whose data fills the template (default: a sample contact)"}},
+                      ["to"]),
+    "TestSends": obj({"test_sends": {"type": "array", "items": obj(
+        {"id": INT, "to": STR, "status": {"enum": ["queued", "sending", "sent", "failed"]},
+         "message_id": STR_OR_NULL, "error": STR_OR_NULL}, ["id", "to", "status"])}}),
     "BroadcastPage": obj({"broadcasts": {"type": "array", "items": ref("BroadcastSummary")},
                           "next_cursor": STR_OR_NULL}),
     "SendResult": obj({"success": {"const": True}, "status": {"enum": ["sending", "sent"]},
@@ -97,6 +119,9 @@ ERRORS = {
     "409": _json("Conflict", "not allowed in the broadcast's current status; nothing changed"),
     "413": _json("Error", "the body is too large"),
     "422": _json("Error", "a wrong type, a missing or unknown field, or an invalid value"),
+    "429": {**_json("Error", "too many progress streams open (this account, or this server), "
+                             "or over the account's hourly test-send cap (50 messages)"),
+            "headers": {"Retry-After": {"schema": {"type": "integer"}}}},
     "503": _json("Error", "Postgres is unreachable"),
 }
 ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string", "format": "uuid"}}
@@ -137,7 +162,9 @@ def _paths() -> dict[str, Any]:
             "200", _json("Unsubscribed", "unsubscribed")), f"{body_errors} 404",
             body="UnsubscribeIn")},
         "/broadcasts": {
-            "post": op("create a draft", ("201", _json("Broadcast", "the new draft")),
+            "post": op("create a draft", ("201", {
+                **_json("BroadcastWritten", "the new draft"),
+                "headers": {"Location": {"schema": STR, "description": "/broadcasts/{id}"}}}),
                        body_errors, body="BroadcastCreate"),
             "get": op("list broadcasts, newest first", ("200", _json("BroadcastPage", "a page")),
                       "422", params=[
@@ -147,12 +174,14 @@ def _paths() -> dict[str, Any]:
         "/broadcasts/{id}": {
             "get": op("one broadcast", ("200", _json("Broadcast", "the broadcast")), "404",
                       params=[ID]),
-            "patch": op("edit a draft", ("200", _json("Broadcast", "the edited draft")),
+            "patch": op("edit a draft", ("200", _json("BroadcastWritten", "the edited draft")),
                         f"{body_errors} 404 409", body="BroadcastPatch", params=[ID]),
             "delete": op("delete a draft", ("204", {"description": "deleted"}), "404 409",
                          params=[ID])},
-        "/broadcasts/{id}/send": {"post": op("snapshot the recipients and start sending", (
-            "200", _json("SendResult", "queued")), control, params=[ID])},
+        "/broadcasts/{id}/send": {"post": {
+            **op("snapshot the recipients and start sending", (
+                "200", _json("SendResult", "queued")), f"{control} 400 413 422", params=[ID]),
+            "requestBody": {"required": False, "content": {JSON: {"schema": ref("SendIn")}}}}},
         "/broadcasts/{id}/cancel": {"post": op("cancel a draft, sending or paused broadcast", (
             "200", _json("CancelResult", "cancelled")), control, params=[ID])},
         "/broadcasts/{id}/pause": {"post": op("pause a sending broadcast", (
@@ -163,17 +192,55 @@ def _paths() -> dict[str, Any]:
             "200", _json("Progress", "progress")), "404", params=[ID])},
         "/broadcasts/{id}/events": {"get": op("progress as Server-Sent Events", ("200", {
             "description": "`progress` events on change, then one `done` event when the "
-                           "broadcast is terminal (`gone` if a draft is deleted)",
-            "content": {"text/event-stream": {"schema": STR}}}), "404", params=[ID])},
+                           "broadcast is terminal (`gone` if a draft is deleted, `expired` "
+                           "when the token expires)",
+            "content": {"text/event-stream": {"schema": STR}}}), "404 429", params=[ID])},
         "/broadcasts/{id}/recipients": {"get": op("recipient rows, keyset-paged", (
             "200", _json("RecipientPage", "a page")), "404 422", params=[
                 ID,
                 _query("status", {"enum": RECIPIENT_STATUSES}, "only rows in this status"),
-                _query("cursor", {"type": "string", "pattern": "^[0-9]{1,18}$"},
-                       "next_cursor of the previous page"),
+                _query("cursor", STR, "next_cursor of the previous page (opaque)"),
                 _query("limit", {"type": "integer", "minimum": 1, "maximum": 1000},
                        "page size (default 100)")])},
+        "/broadcasts/{id}/preview": {"get": op(
+            "the message one contact would receive (rendered subject, text, html, headers)", (
+                "200", _json("Preview", "the rendered message")), "404 422", params=[
+                ID, _query("contact", STR, "the contact's address (default: a sample contact "
+                                           "of the account)")])},
+        "/broadcasts/{id}/test": {
+            "post": op("send the rendered message to at most 5 addresses, subject prefixed "
+                       "`[TEST] ` (a running worker delivers it; not counted in progress)", (
+                           "202", _json("TestSends", "queued")), f"{body_errors} 404 429",
+                       body="TestSendIn", params=[ID]),
+            "get": op("the outcome of test sends", ("200", _json("TestSends", "their status")),
+                      "404 422", params=[
+                          ID, _query("ids", STR, "test send ids, comma-separated")])},
+        "/u/{token}": {
+            "get": {"summary": "one-click unsubscribe: a page with one confirm button (never "
+                               "unsubscribes; no auth)", "security": [],
+                    "parameters": [TOKEN], "responses": {
+                        "200": _html("the confirm page"),
+                        "400": _html("the link is not valid (says nothing about the contact)")}},
+            "post": {"summary": "one-click unsubscribe (RFC 8058): idempotent, no auth",
+                     "security": [], "parameters": [TOKEN],
+                     "requestBody": {"required": True, "content": {
+                         "application/x-www-form-urlencoded": {"schema": obj(
+                             {"List-Unsubscribe": {"const": "One-Click"}}, closed=False)},
+                         "multipart/form-data": {"schema": obj(
+                             {"List-Unsubscribe": {"const": "One-Click"}}, closed=False)}}},
+                     "responses": {
+                         "200": _html("unsubscribed (or already unsubscribed)"),
+                         "400": _html("the link is not valid, or the body is not "
+                                      "`List-Unsubscribe=One-Click`")}}},
     }
+
+
+TOKEN = {"name": "token", "in": "path", "required": True, "schema": STR,
+         "description": "the opaque token of the List-Unsubscribe link"}
+
+
+def _html(description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"text/html": {"schema": STR}}}
 
 
 def document() -> dict[str, Any]:

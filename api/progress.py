@@ -10,9 +10,9 @@ from typing import Any
 
 import anyio
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 
-from api import auth, context, db, errors, http, openapi
+from api import auth, context, cursors, db, errors, http, openapi, streams
 from sql import broadcasts
 
 COUNTS = ("total", "pending", "sent", "failed", "skipped", "unknown", "cancelled")
@@ -63,7 +63,7 @@ def _event(name: str, seq: int, data: dict[str, Any]) -> str:
     return f"event: {name}\nid: {seq}\ndata: {http.dumps(data)}\n\n"
 
 
-async def _stream(request: Request, account: str, bid: uuid.UUID,
+async def _stream(request: Request, who: auth.Principal, bid: uuid.UUID,
                   first: dict[str, Any]) -> AsyncIterator[str]:
     # One short pooled checkout per read, none while sleeping: an idle tab costs no connection.
     pool, interval = context.pool(request), context.settings(request).events_interval
@@ -83,23 +83,30 @@ async def _stream(request: Request, account: str, bid: uuid.UUID,
         if snap["status"] in broadcasts.TERMINAL:
             yield _event("done", seq + 1, snap)
             return
-        await anyio.sleep(interval)
+        left = who.expires - time.time()
+        if left <= 0:  # the token that opened the stream no longer holds: reconnect with a new one
+            yield _event("expired", seq + 1, {"message": "the token has expired"})
+            return
+        await anyio.sleep(min(interval, left))
         if context.stopping(request) or await request.is_disconnected():
             return  # on shutdown the browser's EventSource reconnects (to another instance)
-        snap = await _read(pool, account, bid)
+        if time.time() >= who.expires:
+            continue  # say `expired` without reading on the dead token's behalf
+        snap = await _read(pool, who.account, bid)
     yield _event("gone", seq + 1, {"message": context.NO_BROADCAST})  # a draft was deleted
 
 
 async def events(request: Request) -> Response:
-    """GET /broadcasts/{id}/events: progress events on change, then `done` when terminal."""
+    """GET /broadcasts/{id}/events: progress on change, then `done`, `gone` or `expired`."""
     who = auth.principal(request)
     bid = context.broadcast_id(request)
     first = await _read(context.pool(request), who.account, bid)
     if first is None:
         raise errors.NotFound(context.NO_BROADCAST)
-    return StreamingResponse(_stream(request, who.account, bid, first),
-                             media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    slot = streams.take(request, who.account)  # 429 beyond the caps; released when it ends
+    return streams.Stream(slot, _stream(request, who, bid, first),
+                          media_type="text/event-stream",
+                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
 async def recipients(request: Request) -> Response:
@@ -110,14 +117,17 @@ async def recipients(request: Request) -> Response:
     if status is not None and status not in RECIPIENT_STATUSES:
         raise errors.InvalidBody(f"status must be one of {', '.join(RECIPIENT_STATUSES)}")
     limit = http.query_int(request, "limit", PAGE_DEFAULT, 1, PAGE_MAX)
-    after = http.query_int(request, "cursor", 0, 0, 2**63 - 1)
+    key, scope = context.settings(request).cursor_key, f"recipients\0{who.account}\0{bid}"
+    raw = request.query_params.get("cursor")
+    after = cursors.open_(key, scope, raw) if raw else 0
     pool = context.pool(request)
-    rows = await db.all_rows(pool, "api_recipients_page", {
-        "account": who.account, "id": bid, "status": status, "after": after, "limit": limit})
+    rows = await db.all_rows(pool, "api_recipients_page", {  # one more: is there a next page?
+        "account": who.account, "id": bid, "status": status, "after": after, "limit": limit + 1})
     if not rows and await db.one(pool, "api_broadcast_status",
                                  {"account": who.account, "id": bid}) is None:
         raise errors.NotFound(context.NO_BROADCAST)
+    page = rows[:limit]
     items = [{"email": r["email"], "status": r["status"], "attempts": r["attempts"],
-              "last_error": r["last_error"], "sent_at": r["sent_at"]} for r in rows]
-    next_cursor = str(rows[-1]["contact_id"]) if len(rows) == limit else None
+              "last_error": r["last_error"], "sent_at": r["sent_at"]} for r in page]
+    next_cursor = cursors.seal(key, scope, page[-1]["contact_id"]) if len(rows) > limit else None
     return http.Json({"recipients": items, "next_cursor": next_cursor})

@@ -161,12 +161,30 @@ def seed_contacts(url: str, n: int, *, tagged: dict[str, int] | None = None) -> 
         conn.execute("VACUUM ANALYZE contacts")
 
 
-def new_draft(conn: psycopg.Connection[dict[str, Any]], tag: str | None = None) -> uuid.UUID:
+# What a benchmark broadcast says. plain: no merge tag; merge: three merge tags and the
+# unsubscribe link in both parts, a merge tag in the subject (what issue 12 measures).
+TEMPLATES: dict[str, dict[str, str | None]] = {
+    "plain": {"subject": "Bench", "text": "Hello, this is a benchmark.", "html": None},
+    "merge": {
+        "subject": "News for {{ contact.name | default('you', true) }}",
+        "text": "Hello {{ contact.name | default('friend', true) }},\n\nthis is a benchmark "
+                "for {{ contact.email }} on the {{ contact.attributes.plan | default('free') }} "
+                "plan.\n\nUnsubscribe: {{ unsubscribe_url }}\n",
+        "html": "<p>Hello {{ contact.name | default('friend', true) }},</p><p>this is a "
+                "benchmark for {{ contact.email }} on the "
+                "{{ contact.attributes.plan | default('free') }} plan.</p>"
+                '<p><a href="{{ unsubscribe_url }}">Unsubscribe</a></p>'},
+}
+
+
+def new_draft(conn: psycopg.Connection[dict[str, Any]], tag: str | None = None,
+              template: str = "plain") -> uuid.UUID:
     """A draft broadcast of the bench account."""
     from sql import broadcasts
 
-    row = broadcasts.create(conn, ACCOUNT, subject="Bench", from_address="bench@example.com",
-                            text="Hello {{name}}, this is a benchmark.", tag=tag)
+    t = TEMPLATES[template]
+    row = broadcasts.create(conn, ACCOUNT, subject=t["subject"], from_address="bench@example.com",
+                            text=t["text"], html=t["html"], tag=tag)
     return uuid.UUID(str(row["id"]))
 
 
@@ -254,6 +272,7 @@ class Workers:
     args: list[str] = field(default_factory=lambda: ["--concurrency", "2"])
     env: dict[str, str] = field(default_factory=dict)
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    module: str = "bin.cli"  # bench.main_renderer: the same CLI with main's plain renderer
 
     def start(self) -> list[int]:
         """Start the workers and wait until each is listening for control events."""
@@ -262,7 +281,7 @@ class Workers:
             before = _listeners(conn)
             for _ in range(self.count):
                 self.procs.append(subprocess.Popen(
-                    [sys.executable, "-m", "bin.cli", "worker", *self.args], cwd=ROOT, env=env,
+                    [sys.executable, "-m", self.module, "worker", *self.args], cwd=ROOT, env=env,
                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True))
             deadline = time.monotonic() + 60
             while _listeners(conn) < before + self.count:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import statistics
 import threading
 import time
 import uuid
@@ -101,10 +102,11 @@ class Profiler:
 
 
 def drain_one(url: str, workers: common.Workers, *, tag: str | None = None,
-              profile: bool = False, after_send: str | None = None) -> Drain:
+              profile: bool = False, after_send: str | None = None,
+              template: str = "plain") -> Drain:
     """Send one draft to the running workers and time it to `sent`."""
     with common.connect(url) as conn:
-        bid = common.new_draft(conn, tag)
+        bid = common.new_draft(conn, tag, template)
         with common.RssSampler([p.pid for p in workers.procs]) as rss:
             t0 = time.perf_counter()
             n, send_s = common.send(conn, bid)
@@ -129,7 +131,8 @@ def drain_one(url: str, workers: common.Workers, *, tag: str | None = None,
 def run_series(url: str, recipients: int, broadcasts: int = 1, *, seed: bool = True,
                tag: str | None = None, concurrency: int = CONCURRENCY,
                profile: bool = False, after_send: str | None = None,
-               worker_args: list[str] | None = None, earlier: int = 0) -> list[Drain]:
+               worker_args: list[str] | None = None, earlier: int = 0,
+               template: str = "plain", module: str = "bin.cli") -> list[Drain]:
     """Seed contacts (unless told not to), start 2 workers, drain `broadcasts` in a row.
 
     earlier: first send and cancel that many small broadcasts of another account, so their
@@ -140,10 +143,10 @@ def run_series(url: str, recipients: int, broadcasts: int = 1, *, seed: bool = T
         add_earlier_broadcasts(url, earlier)
     results = []
     args = ["--concurrency", str(concurrency), *(worker_args or [])]
-    with common.Workers(url, WORKERS, args) as workers:
+    with common.Workers(url, WORKERS, args, module=module) as workers:
         for _ in range(broadcasts):
             results.append(drain_one(url, workers, tag=tag, profile=profile,
-                                     after_send=after_send))
+                                     after_send=after_send, template=template))
     return results
 
 
@@ -187,6 +190,46 @@ def figures(results: list[Drain], cmd: str, key: str = "drain") -> list[common.F
     return out
 
 
+def paired_rounds(url: str, args: argparse.Namespace,
+                  worker_args: list[str]) -> list[tuple[Drain, Drain]]:
+    """(main's plain renderer, this content) drains back to back, the order alternating."""
+    common.seed_contacts(url, args.recipients)
+    pairs = []
+    for i in range(args.rounds):
+        drains: dict[str, Drain] = {}
+        order = ["main", "ours"] if i % 2 == 0 else ["ours", "main"]
+        for which in order:
+            drains[which] = run_series(
+                url, args.recipients, 1, seed=False, concurrency=args.concurrency,
+                worker_args=worker_args,
+                module="bench.main_renderer" if which == "main" else "bin.cli",
+                template="plain" if which == "main" else args.template)[0]
+        pairs.append((drains["main"], drains["ours"]))
+    return pairs
+
+
+def against_main(pairs: list[tuple[Drain, Drain]], cmd: str) -> list[common.Figure]:
+    """Both drains' rates and the median of the paired ratios (aim >= 0.5)."""
+    n = pairs[0][0].recipients
+    mains = [m.rate for m, _ in pairs]
+    ours = [o.rate for _, o in pairs]
+    ratios = [o / m for m, o in zip(mains, ours, strict=True)]
+    ratio = statistics.median(ratios)
+    return [
+        common.Figure("drain_main", f"pgcast drain, {n:,} recipients, main's plain renderer",
+                      statistics.median(mains), "recipients/s", command=cmd,
+                      note="median of " + ", ".join(f"{r:,.0f}" for r in mains)),
+        common.Figure("drain_content", f"pgcast drain, {n:,} recipients, this content",
+                      statistics.median(ours), "recipients/s", command=cmd,
+                      note="median of " + ", ".join(f"{r:,.0f}" for r in ours)),
+        common.Figure("drain_vs_main", f"{n:,} drain, this content / main's plain renderer",
+                      ratio, "x", aim=">= 0.5", passed=ratio >= 0.5, command=cmd,
+                      note=f"median of {len(pairs)} paired rounds ("
+                           + ", ".join(f"{r:.2f}" for r in ratios) + "); ratio of the medians "
+                           f"{statistics.median(ours) / statistics.median(mains):.2f}"),
+    ]
+
+
 def print_profile(results: list[Drain]) -> None:
     """The sampled timeline, wait events and autovacuum runs of each drain."""
     for i, r in enumerate(results, start=1):
@@ -219,6 +262,14 @@ def main(argv: list[str] | None = None) -> None:
                         "drain), e.g. 'ANALYZE broadcast_recipients'")
     p.add_argument("--earlier", type=int, default=0, metavar="N",
                    help="first send and cancel N small broadcasts (N partitions already there)")
+    p.add_argument("--template", choices=sorted(common.TEMPLATES), default="plain",
+                   help="the broadcast's content: plain (no merge tag) or merge (three merge "
+                        "tags and the unsubscribe link in text and html)")
+    p.add_argument("--against-main", action="store_true",
+                   help="first drain the same recipients with main's plain renderer "
+                        "(bench.main_renderer), then with --template; print the ratio")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="with --against-main: paired rounds (default 3)")
     p.add_argument("--json", type=Path, help="also write the figures here")
     args = p.parse_args(argv)
     extra = ["--recipients", str(args.recipients)]
@@ -234,12 +285,24 @@ def main(argv: list[str] | None = None) -> None:
         extra += ["--concurrency", str(args.concurrency)]
     if args.earlier:
         extra += ["--earlier", str(args.earlier)]
+    if args.template != "plain":
+        extra += ["--template", args.template]
+    if args.against_main:
+        extra += ["--against-main", "--rounds", str(args.rounds)]
     cmd = common.command("drain", *extra)
+    if args.against_main:
+        with common.bench_db("drain") as url:
+            pairs = paired_rounds(url, args, worker_args)
+        figs = against_main(pairs, cmd)
+        common.report(figs, cmd)
+        if args.json:
+            common.dump(figs, args.json)
+        return
     with common.bench_db("drain") as url:
         results = run_series(url, args.recipients, args.broadcasts,
                              concurrency=args.concurrency, profile=args.profile,
                              after_send=args.after_send, worker_args=worker_args,
-                             earlier=args.earlier)
+                             earlier=args.earlier, template=args.template)
     figs = figures(results, cmd)
     common.report(figs, cmd)
     if args.profile:

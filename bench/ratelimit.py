@@ -79,7 +79,7 @@ def run_case(url: str, rate: float, seconds: float, logs: Path) -> Result:
     burst = worker_main.default_burst(rate)
     n = int(rate * seconds)
     with psycopg.connect(url, autocommit=True, row_factory=dict_row) as conn:
-        conn.execute("TRUNCATE contacts, broadcast_recipients, broadcasts")
+        conn.execute("TRUNCATE contacts, broadcast_recipients, broadcasts CASCADE")
         conn.execute("INSERT INTO contacts (account, email) SELECT 'bench', "
                       "'r' || g || '@bench.example' FROM generate_series(1, %s) g", (n,))
         env = {**os.environ, "DATABASE_URL": url, "PYTHONPATH": str(ROOT),

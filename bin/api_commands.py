@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import math
 import os
 from types import FrameType
 from typing import Any
@@ -51,7 +53,16 @@ def cmd_api(args: argparse.Namespace) -> int:
 
     if not 0 < args.port < 65536:
         raise sql_errors.InvalidInput(f"--port must be between 1 and 65535: {args.port}")
-    application = api_app.create_app(_settings(), db.database_url())
+    settings = _settings()
+    if args.limit_concurrency is not None:
+        least = config.MIN_LIMIT_CONCURRENCY
+        if args.limit_concurrency < least:
+            raise sql_errors.InvalidInput(
+                f"--limit-concurrency must be at least {least}: {args.limit_concurrency}")
+        settings = dataclasses.replace(settings, limit_concurrency=args.limit_concurrency)
+    if args.timeout_keep_alive is not None:
+        settings = dataclasses.replace(settings, timeout_keep_alive=args.timeout_keep_alive)
+    application = api_app.create_app(settings, db.database_url())
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame: FrameType | None) -> None:
@@ -62,6 +73,9 @@ def cmd_api(args: argparse.Namespace) -> int:
     Server(uvicorn.Config(
         application, host=args.host, port=args.port, proxy_headers=False,
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN,
+        # over the limit uvicorn answers 503; SSE streams are capped at half of it (api.streams)
+        limit_concurrency=settings.limit_concurrency,
+        timeout_keep_alive=int(math.ceil(settings.timeout_keep_alive)),
         log_level=os.environ.get("PGCAST_LOG_LEVEL", "info").lower(),
         access_log=os.environ.get("PGCAST_API_ACCESS_LOG", "0") == "1")).run()
     return 0
@@ -84,6 +98,14 @@ def register(sub: Any) -> None:
                    help=f"listen address (default {DEFAULT_HOST}, env PGCAST_API_HOST)")
     a.add_argument("--port", type=int, default=int(os.environ.get("PGCAST_API_PORT", DEFAULT_PORT)),
                    help=f"listen port (default {DEFAULT_PORT}, env PGCAST_API_PORT)")
+    a.add_argument("--limit-concurrency", type=int, default=None, metavar="N",
+                   help=f"connections and requests served at once; beyond it 503 (default "
+                        f"{config.DEFAULT_LIMIT_CONCURRENCY}, env PGCAST_API_LIMIT_CONCURRENCY); "
+                        f"SSE streams may use half of it")
+    a.add_argument("--timeout-keep-alive", type=_ttl, default=None, metavar="S",
+                   help=f"seconds an idle keep-alive connection stays open (default "
+                        f"{config.DEFAULT_TIMEOUT_KEEP_ALIVE:g}, "
+                        f"env PGCAST_API_TIMEOUT_KEEP_ALIVE)")
     a.set_defaults(func=cmd_api)
 
     t = sub.add_parser("token", help="print a JWT signed with PGCAST_JWT_SECRET (development)")

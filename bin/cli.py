@@ -15,6 +15,7 @@ from typing import Any, NoReturn
 
 import psycopg
 
+from mail import template
 from sql import broadcasts, contacts, db, embedded, errors, migrate
 from sql.queries import QUERIES
 
@@ -172,6 +173,8 @@ def cmd_broadcast(args: argparse.Namespace) -> int:
                                     from_address=args.from_address, text=_read_text(args.text),
                                     html=_read_text(args.html), tag=args.tag,
                                     rate_limit=args.rate_limit)
+            for warning in template.warnings(row["text_body"], row["html_body"]):
+                print(f"pgcast: warning: {warning}", file=sys.stderr)
             print(row["id"])
             return 0
         if action == "list":
@@ -302,6 +305,9 @@ def build_parser() -> Parser:
     for sp in sps:
         sp.add_argument("--account", default=ACCOUNT_DEFAULT)
     b.set_defaults(func=cmd_broadcast)
+    from bin import content_commands  # preview and test: their own func
+
+    content_commands.register(bsub, ACCOUNT_DEFAULT)
 
     r = sub.add_parser("rate", help="the global rate limit")
     rsub = r.add_subparsers(dest="action", required=True, parser_class=Parser)

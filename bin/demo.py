@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import email
+import email.message
+import email.policy
 import os
 import random
 import secrets
@@ -20,6 +23,13 @@ from bin import api_commands, progressbar
 from sql import broadcasts, contacts, db, embedded, migrate
 
 CONTACTS = 3000
+SUBJECT = "pgcast demo: hello {{ contact.name | default('friend', true) }}"
+TEXT = ("Hello {{ contact.name | default('friend', true) }},\n\nThis message went through a "
+        "Postgres-only broadcast engine, personalised for {{ contact.email }}.\n\n"
+        "Unsubscribe: {{ unsubscribe_url }}\n")
+HTML = ("<p>Hello {{ contact.name | default('friend', true) }},</p><p>This message went "
+        "through a Postgres-only broadcast engine, personalised for {{ contact.email }}.</p>"
+        '<p><a href="{{ unsubscribe_url }}">Unsubscribe</a></p>')
 WORKERS = 2
 ACCOUNT = "demo"
 
@@ -122,21 +132,20 @@ def main() -> int:
     say("creating a broadcast to everyone")
     with db.connect(url, autocommit=True) as conn:
         draft = broadcasts.create(
-            conn, ACCOUNT, subject="pgcast demo: hello from Postgres",
-            from_address="pgcast demo <demo@example.com>",
-            text="Hello!\n\nThis message went through a Postgres-only broadcast engine.\n",
-            html="<p>Hello!</p><p>This message went through a Postgres-only broadcast engine.</p>")
+            conn, ACCOUNT, subject=SUBJECT, from_address="pgcast demo <demo@example.com>",
+            text=TEXT, html=HTML)
     bid = draft["id"]
     print(f"  broadcast {bid} (draft)")
 
-    say(f"starting {WORKERS} worker processes (provider: file, outbox {outbox})")
     env = dict(os.environ, DATABASE_URL=url, PGCAST_PROVIDER="file",
                PGCAST_OUTBOX_DIR=str(outbox), PGCAST_LOG_LEVEL="WARNING",
                PGCAST_JWT_SECRET=jwt_secret(home))
+    say("starting the HTTP API (pgcast api): it also serves the one-click unsubscribe links")
+    api_url, api_pid = start_api(home, env)
+    env["PGCAST_PUBLIC_URL"] = api_url  # where the messages' unsubscribe links point
+    say(f"starting {WORKERS} worker processes (provider: file, outbox {outbox})")
     logs = [home / f"demo-worker-{i}.log" for i in range(WORKERS)]
     workers = [start_worker(env, log) for log in logs]
-    say("starting the HTTP API (pgcast api)")
-    api_url, api_pid = start_api(home, env)
     os.environ["PGCAST_JWT_SECRET"] = env["PGCAST_JWT_SECRET"]
     token = api_commands.make_token(ACCOUNT, sub="demo", ttl=24 * 3600)
     print(f"  {api_url} (pid {api_pid})")
@@ -152,6 +161,7 @@ def main() -> int:
             print()
             final = progressbar.watch(lambda: broadcasts.progress(conn, ACCOUNT, bid))
         summarize(final, outbox / str(bid), url)
+        show_one(outbox / str(bid), url)
         say("the same progress over HTTP (the API stays up; stop it with "
             f"`kill {api_pid}`):")
         curl = (f"curl -s -H 'Authorization: Bearer {token}' "
@@ -172,6 +182,35 @@ def main() -> int:
                 w.kill()
         print(f"\nworkers stopped (logs: {', '.join(str(p) for p in logs)})")
     return 0
+
+
+def show_one(folder: Path, url: str) -> None:
+    """One personalised message, then its one-click unsubscribe link at work."""
+    files = sorted(folder.glob("*.eml"))
+    if not files:
+        return
+    parsed = email.message_from_bytes(files[0].read_bytes(), policy=email.policy.default)
+    say(f"one personalised message ({files[0].name}):")
+    for header in ("From", "To", "Subject", "List-Unsubscribe", "List-Unsubscribe-Post"):
+        print(f"  {header}: {parsed[header]}")
+    assert isinstance(parsed, email.message.EmailMessage)
+    text = parsed.get_body(preferencelist=("plain",))
+    if text is not None:
+        print("  " + str(text.get_content()).strip().replace("\n", "\n  "))
+    link = str(parsed["List-Unsubscribe"]).strip("<>")
+    say("a mail client's one-click unsubscribe (RFC 8058): POST List-Unsubscribe=One-Click")
+    request = urllib.request.Request(link, data=b"List-Unsubscribe=One-Click", method="POST",
+                                     headers={"Content-Type": "application/x-www-form-urlencoded"})
+    with urllib.request.urlopen(request, timeout=10) as answer:
+        print(f"  POST {link[:60]}... -> {answer.status}")
+    to = parsed["To"].addresses[0].addr_spec
+    with db.connect(url, autocommit=True) as conn:
+        row = conn.execute("SELECT c.unsubscribed_at, e.source FROM contacts c JOIN "
+                           "contact_events e ON e.contact_id = c.id WHERE c.account = %s AND "
+                           "c.email = %s ORDER BY e.at DESC LIMIT 1", (ACCOUNT, to)).fetchone()
+    if row:
+        print(f"  {to} unsubscribed at {row['unsubscribed_at']:%H:%M:%S} "
+              f"(contact_events source: {row['source']})")
 
 
 def summarize(p: dict[str, Any], folder: Path, url: str) -> None:

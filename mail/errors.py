@@ -14,3 +14,18 @@ class InvalidValue(MailError):
         super().__init__(f"{field}: {reason}")
         self.field = field
         self.reason = reason
+
+
+class TemplateInvalid(MailError):
+    """A template cannot be accepted (syntax, unknown name); `part` and `line` say where."""
+
+    def __init__(self, part: str, line: int | None, reason: str) -> None:
+        where = f"{part}, line {line}" if line else part
+        super().__init__(f"{where}: {reason}")
+        self.part = part
+        self.line = line
+        self.reason = reason
+
+
+class RenderError(MailError):
+    """One recipient's message cannot be built (a template error, an output bound)."""

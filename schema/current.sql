@@ -150,8 +150,10 @@ CREATE TABLE broadcast_recipients (
 -- indexes test worker IS NOT NULL first: a fresh row fails at once, and a 1,000,000-row
 -- snapshot does not pay for status comparisons. A query that wants one of them says
 -- worker IS NOT NULL too (the planner uses a partial index only when the query implies it).
--- recipients back to pending after a claim: what a claim takes before fresh rows
-CREATE INDEX broadcast_recipients_requeued ON broadcast_recipients (contact_id)
+-- recipients back to pending after a claim, by the time they become due (NULL: now): what
+-- a claim takes before fresh rows, reading only the part that is due (0005)
+CREATE INDEX broadcast_recipients_requeued ON broadcast_recipients
+    ((coalesce(retry_at, '-infinity'::timestamptz)), contact_id)
     WHERE worker IS NOT NULL AND status = 'pending';
 -- the recipients a person looks for (API ?status= filter)
 CREATE INDEX broadcast_recipients_problems ON broadcast_recipients (broadcast_id, status, contact_id)
@@ -167,55 +169,6 @@ RETURNS text LANGUAGE sql STABLE AS $$
     SELECT format('%s.%I', c.relnamespace::regnamespace,
                   'broadcast_recipients_' || replace(p_id::text, '-', ''))
     FROM pg_class c WHERE c.oid = 'broadcast_recipients'::regclass
-$$;
-
--- the partial indexes of one broadcast's partition, under the names the parent's indexes
--- adopt at ATTACH: empty on a new partition (a fresh row fails worker IS NOT NULL)
-CREATE FUNCTION pgcast_partition_indexes_v1(p_id uuid)
-RETURNS void LANGUAGE plpgsql AS $$
-DECLARE
-    part text := pgcast_partition_name_v1(p_id);
-    bare text := 'broadcast_recipients_' || replace(p_id::text, '-', '');
-BEGIN
-    EXECUTE format('CREATE INDEX %I ON %s (contact_id)'
-                   ' WHERE worker IS NOT NULL AND status = ''pending''', bare || '_requeued', part);
-    EXECUTE format('CREATE INDEX %I ON %s (broadcast_id, status, contact_id)'
-                   ' WHERE worker IS NOT NULL AND status IN (''failed'', ''unknown'', ''skipped'')',
-                   bare || '_problems', part);
-    EXECUTE format('CREATE INDEX %I ON %s (broadcast_id, contact_id)'
-                   ' WHERE worker IS NOT NULL AND status IN (''claimed'', ''sending'')',
-                   bare || '_in_flight', part);
-END
-$$;
-
--- a new, unattached partition for one broadcast: its columns, the CHECK that lets ATTACH
--- skip its validation scan, and the three partial indexes that stay empty while it is
--- filled (pgcast_partition_indexes_v1). The primary key is built by
--- pgcast_partition_attach_v2 after the rows are in.
-CREATE FUNCTION pgcast_partition_create_v2(p_id uuid)
-RETURNS text LANGUAGE plpgsql AS $$
-DECLARE
-    part text := pgcast_partition_name_v1(p_id);
-    bare text := 'broadcast_recipients_' || replace(p_id::text, '-', '');
-BEGIN
-    EXECUTE format(
-        'CREATE TABLE %s (LIKE broadcast_recipients INCLUDING DEFAULTS INCLUDING CONSTRAINTS,'
-        ' CONSTRAINT %I CHECK (broadcast_id = %L)) WITH ('
-        -- No status change is HOT (status is in the partial indexes' predicates), so free
-        -- space kept for updates only makes the snapshot write more pages: fillfactor 100.
-        -- Each recipient leaves two or three dead versions: vacuum and analyze after 2% of
-        -- the partition instead of the default 20%, at ten times the default cost limit.
-        '  fillfactor = 100,'
-        '  autovacuum_vacuum_scale_factor = 0.02,'
-        '  autovacuum_vacuum_threshold = 10000,'
-        '  autovacuum_vacuum_insert_scale_factor = 0.02,'
-        '  autovacuum_analyze_scale_factor = 0.02,'
-        '  autovacuum_analyze_threshold = 10000,'
-        '  autovacuum_vacuum_cost_limit = 2000)',
-        part, bare || '_broadcast', p_id);
-    PERFORM pgcast_partition_indexes_v1(p_id);
-    RETURN part;
-END
 $$;
 
 -- attach a filled partition: its primary key in one sorted pass, then ATTACH, which finds
@@ -295,45 +248,6 @@ RETURNS void LANGUAGE sql AS $$
         'event', p_event, 'broadcast', p_broadcast, 'epoch', p_epoch)::text)
 $$;
 
--- cancel: draft|sending|paused -> cancelled. Recipients not yet handed off end cancelled.
--- already_queued = recipients the provider had or has (sent, in flight, unknown).
--- v2: counts the rows in flight through 0003's in-flight index (worker IS NOT NULL).
-CREATE FUNCTION pgcast_cancel_v2(p_account text, p_id uuid, p_details jsonb)
-RETURNS TABLE (ok boolean, status text, already_queued integer)
-LANGUAGE plpgsql
-SET plan_cache_mode = force_custom_plan
-AS $$
-DECLARE
-    n integer;
-    in_flight integer;
-BEGIN
-    UPDATE broadcasts AS u
-    SET status = 'cancelled', finished_at = now(), updated_at = now(),
-        audit_log = u.audit_log || pgcast_audit_v1('cancel', u.status, 'cancelled', p_details)
-    WHERE u.id = p_id AND u.account = p_account
-      AND u.status = ANY (ARRAY['draft', 'sending', 'paused']);
-    IF NOT FOUND THEN
-        RETURN QUERY SELECT false, b.status, b.sent + b.unknown
-            FROM broadcasts b WHERE b.id = p_id AND b.account = p_account;
-        RETURN;
-    END IF;
-    UPDATE broadcast_recipients r
-    SET status = 'cancelled', claim_token = NULL, lease_expires_at = NULL
-    WHERE r.broadcast_id = p_id AND r.contact_id = ANY (ARRAY(
-        SELECT l.contact_id FROM broadcast_recipients l
-        WHERE l.broadcast_id = p_id AND l.status IN ('pending', 'claimed')
-        ORDER BY l.contact_id FOR UPDATE));
-    GET DIAGNOSTICS n = ROW_COUNT;
-    SELECT count(*) INTO in_flight FROM broadcast_recipients r
-    WHERE r.broadcast_id = p_id AND r.worker IS NOT NULL AND r.status = 'sending';
-    PERFORM pgcast_notify_v1('cancel', p_id, NULL);
-    RETURN QUERY
-    UPDATE broadcasts AS u SET cancelled = u.cancelled + n
-    WHERE u.id = p_id
-    RETURNING true, u.status, u.sent + u.unknown + in_flight;
-END
-$$;
-
 -- resume: paused -> sending, bumping the epoch (fences work claimed before the pause).
 CREATE FUNCTION pgcast_resume_v1(p_account text, p_id uuid, p_details jsonb)
 RETURNS TABLE (ok boolean, status text)
@@ -354,47 +268,6 @@ BEGIN
     END IF;
     PERFORM pgcast_notify_v1('resume', p_id, e);
     RETURN QUERY SELECT true, 'sending'::text;
-END
-$$;
--- the rows a claim takes, locked (SKIP LOCKED: a claim never waits): first recipients back
--- to pending after an earlier claim whose retry time has come (the requeued index, the
--- whole broadcast: few rows), then fresh ones after the worker's cursor (the primary key,
--- in contact_id order). last_fresh: the highest fresh contact_id taken, the cursor when no
--- fresh row was needed, NULL when fresh rows were needed and none was free after the
--- cursor (the worker then looks behind it with pgcast_fresh_floor_v1). A fresh row never
--- has a retry time: only a record sets one, and it sets worker too. Index scans only: the
--- planner multiplies the selectivities of status = 'pending' and worker IS NULL, which go
--- together, and near a broadcast's end it took a sequential scan and a sort (0.3-0.7 s at
--- 1,000,000 rows) for what the key walks in milliseconds.
-CREATE FUNCTION pgcast_claim_rows_v1(p_id uuid, p_limit integer, p_after bigint,
-                                     OUT ids bigint[], OUT last_fresh bigint)
-LANGUAGE plpgsql
-SET plan_cache_mode = force_custom_plan
-SET enable_seqscan = off
-SET enable_bitmapscan = off
-AS $$
-DECLARE
-    fresh bigint[];
-BEGIN
-    ids := ARRAY(
-        SELECT l.contact_id FROM broadcast_recipients l
-        WHERE l.broadcast_id = p_id AND l.worker IS NOT NULL AND l.status = 'pending'
-          AND (l.retry_at IS NULL OR l.retry_at <= now())
-        ORDER BY l.contact_id
-        LIMIT p_limit
-        FOR UPDATE SKIP LOCKED);
-    last_fresh := p_after;
-    IF cardinality(ids) < p_limit THEN
-        fresh := ARRAY(
-            SELECT l.contact_id FROM broadcast_recipients l
-            WHERE l.broadcast_id = p_id AND l.status = 'pending' AND l.worker IS NULL
-              AND l.contact_id > p_after
-            ORDER BY l.contact_id
-            LIMIT p_limit - cardinality(ids)
-            FOR UPDATE SKIP LOCKED);
-        last_fresh := fresh[cardinality(fresh)];
-        ids := ids || fresh;
-    END IF;
 END
 $$;
 
@@ -419,84 +292,6 @@ BEGIN
 END
 $$;
 
--- claim: up to p_limit claimable rows -> claimed (requeued rows first, then fresh rows after
--- the worker's cursor p_after), with a lease. Every row returned carries last_fresh (see
--- pgcast_claim_rows_v1).
-CREATE FUNCTION pgcast_claim_v2(p_id uuid, p_limit integer, p_token uuid, p_worker text,
-                                p_lease interval, p_after bigint)
-RETURNS TABLE (contact_id bigint, email text, attempts smallint, epoch integer,
-               last_fresh bigint)
-LANGUAGE plpgsql
-SET plan_cache_mode = force_custom_plan
-AS $$
-DECLARE
-    e integer;
-    c record;
-BEGIN
-    -- a claim lost to a server crash leaves its rows pending: its worker's handoff then
-    -- fails the fence. Not worth an fsync.
-    PERFORM set_config('synchronous_commit', 'off', true);
-    SELECT b.epoch INTO e FROM broadcasts b WHERE b.id = p_id AND b.status = 'sending';
-    IF NOT FOUND THEN
-        RETURN;
-    END IF;
-    c := pgcast_claim_rows_v1(p_id, p_limit, p_after);
-    RETURN QUERY
-    UPDATE broadcast_recipients r
-    SET status = 'claimed', claim_token = p_token, claim_epoch = e,
-        worker = coalesce(p_worker, 'unnamed'),
-        lease_expires_at = clock_timestamp() + p_lease
-    WHERE r.broadcast_id = p_id AND r.contact_id = ANY (c.ids)
-    RETURNING r.contact_id, r.email, r.attempts, e, c.last_fresh;
-END
-$$;
-
--- handoff: the fence before the provider call. Moves claimed rows of this claim to
--- sending only while the broadcast is still sending at the claim's epoch; rows whose
--- contact has unsubscribed go to skipped. Returns the rows to send now.
--- Committed by the caller BEFORE the provider is called.
-CREATE FUNCTION pgcast_handoff_v1(p_id uuid, p_epoch integer, p_token uuid, p_ids bigint[])
-RETURNS TABLE (contact_id bigint, email text, name text)
-LANGUAGE plpgsql AS $$
-DECLARE
-    n_skip integer;
-BEGIN
-    PERFORM 1 FROM broadcasts b WHERE b.id = p_id AND b.status = 'sending' AND b.epoch = p_epoch;
-    IF NOT FOUND THEN
-        RETURN;  -- fenced: cancelled, paused or resumed since the claim
-    END IF;
-    IF EXISTS (SELECT 1 FROM broadcast_recipients r JOIN contacts c ON c.id = r.contact_id
-               WHERE r.broadcast_id = p_id AND r.contact_id = ANY (p_ids)
-                 AND c.unsubscribed_at IS NOT NULL) THEN
-        -- rare path: it changes a counter, so it takes the broadcast row first (lock
-        -- order) and checks the fence again under that lock
-        PERFORM 1 FROM broadcasts b WHERE b.id = p_id AND b.status = 'sending'
-            AND b.epoch = p_epoch FOR NO KEY UPDATE;
-        IF NOT FOUND THEN
-            RETURN;
-        END IF;
-        UPDATE broadcast_recipients r
-        SET status = 'skipped', last_error = 'unsubscribed', lease_expires_at = NULL
-        WHERE r.broadcast_id = p_id AND r.contact_id = ANY (ARRAY(
-            SELECT l.contact_id FROM broadcast_recipients l JOIN contacts c ON c.id = l.contact_id
-            WHERE l.broadcast_id = p_id AND l.contact_id = ANY (p_ids) AND l.status = 'claimed'
-              AND l.claim_token = p_token AND c.unsubscribed_at IS NOT NULL
-            ORDER BY l.contact_id FOR UPDATE OF l));
-        GET DIAGNOSTICS n_skip = ROW_COUNT;
-        UPDATE broadcasts SET skipped = skipped + n_skip WHERE id = p_id;
-    END IF;
-    RETURN QUERY
-    UPDATE broadcast_recipients r
-    SET status = 'sending', handed_at = statement_timestamp()
-    FROM contacts c
-    WHERE r.broadcast_id = p_id AND c.id = r.contact_id AND r.contact_id = ANY (ARRAY(
-        SELECT l.contact_id FROM broadcast_recipients l JOIN contacts k ON k.id = l.contact_id
-        WHERE l.broadcast_id = p_id AND l.contact_id = ANY (p_ids) AND l.status = 'claimed'
-          AND l.claim_token = p_token AND k.unsubscribed_at IS NULL
-        ORDER BY l.contact_id FOR UPDATE OF l))
-    RETURNING r.contact_id, r.email, c.name;
-END
-$$;
 -- take tokens: up to p_want from bucket p_name. Serialised by an advisory lock; the
 -- refill reads clock_timestamp() after the lock (now() is the transaction's start).
 -- wait_seconds tells an empty-handed caller how long until one token is there.
@@ -552,62 +347,6 @@ $$;
 CREATE TRIGGER rate_limits_changed AFTER INSERT OR UPDATE OF rate, burst ON rate_limits
     FOR EACH ROW EXECUTE FUNCTION pgcast_rate_changed_v1();
 
--- send: lock the draft, snapshot its recipients into a new partition, CAS draft -> sending
--- (or straight to sent when nobody matches), all in the caller's one transaction.
-CREATE FUNCTION pgcast_send_v3(p_account text, p_id uuid)
-RETURNS TABLE (ok boolean, status text, queued integer)
-LANGUAGE plpgsql AS $$
-DECLARE
-    b broadcasts%ROWTYPE;
-    n integer;
-    part text;
-BEGIN
-    SELECT * INTO b FROM broadcasts WHERE id = p_id AND account = p_account FOR UPDATE;
-    IF NOT FOUND THEN
-        RETURN;
-    END IF;
-    IF b.status <> 'draft' THEN
-        RETURN QUERY SELECT false, b.status, b.total;
-        RETURN;
-    END IF;
-    part := pgcast_partition_create_v2(p_id);
-    -- no ON CONFLICT and no key yet: the broadcast is new (locked draft) and contacts.id
-    -- is unique, so a conflict cannot happen; the key is built after the rows are in
-    EXECUTE format(
-        'INSERT INTO %s (broadcast_id, contact_id, email)'
-        ' SELECT $1, c.id, c.email FROM contacts c'
-        ' WHERE c.account = $2 AND c.unsubscribed_at IS NULL'
-        '   AND ($3::text IS NULL OR c.tags @> ARRAY[$3::text])', part)
-        USING p_id, p_account, b.segment_tag;
-    GET DIAGNOSTICS n = ROW_COUNT;
-    IF n > 0 THEN
-        PERFORM pgcast_partition_attach_v2(p_id);
-    ELSE
-        EXECUTE format('DROP TABLE %s', part);  -- nobody to send to: no partition
-    END IF;
-    IF b.rate_limit IS NOT NULL THEN
-        INSERT INTO rate_limits (name, rate, burst, tokens)
-        VALUES ('broadcast:' || p_id, b.rate_limit, greatest(1, ceil(b.rate_limit / 10)), 1)
-        ON CONFLICT (name) DO NOTHING;
-    END IF;
-    RETURN QUERY
-    UPDATE broadcasts AS u
-    SET status = CASE WHEN n = 0 THEN 'sent' ELSE 'sending' END,
-        total = n,
-        started_at = now(),
-        finished_at = CASE WHEN n = 0 THEN now() END,
-        updated_at = now(),
-        audit_log = u.audit_log || pgcast_audit_v1('send', u.status,
-            CASE WHEN n = 0 THEN 'sent' ELSE 'sending' END,
-            jsonb_build_object('recipients', n))
-    WHERE u.id = p_id AND u.status = ANY (ARRAY['draft'])
-    RETURNING true, u.status, u.total;
-    IF n > 0 THEN
-        PERFORM pgcast_notify_v1('send', p_id, b.epoch);
-    END IF;
-END
-$$;
-
 -- renew: a live worker extends the lease of the claims it knows it holds, by (broadcast,
 -- claim token) pairs, so a claim whose answer was lost to a broken connection still
 -- expires. One broadcast at a time, each one's rows locked in contact_id order.
@@ -644,7 +383,9 @@ $$;
 -- had counted the row unknown when its worker's lease ran out, and the broadcast was then
 -- finalized) ends the row failed, counted: v2 put it back to pending in a finished broadcast,
 -- where nothing would ever take it. Counters now follow the rows' new statuses.
-CREATE FUNCTION pgcast_record_v3(p_id uuid, p_token uuid, p_ids bigint[], p_outcomes text[],
+-- v4: a late `sent` for a broadcast that finished failed (no row was known sent: 0005's
+-- finalize) turns it sent, with an audit entry.
+CREATE FUNCTION pgcast_record_v4(p_id uuid, p_token uuid, p_ids bigint[], p_outcomes text[],
                                  p_message_ids text[], p_errors text[], p_retry_in double precision[],
                                  p_breaker integer)
 RETURNS TABLE (recorded integer, tripped boolean)
@@ -715,91 +456,18 @@ BEGIN
     INTO c FROM upd;
     UPDATE broadcasts
     SET sent = sent + c.n_sent, failed = failed + c.n_failed,
+        -- a late answer that says sent: the broadcast did reach somebody after all
+        status = CASE WHEN status = 'failed' AND c.n_sent > 0 THEN 'sent' ELSE status END,
+        audit_log = CASE WHEN status = 'failed' AND c.n_sent > 0
+                         THEN audit_log || pgcast_audit_v1('late_sent', 'failed', 'sent',
+                                                           jsonb_build_object('sent', c.n_sent))
+                         ELSE audit_log END,
         unknown = unknown + c.n_unknown - was_unknown, cancelled = cancelled + c.n_cancelled,
         failure_streak = CASE WHEN c.n_sent > 0 THEN 0 ELSE failure_streak + c.n_bad END,
         updated_at = now()
     WHERE id = p_id
     RETURNING failure_streak INTO streak;
     RETURN QUERY SELECT c.n::integer, p_breaker > 0 AND streak > p_breaker;
-END
-$$;
-
--- claim and hand off in one statement, for a worker that will send the whole batch at
--- once (a provider fast enough that its group is the batch). Synchronous, like every
--- handoff. Recipients whose contact unsubscribed since the snapshot are only claimed
--- (handed = false): the worker passes them to pgcast_handoff_v1, whose rare path skips
--- them under the broadcast row lock (taking that lock here, after the recipients, would
--- break the lock order).
--- The fence: a cancel marks pending rows cancelled, so it and this function meet on the
--- rows (whichever locks a row first wins, and a handoff commits before the cancel that
--- waited for it). A pause leaves pending rows alone, so it meets this function on an
--- advisory lock instead: shared here, exclusive in pgcast_pause_v2, taken before the
--- broadcast is read. A pause waits for handoffs in progress; a handoff that waited for a
--- pause reads `paused` and hands off nothing.
--- v2: the rows come from pgcast_claim_rows_v1 (requeued first, then fresh after the cursor),
--- and each row returned carries last_fresh.
-CREATE FUNCTION pgcast_claim_handoff_v2(p_id uuid, p_limit integer, p_token uuid,
-                                        p_worker text, p_lease interval, p_after bigint)
-RETURNS TABLE (contact_id bigint, email text, name text, attempts smallint, epoch integer,
-               handed boolean, last_fresh bigint)
-LANGUAGE plpgsql
-SET plan_cache_mode = force_custom_plan
-AS $$
-DECLARE
-    e integer;
-    c record;
-BEGIN
-    PERFORM pg_advisory_xact_lock_shared(hashtext('pgcast.handoff'), hashtext(p_id::text));
-    SELECT b.epoch INTO e FROM broadcasts b WHERE b.id = p_id AND b.status = 'sending';
-    IF NOT FOUND THEN
-        RETURN;
-    END IF;
-    c := pgcast_claim_rows_v1(p_id, p_limit, p_after);
-    RETURN QUERY
-    UPDATE broadcast_recipients r
-    SET status = CASE WHEN k.unsubscribed_at IS NULL THEN 'sending' ELSE 'claimed' END,
-        handed_at = CASE WHEN k.unsubscribed_at IS NULL THEN statement_timestamp() END,
-        claim_token = p_token, claim_epoch = e, worker = coalesce(p_worker, 'unnamed'),
-        lease_expires_at = clock_timestamp() + p_lease
-    FROM contacts k
-    WHERE r.broadcast_id = p_id AND k.id = r.contact_id AND r.contact_id = ANY (c.ids)
-    RETURNING r.contact_id, r.email, k.name, r.attempts, e, k.unsubscribed_at IS NULL,
-              c.last_fresh;
-END
-$$;
-
--- pause: sending -> paused; claimed rows go back to pending. Takes the advisory lock that
--- fences pgcast_claim_handoff_v2 (exclusive here, shared there).
--- v3: finds the claimed rows through 0003's in-flight index (worker IS NOT NULL).
-CREATE FUNCTION pgcast_pause_v3(p_account text, p_id uuid, p_reason text, p_details jsonb)
-RETURNS TABLE (ok boolean, status text)
-LANGUAGE plpgsql
-SET plan_cache_mode = force_custom_plan
-AS $$
-DECLARE
-    e integer;
-BEGIN
-    PERFORM pg_advisory_xact_lock(hashtext('pgcast.handoff'), hashtext(p_id::text));
-    UPDATE broadcasts AS u
-    SET status = 'paused', paused_reason = p_reason, updated_at = now(),
-        audit_log = u.audit_log || pgcast_audit_v1('pause', u.status, 'paused',
-            coalesce(p_details, '{}'::jsonb) || jsonb_build_object('reason', p_reason))
-    WHERE u.id = p_id AND (p_account IS NULL OR u.account = p_account)
-      AND u.status = ANY (ARRAY['sending'])
-    RETURNING u.epoch INTO e;
-    IF NOT FOUND THEN
-        RETURN QUERY SELECT false, b.status FROM broadcasts b
-            WHERE b.id = p_id AND (p_account IS NULL OR b.account = p_account);
-        RETURN;
-    END IF;
-    UPDATE broadcast_recipients r
-    SET status = 'pending', claim_token = NULL, lease_expires_at = NULL
-    WHERE r.broadcast_id = p_id AND r.contact_id = ANY (ARRAY(
-        SELECT l.contact_id FROM broadcast_recipients l
-        WHERE l.broadcast_id = p_id AND l.worker IS NOT NULL AND l.status = 'claimed'
-        ORDER BY l.contact_id FOR UPDATE));
-    PERFORM pgcast_notify_v1('pause', p_id, e);
-    RETURN QUERY SELECT true, 'paused'::text;
 END
 $$;
 
@@ -843,18 +511,450 @@ $$;
 -- LANGUAGE sql (planned without the id: every partition opened and locked at each call) or
 -- drove their loop with a join over all of them (sweep).
 
--- finalize: sending -> sent|failed once nothing is pending, claimed or sending.
--- Only a sending broadcast is looked at. The small indexes answer first (something in flight
--- or requeued: not yet, and no walk). Only then is the partition walked for a never-claimed
--- row; none found, none can appear (rows never become never-claimed again). Then the
--- broadcast row is locked and the small indexes are asked again: rows may have moved
--- between pending and in flight since, and one move leaves a finished status (a late retry,
--- throttle or release turns an unknown row, whose worker's lease ran out, back to pending:
--- pgcast_record_v3), whose record holds the broadcast row until it commits.
--- Not finished only because never-claimed rows are left: one row (false, 'sending'). A
--- worker that found nothing to claim learns from it to look behind its cursor again (the
--- rows of a claim whose asynchronous commit a server crash lost are fresh again).
-CREATE FUNCTION pgcast_finalize_v3(p_id uuid)
+-- release: rows a claim holds but will not hand off go back to pending.
+CREATE FUNCTION pgcast_release_v2(p_id uuid, p_token uuid, p_ids bigint[])
+RETURNS integer
+LANGUAGE plpgsql
+SET plan_cache_mode = force_custom_plan
+AS $$
+DECLARE
+    n integer;
+BEGIN
+    -- lost to a server crash, released rows stay claimed until their lease expires: no fsync
+    PERFORM set_config('synchronous_commit', 'off', true);
+    UPDATE broadcast_recipients r
+    SET status = 'pending', claim_token = NULL, lease_expires_at = NULL
+    WHERE r.broadcast_id = p_id AND r.contact_id = ANY (ARRAY(
+        SELECT l.contact_id FROM broadcast_recipients l
+        WHERE l.broadcast_id = p_id AND l.contact_id = ANY (p_ids)
+          AND l.claim_token = p_token AND l.status = 'claimed'
+        ORDER BY l.contact_id FOR UPDATE));
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n;
+END
+$$;
+
+-- Plans: with one partition per broadcast, a generic plan of a statement on
+-- broadcast_recipients covers every partition and locks them all at each execution (run-time
+-- pruning happens after the locks), so it slows down as broadcasts accumulate; measured, a
+-- 200k drain with 300 earlier broadcasts' partitions ran 12-16% slower. A custom plan is
+-- pruned to the one partition while it is planned: the plpgsql functions that touch
+-- recipients always plan that way (a LANGUAGE sql function is planned without its
+-- arguments and cannot be pruned at all: finalize, release and sweep have a plpgsql v2).
+
+-- 0005_fences ---------------------------------------------------------------------------
+
+-- The contacts fence -----------------------------------------------------------------------
+
+-- a change that makes a contact unmailable (or mailable again) is durable and fenced
+CREATE FUNCTION pgcast_contact_fence_v1()
+RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM set_config('synchronous_commit', 'on', true);
+    PERFORM pg_advisory_xact_lock(hashtext('pgcast.contacts'),
+                                  hashtext(CASE WHEN TG_OP = 'DELETE' THEN OLD.account
+                                                ELSE NEW.account END));
+    RETURN CASE WHEN TG_OP = 'DELETE' THEN OLD ELSE NEW END;
+END
+$$;
+CREATE TRIGGER contacts_fence_update
+    BEFORE UPDATE OF unsubscribed_at, suppressed_at ON contacts
+    FOR EACH ROW
+    WHEN (OLD.unsubscribed_at IS DISTINCT FROM NEW.unsubscribed_at
+          OR OLD.suppressed_at IS DISTINCT FROM NEW.suppressed_at)
+    EXECUTE FUNCTION pgcast_contact_fence_v1();
+CREATE TRIGGER contacts_fence_delete
+    BEFORE DELETE ON contacts
+    FOR EACH ROW EXECUTE FUNCTION pgcast_contact_fence_v1();
+
+-- Partitions: the requeued index keyed by due time -----------------------------------------
+
+-- the partial indexes of one broadcast's partition, under the names the parent's indexes
+-- adopt at ATTACH: empty on a new partition (a fresh row fails worker IS NOT NULL).
+-- v2: the requeued index is keyed by when a row becomes due, so a claim reads due rows only.
+CREATE FUNCTION pgcast_partition_indexes_v2(p_id uuid)
+RETURNS void LANGUAGE plpgsql AS $$
+DECLARE
+    part text := pgcast_partition_name_v1(p_id);
+    bare text := 'broadcast_recipients_' || replace(p_id::text, '-', '');
+BEGIN
+    EXECUTE format('CREATE INDEX %I ON %s'
+                   ' ((coalesce(retry_at, ''-infinity''::timestamptz)), contact_id)'
+                   ' WHERE worker IS NOT NULL AND status = ''pending''', bare || '_requeued', part);
+    EXECUTE format('CREATE INDEX %I ON %s (broadcast_id, status, contact_id)'
+                   ' WHERE worker IS NOT NULL AND status IN (''failed'', ''unknown'', ''skipped'')',
+                   bare || '_problems', part);
+    EXECUTE format('CREATE INDEX %I ON %s (broadcast_id, contact_id)'
+                   ' WHERE worker IS NOT NULL AND status IN (''claimed'', ''sending'')',
+                   bare || '_in_flight', part);
+END
+$$;
+
+-- a new, unattached partition for one broadcast (as v2, with pgcast_partition_indexes_v2)
+CREATE FUNCTION pgcast_partition_create_v3(p_id uuid)
+RETURNS text LANGUAGE plpgsql AS $$
+DECLARE
+    part text := pgcast_partition_name_v1(p_id);
+    bare text := 'broadcast_recipients_' || replace(p_id::text, '-', '');
+BEGIN
+    EXECUTE format(
+        'CREATE TABLE %s (LIKE broadcast_recipients INCLUDING DEFAULTS INCLUDING CONSTRAINTS,'
+        ' CONSTRAINT %I CHECK (broadcast_id = %L)) WITH ('
+        -- No status change is HOT (status is in the partial indexes' predicates), so free
+        -- space kept for updates only makes the snapshot write more pages: fillfactor 100.
+        -- Each recipient leaves two or three dead versions: vacuum and analyze after 2% of
+        -- the partition instead of the default 20%, at ten times the default cost limit.
+        '  fillfactor = 100,'
+        '  autovacuum_vacuum_scale_factor = 0.02,'
+        '  autovacuum_vacuum_threshold = 10000,'
+        '  autovacuum_vacuum_insert_scale_factor = 0.02,'
+        '  autovacuum_analyze_scale_factor = 0.02,'
+        '  autovacuum_analyze_threshold = 10000,'
+        '  autovacuum_vacuum_cost_limit = 2000)',
+        part, bare || '_broadcast', p_id);
+    PERFORM pgcast_partition_indexes_v2(p_id);
+    RETURN part;
+END
+$$;
+
+-- Send -------------------------------------------------------------------------------------
+
+-- send: draft|scheduled -> sending, with the snapshot of the mailable contacts of the
+-- segment in the broadcast's own partition, in one transaction. Nobody to send to: refused
+-- with status 'empty' and nothing changed, unless p_allow_empty (then 'sent' at once).
+-- p_details joins the audit entry (who sent it, a schedule's lateness).
+CREATE FUNCTION pgcast_send_v4(p_account text, p_id uuid, p_allow_empty boolean DEFAULT false,
+                               p_details jsonb DEFAULT '{}')
+RETURNS TABLE (ok boolean, status text, queued integer)
+LANGUAGE plpgsql AS $$
+DECLARE
+    b broadcasts%ROWTYPE;
+    n integer;
+    part text;
+BEGIN
+    -- an acknowledged send is not lost to a crash, whatever the server's setting
+    PERFORM set_config('synchronous_commit', 'on', true);
+    SELECT * INTO b FROM broadcasts WHERE id = p_id AND account = p_account FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    IF b.status NOT IN ('draft', 'scheduled') THEN
+        RETURN QUERY SELECT false, b.status, b.total;
+        RETURN;
+    END IF;
+    part := pgcast_partition_create_v3(p_id);
+    -- no ON CONFLICT and no key yet: the broadcast is new (locked) and contacts.id is
+    -- unique, so a conflict cannot happen; the key is built after the rows are in
+    EXECUTE format(
+        'INSERT INTO %s (broadcast_id, contact_id, email)'
+        ' SELECT $1, c.id, c.email FROM contacts c'
+        ' WHERE c.account = $2 AND c.unsubscribed_at IS NULL AND c.suppressed_at IS NULL'
+        '   AND ($3::text IS NULL OR c.tags @> ARRAY[$3::text])', part)
+        USING p_id, p_account, b.segment_tag;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    IF n > 0 THEN
+        PERFORM pgcast_partition_attach_v2(p_id);
+    ELSE
+        EXECUTE format('DROP TABLE %s', part);  -- nobody to send to: no partition
+        IF NOT p_allow_empty THEN
+            RETURN QUERY SELECT false, 'empty'::text, 0;
+            RETURN;
+        END IF;
+    END IF;
+    IF b.rate_limit IS NOT NULL THEN
+        INSERT INTO rate_limits (name, rate, burst, tokens)
+        VALUES ('broadcast:' || p_id, b.rate_limit, greatest(1, ceil(b.rate_limit / 10)), 1)
+        ON CONFLICT (name) DO NOTHING;
+    END IF;
+    RETURN QUERY
+    UPDATE broadcasts AS u
+    SET status = CASE WHEN n = 0 THEN 'sent' ELSE 'sending' END,
+        total = n,
+        started_at = now(),
+        finished_at = CASE WHEN n = 0 THEN now() END,
+        updated_at = now(),
+        audit_log = u.audit_log || pgcast_audit_v1('send', u.status,
+            CASE WHEN n = 0 THEN 'sent' ELSE 'sending' END,
+            coalesce(p_details, '{}'::jsonb) || jsonb_build_object('recipients', n))
+    WHERE u.id = p_id AND u.status = ANY (ARRAY['draft', 'scheduled'])
+    RETURNING true, u.status, u.total;
+    IF n > 0 THEN
+        PERFORM pgcast_notify_v1('send', p_id, b.epoch);
+    END IF;
+END
+$$;
+
+-- Claim ------------------------------------------------------------------------------------
+
+-- the rows a claim takes, locked (SKIP LOCKED: a claim never waits): first recipients back
+-- to pending after an earlier claim whose retry time has come, in the order they came due
+-- (the requeued index, read only up to now: rows in backoff are never visited), then fresh
+-- ones after the worker's cursor (the primary key, in contact_id order). last_fresh: the
+-- highest fresh contact_id taken, the cursor when no fresh row was needed, NULL when fresh
+-- rows were needed and none was free after the cursor. Index scans only (see v1).
+CREATE FUNCTION pgcast_claim_rows_v2(p_id uuid, p_limit integer, p_after bigint,
+                                     OUT ids bigint[], OUT last_fresh bigint)
+LANGUAGE plpgsql
+SET plan_cache_mode = force_custom_plan
+SET enable_seqscan = off
+SET enable_bitmapscan = off
+AS $$
+DECLARE
+    fresh bigint[];
+BEGIN
+    ids := ARRAY(
+        SELECT l.contact_id FROM broadcast_recipients l
+        WHERE l.broadcast_id = p_id AND l.worker IS NOT NULL AND l.status = 'pending'
+          AND coalesce(l.retry_at, '-infinity'::timestamptz) <= now()
+        ORDER BY coalesce(l.retry_at, '-infinity'::timestamptz), l.contact_id
+        LIMIT p_limit
+        FOR UPDATE SKIP LOCKED);
+    last_fresh := p_after;
+    IF cardinality(ids) < p_limit THEN
+        fresh := ARRAY(
+            SELECT l.contact_id FROM broadcast_recipients l
+            WHERE l.broadcast_id = p_id AND l.status = 'pending' AND l.worker IS NULL
+              AND l.contact_id > p_after
+            ORDER BY l.contact_id
+            LIMIT p_limit - cardinality(ids)
+            FOR UPDATE SKIP LOCKED);
+        last_fresh := fresh[cardinality(fresh)];
+        ids := ids || fresh;
+    END IF;
+END
+$$;
+
+-- claim: up to p_limit claimable rows -> claimed, with a lease. v3: takes the pause fence
+-- shared (a pause waits for the claim, then sees its rows and puts them back).
+CREATE FUNCTION pgcast_claim_v3(p_id uuid, p_limit integer, p_token uuid, p_worker text,
+                                p_lease interval, p_after bigint)
+RETURNS TABLE (contact_id bigint, email text, attempts smallint, epoch integer,
+               last_fresh bigint)
+LANGUAGE plpgsql
+SET plan_cache_mode = force_custom_plan
+AS $$
+DECLARE
+    e integer;
+    c record;
+BEGIN
+    -- a claim lost to a server crash leaves its rows pending: its worker's handoff then
+    -- fails the fence. Not worth an fsync.
+    PERFORM set_config('synchronous_commit', 'off', true);
+    PERFORM pg_advisory_xact_lock_shared(hashtext('pgcast.handoff'), hashtext(p_id::text));
+    SELECT b.epoch INTO e FROM broadcasts b WHERE b.id = p_id AND b.status = 'sending';
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    c := pgcast_claim_rows_v2(p_id, p_limit, p_after);
+    RETURN QUERY
+    UPDATE broadcast_recipients r
+    SET status = 'claimed', claim_token = p_token, claim_epoch = e,
+        worker = coalesce(p_worker, 'unnamed'),
+        lease_expires_at = clock_timestamp() + p_lease
+    WHERE r.broadcast_id = p_id AND r.contact_id = ANY (c.ids)
+    RETURNING r.contact_id, r.email, r.attempts, e, c.last_fresh;
+END
+$$;
+
+-- Handoff ----------------------------------------------------------------------------------
+
+-- handoff: the fence before the provider call. Moves this claim's rows to sending only
+-- while the broadcast is still sending at the claim's epoch and the claim's lease holds;
+-- rows whose contact is no longer mailable (unsubscribed, suppressed, erased) go to
+-- skipped. Returns the rows to send now, with the contact's name and attributes as they
+-- are at this moment. Synchronous whatever the configuration; committed by the caller
+-- BEFORE the provider is called.
+CREATE FUNCTION pgcast_handoff_v2(p_id uuid, p_epoch integer, p_token uuid, p_ids bigint[])
+RETURNS TABLE (contact_id bigint, email text, name text, attributes jsonb)
+LANGUAGE plpgsql
+SET plan_cache_mode = force_custom_plan
+AS $$
+DECLARE
+    acct text;
+    gone bigint[];
+    locked bigint[];
+    n_skip integer;
+BEGIN
+    PERFORM set_config('synchronous_commit', 'on', true);
+    -- the pause fence (exclusive in pause), before the broadcast is read
+    PERFORM pg_advisory_xact_lock_shared(hashtext('pgcast.handoff'), hashtext(p_id::text));
+    SELECT b.account INTO acct FROM broadcasts b
+    WHERE b.id = p_id AND b.status = 'sending' AND b.epoch = p_epoch;
+    IF NOT FOUND THEN
+        RETURN;  -- fenced: cancelled, paused or resumed since the claim
+    END IF;
+    -- the unsubscribe fence (exclusive in every writer of the columns read below), before
+    -- the contacts are read: none of them can change until this transaction commits
+    PERFORM pg_advisory_xact_lock_shared(hashtext('pgcast.contacts'), hashtext(acct));
+    gone := ARRAY(
+        SELECT x.id FROM unnest(p_ids) AS x(id) LEFT JOIN contacts k ON k.id = x.id
+        WHERE k.id IS NULL OR k.unsubscribed_at IS NOT NULL OR k.suppressed_at IS NOT NULL);
+    IF cardinality(gone) > 0 THEN
+        -- rare path: it changes a counter, so it takes the broadcast row before the rows
+        -- (lock order) and checks the fence again under that lock
+        PERFORM 1 FROM broadcasts b WHERE b.id = p_id AND b.status = 'sending'
+            AND b.epoch = p_epoch FOR NO KEY UPDATE;
+        IF NOT FOUND THEN
+            RETURN;
+        END IF;
+    END IF;
+    -- one pass, in contact_id order: this claim's rows whose lease still holds
+    locked := ARRAY(
+        SELECT l.contact_id FROM broadcast_recipients l
+        WHERE l.broadcast_id = p_id AND l.contact_id = ANY (p_ids) AND l.status = 'claimed'
+          AND l.claim_token = p_token AND l.lease_expires_at > clock_timestamp()
+        ORDER BY l.contact_id FOR UPDATE);
+    IF cardinality(gone) > 0 THEN
+        UPDATE broadcast_recipients r
+        SET status = 'skipped', lease_expires_at = NULL,
+            last_error = coalesce((SELECT CASE WHEN k.unsubscribed_at IS NOT NULL
+                                               THEN 'unsubscribed'
+                                               ELSE 'suppressed: ' || k.suppressed_reason END
+                                   FROM contacts k WHERE k.id = r.contact_id),
+                                  'contact erased')
+        WHERE r.broadcast_id = p_id AND r.contact_id = ANY (locked)
+          AND r.contact_id = ANY (gone);
+        GET DIAGNOSTICS n_skip = ROW_COUNT;
+        UPDATE broadcasts SET skipped = skipped + n_skip WHERE id = p_id;
+    END IF;
+    RETURN QUERY
+    UPDATE broadcast_recipients r
+    SET status = 'sending', handed_at = statement_timestamp()
+    FROM contacts c
+    WHERE r.broadcast_id = p_id AND c.id = r.contact_id AND r.contact_id = ANY (locked)
+      AND NOT (r.contact_id = ANY (gone))
+    RETURNING r.contact_id, r.email, c.name, c.attributes;
+END
+$$;
+
+-- claim and hand off in one statement, for a worker that will send the whole batch at
+-- once. Synchronous, like every handoff. Recipients whose contact is no longer mailable
+-- are only claimed (handed = false): the worker passes them to pgcast_handoff_v2, whose
+-- rare path skips them under the broadcast row lock. Fences: the pause and unsubscribe
+-- advisory locks, shared, as in pgcast_handoff_v2; a cancel meets it on the rows.
+-- v3: synchronous commit pinned, the unsubscribe fence, suppressed and erased contacts,
+-- the contact's attributes (after name).
+CREATE FUNCTION pgcast_claim_handoff_v3(p_id uuid, p_limit integer, p_token uuid,
+                                        p_worker text, p_lease interval, p_after bigint)
+RETURNS TABLE (contact_id bigint, email text, name text, attributes jsonb, attempts smallint,
+               epoch integer, handed boolean, last_fresh bigint)
+LANGUAGE plpgsql
+SET plan_cache_mode = force_custom_plan
+AS $$
+DECLARE
+    e integer;
+    acct text;
+    c record;
+BEGIN
+    PERFORM set_config('synchronous_commit', 'on', true);
+    PERFORM pg_advisory_xact_lock_shared(hashtext('pgcast.handoff'), hashtext(p_id::text));
+    SELECT b.epoch, b.account INTO e, acct FROM broadcasts b
+    WHERE b.id = p_id AND b.status = 'sending';
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    PERFORM pg_advisory_xact_lock_shared(hashtext('pgcast.contacts'), hashtext(acct));
+    c := pgcast_claim_rows_v2(p_id, p_limit, p_after);
+    RETURN QUERY
+    UPDATE broadcast_recipients r
+    SET status = CASE WHEN k.mailable THEN 'sending' ELSE 'claimed' END,
+        handed_at = CASE WHEN k.mailable THEN statement_timestamp() END,
+        claim_token = p_token, claim_epoch = e, worker = coalesce(p_worker, 'unnamed'),
+        lease_expires_at = clock_timestamp() + p_lease
+    FROM (SELECT x.id, coalesce(ct.name, '') AS name, coalesce(ct.attributes, '{}') AS attributes,
+                 ct.id IS NOT NULL AND ct.unsubscribed_at IS NULL AND ct.suppressed_at IS NULL
+                     AS mailable
+          FROM unnest(c.ids) AS x(id) LEFT JOIN contacts ct ON ct.id = x.id) k
+    WHERE r.broadcast_id = p_id AND k.id = r.contact_id AND r.contact_id = ANY (c.ids)
+    RETURNING r.contact_id, r.email, k.name, k.attributes, r.attempts, e, k.mailable,
+              c.last_fresh;
+END
+$$;
+
+-- Cancel and pause: synchronous whatever the configuration ----------------------------------
+
+-- cancel: draft|scheduled|sending|paused -> cancelled. Recipients not yet handed off end
+-- cancelled. already_queued = recipients the provider had or has (sent, in flight,
+-- unknown). v3: synchronous commit pinned; a scheduled broadcast can be cancelled.
+CREATE FUNCTION pgcast_cancel_v3(p_account text, p_id uuid, p_details jsonb)
+RETURNS TABLE (ok boolean, status text, already_queued integer)
+LANGUAGE plpgsql
+SET plan_cache_mode = force_custom_plan
+AS $$
+DECLARE
+    n integer;
+    in_flight integer;
+BEGIN
+    PERFORM set_config('synchronous_commit', 'on', true);
+    UPDATE broadcasts AS u
+    SET status = 'cancelled', finished_at = now(), updated_at = now(),
+        audit_log = u.audit_log || pgcast_audit_v1('cancel', u.status, 'cancelled', p_details)
+    WHERE u.id = p_id AND u.account = p_account
+      AND u.status = ANY (ARRAY['draft', 'scheduled', 'sending', 'paused']);
+    IF NOT FOUND THEN
+        RETURN QUERY SELECT false, b.status, b.sent + b.unknown
+            FROM broadcasts b WHERE b.id = p_id AND b.account = p_account;
+        RETURN;
+    END IF;
+    UPDATE broadcast_recipients r
+    SET status = 'cancelled', claim_token = NULL, lease_expires_at = NULL
+    WHERE r.broadcast_id = p_id AND r.contact_id = ANY (ARRAY(
+        SELECT l.contact_id FROM broadcast_recipients l
+        WHERE l.broadcast_id = p_id AND l.status IN ('pending', 'claimed')
+        ORDER BY l.contact_id FOR UPDATE));
+    GET DIAGNOSTICS n = ROW_COUNT;
+    SELECT count(*) INTO in_flight FROM broadcast_recipients r
+    WHERE r.broadcast_id = p_id AND r.worker IS NOT NULL AND r.status = 'sending';
+    PERFORM pgcast_notify_v1('cancel', p_id, NULL);
+    RETURN QUERY
+    UPDATE broadcasts AS u SET cancelled = u.cancelled + n
+    WHERE u.id = p_id
+    RETURNING true, u.status, u.sent + u.unknown + in_flight;
+END
+$$;
+
+-- pause: sending -> paused; claimed rows go back to pending. Takes the pause fence
+-- exclusively (every claim and handoff takes it shared). v4: synchronous commit pinned.
+CREATE FUNCTION pgcast_pause_v4(p_account text, p_id uuid, p_reason text, p_details jsonb)
+RETURNS TABLE (ok boolean, status text)
+LANGUAGE plpgsql
+SET plan_cache_mode = force_custom_plan
+AS $$
+DECLARE
+    e integer;
+BEGIN
+    PERFORM set_config('synchronous_commit', 'on', true);
+    PERFORM pg_advisory_xact_lock(hashtext('pgcast.handoff'), hashtext(p_id::text));
+    UPDATE broadcasts AS u
+    SET status = 'paused', paused_reason = p_reason, updated_at = now(),
+        audit_log = u.audit_log || pgcast_audit_v1('pause', u.status, 'paused',
+            coalesce(p_details, '{}'::jsonb) || jsonb_build_object('reason', p_reason))
+    WHERE u.id = p_id AND (p_account IS NULL OR u.account = p_account)
+      AND u.status = ANY (ARRAY['sending'])
+    RETURNING u.epoch INTO e;
+    IF NOT FOUND THEN
+        RETURN QUERY SELECT false, b.status FROM broadcasts b
+            WHERE b.id = p_id AND (p_account IS NULL OR b.account = p_account);
+        RETURN;
+    END IF;
+    UPDATE broadcast_recipients r
+    SET status = 'pending', claim_token = NULL, lease_expires_at = NULL
+    WHERE r.broadcast_id = p_id AND r.contact_id = ANY (ARRAY(
+        SELECT l.contact_id FROM broadcast_recipients l
+        WHERE l.broadcast_id = p_id AND l.worker IS NOT NULL AND l.status = 'claimed'
+        ORDER BY l.contact_id FOR UPDATE));
+    PERFORM pgcast_notify_v1('pause', p_id, e);
+    RETURN QUERY SELECT true, 'paused'::text;
+END
+$$;
+
+-- Finalize and sweep ------------------------------------------------------------------------
+
+-- finalize: sending -> sent|failed once nothing is pending, claimed or sending (see v3 for
+-- the order of the checks). v4: a broadcast that reached nobody (no row sent, some failed
+-- or unknown) ends failed; one whose recipients were all skipped ends sent, and its audit
+-- entry says so.
+CREATE FUNCTION pgcast_finalize_v4(p_id uuid)
 RETURNS TABLE (ok boolean, status text)
 LANGUAGE plpgsql
 SET plan_cache_mode = force_custom_plan
@@ -889,107 +989,146 @@ BEGIN
     END IF;
     RETURN QUERY
     UPDATE broadcasts AS u
-    SET status = CASE WHEN u.sent = 0 AND u.failed > 0 THEN 'failed' ELSE 'sent' END,
+    SET status = CASE WHEN u.sent = 0 AND u.failed + u.unknown > 0 THEN 'failed' ELSE 'sent' END,
         finished_at = now(), updated_at = now(),
         audit_log = u.audit_log || pgcast_audit_v1('finish', u.status,
-            CASE WHEN u.sent = 0 AND u.failed > 0 THEN 'failed' ELSE 'sent' END,
+            CASE WHEN u.sent = 0 AND u.failed + u.unknown > 0 THEN 'failed' ELSE 'sent' END,
             jsonb_build_object('sent', u.sent, 'failed', u.failed, 'skipped', u.skipped,
-                               'unknown', u.unknown))
+                               'unknown', u.unknown)
+            || CASE WHEN u.sent = 0 AND u.failed + u.unknown > 0
+                    THEN jsonb_build_object('message', 'no recipient was sent')
+                    WHEN u.sent = 0 AND u.skipped > 0
+                    THEN jsonb_build_object('message', 'every recipient was skipped '
+                         '(unsubscribed, suppressed or erased since the snapshot)')
+                    ELSE '{}'::jsonb END)
     WHERE u.id = p_id AND u.status = ANY (ARRAY['sending'])
     RETURNING true, u.status;
 END
 $$;
 
--- release: rows a claim holds but will not hand off go back to pending.
-CREATE FUNCTION pgcast_release_v2(p_id uuid, p_token uuid, p_ids bigint[])
-RETURNS integer
-LANGUAGE plpgsql
-SET plan_cache_mode = force_custom_plan
-AS $$
-DECLARE
-    n integer;
-BEGIN
-    -- lost to a server crash, released rows stay claimed until their lease expires: no fsync
-    PERFORM set_config('synchronous_commit', 'off', true);
-    UPDATE broadcast_recipients r
-    SET status = 'pending', claim_token = NULL, lease_expires_at = NULL
-    WHERE r.broadcast_id = p_id AND r.contact_id = ANY (ARRAY(
-        SELECT l.contact_id FROM broadcast_recipients l
-        WHERE l.broadcast_id = p_id AND l.contact_id = ANY (p_ids)
-          AND l.claim_token = p_token AND l.status = 'claimed'
-        ORDER BY l.contact_id FOR UPDATE));
-    GET DIAGNOSTICS n = ROW_COUNT;
-    RETURN n;
-END
-$$;
-
--- sweep: expired claims back to pending, expired handoffs to unknown (never re-sent),
--- drained broadcasts finalized. One broadcast at a time, in id order (as renew), broadcast
--- row locked first. A cancelled broadcast is visited only while its counters say rows are
--- still in flight (a cancel turns every pending and claimed row into cancelled, so what
--- the counters do not account for is sending): no scan of finished broadcasts' rows.
--- v3: its lookups say worker IS NOT NULL (0003's indexes), and it finalizes (with
--- pgcast_finalize_v3) only a broadcast whose counters account for every recipient: one that
--- workers are still draining, or that waits for workers, is not walked at every sweep. The
--- counters only decide when to look; finalize checks the rows. (Workers finalize too, each
--- time a claim finds nothing, whatever the counters say.)
-CREATE FUNCTION pgcast_sweep_v3()
+-- sweep one broadcast, in its own transaction (the caller's): expired claims back to
+-- pending, expired handoffs to unknown (never re-sent), finalized when its counters
+-- account for every recipient. The broadcast row first, then its expired rows of both
+-- kinds in ONE pass in contact_id order (renew's order: v3 took claimed rows, then
+-- sending rows, and a renew holding a sending row below a claimed one made a cycle).
+-- A cancelled broadcast is visited only while its counters say rows are still in flight.
+CREATE FUNCTION pgcast_sweep_one_v1(p_id uuid)
 RETURNS TABLE (broadcast_id uuid, reclaimed integer, unknown integer, finalized text)
 LANGUAGE plpgsql
 SET plan_cache_mode = force_custom_plan
 AS $$
 DECLARE
-    bid uuid;
+    expired bigint[];
     n_re integer;
     n_unk integer;
     fin text;
     left_over integer;
 BEGIN
-    FOR bid IN SELECT b.id FROM broadcasts b
-               WHERE b.status IN ('sending', 'paused')
-                  OR (b.status = 'cancelled'
-                      AND b.total - b.sent - b.failed - b.skipped - b.unknown - b.cancelled > 0)
-               ORDER BY b.id
-    LOOP
-        PERFORM 1 FROM broadcasts b WHERE b.id = bid FOR NO KEY UPDATE;
+    PERFORM 1 FROM broadcasts b
+    WHERE b.id = p_id
+      AND (b.status IN ('sending', 'paused')
+           OR (b.status = 'cancelled'
+               AND b.total - b.sent - b.failed - b.skipped - b.unknown - b.cancelled > 0))
+    FOR NO KEY UPDATE;
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    expired := ARRAY(
+        SELECT l.contact_id FROM broadcast_recipients l
+        WHERE l.broadcast_id = p_id AND l.worker IS NOT NULL
+          AND l.status IN ('claimed', 'sending') AND l.lease_expires_at < clock_timestamp()
+        ORDER BY l.contact_id FOR UPDATE);
+    WITH upd AS (
         UPDATE broadcast_recipients r
-        SET status = 'pending', claim_token = NULL, lease_expires_at = NULL
-        WHERE r.broadcast_id = bid AND r.contact_id = ANY (ARRAY(
-            SELECT l.contact_id FROM broadcast_recipients l
-            WHERE l.broadcast_id = bid AND l.worker IS NOT NULL AND l.status = 'claimed'
-              AND l.lease_expires_at < clock_timestamp()
-            ORDER BY l.contact_id FOR UPDATE));
-        GET DIAGNOSTICS n_re = ROW_COUNT;
-        UPDATE broadcast_recipients r
-        SET status = 'unknown', last_error = 'worker lost during handoff: outcome unknown'
-        WHERE r.broadcast_id = bid AND r.contact_id = ANY (ARRAY(
-            SELECT l.contact_id FROM broadcast_recipients l
-            WHERE l.broadcast_id = bid AND l.worker IS NOT NULL AND l.status = 'sending'
-              AND l.lease_expires_at < clock_timestamp()
-            ORDER BY l.contact_id FOR UPDATE));
-        GET DIAGNOSTICS n_unk = ROW_COUNT;
-        IF n_unk > 0 THEN
-            UPDATE broadcasts b SET unknown = b.unknown + n_unk WHERE b.id = bid;
-        END IF;
-        SELECT b.total - b.sent - b.failed - b.skipped - b.unknown - b.cancelled
-        INTO left_over FROM broadcasts b WHERE b.id = bid;
-        fin := NULL;
-        IF left_over <= 0 THEN
-            SELECT f.status INTO fin FROM pgcast_finalize_v3(bid) f WHERE f.ok;
-        END IF;
-        IF n_re > 0 OR n_unk > 0 OR fin IS NOT NULL THEN
-            RETURN QUERY SELECT bid, n_re, n_unk, fin;
-        END IF;
-    END LOOP;
+        SET status = CASE WHEN r.status = 'claimed' THEN 'pending' ELSE 'unknown' END,
+            claim_token = CASE WHEN r.status = 'claimed' THEN NULL ELSE r.claim_token END,
+            lease_expires_at = CASE WHEN r.status = 'claimed' THEN NULL
+                                    ELSE r.lease_expires_at END,
+            last_error = CASE WHEN r.status = 'claimed' THEN r.last_error
+                              ELSE 'worker lost during handoff: outcome unknown' END
+        WHERE r.broadcast_id = p_id AND r.contact_id = ANY (expired)
+        RETURNING r.status
+    )
+    SELECT count(*) FILTER (WHERE u.status = 'pending'),
+           count(*) FILTER (WHERE u.status = 'unknown')
+    INTO n_re, n_unk FROM upd u;
+    IF n_unk > 0 THEN
+        UPDATE broadcasts b SET unknown = b.unknown + n_unk WHERE b.id = p_id;
+    END IF;
+    SELECT b.total - b.sent - b.failed - b.skipped - b.unknown - b.cancelled
+    INTO left_over FROM broadcasts b WHERE b.id = p_id;
+    fin := NULL;
+    IF left_over <= 0 THEN
+        SELECT f.status INTO fin FROM pgcast_finalize_v4(p_id) f WHERE f.ok;
+    END IF;
+    IF n_re > 0 OR n_unk > 0 OR fin IS NOT NULL THEN
+        RETURN QUERY SELECT p_id, n_re, n_unk, fin;
+    END IF;
 END
 $$;
 
--- Plans: with one partition per broadcast, a generic plan of a statement on
--- broadcast_recipients covers every partition and locks them all at each execution (run-time
--- pruning happens after the locks), so it slows down as broadcasts accumulate; measured, a
--- 200k drain with 300 earlier broadcasts' partitions ran 12-16% slower. A custom plan is
--- pruned to the one partition while it is planned: the plpgsql functions that touch
--- recipients always plan that way (a LANGUAGE sql function is planned without its
--- arguments and cannot be pruned at all: finalize, release and sweep have a plpgsql v2).
-ALTER FUNCTION pgcast_handoff_v1(uuid, integer, uuid, bigint[])
-    SET plan_cache_mode = force_custom_plan;
+-- 0006_content
+CREATE TABLE unsubscribe_keys (
+    id         boolean     PRIMARY KEY DEFAULT true CHECK (id),
+    secret     text        NOT NULL
+        DEFAULT replace(gen_random_uuid()::text || gen_random_uuid()::text, '-', ''),
+    created_at timestamptz NOT NULL DEFAULT now()
+);
+INSERT INTO unsubscribe_keys DEFAULT VALUES;
+
+-- Test sends: the rendered message of a broadcast sent to a few chosen addresses, delivered
+-- by a running worker (procrastinate task pgcast.test_send), not counted in progress.
+CREATE TABLE test_sends (
+    id            bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    account       text        NOT NULL,
+    broadcast_id  uuid        NOT NULL REFERENCES broadcasts (id) ON DELETE CASCADE,
+    to_address    text        NOT NULL,
+    contact_email text,
+    status        text        NOT NULL DEFAULT 'queued'
+        CHECK (status IN ('queued', 'sending', 'sent', 'failed')),
+    message_id    text,
+    error         text,
+    requested_at  timestamptz NOT NULL DEFAULT clock_timestamp(),
+    finished_at   timestamptz
+);
+CREATE INDEX test_sends_account ON test_sends (account, requested_at);
+
+-- Queue test sends to p_to (each an address) unless the account would pass p_cap in the
+-- last hour; appends a 'test' entry to the broadcast's audit log. ok=false with found=false:
+-- no such broadcast; with found=true: over the cap (ids empty, nothing changed).
+CREATE FUNCTION pgcast_test_send_v1(p_account text, p_id uuid, p_to text[], p_contact text,
+                                    p_cap integer)
+RETURNS TABLE (ok boolean, found boolean, recent integer, ids bigint[])
+LANGUAGE plpgsql AS $$
+DECLARE
+    st text;
+    n integer;
+    made bigint[];
+BEGIN
+    SELECT b.status INTO st FROM broadcasts b
+    WHERE b.id = p_id AND b.account = p_account FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN QUERY SELECT false, false, 0, '{}'::bigint[];
+        RETURN;
+    END IF;
+    -- one account's requests count one at a time, so two at once cannot both pass the cap
+    PERFORM pg_advisory_xact_lock(hashtext('pgcast.test_send'), hashtext(p_account));
+    SELECT count(*) INTO n FROM test_sends t
+    WHERE t.account = p_account AND t.requested_at > clock_timestamp() - interval '1 hour';
+    IF n + cardinality(p_to) > p_cap THEN
+        RETURN QUERY SELECT false, true, n, '{}'::bigint[];
+        RETURN;
+    END IF;
+    WITH ins AS (
+        INSERT INTO test_sends (account, broadcast_id, to_address, contact_email)
+        SELECT p_account, p_id, a, p_contact FROM unnest(p_to) AS a
+        RETURNING test_sends.id
+    )
+    SELECT array_agg(ins.id ORDER BY ins.id) INTO made FROM ins;
+    UPDATE broadcasts b
+    SET audit_log = b.audit_log || pgcast_audit_v1('test', st, st, jsonb_build_object(
+        'to', to_jsonb(p_to), 'contact', p_contact, 'test_sends', to_jsonb(made)))
+    WHERE b.id = p_id;
+    RETURN QUERY SELECT true, true, n, made;
+END
+$$;

@@ -30,3 +30,11 @@ WHERE r.broadcast_id = %(id)s
   AND r.contact_id > %(after)s
 ORDER BY r.contact_id
 LIMIT %(limit)s
+
+-- api_broadcast_create --
+-- A new draft, its audit entry naming the caller (details: {"via": "api", "sub": ...}).
+INSERT INTO broadcasts (account, subject, from_address, text_body, html_body, segment_tag,
+                        rate_limit, audit_log)
+VALUES (%(account)s, %(subject)s, %(from_address)s, %(text_body)s, %(html_body)s,
+        %(segment_tag)s, NULL, pgcast_audit_v1('create', NULL, 'draft', %(details)s::jsonb))
+RETURNING *

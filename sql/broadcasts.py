@@ -9,6 +9,7 @@ from typing import Any
 import psycopg
 
 from mail import errors as mail_errors
+from mail import template
 from mail import validate as validate_mail
 from sql import contacts, errors
 from sql.queries import QUERIES
@@ -53,6 +54,10 @@ def validate_content(subject: Any, text: Any, html: Any, tag: Any) -> dict[str, 
             raise errors.InvalidInput(f"{label} must not contain NUL")
     if not (text or html):
         raise errors.InvalidInput("a broadcast needs text or html content")
+    try:  # merge tags: syntax and names, checked before anything is stored
+        template.check_broadcast(clean_subject, text or None, html or None)
+    except mail_errors.TemplateInvalid as exc:
+        raise errors.InvalidInput(str(exc)) from None
     if tag is not None:
         tag = contacts.validate_tags([tag])[0]
     return {"subject": clean_subject, "text_body": text or None, "html_body": html or None,
@@ -85,9 +90,14 @@ def get(conn: psycopg.Connection[Any], account: str, broadcast_id: uuid.UUID) ->
 # -- results: the response of each control operation, shared by the CLI and the API --------
 
 
-def send_result(row: dict[str, Any]) -> dict[str, Any]:
-    """The answer to a send, from a pgcast_send_v3 row."""
+def send_result(row: dict[str, Any], segment: str | None = None) -> dict[str, Any]:
+    """The answer to a send, from a pgcast_send_v4 row (segment: the broadcast's tag)."""
     if not row["ok"]:
+        if row["status"] == "empty":
+            who = f"tag {segment!r}" if segment else "the account"
+            return {"success": False, "status": "empty", "queued": 0,
+                    "message": f"Nobody to send to: no subscribed contact matches {who}; "
+                               "nothing was sent (allow_empty sends it anyway)"}
         return {"success": False, "status": row["status"],
                 "message": f"Broadcast is {row['status']}; only a draft can be sent"}
     n = row["queued"]
@@ -129,10 +139,18 @@ def _control(conn: psycopg.Connection[Any], query: str, params: dict[str, Any]) 
     return dict(row)
 
 
-def send(conn: psycopg.Connection[Any], account: str, broadcast_id: uuid.UUID) -> dict[str, Any]:
+def send(conn: psycopg.Connection[Any], account: str, broadcast_id: uuid.UUID, *,
+         allow_empty: bool = False, details: dict[str, Any] | None = None) -> dict[str, Any]:
     """Snapshot and start sending: the seed system's response shape."""
-    result = send_result(_control(conn, "broadcast_send",
-                                  {"account": account, "id": broadcast_id}))
+    row = _control(conn, "broadcast_send", {"account": account, "id": broadcast_id,
+                                            "allow_empty": allow_empty,
+                                            "details": json.dumps(details or {})})
+    segment = None
+    if row["status"] == "empty":
+        found = conn.execute(QUERIES["broadcast_get"],
+                             {"account": account, "id": broadcast_id}).fetchone()
+        segment = found["segment_tag"] if found else None
+    result = send_result(row, segment)
     if needs_analyze(result):
         conn.execute(QUERIES["analyze_recipients"], {"id": broadcast_id})
     return result

@@ -67,7 +67,7 @@ ORDER BY created_at DESC, id DESC
 LIMIT %(limit)s
 
 -- broadcast_update_draft --
--- Edits a draft (CAS on status); NULL keeps a field.
+-- Edits a draft (CAS on status); NULL keeps a field; details name the caller in the audit.
 UPDATE broadcasts
 SET subject = coalesce(%(subject)s, subject),
     from_address = coalesce(%(from_address)s, from_address),
@@ -75,7 +75,7 @@ SET subject = coalesce(%(subject)s, subject),
     html_body = CASE WHEN %(set_html)s THEN %(html_body)s ELSE html_body END,
     segment_tag = CASE WHEN %(set_tag)s THEN %(segment_tag)s ELSE segment_tag END,
     updated_at = now(),
-    audit_log = audit_log || pgcast_audit_v1('edit', status, status, NULL)
+    audit_log = audit_log || pgcast_audit_v1('edit', status, status, %(details)s::jsonb)
 WHERE id = %(id)s AND account = %(account)s AND status = ANY (ARRAY['draft'])
 RETURNING *
 
@@ -86,8 +86,9 @@ WHERE id = %(id)s AND account = %(account)s AND status = ANY (ARRAY['draft'])
 RETURNING id
 
 -- broadcast_send --
--- Snapshot the recipients into the broadcast's own partition and start sending.
-SELECT * FROM pgcast_send_v3(%(account)s, %(id)s)
+-- Snapshot the mailable recipients into the broadcast's own partition and start sending
+-- (status 'empty', nothing changed, when nobody matches and allow_empty is false).
+SELECT * FROM pgcast_send_v4(%(account)s, %(id)s, %(allow_empty)s, %(details)s::jsonb)
 
 -- analyze_recipients --
 -- Fresh planner statistics for one broadcast's partition after a big snapshot (its own
@@ -95,12 +96,12 @@ SELECT * FROM pgcast_send_v3(%(account)s, %(id)s)
 SELECT pgcast_analyze_v1(%(id)s)
 
 -- broadcast_cancel --
--- Cancel a draft, sending or paused broadcast (pgcast_cancel_v2).
-SELECT * FROM pgcast_cancel_v2(%(account)s, %(id)s, %(details)s::jsonb)
+-- Cancel a draft, scheduled, sending or paused broadcast (pgcast_cancel_v3).
+SELECT * FROM pgcast_cancel_v3(%(account)s, %(id)s, %(details)s::jsonb)
 
 -- broadcast_pause --
 -- Pause a sending broadcast with a reason; account NULL = any.
-SELECT * FROM pgcast_pause_v3(%(account)s, %(id)s, %(reason)s, %(details)s::jsonb)
+SELECT * FROM pgcast_pause_v4(%(account)s, %(id)s, %(reason)s, %(details)s::jsonb)
 
 -- broadcast_resume --
 -- Resume a paused broadcast under a new epoch (pgcast_resume_v1).
@@ -120,18 +121,20 @@ SELECT id, epoch, rate_limit FROM broadcasts WHERE status = 'sending' ORDER BY s
 SELECT 1 FROM broadcasts WHERE id = %(id)s AND status = 'sending' AND epoch = %(epoch)s
 
 -- broadcast_content --
--- What a worker needs to render a broadcast's messages.
-SELECT id, account, subject, from_address, text_body, html_body FROM broadcasts WHERE id = %(id)s
+-- What a worker needs to render a broadcast's messages (and the generated unsubscribe key).
+SELECT id, account, subject, from_address, text_body, html_body,
+       (SELECT secret FROM unsubscribe_keys) AS unsubscribe_key
+FROM broadcasts WHERE id = %(id)s
 
 -- claim --
 -- Claim up to `limit` rows of one broadcast: requeued first, then fresh after the cursor
--- `after` (pgcast_claim_v2; last_fresh = the cursor's next value, NULL = none left after it).
-SELECT * FROM pgcast_claim_v2(%(id)s, %(limit)s, %(token)s, %(worker)s,
+-- `after` (pgcast_claim_v3; last_fresh = the cursor's next value, NULL = none left after it).
+SELECT * FROM pgcast_claim_v3(%(id)s, %(limit)s, %(token)s, %(worker)s,
                               make_interval(secs => %(lease)s), %(after)s)
 
 -- claim_handoff --
 -- Claim up to `limit` rows and hand them off at once (handed = false: only claimed).
-SELECT * FROM pgcast_claim_handoff_v2(%(id)s, %(limit)s, %(token)s, %(worker)s,
+SELECT * FROM pgcast_claim_handoff_v3(%(id)s, %(limit)s, %(token)s, %(worker)s,
                                       make_interval(secs => %(lease)s), %(after)s)
 
 -- fresh_floor --
@@ -139,12 +142,13 @@ SELECT * FROM pgcast_claim_handoff_v2(%(id)s, %(limit)s, %(token)s, %(worker)s,
 SELECT pgcast_fresh_floor_v1(%(id)s, %(from)s) AS floor
 
 -- handoff --
--- The fence: claimed -> sending (or skipped) for one group (pgcast_handoff_v1).
-SELECT * FROM pgcast_handoff_v1(%(id)s, %(epoch)s, %(token)s, %(ids)s)
+-- The fence: claimed -> sending (or skipped) for one group, with each contact's name and
+-- attributes (pgcast_handoff_v2).
+SELECT * FROM pgcast_handoff_v2(%(id)s, %(epoch)s, %(token)s, %(ids)s)
 
 -- record --
 -- One group's provider outcomes and counters.
-SELECT * FROM pgcast_record_v3(%(id)s, %(token)s, %(ids)s, %(outcomes)s, %(message_ids)s,
+SELECT * FROM pgcast_record_v4(%(id)s, %(token)s, %(ids)s, %(outcomes)s, %(message_ids)s,
                                %(errors)s, %(retry_in)s, %(breaker)s)
 
 -- release --
@@ -157,11 +161,19 @@ SELECT pgcast_unhandoff_v2(%(id)s, %(token)s, %(ids)s) AS undone
 
 -- finalize --
 -- sending -> sent|failed when drained.
-SELECT * FROM pgcast_finalize_v3(%(id)s)
+SELECT * FROM pgcast_finalize_v4(%(id)s)
 
--- sweep --
--- Lease expiry, unknown outcomes, finalization.
-SELECT * FROM pgcast_sweep_v3()
+-- sweep_candidates --
+-- The broadcasts a sweep visits: sending or paused, and cancelled ones with rows in flight.
+SELECT b.id FROM broadcasts b
+WHERE b.status IN ('sending', 'paused')
+   OR (b.status = 'cancelled'
+       AND b.total - b.sent - b.failed - b.skipped - b.unknown - b.cancelled > 0)
+ORDER BY b.id
+
+-- sweep_one --
+-- Lease expiry, unknown outcomes and finalization of one broadcast (its own transaction).
+SELECT * FROM pgcast_sweep_one_v1(%(id)s)
 
 -- renew --
 -- Extends the lease on the claims a live worker holds: (broadcast, claim token) pairs.

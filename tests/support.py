@@ -137,7 +137,10 @@ class MotoServer:
         """What boto3 needs to talk to this server."""
         return {"AWS_ENDPOINT_URL_SESV2": self.url, "AWS_ENDPOINT_URL_SES": self.url,
                 "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1"}
+                "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1",
+                # a worker with the ses provider refuses to start without both
+                "PGCAST_PUBLIC_URL": "https://pgcast.example",
+                "PGCAST_UNSUBSCRIBE_SECRET": "test-unsubscribe-secret-of-at-least-32-bytes"}
 
     def reset(self) -> None:
         """Forget every identity and message."""
@@ -190,14 +193,14 @@ def seed_contacts(conn: psycopg.Connection[Any], n: int, *, account: str = "defa
 
 def new_broadcast(conn: psycopg.Connection[Any], *, account: str = "default",
                   tag: str | None = None, from_address: str = "news@example.com",
-                  send: bool = True) -> uuid.UUID:
+                  send: bool = True, allow_empty: bool = False) -> uuid.UUID:
     """A draft (sent unless send=False); returns its id."""
     from sql import broadcasts
 
     row = broadcasts.create(conn, account, subject="Hello", from_address=from_address,
                             text="Hello there", tag=tag)
     if send:
-        result = broadcasts.send(conn, account, row["id"])
+        result = broadcasts.send(conn, account, row["id"], allow_empty=allow_empty)
         assert result["success"], result
     return uuid.UUID(str(row["id"]))
 

@@ -71,7 +71,7 @@ class Recipient:
     contact_id: int
     email: str
     name: str | None
-    attributes: dict[str, Any] | None = None  # the contact's attributes, when the query has them
+    attributes: dict[str, Any] | None = None  # the contact's attributes (merge tags)
 
 
 def recipient(row: dict[str, Any]) -> Recipient:
@@ -86,11 +86,7 @@ def build(content: render.Content | str, r: Recipient) -> render.Message | Outco
     if isinstance(content, str):
         return Outcome(cid, "failed", error=f"cannot build the message: {content}"[:ERROR_CHARS])
     try:
-        if r.attributes is None:
-            return render.render(content, cid, r.email, r.name)
-        # the attributes argument arrives with the composition rewrite (migration 0005's rows)
-        with_attributes: Any = render.render
-        return with_attributes(content, cid, r.email, r.name, r.attributes)  # type: ignore[no-any-return]
+        return render.render(content, cid, r.email, r.name, r.attributes)
     except Exception as exc:  # noqa: BLE001 - deterministic: this recipient fails, not the loop
         return Outcome(cid, "failed", error=f"cannot build the message: {describe(exc)}"
                        [:ERROR_CHARS])

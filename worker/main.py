@@ -12,6 +12,8 @@ import signal
 import psycopg
 from psycopg_pool import AsyncConnectionPool
 
+from mail import errors as mail_errors
+from mail import unsubscribe
 from sql.queries import QUERIES
 from worker import control, engine, errors, providers, sweeper
 
@@ -73,6 +75,22 @@ def configure_rate(url: str, provider: providers.Provider) -> float | None:
     return rate
 
 
+def check_unsubscribe_settings(provider: providers.Provider) -> None:
+    """SES sends to real inboxes: PGCAST_PUBLIC_URL and PGCAST_UNSUBSCRIBE_SECRET are required."""
+    url = os.environ.get("PGCAST_PUBLIC_URL", "").strip()
+    secret = os.environ.get("PGCAST_UNSUBSCRIBE_SECRET", "").strip()
+    if provider.name == "ses" and not (url and secret):
+        raise errors.ConfigError(
+            "the ses provider needs PGCAST_PUBLIC_URL (where `pgcast api` is reachable) and "
+            "PGCAST_UNSUBSCRIBE_SECRET (at least 32 bytes) for one-click unsubscribe links")
+    try:
+        unsubscribe.public_url(url)
+        if secret:
+            unsubscribe.parse_secrets(secret)
+    except mail_errors.InvalidValue as exc:
+        raise errors.ConfigError(str(exc)) from None
+
+
 async def _renew(eng: engine.Engine) -> None:
     """Extend the lease on everything this worker holds, every third of a lease."""
     while not eng.stopping.is_set():
@@ -114,6 +132,7 @@ async def _run_sweeper(url: str, settings: engine.Settings, stopping: asyncio.Ev
 async def run(settings: engine.Settings, url: str) -> engine.Stats:
     """Run one worker process until SIGTERM/SIGINT (or drained, with --once)."""
     provider = providers.from_env(settings.max_in_flight)
+    check_unsubscribe_settings(provider)
     configure_rate(url, provider)
     if settings.once:
         sweeper.sweep_once(url)

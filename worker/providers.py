@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import email.message
-import email.utils
 import itertools
 import os
 import tempfile
 from pathlib import Path
 from typing import Protocol
 
+from mail import message as mail_message
 from worker import errors, render
 
 
@@ -50,25 +49,6 @@ class NullProvider:
         return None
 
 
-def to_rfc5322(message: render.Message, message_id: str) -> bytes:
-    """The message as RFC 5322 bytes."""
-    mail = email.message.EmailMessage()
-    mail["From"] = message.from_address
-    mail["To"] = message.to
-    mail["Subject"] = message.subject
-    mail["Date"] = email.utils.formatdate(localtime=False, usegmt=True)
-    mail["Message-ID"] = message_id
-    for key, value in message.headers.items():
-        mail[key] = value
-    if message.text is not None:
-        mail.set_content(message.text)
-        if message.html is not None:
-            mail.add_alternative(message.html, subtype="html")
-    else:
-        mail.set_content(message.html or "", subtype="html")
-    return bytes(mail)
-
-
 class FileProvider:
     """Writes one .eml per recipient into an outbox directory."""
 
@@ -82,14 +62,15 @@ class FileProvider:
 
     def send(self, message: render.Message) -> str:
         """Write the .eml atomically (temp file + rename)."""
-        message_id = email.utils.make_msgid(domain="pgcast.local")
+        message_id = mail_message.make_message_id()
         folder = self.outbox / message.headers.get("X-Pgcast-Broadcast", "adhoc")
         try:
             folder.mkdir(exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
             with os.fdopen(fd, "wb") as handle:
-                handle.write(to_rfc5322(message, message_id))
-            os.replace(tmp, folder / f"{message.contact_id}.eml")
+                handle.write(mail_message.to_rfc5322(message, message_id))
+            test = message.headers.get("X-Pgcast-Test-Send")  # beside, never over, a real one
+            os.replace(tmp, folder / (f"test-{test}.eml" if test else f"{message.contact_id}.eml"))
         except OSError as exc:
             raise errors.Transient(f"outbox write failed: {exc}") from exc
         return message_id

@@ -10,6 +10,7 @@ import boto3
 import botocore.config
 import botocore.exceptions
 
+from mail import message as mail_message
 from worker import errors, render
 
 # SES error codes that stop the whole account, mapped to the pause reason kept on the broadcast.
@@ -28,6 +29,16 @@ THROTTLED = {"TooManyRequestsException", "Throttling", "ThrottlingException"}
 RECIPIENT = {"MessageRejected", "BadRequestException", "InvalidParameterValue"}
 CONNECT_TIMEOUT = 5.0  # seconds
 READ_TIMEOUT = 30.0  # seconds: a send answered later than this is an unknown outcome
+# Failures that provably happen before the request is sent: the only transient transport
+# errors (refused, DNS, connect timeout, the proxy's connect). Not SSLError: botocore raises
+# it for a failed handshake and for a TLS error while reading the answer alike.
+BEFORE_SEND: tuple[type[BaseException], ...] = (
+    botocore.exceptions.EndpointConnectionError,
+    botocore.exceptions.ConnectTimeoutError,
+    botocore.exceptions.ProxyConnectionError,
+    botocore.exceptions.NoCredentialsError,
+    ConnectionRefusedError,
+)
 
 
 def classify(exc: Exception) -> errors.ProviderError:
@@ -52,15 +63,14 @@ def classify(exc: Exception) -> errors.ProviderError:
     if isinstance(exc, botocore.exceptions.ParamValidationError):
         # refused by botocore before anything was sent: retrying cannot help
         return errors.RecipientRejected(f"invalid request: {exc}")
-    if isinstance(exc, botocore.exceptions.HTTPClientError):
-        # read timeout, connection closed mid-answer, or anything else botocore wraps once
-        # the request may have left: SES may have accepted it, and re-sending could mail
-        # twice. (Connect failures are ConnectionError subclasses, handled below.)
-        return errors.OutcomeUnknown(f"no answer from SES: {exc}")
-    if isinstance(exc, botocore.exceptions.BotoCoreError | OSError):
-        # connect failures (refused, DNS, connect timeout, TLS handshake): nothing was sent
+    if isinstance(exc, BEFORE_SEND):
+        # the connection was never made: nothing was sent, a retry cannot mail twice
         return errors.Transient(f"cannot reach SES: {exc}")
-    return errors.Transient(f"{type(exc).__name__}: {exc}")
+    # Everything else may have happened after the request left: a read timeout, a
+    # connection closed mid-answer, a TLS error (botocore's SSLError covers a failed
+    # handshake and an SSLEOFError while reading the answer alike), an exception nobody
+    # classified. SES may have accepted the message, and re-sending could mail twice.
+    return errors.OutcomeUnknown(f"no answer from SES: {type(exc).__name__}: {exc}")
 
 
 class SesProvider:
@@ -106,11 +116,13 @@ class SesProvider:
             body["Text"] = {"Data": message.text, "Charset": "UTF-8"}
         if message.html is not None:
             body["Html"] = {"Data": message.html, "Charset": "UTF-8"}
+        # header values built by mail.message (display names as RFC 2047 data), one line each
         request: dict[str, Any] = {
-            "FromEmailAddress": message.from_address,
-            "Destination": {"ToAddresses": [message.to]},
+            "FromEmailAddress": mail_message.unfolded(message.from_address),
+            "Destination": {"ToAddresses": [mail_message.unfolded(message.to)]},
             "Content": {"Simple": {
-                "Subject": {"Data": message.subject, "Charset": "UTF-8"},
+                "Subject": {"Data": mail_message.ses_subject(message.subject),
+                            "Charset": "UTF-8"},
                 "Body": body,
                 "Headers": [{"Name": k, "Value": v} for k, v in message.headers.items()],
             }},
@@ -119,9 +131,10 @@ class SesProvider:
             request["ConfigurationSetName"] = self.configuration_set
         try:
             answer = self.client.send_email(**request)
+            message_id = answer["MessageId"]
         except Exception as exc:
             raise classify(exc) from exc
-        return str(answer["MessageId"])
+        return str(message_id)
 
     def max_send_rate(self) -> float | None:
         """MaxSendRate from sesv2 get_account, else v1 get_send_quota; None when unknown."""

@@ -9,16 +9,39 @@ import procrastinate
 import psycopg
 
 from sql.queries import QUERIES
+from worker import testsend
 
 log = logging.getLogger("pgcast.sweeper")
 
 QUEUE = "pgcast"
 
 
+def sweep_conn(conn: psycopg.Connection[Any]) -> list[dict[str, Any]]:
+    """One sweep on an autocommit connection: one broadcast per transaction."""
+    done: list[dict[str, Any]] = []
+    cur = conn.cursor(row_factory=psycopg.rows.dict_row)
+    ids = [r["id"] for r in cur.execute(QUERIES["sweep_candidates"]).fetchall()]
+    for bid in ids:
+        done.extend(dict(r) for r in cur.execute(QUERIES["sweep_one"], {"id": bid}).fetchall())
+    return done
+
+
+async def sweep_async(conn: psycopg.AsyncConnection[Any]) -> list[dict[str, Any]]:
+    """sweep_conn on an asynchronous autocommit connection."""
+    done: list[dict[str, Any]] = []
+    cur = conn.cursor(row_factory=psycopg.rows.dict_row)
+    await cur.execute(QUERIES["sweep_candidates"])
+    ids = [r["id"] for r in await cur.fetchall()]
+    for bid in ids:
+        await cur.execute(QUERIES["sweep_one"], {"id": bid})
+        done.extend(dict(r) for r in await cur.fetchall())
+    return done
+
+
 def sweep_once(url: str) -> list[dict[str, Any]]:
     """Reclaim expired leases, mark lost handoffs unknown, finalize drained broadcasts."""
-    with psycopg.connect(url, autocommit=True, row_factory=psycopg.rows.dict_row) as conn:
-        rows = [dict(r) for r in conn.execute(QUERIES["sweep"]).fetchall()]
+    with psycopg.connect(url, autocommit=True) as conn:
+        rows = sweep_conn(conn)
     _log(rows)
     return rows
 
@@ -42,8 +65,8 @@ def make_app(url: str, cron: str) -> procrastinate.App:
     async def sweep(timestamp: int) -> None:
         async with await psycopg.AsyncConnection.connect(
                 url, autocommit=True, row_factory=psycopg.rows.dict_row) as conn:
-            cur = await conn.execute(QUERIES["sweep"])
-            _log([dict(r) for r in await cur.fetchall()])
+            _log(await sweep_async(conn))
 
     del sweep
+    testsend.register(app, url)  # test sends ride on the same procrastinate worker
     return app

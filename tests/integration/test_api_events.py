@@ -61,10 +61,11 @@ def test_events_on_change_then_done(db_url: str, conn: Conn) -> None:
 
 
 def test_a_terminal_broadcast_streams_one_progress_and_done(db_url: str, conn: Conn) -> None:
-    bid = support.new_broadcast(conn, account=h.ACCOUNT)  # no contacts: sent at once
+    bid = support.new_broadcast(conn, account=h.ACCOUNT, send=False)
+    broadcasts.cancel(conn, h.ACCOUNT, bid)
     seen = anyio.run(_collect, db_url, bid, lambda n, d: None)
-    assert [(name, d.get("status")) for name, d in seen[1:]] == [("progress", "sent"),
-                                                                  ("done", "sent")]
+    assert [(name, d.get("status")) for name, d in seen[1:]] == [("progress", "cancelled"),
+                                                                  ("done", "cancelled")]
 
 
 def test_a_deleted_draft_ends_the_stream(db_url: str, conn: Conn) -> None:

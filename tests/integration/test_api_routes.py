@@ -11,6 +11,7 @@ import pytest
 
 from api import app as api_app
 from api import openapi
+from mail import template
 from tests import support
 from tests.integration import test_api_helpers as h
 
@@ -84,6 +85,8 @@ def test_unsubscribe(api: h.Api, conn: Conn) -> None:
 def test_create_get_list_patch_delete_a_draft(api: h.Api, conn: Conn) -> None:
     b = create(api, tag="vip")
     assert b["status"] == "draft" and b["from"] == "News <news@example.com>" and b["tag"] == "vip"
+    # create and edit answers add "warnings" (content/no unsubscribe link) to the broadcast
+    assert b.pop("warnings") == [template.NO_UNSUBSCRIBE_LINK]
     assert api.get(f"/broadcasts/{b['id']}").json() == b
     r = api.patch(f"/broadcasts/{b['id']}", json={"subject": "New", "html": "<p>x</p>",
                                                    "text": None, "tag": None})
@@ -153,9 +156,12 @@ def test_transitions_and_409s(api: h.Api, conn: Conn) -> None:
     assert api.post(f"{url}/cancel").status_code == 409
     row = conn.execute("SELECT status, audit_log FROM broadcasts").fetchone()
     assert row is not None and row["status"] == "cancelled"
-    actions = [(e["action"], e["details"].get("via")) for e in row["audit_log"]]
-    assert actions == [("create", None), ("send", None), ("pause", "api"), ("resume", "api"),
-                       ("cancel", "api")]
+    # every API action names the token's sub (issue 16); the send keeps its own details
+    actions = [(e["action"], e["details"].get("via"), e["details"].get("sub"))
+               for e in row["audit_log"]]
+    assert actions == [(a, "api", "tester") for a in ("create", "send", "pause", "resume",
+                                                       "cancel")]
+    assert row["audit_log"][1]["details"]["recipients"] == 10
     assert support.assert_counters_true(conn, uuid.UUID(b["id"]))["cancelled"] == 10
 
 
@@ -174,12 +180,23 @@ def test_api_messages_equal_the_cli_ones(api: h.Api, conn: Conn) -> None:
         assert ours == getattr(broadcasts, action)(conn, A, bid)
 
 
-def test_send_with_no_recipients_is_sent_at_once(api: h.Api) -> None:
+def test_send_with_no_recipients_is_refused_unless_allowed(api: h.Api, conn: Conn) -> None:
     b = create(api, tag="nobody")
     r = api.post(f"/broadcasts/{b['id']}/send")
+    assert r.status_code == 409
+    assert r.json() == {"success": False, "status": "empty", "queued": 0, "message": (
+        "Nobody to send to: no subscribed contact matches tag 'nobody'; nothing was sent "
+        "(allow_empty sends it anyway)")}
+    assert api.get(f"/broadcasts/{b['id']}").json()["status"] == "draft"
+    for bad in ({"allow_empty": 1}, {"allow_empty": "yes"}, {"allow": True}):
+        assert api.post(f"/broadcasts/{b['id']}/send", json=bad).status_code == 422
+    r = api.post(f"/broadcasts/{b['id']}/send", json={"allow_empty": True})
+    assert r.status_code == 200
     assert r.json()["queued"] == 0 and r.json()["status"] == "sent"
     p = api.get(f"/broadcasts/{b['id']}/progress").json()
     assert (p["status"], p["total"], p["eta_seconds"]) == ("sent", 0, 0)
+    row = conn.execute("SELECT audit_log FROM broadcasts").fetchone()
+    assert row is not None and row["audit_log"][-1]["details"]["sub"] == "tester"
 
 
 def test_progress_is_the_row_counters(api: h.Api, conn: Conn) -> None:

@@ -13,6 +13,7 @@ import pytest
 from sql import broadcasts, contacts
 from sql.queries import QUERIES
 from tests import support
+from worker import sweeper
 
 Conn = psycopg.Connection[dict[str, Any]]
 
@@ -41,6 +42,13 @@ def record(conn: Conn, bid: uuid.UUID, token: uuid.UUID, ids: list[int], outcome
         "retry_in": [0.0] * len(ids), "breaker": breaker}).fetchone()
     assert row is not None
     return row
+
+
+def expire(conn: Conn, bid: uuid.UUID, *tokens: uuid.UUID) -> None:
+    """The leases of these claims run out (their worker stopped renewing them)."""
+    conn.execute("UPDATE broadcast_recipients SET lease_expires_at = clock_timestamp() "
+                 "- interval '1 second' WHERE broadcast_id = %s AND claim_token = ANY (%s)",
+                 (bid, list(tokens)))
 
 
 def claim_handoff(conn: Conn, bid: uuid.UUID, n: int,
@@ -157,7 +165,7 @@ def test_the_fresh_floor_counts_rows_another_transaction_has_locked(db_url: str,
                      "AND status = 'claimed'", (bid,))
         assert conn.execute(QUERIES["finalize"], {"id": bid}).fetchall() == [
             {"ok": False, "status": "sending"}]
-        assert conn.execute(QUERIES["sweep"]).fetchall() == []  # nor does the sweep finish it
+        assert sweeper.sweep_conn(conn) == []  # nor does the sweep finish it
         holder.rollback()
     _, rows = claim(conn, bid, 100, after=ids[2] - 1)
     assert sorted(r["contact_id"] for r in rows) == ids[2:4]
@@ -357,10 +365,11 @@ def test_resume_fences_work_claimed_before_the_pause(conn: Conn) -> None:
 def test_sweep_reclaims_expired_claims_and_marks_lost_handoffs_unknown(conn: Conn) -> None:
     support.seed_contacts(conn, 10)
     bid = support.new_broadcast(conn)
-    t1, rows1 = claim(conn, bid, 4, lease=0.001)
-    t2, rows2 = claim(conn, bid, 6, lease=0.001)
+    t1, rows1 = claim(conn, bid, 4)
+    t2, rows2 = claim(conn, bid, 6)
     handoff(conn, bid, rows2[0]["epoch"], t2, [r["contact_id"] for r in rows2])
-    swept = conn.execute(QUERIES["sweep"]).fetchall()
+    expire(conn, bid, t1, t2)
+    swept = sweeper.sweep_conn(conn)
     assert swept == [{"broadcast_id": bid, "reclaimed": 4, "unknown": 6, "finalized": None}]
     p = support.assert_counters_true(conn, bid)
     assert p["unknown"] == 6
@@ -377,13 +386,15 @@ def test_sweep_reclaims_expired_claims_and_marks_lost_handoffs_unknown(conn: Con
 def test_a_retry_that_arrives_after_the_broadcast_finished_ends_failed(conn: Conn) -> None:
     support.seed_contacts(conn, 4)
     bid = support.new_broadcast(conn)
-    token, rows = claim(conn, bid, 4, lease=0.001)
+    token, rows = claim(conn, bid, 4)
     ids = sorted(r["contact_id"] for r in rows)
     handoff(conn, bid, rows[0]["epoch"], token, ids)
+    expire(conn, bid, token)
     # the worker is slow, not dead: its lease runs out, the sweeper counts the rows unknown
     # and, everything being accounted for, finishes the broadcast
-    swept = conn.execute(QUERIES["sweep"]).fetchall()
-    assert swept == [{"broadcast_id": bid, "reclaimed": 0, "unknown": 4, "finalized": "sent"}]
+    swept = sweeper.sweep_conn(conn)
+    # nothing is known to have been sent: it finishes failed
+    assert swept == [{"broadcast_id": bid, "reclaimed": 0, "unknown": 4, "finalized": "failed"}]
     # then the provider's answers arrive: two sent, two throttled
     conn.execute(QUERIES["record"], {"id": bid, "token": token, "ids": ids,
                                      "outcomes": ["sent", "sent", "throttled", "retry"],
@@ -404,13 +415,14 @@ def test_finalize_waits_for_a_late_retry_that_puts_an_unknown_row_back(db_url: s
                                                                       conn: Conn) -> None:
     support.seed_contacts(conn, 3)
     bid = support.new_broadcast(conn)
-    slow, rows = claim(conn, bid, 1, lease=0.001)
+    slow, rows = claim(conn, bid, 1)
     late = [r["contact_id"] for r in rows]
     handoff(conn, bid, rows[0]["epoch"], slow, late)
+    expire(conn, bid, slow)
     token, rows = claim(conn, bid, 2, lease=60)
     ids = [r["contact_id"] for r in rows]
     handoff(conn, bid, rows[0]["epoch"], token, ids)
-    swept = conn.execute(QUERIES["sweep"]).fetchall()  # the slow worker's row: unknown
+    swept = sweeper.sweep_conn(conn)  # the slow worker's row: unknown
     assert swept == [{"broadcast_id": bid, "reclaimed": 0, "unknown": 1, "finalized": None}]
     record(conn, bid, token, ids, "sent")  # nothing in flight now
     with psycopg.connect(db_url, row_factory=psycopg.rows.dict_row) as slow_worker:
@@ -434,11 +446,13 @@ def test_renew_extends_only_the_claims_named_by_broadcast_and_token(conn: Conn) 
     support.seed_contacts(conn, 20)
     a, b = support.new_broadcast(conn), support.new_broadcast(conn)
     # the same physical row positions in both partitions: a ctid match alone would be wrong
-    ta, rows_a = claim(conn, a, 5, lease=0.001)
-    tb, rows_b = claim(conn, b, 5, lease=0.001)
-    t_other, _ = claim(conn, a, 5, lease=0.001)
+    ta, rows_a = claim(conn, a, 5)
+    tb, rows_b = claim(conn, b, 5)
+    t_other, _ = claim(conn, a, 5)
     sent = [rows_a[0]["contact_id"]]
     handoff(conn, a, rows_a[0]["epoch"], ta, sent)
+    expire(conn, a, ta, t_other)
+    expire(conn, b, tb)
     renewed = conn.execute(QUERIES["renew"], {"ids": [a, b, b], "tokens": [ta, tb, ta],
                                              "lease": 60.0}).fetchone()
     assert renewed == {"renewed": 10}  # (b, ta) names nothing
@@ -449,7 +463,7 @@ def test_renew_extends_only_the_claims_named_by_broadcast_and_token(conn: Conn) 
     assert {(r["broadcast_id"], r["claim_token"]): r["long"] for r in leases} == {
         (a, ta): True, (b, tb): True, (a, t_other): False}
     # renewed claims survive a sweep; the unrenewed one goes back to pending
-    swept = conn.execute(QUERIES["sweep"]).fetchall()
+    swept = sweeper.sweep_conn(conn)
     assert swept == [{"broadcast_id": a, "reclaimed": 5, "unknown": 0, "finalized": None}]
     assert support.status_counts(conn, b) == {"claimed": 5, "pending": 15}
     assert {r["contact_id"] for r in rows_b} == {
@@ -463,7 +477,8 @@ def test_each_broadcast_gets_its_own_partition_and_an_empty_send_none(conn: Conn
     support.seed_contacts(conn, 5, start=100)
     everyone = support.new_broadcast(conn)
     vips = support.new_broadcast(conn, tag="vip")
-    nobody = support.new_broadcast(conn, tag="no-such-tag")
+    nobody = support.new_broadcast(conn, tag="no-such-tag", send=False)
+    assert broadcasts.send(conn, "default", nobody, allow_empty=True)["status"] == "sent"
     rows = conn.execute(
         "SELECT c.relname AS part, (SELECT count(*) FROM broadcast_recipients r"
         "  WHERE r.tableoid = c.oid) AS n FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid"
@@ -490,7 +505,7 @@ def test_sweep_finalizes_a_drained_broadcast_whose_last_recipient_failed(conn: C
     ids = [r["contact_id"] for r in rows]
     handoff(conn, bid, rows[0]["epoch"], token, ids)
     record(conn, bid, token, ids, "failed")
-    swept = conn.execute(QUERIES["sweep"]).fetchall()
+    swept = sweeper.sweep_conn(conn)
     assert swept == [{"broadcast_id": bid, "reclaimed": 0, "unknown": 0, "finalized": "failed"}]
 
 

@@ -145,7 +145,7 @@ def test_upgrade_from_0001_moves_each_broadcasts_rows_into_its_own_keyed_partiti
                                    "USING btree (contact_id)"])
         assert conn.execute("SELECT to_regclass('broadcast_recipients_0001')").fetchone() == (None,)
         # and the engine's functions work on the moved rows
-        claimed = conn.execute("SELECT count(*) FROM pgcast_claim_v2(%s, 100, gen_random_uuid(),"
+        claimed = conn.execute("SELECT count(*) FROM pgcast_claim_v3(%s, 100, gen_random_uuid(),"
                                " 'w', interval '30 seconds', 0)", (ids[0],)).fetchone()
         assert claimed == (20,)
         assert conn.execute("SELECT ok FROM pgcast_resume_v1('a', %s, '{}')",
@@ -155,12 +155,12 @@ def test_upgrade_from_0001_moves_each_broadcasts_rows_into_its_own_keyed_partiti
                             "(WHERE worker IS NOT NULL) FROM broadcast_recipients "
                             "WHERE broadcast_id = %s AND status = 'pending'",
                             (ids[1],)).fetchone() == (list(range(1, 6)),)
-        handed = conn.execute("SELECT contact_id, last_fresh FROM pgcast_claim_handoff_v2(%s, 10, "
+        handed = conn.execute("SELECT contact_id, last_fresh FROM pgcast_claim_handoff_v3(%s, 10, "
                               "gen_random_uuid(), 'w', interval '30 seconds', 0)",
                               (ids[1],)).fetchall()
         assert sorted(handed) == [(i, 10) for i in range(1, 11)]
         # the draft can still be sent, into a partition of its own
-        assert conn.execute("SELECT queued FROM pgcast_send_v3('a', %s)",
+        assert conn.execute("SELECT queued FROM pgcast_send_v4('a', %s)",
                             (still_draft,)).fetchone() == (30,)
         assert conn.execute("SELECT count(*) FROM broadcast_recipients WHERE broadcast_id = %s",
                             (nobody,)).fetchone() == (0,)

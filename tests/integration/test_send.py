@@ -41,10 +41,16 @@ def test_whole_account_excludes_unsubscribed_and_other_accounts(conn: Conn) -> N
     assert support.progress(conn, bid)["total"] == 19
 
 
-def test_zero_recipients_ends_sent_at_once(conn: Conn) -> None:
+def test_zero_recipients_is_refused_unless_allowed_then_ends_sent_at_once(conn: Conn) -> None:
     support.seed_contacts(conn, 5)
     bid = support.new_broadcast(conn, send=False, tag="nobody")
-    result = broadcasts.send(conn, "default", bid)
+    refused = broadcasts.send(conn, "default", bid)
+    assert refused["success"] is False and refused["status"] == "empty"
+    assert "'nobody'" in refused["message"]
+    assert support.progress(conn, bid)["status"] == "draft"
+    assert conn.execute("SELECT to_regclass(%s) AS part",
+                        (f"broadcast_recipients_{bid.hex}",)).fetchone() == {"part": None}
+    result = broadcasts.send(conn, "default", bid, allow_empty=True)
     assert result == {"success": True, "status": "sent", "queued": 0,
                       "message": "Broadcast has no recipients; marked sent"}
     p = support.progress(conn, bid)

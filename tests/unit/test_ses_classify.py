@@ -7,7 +7,7 @@ from typing import Any
 import botocore.exceptions
 import pytest
 
-from worker import control, engine, errors, ses
+from worker import control, engine, errors, render, ses
 from worker import main as worker_main
 
 
@@ -52,6 +52,12 @@ def test_client_errors(status: int, code: str, message: str, kind: type,
     (botocore.exceptions.ConnectTimeoutError(endpoint_url="http://x"), errors.Transient),
     (botocore.exceptions.ParamValidationError(report="bad header"), errors.RecipientRejected),
     (ConnectionRefusedError(), errors.Transient),
+    # a TLS error after the request left (SSLEOFError while reading SES's answer) is an
+    # unknown outcome: botocore's SSLError cannot tell it from a failed handshake
+    (botocore.exceptions.SSLError(endpoint_url="http://x", error="EOF occurred in violation "
+                                  "of protocol (_ssl.c:2427)"), errors.OutcomeUnknown),
+    (ConnectionResetError(), errors.OutcomeUnknown),
+    (RuntimeError("unclassified"), errors.OutcomeUnknown),
 ])
 def test_transport_errors(exc: Exception, kind: type) -> None:
     assert type(ses.classify(exc)) is kind
@@ -98,3 +104,17 @@ def test_a_malformed_control_event_is_ignored_not_fatal() -> None:
         control.apply(state, payload)
     control.apply(state, '{"event": "rate", "bucket": "global", "rate": 7}')
     assert state.rates == {"global": 7.0} and not state.halted
+
+
+class AnswerWithoutId:
+    """An SES-compatible answer that lacks MessageId."""
+
+    def send_email(self, **request: Any) -> dict[str, Any]:
+        """Accepts and answers without an id."""
+        return {}
+
+
+def test_an_answer_without_a_message_id_is_an_unknown_outcome_not_a_crash() -> None:
+    message = render.Message(1, "a@example.com", "news@example.com", "Hi", "text", None)
+    with pytest.raises(errors.OutcomeUnknown):
+        ses.SesProvider(AnswerWithoutId()).send(message)

@@ -1,0 +1,126 @@
+"""One-click unsubscribe (RFC 8058): GET /u/{token} shows a page, POST unsubscribes.
+
+No JWT, no cookie, no redirect. GET never unsubscribes (mail scanners prefetch links); the
+page's one button POSTs the same body a mail client sends for one click. A malformed or
+forged token answers 400 with a page that says nothing about any contact.
+"""
+
+from __future__ import annotations
+
+import email.parser
+import email.policy
+import os
+import urllib.parse
+
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, Response
+
+from api import context, db
+from mail import unsubscribe
+
+MAX_FORM = 1024  # bytes of a one-click POST body we read
+ONE_CLICK = ("List-Unsubscribe", "One-Click")  # RFC 8058's form field and value
+
+_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="robots" content="noindex">
+<title>{title}</title>
+<style>body{{font-family:system-ui,sans-serif;max-width:32rem;margin:4rem auto;padding:0 1rem}}
+button{{font-size:1rem;padding:.6rem 1.2rem}}</style></head>
+<body><h1>{title}</h1>{body}</body></html>
+"""
+CONFIRM = _PAGE.format(
+    title="Unsubscribe",
+    body="<p>Stop receiving these emails?</p>"
+         '<form method="post"><input type="hidden" name="List-Unsubscribe" value="One-Click">'
+         '<button type="submit">Unsubscribe</button></form>')
+DONE = _PAGE.format(title="You are unsubscribed",
+                    body="<p>You will not receive these emails any more.</p>")
+TEST_DONE = _PAGE.format(title="Test message",
+                         body="<p>This link came from a test send: nobody was unsubscribed.</p>")
+INVALID = _PAGE.format(title="Invalid link",
+                       body="<p>This unsubscribe link is not valid. Use the link from the "
+                            "email, whole.</p>")
+BAD_FORM = _PAGE.format(title="Unsubscribe",
+                        body="<p>The request was not a one-click unsubscribe.</p>")
+
+
+def is_one_click(content_type: str, body: bytes) -> bool:
+    """Whether a POST body is `List-Unsubscribe=One-Click`, urlencoded or multipart/form-data.
+
+    RFC 8058 asks mail clients for multipart/form-data and allows urlencoded: take both.
+    """
+    if content_type.lower().startswith("multipart/form-data"):
+        head = f"Content-Type: {content_type}\r\n\r\n".encode("latin-1", "replace")
+        parsed = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(head + body)
+        if not parsed.is_multipart():
+            return False
+        for part in parsed.iter_parts():
+            name = part.get_param("name", header="content-disposition")
+            value = part.get_payload(decode=True)
+            if (name == ONE_CLICK[0] and isinstance(value, bytes)
+                    and value.strip() == ONE_CLICK[1].encode()):
+                return True
+        return False
+    return ONE_CLICK in urllib.parse.parse_qsl(body.decode("latin-1"))
+
+
+def _html(page: str, status: int = 200) -> Response:
+    return HTMLResponse(page, status_code=status,
+                        headers={"Cache-Control": "no-store", "Referrer-Policy": "no-referrer"})
+
+
+async def keys(request: Request) -> unsubscribe.Keys:
+    """The keys in force: PGCAST_UNSUBSCRIBE_SECRET, else the database's generated key."""
+    cached: unsubscribe.Keys | None = getattr(request.app.state, "unsubscribe_keys", None)
+    if cached is not None:
+        return cached
+    secret = os.environ.get("PGCAST_UNSUBSCRIBE_SECRET")
+    stored = None
+    if not (secret and secret.strip()):
+        row = await db.one(context.pool(request), "unsubscribe_key", {})
+        stored = row["secret"] if row else None
+    found = unsubscribe.keys_from(secret, stored)
+    request.app.state.unsubscribe_keys = found
+    return found
+
+
+async def _target(request: Request) -> unsubscribe.Target | None:
+    try:
+        return (await keys(request)).read(str(request.path_params.get("token", "")))
+    except unsubscribe.InvalidToken:
+        return None
+
+
+async def page(request: Request) -> Response:
+    """GET /u/{token}: the confirm page (never unsubscribes)."""
+    if await _target(request) is None:
+        return _html(INVALID, 400)
+    return _html(CONFIRM)
+
+
+async def one_click(request: Request) -> Response:
+    """POST /u/{token} with `List-Unsubscribe=One-Click`: unsubscribe; idempotent, 200."""
+    target = await _target(request)
+    if target is None:
+        return _html(INVALID, 400)
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_FORM:
+            return _html(BAD_FORM, 400)
+    if not is_one_click(request.headers.get("content-type", ""), body):
+        return _html(BAD_FORM, 400)
+    if target.test:
+        return _html(TEST_DONE)
+    await db.one(context.pool(request), "one_click_unsubscribe", {
+        "contact_id": target.contact_id, "account": target.account,
+        "broadcast_id": target.broadcast_id})
+    return _html(DONE)
+
+
+def configured_url() -> str:
+    """PGCAST_PUBLIC_URL (or the local default); raises InvalidValue."""
+    return unsubscribe.public_url(os.environ.get("PGCAST_PUBLIC_URL"))
+

@@ -1,0 +1,224 @@
+"""One broadcast's content, compiled once, and the message it makes for each recipient.
+
+User data is data: a display name or a subject never becomes header syntax. Header values
+are built here from structured parts and stored with `set_raw`, so Python's header parser
+never reads them back: its address parser decodes encoded words even inside quoted
+strings, and its unstructured parser decodes `=?...?=` found in a subject, which is how a
+stored subject once became a real `Bcc:` line. A display name or subject that is not plain
+printable ASCII free of `=?` is sent as RFC 2047 encoded words (base64: no syntax inside);
+addresses come out of `email.headerregistry.Address` with the domain in IDNA form.
+"""
+
+from __future__ import annotations
+
+import email.header
+import email.headerregistry
+import email.message
+import email.policy
+import email.utils
+import os
+import re
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from mail import errors, plaintext, template, unsubscribe, validate
+
+# SMTP line endings; raw header values are written as given (they are folded here)
+POLICY = email.policy.SMTP.clone(cte_type="7bit", refold_source="none")
+LIST_UNSUBSCRIBE_POST = "List-Unsubscribe=One-Click"  # RFC 8058's one fixed value
+TEST_PREFIX = "[TEST] "
+_PLAIN = re.compile(r"[ -~]*")  # printable ASCII
+_SIMPLE_ADDRESS = re.compile(r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9.-]+")
+_LINE_BREAKS = re.compile(r"[\x00-\x1f\x7f\x85\u2028\u2029]+")
+
+
+@dataclass(frozen=True)
+class Message:
+    """One composed email for one recipient; `to` and `from_address` are header values."""
+
+    contact_id: int
+    to: str
+    from_address: str
+    subject: str
+    text: str | None
+    html: str | None
+    headers: dict[str, str] = field(default_factory=dict)
+    to_address: str = ""
+    broadcast_id: str = ""
+
+
+def one_line(value: str) -> str:
+    """Control characters and line breaks become single spaces (stored data predates checks)."""
+    return _LINE_BREAKS.sub(" ", value).strip()
+
+
+LONG = 500  # characters: a longer value is sent as folded encoded words (lines <= 998)
+
+
+def _needs_encoding(value: str) -> bool:
+    return "=?" in value or len(value) > LONG or _PLAIN.fullmatch(value) is None
+
+
+def encode_words(value: str, header_name: str) -> str:
+    """RFC 2047 encoded words (UTF-8, base64), folded with CRLF."""
+    return email.header.Header(value, "utf-8", header_name=header_name).encode(linesep="\r\n")
+
+
+def phrase(display_name: str, header_name: str) -> str:
+    """A display name as data: a quoted string when plain ASCII, else encoded words."""
+    name = one_line(display_name)
+    if not name:
+        return ""
+    if _needs_encoding(name):
+        return encode_words(name, header_name)
+    return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def addr_spec(address: str) -> str:
+    """An address as an addr-spec: the domain in IDNA form; raises RenderError."""
+    candidate = address.strip()
+    if not (_SIMPLE_ADDRESS.fullmatch(candidate) and candidate.count("@") == 1):
+        try:  # the slow path: IDNA domains, quoted local parts, older rows never checked
+            candidate = validate.address(candidate)
+        except errors.InvalidValue as exc:
+            raise errors.RenderError(f"cannot send to this address: {exc.reason}") from None
+    local, _, domain = candidate.rpartition("@")
+    return str(email.headerregistry.Address(username=local, domain=domain).addr_spec)
+
+
+def mailbox(display_name: str | None, address: str, header_name: str) -> str:
+    """`phrase <addr-spec>`, or the addr-spec alone without a name."""
+    spec = addr_spec(address)
+    shown = phrase(display_name or "", header_name)
+    return f"{shown} <{spec}>" if shown else spec
+
+
+def subject_header(subject: str) -> str:
+    """A subject as a header value: ASCII as it is, anything else (or `=?`) encoded."""
+    return encode_words(subject, "Subject") if _needs_encoding(subject) else subject
+
+
+class Content:
+    """What every message of one broadcast shares, compiled once per process."""
+
+    def __init__(self, broadcast_id: str, account: str, subject: str, from_address: str,
+                 text: str | None, html: str | None, *,
+                 keys: unsubscribe.Keys | None = None,
+                 base_url: str = unsubscribe.DEFAULT_PUBLIC_URL, test: bool = False,
+                 inert: bool = False) -> None:
+        self.broadcast_id = str(broadcast_id)
+        self.account = account
+        self.subject_source = subject
+        self.from_source = from_address
+        self.text_source = text
+        self.html_source = html
+        # without configured keys (unit tests, benchmarks): a key of this process only
+        self.keys = keys or unsubscribe.Keys((os.urandom(32).hex(),))
+        self.base_url = base_url
+        self.test = test  # a test send: subject prefixed, unsubscribe link inert
+        self.inert = inert or test  # unsubscribe links show the page, unsubscribe nobody
+        self._token = self.keys.maker(account, self.broadcast_id, self.inert)
+        self.problem: str | None = None  # the broadcast cannot be sent: every message says why
+        self.from_header = ""
+        self.broadcast_vars = {"id": self.broadcast_id, "subject": subject}
+        self._subject: template.Renderer = lambda context: ""
+        self._text: template.Renderer | None = None
+        self._html: template.Renderer | None = None
+        self._text_from_html = False  # convert the rendered html per recipient
+        try:
+            display, spec = validate.sender(from_address)
+            self.from_header = mailbox(display, spec, "From")
+            self._subject = template.compile_part("subject", subject)
+            if html is not None:
+                self._html = template.compile_part("html", html)
+            if text is not None:
+                self._text = template.compile_part("text", text)
+            elif html is not None:
+                made = plaintext.template(html)
+                if made is None:
+                    self._text_from_html = True
+                else:
+                    self._text = template.compile_part("text", made)
+        except (errors.InvalidValue, errors.RenderError) as exc:
+            self.problem = f"the broadcast cannot be sent: {exc}"
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any], *, test: bool = False) -> Content:
+        """From a broadcast_content row; keys and URL from the settings or the database key."""
+        keys = unsubscribe.keys_from(os.environ.get("PGCAST_UNSUBSCRIBE_SECRET"),
+                                     row.get("unsubscribe_key"))
+        base_url = unsubscribe.public_url(os.environ.get("PGCAST_PUBLIC_URL"))
+        return cls(str(row["id"]), row["account"], row["subject"], row["from_address"],
+                   row["text_body"], row["html_body"], keys=keys, base_url=base_url, test=test)
+
+    def render(self, contact_id: int, email_address: str, name: str | None,
+               attributes: dict[str, Any] | None = None,
+               tags: list[str] | None = None, deliver_to: str | None = None) -> Message:
+        """The message for one recipient; raises RenderError when it cannot be built.
+
+        `deliver_to` (a test send) addresses the message elsewhere; the contact's own data
+        still fills the template.
+        """
+        if self.problem:
+            raise errors.RenderError(self.problem)
+        spec = addr_spec(deliver_to or email_address)
+        shown = phrase(name or "", "To")
+        to = f"{shown} <{spec}>" if shown else spec
+        link = unsubscribe.link(self.base_url, self._token(contact_id))
+        context = {
+            "contact": {"email": email_address, "name": name or "", "tags": list(tags or []),
+                        "attributes": dict(attributes or {})},
+            "broadcast": self.broadcast_vars,
+            "unsubscribe_url": link,
+        }
+        subject = one_line(self._subject(context))
+        if self.test:
+            subject = TEST_PREFIX + subject
+        html = self._html(context) if self._html else None
+        if self._text is not None:
+            text: str | None = self._text(context)
+        elif self._text_from_html and html is not None:
+            text = plaintext.convert(html)
+        else:
+            text = None
+        headers = {"List-Unsubscribe": f"<{link}>",
+                   "List-Unsubscribe-Post": LIST_UNSUBSCRIBE_POST,
+                   "X-Pgcast-Broadcast": self.broadcast_id}
+        return Message(contact_id, to, self.from_header, subject, text, html, headers,
+                       spec, self.broadcast_id)
+
+
+def to_rfc5322(message: Message, message_id: str, date: str | None = None) -> bytes:
+    """The message as RFC 5322 bytes with CRLF line endings."""
+    mail = email.message.EmailMessage(policy=POLICY)
+    # set_raw: stored exactly as built above, never parsed (see the module docstring)
+    mail.set_raw("From", message.from_address)
+    mail.set_raw("To", message.to)
+    mail.set_raw("Subject", subject_header(message.subject))
+    mail.set_raw("Date", date or email.utils.formatdate(localtime=False, usegmt=True))
+    mail.set_raw("Message-ID", message_id)
+    for key, value in message.headers.items():
+        mail.set_raw(key, one_line(value))
+    if message.text is not None:
+        mail.set_content(message.text)
+        if message.html is not None:
+            mail.add_alternative(message.html, subtype="html")
+    else:
+        mail.set_content(message.html or "", subtype="html")
+    return mail.as_bytes(policy=POLICY)
+
+
+def make_message_id(domain: str = "pgcast.local") -> str:
+    """A fresh Message-ID."""
+    return f"<{uuid.uuid4().hex}@{domain}>"
+
+
+def unfolded(value: str) -> str:
+    """A header value on one line (for SES's JSON fields): folds become spaces."""
+    return value.replace("\r\n", "")
+
+
+def ses_subject(subject: str) -> str:
+    """A subject for SES's Subject.Data (UTF-8): encoded words only where `=?` would be read."""
+    return unfolded(encode_words(subject, "Subject")) if "=?" in subject else subject

@@ -1,0 +1,149 @@
+"""One-click unsubscribe tokens: opaque, authenticated, never expiring (AES-256-GCM).
+
+A token names the account, the contact and the broadcast to pgcast alone: they are
+encrypted, so a reader learns none of them, and the GCM tag refuses any altered or forged
+token. Keys come from PGCAST_UNSUBSCRIBE_SECRET (comma-separated: the first makes tokens,
+every one is accepted, so keys rotate) or from the key the database generated once.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import functools
+import os
+import struct
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from mail import errors
+
+MIN_SECRET = 32  # bytes a secret must have
+DEFAULT_PUBLIC_URL = "http://127.0.0.1:8080"  # file and null providers without a setting
+VERSION = 1
+KIND_REAL = 0  # unsubscribes the contact
+KIND_TEST = 1  # a test send's link: shows the page, unsubscribes nobody
+MAX_ACCOUNT = 200  # bytes of account name a token carries
+MAX_TOKEN = 400  # characters of a token we try to read
+_NONCE = 12  # bytes
+_AAD = b"pgcast one-click unsubscribe"
+_HEAD = struct.Struct(">BB16sq")  # version, kind, broadcast id, contact id; then the account
+
+
+class InvalidToken(errors.MailError):
+    """A token that is malformed, altered, forged or made with a key we no longer have."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """What a token names."""
+
+    account: str
+    contact_id: int
+    broadcast_id: uuid.UUID
+    test: bool
+
+
+@functools.lru_cache(maxsize=16)
+def _aead(secret: str) -> AESGCM:
+    key = HKDF(algorithm=hashes.SHA256(), length=32, salt=None,
+               info=b"pgcast unsubscribe token v1").derive(secret.encode())
+    return AESGCM(key)
+
+
+def parse_secrets(raw: str) -> tuple[str, ...]:
+    """PGCAST_UNSUBSCRIBE_SECRET's keys, each at least MIN_SECRET bytes; raises InvalidValue."""
+    keys = tuple(k.strip() for k in raw.split(",") if k.strip())
+    if not keys:
+        raise errors.InvalidValue("PGCAST_UNSUBSCRIBE_SECRET", "is empty")
+    if any(len(k.encode()) < MIN_SECRET for k in keys):
+        raise errors.InvalidValue("PGCAST_UNSUBSCRIBE_SECRET",
+                                  f"every key must be at least {MIN_SECRET} bytes")
+    return keys
+
+
+@dataclass(frozen=True)
+class Keys:
+    """The keys in force: the first makes tokens, all read them."""
+
+    secrets: tuple[str, ...]
+
+    def make(self, account: str, contact_id: int, broadcast_id: str | uuid.UUID,
+             test: bool = False) -> str:
+        """A token for one contact of one broadcast."""
+        return self.maker(account, broadcast_id, test)(contact_id)
+
+    def maker(self, account: str, broadcast_id: str | uuid.UUID,
+              test: bool = False) -> Callable[[int], str]:
+        """Tokens for the contacts of one broadcast (what they share is packed once)."""
+        bid = broadcast_id if isinstance(broadcast_id, uuid.UUID) else uuid.UUID(broadcast_id)
+        head = struct.Struct(">BB16s").pack(VERSION, KIND_TEST if test else KIND_REAL,
+                                            bid.bytes)
+        tail = account.encode()[:MAX_ACCOUNT]
+        seal = _aead(self.secrets[0]).encrypt
+        contact = struct.Struct(">q").pack
+
+        def make(contact_id: int) -> str:
+            nonce = os.urandom(_NONCE)
+            sealed = seal(nonce, head + contact(contact_id) + tail, _AAD)
+            return base64.urlsafe_b64encode(nonce + sealed).rstrip(b"=").decode()
+
+        return make
+
+    def read(self, token: str) -> Target:
+        """What a token names; raises InvalidToken."""
+        if not token or len(token) > MAX_TOKEN or not token.isascii():
+            raise InvalidToken("malformed")
+        try:
+            raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        except (binascii.Error, ValueError):
+            raise InvalidToken("malformed") from None
+        nonce, sealed = raw[:_NONCE], raw[_NONCE:]
+        if len(nonce) != _NONCE or len(sealed) < 16 + _HEAD.size:
+            raise InvalidToken("malformed")
+        for secret in self.secrets:
+            try:
+                plain = _aead(secret).decrypt(nonce, sealed, _AAD)
+            except InvalidTag:
+                continue
+            version, kind, bid, contact_id = _HEAD.unpack_from(plain)
+            if version != VERSION or kind not in (KIND_REAL, KIND_TEST):
+                break
+            try:
+                account = plain[_HEAD.size:].decode()
+            except UnicodeDecodeError:
+                break
+            return Target(account, contact_id, uuid.UUID(bytes=bid), kind == KIND_TEST)
+        raise InvalidToken("not a token we made")
+
+
+def keys_from(env_secret: str | None, database_secret: str | None) -> Keys:
+    """The setting when given, else the database's generated key; raises InvalidValue."""
+    if env_secret and env_secret.strip():
+        return Keys(parse_secrets(env_secret))
+    if not database_secret:
+        raise errors.InvalidValue("PGCAST_UNSUBSCRIBE_SECRET",
+                                  "is not set and the database has no generated key "
+                                  "(run `pgcast migrate`)")
+    return Keys((database_secret,))
+
+
+def public_url(env_url: str | None) -> str:
+    """PGCAST_PUBLIC_URL without a trailing slash, or the local default."""
+    url = (env_url or "").strip().rstrip("/")
+    if not url:
+        return DEFAULT_PUBLIC_URL
+    if not url.startswith(("https://", "http://")) or any(c in url for c in " <>\"\r\n"):
+        raise errors.InvalidValue("PGCAST_PUBLIC_URL", "must be an http(s) URL")
+    return url
+
+
+def link(base_url: str, token: str) -> str:
+    """The unsubscribe URL of a token."""
+    return f"{base_url}/u/{token}"

@@ -1,0 +1,62 @@
+-- Queries of message content: unsubscribe keys, one-click unsubscribe, previews.
+
+-- unsubscribe_key --
+-- The key the database generated for unsubscribe tokens (used when no secret is configured).
+SELECT secret FROM unsubscribe_keys
+
+-- one_click_unsubscribe --
+-- Unsubscribes the contact a token names (keeps the first time) and appends a contact_events
+-- row when it changed anything; no row when the contact is gone.
+WITH target AS (
+    SELECT id, account FROM contacts
+    WHERE id = %(contact_id)s AND account = %(account)s
+    FOR UPDATE
+), changed AS (
+    UPDATE contacts c SET unsubscribed_at = clock_timestamp(), updated_at = now()
+    FROM target t
+    WHERE c.id = t.id AND c.unsubscribed_at IS NULL
+    RETURNING c.id, c.account
+), logged AS (
+    INSERT INTO contact_events (account, contact_id, action, source, actor, broadcast_id)
+    SELECT account, id, 'unsubscribe', 'one-click', '{"via": "one-click"}', %(broadcast_id)s
+    FROM changed
+    RETURNING 1
+)
+SELECT t.id, (SELECT count(*) FROM logged) AS changed FROM target t
+
+-- preview_broadcast --
+-- One broadcast of an account, as a worker reads it, with the generated unsubscribe key.
+SELECT id, account, subject, from_address, text_body, html_body, status,
+       (SELECT secret FROM unsubscribe_keys) AS unsubscribe_key
+FROM broadcasts WHERE id = %(id)s AND account = %(account)s
+
+-- preview_contact --
+-- The contact a preview renders for: the one with this address, or the account's first.
+SELECT id, email, name, tags, attributes FROM contacts
+WHERE account = %(account)s AND (%(email)s::text IS NULL OR lower(email) = lower(%(email)s))
+ORDER BY id
+LIMIT 1
+
+-- test_send_queue --
+-- Queues test sends unless the account passes its hourly cap (pgcast_test_send_v1).
+SELECT * FROM pgcast_test_send_v1(%(account)s, %(id)s, %(to)s, %(contact)s, %(cap)s)
+
+-- test_send_start --
+-- A worker takes queued test sends (each is sent at most once).
+UPDATE test_sends SET status = 'sending'
+WHERE id = ANY(%(ids)s) AND status = 'queued'
+RETURNING id, account, broadcast_id, to_address, contact_email
+
+-- test_send_record --
+-- The outcome of one test send.
+UPDATE test_sends
+SET status = %(status)s, message_id = %(message_id)s, error = %(error)s,
+    finished_at = clock_timestamp()
+WHERE id = %(id)s
+
+-- test_send_status --
+-- Test sends of one broadcast of an account, by id.
+SELECT id, to_address, status, message_id, error, requested_at, finished_at
+FROM test_sends
+WHERE id = ANY(%(ids)s) AND account = %(account)s AND broadcast_id = %(id)s
+ORDER BY id
