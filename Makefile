@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 .DEFAULT_GOAL := help
 
 help: ## list the targets
-	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-10s %s\n", $$1, $$2}'
+	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-12s %s\n", $$1, $$2}'
 
 install: $(STAMP) ## create .venv with pgcast and everything it needs
 
@@ -24,6 +24,21 @@ demo: install ## run the whole system on an embedded Postgres and show it workin
 test: install ## run every test (unit, integration, acceptance) on a real Postgres
 	$(BIN)/pytest
 
+# Debian's chromium drives the browser tests (Playwright's own browser download is not used)
+CHROMIUM := /usr/bin/chromium
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+
+$(CHROMIUM):
+	$(SUDO) apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium
+
+test-browser: install $(CHROMIUM) ## run the dashboard's tests in a real headless Chromium
+	$(BIN)/pytest tests/browser
+
+screenshot: install $(CHROMIUM) ## regenerate docs/dashboard.png with the browser test's own steps
+	PGCAST_SCREENSHOT_DIR=$(CURDIR)/docs $(BIN)/pytest -q tests/browser \
+		-k test_import_create_send_watch_pause_resume
+
 test-unit: install ## run the unit tests only (no database)
 	$(BIN)/pytest tests/unit
 
@@ -38,4 +53,4 @@ clean: ## stop the embedded Postgres and remove .pgcast/
 	-$(BIN)/pgcast db stop
 	rm -rf .pgcast
 
-.PHONY: help install demo test test-unit lint bench clean
+.PHONY: help install demo test test-browser screenshot test-unit lint bench clean

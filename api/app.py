@@ -18,10 +18,14 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from api import auth, broadcasts, config, contacts, context, control, db, errors, http, openapi
+from api import dashboard_routes as dashboard
 from api import preview as preview_routes
 from api import progress as progress_routes
+from api import schedule as schedule_routes
+from api import suppression as suppression_routes
 from api import testsend as testsend_routes
 from api import unsubscribe as unsubscribe_routes
+from api import webhooks as webhook_routes
 from sql import errors as sql_errors
 
 log = logging.getLogger("pgcast.api")
@@ -81,10 +85,20 @@ ROUTES = [
     route("/broadcasts/{id}/progress", GET=progress_routes.progress),
     route("/broadcasts/{id}/events", GET=progress_routes.events),
     route("/broadcasts/{id}/recipients", GET=progress_routes.recipients),
+    route("/broadcasts/{id}/schedule", POST=schedule_routes.schedule_route),
+    route("/broadcasts/{id}/unschedule", POST=schedule_routes.unschedule_route),
+    route("/broadcasts/{id}/retry", POST=schedule_routes.retry_route),
+    route("/broadcasts/{id}/copy", POST=schedule_routes.copy_route),
+    route("/broadcasts/{id}/audit", GET=dashboard.audit_log),
+    route("/broadcasts/{id}/audience", GET=dashboard.audience),
+    route("/contacts/import", POST=dashboard.import_csv),
     route("/broadcasts/{id}/preview", GET=preview_routes.show),
     route("/broadcasts/{id}/test", POST=testsend_routes.create, GET=testsend_routes.status),
     route("/u/{token}", GET=unsubscribe_routes.page,
           POST=unsubscribe_routes.one_click),
+    route("/contacts/suppressed", GET=suppression_routes.suppressed),
+    route("/contacts/unsuppress", POST=suppression_routes.unsuppress),
+    route("/webhooks/ses", POST=webhook_routes.ses),
 ]
 
 
@@ -133,13 +147,15 @@ def create_app(settings: config.Settings, database_url: str) -> Starlette:
             await pool.close()
 
     app = Starlette(
-        routes=ROUTES, lifespan=lifespan, exception_handlers=EXCEPTION_HANDLERS,
+        routes=[*ROUTES, *dashboard.PAGES], lifespan=lifespan,
+        exception_handlers=EXCEPTION_HANDLERS,
         middleware=[Middleware(AuthenticationMiddleware, backend=auth.JWTBackend(settings),
                                on_error=auth.on_error)])
     app.state.settings = settings
     app.state.database_url = database_url  # procrastinate jobs are deferred on their own pool
     app.state.stopping = False  # set by the server on SIGTERM: SSE streams end
     app.state.openapi = openapi.document()
+    app.state.feedback = webhook_routes.from_env()  # None: /webhooks/ses answers 404
     return app
 
 

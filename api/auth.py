@@ -21,8 +21,11 @@ from mail import validate as validate_mail
 
 log = logging.getLogger("pgcast.api")
 
-PUBLIC_PATHS = frozenset({"/healthz"})
-PUBLIC_PREFIXES = ("/u/",)  # one-click unsubscribe: the token in the path is the credential
+# "/": the dashboard page, which holds no data; the webhook: SNS signatures
+PUBLIC_PATHS = frozenset({"/healthz", "/", "/webhooks/ses"})
+# /static/: the dashboard's files; /u/: one-click unsubscribe (the token in the path is the
+# credential)
+PUBLIC_PREFIXES = ("/static/", "/u/")
 REQUIRED_CLAIMS = ("exp", "sub", "account")
 MAX_ACCOUNT_LENGTH = 200  # characters
 MAX_SUB_LENGTH = 200  # characters

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import datetime as dt
@@ -33,14 +34,15 @@ def summary_json(row: dict[str, Any]) -> dict[str, Any]:
     return {"id": row["id"], "status": row["status"], "subject": row["subject"],
             "tag": row["segment_tag"], **{c: row[c] for c in COUNTERS}, "pending": pending(row),
             "created_at": row["created_at"], "started_at": row["started_at"],
-            "finished_at": row["finished_at"]}
+            "finished_at": row["finished_at"], "scheduled_at": row["scheduled_at"]}
 
 
 def broadcast_json(row: dict[str, Any]) -> dict[str, Any]:
     """A broadcast in full."""
     return {**summary_json(row), "from": row["from_address"], "text": row["text_body"],
             "html": row["html_body"], "paused_reason": row["paused_reason"],
-            "updated_at": row["updated_at"]}
+            "updated_at": row["updated_at"], "not_after": row["not_after"],
+            "failed_reason": row["failed_reason"]}
 
 
 def with_warnings(body: dict[str, Any]) -> dict[str, Any]:
@@ -59,8 +61,9 @@ async def create(request: Request) -> Response:
                        {k: CONTENT_FIELDS[k] for k in ("subject", "from")},
                        {k: CONTENT_FIELDS[k] for k in ("text", "html", "tag")})
     try:
-        values = broadcasts.validate_content(body["subject"], body.get("text"),
-                                             body.get("html"), body.get("tag"))
+        # templates are parsed and compiled to be checked: CPU work, off the event loop
+        values = await asyncio.to_thread(broadcasts.validate_content, body["subject"],
+                                         body.get("text"), body.get("html"), body.get("tag"))
         values["from_address"] = broadcasts.validate_from(body["from"])
     except sql_errors.InvalidInput as exc:
         raise _invalid(exc) from None
@@ -140,8 +143,8 @@ async def update(request: Request) -> Response:
               "html": current["html_body"], "tag": current["segment_tag"]}
     merged.update({k: v for k, v in body.items() if k != "from"})
     try:
-        values = broadcasts.validate_content(merged["subject"], merged["text"], merged["html"],
-                                             merged["tag"])
+        values = await asyncio.to_thread(broadcasts.validate_content, merged["subject"],
+                                         merged["text"], merged["html"], merged["tag"])
         from_address = broadcasts.validate_from(body["from"]) if "from" in body else None
     except sql_errors.InvalidInput as exc:
         raise _invalid(exc) from None

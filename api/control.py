@@ -67,7 +67,7 @@ async def send(request: Request) -> Response:
 
 
 async def cancel(request: Request) -> Response:
-    """POST /broadcasts/{id}/cancel: stop a draft, sending or paused broadcast."""
+    """POST /broadcasts/{id}/cancel: stop a draft, scheduled, sending or paused broadcast."""
     who = auth.principal(request)
     row = await _call(request, who, "broadcast_cancel", {"details": details(who)})
     return _answer(broadcasts.cancel_result(row))

@@ -75,5 +75,13 @@ class Unavailable(ApiError):
     code = "unavailable"
 
 
+class UnsupportedMediaType(ApiError):
+    """The body is not of the media type the route reads (e.g. text/csv for an import)."""
+
+    status_code = 415
+    code = "unsupported_media_type"
+
+
 class ConfigError(Exception):
     """The API's configuration is unusable (short secret, unreadable key, bad algorithm)."""
+

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-BROADCAST_STATUSES = ["draft", "sending", "paused", "sent", "failed", "cancelled"]
+BROADCAST_STATUSES = ["draft", "scheduled", "sending", "paused", "sent", "failed",
+                      "cancelled"]
 RECIPIENT_STATUSES = ["pending", "claimed", "sending", "sent", "failed", "skipped", "unknown",
                       "cancelled"]
 JSON = "application/json"
@@ -14,6 +15,8 @@ INT = {"type": "integer", "minimum": 0}
 STR_OR_NULL = {"type": ["string", "null"]}
 TIME = {"type": "string", "format": "date-time"}
 TIME_OR_NULL = {"type": ["string", "null"], "format": "date-time"}
+FAILED_REASON = {"enum": ["missed_window", "empty_segment", None],
+                 "description": "why a scheduled start failed"}
 
 
 def ref(name: str) -> dict[str, str]:
@@ -36,7 +39,7 @@ COUNTERS = {k: INT for k in ("total", "sent", "failed", "skipped", "unknown", "c
 SUMMARY = {"id": {"type": "string", "format": "uuid"},
            "status": {"enum": BROADCAST_STATUSES}, "subject": STR, "tag": STR_OR_NULL,
            **COUNTERS, "created_at": TIME, "started_at": TIME_OR_NULL,
-           "finished_at": TIME_OR_NULL}
+           "finished_at": TIME_OR_NULL, "scheduled_at": TIME_OR_NULL}
 CONTENT = {"subject": {"type": "string", "minLength": 1, "maxLength": 998,
                        "description": "one line"},
            "from": {"type": "string", "minLength": 1,
@@ -45,6 +48,25 @@ CONTENT = {"subject": {"type": "string", "minLength": 1, "maxLength": 998,
            "html": {**STR_OR_NULL, "description": "HTML body; text or html is required"},
            "tag": {"type": ["string", "null"], "maxLength": 100,
                    "description": "send only to contacts with this tag (null: every contact)"}}
+
+SUPPRESSION_REASONS = ["bounce", "soft_bounce", "complaint"]
+FEEDBACK_COUNTERS = {
+    "delivered": {**INT, "description": "recipients SES reported delivered"},
+    "bounced": {**INT, "description": "recipients that bounced permanently (hard bounces)"},
+    "complained": {**INT, "description": "recipients who complained (marked it spam)"}}
+FEEDBACK_SCHEMAS: dict[str, Any] = {
+    "Suppressed": obj({"email": STR, "reason": {"enum": SUPPRESSION_REASONS},
+                       "detail": STR_OR_NULL, "suppressed_at": TIME,
+                       "soft_bounces": INT, "unsubscribed_at": TIME_OR_NULL}),
+    "SuppressedPage": obj({"contacts": {"type": "array", "items": ref("Suppressed")},
+                           "next_cursor": STR_OR_NULL}),
+    "Unsuppressed": obj({"success": {"const": True}, "email": STR,
+                         "was": {"enum": SUPPRESSION_REASONS}, "message": STR}),
+    "NotSuppressed": obj({"success": {"const": False}, "email": STR, "message": STR}),
+    "WebhookResult": obj({"outcome": {"enum": [
+        "applied", "duplicate", "ignored", "logged", "unmatched", "confirmed", "unsubscribed"]},
+        "paused": {"enum": ["bounce_rate", "complaint_rate"]}}, ["outcome"]),
+}
 
 SCHEMAS: dict[str, Any] = {
     "Error": obj({"error": STR, "message": STR,
@@ -73,9 +95,12 @@ SCHEMAS: dict[str, Any] = {
     "BroadcastPatch": {**obj(CONTENT, []), "minProperties": 1},
     "BroadcastSummary": obj(SUMMARY),
     "Broadcast": obj({**SUMMARY, "from": STR, "text": STR_OR_NULL, "html": STR_OR_NULL,
-                      "paused_reason": STR_OR_NULL, "updated_at": TIME}),
+                      "paused_reason": STR_OR_NULL, "updated_at": TIME,
+                      "not_after": TIME_OR_NULL,
+                      "failed_reason": FAILED_REASON}),
     "BroadcastWritten": obj({**SUMMARY, "from": STR, "text": STR_OR_NULL, "html": STR_OR_NULL,
                              "paused_reason": STR_OR_NULL, "updated_at": TIME,
+                             "not_after": TIME_OR_NULL, "failed_reason": FAILED_REASON,
                              "warnings": {"type": "array", "items": STR, "description":
                                           "what to fix, though the draft was saved"}}),
     "Preview": obj({"contact": STR, "sample": {"type": "boolean"}, "subject": STR,
@@ -98,13 +123,37 @@ SCHEMAS: dict[str, Any] = {
                           "message": STR}),
     "Progress": obj({"status": {"enum": BROADCAST_STATUSES}, **{
         k: INT for k in ("total", "pending", "sent", "failed", "skipped", "unknown", "cancelled")},
+        **FEEDBACK_COUNTERS,
         "rate": {"type": ["number", "null"], "minimum": 0,
                  "description": "emails/s finished, averaged since started_at"},
-        "eta_seconds": {"type": ["integer", "null"], "minimum": 0}}),
+        "eta_seconds": {"type": ["integer", "null"], "minimum": 0},
+        "scheduled_at": TIME_OR_NULL}),
     "Recipient": obj({"email": STR, "status": {"enum": RECIPIENT_STATUSES},
                       "attempts": INT, "last_error": STR_OR_NULL, "sent_at": TIME_OR_NULL}),
+    "ScheduleIn": obj({"at": {**STR, "description": "ISO 8601 with an offset, at most a "
+                                                      "minute in the past"},
+                       "not_after": {**STR_OR_NULL, "description": "latest start (ISO 8601 "
+                                     "with an offset, not earlier than at)"}}, ["at"]),
+    "ScheduleResult": obj({"success": {"const": True}, "status": {"const": "scheduled"},
+                           "scheduled_at": TIME, "not_after": TIME_OR_NULL, "message": STR}),
+    "UnscheduleResult": obj({"success": {"const": True}, "status": {"const": "draft"},
+                             "message": STR}),
+    "RetryIn": obj({"include_unknown": {"type": "boolean", "description": "also requeue "
+                                        "recipients whose outcome is unknown (default false)"}},
+                   []),
+    "RetryResult": obj({"success": {"const": True}, "status": {"const": "sending"},
+                        "requeued": {"type": "integer", "minimum": 1}, "message": STR}),
+    "RetryConflict": obj({"success": {"const": False}, "status": {"enum": BROADCAST_STATUSES},
+                          "requeued": {"const": 0}, "message": STR}),
     "RecipientPage": obj({"recipients": {"type": "array", "items": ref("Recipient")},
                           "next_cursor": STR_OR_NULL}),
+    **FEEDBACK_SCHEMAS,
+    # the dashboard's routes (api/dashboard_routes.py)
+    "AuditLog": obj({"audit_log": {"type": "array", "items": {"type": "object"}}}),
+    "Audience": obj({"status": {"enum": BROADCAST_STATUSES}, "tag": STR_OR_NULL,
+                     "audience": INT}),
+    "ImportResult": obj({"imported": INT, "rejected": {"type": "array", "items": obj(
+        {"line": INT, "email": STR, "reason": STR})}}),
 }
 
 
@@ -118,6 +167,7 @@ ERRORS = {
     "404": _json("Error", "no such broadcast in this account"),
     "409": _json("Conflict", "not allowed in the broadcast's current status; nothing changed"),
     "413": _json("Error", "the body is too large"),
+    "415": _json("Error", "the body is not of the media type the route reads"),
     "422": _json("Error", "a wrong type, a missing or unknown field, or an invalid value"),
     "429": {**_json("Error", "too many progress streams open (this account, or this server), "
                              "or over the account's hourly test-send cap (50 messages)"),
@@ -182,7 +232,8 @@ def _paths() -> dict[str, Any]:
             **op("snapshot the recipients and start sending", (
                 "200", _json("SendResult", "queued")), f"{control} 400 413 422", params=[ID]),
             "requestBody": {"required": False, "content": {JSON: {"schema": ref("SendIn")}}}}},
-        "/broadcasts/{id}/cancel": {"post": op("cancel a draft, sending or paused broadcast", (
+        "/broadcasts/{id}/cancel": {"post": op(
+            "cancel a draft, scheduled, sending or paused broadcast", (
             "200", _json("CancelResult", "cancelled")), control, params=[ID])},
         "/broadcasts/{id}/pause": {"post": op("pause a sending broadcast", (
             "200", _json("ControlResult", "paused")), control, params=[ID])},
@@ -202,6 +253,17 @@ def _paths() -> dict[str, Any]:
                 _query("cursor", STR, "next_cursor of the previous page (opaque)"),
                 _query("limit", {"type": "integer", "minimum": 1, "maximum": 1000},
                        "page size (default 100)")])},
+        # the dashboard's routes (api/dashboard_routes.py)
+        "/broadcasts/{id}/audit": {"get": op("the audit log: every transition, oldest first", (
+            "200", _json("AuditLog", "the audit log")), "404", params=[ID])},
+        "/broadcasts/{id}/audience": {"get": op(
+            "how many contacts a send would reach now (segment, minus unsubscribed and "
+            "suppressed)", ("200", _json("Audience", "the count")), "404", params=[ID])},
+        "/contacts/import": {"post": {**op(
+            "upsert contacts from a CSV body (email,name,tags), as `pgcast contacts import`", (
+                "200", _json("ImportResult", "imported, and rejected rows by line")),
+            "413 415 422"), "requestBody": {"required": True, "content": {
+                "text/csv": {"schema": STR}}}}},
         "/broadcasts/{id}/preview": {"get": op(
             "the message one contact would receive (rendered subject, text, html, headers)", (
                 "200", _json("Preview", "the rendered message")), "404 422", params=[
@@ -232,6 +294,26 @@ def _paths() -> dict[str, Any]:
                          "200": _html("unsubscribed (or already unsubscribed)"),
                          "400": _html("the link is not valid, or the body is not "
                                       "`List-Unsubscribe=One-Click`")}}},
+        **_schedule_paths(),
+    }
+
+
+def _schedule_paths() -> dict[str, Any]:
+    retry = op("send again to the failed (and, when asked, unknown) recipients of a finished "
+               "broadcast", ("200", _json("RetryResult", "requeued")), "400 413 422 404",
+               params=[ID])
+    retry["requestBody"] = {"required": False, "content": {JSON: {"schema": ref("RetryIn")}}}
+    retry["responses"]["409"] = _json("RetryConflict", "not finished, or nothing to retry")
+    return {
+        "/broadcasts/{id}/schedule": {"post": op("start a draft at a given time", (
+            "200", _json("ScheduleResult", "scheduled")), "400 413 422 404 409",
+            body="ScheduleIn", params=[ID])},
+        "/broadcasts/{id}/unschedule": {"post": op("take a scheduled broadcast back to draft", (
+            "200", _json("UnscheduleResult", "a draft again")), "404 409", params=[ID])},
+        "/broadcasts/{id}/retry": {"post": retry},
+        "/broadcasts/{id}/copy": {"post": op("a new draft with the same content and segment", (
+            "201", {**_json("Broadcast", "the new draft"), "headers": {"Location": {
+                "schema": STR, "description": "/broadcasts/{new id}"}}}), "404", params=[ID])},
     }
 
 
@@ -243,6 +325,33 @@ def _html(description: str) -> dict[str, Any]:
     return {"description": description, "content": {"text/html": {"schema": STR}}}
 
 
+def _feedback_paths() -> dict[str, Any]:
+    """Suppression and the SES webhook (issue 14)."""
+    unsuppress = op("lift a contact's suppression (audited)", (
+        "200", _json("Unsuppressed", "lifted")), "400 413 422 404", body="UnsubscribeIn")
+    unsuppress["responses"]["409"] = _json("NotSuppressed", "the contact is not suppressed")
+    return {
+        "/contacts/suppressed": {"get": op("suppressed contacts, keyset-paged", (
+            "200", _json("SuppressedPage", "a page")), "422", params=[
+                _query("reason", {"enum": SUPPRESSION_REASONS}, "only this reason"),
+                _query("cursor", STR, "next_cursor of the previous page (opaque)"),
+                _query("limit", {"type": "integer", "minimum": 1, "maximum": 1000},
+                       "page size (default 100)")])},
+        "/contacts/unsuppress": {"post": unsuppress},
+        "/webhooks/ses": {"post": {
+            "summary": "Amazon SNS deliveries of SES events (no JWT: the SNS signature)",
+            "security": [],
+            "requestBody": {"required": True, "content": {"text/plain": {"schema": STR},
+                                                          JSON: {"schema": {"type": "object"}}}},
+            "responses": {
+                "200": _json("WebhookResult", "verified; applied once, or a duplicate"),
+                "400": ERRORS["400"], "413": ERRORS["413"],
+                "403": _json("Error", "refused: signature, topic, age or certificate URL"),
+                "404": _json("Error", "the webhook is off (PGCAST_SNS_TOPIC_ARNS unset)"),
+                "503": _json("Error", "Postgres or the signing certificate is unreachable")}}},
+    }
+
+
 def document() -> dict[str, Any]:
     """The whole OpenAPI 3.1 document."""
     return {
@@ -251,7 +360,7 @@ def document() -> dict[str, Any]:
                  "description": "Email broadcasts on Postgres. Every route but /healthz needs "
                                 "`Authorization: Bearer <JWT>` with `sub` and `account` claims; "
                                 "everything is scoped to the token's account."},
-        "paths": _paths(),
+        "paths": {**_paths(), **_feedback_paths()},
         "components": {"schemas": SCHEMAS, "securitySchemes": {
             "bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}}},
         "security": [{"bearer": []}],

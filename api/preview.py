@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from starlette.requests import Request
@@ -26,12 +27,17 @@ async def show(request: Request) -> Response:
         "account": who.account, "email": email.strip() if email is not None else None})
     if contact is None and email is not None:
         raise errors.NotFound("contact not found")
-    try:
+    keys = await unsubscribe_routes.keys(request)
+
+    def render() -> dict[str, Any]:
         content = message.Content(
             str(row["id"]), row["account"], row["subject"], row["from_address"],
-            row["text_body"], row["html_body"], keys=await unsubscribe_routes.keys(request),
+            row["text_body"], row["html_body"], keys=keys,
             base_url=unsubscribe_routes.configured_url(), inert=True)
-        return http.Json(preview.of(content, contact))
+        return preview.of(content, contact)
+
+    try:  # compiling and rendering are CPU work (bounded): off the event loop
+        return http.Json(await asyncio.to_thread(render))
     except (mail_errors.RenderError, mail_errors.InvalidValue) as exc:
         raise errors.InvalidBody(str(exc)) from None
 

@@ -16,6 +16,7 @@ from api import auth, context, cursors, db, errors, http, openapi, streams
 from sql import broadcasts
 
 COUNTS = ("total", "pending", "sent", "failed", "skipped", "unknown", "cancelled")
+FEEDBACK = ("delivered", "bounced", "complained")  # SES feedback (issue 14), also O(1)
 RECIPIENT_STATUSES = tuple(openapi.RECIPIENT_STATUSES)
 PAGE_DEFAULT = 100
 PAGE_MAX = 1000
@@ -30,7 +31,8 @@ def progress_json(row: dict[str, Any]) -> dict[str, Any]:
     time from started_at to finished_at, or to the database's now while running (paused time
     included). eta_seconds is pending / rate while sending, 0 once terminal, else null.
     """
-    out: dict[str, Any] = {"status": row["status"], **{k: int(row[k]) for k in COUNTS}}
+    out: dict[str, Any] = {"status": row["status"],
+                           **{k: int(row[k]) for k in (*COUNTS, *FEEDBACK)}}
     rate: float | None = None
     if row["started_at"] is not None:
         done = out["sent"] + out["failed"] + out["skipped"] + out["unknown"]
@@ -42,7 +44,7 @@ def progress_json(row: dict[str, Any]) -> dict[str, Any]:
         eta = 0
     elif out["status"] == "sending" and rate:
         eta = math.ceil(out["pending"] / rate)
-    return {**out, "rate": rate, "eta_seconds": eta}
+    return {**out, "rate": rate, "eta_seconds": eta, "scheduled_at": row["scheduled_at"]}
 
 
 async def _read(pool: db.Pool, account: str, bid: uuid.UUID) -> dict[str, Any] | None:
@@ -72,7 +74,8 @@ async def _stream(request: Request, who: auth.Principal, bid: uuid.UUID,
     last_key: tuple[Any, ...] | None = None
     last_write, seq = time.monotonic(), 0
     while snap is not None:
-        key = (snap["status"], *(snap[k] for k in COUNTS))  # rate/eta move with the clock only
+        # rate/eta move with the clock only
+        key = (snap["status"], *(snap[k] for k in (*COUNTS, *FEEDBACK)))
         if key != last_key:
             seq += 1
             yield _event("progress", seq, snap)

@@ -62,7 +62,10 @@ def cmd_api(args: argparse.Namespace) -> int:
         settings = dataclasses.replace(settings, limit_concurrency=args.limit_concurrency)
     if args.timeout_keep_alive is not None:
         settings = dataclasses.replace(settings, timeout_keep_alive=args.timeout_keep_alive)
-    application = api_app.create_app(settings, db.database_url())
+    try:
+        application = api_app.create_app(settings, db.database_url())
+    except api_errors.ConfigError as exc:  # PGCAST_SNS_* and the feedback limits
+        raise sql_errors.InvalidInput(str(exc)) from None
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame: FrameType | None) -> None:

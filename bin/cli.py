@@ -15,6 +15,7 @@ from typing import Any, NoReturn
 
 import psycopg
 
+from bin import schedule_commands
 from mail import template
 from sql import broadcasts, contacts, db, embedded, errors, migrate
 from sql.queries import QUERIES
@@ -179,8 +180,9 @@ def cmd_broadcast(args: argparse.Namespace) -> int:
             return 0
         if action == "list":
             for b in broadcasts.list_page(conn, args.account, limit=args.limit):
+                at = f"  at {b['scheduled_at'].isoformat()}" if b["scheduled_at"] else ""
                 print(f"{b['id']}  {b['status']:<9}  {b['sent']:>7}/{b['total']:<7}  "
-                      f"{b['created_at']:%Y-%m-%d %H:%M}  {b['subject']}")
+                      f"{b['created_at']:%Y-%m-%d %H:%M}  {b['subject']}{at}")
             return 0
         bid = broadcasts.parse_id(args.id)
         if action == "status":
@@ -279,6 +281,9 @@ def build_parser() -> Parser:
     for sp in (ci, cu):
         sp.add_argument("--account", default=ACCOUNT_DEFAULT)
     c.set_defaults(func=cmd_contacts)
+    from bin import suppression_commands  # suppressed, unsuppress (SES feedback)
+
+    suppression_commands.register(csub, ACCOUNT_DEFAULT)
 
     b = sub.add_parser("broadcast", help="create, send and control broadcasts")
     bsub = b.add_subparsers(dest="action", required=True, parser_class=Parser)
@@ -294,7 +299,7 @@ def build_parser() -> Parser:
     sps = [bc, bl]
     for name, text in (("send", "snapshot the recipients and start sending"),
                        ("status", "progress (--watch: live bar until done)"),
-                       ("cancel", "cancel a draft, sending or paused broadcast"),
+                       ("cancel", "cancel a draft, scheduled, sending or paused broadcast"),
                        ("pause", "pause a sending broadcast"),
                        ("resume", "resume a paused broadcast")):
         sp = bsub.add_parser(name, help=text)
@@ -308,6 +313,7 @@ def build_parser() -> Parser:
     from bin import content_commands  # preview and test: their own func
 
     content_commands.register(bsub, ACCOUNT_DEFAULT)
+    schedule_commands.register(bsub, ACCOUNT_DEFAULT)
 
     r = sub.add_parser("rate", help="the global rate limit")
     rsub = r.add_subparsers(dest="action", required=True, parser_class=Parser)

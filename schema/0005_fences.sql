@@ -271,10 +271,10 @@ $$;
 -- while the broadcast is still sending at the claim's epoch and the claim's lease holds;
 -- rows whose contact is no longer mailable (unsubscribed, suppressed, erased) go to
 -- skipped. Returns the rows to send now, with the contact's name and attributes as they
--- are at this moment. Synchronous whatever the configuration; committed by the caller
+-- are at this moment (name, attributes, tags: what merge tags read). Synchronous whatever the configuration; committed by the caller
 -- BEFORE the provider is called.
 CREATE FUNCTION pgcast_handoff_v2(p_id uuid, p_epoch integer, p_token uuid, p_ids bigint[])
-RETURNS TABLE (contact_id bigint, email text, name text, attributes jsonb)
+RETURNS TABLE (contact_id bigint, email text, name text, attributes jsonb, tags text[])
 LANGUAGE plpgsql
 SET plan_cache_mode = force_custom_plan
 AS $$
@@ -332,7 +332,7 @@ BEGIN
     FROM contacts c
     WHERE r.broadcast_id = p_id AND c.id = r.contact_id AND r.contact_id = ANY (locked)
       AND NOT (r.contact_id = ANY (gone))
-    RETURNING r.contact_id, r.email, c.name, c.attributes;
+    RETURNING r.contact_id, r.email, c.name, c.attributes, c.tags;
 END
 $$;
 
@@ -342,11 +342,11 @@ $$;
 -- rare path skips them under the broadcast row lock. Fences: the pause and unsubscribe
 -- advisory locks, shared, as in pgcast_handoff_v2; a cancel meets it on the rows.
 -- v3: synchronous commit pinned, the unsubscribe fence, suppressed and erased contacts,
--- the contact's attributes (after name).
+-- the contact's attributes and tags (after name).
 CREATE FUNCTION pgcast_claim_handoff_v3(p_id uuid, p_limit integer, p_token uuid,
                                         p_worker text, p_lease interval, p_after bigint)
-RETURNS TABLE (contact_id bigint, email text, name text, attributes jsonb, attempts smallint,
-               epoch integer, handed boolean, last_fresh bigint)
+RETURNS TABLE (contact_id bigint, email text, name text, attributes jsonb, tags text[],
+               attempts smallint, epoch integer, handed boolean, last_fresh bigint)
 LANGUAGE plpgsql
 SET plan_cache_mode = force_custom_plan
 AS $$
@@ -371,11 +371,11 @@ BEGIN
         claim_token = p_token, claim_epoch = e, worker = coalesce(p_worker, 'unnamed'),
         lease_expires_at = clock_timestamp() + p_lease
     FROM (SELECT x.id, coalesce(ct.name, '') AS name, coalesce(ct.attributes, '{}') AS attributes,
-                 ct.id IS NOT NULL AND ct.unsubscribed_at IS NULL AND ct.suppressed_at IS NULL
+                 coalesce(ct.tags, '{}') AS tags, ct.id IS NOT NULL AND ct.unsubscribed_at IS NULL AND ct.suppressed_at IS NULL
                      AS mailable
           FROM unnest(c.ids) AS x(id) LEFT JOIN contacts ct ON ct.id = x.id) k
     WHERE r.broadcast_id = p_id AND k.id = r.contact_id AND r.contact_id = ANY (c.ids)
-    RETURNING r.contact_id, r.email, k.name, k.attributes, r.attempts, e, k.mailable,
+    RETURNING r.contact_id, r.email, k.name, k.attributes, k.tags, r.attempts, e, k.mailable,
               c.last_fresh;
 END
 $$;
@@ -672,6 +672,15 @@ BEGIN
     RETURN QUERY SELECT c.n::integer, p_breaker > 0 AND streak > p_breaker;
 END
 $$;
+
+-- The sweep ----------------------------------------------------------------------------
+
+-- cancelled broadcasts whose counters say rows are still in flight: what a sweep visits
+-- besides the active ones (a cancel turns pending and claimed rows into cancelled, so what
+-- the counters do not account for is sending): tiny, so a sweep reads no finished broadcast
+CREATE INDEX broadcasts_cancelled_in_flight ON broadcasts (id)
+    WHERE status = 'cancelled'
+      AND total - sent - failed - skipped - unknown - cancelled > 0;
 
 -- Old versions: their fences are the defects above ---------------------------------------
 

@@ -762,10 +762,10 @@ $$;
 -- while the broadcast is still sending at the claim's epoch and the claim's lease holds;
 -- rows whose contact is no longer mailable (unsubscribed, suppressed, erased) go to
 -- skipped. Returns the rows to send now, with the contact's name and attributes as they
--- are at this moment. Synchronous whatever the configuration; committed by the caller
+-- are at this moment (name, attributes, tags: what merge tags read). Synchronous whatever the configuration; committed by the caller
 -- BEFORE the provider is called.
 CREATE FUNCTION pgcast_handoff_v2(p_id uuid, p_epoch integer, p_token uuid, p_ids bigint[])
-RETURNS TABLE (contact_id bigint, email text, name text, attributes jsonb)
+RETURNS TABLE (contact_id bigint, email text, name text, attributes jsonb, tags text[])
 LANGUAGE plpgsql
 SET plan_cache_mode = force_custom_plan
 AS $$
@@ -823,7 +823,7 @@ BEGIN
     FROM contacts c
     WHERE r.broadcast_id = p_id AND c.id = r.contact_id AND r.contact_id = ANY (locked)
       AND NOT (r.contact_id = ANY (gone))
-    RETURNING r.contact_id, r.email, c.name, c.attributes;
+    RETURNING r.contact_id, r.email, c.name, c.attributes, c.tags;
 END
 $$;
 
@@ -833,11 +833,11 @@ $$;
 -- rare path skips them under the broadcast row lock. Fences: the pause and unsubscribe
 -- advisory locks, shared, as in pgcast_handoff_v2; a cancel meets it on the rows.
 -- v3: synchronous commit pinned, the unsubscribe fence, suppressed and erased contacts,
--- the contact's attributes (after name).
+-- the contact's attributes and tags (after name).
 CREATE FUNCTION pgcast_claim_handoff_v3(p_id uuid, p_limit integer, p_token uuid,
                                         p_worker text, p_lease interval, p_after bigint)
-RETURNS TABLE (contact_id bigint, email text, name text, attributes jsonb, attempts smallint,
-               epoch integer, handed boolean, last_fresh bigint)
+RETURNS TABLE (contact_id bigint, email text, name text, attributes jsonb, tags text[],
+               attempts smallint, epoch integer, handed boolean, last_fresh bigint)
 LANGUAGE plpgsql
 SET plan_cache_mode = force_custom_plan
 AS $$
@@ -862,11 +862,11 @@ BEGIN
         claim_token = p_token, claim_epoch = e, worker = coalesce(p_worker, 'unnamed'),
         lease_expires_at = clock_timestamp() + p_lease
     FROM (SELECT x.id, coalesce(ct.name, '') AS name, coalesce(ct.attributes, '{}') AS attributes,
-                 ct.id IS NOT NULL AND ct.unsubscribed_at IS NULL AND ct.suppressed_at IS NULL
+                 coalesce(ct.tags, '{}') AS tags, ct.id IS NOT NULL AND ct.unsubscribed_at IS NULL AND ct.suppressed_at IS NULL
                      AS mailable
           FROM unnest(c.ids) AS x(id) LEFT JOIN contacts ct ON ct.id = x.id) k
     WHERE r.broadcast_id = p_id AND k.id = r.contact_id AND r.contact_id = ANY (c.ids)
-    RETURNING r.contact_id, r.email, k.name, k.attributes, r.attempts, e, k.mailable,
+    RETURNING r.contact_id, r.email, k.name, k.attributes, k.tags, r.attempts, e, k.mailable,
               c.last_fresh;
 END
 $$;
@@ -1067,6 +1067,13 @@ BEGIN
 END
 $$;
 
+-- cancelled broadcasts whose counters say rows are still in flight: what a sweep visits
+-- besides the active ones (a cancel turns pending and claimed rows into cancelled, so what
+-- the counters do not account for is sending): tiny, so a sweep reads no finished broadcast
+CREATE INDEX broadcasts_cancelled_in_flight ON broadcasts (id)
+    WHERE status = 'cancelled'
+      AND total - sent - failed - skipped - unknown - cancelled > 0;
+
 -- 0006_content
 CREATE TABLE unsubscribe_keys (
     id         boolean     PRIMARY KEY DEFAULT true CHECK (id),
@@ -1130,5 +1137,467 @@ BEGIN
         'to', to_jsonb(p_to), 'contact', p_contact, 'test_sends', to_jsonb(made)))
     WHERE b.id = p_id;
     RETURN QUERY SELECT true, true, n, made;
+END
+$$;
+
+-- 0008_feedback (issue 14): SES feedback, the reputation guard, unsuppress.
+CREATE TABLE sns_messages (
+    message_id  text        PRIMARY KEY,
+    topic_arn   text        NOT NULL,
+    type        text        NOT NULL,
+    -- the SNS Timestamp: SNS retries keep it, so it says when a row may be forgotten
+    sent_at     timestamptz NOT NULL,
+    received_at timestamptz NOT NULL DEFAULT clock_timestamp()
+);
+CREATE INDEX sns_messages_sent ON sns_messages (sent_at);
+
+ALTER TABLE contacts ADD COLUMN last_delivery_at timestamptz;
+CREATE INDEX contacts_email ON contacts (lower(email));
+CREATE INDEX contacts_suppressed_id ON contacts (account, id) WHERE suppressed_at IS NOT NULL;
+
+ALTER TABLE broadcasts
+    ADD COLUMN guard_sent       integer NOT NULL DEFAULT 0,
+    ADD COLUMN guard_bounced    integer NOT NULL DEFAULT 0,
+    ADD COLUMN guard_complained integer NOT NULL DEFAULT 0;
+
+-- A broadcast that starts sending (send, resume, a retry) re-arms the guard from its counts
+-- at that moment: whatever function makes the transition, the baseline follows.
+CREATE FUNCTION pgcast_guard_rearm_v1() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    NEW.guard_sent := NEW.sent;
+    NEW.guard_bounced := NEW.bounced;
+    NEW.guard_complained := NEW.complained;
+    RETURN NEW;
+END
+$$;
+CREATE TRIGGER broadcasts_guard_rearm BEFORE UPDATE OF status ON broadcasts
+    FOR EACH ROW WHEN (NEW.status = 'sending' AND OLD.status <> 'sending')
+    EXECUTE FUNCTION pgcast_guard_rearm_v1();
+
+-- The reason the guard pauses a sending broadcast for, or NULL: after at least p_min rows
+-- sent since the baseline, hard bounces (or complaints) / rows sent above the limit.
+CREATE FUNCTION pgcast_guard_reason_v1(b broadcasts, p_min integer,
+                                       p_max_bounce double precision,
+                                       p_max_complaint double precision)
+RETURNS text LANGUAGE sql IMMUTABLE AS $$
+    SELECT CASE
+        WHEN b.status <> 'sending' OR b.sent - b.guard_sent < greatest(p_min, 1) THEN NULL
+        WHEN b.complained - b.guard_complained > p_max_complaint * (b.sent - b.guard_sent)
+            THEN 'complaint_rate'
+        WHEN b.bounced - b.guard_bounced > p_max_bounce * (b.sent - b.guard_sent)
+            THEN 'bounce_rate'
+    END
+$$;
+
+-- One contact's feedback, the contact row locked by the caller. A stronger outcome is
+-- never weakened: complaint > bounce > soft_bounce, and a delivery lifts nothing. Returns
+-- what changed ('suppress', 'soft_bounce', 'reset', 'delivery') or NULL. Appends every
+-- suppression, unsubscribe and counted soft bounce to contact_events (source 'ses').
+CREATE FUNCTION pgcast_contact_feedback_v1(p_contact bigint, p_event text, p_detail text,
+                                           p_at timestamptz, p_soft_limit integer,
+                                           p_broadcast uuid, p_message_id text)
+RETURNS text LANGUAGE plpgsql AS $$
+DECLARE
+    c contacts;
+    rank_old integer;
+    n integer;
+    reason text;
+    details jsonb;
+    actor jsonb := jsonb_build_object('via', 'ses', 'sns_message_id', p_message_id);
+BEGIN
+    SELECT * INTO c FROM contacts WHERE id = p_contact;
+    IF NOT FOUND THEN
+        RETURN NULL;
+    END IF;
+    details := jsonb_build_object('event', p_event, 'at', p_at, 'detail', p_detail);
+    IF p_event = 'delivery' THEN
+        IF c.last_delivery_at IS NOT NULL AND p_at <= c.last_delivery_at THEN
+            RETURN 'delivery';  -- a newer delivery is already known
+        END IF;
+        -- the run of soft bounces is what happened after the newest delivery: the counted
+        -- ones are in contact_events with their time (logged no earlier than they happened,
+        -- give or take the clocks: the hour), so a late delivery keeps those after it
+        SELECT count(*) INTO n FROM contact_events e
+        WHERE c.soft_bounces > 0 AND e.account = c.account AND e.contact_id = c.id
+          AND e.at >= p_at - interval '1 hour' AND e.action = 'soft_bounce'
+          AND (e.details->>'at')::timestamptz > p_at;
+        UPDATE contacts SET last_delivery_at = p_at, soft_bounces = least(n, soft_bounces)
+        WHERE id = p_contact;
+        RETURN CASE WHEN n < c.soft_bounces THEN 'reset' ELSE 'delivery' END;
+    END IF;
+    rank_old := CASE c.suppressed_reason WHEN 'soft_bounce' THEN 1 WHEN 'bounce' THEN 2
+                                         WHEN 'complaint' THEN 3 ELSE 0 END;
+    IF p_event = 'soft_bounce' THEN
+        IF c.suppressed_at IS NOT NULL
+           OR (c.last_delivery_at IS NOT NULL AND p_at <= c.last_delivery_at) THEN
+            RETURN NULL;  -- already suppressed, or a delivery happened after it
+        END IF;
+        UPDATE contacts SET soft_bounces = soft_bounces + 1, updated_at = now()
+        WHERE id = p_contact;
+        INSERT INTO contact_events (account, contact_id, action, source, actor, broadcast_id,
+                                    details)
+        VALUES (c.account, c.id, 'soft_bounce', 'ses', actor, p_broadcast,
+                details || jsonb_build_object('soft_bounces', c.soft_bounces + 1));
+        IF c.soft_bounces + 1 < p_soft_limit THEN
+            RETURN 'soft_bounce';
+        END IF;
+        reason := 'soft_bounce';
+    ELSIF p_event = 'bounce' AND rank_old < 2 THEN
+        reason := 'bounce';
+    ELSIF p_event = 'complaint' THEN
+        IF c.unsubscribed_at IS NULL THEN
+            UPDATE contacts SET unsubscribed_at = clock_timestamp(), updated_at = now()
+            WHERE id = p_contact;
+            INSERT INTO contact_events (account, contact_id, action, source, actor,
+                                        broadcast_id, details)
+            VALUES (c.account, c.id, 'unsubscribe', 'ses', actor, p_broadcast, details);
+        END IF;
+        IF rank_old < 3 THEN
+            reason := 'complaint';
+        END IF;
+    END IF;
+    IF reason IS NULL THEN
+        RETURN NULL;
+    END IF;
+    UPDATE contacts
+    SET suppressed_at = coalesce(suppressed_at, clock_timestamp()), suppressed_reason = reason,
+        suppressed_detail = left(p_detail, 1000), updated_at = now()
+    WHERE id = p_contact;
+    INSERT INTO contact_events (account, contact_id, action, source, actor, broadcast_id,
+                                details)
+    VALUES (c.account, c.id, 'suppress', 'ses', actor, p_broadcast,
+            details || jsonb_build_object('reason', reason, 'was', c.suppressed_reason));
+    RETURN 'suppress';
+END
+$$;
+
+-- Applies one SES event, once per SNS MessageId. p_event: 'bounce' (permanent),
+-- 'soft_bounce' (transient or undetermined), 'complaint', 'delivery'; anything else is only
+-- recorded as seen. Tagged (p_broadcast, p_contact from the message's EmailTags): the
+-- recipient row is found by primary key in its broadcast's partition; lock order: the
+-- contact row first (no handoff locks one), then the account's contacts fence (0005's
+-- trigger, when a suppression or unsubscribe changes), then the broadcast row, then the
+-- recipient row: 0005's order (advisory locks, broadcast, recipients) with the contact
+-- row before it.
+-- Untagged: a hard bounce suppresses the addresses in every account; a complaint, a soft
+-- bounce or a delivery changes nothing (outcome 'logged': one sender's business).
+-- n_contacts: contacts the event concerned. guard: the reason the broadcast should pause for now (pgcast_guard_v1 does it, in its
+-- own transaction, under the handoff lock). O(1) statements, each by key.
+CREATE FUNCTION pgcast_ses_event_v1(p_message_id text, p_topic text, p_sns_at timestamptz,
+                                    p_prune_before timestamptz, p_event text, p_broadcast uuid,
+                                    p_contact bigint, p_addresses text[], p_detail text,
+                                    p_at timestamptz, p_soft_limit integer, p_guard_min integer,
+                                    p_max_bounce double precision,
+                                    p_max_complaint double precision)
+RETURNS TABLE (outcome text, broadcast_id uuid, n_contacts integer, guard text)
+LANGUAGE plpgsql
+SET plan_cache_mode = force_custom_plan
+AS $$
+DECLARE
+    acct text;
+    tagged boolean := false;
+    n integer := 0;
+    cid bigint;
+    b broadcasts;
+BEGIN
+    INSERT INTO sns_messages (message_id, topic_arn, type, sent_at)
+    VALUES (p_message_id, p_topic, 'Notification', p_sns_at)
+    ON CONFLICT ON CONSTRAINT sns_messages_pkey DO NOTHING;
+    IF NOT FOUND THEN
+        RETURN QUERY SELECT 'duplicate'::text, NULL::uuid, 0, NULL::text;
+        RETURN;
+    END IF;
+    -- a few expired ids per call: bounded work, and the table stays as small as the window
+    DELETE FROM sns_messages s WHERE s.message_id = ANY (ARRAY(
+        SELECT o.message_id FROM sns_messages o WHERE o.sent_at < p_prune_before
+        ORDER BY o.sent_at LIMIT 20 FOR UPDATE SKIP LOCKED));
+    IF p_event NOT IN ('bounce', 'soft_bounce', 'complaint', 'delivery') THEN
+        RETURN QUERY SELECT 'ignored'::text, NULL::uuid, 0, NULL::text;
+        RETURN;
+    END IF;
+    IF p_broadcast IS NOT NULL AND p_contact IS NOT NULL THEN
+        SELECT x.account INTO acct FROM broadcasts x WHERE x.id = p_broadcast;
+        -- the tags must name a row of that broadcast whose contact is in its account
+        tagged := FOUND AND EXISTS (
+            SELECT 1 FROM broadcast_recipients r JOIN contacts k ON k.id = r.contact_id
+            WHERE r.broadcast_id = p_broadcast AND r.contact_id = p_contact
+              AND k.account = acct);
+    END IF;
+    IF NOT tagged THEN
+        IF p_event <> 'bounce' THEN
+            RETURN QUERY SELECT 'logged'::text, NULL::uuid, 0, NULL::text;
+            RETURN;
+        END IF;
+        -- the address does not exist: suppressed in every account that has it. Every row
+        -- is locked first, then the accounts' contact fences (0005's trigger) are taken in
+        -- the order of their keys: two such calls never wait for each other in a circle
+        FOREACH cid IN ARRAY ARRAY(
+            SELECT k.id FROM contacts k
+            WHERE lower(k.email) = ANY (ARRAY(SELECT lower(a) FROM unnest(p_addresses) a))
+            ORDER BY hashtext(k.account), k.id FOR NO KEY UPDATE) LOOP
+            PERFORM pgcast_contact_feedback_v1(cid, p_event, p_detail, p_at, p_soft_limit,
+                                               NULL, p_message_id);
+            n := n + 1;
+        END LOOP;
+        RETURN QUERY SELECT CASE WHEN n > 0 THEN 'applied' ELSE 'unmatched' END, NULL::uuid,
+                            n, NULL::text;
+        RETURN;
+    END IF;
+    -- 1. the contact
+    PERFORM 1 FROM contacts k WHERE k.id = p_contact FOR NO KEY UPDATE;
+    PERFORM pgcast_contact_feedback_v1(p_contact, p_event, p_detail, p_at, p_soft_limit,
+                                       p_broadcast, p_message_id);
+    IF p_event = 'soft_bounce' THEN
+        RETURN QUERY SELECT 'applied'::text, p_broadcast, 1, NULL::text;
+        RETURN;
+    END IF;
+    -- 2. the broadcast row, 3. the recipient row; counters in the same transaction
+    PERFORM 1 FROM broadcasts x WHERE x.id = p_broadcast FOR NO KEY UPDATE;
+    UPDATE broadcast_recipients r
+    SET delivered_at = CASE WHEN p_event = 'delivery' THEN p_at ELSE r.delivered_at END,
+        bounced_at = CASE WHEN p_event = 'bounce' THEN p_at ELSE r.bounced_at END,
+        complained_at = CASE WHEN p_event = 'complaint' THEN p_at ELSE r.complained_at END
+    WHERE r.broadcast_id = p_broadcast AND r.contact_id = p_contact
+      AND CASE p_event WHEN 'delivery' THEN r.delivered_at IS NULL
+                       WHEN 'bounce' THEN r.bounced_at IS NULL
+                       ELSE r.complained_at IS NULL END;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    UPDATE broadcasts x
+    SET delivered = x.delivered + CASE WHEN p_event = 'delivery' THEN n ELSE 0 END,
+        bounced = x.bounced + CASE WHEN p_event = 'bounce' THEN n ELSE 0 END,
+        complained = x.complained + CASE WHEN p_event = 'complaint' THEN n ELSE 0 END
+    WHERE x.id = p_broadcast AND n > 0
+    RETURNING x.* INTO b;
+    RETURN QUERY SELECT 'applied'::text, p_broadcast, 1,
+                        CASE WHEN n > 0 THEN pgcast_guard_reason_v1(b, p_guard_min, p_max_bounce,
+                                                                    p_max_complaint) END;
+END
+$$;
+
+-- The reputation guard: pauses a sending broadcast (pgcast_pause_v4, reason bounce_rate or
+-- complaint_rate, the figures in the audit log) when its rates are past the limits, checked
+-- again under the handoff lock and the broadcast row lock (the order pgcast_pause_v3 takes
+-- them). Returns the reason, or NULL when the broadcast is fine or no longer sending.
+CREATE FUNCTION pgcast_guard_v1(p_id uuid, p_min integer, p_max_bounce double precision,
+                                p_max_complaint double precision)
+RETURNS text LANGUAGE plpgsql AS $$
+DECLARE
+    b broadcasts;
+    reason text;
+BEGIN
+    PERFORM pg_advisory_xact_lock(hashtext('pgcast.handoff'), hashtext(p_id::text));
+    SELECT * INTO b FROM broadcasts x WHERE x.id = p_id FOR NO KEY UPDATE;
+    reason := pgcast_guard_reason_v1(b, p_min, p_max_bounce, p_max_complaint);
+    IF reason IS NULL THEN
+        RETURN NULL;
+    END IF;
+    PERFORM pgcast_pause_v4(NULL, p_id, reason, jsonb_build_object(
+        'by', 'guard', 'sent', b.sent - b.guard_sent, 'bounced', b.bounced - b.guard_bounced,
+        'complained', b.complained - b.guard_complained,
+        'max_bounce_rate', p_max_bounce, 'max_complaint_rate', p_max_complaint));
+    RETURN reason;
+END
+$$;
+
+-- Lifts one contact's suppression (audited in contact_events). ok = false: the contact was
+-- not suppressed. No row: no such contact in the account. A complaint's unsubscribe stays.
+CREATE FUNCTION pgcast_unsuppress_v1(p_account text, p_email text, p_source text,
+                                     p_actor jsonb)
+RETURNS TABLE (ok boolean, email text, was text)
+LANGUAGE plpgsql AS $$
+DECLARE
+    c contacts;
+BEGIN
+    SELECT * INTO c FROM contacts k
+    WHERE k.account = p_account AND lower(k.email) = lower(p_email) FOR NO KEY UPDATE;
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    IF c.suppressed_at IS NULL THEN
+        RETURN QUERY SELECT false, c.email, NULL::text;
+        RETURN;
+    END IF;
+    UPDATE contacts
+    SET suppressed_at = NULL, suppressed_reason = NULL, suppressed_detail = NULL,
+        soft_bounces = 0, updated_at = now()
+    WHERE id = c.id;
+    INSERT INTO contact_events (account, contact_id, action, source, actor, details)
+    VALUES (c.account, c.id, 'unsuppress', p_source, coalesce(p_actor, '{}'::jsonb),
+            jsonb_build_object('reason', c.suppressed_reason, 'detail', c.suppressed_detail,
+                               'suppressed_at', c.suppressed_at));
+    RETURN QUERY SELECT true, c.email, c.suppressed_reason;
+END
+$$;
+
+-- 0007_schedule_retry: scheduled sends and the retry of failed recipients.
+-- why a broadcast ended failed without sending (missed_window, empty_segment); NULL otherwise
+ALTER TABLE broadcasts ADD COLUMN failed_reason text;
+
+-- schedule: draft -> scheduled at p_at, with an optional latest start p_not_after. The edges
+-- check the times (an offset given, not in the past, not_after >= at); the table's CHECKs
+-- hold what the functions need. Another status: (false, status, its times), nothing changed.
+CREATE FUNCTION pgcast_schedule_v1(p_account text, p_id uuid, p_at timestamptz,
+                                   p_not_after timestamptz, p_details jsonb)
+RETURNS TABLE (ok boolean, status text, scheduled_at timestamptz, not_after timestamptz)
+LANGUAGE plpgsql AS $$
+BEGIN
+    -- an acknowledged schedule is not lost to a crash, whatever the server's setting
+    PERFORM set_config('synchronous_commit', 'on', true);
+    RETURN QUERY
+    UPDATE broadcasts AS u
+    SET status = 'scheduled', scheduled_at = p_at, not_after = p_not_after, updated_at = now(),
+        audit_log = u.audit_log || pgcast_audit_v1('schedule', u.status, 'scheduled',
+            coalesce(p_details, '{}'::jsonb)
+            || jsonb_build_object('scheduled_at', p_at, 'not_after', p_not_after))
+    WHERE u.id = p_id AND u.account = p_account AND u.status = ANY (ARRAY['draft'])
+    RETURNING true, u.status, u.scheduled_at, u.not_after;
+    IF NOT FOUND THEN
+        RETURN QUERY SELECT false, b.status, b.scheduled_at, b.not_after FROM broadcasts b
+            WHERE b.id = p_id AND b.account = p_account;
+    END IF;
+END
+$$;
+
+-- unschedule: scheduled -> draft; the times are cleared (the audit entry keeps them).
+CREATE FUNCTION pgcast_unschedule_v1(p_account text, p_id uuid, p_details jsonb)
+RETURNS TABLE (ok boolean, status text)
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM set_config('synchronous_commit', 'on', true);
+    RETURN QUERY
+    UPDATE broadcasts AS u
+    SET status = 'draft', scheduled_at = NULL, not_after = NULL, updated_at = now(),
+        audit_log = u.audit_log || pgcast_audit_v1('unschedule', u.status, 'draft',
+            coalesce(p_details, '{}'::jsonb)
+            || jsonb_build_object('scheduled_at', u.scheduled_at, 'not_after', u.not_after))
+    WHERE u.id = p_id AND u.account = p_account AND u.status = ANY (ARRAY['scheduled'])
+    RETURNING true, u.status;
+    IF NOT FOUND THEN
+        RETURN QUERY SELECT false, b.status FROM broadcasts b
+            WHERE b.id = p_id AND b.account = p_account;
+    END IF;
+END
+$$;
+
+-- start: the due scheduled broadcast whose time came first, started through the send
+-- function (pgcast_send_v4) in the caller's one transaction; no row when none is due. The
+-- sweeper calls it until it answers nothing, one broadcast per transaction. SKIP LOCKED:
+-- concurrent sweepers each take another broadcast (or none), and the send's compare-and-set
+-- on the locked row makes every start happen once. The due rows come from the
+-- broadcasts_scheduled index, in time order: O(due), whatever the number of broadcasts
+-- scheduled later. A start later than not_after ends the broadcast failed (missed_window);
+-- one whose segment has nobody mailable at its start ends failed (empty_segment: the send
+-- answers 'empty' and changes nothing): never a silent empty send. The audit entry of the
+-- start (the send's, or the failure's) records scheduled_at, started_at and the lateness.
+CREATE FUNCTION pgcast_start_due_v1()
+RETURNS TABLE (broadcast_id uuid, status text, queued integer, reason text,
+               lateness_seconds double precision)
+LANGUAGE plpgsql AS $$
+DECLARE
+    b record;
+    s record;
+    late double precision;
+    why text;
+    started jsonb;
+BEGIN
+    -- a start that failed is as durable as one that sent (send_v4 pins the same)
+    PERFORM set_config('synchronous_commit', 'on', true);
+    SELECT d.id, d.account, d.scheduled_at, d.not_after INTO b
+    FROM broadcasts d
+    WHERE d.status = 'scheduled' AND d.scheduled_at <= now()
+    ORDER BY d.scheduled_at
+    LIMIT 1
+    FOR UPDATE SKIP LOCKED;
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    late := round(extract(epoch FROM now() - b.scheduled_at), 3);
+    started := jsonb_build_object('via', 'schedule', 'scheduled_at', b.scheduled_at,
+                                  'not_after', b.not_after, 'started_at', now(),
+                                  'lateness_seconds', late);
+    IF b.not_after IS NOT NULL AND now() > b.not_after THEN
+        why := 'missed_window';
+    ELSE
+        SELECT * INTO s FROM pgcast_send_v4(b.account, b.id, false, started);
+        IF s.ok THEN
+            RETURN QUERY SELECT b.id, s.status, s.queued, NULL::text, late;
+            RETURN;
+        END IF;
+        -- 'empty': nobody mailable, and the send changed nothing
+        why := 'empty_segment';
+    END IF;
+    RETURN QUERY
+    UPDATE broadcasts AS u
+    SET status = 'failed', failed_reason = why, finished_at = now(), updated_at = now(),
+        audit_log = u.audit_log || pgcast_audit_v1('start', u.status, 'failed',
+            started || jsonb_build_object('reason', why))
+    WHERE u.id = b.id AND u.status = ANY (ARRAY['scheduled'])
+    RETURNING u.id, u.status, 0, why, late;
+END
+$$;
+
+-- retry: a finished (sent or failed) broadcast's failed rows, and its unknown rows when
+-- p_include_unknown (the provider may have delivered those: only when asked), back to
+-- pending with attempts reset, and the broadcast back to sending under a new epoch (work
+-- claimed before can never be handed off). The rows keep their worker, so claims find them
+-- through the requeued index, and they pass the same handoff fence as the first time: a
+-- contact unsubscribed or suppressed since is skipped there. Sent and skipped rows are
+-- never touched. Lock order: the broadcast row, then the rows in contact_id order (one
+-- InitPlan), updated by key; the counters move in the same transaction as the rows.
+-- Not finished, or nothing to retry: (false, status, 0), nothing changed.
+CREATE FUNCTION pgcast_retry_v1(p_account text, p_id uuid, p_include_unknown boolean,
+                                p_details jsonb)
+RETURNS TABLE (ok boolean, status text, requeued integer)
+LANGUAGE plpgsql
+SET plan_cache_mode = force_custom_plan
+AS $$
+DECLARE
+    st text;
+    ids bigint[];
+    n_unknown integer;
+    e integer;
+BEGIN
+    -- an acknowledged retry is not lost to a crash, whatever the server's setting
+    PERFORM set_config('synchronous_commit', 'on', true);
+    SELECT b.status INTO st FROM broadcasts b WHERE b.id = p_id AND b.account = p_account
+    FOR NO KEY UPDATE;
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    IF st NOT IN ('sent', 'failed') THEN
+        RETURN QUERY SELECT false, st, 0;
+        RETURN;
+    END IF;
+    ids := ARRAY(
+        SELECT l.contact_id FROM broadcast_recipients l
+        WHERE l.broadcast_id = p_id AND l.worker IS NOT NULL
+          AND l.status IN ('failed', 'unknown')
+          AND (l.status = 'failed' OR p_include_unknown)
+        ORDER BY l.contact_id FOR UPDATE);
+    IF cardinality(ids) = 0 THEN
+        RETURN QUERY SELECT false, st, 0;
+        RETURN;
+    END IF;
+    SELECT count(*) FILTER (WHERE r.status = 'unknown') INTO n_unknown
+    FROM broadcast_recipients r WHERE r.broadcast_id = p_id AND r.contact_id = ANY (ids);
+    UPDATE broadcast_recipients r
+    SET status = 'pending', attempts = 0, retry_at = NULL, claim_token = NULL,
+        claim_epoch = NULL, lease_expires_at = NULL, handed_at = NULL,
+        provider_message_id = NULL, last_error = NULL, sent_at = NULL
+    WHERE r.broadcast_id = p_id AND r.contact_id = ANY (ids);
+    UPDATE broadcasts AS u
+    SET status = 'sending', epoch = u.epoch + 1,
+        failed = u.failed - (cardinality(ids) - n_unknown), unknown = u.unknown - n_unknown,
+        failure_streak = 0, paused_reason = NULL, failed_reason = NULL, finished_at = NULL,
+        updated_at = now(),
+        audit_log = u.audit_log || pgcast_audit_v1('retry', u.status, 'sending',
+            coalesce(p_details, '{}'::jsonb)
+            || jsonb_build_object('requeued', cardinality(ids),
+                                  'failed', cardinality(ids) - n_unknown,
+                                  'unknown', n_unknown, 'include_unknown', p_include_unknown))
+    WHERE u.id = p_id AND u.status = ANY (ARRAY['sent', 'failed'])
+    RETURNING u.epoch INTO e;
+    PERFORM pgcast_notify_v1('retry', p_id, e);
+    RETURN QUERY SELECT true, 'sending'::text, cardinality(ids);
 END
 $$;

@@ -11,7 +11,8 @@ SELECT status FROM broadcasts WHERE id = %(id)s AND account = %(account)s
 -- api_progress --
 -- O(1) progress from the broadcast row, with the database's clock for the rate.
 SELECT status, total, total - sent - failed - skipped - unknown - cancelled AS pending,
-       sent, failed, skipped, unknown, cancelled, started_at, finished_at,
+       sent, failed, skipped, unknown, cancelled, started_at, finished_at, scheduled_at,
+       delivered, bounced, complained,
        statement_timestamp() AS now
 FROM broadcasts
 WHERE id = %(id)s AND account = %(account)s

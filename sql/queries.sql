@@ -59,7 +59,7 @@ SELECT * FROM broadcasts WHERE id = %(id)s AND account = %(account)s
 -- broadcast_list --
 -- An account's broadcasts, newest first, keyset-paged by (created_at, id).
 SELECT id, account, status, subject, segment_tag, total, sent, failed, skipped, unknown,
-       cancelled, created_at, started_at, finished_at
+       cancelled, created_at, started_at, finished_at, scheduled_at
 FROM broadcasts
 WHERE account = %(account)s
   AND (%(before_at)s::timestamptz IS NULL OR (created_at, id) < (%(before_at)s, %(before_id)s::uuid))
@@ -109,7 +109,8 @@ SELECT * FROM pgcast_resume_v1(%(account)s, %(id)s, %(details)s::jsonb)
 
 -- broadcast_progress --
 -- O(1) progress of one broadcast: the counters on its row.
-SELECT p.*, b.subject FROM broadcast_progress p JOIN broadcasts b ON b.id = p.broadcast_id
+SELECT p.*, b.subject, b.failed_reason
+FROM broadcast_progress p JOIN broadcasts b ON b.id = p.broadcast_id
 WHERE p.broadcast_id = %(id)s AND p.account = %(account)s
 
 -- active_broadcasts --
@@ -164,12 +165,13 @@ SELECT pgcast_unhandoff_v2(%(id)s, %(token)s, %(ids)s) AS undone
 SELECT * FROM pgcast_finalize_v4(%(id)s)
 
 -- sweep_candidates --
--- The broadcasts a sweep visits: sending or paused, and cancelled ones with rows in flight.
+-- Sending, paused, and cancelled with rows in flight: two index scans, never a finished one.
+SELECT b.id FROM broadcasts b WHERE b.status IN ('sending', 'paused')
+UNION
 SELECT b.id FROM broadcasts b
-WHERE b.status IN ('sending', 'paused')
-   OR (b.status = 'cancelled'
-       AND b.total - b.sent - b.failed - b.skipped - b.unknown - b.cancelled > 0)
-ORDER BY b.id
+WHERE b.status = 'cancelled'
+  AND b.total - b.sent - b.failed - b.skipped - b.unknown - b.cancelled > 0
+ORDER BY 1
 
 -- sweep_one --
 -- Lease expiry, unknown outcomes and finalization of one broadcast (its own transaction).

@@ -26,6 +26,7 @@ MAX_BODY = 4 * 1024 * 1024  # bytes: a SendEmail request is far smaller
 UPSTREAM_TIMEOUT = 30.0  # seconds
 # the namespace suffix SES puts after the code in x-amzn-ErrorType (botocore strips it)
 ERROR_NAMESPACE = "http://internal.amazon.com/coral/com.amazonaws.services.email/"
+NO_ANSWER = 0  # a Rule status: close the connection without answering
 
 
 @dataclass
@@ -53,6 +54,11 @@ def rejected(address: str) -> Rule:
     """400 MessageRejected for one recipient address."""
     return Rule(400, "MessageRejected", "Email address is on the suppression list.",
                 match=f"<{address}>")  # To is `Name <address>`
+
+
+def no_answer(address: str) -> Rule:
+    """The connection closed with no answer, for one recipient: the outcome is unknown."""
+    return Rule(NO_ANSWER, "", "", match=f"<{address}>")
 
 
 def sending_paused(skip: int = 0) -> Rule:
@@ -182,6 +188,10 @@ def _handler(proxy: FaultProxy) -> type[http.server.BaseHTTPRequestHandler]:
             rule = proxy.decide(self.path, body)
             if rule is None:
                 self._forward(body)
+                return
+            if rule.status == NO_ANSWER:
+                # the request was read, and nobody will ever say what became of it
+                self.close_connection = True
                 return
             self._reply(rule.status, {
                 "Content-Type": "application/json",

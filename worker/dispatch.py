@@ -71,12 +71,14 @@ class Recipient:
     contact_id: int
     email: str
     name: str | None
-    attributes: dict[str, Any] | None = None  # the contact's attributes (merge tags)
+    attributes: dict[str, Any] | None = None  # the contact's attributes, when the query has them
+    tags: list[str] | None = None  # the contact's tags, for {{ contact.tags }}
 
 
 def recipient(row: dict[str, Any]) -> Recipient:
     """From a `handoff` or `claim_handoff` row."""
-    return Recipient(row["contact_id"], row["email"], row["name"], row.get("attributes"))
+    return Recipient(row["contact_id"], row["email"], row["name"], row.get("attributes"),
+                     row.get("tags"))
 
 
 def build(content: render.Content | str, r: Recipient) -> render.Message | Outcome:
@@ -86,7 +88,7 @@ def build(content: render.Content | str, r: Recipient) -> render.Message | Outco
     if isinstance(content, str):
         return Outcome(cid, "failed", error=f"cannot build the message: {content}"[:ERROR_CHARS])
     try:
-        return render.render(content, cid, r.email, r.name, r.attributes)
+        return render.render(content, cid, r.email, r.name, r.attributes, r.tags)
     except Exception as exc:  # noqa: BLE001 - deterministic: this recipient fails, not the loop
         return Outcome(cid, "failed", error=f"cannot build the message: {describe(exc)}"
                        [:ERROR_CHARS])

@@ -11,6 +11,6 @@ Message = message.Message
 
 
 def render(content: Content, contact_id: int, email_address: str, name: str | None,
-           attributes: dict[str, Any] | None = None) -> Message:
+           attributes: dict[str, Any] | None = None, tags: list[str] | None = None) -> Message:
     """The message for one recipient; raises mail.errors.RenderError when it cannot be built."""
-    return content.render(contact_id, email_address, name, attributes)
+    return content.render(contact_id, email_address, name, attributes, tags)

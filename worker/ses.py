@@ -126,6 +126,7 @@ class SesProvider:
                 "Body": body,
                 "Headers": [{"Name": k, "Value": v} for k, v in message.headers.items()],
             }},
+            "EmailTags": email_tags(message),
         }
         if self.configuration_set:
             request["ConfigurationSetName"] = self.configuration_set
@@ -155,6 +156,15 @@ class SesProvider:
             return _usable_rate(v1.get_send_quota().get("MaxSendRate"))
         except Exception:  # noqa: BLE001 - the caller falls back to a safe default
             return None
+
+
+def email_tags(message: render.Message) -> list[dict[str, str]]:
+    """The tags SES echoes in every event (mail.tags): the webhook finds the row by them."""
+    tags = [{"Name": "pgcast_contact", "Value": str(message.contact_id)}]
+    broadcast = message.headers.get("X-Pgcast-Broadcast")
+    if broadcast:
+        tags.insert(0, {"Name": "pgcast_broadcast", "Value": broadcast})
+    return tags
 
 
 def _usable_rate(raw: Any) -> float | None:

@@ -9,7 +9,7 @@ import procrastinate
 import psycopg
 
 from sql.queries import QUERIES
-from worker import testsend
+from worker import starter, testsend
 
 log = logging.getLogger("pgcast.sweeper")
 
@@ -42,6 +42,7 @@ def sweep_once(url: str) -> list[dict[str, Any]]:
     """Reclaim expired leases, mark lost handoffs unknown, finalize drained broadcasts."""
     with psycopg.connect(url, autocommit=True) as conn:
         rows = sweep_conn(conn)
+        starter.start_due(conn)  # and start the scheduled broadcasts whose time has come
     _log(rows)
     return rows
 
@@ -66,6 +67,7 @@ def make_app(url: str, cron: str) -> procrastinate.App:
         async with await psycopg.AsyncConnection.connect(
                 url, autocommit=True, row_factory=psycopg.rows.dict_row) as conn:
             _log(await sweep_async(conn))
+            await starter.start_due_async(conn)
 
     del sweep
     testsend.register(app, url)  # test sends ride on the same procrastinate worker

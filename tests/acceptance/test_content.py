@@ -18,7 +18,8 @@ from tests.integration import test_api_helpers as h
 Conn = psycopg.Connection[dict[str, Any]]
 TEXT = ("Dear {{ contact.name | default('friend', true) }},\n"
         "your plan: {{ contact.attributes.plan | default('free') }}.\n"
-        "Unsubscribe: {{ unsubscribe_url }}\n")
+        "Unsubscribe: {{ unsubscribe_url }}\n"
+        "{% if 'vip' in contact.tags %}VIP{% endif %}\n")
 HTML = ('<p>Dear {{ contact.name | default("friend", true) }}</p>'
         '<p><a href="{{ unsubscribe_url }}">Unsubscribe</a></p>')
 
@@ -41,10 +42,10 @@ def body(parsed: email.message.EmailMessage, subtype: str) -> str:
 
 def test_personalised_eml_and_one_click_unsubscribe_skips_the_next_broadcast(
         conn: Conn, db_url: str, tmp_path: Path) -> None:
-    conn.execute("INSERT INTO contacts (account, email, name, attributes) VALUES "
-                 "('default', 'ann@example.com', 'Ann', '{\"plan\": \"pro\"}'), "
-                 "('default', 'bob@example.com', '', '{}'), "
-                 "('default', 'cy@example.com', 'Cy', '{}')")
+    conn.execute("INSERT INTO contacts (account, email, name, attributes, tags) VALUES "
+                 "('default', 'ann@example.com', 'Ann', '{\"plan\": \"pro\"}', '{vip}'), "
+                 "('default', 'bob@example.com', '', '{}', '{}'), "
+                 "('default', 'cy@example.com', 'Cy', '{}', '{}')")
     ids = {r["email"]: r["id"] for r in conn.execute("SELECT id, email FROM contacts")}
     first = broadcasts.create(conn, "default", subject="Hi {{ contact.name }}",
                               from_address="News <news@example.com>", text=TEXT, html=HTML)
@@ -56,6 +57,8 @@ def test_personalised_eml_and_one_click_unsubscribe_skips_the_next_broadcast(
     assert str(ann["Subject"]) == "Hi Ann" and str(bob["Subject"]) == "Hi"
     assert body(ann, "plain").startswith("Dear Ann,\r\nyour plan: pro.\r\n")
     assert "Dear friend," in body(bob, "plain") and "your plan: free." in body(bob, "plain")
+    # contact.tags is read at the handoff like the name and the attributes
+    assert "VIP" in body(ann, "plain") and "VIP" not in body(bob, "plain")
     assert "<p>Dear friend</p>" in body(bob, "html")
     link = str(bob["List-Unsubscribe"]).strip("<>")
     assert str(bob["List-Unsubscribe-Post"]) == "List-Unsubscribe=One-Click"
@@ -172,3 +175,26 @@ def test_the_cli_refuses_a_test_send_past_the_hourly_cap(conn: Conn, db_url: str
                           "me@example.com", check=False)
     assert done.returncode == 1 and "at most 50 test messages" in done.stderr
     assert conn.execute("SELECT count(*) AS n FROM test_sends").fetchone() == {"n": 50}
+
+
+def test_a_render_failure_fails_that_recipient_only(conn: Conn, db_url: str,
+                                                     tmp_path: Path) -> None:
+    conn.execute("INSERT INTO contacts (account, email, name, attributes) VALUES "
+                 "('default', 'ok1@example.com', 'A', '{\"word\": \"ab\", \"times\": 2}'), "
+                 "('default', 'huge@example.com', 'B', "
+                 "'{\"word\": \"ab\", \"times\": 100000000}'), "
+                 "('default', 'ok2@example.com', 'C', '{\"word\": \"c\", \"times\": 3}')")
+    row = broadcasts.create(conn, "default", subject="Hi", from_address="news@example.com",
+                            text="{{ contact.attributes.word * contact.attributes.times }} "
+                                 "{{ unsubscribe_url }}")
+    broadcasts.send(conn, "default", row["id"])
+    outbox = tmp_path / "outbox"
+    done = support.pgcast(db_url, "worker", "--once", env=file_env(db_url, outbox))
+    assert done.returncode == 0
+    rows = {r["email"]: r for r in conn.execute(
+        "SELECT email, status, last_error FROM broadcast_recipients WHERE broadcast_id = %s",
+        (row["id"],))}
+    assert rows["ok1@example.com"]["status"] == rows["ok2@example.com"]["status"] == "sent"
+    assert rows["huge@example.com"]["status"] == "failed"
+    assert "too long" in rows["huge@example.com"]["last_error"]
+    assert len(list((outbox / str(row["id"])).glob("*.eml"))) == 2

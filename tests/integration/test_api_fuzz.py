@@ -18,6 +18,13 @@ from tests.integration import test_api_helpers as h
 schema = schemathesis.openapi.from_dict(openapi.document())
 
 
+@schema.hook
+def filter_query(ctx: Any, query: Any) -> bool:
+    """No query value the HTTP client drops (an empty list): the server never sees it, so a
+    "schema-violating request accepted" would be about the client, not the app."""
+    return not isinstance(query, dict) or all(v != [] for v in query.values())
+
+
 @pytest.fixture(scope="module")
 def server(pg_server: str, template_db: str, tmp_path_factory: pytest.TempPathFactory
            ) -> Iterator[str]:

@@ -20,3 +20,13 @@ def test_drain_sends_every_recipient(db_url: str) -> None:
         assert support.status_counts(conn, row["id"]) == {"sent": 2_000}
         support.assert_counters_true(conn, row["id"])
     assert all(rss > 0 for rss in results[0].peak_rss)
+
+
+def test_schedule_probe_starts_the_due_broadcasts(db_url: str) -> None:
+    from bench import schedule
+
+    with support.connect(db_url) as conn:
+        support.seed_contacts(conn, 20, account="bench")
+    figures = schedule.measure(db_url, 50, 5, 2)  # asserts both due broadcasts started
+    assert len(figures["empty"]) == len(figures["sweep"]) == 5
+    assert figures["per_start"] > 0 and figures["plan"]  # a 50-row table may be scanned

@@ -119,10 +119,11 @@ def test_a_message_that_cannot_be_built_fails_alone_and_is_never_sent(
     real = render.render
 
     def render_or_raise(content: Any, cid: int, address: str, name: str | None,
-                        attributes: Any = None) -> Any:
+                        attributes: dict[str, Any] | None = None,
+                        tags: list[str] | None = None) -> Any:
         if cid == 2:
             raise ValueError("no such template variable")
-        return real(content, cid, address, name, attributes)
+        return real(content, cid, address, name, attributes, tags)
 
     monkeypatch.setattr(render, "render", render_or_raise)
     sender = dispatch.Sender(Recording(RuntimeError(), True), dispatch.Retries(), None)

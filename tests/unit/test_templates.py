@@ -72,3 +72,10 @@ def test_a_broken_stored_from_fails_every_recipient_with_the_reason() -> None:
                         None)
     with pytest.raises(errors.RenderError, match="exactly one address"):
         c.render(1, "x@example.com", "X")
+
+
+def test_template_size_and_tag_count_are_bounded_before_parsing() -> None:
+    with pytest.raises(errors.TemplateInvalid, match="at most 1000 tags"):
+        template.check("html", "<p>{{ contact.name }}</p>" * 1001)
+    with pytest.raises(errors.TemplateInvalid, match="characters"):
+        template.check("text", "x" * (template.MAX_SOURCE + 1))

@@ -1,0 +1,108 @@
+"""SES notifications (notificationType) and published events (eventType), normalized."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+BROADCAST_TAG = "pgcast_broadcast"  # EmailTags every SES send carries (worker/ses.py)
+CONTACT_TAG = "pgcast_contact"
+MAX_ADDRESSES = 50  # SES sends to at most 50 recipients per message
+MAX_DETAIL = 1000  # characters of a diagnostic kept
+
+
+@dataclass(frozen=True)
+class Event:
+    """One SES event as pgcast_ses_event_v1 takes it."""
+
+    event: str  # bounce | soft_bounce | complaint | delivery | the SES type, lowercased
+    at: dt.datetime
+    broadcast: uuid.UUID | None
+    contact: int | None
+    addresses: list[str]
+    detail: str | None
+
+
+def _when(raw: Any, fallback: dt.datetime) -> dt.datetime:
+    if isinstance(raw, str):
+        try:
+            when = dt.datetime.fromisoformat(raw)
+            if when.tzinfo is not None:
+                return when
+        except ValueError:
+            pass
+    return fallback
+
+
+def _text(value: Any) -> str | None:
+    """Printable text for the database (Postgres text holds no NUL), bounded."""
+    return str(value).replace("\x00", "")[:MAX_DETAIL] if value else None
+
+
+def _tag(tags: Any, name: str) -> str | None:
+    values = tags.get(name) if isinstance(tags, dict) else None
+    if isinstance(values, list) and len(values) == 1 and isinstance(values[0], str):
+        return values[0]
+    return None
+
+
+def _tags(mail: dict[str, Any]) -> tuple[uuid.UUID | None, int | None]:
+    """The broadcast and contact the EmailTags name, or (None, None) when either is bad."""
+    raw_b, raw_c = _tag(mail.get("tags"), BROADCAST_TAG), _tag(mail.get("tags"), CONTACT_TAG)
+    try:
+        broadcast = uuid.UUID(raw_b) if raw_b else None
+        contact = int(raw_c) if raw_c and raw_c.isdigit() and len(raw_c) <= 18 else None
+    except ValueError:
+        return None, None
+    if broadcast is None or contact is None:
+        return None, None
+    return broadcast, contact
+
+
+def _addresses(items: Any, key: str | None) -> list[str]:
+    if not isinstance(items, list):
+        return []
+    out = [i.get(key) if key and isinstance(i, dict) else i for i in items[:MAX_ADDRESSES]]
+    return [a for a in out if isinstance(a, str) and 0 < len(a) <= 320 and "\x00" not in a]
+
+
+def parse(text: str, sns_time: dt.datetime) -> Event | None:
+    """The event an SNS Message carries; None when it is not an SES event at all."""
+    try:
+        body = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(body, dict):
+        return None
+    kind = body.get("eventType", body.get("notificationType"))
+    mail = body.get("mail") if isinstance(body.get("mail"), dict) else {}
+    if not isinstance(kind, str) or not isinstance(mail, dict):
+        return None
+    broadcast, contact = _tags(mail)
+    fallback = _when(mail.get("timestamp"), sns_time)
+    if kind == "Bounce" and isinstance(body.get("bounce"), dict):
+        b = body["bounce"]
+        recipients = b.get("bouncedRecipients")
+        first = recipients[0] if isinstance(recipients, list) and recipients else {}
+        diagnostic = first.get("diagnosticCode") if isinstance(first, dict) else None
+        detail = " ".join(str(x) for x in (b.get("bounceType"), b.get("bounceSubType"),
+                                           diagnostic) if x)
+        hard = b.get("bounceType") == "Permanent"
+        return Event("bounce" if hard else "soft_bounce", _when(b.get("timestamp"), fallback),
+                     broadcast, contact, _addresses(recipients, "emailAddress"),
+                     _text(detail))
+    if kind == "Complaint" and isinstance(body.get("complaint"), dict):
+        c = body["complaint"]
+        feedback = c.get("complaintFeedbackType")
+        return Event("complaint", _when(c.get("timestamp"), fallback), broadcast, contact,
+                     _addresses(c.get("complainedRecipients"), "emailAddress"),
+                     _text(feedback))
+    if kind == "Delivery" and isinstance(body.get("delivery"), dict):
+        d = body["delivery"]
+        return Event("delivery", _when(d.get("timestamp"), fallback), broadcast, contact,
+                     _addresses(d.get("recipients"), None), None)
+    # Send, Reject, Open, Click, DeliveryDelay...: seen, nothing to apply
+    return Event(kind.lower().replace("\x00", "")[:40], fallback, broadcast, contact, [], None)

@@ -1,0 +1,200 @@
+"""Amazon SNS message verification: shape, topic, age, certificate URL, then the signature."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import collections
+import datetime as dt
+import re
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import anyio.to_thread
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+
+TYPES = ("Notification", "SubscriptionConfirmation", "UnsubscribeConfirmation")
+# the fields each type's canonical string signs, in the order SNS documents
+SIGNED = {
+    "Notification": ("Message", "MessageId", "Subject", "Timestamp", "TopicArn", "Type"),
+    "SubscriptionConfirmation": ("Message", "MessageId", "SubscribeURL", "Timestamp", "Token",
+                                 "TopicArn", "Type"),
+}
+SIGNED["UnsubscribeConfirmation"] = SIGNED["SubscriptionConfirmation"]
+OPTIONAL = frozenset({"Subject"})  # left out of the canonical string when absent
+HASHES: dict[str, Callable[[], hashes.HashAlgorithm]] = {"1": hashes.SHA1, "2": hashes.SHA256}
+# SNS's own endpoints: sns.<region>.amazonaws.com, nothing before or after
+SNS_HOST = re.compile(r"sns\.[a-z]{2}(-[a-z]+)+-[0-9]\.amazonaws\.com")
+MAX_FUTURE = 300.0  # seconds: a timestamp further ahead than clock skew explains is refused
+MAX_CERT_BYTES = 64 * 1024  # a PEM certificate is a few KB
+MAX_FIELD = 300 * 1024  # characters: SNS messages are at most 256 KB
+FETCH_TIMEOUT = 10.0  # seconds
+CACHE_SIZE = 16  # certificates: SNS signs with one per region at a time
+
+Fetch = Callable[[str], bytes]
+
+
+class Refused(Exception):
+    """A message that fails a check: refused with the reason, nothing fetched after it."""
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None  # a redirect could lead off the checked host
+
+
+_OPENER = urllib.request.build_opener(_NoRedirect)
+
+
+def https_get(url: str) -> bytes:
+    """GET an https URL (already checked to be on an SNS host), bounded; no redirects."""
+    try:
+        with _OPENER.open(url, timeout=FETCH_TIMEOUT) as answer:
+            body: bytes = answer.read(MAX_CERT_BYTES + 1)
+    except urllib.error.HTTPError as exc:
+        exc.close()  # it holds the answer's socket (a redirect, an error status)
+        raise
+    if len(body) > MAX_CERT_BYTES:
+        raise Refused(f"the answer of {url} is too large")
+    return body
+
+
+def sns_url(raw: Any, *, pem: bool) -> str:
+    """An https URL on an SNS host (parsed, not matched as text); raises Refused."""
+    if not isinstance(raw, str) or len(raw) > 2048:
+        raise Refused("the URL must be a string")
+    try:
+        url = urllib.parse.urlsplit(raw)
+        port = url.port
+    except ValueError as exc:
+        raise Refused(f"malformed URL: {exc}") from None
+    if url.scheme != "https" or url.username is not None or url.password is not None:
+        raise Refused("the URL must be https, without credentials")
+    if port not in (None, 443) or not SNS_HOST.fullmatch(url.hostname or ""):
+        raise Refused(f"the URL is not on an SNS host: {url.hostname!r}")
+    if pem and (not url.path.endswith(".pem") or url.query or url.fragment):
+        raise Refused("the signing certificate URL must name a .pem file")
+    return raw
+
+
+def canonical(message: Mapping[str, Any]) -> bytes:
+    """The string SNS signs for this message's type: `name\\nvalue\\n` per signed field."""
+    parts: list[str] = []
+    for name in SIGNED[message["Type"]]:
+        if name in OPTIONAL and name not in message:
+            continue
+        parts.extend((name, message[name]))
+    return ("\n".join(parts) + "\n").encode()
+
+
+def _timestamp(raw: str) -> float:
+    try:
+        when = dt.datetime.fromisoformat(raw)
+    except ValueError:
+        raise Refused(f"malformed Timestamp: {raw[:40]!r}") from None
+    if when.tzinfo is None:
+        raise Refused("the Timestamp has no time zone")
+    return when.timestamp()
+
+
+class Verifier:
+    """Checks SNS messages for the allowed topics; fetches certificates through `fetch`.
+
+    `fetch` is the seam tests use to hand over their own certificate; production uses
+    https_get. The certificate URL is fetched only for a message that passed every other
+    check, and each certificate is fetched once (cached by URL).
+    """
+
+    def __init__(self, topics: frozenset[str], max_age: float, fetch: Fetch = https_get,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.topics = topics
+        self.max_age = max_age
+        self.fetch = fetch
+        self.clock = clock
+        self._keys: collections.OrderedDict[str, rsa.RSAPublicKey] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def check(self, message: Any) -> bytes:
+        """Every check that needs no certificate; returns the decoded signature."""
+        if not isinstance(message, dict):
+            raise Refused("the body must be a JSON object")
+        kind = message.get("Type")
+        if kind not in TYPES:
+            raise Refused(f"unknown Type {str(kind)[:40]!r}")
+        for name in (*SIGNED[kind], "SignatureVersion", "Signature", "SigningCertURL"):
+            value = message.get(name)
+            if name in OPTIONAL and value is None:
+                continue
+            if not isinstance(value, str) or len(value) > MAX_FIELD:
+                raise Refused(f"{name} is missing or not a string")
+        if message["SignatureVersion"] not in HASHES:
+            raise Refused(f"unknown SignatureVersion {message['SignatureVersion'][:10]!r}")
+        if message["TopicArn"] not in self.topics:
+            raise Refused(f"topic not allowed: {message['TopicArn'][:300]!r}")
+        age = self.clock() - _timestamp(message["Timestamp"])
+        if age > self.max_age:
+            raise Refused(f"the message is {age:.0f} s old (PGCAST_SNS_MAX_AGE {self.max_age:.0f})")
+        if age < -MAX_FUTURE:
+            raise Refused("the Timestamp is in the future")
+        sns_url(message["SigningCertURL"], pem=True)
+        if kind == "SubscriptionConfirmation":
+            sns_url(message["SubscribeURL"], pem=False)
+        try:
+            return base64.b64decode(message["Signature"], validate=True)
+        except (binascii.Error, ValueError):
+            raise Refused("the Signature is not base64") from None
+
+    def key(self, url: str) -> rsa.RSAPublicKey:
+        """The public key of the certificate at url (fetched once, then cached)."""
+        with self._lock:
+            cached = self._keys.get(url)
+            if cached is not None:
+                self._keys.move_to_end(url)
+                return cached
+        try:
+            pem = self.fetch(url)
+        except (OSError, urllib.error.URLError) as exc:
+            raise CertificateUnavailable(f"cannot fetch {url}: {exc}") from None
+        try:
+            public = x509.load_pem_x509_certificate(pem).public_key()
+        except ValueError:
+            raise Refused(f"{url} is not a PEM certificate") from None
+        if not isinstance(public, rsa.RSAPublicKey):
+            raise Refused(f"{url} does not hold an RSA key")
+        with self._lock:
+            self._keys[url] = public
+            while len(self._keys) > CACHE_SIZE:
+                self._keys.popitem(last=False)
+        return public
+
+    def verify_sync(self, message: Any) -> dict[str, Any]:
+        """The message, verified; raises Refused (or CertificateUnavailable: retry later)."""
+        signature = self.check(message)
+        public = self.key(message["SigningCertURL"])
+        try:
+            public.verify(signature, canonical(message), padding.PKCS1v15(),
+                          HASHES[message["SignatureVersion"]]())
+        except InvalidSignature:
+            raise Refused("the signature does not verify") from None
+        return dict(message)
+
+    async def verify(self, message: Any) -> dict[str, Any]:
+        """verify_sync off the event loop (a certificate fetch blocks)."""
+        self.check(message)  # cheap refusals answer without a thread
+        return await anyio.to_thread.run_sync(self.verify_sync, message)
+
+    async def get(self, url: str) -> bytes:
+        """Fetch a URL through the same seam (a SubscribeURL, already checked)."""
+        return await anyio.to_thread.run_sync(self.fetch, url)
+
+
+class CertificateUnavailable(Exception):
+    """The signing certificate could not be fetched: answer 503 so SNS retries."""

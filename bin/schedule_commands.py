@@ -1,0 +1,56 @@
+"""`pgcast broadcast schedule|unschedule|retry|copy`: scheduled sends, retries and copies."""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import socket
+from typing import Any
+
+from sql import broadcasts, db, schedule
+
+
+def _who() -> dict[str, Any]:
+    # who did it goes into the broadcast's audit log
+    return {"via": "cli", "user": getpass.getuser(), "host": socket.gethostname()}
+
+
+def _emit(payload: Any) -> None:
+    print(json.dumps(payload, default=str))
+
+
+def cmd_schedule(args: argparse.Namespace) -> int:
+    """Run one of the schedule, unschedule, retry and copy commands."""
+    bid = broadcasts.parse_id(args.id)
+    with db.connect(autocommit=True) as conn:
+        if args.action == "copy":
+            row = schedule.copy(conn, args.account, bid, _who())
+            print(row["id"])
+            return 0
+        if args.action == "schedule":
+            result = schedule.schedule(conn, args.account, bid, args.at, args.not_after, _who())
+        elif args.action == "unschedule":
+            result = schedule.unschedule(conn, args.account, bid, _who())
+        else:
+            result = schedule.retry(conn, args.account, bid, args.include_unknown, _who())
+    _emit(result)
+    return 0 if result["success"] else 1
+
+
+def register(bsub: Any, account_default: str) -> None:
+    """Add schedule, unschedule, retry and copy to `pgcast broadcast`."""
+    s = bsub.add_parser("schedule", help="start a draft at a given time")
+    s.add_argument("--at", required=True, metavar="TIME",
+                   help="ISO 8601 with an offset, e.g. 2026-12-24T09:00:00+01:00")
+    s.add_argument("--not-after", metavar="TIME",
+                   help="latest start: later than this, the broadcast fails (missed_window)")
+    u = bsub.add_parser("unschedule", help="take a scheduled broadcast back to draft")
+    r = bsub.add_parser("retry", help="send again to the recipients a finished broadcast failed")
+    r.add_argument("--include-unknown", action="store_true",
+                   help="also recipients whose outcome is unknown (they may have got it)")
+    c = bsub.add_parser("copy", help="a new draft with the same content and segment")
+    for sp in (s, u, r, c):
+        sp.add_argument("id")
+        sp.add_argument("--account", default=account_default)
+        sp.set_defaults(func=cmd_schedule)
