@@ -12,6 +12,7 @@ import signal
 import psycopg
 from psycopg_pool import AsyncConnectionPool
 
+from sql import db
 from sql.queries import QUERIES
 from worker import control, engine, errors, providers, sweeper
 
@@ -60,7 +61,7 @@ def configure_rate(url: str, provider: providers.Provider) -> float | None:
     burst = _number("PGCAST_BURST", burst_raw) if burst_raw else default_burst(rate)
     if burst < 1:
         raise errors.ConfigError("PGCAST_BURST must be >= 1")
-    with psycopg.connect(url, autocommit=True) as conn:
+    with psycopg.connect(url, autocommit=True, **db.CONNECT_KWARGS) as conn:
         if not explicit:
             # SES's limit is a ceiling, not an order: a lower rate an operator set with
             # `pgcast rate set` (or an UPDATE) survives worker restarts
@@ -92,8 +93,10 @@ async def _renew(eng: engine.Engine) -> None:
             log.warning("lease renewal failed (%s); will retry", exc)
 
 
-async def _run_sweeper(url: str, settings: engine.Settings, stopping: asyncio.Event) -> None:
-    """procrastinate's worker for the sweeper task, restarted after a database outage."""
+async def _run_sweeper(url: str, settings: engine.Settings, stopping: asyncio.Event,
+                       listen: bool) -> None:
+    """procrastinate's worker for the sweeper task, restarted after a database outage;
+    `listen`: `url` is a session of our own (else procrastinate polls for its jobs)."""
     delay = 1.0
     while not stopping.is_set():
         try:
@@ -101,6 +104,7 @@ async def _run_sweeper(url: str, settings: engine.Settings, stopping: asyncio.Ev
             async with app.open_async():
                 await app.run_worker_async(queues=[sweeper.QUEUE], install_signal_handlers=False,
                                            delete_jobs="successful", name="pgcast-sweeper",
+                                           listen_notify=listen,
                                            fetch_job_polling_interval=settings.poll * 5)
         except asyncio.CancelledError:
             raise
@@ -117,8 +121,13 @@ async def run(settings: engine.Settings, url: str) -> engine.Stats:
     configure_rate(url, provider)
     if settings.once:
         sweeper.sweep_once(url)
+    # LISTEN needs a session of its own, which a transaction pooler does not give
+    direct = db.listen_url(url)
+    if direct is None:
+        log.info("DATABASE_URL goes through a pooler and PGCAST_LISTEN_URL is unset: "
+                 "polling every %.1fs instead of LISTEN", settings.poll)
     pool = AsyncConnectionPool(url, min_size=1, max_size=settings.concurrency + 2,
-                               kwargs={"autocommit": True}, open=False,
+                               kwargs={"autocommit": True, **db.CONNECT_KWARGS}, open=False,
                                check=AsyncConnectionPool.check_connection,
                                reconnect_timeout=3600)
     await pool.open(wait=True, timeout=30)
@@ -127,11 +136,14 @@ async def run(settings: engine.Settings, url: str) -> engine.Stats:
     for sig in (signal.SIGTERM, signal.SIGINT):
         # finish the group in hand, release the rest of the batch, exit 0
         loop.add_signal_handler(sig, eng.stopping.set)
-    side = [asyncio.create_task(control.listen(url, eng.state, eng.stopping), name="listen"),
-            asyncio.create_task(_renew(eng), name="renew")]
+    side = [asyncio.create_task(_renew(eng), name="renew")]
+    if direct is not None:
+        side.append(asyncio.create_task(control.listen(direct, eng.state, eng.stopping),
+                                        name="listen"))
     if settings.sweeper and not settings.once:
-        side.append(asyncio.create_task(_run_sweeper(url, settings, eng.stopping),
-                                        name="sweeper"))
+        side.append(asyncio.create_task(
+            _run_sweeper(direct or url, settings, eng.stopping, direct is not None),
+            name="sweeper"))
     log.info("worker %s started (provider %s)", eng.name, provider.name)
     try:
         stats = await eng.run()

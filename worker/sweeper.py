@@ -8,6 +8,7 @@ from typing import Any
 import procrastinate
 import psycopg
 
+from sql import db
 from sql.queries import QUERIES
 
 log = logging.getLogger("pgcast.sweeper")
@@ -17,7 +18,8 @@ QUEUE = "pgcast"
 
 def sweep_once(url: str) -> list[dict[str, Any]]:
     """Reclaim expired leases, mark lost handoffs unknown, finalize drained broadcasts."""
-    with psycopg.connect(url, autocommit=True, row_factory=psycopg.rows.dict_row) as conn:
+    with psycopg.connect(url, autocommit=True, row_factory=psycopg.rows.dict_row,
+                         **db.CONNECT_KWARGS) as conn:
         rows = [dict(r) for r in conn.execute(QUERIES["sweep"]).fetchall()]
     _log(rows)
     return rows
@@ -33,7 +35,7 @@ def make_app(url: str, cron: str) -> procrastinate.App:
     """A procrastinate app whose only task is the sweeper, deferred once per period."""
     # two connections: the job fetch/LISTEN and the sweep itself need no more per worker
     app = procrastinate.App(connector=procrastinate.PsycopgConnector(
-        conninfo=url, min_size=1, max_size=2))
+        conninfo=url, min_size=1, max_size=2, kwargs=dict(db.CONNECT_KWARGS)))
 
     # queueing_lock: at most one sweep waiting at a time, however many workers defer it;
     # procrastinate's periodic deferrer defers each period once across all workers.
@@ -41,7 +43,8 @@ def make_app(url: str, cron: str) -> procrastinate.App:
     @app.task(name="pgcast.sweep", queue=QUEUE, queueing_lock="pgcast.sweep")
     async def sweep(timestamp: int) -> None:
         async with await psycopg.AsyncConnection.connect(
-                url, autocommit=True, row_factory=psycopg.rows.dict_row) as conn:
+                url, autocommit=True, row_factory=psycopg.rows.dict_row,
+                **db.CONNECT_KWARGS) as conn:
             cur = await conn.execute(QUERIES["sweep"])
             _log([dict(r) for r in await cur.fetchall()])
 
