@@ -9,6 +9,7 @@ from typing import Any
 
 from api import auth, config
 from api import errors as api_errors
+from bin import logs
 from sql import errors as sql_errors
 
 DEFAULT_HOST = "127.0.0.1"
@@ -51,6 +52,13 @@ def cmd_api(args: argparse.Namespace) -> int:
 
     if not 0 < args.port < 65536:
         raise sql_errors.InvalidInput(f"--port must be between 1 and 65535: {args.port}")
+    level = os.environ.get("PGCAST_LOG_LEVEL", "info").lower()
+    try:
+        fmt = logs.log_format()
+    except ValueError as exc:
+        raise sql_errors.InvalidInput(str(exc)) from None
+    # uvicorn's own loggers (startup lines, access log) hand their records to ours
+    log_config = logs.dict_config(level, fmt, ("uvicorn", "uvicorn.error", "uvicorn.access"))
     application = api_app.create_app(_settings(), db.database_url())
 
     class Server(uvicorn.Server):
@@ -62,7 +70,7 @@ def cmd_api(args: argparse.Namespace) -> int:
     Server(uvicorn.Config(
         application, host=args.host, port=args.port, proxy_headers=False,
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN,
-        log_level=os.environ.get("PGCAST_LOG_LEVEL", "info").lower(),
+        log_level=level, log_config=log_config,
         access_log=os.environ.get("PGCAST_API_ACCESS_LOG", "0") == "1")).run()
     return 0
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
 import math
 import os
 import sys
@@ -15,6 +14,7 @@ from typing import Any, NoReturn
 
 import psycopg
 
+from bin import logs
 from sql import broadcasts, contacts, db, embedded, errors, migrate
 from sql.queries import QUERIES
 
@@ -120,8 +120,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
         raise UsageError("--concurrency and --batch-size must be at least 1")
     if settings.lease < 1:
         raise UsageError("--lease must be at least 1 second")
-    logging.basicConfig(level=os.environ.get("PGCAST_LOG_LEVEL", "INFO").upper(),
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        logs.configure(os.environ.get("PGCAST_LOG_LEVEL", "INFO"))
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     stats = asyncio.run(worker_main.run(settings, db.database_url()))
     print(json.dumps({"sent": stats.sent, "failed": stats.failed, "retried": stats.retried,
                       "groups": stats.groups}), file=sys.stderr)
