@@ -300,6 +300,9 @@ def _add_api_commands(sub: Any) -> None:
     except ImportError:
         return
     api_commands.register(sub)
+    from bin import ops_commands
+
+    ops_commands.register(sub)
 
 
 def _config_error() -> type[Exception]:
