@@ -14,7 +14,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from sql import db
 from sql.queries import QUERIES
-from worker import control, engine, errors, providers, sweeper
+from worker import control, engine, errors, providers, retention, sweeper
 
 log = logging.getLogger("pgcast.worker")
 
@@ -94,18 +94,25 @@ async def _renew(eng: engine.Engine) -> None:
 
 
 async def _run_sweeper(url: str, settings: engine.Settings, stopping: asyncio.Event,
-                       listen: bool) -> None:
-    """procrastinate's worker for the sweeper task, restarted after a database outage;
-    `listen`: `url` is a session of our own (else procrastinate polls for its jobs)."""
+                       listen: bool, retention_days: float | None) -> None:
+    """procrastinate's worker for the sweeper task (and retention's, on a loop of its own),
+    restarted after a database outage; `listen`: `url` is a session of our own (else
+    procrastinate polls for its jobs)."""
     delay = 1.0
     while not stopping.is_set():
         try:
-            app = sweeper.make_app(url, settings.sweep_cron)
+            app = sweeper.make_app(url, settings.sweep_cron, retention_days)
             async with app.open_async():
-                await app.run_worker_async(queues=[sweeper.QUEUE], install_signal_handlers=False,
-                                           delete_jobs="successful", name="pgcast-sweeper",
-                                           listen_notify=listen,
-                                           fetch_job_polling_interval=settings.poll * 5)
+                loops = [app.run_worker_async(queues=[sweeper.QUEUE], install_signal_handlers=False,
+                                              delete_jobs="successful", name="pgcast-sweeper",
+                                              listen_notify=listen,
+                                              fetch_job_polling_interval=settings.poll * 5)]
+                if retention_days is not None:
+                    loops.append(app.run_worker_async(
+                        queues=[retention.QUEUE], install_signal_handlers=False,
+                        delete_jobs="successful", name="pgcast-retention",
+                        listen_notify=listen, fetch_job_polling_interval=settings.poll * 5))
+                await asyncio.gather(*loops)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - an outage must not end the sweeper for good
@@ -118,6 +125,7 @@ async def _run_sweeper(url: str, settings: engine.Settings, stopping: asyncio.Ev
 async def run(settings: engine.Settings, url: str) -> engine.Stats:
     """Run one worker process until SIGTERM/SIGINT (or drained, with --once)."""
     provider = providers.from_env()
+    retention_days = retention.days_from_env()
     configure_rate(url, provider)
     if settings.once:
         sweeper.sweep_once(url)
@@ -142,7 +150,8 @@ async def run(settings: engine.Settings, url: str) -> engine.Stats:
                                         name="listen"))
     if settings.sweeper and not settings.once:
         side.append(asyncio.create_task(
-            _run_sweeper(direct or url, settings, eng.stopping, direct is not None),
+            _run_sweeper(direct or url, settings, eng.stopping, direct is not None,
+                         retention_days),
             name="sweeper"))
     log.info("worker %s started (provider %s)", eng.name, provider.name)
     try:

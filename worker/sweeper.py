@@ -31,11 +31,13 @@ def _log(rows: list[dict[str, Any]]) -> None:
                  row["reclaimed"], row["unknown"], row["finalized"])
 
 
-def make_app(url: str, cron: str) -> procrastinate.App:
-    """A procrastinate app whose only task is the sweeper, deferred once per period."""
-    # two connections: the job fetch/LISTEN and the sweep itself need no more per worker
+def make_app(url: str, cron: str, retention_days: float | None = None) -> procrastinate.App:
+    """A procrastinate app whose task is the sweeper, deferred once per period (and the
+    retention task when PGCAST_RETENTION_DAYS is set)."""
+    # two connections per worker loop: its job fetch/LISTEN and the job itself
     app = procrastinate.App(connector=procrastinate.PsycopgConnector(
-        conninfo=url, min_size=1, max_size=2, kwargs=dict(db.CONNECT_KWARGS)))
+        conninfo=url, min_size=1, max_size=2 if retention_days is None else 4,
+        kwargs=dict(db.CONNECT_KWARGS)))
 
     # queueing_lock: at most one sweep waiting at a time, however many workers defer it;
     # procrastinate's periodic deferrer defers each period once across all workers.
@@ -49,4 +51,8 @@ def make_app(url: str, cron: str) -> procrastinate.App:
             _log([dict(r) for r in await cur.fetchall()])
 
     del sweep
+    if retention_days is not None:
+        from worker import retention
+
+        retention.register(app, url, retention_days)
     return app
