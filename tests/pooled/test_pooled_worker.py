@@ -47,3 +47,24 @@ def test_sweeper_through_pgbouncer_returns_an_expired_claim(
     assert procs.stop(worker) == 0
     log = procs.log(worker)
     assert "polling every" in log and "Traceback" not in log, log
+
+
+def test_migrate_and_retention_through_pgbouncer(
+        pg_server: str, pgbouncer: support.PgBouncer) -> None:
+    from tests.integration import test_retention as r
+
+    with support.fresh_database(pg_server, "template0") as direct:
+        pooled = pgbouncer.url(direct)
+        assert "procrastinate" in support.pgcast(pooled, "migrate").stdout
+        assert support.pgcast(pooled, "migrate").stdout.strip() == "up to date"
+        with support.connect(direct) as conn:
+            support.seed_contacts(conn, 10)
+            bid = r.sent_broadcast(conn)
+            r.age(conn, bid, 2)
+        # DETACH ... CONCURRENTLY is one statement of its own: a transaction pooler passes it
+        out = support.pgcast(pooled, "retention", "--older-than", "1d")
+        assert '"broadcasts": 1' in out.stdout
+        with support.connect(direct) as conn:
+            assert not r.partition_attached(conn, bid)
+            assert conn.execute("SELECT count(*) AS n FROM broadcast_recipients_archive"
+                                ).fetchone() == {"n": 10}
