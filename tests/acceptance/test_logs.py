@@ -60,3 +60,10 @@ def test_api_logs_json_and_refuses_an_unknown_format(
     assert any(x["logger"] == "uvicorn.access" and "GET /healthz" in x["message"]
                for x in lines)
     assert all({"timestamp", "level", "logger", "message"} <= set(x) for x in lines), lines
+
+
+def test_worker_and_retention_refuse_an_unknown_format(db_url: str) -> None:
+    for args in (["worker", "--once"], ["retention", "--dry-run"]):
+        done = support.pgcast(db_url, *args, check=False, env=support.pgcast_env(
+            db_url, PGCAST_PROVIDER="null", PGCAST_LOG_FORMAT="yaml"))
+        assert done.returncode == 2 and "text or json" in done.stderr, (args, done.stderr)
