@@ -145,12 +145,12 @@ def run(url: str | None, broadcasts: int, size: int, recipients: int, rounds: in
                  + f"; ratio of the medians {of_medians:.2f}")
 
     figures.append(ratio_figure(
-        "retention_before", f"{recipients // 1000}k drain with {broadcasts:,} finished broadcasts attached / "
-        "fresh database", before, "", None))
+        "retention_before", f"{recipients // 1000}k drain with {broadcasts:,} finished "
+        "broadcasts attached / fresh database", before, "", None))
     figures[-1].note += f"; {broadcasts:,} broadcasts of {size} set up in {setup:.0f}s"
     figures.append(ratio_figure(
-        "retention_after", f"{recipients // 1000}k drain after `pgcast retention --older-than {older_than}` / "
-        "fresh database", after, ">= 0.9×", lambda v: v >= 0.9))
+        "retention_after", f"{recipients // 1000}k drain after `pgcast retention "
+        f"--older-than {older_than}` / fresh database", after, ">= 0.9×", lambda v: v >= 0.9))
     figures[-1].note += f"; partitions still attached: {live_left['n'] if live_left else '?'}"
     figures.append(common.Figure(
         "retention_time", f"pgcast retention, {report.broadcasts:,} broadcasts archived",

@@ -67,8 +67,19 @@ def cmd_api(args: argparse.Namespace) -> int:
             application.state.stopping = True
             super().handle_exit(sig, frame)
 
+    served: Any = application
+    if args.metrics_addr:
+        from api import metrics
+        from sql import metrics as sql_metrics
+
+        _, port = sql_metrics.parse_addr(args.metrics_addr)
+        if port == args.port:
+            raise sql_errors.InvalidInput("--metrics-addr must not be the API's own port")
+        sql_metrics.serve(args.metrics_addr, db.database_url())
+        served = metrics.Metered(application)
+
     Server(uvicorn.Config(
-        application, host=args.host, port=args.port, proxy_headers=False,
+        served, host=args.host, port=args.port, proxy_headers=False,
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN,
         log_level=level, log_config=log_config,
         access_log=os.environ.get("PGCAST_API_ACCESS_LOG", "0") == "1")).run()
@@ -92,6 +103,10 @@ def register(sub: Any) -> None:
                    help=f"listen address (default {DEFAULT_HOST}, env PGCAST_API_HOST)")
     a.add_argument("--port", type=int, default=int(os.environ.get("PGCAST_API_PORT", DEFAULT_PORT)),
                    help=f"listen port (default {DEFAULT_PORT}, env PGCAST_API_PORT)")
+    a.add_argument("--metrics-addr", metavar="HOST:PORT",
+                   default=os.environ.get("PGCAST_METRICS_ADDR") or None,
+                   help="serve Prometheus metrics there, never on the API's port "
+                        "(env PGCAST_METRICS_ADDR; default off)")
     a.set_defaults(func=cmd_api)
 
     t = sub.add_parser("token", help="print a JWT signed with PGCAST_JWT_SECRET (development)")

@@ -124,7 +124,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
         logs.configure(os.environ.get("PGCAST_LOG_LEVEL", "INFO"))
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    stats = asyncio.run(worker_main.run(settings, db.database_url()))
+    stats = asyncio.run(worker_main.run(settings, db.database_url(),
+                                        metrics_addr=args.metrics_addr))
     print(json.dumps({"sent": stats.sent, "failed": stats.failed, "retried": stats.retried,
                       "groups": stats.groups}), file=sys.stderr)
     return 0
@@ -244,6 +245,9 @@ def build_parser() -> Parser:
                    default=int(os.environ.get("PGCAST_SWEEP_SECONDS", "5")),
                    help="sweeper period, 1-59 s (default 5, env PGCAST_SWEEP_SECONDS)")
     w.add_argument("--no-sweeper", action="store_true", help="do not run the sweeper here")
+    w.add_argument("--metrics-addr", metavar="HOST:PORT",
+                   default=os.environ.get("PGCAST_METRICS_ADDR") or None,
+                   help="serve Prometheus metrics there (env PGCAST_METRICS_ADDR; default off)")
     w.set_defaults(func=cmd_worker)
 
     c = sub.add_parser("contacts", help="import and unsubscribe contacts")

@@ -48,3 +48,16 @@ UNION ALL
 SELECT a.broadcast_id, a.email, a.status, a.sent_at, a.provider_message_id, true
 FROM broadcast_recipients_archive a
 WHERE a.broadcast_id = %(id)s AND lower(a.email) = lower(%(email)s)
+
+-- metrics_queue --
+-- The queue as Postgres sees it: recipients not terminal yet (the counters of sending and
+-- paused broadcasts), rows in workers' hands (the in-flight indexes), broadcasts by status.
+SELECT
+    (SELECT coalesce(sum(b.total - b.sent - b.failed - b.skipped - b.unknown - b.cancelled), 0)
+     FROM broadcasts b WHERE b.status IN ('sending', 'paused')) AS pending,
+    (SELECT count(*) FROM broadcast_recipients r
+     WHERE r.worker IS NOT NULL AND r.status = 'claimed') AS claimed,
+    (SELECT count(*) FROM broadcast_recipients r
+     WHERE r.worker IS NOT NULL AND r.status = 'sending') AS sending,
+    (SELECT count(*) FROM broadcasts b WHERE b.status = 'sending') AS broadcasts_sending,
+    (SELECT count(*) FROM broadcasts b WHERE b.status = 'paused') AS broadcasts_paused

@@ -122,9 +122,18 @@ async def _run_sweeper(url: str, settings: engine.Settings, stopping: asyncio.Ev
         delay = min(30.0, delay * 2)
 
 
-async def run(settings: engine.Settings, url: str) -> engine.Stats:
-    """Run one worker process until SIGTERM/SIGINT (or drained, with --once)."""
-    provider = providers.from_env()
+async def run(settings: engine.Settings, url: str,
+              metrics_addr: str | None = None) -> engine.Stats:
+    """Run one worker process until SIGTERM/SIGINT (or drained, with --once); with
+    `metrics_addr`, serve Prometheus metrics there."""
+    provider: providers.Provider = providers.from_env()
+    make_engine = engine.Engine
+    if metrics_addr:
+        from sql import metrics as sql_metrics
+        from worker import metrics
+
+        sql_metrics.serve(metrics_addr, url)
+        provider, make_engine = metrics.MeteredProvider(provider), metrics.MeteredEngine
     retention_days = retention.days_from_env()
     configure_rate(url, provider)
     if settings.once:
@@ -139,7 +148,7 @@ async def run(settings: engine.Settings, url: str) -> engine.Stats:
                                check=AsyncConnectionPool.check_connection,
                                reconnect_timeout=3600)
     await pool.open(wait=True, timeout=30)
-    eng = engine.Engine(settings, provider, pool)
+    eng = make_engine(settings, provider, pool)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         # finish the group in hand, release the rest of the batch, exit 0
