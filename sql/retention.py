@@ -94,3 +94,9 @@ def run(conn: psycopg.Connection[Any], older_than: float, *, dry_run: bool = Fal
                 log.info("archived broadcast %s: %d recipients", b["id"], n)
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def lookup(conn: psycopg.Connection[Any], bid: uuid.UUID, email: str) -> list[dict[str, Any]]:
+    """Was `email` a recipient of broadcast `bid`: its row, live or archived ([] if not)."""
+    cur = conn.cursor(row_factory=psycopg.rows.dict_row)
+    return cur.execute(QUERIES["recipient_lookup"], {"id": bid, "email": email}).fetchall()

@@ -98,7 +98,7 @@ def test_recipient_lookup_answers_for_live_and_archived_broadcasts(conn: Conn) -
     retention.run(conn, 90 * DAY)
 
     def lookup(bid: uuid.UUID, email: str) -> list[dict[str, Any]]:
-        return conn.execute(QUERIES["recipient_lookup"], {"id": bid, "email": email}).fetchall()
+        return retention.lookup(conn, bid, email)
 
     for bid, archived in ((old, True), (recent, False)):
         (hit,) = lookup(bid, "USER9@example.com")  # addresses compare case-insensitively
@@ -163,6 +163,12 @@ def test_the_command_archives_and_prints_what_it_did(db_url: str, conn: Conn) ->
     assert json.loads(out.stdout)["broadcasts"] == 1 and not partition_attached(conn, bid)
     bad = support.pgcast(db_url, "retention", "--older-than", "soon", check=False)
     assert bad.returncode == 2 and "--older-than" in bad.stderr
+    found = support.pgcast(db_url, "lookup", str(bid), "User9@Example.com")
+    row = json.loads(found.stdout)
+    assert (row["status"], row["archived"], row["email"]) == ("sent", True, "user9@example.com")
+    assert row["provider_message_id"] and row["sent_at"]
+    assert support.pgcast(db_url, "lookup", str(bid), "x@example.com", check=False
+                          ).returncode == 1
 
 
 def test_a_detach_cancelled_half_way_is_finalized(db_url: str, conn: Conn) -> None:
