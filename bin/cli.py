@@ -15,7 +15,7 @@ from typing import Any, NoReturn
 
 import psycopg
 
-from bin import broadcast_commands, contacts_commands, output, schedule_commands
+from bin import broadcast_commands, contacts_commands, logs, output, schedule_commands
 from mail import template
 from sql import broadcasts, contacts, db, embedded, errors, migrate
 from sql.queries import QUERIES
@@ -185,11 +185,15 @@ def cmd_worker(args: argparse.Namespace) -> int:
     if settings.lease < 1:
         raise UsageError("--lease must be at least 1 second")
     level = log_level()
-    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        logs.configure(level)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     if level != "DEBUG":
         # procrastinate logs each periodic sweep job at INFO: DEBUG material for an operator
         logging.getLogger("procrastinate").setLevel(logging.WARNING)
-    stats = asyncio.run(worker_main.run(settings, db.database_url()))
+    stats = asyncio.run(worker_main.run(settings, db.database_url(),
+                                        metrics_addr=args.metrics_addr))
     print(json.dumps({"sent": stats.sent, "failed": stats.failed, "retried": stats.retried,
                       "groups": stats.groups}), file=sys.stderr)
     return 0
@@ -323,6 +327,9 @@ def build_parser() -> Parser:
                    default=os.environ.get("PGCAST_SWEEP_SECONDS", "5"),
                    help="sweeper period, 1-59 s (default 5, env PGCAST_SWEEP_SECONDS)")
     w.add_argument("--no-sweeper", action="store_true", help="do not run the sweeper here")
+    w.add_argument("--metrics-addr", metavar="HOST:PORT",
+                   default=os.environ.get("PGCAST_METRICS_ADDR") or None,
+                   help="serve Prometheus metrics there (env PGCAST_METRICS_ADDR; default off)")
     w.set_defaults(func=cmd_worker)
 
     c = sub.add_parser("contacts", help="import, list, export, unsubscribe and erase contacts")
@@ -404,6 +411,9 @@ def _add_api_commands(sub: Any) -> None:
     except ImportError:
         return
     api_commands.register(sub)
+    from bin import ops_commands
+
+    ops_commands.register(sub)
 
 
 def _config_error() -> type[Exception]:
