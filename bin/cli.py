@@ -223,7 +223,8 @@ def cmd_broadcast(args: argparse.Namespace) -> int:
             row = broadcasts.create(conn, args.account, subject=args.subject,
                                     from_address=args.from_address, text=_read_text(args.text),
                                     html=_read_text(args.html), tag=args.tag,
-                                    rate_limit=args.rate_limit)
+                                    rate_limit=args.rate_limit,
+                                    details=output.actor(args.actor))
             for warning in template.warnings(row["text_body"], row["html_body"]):
                 print(f"pgcast: warning: {warning}", file=sys.stderr)
             print(row["id"])
@@ -362,6 +363,8 @@ def build_parser() -> Parser:
     bc.add_argument("--html", metavar="FILE", help="the HTML body (--text, --html or both)")
     bc.add_argument("--tag", help="send only to contacts with this tag")
     bc.add_argument("--rate-limit", type=_positive(float), help="cap for this broadcast, emails/s")
+    bc.add_argument("--actor", metavar="NAME",
+                    help="who is doing this, for the audit log (default: the OS user)")
     bl = bsub.add_parser("list", help="newest first: a table on a terminal, else JSON")
     bl.add_argument("--limit", type=int, default=50, help="at most N broadcasts (default 50)")
     bl.add_argument("--json", action="store_true", help="JSON even on a terminal")

@@ -1615,42 +1615,7 @@ CREATE TABLE contact_erasures (
     PRIMARY KEY (account, email_hash)
 );
 
--- erase: remove one address of an account from contacts and recipient rows; keep its hash.
--- Lock order (0005's): the contacts fence (the advisory lock a handoff takes shared before it
--- reads contacts), then the contact's recipient rows (one per broadcast), then the contact
--- row. A handoff that meets a deleted contact skips its row ('contact erased').
-CREATE FUNCTION pgcast_erase_v1(p_account text, p_email text, p_source text, p_actor jsonb)
-RETURNS TABLE (contact_id bigint, recipients bigint)
-LANGUAGE plpgsql
-AS $$
-DECLARE
-    cid bigint;
-    n bigint := 0;
-BEGIN
-    PERFORM set_config('synchronous_commit', 'on', true);
-    INSERT INTO contact_erasures (account, email_hash)
-    VALUES (p_account, sha256(convert_to(lower(btrim(p_email)), 'UTF8')))
-    ON CONFLICT DO NOTHING;
-    -- lock order (docs/design.md): the contact row, then the contacts fence, then the rows
-    SELECT c.id INTO cid FROM contacts c
-    WHERE c.account = p_account AND lower(c.email) = lower(btrim(p_email)) FOR UPDATE;
-    IF cid IS NULL THEN
-        RETURN QUERY SELECT NULL::bigint, 0::bigint;
-        RETURN;
-    END IF;
-    PERFORM pg_advisory_xact_lock(hashtext('pgcast.contacts'), hashtext(p_account));
-    UPDATE broadcast_recipients r
-    SET email = 'erased-' || cid || '@erased.invalid', last_error = NULL
-    WHERE r.contact_id = cid
-      AND EXISTS (SELECT 1 FROM broadcasts b WHERE b.id = r.broadcast_id
-                  AND b.account = p_account);
-    GET DIAGNOSTICS n = ROW_COUNT;
-    DELETE FROM contacts c WHERE c.id = cid;
-    INSERT INTO contact_events (account, contact_id, action, source, actor)
-    VALUES (p_account, cid, 'erase', p_source, coalesce(p_actor, '{}'::jsonb));
-    RETURN QUERY SELECT cid, n;
-END
-$$;
+
 
 -- 0010_retention
 ALTER TABLE broadcasts ADD COLUMN archived_at timestamptz;
@@ -1725,5 +1690,47 @@ BEGIN
     WHERE b.id = p_id;
     EXECUTE format('DROP TABLE %s', part);
     RETURN n;
+END
+$$;
+
+-- erase, v2: the person's address leaves the archive too (v1 predates it): their archived
+-- recipient rows get the same placeholder address as the live ones.
+CREATE FUNCTION pgcast_erase_v2(p_account text, p_email text, p_source text, p_actor jsonb)
+RETURNS TABLE (contact_id bigint, recipients bigint)
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    cid bigint;
+    n bigint := 0;
+BEGIN
+    PERFORM set_config('synchronous_commit', 'on', true);
+    INSERT INTO contact_erasures (account, email_hash)
+    VALUES (p_account, sha256(convert_to(lower(btrim(p_email)), 'UTF8')))
+    ON CONFLICT DO NOTHING;
+    -- lock order (docs/design.md): the contact row, then the contacts fence, then the rows
+    SELECT c.id INTO cid FROM contacts c
+    WHERE c.account = p_account AND lower(c.email) = lower(btrim(p_email)) FOR UPDATE;
+    IF cid IS NULL THEN
+        RETURN QUERY SELECT NULL::bigint, 0::bigint;
+        RETURN;
+    END IF;
+    PERFORM pg_advisory_xact_lock(hashtext('pgcast.contacts'), hashtext(p_account));
+    UPDATE broadcast_recipients r
+    SET email = 'erased-' || cid || '@erased.invalid', last_error = NULL
+    WHERE r.contact_id = cid
+      AND EXISTS (SELECT 1 FROM broadcasts b WHERE b.id = r.broadcast_id
+                  AND b.account = p_account);
+    GET DIAGNOSTICS n = ROW_COUNT;
+    -- and the archive (0010): found by address, one index probe per archived broadcast of
+    -- the account (the archive is keyed by broadcast and address, not by contact)
+    UPDATE broadcast_recipients_archive a
+    SET email = 'erased-' || cid || '@erased.invalid', last_error = NULL
+    WHERE a.broadcast_id IN (SELECT b.id FROM broadcasts b
+                             WHERE b.account = p_account AND b.archived_at IS NOT NULL)
+      AND lower(a.email) = lower(btrim(p_email)) AND a.contact_id = cid;
+    DELETE FROM contacts c WHERE c.id = cid;
+    INSERT INTO contact_events (account, contact_id, action, source, actor)
+    VALUES (p_account, cid, 'erase', p_source, coalesce(p_actor, '{}'::jsonb));
+    RETURN QUERY SELECT cid, n;
 END
 $$;
