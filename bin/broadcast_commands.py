@@ -18,7 +18,7 @@ from sql.queries import QUERIES
 
 MIN_PREFIX = 8  # characters of an id prefix: fewer would often be ambiguous
 _PREFIX = re.compile(r"^[0-9a-f-]+$")
-LIST_COLUMNS = ("id", "status", "sent", "total", "created_at", "subject")
+LIST_COLUMNS = ("id", "status", "sent", "total", "created_at", "scheduled_at", "subject")
 RECIPIENT_COLUMNS = ("email", "status", "attempts", "last_error", "sent_at")
 PAGE = 1000  # recipient rows read per statement
 

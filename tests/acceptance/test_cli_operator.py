@@ -80,7 +80,8 @@ def test_listings_are_tables_on_a_terminal_and_json_otherwise(conn: Conn, db_url
     assert [c["email"] for c in forced] == ["user0@example.com", "user1@example.com"]
     bid = support.new_broadcast(conn, send=False)
     table = on_terminal(db_url, "broadcast", "list").splitlines()
-    assert table[0].split() == ["ID", "STATUS", "SENT", "TOTAL", "CREATED_AT", "SUBJECT"]
+    assert table[0].split() == ["ID", "STATUS", "SENT", "TOTAL", "CREATED_AT", "SCHEDULED_AT",
+                                 "SUBJECT"]
     assert table[1].startswith(str(bid))
 
 
