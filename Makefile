@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: install ## run the whole system on an embedded Postgres and show it working
-	$(BIN)/python -m bin.demo
+	PGCAST_HOME="$${PGCAST_HOME:-$(CURDIR)/.pgcast}" $(BIN)/python -m bin.demo
 
 test: install ## run every test (unit, integration, acceptance) on a real Postgres
 	$(BIN)/pytest

@@ -73,8 +73,10 @@ def route(path: str, **by_method: Endpoint) -> Route:
 ROUTES = [
     route("/healthz", GET=healthz),
     route("/openapi.json", GET=openapi_json),
-    route("/contacts", POST=contacts.upsert),
+    route("/contacts", GET=contacts.list_page, POST=contacts.upsert),
     route("/contacts/unsubscribe", POST=contacts.unsubscribe),
+    route("/contacts/resubscribe", POST=contacts.resubscribe),
+    route("/contacts/erase", POST=contacts.erase),
     route("/broadcasts", GET=broadcasts.list_page, POST=broadcasts.create),
     route("/broadcasts/{id}", GET=broadcasts.get, PATCH=broadcasts.update,
           DELETE=broadcasts.delete),

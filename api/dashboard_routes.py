@@ -121,7 +121,8 @@ async def import_csv(request: Request) -> Response:
             for start in range(0, len(batch.rows), UPSERT_CHUNK):
                 chunk = batch.rows[start:start + UPSERT_CHUNK]
                 cur = await conn.execute(db.query("contacts_upsert"),
-                                         {"account": who.account, "rows": json.dumps(chunk)})
+                                         {"account": who.account, "rows": json.dumps(chunk),
+                                          "replace": False})
                 written += cur.rowcount
     rejected: list[dict[str, Any]] = [{"line": r.where, "email": r.email, "reason": r.reason}
                                       for r in batch.rejected]

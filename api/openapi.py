@@ -352,6 +352,44 @@ def _feedback_paths() -> dict[str, Any]:
     }
 
 
+# -- what an operator reaches for: contacts listed, resubscribed, erased -------------------
+
+CONTACT_STATUSES = ["subscribed", "unsubscribed", "suppressed"]
+SCHEMAS.update({
+    "Contact": obj({"email": STR, "name": STR, "tags": {"type": "array", "items": STR},
+                    "attributes": {"type": "object"}, "status": {"enum": CONTACT_STATUSES},
+                    "unsubscribed_at": TIME_OR_NULL,
+                    "suppressed_reason": {"enum": ["bounce", "soft_bounce", "complaint", None]},
+                    "created_at": TIME}),
+    "ContactPage": obj({"contacts": {"type": "array", "items": ref("Contact")},
+                        "next_cursor": STR_OR_NULL}),
+    "EmailIn": obj({"email": STR}),
+    "Resubscribed": obj({"success": {"const": True}, "email": STR, "resubscribed": {
+        "type": "boolean"}, "suppressed": {"type": "boolean"}, "message": STR}),
+    "Erased": obj({"success": {"const": True}, "erased": {"type": "boolean"},
+                   "recipient_rows": INT, "message": STR}),
+})
+
+
+def _with_operator_routes(paths: dict[str, Any]) -> dict[str, Any]:
+    paths["/contacts"]["get"] = op("list contacts by address, keyset-paged", (
+        "200", _json("ContactPage", "a page")), "422", params=[
+            _query("tag", STR, "only contacts with this tag"),
+            _query("status", {"enum": CONTACT_STATUSES}, "only contacts in this status"),
+            _query("cursor", STR, "next_cursor of the previous page"),
+            _query("limit", {"type": "integer", "minimum": 1, "maximum": 1000},
+                   "page size (default 100)")])
+    paths["/contacts/resubscribe"] = {"post": op(
+        "clear a contact's unsubscribe (recorded in contact_events)", (
+            "200", _json("Resubscribed", "resubscribed, or it was not unsubscribed")),
+        "400 413 422 404", body="EmailIn")}
+    paths["/contacts/erase"] = {"post": op(
+        "erase a person's data; a hash is kept so a re-import is refused", (
+            "200", _json("Erased", "erased (or the address is now refused)")),
+        "400 413 422", body="EmailIn")}
+    return paths
+
+
 def document() -> dict[str, Any]:
     """The whole OpenAPI 3.1 document."""
     return {
@@ -360,7 +398,7 @@ def document() -> dict[str, Any]:
                  "description": "Email broadcasts on Postgres. Every route but /healthz needs "
                                 "`Authorization: Bearer <JWT>` with `sub` and `account` claims; "
                                 "everything is scoped to the token's account."},
-        "paths": {**_paths(), **_feedback_paths()},
+        "paths": _with_operator_routes({**_paths(), **_feedback_paths()}),
         "components": {"schemas": SCHEMAS, "securitySchemes": {
             "bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}}},
         "security": [{"bearer": []}],

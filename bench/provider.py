@@ -181,6 +181,32 @@ def run_split(url: str, logs: Path) -> list[int]:
             _stop(procs)
 
 
+def boto3_cost(calls: int = 2000, threads: int = 16) -> tuple[float, float]:
+    """boto3's own CPU per SendEmail (ms) and calls/s, one shared client on `threads` threads
+    against the endpoint at 0 latency, in this process (the endpoint's thread included)."""
+    import concurrent.futures
+    import resource
+
+    from worker import render, ses
+
+    with sesd.running(0.0) as endpoint:
+        os.environ.update(endpoint.env())
+        provider = ses.SesProvider.from_env(threads)
+        content = render.Content.from_row({
+            "id": "00000000-0000-0000-0000-000000000000", "account": "bench",
+            "subject": "bench", "from_address": "b@bench.example", "text_body": "hello",
+            "html_body": None})
+        message = render.render(content, 1, "r1@bench.example", None)
+        provider.send(message)  # the client's first call loads its models
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        cpu0, t0 = usage.ru_utime + usage.ru_stime, time.monotonic()
+        with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+            list(pool.map(lambda _: provider.send(message), range(calls)))
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        cpu, wall = usage.ru_utime + usage.ru_stime - cpu0, time.monotonic() - t0
+    return cpu / calls * 1000, calls / wall
+
+
 def _case(raw: str) -> tuple[float, float, int, int]:
     parts = raw.split(":")
     latency, rate = float(parts[0]), float(parts[1])
@@ -196,12 +222,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--case", action="append", type=_case,
                         metavar="LATENCY_MS:RATE[:PROCS[:RECIPIENTS]]")
     parser.add_argument("--split", action="store_true", help="only the null-provider split")
+    parser.add_argument("--boto3", action="store_true",
+                        help="only boto3's CPU per call (no database)")
     parser.add_argument("--worker-args", default="", help="extra `pgcast worker` flags")
     args = parser.parse_args(argv)
     logs = Path(tempfile.mkdtemp(prefix="pgcast-bench-provider-"))
     print(f"cpus {os.cpu_count()}, load {os.getloadavg()[0]:.1f}; worker logs in {logs}",
           flush=True)
     extra = args.worker_args.split()
+    if args.boto3 or not (args.case or args.split):
+        per_call, rate = boto3_cost()
+        print(f"boto3 alone: {per_call:.2f} ms CPU per SendEmail (client and endpoint in one "
+              f"process), {rate:.0f} calls/s on 16 threads at 0 ms latency", flush=True)
+        if args.boto3:
+            return 0
     with common.server() as server_url, common.database(server_url, "provider") as url:
         if not args.split:
             for latency, rate, nprocs, n in args.case or CASES:

@@ -125,9 +125,10 @@ class Endpoint:
             # close every connection (a worker still running keeps its own open)
             server.close()
             handlers = list(self._open)
-            for handler in handlers:
-                handler.cancel()
-            await asyncio.gather(*handlers, return_exceptions=True)
+            for writer in list(self._open.values()):
+                writer.close()  # its handler reads EOF (or fails a write) and returns
+            if handlers:
+                await asyncio.wait(handlers, timeout=max(5.0, 2 * self.latency))
             await server.wait_closed()
 
     def env(self) -> dict[str, str]:
@@ -136,7 +137,10 @@ class Endpoint:
         return {"AWS_ENDPOINT_URL_SESV2": url, "AWS_ENDPOINT_URL_SES": url,
                 "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
                 "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1",
-                "PGCAST_PROVIDER": "ses"}
+                "PGCAST_PROVIDER": "ses",
+                # a ses worker builds one-click unsubscribe links (mail.unsubscribe)
+                "PGCAST_PUBLIC_URL": "https://pgcast.example",
+                "PGCAST_UNSUBSCRIBE_SECRET": "bench-unsubscribe-secret-of-at-least-32-bytes"}
 
 
 @contextlib.contextmanager

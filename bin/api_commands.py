@@ -84,6 +84,14 @@ def cmd_api(args: argparse.Namespace) -> int:
     return 0
 
 
+def _port(raw: str) -> int:
+    try:
+        return int(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be a port number, 1-65535 (flag or PGCAST_API_PORT): {raw!r}") from None
+
+
 def _ttl(raw: str) -> float:
     try:
         value = float(raw)
@@ -99,7 +107,9 @@ def register(sub: Any) -> None:
     a = sub.add_parser("api", help="serve the HTTP API (uvicorn)")
     a.add_argument("--host", default=os.environ.get("PGCAST_API_HOST", DEFAULT_HOST),
                    help=f"listen address (default {DEFAULT_HOST}, env PGCAST_API_HOST)")
-    a.add_argument("--port", type=int, default=int(os.environ.get("PGCAST_API_PORT", DEFAULT_PORT)),
+    # a string default goes through the type too: a bad PGCAST_API_PORT is one line, exit 2
+    a.add_argument("--port", type=_port,
+                   default=os.environ.get("PGCAST_API_PORT", str(DEFAULT_PORT)),
                    help=f"listen port (default {DEFAULT_PORT}, env PGCAST_API_PORT)")
     a.add_argument("--limit-concurrency", type=int, default=None, metavar="N",
                    help=f"connections and requests served at once; beyond it 503 (default "
@@ -112,7 +122,7 @@ def register(sub: Any) -> None:
     a.set_defaults(func=cmd_api)
 
     t = sub.add_parser("token", help="print a JWT signed with PGCAST_JWT_SECRET (development)")
-    t.add_argument("--account", required=True)
+    t.add_argument("--account", required=True, help="the account (tenant) the token acts in")
     t.add_argument("--sub", default="dev", help="the token's subject (default dev)")
     t.add_argument("--ttl", type=_ttl, default=float(DEFAULT_TTL),
                    help=f"lifetime in seconds (default {DEFAULT_TTL})")

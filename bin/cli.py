@@ -15,12 +15,13 @@ from typing import Any, NoReturn
 
 import psycopg
 
-from bin import schedule_commands
+from bin import broadcast_commands, contacts_commands, output, schedule_commands
 from mail import template
 from sql import broadcasts, contacts, db, embedded, errors, migrate
 from sql.queries import QUERIES
 
 ACCOUNT_DEFAULT = "default"
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 MAX_IN_FLIGHT = "128"  # --max-in-flight's default: worker.engine.MAX_IN_FLIGHT (a test checks)
 
 
@@ -37,7 +38,37 @@ class Parser(argparse.ArgumentParser):
 
 
 def _emit(payload: Any) -> None:
-    print(json.dumps(payload, default=str, indent=None))
+    output.emit(payload)
+
+
+def _version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("pgcast")
+    except metadata.PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown"
+
+
+def log_level() -> str:
+    """PGCAST_LOG_LEVEL, checked: a bad value is one line naming the variable."""
+    raw = os.environ.get("PGCAST_LOG_LEVEL", "INFO")
+    if raw.strip().lower() not in LOG_LEVELS:
+        raise UsageError(f"PGCAST_LOG_LEVEL: {raw!r} is not a log level; use one of "
+                         f"{', '.join(LOG_LEVELS)} (default info)")
+    return raw.strip().upper()
+
+
+def _env_number(var: str, kind: type, default: str) -> Callable[[str], Any]:
+    """A type for a flag whose default comes from `var`: errors name both."""
+    check = _positive(kind)
+
+    def parse(raw: str) -> Any:
+        try:
+            return check(raw)
+        except argparse.ArgumentTypeError as exc:
+            raise argparse.ArgumentTypeError(f"{exc} (flag or {var})") from None
+    return parse
 
 
 def _positive(kind: type) -> Callable[[str], Any]:
@@ -61,6 +92,19 @@ def _group_ms(raw: str) -> float:
     if not math.isfinite(value) or value <= 0:
         raise argparse.ArgumentTypeError(
             f"must be a finite number > 0 (flag or PGCAST_GROUP_MS): {raw!r}")
+    return value
+
+
+def _sweep_seconds(raw: str) -> int:
+    """The sweeper's period: a whole number of seconds, 1-59 (--sweep-every or env)."""
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= 59:
+        raise argparse.ArgumentTypeError(
+            f"must be a whole number of seconds from 1 to 59 (flag or PGCAST_SWEEP_SECONDS): "
+            f"{raw!r}")
     return value
 
 
@@ -103,11 +147,16 @@ def _read_text(path: str | None) -> str | None:
 
 def cmd_db(args: argparse.Namespace) -> int:
     if args.action == "url":
-        print(db.database_url())
+        url = db.database_url()
+        if not os.environ.get("DATABASE_URL"):
+            # stdout is the URL alone (scripts capture it); where the data lives goes to stderr
+            print(f"pgcast: data in {embedded.pgdata()}", file=sys.stderr)
+        print(url)
         return 0
     if os.environ.get("DATABASE_URL"):
         raise UsageError("DATABASE_URL is set: pgcast did not start that server "
                          "and will not stop it")
+    print(f"pgcast: data in {embedded.pgdata()}", file=sys.stderr)
     stopped = embedded.stop()
     print("stopped" if stopped else "not running")
     return 0
@@ -135,8 +184,11 @@ def cmd_worker(args: argparse.Namespace) -> int:
         raise UsageError("--concurrency, --batch-size and --max-in-flight must be at least 1")
     if settings.lease < 1:
         raise UsageError("--lease must be at least 1 second")
-    logging.basicConfig(level=os.environ.get("PGCAST_LOG_LEVEL", "INFO").upper(),
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    level = log_level()
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if level != "DEBUG":
+        # procrastinate logs each periodic sweep job at INFO: DEBUG material for an operator
+        logging.getLogger("procrastinate").setLevel(logging.WARNING)
     stats = asyncio.run(worker_main.run(settings, db.database_url()))
     print(json.dumps({"sent": stats.sent, "failed": stats.failed, "retried": stats.retried,
                       "groups": stats.groups}), file=sys.stderr)
@@ -145,13 +197,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 def cmd_contacts(args: argparse.Namespace) -> int:
     if args.action == "import":
-        batch = contacts.validate(contacts.read_csv(Path(args.file)))
-        with db.connect() as conn:
-            written = contacts.upsert(conn, args.account, batch.rows)
-        for r in batch.rejected:
-            print(f"line {r.where}: {r.email}: {r.reason}", file=sys.stderr)
-        _emit({"imported": written, "rejected": len(batch.rejected)})
-        return 0
+        return contacts_commands.cmd_import(args)
     with db.connect() as conn:
         row = contacts.unsubscribe(conn, args.account, args.email)
     _emit({"success": True, "email": row["email"], "unsubscribed_at": row["unsubscribed_at"]})
@@ -161,7 +207,7 @@ def cmd_contacts(args: argparse.Namespace) -> int:
 def _watch(conn: psycopg.Connection[Any], account: str, bid: Any) -> dict[str, Any]:
     from bin import progressbar
 
-    return progressbar.watch(lambda: broadcasts.progress(conn, account, bid))
+    return progressbar.watch(lambda: broadcast_commands.progress(conn, account, bid))
 
 
 def cmd_broadcast(args: argparse.Namespace) -> int:
@@ -179,23 +225,24 @@ def cmd_broadcast(args: argparse.Namespace) -> int:
             print(row["id"])
             return 0
         if action == "list":
-            for b in broadcasts.list_page(conn, args.account, limit=args.limit):
-                at = f"  at {b['scheduled_at'].isoformat()}" if b["scheduled_at"] else ""
-                print(f"{b['id']}  {b['status']:<9}  {b['sent']:>7}/{b['total']:<7}  "
-                      f"{b['created_at']:%Y-%m-%d %H:%M}  {b['subject']}{at}")
+            broadcast_commands.print_list(conn, args)
             return 0
-        bid = broadcasts.parse_id(args.id)
+        bid = broadcast_commands.resolve_id(conn, args.account, args.id)
         if action == "status":
             if args.watch:
                 final = _watch(conn, args.account, bid)
                 _emit(final)
                 return 0
-            _emit(broadcasts.progress(conn, args.account, bid))
+            _emit(broadcast_commands.progress(conn, args.account, bid))
             return 0
-        ops: dict[str, Callable[..., dict[str, Any]]] = {
-            "send": broadcasts.send, "cancel": broadcasts.cancel,
-            "pause": broadcasts.pause, "resume": broadcasts.resume}
-        result = ops[action](conn, args.account, bid)
+        if action == "send":
+            result = broadcasts.send(conn, args.account, bid, allow_empty=args.allow_empty,
+                                     details=output.actor(args.actor))
+        else:
+            ops: dict[str, Callable[..., dict[str, Any]]] = {
+                "cancel": broadcasts.cancel, "pause": broadcasts.pause,
+                "resume": broadcasts.resume}
+            result = ops[action](conn, args.account, bid, details=output.actor(args.actor))
         _emit(result)
         return 0 if result["success"] else 1
 
@@ -222,10 +269,14 @@ def cmd_rate(args: argparse.Namespace) -> int:
 def build_parser() -> Parser:
     """Every command and flag."""
     p = Parser(prog="pgcast", description="Postgres-native email broadcasts.")
+    p.add_argument("--version", action="version", version=f"pgcast {_version()}",
+                   help="print pgcast's version and exit")
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     d = sub.add_parser("db", help="the embedded Postgres")
-    d.add_argument("action", choices=["url", "stop"])
+    d.add_argument("action", choices=["url", "stop"],
+                   help="url: print the database URL (starting the embedded server); "
+                        "stop: stop the embedded server")
     d.set_defaults(func=cmd_db)
 
     sub.add_parser("migrate", help="create or upgrade the schema").set_defaults(func=cmd_migrate)
@@ -252,34 +303,43 @@ def build_parser() -> Parser:
                    default=os.environ.get("PGCAST_GROUP_MS", "250"),
                    help="with --group-size auto: target provider time per group in ms "
                         "(default 250, env PGCAST_GROUP_MS)")
-    w.add_argument("--delay-ms", type=_positive(int), default=0, help="pause between batches")
+    w.add_argument("--delay-ms", type=_positive(int), default=0,
+                   help="pause between batches in ms (default 0)")
     w.add_argument("--max-retries", type=_positive(int), default=5,
                    help="transient failures per recipient before it fails (default 5)")
     w.add_argument("--max-broadcasts", type=_positive(int), default=0,
                    help="broadcasts worked on at once, oldest first (default 0 = all)")
     w.add_argument("--once", action="store_true", help="drain what is claimable now, then exit")
-    w.add_argument("--lease", type=_positive(float),
-                   default=float(os.environ.get("PGCAST_LEASE_SECONDS", "30")),
+    # string defaults go through the type too: a bad variable is a one-line usage error
+    w.add_argument("--lease", type=_env_number("PGCAST_LEASE_SECONDS", float, "30"),
+                   default=os.environ.get("PGCAST_LEASE_SECONDS", "30"),
                    help="claim lease in seconds (default 30, env PGCAST_LEASE_SECONDS)")
-    w.add_argument("--breaker", type=_positive(int),
-                   default=int(os.environ.get("PGCAST_BREAKER", "50")),
+    w.add_argument("--breaker", type=_env_number("PGCAST_BREAKER", int, "50"),
+                   default=os.environ.get("PGCAST_BREAKER", "50"),
                    help="pause a broadcast after N failed handoffs in a row (default 50; 0 = off)")
     w.add_argument("--retry-base", type=_positive(float), default=2.0,
                    help="first transient-retry backoff in seconds (default 2)")
-    w.add_argument("--sweep-every", type=int, choices=range(1, 60), metavar="SECONDS",
-                   default=int(os.environ.get("PGCAST_SWEEP_SECONDS", "5")),
+    w.add_argument("--sweep-every", type=_sweep_seconds, metavar="SECONDS",
+                   default=os.environ.get("PGCAST_SWEEP_SECONDS", "5"),
                    help="sweeper period, 1-59 s (default 5, env PGCAST_SWEEP_SECONDS)")
     w.add_argument("--no-sweeper", action="store_true", help="do not run the sweeper here")
     w.set_defaults(func=cmd_worker)
 
-    c = sub.add_parser("contacts", help="import and unsubscribe contacts")
+    c = sub.add_parser("contacts", help="import, list, export, unsubscribe and erase contacts")
     csub = c.add_subparsers(dest="action", required=True, parser_class=Parser)
-    ci = csub.add_parser("import", help="upsert contacts from a CSV (email,name,tags)")
-    ci.add_argument("file")
+    ci = csub.add_parser("import", help="upsert contacts from a CSV (email,name,tags, other "
+                                        "columns become attributes)")
+    ci.add_argument("file", help="the CSV file; its header names the columns")
+    ci.add_argument("--encoding", default="utf-8",
+                    help="the file's text encoding (default utf-8), e.g. latin-1, cp1252")
+    ci.add_argument("--replace", action="store_true",
+                    help="replace name, tags and attributes as a whole (default: an empty "
+                         "cell keeps what is stored, attributes merge)")
     cu = csub.add_parser("unsubscribe", help="unsubscribe one address")
-    cu.add_argument("email")
-    for sp in (ci, cu):
-        sp.add_argument("--account", default=ACCOUNT_DEFAULT)
+    cu.add_argument("email", help="the contact's address")
+    for sp in (ci, cu, *contacts_commands.register(csub, ACCOUNT_DEFAULT)):
+        sp.add_argument("--account", default=ACCOUNT_DEFAULT,
+                        help=f"the account (tenant) to act on (default {ACCOUNT_DEFAULT})")
     c.set_defaults(func=cmd_contacts)
     from bin import suppression_commands  # suppressed, unsuppress (SES feedback)
 
@@ -288,27 +348,37 @@ def build_parser() -> Parser:
     b = sub.add_parser("broadcast", help="create, send and control broadcasts")
     bsub = b.add_subparsers(dest="action", required=True, parser_class=Parser)
     bc = bsub.add_parser("create", help="create a draft; prints its id")
-    bc.add_argument("--subject", required=True)
-    bc.add_argument("--from", dest="from_address", required=True)
-    bc.add_argument("--text", metavar="FILE")
-    bc.add_argument("--html", metavar="FILE")
+    bc.add_argument("--subject", required=True, help="the subject line")
+    bc.add_argument("--from", dest="from_address", required=True, metavar="ADDR",
+                    help="the From: address, as a@example.com or 'Name <a@example.com>'")
+    bc.add_argument("--text", metavar="FILE", help="the plain-text body (--text, --html or both)")
+    bc.add_argument("--html", metavar="FILE", help="the HTML body (--text, --html or both)")
     bc.add_argument("--tag", help="send only to contacts with this tag")
     bc.add_argument("--rate-limit", type=_positive(float), help="cap for this broadcast, emails/s")
-    bl = bsub.add_parser("list", help="newest first")
-    bl.add_argument("--limit", type=int, default=50)
-    sps = [bc, bl]
+    bl = bsub.add_parser("list", help="newest first: a table on a terminal, else JSON")
+    bl.add_argument("--limit", type=int, default=50, help="at most N broadcasts (default 50)")
+    bl.add_argument("--json", action="store_true", help="JSON even on a terminal")
+    sps = [bc, bl, *broadcast_commands.register(bsub)]
     for name, text in (("send", "snapshot the recipients and start sending"),
                        ("status", "progress (--watch: live bar until done)"),
                        ("cancel", "cancel a draft, scheduled, sending or paused broadcast"),
                        ("pause", "pause a sending broadcast"),
                        ("resume", "resume a paused broadcast")):
         sp = bsub.add_parser(name, help=text)
-        sp.add_argument("id")
+        sp.add_argument("id", help="the broadcast id, or a unique prefix of 8+ characters")
         if name == "status":
-            sp.add_argument("--watch", action="store_true")
+            sp.add_argument("--watch", action="store_true",
+                            help="draw a live bar until the broadcast is terminal or paused")
+        if name == "send":
+            sp.add_argument("--allow-empty", action="store_true",
+                            help="send even when no contact matches (default: refused, exit 1)")
+        if name in ("send", "cancel", "pause", "resume"):
+            sp.add_argument("--actor", metavar="NAME",
+                            help="who is doing this, for the audit log (default: the OS user)")
         sps.append(sp)
     for sp in sps:
-        sp.add_argument("--account", default=ACCOUNT_DEFAULT)
+        sp.add_argument("--account", default=ACCOUNT_DEFAULT,
+                        help=f"the account (tenant) to act on (default {ACCOUNT_DEFAULT})")
     b.set_defaults(func=cmd_broadcast)
     from bin import content_commands  # preview and test: their own func
 
@@ -318,8 +388,9 @@ def build_parser() -> Parser:
     r = sub.add_parser("rate", help="the global rate limit")
     rsub = r.add_subparsers(dest="action", required=True, parser_class=Parser)
     rs = rsub.add_parser("set", help="emails per second for all workers (0 = unlimited)")
-    rs.add_argument("rate", type=_positive(float))
-    rs.add_argument("--burst", type=_positive(float))
+    rs.add_argument("rate", type=_positive(float), help="emails per second (0 = unlimited)")
+    rs.add_argument("--burst", type=_positive(float),
+                    help="bucket size: emails that may go at once (default: about 1 s of rate)")
     rsub.add_parser("show", help="the current bucket")
     r.set_defaults(func=cmd_rate)
 
@@ -345,6 +416,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `pgcast` console script."""
     args = build_parser().parse_args(argv)
     try:
+        if args.command in ("worker", "api"):
+            log_level()  # a bad PGCAST_LOG_LEVEL: one line naming it, not a traceback
         return int(args.func(args))
     except (UsageError, errors.InvalidInput) as exc:
         print(f"pgcast: error: {exc}", file=sys.stderr)

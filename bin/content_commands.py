@@ -109,12 +109,12 @@ def _timeout(raw: str) -> float:
 def register(bsub: Any, account_default: str) -> None:
     """Add `preview` and `test` to `pgcast broadcast`."""
     p = bsub.add_parser("preview", help="the rendered message for one contact (JSON)")
-    p.add_argument("id")
+    p.add_argument("id", help="the broadcast id")
     p.add_argument("--contact", metavar="EMAIL", help="default: the account's first contact")
     p.set_defaults(func=cmd_preview)
     t = bsub.add_parser("test", help="send the rendered message to a few addresses "
                                      "(subject prefixed [TEST]) and wait for the outcome")
-    t.add_argument("id")
+    t.add_argument("id", help="the broadcast id")
     t.add_argument("--to", metavar="ADDR", action="append", required=True,
                    help=f"repeat for up to {MAX_TO} addresses")
     t.add_argument("--contact", metavar="EMAIL", help="whose data fills the template")
@@ -122,4 +122,5 @@ def register(bsub: Any, account_default: str) -> None:
                    help=f"seconds to wait for a worker (default {DEFAULT_TIMEOUT:g})")
     t.set_defaults(func=cmd_test)
     for sp in (p, t):
-        sp.add_argument("--account", default=account_default)
+        sp.add_argument("--account", default=account_default,
+                        help=f"the account (tenant) to act on (default {account_default})")

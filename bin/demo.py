@@ -127,7 +127,8 @@ def main() -> int:
         for address in leaving[:30]:
             contacts.unsubscribe(conn, ACCOUNT, address)
         conn.commit()
-    print(f"  upserted {written}, rejected {len(batch.rejected)}, unsubscribed 30 before the send")
+    print(f"  upserted {written.inserted + written.updated}, rejected {len(batch.rejected)}, "
+          "unsubscribed 30 before the send")
 
     say("creating a broadcast to everyone")
     with db.connect(url, autocommit=True) as conn:

@@ -18,7 +18,8 @@ def line(p: dict[str, Any], rate: float) -> str:
     total = int(p["total"])
     done = total - int(p["pending"])
     filled = WIDTH if total == 0 else int(WIDTH * done / total)
-    eta = "-" if rate <= 0 or p["status"] in TERMINAL else f"{int(p['pending'] / rate)}s"
+    # an ETA only while sending: a paused broadcast has none (the API says eta_seconds null)
+    eta = f"{int(p['pending'] / rate)}s" if rate > 0 and p["status"] == "sending" else "-"
     return (f"[{'#' * filled}{'-' * (WIDTH - filled)}] {p['sent']}/{total} sent  "
             f"{p['skipped']} skipped  {p['failed']} failed  {rate:,.0f}/s  ETA {eta}  "
             f"{p['status']}")

@@ -3,17 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import getpass
 import json
-import socket
 from typing import Any
 
-from sql import broadcasts, db, schedule
-
-
-def _who() -> dict[str, Any]:
-    # who did it goes into the broadcast's audit log
-    return {"via": "cli", "user": getpass.getuser(), "host": socket.gethostname()}
+from bin import broadcast_commands, output
+from sql import db, schedule
 
 
 def _emit(payload: Any) -> None:
@@ -22,18 +16,19 @@ def _emit(payload: Any) -> None:
 
 def cmd_schedule(args: argparse.Namespace) -> int:
     """Run one of the schedule, unschedule, retry and copy commands."""
-    bid = broadcasts.parse_id(args.id)
+    who = output.actor(args.actor)
     with db.connect(autocommit=True) as conn:
+        bid = broadcast_commands.resolve_id(conn, args.account, args.id)
         if args.action == "copy":
-            row = schedule.copy(conn, args.account, bid, _who())
+            row = schedule.copy(conn, args.account, bid, who)
             print(row["id"])
             return 0
         if args.action == "schedule":
-            result = schedule.schedule(conn, args.account, bid, args.at, args.not_after, _who())
+            result = schedule.schedule(conn, args.account, bid, args.at, args.not_after, who)
         elif args.action == "unschedule":
-            result = schedule.unschedule(conn, args.account, bid, _who())
+            result = schedule.unschedule(conn, args.account, bid, who)
         else:
-            result = schedule.retry(conn, args.account, bid, args.include_unknown, _who())
+            result = schedule.retry(conn, args.account, bid, args.include_unknown, who)
     _emit(result)
     return 0 if result["success"] else 1
 
@@ -51,6 +46,8 @@ def register(bsub: Any, account_default: str) -> None:
                    help="also recipients whose outcome is unknown (they may have got it)")
     c = bsub.add_parser("copy", help="a new draft with the same content and segment")
     for sp in (s, u, r, c):
-        sp.add_argument("id")
-        sp.add_argument("--account", default=account_default)
+        sp.add_argument("id", help="the broadcast's id, or a unique prefix of 8+ characters")
+        sp.add_argument("--account", default=account_default, help="the account (tenant)")
+        sp.add_argument("--actor", metavar="NAME",
+                        help="who is doing this, for the audit log (default: the OS user)")
         sp.set_defaults(func=cmd_schedule)

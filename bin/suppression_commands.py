@@ -40,7 +40,8 @@ def register(csub: Any, account_default: str) -> None:
     s.add_argument("--reason", choices=feedback.REASONS, help="only this reason")
     s.set_defaults(func=cmd_suppressed)
     u = csub.add_parser("unsuppress", help="lift one contact's suppression (audited)")
-    u.add_argument("email")
+    u.add_argument("email", help="the contact's address")
     u.set_defaults(func=cmd_unsuppress)
     for sp in (s, u):
-        sp.add_argument("--account", default=account_default)
+        sp.add_argument("--account", default=account_default,
+                        help=f"the account (tenant) to act on (default {account_default})")

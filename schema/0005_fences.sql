@@ -677,7 +677,10 @@ $$;
 
 -- cancelled broadcasts whose counters say rows are still in flight: what a sweep visits
 -- besides the active ones (a cancel turns pending and claimed rows into cancelled, so what
--- the counters do not account for is sending): tiny, so a sweep reads no finished broadcast
+-- the counters do not account for is sending): tiny, so a sweep reads no finished broadcast.
+-- Its predicate reads the counters, so a counter update is no longer a HOT update (one
+-- index entry per index of broadcasts per record, i.e. per group of recipients, not per
+-- recipient): the price of a sweep that stays O(active broadcasts) over years of history.
 CREATE INDEX broadcasts_cancelled_in_flight ON broadcasts (id)
     WHERE status = 'cancelled'
       AND total - sent - failed - skipped - unknown - cancelled > 0;

@@ -1069,7 +1069,10 @@ $$;
 
 -- cancelled broadcasts whose counters say rows are still in flight: what a sweep visits
 -- besides the active ones (a cancel turns pending and claimed rows into cancelled, so what
--- the counters do not account for is sending): tiny, so a sweep reads no finished broadcast
+-- the counters do not account for is sending): tiny, so a sweep reads no finished broadcast.
+-- Its predicate reads the counters, so a counter update is no longer a HOT update (one
+-- index entry per index of broadcasts per record, i.e. per group of recipients, not per
+-- recipient): the price of a sweep that stays O(active broadcasts) over years of history.
 CREATE INDEX broadcasts_cancelled_in_flight ON broadcasts (id)
     WHERE status = 'cancelled'
       AND total - sent - failed - skipped - unknown - cancelled > 0;
@@ -1599,5 +1602,52 @@ BEGIN
     RETURNING u.epoch INTO e;
     PERFORM pgcast_notify_v1('retry', p_id, e);
     RETURN QUERY SELECT true, 'sending'::text, cardinality(ids);
+END
+$$;
+
+-- 0009_erasure: the right to erasure (`pgcast contacts erase`, POST /contacts/erase).
+-- contact_erasures keeps a SHA-256 of each erased address so that a re-import is refused;
+-- an erased contact is deleted, its recipient rows keep a placeholder address.
+CREATE TABLE contact_erasures (
+    account    text        NOT NULL,
+    email_hash bytea       NOT NULL,
+    erased_at  timestamptz NOT NULL DEFAULT clock_timestamp(),
+    PRIMARY KEY (account, email_hash)
+);
+
+-- erase: remove one address of an account from contacts and recipient rows; keep its hash.
+-- Lock order (0005's): the contacts fence (the advisory lock a handoff takes shared before it
+-- reads contacts), then the contact's recipient rows (one per broadcast), then the contact
+-- row. A handoff that meets a deleted contact skips its row ('contact erased').
+CREATE FUNCTION pgcast_erase_v1(p_account text, p_email text, p_source text, p_actor jsonb)
+RETURNS TABLE (contact_id bigint, recipients bigint)
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    cid bigint;
+    n bigint := 0;
+BEGIN
+    PERFORM set_config('synchronous_commit', 'on', true);
+    INSERT INTO contact_erasures (account, email_hash)
+    VALUES (p_account, sha256(convert_to(lower(btrim(p_email)), 'UTF8')))
+    ON CONFLICT DO NOTHING;
+    -- lock order (docs/design.md): the contact row, then the contacts fence, then the rows
+    SELECT c.id INTO cid FROM contacts c
+    WHERE c.account = p_account AND lower(c.email) = lower(btrim(p_email)) FOR UPDATE;
+    IF cid IS NULL THEN
+        RETURN QUERY SELECT NULL::bigint, 0::bigint;
+        RETURN;
+    END IF;
+    PERFORM pg_advisory_xact_lock(hashtext('pgcast.contacts'), hashtext(p_account));
+    UPDATE broadcast_recipients r
+    SET email = 'erased-' || cid || '@erased.invalid', last_error = NULL
+    WHERE r.contact_id = cid
+      AND EXISTS (SELECT 1 FROM broadcasts b WHERE b.id = r.broadcast_id
+                  AND b.account = p_account);
+    GET DIAGNOSTICS n = ROW_COUNT;
+    DELETE FROM contacts c WHERE c.id = cid;
+    INSERT INTO contact_events (account, contact_id, action, source, actor)
+    VALUES (p_account, cid, 'erase', p_source, coalesce(p_actor, '{}'::jsonb));
+    RETURN QUERY SELECT cid, n;
 END
 $$;

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import csv
+import contextlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +15,9 @@ from mail import validate as validate_mail
 from sql import errors
 from sql.queries import QUERIES
 
+CHUNK = 10_000  # contacts per upsert statement
+SUPPRESSED_REASONS = ("bounce", "soft_bounce", "complaint")
+
 
 @dataclass
 class Rejected:
@@ -26,11 +29,31 @@ class Rejected:
 
 
 @dataclass
+class Normalised:
+    """An address stored differently from how it was given."""
+
+    where: int
+    given: str
+    stored: str
+
+
+@dataclass
 class Batch:
-    """Validated contacts ready to upsert, and the rows rejected."""
+    """Validated contacts ready to upsert, and the rows rejected, merged and normalised."""
 
     rows: list[dict[str, Any]] = field(default_factory=list)
     rejected: list[Rejected] = field(default_factory=list)
+    merged: int = 0  # rows folded into an earlier row of the same address
+    normalised: list[Normalised] = field(default_factory=list)
+
+
+@dataclass
+class Written:
+    """What an upsert did."""
+
+    inserted: int = 0
+    updated: int = 0
+    erased: list[dict[str, Any]] = field(default_factory=list)  # rows left out: erased
 
 
 def normalize_email(raw: Any, field_name: str = "email") -> str:
@@ -49,64 +72,84 @@ def validate_tags(tags: Any) -> list[str]:
         raise errors.InvalidInput(str(exc)) from None
 
 
-def validate(items: list[tuple[Any, ...]]) -> Batch:
-    """Validate (where, email, name, tags[, attributes]) items; the last of duplicates wins.
+def _merge(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    # what the upsert does to a stored contact, done to an earlier row of the same file
+    out = dict(old)
+    out["email"] = new["email"]
+    out["where"] = new["where"]
+    if new.get("name"):
+        out["name"] = new["name"]
+    if new.get("tags"):
+        out["tags"] = new["tags"]
+    if "attributes" in old or "attributes" in new:
+        out["attributes"] = {**old.get("attributes", {}), **new.get("attributes", {})}
+    for key in ("unsubscribed_at", "suppressed_reason"):
+        if old.get(key) or new.get(key):
+            out[key] = old.get(key) or new.get(key)
+    return out
+
+
+def validate(items: list[tuple[Any, ...]], *, replace: bool = False) -> Batch:
+    """Validate (where, email, name, tags[, attributes[, status]]) items into a Batch.
 
     Every check is bounded before it looks at a value (mail.validate), and a name, tag or
-    address that could become header syntax is refused with the reason.
+    address that could become header syntax is refused with the reason. Duplicates of one
+    address merge the way the upsert merges into a stored contact (with `replace`, the last
+    wins); `status` may carry unsubscribed_at and suppressed_reason.
     """
     batch = Batch()
     by_key: dict[str, dict[str, Any]] = {}
     for item in items:
         where, email, name, tags = item[:4]
         attributes = item[4] if len(item) > 4 else None
+        status: dict[str, Any] = item[5] if len(item) > 5 else {}
         shown = email[:300] if isinstance(email, str) else repr(email)[:300]
         try:
             address = validate_mail.address(email)
-            row: dict[str, Any] = {"email": address, "name": validate_mail.name(name),
+            row: dict[str, Any] = {"where": where, "email": address,
+                                   "name": validate_mail.name(name),
                                    "tags": validate_mail.tags(tags)}
             if attributes is not None:
                 row["attributes"] = validate_mail.attributes(attributes)
         except mail_errors.InvalidValue as exc:
             batch.rejected.append(Rejected(where, shown, str(exc)))
             continue
-        by_key[address.lower()] = row
+        row.update(status)
+        if isinstance(email, str) and address != email.strip():
+            batch.normalised.append(Normalised(where, email.strip(), address))
+        key = address.lower()
+        if key in by_key:
+            batch.merged += 1
+            row = row if replace else _merge(by_key[key], row)
+        by_key[key] = row
     batch.rows = list(by_key.values())
     return batch
 
 
-def read_csv(path: Path) -> list[tuple[int, Any, Any, Any]]:
-    """Rows of a CSV with header email,name,tags (tags separated by ';'); raises InvalidInput."""
-    try:
-        handle = path.open(newline="", encoding="utf-8-sig")
-    except OSError as exc:
-        raise errors.InvalidInput(f"cannot read {path}: {exc.strerror}") from None
-    with handle:
-        reader = csv.DictReader(handle)
-        header = [h.strip().lower() for h in (reader.fieldnames or [])]
-        if "email" not in header:
-            raise errors.InvalidInput(f"{path}: the header must name an 'email' column")
-        reader.fieldnames = header
-        items = []
-        try:
-            for row in reader:
-                tags_text = (row.get("tags") or "").strip()
-                tags = [t for t in (s.strip() for s in tags_text.split(";")) if t]
-                items.append((reader.line_num, row.get("email") or "", row.get("name"), tags))
-        except (csv.Error, UnicodeDecodeError) as exc:
-            raise errors.InvalidInput(f"{path}: line {reader.line_num}: {exc}") from None
-    return items
+def read_csv(path: Path, encoding: str = "utf-8") -> list[tuple[Any, ...]]:
+    """The importable items of a contacts CSV (rows refused while reading are dropped)."""
+    from sql import contacts_csv  # it builds on this module
+
+    return contacts_csv.read(path, encoding)[0]
 
 
-def upsert(conn: psycopg.Connection[Any], account: str, rows: list[dict[str, Any]]) -> int:
-    """Upsert validated rows (in chunks); return how many were written."""
-    written = 0
-    for start in range(0, len(rows), 10_000):
-        chunk = rows[start : start + 10_000]
-        cur = conn.execute(QUERIES["contacts_upsert"],
-                           {"account": account, "rows": json.dumps(chunk)})
-        written += cur.rowcount
-    return written
+def upsert(conn: psycopg.Connection[Any], account: str, rows: list[dict[str, Any]], *,
+           replace: bool = False) -> Written:
+    """Upsert validated rows in one transaction (in chunks); erased addresses are left out."""
+    done = Written()
+    with conn.transaction():
+        for start in range(0, len(rows), CHUNK):
+            chunk = rows[start : start + CHUNK]
+            cur = conn.execute(QUERIES["contacts_upsert"], {
+                "account": account, "rows": json.dumps(chunk), "replace": replace})
+            written = {r["email"].lower(): r["inserted"] for r in cur.fetchall()}
+            done.inserted += sum(1 for v in written.values() if v)
+            done.updated += sum(1 for v in written.values() if not v)
+            done.erased += [row for row in chunk if row["email"].lower() not in written]
+    return done
+
+
+ERASED_REASON = "erased at the person's request (contacts erase): not imported"
 
 
 def unsubscribe(conn: psycopg.Connection[Any], account: str, email: str) -> dict[str, Any]:
@@ -115,4 +158,66 @@ def unsubscribe(conn: psycopg.Connection[Any], account: str, email: str) -> dict
                        {"account": account, "email": email}).fetchone()
     if row is None:
         raise errors.NotFound(f"no contact {email} in account {account}")
+    return dict(row)
+
+
+# -- what an operator reads and does: list, count, resubscribe, erase ----------------------
+
+STATUSES = ("subscribed", "unsubscribed", "suppressed")
+
+
+def page(conn: psycopg.Connection[Any], account: str, *, tag: str | None = None,
+         status: str | None = None, after: str = "", limit: int = 100) -> list[dict[str, Any]]:
+    """One keyset page of an account's contacts by address, after `after` (lower-cased)."""
+    if status is not None and status not in STATUSES:
+        raise errors.InvalidInput(f"status must be one of {', '.join(STATUSES)}")
+    rows = conn.execute(QUERIES["contacts_page"], {
+        "account": account, "tag": tag, "status": status, "after": after.lower(),
+        "limit": limit})
+    return [dict(r) for r in rows]
+
+
+def attribute_keys(conn: psycopg.Connection[Any], account: str) -> list[str]:
+    """Every attribute name the account's contacts use, sorted."""
+    return [r["key"] for r in conn.execute(QUERIES["contacts_attribute_keys"],
+                                           {"account": account})]
+
+
+def status_of(row: dict[str, Any]) -> str:
+    """subscribed, unsubscribed or suppressed (suppression shown first: it is the harder stop)."""
+    if row.get("suppressed_at") is not None:
+        return "suppressed"
+    return "unsubscribed" if row.get("unsubscribed_at") is not None else "subscribed"
+
+
+def count(conn: psycopg.Connection[Any], account: str, tag: str | None = None) -> dict[str, Any]:
+    """How many contacts, and how many of them are subscribed, unsubscribed, suppressed."""
+    row = conn.execute(QUERIES["contacts_count"], {"account": account, "tag": tag}).fetchone()
+    assert row is not None
+    return dict(row)
+
+
+def resubscribe(conn: psycopg.Connection[Any], account: str, email: str, *, source: str,
+                actor: dict[str, Any]) -> dict[str, Any]:
+    """Clear a contact's unsubscribe, recorded in contact_events; raises NotFound."""
+    row = conn.execute(QUERIES["contact_resubscribe"], {
+        "account": account, "email": str(email).strip(), "source": source,
+        "actor": json.dumps(actor, ensure_ascii=False)}).fetchone()
+    if row is None:
+        raise errors.NotFound(f"no contact {email} in account {account}")
+    return dict(row)
+
+
+def erase(conn: psycopg.Connection[Any], account: str, email: str, *, source: str,
+          actor: dict[str, Any]) -> dict[str, Any]:
+    """Erase an address's data, keeping the hash that refuses its re-import."""
+    if not isinstance(email, str) or not email.strip() or len(email) > 1000:
+        raise errors.InvalidInput("email: give the address to erase")
+    # stored addresses are normalized; one that never validated is erased as given
+    with contextlib.suppress(mail_errors.InvalidValue):
+        email = validate_mail.address(email)
+    row = conn.execute(QUERIES["contact_erase"], {
+        "account": account, "email": email.strip(), "source": source,
+        "actor": json.dumps(actor, ensure_ascii=False)}).fetchone()
+    assert row is not None
     return dict(row)

@@ -8,6 +8,7 @@ import logging
 import os
 import shutil
 import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -16,9 +17,37 @@ from sql import errors
 logging.getLogger("pgserver").setLevel(logging.WARNING)  # it logs every start at INFO
 
 
+LEGACY_HOME = ".pgcast"  # the default before 0.2, relative to the current directory
+NOTICED = "legacy-home-noticed"  # a file in a kept ./.pgcast: the notice was given
+
+
 def home() -> Path:
-    """Where pgcast keeps its local state: $PGCAST_HOME, else ./.pgcast."""
-    return Path(os.environ.get("PGCAST_HOME", ".pgcast")).expanduser().resolve()
+    """Where pgcast keeps its local state, one place per user.
+
+    $PGCAST_HOME; else an existing ./.pgcast (pgcast's old default, and `make demo`'s),
+    said once; else the XDG data directory, $XDG_DATA_HOME/pgcast or ~/.local/share/pgcast.
+    """
+    chosen = os.environ.get("PGCAST_HOME")
+    if chosen:
+        return Path(chosen).expanduser().resolve()
+    legacy = Path(LEGACY_HOME).resolve()
+    if (legacy / "pgdata").is_dir():
+        marker = legacy / NOTICED
+        if not marker.exists():
+            print(f"pgcast: using the existing {legacy} (found in this directory); set "
+                  f"PGCAST_HOME to choose, or move it to {xdg_home()}", file=sys.stderr)
+            with contextlib.suppress(OSError):
+                marker.touch()
+        return legacy
+    return xdg_home()
+
+
+def xdg_home() -> Path:
+    """$XDG_DATA_HOME/pgcast, else ~/.local/share/pgcast (a relative XDG_DATA_HOME is ignored,
+    as the XDG specification says)."""
+    base = os.environ.get("XDG_DATA_HOME", "")
+    root = Path(base) if base and Path(base).is_absolute() else Path.home() / ".local" / "share"
+    return root / "pgcast"
 
 
 def pgdata(base: Path | None = None) -> Path:

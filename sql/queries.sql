@@ -26,16 +26,41 @@ INSERT INTO schema_migrations (version, name) VALUES (%(version)s, %(name)s)
 SELECT to_regclass('procrastinate_jobs') IS NOT NULL AS installed
 
 -- contacts_upsert --
--- Inserts or updates contacts from a jsonb array; never clears an unsubscribe; attributes
--- merge (a key given replaces that key, the others stay).
-INSERT INTO contacts AS c (account, email, name, tags, attributes)
+-- Inserts or updates contacts from a jsonb array. An empty name or tags keeps what is stored
+-- and attributes merge, unless `replace` (then all three are replaced); never clears an
+-- unsubscribe or a suppression (the unsubscribed_at and suppressed_reason given only add
+-- one); an erased address is left out. Returns each written address and whether it is new.
+WITH x AS (
+    SELECT x.*
+    FROM ROWS FROM (jsonb_to_recordset(%(rows)s::jsonb)
+                    AS (email text, name text, tags text[], attributes jsonb,
+                        unsubscribed_at timestamptz, suppressed_reason text))
+         WITH ORDINALITY AS x(email, name, tags, attributes, unsubscribed_at,
+                              suppressed_reason, n)
+    WHERE NOT EXISTS (SELECT 1 FROM contact_erasures e
+                      WHERE e.account = %(account)s
+                        AND e.email_hash = sha256(convert_to(lower(x.email), 'UTF8')))
+)
+INSERT INTO contacts AS c (account, email, name, tags, attributes, unsubscribed_at,
+                           suppressed_at, suppressed_reason)
 SELECT %(account)s, x.email, coalesce(x.name, ''), coalesce(x.tags, '{}'),
-       coalesce(x.attributes, '{}')
-FROM jsonb_to_recordset(%(rows)s::jsonb) AS x(email text, name text, tags text[],
-                                              attributes jsonb)
+       coalesce(x.attributes, '{}'), x.unsubscribed_at,
+       CASE WHEN x.suppressed_reason IS NOT NULL THEN clock_timestamp() END,
+       x.suppressed_reason
+FROM x
+ORDER BY x.n  -- new contacts get their ids in the order given (the anti-join may reorder)
 ON CONFLICT (account, lower(email)) DO UPDATE
-SET email = EXCLUDED.email, name = EXCLUDED.name, tags = EXCLUDED.tags,
-    attributes = c.attributes || EXCLUDED.attributes, updated_at = now()
+SET email = EXCLUDED.email,
+    name = CASE WHEN %(replace)s OR EXCLUDED.name <> '' THEN EXCLUDED.name ELSE c.name END,
+    tags = CASE WHEN %(replace)s OR cardinality(EXCLUDED.tags) > 0 THEN EXCLUDED.tags
+                ELSE c.tags END,
+    attributes = CASE WHEN %(replace)s THEN EXCLUDED.attributes
+                      ELSE c.attributes || EXCLUDED.attributes END,
+    unsubscribed_at = coalesce(c.unsubscribed_at, EXCLUDED.unsubscribed_at),
+    suppressed_at = coalesce(c.suppressed_at, EXCLUDED.suppressed_at),
+    suppressed_reason = coalesce(c.suppressed_reason, EXCLUDED.suppressed_reason),
+    updated_at = now()
+RETURNING c.email, (c.xmax = 0) AS inserted
 
 -- contact_unsubscribe --
 -- Marks a contact unsubscribed (keeps the first time); takes effect at the next handoff.

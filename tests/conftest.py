@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -13,6 +14,21 @@ import psycopg
 import pytest
 
 from tests import support
+
+
+@pytest.fixture(scope="session", autouse=True)
+def pgcast_home() -> Iterator[Path]:
+    """The tests' own PGCAST_HOME (outboxes and the like), never the user's data directory."""
+    if os.environ.get("PGCAST_HOME"):
+        yield Path(os.environ["PGCAST_HOME"])
+        return
+    base = Path(tempfile.mkdtemp(prefix="pgcast-home-"))
+    os.environ["PGCAST_HOME"] = str(base)
+    try:
+        yield base
+    finally:
+        del os.environ["PGCAST_HOME"]
+        shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

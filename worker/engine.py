@@ -124,6 +124,8 @@ class Engine:
         limit = self.settings.max_broadcasts or len(rows)
         fresh: dict[uuid.UUID, claims.Active] = {}
         for bid, epoch, rate_limit in rows[:limit]:
+            if bid not in self._active:
+                log.info("working on broadcast %s (epoch %s)", bid, epoch)
             entry = self._active.get(bid) or claims.Active(epoch, rate_limit)
             # the same object: loops in the middle of a claim update the live entry
             entry.epoch, entry.rate_limit = epoch, rate_limit
@@ -318,10 +320,18 @@ class Engine:
         if entry is not None:
             entry.empty = True
         rows = await self.db.q("finalize", {"id": bid})
+        if rows and rows[0][0]:
+            await self._log_finished(bid)
         if rows and not rows[0][0] and entry is not None:
             # not finished, nothing in flight or requeued, yet never-claimed rows are left
             # (a claim whose commit a server crash lost): look for them from the start again
             entry.floor = entry.cursor = 0
+
+    async def _log_finished(self, bid: uuid.UUID) -> None:
+        counts = await self.db.q("broadcast_counts", {"id": bid})
+        if counts:
+            log.info("broadcast %s finished %s: total %s, sent %s, failed %s, skipped %s, "
+                     "unknown %s, cancelled %s", bid, *counts[0])
 
     def _direct(self, entry: claims.Active, limit: int) -> bool:
         """Claim and hand off in one statement? When the whole claim is one group (a provider
@@ -356,7 +366,8 @@ class Engine:
         try:
             if handed:
                 self.stats.groups += 1
-                await self._send_and_record(bid, epoch, token, handed, attempts, content, 0)
+                await self._send_and_record(bid, epoch, token, handed, attempts, content, 0,
+                                            time.monotonic())
         finally:
             if claimed:
                 await self._work_groups(bid, entry, epoch, token, claimed, attempts, content,
@@ -378,6 +389,7 @@ class Engine:
                         await asyncio.wait(in_flight)  # the most a crash leaves: one group
                     want = min(self._group_size(entry), len(remaining))
                     slots = await self._slots(want)
+                    held_since = time.monotonic()
                     granted = 0
                     try:
                         granted = await self.buckets.take(bid, epoch, entry.rate_limit, slots)
@@ -399,7 +411,8 @@ class Engine:
                         break  # fenced: cancelled, paused or resumed since the claim
                     if handed:
                         in_flight.add(asyncio.create_task(self._send_and_record(
-                            bid, epoch, token, handed, attempts, content, len(handed))))
+                            bid, epoch, token, handed, attempts, content, len(handed),
+                            held_since)))
             finally:
                 if remaining:
                     await self.db.q_retry("release", {"id": bid, "token": token,
@@ -437,7 +450,8 @@ class Engine:
 
     async def _send_and_record(self, bid: uuid.UUID, epoch: int, token: uuid.UUID,
                                handed: Handed, attempts: dict[int, int],
-                               content: render.Content | str, slots: int) -> None:
+                               content: render.Content | str, slots: int,
+                               held_since: float) -> None:
         """Rows already handed off: the provider, then the record (slots released after)."""
         try:
             outcomes = await self.sender.send_group(content, handed, attempts)
@@ -447,13 +461,15 @@ class Engine:
             # its rows stay `sending`: the sweeper makes them unknown (each was attempted)
             log.exception("broadcast %s: a group's outcome could not be recorded", bid)
         finally:
+            if slots:
+                # Little's law counts the whole time a slot is held (tokens, handoff, call,
+                # record), not only the call: at 20 ms calls the statements are most of it
+                self.window.observe(time.monotonic() - held_since)
             self._unslot(slots)
 
     def _observe(self, outcomes: list[dispatch.Outcome]) -> None:
         calls = [o.seconds for o in outcomes if o.seconds is not None]
         self.sizer.observe(sum(calls), len(calls))
-        for seconds in calls:
-            self.window.observe(seconds)
 
     async def _record(self, bid: uuid.UUID, epoch: int, token: uuid.UUID,
                       outcomes: list[dispatch.Outcome]) -> None:

@@ -68,10 +68,10 @@ class GroupSizer:
 class Window:
     """Provider calls in flight in one process: about rate x latency (Little's law).
 
-    A slot is held from a message's handoff until its group is recorded, so the slots in use
-    bound what a crash of this process can leave `unknown`. The limit is
-    ceil(rate x latency x HEADROOM) + SPARE with the global rate and the measured latency of
-    one call (the most when either is unknown or the rate is unlimited), never above `most`
+    A slot is taken before a group's tokens and handoff and given back after its record, so
+    the slots in use bound what a crash of this process can leave `unknown`. The limit is
+    ceil(rate x held x HEADROOM) + SPARE with the global rate and the measured time a slot is
+    held (the most when either is unknown or the rate is unlimited), never above `most`
     (--max-in-flight) nor above `cap`: a throttle halves `cap`, and each successful call
     grows it by 1/cap (additive increase, multiplicative decrease). Event-loop only.
     """
@@ -82,7 +82,7 @@ class Window:
         self.most = most
         self.cap = float(most)
         self.used = 0
-        self.latency: float | None = None  # seconds per call, moving average
+        self.latency: float | None = None  # seconds a slot is held, moving average
         self._changed = asyncio.Event()
 
     def limit(self, rate: float) -> int:
@@ -114,7 +114,7 @@ class Window:
             self._changed.set()
 
     def observe(self, seconds: float) -> None:
-        """One call took `seconds`."""
+        """A slot was held `seconds` (tokens, handoff, the call, the record)."""
         if math.isfinite(seconds) and seconds >= 0:
             old = self.latency
             self.latency = seconds if old is None else old + LATENCY_ALPHA * (seconds - old)

@@ -14,6 +14,7 @@ from worker import starter, testsend
 log = logging.getLogger("pgcast.sweeper")
 
 QUEUE = "pgcast"
+COUNTS = ("status", "total", "sent", "failed", "skipped", "unknown", "cancelled")
 
 
 def sweep_conn(conn: psycopg.Connection[Any]) -> list[dict[str, Any]]:
@@ -42,15 +43,27 @@ def sweep_once(url: str) -> list[dict[str, Any]]:
     """Reclaim expired leases, mark lost handoffs unknown, finalize drained broadcasts."""
     with psycopg.connect(url, autocommit=True) as conn:
         rows = sweep_conn(conn)
+        cur = conn.cursor(row_factory=psycopg.rows.dict_row)
+        finished = [cur.execute(QUERIES["broadcast_counts"], {"id": r["broadcast_id"]}).fetchone()
+                    for r in rows if r["finalized"]]
         starter.start_due(conn)  # and start the scheduled broadcasts whose time has come
-    _log(rows)
+    _log(rows, finished)
     return rows
 
 
-def _log(rows: list[dict[str, Any]]) -> None:
+def _log(rows: list[dict[str, Any]], finished: list[Any]) -> None:
+    # every run at DEBUG; what it changed at INFO (an operator wants finished broadcasts,
+    # and reclaimed leases or unknown outcomes mean a worker died)
+    log.debug("sweep ran: %d broadcasts changed", len(rows))
     for row in rows:
-        log.info("sweep %s: reclaimed %s, unknown %s, finalized %s", row["broadcast_id"],
-                 row["reclaimed"], row["unknown"], row["finalized"])
+        if row["reclaimed"] or row["unknown"]:
+            log.info("sweep %s: reclaimed %s, unknown %s", row["broadcast_id"], row["reclaimed"],
+                     row["unknown"])
+    for bid, c in zip([r["broadcast_id"] for r in rows if r["finalized"]], finished,
+                      strict=False):
+        if c is not None:
+            log.info("broadcast %s finished %s: total %s, sent %s, failed %s, skipped %s, "
+                     "unknown %s, cancelled %s", bid, *(c[k] for k in COUNTS))
 
 
 def make_app(url: str, cron: str) -> procrastinate.App:
@@ -66,7 +79,13 @@ def make_app(url: str, cron: str) -> procrastinate.App:
     async def sweep(timestamp: int) -> None:
         async with await psycopg.AsyncConnection.connect(
                 url, autocommit=True, row_factory=psycopg.rows.dict_row) as conn:
-            _log(await sweep_async(conn))
+            rows = await sweep_async(conn)
+            finished = []
+            for r in rows:
+                if r["finalized"]:
+                    got = await conn.execute(QUERIES["broadcast_counts"], {"id": r["broadcast_id"]})
+                    finished.append(await got.fetchone())
+            _log(rows, finished)
             await starter.start_due_async(conn)
 
     del sweep

@@ -144,7 +144,6 @@ def test_send_group_measures_the_messages_it_attempted() -> None:
     assert attempted == 3  # the two after the throttle never reached the provider
     assert seconds >= 0.03
     assert sizer.size() <= 250 // 10
-    assert eng.window.latency is not None and eng.window.latency >= 0.01
 
 
 def test_engine_sizer_follows_settings() -> None:

@@ -36,13 +36,31 @@ def test_parse_rejects_duplicates_and_strips_descriptions() -> None:
         queries.parse("-- a --\n-- x\nSELECT 1\n-- a --\n-- y\nSELECT 2\n")
 
 
-def test_validate_keeps_last_duplicate_and_reports_bad_rows() -> None:
-    batch = contacts.validate([(2, "A@Example.com", "Ann", ["x"]), (3, "bad", None, []),
-                               (4, "a@example.com", "Ann 2", ["y", "y", " z "]),
+def test_validate_merges_duplicates_and_reports_bad_rows() -> None:
+    batch = contacts.validate([(2, "A@Example.com", "Ann", ["x"], {"plan": "a", "city": "Oslo"}),
+                               (3, "bad", None, []),
+                               (4, "a@example.com", "", ["y", "y", " z "], {"plan": "b"}),
                                (5, 42, None, None), (6, "c@example.com", None, [""])])
-    assert batch.rows == [{"email": "a@example.com", "name": "Ann 2", "tags": ["y", "z"]}]
+    # a later row's empty cell keeps the earlier value, as the upsert keeps a stored one
+    assert batch.rows == [{"where": 4, "email": "a@example.com", "name": "Ann",
+                           "tags": ["y", "z"], "attributes": {"plan": "b", "city": "Oslo"}}]
+    assert batch.merged == 1
     assert [(r.where, r.email) for r in batch.rejected] == [(3, "bad"), (5, "42"),
                                                             (6, "c@example.com")]
+
+
+def test_validate_with_replace_keeps_the_last_duplicate_whole() -> None:
+    batch = contacts.validate([(2, "a@example.com", "Ann", ["x"], {"plan": "a"}),
+                               (3, "a@example.com", None, [], {})], replace=True)
+    assert batch.rows == [{"where": 3, "email": "a@example.com", "name": "", "tags": [],
+                           "attributes": {}}]
+    assert batch.merged == 1
+
+
+def test_validate_reports_normalised_addresses() -> None:
+    batch = contacts.validate([(2, " Ann@Example.COM ", None, []), (3, "b@example.com", None, [])])
+    assert [(n.where, n.given, n.stored) for n in batch.normalised] == [
+        (2, "Ann@Example.COM", "Ann@example.com")]
 
 
 def test_read_csv_requires_an_email_column(tmp_path: Path) -> None:
