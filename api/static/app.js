@@ -575,6 +575,8 @@ async function sendConfirm(b) {
 function contactsView() {
   const main = $("main");
   const panels = [h("h1", {}, "Contacts")];
+  const list = has("GET /contacts") ? contactsList() : null;
+  const changed = () => { if (list) list.reload(); };  // the list shows what an edit did
   if (has("POST /contacts/import")) {
     const file = h("input", { type: "file", accept: ".csv,text/csv", id: "csv-file" });
     const report = h("div", { id: "import-report" });
@@ -587,6 +589,7 @@ function contactsView() {
         fill(report, h("p", { id: "import-summary" }, `Imported ${num(r.imported)} contacts; ${num(r.rejected.length)} rows rejected.`),
           r.rejected.length ? table(["Line", "Email", "Reason"], r.rejected.map((x) =>
             h("tr", {}, h("td", { class: "num" }, x.line), h("td", {}, x.email), h("td", {}, x.reason)))) : null);
+        changed();
       } catch (error) { fill(report); reportUnlessSignedOut(error); }
     } },
     h("h2", {}, "Import a CSV"),
@@ -600,7 +603,7 @@ function contactsView() {
       const tags = String(f.get("tags")).split(",").map((s) => s.trim()).filter(Boolean);
       try {
         const r = await api("POST", "/contacts", { json: { contacts: [{ email: f.get("email"), name: f.get("name") || null, tags }] } });
-        if (r.rejected.length) showError(r.rejected[0].reason); else notice(`Saved ${f.get("email")}.`);
+        if (r.rejected.length) showError(r.rejected[0].reason); else { notice(`Saved ${f.get("email")}.`); changed(); }
       } catch (error) { reportUnlessSignedOut(error); }
     } }, h("h2", {}, "Add or update a contact"),
     h("div", { class: "cols" }, h("label", {}, h("span", {}, "Email"), h("input", { name: "email", required: true })),
@@ -615,34 +618,53 @@ function contactsView() {
       try {
         const r = await api("POST", "/contacts/unsubscribe", { json: { email } });
         notice(`${r.email} unsubscribed at ${when(r.unsubscribed_at)}.`);
+        changed();
       } catch (error) { reportUnlessSignedOut(error); }
     } }, h("h2", {}, "Unsubscribe"),
     h("div", { class: "row" }, h("input", { name: "email", required: true, class: "grow", placeholder: "someone@example.com" }),
       h("button", { type: "submit", class: "danger" }, "Unsubscribe"))));
   }
-  if (has("GET /contacts")) panels.push(contactsList());
+  if (list) panels.push(list.panel);
   fill(main, panels);
 }
 
+const CONTACT_STATUSES = ["subscribed", "unsubscribed", "suppressed"];
+
 function contactsList() {
-  // GET /contacts is keyset-paged; its columns are shown as the API names them
-  const box = h("div", { id: "contacts-list" });
-  const nextButton = h("button", { class: "secondary" }, "Next page →");
+  // GET /contacts: by address, keyset-paged; the default view is the unfiltered key walk
+  const tbody = h("tbody", { id: "contacts" });
+  const status = h("select", { id: "contact-status" }, h("option", { value: "" }, "all statuses"),
+    CONTACT_STATUSES.map((x) => h("option", { value: x }, x)));
+  const tag = h("input", { id: "contact-tag", placeholder: "any tag", autocomplete: "off" });
+  const nextButton = h("button", { class: "secondary", id: "contacts-next" }, "Next page →");
+  const firstButton = h("button", { class: "secondary", id: "contacts-first" }, "First page");
   let cursor = null;
   let next = null;
   async function load() {
-    const page = await api("GET", "/contacts", { query: { cursor, limit: PAGE } });
-    const items = page.contacts || [];
+    const page = await api("GET", "/contacts", { query: { status: status.value, tag: tag.value.trim(), cursor, limit: PAGE } });
     next = page.next_cursor;
     nextButton.disabled = !next;
-    const cols = items.length ? Object.keys(items[0]) : [];
-    fill(box, items.length ? table(cols, items.map((c) => h("tr", {}, cols.map((k) =>
-      h("td", {}, c[k] === null ? "" : Array.isArray(c[k]) ? c[k].join(", ") : typeof c[k] === "object" ? JSON.stringify(c[k]) : String(c[k]))))))
-      : h("p", { class: "muted" }, "No contacts."));
+    firstButton.disabled = cursor === null;
+    fill(tbody, page.contacts.length ? page.contacts.map((c) => h("tr", { "data-email": c.email },
+      h("td", {}, c.email), h("td", {}, c.name ?? ""), h("td", {}, (c.tags || []).join(", ")),
+      h("td", {}, h("span", { class: `badge ${c.status}`, "data-status": c.status }, c.status),
+        c.suppressed_reason ? ` (${c.suppressed_reason})` : ""),
+      h("td", { class: "muted" }, when(c.unsubscribed_at)), h("td", { class: "muted" }, when(c.created_at))))
+      : h("tr", {}, h("td", { colspan: 6, class: "muted" }, "No contacts here.")));
   }
+  const reload = () => { cursor = null; return load().catch(reportUnlessSignedOut); };
+  status.addEventListener("change", reload);
+  tag.addEventListener("change", reload);
   nextButton.addEventListener("click", () => { cursor = next; load().catch(reportUnlessSignedOut); });
-  load().catch(reportUnlessSignedOut);
-  return h("div", { class: "panel" }, h("h2", {}, "All contacts"), box, h("div", { class: "pager" }, nextButton));
+  firstButton.addEventListener("click", reload);
+  reload();
+  const t = table(["Email", "Name", "Tags", "Status", "Unsubscribed", "Added"], [], { id: "contacts-table" });
+  t.replaceChild(tbody, t.tBodies[0]);
+  const panel = h("div", { class: "panel", id: "contacts-list" },
+    h("div", { class: "row" }, h("h2", { class: "grow" }, "All contacts"),
+      h("label", {}, h("span", {}, "Status"), status), h("label", {}, h("span", {}, "Tag"), tag)),
+    t, h("div", { class: "pager" }, firstButton, nextButton));
+  return { panel, reload };
 }
 
 route();

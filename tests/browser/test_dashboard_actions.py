@@ -210,3 +210,51 @@ def test_retry_failed_by_clicking_sends_to_the_rejected_recipients(
     assert (entry["requeued"], entry["include_unknown"], entry["via"]) == (3, False, "api")
     expect(page.locator("#audit td:nth-child(2)")).to_have_text(
         ["finish", "retry", "finish", "send", "create"])
+
+
+def test_contacts_list_pages_by_address_filters_and_follows_edits(
+        page: Page, pgcast: stack.Stack, conn: Conn) -> None:
+    """GET /contacts in the Contacts view: 25 a page by address, status and tag filters, and
+    the list shows an added and an unsubscribed contact at once."""
+    token = pgcast.token()
+    support.seed_contacts(conn, 30, account=dash.ACCOUNT, tag="beta")
+    support.seed_contacts(conn, 3, account=dash.ACCOUNT, start=30)
+    everyone = sorted(f"user{i}@example.com" for i in range(33))
+    dash.sign_in(page, pgcast.base, token)
+    page.click("nav >> text=Contacts")
+    emails = page.locator("#contacts td:nth-child(1)")
+    expect(emails).to_have_text(everyone[:25])
+    expect(page.locator("#contacts-first")).to_be_disabled()
+    page.click("#contacts-next")
+    expect(emails).to_have_text(everyone[25:])
+    expect(page.locator("#contacts-next")).to_be_disabled()
+    page.click("#contacts-first")
+    expect(emails).to_have_text(everyone[:25])
+
+    # an added contact and an unsubscribe show in the list without a reload
+    page.fill("#add-contact input[name=email]", "aaron@example.com")
+    page.fill("#add-contact input[name=name]", "Aaron")
+    page.fill("#add-contact input[name=tags]", "beta, vip")
+    page.click("#add-contact button")
+    first = page.locator("#contacts tr").first
+    expect(first.locator("td")).to_have_text(
+        ["aaron@example.com", "Aaron", "beta, vip", "subscribed", "–", re.compile(".+")])
+    page.fill("#unsubscribe-form input[name=email]", "user1@example.com")
+    page.click("#unsubscribe-form button")
+    expect(page.locator("#contacts tr[data-email='user1@example.com'] [data-status]")).to_have_text(
+        "unsubscribed")
+    page.select_option("#contact-status", "unsubscribed")
+    expect(emails).to_have_text(["user1@example.com"])
+
+    # subscribed with the tag: every page together is exactly the database's answer
+    page.select_option("#contact-status", "subscribed")
+    page.fill("#contact-tag", "beta")
+    page.press("#contact-tag", "Enter")
+    wanted = [r["email"] for r in conn.execute(
+        "SELECT email FROM contacts WHERE account = %s AND 'beta' = ANY (tags) "
+        "AND unsubscribed_at IS NULL AND suppressed_at IS NULL ORDER BY lower(email)",
+        (dash.ACCOUNT,)).fetchall()]
+    assert len(wanted) == 30  # 30 tagged, one unsubscribed, aaron added
+    expect(emails).to_have_text(wanted[:25])
+    page.click("#contacts-next")
+    expect(emails).to_have_text(wanted[25:])
