@@ -219,11 +219,16 @@ def test_contacts_list_pages_by_address_filters_and_follows_edits(
     token = pgcast.token()
     support.seed_contacts(conn, 30, account=dash.ACCOUNT, tag="beta")
     support.seed_contacts(conn, 3, account=dash.ACCOUNT, start=30)
+    # as the SES feedback webhook leaves a complaint (tests/acceptance/test_feedback.py)
+    conn.execute("UPDATE contacts SET suppressed_at = now(), suppressed_reason = 'complaint' "
+                 "WHERE account = %s AND email = 'user0@example.com'", (dash.ACCOUNT,))
     everyone = sorted(f"user{i}@example.com" for i in range(33))
     dash.sign_in(page, pgcast.base, token)
     page.click("nav >> text=Contacts")
     emails = page.locator("#contacts td:nth-child(1)")
     expect(emails).to_have_text(everyone[:25])
+    expect(page.locator("#contacts tr[data-email='user0@example.com'] td:nth-child(4)")
+           ).to_have_text("suppressed (complaint)")
     expect(page.locator("#contacts-first")).to_be_disabled()
     page.click("#contacts-next")
     expect(emails).to_have_text(everyone[25:])
@@ -254,7 +259,7 @@ def test_contacts_list_pages_by_address_filters_and_follows_edits(
         "SELECT email FROM contacts WHERE account = %s AND 'beta' = ANY (tags) "
         "AND unsubscribed_at IS NULL AND suppressed_at IS NULL ORDER BY lower(email)",
         (dash.ACCOUNT,)).fetchall()]
-    assert len(wanted) == 30  # 30 tagged, one unsubscribed, aaron added
+    assert len(wanted) == 29  # 30 tagged, one suppressed, one unsubscribed, aaron added
     expect(emails).to_have_text(wanted[:25])
     page.click("#contacts-next")
     expect(emails).to_have_text(wanted[25:])
