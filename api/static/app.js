@@ -394,8 +394,8 @@ async function detailView(id) {
     fill(el.info,
       ...[["From", b.from], ["Segment", b.tag ? `tag “${b.tag}”` : "every contact"], ["Id", b.id],
           ["Created", when(b.created_at)], ["Started", when(b.started_at)], ["Finished", when(b.finished_at)],
-          ...(b.scheduled_at !== undefined ? [["Scheduled", when(b.scheduled_at)]] : []),
-          ...(b.not_after !== undefined ? [["Latest start", when(b.not_after)]] : []),
+          ...(b.scheduled_at ? [["Scheduled", when(b.scheduled_at)]] : []),
+          ...(b.not_after ? [["Latest start", when(b.not_after)]] : []),
           ...(b.failed_reason ? [["Failed because", b.failed_reason]] : [])]
         .flatMap(([k, v]) => [h("dt", {}, k), h("dd", {}, v)]));
     if (b.status === "draft") {

@@ -97,7 +97,7 @@ def test_schedule_a_draft_by_clicking_then_unschedule(page: Page, pgcast: stack.
     # a scheduled broadcast offers unschedule, not schedule; its content is no longer a form
     expect(page.locator("[data-action=schedule]")).to_have_count(0)
     expect(page.locator("#content-form")).to_have_count(0)
-    expect(page.locator("#info")).to_contain_text("Latest start")
+    expect(page.locator("#info dt")).to_contain_text(["Scheduled", "Latest start"])
 
     page.click("[data-action=unschedule]")
     expect(status(page)).to_have_text("draft")
@@ -105,6 +105,7 @@ def test_schedule_a_draft_by_clicking_then_unschedule(page: Page, pgcast: stack.
     row = conn.execute("SELECT status, scheduled_at, not_after FROM broadcasts WHERE id = %s",
                        (bid,)).fetchone()
     assert row == {"status": "draft", "scheduled_at": None, "not_after": None}
+    expect(page.locator("#info")).not_to_contain_text("Latest start")
     entries = [(e["action"], e["details"].get("via"), e["details"].get("sub"))
                for e in audit(conn, bid)]
     assert entries == [("create", "api", "tester"), ("schedule", "api", "tester"),
