@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 .DEFAULT_GOAL := help
 
 help: ## list the targets
-	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-12s %s\n", $$1, $$2}'
+	@grep -hE '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-12s %s\n", $$1, $$2}'
 
 install: $(STAMP) ## create .venv with pgcast and everything it needs
 
@@ -39,6 +39,10 @@ screenshot: install $(CHROMIUM) ## regenerate docs/dashboard.png with the browse
 	PGCAST_SCREENSHOT_DIR=$(CURDIR)/docs $(BIN)/pytest -q tests/browser \
 		-k test_import_create_send_watch_pause_resume
 
+test-pg15: install ## integration, acceptance and PgBouncer rings on Debian's PostgreSQL 15 (apt-get installs it)
+	$(BIN)/python -m tests.realpg --version 15 --pgbouncer -- \
+		$(BIN)/pytest tests/integration tests/acceptance tests/pooled
+
 test-unit: install ## run the unit tests only (no database)
 	$(BIN)/pytest tests/unit
 
@@ -53,4 +57,4 @@ clean: ## stop the embedded Postgres and remove .pgcast/
 	-$(BIN)/pgcast db stop
 	rm -rf .pgcast
 
-.PHONY: help install demo test test-browser screenshot test-unit lint bench clean
+.PHONY: help install demo test test-browser screenshot test-pg15 test-unit lint bench clean

@@ -67,8 +67,9 @@ async def create(request: Request) -> Response:
         values["from_address"] = broadcasts.validate_from(body["from"])
     except sql_errors.InvalidInput as exc:
         raise _invalid(exc) from None
-    row = await db.one(context.pool(request), "api_broadcast_create",
-                       {"account": who.account, "details": control.details(who), **values})
+    row = await db.one(context.pool(request), "broadcast_create",
+                       {"account": who.account, "details": control.details(who),
+                        "rate_limit": None, **values})
     assert row is not None
     return http.Json(with_warnings(broadcast_json(row)), status_code=201,
                      headers={"Location": f"/broadcasts/{row['id']}"})

@@ -8,6 +8,7 @@ import psycopg
 from psycopg.rows import DictRow, dict_row
 from psycopg_pool import AsyncConnectionPool
 
+from sql import db as sql_db
 from sql.queries import QUERIES
 
 CHECKOUT_TIMEOUT = 5.0  # seconds a request waits for a pooled connection before a 503
@@ -20,7 +21,7 @@ def make_pool(url: str, size: int) -> Pool:
     return AsyncConnectionPool(
         url, min_size=1, max_size=size, open=False, timeout=CHECKOUT_TIMEOUT,
         connection_class=psycopg.AsyncConnection[DictRow],
-        kwargs={"autocommit": True, "row_factory": dict_row},
+        kwargs={"autocommit": True, "row_factory": dict_row, **sql_db.CONNECT_KWARGS},
         name="pgcast-api")
 
 

@@ -124,7 +124,7 @@ async def recipients(request: Request) -> Response:
     raw = request.query_params.get("cursor")
     after = cursors.open_(key, scope, raw) if raw else 0
     pool = context.pool(request)
-    rows = await db.all_rows(pool, "api_recipients_page", {  # one more: is there a next page?
+    rows = await db.all_rows(pool, "recipients_page", {  # one more: is there a next page?
         "account": who.account, "id": bid, "status": status, "after": after, "limit": limit + 1})
     if not rows and await db.one(pool, "api_broadcast_status",
                                  {"account": who.account, "id": bid}) is None:

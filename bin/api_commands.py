@@ -11,6 +11,7 @@ from typing import Any
 
 from api import auth, config
 from api import errors as api_errors
+from bin import logs
 from sql import errors as sql_errors
 
 DEFAULT_HOST = "127.0.0.1"
@@ -62,6 +63,13 @@ def cmd_api(args: argparse.Namespace) -> int:
         settings = dataclasses.replace(settings, limit_concurrency=args.limit_concurrency)
     if args.timeout_keep_alive is not None:
         settings = dataclasses.replace(settings, timeout_keep_alive=args.timeout_keep_alive)
+    level = os.environ.get("PGCAST_LOG_LEVEL", "info").lower()
+    try:
+        fmt = logs.log_format()
+    except ValueError as exc:
+        raise sql_errors.InvalidInput(str(exc)) from None
+    # uvicorn's own loggers (startup lines, access log) hand their records to ours
+    log_config = logs.dict_config(level, fmt, ("uvicorn", "uvicorn.error", "uvicorn.access"))
     try:
         application = api_app.create_app(settings, db.database_url())
     except api_errors.ConfigError as exc:  # PGCAST_SNS_* and the feedback limits
@@ -73,13 +81,24 @@ def cmd_api(args: argparse.Namespace) -> int:
             application.state.stopping = True
             super().handle_exit(sig, frame)
 
+    served: Any = application
+    if args.metrics_addr:
+        from api import metrics
+        from sql import metrics as sql_metrics
+
+        _, port = sql_metrics.parse_addr(args.metrics_addr)
+        if port == args.port:
+            raise sql_errors.InvalidInput("--metrics-addr must not be the API's own port")
+        sql_metrics.serve(args.metrics_addr, db.database_url())
+        served = metrics.Metered(application)
+
     Server(uvicorn.Config(
-        application, host=args.host, port=args.port, proxy_headers=False,
+        served, host=args.host, port=args.port, proxy_headers=False,
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN,
         # over the limit uvicorn answers 503; SSE streams are capped at half of it (api.streams)
         limit_concurrency=settings.limit_concurrency,
         timeout_keep_alive=int(math.ceil(settings.timeout_keep_alive)),
-        log_level=os.environ.get("PGCAST_LOG_LEVEL", "info").lower(),
+        log_level=level, log_config=log_config,
         access_log=os.environ.get("PGCAST_API_ACCESS_LOG", "0") == "1")).run()
     return 0
 
@@ -119,6 +138,10 @@ def register(sub: Any) -> None:
                    help=f"seconds an idle keep-alive connection stays open (default "
                         f"{config.DEFAULT_TIMEOUT_KEEP_ALIVE:g}, "
                         f"env PGCAST_API_TIMEOUT_KEEP_ALIVE)")
+    a.add_argument("--metrics-addr", metavar="HOST:PORT",
+                   default=os.environ.get("PGCAST_METRICS_ADDR") or None,
+                   help="serve Prometheus metrics there, never on the API's port "
+                        "(env PGCAST_METRICS_ADDR; default off)")
     a.set_defaults(func=cmd_api)
 
     t = sub.add_parser("token", help="print a JWT signed with PGCAST_JWT_SECRET (development)")

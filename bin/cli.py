@@ -15,7 +15,7 @@ from typing import Any, NoReturn
 
 import psycopg
 
-from bin import broadcast_commands, contacts_commands, output, schedule_commands
+from bin import broadcast_commands, contacts_commands, logs, output, schedule_commands
 from mail import template
 from sql import broadcasts, contacts, db, embedded, errors, migrate
 from sql.queries import QUERIES
@@ -185,11 +185,15 @@ def cmd_worker(args: argparse.Namespace) -> int:
     if settings.lease < 1:
         raise UsageError("--lease must be at least 1 second")
     level = log_level()
-    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        logs.configure(level)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     if level != "DEBUG":
         # procrastinate logs each periodic sweep job at INFO: DEBUG material for an operator
         logging.getLogger("procrastinate").setLevel(logging.WARNING)
-    stats = asyncio.run(worker_main.run(settings, db.database_url()))
+    stats = asyncio.run(worker_main.run(settings, db.database_url(),
+                                        metrics_addr=args.metrics_addr))
     print(json.dumps({"sent": stats.sent, "failed": stats.failed, "retried": stats.retried,
                       "groups": stats.groups}), file=sys.stderr)
     return 0
@@ -219,7 +223,8 @@ def cmd_broadcast(args: argparse.Namespace) -> int:
             row = broadcasts.create(conn, args.account, subject=args.subject,
                                     from_address=args.from_address, text=_read_text(args.text),
                                     html=_read_text(args.html), tag=args.tag,
-                                    rate_limit=args.rate_limit)
+                                    rate_limit=args.rate_limit,
+                                    details=output.actor(args.actor))
             for warning in template.warnings(row["text_body"], row["html_body"]):
                 print(f"pgcast: warning: {warning}", file=sys.stderr)
             print(row["id"])
@@ -323,6 +328,9 @@ def build_parser() -> Parser:
                    default=os.environ.get("PGCAST_SWEEP_SECONDS", "5"),
                    help="sweeper period, 1-59 s (default 5, env PGCAST_SWEEP_SECONDS)")
     w.add_argument("--no-sweeper", action="store_true", help="do not run the sweeper here")
+    w.add_argument("--metrics-addr", metavar="HOST:PORT",
+                   default=os.environ.get("PGCAST_METRICS_ADDR") or None,
+                   help="serve Prometheus metrics there (env PGCAST_METRICS_ADDR; default off)")
     w.set_defaults(func=cmd_worker)
 
     c = sub.add_parser("contacts", help="import, list, export, unsubscribe and erase contacts")
@@ -355,6 +363,8 @@ def build_parser() -> Parser:
     bc.add_argument("--html", metavar="FILE", help="the HTML body (--text, --html or both)")
     bc.add_argument("--tag", help="send only to contacts with this tag")
     bc.add_argument("--rate-limit", type=_positive(float), help="cap for this broadcast, emails/s")
+    bc.add_argument("--actor", metavar="NAME",
+                    help="who is doing this, for the audit log (default: the OS user)")
     bl = bsub.add_parser("list", help="newest first: a table on a terminal, else JSON")
     bl.add_argument("--limit", type=int, default=50, help="at most N broadcasts (default 50)")
     bl.add_argument("--json", action="store_true", help="JSON even on a terminal")
@@ -404,6 +414,9 @@ def _add_api_commands(sub: Any) -> None:
     except ImportError:
         return
     api_commands.register(sub)
+    from bin import ops_commands
+
+    ops_commands.register(sub)
 
 
 def _config_error() -> type[Exception]:

@@ -10,9 +10,10 @@ import sys
 import time
 from typing import Any
 
+from bin import broadcast_commands
 from mail import errors as mail_errors
 from mail import message, preview, unsubscribe, validate
-from sql import broadcasts, db, errors, jobs
+from sql import db, errors, jobs
 from sql.queries import QUERIES
 
 MAX_TO = 5  # addresses in one test send (as the API)
@@ -34,8 +35,8 @@ def _address(raw: str, field: str) -> str:
 
 def cmd_preview(args: argparse.Namespace) -> int:
     """Print the rendered subject, text, html and headers for one contact, as JSON."""
-    bid = broadcasts.parse_id(args.id)
     with db.connect(autocommit=True) as conn:
+        bid = broadcast_commands.resolve_id(conn, args.account, args.id)
         row = conn.execute(QUERIES["preview_broadcast"],
                            {"account": args.account, "id": bid}).fetchone()
         if row is None:
@@ -59,13 +60,13 @@ def cmd_preview(args: argparse.Namespace) -> int:
 
 def cmd_test(args: argparse.Namespace) -> int:
     """Queue a test send, wait for a worker to deliver it, print each outcome."""
-    bid = broadcasts.parse_id(args.id)
     if len(args.to) > MAX_TO:
         raise errors.InvalidInput(f"--to: at most {MAX_TO} addresses")
     to = list(dict.fromkeys(_address(a, "--to") for a in args.to))
     contact = _address(args.contact, "--contact") if args.contact else None
     url = db.database_url()
     with db.connect(url, autocommit=True) as conn:
+        bid = broadcast_commands.resolve_id(conn, args.account, args.id)
         row = conn.execute(QUERIES["test_send_queue"], {
             "account": args.account, "id": bid, "to": to, "contact": contact,
             "cap": HOURLY_CAP}).fetchone()
@@ -109,12 +110,12 @@ def _timeout(raw: str) -> float:
 def register(bsub: Any, account_default: str) -> None:
     """Add `preview` and `test` to `pgcast broadcast`."""
     p = bsub.add_parser("preview", help="the rendered message for one contact (JSON)")
-    p.add_argument("id", help="the broadcast id")
+    p.add_argument("id", help="the broadcast's id, or a unique prefix of 8+ characters")
     p.add_argument("--contact", metavar="EMAIL", help="default: the account's first contact")
     p.set_defaults(func=cmd_preview)
     t = bsub.add_parser("test", help="send the rendered message to a few addresses "
                                      "(subject prefixed [TEST]) and wait for the outcome")
-    t.add_argument("id", help="the broadcast id")
+    t.add_argument("id", help="the broadcast's id, or a unique prefix of 8+ characters")
     t.add_argument("--to", metavar="ADDR", action="append", required=True,
                    help=f"repeat for up to {MAX_TO} addresses")
     t.add_argument("--contact", metavar="EMAIL", help="whose data fills the template")

@@ -66,14 +66,17 @@ def validate_content(subject: Any, text: Any, html: Any, tag: Any) -> dict[str, 
 
 def create(conn: psycopg.Connection[Any], account: str, *, subject: Any, from_address: Any,
            text: Any = None, html: Any = None, tag: Any = None,
-           rate_limit: float | None = None) -> dict[str, Any]:
-    """Create a draft; raises InvalidInput."""
+           rate_limit: float | None = None,
+           details: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Create a draft (details: who, for its audit entry); raises InvalidInput."""
     fields = validate_content(subject, text, html, tag)
     fields["from_address"] = validate_from(from_address)
     if rate_limit is not None and rate_limit <= 0:
         raise errors.InvalidInput("rate limit must be positive")
     row = conn.execute(QUERIES["broadcast_create"],
-                       {"account": account, "rate_limit": rate_limit, **fields}).fetchone()
+                       {"account": account, "rate_limit": rate_limit,
+                        "details": json.dumps(details) if details else None,
+                        **fields}).fetchone()
     assert row is not None
     return dict(row)
 

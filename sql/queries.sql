@@ -70,11 +70,12 @@ WHERE account = %(account)s AND lower(email) = lower(%(email)s)
 RETURNING id, email, unsubscribed_at
 
 -- broadcast_create --
--- A new draft.
+-- A new draft; its audit entry names who created it (details).
 INSERT INTO broadcasts (account, subject, from_address, text_body, html_body, segment_tag,
                         rate_limit, audit_log)
 VALUES (%(account)s, %(subject)s, %(from_address)s, %(text_body)s, %(html_body)s,
-        %(segment_tag)s, %(rate_limit)s, pgcast_audit_v1('create', NULL, 'draft', NULL))
+        %(segment_tag)s, %(rate_limit)s,
+        pgcast_audit_v1('create', NULL, 'draft', %(details)s::jsonb))
 RETURNING *
 
 -- broadcast_get --

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -230,3 +231,74 @@ def assert_counters_true(conn: psycopg.Connection[Any], bid: uuid.UUID) -> dict[
     assert p["pending"] == in_progress, (p, counts)
     assert p["total"] == sum(counts.values()), (p, counts)
     return p
+
+
+class PgBouncer:
+    """Debian's PgBouncer in transaction pooling mode in front of a server, on a free port.
+
+    Runs as `postgres` (or `nobody`) when we are root: PgBouncer refuses to run as root.
+    """
+
+    BINARY = "/usr/sbin/pgbouncer"
+
+    def __init__(self, server_url: str, pool_size: int = 20) -> None:
+        import tempfile
+
+        from tests import realpg
+
+        params = conninfo_to_dict(server_url)
+        self.port = free_port()
+        # its own directory: pytest's are private to us, and PgBouncer runs as another user
+        self.base = base = Path(tempfile.mkdtemp(prefix="pgcast-pgbouncer-"))
+        os.chmod(base, 0o755)
+        user = realpg.run_as()
+        realpg.give(base, user)
+        (base / "users.txt").write_text(f'"{params.get("user", "postgres")}" ""\n')
+        ini = base / "pgbouncer.ini"
+        ini.write_text("\n".join([
+            "[databases]",
+            f"* = host={params.get('host', '127.0.0.1')} port={params.get('port', 5432)}",
+            "[pgbouncer]",
+            "listen_addr = 127.0.0.1",
+            f"listen_port = {self.port}",
+            "unix_socket_dir =",
+            "auth_type = trust",
+            f"auth_file = {base / 'users.txt'}",
+            "pool_mode = transaction",
+            "max_client_conn = 2000",
+            f"default_pool_size = {pool_size}",
+            f"logfile = {base / 'pgbouncer.log'}",
+            f"pidfile = {base / 'pgbouncer.pid'}",
+            "",
+        ]))
+        with (base / "stderr.log").open("w") as err:
+            self.proc = subprocess.Popen([self.BINARY, str(ini)], user=user,
+                                         stdout=err, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+        self.params = params
+        wait_for(self._up, timeout=30, what="pgbouncer")
+
+    def _up(self) -> bool:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"pgbouncer exited {self.proc.returncode}: {self.log()}")
+        with socket.socket() as s:
+            return s.connect_ex(("127.0.0.1", self.port)) == 0
+
+    def url(self, direct_url: str) -> str:
+        """The same database as `direct_url`, through this PgBouncer."""
+        params = conninfo_to_dict(direct_url)
+        params.update(host="127.0.0.1", port=str(self.port))
+        return make_conninfo(**params)
+
+    def log(self) -> str:
+        """What PgBouncer logged."""
+        return "".join(p.read_text() for p in (self.base / "stderr.log",
+                                                self.base / "pgbouncer.log") if p.exists())
+
+    def close(self) -> None:
+        """Stop PgBouncer."""
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=10)
+        shutil.rmtree(self.base, ignore_errors=True)

@@ -10,6 +10,7 @@ import uuid
 
 import psycopg
 
+from sql import db
 from worker import engine
 
 log = logging.getLogger("pgcast.control")
@@ -46,7 +47,8 @@ async def listen(url: str, state: engine.State, stopping: asyncio.Event) -> None
     delay = 0.2
     while not stopping.is_set():
         try:
-            async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+            async with await psycopg.AsyncConnection.connect(
+                    url, autocommit=True, **db.CONNECT_KWARGS) as conn:
                 await conn.execute(f"LISTEN {CHANNEL}")
                 delay = 0.2
                 # a notification lost while we were away: look at everything again

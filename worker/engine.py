@@ -82,6 +82,8 @@ Handed = list[dispatch.Recipient]  # rows handed off
 class Engine:
     """One worker process's dispatch loops over a shared pool."""
 
+    db_class: type[pg.Db] = pg.Db  # how it runs named statements (metrics wrap it)
+
     def __init__(self, settings: Settings, provider: providers.Provider, pool: Any,
                  state: State | None = None) -> None:
         self.settings = settings
@@ -91,7 +93,7 @@ class Engine:
         self.stopping = asyncio.Event()
         self.stats = Stats()
         self.pool = pool
-        self.db = pg.Db(pool, self.stopping, settings.lease)
+        self.db = self.db_class(pool, self.stopping, settings.lease)
         self.claims = claims.Claims(self.db, self.name, settings.lease, self.state.is_halted)
         self.buckets = ratelimit.Buckets(self.db, self.state.rates, self.stopping,
                                          self.state.is_halted)

@@ -14,8 +14,9 @@ from psycopg_pool import AsyncConnectionPool
 
 from mail import errors as mail_errors
 from mail import unsubscribe
+from sql import db
 from sql.queries import QUERIES
-from worker import control, engine, errors, providers, sweeper
+from worker import control, engine, errors, providers, retention, sweeper
 
 log = logging.getLogger("pgcast.worker")
 
@@ -62,7 +63,7 @@ def configure_rate(url: str, provider: providers.Provider) -> float | None:
     burst = _number("PGCAST_BURST", burst_raw) if burst_raw else default_burst(rate)
     if burst < 1:
         raise errors.ConfigError("PGCAST_BURST must be >= 1")
-    with psycopg.connect(url, autocommit=True) as conn:
+    with psycopg.connect(url, autocommit=True, **db.CONNECT_KWARGS) as conn:
         if not explicit:
             # SES's limit is a ceiling, not an order: a lower rate an operator set with
             # `pgcast rate set` (or an UPDATE) survives worker restarts
@@ -110,16 +111,26 @@ async def _renew(eng: engine.Engine) -> None:
             log.warning("lease renewal failed (%s); will retry", exc)
 
 
-async def _run_sweeper(url: str, settings: engine.Settings, stopping: asyncio.Event) -> None:
-    """procrastinate's worker for the sweeper task, restarted after a database outage."""
+async def _run_sweeper(url: str, settings: engine.Settings, stopping: asyncio.Event,
+                       listen: bool, retention_days: float | None) -> None:
+    """procrastinate's worker for the sweeper task (and retention's, on a loop of its own),
+    restarted after a database outage; `listen`: `url` is a session of our own (else
+    procrastinate polls for its jobs)."""
     delay = 1.0
     while not stopping.is_set():
         try:
-            app = sweeper.make_app(url, settings.sweep_cron)
+            app = sweeper.make_app(url, settings.sweep_cron, retention_days)
             async with app.open_async():
-                await app.run_worker_async(queues=[sweeper.QUEUE], install_signal_handlers=False,
-                                           delete_jobs="successful", name="pgcast-sweeper",
-                                           fetch_job_polling_interval=settings.poll * 5)
+                loops = [app.run_worker_async(queues=[sweeper.QUEUE], install_signal_handlers=False,
+                                              delete_jobs="successful", name="pgcast-sweeper",
+                                              listen_notify=listen,
+                                              fetch_job_polling_interval=settings.poll * 5)]
+                if retention_days is not None:
+                    loops.append(app.run_worker_async(
+                        queues=[retention.QUEUE], install_signal_handlers=False,
+                        delete_jobs="successful", name="pgcast-retention",
+                        listen_notify=listen, fetch_job_polling_interval=settings.poll * 5))
+                await asyncio.gather(*loops)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - an outage must not end the sweeper for good
@@ -129,16 +140,31 @@ async def _run_sweeper(url: str, settings: engine.Settings, stopping: asyncio.Ev
         delay = min(30.0, delay * 2)
 
 
-async def run(settings: engine.Settings, url: str) -> engine.Stats:
-    """Run one worker process until SIGTERM/SIGINT (or drained, with --once)."""
-    provider = providers.from_env(settings.max_in_flight)
+async def run(settings: engine.Settings, url: str,
+              metrics_addr: str | None = None) -> engine.Stats:
+    """Run one worker process until SIGTERM/SIGINT (or drained, with --once); with
+    `metrics_addr`, serve Prometheus metrics there."""
+    provider: providers.Provider = providers.from_env(settings.max_in_flight)
     check_unsubscribe_settings(provider)
+    make_engine = engine.Engine
+    if metrics_addr:
+        from sql import metrics as sql_metrics
+        from worker import metrics
+
+        sql_metrics.serve(metrics_addr, url)
+        provider, make_engine = metrics.MeteredProvider(provider), metrics.MeteredEngine
+    retention_days = retention.days_from_env()
     configure_rate(url, provider)
     if settings.once:
         sweeper.sweep_once(url)
+    # LISTEN needs a session of its own, which a transaction pooler does not give
+    direct = db.listen_url(url)
+    if direct is None:
+        log.info("DATABASE_URL goes through a pooler and PGCAST_LISTEN_URL is unset: "
+                 "polling every %.1fs instead of LISTEN", settings.poll)
     # each loop's claim, handoff and tokens, the records of its groups in flight, the renewer
     pool = AsyncConnectionPool(url, min_size=1, max_size=2 * settings.concurrency + 4,
-                               kwargs={"autocommit": True}, open=False,
+                               kwargs={"autocommit": True, **db.CONNECT_KWARGS}, open=False,
                                # no check per getconn: it was a round trip before every
                                # statement (a fifth of a worker's CPU at 200/s against SES);
                                # a connection a restart killed fails its statement with
@@ -146,16 +172,20 @@ async def run(settings: engine.Settings, url: str) -> engine.Stats:
                                # drops it when it comes back broken
                                reconnect_timeout=3600)
     await pool.open(wait=True, timeout=30)
-    eng = engine.Engine(settings, provider, pool)
+    eng = make_engine(settings, provider, pool)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         # finish the group in hand, release the rest of the batch, exit 0
         loop.add_signal_handler(sig, eng.stopping.set)
-    side = [asyncio.create_task(control.listen(url, eng.state, eng.stopping), name="listen"),
-            asyncio.create_task(_renew(eng), name="renew")]
+    side = [asyncio.create_task(_renew(eng), name="renew")]
+    if direct is not None:
+        side.append(asyncio.create_task(control.listen(direct, eng.state, eng.stopping),
+                                        name="listen"))
     if settings.sweeper and not settings.once:
-        side.append(asyncio.create_task(_run_sweeper(url, settings, eng.stopping),
-                                        name="sweeper"))
+        side.append(asyncio.create_task(
+            _run_sweeper(direct or url, settings, eng.stopping, direct is not None,
+                         retention_days),
+            name="sweeper"))
     log.info("worker %s started (provider %s, %d dispatch loops, at most %d calls in flight)",
              eng.name, provider.name, settings.concurrency, settings.max_in_flight)
     try:

@@ -8,6 +8,7 @@ from typing import Any
 import procrastinate
 import psycopg
 
+from sql import db
 from sql.queries import QUERIES
 from worker import starter, testsend
 
@@ -41,7 +42,7 @@ async def sweep_async(conn: psycopg.AsyncConnection[Any]) -> list[dict[str, Any]
 
 def sweep_once(url: str) -> list[dict[str, Any]]:
     """Reclaim expired leases, mark lost handoffs unknown, finalize drained broadcasts."""
-    with psycopg.connect(url, autocommit=True) as conn:
+    with psycopg.connect(url, autocommit=True, **db.CONNECT_KWARGS) as conn:
         rows = sweep_conn(conn)
         cur = conn.cursor(row_factory=psycopg.rows.dict_row)
         finished = [cur.execute(QUERIES["broadcast_counts"], {"id": r["broadcast_id"]}).fetchone()
@@ -66,11 +67,13 @@ def _log(rows: list[dict[str, Any]], finished: list[Any]) -> None:
                      "unknown %s, cancelled %s", bid, *(c[k] for k in COUNTS))
 
 
-def make_app(url: str, cron: str) -> procrastinate.App:
-    """A procrastinate app whose only task is the sweeper, deferred once per period."""
-    # two connections: the job fetch/LISTEN and the sweep itself need no more per worker
+def make_app(url: str, cron: str, retention_days: float | None = None) -> procrastinate.App:
+    """A procrastinate app whose task is the sweeper, deferred once per period (and the
+    retention task when PGCAST_RETENTION_DAYS is set)."""
+    # two connections per worker loop: its job fetch/LISTEN and the job itself
     app = procrastinate.App(connector=procrastinate.PsycopgConnector(
-        conninfo=url, min_size=1, max_size=2))
+        conninfo=url, min_size=1, max_size=2 if retention_days is None else 4,
+        kwargs=dict(db.CONNECT_KWARGS)))
 
     # queueing_lock: at most one sweep waiting at a time, however many workers defer it;
     # procrastinate's periodic deferrer defers each period once across all workers.
@@ -78,7 +81,8 @@ def make_app(url: str, cron: str) -> procrastinate.App:
     @app.task(name="pgcast.sweep", queue=QUEUE, queueing_lock="pgcast.sweep")
     async def sweep(timestamp: int) -> None:
         async with await psycopg.AsyncConnection.connect(
-                url, autocommit=True, row_factory=psycopg.rows.dict_row) as conn:
+                url, autocommit=True, row_factory=psycopg.rows.dict_row,
+                **db.CONNECT_KWARGS) as conn:
             rows = await sweep_async(conn)
             finished = []
             for r in rows:
@@ -90,4 +94,8 @@ def make_app(url: str, cron: str) -> procrastinate.App:
 
     del sweep
     testsend.register(app, url)  # test sends ride on the same procrastinate worker
+    if retention_days is not None:
+        from worker import retention
+
+        retention.register(app, url, retention_days)
     return app

@@ -11,7 +11,7 @@ import psycopg
 from psycopg.rows import dict_row
 
 from mail import message, preview
-from sql import jobs
+from sql import db, jobs
 from sql.queries import QUERIES
 from worker import providers
 
@@ -50,7 +50,7 @@ async def _take_token(conn: psycopg.AsyncConnection[Any]) -> None:
 
 async def deliver(url: str, ids: list[int], provider: providers.Provider) -> None:
     """Render and send each queued test send once; record sent (message id) or failed."""
-    async with await psycopg.AsyncConnection.connect(url, autocommit=True,
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True, **db.CONNECT_KWARGS,
                                                      row_factory=dict_row) as conn:
         rows = await (await conn.execute(QUERIES["test_send_start"], {"ids": ids})).fetchall()
         if not rows:

@@ -7,6 +7,7 @@ import json
 import os
 import pty
 import subprocess
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -162,7 +163,11 @@ def test_resubscribe_is_recorded_with_who_did_it(conn: Conn, db_url: str) -> Non
 def test_cli_control_actions_record_the_os_user_in_the_audit_log(conn: Conn,
                                                                   db_url: str) -> None:
     support.seed_contacts(conn, 1)
-    bid = support.new_broadcast(conn, send=False)
+    body = Path(tempfile.mkdtemp()) / "body.txt"
+    body.write_text("Hello {{ unsubscribe_url }}")
+    made = run(db_url, "broadcast", "create", "--subject", "S", "--from", "news@example.com",
+               "--text", str(body), "--actor", "ops-lee")
+    bid = made.stdout.strip()
     run(db_url, "broadcast", "send", str(bid))
     run(db_url, "broadcast", "pause", str(bid))
     run(db_url, "broadcast", "resume", str(bid),
@@ -170,6 +175,8 @@ def test_cli_control_actions_record_the_os_user_in_the_audit_log(conn: Conn,
     run(db_url, "broadcast", "cancel", str(bid), "--actor", "ops-kim")
     log = conn.execute("SELECT audit_log FROM broadcasts").fetchone()["audit_log"]  # type: ignore[index]
     by_action = {e["action"]: e.get("details") or {} for e in log}
+    assert by_action["create"] == {"via": "cli", "user": "ops-lee",
+                                   "host": by_action["create"]["host"]}
     assert by_action["send"]["via"] == "cli" and by_action["send"]["host"]
     assert by_action["pause"]["via"] == "cli" and by_action["pause"]["user"]
     assert by_action["resume"]["user"] == "night-shift"
