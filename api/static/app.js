@@ -8,6 +8,7 @@ const RECIPIENT_STATUSES = ["pending", "claimed", "sending", "sent", "failed", "
 const TERMINAL = ["sent", "failed", "cancelled"];
 const COUNTERS = ["total", "pending", "sent", "failed", "skipped", "unknown", "cancelled"];
 const LIST_REFRESH_MS = 3000;
+const NOTICE_MS = 6000;
 const PAGE = 25;
 
 // Broadcast actions. Each appears when its route is in /openapi.json and the broadcast is in
@@ -16,7 +17,10 @@ const ACTIONS = [
   { route: "POST /broadcasts/{id}/send", label: "Send…", when: ["draft", "scheduled"], primary: true,
     confirm: sendConfirm },
   { route: "POST /broadcasts/{id}/schedule", label: "Schedule…", when: ["draft"],
-    fields: [{ name: "at", label: "Start at (local time)", type: "datetime-local", convert: isoWithOffset }] },
+    fields: [{ name: "at", label: "Start at (your local time)", type: "datetime-local", step: 1,
+               value: () => localInput(Date.now() + 5 * 60_000), convert: isoWithOffset },
+             { name: "not_after", label: "Latest start (optional: a start later than this fails the broadcast)",
+               type: "datetime-local", step: 1, optional: true, convert: isoWithOffset }] },
   { route: "POST /broadcasts/{id}/unschedule", label: "Unschedule", when: ["scheduled"] },
   { route: "GET /broadcasts/{id}/preview", label: "Preview…", when: BROADCAST_STATUSES,
     fields: [{ name: "contact", label: "Contact email (empty: a sample contact)", optional: true }],
@@ -30,7 +34,8 @@ const ACTIONS = [
   { route: "POST /broadcasts/{id}/retry", label: "Retry failed…", when: ["sent", "failed"],
     fields: [{ name: "include_unknown", label: "Also requeue unknown recipients (they may have been delivered)", type: "checkbox" }] },
   { route: "POST /broadcasts/{id}/copy", label: "Copy", when: BROADCAST_STATUSES,
-    after: (result) => { if (result && result.id) location.hash = `#/b/${result.id}`; } },
+    done: (r) => `Copied into a new draft, “${r.subject}”.`,
+    after: (result) => { location.hash = `#/b/${result.id}`; } },
   { route: "POST /broadcasts/{id}/cancel", label: "Cancel…", when: ["draft", "scheduled", "sending", "paused"],
     danger: true, confirm: () => ({ title: "Cancel this broadcast?", text: "Recipients not yet sent will not be sent. This cannot be undone.", ok: "Cancel broadcast" }) },
   { route: "DELETE /broadcasts/{id}", label: "Delete draft…", when: ["draft"], danger: true,
@@ -51,11 +56,13 @@ function showError(message) {
   $("error").hidden = false;
 }
 function clearError() { $("error").hidden = true; }
+let noticeTimer = null;
 function notice(message) {
+  // not tied to the view: an action that moves to another view (copy) still says what it did
   fill($("notice"), String(message));
   $("notice").hidden = false;
-  const timer = setTimeout(() => { $("notice").hidden = true; }, 6000);
-  cleanups.push(() => clearTimeout(timer));
+  clearTimeout(noticeTimer);
+  noticeTimer = setTimeout(() => { $("notice").hidden = true; }, NOTICE_MS);
 }
 $("error-close").addEventListener("click", clearError);
 window.addEventListener("unhandledrejection", (event) => {
@@ -73,7 +80,8 @@ function ask({ title, text, ok = "OK", fields = [], danger = false }) {
   fill($("dialog-text"), text || "");
   const inputs = fields.map((f) => {
     const input = f.type === "checkbox" ? h("input", { type: "checkbox", name: f.name })
-      : h("input", { type: f.type || "text", name: f.name, required: !f.optional, value: f.value || "" });
+      : h("input", { type: f.type || "text", name: f.name, required: !f.optional, step: f.step,
+                     value: (typeof f.value === "function" ? f.value() : f.value) || "" });
     return { f, input };
   });
   fill($("dialog-fields"), inputs.map(({ f, input }) => f.type === "checkbox"
@@ -109,12 +117,21 @@ function ask({ title, text, ok = "OK", fields = [], danger = false }) {
   });
 }
 
+const pad = (n, width = 2) => String(Math.trunc(Math.abs(n))).padStart(width, "0");
+
+/** A datetime-local value ("2026-12-24T09:00[:00]") as ISO 8601 with the browser's offset then. */
 function isoWithOffset(local) {
-  // datetime-local has no offset; the API wants one: the browser's own
-  const d = new Date(local);
-  const off = -d.getTimezoneOffset();
-  const pad = (n) => String(Math.floor(Math.abs(n))).padStart(2, "0");
-  return `${local.length === 16 ? local + ":00" : local}${off >= 0 ? "+" : "-"}${pad(off / 60)}:${pad(off % 60)}`;
+  const d = new Date(local);  // a date-time without an offset is read as local time
+  if (Number.isNaN(d.getTime())) return local;  // the API says what is wrong with it
+  const off = -d.getTimezoneOffset();  // minutes east of UTC at that moment (DST included)
+  return `${localInput(d)}${off >= 0 ? "+" : "-"}${pad(off / 60)}:${pad(off % 60)}`;
+}
+
+/** A moment as a datetime-local value to the second, in the browser's time zone. */
+function localInput(moment) {
+  const d = new Date(moment);
+  return `${pad(d.getFullYear(), 4)}-${pad(d.getMonth() + 1)}-${pad(d.getDate())}` +
+    `T${pad(d.getHours())}:${pad(d.getMinutes())}:${pad(d.getSeconds())}`;
 }
 
 // ---- sign-in --------------------------------------------------------------------------------
@@ -377,7 +394,9 @@ async function detailView(id) {
     fill(el.info,
       ...[["From", b.from], ["Segment", b.tag ? `tag “${b.tag}”` : "every contact"], ["Id", b.id],
           ["Created", when(b.created_at)], ["Started", when(b.started_at)], ["Finished", when(b.finished_at)],
-          ...(b.scheduled_at !== undefined ? [["Scheduled", when(b.scheduled_at)]] : [])]
+          ...(b.scheduled_at ? [["Scheduled", when(b.scheduled_at)]] : []),
+          ...(b.not_after ? [["Latest start", when(b.not_after)]] : []),
+          ...(b.failed_reason ? [["Failed because", b.failed_reason]] : [])]
         .flatMap(([k, v]) => [h("dt", {}, k), h("dd", {}, v)]));
     if (b.status === "draft") {
       fill(el.content, contentForm(b, async (body) => {
@@ -406,6 +425,8 @@ async function detailView(id) {
     b = await api("GET", `/broadcasts/${id}`, { signal: controller.signal });
     renderBroadcast();
     renderProgress({ ...last, status: b.status });
+    // a retry takes a finished broadcast back to sending: its ended stream must be opened again
+    if (!TERMINAL.includes(b.status)) watch();
     await Promise.all([loadAudit(), loadAudience()]);
   }
 
@@ -424,12 +445,19 @@ async function detailView(id) {
     fill(el.audience, `Sending now would reach ${num(a.audience)} contacts.`);
   }
 
-  renderBroadcast();
-  renderProgress(last);
-  await Promise.all([loadAudit(), loadAudience()]);
+  // live progress: the event stream, read with fetch so the token stays in the header; one
+  // stream at a time, until `done` (opened again by refresh() when the broadcast runs again)
+  let watching = false;
+  let again = false;  // asked to watch while a stream was still open: open one after its `done`
+  function watch() {
+    if (controller.signal.aborted) return;
+    if (watching) { again = true; return; }
+    watching = true;
+    again = false;
+    stream().finally(() => { watching = false; if (again) watch(); });
+  }
 
-  // live progress: the event stream, read with fetch so the token stays in the header
-  (async () => {
+  async function stream() {
     let wait = 3000;
     let interrupted = false;
     while (!controller.signal.aborted) {
@@ -444,7 +472,7 @@ async function detailView(id) {
           const changed = data.status !== b.status;
           renderProgress(data);
           if (changed) refresh().catch(reportUnlessSignedOut);
-          if (name === "done") ended = true;
+          if (name === "done") { ended = true; again = false; }
         }, controller.signal);
         if (retry && wait) wait = retry;
       } catch (error) {
@@ -456,7 +484,12 @@ async function detailView(id) {
       // the server closed the stream (a restart): come back after the delay it asked for
       await new Promise((resolve) => { const t = setTimeout(resolve, wait); cleanups.push(() => clearTimeout(t)); });
     }
-  })();
+  }
+
+  renderBroadcast();
+  renderProgress(last);
+  watch();
+  await Promise.all([loadAudit(), loadAudience()]);
 }
 
 function recipientsPanel(id, el, signal) {
@@ -542,6 +575,8 @@ async function sendConfirm(b) {
 function contactsView() {
   const main = $("main");
   const panels = [h("h1", {}, "Contacts")];
+  const list = has("GET /contacts") ? contactsList() : null;
+  const changed = () => { if (list) list.reload(); };  // the list shows what an edit did
   if (has("POST /contacts/import")) {
     const file = h("input", { type: "file", accept: ".csv,text/csv", id: "csv-file" });
     const report = h("div", { id: "import-report" });
@@ -554,6 +589,7 @@ function contactsView() {
         fill(report, h("p", { id: "import-summary" }, `Imported ${num(r.imported)} contacts; ${num(r.rejected.length)} rows rejected.`),
           r.rejected.length ? table(["Line", "Email", "Reason"], r.rejected.map((x) =>
             h("tr", {}, h("td", { class: "num" }, x.line), h("td", {}, x.email), h("td", {}, x.reason)))) : null);
+        changed();
       } catch (error) { fill(report); reportUnlessSignedOut(error); }
     } },
     h("h2", {}, "Import a CSV"),
@@ -567,7 +603,7 @@ function contactsView() {
       const tags = String(f.get("tags")).split(",").map((s) => s.trim()).filter(Boolean);
       try {
         const r = await api("POST", "/contacts", { json: { contacts: [{ email: f.get("email"), name: f.get("name") || null, tags }] } });
-        if (r.rejected.length) showError(r.rejected[0].reason); else notice(`Saved ${f.get("email")}.`);
+        if (r.rejected.length) showError(r.rejected[0].reason); else { notice(`Saved ${f.get("email")}.`); changed(); }
       } catch (error) { reportUnlessSignedOut(error); }
     } }, h("h2", {}, "Add or update a contact"),
     h("div", { class: "cols" }, h("label", {}, h("span", {}, "Email"), h("input", { name: "email", required: true })),
@@ -582,34 +618,53 @@ function contactsView() {
       try {
         const r = await api("POST", "/contacts/unsubscribe", { json: { email } });
         notice(`${r.email} unsubscribed at ${when(r.unsubscribed_at)}.`);
+        changed();
       } catch (error) { reportUnlessSignedOut(error); }
     } }, h("h2", {}, "Unsubscribe"),
     h("div", { class: "row" }, h("input", { name: "email", required: true, class: "grow", placeholder: "someone@example.com" }),
       h("button", { type: "submit", class: "danger" }, "Unsubscribe"))));
   }
-  if (has("GET /contacts")) panels.push(contactsList());
+  if (list) panels.push(list.panel);
   fill(main, panels);
 }
 
+const CONTACT_STATUSES = ["subscribed", "unsubscribed", "suppressed"];
+
 function contactsList() {
-  // GET /contacts is keyset-paged; its columns are shown as the API names them
-  const box = h("div", { id: "contacts-list" });
-  const nextButton = h("button", { class: "secondary" }, "Next page →");
+  // GET /contacts: by address, keyset-paged; the default view is the unfiltered key walk
+  const tbody = h("tbody", { id: "contacts" });
+  const status = h("select", { id: "contact-status" }, h("option", { value: "" }, "all statuses"),
+    CONTACT_STATUSES.map((x) => h("option", { value: x }, x)));
+  const tag = h("input", { id: "contact-tag", placeholder: "any tag", autocomplete: "off" });
+  const nextButton = h("button", { class: "secondary", id: "contacts-next" }, "Next page →");
+  const firstButton = h("button", { class: "secondary", id: "contacts-first" }, "First page");
   let cursor = null;
   let next = null;
   async function load() {
-    const page = await api("GET", "/contacts", { query: { cursor, limit: PAGE } });
-    const items = page.contacts || [];
+    const page = await api("GET", "/contacts", { query: { status: status.value, tag: tag.value.trim(), cursor, limit: PAGE } });
     next = page.next_cursor;
     nextButton.disabled = !next;
-    const cols = items.length ? Object.keys(items[0]) : [];
-    fill(box, items.length ? table(cols, items.map((c) => h("tr", {}, cols.map((k) =>
-      h("td", {}, c[k] === null ? "" : Array.isArray(c[k]) ? c[k].join(", ") : typeof c[k] === "object" ? JSON.stringify(c[k]) : String(c[k]))))))
-      : h("p", { class: "muted" }, "No contacts."));
+    firstButton.disabled = cursor === null;
+    fill(tbody, page.contacts.length ? page.contacts.map((c) => h("tr", { "data-email": c.email },
+      h("td", {}, c.email), h("td", {}, c.name ?? ""), h("td", {}, (c.tags || []).join(", ")),
+      h("td", {}, h("span", { class: `badge ${c.status}`, "data-status": c.status }, c.status),
+        c.suppressed_reason ? ` (${c.suppressed_reason})` : ""),
+      h("td", { class: "muted" }, when(c.unsubscribed_at)), h("td", { class: "muted" }, when(c.created_at))))
+      : h("tr", {}, h("td", { colspan: 6, class: "muted" }, "No contacts here.")));
   }
+  const reload = () => { cursor = null; return load().catch(reportUnlessSignedOut); };
+  status.addEventListener("change", reload);
+  tag.addEventListener("change", reload);
   nextButton.addEventListener("click", () => { cursor = next; load().catch(reportUnlessSignedOut); });
-  load().catch(reportUnlessSignedOut);
-  return h("div", { class: "panel" }, h("h2", {}, "All contacts"), box, h("div", { class: "pager" }, nextButton));
+  firstButton.addEventListener("click", reload);
+  reload();
+  const t = table(["Email", "Name", "Tags", "Status", "Unsubscribed", "Added"], [], { id: "contacts-table" });
+  t.replaceChild(tbody, t.tBodies[0]);
+  const panel = h("div", { class: "panel", id: "contacts-list" },
+    h("div", { class: "row" }, h("h2", { class: "grow" }, "All contacts"),
+      h("label", {}, h("span", {}, "Status"), status), h("label", {}, h("span", {}, "Tag"), tag)),
+    t, h("div", { class: "pager" }, firstButton, nextButton));
+  return { panel, reload };
 }
 
 route();

@@ -43,9 +43,15 @@ def problems() -> list[str]:
 
 
 @pytest.fixture
-def page(browser: Browser, problems: list[str]) -> Iterator[Page]:
+def timezone() -> str | None:
+    """The browser's time zone (None: the machine's); a test parametrizes it to pin another."""
+    return None
+
+
+@pytest.fixture
+def page(browser: Browser, problems: list[str], timezone: str | None) -> Iterator[Page]:
     """A fresh tab in its own context (its own sessionStorage); fails on any page error."""
-    context = browser.new_context(viewport=VIEWPORT)
+    context = browser.new_context(viewport=VIEWPORT, timezone_id=timezone)
     p = context.new_page()
     p.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))
     # a CSP violation or a failed script shows up as a console error; an API answer of 4xx

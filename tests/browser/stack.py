@@ -33,9 +33,9 @@ class Stack:
         self.procs.stop(self.api, timeout=60)
         self.api = self._start_api()
 
-    def workers(self, n: int, rate: int) -> list[subprocess.Popen[str]]:
+    def workers(self, n: int, rate: int, *flags: str) -> list[subprocess.Popen[str]]:
         """n worker processes on the null provider, sharing a global rate of `rate` emails/s."""
-        return [self.procs.start(self.db_url, "worker", "--concurrency", "2",
+        return [self.procs.start(self.db_url, "worker", "--concurrency", "2", *flags,
                                  PGCAST_PROVIDER="null", PGCAST_RATE=str(rate),
                                  PGCAST_BURST=str(max(1, rate // 10)))
                 for _ in range(n)]
