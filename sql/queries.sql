@@ -29,7 +29,8 @@ SELECT to_regclass('procrastinate_jobs') IS NOT NULL AS installed
 -- Inserts or updates contacts from a jsonb array. An empty name or tags keeps what is stored
 -- and attributes merge, unless `replace` (then all three are replaced); never clears an
 -- unsubscribe or a suppression (the unsubscribed_at and suppressed_reason given only add
--- one); an erased address is left out. Returns each written address and whether it is new.
+-- one, and each one added is appended to contact_events, source `import`); an erased address
+-- is left out. Returns each written address and whether it is new.
 WITH x AS (
     SELECT x.*
     FROM ROWS FROM (jsonb_to_recordset(%(rows)s::jsonb)
@@ -40,7 +41,13 @@ WITH x AS (
     WHERE NOT EXISTS (SELECT 1 FROM contact_erasures e
                       WHERE e.account = %(account)s
                         AND e.email_hash = sha256(convert_to(lower(x.email), 'UTF8')))
-)
+),
+-- the stored contacts as they were before this statement (every CTE reads one snapshot)
+stored AS (
+    SELECT k.id, k.unsubscribed_at, k.suppressed_at FROM contacts k JOIN x
+        ON k.account = %(account)s AND lower(k.email) = lower(x.email)
+),
+up AS (
 INSERT INTO contacts AS c (account, email, name, tags, attributes, unsubscribed_at,
                            suppressed_at, suppressed_reason)
 SELECT %(account)s, x.email, coalesce(x.name, ''), coalesce(x.tags, '{}'),
@@ -60,7 +67,21 @@ SET email = EXCLUDED.email,
     suppressed_at = coalesce(c.suppressed_at, EXCLUDED.suppressed_at),
     suppressed_reason = coalesce(c.suppressed_reason, EXCLUDED.suppressed_reason),
     updated_at = now()
-RETURNING c.email, (c.xmax = 0) AS inserted
+RETURNING c.id, c.email, (c.xmax = 0) AS inserted, c.unsubscribed_at, c.suppressed_at,
+          c.suppressed_reason
+),
+events AS (
+    INSERT INTO contact_events (account, contact_id, action, source, details)
+    SELECT %(account)s, up.id, 'unsubscribe', 'import', '{}'::jsonb
+    FROM up LEFT JOIN stored b ON b.id = up.id
+    WHERE up.unsubscribed_at IS NOT NULL AND b.unsubscribed_at IS NULL
+    UNION ALL
+    SELECT %(account)s, up.id, 'suppress', 'import',
+           jsonb_build_object('reason', up.suppressed_reason)
+    FROM up LEFT JOIN stored b ON b.id = up.id
+    WHERE up.suppressed_at IS NOT NULL AND b.suppressed_at IS NULL
+)
+SELECT up.email, up.inserted FROM up
 
 -- contact_unsubscribe --
 -- Marks a contact unsubscribed (keeps the first time); takes effect at the next handoff.

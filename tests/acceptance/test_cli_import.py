@@ -140,6 +140,27 @@ def test_import_never_resubscribes_or_unsuppresses(
         assert rows[1]["suppressed_reason"] == "bounce"
 
 
+def test_an_unsubscribe_or_suppression_an_import_adds_is_in_contact_events(
+        conn: Conn, db_url: str, tmp_path: Path) -> None:
+    conn.execute("INSERT INTO contacts (account, email, unsubscribed_at) VALUES "
+                 "('default', 'old@example.com', now())")
+    f = tmp_path / "c.csv"
+    f.write_text("email,name,unsubscribed_at,suppressed_reason\n"
+                 "old@example.com,Old,2026-01-01T00:00:00+00:00,\n"
+                 "new@example.com,New,2026-01-01T00:00:00+00:00,\n"
+                 "sup@example.com,Sup,,complaint\n"
+                 "fine@example.com,Fine,,\n")
+    for _ in range(2):  # a second import of the same file adds nothing
+        assert run(db_url, "contacts", "import", str(f)).returncode == 0
+        events = conn.execute(
+            "SELECT c.email, e.action, e.source, e.details FROM contact_events e "
+            "JOIN contacts c ON c.id = e.contact_id ORDER BY c.email, e.action").fetchall()
+        assert [(e["email"], e["action"], e["source"]) for e in events] == [
+            ("new@example.com", "unsubscribe", "import"),
+            ("sup@example.com", "suppress", "import")]
+        assert events[1]["details"] == {"reason": "complaint"}
+
+
 def test_export_then_import_elsewhere_never_mails_anyone_who_left(
         conn: Conn, db_url: str, pg_server: str, template_db: str, tmp_path: Path) -> None:
     f = tmp_path / "in.csv"
