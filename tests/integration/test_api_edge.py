@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import anyio
@@ -20,13 +19,6 @@ from tests.integration import test_api_security as sec
 
 Conn = psycopg.Connection[dict[str, Any]]
 A = h.ACCOUNT
-
-
-@pytest.fixture
-def api(db_url: str) -> Iterator[h.Api]:
-    with h.client(db_url) as c:
-        c.headers.update(h.auth())
-        yield c
 
 
 def _draft(api: h.Api, **body: Any) -> dict[str, Any]:

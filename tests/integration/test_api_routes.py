@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import psycopg
-import pytest
 
 from api import app as api_app
 from api import openapi
@@ -17,13 +15,6 @@ from tests.integration import test_api_helpers as h
 
 Conn = psycopg.Connection[dict[str, Any]]
 A = h.ACCOUNT
-
-
-@pytest.fixture
-def api(db_url: str) -> Iterator[h.Api]:
-    with h.client(db_url) as c:
-        c.headers.update(h.auth())
-        yield c
 
 
 def create(api: h.Api, **body: Any) -> dict[str, Any]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import psycopg
@@ -18,13 +17,6 @@ from worker import starter
 
 Conn = psycopg.Connection[dict[str, Any]]
 A = h.ACCOUNT
-
-
-@pytest.fixture
-def api(db_url: str) -> Iterator[h.Api]:
-    with h.client(db_url) as c:
-        c.headers.update(h.auth())
-        yield c
 
 
 def iso(delta_seconds: float) -> str:

@@ -24,13 +24,6 @@ MULTIPART = {"content": b'--b0\r\nContent-Disposition: form-data; name="List-Uns
 
 
 @pytest.fixture
-def api(db_url: str) -> Iterator[h.Api]:
-    with h.client(db_url) as c:
-        c.headers.update(h.auth())
-        yield c
-
-
-@pytest.fixture
 def public(db_url: str) -> Iterator[h.Api]:
     with h.client(db_url) as c:  # no Authorization header: what a mail client sends
         yield c

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import psycopg
@@ -15,13 +14,6 @@ from tests.integration import test_api_helpers as h
 
 Conn = psycopg.Connection[dict[str, Any]]
 A = h.ACCOUNT
-
-
-@pytest.fixture
-def api(db_url: str) -> Iterator[h.Api]:
-    with h.client(db_url) as c:
-        c.headers.update(h.auth())
-        yield c
 
 
 def test_the_page_loads_without_a_token_under_a_strict_csp(db_url: str) -> None:

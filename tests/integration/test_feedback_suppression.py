@@ -7,7 +7,6 @@ import http.server
 import json
 import threading
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import boto3
@@ -24,13 +23,6 @@ from worker import render, ses
 
 Conn = psycopg.Connection[dict[str, Any]]
 A = h.ACCOUNT
-
-
-@pytest.fixture
-def api(db_url: str) -> Iterator[h.Api]:
-    with h.client(db_url) as c:
-        c.headers.update(h.auth())
-        yield c
 
 
 def suppress(conn: Conn, account: str, email: str, reason: str) -> None:
