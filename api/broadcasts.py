@@ -41,6 +41,7 @@ def broadcast_json(row: dict[str, Any]) -> dict[str, Any]:
     """A broadcast in full."""
     return {**summary_json(row), "from": row["from_address"], "text": row["text_body"],
             "html": row["html_body"], "paused_reason": row["paused_reason"],
+            "priority": row["priority"],
             "updated_at": row["updated_at"], "not_after": row["not_after"],
             "failed_reason": row["failed_reason"]}
 
@@ -59,12 +60,14 @@ async def create(request: Request) -> Response:
     who = auth.principal(request)
     body = http.fields(await http.read_json(request), "body",
                        {k: CONTENT_FIELDS[k] for k in ("subject", "from")},
-                       {k: CONTENT_FIELDS[k] for k in ("text", "html", "tag")})
+                       {**{k: CONTENT_FIELDS[k] for k in ("text", "html", "tag")},
+                        "priority": http.INTEGER})
     try:
         # templates are parsed and compiled to be checked: CPU work, off the event loop
         values = await asyncio.to_thread(broadcasts.validate_content, body["subject"],
                                          body.get("text"), body.get("html"), body.get("tag"))
         values["from_address"] = broadcasts.validate_from(body["from"])
+        values["priority"] = broadcasts.validate_priority(body.get("priority", 1))
     except sql_errors.InvalidInput as exc:
         raise _invalid(exc) from None
     row = await db.one(context.pool(request), "broadcast_create",
@@ -131,9 +134,11 @@ async def update(request: Request) -> Response:
     """PATCH /broadcasts/{id}: edit a draft; null clears text, html or tag."""
     who = auth.principal(request)
     bid = context.broadcast_id(request)
-    body = http.fields(await http.read_json(request), "body", {}, CONTENT_FIELDS)
+    body = http.fields(await http.read_json(request), "body", {},
+                       {**CONTENT_FIELDS, "priority": http.INTEGER})
     if not body:
-        raise errors.InvalidBody("nothing to change: give subject, from, text, html or tag")
+        raise errors.InvalidBody("nothing to change: give subject, from, text, html, tag or "
+                                 "priority")
     current = await db.one(context.pool(request), "broadcast_get",
                            {"account": who.account, "id": bid})
     if current is None:
@@ -142,11 +147,12 @@ async def update(request: Request) -> Response:
         return await refused(request, who.account, bid, "edited")
     merged = {"subject": current["subject"], "text": current["text_body"],
               "html": current["html_body"], "tag": current["segment_tag"]}
-    merged.update({k: v for k, v in body.items() if k != "from"})
+    merged.update({k: v for k, v in body.items() if k not in ("from", "priority")})
     try:
         values = await asyncio.to_thread(broadcasts.validate_content, merged["subject"],
                                          merged["text"], merged["html"], merged["tag"])
         from_address = broadcasts.validate_from(body["from"]) if "from" in body else None
+        priority = broadcasts.validate_priority(body["priority"]) if "priority" in body else None
     except sql_errors.InvalidInput as exc:
         raise _invalid(exc) from None
     row = await db.one(context.pool(request), "broadcast_update_draft", {
@@ -155,7 +161,7 @@ async def update(request: Request) -> Response:
         "from_address": from_address,
         "set_text": "text" in body, "text_body": values["text_body"],
         "set_html": "html" in body, "html_body": values["html_body"],
-        "set_tag": "tag" in body, "segment_tag": values["segment_tag"]})
+        "set_tag": "tag" in body, "segment_tag": values["segment_tag"], "priority": priority})
     if row is None:  # sent or deleted since we read it: the CAS decided
         return await refused(request, who.account, bid, "edited")
     return http.Json(with_warnings(broadcast_json(row)))

@@ -28,6 +28,7 @@ ARRAY = ("an array", (list,))
 ARRAY_OR_NULL = ("an array or null", (list, type(None)))
 OBJECT_OR_NULL = ("an object or null", (dict, type(None)))
 BOOLEAN = ("true or false", (bool,))
+INTEGER = ("an integer", (int,))  # bool is refused where the value is checked
 Kind = tuple[str, tuple[type, ...]]
 
 

@@ -40,6 +40,9 @@ SUMMARY = {"id": {"type": "string", "format": "uuid"},
            "status": {"enum": BROADCAST_STATUSES}, "subject": STR, "tag": STR_OR_NULL,
            **COUNTERS, "created_at": TIME, "started_at": TIME_OR_NULL,
            "finished_at": TIME_OR_NULL, "scheduled_at": TIME_OR_NULL}
+PRIORITY = {"type": "integer", "minimum": 1, "maximum": 10, "description":
+            "its weight among its account's sending broadcasts when the rate limit is the "
+            "constraint (default 1)"}
 CONTENT = {"subject": {"type": "string", "minLength": 1, "maxLength": 998,
                        "description": "one line"},
            "from": {"type": "string", "minLength": 1,
@@ -47,7 +50,8 @@ CONTENT = {"subject": {"type": "string", "minLength": 1, "maxLength": 998,
            "text": {**STR_OR_NULL, "description": "plain-text body; text or html is required"},
            "html": {**STR_OR_NULL, "description": "HTML body; text or html is required"},
            "tag": {"type": ["string", "null"], "maxLength": 100,
-                   "description": "send only to contacts with this tag (null: every contact)"}}
+                   "description": "send only to contacts with this tag (null: every contact)"},
+           "priority": PRIORITY}
 
 SUPPRESSION_REASONS = ["bounce", "soft_bounce", "complaint"]
 FEEDBACK_COUNTERS = {
@@ -95,11 +99,12 @@ SCHEMAS: dict[str, Any] = {
     "BroadcastPatch": {**obj(CONTENT, []), "minProperties": 1},
     "BroadcastSummary": obj(SUMMARY),
     "Broadcast": obj({**SUMMARY, "from": STR, "text": STR_OR_NULL, "html": STR_OR_NULL,
-                      "paused_reason": STR_OR_NULL, "updated_at": TIME,
+                      "paused_reason": STR_OR_NULL, "priority": PRIORITY, "updated_at": TIME,
                       "not_after": TIME_OR_NULL,
                       "failed_reason": FAILED_REASON}),
     "BroadcastWritten": obj({**SUMMARY, "from": STR, "text": STR_OR_NULL, "html": STR_OR_NULL,
-                             "paused_reason": STR_OR_NULL, "updated_at": TIME,
+                             "paused_reason": STR_OR_NULL, "priority": PRIORITY,
+                             "updated_at": TIME,
                              "not_after": TIME_OR_NULL, "failed_reason": FAILED_REASON,
                              "warnings": {"type": "array", "items": STR, "description":
                                           "what to fix, though the draft was saved"}}),
@@ -127,7 +132,10 @@ SCHEMAS: dict[str, Any] = {
         "rate": {"type": ["number", "null"], "minimum": 0,
                  "description": "emails/s finished, averaged since started_at"},
         "eta_seconds": {"type": ["integer", "null"], "minimum": 0},
-        "scheduled_at": TIME_OR_NULL}),
+        "scheduled_at": TIME_OR_NULL,
+        "share_per_second": {"type": ["number", "null"], "minimum": 0, "description":
+                             "its fair share of the global rate among the broadcasts taking "
+                             "tokens now; null when it takes none"}}),
     "Recipient": obj({"email": STR, "status": {"enum": RECIPIENT_STATUSES},
                       "attempts": INT, "last_error": STR_OR_NULL, "sent_at": TIME_OR_NULL}),
     "ScheduleIn": obj({"at": {**STR, "description": "ISO 8601 with an offset, at most a "

@@ -27,6 +27,10 @@ RETRY_MS = 3000  # the EventSource reconnect delay we ask browsers for
 def progress_json(row: dict[str, Any]) -> dict[str, Any]:
     """The progress shape; rate is the average since started_at, in emails per second.
 
+    share_per_second is the broadcast's fair share of the global rate among the broadcasts
+    taking tokens now (the rate_shares_active view); null when it takes none (no global
+    limit, or nothing of it is being sent this second).
+
     rate counts every recipient a worker finished (sent, failed, skipped, unknown) over the
     time from started_at to finished_at, or to the database's now while running (paused time
     included). eta_seconds is pending / rate while sending, 0 once terminal, else null.
@@ -44,7 +48,9 @@ def progress_json(row: dict[str, Any]) -> dict[str, Any]:
         eta = 0
     elif out["status"] == "sending" and rate:
         eta = math.ceil(out["pending"] / rate)
-    return {**out, "rate": rate, "eta_seconds": eta, "scheduled_at": row["scheduled_at"]}
+    share = row.get("share_per_second")
+    return {**out, "rate": rate, "eta_seconds": eta, "scheduled_at": row["scheduled_at"],
+            "share_per_second": round(float(share), 2) if share is not None else None}
 
 
 async def _read(pool: db.Pool, account: str, bid: uuid.UUID) -> dict[str, Any] | None:

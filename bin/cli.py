@@ -59,6 +59,25 @@ def log_level() -> str:
     return raw.strip().upper()
 
 
+def _bounded_int(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: an integer in [low, high]."""
+
+    def parse(raw: str) -> int:
+        try:
+            value = int(raw)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{raw!r} is not an integer") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value} is not between {low} and {high}")
+        return value
+
+    return parse
+
+
+_priority = _bounded_int(1, 10)
+_weight = _bounded_int(1, 1000)
+
+
 def _env_number(var: str, kind: type, default: str) -> Callable[[str], Any]:
     """A type for a flag whose default comes from `var`: errors name both."""
     check = _positive(kind)
@@ -223,7 +242,7 @@ def cmd_broadcast(args: argparse.Namespace) -> int:
             row = broadcasts.create(conn, args.account, subject=args.subject,
                                     from_address=args.from_address, text=_read_text(args.text),
                                     html=_read_text(args.html), tag=args.tag,
-                                    rate_limit=args.rate_limit,
+                                    rate_limit=args.rate_limit, priority=args.priority,
                                     details=output.actor(args.actor))
             for warning in template.warnings(row["text_body"], row["html_body"]):
                 print(f"pgcast: warning: {warning}", file=sys.stderr)
@@ -262,8 +281,17 @@ def cmd_rate(args: argparse.Namespace) -> int:
                 raise UsageError("--burst must be at least 1")
             row = conn.execute(QUERIES["rate_set"],
                                {"name": "global", "rate": args.rate, "burst": burst}).fetchone()
+        elif args.action == "weight":
+            row = conn.execute(QUERIES["rate_weight_set"],
+                               {"account": args.weight_account, "weight": args.weight}).fetchone()
         else:
             row = conn.execute(QUERIES["rate_get"], {"name": "global"}).fetchone()
+            if row is not None:
+                # who shares it now, and the weights the operator set
+                row = {**row,
+                       "weights": conn.execute(QUERIES["rate_weights"]).fetchall(),
+                       "shares": conn.execute(QUERIES["rate_shares"],
+                                              {"name": "global"}).fetchall()}
     _emit(row)
     return 0
 
@@ -363,6 +391,9 @@ def build_parser() -> Parser:
     bc.add_argument("--html", metavar="FILE", help="the HTML body (--text, --html or both)")
     bc.add_argument("--tag", help="send only to contacts with this tag")
     bc.add_argument("--rate-limit", type=_positive(float), help="cap for this broadcast, emails/s")
+    bc.add_argument("--priority", type=_priority, default=1, metavar="N",
+                    help="1-10 (default 1): its weight among its account's sending broadcasts "
+                         "when the rate limit is the constraint")
     bc.add_argument("--actor", metavar="NAME",
                     help="who is doing this, for the audit log (default: the OS user)")
     bl = bsub.add_parser("list", help="newest first: a table on a terminal, else JSON")
@@ -401,7 +432,14 @@ def build_parser() -> Parser:
     rs.add_argument("rate", type=_positive(float), help="emails per second (0 = unlimited)")
     rs.add_argument("--burst", type=_positive(float),
                     help="bucket size: emails that may go at once (default: about 1 s of rate)")
-    rsub.add_parser("show", help="the current bucket")
+    rsub.add_parser("show", help="the current bucket, the account weights and the active "
+                                 "shares (who takes tokens now, and each one's emails/s)")
+    rw = rsub.add_parser("weight", help="an account's weight in the global rate's fair share "
+                                        "(operator only; default 1)")
+    rw.add_argument("weight_account", metavar="ACCOUNT", help="the account")
+    rw.add_argument("weight", type=_weight, metavar="N",
+                    help="an integer 1-1000: the account gets N times the share of a weight-1 "
+                         "account while both are limited by the rate")
     r.set_defaults(func=cmd_rate)
 
     _add_api_commands(sub)

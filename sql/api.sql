@@ -13,6 +13,8 @@ SELECT status FROM broadcasts WHERE id = %(id)s AND account = %(account)s
 SELECT status, total, total - sent - failed - skipped - unknown - cancelled AS pending,
        sent, failed, skipped, unknown, cancelled, started_at, finished_at, scheduled_at,
        delivered, bounced, complained,
+       (SELECT s.share_per_second FROM rate_shares_active s
+        WHERE s.bucket = 'global' AND s.broadcast_id = b.id) AS share_per_second,
        statement_timestamp() AS now
-FROM broadcasts
+FROM broadcasts b
 WHERE id = %(id)s AND account = %(account)s

@@ -64,9 +64,16 @@ def validate_content(subject: Any, text: Any, html: Any, tag: Any) -> dict[str, 
             "segment_tag": tag}
 
 
+def validate_priority(raw: Any) -> int:
+    """A broadcast's priority: an integer 1-10; raises InvalidInput."""
+    if isinstance(raw, bool) or not isinstance(raw, int) or not 1 <= raw <= 10:
+        raise errors.InvalidInput("priority must be an integer from 1 to 10")
+    return raw
+
+
 def create(conn: psycopg.Connection[Any], account: str, *, subject: Any, from_address: Any,
            text: Any = None, html: Any = None, tag: Any = None,
-           rate_limit: float | None = None,
+           rate_limit: float | None = None, priority: Any = 1,
            details: dict[str, Any] | None = None) -> dict[str, Any]:
     """Create a draft (details: who, for its audit entry); raises InvalidInput."""
     fields = validate_content(subject, text, html, tag)
@@ -75,6 +82,7 @@ def create(conn: psycopg.Connection[Any], account: str, *, subject: Any, from_ad
         raise errors.InvalidInput("rate limit must be positive")
     row = conn.execute(QUERIES["broadcast_create"],
                        {"account": account, "rate_limit": rate_limit,
+                        "priority": validate_priority(priority),
                         "details": json.dumps(details) if details else None,
                         **fields}).fetchone()
     assert row is not None

@@ -93,9 +93,9 @@ RETURNING id, email, unsubscribed_at
 -- broadcast_create --
 -- A new draft; its audit entry names who created it (details).
 INSERT INTO broadcasts (account, subject, from_address, text_body, html_body, segment_tag,
-                        rate_limit, audit_log)
+                        rate_limit, priority, audit_log)
 VALUES (%(account)s, %(subject)s, %(from_address)s, %(text_body)s, %(html_body)s,
-        %(segment_tag)s, %(rate_limit)s,
+        %(segment_tag)s, %(rate_limit)s, %(priority)s,
         pgcast_audit_v1('create', NULL, 'draft', %(details)s::jsonb))
 RETURNING *
 
@@ -121,6 +121,7 @@ SET subject = coalesce(%(subject)s, subject),
     text_body = CASE WHEN %(set_text)s THEN %(text_body)s ELSE text_body END,
     html_body = CASE WHEN %(set_html)s THEN %(html_body)s ELSE html_body END,
     segment_tag = CASE WHEN %(set_tag)s THEN %(segment_tag)s ELSE segment_tag END,
+    priority = coalesce(%(priority)s, priority),
     updated_at = now(),
     audit_log = audit_log || pgcast_audit_v1('edit', status, status, %(details)s::jsonb)
 WHERE id = %(id)s AND account = %(account)s AND status = ANY (ARRAY['draft'])
@@ -161,8 +162,16 @@ FROM broadcast_progress p JOIN broadcasts b ON b.id = p.broadcast_id
 WHERE p.broadcast_id = %(id)s AND p.account = %(account)s
 
 -- active_broadcasts --
--- Broadcasts workers may claim from, with their per-broadcast cap.
-SELECT id, epoch, rate_limit FROM broadcasts WHERE status = 'sending' ORDER BY started_at, id
+-- Broadcasts workers may claim from, with their per-broadcast cap, furthest below their fair
+-- share of the global bucket first: least granted per weight, the account's (tokens over its
+-- account weight) then the broadcast's within it (tokens over its priority). One that has
+-- taken nothing lately (no share row) is furthest below; ties (no limit): oldest first.
+SELECT b.id, b.epoch, b.rate_limit
+FROM broadcasts b
+LEFT JOIN rate_account_shares a ON a.bucket = 'global' AND a.account = b.account
+LEFT JOIN rate_broadcast_shares s ON s.bucket = 'global' AND s.broadcast_id = b.id
+WHERE b.status = 'sending'
+ORDER BY a.vtime NULLS FIRST, s.vtime NULLS FIRST, b.started_at, b.id
 
 -- broadcast_fence --
 -- Whether work claimed at this epoch may still be handed off.
@@ -229,8 +238,9 @@ SELECT * FROM pgcast_sweep_one_v1(%(id)s)
 SELECT pgcast_renew_v3(%(ids)s, %(tokens)s, make_interval(secs => %(lease)s)) AS renewed
 
 -- take_tokens --
--- Up to `want` tokens from a bucket (pgcast_take_tokens_v1).
-SELECT * FROM pgcast_take_tokens_v1(%(name)s, %(want)s)
+-- Up to `want` tokens from a bucket for a broadcast (pgcast_take_tokens_v2: its account's
+-- and its own fair share of a shared bucket; broadcast NULL: first come, first served).
+SELECT * FROM pgcast_take_tokens_v2(%(name)s, %(want)s, %(broadcast)s)
 
 -- drain_tokens --
 -- Empties a bucket for `seconds` (after a throttle); throttles at one moment do not stack.
@@ -239,6 +249,27 @@ SELECT pgcast_drain_tokens_v1(%(name)s, %(seconds)s)
 -- rate_get --
 -- One bucket.
 SELECT name, rate, burst, tokens, refilled_at, updated_at FROM rate_limits WHERE name = %(name)s
+
+-- rate_weight_set --
+-- An account's weight in the shared buckets (operator only: never through the tenant API).
+INSERT INTO rate_weights AS w (account, weight) VALUES (%(account)s, %(weight)s)
+ON CONFLICT (account) DO UPDATE SET weight = EXCLUDED.weight, updated_at = now()
+RETURNING account, weight, updated_at
+
+-- rate_weights --
+-- Every account weight set by the operator (an account without one has weight 1).
+SELECT account, weight, updated_at FROM rate_weights ORDER BY account
+
+-- rate_shares --
+-- The active shares of a bucket (rate_shares_active): who takes tokens now, and its share.
+SELECT account, account_weight, broadcast_id, priority, share_per_second, waiting
+FROM rate_shares_active WHERE bucket = %(name)s
+ORDER BY account, share_per_second DESC, broadcast_id
+
+-- rate_shares_prune --
+-- Forget takers not heard from in a minute (they start again at the clock, as after a pause).
+WITH a AS (DELETE FROM rate_account_shares WHERE asked_at < now() - interval '1 minute')
+DELETE FROM rate_broadcast_shares WHERE asked_at < now() - interval '1 minute'
 
 -- rate_set --
 -- Sets a bucket's rate and burst (the trigger tells the workers).

@@ -11,13 +11,14 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import math
 import random
 import threading
 import time
 from dataclasses import dataclass
 from typing import Any
 
-from worker import errors, providers, render
+from worker import errors, providers, ratelimit, render
 
 log = logging.getLogger("pgcast.worker")
 
@@ -96,27 +97,39 @@ def build(content: render.Content | str, r: Recipient) -> render.Message | Outco
 
 class Sender:
     """Sends groups of messages: side by side on an executor for a blocking provider, in
-    order on the event loop for one that is not."""
+    order on the event loop for one that is not.
+
+    On the executor each call first passes the pacer (the rate limit's last word, just before
+    the provider), then the deadline: a row whose call has not started within `deadline`
+    seconds of its handoff (a starved thread pool, a paced queue) is not called at all but
+    put back (`release`: pending again, no attempt counted). So what a crash can leave
+    `unknown` is the calls in flight and the rows handed off in the last `deadline` seconds.
+    """
 
     def __init__(self, provider: providers.Provider, retries: Retries,
-                 executor: concurrent.futures.Executor | None) -> None:
+                 executor: concurrent.futures.Executor | None,
+                 pacer: ratelimit.Pacer | None = None, deadline: float = math.inf) -> None:
         self.provider = provider
         self.retries = retries
         self.executor = executor
+        self.pacer = pacer
+        self.deadline = deadline
         # an exception the provider did not classify may come after the request left
         self.may_have_sent = bool(getattr(provider, "may_have_sent_on_error", True))
         self._throttles = 0  # provider throttles in a row: the next one backs off longer
         self._lock = threading.Lock()
 
     async def send_group(self, content: render.Content | str,
-                         handed: list[Recipient],
-                         attempts: dict[int, int]) -> list[Outcome]:
-        """One outcome per handed-off row, in order; never raises (but CancelledError)."""
+                         handed: list[Recipient], attempts: dict[int, int],
+                         handed_at: float | None = None) -> list[Outcome]:
+        """One outcome per handed-off row, in order; never raises (but CancelledError).
+        `handed_at`: the handoff's time (time.monotonic), for the deadline."""
         built = [build(content, r) for r in handed]
         stop: list[Outcome] = []  # a throttle or account trouble: the rest are not called
         if self.executor is None or not self.provider.blocking:
             return [b if isinstance(b, Outcome) else self.send_one(b, attempts, stop)
                     for b in built]
+        due = (handed_at if handed_at is not None else time.monotonic()) + self.deadline
         loop = asyncio.get_running_loop()
         futures: list[asyncio.Future[Outcome]] = []
         for b in built:
@@ -125,9 +138,20 @@ class Sender:
                 done.set_result(b)
                 futures.append(done)
             else:
-                futures.append(loop.run_in_executor(self.executor, self.send_one, b,
-                                                    attempts, stop))
+                futures.append(loop.run_in_executor(self.executor, self.paced, b, attempts,
+                                                    stop, due))
         return list(await asyncio.gather(*futures))
+
+    def paced(self, message: render.Message, attempts: dict[int, int], stop: list[Outcome],
+              due: float) -> Outcome:
+        """On a provider thread: the pacer, the deadline, then the call."""
+        if self.pacer is not None and not stop:
+            self.pacer.wait()
+        if time.monotonic() > due:
+            return Outcome(message.contact_id, "release",
+                           error="not called: its call would have started too late after "
+                                 "its handoff (see --group-ms)")
+        return self.send_one(message, attempts, stop)
 
     def send_one(self, message: render.Message, attempts: dict[int, int],
                  stop: list[Outcome]) -> Outcome:

@@ -20,7 +20,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from worker import claims, dispatch, inflight, pg, providers, ratelimit, render
+from worker import claims, dispatch, inflight, pg, picker, providers, ratelimit, render
 
 log = logging.getLogger("pgcast.worker")
 
@@ -69,6 +69,7 @@ class State:
 
     halted: dict[uuid.UUID, float] = field(default_factory=dict)  # broadcast -> dead epochs <=
     rates: dict[str, float] = field(default_factory=dict)  # bucket -> rate (0 = unlimited)
+    bursts: dict[str, float] = field(default_factory=dict)  # bucket -> burst (emails)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
 
     def is_halted(self, broadcast_id: uuid.UUID, epoch: int) -> bool:
@@ -103,74 +104,17 @@ class Engine:
         # one thread per call in flight: asyncio's default executor has cpu_count + 4
         self.executor = (concurrent.futures.ThreadPoolExecutor(
             settings.max_in_flight, thread_name_prefix="provider") if provider.blocking else None)
+        self.pacer = ratelimit.Pacer(self.buckets.global_rate,
+                                     lambda: self.state.bursts.get("global", 1.0))
         self.sender = dispatch.Sender(provider, dispatch.Retries(
             settings.max_retries, settings.retry_base, settings.retry_cap,
-            settings.throttle_backoff), self.executor)
-        self._active: dict[uuid.UUID, claims.Active] = {}
-        self._order: list[uuid.UUID] = []
-        self._next = 0
-        self._refreshed = 0.0
-        self._content: dict[uuid.UUID, render.Content | str] = {}
+            settings.throttle_backoff), self.executor, self.pacer, settings.group_ms / 1000)
+        self.picker = picker.Picker(self.db, self.state.rates, self.state.bursts,
+                                    settings.max_broadcasts, settings.poll, self.buckets.forget)
         self._idle_loops = 0
         # claims whose leases we renew: claim token -> its broadcast
         self.tokens_in_hand: dict[uuid.UUID, uuid.UUID] = {}
         self._groups: set[asyncio.Task[None]] = set()  # groups in flight after their claim
-
-    # -- which broadcast next ----------------------------------------------------------
-
-    async def _refresh(self) -> None:
-        rows = await self.db.q("active_broadcasts")
-        bucket = await self.db.q("rate_get", {"name": "global"})
-        if bucket:
-            self.state.rates["global"] = float(bucket[0][1])
-        limit = self.settings.max_broadcasts or len(rows)
-        fresh: dict[uuid.UUID, claims.Active] = {}
-        for bid, epoch, rate_limit in rows[:limit]:
-            if bid not in self._active:
-                log.info("working on broadcast %s (epoch %s)", bid, epoch)
-            entry = self._active.get(bid) or claims.Active(epoch, rate_limit)
-            # the same object: loops in the middle of a claim update the live entry
-            entry.epoch, entry.rate_limit = epoch, rate_limit
-            # every broadcast gets a look at each refresh: a process kept busy by another
-            # broadcast would otherwise never come back to one whose claim once came back
-            # empty (its retries' time has come since, or its rows were put back)
-            entry.empty = False
-            fresh[bid] = entry
-        self._active = fresh
-        self._order = list(fresh)
-        self._refreshed = time.monotonic()
-        self._content = {k: v for k, v in self._content.items() if k in fresh}
-
-    async def _pick(self) -> uuid.UUID | None:
-        """The next broadcast in round-robin order that has not just come back empty nor is
-        backing off from an unexpected error."""
-        if self.state.wake.is_set() or time.monotonic() - self._refreshed > self.settings.poll:
-            self.state.wake.clear()
-            await self._refresh()
-        n = len(self._order)
-        now = time.monotonic()
-        for i in range(n):
-            bid = self._order[(self._next + i) % n]
-            entry = self._active.get(bid)
-            if entry is not None and not entry.empty and entry.not_before <= now:
-                self._next = (self._next + i + 1) % max(1, n)
-                return bid
-        return None
-
-    async def _content_of(self, bid: uuid.UUID) -> render.Content | str:
-        """The broadcast's content, or why it cannot be built (each recipient then fails)."""
-        content = self._content.get(bid)
-        if content is None:
-            rows = await self.db.dicts("broadcast_content", {"id": bid})
-            assert rows  # recipient rows reference their broadcast
-            row = rows[0]
-            try:
-                content = render.Content.from_row(row)
-            except Exception as exc:  # noqa: BLE001 - tenant data: the recipients fail
-                log.warning("broadcast %s: its content cannot be built: %s", bid, exc)
-                content = dispatch.describe(exc)
-            self._content[bid] = content
-        return content
 
     # -- the loops ---------------------------------------------------------------------
 
@@ -215,7 +159,7 @@ class Engine:
                 await self._sleep(1.0)
             except Exception:  # noqa: BLE001 - nothing a tenant stores may stop a process
                 # what the loop held was released (or recorded) on the way out of _work_one
-                entry = self._active.get(bid) if bid is not None else None
+                entry = self.picker.active.get(bid) if bid is not None else None
                 if entry is not None:
                     entry.errors += 1
                     entry.not_before = time.monotonic() + dispatch.backoff(
@@ -223,6 +167,11 @@ class Engine:
                 log.exception("dispatch-%d: broadcast %s: unexpected error; leaving it alone "
                               "for a while and carrying on", slot, bid)
                 await self._sleep(0.1)  # never a hot loop, even when every broadcast fails
+
+    async def _pick(self) -> uuid.UUID | None:
+        woken = self.state.wake.is_set()
+        self.state.wake.clear()
+        return await self.picker.pick(woken)
 
     async def _idle_wait(self) -> None:
         """Sleep until LISTEN wakes us, the poll interval passes, or we stop."""
@@ -234,10 +183,7 @@ class Engine:
         finally:
             for w in waiters:
                 w.cancel()
-        # after a quiet poll interval every broadcast deserves another look
-        for entry in self._active.values():
-            entry.empty = False
-        self._refreshed = 0.0
+        self.picker.look_again()
 
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
@@ -253,7 +199,7 @@ class Engine:
             # the loop goes on to its next claim while this one's last groups are in the
             # provider's hands (no stall per claim); the lease is renewed until they are recorded
             self._track(token, groups)
-        entry = self._active.get(bid)
+        entry = self.picker.active.get(bid)
         if entry is not None:
             entry.errors = 0
 
@@ -301,7 +247,7 @@ class Engine:
 
     async def _claim_and_work(self, bid: uuid.UUID, token: uuid.UUID,
                               groups: set[asyncio.Task[None]]) -> None:
-        entry = self._active.get(bid) or claims.Active(0, None)
+        entry = self.picker.active.get(bid) or claims.Active(0, None)
         limit = self._claim_size(entry)
         if self._direct(entry, limit):
             await self._claim_handoff_and_send(bid, entry, token, limit, groups)
@@ -312,13 +258,13 @@ class Engine:
             return
         epoch = rows[0]["epoch"]
         attempts = {r["contact_id"]: r["attempts"] for r in rows}
-        content = await self._content_of(bid)
+        content = await self.picker.content(bid)
         await self._work_groups(bid, entry, epoch, token, [r["contact_id"] for r in rows],
                                 attempts, content, groups)
 
     async def _drained(self, bid: uuid.UUID) -> None:
         """Nothing claimable: skip the broadcast until the next look, maybe finalize it."""
-        entry = self._active.get(bid)
+        entry = self.picker.active.get(bid)
         if entry is not None:
             entry.empty = True
         rows = await self.db.q("finalize", {"id": bid})
@@ -349,7 +295,7 @@ class Engine:
                                       groups: set[asyncio.Task[None]]) -> None:
         """One statement claims a batch and hands it off; then the provider and the record."""
         # before the handoff: nothing may fail between it and the provider call
-        content = await self._content_of(bid)
+        content = await self.picker.content(bid)
         try:
             rows = await self.claims.claim(bid, entry, token, limit, "claim_handoff")
         except pg.UNREACHABLE:
@@ -368,8 +314,9 @@ class Engine:
         try:
             if handed:
                 self.stats.groups += 1
+                now = time.monotonic()
                 await self._send_and_record(bid, epoch, token, handed, attempts, content, 0,
-                                            time.monotonic())
+                                            now, now)
         finally:
             if claimed:
                 await self._work_groups(bid, entry, epoch, token, claimed, attempts, content,
@@ -390,13 +337,10 @@ class Engine:
                     if self.sizer.fixed is not None and in_flight:
                         await asyncio.wait(in_flight)  # the most a crash leaves: one group
                     want = min(self._group_size(entry), len(remaining))
-                    slots = await self._slots(want)
                     held_since = time.monotonic()
-                    granted = 0
-                    try:
-                        granted = await self.buckets.take(bid, epoch, entry.rate_limit, slots)
-                    finally:
-                        self._unslot(slots - granted)
+                    # tokens and as many window slots, held from here to the group's record
+                    granted = await self.buckets.take(bid, epoch, entry.rate_limit, want,
+                                                      self._slots, self._unslot)
                     if granted == 0 or self.stopping.is_set() or self.state.is_halted(bid, epoch):
                         self._unslot(granted)
                         break
@@ -414,7 +358,7 @@ class Engine:
                     if handed:
                         in_flight.add(asyncio.create_task(self._send_and_record(
                             bid, epoch, token, handed, attempts, content, len(handed),
-                            held_since)))
+                            held_since, time.monotonic())))
             finally:
                 if remaining:
                     await self.db.q_retry("release", {"id": bid, "token": token,
@@ -453,10 +397,10 @@ class Engine:
     async def _send_and_record(self, bid: uuid.UUID, epoch: int, token: uuid.UUID,
                                handed: Handed, attempts: dict[int, int],
                                content: render.Content | str, slots: int,
-                               held_since: float) -> None:
+                               held_since: float, handed_at: float) -> None:
         """Rows already handed off: the provider, then the record (slots released after)."""
         try:
-            outcomes = await self.sender.send_group(content, handed, attempts)
+            outcomes = await self.sender.send_group(content, handed, attempts, handed_at)
             self._observe(outcomes)
             await self._record(bid, epoch, token, outcomes)
         except Exception:  # noqa: BLE001 - a record that cannot be written must not stop us

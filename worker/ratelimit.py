@@ -1,18 +1,30 @@
-"""Tokens from the global bucket and a broadcast's own bucket, per group, before its handoff."""
+"""The rate limit in one process: tokens from the buckets per group before its handoff, and
+the pacing of the calls that follow.
+
+Tokens come from Postgres (pgcast_take_tokens_v2): a broadcast's own bucket, then the global
+one, which shares itself fairly between accounts and between an account's broadcasts. A group
+takes its window slots (worker.inflight) together with its tokens and gives them back while it
+waits, so a loop waiting on the bucket never keeps another broadcast's group out of the window.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import math
+import threading
+import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from worker import pg
 
 WAIT_MIN = 0.005  # seconds: the shortest sleep on an empty bucket (never a busy loop)
 WAIT_MAX = 1.0  # seconds: the longest, so a rate change or a stop is seen soon
 GATHER = 0.025  # seconds of tokens an empty bucket is left to gather before the next take
+
+Acquire = Callable[[int], Awaitable[int]]  # between 1 and n window slots, once one is free
+Release = Callable[[int], None]
 
 
 class Buckets:
@@ -21,10 +33,12 @@ class Buckets:
     def __init__(self, db: pg.Db, rates: dict[str, float], stopping: asyncio.Event,
                  halted: Callable[[uuid.UUID, int], bool]) -> None:
         self.db = db
-        # one taker per bucket at a time in this process: loops polling an empty bucket side
-        # by side would split each refill into groups of one or two (a handoff and a record
-        # per one or two messages: measured 3.6-4.5 rows per group at 200/s with 4 loops)
-        self._takers: dict[str, asyncio.Lock] = {}
+        # one taker per bucket and broadcast at a time in this process: loops polling an
+        # empty bucket side by side would split each refill into groups of one or two (a
+        # handoff and a record per one or two messages: measured 3.6-4.5 rows per group at
+        # 200/s with 4 loops); per broadcast, so one that waits for its fair share never
+        # keeps another broadcast's taker from the bucket
+        self._takers: dict[tuple[str, uuid.UUID], asyncio.Lock] = {}
         self.rates = rates  # bucket -> rate, kept current by the control listener
         self.stopping = stopping
         self.halted = halted
@@ -33,29 +47,87 @@ class Buckets:
         """The global rate as last heard (0 = unlimited; 1 until heard: assume a limit)."""
         return self.rates.get("global", 1.0)
 
-    async def take(self, bid: uuid.UUID, epoch: int, rate_limit: float | None,
-                   want: int) -> int:
-        """Tokens for up to `want` emails from the broadcast's and the global bucket."""
+    async def take(self, bid: uuid.UUID, epoch: int, rate_limit: float | None, want: int,
+                   acquire: Acquire, release: Release) -> int:
+        """Tokens for up to `want` emails from the broadcast's and the global bucket, and as
+        many window slots (held by the caller from here on; 0: stopped or halted)."""
         granted = want
         if rate_limit:
-            granted = await self._take_from(f"broadcast:{bid}", bid, epoch, granted, rate_limit)
-        if granted and self.global_rate() != 0:
-            granted = await self._take_from("global", bid, epoch, granted, self.global_rate())
-        return granted
+            # its own bucket has one taker: first come, first served
+            granted = await self._take_from(f"broadcast:{bid}", bid, epoch, granted,
+                                            rate_limit, None)
+        if not granted:
+            return 0
+        if self.global_rate() == 0:
+            return await acquire(granted)
+        return await self._take_from("global", bid, epoch, granted, self.global_rate(), bid,
+                                     acquire, release)
 
     async def _take_from(self, bucket: str, bid: uuid.UUID, epoch: int, want: int,
-                         rate: float) -> int:
+                         rate: float, share: uuid.UUID | None,
+                         acquire: Acquire | None = None, release: Release | None = None) -> int:
         # empty: wait for the first token and GATHER seconds' worth more (never more than the
         # smallest default burst holds, so a late wake-up loses no refill)
         gather = max(0, min(want, math.floor(rate * GATHER)) - 1) / rate if rate > 0 else 0.0
-        async with self._takers.setdefault(bucket, asyncio.Lock()):
+        async with self._takers.setdefault((bucket, bid), asyncio.Lock()):
             # a halted broadcast's loop stops waiting: its tokens would be wasted
             while not self.stopping.is_set() and not self.halted(bid, epoch):
-                rows = await self.db.q("take_tokens", {"name": bucket, "want": want})
-                granted, wait = rows[0]
+                slots = await acquire(want) if acquire is not None else want
+                granted = 0
+                try:
+                    rows = await self.db.q("take_tokens", {"name": bucket, "want": slots,
+                                                           "broadcast": share})
+                    granted, wait = int(rows[0][0]), float(rows[0][1])
+                finally:
+                    if release is not None:
+                        release(slots - granted)
                 if granted:
-                    return int(granted)
+                    return granted
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.stopping.wait(), timeout=min(
-                        WAIT_MAX, max(WAIT_MIN, float(wait) + gather)))
+                        WAIT_MAX, max(WAIT_MIN, wait + gather)))
         return 0
+
+    def forget(self, bid: uuid.UUID) -> None:
+        """A broadcast no longer worked on: drop its takers' locks (none is held)."""
+        for key in [k for k, lock in self._takers.items() if k[1] == bid and not lock.locked()]:
+            del self._takers[key]
+
+
+class Pacer:
+    """Spaces one process's provider calls at the global rate, with at most the bucket's burst
+    at once (thread-safe).
+
+    The bucket's grants never exceed rate x t + burst, but a grant reaches the provider one
+    handoff commit and one thread hand-off later, and that delay varies: calls whose grants
+    came at an even pace could arrive together. Calls pass here last, just before the
+    provider: whatever delayed them, they leave no faster than the grants allowed (a call is
+    held only when calls bunched beyond the burst; GCRA, the virtual-scheduling form).
+    """
+
+    def __init__(self, rate: Callable[[], float], burst: Callable[[], float]) -> None:
+        self.rate = rate
+        self.burst = burst
+        self._tat = 0.0  # theoretical arrival time of the next call (monotonic seconds)
+        self._lock = threading.Lock()
+
+    def delay(self) -> float:
+        """Book the next call; the seconds it must wait before it goes (0: at once)."""
+        rate = self.rate()
+        if not rate > 0 or not math.isfinite(rate):
+            return 0.0
+        # a burst of b calls may go at once: the b-th is due (b - 1) intervals early; one
+        # less than the bucket's, for the time between here and the provider's socket
+        tolerance = max(0.0, self.burst() - 2.0) / rate
+        now = time.monotonic()
+        with self._lock:
+            go = max(now, self._tat - tolerance)
+            self._tat = max(go, self._tat) + 1.0 / rate
+        return go - now
+
+    def wait(self) -> float:
+        """Book the next call and sleep until it may go; the seconds slept."""
+        seconds = self.delay()
+        if seconds > 0:
+            time.sleep(seconds)
+        return seconds

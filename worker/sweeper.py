@@ -25,6 +25,7 @@ def sweep_conn(conn: psycopg.Connection[Any]) -> list[dict[str, Any]]:
     ids = [r["id"] for r in cur.execute(QUERIES["sweep_candidates"]).fetchall()]
     for bid in ids:
         done.extend(dict(r) for r in cur.execute(QUERIES["sweep_one"], {"id": bid}).fetchall())
+    cur.execute(QUERIES["rate_shares_prune"])  # fair-share state of takers gone a minute
     return done
 
 
@@ -37,6 +38,7 @@ async def sweep_async(conn: psycopg.AsyncConnection[Any]) -> list[dict[str, Any]
     for bid in ids:
         await cur.execute(QUERIES["sweep_one"], {"id": bid})
         done.extend(dict(r) for r in await cur.fetchall())
+    await cur.execute(QUERIES["rate_shares_prune"])  # fair-share state of takers gone a minute
     return done
 
 

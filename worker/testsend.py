@@ -40,7 +40,8 @@ def register(app: procrastinate.App, url: str) -> None:
 async def _take_token(conn: psycopg.AsyncConnection[Any]) -> None:
     """One token from the global bucket: test sends share the rate limit."""
     while True:
-        cur = await conn.execute(QUERIES["take_tokens"], {"name": "global", "want": 1})
+        cur = await conn.execute(QUERIES["take_tokens"],
+                                 {"name": "global", "want": 1, "broadcast": None})
         row = await cur.fetchone()
         assert row is not None
         if row["granted"]:

@@ -22,13 +22,16 @@ import random, sys, time
 import psycopg
 from sql.queries import QUERIES
 url, name, seconds, seed = sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4])
+bids = sys.argv[5].split(",") if len(sys.argv) > 5 else [None]  # takers: fair share (v2)
 rng = random.Random(seed)
 deadline = time.monotonic() + seconds
 with psycopg.connect(url) as conn:
     while time.monotonic() < deadline:
         want = rng.randint(1, 7)
         with conn.transaction():
-            row = conn.execute(QUERIES["take_tokens"], {"name": name, "want": want}).fetchone()
+            row = conn.execute(QUERIES["take_tokens"],
+                               {"name": name, "want": want,
+                                "broadcast": rng.choice(bids)}).fetchone()
             granted = row[0]
             if granted:
                 conn.execute("INSERT INTO test_grants (bucket, granted, at) "
@@ -41,7 +44,8 @@ SECONDS = 3.0  # each process hammers for this long
 
 
 def take(conn: Conn, want: int, name: str = "global") -> tuple[int, float]:
-    row = conn.execute(QUERIES["take_tokens"], {"name": name, "want": want}).fetchone()
+    row = conn.execute(QUERIES["take_tokens"],
+                       {"name": name, "want": want, "broadcast": None}).fetchone()
     assert row is not None
     return int(row["granted"]), float(row["wait_seconds"])
 
@@ -62,12 +66,16 @@ def largest_excess(grants: list[tuple[float, int]], rate: float) -> float:
     return best
 
 
-def hammer(db_url: str, name: str, seconds: float) -> list[tuple[float, int]]:
-    """PROCESSES OS processes taking tokens at once; every grant (seconds, tokens)."""
+def hammer(db_url: str, name: str, seconds: float,
+           bids: list[str] | None = None) -> list[tuple[float, int]]:
+    """PROCESSES OS processes taking tokens at once (for these broadcasts: their fair shares);
+    every grant (seconds, tokens)."""
     with support.connect(db_url) as c:
         c.execute("CREATE TABLE IF NOT EXISTS test_grants "
                   "(bucket text, granted integer, at timestamptz)")
-    procs = [subprocess.Popen([sys.executable, "-c", HAMMER, db_url, name, str(seconds), str(i)],
+    extra = [",".join(bids)] if bids else []
+    procs = [subprocess.Popen([sys.executable, "-c", HAMMER, db_url, name, str(seconds), str(i),
+                               *extra],
                               cwd=support.ROOT, env=support.pgcast_env(db_url),
                               stderr=subprocess.PIPE, text=True)
              for i in range(PROCESSES)]
@@ -92,6 +100,20 @@ def test_concurrent_processes_never_get_more_than_rate_times_elapsed_plus_burst(
     excess = largest_excess(grants, rate)
     assert excess <= burst + 1e-3, (excess, total, len(grants))
     assert total > burst, (excess, total)  # it refilled: not just the initial bucket
+
+
+def test_fair_shares_keep_the_bound(db_url: str, conn: Conn) -> None:
+    """Takers of three broadcasts in two accounts (fair share, pgcast_take_tokens_v2): the
+    grants still never exceed rate x elapsed + burst, and the bucket is used."""
+    rate, burst = 200.0, 10.0
+    for account in ("a", "b"):
+        support.seed_contacts(conn, 3, account=account)
+    bids = [str(support.new_broadcast(conn, account=a)) for a in ("a", "a", "b")]
+    set_rate(conn, rate, burst)
+    grants = hammer(db_url, "global", SECONDS, bids)
+    total = sum(g for _, g in grants)
+    assert largest_excess(grants, rate) <= burst + 1e-3
+    assert total > burst
 
 
 def test_largest_excess_sees_an_overdraft() -> None:

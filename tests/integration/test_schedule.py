@@ -173,7 +173,7 @@ def test_edits_need_a_draft(conn: Conn) -> None:
     row = conn.execute(QUERIES["broadcast_update_draft"], {
         "account": "default", "id": bid, "subject": "changed", "from_address": None,
         "set_text": False, "text_body": None, "set_html": False, "html_body": None,
-        "set_tag": False, "segment_tag": None, "details": "{}"}).fetchone()
+        "set_tag": False, "segment_tag": None, "priority": None, "details": "{}"}).fetchone()
     assert row is None
     assert row_of(conn, bid)["subject"] == "Hello"
 

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import math
+import time
 import uuid
 from typing import Any
 
 import pytest
 
 from bin import cli
-from worker import claims, dispatch, engine, inflight, render
+from worker import claims, dispatch, engine, inflight, ratelimit, render
 
 
 def test_the_window_follows_littles_law_within_its_bounds() -> None:
@@ -136,3 +138,51 @@ def test_a_message_that_cannot_be_built_fails_alone_and_is_never_sent(
     # content that cannot be built at all: every recipient fails with the reason
     out = asyncio.run(sender.send_group("KeyError: 'subject'", handed, {}))
     assert {o.outcome for o in out} == {"failed"} and len(sent) == 2
+
+
+def test_the_pacer_lets_a_burst_go_then_spaces_calls_at_the_rate() -> None:
+    pacer = ratelimit.Pacer(lambda: 100.0, lambda: 5.0)
+    delays = [pacer.delay() for _ in range(12)]
+    # one less than the bucket's burst goes at once, then one every 1/rate
+    assert delays[:4] == [0.0, 0.0, 0.0, 0.0]
+    for i, d in enumerate(delays[4:], start=1):
+        assert d == pytest.approx(i / 100, abs=0.005)
+
+
+def test_the_pacer_does_nothing_without_a_limit() -> None:
+    pacer = ratelimit.Pacer(lambda: 0.0, lambda: 1.0)
+    assert [pacer.delay() for _ in range(1000)] == [0.0] * 1000
+
+
+class Slow(Raising):
+    """A blocking provider that answers after `seconds` (unit ring only)."""
+
+    blocking = True
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(RuntimeError(), True)
+        self.seconds = seconds
+        self.calls = 0
+
+    def send(self, message: render.Message) -> str:
+        self.calls += 1
+        time.sleep(self.seconds)
+        return f"m{message.contact_id}"
+
+
+def test_a_call_that_would_start_after_the_deadline_is_not_made_but_put_back() -> None:
+    """--group-ms bounds the crash window in time: a row whose call would start later than
+    that after its handoff is released (pending again, no attempt), never sent."""
+    provider = Slow(0.0)
+    executor = concurrent.futures.ThreadPoolExecutor(4)
+    try:
+        sender = dispatch.Sender(provider, dispatch.Retries(), executor, None, deadline=0.05)
+        handed = [dispatch.Recipient(i, f"u{i}@example.com", None) for i in (1, 2)]
+        on_time = asyncio.run(sender.send_group(CONTENT, handed, {}, time.monotonic()))
+        late = asyncio.run(sender.send_group(CONTENT, handed, {}, time.monotonic() - 0.1))
+    finally:
+        executor.shutdown()
+    assert [o.outcome for o in on_time] == ["sent", "sent"]
+    assert [o.outcome for o in late] == ["release", "release"]
+    assert late[0].seconds is None and late[0].error is not None
+    assert provider.calls == 2  # the late ones were never called

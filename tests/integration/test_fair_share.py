@@ -1,0 +1,181 @@
+"""Fair share of the global bucket (0011, pgcast_take_tokens_v2) on a real Postgres.
+
+The bucket is frozen (a rate of one token in 1,000 s) and refilled by hand between rounds, so
+every test decides exactly what each taker could have had; takers ask in a fixed order, the
+same one first every round, which first come, first served would hand everything.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import psycopg
+import pytest
+
+from sql.queries import QUERIES
+from tests import support
+
+Conn = psycopg.Connection[dict[str, Any]]
+
+BURST = 10.0  # a taker may run burst / 2 = 5 tokens ahead of a waiting peer
+WANT = 100  # every taker asks for more than it can get: it is always waiting
+
+
+def freeze(conn: Conn, tokens: float, burst: float = BURST) -> None:
+    """The global bucket with `tokens` now and (practically) no refill."""
+    conn.execute("UPDATE rate_limits SET rate = 0.001, burst = %s, tokens = %s, "
+                 "refilled_at = clock_timestamp() WHERE name = 'global'", (burst, tokens))
+
+
+def take(conn: Conn, bid: uuid.UUID | None, want: int = WANT) -> int:
+    row = conn.execute(QUERIES["take_tokens"],
+                       {"name": "global", "want": want, "broadcast": bid}).fetchone()
+    assert row is not None
+    return int(row["granted"])
+
+
+def broadcast(conn: Conn, account: str, priority: int = 1) -> uuid.UUID:
+    """A sending broadcast of the account (to two contacts of its own)."""
+    support.seed_contacts(conn, 2, account=account, domain=f"{uuid.uuid4().hex[:8]}.example")
+    bid = support.new_broadcast(conn, account=account)
+    conn.execute("UPDATE broadcasts SET priority = %s WHERE id = %s", (priority, bid))
+    return bid
+
+
+def rounds(conn: Conn, order: list[uuid.UUID], n: int = 100,
+           refill: float = 4) -> dict[uuid.UUID, int]:
+    """n rounds: put `refill` tokens in the bucket, then each taker asks in `order`."""
+    got = dict.fromkeys(order, 0)
+    for _ in range(n):
+        conn.execute("UPDATE rate_limits SET tokens = %s, refilled_at = clock_timestamp() "
+                     "WHERE name = 'global'", (refill,))
+        for bid in order:
+            got[bid] += take(conn, bid)
+    return got
+
+
+def test_first_come_first_served_without_a_broadcast(conn: Conn) -> None:
+    """The control: takers that name no broadcast get whatever is there, in order."""
+    freeze(conn, 4)
+    assert take(conn, None) == 4
+    assert take(conn, None) == 0
+
+
+def test_two_accounts_share_equally_whoever_asks_first(conn: Conn) -> None:
+    freeze(conn, 0)
+    a, b = broadcast(conn, "a"), broadcast(conn, "b")
+    got = rounds(conn, [a, b])
+    assert got[a] + got[b] == 400  # nothing lost: the total stays at what the bucket had
+    assert abs(got[a] - got[b]) <= BURST / 2, got
+
+
+def test_priority_three_gets_three_times_its_siblings_share(conn: Conn) -> None:
+    freeze(conn, 0)
+    low1, low2, high = broadcast(conn, "a"), broadcast(conn, "a"), broadcast(conn, "a", 3)
+    got = rounds(conn, [low1, low2, high], n=150)
+    assert sum(got.values()) == 600
+    assert got[high] == pytest.approx(3 * got[low1], rel=0.1), got
+    assert got[low1] == pytest.approx(got[low2], abs=BURST), got
+
+
+def test_an_account_weight_of_three_gets_three_times_the_others(conn: Conn, db_url: str) -> None:
+    freeze(conn, 0)
+    x, y, w = broadcast(conn, "x"), broadcast(conn, "y"), broadcast(conn, "w")
+    support.pgcast(db_url, "rate", "weight", "w", "3")
+    got = rounds(conn, [x, y, w], n=150)
+    assert got[w] == pytest.approx(3 * got[x], rel=0.1), got
+    assert got[x] == pytest.approx(got[y], abs=BURST), got
+
+
+def test_shares_are_across_accounts_first_then_within_one(conn: Conn) -> None:
+    """Account a has two broadcasts, b one: b's gets half, a's a quarter each (not a third)."""
+    freeze(conn, 0)
+    a1, a2, b1 = broadcast(conn, "a"), broadcast(conn, "a"), broadcast(conn, "b")
+    got = rounds(conn, [a1, a2, b1])
+    assert got[b1] == pytest.approx(200, abs=BURST), got
+    assert got[a1] == pytest.approx(100, abs=BURST) and got[a2] == pytest.approx(100, abs=BURST)
+
+
+def test_a_priority_never_takes_another_accounts_share(conn: Conn) -> None:
+    freeze(conn, 0)
+    high, other = broadcast(conn, "a", 10), broadcast(conn, "b")
+    got = rounds(conn, [high, other])
+    assert abs(got[high] - got[other]) <= BURST / 2, got
+
+
+def test_what_one_does_not_use_goes_to_the_others(conn: Conn) -> None:
+    """A taker far ahead of a waiting peer still gets what the bucket would lose once it is
+    full, and all of it once the peer has stopped waiting (250 ms without asking)."""
+    freeze(conn, 0)
+    a, b = broadcast(conn, "a"), broadcast(conn, "b")
+    rounds(conn, [a, b], n=3)
+    freeze(conn, 0)
+    rounds(conn, [a], n=20, refill=4)  # b stopped asking: a runs ahead, its peer still waiting
+    conn.execute("UPDATE rate_limits SET tokens = 3 WHERE name = 'global'")
+    conn.execute("UPDATE rate_broadcast_shares SET waiting_at = clock_timestamp() "
+                 "WHERE broadcast_id = %s", (b,))
+    conn.execute("UPDATE rate_account_shares SET waiting_at = clock_timestamp() "
+                 "WHERE account = 'b'")
+    assert take(conn, a) == 0  # b is waiting and behind: the tokens are kept for it
+    freeze(conn, BURST)  # full: what is above half of it would be lost
+    assert take(conn, a) == BURST / 2
+    # b has not asked for 250 ms: it is not waiting any more, a gets everything
+    conn.execute("UPDATE rate_broadcast_shares SET waiting_at = waiting_at - interval '1 second'")
+    conn.execute("UPDATE rate_account_shares SET waiting_at = waiting_at - interval '1 second'")
+    freeze(conn, 4)
+    assert take(conn, a) == 4
+
+
+def test_no_credit_is_banked_while_away(conn: Conn) -> None:
+    """b was away while a took 400 tokens alone: back, b shares equally from then on; it does
+    not get the next 400 to itself."""
+    freeze(conn, 0)
+    a, b = broadcast(conn, "a"), broadcast(conn, "b")
+    rounds(conn, [a, b], n=2)
+    conn.execute("UPDATE rate_broadcast_shares SET waiting_at = NULL WHERE broadcast_id = %s", (b,))
+    conn.execute("UPDATE rate_account_shares SET waiting_at = NULL WHERE account = 'b'")
+    rounds(conn, [a], n=100)
+    got = rounds(conn, [b, a], n=50)
+    assert abs(got[a] - got[b]) <= BURST, got
+
+
+def test_a_broadcast_unknown_to_the_bucket_is_served_first_come(conn: Conn) -> None:
+    freeze(conn, 4)
+    assert take(conn, uuid.uuid4()) == 4
+
+
+def test_max_broadcasts_order_is_furthest_below_fair_share(conn: Conn) -> None:
+    """active_broadcasts: least granted per weight first (the account's, then the broadcast's
+    within it); a broadcast that has taken nothing (no share row) before any that has."""
+    freeze(conn, 0)
+    a1, a2, b1 = broadcast(conn, "a"), broadcast(conn, "a"), broadcast(conn, "b")
+    conn.execute("UPDATE rate_limits SET tokens = 6 WHERE name = 'global'")
+    assert take(conn, a1, 6) == 6  # a far ahead; a1 ahead within a
+    conn.execute("UPDATE rate_limits SET tokens = 2 WHERE name = 'global'")
+    assert take(conn, b1, 2) == 2
+    fresh = broadcast(conn, "c")  # has taken nothing yet
+    order = [r["id"] for r in conn.execute(QUERIES["active_broadcasts"]).fetchall()]
+    assert order == [fresh, b1, a2, a1]
+
+
+def test_rate_shares_active_and_progress_show_each_share(conn: Conn) -> None:
+    """The view and progress: rate x account weight share x priority share, capped by the
+    broadcast's own rate limit; null for a broadcast that takes no tokens."""
+    conn.execute(QUERIES["rate_set"], {"name": "global", "rate": 120, "burst": 6})
+    conn.execute(QUERIES["rate_weight_set"], {"account": "b", "weight": 2})
+    a1, a2, b1 = broadcast(conn, "a", 2), broadcast(conn, "a"), broadcast(conn, "b")
+    idle = broadcast(conn, "c")
+    for bid in (a1, a2, b1):
+        take(conn, bid, 1)
+    shares = {r["broadcast_id"]: r for r in conn.execute(QUERIES["rate_shares"],
+                                                         {"name": "global"}).fetchall()}
+    assert set(shares) == {a1, a2, b1}
+    assert shares[b1]["share_per_second"] == pytest.approx(80)  # 120 x 2/3
+    assert shares[a1]["share_per_second"] == pytest.approx(120 / 3 * 2 / 3)
+    assert shares[a2]["share_per_second"] == pytest.approx(120 / 3 * 1 / 3)
+    assert shares[b1]["account_weight"] == 2 and shares[a1]["priority"] == 2
+    assert support.progress(conn, b1)["share_per_second"] == pytest.approx(80)
+    assert support.progress(conn, idle)["share_per_second"] is None
+    conn.execute("UPDATE broadcasts SET rate_limit = 5 WHERE id = %s", (b1,))
+    assert support.progress(conn, b1)["share_per_second"] == pytest.approx(5)
