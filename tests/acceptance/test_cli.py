@@ -72,6 +72,13 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(
         ["worker", "--group-size", "some"],
         ["worker", "--group-ms", "0"],
         ["rate", "set", "-5"],
+        ["rate", "weight", "acme", "0"],
+        ["rate", "weight", "acme", "1001"],
+        ["rate", "weight", "acme", "two"],
+        ["broadcast", "create", "--subject", "S", "--from", "a@example.com", "--text",
+         str(body), "--priority", "11"],
+        ["broadcast", "create", "--subject", "S", "--from", "a@example.com", "--text",
+         str(body), "--priority", "0"],
         ["frobnicate"],
     ]
     before = counts(conn)
@@ -88,3 +95,20 @@ def test_unmigrated_database_says_so(pg_server: str) -> None:
         done = support.pgcast(url, "broadcast", "list", check=False)
     assert done.returncode == 2
     assert "pgcast migrate" in done.stderr
+
+
+def test_priority_weight_and_rate_show(db_url: str, conn: Any, tmp_path: Path) -> None:
+    """`broadcast create --priority`, `rate weight`, and `rate show` with weights and shares."""
+    body = tmp_path / "body.txt"
+    body.write_text("x")
+    bid = support.pgcast(db_url, "broadcast", "create", "--subject", "S", "--from",
+                         "a@example.com", "--text", str(body), "--priority", "7").stdout.strip()
+    row = conn.execute("SELECT priority FROM broadcasts WHERE id = %s", (bid,)).fetchone()
+    assert row["priority"] == 7
+    weight = json.loads(support.pgcast(db_url, "rate", "weight", "acme", "3").stdout)
+    assert (weight["account"], weight["weight"]) == ("acme", 3)
+    support.pgcast(db_url, "rate", "set", "50")
+    show = json.loads(support.pgcast(db_url, "rate", "show").stdout)
+    assert (show["name"], show["rate"]) == ("global", 50.0)
+    assert [(w["account"], w["weight"]) for w in show["weights"]] == [("acme", 3)]
+    assert show["shares"] == []  # nobody takes tokens now

@@ -100,11 +100,24 @@ def test_create_validation(api: h.Api, conn: Conn) -> None:
            {"subject": "Hi", "from": "nope", "text": "x"},
            {"subject": "Hi", "from": "news@example.com", "text": 3},
            {"subject": "Hi", "from": "news@example.com", "text": "x", "rate": 5},
-           {"subject": "Hi", "text": "x"}]
+           {"subject": "Hi", "text": "x"},
+           *({"subject": "Hi", "from": "news@example.com", "text": "x", "priority": p}
+             for p in (0, 11, True, "3", 2.5, None))]
     for body in bad:
         r = api.post("/broadcasts", json=body)
         assert r.status_code == 422, (body, r.text)
     assert conn.execute("SELECT count(*) AS n FROM broadcasts").fetchone() == {"n": 0}
+
+
+def test_priority_is_set_at_create_and_edited_while_a_draft(api: h.Api, conn: Conn) -> None:
+    assert create(api)["priority"] == 1
+    b = create(api, priority=3)
+    assert b["priority"] == 3
+    r = api.patch(f"/broadcasts/{b['id']}", json={"priority": 10})
+    assert (r.status_code, r.json()["priority"]) == (200, 10), r.text
+    assert api.patch(f"/broadcasts/{b['id']}", json={"priority": 11}).status_code == 422
+    row = conn.execute("SELECT priority FROM broadcasts WHERE id = %s", (b["id"],)).fetchone()
+    assert row == {"priority": 10}
 
 
 def test_list_is_newest_first_and_keyset_paged(api: h.Api, conn: Conn) -> None:
@@ -196,7 +209,8 @@ def test_progress_is_the_row_counters(api: h.Api, conn: Conn) -> None:
     p = api.get(f"/broadcasts/{b['id']}/progress").json()
     assert p == {"status": "draft", "total": 0, "pending": 0, "sent": 0, "failed": 0,
                  "skipped": 0, "unknown": 0, "cancelled": 0, "rate": None, "eta_seconds": None,
-                 "delivered": 0, "bounced": 0, "complained": 0, "scheduled_at": None}
+                 "delivered": 0, "bounced": 0, "complained": 0, "scheduled_at": None,
+                 "share_per_second": None}
     api.post(f"/broadcasts/{b['id']}/send")
     conn.execute("UPDATE broadcasts SET sent = 4, failed = 1, started_at = now() - interval '5 s'")
     p = api.get(f"/broadcasts/{b['id']}/progress").json()
