@@ -1715,11 +1715,11 @@ $$;
 --
 -- Start-time fair queueing over the token bucket. Every account and every broadcast that
 -- takes from a shared bucket has a virtual time: the tokens it was granted over its weight.
--- A taker that asked for more than it got in the last 250 ms is *waiting* (the bucket is its
+-- A taker that asked for more than it got lately is *waiting* (the bucket is its
 -- constraint). A taker may run at most half a burst of tokens ahead of the most-behind
 -- waiting peer (an account among the accounts, a broadcast among its account's broadcasts);
--- beyond that it gets only what the bucket would otherwise lose: once the bucket is full,
--- the tokens above half of it. So the total stays at the limit (work-conserving: what a taker
+-- beyond that it gets only what the bucket would otherwise soon lose: once the bucket is
+-- within a token of full, the tokens above half of it. So the total stays at the limit (work-conserving: what a taker
 -- does not use goes to the others), and the bucket's own guarantees hold (every grant comes
 -- out of the one bucket, under its lock). A taker that starts, or comes back after needing
 -- less, begins at the level's virtual clock (the start time of the latest grant): no credit
@@ -1758,6 +1758,15 @@ CREATE TABLE rate_broadcast_shares (
     PRIMARY KEY (bucket, broadcast_id)
 );
 CREATE INDEX rate_broadcast_shares_account ON rate_broadcast_shares (bucket, account);
+
+-- How long after its last unsatisfied ask a taker still counts as waiting, in seconds: twice
+-- the longest a waiting taker sleeps before it asks again (a burst's worth of refill), and
+-- 50 ms for the round trip; at least 100 ms, at most 1.5 s (workers sleep at most 1 s).
+CREATE FUNCTION pgcast_waiting_horizon_v1(p_rate double precision, p_burst double precision)
+RETURNS double precision LANGUAGE sql IMMUTABLE AS $$
+    SELECT CASE WHEN p_rate > 0 THEN greatest(0.1, least(1.5, 0.05 + 2 * p_burst / p_rate))
+                ELSE 0.1 END
+$$;
 
 -- take, v2: v1 plus the fair share of a broadcast's account and of the broadcast within it
 -- (p_broadcast NULL, or a broadcast that does not exist: v1's first come, first served).
@@ -1800,7 +1809,7 @@ BEGIN
         RETURN;
     END IF;
     w := coalesce((SELECT rw.weight FROM rate_weights rw WHERE rw.account = acct), 1);
-    recent := t - interval '250 milliseconds';
+    recent := t - make_interval(secs => pgcast_waiting_horizon_v1(b.rate, b.burst));
     quantum := greatest(1, b.burst / 2);
 
     -- the most-behind waiting peers
@@ -1842,8 +1851,8 @@ BEGIN
     END IF;
     IF fair >= 1 THEN
         g := greatest(0, least(p_want, floor(have)::integer, floor(least(fair, 1e9))::integer));
-    ELSIF have >= b.burst THEN
-        -- ahead, but the bucket is full: what it would otherwise lose
+    ELSIF have >= b.burst - 1 THEN
+        -- ahead, but the bucket is about to be full: what it would otherwise lose
         g := greatest(0, least(p_want, floor(have - b.burst / 2)::integer));
     ELSE
         g := 0;
@@ -1887,7 +1896,7 @@ BEGIN
         WHEN g > 0 THEN 0.0
         WHEN have < 1 THEN (1 - have) / b.rate
         -- ahead of a waiting peer: it is served first; look again when the bucket is full
-        ELSE greatest(1 - (have - floor(have)), b.burst - have) / b.rate END;
+        ELSE greatest(1 - (have - floor(have)), b.burst - 1 - have) / b.rate END;
 END
 $$;
 
@@ -1895,13 +1904,15 @@ $$;
 -- weight over the weights of the accounts taking, a broadcast's part of that is its priority
 -- over its account's broadcasts' priorities, capped by its own rate limit. A taker that uses
 -- less leaves the rest to the others (the figure is its entitlement, not what it sends).
--- `waiting`: it asked for more than it got in the last 250 ms (the bucket is its constraint).
+-- `waiting`: it asked for more than it got lately (the bucket is its constraint).
 CREATE VIEW rate_shares_active AS
 WITH takers AS (
     SELECT s.bucket, s.account, coalesce(rw.weight, 1) AS account_weight, s.broadcast_id,
-           br.priority, br.rate_limit, s.waiting_at > clock_timestamp() - interval '250 milliseconds'
-               IS TRUE AS waiting
+           br.priority, br.rate_limit,
+           s.waiting_at > clock_timestamp() - make_interval(
+               secs => pgcast_waiting_horizon_v1(l.rate, l.burst)) IS TRUE AS waiting
     FROM rate_broadcast_shares s
+    JOIN rate_limits l ON l.name = s.bucket
     JOIN broadcasts br ON br.id = s.broadcast_id AND br.status = 'sending'
     LEFT JOIN rate_weights rw ON rw.account = s.account
     WHERE s.asked_at > clock_timestamp() - interval '1 second'

@@ -162,16 +162,29 @@ FROM broadcast_progress p JOIN broadcasts b ON b.id = p.broadcast_id
 WHERE p.broadcast_id = %(id)s AND p.account = %(account)s
 
 -- active_broadcasts --
--- Broadcasts workers may claim from, with their per-broadcast cap, furthest below their fair
--- share of the global bucket first: least granted per weight, the account's (tokens over its
--- account weight) then the broadcast's within it (tokens over its priority). One that has
--- taken nothing lately (no share row) is furthest below; ties (no limit): oldest first.
-SELECT b.id, b.epoch, b.rate_limit
-FROM broadcasts b
-LEFT JOIN rate_account_shares a ON a.bucket = 'global' AND a.account = b.account
-LEFT JOIN rate_broadcast_shares s ON s.bucket = 'global' AND s.broadcast_id = b.id
-WHERE b.status = 'sending'
-ORDER BY a.vtime NULLS FIRST, s.vtime NULLS FIRST, b.started_at, b.id
+-- Broadcasts workers may claim from, with their per-broadcast cap and their nominal fair
+-- share of the global rate among the sending broadcasts (account weight over the accounts'
+-- weights, times priority over the account's priorities; a fraction of 1). Furthest below
+-- their fair share first: least granted per weight, the account's (tokens over its weight)
+-- then the broadcast's within it (tokens over its priority). One that has taken nothing
+-- lately (no share row) is furthest below; ties (no limit): oldest first.
+WITH sending AS (
+    SELECT b.id, b.epoch, b.rate_limit, b.account, b.priority, b.started_at,
+           coalesce(w.weight, 1) AS weight
+    FROM broadcasts b LEFT JOIN rate_weights w ON w.account = b.account
+    WHERE b.status = 'sending'
+), accounts AS (
+    SELECT account, max(weight) AS weight, sum(priority) AS priorities
+    FROM sending GROUP BY account
+)
+SELECT s.id, s.epoch, s.rate_limit,
+       s.weight::float8 / (SELECT sum(weight) FROM accounts) * s.priority / a.priorities
+           AS share
+FROM sending s
+JOIN accounts a ON a.account = s.account
+LEFT JOIN rate_account_shares ra ON ra.bucket = 'global' AND ra.account = s.account
+LEFT JOIN rate_broadcast_shares rb ON rb.bucket = 'global' AND rb.broadcast_id = s.id
+ORDER BY ra.vtime NULLS FIRST, rb.vtime NULLS FIRST, s.started_at, s.id
 
 -- broadcast_fence --
 -- Whether work claimed at this epoch may still be handed off.

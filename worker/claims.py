@@ -29,6 +29,8 @@ class Active:
     looking: bool = False  # one of this process's loops is reading the floor right now
     not_before: float = 0.0  # monotonic: after an unexpected error, leave it alone till then
     errors: int = 0  # unexpected errors in a row
+    share: float = 1.0  # its nominal fair share of the global rate (a fraction of 1)
+    claimed: float = 0.0  # rows this process claimed of it over its weight (stride pass)
 
 
 def claim_size(rows_per_second: float, loops: int, lease: float, batch_size: int) -> int:

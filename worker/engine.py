@@ -253,6 +253,7 @@ class Engine:
             await self._claim_handoff_and_send(bid, entry, token, limit, groups)
             return
         rows = await self.claims.claim(bid, entry, token, limit)
+        self.picker.claimed(bid, len(rows))
         if not rows:
             await self._drained(bid)
             return
@@ -302,6 +303,7 @@ class Engine:
             # did it commit? Either way the provider was never called: put back what it took
             await self.db.q_retry("unhandoff", {"id": bid, "token": token, "ids": None})
             raise
+        self.picker.claimed(bid, len(rows))
         if not rows:
             await self._drained(bid)
             return

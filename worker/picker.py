@@ -2,7 +2,11 @@
 
 The sending broadcasts come from the database at most once a poll interval (or at once when
 LISTEN says something changed), furthest below their fair share of the global rate first
-(query `active_broadcasts`), at most --max-broadcasts of them; loops take them round robin.
+(query `active_broadcasts`), at most --max-broadcasts of them. Loops take them by stride
+scheduling: next is the one that has had the fewest rows claimed over its weight (its fair
+share, capped by its own rate limit), so each broadcast's claims follow its share. Round
+robin would claim as many rows of each, and no share of the tokens could then make a
+priority-3 broadcast go faster than its siblings.
 """
 
 from __future__ import annotations
@@ -44,10 +48,13 @@ class Picker:
             self.bursts["global"] = float(bucket[0][2])
         limit = self.max_broadcasts or len(rows)
         fresh: dict[uuid.UUID, claims.Active] = {}
-        for bid, epoch, rate_limit in rows[:limit]:
+        # a broadcast new to this process starts level with the others: no credit
+        start = min((e.claimed for e in self.active.values()), default=0.0)
+        for bid, epoch, rate_limit, share in rows[:limit]:
             if bid not in self.active:
                 log.info("working on broadcast %s (epoch %s)", bid, epoch)
-            entry = self.active.get(bid) or claims.Active(epoch, rate_limit)
+            entry = self.active.get(bid) or claims.Active(epoch, rate_limit, claimed=start)
+            entry.share = float(share)
             # the same object: loops in the middle of a claim update the live entry
             entry.epoch, entry.rate_limit = epoch, rate_limit
             # every broadcast gets a look at each refresh: a process kept busy by another
@@ -63,19 +70,34 @@ class Picker:
         self._content = {k: v for k, v in self._content.items() if k in fresh}
 
     async def pick(self, woken: bool) -> uuid.UUID | None:
-        """The next broadcast in round-robin order that has not just come back empty nor is
-        backing off from an unexpected error (`woken`: LISTEN said something changed)."""
+        """The broadcast furthest behind its share of this process's claims that has not just
+        come back empty nor is backing off from an unexpected error; ties in round-robin
+        order (`woken`: LISTEN said something changed)."""
         if woken or time.monotonic() - self._refreshed > self.poll:
             await self.refresh()
         n = len(self._order)
         now = time.monotonic()
+        best: tuple[float, int] | None = None  # (its claimed rows over weight, position)
         for i in range(n):
-            bid = self._order[(self._next + i) % n]
-            entry = self.active.get(bid)
-            if entry is not None and not entry.empty and entry.not_before <= now:
-                self._next = (self._next + i + 1) % max(1, n)
-                return bid
-        return None
+            entry = self.active.get(self._order[(self._next + i) % n])
+            if (entry is not None and not entry.empty and entry.not_before <= now
+                    and (best is None or entry.claimed < best[0])):
+                best = (entry.claimed, (self._next + i) % n)
+        if best is None:
+            return None
+        self._next = (best[1] + 1) % n
+        return self._order[best[1]]
+
+    def claimed(self, bid: uuid.UUID, rows: int) -> None:
+        """A loop claimed `rows` of the broadcast: it moves on by rows over its weight."""
+        entry = self.active.get(bid)
+        if entry is None or rows <= 0:
+            return
+        weight = entry.share
+        rate = self.rates.get("global", 0.0)
+        if entry.rate_limit and rate > 0:
+            weight = min(weight, entry.rate_limit / rate)  # it cannot use more than its cap
+        entry.claimed += rows / max(weight, 1e-6)
 
     def look_again(self) -> None:
         """After a quiet poll interval every broadcast deserves another look."""

@@ -43,6 +43,14 @@ def broadcast(conn: Conn, account: str, priority: int = 1) -> uuid.UUID:
     return bid
 
 
+def stop_waiting(conn: Conn, bid: uuid.UUID) -> None:
+    """As if the broadcast (and its account) had got all it asked for: not waiting."""
+    conn.execute("UPDATE rate_broadcast_shares SET waiting_at = NULL WHERE broadcast_id = %s",
+                 (bid,))
+    conn.execute("UPDATE rate_account_shares s SET waiting_at = NULL FROM broadcasts b "
+                 "WHERE b.id = %s AND s.account = b.account", (bid,))
+
+
 def rounds(conn: Conn, order: list[uuid.UUID], n: int = 100,
            refill: float = 4) -> dict[uuid.UUID, int]:
     """n rounds: put `refill` tokens in the bucket, then each taker asks in `order`."""
@@ -106,12 +114,13 @@ def test_a_priority_never_takes_another_accounts_share(conn: Conn) -> None:
 
 def test_what_one_does_not_use_goes_to_the_others(conn: Conn) -> None:
     """A taker far ahead of a waiting peer still gets what the bucket would lose once it is
-    full, and all of it once the peer has stopped waiting (250 ms without asking)."""
+    nearly full, and all of it once the peer has stopped waiting (not asked lately)."""
     freeze(conn, 0)
     a, b = broadcast(conn, "a"), broadcast(conn, "b")
     rounds(conn, [a, b], n=3)
+    stop_waiting(conn, b)
     freeze(conn, 0)
-    rounds(conn, [a], n=20, refill=4)  # b stopped asking: a runs ahead, its peer still waiting
+    assert rounds(conn, [a], n=20, refill=4)[a] == 80  # b stopped asking: a runs ahead
     conn.execute("UPDATE rate_limits SET tokens = 3 WHERE name = 'global'")
     conn.execute("UPDATE rate_broadcast_shares SET waiting_at = clock_timestamp() "
                  "WHERE broadcast_id = %s", (b,))
@@ -120,9 +129,9 @@ def test_what_one_does_not_use_goes_to_the_others(conn: Conn) -> None:
     assert take(conn, a) == 0  # b is waiting and behind: the tokens are kept for it
     freeze(conn, BURST)  # full: what is above half of it would be lost
     assert take(conn, a) == BURST / 2
-    # b has not asked for 250 ms: it is not waiting any more, a gets everything
-    conn.execute("UPDATE rate_broadcast_shares SET waiting_at = waiting_at - interval '1 second'")
-    conn.execute("UPDATE rate_account_shares SET waiting_at = waiting_at - interval '1 second'")
+    # b has not asked lately (1.5 s at most): it is not waiting any more, a gets everything
+    conn.execute("UPDATE rate_broadcast_shares SET waiting_at = waiting_at - interval '2 seconds'")
+    conn.execute("UPDATE rate_account_shares SET waiting_at = waiting_at - interval '2 seconds'")
     freeze(conn, 4)
     assert take(conn, a) == 4
 
@@ -133,9 +142,8 @@ def test_no_credit_is_banked_while_away(conn: Conn) -> None:
     freeze(conn, 0)
     a, b = broadcast(conn, "a"), broadcast(conn, "b")
     rounds(conn, [a, b], n=2)
-    conn.execute("UPDATE rate_broadcast_shares SET waiting_at = NULL WHERE broadcast_id = %s", (b,))
-    conn.execute("UPDATE rate_account_shares SET waiting_at = NULL WHERE account = 'b'")
-    rounds(conn, [a], n=100)
+    stop_waiting(conn, b)
+    assert rounds(conn, [a], n=100)[a] == 400
     got = rounds(conn, [b, a], n=50)
     assert abs(got[a] - got[b]) <= BURST, got
 
