@@ -29,6 +29,7 @@ class Active:
     looking: bool = False  # one of this process's loops is reading the floor right now
     not_before: float = 0.0  # monotonic: after an unexpected error, leave it alone till then
     errors: int = 0  # unexpected errors in a row
+    ramp: int = 0  # with nothing to size claims by: the next claim's size (0: not started)
     share: float = 1.0  # its nominal fair share of the global rate (a fraction of 1)
     claimed: float = 0.0  # rows this process claimed of it over its weight (stride pass)
 
@@ -42,6 +43,18 @@ def claim_size(rows_per_second: float, loops: int, lease: float, batch_size: int
     if not math.isfinite(want):
         return batch_size
     return max(1, min(batch_size, math.ceil(want)))
+
+
+def ramped(entry: Active, size: int, loops: int, batch_size: int) -> int:
+    """With nothing to size claims by (no rate limit, a provider that answers at once), a
+    process's claims of a broadcast start at a batch over its loops and double per claim up
+    to `size`: a second process that wakes a moment after the first still finds work in a
+    small broadcast, and a big one soon gets whole batches (one statement per batch)."""
+    if entry.ramp == 0:
+        entry.ramp = max(1, math.ceil(batch_size / max(1, loops)))
+    take = min(size, entry.ramp)
+    entry.ramp = min(batch_size, entry.ramp * 2)
+    return take
 
 
 class Claims:

@@ -30,9 +30,6 @@ def apply(state: engine.State, payload: str) -> None:
             rate = float(event["rate"])
             if rate >= 0:  # NaN fails this too
                 state.rates[str(event["bucket"])] = rate
-            burst = float(event.get("burst", 1.0))
-            if burst >= 1:
-                state.bursts[str(event["bucket"])] = burst
             return
         bid = uuid.UUID(str(event["broadcast"]))
         if kind == "cancel":

@@ -69,7 +69,6 @@ class State:
 
     halted: dict[uuid.UUID, float] = field(default_factory=dict)  # broadcast -> dead epochs <=
     rates: dict[str, float] = field(default_factory=dict)  # bucket -> rate (0 = unlimited)
-    bursts: dict[str, float] = field(default_factory=dict)  # bucket -> burst (emails)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
 
     def is_halted(self, broadcast_id: uuid.UUID, epoch: int) -> bool:
@@ -104,13 +103,12 @@ class Engine:
         # one thread per call in flight: asyncio's default executor has cpu_count + 4
         self.executor = (concurrent.futures.ThreadPoolExecutor(
             settings.max_in_flight, thread_name_prefix="provider") if provider.blocking else None)
-        self.pacer = ratelimit.Pacer(self.buckets.global_rate,
-                                     lambda: self.state.bursts.get("global", 1.0))
+        self.pacer = ratelimit.Pacer(self.buckets.global_rate)
         self.sender = dispatch.Sender(provider, dispatch.Retries(
             settings.max_retries, settings.retry_base, settings.retry_cap,
             settings.throttle_backoff), self.executor, self.pacer, settings.group_ms / 1000)
-        self.picker = picker.Picker(self.db, self.state.rates, self.state.bursts,
-                                    settings.max_broadcasts, settings.poll, self.buckets.forget)
+        self.picker = picker.Picker(self.db, self.state.rates, settings.max_broadcasts,
+                                    settings.poll, self.buckets.forget)
         self._idle_loops = 0
         # claims whose leases we renew: claim token -> its broadcast
         self.tokens_in_hand: dict[uuid.UUID, uuid.UUID] = {}
@@ -225,8 +223,12 @@ class Engine:
 
     def _claim_size(self, entry: claims.Active) -> int:
         """Rows per claim: about a second of what this process can send (see claims)."""
-        return claims.claim_size(self._rows_per_second(entry), self.settings.concurrency,
+        rows_per_second = self._rows_per_second(entry)
+        size = claims.claim_size(rows_per_second, self.settings.concurrency,
                                  self.settings.lease, self.settings.batch_size)
+        if math.isfinite(rows_per_second):
+            return size
+        return claims.ramped(entry, size, self.settings.concurrency, self.settings.batch_size)
 
     def _track(self, token: uuid.UUID, groups: set[asyncio.Task[None]]) -> None:
         """Forget the claim token once every group of its claim is recorded."""

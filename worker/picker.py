@@ -24,12 +24,10 @@ log = logging.getLogger("pgcast.worker")
 class Picker:
     """The broadcasts one process works on, taken round robin by its loops."""
 
-    def __init__(self, db: pg.Db, rates: dict[str, float], bursts: dict[str, float],
-                 max_broadcasts: int, poll: float,
+    def __init__(self, db: pg.Db, rates: dict[str, float], max_broadcasts: int, poll: float,
                  forget: Callable[[uuid.UUID], None]) -> None:
         self.db = db
         self.rates = rates
-        self.bursts = bursts
         self.max_broadcasts = max_broadcasts
         self.poll = poll
         self.forget = forget  # a broadcast no longer worked on (its takers' state goes)
@@ -45,7 +43,6 @@ class Picker:
         bucket = await self.db.q("rate_get", {"name": "global"})
         if bucket:
             self.rates["global"] = float(bucket[0][1])
-            self.bursts["global"] = float(bucket[0][2])
         limit = self.max_broadcasts or len(rows)
         fresh: dict[uuid.UUID, claims.Active] = {}
         # a broadcast new to this process starts level with the others: no credit

@@ -95,19 +95,21 @@ class Buckets:
 
 
 class Pacer:
-    """Spaces one process's provider calls at the global rate, with at most the bucket's burst
-    at once (thread-safe).
+    """Spaces one process's provider calls at least 1 / rate apart, at the global rate
+    (thread-safe).
 
     The bucket's grants never exceed rate x t + burst, but a grant reaches the provider one
     handoff commit and one thread hand-off later, and that delay varies: calls whose grants
     came at an even pace could arrive together. Calls pass here last, just before the
-    provider: whatever delayed them, they leave no faster than the grants allowed (a call is
-    held only when calls bunched beyond the burst; GCRA, the virtual-scheduling form).
+    provider: whatever delayed them, they leave one every 1 / rate at most, so any second
+    holds at most rate + 1 of them, and the bucket's burst is left for the time between here
+    and the provider (GCRA, the virtual-scheduling form, with no tolerance). The average is
+    the bucket's: grants run at most a burst ahead of the pacer, so a call waits here at most
+    burst / rate.
     """
 
-    def __init__(self, rate: Callable[[], float], burst: Callable[[], float]) -> None:
+    def __init__(self, rate: Callable[[], float]) -> None:
         self.rate = rate
-        self.burst = burst
         self._tat = 0.0  # theoretical arrival time of the next call (monotonic seconds)
         self._lock = threading.Lock()
 
@@ -116,13 +118,10 @@ class Pacer:
         rate = self.rate()
         if not rate > 0 or not math.isfinite(rate):
             return 0.0
-        # a burst of b calls may go at once: the b-th is due (b - 1) intervals early; one
-        # less than the bucket's, for the time between here and the provider's socket
-        tolerance = max(0.0, self.burst() - 2.0) / rate
         now = time.monotonic()
         with self._lock:
-            go = max(now, self._tat - tolerance)
-            self._tat = max(go, self._tat) + 1.0 / rate
+            go = max(now, self._tat)
+            self._tat = go + 1.0 / rate
         return go - now
 
     def wait(self) -> float:

@@ -140,17 +140,25 @@ def test_a_message_that_cannot_be_built_fails_alone_and_is_never_sent(
     assert {o.outcome for o in out} == {"failed"} and len(sent) == 2
 
 
-def test_the_pacer_lets_a_burst_go_then_spaces_calls_at_the_rate() -> None:
-    pacer = ratelimit.Pacer(lambda: 100.0, lambda: 5.0)
+def test_the_pacer_spaces_calls_at_the_rate() -> None:
+    """Calls that come together leave one every 1 / rate: the first at once."""
+    pacer = ratelimit.Pacer(lambda: 100.0)
     delays = [pacer.delay() for _ in range(12)]
-    # one less than the bucket's burst goes at once, then one every 1/rate
-    assert delays[:4] == [0.0, 0.0, 0.0, 0.0]
-    for i, d in enumerate(delays[4:], start=1):
+    assert delays[0] == 0.0
+    for i, d in enumerate(delays):
         assert d == pytest.approx(i / 100, abs=0.005)
 
 
+def test_the_pacer_gives_no_credit_for_a_quiet_spell() -> None:
+    """After a pause, calls are not let through in a burst to catch up."""
+    pacer = ratelimit.Pacer(lambda: 100.0)
+    pacer.delay()
+    time.sleep(0.05)  # the time that passes is what is tested, not a synchronisation
+    assert [round(pacer.delay(), 2) for _ in range(3)] == [0.0, 0.01, 0.02]
+
+
 def test_the_pacer_does_nothing_without_a_limit() -> None:
-    pacer = ratelimit.Pacer(lambda: 0.0, lambda: 1.0)
+    pacer = ratelimit.Pacer(lambda: 0.0)
     assert [pacer.delay() for _ in range(1000)] == [0.0] * 1000
 
 
@@ -186,3 +194,11 @@ def test_a_call_that_would_start_after_the_deadline_is_not_made_but_put_back() -
     assert [o.outcome for o in late] == ["release", "release"]
     assert late[0].seconds is None and late[0].error is not None
     assert provider.calls == 2  # the late ones were never called
+
+
+def test_claims_ramp_up_when_nothing_sizes_them() -> None:
+    """No limit and a provider that answers at once: a batch over the loops, doubling."""
+    entry = claims.Active(1, None)
+    sizes = [claims.ramped(entry, 500, 4, 500) for _ in range(5)]
+    assert sizes == [125, 250, 500, 500, 500]
+    assert claims.ramped(claims.Active(1, None), 60, 4, 500) == 60  # never above the size

@@ -30,7 +30,7 @@ def picks(rows: list[tuple[uuid.UUID, int, float | None, float]], rate: float, n
           claim: int = 25) -> Counter[uuid.UUID]:
     """n picks, each claiming `claim` rows; how many went to each broadcast."""
     async def run() -> Counter[uuid.UUID]:
-        p = picker.Picker(Db(rows, rate), {}, {}, 0, 3600.0, lambda bid: None)  # type: ignore[arg-type]
+        p = picker.Picker(Db(rows, rate), {}, 0, 3600.0, lambda bid: None)  # type: ignore[arg-type]
         got: Counter[uuid.UUID] = Counter()
         for _ in range(n):
             bid = await p.pick(False)
@@ -63,7 +63,7 @@ def test_a_broadcast_capped_below_its_share_is_picked_for_its_cap() -> None:
 def test_a_broadcast_that_came_back_empty_is_skipped_until_the_next_look() -> None:
     async def run() -> list[uuid.UUID | None]:
         a, b = uuid.uuid4(), uuid.uuid4()
-        p = picker.Picker(Db([(a, 1, None, 0.5), (b, 1, None, 0.5)], 100), {}, {}, 0, 3600.0,
+        p = picker.Picker(Db([(a, 1, None, 0.5), (b, 1, None, 0.5)], 100), {}, 0, 3600.0,
                           lambda bid: None)  # type: ignore[arg-type]
         first = await p.pick(False)
         assert first is not None
