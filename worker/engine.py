@@ -104,9 +104,15 @@ class Engine:
         self.executor = (concurrent.futures.ThreadPoolExecutor(
             settings.max_in_flight, thread_name_prefix="provider") if provider.blocking else None)
         self.pacer = ratelimit.Pacer(self.buckets.global_rate)
+        # a provider that can pace at the wire does (ses: after boto3 has built and signed the
+        # request); the others are paced by the sender, just before the call
+        at_the_wire = getattr(provider, "pace_with", None)
+        if at_the_wire is not None:
+            at_the_wire(self.pacer.wait)
         self.sender = dispatch.Sender(provider, dispatch.Retries(
             settings.max_retries, settings.retry_base, settings.retry_cap,
-            settings.throttle_backoff), self.executor, self.pacer, settings.group_ms / 1000)
+            settings.throttle_backoff), self.executor,
+            None if at_the_wire is not None else self.pacer, settings.group_ms / 1000)
         self.picker = picker.Picker(self.db, self.state.rates, settings.max_broadcasts,
                                     settings.poll, self.buckets.forget)
         self._idle_loops = 0

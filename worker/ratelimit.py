@@ -104,8 +104,8 @@ class Pacer:
     provider: whatever delayed them, they leave one every 1 / rate at most, so any second
     holds at most rate + 1 of them, and the bucket's burst is left for the time between here
     and the provider (GCRA, the virtual-scheduling form, with no tolerance). The average is
-    the bucket's: grants run at most a burst ahead of the pacer, so a call waits here at most
-    burst / rate.
+    the bucket's: grants run at most a burst ahead of the pacer (plus the bunching it
+    smooths), so a call waits here about burst / rate at most.
     """
 
     def __init__(self, rate: Callable[[], float]) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from typing import Any
 
 import boto3
@@ -83,6 +84,18 @@ class SesProvider:
     def __init__(self, client: Any, configuration_set: str | None = None) -> None:
         self.client = client
         self.configuration_set = configuration_set
+        self._pace: Callable[[], object] | None = None
+        # the last moment before a request leaves: serialised and signed, about to be written
+        client.meta.events.register("before-send.sesv2.SendEmail", self._before_send)
+
+    def pace_with(self, pace: Callable[[], object]) -> None:
+        """Call `pace` on the sending thread right before each SendEmail request leaves (the
+        rate limit's pacer: boto3's own work per call is then behind it, not after it)."""
+        self._pace = pace
+
+    def _before_send(self, **_: Any) -> None:
+        if self._pace is not None:
+            self._pace()
 
     @classmethod
     def from_env(cls, max_in_flight: int = 10) -> SesProvider:

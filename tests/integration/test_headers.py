@@ -207,3 +207,15 @@ def test_the_ses_request_has_one_to_the_from_and_one_click_headers(name: str) ->
     subject = simple["Subject"]["Data"]
     assert "\r" not in subject and "\n" not in subject
     assert str(email.policy.default.header_factory("Subject", subject)) == HOSTILE_SUBJECTS[0]
+
+
+def test_the_pacer_runs_on_the_sending_thread_right_before_each_request_leaves() -> None:
+    """pace_with: the rate limit's pacer is called once per SendEmail, after boto3 built and
+    signed the request and before the endpoint has it."""
+    with capturing_ses() as (provider, bodies):
+        seen: list[int] = []
+        provider.pace_with(lambda: seen.append(len(bodies)))
+        message = render.render(content(), 7, "bob@example.com", "Bob")
+        provider.send(message)
+        provider.send(message)
+    assert seen == [0, 1] and len(bodies) == 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import types
 from typing import Any
 
 import botocore.exceptions
@@ -108,6 +109,9 @@ def test_a_malformed_control_event_is_ignored_not_fatal() -> None:
 
 class AnswerWithoutId:
     """An SES-compatible answer that lacks MessageId."""
+
+    # botocore's event system, as far as the provider uses it (registering a hook)
+    meta = types.SimpleNamespace(events=types.SimpleNamespace(register=lambda *a, **k: None))
 
     def send_email(self, **request: Any) -> dict[str, Any]:
         """Accepts and answers without an id."""
