@@ -41,6 +41,10 @@ class MeteredProvider:
         self.blocking = inner.blocking
         # what the engine concludes from an unclassified error is the wrapped provider's call
         self.may_have_sent_on_error = getattr(inner, "may_have_sent_on_error", True)
+        # a provider that paces at the wire keeps doing so when measured
+        pace_with = getattr(inner, "pace_with", None)
+        if pace_with is not None:
+            self.pace_with = pace_with
 
     def send(self, message: render.Message) -> str:
         """The wrapped send, measured."""
