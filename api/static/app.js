@@ -320,13 +320,16 @@ function contentForm(b, onSave, saveLabel) {
   const form = h("form", { class: "panel", id: "content-form", onsubmit: async (event) => {
     event.preventDefault();
     const data = Object.fromEntries(new FormData(form).entries());
-    const body = { subject: data.subject, from: data.from };
+    const body = { subject: data.subject, from: data.from, priority: Number(data.priority) || 1 };
     for (const k of ["text", "html", "tag"]) body[k] = data[k].trim() === "" ? null : data[k];
     try { await onSave(body); } catch (error) { reportUnlessSignedOut(error); }
   } },
   h("div", { class: "cols" },
     h("div", {}, field("subject", "Subject", b.subject), field("from", "From", b.from)),
-    h("div", {}, field("tag", "Segment tag (empty: every contact)", b.tag))),
+    h("div", {}, field("tag", "Segment tag (empty: every contact)", b.tag),
+      h("label", {}, h("span", {}, "Priority within the account, 1–10 (a larger part of its share of the rate)"),
+        h("input", { name: "priority", id: "f-priority", type: "number", min: "1", max: "10", step: "1",
+                     value: String(b.priority || 1) })))),
   h("div", { class: "cols" }, field("text", "Text body", b.text, "textarea"), field("html", "HTML body", b.html, "textarea")),
   h("button", { type: "submit", id: "save" }, saveLabel));
   return form;
@@ -358,6 +361,7 @@ async function detailView(id) {
     of: h("span", { id: "of" }),
     rate: h("span", { id: "rate" }),
     eta: h("span", { id: "eta" }),
+    share: h("span", { id: "share", class: "muted" }),
     bar: h("div", { id: "bar" }),
     counters: h("div", { class: "counters", id: "counters" }),
     audience: h("span", { id: "audience", class: "muted" }),
@@ -371,7 +375,7 @@ async function detailView(id) {
     h("div", { class: "title" }, el.title, el.status),
     h("div", { class: "panel" },
       el.actions, el.reason,
-      h("div", { class: "headline" }, el.pct, el.of, h("span", { class: "spacer grow" }), el.rate, el.eta),
+      h("div", { class: "headline" }, el.pct, el.of, h("span", { class: "spacer grow" }), el.share, el.rate, el.eta),
       el.bar, el.counters, el.audience),
     h("div", { class: "panel" }, h("h2", {}, "Messages per second"), el.canvas),
     h("div", { class: "cols" },
@@ -393,7 +397,7 @@ async function detailView(id) {
     fill(el.reason, b.paused_reason ? `Paused: ${b.paused_reason}` : "");
     fill(el.info,
       ...[["From", b.from], ["Segment", b.tag ? `tag “${b.tag}”` : "every contact"], ["Id", b.id],
-          ["Created", when(b.created_at)], ["Started", when(b.started_at)], ["Finished", when(b.finished_at)],
+          ["Priority", String(b.priority || 1)], ["Created", when(b.created_at)], ["Started", when(b.started_at)], ["Finished", when(b.finished_at)],
           ...(b.scheduled_at ? [["Scheduled", when(b.scheduled_at)]] : []),
           ...(b.not_after ? [["Latest start", when(b.not_after)]] : []),
           ...(b.failed_reason ? [["Failed because", b.failed_reason]] : [])]
@@ -415,6 +419,8 @@ async function detailView(id) {
     fill(el.pct, `${pct(p)}%`);
     fill(el.of, `${num(finished(p))} of ${num(p.total)} recipients finished`);
     fill(el.rate, `rate ${rate(p.rate)}`);
+    // its fair share of the global rate while it takes tokens (none without a limit)
+    fill(el.share, p.share_per_second === null || p.share_per_second === undefined ? "" : `share ${rate(p.share_per_second)}`);
     fill(el.eta, `ETA ${p.status === "paused" ? "paused" : TERMINAL.includes(p.status) ? "done" : duration(p.eta_seconds)}`);
     fill(el.bar, bar(p, true));
     fill(el.counters, COUNTERS.map((k) => h("div", { class: `counter${(k === "failed" || k === "unknown") && p[k] ? " bad" : ""}`, "data-counter": k },

@@ -78,9 +78,12 @@ def test_import_create_send_watch_pause_resume(page: Page, pgcast: stack.Stack, 
     page.fill("#f-from", "Acme News <news@acme.example>")
     page.fill("#f-text", "Hello {{ contact.name }}, we launched. {{ unsubscribe_url }}")
     page.fill("#f-tag", "beta")
+    page.fill("#f-priority", "3")
     page.click("#save")
     expect(page.locator("#status [data-status]")).to_have_text("draft")
     bid = uuid.UUID(re.sub(r".*#/b/", "", page.url))
+    assert conn.execute("SELECT priority FROM broadcasts WHERE id = %s",
+                        (bid,)).fetchone() == {"priority": 3}
     expect(page.locator("#audience")).to_have_text(f"Sending now would reach {N:,} contacts.")
 
     # send: the confirmation says how many it will reach
@@ -94,6 +97,8 @@ def test_import_create_send_watch_pause_resume(page: Page, pgcast: stack.Stack, 
     support.wait_for(lambda: float(page.locator("#pct").inner_text().rstrip("%")) >= 35
                      and int(page.locator("#chart").get_attribute("data-points") or 0) >= 5,
                      timeout=WAIT / 1000, every=0.1, what="the send a third done, charted")
+    # the only broadcast sending: its fair share is the whole rate
+    expect(page.locator("#share")).to_have_text(f"share {RATE}/s")
     page.screenshot(path=str(shots / "dashboard.png"))
     page.click("[data-action=pause]")
     expect(page.locator("#status [data-status]")).to_have_text("paused")
