@@ -1900,6 +1900,31 @@ BEGIN
 END
 $$;
 
+-- prune: forget takers not heard from in a minute (they start again at the clock, as after
+-- any pause), each bucket under its own lock, buckets in name order: a take holds that lock
+-- while it updates its rows, so the two never wait for each other's rows.
+CREATE FUNCTION pgcast_rate_prune_v1() RETURNS integer LANGUAGE plpgsql AS $$
+DECLARE
+    bk text;
+    n integer := 0;
+    k integer;
+BEGIN
+    FOR bk IN SELECT bucket FROM rate_account_shares UNION SELECT bucket FROM rate_broadcast_shares
+              ORDER BY 1 LOOP
+        PERFORM pg_advisory_xact_lock(hashtext('pgcast.rate'), hashtext(bk));
+        DELETE FROM rate_broadcast_shares
+        WHERE bucket = bk AND asked_at < clock_timestamp() - interval '1 minute';
+        GET DIAGNOSTICS k = ROW_COUNT;
+        n := n + k;
+        DELETE FROM rate_account_shares
+        WHERE bucket = bk AND asked_at < clock_timestamp() - interval '1 minute';
+        GET DIAGNOSTICS k = ROW_COUNT;
+        n := n + k;
+    END LOOP;
+    RETURN n;
+END
+$$;
+
 -- The shares of the takers of the last second: an account's part of the bucket's rate is its
 -- weight over the weights of the accounts taking, a broadcast's part of that is its priority
 -- over its account's broadcasts' priorities, capped by its own rate limit. A taker that uses

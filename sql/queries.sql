@@ -280,9 +280,8 @@ FROM rate_shares_active WHERE bucket = %(name)s
 ORDER BY account, share_per_second DESC, broadcast_id
 
 -- rate_shares_prune --
--- Forget takers not heard from in a minute (they start again at the clock, as after a pause).
-WITH a AS (DELETE FROM rate_account_shares WHERE asked_at < now() - interval '1 minute')
-DELETE FROM rate_broadcast_shares WHERE asked_at < now() - interval '1 minute'
+-- Forget takers not heard from in a minute (pgcast_rate_prune_v1); how many rows went.
+SELECT pgcast_rate_prune_v1() AS pruned
 
 -- rate_set --
 -- Sets a bucket's rate and burst (the trigger tells the workers).

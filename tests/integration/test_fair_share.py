@@ -187,3 +187,20 @@ def test_rate_shares_active_and_progress_show_each_share(conn: Conn) -> None:
     assert support.progress(conn, idle)["share_per_second"] is None
     conn.execute("UPDATE broadcasts SET rate_limit = 5 WHERE id = %s", (b1,))
     assert support.progress(conn, b1)["share_per_second"] == pytest.approx(5)
+
+
+def test_the_sweeper_forgets_takers_gone_a_minute(conn: Conn) -> None:
+    """Pruned under each bucket's lock: the stale rows go, the live ones stay."""
+    freeze(conn, 8)
+    old, live = broadcast(conn, "old"), broadcast(conn, "live")
+    take(conn, old, 1)
+    take(conn, live, 1)
+    conn.execute("UPDATE rate_broadcast_shares SET asked_at = asked_at - interval '2 minutes' "
+                 "WHERE broadcast_id = %s", (old,))
+    conn.execute("UPDATE rate_account_shares SET asked_at = asked_at - interval '2 minutes' "
+                 "WHERE account = 'old'")
+    assert conn.execute(QUERIES["rate_shares_prune"]).fetchone() == {"pruned": 2}
+    left = conn.execute("SELECT broadcast_id FROM rate_broadcast_shares").fetchall()
+    assert left == [{"broadcast_id": live}]
+    accounts = conn.execute("SELECT account FROM rate_account_shares").fetchall()
+    assert accounts == [{"account": "live"}]
