@@ -1770,8 +1770,10 @@ $$;
 
 -- take, v2: v1 plus the fair share of a broadcast's account and of the broadcast within it
 -- (p_broadcast NULL, or a broadcast that does not exist: v1's first come, first served).
+-- `ahead`: nothing was granted because the taker is ahead of a waiting peer (wait_seconds is
+-- then when the bucket will be nearly full), not because the bucket is empty.
 CREATE FUNCTION pgcast_take_tokens_v2(p_name text, p_want integer, p_broadcast uuid)
-RETURNS TABLE (granted integer, wait_seconds double precision)
+RETURNS TABLE (granted integer, wait_seconds double precision, ahead boolean)
 LANGUAGE plpgsql AS $$
 DECLARE
     b rate_limits%ROWTYPE;
@@ -1796,16 +1798,17 @@ BEGIN
     PERFORM pg_advisory_xact_lock(hashtext('pgcast.rate'), hashtext(p_name));
     SELECT * INTO b FROM rate_limits WHERE name = p_name;
     IF NOT FOUND OR b.rate = 0 THEN
-        RETURN QUERY SELECT p_want, 0.0::double precision;
+        RETURN QUERY SELECT p_want, 0.0::double precision, false;
         RETURN;
     END IF;
     t := clock_timestamp();
     have := least(b.burst, b.tokens + greatest(0, extract(epoch FROM t - b.refilled_at)) * b.rate);
     SELECT br.account, br.priority INTO acct, prio FROM broadcasts br WHERE br.id = p_broadcast;
     IF acct IS NULL THEN
-        g := greatest(0, least(p_want, floor(have)::integer));
+        -- floor before the cast: a burst beyond an integer's range must not fail the take
+        g := floor(greatest(0, least(p_want::double precision, have)))::integer;
         UPDATE rate_limits SET tokens = have - g, refilled_at = t WHERE name = p_name;
-        RETURN QUERY SELECT g, CASE WHEN g > 0 THEN 0.0 ELSE (1 - (have - g)) / b.rate END;
+        RETURN QUERY SELECT g, CASE WHEN g > 0 THEN 0.0 ELSE (1 - (have - g)) / b.rate END, false;
         RETURN;
     END IF;
     w := coalesce((SELECT rw.weight FROM rate_weights rw WHERE rw.account = acct), 1);
@@ -1850,10 +1853,12 @@ BEGIN
         fair := least(fair, quantum - (b_row.vtime - b_min) * prio);
     END IF;
     IF fair >= 1 THEN
-        g := greatest(0, least(p_want, floor(have)::integer, floor(least(fair, 1e9))::integer));
+        g := floor(greatest(0, least(p_want::double precision, have, fair)))::integer;
     ELSIF have >= b.burst - 1 THEN
-        -- ahead, but the bucket is about to be full: what it would otherwise lose
-        g := greatest(0, least(p_want, floor(have - b.burst / 2)::integer));
+        -- ahead, but the bucket is about to be full: what it would otherwise lose, the tokens
+        -- above half of it (at least one, so a bucket of one or two loses nothing either)
+        g := floor(greatest(0, least(p_want::double precision, have,
+                                     greatest(have - b.burst / 2, 1))))::integer;
     ELSE
         g := 0;
     END IF;
@@ -1896,7 +1901,29 @@ BEGIN
         WHEN g > 0 THEN 0.0
         WHEN have < 1 THEN (1 - have) / b.rate
         -- ahead of a waiting peer: it is served first; look again when the bucket is full
-        ELSE greatest(1 - (have - floor(have)), b.burst - 1 - have) / b.rate END;
+        ELSE greatest(1 - (have - floor(have)), b.burst - 1 - have) / b.rate END,
+        g = 0 AND have >= 1;
+END
+$$;
+
+-- give back: tokens a taker took from a bucket of its own (a broadcast's cap) and could not
+-- use, because the global bucket or the in-flight window granted fewer. Under the bucket's
+-- lock, never above its burst.
+CREATE FUNCTION pgcast_give_back_tokens_v1(p_name text, p_tokens integer)
+RETURNS void LANGUAGE plpgsql AS $$
+DECLARE
+    t timestamptz;
+BEGIN
+    IF p_tokens <= 0 THEN
+        RETURN;
+    END IF;
+    PERFORM pg_advisory_xact_lock(hashtext('pgcast.rate'), hashtext(p_name));
+    t := clock_timestamp();
+    UPDATE rate_limits
+    SET tokens = least(burst, tokens + greatest(0, extract(epoch FROM t - refilled_at)) * rate
+                              + p_tokens),
+        refilled_at = t
+    WHERE name = p_name AND rate > 0;
 END
 $$;
 
@@ -1925,7 +1952,7 @@ BEGIN
 END
 $$;
 
--- The shares of the takers of the last second: an account's part of the bucket's rate is its
+-- The shares of the takers of the last two seconds (a waiting worker asks again within one): an account's part of the bucket's rate is its
 -- weight over the weights of the accounts taking, a broadcast's part of that is its priority
 -- over its account's broadcasts' priorities, capped by its own rate limit. A taker that uses
 -- less leaves the rest to the others (the figure is its entitlement, not what it sends).
@@ -1940,7 +1967,7 @@ WITH takers AS (
     JOIN rate_limits l ON l.name = s.bucket
     JOIN broadcasts br ON br.id = s.broadcast_id AND br.status = 'sending'
     LEFT JOIN rate_weights rw ON rw.account = s.account
-    WHERE s.asked_at > clock_timestamp() - interval '1 second'
+    WHERE s.asked_at > clock_timestamp() - interval '2 seconds'
 ), accounts AS (
     SELECT bucket, account, max(account_weight) AS account_weight, sum(priority) AS priorities
     FROM takers GROUP BY bucket, account

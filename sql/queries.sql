@@ -255,6 +255,10 @@ SELECT pgcast_renew_v3(%(ids)s, %(tokens)s, make_interval(secs => %(lease)s)) AS
 -- and its own fair share of a shared bucket; broadcast NULL: first come, first served).
 SELECT * FROM pgcast_take_tokens_v2(%(name)s, %(want)s, %(broadcast)s)
 
+-- give_back_tokens --
+-- Tokens taken from a broadcast's own bucket and not used go back (pgcast_give_back_tokens_v1).
+SELECT pgcast_give_back_tokens_v1(%(name)s, %(tokens)s)
+
 -- drain_tokens --
 -- Empties a bucket for `seconds` (after a throttle); throttles at one moment do not stack.
 SELECT pgcast_drain_tokens_v1(%(name)s, %(seconds)s)

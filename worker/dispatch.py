@@ -99,11 +99,12 @@ class Sender:
     """Sends groups of messages: side by side on an executor for a blocking provider, in
     order on the event loop for one that is not.
 
-    On the executor each call first passes the pacer (the rate limit's last word, just before
-    the provider), then the deadline: a row whose call has not started within `deadline`
-    seconds of its handoff (a starved thread pool, a paced queue) is not called at all but
-    put back (`release`: pending again, no attempt counted). So what a crash can leave
-    `unknown` is the calls in flight and the rows handed off in the last `deadline` seconds.
+    On the executor each call first meets the deadline: a row whose call has not started
+    within `deadline` seconds of its handoff (a starved thread pool) is not called at all but
+    put back (`release`: pending again, no attempt counted). Then the pacer, the rate limit's
+    last word (here, or inside the provider right before its request leaves: ses), which
+    holds a call about burst / rate at most. So what a crash can leave `unknown` is the calls
+    in flight and the rows handed off in the last `deadline` seconds.
     """
 
     def __init__(self, provider: providers.Provider, retries: Retries,
@@ -144,13 +145,14 @@ class Sender:
 
     def paced(self, message: render.Message, attempts: dict[int, int], stop: list[Outcome],
               due: float) -> Outcome:
-        """On a provider thread: the pacer, the deadline, then the call."""
-        if self.pacer is not None and not stop:
-            self.pacer.wait()
+        """On a provider thread: the deadline, the pacer, then the call (a call past its
+        deadline books no pacer time: nobody would use it)."""
         if time.monotonic() > due:
             return Outcome(message.contact_id, "release",
                            error="not called: its call would have started too late after "
                                  "its handoff (see --group-ms)")
+        if self.pacer is not None and not stop:
+            self.pacer.wait()
         return self.send_one(message, attempts, stop)
 
     def send_one(self, message: render.Message, attempts: dict[int, int],

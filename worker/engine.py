@@ -260,8 +260,9 @@ class Engine:
         if self._direct(entry, limit):
             await self._claim_handoff_and_send(bid, entry, token, limit, groups)
             return
+        self.picker.claimed(bid, limit)
         rows = await self.claims.claim(bid, entry, token, limit)
-        self.picker.claimed(bid, len(rows))
+        self.picker.claimed(bid, len(rows) - limit)
         if not rows:
             await self._drained(bid)
             return
@@ -305,13 +306,14 @@ class Engine:
         """One statement claims a batch and hands it off; then the provider and the record."""
         # before the handoff: nothing may fail between it and the provider call
         content = await self.picker.content(bid)
+        self.picker.claimed(bid, limit)
         try:
             rows = await self.claims.claim(bid, entry, token, limit, "claim_handoff")
         except pg.UNREACHABLE:
             # did it commit? Either way the provider was never called: put back what it took
             await self.db.q_retry("unhandoff", {"id": bid, "token": token, "ids": None})
             raise
-        self.picker.claimed(bid, len(rows))
+        self.picker.claimed(bid, len(rows) - limit)
         if not rows:
             await self._drained(bid)
             return

@@ -36,6 +36,9 @@ class Picker:
         self._next = 0
         self._refreshed = 0.0
         self._content: dict[uuid.UUID, render.Content | str] = {}
+        # the stride clock: `claimed` of the latest pick; a broadcast that starts, or comes
+        # back after its claims came back empty, starts here (no credit for the time away)
+        self._clock = 0.0
 
     async def refresh(self) -> None:
         """Read the sending broadcasts and the global bucket again."""
@@ -45,13 +48,13 @@ class Picker:
             self.rates["global"] = float(bucket[0][1])
         limit = self.max_broadcasts or len(rows)
         fresh: dict[uuid.UUID, claims.Active] = {}
-        # a broadcast new to this process starts level with the others: no credit
-        start = min((e.claimed for e in self.active.values()), default=0.0)
         for bid, epoch, rate_limit, share in rows[:limit]:
             if bid not in self.active:
                 log.info("working on broadcast %s (epoch %s)", bid, epoch)
-            entry = self.active.get(bid) or claims.Active(epoch, rate_limit, claimed=start)
+            entry = self.active.get(bid) or claims.Active(epoch, rate_limit, claimed=self._clock)
             entry.share = float(share)
+            if entry.empty:
+                entry.claimed = max(entry.claimed, self._clock)
             # the same object: loops in the middle of a claim update the live entry
             entry.epoch, entry.rate_limit = epoch, rate_limit
             # every broadcast gets a look at each refresh: a process kept busy by another
@@ -83,12 +86,15 @@ class Picker:
         if best is None:
             return None
         self._next = (best[1] + 1) % n
+        self._clock = max(self._clock, best[0])
         return self._order[best[1]]
 
     def claimed(self, bid: uuid.UUID, rows: int) -> None:
-        """A loop claimed `rows` of the broadcast: it moves on by rows over its weight."""
+        """A loop claims `rows` of the broadcast: it moves on by rows over its weight. Charged
+        for the claim's size when it starts, so loops picking at once spread over the
+        broadcasts, and corrected by what it got (negative rows) when it returns."""
         entry = self.active.get(bid)
-        if entry is None or rows <= 0:
+        if entry is None or rows == 0:
             return
         weight = entry.share
         rate = self.rates.get("global", 0.0)
@@ -99,6 +105,8 @@ class Picker:
     def look_again(self) -> None:
         """After a quiet poll interval every broadcast deserves another look."""
         for entry in self.active.values():
+            if entry.empty:
+                entry.claimed = max(entry.claimed, self._clock)
             entry.empty = False
         self._refreshed = 0.0
 

@@ -51,23 +51,33 @@ class Buckets:
                    acquire: Acquire, release: Release) -> int:
         """Tokens for up to `want` emails from the broadcast's and the global bucket, and as
         many window slots (held by the caller from here on; 0: stopped or halted)."""
-        granted = want
+        own = want
         if rate_limit:
             # its own bucket has one taker: first come, first served
-            granted = await self._take_from(f"broadcast:{bid}", bid, epoch, granted,
-                                            rate_limit, None)
-        if not granted:
+            own = await self._take_from(f"broadcast:{bid}", bid, epoch, want, rate_limit, None)
+        if not own:
             return 0
-        if self.global_rate() == 0:
-            return await acquire(granted)
-        return await self._take_from("global", bid, epoch, granted, self.global_rate(), bid,
-                                     acquire, release)
+        granted = 0
+        try:
+            if self.global_rate() == 0:
+                granted = await acquire(own)
+            else:
+                granted = await self._take_from("global", bid, epoch, own, self.global_rate(),
+                                                bid, acquire, release)
+        finally:
+            if rate_limit and granted < own:
+                # the global bucket (its share) or the window granted fewer: what the cap
+                # allowed and nobody used goes back to it, or the cap would be under-used
+                await self.db.q_retry("give_back_tokens", {"name": f"broadcast:{bid}",
+                                                           "tokens": own - granted})
+        return granted
 
     async def _take_from(self, bucket: str, bid: uuid.UUID, epoch: int, want: int,
                          rate: float, share: uuid.UUID | None,
                          acquire: Acquire | None = None, release: Release | None = None) -> int:
         # empty: wait for the first token and GATHER seconds' worth more (never more than the
-        # smallest default burst holds, so a late wake-up loses no refill)
+        # smallest default burst holds, so a late wake-up loses no refill); ahead of a waiting
+        # peer: the wait already runs to a nearly full bucket, and later would lose refill
         gather = max(0, min(want, math.floor(rate * GATHER)) - 1) / rate if rate > 0 else 0.0
         async with self._takers.setdefault((bucket, bid), asyncio.Lock()):
             # a halted broadcast's loop stops waiting: its tokens would be wasted
@@ -77,7 +87,7 @@ class Buckets:
                 try:
                     rows = await self.db.q("take_tokens", {"name": bucket, "want": slots,
                                                            "broadcast": share})
-                    granted, wait = int(rows[0][0]), float(rows[0][1])
+                    granted, wait, ahead = int(rows[0][0]), float(rows[0][1]), bool(rows[0][2])
                 finally:
                     if release is not None:
                         release(slots - granted)
@@ -85,7 +95,7 @@ class Buckets:
                     return granted
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.stopping.wait(), timeout=min(
-                        WAIT_MAX, max(WAIT_MIN, wait + gather)))
+                        WAIT_MAX, max(WAIT_MIN, wait + (0.0 if ahead else gather))))
         return 0
 
     def forget(self, bid: uuid.UUID) -> None:

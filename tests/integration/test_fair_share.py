@@ -7,14 +7,17 @@ same one first every round, which first come, first served would hand everything
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from typing import Any
 
 import psycopg
 import pytest
+from psycopg_pool import AsyncConnectionPool
 
 from sql.queries import QUERIES
 from tests import support
+from worker import pg, ratelimit
 
 Conn = psycopg.Connection[dict[str, Any]]
 
@@ -204,3 +207,43 @@ def test_the_sweeper_forgets_takers_gone_a_minute(conn: Conn) -> None:
     assert left == [{"broadcast_id": live}]
     accounts = conn.execute("SELECT account FROM rate_account_shares").fetchall()
     assert accounts == [{"account": "live"}]
+
+
+def test_a_full_bucket_of_one_still_goes_to_a_taker_ahead(conn: Conn) -> None:
+    """Work conservation with the smallest bucket: half of one token rounds down to nothing,
+    so the taker ahead gets the one token a full bucket would lose."""
+    freeze(conn, 0, burst=1)
+    a, b = broadcast(conn, "a"), broadcast(conn, "b")
+    conn.execute("UPDATE rate_limits SET tokens = 1 WHERE name = 'global'")
+    assert take(conn, a) == 1  # a is ahead now
+    assert take(conn, b) == 0  # b waits (empty)
+    for _ in range(3):
+        conn.execute("UPDATE rate_limits SET tokens = 1 WHERE name = 'global'")
+        assert take(conn, a) == 1  # full: it would be lost
+
+
+def test_a_capped_broadcast_gives_back_what_the_global_share_did_not_grant(
+        db_url: str, conn: Conn) -> None:
+    """Buckets.take on a real database: tokens its own bucket granted beyond what the global
+    bucket then granted go back to its own bucket, so its cap is not under-used."""
+    freeze(conn, 2)
+    bid = broadcast(conn, "a")
+    conn.execute("INSERT INTO rate_limits (name, rate, burst, tokens) "
+                 "VALUES (%s, 0.001, 10, 10)", (f"broadcast:{bid}",))
+
+    async def run() -> int:
+        async with AsyncConnectionPool(db_url, kwargs={"autocommit": True}, open=False) as pool:
+            await pool.open()
+            db = pg.Db(pool, asyncio.Event(), 30.0)
+            buckets = ratelimit.Buckets(db, {"global": 0.001}, asyncio.Event(),
+                                        lambda b, e: False)
+
+            async def acquire(n: int) -> int:
+                return n
+
+            return await buckets.take(bid, 1, 0.001, 8, acquire, lambda n: None)
+
+    assert asyncio.run(run()) == 2  # the global bucket had two
+    own = conn.execute("SELECT tokens FROM rate_limits WHERE name = %s",
+                       (f"broadcast:{bid}",)).fetchone()
+    assert own is not None and own["tokens"] == pytest.approx(8, abs=0.01)  # 10 - 8 + 6

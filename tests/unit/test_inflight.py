@@ -202,3 +202,18 @@ def test_claims_ramp_up_when_nothing_sizes_them() -> None:
     sizes = [claims.ramped(entry, 500, 4, 500) for _ in range(5)]
     assert sizes == [125, 250, 500, 500, 500]
     assert claims.ramped(claims.Active(1, None), 60, 4, 500) == 60  # never above the size
+
+
+def test_a_call_past_its_deadline_books_no_pacer_time() -> None:
+    """The deadline is checked before the pacer: a row put back leaves the pacer's schedule
+    as it was, so the calls that are made are not spaced behind calls never made."""
+    pacer = ratelimit.Pacer(lambda: 10.0)
+    executor = concurrent.futures.ThreadPoolExecutor(2)
+    try:
+        sender = dispatch.Sender(Slow(0.0), dispatch.Retries(), executor, pacer, deadline=0.05)
+        late = [dispatch.Recipient(i, f"u{i}@example.com", None) for i in range(5)]
+        out = asyncio.run(sender.send_group(CONTENT, late, {}, time.monotonic() - 1.0))
+    finally:
+        executor.shutdown()
+    assert {o.outcome for o in out} == {"release"}
+    assert pacer.delay() == 0.0  # nothing was booked: the next call goes at once

@@ -77,3 +77,32 @@ def test_a_broadcast_that_came_back_empty_is_skipped_until_the_next_look() -> No
     first, *rest = asyncio.run(run())
     assert rest[0] == rest[1] == rest[2] != first
     assert rest[3] is None and rest[4] is not None
+
+
+def test_a_broadcast_that_starts_late_gets_no_credit_from_one_long_drained() -> None:
+    """X drained early; Y has had many claims; Z starts: Z begins at the stride clock (where
+    the picks are now), not at X's old count, so Y is not starved while Z catches up."""
+    async def run() -> Counter[uuid.UUID]:
+        x, y, z = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+        db = Db([(x, 1, None, 0.5), (y, 1, None, 0.5)], 100)
+        p = picker.Picker(db, {}, 0, 3600.0, lambda bid: None)  # type: ignore[arg-type]
+        for _ in range(2):  # x and y once each, then x has nothing left
+            bid = await p.pick(False)
+            assert bid is not None
+            p.claimed(bid, 25)
+        p.active[x].empty = True
+        for _ in range(100):
+            bid = await p.pick(False)
+            assert bid == y
+            p.claimed(bid, 25)
+        db.rows = [(y, 1, None, 0.5), (z, 1, None, 0.5)]  # x finished; z was just sent
+        await p.refresh()
+        got: Counter[uuid.UUID] = Counter()
+        for _ in range(20):
+            bid = await p.pick(False)
+            assert bid is not None
+            got[bid] += 1
+            p.claimed(bid, 25)
+        return got
+    got = asyncio.run(run())
+    assert 9 <= got[next(iter(got))] <= 11 and len(got) == 2  # y and z take turns
