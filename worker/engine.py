@@ -260,9 +260,7 @@ class Engine:
         if self._direct(entry, limit):
             await self._claim_handoff_and_send(bid, entry, token, limit, groups)
             return
-        self.picker.claimed(bid, limit)
-        rows = await self.claims.claim(bid, entry, token, limit)
-        self.picker.claimed(bid, len(rows) - limit)
+        rows = await self._claim(bid, entry, token, limit)
         if not rows:
             await self._drained(bid)
             return
@@ -271,6 +269,15 @@ class Engine:
         content = await self.picker.content(bid)
         await self._work_groups(bid, entry, epoch, token, [r["contact_id"] for r in rows],
                                 attempts, content, groups)
+
+    async def _claim(self, bid: uuid.UUID, entry: claims.Active, token: uuid.UUID, limit: int,
+                     query: str = "claim") -> list[dict[str, Any]]:
+        """A claim, charged to the broadcast's stride when it starts (loops picking at once
+        spread out) and corrected by what it got."""
+        self.picker.claimed(bid, limit)
+        rows = await self.claims.claim(bid, entry, token, limit, query)
+        self.picker.claimed(bid, len(rows) - limit)
+        return rows
 
     async def _drained(self, bid: uuid.UUID) -> None:
         """Nothing claimable: skip the broadcast until the next look, maybe finalize it."""
@@ -306,14 +313,12 @@ class Engine:
         """One statement claims a batch and hands it off; then the provider and the record."""
         # before the handoff: nothing may fail between it and the provider call
         content = await self.picker.content(bid)
-        self.picker.claimed(bid, limit)
         try:
-            rows = await self.claims.claim(bid, entry, token, limit, "claim_handoff")
+            rows = await self._claim(bid, entry, token, limit, "claim_handoff")
         except pg.UNREACHABLE:
             # did it commit? Either way the provider was never called: put back what it took
             await self.db.q_retry("unhandoff", {"id": bid, "token": token, "ids": None})
             raise
-        self.picker.claimed(bid, len(rows) - limit)
         if not rows:
             await self._drained(bid)
             return

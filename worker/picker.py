@@ -22,7 +22,7 @@ log = logging.getLogger("pgcast.worker")
 
 
 class Picker:
-    """The broadcasts one process works on, taken round robin by its loops."""
+    """The broadcasts one process works on, taken by its loops in stride order."""
 
     def __init__(self, db: pg.Db, rates: dict[str, float], max_broadcasts: int, poll: float,
                  forget: Callable[[uuid.UUID], None]) -> None:
