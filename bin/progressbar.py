@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from collections import deque
@@ -29,7 +30,7 @@ def watch(read: Callable[[], dict[str, Any]], every: float = 0.25) -> dict[str, 
     """Redraw until the broadcast is terminal; return the last progress row."""
     tty = sys.stdout.isatty()
     history: deque[tuple[float, int]] = deque()
-    last_print = 0.0
+    last_print = -math.inf  # never printed (monotonic() counts from boot)
     while True:
         p = read()
         now = time.monotonic()

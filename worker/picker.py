@@ -12,6 +12,7 @@ priority-3 broadcast go faster than its siblings.
 from __future__ import annotations
 
 import logging
+import math
 import time
 import uuid
 from collections.abc import Callable
@@ -34,7 +35,7 @@ class Picker:
         self.active: dict[uuid.UUID, claims.Active] = {}
         self._order: list[uuid.UUID] = []
         self._next = 0
-        self._refreshed = 0.0
+        self._refreshed = -math.inf  # never: monotonic() counts from boot
         self._content: dict[uuid.UUID, render.Content | str] = {}
         # the stride clock: `claimed` of the latest pick; a broadcast that starts, or comes
         # back after its claims came back empty, starts here (no credit for the time away)
@@ -108,7 +109,7 @@ class Picker:
             if entry.empty:
                 entry.claimed = max(entry.claimed, self._clock)
             entry.empty = False
-        self._refreshed = 0.0
+        self._refreshed = -math.inf
 
     async def content(self, bid: uuid.UUID) -> render.Content | str:
         """The broadcast's content, or why it cannot be built (each recipient then fails)."""

@@ -106,3 +106,13 @@ def test_a_broadcast_that_starts_late_gets_no_credit_from_one_long_drained() -> 
         return got
     got = asyncio.run(run())
     assert 9 <= got[next(iter(got))] <= 11 and len(got) == 2  # y and z take turns
+
+
+def test_a_machine_booted_a_second_ago_still_reads_the_broadcasts(
+        monkeypatch: Any) -> None:
+    """monotonic() counts from boot: on a fresh machine it is small, and "never refreshed"
+    must still be long ago (a 0.0 start made the first pick see no broadcast)."""
+    monkeypatch.setattr(picker.time, "monotonic", lambda: 1.0)
+    a = uuid.uuid4()
+    got = picks([(a, 1, None, 1.0)], 100, 3)
+    assert got == Counter({a: 3})
