@@ -232,7 +232,8 @@ def _paths() -> dict[str, Any]:
         "/broadcasts/{id}": {
             "get": op("one broadcast", ("200", _json("Broadcast", "the broadcast")), "404",
                       params=[ID]),
-            "patch": op("edit a draft", ("200", _json("BroadcastWritten", "the edited draft")),
+            "patch": op("edit a draft or a scheduled broadcast",
+                        ("200", _json("BroadcastWritten", "the edited broadcast")),
                         f"{body_errors} 404 409", body="BroadcastPatch", params=[ID]),
             "delete": op("delete a draft", ("204", {"description": "deleted"}), "404 409",
                          params=[ID])},

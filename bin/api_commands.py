@@ -11,7 +11,7 @@ from typing import Any
 
 from api import auth, config
 from api import errors as api_errors
-from bin import logs
+from bin import logs, output
 from sql import errors as sql_errors
 
 DEFAULT_HOST = "127.0.0.1"
@@ -33,6 +33,11 @@ def _settings() -> config.Settings:
 
 def make_token(account: str, sub: str = "dev", ttl: float = DEFAULT_TTL) -> str:
     """A token for `account` signed with PGCAST_JWT_SECRET (aud/iss from the environment)."""
+    if not os.environ.get("PGCAST_JWT_SECRET"):
+        # a public key verifies tokens but cannot sign one: name the only setting that can
+        raise sql_errors.InvalidInput(
+            "pgcast token signs with PGCAST_JWT_SECRET (HS256); it is not set "
+            "(PGCAST_JWT_PUBLIC_KEY can verify tokens but not sign them)")
     try:
         return auth.make_token(_settings(), account, sub, ttl)
     except api_errors.ConfigError as exc:
@@ -145,7 +150,9 @@ def register(sub: Any) -> None:
     a.set_defaults(func=cmd_api)
 
     t = sub.add_parser("token", help="print a JWT signed with PGCAST_JWT_SECRET (development)")
-    t.add_argument("--account", required=True, help="the account (tenant) the token acts in")
+    t.add_argument("--account", default=output.ACCOUNT_DEFAULT,
+                   help=f"the account (tenant) the token acts in (default "
+                        f"{output.ACCOUNT_DEFAULT}, as the other commands)")
     t.add_argument("--sub", default="dev", help="the token's subject (default dev)")
     t.add_argument("--ttl", type=_ttl, default=float(DEFAULT_TTL),
                    help=f"lifetime in seconds (default {DEFAULT_TTL})")

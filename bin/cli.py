@@ -20,7 +20,7 @@ from mail import template
 from sql import broadcasts, contacts, db, embedded, errors, migrate
 from sql.queries import QUERIES
 
-ACCOUNT_DEFAULT = "default"
+ACCOUNT_DEFAULT = output.ACCOUNT_DEFAULT
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 MAX_IN_FLIGHT = "128"  # --max-in-flight's default: worker.engine.MAX_IN_FLIGHT (a test checks)
 
@@ -399,7 +399,9 @@ def build_parser() -> Parser:
     bl = bsub.add_parser("list", help="newest first: a table on a terminal, else JSON")
     bl.add_argument("--limit", type=int, default=50, help="at most N broadcasts (default 50)")
     bl.add_argument("--json", action="store_true", help="JSON even on a terminal")
-    sps = [bc, bl, *broadcast_commands.register(bsub)]
+    from bin import draft_commands  # show, edit, delete: their own func
+
+    sps = [bc, bl, *broadcast_commands.register(bsub), *draft_commands.register(bsub)]
     for name, text in (("send", "snapshot the recipients and start sending"),
                        ("status", "progress (--watch: live bar until done)"),
                        ("cancel", "cancel a draft, scheduled, sending or paused broadcast"),

@@ -112,7 +112,7 @@ def send_result(row: dict[str, Any], segment: str | None = None) -> dict[str, An
         return {"success": False, "status": row["status"],
                 "message": f"Broadcast is {row['status']}; only a draft can be sent"}
     n = row["queued"]
-    message = (f"Broadcast sent to {n} recipients" if n else
+    message = (f"Broadcast queued for {n} recipient{'s' if n != 1 else ''}" if n else
                "Broadcast has no recipients; marked sent")
     return {"success": True, "status": row["status"], "queued": n, "message": message}
 

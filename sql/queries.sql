@@ -114,7 +114,8 @@ ORDER BY created_at DESC, id DESC
 LIMIT %(limit)s
 
 -- broadcast_update_draft --
--- Edits a draft (CAS on status); NULL keeps a field; details name the caller in the audit.
+-- Edits a draft or a scheduled broadcast (CAS on status: one that has started is never
+-- edited); NULL keeps a field; details name the caller in the audit.
 UPDATE broadcasts
 SET subject = coalesce(%(subject)s, subject),
     from_address = coalesce(%(from_address)s, from_address),
@@ -124,7 +125,7 @@ SET subject = coalesce(%(subject)s, subject),
     priority = coalesce(%(priority)s, priority),
     updated_at = now(),
     audit_log = audit_log || pgcast_audit_v1('edit', status, status, %(details)s::jsonb)
-WHERE id = %(id)s AND account = %(account)s AND status = ANY (ARRAY['draft'])
+WHERE id = %(id)s AND account = %(account)s AND status = ANY (ARRAY['draft', 'scheduled'])
 RETURNING *
 
 -- broadcast_delete_draft --

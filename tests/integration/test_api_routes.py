@@ -141,7 +141,7 @@ def test_transitions_and_409s(api: h.Api, conn: Conn) -> None:
     url = f"/broadcasts/{b['id']}"
     r = api.post(f"{url}/send")
     assert r.json() == {"success": True, "status": "sending", "queued": 10,
-                        "message": "Broadcast sent to 10 recipients"}
+                        "message": "Broadcast queued for 10 recipients"}
     again = api.post(f"{url}/send")
     assert again.status_code == 409
     assert again.json() == {"success": False, "status": "sending",
