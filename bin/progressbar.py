@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import math
 import sys
 import time
@@ -29,8 +30,8 @@ def line(p: dict[str, Any], rate: float) -> str:
 
 def waiting(p: dict[str, Any]) -> str:
     """The line for a broadcast that has not started: no bar to draw yet."""
-    at = p.get("scheduled_at")
-    when = at.isoformat() if hasattr(at, "isoformat") else str(at)
+    at: Any = p.get("scheduled_at")
+    when = at.isoformat() if isinstance(at, dt.datetime) else str(at)
     return f"scheduled for {when}: waiting for it to start"
 
 
