@@ -10,6 +10,8 @@ import sys
 import time
 from typing import Any
 
+import psycopg
+
 from bin import broadcast_commands
 from mail import errors as mail_errors
 from mail import message, preview, unsubscribe, validate
@@ -86,15 +88,27 @@ def cmd_test(args: argparse.Namespace) -> int:
             if all(d["status"] in ("sent", "failed") for d in done):
                 break
             if time.monotonic() > deadline:
-                print(f"pgcast: error: no worker delivered the test send within "
-                      f"{args.timeout:g}s (is `pgcast worker` running with its sweeper?)",
-                      file=sys.stderr)
-                return 1
+                return _give_up(conn, ids, args.timeout)
             time.sleep(POLL)
     for d in done:
         _emit({"to": d["to_address"], "status": d["status"], "message_id": d["message_id"],
                "error": d["error"]})
     return 0 if all(d["status"] == "sent" for d in done) else 1
+
+
+def _give_up(conn: psycopg.Connection[Any], ids: list[int], timeout: float) -> int:
+    """After --timeout: withdraw what no worker took, so nothing goes out later unseen."""
+    withdrawn = conn.execute(QUERIES["test_send_withdraw"], {
+        "ids": ids, "error": f"withdrawn: no worker took it within {timeout:g}s"}).fetchall()
+    taken = len(ids) - len(withdrawn)
+    if taken == 0:
+        print(f"pgcast: error: no worker took the test send within {timeout:g}s (is `pgcast "
+              "worker` running?); it was withdrawn and will not be sent", file=sys.stderr)
+    else:
+        print(f"pgcast: error: no answer within {timeout:g}s: {taken} of {len(ids)} test "
+              "messages were taken by a worker and may still be delivered; the others were "
+              "withdrawn", file=sys.stderr)
+    return 1
 
 
 def _timeout(raw: str) -> float:

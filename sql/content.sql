@@ -47,6 +47,14 @@ UPDATE test_sends SET status = 'sending'
 WHERE id = ANY(%(ids)s) AND status = 'queued'
 RETURNING id, account, broadcast_id, to_address, contact_email
 
+-- test_send_withdraw --
+-- The caller gave up waiting: test sends no worker has taken yet never go out (a worker takes
+-- only queued ones); returns those withdrawn.
+UPDATE test_sends
+SET status = 'failed', error = %(error)s, finished_at = clock_timestamp()
+WHERE id = ANY(%(ids)s) AND status = 'queued'
+RETURNING id
+
 -- test_send_record --
 -- The outcome of one test send.
 UPDATE test_sends
