@@ -76,10 +76,11 @@ ORDER BY r.contact_id
 LIMIT %(limit)s
 
 -- broadcast_id_prefix --
--- The broadcasts of an account whose id starts with a prefix (at most two: enough to tell
--- a unique prefix from an ambiguous one).
+-- The broadcasts of an account (NULL: of every account, for the operator's lookup) whose id
+-- starts with a prefix (at most two: enough to tell a unique prefix from an ambiguous one).
 SELECT id FROM broadcasts
-WHERE account = %(account)s AND id::text LIKE %(prefix)s || '%%'
+WHERE (%(account)s::text IS NULL OR account = %(account)s)
+  AND id::text LIKE %(prefix)s || '%%'
 ORDER BY id
 LIMIT 2
 

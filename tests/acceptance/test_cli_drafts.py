@@ -116,3 +116,27 @@ def test_contacts_add_refuses_an_erased_address(conn: Conn, db_url: str) -> None
     assert done.returncode == 1
     assert json.loads(done.stdout)["success"] is False
     assert conn.execute("SELECT count(*) AS n FROM contacts").fetchone() == {"n": 0}
+
+
+def test_schedule_and_lookup_print_iso_8601_and_name_the_flags(
+        conn: Conn, db_url: str, tmp_path: Path) -> None:
+    bid = create(db_url, tmp_path)
+    done = support.pgcast(db_url, "broadcast", "schedule", bid, "--at", "2099-01-01T09:00:00Z")
+    assert '"scheduled_at": "2099-01-01T09:00:00+00:00"' in done.stdout
+    support.pgcast(db_url, "broadcast", "unschedule", bid)
+    for args, words in ((["--at", "2020-01-01T00:00:00Z"], "--at is in the past"),
+                        (["--at", "2099-01-02T00:00:00Z", "--not-after", "2099-01-01T00:00:00Z"],
+                         "--not-after must not be earlier than --at")):
+        bad = support.pgcast(db_url, "broadcast", "schedule", bid, *args, check=False)
+        assert bad.returncode == 2 and words in bad.stderr, bad.stderr
+    support.seed_contacts(conn, 1)
+    support.pgcast(db_url, "broadcast", "send", bid)
+    support.pgcast(db_url, "worker", "--once", env=support.pgcast_env(
+        db_url, PGCAST_PROVIDER="null"))
+    email = conn.execute("SELECT email FROM contacts").fetchone()
+    assert email is not None
+    found = support.pgcast(db_url, "lookup", bid[:8], email["email"])  # a prefix, as elsewhere
+    row = json.loads(found.stdout)
+    assert row["status"] == "sent" and "T" in row["sent_at"]
+    short = support.pgcast(db_url, "lookup", bid[:4], email["email"], check=False)
+    assert short.returncode == 2 and "8+ characters" in short.stderr
