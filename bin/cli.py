@@ -222,7 +222,8 @@ def cmd_contacts(args: argparse.Namespace) -> int:
     if args.action == "import":
         return contacts_commands.cmd_import(args)
     with db.connect() as conn:
-        row = contacts.unsubscribe(conn, args.account, args.email)
+        row = contacts.unsubscribe(conn, args.account, args.email, source="cli",
+                                   actor=output.actor(args.actor))
     _emit({"success": True, "email": row["email"], "unsubscribed_at": row["unsubscribed_at"]})
     return 0
 
@@ -373,6 +374,8 @@ def build_parser() -> Parser:
                          "cell keeps what is stored, attributes merge)")
     cu = csub.add_parser("unsubscribe", help="unsubscribe one address")
     cu.add_argument("email", help="the contact's address")
+    cu.add_argument("--actor", metavar="NAME",
+                    help="who is doing this, for contact_events (default: the OS user)")
     for sp in (ci, cu, *contacts_commands.register(csub, ACCOUNT_DEFAULT)):
         sp.add_argument("--account", default=ACCOUNT_DEFAULT,
                         help=f"the account (tenant) to act on (default {ACCOUNT_DEFAULT})")

@@ -125,7 +125,7 @@ def main() -> int:
         for r in batch.rejected:
             print(f"  rejected line {r.where}: {r.email}: {r.reason}")
         for address in leaving[:30]:
-            contacts.unsubscribe(conn, ACCOUNT, address)
+            contacts.unsubscribe(conn, ACCOUNT, address, source="demo")
         conn.commit()
     print(f"  upserted {written.inserted + written.updated}, rejected {len(batch.rejected)}, "
           "unsubscribed 30 before the send")
@@ -157,7 +157,7 @@ def main() -> int:
             print(f"  {result}")
             # these leave after the snapshot: the handoff fence skips whoever is not mailed yet
             for address in leaving[30:]:
-                contacts.unsubscribe(conn, ACCOUNT, address)
+                contacts.unsubscribe(conn, ACCOUNT, address, source="demo")
             print("  30 more contacts unsubscribed after the send")
             print()
             final = progressbar.watch(lambda: broadcasts.progress(conn, ACCOUNT, bid))

@@ -152,10 +152,13 @@ def upsert(conn: psycopg.Connection[Any], account: str, rows: list[dict[str, Any
 ERASED_REASON = "erased at the person's request (contacts erase): not imported"
 
 
-def unsubscribe(conn: psycopg.Connection[Any], account: str, email: str) -> dict[str, Any]:
-    """Unsubscribe one contact; raises NotFound."""
-    row = conn.execute(QUERIES["contact_unsubscribe"],
-                       {"account": account, "email": email}).fetchone()
+def unsubscribe(conn: psycopg.Connection[Any], account: str, email: str, *,
+                source: str = "cli", actor: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Unsubscribe one contact, recorded in contact_events (source, actor); raises
+    NotFound."""
+    row = conn.execute(QUERIES["contact_unsubscribe"], {
+        "account": account, "email": email, "source": source,
+        "actor": json.dumps(actor or {})}).fetchone()
     if row is None:
         raise errors.NotFound(f"no contact {email} in account {account}")
     return dict(row)

@@ -84,11 +84,23 @@ events AS (
 SELECT up.email, up.inserted FROM up
 
 -- contact_unsubscribe --
--- Marks a contact unsubscribed (keeps the first time); takes effect at the next handoff.
-UPDATE contacts
-SET unsubscribed_at = coalesce(unsubscribed_at, clock_timestamp()), updated_at = now()
-WHERE account = %(account)s AND lower(email) = lower(%(email)s)
-RETURNING id, email, unsubscribed_at
+-- Marks a contact unsubscribed (keeps the first time) and records it in contact_events, in
+-- one statement (nothing recorded when it already was); takes effect at the next handoff.
+WITH c AS (
+    SELECT id, email, unsubscribed_at FROM contacts
+    WHERE account = %(account)s AND lower(email) = lower(%(email)s)
+    FOR UPDATE
+), u AS (
+    UPDATE contacts k SET unsubscribed_at = clock_timestamp(), updated_at = now()
+    FROM c WHERE k.id = c.id AND c.unsubscribed_at IS NULL
+    RETURNING k.id, k.unsubscribed_at
+), e AS (
+    INSERT INTO contact_events (account, contact_id, action, source, actor)
+    SELECT %(account)s, u.id, 'unsubscribe', %(source)s, %(actor)s::jsonb FROM u
+)
+SELECT c.id, c.email, coalesce((SELECT u.unsubscribed_at FROM u), c.unsubscribed_at)
+       AS unsubscribed_at
+FROM c
 
 -- broadcast_create --
 -- A new draft; its audit entry names who created it (details).

@@ -140,3 +140,15 @@ def test_schedule_and_lookup_print_iso_8601_and_name_the_flags(
     assert row["status"] == "sent" and "T" in row["sent_at"]
     short = support.pgcast(db_url, "lookup", bid[:4], email["email"], check=False)
     assert short.returncode == 2 and "8+ characters" in short.stderr
+
+
+def test_an_unsubscribe_from_the_cli_is_recorded_in_contact_events(
+        conn: Conn, db_url: str) -> None:
+    support.pgcast(db_url, "contacts", "add", "ann@example.com")
+    done = json.loads(support.pgcast(db_url, "contacts", "unsubscribe", "ann@example.com",
+                                     "--actor", "ops").stdout)
+    again = json.loads(support.pgcast(db_url, "contacts", "unsubscribe", "ann@example.com").stdout)
+    assert again["unsubscribed_at"] == done["unsubscribed_at"]  # the first time is kept
+    events = conn.execute("SELECT action, source, actor->>'user' AS who FROM contact_events"
+                          ).fetchall()
+    assert events == [{"action": "unsubscribe", "source": "cli", "who": "ops"}]  # once

@@ -71,6 +71,11 @@ def test_unsubscribe(api: h.Api, conn: Conn) -> None:
     assert r.status_code == 404
     rows = conn.execute("SELECT email FROM contacts WHERE unsubscribed_at IS NOT NULL").fetchall()
     assert rows == [{"email": "user1@example.com"}]
+    assert api.post("/contacts/unsubscribe", json={"email": "user1@example.com"}
+                    ).status_code == 200  # again: nothing more is recorded
+    events = conn.execute("SELECT account, action, source, actor->>'via' AS via "
+                          "FROM contact_events").fetchall()
+    assert events == [{"account": A, "action": "unsubscribe", "source": "api", "via": "api"}]
 
 
 def test_create_get_list_patch_delete_a_draft(api: h.Api, conn: Conn) -> None:
