@@ -126,11 +126,13 @@ def validate(items: list[tuple[Any, ...]], *, replace: bool = False) -> Batch:
     return batch
 
 
-def read_csv(path: Path, encoding: str = "utf-8") -> list[tuple[Any, ...]]:
-    """The importable items of a contacts CSV (rows refused while reading are dropped)."""
+def read_csv(path: Path, encoding: str = "utf-8",
+             named: tuple[str, str] | None = None) -> list[tuple[Any, ...]]:
+    """The importable items of a contacts CSV (rows refused while reading are dropped;
+    `named`: how the caller gives the encoding, for its errors)."""
     from sql import contacts_csv  # it builds on this module
 
-    return contacts_csv.read(path, encoding)[0]
+    return contacts_csv.read(path, encoding, named or contacts_csv.CLI_ENCODING)[0]
 
 
 def upsert(conn: psycopg.Connection[Any], account: str, rows: list[dict[str, Any]], *,

@@ -585,13 +585,18 @@ function contactsView() {
   const changed = () => { if (list) list.reload(); };  // the list shows what an edit did
   if (has("POST /contacts/import")) {
     const file = h("input", { type: "file", accept: ".csv,text/csv", id: "csv-file" });
+    // sent as the Content-Type's charset: a file Excel saved on Windows is often not UTF-8
+    const encoding = h("select", { id: "csv-encoding", "aria-label": "File encoding" },
+      h("option", { value: "utf-8" }, "UTF-8"),
+      h("option", { value: "windows-1252" }, "Windows-1252 (Excel, Western)"),
+      h("option", { value: "iso-8859-1" }, "Latin-1 (ISO-8859-1)"));
     const report = h("div", { id: "import-report" });
     panels.push(h("form", { class: "panel", id: "import-form", onsubmit: async (event) => {
       event.preventDefault();
       if (!file.files.length) { showError("Choose a CSV file first."); return; }
       fill(report, h("p", { class: "muted" }, "Importing…"));
       try {
-        const r = await api("POST", "/contacts/import", { raw: file.files[0], contentType: "text/csv" });
+        const r = await api("POST", "/contacts/import", { raw: file.files[0], contentType: `text/csv; charset=${encoding.value}` });
         fill(report, h("p", { id: "import-summary" }, `Imported ${num(r.imported)} contacts; ${num(r.rejected.length)} rows rejected.`),
           r.rejected.length ? table(["Line", "Email", "Reason"], r.rejected.map((x) =>
             h("tr", {}, h("td", { class: "num" }, x.line), h("td", {}, x.email), h("td", {}, x.reason)))) : null);
@@ -600,7 +605,7 @@ function contactsView() {
     } },
     h("h2", {}, "Import a CSV"),
     h("p", { class: "muted" }, "Header email,name,tags (tags separated by ;). The same import as pgcast contacts import: rows with a bad address are listed with their line; the others are upserted."),
-    h("div", { class: "row" }, h("div", { class: "grow" }, file), h("button", { type: "submit", id: "import" }, "Import")), report));
+    h("div", { class: "row" }, h("div", { class: "grow" }, file), encoding, h("button", { type: "submit", id: "import" }, "Import")), report));
   }
   if (has("POST /contacts")) {
     panels.push(h("form", { class: "panel", id: "add-contact", onsubmit: async (event) => {

@@ -264,3 +264,20 @@ def test_contacts_list_pages_by_address_filters_and_follows_edits(
     expect(emails).to_have_text(wanted[:25])
     page.click("#contacts-next")
     expect(emails).to_have_text(wanted[25:])
+
+
+def test_a_latin_1_csv_is_imported_with_the_encoding_chosen(
+        page: Page, pgcast: stack.Stack, conn: Conn, tmp_path: Any) -> None:
+    """The encoding choice travels as the Content-Type's charset: names keep their accents."""
+    path = tmp_path / "excel.csv"
+    path.write_bytes("email,name\nzoe@example.com,Zoë Ångström\n".encode("latin-1"))
+    dash.sign_in(page, pgcast.base, pgcast.token())
+    page.click("nav >> text=Contacts")
+    page.set_input_files("#csv-file", str(path))
+    page.click("#import")  # UTF-8, the default: refused, with the advice
+    expect(page.locator("#error-text")).to_contain_text("charset=latin-1")
+    page.select_option("#csv-encoding", "iso-8859-1")
+    page.click("#import")
+    expect(page.locator("#import-summary")).to_have_text("Imported 1 contacts; 0 rows rejected.")
+    assert conn.execute("SELECT name FROM contacts WHERE account = %s",
+                        (dash.ACCOUNT,)).fetchone() == {"name": "Zoë Ångström"}
