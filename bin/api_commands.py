@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import math
 import os
+import socket
 from types import FrameType
 from typing import Any
 
@@ -60,6 +61,9 @@ def cmd_api(args: argparse.Namespace) -> int:
     if not 0 < args.port < 65536:
         raise sql_errors.InvalidInput(f"--port must be between 1 and 65535: {args.port}")
     settings = _settings()
+    # bound before anything starts: a port in use is one line and exit 2, not a server that
+    # says "startup complete" and then stops
+    sock = _listen(args.host, args.port)
     if args.limit_concurrency is not None:
         least = config.MIN_LIMIT_CONCURRENCY
         if args.limit_concurrency < least:
@@ -104,8 +108,23 @@ def cmd_api(args: argparse.Namespace) -> int:
         limit_concurrency=settings.limit_concurrency,
         timeout_keep_alive=int(math.ceil(settings.timeout_keep_alive)),
         log_level=level, log_config=log_config,
-        access_log=os.environ.get("PGCAST_API_ACCESS_LOG", "0") == "1")).run()
+        access_log=os.environ.get("PGCAST_API_ACCESS_LOG", "0") == "1")).run(sockets=[sock])
     return 0
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """The API's listening socket (as uvicorn would bind it); raises InvalidInput."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise sql_errors.InvalidInput(
+            f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    sock.set_inheritable(True)
+    return sock
 
 
 def _port(raw: str) -> int:

@@ -342,7 +342,8 @@ def build_parser() -> Parser:
     w.add_argument("--max-retries", type=_positive(int), default=5,
                    help="transient failures per recipient before it fails (default 5)")
     w.add_argument("--max-broadcasts", type=_positive(int), default=0,
-                   help="broadcasts worked on at once, oldest first (default 0 = all)")
+                   help="broadcasts worked on at once, those furthest below their fair share "
+                        "first (default 0 = all)")
     w.add_argument("--once", action="store_true", help="drain what is claimable now, then exit")
     # string defaults go through the type too: a bad variable is a one-line usage error
     w.add_argument("--lease", type=_env_number("PGCAST_LEASE_SECONDS", float, "30"),
