@@ -38,6 +38,12 @@ def cmd_import(args: argparse.Namespace) -> int:
     if len(batch.normalised) > NOTES_SHOWN:
         print(f"... and {len(batch.normalised) - NOTES_SHOWN} more addresses normalised",
               file=sys.stderr)
+    for note in batch.respelled[:NOTES_SHOWN]:
+        print(f"line {note.where}: {note.given} stored as {note.stored} (a later row spells "
+              "the same address so; the later spelling is kept)", file=sys.stderr)
+    if len(batch.respelled) > NOTES_SHOWN:
+        print(f"... and {len(batch.respelled) - NOTES_SHOWN} more addresses respelled",
+              file=sys.stderr)
     output.emit({"imported": done.inserted + done.updated, "inserted": done.inserted,
                  "updated": done.updated, "merged": batch.merged,
                  "normalised": len(batch.normalised), "rejected": len(rejected)})

@@ -45,6 +45,9 @@ class Batch:
     rejected: list[Rejected] = field(default_factory=list)
     merged: int = 0  # rows folded into an earlier row of the same address
     normalised: list[Normalised] = field(default_factory=list)
+    # rows whose address a later row of the same address spells otherwise (case): that
+    # later spelling is what is stored; `where` is the earlier row, `stored` the spelling kept
+    respelled: list[Normalised] = field(default_factory=list)
 
 
 @dataclass
@@ -120,6 +123,9 @@ def validate(items: list[tuple[Any, ...]], *, replace: bool = False) -> Batch:
         key = address.lower()
         if key in by_key:
             batch.merged += 1
+            if by_key[key]["email"] != address:
+                batch.respelled.append(Normalised(by_key[key]["where"], by_key[key]["email"],
+                                                  address))
             row = row if replace else _merge(by_key[key], row)
         by_key[key] = row
     batch.rows = list(by_key.values())
