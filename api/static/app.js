@@ -231,7 +231,8 @@ window.addEventListener("hashchange", () => { clearError(); route(); });
 
 function badge(status) { return h("span", { class: `badge ${status}`, "data-status": status }, status); }
 
-function finished(p) { return p.total - p.pending; }
+// recipients that reached an outcome: cancelled ones never will, so they do not fill the bar
+function finished(p) { return p.total - p.pending - (p.cancelled || 0); }
 
 function bar(p, big) {
   const cls = [big ? "big" : "", p.status === "paused" ? "paused" : "", p.status === "sent" ? "done" : ""].join(" ").trim();
@@ -239,7 +240,7 @@ function bar(p, big) {
 }
 
 function pct(p) {
-  return p.total ? Math.floor((1000 * finished(p)) / p.total) / 10 : (TERMINAL.includes(p.status) ? 100 : 0);
+  return p.total ? Math.floor((1000 * finished(p)) / p.total) / 10 : (p.status === "sent" ? 100 : 0);
 }
 
 function table(headers, rows, attrs = {}) {

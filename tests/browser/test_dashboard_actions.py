@@ -281,3 +281,19 @@ def test_a_latin_1_csv_is_imported_with_the_encoding_chosen(
     expect(page.locator("#import-summary")).to_have_text("Imported 1 contacts; 0 rows rejected.")
     assert conn.execute("SELECT name FROM contacts WHERE account = %s",
                         (dash.ACCOUNT,)).fetchone() == {"name": "Zoë Ångström"}
+
+
+def test_a_cancelled_broadcast_does_not_show_a_full_bar(
+        page: Page, pgcast: stack.Stack, conn: Conn) -> None:
+    """Cancelled recipients were never mailed: they do not count as finished."""
+    token = pgcast.token()
+    support.seed_contacts(conn, 10, account=dash.ACCOUNT)
+    bid = draft(pgcast, token)
+    auth = {"Authorization": f"Bearer {token}"}
+    assert httpx.post(f"{pgcast.base}/broadcasts/{bid}/send", headers=auth).status_code == 200
+    assert httpx.post(f"{pgcast.base}/broadcasts/{bid}/cancel", headers=auth).status_code == 200
+    open_detail(page, pgcast, token, bid)
+    expect(status(page)).to_have_text("cancelled")
+    expect(page.locator("#pct")).to_have_text("0%")
+    expect(page.locator("#count-cancelled")).to_have_text("10")
+    assert page.locator("progress").first.get_attribute("value") == "0"
