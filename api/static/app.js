@@ -7,6 +7,7 @@ const BROADCAST_STATUSES = ["draft", "scheduled", "sending", "paused", "sent", "
 const RECIPIENT_STATUSES = ["pending", "claimed", "sending", "sent", "failed", "skipped", "unknown", "cancelled"];
 const TERMINAL = ["sent", "failed", "cancelled"];
 const COUNTERS = ["total", "pending", "sent", "failed", "skipped", "unknown", "cancelled"];
+const FEEDBACK = ["delivered", "bounced", "complained"];  // what SES said after the send
 const LIST_REFRESH_MS = 3000;
 const NOTICE_MS = 6000;
 const PAGE = 25;
@@ -365,6 +366,7 @@ async function detailView(id) {
     share: h("span", { id: "share", class: "muted" }),
     bar: h("div", { id: "bar" }),
     counters: h("div", { class: "counters", id: "counters" }),
+    feedback: h("div", { class: "counters", id: "feedback", "aria-label": "SES feedback" }),
     audience: h("span", { id: "audience", class: "muted" }),
     canvas: h("canvas", { class: "chart", id: "chart" }),
     audit: h("tbody", { id: "audit" }),
@@ -377,7 +379,7 @@ async function detailView(id) {
     h("div", { class: "panel" },
       el.actions, el.reason,
       h("div", { class: "headline" }, el.pct, el.of, h("span", { class: "spacer grow" }), el.share, el.rate, el.eta),
-      el.bar, el.counters, el.audience),
+      el.bar, el.counters, el.feedback, el.audience),
     h("div", { class: "panel" }, h("h2", {}, "Messages per second"), el.canvas),
     h("div", { class: "cols" },
       h("div", { class: "panel" }, h("h2", {}, "Broadcast"), el.info, el.content),
@@ -425,6 +427,9 @@ async function detailView(id) {
     fill(el.eta, `ETA ${p.status === "paused" ? "paused" : TERMINAL.includes(p.status) ? "done" : duration(p.eta_seconds)}`);
     fill(el.bar, bar(p, true));
     fill(el.counters, COUNTERS.map((k) => h("div", { class: `counter${(k === "failed" || k === "unknown") && p[k] ? " bad" : ""}`, "data-counter": k },
+      h("b", { id: `count-${k}` }, num(p[k])), h("span", {}, k))));
+    // delivered / bounced / complained: annotations of sent rows, from the SES events
+    fill(el.feedback, FEEDBACK.filter((k) => k in p).map((k) => h("div", { class: `counter${k !== "delivered" && p[k] ? " bad" : ""}`, "data-counter": k },
       h("b", { id: `count-${k}` }, num(p[k])), h("span", {}, k))));
   }
 

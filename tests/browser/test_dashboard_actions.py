@@ -297,3 +297,18 @@ def test_a_cancelled_broadcast_does_not_show_a_full_bar(
     expect(page.locator("#pct")).to_have_text("0%")
     expect(page.locator("#count-cancelled")).to_have_text("10")
     assert page.locator("progress").first.get_attribute("value") == "0"
+
+
+def test_the_detail_view_shows_what_ses_said_after_the_send(
+        page: Page, pgcast: stack.Stack, conn: Conn) -> None:
+    """Delivered, bounced and complained beside the dispatch counters (the figures come from
+    SES events: tests/acceptance/test_feedback.py; here, what the page shows of them)."""
+    token = pgcast.token()
+    support.seed_contacts(conn, 4, account=dash.ACCOUNT)
+    bid = draft(pgcast, token)
+    conn.execute("UPDATE broadcasts SET status = 'sent', delivered = 3, bounced = 1, "
+                 "complained = 0 WHERE id = %s", (bid,))
+    open_detail(page, pgcast, token, bid)
+    for k, n in (("delivered", "3"), ("bounced", "1"), ("complained", "0")):
+        expect(page.locator(f"#feedback #count-{k}")).to_have_text(n)
+    expect(page.locator("#feedback [data-counter=bounced]")).to_have_class("counter bad")
