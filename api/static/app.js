@@ -618,14 +618,18 @@ function contactsView() {
       event.preventDefault();
       const f = new FormData(event.target);
       const tags = String(f.get("tags")).split(",").map((s) => s.trim()).filter(Boolean);
+      const attributes = parseAttributes(String(f.get("attributes")));
+      if (typeof attributes === "string") { showError(attributes); return; }
       try {
-        const r = await api("POST", "/contacts", { json: { contacts: [{ email: f.get("email"), name: f.get("name") || null, tags }] } });
+        const r = await api("POST", "/contacts", { json: { contacts: [{ email: f.get("email"), name: f.get("name") || null, tags, attributes }] } });
         if (r.rejected.length) showError(r.rejected[0].reason); else { notice(`Saved ${f.get("email")}.`); changed(); }
       } catch (error) { reportUnlessSignedOut(error); }
     } }, h("h2", {}, "Add or update a contact"),
     h("div", { class: "cols" }, h("label", {}, h("span", {}, "Email"), h("input", { name: "email", required: true })),
       h("label", {}, h("span", {}, "Name"), h("input", { name: "name" }))),
     h("label", {}, h("span", {}, "Tags (comma-separated)"), h("input", { name: "tags" })),
+    h("label", {}, h("span", {}, "Attributes for merge tags (one key=value a line; given ones replace, the others stay)"),
+      h("textarea", { name: "attributes", id: "contact-attributes", rows: 3, placeholder: "plan=pro\ncity=Oslo" })),
     h("button", { type: "submit" }, "Save contact")));
   }
   if (has("POST /contacts/unsubscribe")) {
@@ -647,6 +651,48 @@ function contactsView() {
 
 const CONTACT_STATUSES = ["subscribed", "unsubscribed", "suppressed"];
 
+// "key=value" lines as string attributes (as a CSV column gives them); a message when malformed
+function parseAttributes(text) {
+  const out = {};
+  for (const [i, line] of text.split("\n").entries()) {
+    if (!line.trim()) continue;
+    const at = line.indexOf("=");
+    if (at < 1 || !line.slice(0, at).trim()) return `Attributes, line ${i + 1}: write key=value`;
+    out[line.slice(0, at).trim()] = line.slice(at + 1).trim();
+  }
+  return out;
+}
+
+function attributesText(attributes) {
+  return Object.entries(attributes || {}).map(([k, v]) => `${k}=${v}`).join(", ");
+}
+
+// the row's own actions: resubscribe an unsubscribed contact, erase anyone (asked first)
+function contactActions(c, reload) {
+  const buttons = [];
+  if (c.unsubscribed_at && has("POST /contacts/resubscribe")) {
+    buttons.push(h("button", { class: "secondary small", "data-action": "resubscribe", onclick: async () => {
+      const ok = await ask({ title: `Resubscribe ${c.email}?`, text: "Only when they asked to be mailed again: it is recorded with your name.", ok: "Resubscribe" });
+      if (!ok) return;
+      try {
+        const r = await api("POST", "/contacts/resubscribe", { json: { email: c.email } });
+        notice(r.message); reload();
+      } catch (error) { reportUnlessSignedOut(error); }
+    } }, "Resubscribe"));
+  }
+  if (has("POST /contacts/erase")) {
+    buttons.push(h("button", { class: "danger small", "data-action": "erase", onclick: async () => {
+      const ok = await ask({ title: `Erase ${c.email}?`, text: "Their address, name, tags and attributes are deleted, here and in every broadcast's recipients; only a hash is kept so the address is never imported again. This cannot be undone.", ok: "Erase", danger: true });
+      if (!ok) return;
+      try {
+        const r = await api("POST", "/contacts/erase", { json: { email: c.email } });
+        notice(r.message); reload();
+      } catch (error) { reportUnlessSignedOut(error); }
+    } }, "Erase"));
+  }
+  return buttons;
+}
+
 function contactsList() {
   // GET /contacts: by address, keyset-paged; the default view is the unfiltered key walk
   const tbody = h("tbody", { id: "contacts" });
@@ -664,10 +710,12 @@ function contactsList() {
     firstButton.disabled = cursor === null;
     fill(tbody, page.contacts.length ? page.contacts.map((c) => h("tr", { "data-email": c.email },
       h("td", {}, c.email), h("td", {}, c.name ?? ""), h("td", {}, (c.tags || []).join(", ")),
+      h("td", { class: "attributes" }, attributesText(c.attributes)),
       h("td", {}, h("span", { class: `badge ${c.status}`, "data-status": c.status }, c.status),
         c.suppressed_reason ? ` (${c.suppressed_reason})` : ""),
-      h("td", { class: "muted" }, when(c.unsubscribed_at)), h("td", { class: "muted" }, when(c.created_at))))
-      : h("tr", {}, h("td", { colspan: 6, class: "muted" }, "No contacts here.")));
+      h("td", { class: "muted" }, when(c.unsubscribed_at)), h("td", { class: "muted" }, when(c.created_at)),
+      h("td", { class: "row-actions" }, contactActions(c, reload))))
+      : h("tr", {}, h("td", { colspan: 8, class: "muted" }, "No contacts here.")));
   }
   const reload = () => { cursor = null; return load().catch(reportUnlessSignedOut); };
   status.addEventListener("change", reload);
@@ -675,7 +723,7 @@ function contactsList() {
   nextButton.addEventListener("click", () => { cursor = next; load().catch(reportUnlessSignedOut); });
   firstButton.addEventListener("click", reload);
   reload();
-  const t = table(["Email", "Name", "Tags", "Status", "Unsubscribed", "Added"], [], { id: "contacts-table" });
+  const t = table(["Email", "Name", "Tags", "Attributes", "Status", "Unsubscribed", "Added", ""], [], { id: "contacts-table" });
   t.replaceChild(tbody, t.tBodies[0]);
   const panel = h("div", { class: "panel", id: "contacts-list" },
     h("div", { class: "row" }, h("h2", { class: "grow" }, "All contacts"),

@@ -228,7 +228,7 @@ def test_contacts_list_pages_by_address_filters_and_follows_edits(
     page.click("nav >> text=Contacts")
     emails = page.locator("#contacts td:nth-child(1)")
     expect(emails).to_have_text(everyone[:25])
-    expect(page.locator("#contacts tr[data-email='user0@example.com'] td:nth-child(4)")
+    expect(page.locator("#contacts tr[data-email='user0@example.com'] td:nth-child(5)")
            ).to_have_text("suppressed (complaint)")
     expect(page.locator("#contacts-first")).to_be_disabled()
     page.click("#contacts-next")
@@ -241,15 +241,28 @@ def test_contacts_list_pages_by_address_filters_and_follows_edits(
     page.fill("#add-contact input[name=email]", "aaron@example.com")
     page.fill("#add-contact input[name=name]", "Aaron")
     page.fill("#add-contact input[name=tags]", "beta, vip")
+    page.fill("#contact-attributes", "plan=pro\ncity = Oslo")
     page.click("#add-contact button")
     first = page.locator("#contacts tr").first
     expect(first.locator("td")).to_have_text(
-        ["aaron@example.com", "Aaron", "beta, vip", "subscribed", "–", re.compile(".+")])
+        ["aaron@example.com", "Aaron", "beta, vip", "city=Oslo, plan=pro", "subscribed", "–",
+         re.compile(".+"), "Erase"])
+    assert conn.execute("SELECT attributes FROM contacts WHERE email = 'aaron@example.com'"
+                        ).fetchone() == {"attributes": {"plan": "pro", "city": "Oslo"}}
     page.fill("#unsubscribe-form input[name=email]", "user1@example.com")
     page.click("#unsubscribe-form button")
     expect(page.locator("#contacts tr[data-email='user1@example.com'] [data-status]")).to_have_text(
         "unsubscribed")
     page.select_option("#contact-status", "unsubscribed")
+    expect(emails).to_have_text(["user1@example.com"])
+    # resubscribe from the row, asked first and recorded; then back to all statuses
+    page.click("#contacts tr[data-email='user1@example.com'] [data-action=resubscribe]")
+    page.click("#dialog-ok")
+    expect(page.locator("#contacts td")).to_have_text(["No contacts here."])
+    assert conn.execute("SELECT action, source FROM contact_events WHERE account = %s "
+                        "ORDER BY id DESC LIMIT 1", (dash.ACCOUNT,)
+                        ).fetchone() == {"action": "resubscribe", "source": "api"}
+    page.click("#unsubscribe-form button")  # the form still holds user1: unsubscribed again
     expect(emails).to_have_text(["user1@example.com"])
 
     # subscribed with the tag: every page together is exactly the database's answer
@@ -264,6 +277,18 @@ def test_contacts_list_pages_by_address_filters_and_follows_edits(
     expect(emails).to_have_text(wanted[:25])
     page.click("#contacts-next")
     expect(emails).to_have_text(wanted[25:])
+
+    # erase from the row: asked first (cancel changes nothing), then gone from the list
+    row = "#contacts tr[data-email='aaron@example.com'] [data-action=erase]"
+    page.click("#contacts-first")
+    page.click(row)
+    page.click("#dialog-cancel")
+    expect(page.locator(row)).to_be_visible()
+    page.click(row)
+    page.click("#dialog-ok")
+    expect(page.locator("#contacts tr[data-email='aaron@example.com']")).to_have_count(0)
+    assert conn.execute("SELECT count(*) AS n FROM contacts WHERE email = 'aaron@example.com'"
+                        ).fetchone() == {"n": 0}
 
 
 def test_a_latin_1_csv_is_imported_with_the_encoding_chosen(
