@@ -230,6 +230,17 @@ window.addEventListener("hashchange", () => { clearError(); route(); });
 
 // ---- pieces ----------------------------------------------------------------------------------
 
+// a subject as its reader sees its shape: merge tags become chips naming the field, not raw
+// Jinja (text nodes only: a subject never becomes markup)
+function subjectView(subject) {
+  const parts = String(subject).split(/(\{\{[\s\S]*?\}\}|\{%[\s\S]*?%\})/);
+  return h("span", { class: "subject-view", title: subject }, parts.filter(Boolean).map((part) => {
+    const tag = /^\{\{\s*([\s\S]*?)\s*\}\}$/.exec(part);
+    if (tag) return h("span", { class: "merge-tag" }, tag[1].replace(/\s*\|[\s\S]*$/, ""));
+    return part.startsWith("{%") ? h("span", { class: "merge-tag" }, "…") : part;
+  }));
+}
+
 function badge(status) { return h("span", { class: `badge ${status}`, "data-status": status }, status); }
 
 // recipients that reached an outcome: cancelled ones never will, so they do not fill the bar
@@ -302,7 +313,7 @@ function listRow(b, p) {
   }
   const shown = p ? { ...b, ...p } : b;
   return h("tr", { "data-id": b.id },
-    h("td", { class: "subject" }, h("a", { href: `#/b/${b.id}` }, b.subject)),
+    h("td", { class: "subject" }, h("a", { href: `#/b/${b.id}` }, subjectView(b.subject))),
     h("td", {}, badge(b.status)),
     h("td", { class: "bar-cell" }, bar(shown), h("small", {}, `${num(finished(shown))} / ${num(shown.total)} · ${pct(shown)}%`)),
     h("td", { class: "num" }, rate(r)),
@@ -393,7 +404,7 @@ async function detailView(id) {
   let last = { status: b.status, ...Object.fromEntries(COUNTERS.map((k) => [k, b[k]])), rate: null, eta_seconds: null };
 
   function renderBroadcast() {
-    fill(el.title, b.subject);
+    fill(el.title, subjectView(b.subject));
     fill(el.status, badge(b.status));
     renderActions(b, el.actions, refresh);
     el.reason.hidden = !b.paused_reason;

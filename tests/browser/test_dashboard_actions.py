@@ -337,3 +337,18 @@ def test_the_detail_view_shows_what_ses_said_after_the_send(
     for k, n in (("delivered", "3"), ("bounced", "1"), ("complained", "0")):
         expect(page.locator(f"#feedback #count-{k}")).to_have_text(n)
     expect(page.locator("#feedback [data-counter=bounced]")).to_have_class("counter bad")
+
+
+def test_a_subjects_merge_tags_show_as_chips_not_raw_jinja(
+        page: Page, pgcast: stack.Stack, conn: Conn) -> None:
+    token = pgcast.token()
+    subject = "Hi {{ contact.name | default('friend', true) }}, <b>news</b> {% if 1 %}!{% endif %}"
+    bid = draft(pgcast, token, subject=subject)
+    open_detail(page, pgcast, token, bid)
+    expect(page.locator("#subject .merge-tag")).to_have_text(["contact.name", "…", "…"])
+    expect(page.locator("#subject")).to_have_text("Hi contact.name, <b>news</b> …!…")
+    expect(page.locator("#subject b")).to_have_count(0)  # text, never markup
+    expect(page.locator("#subject .subject-view")).to_have_attribute("title", subject)
+    page.click("nav >> text=Broadcasts")
+    expect(page.locator(f"tr[data-id='{bid}'] td.subject .merge-tag").first).to_have_text(
+        "contact.name")
