@@ -1,4 +1,4 @@
-"""pgcast_erase_v2 on its own: what it keeps, and that it commits durably whatever the setting."""
+"""pgcast_erase_v3 on its own: what it keeps, and that it commits durably whatever the setting."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ def test_erase_pins_synchronous_commit_and_keeps_only_the_hash(db_url: str) -> N
     with psycopg.connect(db_url, row_factory=psycopg.rows.dict_row) as conn:
         support.seed_contacts(conn, 1)
         conn.execute("SET LOCAL synchronous_commit = off")
-        row = conn.execute("SELECT * FROM pgcast_erase_v2('default', 'USER0@example.com', "
+        row = conn.execute("SELECT * FROM pgcast_erase_v3('default', 'USER0@example.com', "
                            "'sql', '{}')").fetchone()
         assert row is not None and row["contact_id"] is not None
         # set_config(..., true) inside the function holds to the end of this transaction
@@ -37,7 +37,7 @@ def test_an_erased_contact_still_in_a_sending_broadcast_is_skipped_not_mailed(
     support.seed_contacts(conn, 2)
     bid = support.new_broadcast(conn)
     token, rows = d.claim(conn, bid, 10)
-    erased = conn.execute("SELECT * FROM pgcast_erase_v2('default', 'user0@example.com', "
+    erased = conn.execute("SELECT * FROM pgcast_erase_v3('default', 'user0@example.com', "
                           "'sql', '{}')").fetchone()
     assert erased is not None
     handed = d.handoff(conn, bid, rows[0]["epoch"], token, [r["contact_id"] for r in rows])
@@ -63,7 +63,7 @@ def test_erase_scrubs_the_archive_too(conn: Conn) -> None:
                  "'sent', email, 'm' || contact_id, 'x' FROM broadcast_recipients "
                  "WHERE broadcast_id = %s", (bid,))
     conn.execute("UPDATE broadcasts SET archived_at = now() WHERE id = %s", (bid,))
-    conn.execute("SELECT * FROM pgcast_erase_v2('default', 'USER0@example.com', 'sql', '{}')")
+    conn.execute("SELECT * FROM pgcast_erase_v3('default', 'USER0@example.com', 'sql', '{}')")
     rows = {r["contact_id"]: r for r in conn.execute(
         "SELECT contact_id, email, last_error FROM broadcast_recipients_archive")}
     erased = rows[ids["user0@example.com"]]
