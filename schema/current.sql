@@ -1863,6 +1863,21 @@ LEFT JOIN rate_shares_active s ON s.broadcast_id = b.id AND s.bucket = 'global';
 --   diagnostics kept in contact_events and the test sends to the address.
 -- * A recipient row whose address was erased never gets error text back (a trigger: SES
 --   error texts quote the address; a record that arrives after the erase wrote it back).
+-- * The hash kept of an erased address is keyed (erasure_keys), as docs/design.md says.
+
+-- The key of the erased-address hashes, generated here and never shown: contact_erasures
+-- keeps sha256(k2 || sha256(k1 || sha256(lower(address)))), so its rows alone (a dump, a
+-- copy of the table) cannot be checked against a list of addresses. 0009's rows were plain
+-- SHA-256s; this migration keys them.
+CREATE TABLE erasure_keys (
+    id         boolean     PRIMARY KEY DEFAULT true CHECK (id),
+    k1         bytea       NOT NULL
+        DEFAULT uuid_send(gen_random_uuid()) || uuid_send(gen_random_uuid()),
+    k2         bytea       NOT NULL
+        DEFAULT uuid_send(gen_random_uuid()) || uuid_send(gen_random_uuid()),
+    created_at timestamptz NOT NULL DEFAULT now()
+);
+INSERT INTO erasure_keys DEFAULT VALUES;
 
 -- The existing contacts of an import (lower-cased addresses), locked in id order under the
 -- erasure lock (shared): the first step of every import, before any row is written, so that
@@ -1901,9 +1916,10 @@ BEGIN
                             unsubscribed_at timestamptz, suppressed_reason text))
              WITH ORDINALITY AS x(email, name, tags, attributes, unsubscribed_at,
                                   suppressed_reason, n)
-        WHERE NOT EXISTS (SELECT 1 FROM contact_erasures e
+        WHERE NOT EXISTS (SELECT 1 FROM contact_erasures e, erasure_keys k
                           WHERE e.account = p_account
-                            AND e.email_hash = sha256(convert_to(lower(x.email), 'UTF8')))
+                            AND e.email_hash = sha256(k.k2 || sha256(k.k1 || sha256(
+                                convert_to(lower(x.email), 'UTF8')))))
     ),
     -- the stored contacts as they were before this statement (every CTE reads one snapshot)
     stored AS (
@@ -2104,7 +2120,8 @@ BEGIN
     PERFORM set_config('synchronous_commit', 'on', true);
     PERFORM pg_advisory_xact_lock(hashtext('pgcast.erasure'), hashtext(p_account));
     INSERT INTO contact_erasures (account, email_hash)
-    VALUES (p_account, sha256(convert_to(addr, 'UTF8')))
+    SELECT p_account, sha256(k.k2 || sha256(k.k1 || sha256(convert_to(addr, 'UTF8'))))
+    FROM erasure_keys k
     ON CONFLICT DO NOTHING;
     UPDATE test_sends t
     SET to_address = CASE WHEN lower(t.to_address) = addr THEN 'erased@erased.invalid'
