@@ -2097,11 +2097,12 @@ $$;
 -- erase, v3: remove one address of an account from everything pgcast keeps; keep its hash.
 -- Lock order: the erasure lock (exclusive: imports and sends of the account wait, and every
 -- statement below reads what they committed), the contact row, the contacts fence, the
--- contact's recipient rows (one per broadcast), then each broadcast whose partition
+-- broadcasts whose audit log names the address in a test send, the contact's recipient
+-- rows (one per broadcast), then each broadcast whose partition
 -- retention has detached but not archived (FOR KEY SHARE: the archive's FOR UPDATE waits,
 -- or is waited for, and its rows are then scrubbed in the archive). Scrubbed: the live
 -- recipient rows, those detached partitions, the archive, the SES diagnostics of the
--- contact's events, and test sends to or as the address. recipients: rows scrubbed (live,
+-- contact's events, and test sends to or as the address (rows and audit entries). recipients: rows scrubbed (live,
 -- detached and archived). An address that is no contact (any more) is still scrubbed from
 -- the archive and the test sends.
 CREATE FUNCTION pgcast_erase_v3(p_account text, p_email text, p_source text, p_actor jsonb)
@@ -2123,6 +2124,13 @@ BEGIN
     SELECT p_account, sha256(k.k2 || sha256(k.k1 || sha256(convert_to(addr, 'UTF8'))))
     FROM erasure_keys k
     ON CONFLICT DO NOTHING;
+    SELECT c.id INTO cid FROM contacts c
+    WHERE c.account = p_account AND lower(c.email) = addr FOR UPDATE;
+    IF cid IS NOT NULL THEN
+        PERFORM pg_advisory_xact_lock(hashtext('pgcast.contacts'), hashtext(p_account));
+    END IF;
+    -- test sends to the address, or rendered as its contact: their rows, and the 'test'
+    -- entries of the broadcasts' audit logs (broadcast rows before recipient rows)
     UPDATE test_sends t
     SET to_address = CASE WHEN lower(t.to_address) = addr THEN 'erased@erased.invalid'
                           ELSE t.to_address END,
@@ -2130,11 +2138,24 @@ BEGIN
                              ELSE t.contact_email END,
         error = NULL
     WHERE t.account = p_account AND (lower(t.to_address) = addr OR lower(t.contact_email) = addr);
-    SELECT c.id INTO cid FROM contacts c
-    WHERE c.account = p_account AND lower(c.email) = addr FOR UPDATE;
+    UPDATE broadcasts b
+    SET audit_log = (
+        SELECT jsonb_agg(CASE WHEN a.e->>'action' = 'test' THEN jsonb_set(jsonb_set(a.e,
+                   '{details,to}', coalesce((
+                       SELECT jsonb_agg(CASE WHEN lower(t.v #>> '{}') = addr
+                                             THEN to_jsonb('erased@erased.invalid'::text)
+                                             ELSE t.v END ORDER BY t.i)
+                       FROM jsonb_array_elements(a.e->'details'->'to')
+                            WITH ORDINALITY AS t(v, i)), '[]'::jsonb)),
+                   '{details,contact}',
+                   CASE WHEN lower(a.e->'details'->>'contact') = addr THEN 'null'::jsonb
+                        ELSE coalesce(a.e->'details'->'contact', 'null'::jsonb) END)
+                   ELSE a.e END ORDER BY a.i)
+        FROM jsonb_array_elements(b.audit_log) WITH ORDINALITY AS a(e, i))
+    WHERE b.account = p_account AND strpos(lower(b.audit_log::text), addr) > 0
+      AND b.audit_log @> '[{"action": "test"}]';
     IF cid IS NOT NULL THEN
         gone := 'erased-' || cid || '@erased.invalid';
-        PERFORM pg_advisory_xact_lock(hashtext('pgcast.contacts'), hashtext(p_account));
         UPDATE broadcast_recipients r
         SET email = gone, last_error = NULL
         WHERE r.contact_id = cid

@@ -241,7 +241,8 @@ def test_a_record_that_commits_after_an_erase_is_scrubbed_too(conn: Conn) -> Non
 # -- what else an erase leaves ------------------------------------------------------------------
 
 def test_an_erase_scrubs_event_details_and_test_sends(conn: Conn) -> None:
-    """SES diagnostics in contact_events and test sends to the address keep no copy of it."""
+    """SES diagnostics in contact_events, test sends to the address and their audit entries
+    keep no copy of it."""
     support.seed_contacts(conn, 2)
     bid = support.new_broadcast(conn, send=False)
     cid = conn.execute("SELECT id FROM contacts WHERE email = %s", (GONE,)).fetchone()
@@ -253,11 +254,25 @@ def test_an_erase_scrubs_event_details_and_test_sends(conn: Conn) -> None:
     conn.execute("INSERT INTO test_sends (account, broadcast_id, to_address, contact_email, "
                  "error) VALUES ('default', %s, %s, NULL, NULL), ('default', %s, "
                  "'me@example.com', %s, %s)", (bid, GONE.upper(), bid, GONE, f"<{GONE}>"))
+    queued = conn.execute(QUERIES["test_send_queue"], {
+        "account": "default", "id": bid, "to": ["Me@example.com", GONE.upper()],
+        "contact": GONE, "cap": 10}).fetchone()
+    assert queued is not None and queued["ok"]
+    other = support.new_broadcast(conn, send=False)  # its audit log names nobody: untouched
+    untouched = conn.execute("SELECT audit_log FROM broadcasts WHERE id = %s",
+                             (other,)).fetchone()
     erase(conn)
+    audit = conn.execute("SELECT audit_log FROM broadcasts WHERE id = %s", (bid,)).fetchone()
+    assert audit is not None and GONE not in json.dumps(audit).lower()
+    test = [e for e in audit["audit_log"] if e["action"] == "test"]
+    assert [e["details"]["to"] for e in test] == [["Me@example.com", "erased@erased.invalid"]]
+    assert conn.execute("SELECT audit_log FROM broadcasts WHERE id = %s",
+                        (other,)).fetchone() == untouched
     events = conn.execute("SELECT details FROM contact_events WHERE contact_id = %s "
                           "AND action = 'suppress'", (cid["id"],)).fetchone()
     assert events == {"details": {"event": "bounce", "reason": "bounce"}}
     sends = conn.execute("SELECT to_address, contact_email, error FROM test_sends "
                          "ORDER BY id").fetchall()
-    assert all(GONE not in json.dumps(s).lower() for s in sends), sends
+    assert len(sends) == 4 and all(GONE not in json.dumps(s).lower() for s in sends), sends
     assert sends[1]["to_address"] == "me@example.com"
+    assert sends[2]["to_address"] == "Me@example.com"
