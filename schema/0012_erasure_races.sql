@@ -12,7 +12,8 @@
 --   unsubscribe or an SES complaint of row N+1.
 -- * The erase (pgcast_erase_v3) also reaches a partition that retention has detached but
 --   not yet archived (it waits for an archive in progress on the broadcast row), the SES
---   diagnostics kept in contact_events and the test sends to the address.
+--   diagnostics kept in contact_events, and test sends to the address (their rows and the
+--   'test' entries of the broadcasts' audit logs).
 -- * A recipient row whose address was erased never gets error text back (a trigger: SES
 --   error texts quote the address; a record that arrives after the erase wrote it back).
 -- * The hash kept of an erased address is keyed (erasure_keys), as docs/design.md says.
