@@ -132,6 +132,10 @@ async def import_csv(request: Request) -> Response:
     if batch.rows:
         # one transaction: a failure half-way imports nothing, as the CLI's
         async with context.pool(request).connection() as conn, conn.transaction():
+            if len(batch.rows) > UPSERT_CHUNK:
+                # lock order: every existing contact, in id order, before a chunk's fence
+                await conn.execute(db.query("contacts_lock"), {
+                    "account": who.account, "keys": [r["email"].lower() for r in batch.rows]})
             for start in range(0, len(batch.rows), UPSERT_CHUNK):
                 chunk = batch.rows[start:start + UPSERT_CHUNK]
                 cur = await conn.execute(db.query("contacts_upsert"),

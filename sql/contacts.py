@@ -142,12 +142,16 @@ def read_csv(path: Path, encoding: str = "utf-8",
 
 
 def upsert(conn: psycopg.Connection[Any], account: str, rows: list[dict[str, Any]], *,
-           replace: bool = False) -> Written:
+           replace: bool = False, chunk_size: int = CHUNK) -> Written:
     """Upsert validated rows in one transaction (in chunks); erased addresses are left out."""
     done = Written()
     with conn.transaction():
-        for start in range(0, len(rows), CHUNK):
-            chunk = rows[start : start + CHUNK]
+        if len(rows) > chunk_size:
+            # lock order: every existing contact, in id order, before a chunk's fence trigger
+            conn.execute(QUERIES["contacts_lock"], {
+                "account": account, "keys": [r["email"].lower() for r in rows]})
+        for start in range(0, len(rows), chunk_size):
+            chunk = rows[start : start + chunk_size]
             cur = conn.execute(QUERIES["contacts_upsert"], {
                 "account": account, "rows": json.dumps(chunk), "replace": replace})
             written = {r["email"].lower(): r["inserted"] for r in cur.fetchall()}
