@@ -115,7 +115,7 @@ async def one_click(request: Request) -> Response:
     if target.test:
         return _html(TEST_DONE)
     await db.one(context.pool(request), "one_click_unsubscribe", {
-        "contact_id": target.contact_id, "account": target.account,
+        "contact_id": target.contact_id, "account_prefix": target.account_prefix,
         "broadcast_id": target.broadcast_id})
     return _html(DONE)
 
