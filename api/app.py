@@ -17,7 +17,19 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from api import auth, broadcasts, config, contacts, context, control, db, errors, http, openapi
+from api import (
+    auth,
+    bounds,
+    broadcasts,
+    config,
+    contacts,
+    context,
+    control,
+    db,
+    errors,
+    http,
+    openapi,
+)
 from api import dashboard_routes as dashboard
 from api import preview as preview_routes
 from api import progress as progress_routes
@@ -151,7 +163,8 @@ def create_app(settings: config.Settings, database_url: str) -> Starlette:
     app = Starlette(
         routes=[*ROUTES, *dashboard.PAGES], lifespan=lifespan,
         exception_handlers=EXCEPTION_HANDLERS,
-        middleware=[Middleware(AuthenticationMiddleware, backend=auth.JWTBackend(settings),
+        middleware=[Middleware(bounds.BoundedBody),
+                    Middleware(AuthenticationMiddleware, backend=auth.JWTBackend(settings),
                                on_error=auth.on_error)])
     app.state.settings = settings
     app.state.database_url = database_url  # procrastinate jobs are deferred on their own pool

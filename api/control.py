@@ -46,9 +46,8 @@ def _answer(result: dict[str, Any]) -> Response:
 async def send(request: Request) -> Response:
     """POST /broadcasts/{id}/send: snapshot the recipients and return at once."""
     who = auth.principal(request)
-    raw = await http.read_body(request)  # the body is optional: {"allow_empty": true}
-    parsed = await http.off_loop(http.parse_json, raw) if raw.strip() else {}
-    body = http.fields(parsed, "body", {}, SEND_FIELDS)
+    # the body is optional: {"allow_empty": true}
+    body = http.fields(await http.read_optional_json(request), "body", {}, SEND_FIELDS)
     row = await _call(request, who, "broadcast_send",
                       {"allow_empty": body.get("allow_empty", False), "details": details(who)})
     segment = None

@@ -39,11 +39,6 @@ async def _call(request: Request, who: auth.Principal, name: str,
     return dict(row)
 
 
-async def _optional_body(request: Request) -> Any:
-    # an empty body means {} for the routes whose fields are all optional
-    if not (await request.body()).strip():
-        return {}
-    return await http.read_json(request)
 
 
 async def schedule_route(request: Request) -> Response:
@@ -84,7 +79,7 @@ def _include_unknown(body: Any) -> bool:
 async def retry_route(request: Request) -> Response:
     """POST /broadcasts/{id}/retry: failed (and, when asked, unknown) recipients again."""
     who = auth.principal(request)
-    include_unknown = _include_unknown(await _optional_body(request))
+    include_unknown = _include_unknown(await http.read_optional_json(request))
     row = await _call(request, who, "broadcast_retry", {"include_unknown": include_unknown})
     return _answer(schedule.retry_result(row, include_unknown))
 

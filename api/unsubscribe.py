@@ -15,7 +15,7 @@ import urllib.parse
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 
-from api import context, db
+from api import context, db, errors, http
 from mail import unsubscribe
 
 MAX_FORM = 1024  # bytes of a one-click POST body we read
@@ -105,11 +105,10 @@ async def one_click(request: Request) -> Response:
     target = await _target(request)
     if target is None:
         return _html(INVALID, 400)
-    body = b""
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_FORM:
-            return _html(BAD_FORM, 400)
+    try:
+        body = await http.read_body(request, MAX_FORM)
+    except (errors.BodyTooLarge, errors.MalformedJson):
+        return _html(BAD_FORM, 400)
     if not is_one_click(request.headers.get("content-type", ""), body):
         return _html(BAD_FORM, 400)
     if target.test:

@@ -68,14 +68,9 @@ def from_env(env: Mapping[str, str] | None = None) -> Feedback | None:
 
 
 async def _body(request: Request) -> Any:
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise errors.BodyTooLarge(f"the body is larger than {MAX_BODY_BYTES} bytes")
-        chunks.append(chunk)
+    raw = await http.read_body(request, MAX_BODY_BYTES)
     try:
-        return json.loads(b"".join(chunks))
+        return json.loads(raw)
     except (ValueError, RecursionError):
         raise errors.MalformedJson("the body is not an SNS message (JSON)") from None
 
