@@ -76,6 +76,7 @@ def route(path: str, **by_method: Endpoint) -> Route:
             raise errors.InvalidBody(f"unknown query parameter: {unknown[0]!r}")
         if len(names) != len(set(names)):
             raise errors.InvalidBody("a query parameter is repeated")
+        http.check_url(request)  # NUL or a lone surrogate: bad input, never a 500
         return await by_method[method](request)
 
     endpoint.__name__ = "_".join(f.__name__ for f in by_method.values())

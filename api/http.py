@@ -239,6 +239,29 @@ def fields(value: Any, where: str, required: Mapping[str, Kind],
     return dict(value)
 
 
+def bad_text(value: str) -> str | None:
+    """Why Postgres text cannot hold value (NUL, a lone surrogate), else None."""
+    if "\x00" in value:
+        return "NUL"
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return "a lone surrogate"
+    return None
+
+
+def check_url(request: Request) -> None:
+    """Refuse NUL or a lone surrogate in the path (404) or the query (400), on every route."""
+    for value in request.path_params.values():
+        if isinstance(value, str) and bad_text(value):
+            raise errors.NotFound("not found")
+    for key, value in request.query_params.multi_items():
+        found = bad_text(key) or bad_text(value)
+        if found:
+            raise errors.BadParameter(f"query parameter {key[:40]!r} holds {found}")
+
+
 def query_int(request: Request, name: str, default: int, lo: int, hi: int) -> int:
     """An integer query parameter within [lo, hi]; raises InvalidBody."""
     raw = request.query_params.get(name)
