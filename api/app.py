@@ -63,12 +63,18 @@ def _query_names(path: str, method: str) -> frozenset[str]:
     return frozenset(p["name"] for p in operation.get("parameters", []) if p["in"] == "query")
 
 
-def route(path: str, **by_method: Endpoint) -> Route:
-    """One Route per path (so a 405 lists every allowed method in Allow), dispatched by method."""
+def route(path: str, *, any_query: bool = False, **by_method: Endpoint) -> Route:
+    """One Route per path (so a 405 lists every allowed method in Allow), dispatched by method.
+
+    any_query: a page people reach from a link (/u/), where a mail client or a tracker may
+    add parameters (utm_source): unknown ones are ignored there, not refused.
+    """
     allowed = {method: _query_names(path, method) for method in by_method}
 
     async def endpoint(request: Request) -> Response:
         method = "GET" if request.method == "HEAD" else request.method  # Starlette adds HEAD
+        if any_query:  # its one path parameter is a token the route checks (400 page)
+            return await by_method[method](request)
         # unknown or repeated query parameters are refused, as unknown JSON fields are
         names = [k for k, _ in request.query_params.multi_items()]
         unknown = sorted(set(names) - allowed[method])
@@ -109,7 +115,7 @@ ROUTES = [
     route("/contacts/import", POST=dashboard.import_csv),
     route("/broadcasts/{id}/preview", GET=preview_routes.show),
     route("/broadcasts/{id}/test", POST=testsend_routes.create, GET=testsend_routes.status),
-    route("/u/{token}", GET=unsubscribe_routes.page,
+    route("/u/{token}", any_query=True, GET=unsubscribe_routes.page,
           POST=unsubscribe_routes.one_click),
     route("/contacts/suppressed", GET=suppression_routes.suppressed),
     route("/contacts/unsuppress", POST=suppression_routes.unsuppress),

@@ -41,10 +41,11 @@ def test_nul_anywhere_in_the_url_is_bad_input_not_a_500(api: h.Api) -> None:
         r = api.get(path)
         assert r.status_code in (400, 422), (path, r.status_code, r.text)
         assert r.json()["error"] in ("bad_parameter", "invalid_request"), (path, r.text)
-    for path in ("/broadcasts/a%00b", f"/broadcasts/{bid}%00/progress", "/broadcasts/%00/audit",
-                 "/u/a%00b"):
+    for path in ("/broadcasts/a%00b", f"/broadcasts/{bid}%00/progress", "/broadcasts/%00/audit"):
         r = api.get(path)
         assert r.status_code == 404, (path, r.status_code, r.text)
+    r = api.get("/u/a%00b?utm_source=%00")  # the token is the route's own check: its page
+    assert r.status_code == 400 and "Invalid link" in r.text
 
 
 @pytest.mark.parametrize("value", ["a\x00b", "\ud800", ["ok", "x\x00"], {"k": "\udfff"}])
