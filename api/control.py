@@ -12,7 +12,7 @@ from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import Response
 
-from api import auth, context, db, errors, http
+from api import auth, context, db, errors, http, senders
 from sql import broadcasts
 
 PAUSE_REASON = "operator"
@@ -48,6 +48,7 @@ async def send(request: Request) -> Response:
     who = auth.principal(request)
     # the body is optional: {"allow_empty": true}
     body = http.fields(await http.read_optional_json(request), "body", {}, SEND_FIELDS)
+    await senders.check(request, who.account, context.broadcast_id(request))
     row = await _call(request, who, "broadcast_send",
                       {"allow_empty": body.get("allow_empty", False), "details": details(who)})
     segment = None

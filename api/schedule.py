@@ -11,7 +11,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
-from api import auth, broadcasts, context, db, errors, http
+from api import auth, broadcasts, context, db, errors, http, senders
 from sql import errors as sql_errors
 from sql import schedule
 
@@ -50,6 +50,7 @@ async def schedule_route(request: Request) -> Response:
         at, not_after = schedule.parse_window(body["at"], body.get("not_after"))
     except sql_errors.InvalidInput as exc:
         raise errors.InvalidBody(str(exc)) from None
+    await senders.check(request, who.account, context.broadcast_id(request))
     row = await _call(request, who, "broadcast_schedule", {"at": at, "not_after": not_after})
     return _answer(schedule.schedule_result(row))
 

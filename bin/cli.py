@@ -443,6 +443,9 @@ def build_parser() -> Parser:
                          "account while both are limited by the rate")
     r.set_defaults(func=cmd_rate)
 
+    from bin import senders_commands  # operator only: the senders an account may use
+
+    senders_commands.register(sub, Parser)
     _add_api_commands(sub)
     return p
 
