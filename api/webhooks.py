@@ -78,7 +78,7 @@ def from_env(env: Mapping[str, str] | None = None) -> Feedback | None:
 async def _body(request: Request) -> Any:
     raw = await http.read_body(request, MAX_BODY_BYTES)
     try:
-        return sns.loads(raw)
+        return await http.off_loop(sns.loads, raw)  # a bracket walk: off the event loop
     except (ValueError, RecursionError) as exc:
         raise sns.Refused(f"the body is not an SNS message (JSON): {str(exc)[:100]}") from None
 
@@ -129,7 +129,7 @@ async def ses(request: Request) -> Response:
 async def _apply(pool: db.Pool, feedback: Feedback, message: dict[str, Any],
                  sent_at: dt.datetime) -> dict[str, Any]:
     """One notification's SES event, applied once; the guard pauses its broadcast if due."""
-    event = ses_events.parse(message["Message"], sent_at)
+    event = await http.off_loop(ses_events.parse, message["Message"], sent_at)
     limits = {"guard_min": feedback.guard_min, "max_bounce": feedback.max_bounce_rate,
               "max_complaint": feedback.max_complaint_rate}
     prune_before = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=feedback.verifier.max_age)
