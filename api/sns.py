@@ -53,6 +53,7 @@ REGIONS = frozenset({
 SNS_HOSTS = frozenset(f"sns.{region}.amazonaws.com" for region in REGIONS)
 FAILURE_TTL = 60.0  # seconds a failed certificate fetch is remembered (not fetched again)
 FAILURE_CACHE = 64  # failed URLs remembered at most
+MAX_FETCHES = 4  # certificate fetches in flight at once, all URLs together (threads held)
 MAX_JSON_DEPTH = 32  # nesting levels of an SNS message or its Message (SES events use ~6)
 MAX_FUTURE = 300.0  # seconds: a timestamp further ahead than clock skew explains is refused
 MAX_CERT_BYTES = 64 * 1024  # a PEM certificate is a few KB
@@ -149,6 +150,7 @@ class Verifier:
         self._failed: collections.OrderedDict[str, tuple[float, Exception]] = (
             collections.OrderedDict())
         self._fetching: dict[str, threading.Lock] = {}  # one fetch per URL at a time
+        self._fetches = threading.BoundedSemaphore(MAX_FETCHES)
         self._lock = threading.Lock()
 
     def check(self, message: Any) -> bytes:
@@ -199,6 +201,8 @@ class Verifier:
                 raise type(failed[1])(f"{failed[1]} (under {FAILURE_TTL:.0f} s ago)")
             try:
                 public = self._load(url)
+            except FetchesBusy:  # not this URL's failure: nothing remembered
+                raise
             except (CertificateUnavailable, Refused) as exc:
                 with self._lock:
                     self._failed[url] = (self.monotonic() + FAILURE_TTL, exc)
@@ -217,10 +221,14 @@ class Verifier:
             return public
 
     def _load(self, url: str) -> rsa.RSAPublicKey:
+        if not self._fetches.acquire(blocking=False):  # never queue threads behind slow fetches
+            raise FetchesBusy(f"{MAX_FETCHES} certificate fetches already in flight")
         try:
             pem = self.fetch(url)
         except (OSError, urllib.error.URLError) as exc:
             raise CertificateUnavailable(f"cannot fetch {url}: {exc}") from None
+        finally:
+            self._fetches.release()
         try:
             public = x509.load_pem_x509_certificate(pem).public_key()
         except ValueError:
@@ -277,3 +285,7 @@ def loads(text: str | bytes) -> Any:
     if not json_depth_ok(text):
         raise ValueError(f"nested deeper than {MAX_JSON_DEPTH} levels")
     return json.loads(text)
+
+
+class FetchesBusy(CertificateUnavailable):
+    """MAX_FETCHES certificate fetches are in flight: 503 now, nothing remembered."""
