@@ -17,19 +17,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from api import (
-    auth,
-    bounds,
-    broadcasts,
-    config,
-    contacts,
-    context,
-    control,
-    db,
-    errors,
-    http,
-    openapi,
-)
+from api import auth, broadcasts, config, contacts, context, control, db, errors, http, openapi
+from api import bounds as body_bounds
 from api import dashboard_routes as dashboard
 from api import preview as preview_routes
 from api import progress as progress_routes
@@ -64,11 +53,9 @@ def _query_names(path: str, method: str) -> frozenset[str]:
 
 
 def route(path: str, *, any_query: bool = False, **by_method: Endpoint) -> Route:
-    """One Route per path (so a 405 lists every allowed method in Allow), dispatched by method.
-
-    any_query: a page people reach from a link (/u/), where a mail client or a tracker may
-    add parameters (utm_source): unknown ones are ignored there, not refused.
-    """
+    """One Route per path (so a 405 lists every allowed method in Allow), dispatched by method."""
+    # any_query: a page people reach from a link (/u/), where a mail client or a tracker may
+    # add parameters (utm_source): they are ignored there, not refused
     allowed = {method: _query_names(path, method) for method in by_method}
 
     async def endpoint(request: Request) -> Response:
@@ -170,7 +157,7 @@ def create_app(settings: config.Settings, database_url: str) -> Starlette:
     app = Starlette(
         routes=[*ROUTES, *dashboard.PAGES], lifespan=lifespan,
         exception_handlers=EXCEPTION_HANDLERS,
-        middleware=[Middleware(bounds.BoundedBody),
+        middleware=[Middleware(body_bounds.BoundedBody),
                     Middleware(AuthenticationMiddleware, backend=auth.JWTBackend(settings),
                                on_error=auth.on_error)])
     app.state.settings = settings
