@@ -77,13 +77,10 @@ async def audience(request: Request) -> Response:
 
 async def _spool(request: Request, path: Path) -> None:
     # the body goes to disk as it arrives: memory stays flat whatever the upload's size
-    size = 0
     with path.open("wb") as out:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > MAX_IMPORT_BYTES:
-                raise errors.BodyTooLarge(
-                    f"the CSV is larger than {MAX_IMPORT_BYTES} bytes; split it")
+        async for chunk in http.chunks(request, MAX_IMPORT_BYTES,
+                                       f"the CSV is larger than {MAX_IMPORT_BYTES} bytes; "
+                                       "split it"):
             out.write(chunk)
 
 

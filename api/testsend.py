@@ -7,7 +7,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
-from api import auth, context, db, errors, http
+from api import auth, context, db, errors, http, senders
 from mail import errors as mail_errors
 from mail import validate
 from sql import jobs
@@ -41,6 +41,8 @@ async def create(request: Request) -> Response:
         contact = validate.address(body["contact"], "contact") if body.get("contact") else None
     except mail_errors.InvalidValue as exc:
         raise errors.InvalidBody(str(exc)) from None
+    await senders.check(request, who.account, bid)
+    await senders.check_recipients(request, who.account, to)
     row = await db.one(context.pool(request), "test_send_queue", {
         "account": who.account, "id": bid, "to": to, "contact": contact, "cap": HOURLY_CAP})
     assert row is not None

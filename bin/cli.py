@@ -16,7 +16,8 @@ from typing import Any, NoReturn
 import psycopg
 
 from bin import broadcast_commands, contacts_commands, logs, output, schedule_commands
-from mail import template
+from mail import errors as mail_errors
+from mail import template, validate
 from sql import broadcasts, contacts, db, embedded, errors, migrate
 from sql.queries import QUERIES
 
@@ -448,6 +449,9 @@ def build_parser() -> Parser:
                          "account while both are limited by the rate")
     r.set_defaults(func=cmd_rate)
 
+    from bin import senders_commands  # operator only: the senders an account may use
+
+    senders_commands.register(sub, Parser)
     _add_api_commands(sub)
     return p
 
@@ -469,10 +473,26 @@ def _config_error() -> type[Exception]:
     return worker_errors.ConfigError
 
 
+ACCOUNT_ARGS = ("account", "weight_account", "sender_account")  # every ACCOUNT a command takes
+
+
+def check_accounts(args: argparse.Namespace) -> None:
+    """One limit on account names, the API's and the database's; raises UsageError."""
+    for name in ACCOUNT_ARGS:
+        value = getattr(args, name, None)
+        if value is None:
+            continue
+        try:
+            validate.account(value)
+        except mail_errors.InvalidValue as exc:
+            raise UsageError(f"the account name {exc.reason}") from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `pgcast` console script."""
     args = build_parser().parse_args(argv)
     try:
+        check_accounts(args)
         if args.command in ("worker", "api"):
             log_level()  # a bad PGCAST_LOG_LEVEL: one line naming it, not a traceback
         return int(args.func(args))

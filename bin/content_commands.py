@@ -16,6 +16,7 @@ from bin import broadcast_commands
 from mail import errors as mail_errors
 from mail import message, preview, unsubscribe, validate
 from sql import db, errors, jobs
+from sql import senders as sender_rule
 from sql.queries import QUERIES
 
 MAX_TO = 5  # addresses in one test send (as the API)
@@ -69,6 +70,8 @@ def cmd_test(args: argparse.Namespace) -> int:
     url = db.database_url()
     with db.connect(url, autocommit=True) as conn:
         bid = broadcast_commands.resolve_id(conn, args.account, args.id)
+        sender_rule.check(conn, args.account, bid)
+        sender_rule.check_recipients(conn, args.account, to)
         row = conn.execute(QUERIES["test_send_queue"], {
             "account": args.account, "id": bid, "to": to, "contact": contact,
             "cap": HOURLY_CAP}).fetchone()

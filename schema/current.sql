@@ -2223,3 +2223,25 @@ CREATE TRIGGER broadcast_recipients_erased_error
           AND NEW.email = 'erased-' || NEW.contact_id || '@erased.invalid'
           AND NEW.last_error NOT IN ('contact erased', 'contact erased: error text not kept'))
     EXECUTE FUNCTION pgcast_erased_error_v1();
+
+-- 0015_senders (issue 23): one limit on account names (1-200 characters), and the From
+-- addresses and domains an operator allows an account (`pgcast senders add`).
+ALTER TABLE contacts ADD CONSTRAINT contacts_account_length
+    CHECK (char_length(account) BETWEEN 1 AND 200);
+ALTER TABLE broadcasts ADD CONSTRAINT broadcasts_account_length
+    CHECK (char_length(account) BETWEEN 1 AND 200);
+ALTER TABLE contact_erasures ADD CONSTRAINT contact_erasures_account_length
+    CHECK (char_length(account) BETWEEN 1 AND 200);
+ALTER TABLE rate_weights ADD CONSTRAINT rate_weights_account_length
+    CHECK (char_length(account) BETWEEN 1 AND 200);
+
+-- sender: a lower-case address (has an @) or a lower-case domain, IDNA (punycode) form
+CREATE TABLE senders (
+    account    text        NOT NULL,
+    sender     text        NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (account, sender),
+    CONSTRAINT senders_account_length CHECK (char_length(account) BETWEEN 1 AND 200),
+    CONSTRAINT senders_sender_check
+        CHECK (sender = lower(sender) AND char_length(sender) BETWEEN 1 AND 254)
+);

@@ -12,6 +12,7 @@ from mail import errors as mail_errors
 from mail import template
 from mail import validate as validate_mail
 from sql import contacts, errors
+from sql import senders as sender_rule
 from sql.queries import QUERIES
 
 # A snapshot this big changes the table's shape at once: without fresh statistics the workers'
@@ -153,6 +154,7 @@ def _control(conn: psycopg.Connection[Any], query: str, params: dict[str, Any]) 
 def send(conn: psycopg.Connection[Any], account: str, broadcast_id: uuid.UUID, *,
          allow_empty: bool = False, details: dict[str, Any] | None = None) -> dict[str, Any]:
     """Snapshot and start sending: the seed system's response shape."""
+    sender_rule.check(conn, account, broadcast_id)  # InvalidInput: a From it may not use
     row = _control(conn, "broadcast_send", {"account": account, "id": broadcast_id,
                                             "allow_empty": allow_empty,
                                             "details": json.dumps(details or {})})

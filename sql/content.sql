@@ -6,10 +6,13 @@ SELECT secret FROM unsubscribe_keys
 
 -- one_click_unsubscribe --
 -- Unsubscribes the contact a token names (keeps the first time) and appends a contact_events
--- row when it changed anything; no row when the contact is gone.
+-- row when it changed anything; no row when the contact is gone. A version 1 token also
+-- carries its account's first 200 bytes (maybe cut inside a character): compared as bytes.
 WITH target AS (
     SELECT id, account FROM contacts
-    WHERE id = %(contact_id)s AND account = %(account)s
+    WHERE id = %(contact_id)s
+      AND (%(account_prefix)s::bytea IS NULL
+           OR substring(convert_to(account, 'UTF8') FROM 1 FOR 200) = %(account_prefix)s::bytea)
     FOR UPDATE
 ), changed AS (
     UPDATE contacts c SET unsubscribed_at = clock_timestamp(), updated_at = now()

@@ -9,7 +9,7 @@ from typing import Any
 
 import psycopg
 
-from sql import errors
+from sql import errors, senders
 from sql.queries import QUERIES
 
 PAST_TOLERANCE = dt.timedelta(minutes=1)  # a time this far in the past is still accepted
@@ -105,6 +105,7 @@ def schedule(conn: psycopg.Connection[Any], account: str, broadcast_id: uuid.UUI
              names: tuple[str, str] = API_NAMES) -> dict[str, Any]:
     """draft -> scheduled; raises InvalidInput (bad times) or NotFound."""
     start, latest = parse_window(at, not_after, names=names)
+    senders.check(conn, account, broadcast_id)  # InvalidInput: a From it may not use
     return schedule_result(_row(conn, "broadcast_schedule", {
         "account": account, "id": broadcast_id, "at": start, "not_after": latest,
         "details": json.dumps(details or {})}))
