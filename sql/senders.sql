@@ -30,10 +30,10 @@ FROM broadcasts b WHERE b.id = %(id)s AND b.account = %(account)s
 -- The addresses of a test send the account must not mail, each with why: erased (its hash
 -- is kept), suppressed (bounce, complaint) or unsubscribed.
 SELECT a.address,
-       CASE WHEN EXISTS (SELECT 1 FROM contact_erasures e
+       CASE WHEN EXISTS (SELECT 1 FROM contact_erasures e, erasure_keys k
                          WHERE e.account = %(account)s
-                           AND e.email_hash = sha256(convert_to(lower(btrim(a.address)),
-                                                                'UTF8')))
+                           AND e.email_hash = sha256(k.k2 || sha256(k.k1 || sha256(
+                               convert_to(lower(btrim(a.address)), 'UTF8')))))
                  THEN 'erased'
             WHEN c.suppressed_at IS NOT NULL THEN 'suppressed (' || c.suppressed_reason || ')'
             WHEN c.unsubscribed_at IS NOT NULL THEN 'unsubscribed'

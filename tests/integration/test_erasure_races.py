@@ -179,7 +179,7 @@ def test_an_import_and_a_one_click_unsubscribe_do_not_deadlock(
         t_imp, out_imp = in_thread_waiting(conn, importer, lambda: (
             contacts.upsert(importer, "default", rows, chunk_size=chunk), importer.commit())[0])
         t_un, out_un = in_thread_waiting(conn, unsub, lambda: (unsub.execute(
-            QUERIES["one_click_unsubscribe"], {"contact_id": ids[1], "account": "default",
+            QUERIES["one_click_unsubscribe"], {"contact_id": ids[1], "account_prefix": None,
                                                "broadcast_id": None}).fetchone(),
             unsub.commit())[0])
         handoff.commit()
