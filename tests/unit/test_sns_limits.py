@@ -81,3 +81,20 @@ def test_json_depth_is_checked_before_parsing(text: str, ok: bool) -> None:
             sns.loads(text)
     else:
         sns.loads(text)
+
+
+@pytest.mark.timeout(60, method="thread")
+def test_a_body_of_unmatched_quotes_is_one_linear_pass() -> None:
+    """512 KiB of `"\\"` kept a backtracking string pattern busy for many minutes, holding the
+    GIL (every request of every account waited); the possessive one reads it in one pass. The
+    limit is thousands of times what the pass takes: only a backtracking pattern reaches it."""
+    text = '"\\"' * (512 * 1024 // 3)
+    assert sns.json_depth_ok(text) is True
+    assert sns.json_depth_ok('["' + "\\\\" * 1000 + '", [[1]]]', 2) is False
+
+
+def test_a_null_subject_is_left_out_of_the_signed_text_as_an_absent_one() -> None:
+    """check() lets an optional field be null; canonical() then raised TypeError (a 500)."""
+    base = {"Type": "Notification", "MessageId": "m", "Message": "x", "Timestamp": "t",
+            "TopicArn": "arn"}
+    assert sns.canonical({**base, "Subject": None}) == sns.canonical(base)
