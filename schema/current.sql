@@ -2045,9 +2045,10 @@ $$;
 -- broadcast failed (missed_window); one whose segment has nobody mailable at its start ends
 -- failed (empty_segment). The audit entry of the start records scheduled_at, started_at
 -- and the lateness.
--- v2: through pgcast_send_v5. The one path that takes the erasure lock after a broadcast
--- row (the scheduled one it found with SKIP LOCKED): the erase never waits for a draft or
--- scheduled broadcast, so this order makes no cycle.
+-- v2: through pgcast_send_v5, and the erasure lock (tried, shared) before the broadcast's
+-- row, as every path: the erase can wait for a scheduled broadcast's row (a test entry of its
+-- audit log may name the address), so a start that held the row while it waited for the lock
+-- deadlocked with it. A due broadcast of an account an erase holds waits for the next sweep.
 CREATE FUNCTION pgcast_start_due_v2()
 RETURNS TABLE (broadcast_id uuid, status text, queued integer, reason text,
                lateness_seconds double precision)
@@ -2058,16 +2059,31 @@ DECLARE
     late double precision;
     why text;
     started jsonb;
+    c record;
+    picked boolean := false;
 BEGIN
     -- a start that failed is as durable as one that sent (send_v5 pins the same)
     PERFORM set_config('synchronous_commit', 'on', true);
-    SELECT d.id, d.account, d.scheduled_at, d.not_after INTO b
-    FROM broadcasts d
-    WHERE d.status = 'scheduled' AND d.scheduled_at <= now()
-    ORDER BY d.scheduled_at
-    LIMIT 1
-    FOR UPDATE SKIP LOCKED;
-    IF NOT FOUND THEN
+    -- the erasure lock before the broadcast row, as every path takes them: an erase holds
+    -- the lock and may wait for this broadcast's row (its audit log can name the address in
+    -- a test entry), so the row is never held while waiting for the lock. A due broadcast
+    -- of an account an erase holds is left to the next sweep (never waited for).
+    FOR c IN
+        SELECT d.id, d.account FROM broadcasts d
+        WHERE d.status = 'scheduled' AND d.scheduled_at <= now()
+        ORDER BY d.scheduled_at
+        LIMIT 10
+    LOOP
+        CONTINUE WHEN NOT pg_try_advisory_xact_lock_shared(hashtext('pgcast.erasure'),
+                                                            hashtext(c.account));
+        SELECT d.id, d.account, d.scheduled_at, d.not_after INTO b
+        FROM broadcasts d
+        WHERE d.id = c.id AND d.status = 'scheduled' AND d.scheduled_at <= now()
+        FOR UPDATE SKIP LOCKED;
+        picked := FOUND;
+        EXIT WHEN picked;
+    END LOOP;
+    IF NOT picked THEN
         RETURN;
     END IF;
     late := round(extract(epoch FROM now() - b.scheduled_at), 3);

@@ -276,3 +276,38 @@ def test_an_erase_scrubs_event_details_and_test_sends(conn: Conn) -> None:
     assert len(sends) == 4 and all(GONE not in json.dumps(s).lower() for s in sends), sends
     assert sends[1]["to_address"] == "me@example.com"
     assert sends[2]["to_address"] == "Me@example.com"
+
+
+# -- the erasure lock comes before a scheduled broadcast's row ---------------------------------
+
+def test_an_erase_and_a_scheduled_start_do_not_deadlock(db_url: str, conn: Conn) -> None:
+    """The erase rewrites the audit log of a broadcast whose test entry names the address;
+    the sweeper's start locked that scheduled broadcast first, then waited in send_v5 for the
+    erasure lock the erase held: a deadlock. The start now takes the lock first, and leaves a
+    broadcast of an account an erase holds to the next sweep."""
+    support.seed_contacts(conn, 3)
+    bid = support.new_broadcast(conn, send=False)
+    queued = conn.execute(QUERIES["test_send_queue"], {
+        "account": "default", "id": bid, "to": [GONE], "contact": None, "cap": 50}).fetchone()
+    assert queued is not None and queued["ok"]
+    conn.execute("UPDATE broadcasts SET status = 'scheduled', scheduled_at = now() "
+                 "WHERE id = %s", (bid,))
+    with connect(db_url) as holder, connect(db_url) as eraser, connect(db_url) as sweeper:
+        # the erase takes the erasure lock, then waits for the contact row held here
+        holder.execute("SELECT id FROM contacts WHERE email = %s FOR UPDATE", (GONE,))
+        t_erase, out_erase = in_thread_waiting(
+            conn, eraser, lambda: (erase(eraser), eraser.commit())[0])
+        t_start, out_start = in_thread_waiting(conn, sweeper, lambda: (
+            sweeper.execute(QUERIES["start_due"]).fetchall(), sweeper.commit())[0])
+        holder.commit()  # the erase goes on to the broadcast's audit log
+        t_erase.join(30)
+        t_start.join(30)
+    errors = [o["error"] for o in (out_erase, out_start) if "error" in o]
+    assert not errors, errors
+    assert out_start["result"] == []  # the account was being erased: left to the next sweep
+    started = conn.execute(QUERIES["start_due"]).fetchall()
+    assert [(r["broadcast_id"], r["status"]) for r in started] == [(bid, "sending")]
+    assert support.progress(conn, bid)["total"] == 2  # the erased person is not a recipient
+    log = conn.execute("SELECT audit_log::text AS t FROM broadcasts WHERE id = %s",
+                       (bid,)).fetchone()
+    assert log is not None and GONE not in log["t"]
