@@ -19,12 +19,3 @@ async def check(request: Request, account: str, broadcast_id: uuid.UUID) -> None
     reason = senders.refusal(row["from_address"], list(row["senders"]))
     if reason:
         raise errors.InvalidBody(reason)
-
-
-async def check_recipients(request: Request, account: str, to: list[str]) -> None:
-    """422 naming each test-send address that is unsubscribed, suppressed or erased."""
-    rows = await db.all_rows(context.pool(request), "test_send_refusals",
-                             {"account": account, "to": to})
-    reason = senders.refused_recipients([dict(r) for r in rows])
-    if reason:
-        raise errors.InvalidBody(reason)

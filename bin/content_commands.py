@@ -71,13 +71,15 @@ def cmd_test(args: argparse.Namespace) -> int:
     with db.connect(url, autocommit=True) as conn:
         bid = broadcast_commands.resolve_id(conn, args.account, args.id)
         sender_rule.check(conn, args.account, bid)
-        sender_rule.check_recipients(conn, args.account, to)
         row = conn.execute(QUERIES["test_send_queue"], {
             "account": args.account, "id": bid, "to": to, "contact": contact,
             "cap": HOURLY_CAP}).fetchone()
         assert row is not None
         if not row["found"]:
             raise errors.NotFound(f"no broadcast {bid}")
+        refused = sender_rule.refused_recipients(row["refused"])
+        if refused:  # decided under the erasure lock, with the queue
+            raise errors.InvalidInput(refused)
         if not row["ok"]:
             print(f"pgcast: error: at most {HOURLY_CAP} test messages per account per hour "
                   f"({row['recent']} in the last hour)", file=sys.stderr)

@@ -302,12 +302,17 @@ BEGIN
     END IF;
     -- test sends to the address, or rendered as its contact: their rows, and the 'test'
     -- entries of the broadcasts' audit logs (broadcast rows before recipient rows)
+    -- a test send to the address not yet taken by a worker is withdrawn (never sent to the
+    -- placeholder); the worker takes only queued ones
     UPDATE test_sends t
     SET to_address = CASE WHEN lower(t.to_address) = addr THEN 'erased@erased.invalid'
                           ELSE t.to_address END,
         contact_email = CASE WHEN lower(t.contact_email) = addr THEN NULL
                              ELSE t.contact_email END,
-        error = NULL
+        status = CASE WHEN t.status = 'queued' THEN 'failed' ELSE t.status END,
+        error = CASE WHEN t.status = 'queued' THEN 'withdrawn: an address was erased' END,
+        finished_at = CASE WHEN t.status = 'queued' THEN clock_timestamp()
+                           ELSE t.finished_at END
     WHERE t.account = p_account AND (lower(t.to_address) = addr OR lower(t.contact_email) = addr);
     UPDATE broadcasts b
     SET audit_log = (

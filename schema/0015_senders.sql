@@ -45,3 +45,77 @@ CREATE TABLE senders (
     CONSTRAINT senders_sender_check
         CHECK (sender = lower(sender) AND char_length(sender) BETWEEN 1 AND 254)
 );
+
+-- Queue test sends (0001's v1, plus): the erasure lock (shared) first, then the broadcast's
+-- row, and inside them the refusals: an address of p_to that is erased (its keyed hash),
+-- suppressed or unsubscribed in the account, or a p_contact that is erased, is refused with
+-- nothing queued (refused: [{field, address, reason}]). So an erase cannot commit between the
+-- check and the queue (the address mailed, or written back into test_sends and the audit log).
+CREATE FUNCTION pgcast_test_send_v2(p_account text, p_id uuid, p_to text[], p_contact text,
+                                    p_cap integer)
+RETURNS TABLE (ok boolean, found boolean, recent integer, ids bigint[], refused jsonb)
+LANGUAGE plpgsql AS $$
+DECLARE
+    st text;
+    n integer;
+    made bigint[];
+    bad jsonb;
+BEGIN
+    PERFORM pg_advisory_xact_lock_shared(hashtext('pgcast.erasure'), hashtext(p_account));
+    SELECT b.status INTO st FROM broadcasts b
+    WHERE b.id = p_id AND b.account = p_account FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN QUERY SELECT false, false, 0, '{}'::bigint[], '[]'::jsonb;
+        RETURN;
+    END IF;
+    SELECT coalesce(jsonb_agg(jsonb_build_object('field', r.field, 'address', r.address,
+                                                 'reason', r.reason) ORDER BY r.n), '[]')
+    INTO bad
+    FROM (
+        SELECT a.n, 'to' AS field, a.address,
+               CASE WHEN EXISTS (SELECT 1 FROM contact_erasures e, erasure_keys k
+                                 WHERE e.account = p_account
+                                   AND e.email_hash = sha256(k.k2 || sha256(k.k1 || sha256(
+                                       convert_to(lower(btrim(a.address)), 'UTF8')))))
+                         THEN 'erased'
+                    WHEN c.suppressed_at IS NOT NULL
+                         THEN 'suppressed (' || c.suppressed_reason || ')'
+                    WHEN c.unsubscribed_at IS NOT NULL THEN 'unsubscribed'
+               END AS reason
+        FROM unnest(p_to) WITH ORDINALITY AS a(address, n)
+        LEFT JOIN contacts c ON c.account = p_account AND lower(c.email) = lower(a.address)
+        UNION ALL
+        SELECT 0, 'contact', p_contact, 'erased'
+        WHERE p_contact IS NOT NULL
+          AND EXISTS (SELECT 1 FROM contact_erasures e, erasure_keys k
+                      WHERE e.account = p_account
+                        AND e.email_hash = sha256(k.k2 || sha256(k.k1 || sha256(
+                            convert_to(lower(btrim(p_contact)), 'UTF8')))))
+    ) r
+    WHERE r.reason IS NOT NULL;
+    IF bad <> '[]'::jsonb THEN
+        RETURN QUERY SELECT false, true, 0, '{}'::bigint[], bad;
+        RETURN;
+    END IF;
+    -- one account's requests count one at a time, so two at once cannot both pass the cap
+    PERFORM pg_advisory_xact_lock(hashtext('pgcast.test_send'), hashtext(p_account));
+    SELECT count(*) INTO n FROM test_sends t
+    WHERE t.account = p_account AND t.requested_at > clock_timestamp() - interval '1 hour';
+    IF n + cardinality(p_to) > p_cap THEN
+        RETURN QUERY SELECT false, true, n, '{}'::bigint[], '[]'::jsonb;
+        RETURN;
+    END IF;
+    WITH ins AS (
+        INSERT INTO test_sends (account, broadcast_id, to_address, contact_email)
+        SELECT p_account, p_id, a, p_contact FROM unnest(p_to) AS a
+        RETURNING test_sends.id
+    )
+    SELECT array_agg(ins.id ORDER BY ins.id) INTO made FROM ins;
+    UPDATE broadcasts b
+    SET audit_log = b.audit_log || pgcast_audit_v1('test', st, st, jsonb_build_object(
+        'to', to_jsonb(p_to), 'contact', p_contact, 'test_sends', to_jsonb(made)))
+    WHERE b.id = p_id;
+    RETURN QUERY SELECT true, true, n, made, '[]'::jsonb;
+END
+$$;
+DROP FUNCTION pgcast_test_send_v1(text, uuid, text[], text, integer);

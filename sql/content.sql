@@ -41,8 +41,9 @@ ORDER BY id
 LIMIT 1
 
 -- test_send_queue --
--- Queues test sends unless the account passes its hourly cap (pgcast_test_send_v1).
-SELECT * FROM pgcast_test_send_v1(%(account)s, %(id)s, %(to)s, %(contact)s, %(cap)s)
+-- Queues test sends unless an address may not be mailed (refused) or the account passes its
+-- hourly cap (pgcast_test_send_v2).
+SELECT * FROM pgcast_test_send_v2(%(account)s, %(id)s, %(to)s, %(contact)s, %(cap)s)
 
 -- test_send_start --
 -- A worker takes queued test sends (each is sent at most once).
@@ -61,7 +62,10 @@ RETURNING id
 -- test_send_record --
 -- The outcome of one test send.
 UPDATE test_sends
-SET status = %(status)s, message_id = %(message_id)s, error = %(error)s,
+SET status = %(status)s, message_id = %(message_id)s,
+    -- an address erased meanwhile: error texts quote the address (SES), keep none
+    error = CASE WHEN to_address = 'erased@erased.invalid' AND %(error)s::text IS NOT NULL
+                 THEN 'address erased: error text not kept' ELSE %(error)s END,
     finished_at = clock_timestamp()
 WHERE id = %(id)s
 

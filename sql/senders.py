@@ -49,11 +49,17 @@ def refusal(from_value: str, allowed: Sequence[str]) -> str | None:
 
 
 def refused_recipients(rows: Sequence[dict[str, Any]]) -> str | None:
-    """The test-send refusal naming each address and why (test_send_refusals), else None."""
-    bad = [f"{r['address']} is {r['reason']}" for r in rows if r["reason"]]
-    if not bad:
+    """The test-send refusal naming each address and why (the `refused` of
+    pgcast_test_send_v2: field, address, reason), else None."""
+    parts = []
+    for field in ("to", "contact"):
+        bad = [f"{r['address']} is {r['reason']}" for r in rows
+               if r["reason"] and r.get("field", "to") == field]
+        if bad:
+            parts.append(f"{field}: " + "; ".join(bad))
+    if not parts:
         return None
-    return "to: " + "; ".join(bad) + " (a test send never mails such an address)"
+    return " ".join(parts) + " (a test send never mails or names such an address)"
 
 
 def check(conn: psycopg.Connection[Any], account: str, broadcast_id: uuid.UUID) -> None:
@@ -63,13 +69,5 @@ def check(conn: psycopg.Connection[Any], account: str, broadcast_id: uuid.UUID) 
     if row is None:
         return
     reason = refusal(row["from_address"], list(row["senders"]))
-    if reason:
-        raise errors.InvalidInput(reason)
-
-
-def check_recipients(conn: psycopg.Connection[Any], account: str, to: list[str]) -> None:
-    """Refuse (InvalidInput) test-send addresses that are unsubscribed, suppressed or erased."""
-    rows = conn.execute(QUERIES["test_send_refusals"], {"account": account, "to": to}).fetchall()
-    reason = refused_recipients([dict(r) for r in rows])
     if reason:
         raise errors.InvalidInput(reason)

@@ -25,19 +25,3 @@ SELECT b.from_address,
        ARRAY(SELECT s.sender FROM senders s WHERE s.account = b.account
              ORDER BY s.sender) AS senders
 FROM broadcasts b WHERE b.id = %(id)s AND b.account = %(account)s
-
--- test_send_refusals --
--- The addresses of a test send the account must not mail, each with why: erased (its hash
--- is kept), suppressed (bounce, complaint) or unsubscribed.
-SELECT a.address,
-       CASE WHEN EXISTS (SELECT 1 FROM contact_erasures e, erasure_keys k
-                         WHERE e.account = %(account)s
-                           AND e.email_hash = sha256(k.k2 || sha256(k.k1 || sha256(
-                               convert_to(lower(btrim(a.address)), 'UTF8')))))
-                 THEN 'erased'
-            WHEN c.suppressed_at IS NOT NULL THEN 'suppressed (' || c.suppressed_reason || ')'
-            WHEN c.unsubscribed_at IS NOT NULL THEN 'unsubscribed'
-       END AS reason
-FROM unnest(%(to)s::text[]) WITH ORDINALITY AS a(address, n)
-LEFT JOIN contacts c ON c.account = %(account)s AND lower(c.email) = lower(a.address)
-ORDER BY a.n

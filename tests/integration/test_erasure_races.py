@@ -311,3 +311,57 @@ def test_an_erase_and_a_scheduled_start_do_not_deadlock(db_url: str, conn: Conn)
     log = conn.execute("SELECT audit_log::text AS t FROM broadcasts WHERE id = %s",
                        (bid,)).fetchone()
     assert log is not None and GONE not in log["t"]
+
+
+# -- test sends: decided under the erasure lock ------------------------------------------------
+
+def queue_test(session: Conn, bid: uuid.UUID, to: list[str],
+               contact: str | None = None) -> dict[str, Any]:
+    row = session.execute(QUERIES["test_send_queue"], {
+        "account": "default", "id": bid, "to": to, "contact": contact, "cap": 50}).fetchone()
+    assert row is not None
+    return row
+
+
+def test_a_test_send_waits_for_an_erase_and_is_refused_after_it(
+        db_url: str, conn: Conn) -> None:
+    """The refusal was read before the queue, in other statements and without the erasure
+    lock: a test send racing an erase queued the address (mailed, and written back into
+    test_sends and the audit log after the erase)."""
+    support.seed_contacts(conn, 2)
+    bid = support.new_broadcast(conn, send=False)
+    with connect(db_url) as eraser, connect(db_url) as tester:
+        erase(eraser)  # uncommitted: holds the erasure lock
+        t, out = in_thread_waiting(conn, tester, lambda: (
+            queue_test(tester, bid, [GONE, "me@example.com"]), tester.commit())[0])
+        eraser.commit()
+        t.join(30)
+    assert "error" not in out, out
+    assert out["result"]["ok"] is False
+    assert out["result"]["refused"] == [{"field": "to", "address": GONE, "reason": "erased"}]
+    leaks = conn.execute("SELECT (SELECT count(*) FROM test_sends) AS sends, (SELECT count(*) "
+                         "FROM broadcasts WHERE audit_log::text ILIKE '%%' || %s || '%%') AS logs",
+                         (GONE,)).fetchone()
+    assert leaks == {"sends": 0, "logs": 0}
+
+
+def test_an_erased_contact_is_refused_as_a_test_sends_contact(conn: Conn) -> None:
+    support.seed_contacts(conn, 2)
+    bid = support.new_broadcast(conn, send=False)
+    erase(conn)
+    got = queue_test(conn, bid, ["me@example.com"], contact=GONE)
+    assert (got["ok"], got["refused"]) == (
+        False, [{"field": "contact", "address": GONE, "reason": "erased"}])
+    assert conn.execute("SELECT count(*) AS n FROM test_sends").fetchone() == {"n": 0}
+
+
+def test_an_erase_withdraws_a_queued_test_send_to_the_address(conn: Conn) -> None:
+    support.seed_contacts(conn, 2)
+    bid = support.new_broadcast(conn, send=False)
+    assert queue_test(conn, bid, [GONE, "me@example.com"])["ok"]
+    erase(conn)
+    rows = conn.execute("SELECT to_address, status, error FROM test_sends ORDER BY id").fetchall()
+    assert rows == [
+        {"to_address": "erased@erased.invalid", "status": "failed",
+         "error": "withdrawn: an address was erased"},
+        {"to_address": "me@example.com", "status": "queued", "error": None}]
