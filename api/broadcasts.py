@@ -12,7 +12,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
-from api import auth, context, control, db, errors, http
+from api import auth, context, control, db, errors, http, senders
 from mail import template
 from sql import broadcasts, drafts
 from sql import errors as sql_errors
@@ -154,6 +154,9 @@ async def update(request: Request) -> Response:
         priority = broadcasts.validate_priority(body["priority"]) if "priority" in body else None
     except sql_errors.InvalidInput as exc:
         raise _invalid(exc) from None
+    if from_address is not None and current["status"] == "scheduled":
+        # checked at schedule: a scheduled broadcast's new From must pass the rule as well
+        await senders.check(request, who.account, bid, from_value=from_address)
     row = await db.one(context.pool(request), "broadcast_update_draft", {
         "account": who.account, "id": bid, "details": control.details(who),
         "subject": values["subject"],

@@ -9,7 +9,7 @@ from typing import Any
 
 import psycopg
 
-from sql import broadcasts
+from sql import broadcasts, senders
 from sql.queries import QUERIES
 
 EDITABLE = ("draft", "scheduled")  # a scheduled broadcast is edited until it starts
@@ -38,6 +38,9 @@ def edit(conn: psycopg.Connection[Any], account: str, bid: uuid.UUID, changes: d
     from_address = broadcasts.validate_from(changes["from"]) if "from" in changes else None
     priority = (broadcasts.validate_priority(changes["priority"]) if "priority" in changes
                 else None)
+    if from_address is not None and current["status"] == "scheduled":
+        # checked at schedule: a scheduled broadcast's new From must pass the rule as well
+        senders.check(conn, account, bid, from_value=from_address)
     row = conn.execute(QUERIES["broadcast_update_draft"], {
         "account": account, "id": bid, "details": json.dumps(details or {}),
         "subject": values["subject"], "from_address": from_address,

@@ -62,12 +62,14 @@ def refused_recipients(rows: Sequence[dict[str, Any]]) -> str | None:
     return " ".join(parts) + " (a test send never mails or names such an address)"
 
 
-def check(conn: psycopg.Connection[Any], account: str, broadcast_id: uuid.UUID) -> None:
-    """Refuse (InvalidInput) a From the account may not use; an unknown broadcast passes."""
+def check(conn: psycopg.Connection[Any], account: str, broadcast_id: uuid.UUID,
+          from_value: str | None = None) -> None:
+    """Refuse (InvalidInput) a From the account may not use (the stored one, or `from_value`
+    that an edit would store); an unknown broadcast passes."""
     row = conn.execute(QUERIES["broadcast_senders"],
                        {"account": account, "id": broadcast_id}).fetchone()
     if row is None:
         return
-    reason = refusal(row["from_address"], list(row["senders"]))
+    reason = refusal(from_value or row["from_address"], list(row["senders"]))
     if reason:
         raise errors.InvalidInput(reason)

@@ -126,3 +126,25 @@ def test_test_sends_refuse_unsubscribed_suppressed_and_erased_addresses(
     assert code == 2 and "gone@example.com is erased" in err
     r = api.post(f"/broadcasts/{bid}/test", json={"to": to[3:]})
     assert r.status_code == 202, r.text
+
+
+def test_a_scheduled_broadcasts_from_cannot_be_edited_past_the_rule(
+        cli_db: str, capsys: pytest.CaptureFixture[str], api: h.Api, conn: Conn) -> None:
+    """Scheduled with an allowed From, then edited (PATCH or `broadcast edit`) to one the
+    account may not use: refused, so the start never sends as it."""
+    assert _cli(capsys, "senders", "add", A, "news.example.com")[0] == 0
+    bid = _create(api, "news@news.example.com")
+    assert api.post(f"/broadcasts/{bid}/schedule", json={"at": _at()}).status_code == 200
+    r = api.patch(f"/broadcasts/{bid}", json={"from": PAYPAL})
+    assert r.status_code == 422 and "not a sender this account may use" in r.json()["message"]
+    code, _, err = _cli(capsys, "broadcast", "edit", bid, "--from", PAYPAL, "--account", A)
+    assert code == 2 and "not a sender this account may use" in err
+    assert api.patch(f"/broadcasts/{bid}", json={"from": "Team <team@news.example.com>"}
+                     ).status_code == 200  # an allowed one still is
+    row = conn.execute("SELECT status, from_address FROM broadcasts WHERE id = %s",
+                       (bid,)).fetchone()
+    assert row == {"status": "scheduled", "from_address": "Team <team@news.example.com>"}
+    # a draft may hold any From until it is sent or scheduled, as at create
+    draft = _create(api, "news@news.example.com")
+    assert api.patch(f"/broadcasts/{draft}", json={"from": PAYPAL}).status_code == 200
+    assert api.post(f"/broadcasts/{draft}/schedule", json={"at": _at()}).status_code == 422
