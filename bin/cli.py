@@ -214,7 +214,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     stats = asyncio.run(worker_main.run(settings, db.database_url(),
                                         metrics_addr=args.metrics_addr))
     print(json.dumps({"sent": stats.sent, "failed": stats.failed, "retried": stats.retried,
-                      "groups": stats.groups}), file=sys.stderr)
+                      "groups": stats.groups, "connections": stats.connections}),
+          file=sys.stderr)
     return 0
 
 

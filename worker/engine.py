@@ -61,6 +61,8 @@ class Stats:
     failed: int = 0
     retried: int = 0
     groups: int = 0
+    # the provider's connections opened and retired, and transport failures by cause (ses)
+    connections: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -134,6 +136,9 @@ class Engine:
                 await asyncio.gather(*list(self._groups))
             await self.recorder.drain()
         finally:
+            counts = getattr(self.provider, "connection_counts", None)
+            if counts is not None:
+                self.stats.connections = counts()
             for task in loops:
                 task.cancel()
             if self.executor is not None:
