@@ -15,7 +15,14 @@ from typing import Any, NoReturn
 
 import psycopg
 
-from bin import broadcast_commands, contacts_commands, logs, output, schedule_commands
+from bin import (
+    broadcast_commands,
+    contacts_commands,
+    logs,
+    output,
+    reconcile_commands,
+    schedule_commands,
+)
 from mail import template
 from sql import broadcasts, contacts, db, embedded, errors, migrate
 from sql.queries import QUERIES
@@ -442,6 +449,7 @@ def build_parser() -> Parser:
                     help="an integer 1-1000: the account gets N times the share of a weight-1 "
                          "account while both are limited by the rate")
     r.set_defaults(func=cmd_rate)
+    reconcile_commands.register(sub, ACCOUNT_DEFAULT)
 
     _add_api_commands(sub)
     return p
