@@ -45,7 +45,8 @@ def requeue(conn: psycopg.Connection[Any], after: float, bid: uuid.UUID | None =
             dry_run: bool = False, via: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """One transaction per broadcast (autocommit `conn`): what was (or would be) requeued."""
     cur = conn.cursor(row_factory=psycopg.rows.dict_row)
-    ids = [r["id"] for r in cur.execute(QUERIES["reconcile_candidates"], {"id": bid})]
+    ids = [r["id"] for r in cur.execute(QUERIES["reconcile_candidates"],
+                                        {"id": bid, "after": f"{after} seconds"})]
     out: list[dict[str, Any]] = []
     for one in ids:
         out.extend(dict(r) for r in cur.execute(QUERIES["reconcile_requeue"], _params(
@@ -57,7 +58,7 @@ async def requeue_async(conn: psycopg.AsyncConnection[Any],
                         after: float) -> list[dict[str, Any]]:
     """requeue() for the sweeper, on an asynchronous autocommit connection."""
     cur = conn.cursor(row_factory=psycopg.rows.dict_row)
-    await cur.execute(QUERIES["reconcile_candidates"], {"id": None})
+    await cur.execute(QUERIES["reconcile_candidates"], {"id": None, "after": f"{after} seconds"})
     ids = [r["id"] for r in await cur.fetchall()]
     out: list[dict[str, Any]] = []
     for one in ids:
