@@ -49,7 +49,10 @@ class MeteredProvider:
         counts = getattr(inner, "connection_counts", None)
         if counts is not None:
             self.connection_counts = counts
-            prom.REGISTRY.register(ConnectionCollector(counts))
+            CONNECTIONS.counts = counts  # the process's provider (one per worker process)
+            if not CONNECTIONS.registered:
+                prom.REGISTRY.register(CONNECTIONS)
+                CONNECTIONS.registered = True
 
     def send(self, message: render.Message) -> str:
         """The wrapped send, measured."""
@@ -78,8 +81,9 @@ class MeteredProvider:
 class ConnectionCollector:
     """The provider's connection counts (worker.sesconn), read at each scrape."""
 
-    def __init__(self, counts: Callable[[], dict[str, int]]) -> None:
-        self.counts = counts
+    def __init__(self) -> None:
+        self.counts: Callable[[], dict[str, int]] = dict
+        self.registered = False
 
     def collect(self) -> Iterator[prom_core.Metric]:
         """pgcast_provider_connections{event} and pgcast_provider_transport_failures{cause}."""
@@ -97,6 +101,9 @@ class ConnectionCollector:
         causes.add_metric(["before_write"], c.get("failed_before_write", 0))
         causes.add_metric(["after_write"], c.get("unknown_after_write", 0))
         yield causes
+
+
+CONNECTIONS = ConnectionCollector()
 
 
 class MeteredDb(pg.Db):

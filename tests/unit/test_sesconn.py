@@ -119,3 +119,17 @@ def test_without_the_gate_installed_every_failure_is_in_doubt() -> None:
     conns = sesconn.Connections()
     conns.begin()
     assert conns.written() == 1  # bytes are not counted: assume some were written
+
+
+def test_the_counts_are_metrics_however_often_a_provider_is_wrapped(
+        provider: ses.SesProvider) -> None:
+    import prometheus_client as prom
+
+    from worker import metrics
+
+    provider.send(message(1))
+    for _ in range(2):  # one collector per process, reading the newest provider
+        metrics.MeteredProvider(provider)
+    text = prom.generate_latest().decode()
+    assert 'pgcast_provider_connections_total{event="opened"} 1.0' in text
+    assert 'pgcast_provider_transport_failures_total{cause="after_write"} 0.0' in text
