@@ -135,7 +135,11 @@ SCHEMAS: dict[str, Any] = {
         "scheduled_at": TIME_OR_NULL,
         "share_per_second": {"type": ["number", "null"], "minimum": 0, "description":
                              "its fair share of the global rate among the broadcasts taking "
-                             "tokens now; null when it takes none"}}),
+                             "tokens now; null when it takes none"},
+        "unknown_resolved": {**INT, "description": "recipients that were unknown and an SES "
+                             "event resolved (sent or failed); `unknown` counts those still open"},
+        "unknown_requeued": {**INT, "description": "unknown recipients requeued once for want "
+                             "of an SES event (PGCAST_RECONCILE_AFTER)"}}),
     "Recipient": obj({"email": STR, "status": {"enum": RECIPIENT_STATUSES},
                       "attempts": INT, "last_error": STR_OR_NULL, "sent_at": TIME_OR_NULL}),
     "ScheduleIn": obj({"at": {**STR, "description": "ISO 8601 with an offset, at most a "

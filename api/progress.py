@@ -17,6 +17,8 @@ from sql import broadcasts
 
 COUNTS = ("total", "pending", "sent", "failed", "skipped", "unknown", "cancelled")
 FEEDBACK = ("delivered", "bounced", "complained")  # SES feedback (issue 14), also O(1)
+RECONCILED = ("unknown_resolved", "unknown_requeued")  # unknown rows an SES event resolved,
+# and those requeued once for want of one (PGCAST_RECONCILE_AFTER)
 RECIPIENT_STATUSES = tuple(openapi.RECIPIENT_STATUSES)
 PAGE_DEFAULT = 100
 PAGE_MAX = 1000
@@ -50,7 +52,9 @@ def progress_json(row: dict[str, Any]) -> dict[str, Any]:
         eta = math.ceil(out["pending"] / rate)
     share = row.get("share_per_second")
     return {**out, "rate": rate, "eta_seconds": eta, "scheduled_at": row["scheduled_at"],
-            "share_per_second": round(float(share), 2) if share is not None else None}
+            "share_per_second": round(float(share), 2) if share is not None else None,
+            # `unknown` is what is still open; these were unknown and are no longer (issue 25)
+            **{k: int(row.get(k) or 0) for k in RECONCILED}}
 
 
 async def _read(pool: db.Pool, account: str, bid: uuid.UUID) -> dict[str, Any] | None:

@@ -25,6 +25,7 @@ class Event:
     contact: int | None
     addresses: list[str]
     detail: str | None
+    message_id: str | None = None  # SES's mail.messageId: an unknown row resolved gets it
 
 
 def _when(raw: Any, fallback: dt.datetime) -> dt.datetime:
@@ -84,6 +85,8 @@ def parse(text: str, sns_time: dt.datetime) -> Event | None:
         return None
     broadcast, contact = _tags(mail)
     fallback = _when(mail.get("timestamp"), sns_time)
+    raw_id = mail.get("messageId")
+    mid = _text(raw_id[:200]) if isinstance(raw_id, str) else None
     if kind == "Bounce" and isinstance(body.get("bounce"), dict):
         b = body["bounce"]
         recipients = b.get("bouncedRecipients")
@@ -94,16 +97,24 @@ def parse(text: str, sns_time: dt.datetime) -> Event | None:
         hard = b.get("bounceType") == "Permanent"
         return Event("bounce" if hard else "soft_bounce", _when(b.get("timestamp"), fallback),
                      broadcast, contact, _addresses(recipients, "emailAddress"),
-                     _text(detail))
+                     _text(detail), mid)
     if kind == "Complaint" and isinstance(body.get("complaint"), dict):
         c = body["complaint"]
         feedback = c.get("complaintFeedbackType")
         return Event("complaint", _when(c.get("timestamp"), fallback), broadcast, contact,
                      _addresses(c.get("complainedRecipients"), "emailAddress"),
-                     _text(feedback))
+                     _text(feedback), mid)
     if kind == "Delivery" and isinstance(body.get("delivery"), dict):
         d = body["delivery"]
         return Event("delivery", _when(d.get("timestamp"), fallback), broadcast, contact,
-                     _addresses(d.get("recipients"), None), None)
-    # Send, Reject, Open, Click, DeliveryDelay...: seen, nothing to apply
-    return Event(kind.lower().replace("\x00", "")[:40], fallback, broadcast, contact, [], None)
+                     _addresses(d.get("recipients"), None), None, mid)
+    # Send, Reject, RenderingFailure: they resolve an unknown row; Open, Click,
+    # DeliveryDelay...: seen, nothing to apply
+    why: str | None = None
+    for key in ("reject", "failure"):  # Reject's reason, RenderingFailure's errorMessage
+        part = body.get(key)
+        if isinstance(part, dict):
+            why = why or _text(part.get("reason") or part.get("errorMessage"))
+    # "Rendering Failure" (with a space, as SES spells it) is renderingfailure
+    name = kind.lower().replace(" ", "").replace("\x00", "")[:40]
+    return Event(name, fallback, broadcast, contact, [], why, mid)

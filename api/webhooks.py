@@ -139,9 +139,12 @@ async def _apply(pool: db.Pool, feedback: Feedback, message: dict[str, Any],
         "broadcast": event.broadcast if event else None,
         "contact": event.contact if event else None,
         "addresses": event.addresses if event else [], "detail": event.detail if event else None,
-        "at": event.at if event else sent_at, "soft_limit": feedback.soft_bounce_limit, **limits})
+        "at": event.at if event else sent_at, "soft_limit": feedback.soft_bounce_limit,
+        "ses_message_id": event.message_id if event else None, **limits})
     assert row is not None  # the function always answers one row
     out: dict[str, Any] = {"outcome": row["outcome"]}
+    if row["reconciled"] is not None:  # an unknown recipient resolved by this event
+        out["reconciled"] = row["reconciled"]
     if row["outcome"] == "logged" and event is not None:
         log.info("SES %s without pgcast tags for %s: logged, not applied", event.event,
                  ", ".join(event.addresses) or "no address")

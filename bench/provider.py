@@ -7,6 +7,9 @@ until they LISTEN, sends one broadcast and waits until it is drained.
 
     python -m bench.provider                       # every case below, embedded Postgres
     python -m bench.provider --case 100:200:1      # latency ms : global rate (0 = none) : procs
+    python -m bench.provider --case 100:200:1:6000:0.05@10000   # ... : recipients : a tail
+                                                   # (5 % of calls answered after 10,000 ms)
+    python -m bench.provider --tails               # the latency-tail cases (issue 25)
     python -m bench.provider --split               # only the null-provider 2-process split
 
 Figures per case: the steady rate over the middle 80% of deliveries, its ratio to the limit,
@@ -24,8 +27,10 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,8 +47,13 @@ ROOT = Path(__file__).resolve().parent.parent
 # (latency ms, global rate /s, processes, recipients): the issue's bars, then the reports
 CASES = ((20, 200, 1, 3000), (100, 200, 1, 3000), (300, 200, 1, 3000), (100, 400, 2, 5000),
          (100, 0, 1, 6000))
+# (latency ms, rate, processes, recipients, slow share, slow ms): a tail must not stall a
+# process (issue 25): >= 0.9 of the limit with 5 % at 10 s, >= 0.97 with 1 % at 5 s
+TAILS = ((100, 200, 1, 6000, 0.05, 10000.0), (100, 200, 1, 6000, 0.01, 5000.0),
+         (100, 200, 1, 6000, 0.0, 0.0))
 SPLIT_RECIPIENTS = 2000
 WINDOW = 1.0  # seconds
+SAMPLE = 0.05  # seconds between samples of the endpoint's requests in flight
 
 
 @dataclass
@@ -60,19 +70,23 @@ class Result:
     max_window: int  # most requests received in any 1-second window
     max_handed: int  # most rows handed off (tokens spent) in any 1-second window
     most_in_flight: int
+    mean_in_flight: float  # requests the endpoint was answering, sampled while sending
     cpu_ms: float  # worker CPU milliseconds per delivered message (all processes)
     split: list[int]
+    tail: str = ""  # "5% at 10000 ms", or empty
 
     def line(self) -> str:
         """One printable line."""
         limit = f"limit {self.rate:g}/s" if self.rate else "no limit"
         ratio = f" = {self.steady / self.rate:.3f} x limit" if self.rate else ""
         cap = (f" (rate + burst = {self.rate + self.burst:g})" if self.rate else "")
-        return (f"{self.latency_ms:g} ms, {limit}, {self.procs} process(es): "
+        tail = f" ({self.tail})" if self.tail else ""
+        return (f"{self.latency_ms:g} ms{tail}, {limit}, {self.procs} process(es): "
                 f"{self.received} received, {self.duplicates} duplicates, steady "
                 f"{self.steady:.1f}/s{ratio}; most in any {WINDOW:g}s {self.max_window} received, "
                 f"{self.max_handed} handed off{cap}; "
-                f"endpoint in flight at most {self.most_in_flight}; CPU "
+                f"endpoint in flight at most {self.most_in_flight}, mean "
+                f"{self.mean_in_flight:.1f}; CPU "
                 f"{self.cpu_ms:.2f} ms/message; split {self.split}")
 
 
@@ -119,6 +133,31 @@ def _cpu(procs: list[subprocess.Popen[str]]) -> float:
     return total
 
 
+@contextlib.contextmanager
+def _sampling(endpoint: sesd.Endpoint) -> Iterator[list[int]]:
+    """The endpoint's requests in flight every SAMPLE seconds, from a thread, for the block."""
+    samples: list[int] = []
+    done = threading.Event()
+
+    def run() -> None:
+        while not done.wait(SAMPLE):
+            samples.append(endpoint.in_flight)
+
+    thread = threading.Thread(target=run, daemon=True, name="sampler")
+    thread.start()
+    try:
+        yield samples
+    finally:
+        done.set()
+        thread.join(5)
+
+
+def _steady_mean(samples: list[int]) -> float:
+    """The mean of the middle 80% of the samples (start-up and drain left out)."""
+    middle = samples[len(samples) // 10: len(samples) * 9 // 10] or samples
+    return sum(middle) / len(middle) if middle else float("nan")
+
+
 def _send_and_drain(conn: psycopg.Connection[Any], timeout: float) -> Any:
     row = broadcasts.create(conn, "bench", subject="bench", from_address="b@bench.example",
                             text="hello")
@@ -136,10 +175,12 @@ def _split(conn: psycopg.Connection[Any], bid: Any) -> list[int]:
 
 
 def run_case(url: str, latency_ms: float, rate: float, nprocs: int, n: int,
-             logs: Path, args: list[str]) -> Result:
+             logs: Path, args: list[str], slow_share: float = 0.0,
+             slow_ms: float = 0.0) -> Result:
     """One case: endpoint, workers, one broadcast of n recipients, figures."""
     burst = worker_main.default_burst(rate) if rate else 0.0
-    with sesd.running(latency_ms / 1000) as endpoint, \
+    with sesd.running(latency_ms / 1000, slow_share=slow_share,
+                      slow_latency=slow_ms / 1000) as endpoint, \
             psycopg.connect(url, autocommit=True, row_factory=dict_row) as conn:
         _seed(conn, n)
         env = {**endpoint.env(), "PGCAST_RATE": str(rate)}
@@ -151,7 +192,8 @@ def run_case(url: str, latency_ms: float, rate: float, nprocs: int, n: int,
                             "the workers to start")
             time.sleep(1.0)  # their imports and first polls are not the sending's CPU
             cpu0 = _cpu(procs)
-            bid = _send_and_drain(conn, n / max(rate, 50) * 4 + 60)
+            with _sampling(endpoint) as samples:
+                bid = _send_and_drain(conn, n / max(rate, 50) * 4 + 60 + 3 * slow_ms / 1000)
             cpu = _cpu(procs) - cpu0
             split = _split(conn, bid)
             handed = [float(r["h"]) for r in conn.execute(
@@ -165,8 +207,9 @@ def run_case(url: str, latency_ms: float, rate: float, nprocs: int, n: int,
     return Result(latency_ms, rate, burst, nprocs, len(got),
                   sum(c - 1 for c in counts.values()), steady_rate(times),
                   ratelimit.max_in_window(times, WINDOW), ratelimit.max_in_window(handed, WINDOW),
-                  endpoint.most_in_flight,
-                  cpu / max(1, len(got)) * 1000, split)
+                  endpoint.most_in_flight, _steady_mean(samples),
+                  cpu / max(1, len(got)) * 1000, split,
+                  f"{slow_share:.0%} at {slow_ms:g} ms" if slow_share else "")
 
 
 def run_split(url: str, logs: Path) -> list[int]:
@@ -208,12 +251,16 @@ def boto3_cost(calls: int = 2000, threads: int = 16) -> tuple[float, float]:
     return cpu / calls * 1000, calls / wall
 
 
-def _case(raw: str) -> tuple[float, float, int, int]:
+def _case(raw: str) -> tuple[float, float, int, int, float, float]:
     parts = raw.split(":")
     latency, rate = float(parts[0]), float(parts[1])
     nprocs = int(parts[2]) if len(parts) > 2 else 1
     n = int(parts[3]) if len(parts) > 3 else 3000
-    return latency, rate, nprocs, n
+    share, slow = 0.0, 0.0
+    if len(parts) > 4:
+        share_raw, _, slow_raw = parts[4].partition("@")
+        share, slow = float(share_raw), float(slow_raw)
+    return latency, rate, nprocs, n, share, slow
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -221,7 +268,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.provider", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--case", action="append", type=_case,
-                        metavar="LATENCY_MS:RATE[:PROCS[:RECIPIENTS]]")
+                        metavar="LATENCY_MS:RATE[:PROCS[:RECIPIENTS[:SHARE@SLOW_MS]]]")
+    parser.add_argument("--tails", action="store_true", help="only the latency-tail cases")
     parser.add_argument("--split", action="store_true", help="only the null-provider split")
     parser.add_argument("--boto3", action="store_true",
                         help="only boto3's CPU per call (no database)")
@@ -231,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"cpus {os.cpu_count()}, load {os.getloadavg()[0]:.1f}; worker logs in {logs}",
           flush=True)
     extra = args.worker_args.split()
+    if args.tails:
+        args.case = list(TAILS)
     if args.boto3 or not (args.case or args.split):
         per_call, rate = boto3_cost()
         print(f"boto3 alone: {per_call:.2f} ms CPU per SendEmail (client and endpoint in one "
@@ -243,8 +293,10 @@ def main(argv: list[str] | None = None) -> int:
     gc.freeze()
     with common.server() as server_url, common.database(server_url, "provider") as url:
         if not args.split:
-            for latency, rate, nprocs, n in args.case or CASES:
-                print(run_case(url, latency, rate, nprocs, n, logs, extra).line(), flush=True)
+            cases = args.case or [(*c, 0.0, 0.0) for c in CASES]
+            for latency, rate, nprocs, n, share, slow in cases:
+                print(run_case(url, latency, rate, nprocs, n, logs, extra, share, slow).line(),
+                      flush=True)
         if args.split or not args.case:
             print(f"null provider, 2 processes, {SPLIT_RECIPIENTS} recipients: rows per process "
                   f"{run_split(url, logs)}", flush=True)

@@ -1,8 +1,10 @@
 """A local SES-compatible HTTP endpoint with a configurable latency, for benchmarks and tests.
 
 It answers sesv2 SendEmail (POST /v2/email/outbound-emails) with `{"MessageId": ...}` after
-`latency` seconds, and records when each request arrived and for whom: rates are measured
-here, where the provider receives the requests. asyncio, HTTP/1.1 keep-alive, loopback only.
+`latency` seconds (a share `slow_share` of requests, drawn from a seeded generator, after
+`slow_latency` seconds instead: a latency tail), and records when each request arrived and for
+whom: rates are measured here, where the provider receives the requests. asyncio, HTTP/1.1
+keep-alive, loopback only.
 Requests whose body contains one of `no_id_for` are answered 200 with no MessageId (an
 answer botocore accepts and pgcast cannot read: the request did reach the provider).
 
@@ -15,6 +17,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import random
 import threading
 import time
 import uuid
@@ -38,6 +41,8 @@ class Endpoint:
     """The endpoint's settings and what it received (read it from any thread)."""
 
     latency: float = 0.1  # seconds before each answer
+    slow_share: float = 0.0  # share of requests answered after slow_latency instead
+    slow_latency: float = 0.0  # seconds
     no_id_for: list[str] = field(default_factory=list)
     received: list[Received] = field(default_factory=list)
     in_flight: int = 0  # requests being answered right now
@@ -45,6 +50,7 @@ class Endpoint:
     port: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _open: dict[asyncio.Task[Any], asyncio.StreamWriter] = field(default_factory=dict)
+    _random: random.Random = field(default_factory=lambda: random.Random(25))
 
     def reset(self) -> None:
         """Forget what was received."""
@@ -104,7 +110,8 @@ class Endpoint:
             self.in_flight += 1
             self.most_in_flight = max(self.most_in_flight, self.in_flight)
         try:
-            await asyncio.sleep(self.latency)
+            slow = self.slow_share > 0 and self._random.random() < self.slow_share
+            await asyncio.sleep(self.slow_latency if slow else self.latency)
         finally:
             with self._lock:
                 self.in_flight -= 1
@@ -144,9 +151,11 @@ class Endpoint:
 
 
 @contextlib.contextmanager
-def running(latency: float, no_id_for: list[str] | None = None):  # type: ignore[no-untyped-def]
+def running(latency: float, no_id_for: list[str] | None = None,  # type: ignore[no-untyped-def]
+            slow_share: float = 0.0, slow_latency: float = 0.0):
     """An Endpoint served from a daemon thread with its own event loop, for the block."""
-    endpoint = Endpoint(latency=latency, no_id_for=list(no_id_for or []))
+    endpoint = Endpoint(latency=latency, no_id_for=list(no_id_for or []),
+                        slow_share=slow_share, slow_latency=slow_latency)
     ready = threading.Event()
     loop = asyncio.new_event_loop()
     task: list[asyncio.Task[None]] = []
@@ -174,8 +183,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--latency-ms", type=float, default=100.0)
     parser.add_argument("--port", type=int, default=8025)
+    parser.add_argument("--slow-share", type=float, default=0.0)
+    parser.add_argument("--slow-ms", type=float, default=0.0)
     args = parser.parse_args()
-    endpoint = Endpoint(latency=args.latency_ms / 1000)
+    endpoint = Endpoint(latency=args.latency_ms / 1000, slow_share=args.slow_share,
+                        slow_latency=args.slow_ms / 1000)
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(endpoint.serve(args.port))
 

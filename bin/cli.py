@@ -15,7 +15,14 @@ from typing import Any, NoReturn
 
 import psycopg
 
-from bin import broadcast_commands, contacts_commands, logs, output, schedule_commands
+from bin import (
+    broadcast_commands,
+    contacts_commands,
+    logs,
+    output,
+    reconcile_commands,
+    schedule_commands,
+)
 from mail import errors as mail_errors
 from mail import template, validate
 from sql import broadcasts, contacts, db, embedded, errors, migrate
@@ -215,7 +222,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     stats = asyncio.run(worker_main.run(settings, db.database_url(),
                                         metrics_addr=args.metrics_addr))
     print(json.dumps({"sent": stats.sent, "failed": stats.failed, "retried": stats.retried,
-                      "groups": stats.groups}), file=sys.stderr)
+                      "groups": stats.groups, "connections": stats.connections}),
+          file=sys.stderr)
     return 0
 
 
@@ -448,6 +456,7 @@ def build_parser() -> Parser:
                     help="an integer 1-1000: the account gets N times the share of a weight-1 "
                          "account while both are limited by the rate")
     r.set_defaults(func=cmd_rate)
+    reconcile_commands.register(sub, ACCOUNT_DEFAULT)
 
     from bin import senders_commands  # operator only: the senders an account may use
 

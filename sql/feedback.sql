@@ -12,11 +12,12 @@ ON CONFLICT (message_id) DO NOTHING
 RETURNING message_id
 
 -- feedback_ses_event --
--- Applies one SES event once per SNS MessageId (pgcast_ses_event_v1).
-SELECT * FROM pgcast_ses_event_v1(
+-- Applies one SES event once per SNS MessageId, and resolves the `unknown` row it names
+-- (pgcast_ses_event_v2).
+SELECT * FROM pgcast_ses_event_v2(
     %(message_id)s, %(topic)s, %(sent_at)s, %(prune_before)s, %(event)s, %(broadcast)s,
     %(contact)s, %(addresses)s, %(detail)s, %(at)s, %(soft_limit)s, %(guard_min)s,
-    %(max_bounce)s, %(max_complaint)s)
+    %(max_bounce)s, %(max_complaint)s, %(ses_message_id)s)
 
 -- feedback_guard --
 -- Pauses a sending broadcast whose bounce or complaint rate is past the limit (pgcast_guard_v1).

@@ -27,6 +27,7 @@ UPSTREAM_TIMEOUT = 30.0  # seconds
 # the namespace suffix SES puts after the code in x-amzn-ErrorType (botocore strips it)
 ERROR_NAMESPACE = "http://internal.amazon.com/coral/com.amazonaws.services.email/"
 NO_ANSWER = 0  # a Rule status: close the connection without answering
+FORWARD_NO_ANSWER = -1  # a Rule status: forward the request, then close without answering
 
 
 @dataclass
@@ -59,6 +60,17 @@ def rejected(address: str) -> Rule:
 def no_answer(address: str) -> Rule:
     """The connection closed with no answer, for one recipient: the outcome is unknown."""
     return Rule(NO_ANSWER, "", "", match=f"<{address}>")
+
+
+def dropped(every: int, limit: int | None = None) -> Rule:
+    """Every Nth request read and never forwarded nor answered (the connection closes)."""
+    return Rule(NO_ANSWER, "", "", every=every, limit=limit)
+
+
+def answer_lost(every: int, limit: int | None = None) -> Rule:
+    """Every Nth request forwarded (SES takes it), then its answer lost (the connection
+    closes): the sender cannot tell, SES's events can."""
+    return Rule(FORWARD_NO_ANSWER, "", "", every=every, limit=limit)
 
 
 def sending_paused(skip: int = 0) -> Rule:
@@ -166,18 +178,19 @@ def _handler(proxy: FaultProxy) -> type[http.server.BaseHTTPRequestHandler]:
             self.end_headers()
             self.wfile.write(body)
 
-        def _forward(self, body: bytes) -> None:
+        def _forward(self, body: bytes, answer: bool = True) -> None:
             upstream = http.client.HTTPConnection(proxy.upstream_host, proxy.upstream_port,
                                                   timeout=UPSTREAM_TIMEOUT)
             try:
                 skip = {"host", "content-length", "connection", "transfer-encoding"}
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in skip}
                 upstream.request(self.command, self.path, body=body or None, headers=headers)
-                answer = upstream.getresponse()
-                data = answer.read()
-                passed = {k: v for k, v in answer.getheaders()
+                reply = upstream.getresponse()
+                data = reply.read()
+                passed = {k: v for k, v in reply.getheaders()
                           if k.lower() not in skip and k.lower() != "keep-alive"}
-                self._reply(answer.status, passed, data)
+                if answer:
+                    self._reply(reply.status, passed, data)
             finally:
                 upstream.close()
 
@@ -188,6 +201,12 @@ def _handler(proxy: FaultProxy) -> type[http.server.BaseHTTPRequestHandler]:
             rule = proxy.decide(self.path, body)
             if rule is None:
                 self._forward(body)
+                return
+            if rule.status == FORWARD_NO_ANSWER:
+                with proxy._lock:
+                    proxy.forwarded_sends += 1
+                self._forward(body, answer=False)
+                self.close_connection = True
                 return
             if rule.status == NO_ANSWER:
                 # the request was read, and nobody will ever say what became of it

@@ -15,6 +15,7 @@ import math
 import random
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +38,9 @@ class Outcome:
     retry_in: float = 0.0
     pause_reason: str | None = None  # account-level trouble: pause the broadcast
     seconds: float | None = None  # the provider call's duration; None: never called
+
+
+Each = Callable[[asyncio.Future[Outcome]], None]  # a done-callback per row's call
 
 
 @dataclass
@@ -122,9 +126,12 @@ class Sender:
 
     async def send_group(self, content: render.Content | str,
                          handed: list[Recipient], attempts: dict[int, int],
-                         handed_at: float | None = None) -> list[Outcome]:
+                         handed_at: float | None = None,
+                         each: Each | None = None) -> list[Outcome]:
         """One outcome per handed-off row, in order; never raises (but CancelledError).
-        `handed_at`: the handoff's time (time.monotonic), for the deadline."""
+        `handed_at`: the handoff's time (time.monotonic), for the deadline; `each`: called
+        with each row's future as soon as it is done (on the executor path), so that an
+        answer need not wait for the group's slowest call."""
         built = [build(content, r) for r in handed]
         stop: list[Outcome] = []  # a throttle or account trouble: the rest are not called
         if self.executor is None or not self.provider.blocking:
@@ -141,6 +148,9 @@ class Sender:
             else:
                 futures.append(loop.run_in_executor(self.executor, self.paced, b, attempts,
                                                     stop, due))
+        if each is not None:
+            for future in futures:
+                future.add_done_callback(each)
         return list(await asyncio.gather(*futures))
 
     def paced(self, message: render.Message, attempts: dict[int, int], stop: list[Outcome],

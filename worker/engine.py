@@ -20,7 +20,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from worker import claims, dispatch, inflight, pg, picker, providers, ratelimit, render
+from worker import claims, dispatch, inflight, pg, picker, providers, ratelimit, recorder, render
 
 log = logging.getLogger("pgcast.worker")
 
@@ -61,6 +61,8 @@ class Stats:
     failed: int = 0
     retried: int = 0
     groups: int = 0
+    # the provider's connections opened and retired, and transport failures by cause (ses)
+    connections: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -100,6 +102,8 @@ class Engine:
         self.sizer = inflight.GroupSizer(settings.group_size, settings.group_ms,
                                          settings.batch_size)
         self.window = inflight.Window(settings.max_in_flight)
+        # each call through the window is recorded as it is answered, its slot freed then
+        self.recorder = recorder.Recorder(self._record_batch, self.window)
         # one thread per call in flight: asyncio's default executor has cpu_count + 4
         self.executor = (concurrent.futures.ThreadPoolExecutor(
             settings.max_in_flight, thread_name_prefix="provider") if provider.blocking else None)
@@ -130,7 +134,11 @@ class Engine:
             await asyncio.gather(*loops)
             while self._groups:  # a stop lets the calls in flight finish and be recorded
                 await asyncio.gather(*list(self._groups))
+            await self.recorder.drain()
         finally:
+            counts = getattr(self.provider, "connection_counts", None)
+            if counts is not None:
+                self.stats.connections = counts()
             for task in loops:
                 task.cancel()
             if self.executor is not None:
@@ -415,7 +423,14 @@ class Engine:
                                handed: Handed, attempts: dict[int, int],
                                content: render.Content | str, slots: int,
                                held_since: float, handed_at: float) -> None:
-        """Rows already handed off: the provider, then the record (slots released after)."""
+        """Rows already handed off: the provider, then the record (slots released after).
+        Through the window (slots), each call is recorded as it is answered and frees its own
+        slot then; the group's task ends when its last call is recorded."""
+        if slots and self.provider.blocking:
+            group = self.recorder.group((bid, epoch, token), slots, held_since)
+            await self.sender.send_group(content, handed, attempts, handed_at, group.answered)
+            await group.done
+            return
         try:
             outcomes = await self.sender.send_group(content, handed, attempts, handed_at)
             self._observe(outcomes)
@@ -429,6 +444,15 @@ class Engine:
                 # record), not only the call: at 20 ms calls the statements are most of it
                 self.window.observe(time.monotonic() - held_since)
             self._unslot(slots)
+
+    async def _record_batch(self, key: recorder.Key, outcomes: list[dispatch.Outcome]) -> None:
+        """What the recorder collected of one claim; its rows stay `sending` if it fails."""
+        bid, epoch, token = key
+        try:
+            self._observe(outcomes)
+            await self._record(bid, epoch, token, outcomes)
+        except Exception:  # noqa: BLE001 - a record that cannot be written must not stop us
+            log.exception("broadcast %s: outcomes could not be recorded", bid)
 
     def _observe(self, outcomes: list[dispatch.Outcome]) -> None:
         calls = [o.seconds for o in outcomes if o.seconds is not None]

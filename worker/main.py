@@ -17,7 +17,7 @@ from mail import errors as mail_errors
 from mail import unsubscribe
 from sql import db
 from sql.queries import QUERIES
-from worker import control, engine, errors, providers, retention, sweeper
+from worker import control, engine, errors, providers, reconcile, retention, sweeper
 
 log = logging.getLogger("pgcast.worker")
 
@@ -155,6 +155,7 @@ async def run(settings: engine.Settings, url: str,
         sql_metrics.serve(metrics_addr, url)
         provider, make_engine = metrics.MeteredProvider(provider), metrics.MeteredEngine
     retention_days = retention.days_from_env()
+    reconcile.after_from_env()  # a bad PGCAST_RECONCILE_AFTER stops the start, not a sweep
     configure_rate(url, provider)
     if settings.once:
         sweeper.sweep_once(url)

@@ -4,10 +4,11 @@ from outside the engine (a wrapping provider and an Engine whose statement runne
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import prometheus_client as prom
+import prometheus_client.core as prom_core
 
 from worker import engine, errors, pg, providers, render
 
@@ -45,6 +46,13 @@ class MeteredProvider:
         pace_with = getattr(inner, "pace_with", None)
         if pace_with is not None:
             self.pace_with = pace_with
+        counts = getattr(inner, "connection_counts", None)
+        if counts is not None:
+            self.connection_counts = counts
+            CONNECTIONS.counts = counts  # the process's provider (one per worker process)
+            if not CONNECTIONS.registered:
+                prom.REGISTRY.register(CONNECTIONS)
+                CONNECTIONS.registered = True
 
     def send(self, message: render.Message) -> str:
         """The wrapped send, measured."""
@@ -68,6 +76,34 @@ class MeteredProvider:
     def max_send_rate(self) -> float | None:
         """The wrapped provider's limit."""
         return self.inner.max_send_rate()
+
+
+class ConnectionCollector:
+    """The provider's connection counts (worker.sesconn), read at each scrape."""
+
+    def __init__(self) -> None:
+        self.counts: Callable[[], dict[str, int]] = dict
+        self.registered = False
+
+    def collect(self) -> Iterator[prom_core.Metric]:
+        """pgcast_provider_connections{event} and pgcast_provider_transport_failures{cause}."""
+        c = self.counts()
+        events = prom_core.CounterMetricFamily(
+            "pgcast_provider_connections", "provider connections by event: opened, waited "
+            "(at the gate that opens a few at a time), retired_idle", labels=["event"])
+        for event in ("opened", "waited", "retired_idle"):
+            events.add_metric([event], c.get(event, 0))
+        yield events
+        causes = prom_core.CounterMetricFamily(
+            "pgcast_provider_transport_failures", "provider calls the transport failed, by "
+            "cause: before_write (nothing written: retried), after_write (outcome unknown)",
+            labels=["cause"])
+        causes.add_metric(["before_write"], c.get("failed_before_write", 0))
+        causes.add_metric(["after_write"], c.get("unknown_after_write", 0))
+        yield causes
+
+
+CONNECTIONS = ConnectionCollector()
 
 
 class MeteredDb(pg.Db):

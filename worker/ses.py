@@ -12,7 +12,7 @@ import botocore.config
 import botocore.exceptions
 
 from mail import message as mail_message
-from worker import errors, render
+from worker import errors, render, sesconn
 
 # SES error codes that stop the whole account, mapped to the pause reason kept on the broadcast.
 ACCOUNT_LEVEL = {
@@ -42,8 +42,9 @@ BEFORE_SEND: tuple[type[BaseException], ...] = (
 )
 
 
-def classify(exc: Exception) -> errors.ProviderError:
-    """Map a boto3/botocore exception to what the engine must do."""
+def classify(exc: Exception, written: int = 1) -> errors.ProviderError:
+    """Map a boto3/botocore exception to what the engine must do (`written`: bytes of the
+    request the call had written to its connection when it failed)."""
     if isinstance(exc, botocore.exceptions.ClientError):
         err = exc.response.get("Error", {})
         code = str(err.get("Code", ""))
@@ -67,6 +68,10 @@ def classify(exc: Exception) -> errors.ProviderError:
     if isinstance(exc, BEFORE_SEND):
         # the connection was never made: nothing was sent, a retry cannot mail twice
         return errors.Transient(f"cannot reach SES: {exc}")
+    if written == 0 and not isinstance(exc, botocore.exceptions.ReadTimeoutError):
+        # not one byte of the request was written (a connection reset or closed before the
+        # first write): SES cannot have it, a retry cannot mail twice
+        return errors.Transient(f"nothing was written to SES: {type(exc).__name__}: {exc}")
     # Everything else may have happened after the request left: a read timeout, a
     # connection closed mid-answer, a TLS error (botocore's SSLError covers a failed
     # handshake and an SSLEOFError while reading the answer alike), an exception nobody
@@ -81,9 +86,12 @@ class SesProvider:
     blocking = True
     may_have_sent_on_error = True  # the request may have reached SES
 
-    def __init__(self, client: Any, configuration_set: str | None = None) -> None:
+    def __init__(self, client: Any, configuration_set: str | None = None,
+                 connections: sesconn.Connections | None = None) -> None:
         self.client = client
         self.configuration_set = configuration_set
+        # counts the bytes each call writes (and gates new connections, when installed)
+        self.connections = connections or sesconn.Connections()
         self._pace: Callable[[], object] | None = None
         # the last moment before a request leaves: serialised and signed, about to be written
         client.meta.events.register("before-send.sesv2.SendEmail", self._before_send)
@@ -92,6 +100,7 @@ class SesProvider:
         """Call `pace` on the sending thread right before each SendEmail request leaves (the
         rate limit's pacer: boto3's own work per call is then behind it, not after it)."""
         self._pace = pace
+        self.connections.pace = pace  # a call that waited to open a connection is paced again
 
     def _before_send(self, **_: Any) -> None:
         if self._pace is not None:
@@ -116,11 +125,20 @@ class SesProvider:
             # one pooled connection per call in flight: botocore's default of 10 would make
             # the other calls wait for a connection (and log "connection pool is full")
             max_pool_connections=max_in_flight,
+            # keep idle connections' NAT and load-balancer state warm between calls
+            tcp_keepalive=True,
         )
         session = boto3.session.Session()
         region = session.region_name or os.environ.get("AWS_REGION") or "us-east-1"
         client = session.client("sesv2", region_name=region, config=config)
-        return cls(client, os.environ.get("PGCAST_SES_CONFIGURATION_SET") or None)
+        connections = sesconn.Connections()
+        sesconn.install(client, connections)  # opened a few at a time, retired when idle
+        return cls(client, os.environ.get("PGCAST_SES_CONFIGURATION_SET") or None,
+                   connections)
+
+    def connection_counts(self) -> dict[str, int]:
+        """Connections opened and retired, and transport failures by cause."""
+        return self.connections.counts()
 
     def send(self, message: render.Message) -> str:
         """One send_email call."""
@@ -143,11 +161,16 @@ class SesProvider:
         }
         if self.configuration_set:
             request["ConfigurationSetName"] = self.configuration_set
+        self.connections.begin()
         try:
             answer = self.client.send_email(**request)
             message_id = answer["MessageId"]
         except Exception as exc:
-            raise classify(exc) from exc
+            written = self.connections.written()
+            error = classify(exc, written)
+            if isinstance(exc, botocore.exceptions.BotoCoreError):  # the transport's failure
+                self.connections.failed(isinstance(error, errors.Transient))
+            raise error from exc
         return str(message_id)
 
     def max_send_rate(self) -> float | None:

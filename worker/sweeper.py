@@ -10,7 +10,7 @@ import psycopg
 
 from sql import db
 from sql.queries import QUERIES
-from worker import starter, testsend
+from worker import reconcile, starter, testsend
 
 log = logging.getLogger("pgcast.sweeper")
 
@@ -26,6 +26,9 @@ def sweep_conn(conn: psycopg.Connection[Any]) -> list[dict[str, Any]]:
     for bid in ids:
         done.extend(dict(r) for r in cur.execute(QUERIES["sweep_one"], {"id": bid}).fetchall())
     cur.execute(QUERIES["rate_shares_prune"])  # fair-share state of takers gone a minute
+    after = reconcile.after_from_env()
+    if after is not None:
+        _log_requeued(reconcile.requeue(conn, after))
     return done
 
 
@@ -39,7 +42,16 @@ async def sweep_async(conn: psycopg.AsyncConnection[Any]) -> list[dict[str, Any]
         await cur.execute(QUERIES["sweep_one"], {"id": bid})
         done.extend(dict(r) for r in await cur.fetchall())
     await cur.execute(QUERIES["rate_shares_prune"])  # fair-share state of takers gone a minute
+    after = reconcile.after_from_env()
+    if after is not None:
+        _log_requeued(await reconcile.requeue_async(conn, after))
     return done
+
+
+def _log_requeued(rows: list[dict[str, Any]]) -> None:
+    for row in rows:
+        log.info("reconcile %s: %s unknown recipients had no SES event after "
+                 "PGCAST_RECONCILE_AFTER: requeued once", row["broadcast_id"], row["requeued"])
 
 
 def sweep_once(url: str) -> list[dict[str, Any]]:
