@@ -2297,6 +2297,8 @@ BEGIN
         'to', to_jsonb(p_to), 'contact', p_contact, 'test_sends', to_jsonb(made)))
     WHERE b.id = p_id;
     RETURN QUERY SELECT true, true, n, made, '[]'::jsonb;
+END
+$$;
 
 -- 0016_reconcile: `unknown` recipients resolved from SES's own events (issue 25).
 -- An `unknown` row is one whose provider call may or may not have reached SES. Every SES
