@@ -264,8 +264,9 @@ SELECT pgcast_give_back_tokens_v1(%(name)s, %(tokens)s)
 SELECT pgcast_drain_tokens_v1(%(name)s, %(seconds)s)
 
 -- rate_get --
--- One bucket.
-SELECT name, rate, burst, tokens, refilled_at, updated_at FROM rate_limits WHERE name = %(name)s
+-- One bucket (operator_set_at NULL: no operator has set it; a worker's PGCAST_RATE may).
+SELECT name, rate, burst, tokens, refilled_at, updated_at, operator_set_at
+FROM rate_limits WHERE name = %(name)s
 
 -- rate_weight_set --
 -- An account's weight in the shared buckets (operator only: never through the tenant API).
