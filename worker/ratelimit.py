@@ -120,7 +120,9 @@ class Pacer:
 
     def __init__(self, rate: Callable[[], float]) -> None:
         self.rate = rate
-        self._tat = 0.0  # theoretical arrival time of the next call (monotonic seconds)
+        # theoretical arrival time of the next call (monotonic seconds); -inf: none booked yet
+        # (monotonic() counts from boot: 0.0 would be a real time on a machine just booted)
+        self._tat = -math.inf
         self._lock = threading.Lock()
 
     def delay(self) -> float:
