@@ -521,3 +521,50 @@ BEGIN
     RETURN QUERY SELECT cur.rate, cur.burst, false, cur.operator_set_at;
 END
 $$;
+
+-- claim and hand off, v4: v3, and only while the global bucket is unlimited when it runs
+-- (read after the fence). A claim decided under rate 0 whose statement waited while an
+-- operator set a rate hands off nothing: its rows come back claimed (handed = false) and
+-- take tokens group by group. `global_rate`: the rate it read, for the worker's state.
+CREATE FUNCTION pgcast_claim_handoff_v4(p_id uuid, p_limit integer, p_token uuid,
+                                        p_worker text, p_lease interval, p_after bigint)
+RETURNS TABLE (contact_id bigint, email text, name text, attributes jsonb, tags text[],
+               attempts smallint, epoch integer, handed boolean, last_fresh bigint,
+               global_rate double precision)
+LANGUAGE plpgsql
+SET plan_cache_mode = force_custom_plan
+AS $$
+DECLARE
+    e integer;
+    acct text;
+    c record;
+    lim double precision;
+BEGIN
+    PERFORM set_config('synchronous_commit', 'on', true);
+    PERFORM pg_advisory_xact_lock_shared(hashtext('pgcast.handoff'), hashtext(p_id::text));
+    SELECT b.epoch, b.account INTO e, acct FROM broadcasts b
+    WHERE b.id = p_id AND b.status = 'sending';
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    PERFORM pg_advisory_xact_lock_shared(hashtext('pgcast.contacts'), hashtext(acct));
+    c := pgcast_claim_rows_v2(p_id, p_limit, p_after);
+    -- read after the fence: a global rate set while this waited (0 -> N) applies to
+    -- these rows; they are then only claimed, and go through the bucket group by group
+    lim := coalesce((SELECT l.rate FROM rate_limits l WHERE l.name = 'global'), 0);
+    RETURN QUERY
+    UPDATE broadcast_recipients r
+    SET status = CASE WHEN k.mailable AND lim = 0 THEN 'sending' ELSE 'claimed' END,
+        handed_at = CASE WHEN k.mailable AND lim = 0 THEN statement_timestamp() END,
+        claim_token = p_token, claim_epoch = e, worker = coalesce(p_worker, 'unnamed'),
+        lease_expires_at = clock_timestamp() + p_lease
+    FROM (SELECT x.id, coalesce(ct.name, '') AS name, coalesce(ct.attributes, '{}') AS attributes,
+                 coalesce(ct.tags, '{}') AS tags, ct.id IS NOT NULL AND ct.unsubscribed_at IS NULL AND ct.suppressed_at IS NULL
+                     AS mailable
+          FROM unnest(c.ids) AS x(id) LEFT JOIN contacts ct ON ct.id = x.id) k
+    WHERE r.broadcast_id = p_id AND k.id = r.contact_id AND r.contact_id = ANY (c.ids)
+    RETURNING r.contact_id, r.email, k.name, k.attributes, k.tags, r.attempts, e,
+              k.mailable AND lim = 0, c.last_fresh, lim;
+END
+$$;
+DROP FUNCTION pgcast_claim_handoff_v3(uuid, integer, uuid, text, interval, bigint);

@@ -203,8 +203,9 @@ SELECT * FROM pgcast_claim_v3(%(id)s, %(limit)s, %(token)s, %(worker)s,
                               make_interval(secs => %(lease)s), %(after)s)
 
 -- claim_handoff --
--- Claim up to `limit` rows and hand them off at once (handed = false: only claimed).
-SELECT * FROM pgcast_claim_handoff_v3(%(id)s, %(limit)s, %(token)s, %(worker)s,
+-- Claim up to `limit` rows and hand them off at once (handed = false: only claimed; all
+-- of them when the global bucket has a rate by then, which global_rate says).
+SELECT * FROM pgcast_claim_handoff_v4(%(id)s, %(limit)s, %(token)s, %(worker)s,
                                       make_interval(secs => %(lease)s), %(after)s)
 
 -- fresh_floor --
