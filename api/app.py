@@ -18,6 +18,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from api import auth, broadcasts, config, contacts, context, control, db, errors, http, openapi
+from api import bounds as body_bounds
 from api import dashboard_routes as dashboard
 from api import preview as preview_routes
 from api import progress as progress_routes
@@ -51,12 +52,16 @@ def _query_names(path: str, method: str) -> frozenset[str]:
     return frozenset(p["name"] for p in operation.get("parameters", []) if p["in"] == "query")
 
 
-def route(path: str, **by_method: Endpoint) -> Route:
+def route(path: str, *, any_query: bool = False, **by_method: Endpoint) -> Route:
     """One Route per path (so a 405 lists every allowed method in Allow), dispatched by method."""
+    # any_query: a page people reach from a link (/u/), where a mail client or a tracker may
+    # add parameters (utm_source): they are ignored there, not refused
     allowed = {method: _query_names(path, method) for method in by_method}
 
     async def endpoint(request: Request) -> Response:
         method = "GET" if request.method == "HEAD" else request.method  # Starlette adds HEAD
+        if any_query:  # its one path parameter is a token the route checks (400 page)
+            return await by_method[method](request)
         # unknown or repeated query parameters are refused, as unknown JSON fields are
         names = [k for k, _ in request.query_params.multi_items()]
         unknown = sorted(set(names) - allowed[method])
@@ -64,6 +69,7 @@ def route(path: str, **by_method: Endpoint) -> Route:
             raise errors.InvalidBody(f"unknown query parameter: {unknown[0]!r}")
         if len(names) != len(set(names)):
             raise errors.InvalidBody("a query parameter is repeated")
+        http.check_url(request)  # NUL or a lone surrogate: bad input, never a 500
         return await by_method[method](request)
 
     endpoint.__name__ = "_".join(f.__name__ for f in by_method.values())
@@ -96,7 +102,7 @@ ROUTES = [
     route("/contacts/import", POST=dashboard.import_csv),
     route("/broadcasts/{id}/preview", GET=preview_routes.show),
     route("/broadcasts/{id}/test", POST=testsend_routes.create, GET=testsend_routes.status),
-    route("/u/{token}", GET=unsubscribe_routes.page,
+    route("/u/{token}", any_query=True, GET=unsubscribe_routes.page,
           POST=unsubscribe_routes.one_click),
     route("/contacts/suppressed", GET=suppression_routes.suppressed),
     route("/contacts/unsuppress", POST=suppression_routes.unsuppress),
@@ -151,7 +157,8 @@ def create_app(settings: config.Settings, database_url: str) -> Starlette:
     app = Starlette(
         routes=[*ROUTES, *dashboard.PAGES], lifespan=lifespan,
         exception_handlers=EXCEPTION_HANDLERS,
-        middleware=[Middleware(AuthenticationMiddleware, backend=auth.JWTBackend(settings),
+        middleware=[Middleware(body_bounds.BoundedBody),
+                    Middleware(AuthenticationMiddleware, backend=auth.JWTBackend(settings),
                                on_error=auth.on_error)])
     app.state.settings = settings
     app.state.database_url = database_url  # procrastinate jobs are deferred on their own pool

@@ -27,7 +27,7 @@ PUBLIC_PATHS = frozenset({"/healthz", "/", "/webhooks/ses"})
 # credential)
 PUBLIC_PREFIXES = ("/static/", "/u/")
 REQUIRED_CLAIMS = ("exp", "sub", "account")
-MAX_ACCOUNT_LENGTH = 200  # characters
+MAX_ACCOUNT_LENGTH = validate_mail.MAX_ACCOUNT_LENGTH  # characters: one limit everywhere
 MAX_SUB_LENGTH = 200  # characters
 UNAUTHORIZED = "a valid bearer token is required"  # the only 401 text: reasons go to the log
 

@@ -12,9 +12,9 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
-from api import auth, context, control, db, errors, http
+from api import auth, context, control, db, errors, http, senders
 from mail import template
-from sql import broadcasts
+from sql import broadcasts, drafts
 from sql import errors as sql_errors
 
 PAGE_DEFAULT = 50
@@ -125,13 +125,12 @@ async def refused(request: Request, account: str, bid: uuid.UUID, doing: str) ->
                        {"account": account, "id": bid})
     if row is None:
         raise errors.NotFound(context.NO_BROADCAST)
-    return http.Json({"success": False, "status": row["status"],
-                      "message": f"Broadcast is {row['status']}; only a draft can be {doing}"},
-                     status_code=409)
+    return http.Json(drafts.refused(row["status"], doing), status_code=409)
 
 
 async def update(request: Request) -> Response:
-    """PATCH /broadcasts/{id}: edit a draft; null clears text, html or tag."""
+    """PATCH /broadcasts/{id}: edit a draft or a scheduled broadcast; null clears text, html
+    or tag."""
     who = auth.principal(request)
     bid = context.broadcast_id(request)
     body = http.fields(await http.read_json(request), "body", {},
@@ -143,7 +142,7 @@ async def update(request: Request) -> Response:
                            {"account": who.account, "id": bid})
     if current is None:
         raise errors.NotFound(context.NO_BROADCAST)
-    if current["status"] != "draft":
+    if current["status"] not in drafts.EDITABLE:
         return await refused(request, who.account, bid, "edited")
     merged = {"subject": current["subject"], "text": current["text_body"],
               "html": current["html_body"], "tag": current["segment_tag"]}
@@ -155,6 +154,9 @@ async def update(request: Request) -> Response:
         priority = broadcasts.validate_priority(body["priority"]) if "priority" in body else None
     except sql_errors.InvalidInput as exc:
         raise _invalid(exc) from None
+    if from_address is not None and current["status"] == "scheduled":
+        # checked at schedule: a scheduled broadcast's new From must pass the rule as well
+        await senders.check(request, who.account, bid, from_value=from_address)
     row = await db.one(context.pool(request), "broadcast_update_draft", {
         "account": who.account, "id": bid, "details": control.details(who),
         "subject": values["subject"],

@@ -76,8 +76,8 @@ async def unsubscribe(request: Request) -> Response:
         email = contacts.normalize_email(body["email"])
     except sql_errors.InvalidInput as exc:
         raise errors.InvalidBody(str(exc)) from None
-    row = await db.one(context.pool(request), "contact_unsubscribe",
-                       {"account": who.account, "email": email})
+    row = await db.one(context.pool(request), "contact_unsubscribe", {
+        "account": who.account, "email": email, "source": "api", "actor": _actor(who)})
     if row is None:
         raise errors.NotFound("contact not found")
     return http.Json({"success": True, "email": row["email"],

@@ -12,7 +12,7 @@ from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import Response
 
-from api import auth, context, db, errors, http
+from api import auth, context, db, errors, http, senders
 from sql import broadcasts
 
 PAUSE_REASON = "operator"
@@ -46,9 +46,9 @@ def _answer(result: dict[str, Any]) -> Response:
 async def send(request: Request) -> Response:
     """POST /broadcasts/{id}/send: snapshot the recipients and return at once."""
     who = auth.principal(request)
-    raw = await http.read_body(request)  # the body is optional: {"allow_empty": true}
-    parsed = await http.off_loop(http.parse_json, raw) if raw.strip() else {}
-    body = http.fields(parsed, "body", {}, SEND_FIELDS)
+    # the body is optional: {"allow_empty": true}
+    body = http.fields(await http.read_optional_json(request), "body", {}, SEND_FIELDS)
+    await senders.check(request, who.account, context.broadcast_id(request))
     row = await _call(request, who, "broadcast_send",
                       {"allow_empty": body.get("allow_empty", False), "details": details(who)})
     segment = None

@@ -77,20 +77,29 @@ async def audience(request: Request) -> Response:
 
 async def _spool(request: Request, path: Path) -> None:
     # the body goes to disk as it arrives: memory stays flat whatever the upload's size
-    size = 0
     with path.open("wb") as out:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > MAX_IMPORT_BYTES:
-                raise errors.BodyTooLarge(
-                    f"the CSV is larger than {MAX_IMPORT_BYTES} bytes; split it")
+        async for chunk in http.chunks(request, MAX_IMPORT_BYTES,
+                                       f"the CSV is larger than {MAX_IMPORT_BYTES} bytes; "
+                                       "split it"):
             out.write(chunk)
 
 
-def _parse(path: Path) -> contacts.Batch:
+API_ENCODING = ("charset", "Content-Type: text/csv; charset=latin-1")  # for the errors
+
+
+def _charset(content_type: str) -> str:
+    """The charset parameter of a Content-Type (UTF-8 when none is given)."""
+    for param in content_type.split(";")[1:]:
+        key, _, value = param.partition("=")
+        if key.strip().lower() == "charset" and value.strip().strip('"'):
+            return value.strip().strip('"')
+    return "utf-8"
+
+
+def _parse(path: Path, charset: str) -> contacts.Batch:
     # the CLI's own reader and checks (sql.contacts), so both report the same rows the same way
     try:
-        return contacts.validate(contacts.read_csv(path))
+        return contacts.validate(contacts.read_csv(path, charset, API_ENCODING))
     except sql_errors.InvalidInput as exc:
         # the reader names its file; the caller knows it as the request body
         raise errors.InvalidBody(str(exc).replace(str(path), "the CSV body")) from None
@@ -102,15 +111,17 @@ def _parse(path: Path) -> contacts.Batch:
 async def import_csv(request: Request) -> Response:
     """POST /contacts/import: a CSV body (email,name,tags) upserted as `pgcast contacts import`."""
     who = auth.principal(request)
-    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    content_type = request.headers.get("content-type", "")
+    media = content_type.split(";")[0].strip().lower()
     if media not in CSV_TYPES:
         raise errors.UnsupportedMediaType("send the file as Content-Type: text/csv")
+    charset = _charset(content_type)  # checked by the reader, before anything is written
     fd, name = tempfile.mkstemp(prefix="pgcast-import-", suffix=".csv")
     os.close(fd)
     path = Path(name)
     try:
         await _spool(request, path)
-        batch = await anyio.to_thread.run_sync(_parse, path)
+        batch = await anyio.to_thread.run_sync(_parse, path, charset)
     finally:
         with contextlib.suppress(OSError):
             path.unlink()
@@ -118,6 +129,10 @@ async def import_csv(request: Request) -> Response:
     if batch.rows:
         # one transaction: a failure half-way imports nothing, as the CLI's
         async with context.pool(request).connection() as conn, conn.transaction():
+            if len(batch.rows) > UPSERT_CHUNK:
+                # lock order: every existing contact, in id order, before a chunk's fence
+                await conn.execute(db.query("contacts_lock"), {
+                    "account": who.account, "keys": [r["email"].lower() for r in batch.rows]})
             for start in range(0, len(batch.rows), UPSERT_CHUNK):
                 chunk = batch.rows[start:start + UPSERT_CHUNK]
                 cur = await conn.execute(db.query("contacts_upsert"),

@@ -33,6 +33,13 @@ class MalformedJson(ApiError):
     code = "malformed_json"
 
 
+class BadParameter(ApiError):
+    """A query parameter, cursor or other value holds what no field may (NUL, a lone surrogate)."""
+
+    status_code = 400
+    code = "bad_parameter"
+
+
 class InvalidBody(ApiError):
     """Well-formed JSON with a wrong type, a missing or an unknown field, or a bad value."""
 

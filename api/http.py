@@ -7,7 +7,7 @@ import json
 import logging
 import re
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any, TypeVar
 
 import anyio.to_thread
@@ -135,16 +135,45 @@ async def off_loop(work: Callable[..., T], *args: Any) -> T:
     return await anyio.to_thread.run_sync(work, *args)
 
 
-async def read_body(request: Request) -> bytes:
-    """The raw body, at most MAX_BODY_BYTES; raises BodyTooLarge."""
-    chunks: list[bytes] = []
+def declared_length(headers: Mapping[str, str]) -> int | None:
+    """The Content-Length a request declares (None: none, or chunked); raises InvalidBody."""
+    raw = headers.get("content-length")
+    if raw is None:
+        return None
+    if not raw.strip().isdigit() or len(raw) > 20:
+        raise errors.MalformedJson("the Content-Length header is not a number")
+    return int(raw)
+
+
+async def chunks(request: Request, limit: int = MAX_BODY_BYTES,
+                 too_large: str = "") -> AsyncIterator[bytes]:
+    """The body as it arrives, refused (BodyTooLarge) as soon as it passes limit bytes.
+
+    The one reader of request bodies: every route reads through it (or read_body), so no
+    route buffers more than its limit, whatever the client sends; a declared Content-Length
+    over the limit is refused before anything is read.
+    """
+    message = too_large or f"the body is larger than {limit} bytes"
+    declared = declared_length(request.headers)
+    if declared is not None and declared > limit:
+        raise errors.BodyTooLarge(message)
     size = 0
     async for chunk in request.stream():
         size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise errors.BodyTooLarge(f"the body is larger than {MAX_BODY_BYTES} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
+        if size > limit:
+            raise errors.BodyTooLarge(message)
+        yield chunk
+
+
+async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
+    """The raw body, at most limit bytes, bounded while it streams; raises BodyTooLarge."""
+    return b"".join([chunk async for chunk in chunks(request, limit)])
+
+
+async def read_optional_json(request: Request) -> Any:
+    """The parsed body, or {} when it is empty (routes whose fields are all optional)."""
+    raw = await read_body(request)
+    return await off_loop(parse_json, raw) if raw.strip() else {}
 
 
 def parse_json(raw: bytes) -> Any:
@@ -208,6 +237,29 @@ def fields(value: Any, where: str, required: Mapping[str, Kind],
         raise errors.InvalidBody("; ".join(f"{p['field']}: {p['problem']}" for p in problems),
                                  problems)
     return dict(value)
+
+
+def bad_text(value: str) -> str | None:
+    """Why Postgres text cannot hold value (NUL, a lone surrogate), else None."""
+    if "\x00" in value:
+        return "NUL"
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return "a lone surrogate"
+    return None
+
+
+def check_url(request: Request) -> None:
+    """Refuse NUL or a lone surrogate in the path (404) or the query (400), on every route."""
+    for value in request.path_params.values():
+        if isinstance(value, str) and bad_text(value):
+            raise errors.NotFound("not found")
+    for key, value in request.query_params.multi_items():
+        found = bad_text(key) or bad_text(value)
+        if found:
+            raise errors.BadParameter(f"query parameter {key[:40]!r} holds {found}")
 
 
 def query_int(request: Request, name: str, default: int, lo: int, hi: int) -> int:

@@ -181,7 +181,8 @@ def _json(schema: str, description: str) -> dict[str, Any]:
 
 
 ERRORS = {
-    "400": _json("Error", "the body is not JSON"),
+    "400": _json("Error", "the body is not JSON, or a query parameter holds NUL "
+                          "(bad_parameter)"),
     "401": _json("Error", "no valid bearer token"),
     "404": _json("Error", "no such broadcast in this account"),
     "409": _json("Conflict", "not allowed in the broadcast's current status; nothing changed"),
@@ -200,7 +201,10 @@ def op(summary: str, ok: tuple[str, dict[str, Any]], errors: str, *,
        body: str | None = None, params: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """One operation; `errors` lists the error statuses it may answer (plus 401 and 503)."""
     responses = {ok[0]: ok[1]}
-    for code in [*errors.split(), "401", "503"]:
+    where = {p["in"] for p in params or []}
+    # NUL in a query parameter is a 400, in a path parameter a 404 (api.http.check_url)
+    implied = [code for code, place in (("400", "query"), ("404", "path")) if place in where]
+    for code in [*errors.split(), *implied, "401", "503"]:
         responses[code] = ERRORS[code]
     out: dict[str, Any] = {"summary": summary, "responses": responses}
     if params:
@@ -243,7 +247,8 @@ def _paths() -> dict[str, Any]:
         "/broadcasts/{id}": {
             "get": op("one broadcast", ("200", _json("Broadcast", "the broadcast")), "404",
                       params=[ID]),
-            "patch": op("edit a draft", ("200", _json("BroadcastWritten", "the edited draft")),
+            "patch": op("edit a draft or a scheduled broadcast",
+                        ("200", _json("BroadcastWritten", "the edited broadcast")),
                         f"{body_errors} 404 409", body="BroadcastPatch", params=[ID]),
             "delete": op("delete a draft", ("204", {"description": "deleted"}), "404 409",
                          params=[ID])},

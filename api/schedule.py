@@ -11,7 +11,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
-from api import auth, broadcasts, context, db, errors, http
+from api import auth, broadcasts, context, db, errors, http, senders
 from sql import errors as sql_errors
 from sql import schedule
 
@@ -39,11 +39,6 @@ async def _call(request: Request, who: auth.Principal, name: str,
     return dict(row)
 
 
-async def _optional_body(request: Request) -> Any:
-    # an empty body means {} for the routes whose fields are all optional
-    if not (await request.body()).strip():
-        return {}
-    return await http.read_json(request)
 
 
 async def schedule_route(request: Request) -> Response:
@@ -55,6 +50,7 @@ async def schedule_route(request: Request) -> Response:
         at, not_after = schedule.parse_window(body["at"], body.get("not_after"))
     except sql_errors.InvalidInput as exc:
         raise errors.InvalidBody(str(exc)) from None
+    await senders.check(request, who.account, context.broadcast_id(request))
     row = await _call(request, who, "broadcast_schedule", {"at": at, "not_after": not_after})
     return _answer(schedule.schedule_result(row))
 
@@ -84,7 +80,7 @@ def _include_unknown(body: Any) -> bool:
 async def retry_route(request: Request) -> Response:
     """POST /broadcasts/{id}/retry: failed (and, when asked, unknown) recipients again."""
     who = auth.principal(request)
-    include_unknown = _include_unknown(await _optional_body(request))
+    include_unknown = _include_unknown(await http.read_optional_json(request))
     row = await _call(request, who, "broadcast_retry", {
         "include_unknown": include_unknown, "in_doubt": schedule.in_doubt_seconds()})
     return _answer(schedule.retry_result(row, include_unknown))

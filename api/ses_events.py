@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import datetime as dt
-import json
 import uuid
 from dataclasses import dataclass
 from typing import Any
+
+from api import sns
 
 BROADCAST_TAG = "pgcast_broadcast"  # EmailTags every SES send carries (worker/ses.py)
 CONTACT_TAG = "pgcast_contact"
@@ -72,8 +73,8 @@ def _addresses(items: Any, key: str | None) -> list[str]:
 def parse(text: str, sns_time: dt.datetime) -> Event | None:
     """The event an SNS Message carries; None when it is not an SES event at all."""
     try:
-        body = json.loads(text)
-    except ValueError:
+        body = sns.loads(text)  # bounded depth: a deep nesting is not an SES event
+    except (ValueError, RecursionError):
         return None
     if not isinstance(body, dict):
         return None

@@ -7,10 +7,11 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
-from api import auth, context, db, errors, http
+from api import auth, context, db, errors, http, senders
 from mail import errors as mail_errors
 from mail import validate
 from sql import jobs
+from sql import senders as sql_senders
 
 MAX_TO = 5  # addresses in one test send
 HOURLY_CAP = 50  # test messages per account per hour: the route is not a relay
@@ -41,11 +42,16 @@ async def create(request: Request) -> Response:
         contact = validate.address(body["contact"], "contact") if body.get("contact") else None
     except mail_errors.InvalidValue as exc:
         raise errors.InvalidBody(str(exc)) from None
+    await senders.check(request, who.account, bid)
     row = await db.one(context.pool(request), "test_send_queue", {
         "account": who.account, "id": bid, "to": to, "contact": contact, "cap": HOURLY_CAP})
     assert row is not None
     if not row["found"]:
         raise errors.NotFound(context.NO_BROADCAST)
+    # decided under the erasure lock, with the queue: an erase cannot come between
+    refused = sql_senders.refused_recipients(row["refused"])
+    if refused:
+        raise errors.InvalidBody(refused)
     if not row["ok"]:
         return http.Json({"error": "too_many_test_sends",
                           "message": f"at most {HOURLY_CAP} test messages per account per hour "

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import json
 import logging
 import os
 from collections.abc import Mapping
@@ -23,6 +22,8 @@ DEFAULT_SOFT_BOUNCE_LIMIT = 3  # soft bounces in a row before a contact is suppr
 DEFAULT_GUARD_MIN = 200  # rows sent (since the last start) before the guard judges
 DEFAULT_MAX_BOUNCE_RATE = 0.05  # hard bounces / rows sent (SES reviews accounts at 5 %)
 DEFAULT_MAX_COMPLAINT_RATE = 0.001  # complaints / rows sent (SES reviews at 0.1 %)
+REFUSED = "not a verified SNS message for this endpoint"  # the one refusal (403)
+TRUE, FALSE = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")  # boolean settings
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,13 @@ def _number(env: Mapping[str, str], name: str, default: float, lo: float, hi: fl
     return value
 
 
+def _flag(env: Mapping[str, str], name: str) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if raw not in TRUE + FALSE:
+        raise errors.ConfigError(f"{name} must be 1 or 0 (true or false): {raw!r}")
+    return raw in TRUE
+
+
 def from_env(env: Mapping[str, str] | None = None) -> Feedback | None:
     """The webhook's configuration; None (the route answers 404) without PGCAST_SNS_TOPIC_ARNS."""
     env = os.environ if env is None else env
@@ -58,7 +66,7 @@ def from_env(env: Mapping[str, str] | None = None) -> Feedback | None:
         return None
     max_age = _number(env, "PGCAST_SNS_MAX_AGE", DEFAULT_MAX_AGE, 60, 14 * 24 * 3600)
     return Feedback(
-        sns.Verifier(topics, max_age),
+        sns.Verifier(topics, max_age, require_v2=_flag(env, "PGCAST_SNS_REQUIRE_V2")),
         soft_bounce_limit=int(_number(env, "PGCAST_SOFT_BOUNCE_LIMIT",
                                       DEFAULT_SOFT_BOUNCE_LIMIT, 1, 1000)),
         guard_min=int(_number(env, "PGCAST_GUARD_MIN", DEFAULT_GUARD_MIN, 1, 10**9)),
@@ -68,21 +76,18 @@ def from_env(env: Mapping[str, str] | None = None) -> Feedback | None:
 
 
 async def _body(request: Request) -> Any:
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise errors.BodyTooLarge(f"the body is larger than {MAX_BODY_BYTES} bytes")
-        chunks.append(chunk)
+    raw = await http.read_body(request, MAX_BODY_BYTES)
     try:
-        return json.loads(b"".join(chunks))
-    except (ValueError, RecursionError):
-        raise errors.MalformedJson("the body is not an SNS message (JSON)") from None
+        return await http.off_loop(sns.loads, raw)  # a bracket walk: off the event loop
+    except (ValueError, RecursionError) as exc:
+        raise sns.Refused(f"the body is not an SNS message (JSON): {str(exc)[:100]}") from None
 
 
 def _refused(reason: str) -> Response:
+    # one answer for every reason: the sender learns nothing (which topics are allowed, which
+    # check failed) until a signature verifies; the reason is in the log
     log.warning("SNS message refused: %s", reason)
-    return http.Json({"error": "refused", "message": reason}, status_code=403)
+    return http.Json({"error": "refused", "message": REFUSED}, status_code=403)
 
 
 async def ses(request: Request) -> Response:
@@ -90,9 +95,8 @@ async def ses(request: Request) -> Response:
     feedback: Feedback | None = getattr(request.app.state, "feedback", None)
     if feedback is None:
         raise errors.NotFound("the SES webhook is off: set PGCAST_SNS_TOPIC_ARNS")
-    raw = await _body(request)
     try:
-        message = await feedback.verifier.verify(raw)
+        message = await feedback.verifier.verify(await _body(request))
     except sns.Refused as exc:
         return _refused(str(exc))
     except sns.CertificateUnavailable as exc:
@@ -125,7 +129,7 @@ async def ses(request: Request) -> Response:
 async def _apply(pool: db.Pool, feedback: Feedback, message: dict[str, Any],
                  sent_at: dt.datetime) -> dict[str, Any]:
     """One notification's SES event, applied once; the guard pauses its broadcast if due."""
-    event = ses_events.parse(message["Message"], sent_at)
+    event = await http.off_loop(ses_events.parse, message["Message"], sent_at)
     limits = {"guard_min": feedback.guard_min, "max_bounce": feedback.max_bounce_rate,
               "max_complaint": feedback.max_complaint_rate}
     prune_before = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=feedback.verifier.max_age)

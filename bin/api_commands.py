@@ -6,12 +6,13 @@ import argparse
 import dataclasses
 import math
 import os
+import socket
 from types import FrameType
 from typing import Any
 
 from api import auth, config
 from api import errors as api_errors
-from bin import logs
+from bin import logs, output
 from sql import errors as sql_errors
 
 DEFAULT_HOST = "127.0.0.1"
@@ -33,6 +34,11 @@ def _settings() -> config.Settings:
 
 def make_token(account: str, sub: str = "dev", ttl: float = DEFAULT_TTL) -> str:
     """A token for `account` signed with PGCAST_JWT_SECRET (aud/iss from the environment)."""
+    if not os.environ.get("PGCAST_JWT_SECRET"):
+        # a public key verifies tokens but cannot sign one: name the only setting that can
+        raise sql_errors.InvalidInput(
+            "pgcast token signs with PGCAST_JWT_SECRET (HS256); it is not set "
+            "(PGCAST_JWT_PUBLIC_KEY can verify tokens but not sign them)")
     try:
         return auth.make_token(_settings(), account, sub, ttl)
     except api_errors.ConfigError as exc:
@@ -55,6 +61,9 @@ def cmd_api(args: argparse.Namespace) -> int:
     if not 0 < args.port < 65536:
         raise sql_errors.InvalidInput(f"--port must be between 1 and 65535: {args.port}")
     settings = _settings()
+    # bound before anything starts: a port in use is one line and exit 2, not a server that
+    # says "startup complete" and then stops
+    sock = _listen(args.host, args.port)
     if args.limit_concurrency is not None:
         least = config.MIN_LIMIT_CONCURRENCY
         if args.limit_concurrency < least:
@@ -99,8 +108,23 @@ def cmd_api(args: argparse.Namespace) -> int:
         limit_concurrency=settings.limit_concurrency,
         timeout_keep_alive=int(math.ceil(settings.timeout_keep_alive)),
         log_level=level, log_config=log_config,
-        access_log=os.environ.get("PGCAST_API_ACCESS_LOG", "0") == "1")).run()
+        access_log=os.environ.get("PGCAST_API_ACCESS_LOG", "0") == "1")).run(sockets=[sock])
     return 0
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """The API's listening socket (as uvicorn would bind it); raises InvalidInput."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise sql_errors.InvalidInput(
+            f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    sock.set_inheritable(True)
+    return sock
 
 
 def _port(raw: str) -> int:
@@ -145,7 +169,9 @@ def register(sub: Any) -> None:
     a.set_defaults(func=cmd_api)
 
     t = sub.add_parser("token", help="print a JWT signed with PGCAST_JWT_SECRET (development)")
-    t.add_argument("--account", required=True, help="the account (tenant) the token acts in")
+    t.add_argument("--account", default=output.ACCOUNT_DEFAULT,
+                   help=f"the account (tenant) the token acts in (default "
+                        f"{output.ACCOUNT_DEFAULT}, as the other commands)")
     t.add_argument("--sub", default="dev", help="the token's subject (default dev)")
     t.add_argument("--ttl", type=_ttl, default=float(DEFAULT_TTL),
                    help=f"lifetime in seconds (default {DEFAULT_TTL})")

@@ -23,8 +23,9 @@ RECIPIENT_COLUMNS = ("email", "status", "attempts", "last_error", "sent_at")
 PAGE = 1000  # recipient rows read per statement
 
 
-def resolve_id(conn: psycopg.Connection[Any], account: str, raw: str) -> uuid.UUID:
-    """A broadcast id from a whole id or a unique prefix of at least 8 characters."""
+def resolve_id(conn: psycopg.Connection[Any], account: str | None, raw: str) -> uuid.UUID:
+    """A broadcast id from a whole id or a unique prefix of at least 8 characters (account
+    None: among every account's broadcasts)."""
     text = str(raw).strip().lower()
     try:
         return uuid.UUID(text)

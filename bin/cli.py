@@ -16,11 +16,12 @@ from typing import Any, NoReturn
 import psycopg
 
 from bin import broadcast_commands, contacts_commands, logs, output, schedule_commands
-from mail import template
+from mail import errors as mail_errors
+from mail import template, validate
 from sql import broadcasts, contacts, db, embedded, errors, migrate
 from sql.queries import QUERIES
 
-ACCOUNT_DEFAULT = "default"
+ACCOUNT_DEFAULT = output.ACCOUNT_DEFAULT
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 MAX_IN_FLIGHT = "128"  # --max-in-flight's default: worker.engine.MAX_IN_FLIGHT (a test checks)
 
@@ -222,7 +223,8 @@ def cmd_contacts(args: argparse.Namespace) -> int:
     if args.action == "import":
         return contacts_commands.cmd_import(args)
     with db.connect() as conn:
-        row = contacts.unsubscribe(conn, args.account, args.email)
+        row = contacts.unsubscribe(conn, args.account, args.email, source="cli",
+                                   actor=output.actor(args.actor))
     _emit({"success": True, "email": row["email"], "unsubscribed_at": row["unsubscribed_at"]})
     return 0
 
@@ -341,7 +343,8 @@ def build_parser() -> Parser:
     w.add_argument("--max-retries", type=_positive(int), default=5,
                    help="transient failures per recipient before it fails (default 5)")
     w.add_argument("--max-broadcasts", type=_positive(int), default=0,
-                   help="broadcasts worked on at once, oldest first (default 0 = all)")
+                   help="broadcasts worked on at once, those furthest below their fair share "
+                        "first (default 0 = all)")
     w.add_argument("--once", action="store_true", help="drain what is claimable now, then exit")
     # string defaults go through the type too: a bad variable is a one-line usage error
     w.add_argument("--lease", type=_env_number("PGCAST_LEASE_SECONDS", float, "30"),
@@ -373,6 +376,8 @@ def build_parser() -> Parser:
                          "cell keeps what is stored, attributes merge)")
     cu = csub.add_parser("unsubscribe", help="unsubscribe one address")
     cu.add_argument("email", help="the contact's address")
+    cu.add_argument("--actor", metavar="NAME",
+                    help="who is doing this, for contact_events (default: the OS user)")
     for sp in (ci, cu, *contacts_commands.register(csub, ACCOUNT_DEFAULT)):
         sp.add_argument("--account", default=ACCOUNT_DEFAULT,
                         help=f"the account (tenant) to act on (default {ACCOUNT_DEFAULT})")
@@ -399,7 +404,9 @@ def build_parser() -> Parser:
     bl = bsub.add_parser("list", help="newest first: a table on a terminal, else JSON")
     bl.add_argument("--limit", type=int, default=50, help="at most N broadcasts (default 50)")
     bl.add_argument("--json", action="store_true", help="JSON even on a terminal")
-    sps = [bc, bl, *broadcast_commands.register(bsub)]
+    from bin import draft_commands  # show, edit, delete: their own func
+
+    sps = [bc, bl, *broadcast_commands.register(bsub), *draft_commands.register(bsub)]
     for name, text in (("send", "snapshot the recipients and start sending"),
                        ("status", "progress (--watch: live bar until done)"),
                        ("cancel", "cancel a draft, scheduled, sending or paused broadcast"),
@@ -442,6 +449,9 @@ def build_parser() -> Parser:
                          "account while both are limited by the rate")
     r.set_defaults(func=cmd_rate)
 
+    from bin import senders_commands  # operator only: the senders an account may use
+
+    senders_commands.register(sub, Parser)
     _add_api_commands(sub)
     return p
 
@@ -463,10 +473,26 @@ def _config_error() -> type[Exception]:
     return worker_errors.ConfigError
 
 
+ACCOUNT_ARGS = ("account", "weight_account", "sender_account")  # every ACCOUNT a command takes
+
+
+def check_accounts(args: argparse.Namespace) -> None:
+    """One limit on account names, the API's and the database's; raises UsageError."""
+    for name in ACCOUNT_ARGS:
+        value = getattr(args, name, None)
+        if value is None:
+            continue
+        try:
+            validate.account(value)
+        except mail_errors.InvalidValue as exc:
+            raise UsageError(f"the account name {exc.reason}") from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `pgcast` console script."""
     args = build_parser().parse_args(argv)
     try:
+        check_accounts(args)
         if args.command in ("worker", "api"):
             log_level()  # a bad PGCAST_LOG_LEVEL: one line naming it, not a traceback
         return int(args.func(args))

@@ -1,4 +1,4 @@
-"""`pgcast contacts import|list|count|export|resubscribe|erase`."""
+"""`pgcast contacts import|add|list|count|export|resubscribe|erase`."""
 
 from __future__ import annotations
 
@@ -38,10 +38,43 @@ def cmd_import(args: argparse.Namespace) -> int:
     if len(batch.normalised) > NOTES_SHOWN:
         print(f"... and {len(batch.normalised) - NOTES_SHOWN} more addresses normalised",
               file=sys.stderr)
+    for note in batch.respelled[:NOTES_SHOWN]:
+        print(f"line {note.where}: {note.given} stored as {note.stored} (a later row spells "
+              "the same address so; the later spelling is kept)", file=sys.stderr)
+    if len(batch.respelled) > NOTES_SHOWN:
+        print(f"... and {len(batch.respelled) - NOTES_SHOWN} more addresses respelled",
+              file=sys.stderr)
     output.emit({"imported": done.inserted + done.updated, "inserted": done.inserted,
                  "updated": done.updated, "merged": batch.merged,
                  "normalised": len(batch.normalised), "rejected": len(rejected)})
     return 1 if rejected else 0
+
+
+def _attrs(pairs: list[str]) -> dict[str, str]:
+    """--attr k=v pairs as string attributes (as a CSV column would give them)."""
+    out: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise errors.InvalidInput(f"--attr takes KEY=VALUE: {pair!r}")
+        out[key.strip()] = value
+    return out
+
+
+def cmd_add(args: argparse.Namespace) -> int:
+    """Add (or update) one contact, merged as an import merges; exit 1 when it was erased."""
+    batch = contacts.validate([(1, args.email, args.name, args.tag or [],
+                                _attrs(args.attr or []) or None)])
+    if batch.rejected:
+        raise errors.InvalidInput(f"{batch.rejected[0].email}: {batch.rejected[0].reason}")
+    with db.connect() as conn:
+        done = contacts.upsert(conn, args.account, batch.rows)
+    address = batch.rows[0]["email"]
+    if done.erased:
+        output.emit({"success": False, "email": address, "message": contacts.ERASED_REASON})
+        return 1
+    output.emit({"success": True, "email": address, "inserted": bool(done.inserted)})
+    return 0
 
 
 def _pages(conn: psycopg.Connection[Any], args: argparse.Namespace,
@@ -153,6 +186,15 @@ def cmd_erase(args: argparse.Namespace) -> int:
 
 def register(csub: Any, account_default: str) -> list[argparse.ArgumentParser]:
     """Add the operator's contact commands; return their parsers (the caller adds --account)."""
+    ad = csub.add_parser("add", help="add one contact, or update the stored one as an import "
+                                     "row does (what is given replaces, attributes merge)")
+    ad.add_argument("email", help="the address")
+    ad.add_argument("--name", help="the contact's name")
+    ad.add_argument("--tag", action="append", metavar="TAG",
+                    help="a tag (repeat for more; given, they replace the stored tags)")
+    ad.add_argument("--attr", action="append", metavar="KEY=VALUE",
+                    help="a string attribute for merge tags (repeat for more)")
+    ad.set_defaults(func=cmd_add)
     ls = csub.add_parser("list", help="contacts by address: a table on a terminal, else JSON")
     ls.add_argument("--limit", type=int, default=100,
                     help="at most N contacts (default 100; 0 = all)")
@@ -182,4 +224,4 @@ def register(csub: Any, account_default: str) -> list[argparse.ArgumentParser]:
         sp.add_argument("email", help="the contact's address")
         sp.add_argument("--actor", metavar="NAME",
                         help="who is doing this, for the record (default: the OS user)")
-    return [ls, cn, ex, rs, er]
+    return [ad, ls, cn, ex, rs, er]

@@ -10,10 +10,13 @@ import sys
 import time
 from typing import Any
 
+import psycopg
+
 from bin import broadcast_commands
 from mail import errors as mail_errors
 from mail import message, preview, unsubscribe, validate
 from sql import db, errors, jobs
+from sql import senders as sender_rule
 from sql.queries import QUERIES
 
 MAX_TO = 5  # addresses in one test send (as the API)
@@ -67,12 +70,16 @@ def cmd_test(args: argparse.Namespace) -> int:
     url = db.database_url()
     with db.connect(url, autocommit=True) as conn:
         bid = broadcast_commands.resolve_id(conn, args.account, args.id)
+        sender_rule.check(conn, args.account, bid)
         row = conn.execute(QUERIES["test_send_queue"], {
             "account": args.account, "id": bid, "to": to, "contact": contact,
             "cap": HOURLY_CAP}).fetchone()
         assert row is not None
         if not row["found"]:
             raise errors.NotFound(f"no broadcast {bid}")
+        refused = sender_rule.refused_recipients(row["refused"])
+        if refused:  # decided under the erasure lock, with the queue
+            raise errors.InvalidInput(refused)
         if not row["ok"]:
             print(f"pgcast: error: at most {HOURLY_CAP} test messages per account per hour "
                   f"({row['recent']} in the last hour)", file=sys.stderr)
@@ -86,15 +93,27 @@ def cmd_test(args: argparse.Namespace) -> int:
             if all(d["status"] in ("sent", "failed") for d in done):
                 break
             if time.monotonic() > deadline:
-                print(f"pgcast: error: no worker delivered the test send within "
-                      f"{args.timeout:g}s (is `pgcast worker` running with its sweeper?)",
-                      file=sys.stderr)
-                return 1
+                return _give_up(conn, ids, args.timeout)
             time.sleep(POLL)
     for d in done:
         _emit({"to": d["to_address"], "status": d["status"], "message_id": d["message_id"],
                "error": d["error"]})
     return 0 if all(d["status"] == "sent" for d in done) else 1
+
+
+def _give_up(conn: psycopg.Connection[Any], ids: list[int], timeout: float) -> int:
+    """After --timeout: withdraw what no worker took, so nothing goes out later unseen."""
+    withdrawn = conn.execute(QUERIES["test_send_withdraw"], {
+        "ids": ids, "error": f"withdrawn: no worker took it within {timeout:g}s"}).fetchall()
+    taken = len(ids) - len(withdrawn)
+    if taken == 0:
+        print(f"pgcast: error: no worker took the test send within {timeout:g}s (is `pgcast "
+              "worker` running?); it was withdrawn and will not be sent", file=sys.stderr)
+    else:
+        print(f"pgcast: error: no answer within {timeout:g}s: {taken} of {len(ids)} test "
+              "messages were taken by a worker and may still be delivered; the others were "
+              "withdrawn", file=sys.stderr)
+    return 1
 
 
 def _timeout(raw: str) -> float:

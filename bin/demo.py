@@ -19,10 +19,10 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from bin import api_commands, progressbar
+from bin import api_commands, cli, progressbar
 from sql import broadcasts, contacts, db, embedded, migrate
 
-CONTACTS = 3000
+CONTACTS = int(os.environ.get("PGCAST_DEMO_CONTACTS", "3000"))
 SUBJECT = "pgcast demo: hello {{ contact.name | default('friend', true) }}"
 TEXT = ("Hello {{ contact.name | default('friend', true) }},\n\nThis message went through a "
         "Postgres-only broadcast engine, personalised for {{ contact.email }}.\n\n"
@@ -31,7 +31,7 @@ HTML = ("<p>Hello {{ contact.name | default('friend', true) }},</p><p>This messa
         "through a Postgres-only broadcast engine, personalised for {{ contact.email }}.</p>"
         '<p><a href="{{ unsubscribe_url }}">Unsubscribe</a></p>')
 WORKERS = 2
-ACCOUNT = "demo"
+ACCOUNT = cli.ACCOUNT_DEFAULT  # the CLI's default: `pgcast broadcast list` shows the demo's
 
 
 def say(text: str) -> None:
@@ -48,7 +48,7 @@ def generate_contacts(path: Path) -> list[str]:
         lines.append(f"person{i}@example.com,Person {i},{tags}")
     lines.append("not-an-address,Broken Row,")  # shows the import's rejection report
     path.write_text("\n".join(lines) + "\n")
-    return [f"person{i}@example.com" for i in rng.sample(range(CONTACTS), 60)]
+    return [f"person{i}@example.com" for i in rng.sample(range(CONTACTS), min(60, CONTACTS))]
 
 
 def start_worker(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
@@ -125,7 +125,7 @@ def main() -> int:
         for r in batch.rejected:
             print(f"  rejected line {r.where}: {r.email}: {r.reason}")
         for address in leaving[:30]:
-            contacts.unsubscribe(conn, ACCOUNT, address)
+            contacts.unsubscribe(conn, ACCOUNT, address, source="demo")
         conn.commit()
     print(f"  upserted {written.inserted + written.updated}, rejected {len(batch.rejected)}, "
           "unsubscribed 30 before the send")
@@ -157,7 +157,7 @@ def main() -> int:
             print(f"  {result}")
             # these leave after the snapshot: the handoff fence skips whoever is not mailed yet
             for address in leaving[30:]:
-                contacts.unsubscribe(conn, ACCOUNT, address)
+                contacts.unsubscribe(conn, ACCOUNT, address, source="demo")
             print("  30 more contacts unsubscribed after the send")
             print()
             final = progressbar.watch(lambda: broadcasts.progress(conn, ACCOUNT, bid))
@@ -172,6 +172,7 @@ def main() -> int:
                                      headers={"Authorization": f"Bearer {token}"})
         with urllib.request.urlopen(req, timeout=10) as answer:
             print(f"  -> {answer.read().decode()}")
+        dashboard(api_url, token, home)
     finally:
         for w in workers:
             if w.poll() is None:
@@ -183,6 +184,18 @@ def main() -> int:
                 w.kill()
         print(f"\nworkers stopped (logs: {', '.join(str(p) for p in logs)})")
     return 0
+
+
+def dashboard(api_url: str, token: str, home: Path) -> None:
+    """How to look at the same broadcast in the dashboard and the CLI, after the demo."""
+    say(f"the dashboard: open {api_url}/ and paste this token (account {ACCOUNT}, 24 hours):")
+    print(f"  {token}")
+    print("  another token, any time the API above runs:")
+    print(f"    PGCAST_JWT_SECRET=$(cat {home / 'demo-jwt-secret'}) "
+          f".venv/bin/pgcast token --sub you")
+    print("  the CLI shows the same account by default:")
+    print("    .venv/bin/pgcast broadcast list")
+    print("    .venv/bin/pgcast contacts count")
 
 
 def show_one(folder: Path, url: str) -> None:

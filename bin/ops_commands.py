@@ -5,10 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import uuid
 from typing import Any
 
-from bin import logs
+from bin import broadcast_commands, logs, output
 from sql import db, errors, retention
 
 DEFAULT_AGE = "90d"
@@ -29,14 +28,12 @@ def cmd_retention(args: argparse.Namespace) -> int:
 
 def cmd_lookup(args: argparse.Namespace) -> int:
     """Print the recipient row of an address in a broadcast, live or archived; exit 1 if none."""
-    try:
-        bid = uuid.UUID(args.broadcast)
-    except ValueError:
-        raise errors.InvalidInput(f"not a broadcast id: {args.broadcast!r}") from None
     with db.connect() as conn:
+        # an operator's command: the id or its prefix among every account's broadcasts
+        bid = broadcast_commands.resolve_id(conn, None, args.broadcast)
         rows = retention.lookup(conn, bid, args.email)
     for row in rows:
-        print(json.dumps(row, default=str))
+        output.emit(row)  # ISO 8601 times, as every command
     return 0 if rows else 1
 
 
@@ -51,6 +48,6 @@ def register(sub: Any) -> None:
 
     lk = sub.add_parser("lookup", help="was this address a recipient of a broadcast (live or "
                         "archived): status, sent_at, provider_message_id")
-    lk.add_argument("broadcast", help="broadcast id")
+    lk.add_argument("broadcast", help="the broadcast id, or a unique prefix of 8+ characters")
     lk.add_argument("email", help="the address to look for")
     lk.set_defaults(func=cmd_lookup)

@@ -13,6 +13,8 @@ import uuid
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+ACCOUNT_DEFAULT = "default"  # the account every command acts on unless given --account
+
 
 def _default(value: Any) -> Any:
     # the same shapes as the API's encoder (api/http.py): ISO 8601 times, ids as strings

@@ -3,15 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 from typing import Any
 
 from bin import broadcast_commands, output
 from sql import db, schedule
-
-
-def _emit(payload: Any) -> None:
-    print(json.dumps(payload, default=str))
 
 
 def cmd_schedule(args: argparse.Namespace) -> int:
@@ -24,12 +19,13 @@ def cmd_schedule(args: argparse.Namespace) -> int:
             print(row["id"])
             return 0
         if args.action == "schedule":
-            result = schedule.schedule(conn, args.account, bid, args.at, args.not_after, who)
+            result = schedule.schedule(conn, args.account, bid, args.at, args.not_after, who,
+                                       names=schedule.CLI_NAMES)
         elif args.action == "unschedule":
             result = schedule.unschedule(conn, args.account, bid, who)
         else:
             result = schedule.retry(conn, args.account, bid, args.include_unknown, who)
-    _emit(result)
+    output.emit(result)  # ISO 8601 times, as every command
     return 0 if result["success"] else 1
 
 

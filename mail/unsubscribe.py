@@ -1,8 +1,11 @@
 """One-click unsubscribe tokens: opaque, authenticated, never expiring (AES-256-GCM).
 
-A token names the account, the contact and the broadcast to pgcast alone: they are
-encrypted, so a reader learns none of them, and the GCM tag refuses any altered or forged
-token. Keys come from PGCAST_UNSUBSCRIBE_SECRET (comma-separated: the first makes tokens,
+A token names the contact and the broadcast to pgcast alone: they are encrypted, so a
+reader learns neither, and the GCM tag refuses any altered or forged token. Version 2 carries
+no account name: the contact id is the contacts table's own key, so the link is the same
+length and just as exact for every account name. Version 1 links (sent before issue 23)
+carried the account cut to 200 bytes; they are still read, and match the contact by that
+prefix. Keys come from PGCAST_UNSUBSCRIBE_SECRET (comma-separated: the first makes tokens,
 every one is accepted, so keys rotate) or from the key the database generated once.
 """
 
@@ -26,10 +29,11 @@ from mail import errors
 
 MIN_SECRET = 32  # bytes a secret must have
 DEFAULT_PUBLIC_URL = "http://127.0.0.1:8080"  # file and null providers without a setting
-VERSION = 1
+VERSION = 2  # what make() writes
+VERSION_CUT_ACCOUNT = 1  # read only: the account's first MAX_ACCOUNT bytes follow the head
 KIND_REAL = 0  # unsubscribes the contact
 KIND_TEST = 1  # a test send's link: shows the page, unsubscribes nobody
-MAX_ACCOUNT = 200  # bytes of account name a token carries
+MAX_ACCOUNT = 200  # bytes of account name a version 1 token carried (cut, maybe mid-character)
 MAX_TOKEN = 400  # characters of a token we try to read
 _NONCE = 12  # bytes
 _AAD = b"pgcast one-click unsubscribe"
@@ -44,10 +48,11 @@ class InvalidToken(errors.MailError):
 class Target:
     """What a token names."""
 
-    account: str
     contact_id: int
     broadcast_id: uuid.UUID
     test: bool
+    # a version 1 token's account bytes (at most MAX_ACCOUNT, maybe cut); None in version 2
+    account_prefix: bytes | None = None
 
 
 @functools.lru_cache(maxsize=16)
@@ -76,22 +81,22 @@ class Keys:
 
     def make(self, account: str, contact_id: int, broadcast_id: str | uuid.UUID,
              test: bool = False) -> str:
-        """A token for one contact of one broadcast."""
+        """A token for one contact of one broadcast (the account is not carried: see above)."""
         return self.maker(account, broadcast_id, test)(contact_id)
 
     def maker(self, account: str, broadcast_id: str | uuid.UUID,
               test: bool = False) -> Callable[[int], str]:
         """Tokens for the contacts of one broadcast (what they share is packed once)."""
+        del account  # the contact id names the contact in every account
         bid = broadcast_id if isinstance(broadcast_id, uuid.UUID) else uuid.UUID(broadcast_id)
         head = struct.Struct(">BB16s").pack(VERSION, KIND_TEST if test else KIND_REAL,
                                             bid.bytes)
-        tail = account.encode()[:MAX_ACCOUNT]
         seal = _aead(self.secrets[0]).encrypt
         contact = struct.Struct(">q").pack
 
         def make(contact_id: int) -> str:
             nonce = os.urandom(_NONCE)
-            sealed = seal(nonce, head + contact(contact_id) + tail, _AAD)
+            sealed = seal(nonce, head + contact(contact_id), _AAD)
             return base64.urlsafe_b64encode(nonce + sealed).rstrip(b"=").decode()
 
         return make
@@ -113,13 +118,16 @@ class Keys:
             except InvalidTag:
                 continue
             version, kind, bid, contact_id = _HEAD.unpack_from(plain)
-            if version != VERSION or kind not in (KIND_REAL, KIND_TEST):
+            tail = plain[_HEAD.size:]
+            if kind not in (KIND_REAL, KIND_TEST):
                 break
-            try:
-                account = plain[_HEAD.size:].decode()
-            except UnicodeDecodeError:
+            if version == VERSION and not tail:
+                prefix = None
+            elif version == VERSION_CUT_ACCOUNT and 0 < len(tail) <= MAX_ACCOUNT:
+                prefix = tail  # maybe cut inside a character: compared as bytes
+            else:
                 break
-            return Target(account, contact_id, uuid.UUID(bytes=bid), kind == KIND_TEST)
+            return Target(contact_id, uuid.UUID(bytes=bid), kind == KIND_TEST, prefix)
         raise InvalidToken("not a token we made")
 
 

@@ -20,6 +20,7 @@ import email_validator
 
 from mail import errors
 
+MAX_ACCOUNT_LENGTH = 200  # characters: the one limit (JWT claim, CLI, a CHECK in SQL)
 MAX_ADDRESS_LENGTH = 254  # characters: RFC 5321's path limit less the brackets
 MAX_NAME_LENGTH = 500  # characters
 MAX_SUBJECT_LENGTH = 998  # characters: RFC 5322's line limit
@@ -65,6 +66,20 @@ def text_line(field: str, value: Any, max_length: int, *, required: bool = True)
     if required and not clean:
         raise errors.InvalidValue(field, "must not be empty")
     return clean
+
+
+def account(value: Any, field: str = "account") -> str:
+    """An account (tenant) name, kept as given: 1-200 characters, no control character."""
+    if not isinstance(value, str) or not value:
+        raise errors.InvalidValue(field, "must be a non-empty string")
+    if len(value) > MAX_ACCOUNT_LENGTH:
+        raise errors.InvalidValue(field, f"must be at most {MAX_ACCOUNT_LENGTH} characters")
+    try:  # a lone surrogate cannot be encoded; Postgres text cannot hold NUL
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise errors.InvalidValue(field, "must be valid Unicode") from None
+    _no_controls(field, value)
+    return value
 
 
 def name(value: Any, field: str = "name") -> str:

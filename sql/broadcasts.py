@@ -12,6 +12,7 @@ from mail import errors as mail_errors
 from mail import template
 from mail import validate as validate_mail
 from sql import contacts, errors
+from sql import senders as sender_rule
 from sql.queries import QUERIES
 
 # A snapshot this big changes the table's shape at once: without fresh statistics the workers'
@@ -102,7 +103,7 @@ def get(conn: psycopg.Connection[Any], account: str, broadcast_id: uuid.UUID) ->
 
 
 def send_result(row: dict[str, Any], segment: str | None = None) -> dict[str, Any]:
-    """The answer to a send, from a pgcast_send_v4 row (segment: the broadcast's tag)."""
+    """The answer to a send, from a pgcast_send_v5 row (segment: the broadcast's tag)."""
     if not row["ok"]:
         if row["status"] == "empty":
             who = f"tag {segment!r}" if segment else "the account"
@@ -112,7 +113,7 @@ def send_result(row: dict[str, Any], segment: str | None = None) -> dict[str, An
         return {"success": False, "status": row["status"],
                 "message": f"Broadcast is {row['status']}; only a draft can be sent"}
     n = row["queued"]
-    message = (f"Broadcast sent to {n} recipients" if n else
+    message = (f"Broadcast queued for {n} recipient{'s' if n != 1 else ''}" if n else
                "Broadcast has no recipients; marked sent")
     return {"success": True, "status": row["status"], "queued": n, "message": message}
 
@@ -153,6 +154,7 @@ def _control(conn: psycopg.Connection[Any], query: str, params: dict[str, Any]) 
 def send(conn: psycopg.Connection[Any], account: str, broadcast_id: uuid.UUID, *,
          allow_empty: bool = False, details: dict[str, Any] | None = None) -> dict[str, Any]:
     """Snapshot and start sending: the seed system's response shape."""
+    sender_rule.check(conn, account, broadcast_id)  # InvalidInput: a From it may not use
     row = _control(conn, "broadcast_send", {"account": account, "id": broadcast_id,
                                             "allow_empty": allow_empty,
                                             "details": json.dumps(details or {})})

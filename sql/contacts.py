@@ -45,6 +45,9 @@ class Batch:
     rejected: list[Rejected] = field(default_factory=list)
     merged: int = 0  # rows folded into an earlier row of the same address
     normalised: list[Normalised] = field(default_factory=list)
+    # rows whose address a later row of the same address spells otherwise (case): that
+    # later spelling is what is stored; `where` is the earlier row, `stored` the spelling kept
+    respelled: list[Normalised] = field(default_factory=list)
 
 
 @dataclass
@@ -120,26 +123,35 @@ def validate(items: list[tuple[Any, ...]], *, replace: bool = False) -> Batch:
         key = address.lower()
         if key in by_key:
             batch.merged += 1
+            if by_key[key]["email"] != address:
+                batch.respelled.append(Normalised(by_key[key]["where"], by_key[key]["email"],
+                                                  address))
             row = row if replace else _merge(by_key[key], row)
         by_key[key] = row
     batch.rows = list(by_key.values())
     return batch
 
 
-def read_csv(path: Path, encoding: str = "utf-8") -> list[tuple[Any, ...]]:
-    """The importable items of a contacts CSV (rows refused while reading are dropped)."""
+def read_csv(path: Path, encoding: str = "utf-8",
+             named: tuple[str, str] | None = None) -> list[tuple[Any, ...]]:
+    """The importable items of a contacts CSV (rows refused while reading are dropped;
+    `named`: how the caller gives the encoding, for its errors)."""
     from sql import contacts_csv  # it builds on this module
 
-    return contacts_csv.read(path, encoding)[0]
+    return contacts_csv.read(path, encoding, named or contacts_csv.CLI_ENCODING)[0]
 
 
 def upsert(conn: psycopg.Connection[Any], account: str, rows: list[dict[str, Any]], *,
-           replace: bool = False) -> Written:
+           replace: bool = False, chunk_size: int = CHUNK) -> Written:
     """Upsert validated rows in one transaction (in chunks); erased addresses are left out."""
     done = Written()
     with conn.transaction():
-        for start in range(0, len(rows), CHUNK):
-            chunk = rows[start : start + CHUNK]
+        if len(rows) > chunk_size:
+            # lock order: every existing contact, in id order, before a chunk's fence trigger
+            conn.execute(QUERIES["contacts_lock"], {
+                "account": account, "keys": [r["email"].lower() for r in rows]})
+        for start in range(0, len(rows), chunk_size):
+            chunk = rows[start : start + chunk_size]
             cur = conn.execute(QUERIES["contacts_upsert"], {
                 "account": account, "rows": json.dumps(chunk), "replace": replace})
             written = {r["email"].lower(): r["inserted"] for r in cur.fetchall()}
@@ -152,10 +164,13 @@ def upsert(conn: psycopg.Connection[Any], account: str, rows: list[dict[str, Any
 ERASED_REASON = "erased at the person's request (contacts erase): not imported"
 
 
-def unsubscribe(conn: psycopg.Connection[Any], account: str, email: str) -> dict[str, Any]:
-    """Unsubscribe one contact; raises NotFound."""
-    row = conn.execute(QUERIES["contact_unsubscribe"],
-                       {"account": account, "email": email}).fetchone()
+def unsubscribe(conn: psycopg.Connection[Any], account: str, email: str, *,
+                source: str = "cli", actor: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Unsubscribe one contact, recorded in contact_events (source, actor); raises
+    NotFound."""
+    row = conn.execute(QUERIES["contact_unsubscribe"], {
+        "account": account, "email": email, "source": source,
+        "actor": json.dumps(actor or {})}).fetchone()
     if row is None:
         raise errors.NotFound(f"no contact {email} in account {account}")
     return dict(row)

@@ -54,9 +54,9 @@ SELECT c.id, c.email, EXISTS (SELECT 1 FROM u) AS changed,
 FROM c
 
 -- contact_erase --
--- Erases one address of an account (pgcast_erase_v2): contact_id NULL when there was none
+-- Erases one address of an account (pgcast_erase_v3): contact_id NULL when there was none
 -- (its hash is kept all the same, so it is never imported).
-SELECT * FROM pgcast_erase_v2(%(account)s, %(email)s, %(source)s, %(actor)s::jsonb)
+SELECT * FROM pgcast_erase_v3(%(account)s, %(email)s, %(source)s, %(actor)s::jsonb)
 
 -- recipients_page --
 -- A broadcast's recipient rows by contact id, keyset-paged, optionally of one status
@@ -76,10 +76,11 @@ ORDER BY r.contact_id
 LIMIT %(limit)s
 
 -- broadcast_id_prefix --
--- The broadcasts of an account whose id starts with a prefix (at most two: enough to tell
--- a unique prefix from an ambiguous one).
+-- The broadcasts of an account (NULL: of every account, for the operator's lookup) whose id
+-- starts with a prefix (at most two: enough to tell a unique prefix from an ambiguous one).
 SELECT id FROM broadcasts
-WHERE account = %(account)s AND id::text LIKE %(prefix)s || '%%'
+WHERE (%(account)s::text IS NULL OR account = %(account)s)
+  AND id::text LIKE %(prefix)s || '%%'
 ORDER BY id
 LIMIT 2
 

@@ -17,11 +17,14 @@ UNSUBSCRIBED_AT, SUPPRESSED_REASON = "unsubscribed_at", "suppressed_reason"
 RESERVED = (EMAIL, NAME, TAGS, UNSUBSCRIBED_AT, SUPPRESSED_REASON)
 
 
-def _decode(path: Path, encoding: str) -> str:
+CLI_ENCODING = ("--encoding", "--encoding latin-1")  # how the caller names the encoding
+
+
+def _decode(path: Path, encoding: str, named: tuple[str, str]) -> str:
     try:
         codec = codecs.lookup(encoding).name
     except LookupError:
-        raise errors.InvalidInput(f"--encoding: unknown encoding {encoding!r}") from None
+        raise errors.InvalidInput(f"{named[0]}: unknown encoding {encoding!r}") from None
     try:
         data = path.read_bytes()
     except OSError as exc:
@@ -33,7 +36,7 @@ def _decode(path: Path, encoding: str) -> str:
         line = data[: exc.start].count(b"\n") + 1
         raise errors.InvalidInput(
             f"{path}: line {line}: not valid {codec} (byte 0x{data[exc.start]:02x}); nothing "
-            f"imported; give the file's encoding, e.g. --encoding latin-1") from None
+            f"imported; give the file's encoding, e.g. {named[1]}") from None
 
 
 def _header(path: Path, names: list[str]) -> list[str]:
@@ -69,17 +72,17 @@ def _status(cells: dict[str, str]) -> dict[str, Any]:
     return out
 
 
-def read(path: Path, encoding: str = "utf-8") -> tuple[list[tuple[Any, ...]],
-                                                         list[contacts.Rejected]]:
+def read(path: Path, encoding: str = "utf-8", named: tuple[str, str] = CLI_ENCODING
+         ) -> tuple[list[tuple[Any, ...]], list[contacts.Rejected]]:
     """Items for contacts.validate, and the rows refused before validation.
 
     The header names the columns: email (required), name, tags (separated by ';'),
     unsubscribed_at and suppressed_reason (as `contacts export` writes them); every other
     column is a string attribute. An empty cell gives nothing (the stored value stays).
     A problem with the file as a whole (encoding, quoting, header) raises InvalidInput
-    before anything is written.
+    before anything is written; `named`: how the caller gives the encoding, for its errors.
     """
-    text = _decode(path, encoding)
+    text = _decode(path, encoding, named)
     # strict: a quote left open or text after a closing quote is a broken file, not a row
     reader = csv.reader(io.StringIO(text, newline=""), strict=True)
     items: list[tuple[Any, ...]] = []

@@ -6,10 +6,13 @@ SELECT secret FROM unsubscribe_keys
 
 -- one_click_unsubscribe --
 -- Unsubscribes the contact a token names (keeps the first time) and appends a contact_events
--- row when it changed anything; no row when the contact is gone.
+-- row when it changed anything; no row when the contact is gone. A version 1 token also
+-- carries its account's first 200 bytes (maybe cut inside a character): compared as bytes.
 WITH target AS (
     SELECT id, account FROM contacts
-    WHERE id = %(contact_id)s AND account = %(account)s
+    WHERE id = %(contact_id)s
+      AND (%(account_prefix)s::bytea IS NULL
+           OR substring(convert_to(account, 'UTF8') FROM 1 FOR 200) = %(account_prefix)s::bytea)
     FOR UPDATE
 ), changed AS (
     UPDATE contacts c SET unsubscribed_at = clock_timestamp(), updated_at = now()
@@ -38,8 +41,9 @@ ORDER BY id
 LIMIT 1
 
 -- test_send_queue --
--- Queues test sends unless the account passes its hourly cap (pgcast_test_send_v1).
-SELECT * FROM pgcast_test_send_v1(%(account)s, %(id)s, %(to)s, %(contact)s, %(cap)s)
+-- Queues test sends unless an address may not be mailed (refused) or the account passes its
+-- hourly cap (pgcast_test_send_v2).
+SELECT * FROM pgcast_test_send_v2(%(account)s, %(id)s, %(to)s, %(contact)s, %(cap)s)
 
 -- test_send_start --
 -- A worker takes queued test sends (each is sent at most once).
@@ -47,10 +51,21 @@ UPDATE test_sends SET status = 'sending'
 WHERE id = ANY(%(ids)s) AND status = 'queued'
 RETURNING id, account, broadcast_id, to_address, contact_email
 
+-- test_send_withdraw --
+-- The caller gave up waiting: test sends no worker has taken yet never go out (a worker takes
+-- only queued ones); returns those withdrawn.
+UPDATE test_sends
+SET status = 'failed', error = %(error)s, finished_at = clock_timestamp()
+WHERE id = ANY(%(ids)s) AND status = 'queued'
+RETURNING id
+
 -- test_send_record --
 -- The outcome of one test send.
 UPDATE test_sends
-SET status = %(status)s, message_id = %(message_id)s, error = %(error)s,
+SET status = %(status)s, message_id = %(message_id)s,
+    -- an address erased meanwhile: error texts quote the address (SES), keep none
+    error = CASE WHEN to_address = 'erased@erased.invalid' AND %(error)s::text IS NOT NULL
+                 THEN 'address erased: error text not kept' ELSE %(error)s END,
     finished_at = clock_timestamp()
 WHERE id = %(id)s
 

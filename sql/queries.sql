@@ -26,69 +26,36 @@ INSERT INTO schema_migrations (version, name) VALUES (%(version)s, %(name)s)
 SELECT to_regclass('procrastinate_jobs') IS NOT NULL AS installed
 
 -- contacts_upsert --
--- Inserts or updates contacts from a jsonb array. An empty name or tags keeps what is stored
--- and attributes merge, unless `replace` (then all three are replaced); never clears an
--- unsubscribe or a suppression (the unsubscribed_at and suppressed_reason given only add
--- one, and each one added is appended to contact_events, source `import`); an erased address
--- is left out. Returns each written address and whether it is new.
-WITH x AS (
-    SELECT x.*
-    FROM ROWS FROM (jsonb_to_recordset(%(rows)s::jsonb)
-                    AS (email text, name text, tags text[], attributes jsonb,
-                        unsubscribed_at timestamptz, suppressed_reason text))
-         WITH ORDINALITY AS x(email, name, tags, attributes, unsubscribed_at,
-                              suppressed_reason, n)
-    WHERE NOT EXISTS (SELECT 1 FROM contact_erasures e
-                      WHERE e.account = %(account)s
-                        AND e.email_hash = sha256(convert_to(lower(x.email), 'UTF8')))
-),
--- the stored contacts as they were before this statement (every CTE reads one snapshot)
-stored AS (
-    SELECT k.id, k.unsubscribed_at, k.suppressed_at FROM contacts k JOIN x
-        ON k.account = %(account)s AND lower(k.email) = lower(x.email)
-),
-up AS (
-INSERT INTO contacts AS c (account, email, name, tags, attributes, unsubscribed_at,
-                           suppressed_at, suppressed_reason)
-SELECT %(account)s, x.email, coalesce(x.name, ''), coalesce(x.tags, '{}'),
-       coalesce(x.attributes, '{}'), x.unsubscribed_at,
-       CASE WHEN x.suppressed_reason IS NOT NULL THEN clock_timestamp() END,
-       x.suppressed_reason
-FROM x
-ORDER BY x.n  -- new contacts get their ids in the order given (the anti-join may reorder)
-ON CONFLICT (account, lower(email)) DO UPDATE
-SET email = EXCLUDED.email,
-    name = CASE WHEN %(replace)s OR EXCLUDED.name <> '' THEN EXCLUDED.name ELSE c.name END,
-    tags = CASE WHEN %(replace)s OR cardinality(EXCLUDED.tags) > 0 THEN EXCLUDED.tags
-                ELSE c.tags END,
-    attributes = CASE WHEN %(replace)s THEN EXCLUDED.attributes
-                      ELSE c.attributes || EXCLUDED.attributes END,
-    unsubscribed_at = coalesce(c.unsubscribed_at, EXCLUDED.unsubscribed_at),
-    suppressed_at = coalesce(c.suppressed_at, EXCLUDED.suppressed_at),
-    suppressed_reason = coalesce(c.suppressed_reason, EXCLUDED.suppressed_reason),
-    updated_at = now()
-RETURNING c.id, c.email, (c.xmax = 0) AS inserted, c.unsubscribed_at, c.suppressed_at,
-          c.suppressed_reason
-),
-events AS (
-    INSERT INTO contact_events (account, contact_id, action, source, details)
-    SELECT %(account)s, up.id, 'unsubscribe', 'import', '{}'::jsonb
-    FROM up LEFT JOIN stored b ON b.id = up.id
-    WHERE up.unsubscribed_at IS NOT NULL AND b.unsubscribed_at IS NULL
-    UNION ALL
-    SELECT %(account)s, up.id, 'suppress', 'import',
-           jsonb_build_object('reason', up.suppressed_reason)
-    FROM up LEFT JOIN stored b ON b.id = up.id
-    WHERE up.suppressed_at IS NOT NULL AND b.suppressed_at IS NULL
-)
-SELECT up.email, up.inserted FROM up
+-- Inserts or updates contacts from a jsonb array (pgcast_contacts_upsert_v1): under the
+-- erasure lock, existing rows locked in id order first; an erased address is left out, an
+-- unsubscribe or suppression is never cleared. Returns each written address and whether
+-- it is new.
+SELECT * FROM pgcast_contacts_upsert_v1(%(account)s, %(rows)s::jsonb, %(replace)s)
+
+-- contacts_lock --
+-- The first step of an import in several statements: the erasure lock (shared) and every
+-- existing contact among `keys` (lower-cased addresses), locked in id order, before any
+-- chunk is written (pgcast_contacts_lock_v1).
+SELECT pgcast_contacts_lock_v1(%(account)s, %(keys)s::text[]) AS locked
 
 -- contact_unsubscribe --
--- Marks a contact unsubscribed (keeps the first time); takes effect at the next handoff.
-UPDATE contacts
-SET unsubscribed_at = coalesce(unsubscribed_at, clock_timestamp()), updated_at = now()
-WHERE account = %(account)s AND lower(email) = lower(%(email)s)
-RETURNING id, email, unsubscribed_at
+-- Marks a contact unsubscribed (keeps the first time) and records it in contact_events, in
+-- one statement (nothing recorded when it already was); takes effect at the next handoff.
+WITH c AS (
+    SELECT id, email, unsubscribed_at FROM contacts
+    WHERE account = %(account)s AND lower(email) = lower(%(email)s)
+    FOR UPDATE
+), u AS (
+    UPDATE contacts k SET unsubscribed_at = clock_timestamp(), updated_at = now()
+    FROM c WHERE k.id = c.id AND c.unsubscribed_at IS NULL
+    RETURNING k.id, k.unsubscribed_at
+), e AS (
+    INSERT INTO contact_events (account, contact_id, action, source, actor)
+    SELECT %(account)s, u.id, 'unsubscribe', %(source)s, %(actor)s::jsonb FROM u
+)
+SELECT c.id, c.email, coalesce((SELECT u.unsubscribed_at FROM u), c.unsubscribed_at)
+       AS unsubscribed_at
+FROM c
 
 -- broadcast_create --
 -- A new draft; its audit entry names who created it (details).
@@ -114,7 +81,8 @@ ORDER BY created_at DESC, id DESC
 LIMIT %(limit)s
 
 -- broadcast_update_draft --
--- Edits a draft (CAS on status); NULL keeps a field; details name the caller in the audit.
+-- Edits a draft or a scheduled broadcast (CAS on status: one that has started is never
+-- edited); NULL keeps a field; details name the caller in the audit.
 UPDATE broadcasts
 SET subject = coalesce(%(subject)s, subject),
     from_address = coalesce(%(from_address)s, from_address),
@@ -124,7 +92,7 @@ SET subject = coalesce(%(subject)s, subject),
     priority = coalesce(%(priority)s, priority),
     updated_at = now(),
     audit_log = audit_log || pgcast_audit_v1('edit', status, status, %(details)s::jsonb)
-WHERE id = %(id)s AND account = %(account)s AND status = ANY (ARRAY['draft'])
+WHERE id = %(id)s AND account = %(account)s AND status = ANY (ARRAY['draft', 'scheduled'])
 RETURNING *
 
 -- broadcast_delete_draft --
@@ -136,7 +104,7 @@ RETURNING id
 -- broadcast_send --
 -- Snapshot the mailable recipients into the broadcast's own partition and start sending
 -- (status 'empty', nothing changed, when nobody matches and allow_empty is false).
-SELECT * FROM pgcast_send_v4(%(account)s, %(id)s, %(allow_empty)s, %(details)s::jsonb)
+SELECT * FROM pgcast_send_v5(%(account)s, %(id)s, %(allow_empty)s, %(details)s::jsonb)
 
 -- analyze_recipients --
 -- Fresh planner statistics for one broadcast's partition after a big snapshot (its own

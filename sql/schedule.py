@@ -11,7 +11,7 @@ from typing import Any
 
 import psycopg
 
-from sql import errors
+from sql import errors, senders
 from sql.queries import QUERIES
 
 PAST_TOLERANCE = dt.timedelta(minutes=1)  # a time this far in the past is still accepted
@@ -45,13 +45,18 @@ def parse_time(field: str, raw: Any, now: dt.datetime | None = None) -> dt.datet
     return when
 
 
-def parse_window(at: Any, not_after: Any = None,
-                 now: dt.datetime | None = None) -> tuple[dt.datetime, dt.datetime | None]:
-    """The start time and the optional latest start; raises InvalidInput."""
-    start = parse_time("at", at, now)
-    latest = None if not_after is None else parse_time("not_after", not_after, now)
+API_NAMES = ("at", "not_after")  # what errors call the two times: the API's JSON keys
+CLI_NAMES = ("--at", "--not-after")  # ... and the command line's flags
+
+
+def parse_window(at: Any, not_after: Any = None, now: dt.datetime | None = None,
+                 names: tuple[str, str] = API_NAMES) -> tuple[dt.datetime, dt.datetime | None]:
+    """The start time and the optional latest start; raises InvalidInput naming the field as
+    the caller knows it."""
+    start = parse_time(names[0], at, now)
+    latest = None if not_after is None else parse_time(names[1], not_after, now)
     if latest is not None and latest < start:
-        raise errors.InvalidInput("not_after must not be earlier than at")
+        raise errors.InvalidInput(f"{names[1]} must not be earlier than {names[0]}")
     return start, latest
 
 
@@ -126,9 +131,11 @@ def retry_result(row: dict[str, Any], include_unknown: bool) -> dict[str, Any]:
 
 
 def schedule(conn: psycopg.Connection[Any], account: str, broadcast_id: uuid.UUID, at: Any,
-             not_after: Any = None, details: dict[str, Any] | None = None) -> dict[str, Any]:
+             not_after: Any = None, details: dict[str, Any] | None = None,
+             names: tuple[str, str] = API_NAMES) -> dict[str, Any]:
     """draft -> scheduled; raises InvalidInput (bad times) or NotFound."""
-    start, latest = parse_window(at, not_after)
+    start, latest = parse_window(at, not_after, names=names)
+    senders.check(conn, account, broadcast_id)  # InvalidInput: a From it may not use
     return schedule_result(_row(conn, "broadcast_schedule", {
         "account": account, "id": broadcast_id, "at": start, "not_after": latest,
         "details": json.dumps(details or {})}))

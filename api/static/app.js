@@ -7,6 +7,7 @@ const BROADCAST_STATUSES = ["draft", "scheduled", "sending", "paused", "sent", "
 const RECIPIENT_STATUSES = ["pending", "claimed", "sending", "sent", "failed", "skipped", "unknown", "cancelled"];
 const TERMINAL = ["sent", "failed", "cancelled"];
 const COUNTERS = ["total", "pending", "sent", "failed", "skipped", "unknown", "cancelled"];
+const FEEDBACK = ["delivered", "bounced", "complained"];  // what SES said after the send
 const LIST_REFRESH_MS = 3000;
 const NOTICE_MS = 6000;
 const PAGE = 25;
@@ -229,9 +230,21 @@ window.addEventListener("hashchange", () => { clearError(); route(); });
 
 // ---- pieces ----------------------------------------------------------------------------------
 
+// a subject as its reader sees its shape: merge tags become chips naming the field, not raw
+// Jinja (text nodes only: a subject never becomes markup)
+function subjectView(subject) {
+  const parts = String(subject).split(/(\{\{[\s\S]*?\}\}|\{%[\s\S]*?%\})/);
+  return h("span", { class: "subject-view", title: subject }, parts.filter(Boolean).map((part) => {
+    const tag = /^\{\{\s*([\s\S]*?)\s*\}\}$/.exec(part);
+    if (tag) return h("span", { class: "merge-tag" }, tag[1].replace(/\s*\|[\s\S]*$/, ""));
+    return part.startsWith("{%") ? h("span", { class: "merge-tag" }, "…") : part;
+  }));
+}
+
 function badge(status) { return h("span", { class: `badge ${status}`, "data-status": status }, status); }
 
-function finished(p) { return p.total - p.pending; }
+// recipients that reached an outcome: cancelled ones never will, so they do not fill the bar
+function finished(p) { return p.total - p.pending - (p.cancelled || 0); }
 
 function bar(p, big) {
   const cls = [big ? "big" : "", p.status === "paused" ? "paused" : "", p.status === "sent" ? "done" : ""].join(" ").trim();
@@ -239,7 +252,7 @@ function bar(p, big) {
 }
 
 function pct(p) {
-  return p.total ? Math.floor((1000 * finished(p)) / p.total) / 10 : (TERMINAL.includes(p.status) ? 100 : 0);
+  return p.total ? Math.floor((1000 * finished(p)) / p.total) / 10 : (p.status === "sent" ? 100 : 0);
 }
 
 function table(headers, rows, attrs = {}) {
@@ -300,7 +313,7 @@ function listRow(b, p) {
   }
   const shown = p ? { ...b, ...p } : b;
   return h("tr", { "data-id": b.id },
-    h("td", { class: "subject" }, h("a", { href: `#/b/${b.id}` }, b.subject)),
+    h("td", { class: "subject" }, h("a", { href: `#/b/${b.id}` }, subjectView(b.subject))),
     h("td", {}, badge(b.status)),
     h("td", { class: "bar-cell" }, bar(shown), h("small", {}, `${num(finished(shown))} / ${num(shown.total)} · ${pct(shown)}%`)),
     h("td", { class: "num" }, rate(r)),
@@ -364,6 +377,7 @@ async function detailView(id) {
     share: h("span", { id: "share", class: "muted" }),
     bar: h("div", { id: "bar" }),
     counters: h("div", { class: "counters", id: "counters" }),
+    feedback: h("div", { class: "counters", id: "feedback", "aria-label": "SES feedback" }),
     audience: h("span", { id: "audience", class: "muted" }),
     canvas: h("canvas", { class: "chart", id: "chart" }),
     audit: h("tbody", { id: "audit" }),
@@ -376,7 +390,7 @@ async function detailView(id) {
     h("div", { class: "panel" },
       el.actions, el.reason,
       h("div", { class: "headline" }, el.pct, el.of, h("span", { class: "spacer grow" }), el.share, el.rate, el.eta),
-      el.bar, el.counters, el.audience),
+      el.bar, el.counters, el.feedback, el.audience),
     h("div", { class: "panel" }, h("h2", {}, "Messages per second"), el.canvas),
     h("div", { class: "cols" },
       h("div", { class: "panel" }, h("h2", {}, "Broadcast"), el.info, el.content),
@@ -390,7 +404,7 @@ async function detailView(id) {
   let last = { status: b.status, ...Object.fromEntries(COUNTERS.map((k) => [k, b[k]])), rate: null, eta_seconds: null };
 
   function renderBroadcast() {
-    fill(el.title, b.subject);
+    fill(el.title, subjectView(b.subject));
     fill(el.status, badge(b.status));
     renderActions(b, el.actions, refresh);
     el.reason.hidden = !b.paused_reason;
@@ -424,6 +438,9 @@ async function detailView(id) {
     fill(el.eta, `ETA ${p.status === "paused" ? "paused" : TERMINAL.includes(p.status) ? "done" : duration(p.eta_seconds)}`);
     fill(el.bar, bar(p, true));
     fill(el.counters, COUNTERS.map((k) => h("div", { class: `counter${(k === "failed" || k === "unknown") && p[k] ? " bad" : ""}`, "data-counter": k },
+      h("b", { id: `count-${k}` }, num(p[k])), h("span", {}, k))));
+    // delivered / bounced / complained: annotations of sent rows, from the SES events
+    fill(el.feedback, FEEDBACK.filter((k) => k in p).map((k) => h("div", { class: `counter${k !== "delivered" && p[k] ? " bad" : ""}`, "data-counter": k },
       h("b", { id: `count-${k}` }, num(p[k])), h("span", {}, k))));
   }
 
@@ -585,13 +602,18 @@ function contactsView() {
   const changed = () => { if (list) list.reload(); };  // the list shows what an edit did
   if (has("POST /contacts/import")) {
     const file = h("input", { type: "file", accept: ".csv,text/csv", id: "csv-file" });
+    // sent as the Content-Type's charset: a file Excel saved on Windows is often not UTF-8
+    const encoding = h("select", { id: "csv-encoding", "aria-label": "File encoding" },
+      h("option", { value: "utf-8" }, "UTF-8"),
+      h("option", { value: "windows-1252" }, "Windows-1252 (Excel, Western)"),
+      h("option", { value: "iso-8859-1" }, "Latin-1 (ISO-8859-1)"));
     const report = h("div", { id: "import-report" });
     panels.push(h("form", { class: "panel", id: "import-form", onsubmit: async (event) => {
       event.preventDefault();
       if (!file.files.length) { showError("Choose a CSV file first."); return; }
       fill(report, h("p", { class: "muted" }, "Importing…"));
       try {
-        const r = await api("POST", "/contacts/import", { raw: file.files[0], contentType: "text/csv" });
+        const r = await api("POST", "/contacts/import", { raw: file.files[0], contentType: `text/csv; charset=${encoding.value}` });
         fill(report, h("p", { id: "import-summary" }, `Imported ${num(r.imported)} contacts; ${num(r.rejected.length)} rows rejected.`),
           r.rejected.length ? table(["Line", "Email", "Reason"], r.rejected.map((x) =>
             h("tr", {}, h("td", { class: "num" }, x.line), h("td", {}, x.email), h("td", {}, x.reason)))) : null);
@@ -600,21 +622,25 @@ function contactsView() {
     } },
     h("h2", {}, "Import a CSV"),
     h("p", { class: "muted" }, "Header email,name,tags (tags separated by ;). The same import as pgcast contacts import: rows with a bad address are listed with their line; the others are upserted."),
-    h("div", { class: "row" }, h("div", { class: "grow" }, file), h("button", { type: "submit", id: "import" }, "Import")), report));
+    h("div", { class: "row" }, h("div", { class: "grow" }, file), encoding, h("button", { type: "submit", id: "import" }, "Import")), report));
   }
   if (has("POST /contacts")) {
     panels.push(h("form", { class: "panel", id: "add-contact", onsubmit: async (event) => {
       event.preventDefault();
       const f = new FormData(event.target);
       const tags = String(f.get("tags")).split(",").map((s) => s.trim()).filter(Boolean);
+      const attributes = parseAttributes(String(f.get("attributes")));
+      if (typeof attributes === "string") { showError(attributes); return; }
       try {
-        const r = await api("POST", "/contacts", { json: { contacts: [{ email: f.get("email"), name: f.get("name") || null, tags }] } });
+        const r = await api("POST", "/contacts", { json: { contacts: [{ email: f.get("email"), name: f.get("name") || null, tags, attributes }] } });
         if (r.rejected.length) showError(r.rejected[0].reason); else { notice(`Saved ${f.get("email")}.`); changed(); }
       } catch (error) { reportUnlessSignedOut(error); }
     } }, h("h2", {}, "Add or update a contact"),
     h("div", { class: "cols" }, h("label", {}, h("span", {}, "Email"), h("input", { name: "email", required: true })),
       h("label", {}, h("span", {}, "Name"), h("input", { name: "name" }))),
     h("label", {}, h("span", {}, "Tags (comma-separated)"), h("input", { name: "tags" })),
+    h("label", {}, h("span", {}, "Attributes for merge tags (one key=value a line; given ones replace, the others stay)"),
+      h("textarea", { name: "attributes", id: "contact-attributes", rows: 3, placeholder: "plan=pro\ncity=Oslo" })),
     h("button", { type: "submit" }, "Save contact")));
   }
   if (has("POST /contacts/unsubscribe")) {
@@ -636,6 +662,48 @@ function contactsView() {
 
 const CONTACT_STATUSES = ["subscribed", "unsubscribed", "suppressed"];
 
+// "key=value" lines as string attributes (as a CSV column gives them); a message when malformed
+function parseAttributes(text) {
+  const out = {};
+  for (const [i, line] of text.split("\n").entries()) {
+    if (!line.trim()) continue;
+    const at = line.indexOf("=");
+    if (at < 1 || !line.slice(0, at).trim()) return `Attributes, line ${i + 1}: write key=value`;
+    out[line.slice(0, at).trim()] = line.slice(at + 1).trim();
+  }
+  return out;
+}
+
+function attributesText(attributes) {
+  return Object.entries(attributes || {}).map(([k, v]) => `${k}=${v}`).join(", ");
+}
+
+// the row's own actions: resubscribe an unsubscribed contact, erase anyone (asked first)
+function contactActions(c, reload) {
+  const buttons = [];
+  if (c.unsubscribed_at && has("POST /contacts/resubscribe")) {
+    buttons.push(h("button", { class: "secondary small", "data-action": "resubscribe", onclick: async () => {
+      const ok = await ask({ title: `Resubscribe ${c.email}?`, text: "Only when they asked to be mailed again: it is recorded with your name.", ok: "Resubscribe" });
+      if (!ok) return;
+      try {
+        const r = await api("POST", "/contacts/resubscribe", { json: { email: c.email } });
+        notice(r.message); reload();
+      } catch (error) { reportUnlessSignedOut(error); }
+    } }, "Resubscribe"));
+  }
+  if (has("POST /contacts/erase")) {
+    buttons.push(h("button", { class: "danger small", "data-action": "erase", onclick: async () => {
+      const ok = await ask({ title: `Erase ${c.email}?`, text: "Their address, name, tags and attributes are deleted, here and in every broadcast's recipients; only a hash is kept so the address is never imported again. This cannot be undone.", ok: "Erase", danger: true });
+      if (!ok) return;
+      try {
+        const r = await api("POST", "/contacts/erase", { json: { email: c.email } });
+        notice(r.message); reload();
+      } catch (error) { reportUnlessSignedOut(error); }
+    } }, "Erase"));
+  }
+  return buttons;
+}
+
 function contactsList() {
   // GET /contacts: by address, keyset-paged; the default view is the unfiltered key walk
   const tbody = h("tbody", { id: "contacts" });
@@ -653,10 +721,12 @@ function contactsList() {
     firstButton.disabled = cursor === null;
     fill(tbody, page.contacts.length ? page.contacts.map((c) => h("tr", { "data-email": c.email },
       h("td", {}, c.email), h("td", {}, c.name ?? ""), h("td", {}, (c.tags || []).join(", ")),
+      h("td", { class: "attributes" }, attributesText(c.attributes)),
       h("td", {}, h("span", { class: `badge ${c.status}`, "data-status": c.status }, c.status),
         c.suppressed_reason ? ` (${c.suppressed_reason})` : ""),
-      h("td", { class: "muted" }, when(c.unsubscribed_at)), h("td", { class: "muted" }, when(c.created_at))))
-      : h("tr", {}, h("td", { colspan: 6, class: "muted" }, "No contacts here.")));
+      h("td", { class: "muted" }, when(c.unsubscribed_at)), h("td", { class: "muted" }, when(c.created_at)),
+      h("td", { class: "row-actions" }, contactActions(c, reload))))
+      : h("tr", {}, h("td", { colspan: 8, class: "muted" }, "No contacts here.")));
   }
   const reload = () => { cursor = null; return load().catch(reportUnlessSignedOut); };
   status.addEventListener("change", reload);
@@ -664,7 +734,7 @@ function contactsList() {
   nextButton.addEventListener("click", () => { cursor = next; load().catch(reportUnlessSignedOut); });
   firstButton.addEventListener("click", reload);
   reload();
-  const t = table(["Email", "Name", "Tags", "Status", "Unsubscribed", "Added"], [], { id: "contacts-table" });
+  const t = table(["Email", "Name", "Tags", "Attributes", "Status", "Unsubscribed", "Added", ""], [], { id: "contacts-table" });
   t.replaceChild(tbody, t.tBodies[0]);
   const panel = h("div", { class: "panel", id: "contacts-list" },
     h("div", { class: "row" }, h("h2", { class: "grow" }, "All contacts"),

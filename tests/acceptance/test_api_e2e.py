@@ -74,7 +74,7 @@ def test_a_broadcast_driven_over_http(db_url: str, conn: Conn, procs: support.Pr
             procs.start(db_url, "worker", "--concurrency", "2", PGCAST_PROVIDER="null")
         r = http.post(f"/broadcasts/{bid}/send")
         assert r.json() == {"success": True, "status": "sending", "queued": N - 1,
-                            "message": f"Broadcast sent to {N - 1} recipients"}
+                            "message": f"Broadcast queued for {N - 1} recipients"}
 
         def finished() -> dict[str, Any] | None:
             p = http.get(f"/broadcasts/{bid}/progress").json()

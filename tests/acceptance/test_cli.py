@@ -43,7 +43,7 @@ def test_create_send_status_cancel(conn: Conn, db_url: str, tmp_path: Path) -> N
                          "vip").stdout.strip()
     sent = json.loads(support.pgcast(db_url, "broadcast", "send", bid).stdout)
     assert sent == {"success": True, "status": "sending", "queued": 12,
-                    "message": "Broadcast sent to 12 recipients"}
+                    "message": "Broadcast queued for 12 recipients"}
     status = json.loads(support.pgcast(db_url, "broadcast", "status", bid).stdout)
     assert (status["status"], status["total"], status["pending"]) == ("sending", 12, 12)
     cancel = json.loads(support.pgcast(db_url, "broadcast", "cancel", bid).stdout)

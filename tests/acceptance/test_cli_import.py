@@ -103,6 +103,9 @@ def test_report_counts_merged_rows_and_says_what_it_normalised(
                                        "normalised": 2, "rejected": 0}
     assert "line 3: Ann@Example.COM stored as Ann@example.com" in done.stderr
     assert "line 4: bob@BÜCHER.example stored as bob@xn--bcher-kva.example" in done.stderr
+    # line 2's spelling gave way to line 3's: said, not silent
+    assert ("line 2: ann@example.com stored as Ann@example.com (a later row spells the same "
+            "address so; the later spelling is kept)") in done.stderr
     # the merge keeps the first row's name (the second's cell was empty) and adds its tags
     assert [(c["email"], c["name"], c["tags"]) for c in contacts_of(conn)] == [
         ("Ann@example.com", "Ann", ["vip"]), ("bob@xn--bcher-kva.example", "Bob", [])]

@@ -151,11 +151,12 @@ def test_resubscribe_is_recorded_with_who_did_it(conn: Conn, db_url: str) -> Non
     assert json.loads(done.stdout)["resubscribed"] is True
     again = json.loads(run(db_url, "contacts", "resubscribe", "user0@example.com").stdout)
     assert again["resubscribed"] is False
-    rows = conn.execute("SELECT action, source, actor FROM contact_events").fetchall()
-    assert len(rows) == 1
-    assert (rows[0]["action"], rows[0]["source"]) == ("resubscribe", "cli")
-    assert rows[0]["actor"]["via"] == "cli" and rows[0]["actor"]["user"] == "ops-kim"
-    assert rows[0]["actor"]["host"]
+    rows = conn.execute("SELECT action, source, actor FROM contact_events ORDER BY id"
+                        ).fetchall()
+    assert [(r["action"], r["source"]) for r in rows] == [("unsubscribe", "cli"),
+                                                          ("resubscribe", "cli")]
+    assert rows[1]["actor"]["via"] == "cli" and rows[1]["actor"]["user"] == "ops-kim"
+    assert rows[1]["actor"]["host"]
     assert conn.execute("SELECT unsubscribed_at FROM contacts").fetchone() == {
         "unsubscribed_at": None}
     assert run(db_url, "contacts", "resubscribe", "nobody@example.com").returncode == 2

@@ -5,7 +5,6 @@ from __future__ import annotations
 import email
 import email.policy
 import json
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -138,13 +137,25 @@ def test_a_test_send_reaches_the_outbox_through_a_running_worker(
                         "WHERE unsubscribed_at IS NOT NULL").fetchone() == {"n": 0}
 
 
-def test_a_test_send_without_a_worker_times_out_non_zero(conn: Conn, db_url: str) -> None:
+def test_a_test_send_without_a_worker_times_out_and_never_goes_out_later(
+        conn: Conn, db_url: str, tmp_path: Path, procs: support.Processes) -> None:
     draft = broadcasts.create(conn, "default", subject="Hi", from_address="news@example.com",
                               text="x {{ unsubscribe_url }}")
     done = support.pgcast(db_url, "broadcast", "test", str(draft["id"]), "--to",
                           "me@example.com", "--timeout", "1", check=False)
     assert done.returncode == 1 and "within 1s" in done.stderr
-    assert uuid.UUID(str(draft["id"]))
+    assert "withdrawn and will not be sent" in done.stderr
+    row = conn.execute("SELECT status, error FROM test_sends").fetchone()
+    assert row == {"status": "failed", "error": "withdrawn: no worker took it within 1s"}
+    # a worker that starts afterwards runs the queued job and sends nothing
+    outbox = tmp_path / "outbox"
+    procs.start(db_url, "worker", PGCAST_PROVIDER="file", PGCAST_OUTBOX_DIR=str(outbox))
+    # (the workers delete a job that succeeded)
+    support.wait_for(lambda: conn.execute(
+        "SELECT count(*) AS n FROM procrastinate_jobs WHERE task_name = 'pgcast.test_send'"
+    ).fetchone() == {"n": 0}, what="the worker to run the queued test-send job")
+    assert not list(outbox.rglob("*.eml"))
+    assert conn.execute("SELECT status FROM test_sends").fetchone() == {"status": "failed"}
 
 
 def test_a_ses_worker_refuses_to_start_without_public_url_and_secret(db_url: str) -> None:

@@ -44,7 +44,8 @@ def test_an_acknowledged_handoff_and_unsubscribe_survive_an_immediate_stop() -> 
                                                        "token": token, "ids": ids}).fetchall()
             assert len(handed) == 2  # acknowledged: the worker would call the provider now
             unsubscribed = conn.execute(QUERIES["contact_unsubscribe"], {
-                "account": "default", "email": "user2@example.com"}).fetchone()
+                "account": "default", "email": "user2@example.com", "source": "api",
+                "actor": "{}"}).fetchone()
             assert unsubscribed is not None  # acknowledged: the API would answer 200
         embedded.stop(base, mode="immediate")  # a crash: nothing more is flushed
         # a new process, as a person would: pgserver caches servers per process

@@ -178,7 +178,7 @@ def test_cli_schedule_unschedule_copy_and_bad_input(db_url: str, conn: Conn,
     naive = support.pgcast(db_url, "broadcast", "schedule", str(bid), "--at",
                            "2026-12-24T09:00:00", check=False)
     assert naive.returncode == 2 and naive.stdout == ""
-    assert naive.stderr.startswith("pgcast: error: at has no offset")
+    assert naive.stderr.startswith("pgcast: error: --at has no offset")
     assert support.progress(conn, bid)["status"] == "draft"
     result = cli_json(db_url, "broadcast", "schedule", str(bid), "--at", iso(3600),
                       "--not-after", iso(7200))

@@ -228,7 +228,7 @@ def test_contacts_list_pages_by_address_filters_and_follows_edits(
     page.click("nav >> text=Contacts")
     emails = page.locator("#contacts td:nth-child(1)")
     expect(emails).to_have_text(everyone[:25])
-    expect(page.locator("#contacts tr[data-email='user0@example.com'] td:nth-child(4)")
+    expect(page.locator("#contacts tr[data-email='user0@example.com'] td:nth-child(5)")
            ).to_have_text("suppressed (complaint)")
     expect(page.locator("#contacts-first")).to_be_disabled()
     page.click("#contacts-next")
@@ -241,15 +241,28 @@ def test_contacts_list_pages_by_address_filters_and_follows_edits(
     page.fill("#add-contact input[name=email]", "aaron@example.com")
     page.fill("#add-contact input[name=name]", "Aaron")
     page.fill("#add-contact input[name=tags]", "beta, vip")
+    page.fill("#contact-attributes", "plan=pro\ncity = Oslo")
     page.click("#add-contact button")
     first = page.locator("#contacts tr").first
     expect(first.locator("td")).to_have_text(
-        ["aaron@example.com", "Aaron", "beta, vip", "subscribed", "–", re.compile(".+")])
+        ["aaron@example.com", "Aaron", "beta, vip", "city=Oslo, plan=pro", "subscribed", "–",
+         re.compile(".+"), "Erase"])
+    assert conn.execute("SELECT attributes FROM contacts WHERE email = 'aaron@example.com'"
+                        ).fetchone() == {"attributes": {"plan": "pro", "city": "Oslo"}}
     page.fill("#unsubscribe-form input[name=email]", "user1@example.com")
     page.click("#unsubscribe-form button")
     expect(page.locator("#contacts tr[data-email='user1@example.com'] [data-status]")).to_have_text(
         "unsubscribed")
     page.select_option("#contact-status", "unsubscribed")
+    expect(emails).to_have_text(["user1@example.com"])
+    # resubscribe from the row, asked first and recorded; then back to all statuses
+    page.click("#contacts tr[data-email='user1@example.com'] [data-action=resubscribe]")
+    page.click("#dialog-ok")
+    expect(page.locator("#contacts td")).to_have_text(["No contacts here."])
+    assert conn.execute("SELECT action, source FROM contact_events WHERE account = %s "
+                        "ORDER BY id DESC LIMIT 1", (dash.ACCOUNT,)
+                        ).fetchone() == {"action": "resubscribe", "source": "api"}
+    page.click("#unsubscribe-form button")  # the form still holds user1: unsubscribed again
     expect(emails).to_have_text(["user1@example.com"])
 
     # subscribed with the tag: every page together is exactly the database's answer
@@ -264,3 +277,78 @@ def test_contacts_list_pages_by_address_filters_and_follows_edits(
     expect(emails).to_have_text(wanted[:25])
     page.click("#contacts-next")
     expect(emails).to_have_text(wanted[25:])
+
+    # erase from the row: asked first (cancel changes nothing), then gone from the list
+    row = "#contacts tr[data-email='aaron@example.com'] [data-action=erase]"
+    page.click("#contacts-first")
+    page.click(row)
+    page.click("#dialog-cancel")
+    expect(page.locator(row)).to_be_visible()
+    page.click(row)
+    page.click("#dialog-ok")
+    expect(page.locator("#contacts tr[data-email='aaron@example.com']")).to_have_count(0)
+    assert conn.execute("SELECT count(*) AS n FROM contacts WHERE email = 'aaron@example.com'"
+                        ).fetchone() == {"n": 0}
+
+
+def test_a_latin_1_csv_is_imported_with_the_encoding_chosen(
+        page: Page, pgcast: stack.Stack, conn: Conn, tmp_path: Any) -> None:
+    """The encoding choice travels as the Content-Type's charset: names keep their accents."""
+    path = tmp_path / "excel.csv"
+    path.write_bytes("email,name\nzoe@example.com,Zoë Ångström\n".encode("latin-1"))
+    dash.sign_in(page, pgcast.base, pgcast.token())
+    page.click("nav >> text=Contacts")
+    page.set_input_files("#csv-file", str(path))
+    page.click("#import")  # UTF-8, the default: refused, with the advice
+    expect(page.locator("#error-text")).to_contain_text("charset=latin-1")
+    page.select_option("#csv-encoding", "iso-8859-1")
+    page.click("#import")
+    expect(page.locator("#import-summary")).to_have_text("Imported 1 contacts; 0 rows rejected.")
+    assert conn.execute("SELECT name FROM contacts WHERE account = %s",
+                        (dash.ACCOUNT,)).fetchone() == {"name": "Zoë Ångström"}
+
+
+def test_a_cancelled_broadcast_does_not_show_a_full_bar(
+        page: Page, pgcast: stack.Stack, conn: Conn) -> None:
+    """Cancelled recipients were never mailed: they do not count as finished."""
+    token = pgcast.token()
+    support.seed_contacts(conn, 10, account=dash.ACCOUNT)
+    bid = draft(pgcast, token)
+    auth = {"Authorization": f"Bearer {token}"}
+    assert httpx.post(f"{pgcast.base}/broadcasts/{bid}/send", headers=auth).status_code == 200
+    assert httpx.post(f"{pgcast.base}/broadcasts/{bid}/cancel", headers=auth).status_code == 200
+    open_detail(page, pgcast, token, bid)
+    expect(status(page)).to_have_text("cancelled")
+    expect(page.locator("#pct")).to_have_text("0%")
+    expect(page.locator("#count-cancelled")).to_have_text("10")
+    assert page.locator("progress").first.get_attribute("value") == "0"
+
+
+def test_the_detail_view_shows_what_ses_said_after_the_send(
+        page: Page, pgcast: stack.Stack, conn: Conn) -> None:
+    """Delivered, bounced and complained beside the dispatch counters (the figures come from
+    SES events: tests/acceptance/test_feedback.py; here, what the page shows of them)."""
+    token = pgcast.token()
+    support.seed_contacts(conn, 4, account=dash.ACCOUNT)
+    bid = draft(pgcast, token)
+    conn.execute("UPDATE broadcasts SET status = 'sent', delivered = 3, bounced = 1, "
+                 "complained = 0 WHERE id = %s", (bid,))
+    open_detail(page, pgcast, token, bid)
+    for k, n in (("delivered", "3"), ("bounced", "1"), ("complained", "0")):
+        expect(page.locator(f"#feedback #count-{k}")).to_have_text(n)
+    expect(page.locator("#feedback [data-counter=bounced]")).to_have_class("counter bad")
+
+
+def test_a_subjects_merge_tags_show_as_chips_not_raw_jinja(
+        page: Page, pgcast: stack.Stack, conn: Conn) -> None:
+    token = pgcast.token()
+    subject = "Hi {{ contact.name | default('friend', true) }}, <b>news</b> {% if 1 %}!{% endif %}"
+    bid = draft(pgcast, token, subject=subject)
+    open_detail(page, pgcast, token, bid)
+    expect(page.locator("#subject .merge-tag")).to_have_text(["contact.name", "…", "…"])
+    expect(page.locator("#subject")).to_have_text("Hi contact.name, <b>news</b> …!…")
+    expect(page.locator("#subject b")).to_have_count(0)  # text, never markup
+    expect(page.locator("#subject .subject-view")).to_have_attribute("title", subject)
+    page.click("nav >> text=Broadcasts")
+    expect(page.locator(f"tr[data-id='{bid}'] td.subject .merge-tag").first).to_have_text(
+        "contact.name")

@@ -71,6 +71,11 @@ def test_unsubscribe(api: h.Api, conn: Conn) -> None:
     assert r.status_code == 404
     rows = conn.execute("SELECT email FROM contacts WHERE unsubscribed_at IS NOT NULL").fetchall()
     assert rows == [{"email": "user1@example.com"}]
+    assert api.post("/contacts/unsubscribe", json={"email": "user1@example.com"}
+                    ).status_code == 200  # again: nothing more is recorded
+    events = conn.execute("SELECT account, action, source, actor->>'via' AS via "
+                          "FROM contact_events").fetchall()
+    assert events == [{"account": A, "action": "unsubscribe", "source": "api", "via": "api"}]
 
 
 def test_create_get_list_patch_delete_a_draft(api: h.Api, conn: Conn) -> None:
@@ -141,7 +146,7 @@ def test_transitions_and_409s(api: h.Api, conn: Conn) -> None:
     url = f"/broadcasts/{b['id']}"
     r = api.post(f"{url}/send")
     assert r.json() == {"success": True, "status": "sending", "queued": 10,
-                        "message": "Broadcast sent to 10 recipients"}
+                        "message": "Broadcast queued for 10 recipients"}
     again = api.post(f"{url}/send")
     assert again.status_code == 409
     assert again.json() == {"success": False, "status": "sending",

@@ -41,8 +41,10 @@ def test_schedule_unschedule_and_edits_need_a_draft(api: h.Api, conn: Conn) -> N
     progress = api.get(f"/broadcasts/{bid}/progress").json()
     assert progress["scheduled_at"] == body["scheduled_at"]
     assert api.get(f"/broadcasts/{bid}").json()["not_after"] == body["not_after"]
-    r = api.patch(f"/broadcasts/{bid}", json={"subject": "changed"})
-    assert (r.status_code, r.json()["status"]) == (409, "scheduled")
+    r = api.patch(f"/broadcasts/{bid}", json={"subject": "fixed before it starts"})
+    assert (r.status_code, r.json()["status"]) == (200, "scheduled")
+    assert r.json()["subject"] == "fixed before it starts"
+    assert r.json()["scheduled_at"] == body["scheduled_at"]
     assert api.delete(f"/broadcasts/{bid}").status_code == 409
     r = api.post(f"/broadcasts/{bid}/schedule", json={"at": iso(60)})
     assert (r.status_code, r.json()["success"]) == (409, False)

@@ -98,6 +98,14 @@ def test_import_upserts_valid_rows_and_reports_the_others_by_line(api: h.Api,
         ("C@example.com", "Cy", []), ("a@example.com", "Ann", ["vip", "news"])]
 
 
+def test_import_reads_the_charset_the_content_type_names(api: h.Api, conn: Conn) -> None:
+    body = "email,name\nzoe@example.com,Zoë Ångström\n".encode("latin-1")
+    r = api.post("/contacts/import", content=body,
+                 headers={"Content-Type": 'text/csv; charset="ISO-8859-1"'})
+    assert r.status_code == 200 and r.json() == {"imported": 1, "rejected": []}
+    assert conn.execute("SELECT name FROM contacts").fetchone() == {"name": "Zoë Ångström"}
+
+
 def test_import_refuses_other_media_types_bad_files_and_oversized_bodies(
         api: h.Api, conn: Conn, monkeypatch: pytest.MonkeyPatch) -> None:
     r = api.post("/contacts/import", json={"contacts": []})
@@ -109,6 +117,12 @@ def test_import_refuses_other_media_types_bad_files_and_oversized_bodies(
     r = api.post("/contacts/import", content=b"email\nok@example.com\n\xff@example.com\n",
                  headers={"Content-Type": "text/csv"})
     assert r.status_code == 422 and r.json()["error"] == "invalid_request"  # a file-level error
+    # the advice names what an HTTP client can set, not a CLI flag
+    assert "Content-Type: text/csv; charset=latin-1" in r.json()["message"]
+    assert "--encoding" not in r.json()["message"]
+    r = api.post("/contacts/import", content=b"email\nx@example.com\n",
+                 headers={"Content-Type": "text/csv; charset=klingon"})
+    assert r.status_code == 422 and r.json()["message"] == "charset: unknown encoding 'klingon'"
     monkeypatch.setattr(dashboard_routes, "MAX_IMPORT_BYTES", 64)
     r = api.post("/contacts/import", content=b"email\n" + b"x@example.com\n" * 10,
                  headers={"Content-Type": "text/csv"})

@@ -1,4 +1,4 @@
-"""pgcast_erase_v2 on its own: what it keeps, and that it commits durably whatever the setting."""
+"""pgcast_erase_v3 on its own: what it keeps (a keyed hash), and that it commits durably."""
 
 from __future__ import annotations
 
@@ -7,17 +7,28 @@ from typing import Any
 
 import psycopg
 
+import schema
+from sql import contacts, migrate
+from sql.queries import QUERIES
 from tests import support
 from tests.integration import test_dispatch as d
 
 Conn = psycopg.Connection[dict[str, Any]]
 
 
+def keyed(conn: Conn, address: str) -> bytes:
+    """The keyed hash contact_erasures keeps: sha256(k2 || sha256(k1 || sha256(address)))."""
+    keys = conn.execute("SELECT k1, k2 FROM erasure_keys").fetchone()
+    assert keys is not None
+    inner = hashlib.sha256(keys["k1"] + hashlib.sha256(address.encode()).digest()).digest()
+    return hashlib.sha256(keys["k2"] + inner).digest()
+
+
 def test_erase_pins_synchronous_commit_and_keeps_only_the_hash(db_url: str) -> None:
     with psycopg.connect(db_url, row_factory=psycopg.rows.dict_row) as conn:
         support.seed_contacts(conn, 1)
         conn.execute("SET LOCAL synchronous_commit = off")
-        row = conn.execute("SELECT * FROM pgcast_erase_v2('default', 'USER0@example.com', "
+        row = conn.execute("SELECT * FROM pgcast_erase_v3('default', 'USER0@example.com', "
                            "'sql', '{}')").fetchone()
         assert row is not None and row["contact_id"] is not None
         # set_config(..., true) inside the function holds to the end of this transaction
@@ -25,8 +36,9 @@ def test_erase_pins_synchronous_commit_and_keeps_only_the_hash(db_url: str) -> N
             "synchronous_commit": "on"}
         conn.commit()
         kept = conn.execute("SELECT account, email_hash FROM contact_erasures").fetchall()
-        assert kept == [{"account": "default",
-                         "email_hash": hashlib.sha256(b"user0@example.com").digest()}]
+        assert kept == [{"account": "default", "email_hash": keyed(conn, "user0@example.com")}]
+        # keyed (0012): the plain SHA-256 of the address is nowhere
+        assert hashlib.sha256(b"user0@example.com").digest() != kept[0]["email_hash"]
         assert conn.execute("SELECT count(*) AS n FROM contacts").fetchone() == {"n": 0}
         event = conn.execute("SELECT contact_id, action FROM contact_events").fetchone()
         assert event == {"contact_id": row["contact_id"], "action": "erase"}
@@ -37,7 +49,7 @@ def test_an_erased_contact_still_in_a_sending_broadcast_is_skipped_not_mailed(
     support.seed_contacts(conn, 2)
     bid = support.new_broadcast(conn)
     token, rows = d.claim(conn, bid, 10)
-    erased = conn.execute("SELECT * FROM pgcast_erase_v2('default', 'user0@example.com', "
+    erased = conn.execute("SELECT * FROM pgcast_erase_v3('default', 'user0@example.com', "
                           "'sql', '{}')").fetchone()
     assert erased is not None
     handed = d.handoff(conn, bid, rows[0]["epoch"], token, [r["contact_id"] for r in rows])
@@ -63,7 +75,7 @@ def test_erase_scrubs_the_archive_too(conn: Conn) -> None:
                  "'sent', email, 'm' || contact_id, 'x' FROM broadcast_recipients "
                  "WHERE broadcast_id = %s", (bid,))
     conn.execute("UPDATE broadcasts SET archived_at = now() WHERE id = %s", (bid,))
-    conn.execute("SELECT * FROM pgcast_erase_v2('default', 'USER0@example.com', 'sql', '{}')")
+    conn.execute("SELECT * FROM pgcast_erase_v3('default', 'USER0@example.com', 'sql', '{}')")
     rows = {r["contact_id"]: r for r in conn.execute(
         "SELECT contact_id, email, last_error FROM broadcast_recipients_archive")}
     erased = rows[ids["user0@example.com"]]
@@ -71,3 +83,23 @@ def test_erase_scrubs_the_archive_too(conn: Conn) -> None:
     assert rows[ids["user1@example.com"]]["email"] == "user1@example.com"
     assert conn.execute("SELECT count(*) AS n FROM broadcast_recipients_all "
                         "WHERE lower(email) = 'user0@example.com'").fetchone() == {"n": 0}
+
+
+def test_hashes_kept_before_0012_are_keyed_and_still_refuse_a_reimport(pg_server: str) -> None:
+    """0009's rows were plain SHA-256s of the address: 0012 keys them in place."""
+    upto = [m for m in schema.migrations() if m.version <= 11]
+    with support.fresh_database(pg_server, "template0") as url, \
+            psycopg.connect(url, row_factory=psycopg.rows.dict_row) as conn:
+        conn.execute(QUERIES["migrations_table"])
+        for m in upto:
+            conn.execute(m.sql)  # type: ignore[arg-type]
+            conn.execute(QUERIES["migration_record"], {"version": m.version, "name": m.name})
+        support.seed_contacts(conn, 2)
+        conn.execute("SELECT * FROM pgcast_erase_v2('default', 'user0@example.com', 'sql', '{}')")
+        conn.commit()
+        migrate.migrate(conn)
+        kept = conn.execute("SELECT email_hash FROM contact_erasures").fetchall()
+        assert kept == [{"email_hash": keyed(conn, "user0@example.com")}]
+        written = contacts.upsert(conn, "default", [{"email": "User0@example.com"},
+                                                    {"email": "user1@example.com"}])
+        assert (written.inserted, written.updated, len(written.erased)) == (0, 1, 1)

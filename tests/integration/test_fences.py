@@ -70,7 +70,8 @@ def test_an_unsubscribe_that_commits_during_a_handoff_wins(db_url: str, conn: Co
         support.wait_for(waiting_or_done(conn, hand_pid, out_hand))
         unsub_pid = backend_pid(unsub)
         t_unsub, out_unsub = in_thread(lambda: (unsub.execute(
-            QUERIES["contact_unsubscribe"], {"account": "default", "email": email["email"]}),
+            QUERIES["contact_unsubscribe"], {"account": "default", "email": email["email"],
+                                             "source": "sql", "actor": "{}"}),
             unsub.commit()))
         support.wait_for(waiting_or_done(conn, unsub_pid, out_unsub))
         unsub_first = "at" in out_unsub  # committed while the handoff was still running
@@ -309,7 +310,8 @@ def test_handoff_cancel_pause_and_unsubscribe_pin_synchronous_commit(db_url: str
         assert _setting(conn) == "on", "cancel"
         conn.rollback()
         conn.execute(QUERIES["contact_unsubscribe"], {"account": "default",
-                                                      "email": "user2@example.com"})
+                                                      "email": "user2@example.com",
+                                                      "source": "sql", "actor": "{}"})
         assert _setting(conn) == "on", "unsubscribe"
         conn.rollback()
 

@@ -167,15 +167,25 @@ def test_start_due_skips_a_broadcast_another_sweeper_is_starting(db_url: str,
         assert support.progress(conn, bid)["total"] == 5
 
 
-def test_edits_need_a_draft(conn: Conn) -> None:
-    bid = support.new_broadcast(conn, send=False)
-    schedule.schedule(conn, "default", bid, iso(3600))
-    row = conn.execute(QUERIES["broadcast_update_draft"], {
-        "account": "default", "id": bid, "subject": "changed", "from_address": None,
+def edit_subject(conn: Conn, bid: object, subject: str) -> dict[str, object] | None:
+    return conn.execute(QUERIES["broadcast_update_draft"], {
+        "account": "default", "id": bid, "subject": subject, "from_address": None,
         "set_text": False, "text_body": None, "set_html": False, "html_body": None,
         "set_tag": False, "segment_tag": None, "priority": None, "details": "{}"}).fetchone()
-    assert row is None
-    assert row_of(conn, bid)["subject"] == "Hello"
+
+
+def test_edits_need_a_draft_or_a_scheduled_broadcast(conn: Conn) -> None:
+    """A scheduled broadcast is edited until it starts (it keeps its time); one that has
+    started never is."""
+    support.seed_contacts(conn, 2)
+    bid = support.new_broadcast(conn, send=False)
+    at = schedule.schedule(conn, "default", bid, iso(3600))["scheduled_at"]
+    row = edit_subject(conn, bid, "fixed")
+    assert row is not None and (row["status"], row["scheduled_at"]) == ("scheduled", at)
+    schedule.unschedule(conn, "default", bid)
+    broadcasts.send(conn, "default", bid)
+    assert edit_subject(conn, bid, "too late") is None
+    assert row_of(conn, bid)["subject"] == "fixed"
 
 
 def test_copy_makes_a_new_draft_with_the_same_content(conn: Conn) -> None:

@@ -6,6 +6,9 @@ import argparse
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from bin import cli, progressbar
 
@@ -72,3 +75,32 @@ def test_the_watch_bar_shows_no_eta_while_paused() -> None:
          "failed": 0}
     assert "ETA -" in progressbar.line(p, rate=25.0)
     assert "ETA 2s" in progressbar.line({**p, "status": "sending"}, rate=25.0)
+
+
+def row(status: str, total: int = 0, pending: int = 0, **counts: Any) -> dict[str, Any]:
+    """A progress row as the API's progress shape has it."""
+    return {"status": status, "total": total, "pending": pending, "sent": 0, "skipped": 0,
+            "failed": 0, "cancelled": 0, "scheduled_at": "2099-01-01T09:00:00+00:00",
+            **counts}
+
+
+def test_watching_a_draft_returns_at_once(capsys: pytest.CaptureFixture[str]) -> None:
+    reads = iter([row("draft")])
+    assert progressbar.watch(lambda: next(reads), every=0, scheduled_every=0)["status"] == "draft"
+    assert "nothing to watch" in capsys.readouterr().err
+
+
+def test_watching_a_scheduled_broadcast_waits_for_it_without_a_bar(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    reads = iter([row("scheduled"), row("scheduled"), row("sending", 10, 10),
+                  row("sent", 10, 0, sent=10)])
+    final = progressbar.watch(lambda: next(reads), every=0, scheduled_every=0)
+    assert final["status"] == "sent"
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "scheduled for 2099-01-01T09:00:00+00:00: waiting for it to start"
+    assert "0/0" not in "\n".join(out) and out[-1].startswith("[" + "#" * 30 + "] 10/10 sent")
+
+
+def test_a_cancelled_broadcast_does_not_draw_a_full_bar() -> None:
+    p = row("cancelled", 100, 0, sent=20, cancelled=80)
+    assert progressbar.line(p, 0.0).startswith("[" + "#" * 6 + "-" * 24 + "] 20/100 sent")

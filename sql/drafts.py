@@ -1,0 +1,62 @@
+"""Editing and deleting a broadcast before it sends (the CLI's `edit`/`delete`; the API's
+PATCH and DELETE run the same statements)."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+import psycopg
+
+from sql import broadcasts, senders
+from sql.queries import QUERIES
+
+EDITABLE = ("draft", "scheduled")  # a scheduled broadcast is edited until it starts
+FIELDS = ("subject", "from", "text", "html", "tag", "priority")
+
+
+def refused(status: str, doing: str) -> dict[str, Any]:
+    """The answer when the broadcast has moved on (exit 1 / 409)."""
+    allowed = "a draft or a scheduled broadcast" if doing == "edited" else "a draft"
+    return {"success": False, "status": status,
+            "message": f"Broadcast is {status}; only {allowed} can be {doing}"}
+
+
+def edit(conn: psycopg.Connection[Any], account: str, bid: uuid.UUID, changes: dict[str, Any],
+         details: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Apply `changes` (keys of FIELDS; None clears text, html or tag) to a draft or scheduled
+    broadcast, validated as at create; raises InvalidInput or NotFound."""
+    current = broadcasts.get(conn, account, bid)
+    if current["status"] not in EDITABLE:
+        return refused(current["status"], "edited")
+    merged = {"subject": current["subject"], "text": current["text_body"],
+              "html": current["html_body"], "tag": current["segment_tag"]}
+    merged.update({k: v for k, v in changes.items() if k not in ("from", "priority")})
+    values = broadcasts.validate_content(merged["subject"], merged["text"], merged["html"],
+                                         merged["tag"])
+    from_address = broadcasts.validate_from(changes["from"]) if "from" in changes else None
+    priority = (broadcasts.validate_priority(changes["priority"]) if "priority" in changes
+                else None)
+    if from_address is not None and current["status"] == "scheduled":
+        # checked at schedule: a scheduled broadcast's new From must pass the rule as well
+        senders.check(conn, account, bid, from_value=from_address)
+    row = conn.execute(QUERIES["broadcast_update_draft"], {
+        "account": account, "id": bid, "details": json.dumps(details or {}),
+        "subject": values["subject"], "from_address": from_address,
+        "set_text": "text" in changes, "text_body": values["text_body"],
+        "set_html": "html" in changes, "html_body": values["html_body"],
+        "set_tag": "tag" in changes, "segment_tag": values["segment_tag"],
+        "priority": priority}).fetchone()
+    if row is None:  # it started, or was deleted, since we read it: the CAS decided
+        return refused(broadcasts.get(conn, account, bid)["status"], "edited")
+    return {"success": True, "broadcast": dict(row)}
+
+
+def delete(conn: psycopg.Connection[Any], account: str, bid: uuid.UUID) -> dict[str, Any]:
+    """Delete a draft; raises NotFound."""
+    row = conn.execute(QUERIES["broadcast_delete_draft"],
+                       {"account": account, "id": bid}).fetchone()
+    if row is None:
+        return refused(broadcasts.get(conn, account, bid)["status"], "deleted")
+    return {"success": True, "id": bid, "message": "Draft deleted"}
