@@ -24,6 +24,11 @@ def ref(name: str) -> dict[str, str]:
     return {"$ref": f"#/components/schemas/{name}"}
 
 
+IN_DOUBT = {"type": "integer", "minimum": 0, "description": "with include_unknown: unknown "
+            "recipients left as they are, handed off too recently (their call may still be "
+            "answered)"}
+
+
 def obj(props: dict[str, Any], required: list[str] | None = None,
         closed: bool = True) -> dict[str, Any]:
     """An object schema; required defaults to every property."""
@@ -151,12 +156,18 @@ SCHEMAS: dict[str, Any] = {
     "UnscheduleResult": obj({"success": {"const": True}, "status": {"const": "draft"},
                              "message": STR}),
     "RetryIn": obj({"include_unknown": {"type": "boolean", "description": "also requeue "
-                                        "recipients whose outcome is unknown (default false)"}},
+                                        "recipients whose outcome is unknown (default false), "
+                                        "except those handed off less than the lease plus "
+                                        "the provider's timeout ago (their call may still be "
+                                        "answered)"}},
                    []),
     "RetryResult": obj({"success": {"const": True}, "status": {"const": "sending"},
-                        "requeued": {"type": "integer", "minimum": 1}, "message": STR}),
+                        "requeued": {"type": "integer", "minimum": 1}, "message": STR,
+                        "in_doubt": IN_DOUBT},
+                       ["success", "status", "requeued", "message"]),
     "RetryConflict": obj({"success": {"const": False}, "status": {"enum": BROADCAST_STATUSES},
-                          "requeued": {"const": 0}, "message": STR}),
+                          "requeued": {"const": 0}, "message": STR, "in_doubt": IN_DOUBT},
+                         ["success", "status", "requeued", "message"]),
     "RecipientPage": obj({"recipients": {"type": "array", "items": ref("Recipient")},
                           "next_cursor": STR_OR_NULL}),
     **FEEDBACK_SCHEMAS,

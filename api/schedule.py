@@ -81,7 +81,8 @@ async def retry_route(request: Request) -> Response:
     """POST /broadcasts/{id}/retry: failed (and, when asked, unknown) recipients again."""
     who = auth.principal(request)
     include_unknown = _include_unknown(await http.read_optional_json(request))
-    row = await _call(request, who, "broadcast_retry", {"include_unknown": include_unknown})
+    row = await _call(request, who, "broadcast_retry", {
+        "include_unknown": include_unknown, "in_doubt": schedule.in_doubt_seconds()})
     return _answer(schedule.retry_result(row, include_unknown))
 
 

@@ -39,7 +39,9 @@ def register(bsub: Any, account_default: str) -> None:
     u = bsub.add_parser("unschedule", help="take a scheduled broadcast back to draft")
     r = bsub.add_parser("retry", help="send again to the recipients a finished broadcast failed")
     r.add_argument("--include-unknown", action="store_true",
-                   help="also recipients whose outcome is unknown (they may have got it)")
+                   help="also recipients whose outcome is unknown (they may have got it), "
+                        "except those handed off less than the lease plus the provider's "
+                        "timeout ago (65 s by default): their call may still be answered")
     c = bsub.add_parser("copy", help="a new draft with the same content and segment")
     for sp in (s, u, r, c):
         sp.add_argument("id", help="the broadcast's id, or a unique prefix of 8+ characters")

@@ -112,11 +112,15 @@ DECLARE
     ids bigint[];
     e integer;
 BEGIN
+    -- under the row lock retention's archive takes to mark it (0013): a broadcast marked
+    -- for the archive is never requeued (its rows may already be detached), as a retry
     SELECT b.status INTO st FROM broadcasts b WHERE b.id = p_id FOR NO KEY UPDATE;
     IF NOT FOUND THEN
         RETURN;
     END IF;
-    IF st NOT IN ('sending', 'paused', 'sent', 'failed') THEN
+    IF st NOT IN ('sending', 'paused', 'sent', 'failed')
+       OR EXISTS (SELECT 1 FROM broadcasts b WHERE b.id = p_id
+                  AND (b.archiving_at IS NOT NULL OR b.archived_at IS NOT NULL)) THEN
         RETURN QUERY SELECT p_id, st, 0;
         RETURN;
     END IF;

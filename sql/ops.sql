@@ -32,6 +32,11 @@ ALTER TABLE broadcast_recipients DETACH PARTITION {partition} CONCURRENTLY
 -- Finish a DETACH ... CONCURRENTLY that was interrupted.
 ALTER TABLE broadcast_recipients DETACH PARTITION {partition} FINALIZE
 
+-- retention_archive_begin --
+-- Mark a finished broadcast for the archive under its row lock, before the detach (a retry
+-- then refuses it): true when it is (pgcast_archive_begin_v1).
+SELECT pgcast_archive_begin_v1(%(id)s) AS begun
+
 -- retention_archive --
 -- Copy a detached partition into the archive, mark the broadcast archived, drop the partition.
 SELECT pgcast_archive_v1(%(id)s) AS archived

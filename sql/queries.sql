@@ -171,8 +171,9 @@ SELECT * FROM pgcast_claim_v3(%(id)s, %(limit)s, %(token)s, %(worker)s,
                               make_interval(secs => %(lease)s), %(after)s)
 
 -- claim_handoff --
--- Claim up to `limit` rows and hand them off at once (handed = false: only claimed).
-SELECT * FROM pgcast_claim_handoff_v3(%(id)s, %(limit)s, %(token)s, %(worker)s,
+-- Claim up to `limit` rows and hand them off at once (handed = false: only claimed; all
+-- of them when the global bucket has a rate by then, which global_rate says).
+SELECT * FROM pgcast_claim_handoff_v4(%(id)s, %(limit)s, %(token)s, %(worker)s,
                                       make_interval(secs => %(lease)s), %(after)s)
 
 -- fresh_floor --
@@ -185,8 +186,8 @@ SELECT pgcast_fresh_floor_v1(%(id)s, %(from)s) AS floor
 SELECT * FROM pgcast_handoff_v2(%(id)s, %(epoch)s, %(token)s, %(ids)s)
 
 -- record --
--- One group's provider outcomes and counters.
-SELECT * FROM pgcast_record_v4(%(id)s, %(token)s, %(ids)s, %(outcomes)s, %(message_ids)s,
+-- One group's provider outcomes and counters (an answer its claim no longer holds: audited).
+SELECT * FROM pgcast_record_v5(%(id)s, %(token)s, %(ids)s, %(outcomes)s, %(message_ids)s,
                                %(errors)s, %(retry_in)s, %(breaker)s)
 
 -- release --
@@ -198,8 +199,8 @@ SELECT pgcast_release_v2(%(id)s, %(token)s, %(ids)s) AS released
 SELECT pgcast_unhandoff_v2(%(id)s, %(token)s, %(ids)s) AS undone
 
 -- finalize --
--- sending -> sent|failed when drained.
-SELECT * FROM pgcast_finalize_v4(%(id)s)
+-- sending -> sent|failed when drained, rows and counters alike.
+SELECT * FROM pgcast_finalize_v5(%(id)s)
 
 -- sweep_candidates --
 -- Sending, paused, and cancelled with rows in flight: two index scans, never a finished one.
@@ -219,9 +220,9 @@ SELECT * FROM pgcast_sweep_one_v1(%(id)s)
 SELECT pgcast_renew_v3(%(ids)s, %(tokens)s, make_interval(secs => %(lease)s)) AS renewed
 
 -- take_tokens --
--- Up to `want` tokens from a bucket for a broadcast (pgcast_take_tokens_v2: its account's
+-- Up to `want` tokens from a bucket for a broadcast (pgcast_take_tokens_v3: its account's
 -- and its own fair share of a shared bucket; broadcast NULL: first come, first served).
-SELECT * FROM pgcast_take_tokens_v2(%(name)s, %(want)s, %(broadcast)s)
+SELECT * FROM pgcast_take_tokens_v3(%(name)s, %(want)s, %(broadcast)s)
 
 -- give_back_tokens --
 -- Tokens taken from a broadcast's own bucket and not used go back (pgcast_give_back_tokens_v1).
@@ -232,8 +233,9 @@ SELECT pgcast_give_back_tokens_v1(%(name)s, %(tokens)s)
 SELECT pgcast_drain_tokens_v1(%(name)s, %(seconds)s)
 
 -- rate_get --
--- One bucket.
-SELECT name, rate, burst, tokens, refilled_at, updated_at FROM rate_limits WHERE name = %(name)s
+-- One bucket (operator_set_at NULL: no operator has set it; a worker's PGCAST_RATE may).
+SELECT name, rate, burst, tokens, refilled_at, updated_at, operator_set_at
+FROM rate_limits WHERE name = %(name)s
 
 -- rate_weight_set --
 -- An account's weight in the shared buckets (operator only: never through the tenant API).
@@ -252,14 +254,20 @@ FROM rate_shares_active WHERE bucket = %(name)s
 ORDER BY account, share_per_second DESC, broadcast_id
 
 -- rate_shares_prune --
--- Forget takers not heard from in a minute (pgcast_rate_prune_v1); how many rows went.
-SELECT pgcast_rate_prune_v1() AS pruned
+-- Forget takers not heard from in a minute (pgcast_rate_prune_v2); how many rows went.
+SELECT pgcast_rate_prune_v2() AS pruned
 
 -- rate_set --
--- Sets a bucket's rate and burst (the trigger tells the workers).
+-- An operator sets a bucket's rate and burst (the triggers tell the workers, and mark the
+-- bucket operator-set: a worker's PGCAST_RATE no longer replaces it).
 INSERT INTO rate_limits AS r (name, rate, burst, tokens)
 VALUES (%(name)s, %(rate)s, %(burst)s, %(burst)s)
 ON CONFLICT (name) DO UPDATE
 SET rate = EXCLUDED.rate, burst = EXCLUDED.burst, tokens = least(r.tokens, EXCLUDED.burst),
     updated_at = now()
 RETURNING name, rate, burst
+
+-- rate_start --
+-- A worker's start: its rate for a bucket no operator has set (ceiling: lower an operator's
+-- rate above it too) (pgcast_rate_start_v1).
+SELECT * FROM pgcast_rate_start_v1(%(name)s, %(rate)s, %(burst)s, %(ceiling)s)

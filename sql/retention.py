@@ -64,6 +64,11 @@ def archive_one(conn: psycopg.Connection[Any], bid: uuid.UUID) -> int | None:
     part = cur.execute(QUERIES["retention_partition"], {"id": bid}).fetchone()
     if part is None:
         return None
+    # decided under the broadcast's row lock, which a retry takes too: from here on a retry
+    # refuses it, so no row goes back to pending behind the detach
+    begun = cur.execute(QUERIES["retention_archive_begin"], {"id": bid}).fetchone()
+    if part["attached"] and not part["detach_pending"] and not (begun and begun["begun"]):
+        return None  # retried (sending again) since it was listed: it stays live
     name = psql.Identifier(part["schema"], part["name"])
     if part["detach_pending"]:
         conn.execute(psql.SQL(QUERIES["retention_detach_finalize"]).format(partition=name))

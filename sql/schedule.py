@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
+import os
 import uuid
 from typing import Any
 
@@ -13,6 +15,11 @@ from sql import errors, senders
 from sql.queries import QUERIES
 
 PAST_TOLERANCE = dt.timedelta(minutes=1)  # a time this far in the past is still accepted
+# How long a handed-off call may still be answered: a worker's lease (PGCAST_LEASE_SECONDS,
+# default 30 s) plus the provider's longest call (SES: 5 s to connect + 30 s to read,
+# worker/ses.py). `retry --include-unknown` leaves unknown rows handed off more recently.
+DEFAULT_LEASE = 30.0  # seconds
+PROVIDER_TIMEOUT = 35.0  # seconds
 MAX_TIME_CHARS = 64  # an ISO 8601 time is far shorter
 
 
@@ -82,19 +89,42 @@ def unschedule_result(row: dict[str, Any]) -> dict[str, Any]:
     return {"success": True, "status": "draft", "message": "Unscheduled; back to draft"}
 
 
+def in_doubt_seconds() -> float:
+    """Seconds after its handoff an unknown row's call may still be answered: the lease
+    (PGCAST_LEASE_SECONDS when set, as the workers read it) plus the provider's timeout."""
+    raw = os.environ.get("PGCAST_LEASE_SECONDS", "").strip()
+    try:
+        lease = float(raw) if raw else DEFAULT_LEASE
+    except ValueError:
+        lease = DEFAULT_LEASE
+    if not math.isfinite(lease) or lease < DEFAULT_LEASE:
+        lease = DEFAULT_LEASE  # never shorter than the default: a worker may use it
+    return lease + PROVIDER_TIMEOUT
+
+
 def retry_result(row: dict[str, Any], include_unknown: bool) -> dict[str, Any]:
-    """The answer to a retry, from a pgcast_retry_v1 row."""
+    """The answer to a retry, from a pgcast_retry_v2 row."""
+    doubt = int(row.get("in_doubt") or 0)
+    left = (f"; {doubt} unknown recipients were handed off too recently (their call may "
+            "still be answered) and were left as they are") if doubt else ""
     if not row["ok"]:
-        if row["status"] in ("sent", "failed"):
+        if row.get("archiving"):
+            message = (f"Broadcast is {row['status']} and archived (or being archived) by "
+                       "retention; its recipients can no longer be retried")
+        elif row["status"] in ("sent", "failed"):
             what = "failed or unknown" if include_unknown else "failed"
-            message = f"Broadcast is {row['status']} with no {what} recipients to retry"
+            message = f"Broadcast is {row['status']} with no {what} recipients to retry{left}"
         else:
             message = (f"Broadcast is {row['status']}; only a finished (sent or failed) "
                        "broadcast can be retried")
-        return {"success": False, "status": row["status"], "requeued": 0, "message": message}
-    n = row["requeued"]
-    return {"success": True, "status": "sending", "requeued": n,
-            "message": f"Retrying {n} recipients"}
+        out = {"success": False, "status": row["status"], "requeued": 0, "message": message}
+    else:
+        n = row["requeued"]
+        out = {"success": True, "status": "sending", "requeued": n,
+               "message": f"Retrying {n} recipients{left}"}
+    if include_unknown:
+        out["in_doubt"] = doubt
+    return out
 
 
 # -- operations --------------------------------------------------------------------------
@@ -123,7 +153,7 @@ def retry(conn: psycopg.Connection[Any], account: str, broadcast_id: uuid.UUID,
     """Failed (and, when asked, unknown) recipients of a finished broadcast back to pending."""
     return retry_result(_row(conn, "broadcast_retry", {
         "account": account, "id": broadcast_id, "include_unknown": include_unknown,
-        "details": json.dumps(details or {})}), include_unknown)
+        "in_doubt": in_doubt_seconds(), "details": json.dumps(details or {})}), include_unknown)
 
 
 def copy(conn: psycopg.Connection[Any], account: str, broadcast_id: uuid.UUID,

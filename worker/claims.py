@@ -27,7 +27,9 @@ class Active:
     cursor: int = 0
     floor: int = 0
     looking: bool = False  # one of this process's loops is reading the floor right now
-    not_before: float = 0.0  # monotonic: after an unexpected error, leave it alone till then
+    # monotonic: after an unexpected error, leave it alone till then (-inf: never held back;
+    # monotonic() counts from boot, so 0.0 is not "long ago" on a machine booted just now)
+    not_before: float = -math.inf
     errors: int = 0  # unexpected errors in a row
     ramp: int = 0  # with nothing to size claims by: the next claim's size (0: not started)
     share: float = 1.0  # its nominal fair share of the global rate (a fraction of 1)

@@ -331,6 +331,9 @@ class Engine:
             await self._drained(bid)
             return
         epoch = rows[0]["epoch"]
+        # the rate the statement read after its fence: a limit set while it waited reaches
+        # the groups below before the listener's notification does
+        self.state.rates["global"] = float(rows[0]["global_rate"])
         attempts = {r["contact_id"]: r["attempts"] for r in rows}
         handed = [dispatch.recipient(r) for r in rows if r["handed"]]
         # contacts that unsubscribed since the snapshot were only claimed: the handoff skips

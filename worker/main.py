@@ -47,7 +47,9 @@ def _number(name: str, raw: str) -> float:
 
 
 def configure_rate(url: str, provider: providers.Provider) -> float | None:
-    """Apply PGCAST_RATE/PGCAST_BURST (or SES's own limit) to the global bucket."""
+    """PGCAST_RATE/PGCAST_BURST (or SES's own limit) as the global bucket's starting value:
+    a bucket an operator set (`pgcast rate set`, an UPDATE) keeps its rate, except that SES's
+    limit lowers a higher one. The bucket's rate from here on."""
     raw = os.environ.get("PGCAST_RATE")
     burst_raw = os.environ.get("PGCAST_BURST")
     explicit = raw is not None and bool(raw.strip())
@@ -65,16 +67,18 @@ def configure_rate(url: str, provider: providers.Provider) -> float | None:
     if burst < 1:
         raise errors.ConfigError("PGCAST_BURST must be >= 1")
     with psycopg.connect(url, autocommit=True, **db.CONNECT_KWARGS) as conn:
-        if not explicit:
-            # SES's limit is a ceiling, not an order: a lower rate an operator set with
-            # `pgcast rate set` (or an UPDATE) survives worker restarts
-            row = conn.execute(QUERIES["rate_get"], {"name": "global"}).fetchone()
-            current = float(row[1]) if row else 0.0
-            if 0 < current <= rate:
-                log.info("keeping the global rate %.3g/s (SES allows %.3g/s)", current, rate)
-                return current
-        conn.execute(QUERIES["rate_set"], {"name": "global", "rate": rate, "burst": burst})
-    return rate
+        # restarting a worker must not undo the operator's rate (lowered after an SES
+        # warning, say): PGCAST_RATE only starts a bucket nobody set; SES's limit is a
+        # ceiling, never an order
+        row = conn.execute(QUERIES["rate_start"], {"name": "global", "rate": rate,
+                                                   "burst": burst, "ceiling": not explicit}
+                           ).fetchone()
+    assert row is not None
+    current, _, applied, operator_at = float(row[0]), row[1], bool(row[2]), row[3]
+    if not applied:
+        log.info("keeping the global rate %.3g/s an operator set at %s (%s says %.3g/s)",
+                 current, operator_at, "PGCAST_RATE" if explicit else "SES", rate)
+    return current
 
 
 def check_unsubscribe_settings(provider: providers.Provider) -> None:

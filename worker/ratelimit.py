@@ -1,7 +1,7 @@
 """The rate limit in one process: tokens from the buckets per group before its handoff, and
 the pacing of the calls that follow.
 
-Tokens come from Postgres (pgcast_take_tokens_v2): a broadcast's own bucket, then the global
+Tokens come from Postgres (pgcast_take_tokens_v3): a broadcast's own bucket, then the global
 one, which shares itself fairly between accounts and between an account's broadcasts. A group
 takes its window slots (worker.inflight) together with its tokens and gives them back while it
 waits, so a loop waiting on the bucket never keeps another broadcast's group out of the window.
@@ -120,7 +120,9 @@ class Pacer:
 
     def __init__(self, rate: Callable[[], float]) -> None:
         self.rate = rate
-        self._tat = 0.0  # theoretical arrival time of the next call (monotonic seconds)
+        # theoretical arrival time of the next call (monotonic seconds); -inf: none booked yet
+        # (monotonic() counts from boot: 0.0 would be a real time on a machine just booted)
+        self._tat = -math.inf
         self._lock = threading.Lock()
 
     def delay(self) -> float:

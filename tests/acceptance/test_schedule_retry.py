@@ -147,8 +147,17 @@ def test_retry_reaches_the_rejected_recipients_once_and_unknown_ones_only_when_a
     assert json.loads(again.stdout) == {
         "success": False, "status": "sent", "requeued": 0,
         "message": "Broadcast is sent with no failed recipients to retry"}
+    # handed off moments ago: its call may still be answered, so it is left, and said so
+    doubt = support.pgcast(db_url, "broadcast", "retry", str(bid), "--include-unknown",
+                           check=False)
+    assert doubt.returncode == 1
+    assert json.loads(doubt.stdout) | {"message": ""} == {
+        "success": False, "status": "sent", "requeued": 0, "in_doubt": 1, "message": ""}
+    assert "handed off too recently" in json.loads(doubt.stdout)["message"]
+    conn.execute("UPDATE broadcast_recipients SET handed_at = handed_at - interval '1 hour' "
+                 "WHERE broadcast_id = %s AND status = 'unknown'", (bid,))
     result = cli_json(db_url, "broadcast", "retry", str(bid), "--include-unknown")
-    assert (result["success"], result["requeued"]) == (True, 1)
+    assert (result["success"], result["requeued"], result["in_doubt"]) == (True, 1, 0)
     support.wait_for(lambda: faults.status_is(conn, bid, "sent"), timeout=WAIT,
                      what="the second retry finished")
     p = support.assert_counters_true(conn, bid)

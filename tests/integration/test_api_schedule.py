@@ -9,6 +9,7 @@ from typing import Any
 import psycopg
 import pytest
 
+from sql import schedule
 from sql.queries import QUERIES
 from tests import support
 from tests.integration import test_api_helpers as h
@@ -124,16 +125,19 @@ def test_retry_route(api: h.Api, conn: Conn) -> None:
     conn.execute(QUERIES["finalize"], {"id": bid})
     for body in ({"include_unknown": "yes"}, {"other": True}, [1]):
         assert api.post(f"/broadcasts/{bid}/retry", json=body).status_code == 422
+    conn.execute("UPDATE broadcast_recipients SET handed_at = handed_at - interval '1 hour' "
+                 "WHERE broadcast_id = %s", (bid,))  # their calls can no longer answer
     r = api.post(f"/broadcasts/{bid}/retry", json={"include_unknown": True})
     assert (r.status_code, r.json()) == (200, {"success": True, "status": "sending",
-                                               "requeued": 3,
+                                               "requeued": 3, "in_doubt": 0,
                                                "message": "Retrying 3 recipients"})
     support.assert_counters_true(conn, bid)
     entry = conn.execute("SELECT audit_log -> -1 -> 'details' AS d FROM broadcasts "
                          "WHERE id = %s", (bid,)).fetchone()
     assert entry is not None
     assert entry["d"] == {"via": "api", "sub": "tester", "requeued": 3, "failed": 1,
-                          "unknown": 2, "include_unknown": True}
+                          "unknown": 2, "include_unknown": True, "in_doubt": 0,
+                          "in_doubt_seconds": schedule.in_doubt_seconds()}
 
 
 def test_copy_route(api: h.Api, conn: Conn) -> None:

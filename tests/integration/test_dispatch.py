@@ -146,6 +146,14 @@ def test_requeued_rows_are_claimed_before_fresh_ones(conn: Conn) -> None:
     assert {r["last_fresh"] for r in rows} == {ids[6]}
 
 
+def mark_claimed_sent(conn: Conn, bid: uuid.UUID) -> None:
+    """Claimed rows sent, and counted (finalize checks the counters too)."""
+    conn.execute("WITH u AS (UPDATE broadcast_recipients SET status = 'sent' "
+                 "WHERE broadcast_id = %s AND status = 'claimed' RETURNING 1) "
+                 "UPDATE broadcasts SET sent = sent + (SELECT count(*) FROM u) WHERE id = %s",
+                 (bid, bid))
+
+
 def test_the_fresh_floor_counts_rows_another_transaction_has_locked(db_url: str,
                                                                     conn: Conn) -> None:
     support.seed_contacts(conn, 10)
@@ -161,16 +169,14 @@ def test_the_fresh_floor_counts_rows_another_transaction_has_locked(db_url: str,
         assert fresh_floor(conn, bid) == ids[2]
         # nothing in flight, nothing requeued, but two rows never claimed: not finished,
         # and finalize says why
-        conn.execute("UPDATE broadcast_recipients SET status = 'sent' WHERE broadcast_id = %s "
-                     "AND status = 'claimed'", (bid,))
+        mark_claimed_sent(conn, bid)
         assert conn.execute(QUERIES["finalize"], {"id": bid}).fetchall() == [
             {"ok": False, "status": "sending"}]
         assert sweeper.sweep_conn(conn) == []  # nor does the sweep finish it
         holder.rollback()
     _, rows = claim(conn, bid, 100, after=ids[2] - 1)
     assert sorted(r["contact_id"] for r in rows) == ids[2:4]
-    conn.execute("UPDATE broadcast_recipients SET status = 'sent' WHERE broadcast_id = %s "
-                 "AND status = 'claimed'", (bid,))
+    mark_claimed_sent(conn, bid)
     assert fresh_floor(conn, bid) is None
     assert conn.execute(QUERIES["finalize"], {"id": bid}).fetchall() == [
         {"ok": True, "status": "sent"}]

@@ -212,3 +212,14 @@ def test_the_delay_is_a_duration() -> None:
     for bad in ("", "0", "-5m", "soon", "15 minutes", "nan"):
         with pytest.raises(Exception, match="PGCAST_RECONCILE_AFTER"):
             reconcile.parse_after(bad)
+
+
+def test_a_broadcast_marked_for_the_archive_is_never_requeued(conn: Conn) -> None:
+    """As a retry (0013): once retention has marked a finished broadcast under its row lock,
+    its rows may be detached at any moment; a requeue would leave them pending forever."""
+    bid, _ = with_unknown(conn, n=2)
+    assert conn.execute(QUERIES["retention_archive_begin"], {"id": bid}).fetchone() == {
+        "begun": True}
+    assert [r["requeued"] for r in reconcile.requeue(conn, AFTER, bid)] in ([], [0])
+    p = support.assert_counters_true(conn, bid)
+    assert (p["status"], p["unknown"], p["pending"]) == ("sent", 2, 0)

@@ -81,8 +81,13 @@ def test_unknown_rows_need_include_unknown(conn: Conn) -> None:
     assert nothing == {"success": False, "status": "sent", "requeued": 0,
                        "message": "Broadcast is sent with no failed recipients to retry"}
     assert support.progress(conn, bid)["status"] == "sent"
+    # handed off just now: their calls may still be answered
+    doubt = schedule.retry(conn, "default", bid, include_unknown=True)
+    assert (doubt["success"], doubt["requeued"], doubt["in_doubt"]) == (False, 0, 2)
+    conn.execute("UPDATE broadcast_recipients SET handed_at = handed_at - interval '1 hour' "
+                 "WHERE broadcast_id = %s", (bid,))
     result = schedule.retry(conn, "default", bid, include_unknown=True)
-    assert (result["success"], result["requeued"]) == (True, 2)
+    assert (result["success"], result["requeued"], result["in_doubt"]) == (True, 2, 0)
     p = support.assert_counters_true(conn, bid)
     assert (p["unknown"], p["pending"]) == (0, 2)
     entry = conn.execute("SELECT audit_log -> -1 -> 'details' AS d FROM broadcasts "
@@ -111,7 +116,7 @@ def test_retry_is_refused_unless_finished(conn: Conn) -> None:
     draft = support.new_broadcast(conn, send=False)
     for bid, status in ((sending, "sending"), (draft, "draft")):
         result = schedule.retry(conn, "default", bid, include_unknown=True)
-        assert result == {"success": False, "status": status, "requeued": 0,
+        assert result == {"success": False, "status": status, "requeued": 0, "in_doubt": 0,
                           "message": f"Broadcast is {status}; only a finished (sent or "
                                      "failed) broadcast can be retried"}
     assert support.progress(conn, sending)["pending"] == 3

@@ -155,7 +155,7 @@ def test_upgrade_from_0001_moves_each_broadcasts_rows_into_its_own_keyed_partiti
                             "(WHERE worker IS NOT NULL) FROM broadcast_recipients "
                             "WHERE broadcast_id = %s AND status = 'pending'",
                             (ids[1],)).fetchone() == (list(range(1, 6)),)
-        handed = conn.execute("SELECT contact_id, last_fresh FROM pgcast_claim_handoff_v3(%s, 10, "
+        handed = conn.execute("SELECT contact_id, last_fresh FROM pgcast_claim_handoff_v4(%s, 10, "
                               "gen_random_uuid(), 'w', interval '30 seconds', 0)",
                               (ids[1],)).fetchall()
         assert sorted(handed) == [(i, 10) for i in range(1, 11)]
