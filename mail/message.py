@@ -108,6 +108,7 @@ class Content:
                  base_url: str = unsubscribe.DEFAULT_PUBLIC_URL, test: bool = False,
                  inert: bool = False, timeout_ms: int | None = None) -> None:
         self.timeout_ms = template.timeout_ms() if timeout_ms is None else timeout_ms
+        self.key = uuid.uuid4().hex  # names it in a render process's cache
         self.broadcast_id = str(broadcast_id)
         self.account = account
         self.subject_source = subject
