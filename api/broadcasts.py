@@ -12,7 +12,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
-from api import auth, context, control, db, errors, http
+from api import auth, context, control, db, errors, http, rendering
 from mail import template
 from sql import broadcasts
 from sql import errors as sql_errors
@@ -70,6 +70,8 @@ async def create(request: Request) -> Response:
         values["priority"] = broadcasts.validate_priority(body.get("priority", 1))
     except sql_errors.InvalidInput as exc:
         raise _invalid(exc) from None
+    await rendering.trial(request, who.account, values["subject"], values["from_address"],
+                          values["text_body"], values["html_body"])
     row = await db.one(context.pool(request), "broadcast_create",
                        {"account": who.account, "details": control.details(who),
                         "rate_limit": None, **values})
@@ -155,6 +157,9 @@ async def update(request: Request) -> Response:
         priority = broadcasts.validate_priority(body["priority"]) if "priority" in body else None
     except sql_errors.InvalidInput as exc:
         raise _invalid(exc) from None
+    await rendering.trial(request, who.account, values["subject"],
+                          from_address or current["from_address"], values["text_body"],
+                          values["html_body"])
     row = await db.one(context.pool(request), "broadcast_update_draft", {
         "account": who.account, "id": bid, "details": control.details(who),
         "subject": values["subject"],

@@ -106,9 +106,13 @@ class Builder:
         if isinstance(content, str):  # the broadcast's own content cannot be built
             return [cannot_build(r.contact_id, content) for r in handed]
         streak = self.streaks.get(content.key, 0)
+        if streak >= RENDER_STREAK:  # paused by now, or about to be: nothing more is rendered
+            return [Outcome(r.contact_id, "release", pause_reason="render_budget",
+                            error="not rendered: the render budget was exceeded "
+                                  f"{streak} times in a row") for r in handed]
         results = await render.render_many(content, [
             (r.contact_id, r.email, r.name, r.attributes, r.tags, None) for r in handed],
-            max(1, RENDER_STREAK - streak))
+            RENDER_STREAK - streak)
         built: list[render.Message | Outcome] = []
         for r, result in zip(handed, results, strict=True):
             if not isinstance(result, render.Failure):

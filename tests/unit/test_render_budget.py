@@ -48,9 +48,9 @@ ALLOCATORS = {
 }
 
 
-def content(text: str, timeout_ms: int = 200) -> message.Content:
+def content(text: str, **budget: int) -> message.Content:
     return message.Content(str(uuid.uuid4()), "acct", "S", "news@example.com", text, None,
-                           timeout_ms=timeout_ms)
+                           **budget)
 
 
 @pytest.mark.parametrize("name", sorted(BOMBS))
