@@ -24,6 +24,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -64,6 +65,7 @@ class _Slot:
         self.timeout_ms = timeout_ms
         self.memory_bytes = memory_bytes
         self.proc: subprocess.Popen[bytes] | None = None
+        self.lock = threading.Lock()  # a job and a background start never use it at once
         self.conn: multiprocessing.connection.Connection | None = None
 
     def start(self) -> None:
@@ -87,6 +89,15 @@ class _Slot:
             raise RuntimeError("a render process did not start") from None
         self.proc, self.conn = proc, conn
 
+    def start_idle(self) -> None:
+        """Start the process unless a job is using (or started) the slot."""
+        if self.lock.acquire(blocking=False):
+            try:
+                if self.conn is None:
+                    self.start()
+            finally:
+                self.lock.release()
+
     def kill(self) -> None:
         """Stop the process now (SIGKILL) and forget it."""
         if self.proc is not None:
@@ -99,6 +110,10 @@ class _Slot:
     def exchange(self, job: tuple[Any, ...], n: int) -> list[Any]:
         """Send a job and collect its n results (blocking: a pool thread); a result that does
         not come in time kills the process, and the rest fail."""
+        with self.lock:
+            return self._exchange(job, n)
+
+    def _exchange(self, job: tuple[Any, ...], n: int) -> list[Any]:
         if self.conn is None:
             self.start()
         assert self.conn is not None
@@ -141,6 +156,7 @@ class RenderPool:
                                                               thread_name_prefix="render")
         self._idle: asyncio.Queue[_Slot] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._starting: asyncio.Task[None] | None = None
         self._accounts: dict[str, tuple[asyncio.Semaphore, int]] = {}
 
     def _queue(self) -> asyncio.Queue[_Slot]:
@@ -149,6 +165,9 @@ class RenderPool:
             self._loop, self._idle, self._accounts = loop, asyncio.Queue(), {}
             for slot in self._slots:
                 self._idle.put_nowait(slot)
+            # every process starts now, in the background: an account's first render must not
+            # wait for a process to start because another account's render holds a started one
+            self._starting = loop.create_task(self.start())
         return self._idle
 
     @contextlib.asynccontextmanager
@@ -182,10 +201,11 @@ class RenderPool:
                 idle.put_nowait(slot)
 
     async def start(self) -> None:
-        """Start every render process now (else each starts on its first job)."""
+        """Start every render process not started yet (a slot that fails starts on its job)."""
         loop = asyncio.get_running_loop()
-        await asyncio.gather(*(loop.run_in_executor(self._threads, s.start)
-                               for s in self._slots if s.conn is None))
+        await asyncio.gather(*(loop.run_in_executor(self._threads, s.start_idle)
+                               for s in self._slots if s.conn is None),
+                             return_exceptions=True)
 
     def close(self) -> None:
         """Stop every render process."""
