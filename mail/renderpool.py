@@ -19,12 +19,15 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import hashlib
 import multiprocessing.connection
 import os
+import pickle
 import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -35,6 +38,8 @@ DEFAULT_MEMORY_MB = 256  # address space, not RSS: a render process maps about 4
 STREAK = 3  # budget failures in a row after which a broadcast's group stops rendering
 SLACK = 1.0  # seconds past the CPU budget before a silent render process is killed
 START_TIMEOUT = 60.0  # seconds a new render process may take to say ready
+REMEMBER = 30.0  # seconds a single render over budget is answered from memory
+REMEMBER_MAX = 1000  # such answers kept at most
 
 Spec = renderproc.Spec
 Failure = renderproc.Failure
@@ -56,6 +61,15 @@ def _int_env(name: str, default: int, low: int, high: int) -> int:
 def spec(content: message.Content) -> Spec:
     """What a render process needs to render `content` (compiled there once per content)."""
     return renderproc.spec_of(content)
+
+
+def _fingerprint(kind: str, spec: Any, items: list[Any]) -> bytes | None:
+    """What makes a render's result: its kind, content and item (not the spec's cache key)."""
+    what = spec.kwargs if isinstance(spec, Spec) else spec
+    try:
+        return hashlib.sha256(pickle.dumps((kind, what, items))).digest()
+    except (pickle.PicklingError, TypeError, AttributeError):
+        return None
 
 
 class _Slot:
@@ -158,6 +172,7 @@ class RenderPool:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._starting: asyncio.Task[None] | None = None
         self._accounts: dict[str, tuple[asyncio.Semaphore, int]] = {}
+        self._over_budget: dict[bytes, tuple[float, Failure]] = {}  # fingerprint -> until
 
     def _queue(self) -> asyncio.Queue[_Slot]:
         loop = asyncio.get_running_loop()
@@ -191,14 +206,30 @@ class RenderPool:
         if not items:
             return []
         idle = self._queue()
+        # the same single render that just went over its budget goes over it again: answered
+        # from memory for a while (seven parallel previews of a bomb cost one render)
+        same = _fingerprint(kind, spec, items) if len(items) == 1 else None
         async with self._account(account):
+            known = self._over_budget.get(same) if same else None
+            if known is not None and known[0] > time.monotonic():
+                return [known[1]]
             slot = await idle.get()
             try:
                 loop = asyncio.get_running_loop()
-                return await loop.run_in_executor(self._threads, slot.exchange,
-                                                  (kind, spec, items, stop_after), len(items))
+                results: list[Any] = await loop.run_in_executor(
+                    self._threads, slot.exchange, (kind, spec, items, stop_after), len(items))
             finally:
                 idle.put_nowait(slot)
+        if same and isinstance(results[0], Failure) and results[0].budget:
+            self._remember(same, results[0])
+        return results
+
+    def _remember(self, same: bytes, failure: Failure) -> None:
+        now = time.monotonic()
+        if len(self._over_budget) >= REMEMBER_MAX:
+            self._over_budget = {k: v for k, v in self._over_budget.items() if v[0] > now}
+        if len(self._over_budget) < REMEMBER_MAX:
+            self._over_budget[same] = (now + REMEMBER, failure)
 
     async def start(self) -> None:
         """Start every render process not started yet (a slot that fails starts on its job)."""

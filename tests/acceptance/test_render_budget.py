@@ -108,16 +108,20 @@ def test_create_and_edit_refuse_a_template_over_the_budget(
 def test_previews_of_one_account_never_hold_another_accounts_create(
         db_url: str, conn: Conn, procs: support.Processes) -> None:
     support.seed_contacts(conn, 1, account="bomber")
-    bid = support.new_broadcast(conn, account="bomber", send=False)
-    conn.execute("UPDATE broadcasts SET text_body = %s WHERE id = %s", (MACRO, bid))
-    # a generous budget: seven previews of the bomb take about 7 s on the account's share
+    bids = []
+    for i in range(7):  # seven different bombs: none is answered from a known failure
+        bid = support.new_broadcast(conn, account="bomber", send=False)
+        conn.execute("UPDATE broadcasts SET text_body = %s WHERE id = %s",
+                     (f"{{# {i} #}}{MACRO}", bid))
+        bids.append(bid)
+    # a generous budget: seven previews of the bombs take seconds on the account's share
     with running_api(db_url, procs, PGCAST_RENDER_TIMEOUT_MS="1000") as base, \
             concurrent.futures.ThreadPoolExecutor(8) as threads:
-        def preview() -> httpx.Response:
+        def preview(bid: uuid.UUID) -> httpx.Response:
             with httpx.Client(base_url=base, timeout=120, headers=h.auth("bomber")) as c:
                 return c.get(f"/broadcasts/{bid}/preview")
 
-        previews = [threads.submit(preview) for _ in range(7)]
+        previews = [threads.submit(preview, bid) for bid in bids]
         with httpx.Client(base_url=base, timeout=120, headers=h.auth("calm")) as c:
             created = c.post("/broadcasts", json={**DRAFT, "text": "Hi {{ contact.name }}"})
         assert created.status_code == 201, created.text
