@@ -35,7 +35,7 @@ ALLOCATORS = {
     "format": "{{ '{0:>400000000}'.format(1) }}",
     "format_map": "{{ '{a:>400000000}'.format_map({'a': 1}) }}",
     "markup_format": "{{ ('{0:>400000000}' | safe).format(1) }}",
-    "lipsum": "{{ lipsum(1000000) }}",
+    "lipsum": "{{ lipsum(100000) }}",
     "replace": "{{ ('x' * 1000000) | replace('x', 'xxxxxxxxxxxxxxxxxxxxxxxxxxx') }}",
     "replace_empty": "{{ ('x' * 1000000) | replace('', 'yyyyyyyyy') }}",
     "join_separator": "{{ range(1000) | join('x' * 1000000) }}",
