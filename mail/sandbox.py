@@ -3,14 +3,15 @@
 A render is charged as it goes. Every loop iteration (its body and its `if` filter), every
 macro or `call` block entered, every filter, call and intercepted operator ticks the budget
 of the render in progress (a thread-local Budget); every CHECK_EVERY ticks the thread's CPU
-time is compared with the render's deadline, and past MAX_OPS ticks the render stops
-whatever the clock says. The ticks are inserted into the template's tree before it is
-compiled (`_parse`), so recursive macros, `{% for ... recursive %}` and nested loops are all
-counted. What a single step can allocate is capped before it allocates: integers (MAX_INT_BITS),
-strings and lists built by `*`, `+`, `~`, `join` and `replace` (MAX_VALUE), and
-`str.format`/`format_map`, the width filters and `lipsum`'s size are not available. So
-every step is bounded and the number of steps is bounded: a render cannot run long or grow
-large. The render pool (mail.renderpool) adds the hard limits of a process around it.
+time is compared with the render's deadline (set at the first look), and past MAX_OPS ticks
+the render stops whatever the clock says. The ticks are inserted into the template's tree
+before it is compiled (`_parse`), so recursive macros, `{% for ... recursive %}` and nested
+loops are all counted. What a single step can allocate is capped before it allocates:
+integers (MAX_INT_BITS), strings and lists built by `*`, `+`, `~`, `join` and `replace`
+(MAX_VALUE); `str.format`/`format_map` and the width filters are not available, and
+`lipsum`'s size is bounded. So every step is bounded and the number of steps is bounded: a
+render cannot run long or grow large. The render pool (mail.renderpool) adds the hard limits
+of a process around it.
 """
 
 from __future__ import annotations
@@ -53,7 +54,10 @@ class Budget:
 
     def __init__(self, timeout_ms: int = DEFAULT_TIMEOUT_MS) -> None:
         self.timeout_ms = timeout_ms
-        self.deadline = time.thread_time() + timeout_ms / 1000
+        # the clock starts at the first look (CHECK_EVERY steps in): reading a thread's CPU
+        # clock is a system call that would cost a small message a third of its render, and
+        # what runs before it is at most CHECK_EVERY bounded steps
+        self.deadline: float | None = None
         self.ops = 0
 
     def tick(self) -> None:
@@ -62,7 +66,10 @@ class Budget:
         if self.ops % CHECK_EVERY == 0:
             if self.ops > MAX_OPS:
                 raise errors.RenderBudget("operations", f"more than {MAX_OPS} steps")
-            if time.thread_time() > self.deadline:
+            now = time.thread_time()
+            if self.deadline is None:
+                self.deadline = now + self.timeout_ms / 1000
+            elif now > self.deadline:
                 raise errors.RenderBudget("cpu_time", f"more than {self.timeout_ms} ms of "
                                                       "CPU time (PGCAST_RENDER_TIMEOUT_MS)")
 
@@ -88,6 +95,11 @@ class charged:  # noqa: N801 - used as a context manager, like a function
 
     def __exit__(self, *exc: object) -> None:
         _local.budget = self.outer
+
+
+def charging() -> bool:
+    """Whether a render on this thread is charged to a budget already."""
+    return getattr(_local, "budget", None) is not None
 
 
 def tick() -> None:

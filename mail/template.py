@@ -121,7 +121,10 @@ def compile_part(part: str, source: str) -> Renderer:
 
     def render(context: dict[str, Any]) -> str:
         try:
-            with sandbox.charged():  # a message's budget when Content.render set none
+            if sandbox.charging():  # the message's budget (Content.render)
+                return sandbox.iterate(
+                    root(context_class(env, {**base, **context}, None, blocks)), MAX_PART, part)
+            with sandbox.charged():  # a part rendered on its own: a budget of its own
                 return sandbox.iterate(
                     root(context_class(env, {**base, **context}, None, blocks)), MAX_PART, part)
         except errors.RenderError:
