@@ -239,10 +239,11 @@ class RenderPool:
                              return_exceptions=True)
 
     def close(self) -> None:
-        """Stop every render process."""
+        """Stop every render process (after the jobs and starts in progress: each is bounded
+        by the budget's kill or START_TIMEOUT)."""
+        self._threads.shutdown(wait=True, cancel_futures=True)
         for slot in self._slots:
             slot.kill()
-        self._threads.shutdown(wait=False)
 
 
 async def one(pool: RenderPool, account: str, kind: str, spec: Any, item: Any) -> Any:

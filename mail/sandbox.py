@@ -130,8 +130,8 @@ def weight(value: Any) -> int:
 def refuse_big(size: int, what: str) -> None:
     """A value of `size` would be over MAX_VALUE: RenderBudget before it is made."""
     if size > MAX_VALUE:
-        raise errors.RenderBudget("memory", f"{what} would be longer than {MAX_VALUE} "
-                                            "characters")
+        raise errors.RenderBudget("memory", f"{what} would be too long (over {MAX_VALUE} "
+                                            "characters)")
 
 
 def _int_bits(value: Any) -> int:
@@ -338,7 +338,7 @@ def iterate(chunks: Iterator[str], limit: int, part: str) -> str:
     for chunk in chunks:
         size += len(chunk)
         if size > limit:
-            raise errors.RenderBudget("output", f"the rendered {part} is longer than {limit} "
-                                                "characters")
+            raise errors.RenderBudget("output", f"the rendered {part} is too long (over "
+                                                f"{limit} characters)")
         out.append(chunk)
     return "".join(out)
