@@ -7,6 +7,7 @@ import concurrent.futures
 import contextlib
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -132,3 +133,15 @@ def test_previews_of_one_account_never_hold_another_accounts_create(
     assert {a.status_code for a in answers} == {422}
     assert all("render budget exceeded" in a.json()["message"] for a in answers), \
         [a.json()["message"] for a in answers]
+
+
+@pytest.mark.parametrize("bomb", [MACRO, SQUARES, DOUBLING])
+def test_cli_create_refuses_a_template_over_the_budget(
+        db_url: str, conn: Conn, tmp_path: Path, bomb: str) -> None:
+    body = tmp_path / "body.txt"
+    body.write_text(bomb)
+    done = support.pgcast(db_url, "broadcast", "create", "--subject", "S", "--from",
+                          "a@example.com", "--text", str(body), check=False)
+    assert done.returncode == 2, done.stderr
+    assert "render budget exceeded" in done.stderr
+    assert conn.execute("SELECT count(*) AS n FROM broadcasts").fetchone() == {"n": 0}
