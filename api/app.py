@@ -27,6 +27,7 @@ from api import suppression as suppression_routes
 from api import testsend as testsend_routes
 from api import unsubscribe as unsubscribe_routes
 from api import webhooks as webhook_routes
+from mail import renderpool
 from sql import errors as sql_errors
 
 log = logging.getLogger("pgcast.api")
@@ -149,9 +150,11 @@ def create_app(settings: config.Settings, database_url: str) -> Starlette:
         pool = db.make_pool(database_url, settings.pool_size)
         await pool.open(wait=False)  # /healthz says 503 until Postgres answers
         app.state.pool = pool
+        app.state.render_pool = renderpool.RenderPool()  # processes start on first use
         try:
             yield
         finally:
+            app.state.render_pool.close()
             await pool.close()
 
     app = Starlette(

@@ -12,7 +12,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
-from api import auth, context, control, db, errors, http, senders
+from api import auth, context, control, db, errors, http, rendering, senders
 from mail import template
 from sql import broadcasts, drafts
 from sql import errors as sql_errors
@@ -70,6 +70,8 @@ async def create(request: Request) -> Response:
         values["priority"] = broadcasts.validate_priority(body.get("priority", 1))
     except sql_errors.InvalidInput as exc:
         raise _invalid(exc) from None
+    await rendering.trial(request, who.account, values["subject"], values["from_address"],
+                          values["text_body"], values["html_body"])
     row = await db.one(context.pool(request), "broadcast_create",
                        {"account": who.account, "details": control.details(who),
                         "rate_limit": None, **values})
@@ -157,6 +159,9 @@ async def update(request: Request) -> Response:
     if from_address is not None and current["status"] == "scheduled":
         # checked at schedule: a scheduled broadcast's new From must pass the rule as well
         await senders.check(request, who.account, bid, from_value=from_address)
+    await rendering.trial(request, who.account, values["subject"],
+                          from_address or current["from_address"], values["text_body"],
+                          values["html_body"])
     row = await db.one(context.pool(request), "broadcast_update_draft", {
         "account": who.account, "id": bid, "details": control.details(who),
         "subject": values["subject"],

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response
 
-from api import auth, context, db, errors, http
+from api import auth, context, db, errors, http, rendering
 from api import unsubscribe as unsubscribe_routes
-from mail import errors as mail_errors
-from mail import message, preview
 
 
 async def show(request: Request) -> Response:
@@ -29,15 +26,9 @@ async def show(request: Request) -> Response:
         raise errors.NotFound("contact not found")
     keys = await unsubscribe_routes.keys(request)
 
-    def render() -> dict[str, Any]:
-        content = message.Content(
-            str(row["id"]), row["account"], row["subject"], row["from_address"],
-            row["text_body"], row["html_body"], keys=keys,
-            base_url=unsubscribe_routes.configured_url(), inert=True)
-        return preview.of(content, contact)
-
-    try:  # compiling and rendering are CPU work (bounded): off the event loop
-        return http.Json(await asyncio.to_thread(render))
-    except (mail_errors.RenderError, mail_errors.InvalidValue) as exc:
-        raise errors.InvalidBody(str(exc)) from None
-
+    # compiled and rendered in a render process, under the budget, within the account's share
+    return http.Json(await rendering.preview(request, who.account, {
+        "broadcast_id": str(row["id"]), "account": row["account"], "subject": row["subject"],
+        "from_address": row["from_address"], "text": row["text_body"], "html": row["html_body"],
+        "keys": keys, "base_url": unsubscribe_routes.configured_url(), "inert": True},
+        contact))

@@ -29,3 +29,12 @@ class TemplateInvalid(MailError):
 
 class RenderError(MailError):
     """One recipient's message cannot be built (a template error, an output bound)."""
+
+
+class RenderBudget(RenderError):
+    """A render stopped for going over its budget; `budget` names which one."""
+
+    def __init__(self, budget: str, detail: str) -> None:
+        super().__init__(f"render budget exceeded ({budget}): {detail}")
+        self.budget = budget
+        self.detail = detail

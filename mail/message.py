@@ -22,7 +22,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from mail import errors, plaintext, template, unsubscribe, validate
+from mail import errors, plaintext, sandbox, template, unsubscribe, validate
 
 # SMTP line endings; raw header values are written as given (they are folded here)
 POLICY = email.policy.SMTP.clone(cte_type="7bit", refold_source="none")
@@ -106,7 +106,9 @@ class Content:
                  text: str | None, html: str | None, *,
                  keys: unsubscribe.Keys | None = None,
                  base_url: str = unsubscribe.DEFAULT_PUBLIC_URL, test: bool = False,
-                 inert: bool = False) -> None:
+                 inert: bool = False, timeout_ms: int | None = None) -> None:
+        self.timeout_ms = template.timeout_ms() if timeout_ms is None else timeout_ms
+        self.key = uuid.uuid4().hex  # names it in a render process's cache
         self.broadcast_id = str(broadcast_id)
         self.account = account
         self.subject_source = subject
@@ -162,6 +164,12 @@ class Content:
         """
         if self.problem:
             raise errors.RenderError(self.problem)
+        with sandbox.charged(self.timeout_ms):  # one budget for the message's three parts
+            return self._render(contact_id, email_address, name, attributes, tags, deliver_to)
+
+    def _render(self, contact_id: int, email_address: str, name: str | None,
+                attributes: dict[str, Any] | None, tags: list[str] | None,
+                deliver_to: str | None) -> Message:
         spec = addr_spec(deliver_to or email_address)
         shown = phrase(name or "", "To")
         to = f"{shown} <{spec}>" if shown else spec

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mail import message
+from mail import errors, message
 
 # when the account has no contact yet
 SAMPLE: dict[str, Any] = {"id": 0, "email": "sample@example.com", "name": "Sample Contact",
@@ -21,3 +21,20 @@ def of(content: message.Content, contact: dict[str, Any] | None) -> dict[str, An
                **msg.headers}
     return {"contact": who["email"], "sample": contact is None, "subject": msg.subject,
             "text": msg.text, "html": msg.html, "headers": headers}
+
+
+def trial(subject: str, from_address: str, text: str | None, html: str | None, *,
+          timeout_ms: int | None = None) -> None:
+    """Render a broadcast's templates for the sample contact under the render budget;
+    raises TemplateInvalid naming the budget it went over (or the render error)."""
+    content = message.Content("00000000-0000-0000-0000-000000000000", "trial", subject,
+                              from_address, text, html, inert=True, timeout_ms=timeout_ms)
+    if content.problem:  # the From or a template cannot be compiled: the checks say why
+        return
+    try:
+        of(content, None)
+    except errors.RenderBudget as exc:
+        raise errors.TemplateInvalid("template", None, f"a trial render for a sample contact "
+                                                       f"went over its budget: {exc}") from None
+    except errors.RenderError:
+        return  # a fault of this sample's data (missing attribute, ...), not of the budget

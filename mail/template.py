@@ -1,16 +1,13 @@
-"""Merge-tag templates: Jinja2 in an immutable sandbox, checked once, rendered within bounds.
+"""Merge-tag templates: Jinja2 in a budgeted sandbox (mail.sandbox), checked once.
 
-The sandbox keeps templates away from Python internals but bounds neither output nor time:
-`{{ 'a' * 10000000 }}` renders 10 MB. So output is counted while it is produced (generate(),
-stopped at MAX_PART), the operators and filters that make a big string in one step refuse
-to, and loops are bounded by what a template may loop over: range() stops at MAX_RANGE and
-loops nest at most MAX_LOOP_DEPTH deep (checked when the template is accepted). A render in
-a thread cannot be interrupted, so a clock check after the fact would be no bound at all.
+A template is refused when it is accepted if a marketer must fix it (syntax, unknown names,
+loops nested too deep, too many tags); every render then runs under a budget of CPU time,
+steps, value sizes and output (MAX_PART), enforced while it runs: see mail.sandbox.
 """
 
 from __future__ import annotations
 
-import operator
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -21,10 +18,10 @@ import jinja2.nodes
 import jinja2.runtime
 import jinja2.sandbox
 
-from mail import errors
+from mail import errors, sandbox
 
 MAX_PART = 1 << 20  # characters one rendered part (subject, text or html) may have
-MAX_RANGE = 1000  # items one range() may produce
+MAX_RANGE = sandbox.MAX_RANGE  # items one range() may produce
 MAX_LOOP_DEPTH = 2  # nested {% for %} loops: at most MAX_RANGE ** 2 iterations of a body
 MAX_SOURCE = 256 * 1024  # characters of one template's source
 # tags ({{ }}, {% %}) in one template: parsing and compiling costs about 0.3 ms a tag, so
@@ -32,67 +29,29 @@ MAX_SOURCE = 256 * 1024  # characters of one template's source
 MAX_TAGS = 1000
 NAMES = ("contact", "broadcast", "unsubscribe_url")  # the variables a template may use
 _GLOBALS = frozenset({"range", "dict", "lipsum", "cycler", "joiner", "namespace", "loop"})
-# filters that build a long string from a short one and a number; gone, not bounded
-_DROPPED_FILTERS = ("center", "indent", "wordwrap", "format", "filesizeformat", "lipsum")
+TIMEOUT_ENV = "PGCAST_RENDER_TIMEOUT_MS"
+MAX_TIMEOUT_MS = 60_000
 
 
-def _bounded_range(*args: int) -> range:
-    """range(), refusing more than MAX_RANGE items."""
-    rng = range(*args)
-    if len(rng) > MAX_RANGE:
-        raise jinja2.exceptions.SecurityError(f"range() is limited to {MAX_RANGE} items")
-    return rng
+def timeout_ms(raw: str | None = None) -> int:
+    """PGCAST_RENDER_TIMEOUT_MS (CPU ms one message may take), checked; raises InvalidValue."""
+    raw = os.environ.get(TIMEOUT_ENV) if raw is None else raw
+    if raw is None or not raw.strip():
+        return sandbox.DEFAULT_TIMEOUT_MS
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= MAX_TIMEOUT_MS:
+        raise errors.InvalidValue(TIMEOUT_ENV, f"must be an integer from 1 to {MAX_TIMEOUT_MS}")
+    return value
 
 
-def _size(value: Any) -> int:
-    return len(value) if isinstance(value, str | list | tuple | bytes) else 0
+TEXT_ENV = sandbox.environment(autoescape=False)  # subject and text: no escaping
+HTML_ENV = sandbox.environment(autoescape=True)  # html: every value escaped
 
 
-class _Sandbox(jinja2.sandbox.ImmutableSandboxedEnvironment):
-    """The immutable sandbox, with bounded repetition and no str.format."""
-
-    intercepted_binops = frozenset({"*", "**", "%"})
-
-    def call_binop(self, context: jinja2.runtime.Context, operator_name: str,
-                   left: Any, right: Any) -> Any:
-        """`*`, `**` and `%` within MAX_PART."""
-        if operator_name == "*":
-            count = right if _size(left) else left
-            unit = max(_size(left), _size(right))
-            if unit and isinstance(count, int) and unit * count > MAX_PART:
-                raise jinja2.exceptions.SecurityError("a repeated string is too long")
-            return operator.mul(left, right)
-        if operator_name == "**":
-            if isinstance(right, int) and isinstance(left, int) and abs(right) > 64:
-                raise jinja2.exceptions.SecurityError("the exponent is too large")
-            return operator.pow(left, right)
-        # '%' on a string formats it: a width such as %999999999s is a huge string
-        if isinstance(left, str):
-            raise jinja2.exceptions.SecurityError("string formatting with % is not available")
-        return operator.mod(left, right)
-
-    def is_safe_attribute(self, obj: Any, attr: str, value: Any) -> bool:
-        """No str.format / format_map: a width makes any string huge."""
-        if isinstance(obj, str) and attr in ("format", "format_map", "center", "ljust",
-                                             "rjust", "zfill", "expandtabs"):
-            return False
-        return bool(super().is_safe_attribute(obj, attr, value))
-
-
-def _environment(autoescape: bool) -> _Sandbox:
-    env = _Sandbox(autoescape=autoescape, undefined=jinja2.ChainableUndefined,
-                   keep_trailing_newline=True)
-    env.globals["range"] = _bounded_range
-    for name in _DROPPED_FILTERS:
-        env.filters.pop(name, None)
-    return env
-
-
-TEXT_ENV = _environment(autoescape=False)  # subject and text: no escaping
-HTML_ENV = _environment(autoescape=True)  # html: every value escaped
-
-
-def _env(part: str) -> _Sandbox:
+def _env(part: str) -> sandbox.Sandbox:
     return HTML_ENV if part == "html" else TEXT_ENV
 
 
@@ -161,21 +120,19 @@ def compile_part(part: str, source: str) -> Renderer:
     context_class = jinja2.runtime.Context
 
     def render(context: dict[str, Any]) -> str:
-        out: list[str] = []
-        append = out.append
-        size = 0
         try:
-            for chunk in root(context_class(env, {**base, **context}, None, blocks)):
-                size += len(chunk)
-                if size > MAX_PART:
-                    raise errors.RenderError(f"{part}: the rendered {part} is longer than "
-                                             f"{MAX_PART} characters")
-                append(chunk)
+            if sandbox.charging():  # the message's budget (Content.render)
+                return sandbox.iterate(
+                    root(context_class(env, {**base, **context}, None, blocks)), MAX_PART, part)
+            with sandbox.charged():  # a part rendered on its own: a budget of its own
+                return sandbox.iterate(
+                    root(context_class(env, {**base, **context}, None, blocks)), MAX_PART, part)
         except errors.RenderError:
             raise
+        except MemoryError:
+            raise errors.RenderBudget("memory", "the render ran out of memory") from None
         except Exception as exc:  # noqa: BLE001 - any template fault is this recipient's
             raise errors.RenderError(f"{part}: {type(exc).__name__}: {exc}"[:500]) from None
-        return "".join(out)
 
     return render
 

@@ -9,7 +9,7 @@ from typing import Any
 import psycopg
 
 from mail import errors as mail_errors
-from mail import template
+from mail import preview, template
 from mail import validate as validate_mail
 from sql import contacts, errors
 from sql import senders as sender_rule
@@ -79,6 +79,11 @@ def create(conn: psycopg.Connection[Any], account: str, *, subject: Any, from_ad
     """Create a draft (details: who, for its audit entry); raises InvalidInput."""
     fields = validate_content(subject, text, html, tag)
     fields["from_address"] = validate_from(from_address)
+    try:  # a one-shot command: the trial render runs here, under the same budget
+        preview.trial(fields["subject"], fields["from_address"], fields["text_body"],
+                      fields["html_body"])
+    except mail_errors.TemplateInvalid as exc:
+        raise errors.InvalidInput(str(exc)) from None
     if rate_limit is not None and rate_limit <= 0:
         raise errors.InvalidInput("rate limit must be positive")
     row = conn.execute(QUERIES["broadcast_create"],

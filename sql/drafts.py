@@ -9,7 +9,9 @@ from typing import Any
 
 import psycopg
 
-from sql import broadcasts, senders
+from mail import errors as mail_errors
+from mail import preview
+from sql import broadcasts, errors, senders
 from sql.queries import QUERIES
 
 EDITABLE = ("draft", "scheduled")  # a scheduled broadcast is edited until it starts
@@ -38,6 +40,11 @@ def edit(conn: psycopg.Connection[Any], account: str, bid: uuid.UUID, changes: d
     from_address = broadcasts.validate_from(changes["from"]) if "from" in changes else None
     priority = (broadcasts.validate_priority(changes["priority"]) if "priority" in changes
                 else None)
+    try:  # a one-shot command: the trial render runs here, under the budget (as at create)
+        preview.trial(values["subject"], from_address or current["from_address"],
+                      values["text_body"], values["html_body"])
+    except mail_errors.TemplateInvalid as exc:
+        raise errors.InvalidInput(str(exc)) from None
     if from_address is not None and current["status"] == "scheduled":
         # checked at schedule: a scheduled broadcast's new From must pass the rule as well
         senders.check(conn, account, bid, from_value=from_address)

@@ -86,17 +86,51 @@ def recipient(row: dict[str, Any]) -> Recipient:
                      row.get("tags"))
 
 
-def build(content: render.Content | str, r: Recipient) -> render.Message | Outcome:
-    """The message for one recipient, or its `failed` outcome saying why it cannot be built
-    (`content` is the reason as text when the broadcast's own content cannot be)."""
-    cid = r.contact_id
-    if isinstance(content, str):
-        return Outcome(cid, "failed", error=f"cannot build the message: {content}"[:ERROR_CHARS])
-    try:
-        return render.render(content, cid, r.email, r.name, r.attributes, r.tags)
-    except Exception as exc:  # noqa: BLE001 - deterministic: this recipient fails, not the loop
-        return Outcome(cid, "failed", error=f"cannot build the message: {describe(exc)}"
-                       [:ERROR_CHARS])
+RENDER_STREAK = 3  # render budget failures in a row that pause a broadcast (render_budget)
+
+
+def cannot_build(cid: int, why: str, pause_reason: str | None = None) -> Outcome:
+    """The `failed` outcome of a message that cannot be built."""
+    return Outcome(cid, "failed", error=f"cannot build the message: {why}"[:ERROR_CHARS],
+                   pause_reason=pause_reason)
+
+
+class Builder:
+    """Builds a group's messages in the render pool and counts budget failures in a row, per
+    broadcast content: past RENDER_STREAK the broadcast is paused (render_budget) and the
+    rest of the group is put back unrendered: one bad template is not rendered a million
+    times."""
+
+    def __init__(self) -> None:
+        self.streaks: dict[str, int] = {}  # content key -> budget failures in a row
+
+    async def build(self, content: render.Content | str,
+                    handed: list[Recipient]) -> list[render.Message | Outcome]:
+        """A message or a `failed`/`release` outcome per recipient, in order."""
+        if isinstance(content, str):  # the broadcast's own content cannot be built
+            return [cannot_build(r.contact_id, content) for r in handed]
+        streak = self.streaks.get(content.key, 0)
+        if streak >= RENDER_STREAK:  # paused by now, or about to be: nothing more is rendered
+            return [Outcome(r.contact_id, "release", pause_reason="render_budget",
+                            error="not rendered: the render budget was exceeded "
+                                  f"{streak} times in a row") for r in handed]
+        results = await render.render_many(content, [
+            (r.contact_id, r.email, r.name, r.attributes, r.tags, None) for r in handed],
+            RENDER_STREAK - streak)
+        built: list[render.Message | Outcome] = []
+        for r, result in zip(handed, results, strict=True):
+            if not isinstance(result, render.Failure):
+                streak = 0
+                built.append(result)
+            elif result.skipped:  # never rendered: back to pending, no attempt counted
+                built.append(Outcome(r.contact_id, "release", error=result.reason,
+                                     pause_reason=result.budget))
+            else:
+                streak = streak + 1 if result.budget else 0
+                built.append(cannot_build(r.contact_id, result.reason, "render_budget"
+                                          if streak >= RENDER_STREAK else None))
+        self.streaks[content.key] = streak
+        return built
 
 
 class Sender:
@@ -123,6 +157,7 @@ class Sender:
         self.may_have_sent = bool(getattr(provider, "may_have_sent_on_error", True))
         self._throttles = 0  # provider throttles in a row: the next one backs off longer
         self._lock = threading.Lock()
+        self.builder = Builder()
 
     async def send_group(self, content: render.Content | str,
                          handed: list[Recipient], attempts: dict[int, int],
@@ -132,7 +167,7 @@ class Sender:
         `handed_at`: the handoff's time (time.monotonic), for the deadline; `each`: called
         with each row's future as soon as it is done (on the executor path), so that an
         answer need not wait for the group's slowest call."""
-        built = [build(content, r) for r in handed]
+        built = await self.builder.build(content, handed)
         stop: list[Outcome] = []  # a throttle or account trouble: the rest are not called
         if self.executor is None or not self.provider.blocking:
             return [b if isinstance(b, Outcome) else self.send_one(b, attempts, stop)

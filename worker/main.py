@@ -17,7 +17,7 @@ from mail import errors as mail_errors
 from mail import unsubscribe
 from sql import db
 from sql.queries import QUERIES
-from worker import control, engine, errors, providers, reconcile, retention, sweeper
+from worker import control, engine, errors, providers, reconcile, render, retention, sweeper
 
 log = logging.getLogger("pgcast.worker")
 
@@ -178,6 +178,9 @@ async def run(settings: engine.Settings, url: str,
                                # drops it when it comes back broken
                                reconnect_timeout=3600)
     await pool.open(wait=True, timeout=30)
+    # the render processes start before the first handoff: a row handed off waits for no
+    # process to start (its call must begin within --group-ms)
+    await render.pool().start()
     eng = make_engine(settings, provider, pool)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -13,7 +13,7 @@ from psycopg.rows import dict_row
 from mail import message, preview
 from sql import db, jobs
 from sql.queries import QUERIES
-from worker import providers
+from worker import providers, render
 
 log = logging.getLogger("pgcast.testsend")
 
@@ -73,9 +73,9 @@ async def deliver(url: str, ids: list[int], provider: providers.Provider) -> Non
                     raise LookupError(f"no contact {first['contact_email']}")
                 content = message.Content.from_row(dict(content_row), test=True)
                 who = dict(contact) if contact else preview.SAMPLE
-                msg = content.render(int(who["id"]), who["email"], who.get("name"),
-                                     who.get("attributes"), who.get("tags"),
-                                     deliver_to=row["to_address"])
+                msg = await render.render_one(content, (
+                    int(who["id"]), who["email"], who.get("name"), who.get("attributes"),
+                    who.get("tags"), row["to_address"]))
                 msg.headers["X-Pgcast-Test-Send"] = str(row["id"])
                 await _take_token(conn)
                 if provider.blocking:

@@ -1,0 +1,84 @@
+"""mail.renderpool: renders in processes with hard limits, a share per account."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import psutil
+import pytest
+
+from mail import errors, message, renderpool
+from tests.unit.test_render_budget import MACRO
+
+ITEM = (1, "a@example.com", "A", None, None, None)
+
+
+@pytest.fixture
+def pool() -> Iterator[renderpool.RenderPool]:
+    p = renderpool.RenderPool(processes=2, timeout_ms=1000)
+    yield p
+    p.close()
+
+
+def spec(text: str, account: str = "a") -> renderpool.Spec:
+    return renderpool.spec(message.Content(str(uuid.uuid4()), account, "S", "f@example.com",
+                                           text, None))
+
+
+def test_memory_past_the_sandbox_bounds_stops_at_the_process_limit(
+        pool: renderpool.RenderPool) -> None:
+    # each value is within the sandbox's bounds; together they pass the address-space limit
+    hog = "".join(f"{{% set ns.a{i} = 'x' * 1000000 ~ {i} %}}" for i in range(400))
+    text = "{% set ns = namespace() %}" + hog + "ok"
+    (result,) = asyncio.run(pool.run("a", "messages", spec(text), [ITEM]))
+    assert isinstance(result, renderpool.Failure)
+    assert result.budget == "memory", result
+    # the pool goes on: the next render works
+    (fine,) = asyncio.run(pool.run("a", "messages", spec("hi {{ contact.name }}"), [ITEM]))
+    assert isinstance(fine, message.Message) and fine.text == "hi A"
+
+
+def test_one_account_never_holds_every_slot(pool: renderpool.RenderPool) -> None:
+    async def scenario() -> tuple[list[Any], bool]:
+        bombs = [asyncio.create_task(pool.run("bomber", "messages",
+                                              spec(f"{{# {i} #}}{MACRO}", "bomber"), [ITEM]))
+                 for i in range(3)]
+        await asyncio.sleep(0)  # the bombs queue first
+        calm = await pool.run("calm", "messages", spec("hi", "calm"), [ITEM])
+        pending = not all(b.done() for b in bombs)  # ordering: calm came back first
+        await asyncio.gather(*bombs)
+        return calm, pending
+
+    calm, bombs_pending = asyncio.run(scenario())
+    assert isinstance(calm[0], message.Message)
+    assert bombs_pending
+
+
+def _cpu(pool: renderpool.RenderPool) -> float:
+    total = 0.0
+    for slot in pool._slots:
+        if slot.proc is not None:
+            times = psutil.Process(slot.proc.pid).cpu_times()
+            total += times.user + times.system
+    return total
+
+
+def test_a_render_over_budget_is_answered_from_memory(pool: renderpool.RenderPool) -> None:
+    bomb = spec(MACRO)
+
+    async def twice() -> tuple[float, float]:
+        await pool.start()
+        before = _cpu(pool)
+        with pytest.raises(errors.RenderBudget):
+            await renderpool.one(pool, "a", "messages", bomb, ITEM)
+        first = _cpu(pool) - before
+        with pytest.raises(errors.RenderBudget):
+            await renderpool.one(pool, "a", "messages", bomb, ITEM)
+        return first, _cpu(pool) - before - first
+
+    first, second = asyncio.run(twice())
+    assert first >= 0.1  # a million steps (or the second of CPU time) were rendered
+    assert second < first / 10  # not rendered again
