@@ -138,11 +138,12 @@ class Sender:
     order on the event loop for one that is not.
 
     On the executor each call first meets the deadline: a row whose call has not started
-    within `deadline` seconds of its handoff (a starved thread pool) is not called at all but
-    put back (`release`: pending again, no attempt counted). Then the pacer, the rate limit's
-    last word (here, or inside the provider right before its request leaves: ses), which
-    holds a call about burst / rate at most. So what a crash can leave `unknown` is the calls
-    in flight and the rows handed off in the last `deadline` seconds.
+    within `deadline` seconds of its handoff and its render (a starved thread pool) is not
+    called at all but put back (`release`: pending again, no attempt counted). Then the pacer,
+    the rate limit's last word (here, or inside the provider right before its request leaves:
+    ses), which holds a call about burst / rate at most. So what a crash can leave `unknown` is
+    the calls in flight and the rows handed off in the last `deadline` seconds plus their
+    render time (bounded by the render budget).
     """
 
     def __init__(self, provider: providers.Provider, retries: Retries,
@@ -167,12 +168,17 @@ class Sender:
         `handed_at`: the handoff's time (time.monotonic), for the deadline; `each`: called
         with each row's future as soon as it is done (on the executor path), so that an
         answer need not wait for the group's slowest call."""
+        rendering = time.monotonic()
         built = await self.builder.build(content, handed)
+        rendered = time.monotonic() - rendering
         stop: list[Outcome] = []  # a throttle or account trouble: the rest are not called
         if self.executor is None or not self.provider.blocking:
             return [b if isinstance(b, Outcome) else self.send_one(b, attempts, stop)
                     for b in built]
-        due = (handed_at if handed_at is not None else time.monotonic()) + self.deadline
+        # the render's time does not count against the deadline: a group whose render took
+        # longer than --group-ms (a big template, a busy render pool) was released whole,
+        # claimed again and released again, for ever
+        due = (handed_at if handed_at is not None else rendering) + rendered + self.deadline
         loop = asyncio.get_running_loop()
         futures: list[asyncio.Future[Outcome]] = []
         for b in built:

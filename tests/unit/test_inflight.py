@@ -7,6 +7,7 @@ import concurrent.futures
 import math
 import time
 import uuid
+from typing import Any
 
 import pytest
 
@@ -208,3 +209,26 @@ def test_a_call_past_its_deadline_books_no_pacer_time() -> None:
         executor.shutdown()
     assert {o.outcome for o in out} == {"release"}
     assert pacer.delay() == 0.0  # nothing was booked: the next call goes at once
+
+
+def test_a_render_longer_than_the_deadline_does_not_release_the_group() -> None:
+    """The deadline counts from the end of the render too: a group whose render took longer
+    than --group-ms was released whole, claimed again and released again, for ever."""
+
+    class SlowBuilder(dispatch.Builder):
+        """Renders as the real one, after `seconds` (unit ring only)."""
+
+        async def build(self, content: Any, handed: list[dispatch.Recipient]) -> Any:
+            await asyncio.sleep(0.1)
+            return await super().build(content, handed)
+
+    provider = Slow(0.0)
+    executor = concurrent.futures.ThreadPoolExecutor(4)
+    try:
+        sender = dispatch.Sender(provider, dispatch.Retries(), executor, None, deadline=0.05)
+        sender.builder = SlowBuilder()
+        handed = [dispatch.Recipient(i, f"u{i}@example.com", None) for i in (1, 2)]
+        got = asyncio.run(sender.send_group(CONTENT, handed, {}, time.monotonic()))
+    finally:
+        executor.shutdown()
+    assert [o.outcome for o in got] == ["sent", "sent"]
