@@ -87,6 +87,9 @@ LANGUAGE plpgsql AS $$
 DECLARE
     v record;
 BEGIN
+    -- the webhook answers 200 once this commits, and SNS never sends that message again: a
+    -- resolution lost to a crash would leave the row unknown, to be requeued and sent twice
+    PERFORM set_config('synchronous_commit', 'on', true);
     SELECT * INTO v FROM pgcast_ses_event_v1(p_message_id, p_topic, p_sns_at, p_prune_before,
         p_event, p_broadcast, p_contact, p_addresses, p_detail, p_at, p_soft_limit,
         p_guard_min, p_max_bounce, p_max_complaint);
@@ -135,7 +138,9 @@ BEGIN
         RETURN;
     END IF;
     UPDATE broadcast_recipients r
-    SET status = 'pending', retry_at = NULL, claim_token = NULL, claim_epoch = NULL,
+    -- the claim token is kept, as retry v2 keeps it (0013): a late answer to the first call
+    -- still finds the row (pgcast_record_v5) and is recorded, not lost
+    SET status = 'pending', retry_at = NULL, claim_epoch = NULL,
         lease_expires_at = NULL, handed_at = NULL, provider_message_id = NULL,
         last_error = NULL, sent_at = NULL, reconciled = 'requeued',
         reconcile_requeued_at = now()

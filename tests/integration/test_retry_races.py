@@ -195,3 +195,18 @@ def test_a_late_answer_after_a_retry_is_recorded_and_audited(conn: Conn) -> None
         "ok": True, "status": "sent"}
     p = support.assert_counters_true(conn, bid)
     assert (p["sent"], p["unknown"]) == (2, 0)
+
+
+def test_a_late_answer_after_a_reconcile_requeue_is_recorded(conn: Conn) -> None:
+    """The reconcile requeue (0016) cleared the claim token: the first call's late `sent`
+    then matched nothing, and the row was sent a second time. It keeps it, as a retry does."""
+    from worker import reconcile
+
+    bid, ids, first = unknown_broadcast(conn, 1)
+    handed_ago(conn, bid, ids, 3600)
+    assert [r["requeued"] for r in reconcile.requeue(conn, 60.0, bid)] == [1]
+    late = d.record(conn, bid, first, ids, "sent")
+    assert late["recorded"] == 1
+    assert d.claim(conn, bid, 10)[1] == []  # nobody mails them again
+    p = support.assert_counters_true(conn, bid)
+    assert (p["sent"], p["unknown"], p["pending"]) == (1, 0, 0)
