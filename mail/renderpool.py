@@ -10,8 +10,8 @@ or dead process is replaced before its slot is used again. An account holds at m
 slots at once (default half of them), so another account's render always finds one.
 
 Settings: PGCAST_RENDER_TIMEOUT_MS (CPU ms per message, default 200),
-PGCAST_RENDER_PROCESSES (slots, default 2), PGCAST_RENDER_MEMORY_MB (address space of a render
-process, default 256).
+PGCAST_RENDER_PROCESSES (slots, 2 to 64, default 2), PGCAST_RENDER_MEMORY_MB (address space
+of a render process, default 256).
 """
 
 from __future__ import annotations
@@ -201,8 +201,9 @@ class RenderPool:
 
     def __init__(self, processes: int | None = None, share: int | None = None,
                  timeout_ms: int | None = None, memory_mb: int | None = None) -> None:
+        # at least 2: an account's share is half the slots, and one slot would be every slot
         self.processes = processes or _int_env("PGCAST_RENDER_PROCESSES", DEFAULT_PROCESSES,
-                                               1, 64)
+                                               2, 64)
         self.share = share or max(1, self.processes // 2)
         self.timeout_ms = timeout_ms or template.timeout_ms()
         memory = memory_mb or _int_env("PGCAST_RENDER_MEMORY_MB", DEFAULT_MEMORY_MB, 64, 65536)

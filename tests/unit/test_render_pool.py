@@ -128,3 +128,13 @@ def test_a_kill_blames_the_item_being_rendered_only(monkeypatch: pytest.MonkeyPa
     assert results[3].budget == "cpu_time"
     # the others were rendered (sent before the kill) or put back, never failed
     assert all(isinstance(r, message.Message) or r.skipped for r in results[:3] + results[4:])
+
+
+@pytest.mark.parametrize("value", ["1", "0", "65"])
+def test_fewer_than_two_render_processes_is_a_config_error(
+        monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    # one process would be every slot for one account (its share is half, at least one)
+    monkeypatch.setenv("PGCAST_RENDER_PROCESSES", value)
+    with pytest.raises(errors.InvalidValue, match="PGCAST_RENDER_PROCESSES: must be an "
+                                                  "integer from 2 to 64"):
+        renderpool.RenderPool()
