@@ -23,7 +23,7 @@ import functools
 import operator
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, ItemsView, Iterator, MappingView
 from typing import Any
 
 import jinja2
@@ -55,7 +55,9 @@ _STRINGIFYING = frozenset({"string", "pprint", "e", "escape", "forceescape", "sa
                            "upper", "lower", "title", "capitalize", "truncate", "urlencode",
                            "striptags", "wordcount", "urlize", "xmlattr", "reverse", "int",
                            "float"})
-_CONTAINERS = (list, tuple, dict, set, frozenset, jinja2.utils.Namespace)
+# what repr shows item by item (a dict's views too: `d.items()` prints every item)
+_CONTAINERS = (list, tuple, dict, set, frozenset, MappingView,
+               jinja2.utils.Namespace)
 
 
 class Budget:
@@ -146,8 +148,8 @@ def refuse_big(size: int, what: str) -> None:
 
 
 def _children(value: Any) -> Iterator[Any]:
-    if isinstance(value, dict):
-        for key, item in value.items():
+    if isinstance(value, dict | ItemsView):
+        for key, item in (value.items() if isinstance(value, dict) else value):
             yield key
             yield item
     elif isinstance(value, jinja2.utils.Namespace):

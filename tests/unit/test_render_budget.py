@@ -69,6 +69,7 @@ ESCAPES = {
     "string": _NESTED + "{{ [y, y, y] | string | length }}",
     "pprint": _NESTED + "{{ [y, y, y] | pprint | length }}",
     "printed": _NESTED + "{{ [y, y, y] }}",
+    "dict_view": _NESTED + "{{ dict(a=[y, y, y]).items() }}",
     "concat": _NESTED + "{{ ([y, y, y] ~ '') | length }}",
     "joined": _NESTED + "{{ [[y, y, y]] | join | length }}",
     "select_chain": ("{{ ('x' * 1000000) | reject('eq', 'y') | reject('eq', 'y') | "
