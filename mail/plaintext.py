@@ -13,7 +13,7 @@ import re
 
 import html2text
 
-_TAG = re.compile(r"\{\{.*?\}\}|\{%.*?%\}|\{#.*?#\}", re.DOTALL)
+_CLOSERS = {"{{": "}}", "{%": "%}", "{#": "#}"}
 _PLACEHOLDER = "PGCASTJINJA{:06d}X"
 
 
@@ -26,15 +26,38 @@ def convert(html: str) -> str:
     return str(maker.handle(html)).strip() + "\n"
 
 
+def _park(source: str, tags: list[str]) -> str:
+    """Each Jinja tag of `source` set aside (into `tags`) as a placeholder.
+
+    A linear scan with str.find: the regex it replaces (`\\{#.*?#\\}` with DOTALL) scanned to the
+    end again for every opener without a closer, quadratic in a source of many `{#`. An
+    opener without a closer is left as it is (the caller then gives up on the template).
+    """
+    out: list[str] = []
+    at = 0
+    unclosed: set[str] = set()  # openers with no closer after some point: none further on
+    start = source.find("{")
+    while start != -1:
+        opener = source[start:start + 2]
+        if opener in _CLOSERS and opener not in unclosed:
+            end = source.find(_CLOSERS[opener], start + 2)
+            if end != -1:
+                out.append(source[at:start])
+                tags.append(source[start:end + 2])
+                out.append(_PLACEHOLDER.format(len(tags) - 1))
+                at = end + 2
+                start = source.find("{", at)
+                continue
+            unclosed.add(opener)
+        start = source.find("{", start + 1)
+    out.append(source[at:])
+    return "".join(out)
+
+
 def template(html_source: str) -> str | None:
     """A text template made from an HTML template once, or None when that cannot be done."""
     tags: list[str] = []
-
-    def park(match: re.Match[str]) -> str:
-        tags.append(match.group(0))
-        return _PLACEHOLDER.format(len(tags) - 1)
-
-    parked = _TAG.sub(park, html_source)
+    parked = _park(html_source, tags)
     if any(opener in parked for opener in ("{{", "{%", "{#")):
         return None  # a tag we could not set aside whole
     text = convert(parked)

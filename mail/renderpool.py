@@ -10,8 +10,8 @@ or dead process is replaced before its slot is used again. An account holds at m
 slots at once (default half of them), so another account's render always finds one.
 
 Settings: PGCAST_RENDER_TIMEOUT_MS (CPU ms per message, default 200),
-PGCAST_RENDER_PROCESSES (slots, default 2), PGCAST_RENDER_MEMORY_MB (address space of a render
-process, default 256).
+PGCAST_RENDER_PROCESSES (slots, 2 to 64, default 2), PGCAST_RENDER_MEMORY_MB (address space
+of a render process, default 256).
 """
 
 from __future__ import annotations
@@ -20,12 +20,15 @@ import asyncio
 import concurrent.futures
 import contextlib
 import hashlib
+import mmap
 import multiprocessing.connection
 import os
 import pickle
 import socket
+import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -81,17 +84,29 @@ class _Slot:
         self.proc: subprocess.Popen[bytes] | None = None
         self.lock = threading.Lock()  # a job and a background start never use it at once
         self.conn: multiprocessing.connection.Connection | None = None
+        self.board: mmap.mmap | None = None  # the index of the item the process is rendering
 
     def start(self) -> None:
         """Start the process and wait for it to say ready (blocking: a pool thread)."""
         # its own interpreter (`python -m mail.renderproc`), not a fork: nothing of the
-        # parent's threads, loop, connections or main module comes along
-        mine, theirs = socket.socketpair()
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "mail.renderproc", str(theirs.fileno()),
-             str(self.timeout_ms), str(self.memory_bytes)],
-            pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL)
-        theirs.close()
+        # parent's threads, loop, connections or main module comes along.
+        # The board: a shared page where the process writes the index of the item it starts
+        # (results come in chunks: what was received does not say which item a kill stopped)
+        with tempfile.TemporaryFile() as shared:
+            shared.truncate(renderproc.BOARD)
+            board = mmap.mmap(shared.fileno(), renderproc.BOARD)
+            mine, theirs = socket.socketpair()
+            try:
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "mail.renderproc", str(theirs.fileno()),
+                     str(self.timeout_ms), str(self.memory_bytes), str(shared.fileno())],
+                    pass_fds=(theirs.fileno(), shared.fileno()), stdin=subprocess.DEVNULL)
+            except BaseException:
+                mine.close()
+                board.close()
+                raise
+            finally:
+                theirs.close()
         conn = multiprocessing.connection.Connection(mine.detach())
         try:
             if not conn.poll(START_TIMEOUT) or conn.recv() != "ready":
@@ -100,8 +115,9 @@ class _Slot:
             proc.kill()
             proc.wait()
             conn.close()
+            board.close()
             raise RuntimeError("a render process did not start") from None
-        self.proc, self.conn = proc, conn
+        self.proc, self.conn, self.board = proc, conn, board
 
     def start_idle(self) -> None:
         """Start the process unless a job is using (or started) the slot."""
@@ -119,7 +135,15 @@ class _Slot:
             self.proc.wait()
         if self.conn is not None:
             self.conn.close()
-        self.proc = self.conn = None
+        if self.board is not None:
+            self.board.close()
+        self.proc = self.conn = self.board = None
+
+    def started_item(self) -> int:
+        """The index of the item the process last started (-1: none of this job)."""
+        if self.board is None:
+            return -1
+        return int(struct.unpack_from("q", self.board)[0])
 
     def exchange(self, job: tuple[Any, ...], n: int) -> list[Any]:
         """Send a job and collect its n results (blocking: a pool thread); a result that does
@@ -128,29 +152,47 @@ class _Slot:
             return self._exchange(job, n)
 
     def _exchange(self, job: tuple[Any, ...], n: int) -> list[Any]:
-        if self.conn is None:
-            self.start()
-        assert self.conn is not None
         results: list[Any] = []
-        wait = self.timeout_ms / 1000 + renderproc.FLUSH + SLACK
         try:
+            if self.conn is None:
+                self.start()
+            assert self.conn is not None and self.board is not None
+            struct.pack_into("q", self.board, 0, -1)
+            wait = self.timeout_ms / 1000 + renderproc.FLUSH + SLACK
             self.conn.send(job)
             while len(results) < n:
                 if not self.conn.poll(wait):
-                    self.kill()
-                    results.append(Failure(
+                    self._blame(results, n, Failure(
                         f"render budget exceeded (cpu_time): no result within "
                         f"{self.timeout_ms} ms of CPU time (PGCAST_RENDER_TIMEOUT_MS); the "
                         "render process was stopped", "cpu_time"))
                     break
                 results.extend(self.conn.recv())
-        except (EOFError, OSError):  # it died: the address-space limit, or killed
+        except (EOFError, OSError) as exc:  # it died: the address-space limit, or killed
+            if self.proc is None:  # it could not start: nothing was rendered
+                self.kill()
+                return self._unrendered([], n, f"the render process could not start: {exc}")
+            self._blame(results, n, Failure("render budget exceeded (memory): the render "
+                                            "process stopped (PGCAST_RENDER_MEMORY_MB)",
+                                            "memory"))
+        except Exception as exc:  # noqa: BLE001 - no start, or a job it cannot take: not rendered
             self.kill()
-            results.append(Failure("render budget exceeded (memory): the render process "
-                                   "stopped (PGCAST_RENDER_MEMORY_MB)", "memory"))
+            return self._unrendered(results, n, f"{exc}"[:200])
+        return self._unrendered(results, n, "the render process was stopped")
+
+    def _blame(self, results: list[Any], n: int, failure: Failure) -> None:
+        """Stop the process; the item it was rendering gets `failure`, and the ones it had
+        rendered but not yet sent are not rendered (put back, not blamed)."""
+        culprit = self.started_item()
+        self.kill()
+        if len(results) <= culprit < n:
+            self._unrendered(results, culprit, "the render process was stopped")
+            results.append(failure)
+
+    @staticmethod
+    def _unrendered(results: list[Any], n: int, why: str) -> list[Any]:
         while len(results) < n:
-            results.append(Failure("not rendered: the render process was stopped",
-                                   None, True))
+            results.append(Failure(f"not rendered: {why}", None, True))
         return results
 
 
@@ -159,8 +201,9 @@ class RenderPool:
 
     def __init__(self, processes: int | None = None, share: int | None = None,
                  timeout_ms: int | None = None, memory_mb: int | None = None) -> None:
+        # at least 2: an account's share is half the slots, and one slot would be every slot
         self.processes = processes or _int_env("PGCAST_RENDER_PROCESSES", DEFAULT_PROCESSES,
-                                               1, 64)
+                                               2, 64)
         self.share = share or max(1, self.processes // 2)
         self.timeout_ms = timeout_ms or template.timeout_ms()
         memory = memory_mb or _int_env("PGCAST_RENDER_MEMORY_MB", DEFAULT_MEMORY_MB, 64, 65536)

@@ -15,7 +15,9 @@ item, sent in chunks as they are made (so the pool can time each one):
 from __future__ import annotations
 
 import collections
+import mmap
 import resource
+import struct
 import sys
 import time
 from dataclasses import dataclass
@@ -27,6 +29,7 @@ from mail import errors, message, preview
 CACHE = 32  # compiled broadcasts kept per process
 FLUSH = 0.02  # seconds: results waiting at most this long before they are sent
 CHUNK = 64  # results sent at once at most
+BOARD = 8  # bytes of the board: the index of the item being rendered (a signed 64-bit int)
 
 
 @dataclass(frozen=True)
@@ -71,8 +74,10 @@ def failure(exc: BaseException) -> Failure:
 class Worker:
     """The process's loop: compiled contents cached by key, results sent in chunks."""
 
-    def __init__(self, conn: Connection, timeout_ms: int) -> None:
+    def __init__(self, conn: Connection, timeout_ms: int,
+                 board: mmap.mmap | None = None) -> None:
         self.conn = conn
+        self.board = board  # where the pool reads which item a kill stopped
         self.timeout_ms = timeout_ms
         self.cache: collections.OrderedDict[str, message.Content] = collections.OrderedDict()
 
@@ -106,7 +111,9 @@ class Worker:
         chunk: list[Any] = []
         sent_at = time.monotonic()
         in_a_row = 0
-        for item in items:
+        for index, item in enumerate(items):
+            if self.board is not None:  # before the item: a kill now blames this one only
+                struct.pack_into("q", self.board, 0, index)
             if stop_after and in_a_row >= stop_after:
                 result: Any = Failure("not rendered: the render budget was exceeded "
                                       f"{in_a_row} times in a row", "render_budget", True)
@@ -125,11 +132,12 @@ class Worker:
             self.conn.send(chunk)
 
 
-def serve(conn: Connection, timeout_ms: int, memory_bytes: int) -> None:
+def serve(conn: Connection, timeout_ms: int, memory_bytes: int, board_fd: int = -1) -> None:
     """The process's entry point: limit it, say ready, answer jobs until the pipe closes."""
+    board = mmap.mmap(board_fd, BOARD) if board_fd >= 0 else None
     if memory_bytes:
         resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
-    worker = Worker(conn, timeout_ms)
+    worker = Worker(conn, timeout_ms, board)
     conn.send("ready")
     while True:
         try:
@@ -139,8 +147,9 @@ def serve(conn: Connection, timeout_ms: int, memory_bytes: int) -> None:
         worker.run(kind, spec, items, stop_after)
 
 
-if __name__ == "__main__":  # python -m mail.renderproc FD TIMEOUT_MS MEMORY_BYTES
+if __name__ == "__main__":  # python -m mail.renderproc FD TIMEOUT_MS MEMORY_BYTES [BOARD_FD]
     # through the module's own name: what it pickles must unpickle as mail.renderproc.*
     from mail import renderproc
 
-    renderproc.serve(Connection(int(sys.argv[1])), int(sys.argv[2]), int(sys.argv[3]))
+    renderproc.serve(Connection(int(sys.argv[1])), int(sys.argv[2]), int(sys.argv[3]),
+                     int(sys.argv[4]) if len(sys.argv) > 4 else -1)

@@ -8,10 +8,13 @@ the render stops whatever the clock says. The ticks are inserted into the templa
 before it is compiled (`_parse`), so recursive macros, `{% for ... recursive %}` and nested
 loops are all counted. What a single step can allocate is capped before it allocates:
 integers (MAX_INT_BITS), strings and lists built by `*`, `+`, `~`, `join` and `replace`
-(MAX_VALUE); `str.format`/`format_map` and the width filters are not available, and
-`lipsum`'s size is bounded. So every step is bounded and the number of steps is bounded: a
-render cannot run long or grow large. The render pool (mail.renderpool) adds the hard limits
-of a process around it.
+(MAX_VALUE); `str.format`/`format_map`, `translate`, `encode` (no bytes: every bytes method
+would need its own bound) and the width filters are not available; `lipsum`, `batch`,
+`slice`, `sum` and `tojson`'s indent are bounded; a container becomes text (printed, `~`,
+`string`, `pprint`, `join`, ...) only when an estimate of its text, taken first, is within
+MAX_VALUE; every filter and test is a step. So every step is bounded and the number of steps
+is bounded: a render cannot run long or grow large. The render pool (mail.renderpool) adds
+the hard limits of a process around it.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import functools
 import operator
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, ItemsView, Iterator, MappingView
 from typing import Any
 
 import jinja2
@@ -44,7 +47,17 @@ _TICK = "_pgcast_tick"  # the filter the inserted ticks call
 _PASS = "_pgcast_pass"  # the same, returning True (inside a loop's `if` filter)
 # str methods that build a long string from a short one and a number (or a long separator)
 _UNSAFE_STR = frozenset({"format", "format_map", "center", "ljust", "rjust", "zfill",
-                         "expandtabs", "join", "replace"})
+                         "expandtabs", "join", "replace", "translate", "encode"})
+MAX_INDENT = 8  # spaces tojson may indent by
+# filters that turn their value (or an argument) into text: a container's text is estimated
+# before it is made (measure)
+_STRINGIFYING = frozenset({"string", "pprint", "e", "escape", "forceescape", "safe", "trim",
+                           "upper", "lower", "title", "capitalize", "truncate", "urlencode",
+                           "striptags", "wordcount", "urlize", "xmlattr", "reverse", "int",
+                           "float"})
+# what repr shows item by item (a dict's views too: `d.items()` prints every item)
+_CONTAINERS = (list, tuple, dict, set, frozenset, MappingView,
+               jinja2.utils.Namespace)
 
 
 class Budget:
@@ -134,6 +147,58 @@ def refuse_big(size: int, what: str) -> None:
                                             "characters)")
 
 
+def _children(value: Any) -> Iterator[Any]:
+    if isinstance(value, dict | ItemsView):
+        for key, item in (value.items() if isinstance(value, dict) else value):
+            yield key
+            yield item
+    elif isinstance(value, jinja2.utils.Namespace):
+        yield from _children(value._Namespace__attrs)  # what its repr shows
+    else:
+        yield from value
+
+
+def measure(value: Any, what: str, indent: int = 0) -> None:
+    """Refuse (RenderBudget) a value whose text (str, repr, JSON) would be over MAX_VALUE
+    characters, before it is made; a walk of at most MAX_VALUE / 2 items, ticked."""
+    if not isinstance(value, _CONTAINERS):
+        return
+    size = 0
+    seen = 0
+    stack: list[tuple[Iterator[Any], int]] = [(iter((value,)), 0)]
+    while stack:
+        items, depth = stack[-1]
+        item = next(items, _END)
+        if item is _END:
+            stack.pop()
+            continue
+        seen += 1
+        if seen % CHECK_EVERY == 0:
+            tick()
+        size += 2 + indent * depth  # a separator or brackets, and a line's indent
+        if isinstance(item, str | bytes | bytearray):
+            size += len(item)
+        elif isinstance(item, int):
+            size += item.bit_length() // 3
+        elif isinstance(item, _CONTAINERS):
+            stack.append((_children(item), depth + 1))
+        else:
+            size += 64  # a float, an undefined, a macro: a short repr
+        if size > MAX_VALUE:
+            raise errors.RenderBudget("memory", f"{what} would be too long (over "
+                                                f"{MAX_VALUE} characters)")
+
+
+_END = object()
+
+
+def _measured(value: Any) -> Any:
+    """The environment's finalize: a printed container is measured before it is text."""
+    if type(value) is not str:
+        measure(value, "a printed value")
+    return value
+
+
 def _int_bits(value: Any) -> int:
     return value.bit_length() if isinstance(value, int) else 0
 
@@ -163,13 +228,14 @@ def _pow(left: Any, right: Any) -> Any:
 
 
 def _add(left: Any, right: Any) -> Any:
-    if isinstance(left, str | list | tuple) and isinstance(right, str | list | tuple):
+    if isinstance(left, str | bytes | bytearray | list | tuple) and \
+            isinstance(right, str | bytes | bytearray | list | tuple):
         refuse_big(weight(left) + weight(right), "a joined value")
     return _checked_int(operator.add(left, right))
 
 
 def _mod(left: Any, right: Any) -> Any:
-    if isinstance(left, str):  # '%999999999s' % x is a huge string
+    if isinstance(left, str | bytes | bytearray):  # '%999999999s' % x is a huge string
         raise jinja2.exceptions.SecurityError("string formatting with % is not available")
     return operator.mod(left, right)
 
@@ -180,6 +246,8 @@ _BINOPS: dict[str, Callable[[Any, Any], Any]] = {"*": _mul, "**": _pow, "+": _ad
 def concat(join: Callable[[Any], str], values: tuple[Any, ...]) -> str:
     """`a ~ b ~ ...`: each value as a string, refused before the join when too long."""
     tick()
+    for v in values:
+        measure(v, "a joined string")
     parts = [v if isinstance(v, str) else str(v) for v in values]
     refuse_big(sum(len(p) for p in parts), "a joined string")
     return join(parts)
@@ -218,10 +286,13 @@ def _instrument(tree: jinja2.nodes.Template) -> jinja2.nodes.Template:
     return tree
 
 
-def _ticking(f: Callable[..., Any]) -> Callable[..., Any]:
+def _ticking(f: Callable[..., Any], stringifying: bool = False) -> Callable[..., Any]:
     @functools.wraps(f)  # keeps jinja's pass_context / pass_eval_context marks
     def filtered(*args: Any, **kwargs: Any) -> Any:
         tick()
+        if stringifying:
+            for arg in (*args, *kwargs.values()):
+                measure(arg, "a value made text")
         return f(*args, **kwargs)
 
     return filtered
@@ -229,11 +300,16 @@ def _ticking(f: Callable[..., Any]) -> Callable[..., Any]:
 
 REPLACE = jinja2.filters.FILTERS["replace"]
 JOIN = jinja2.filters.FILTERS["join"]
+BATCH = jinja2.filters.FILTERS["batch"]
+SLICE = jinja2.filters.FILTERS["slice"]
+TOJSON = jinja2.filters.FILTERS["tojson"]
 
 
 @jinja2.pass_eval_context
 def _replace(eval_ctx: Any, s: Any, old: Any, new: Any, count: Any = None) -> Any:
     """`replace`, refused before it runs when the result would be too long."""
+    for value in (s, old, new):
+        measure(value, "a replaced string")
     text, old_s, new_s = str(s), str(old), str(new)
     hits = text.count(old_s) if old_s else len(text) + 1
     if isinstance(count, int) and count >= 0:
@@ -246,8 +322,56 @@ def _replace(eval_ctx: Any, s: Any, old: Any, new: Any, count: Any = None) -> An
 def _join(eval_ctx: Any, value: Any, d: str = "", attribute: Any = None) -> Any:
     """`join`, refused before it runs when the result would be too long."""
     items = list(value)
+    measure(items, "a joined string")
     refuse_big(len(items) * len(str(d)) + sum(weight(i) for i in items), "a joined string")
     return JOIN(eval_ctx, items, d, attribute)
+
+
+def _batch(value: Any, linecount: int, fill_with: Any = None) -> Any:
+    """`batch`, at most MAX_RANGE items a batch (a fill makes every batch that long)."""
+    if not 0 < int(linecount) <= MAX_RANGE:
+        raise errors.RenderBudget("memory", f"batch() makes batches of at most {MAX_RANGE} "
+                                            "items")
+    return BATCH(value, linecount, fill_with)
+
+
+def _slice(value: Any, slices: int, fill_with: Any = None) -> Any:
+    """`slice`, at most MAX_RANGE slices (each a list, even an empty one)."""
+    if not 0 < int(slices) <= MAX_RANGE:
+        raise errors.RenderBudget("memory", f"slice() makes at most {MAX_RANGE} slices")
+    return SLICE(value, slices, fill_with)
+
+
+@jinja2.pass_eval_context
+def _tojson(eval_ctx: Any, value: Any, indent: int | None = None) -> Any:
+    """`tojson`, indenting by at most MAX_INDENT, its text estimated before it is made."""
+    if indent is not None and not 0 <= int(indent) <= MAX_INDENT:
+        raise errors.RenderBudget("memory", f"tojson() indents by at most {MAX_INDENT}")
+    measure(value, "a JSON value", indent or 0)
+    return TOJSON(eval_ctx, value, indent)
+
+
+@jinja2.pass_environment
+def _sum(env: Any, iterable: Any, attribute: Any = None, start: Any = 0) -> Any:
+    """`sum`, a step per item; lists and tuples joined in place within MAX_VALUE items (the
+    built-in copies the whole sum at every item: quadratic)."""
+    if attribute is not None:
+        iterable = map(jinja2.filters.make_attrgetter(env, attribute), iterable)
+    if isinstance(start, list | tuple):
+        made = list(start)
+        for item in iterable:
+            tick()
+            if type(item) is not type(start):
+                raise TypeError(f"can only add {type(start).__name__} to "
+                                f"{type(start).__name__}")
+            refuse_big(len(made) + len(item), "a sum")
+            made.extend(item)
+        return made if isinstance(start, list) else tuple(made)
+    total = start
+    for item in iterable:
+        tick()
+        total = _add(total, item)
+    return total
 
 
 def _lipsum(n: int = 5, html: bool = True, min: int = 20, max: int = 100) -> str:  # noqa: A002
@@ -304,6 +428,8 @@ class Sandbox(jinja2.sandbox.ImmutableSandboxedEnvironment):
         """No str method that builds a long string from a number or a separator."""
         if isinstance(obj, str) and attr in _UNSAFE_STR:
             return False
+        if isinstance(obj, bytes | bytearray | memoryview):  # none is bounded (see encode)
+            return False
         return bool(super().is_safe_attribute(obj, attr, value))
 
     def pgcast_concat(self, join: Callable[[Any], str], values: tuple[Any, ...]) -> str:
@@ -318,14 +444,21 @@ DROPPED_FILTERS = ("center", "indent", "wordwrap", "format", "filesizeformat")
 def environment(autoescape: bool) -> Sandbox:
     """A budgeted sandbox: bounded filters and globals, every filter a step."""
     env = Sandbox(autoescape=autoescape, undefined=jinja2.ChainableUndefined,
-                  keep_trailing_newline=True)
+                  keep_trailing_newline=True, finalize=_measured)
     env.globals["range"] = _bounded_range
     env.globals["lipsum"] = _lipsum
     for name in DROPPED_FILTERS:
         env.filters.pop(name, None)
     env.filters["replace"] = _replace
     env.filters["join"] = _join
-    env.filters = {name: _ticking(f) for name, f in env.filters.items()}
+    env.filters["batch"] = _batch
+    env.filters["slice"] = _slice
+    env.filters["tojson"] = _tojson
+    env.filters["sum"] = _sum
+    env.filters = {name: _ticking(f, name in _STRINGIFYING) for name, f in env.filters.items()}
+    # a test is a step too: `select`/`reject` call one per item
+    tests: dict[str, Any] = env.tests
+    env.tests = {name: _ticking(f) for name, f in tests.items()}
     env.filters[_TICK] = _tick_filter
     env.filters[_PASS] = _tick_filter
     return env

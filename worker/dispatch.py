@@ -15,6 +15,7 @@ import math
 import random
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -101,22 +102,33 @@ class Builder:
     rest of the group is put back unrendered: one bad template is not rendered a million
     times."""
 
-    def __init__(self) -> None:
-        self.streaks: dict[str, int] = {}  # content key -> budget failures in a row
+    def __init__(self, pool: render.Pool | None = None) -> None:
+        self.pool = pool  # None: the process's render pool
+        # (broadcast id, content key) -> budget failures in a row; none: no failure in a row
+        self.streaks: dict[tuple[str, str], int] = {}
+
+    def forget(self, broadcast_id: uuid.UUID | str) -> None:
+        """The broadcast is no longer worked on: its streaks go."""
+        gone = str(broadcast_id)
+        self.streaks = {k: v for k, v in self.streaks.items() if k[0] != gone}
 
     async def build(self, content: render.Content | str,
                     handed: list[Recipient]) -> list[render.Message | Outcome]:
         """A message or a `failed`/`release` outcome per recipient, in order."""
         if isinstance(content, str):  # the broadcast's own content cannot be built
             return [cannot_build(r.contact_id, content) for r in handed]
-        streak = self.streaks.get(content.key, 0)
+        key = (content.broadcast_id, content.key)
+        streak = self.streaks.get(key, 0)
         if streak >= RENDER_STREAK:  # paused by now, or about to be: nothing more is rendered
             return [Outcome(r.contact_id, "release", pause_reason="render_budget",
                             error="not rendered: the render budget was exceeded "
                                   f"{streak} times in a row") for r in handed]
         results = await render.render_many(content, [
             (r.contact_id, r.email, r.name, r.attributes, r.tags, None) for r in handed],
-            RENDER_STREAK - streak)
+            RENDER_STREAK - streak, self.pool)
+        # read again after the await: groups of the same broadcast render side by side, and
+        # each adds its failures in a row to what the others left (no update lost)
+        streak = self.streaks.get(key, 0)
         built: list[render.Message | Outcome] = []
         for r, result in zip(handed, results, strict=True):
             if not isinstance(result, render.Failure):
@@ -129,7 +141,10 @@ class Builder:
                 streak = streak + 1 if result.budget else 0
                 built.append(cannot_build(r.contact_id, result.reason, "render_budget"
                                           if streak >= RENDER_STREAK else None))
-        self.streaks[content.key] = streak
+        if streak:
+            self.streaks[key] = streak
+        else:  # kept small: only contents failing right now
+            self.streaks.pop(key, None)
         return built
 
 

@@ -118,11 +118,16 @@ class Engine:
             settings.throttle_backoff), self.executor,
             None if at_the_wire is not None else self.pacer, settings.group_ms / 1000)
         self.picker = picker.Picker(self.db, self.state.rates, settings.max_broadcasts,
-                                    settings.poll, self.buckets.forget)
+                                    settings.poll, self._forget)
         self._idle_loops = 0
         # claims whose leases we renew: claim token -> its broadcast
         self.tokens_in_hand: dict[uuid.UUID, uuid.UUID] = {}
         self._groups: set[asyncio.Task[None]] = set()  # groups in flight after their claim
+
+    def _forget(self, bid: uuid.UUID) -> None:
+        """A broadcast no longer worked on: its takers' locks and render streaks go."""
+        self.buckets.forget(bid)
+        self.sender.builder.forget(bid)
 
     # -- the loops ---------------------------------------------------------------------
 

@@ -14,6 +14,7 @@ from mail import message, renderpool
 Content = message.Content
 Message = message.Message
 Failure = renderpool.Failure
+Pool = renderpool.RenderPool
 Item = tuple[int, str, str | None, dict[str, Any] | None, list[str] | None, str | None]
 
 _pool: renderpool.RenderPool | None = None
@@ -34,12 +35,12 @@ def render(content: Content, contact_id: int, email_address: str, name: str | No
     return content.render(contact_id, email_address, name, attributes, tags)
 
 
-async def render_many(content: Content, items: list[Item],
-                      stop_after: int = 0) -> list[Message | Failure]:
+async def render_many(content: Content, items: list[Item], stop_after: int = 0,
+                      in_pool: renderpool.RenderPool | None = None) -> list[Message | Failure]:
     """Messages for many recipients, in the render pool (a Failure for each that cannot be
     built); after `stop_after` budget failures in a row the rest are not rendered."""
-    return await pool().run(content.account, "messages", renderpool.spec(content), items,
-                            stop_after)
+    return await (in_pool or pool()).run(content.account, "messages",
+                                         renderpool.spec(content), items, stop_after)
 
 
 async def render_one(content: Content, item: Item) -> Message:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import tracemalloc
 import uuid
 
@@ -46,6 +47,54 @@ ALLOCATORS = {
     "big_integer": "{{ 2 ** 4096 * 2 ** 4096 }}",
     "concat": "{% set s = 'x' * 1000000 %}{{ s ~ s ~ s }}",
 }
+
+
+# the review of issue 23's sandbox: each escaped a 200 ms budget (CPU, memory, or both)
+_NESTED = "{% set x = [0] * 1000 %}{% set y = [x] * 999 %}"
+ESCAPES = {
+    "batch": "{{ [1] | batch(3000000, 0) | list | length }}",
+    "tojson_indent": "{{ [1, 2, 3] | tojson(3000000) }}",
+    "bytes_center": "{{ 'x'.encode().center(3000000) }}",
+    "bytes_ljust": "{{ 'x'.encode().ljust(3000000) }}",
+    "bytes_zfill": "{{ '1'.encode().zfill(3000000) }}",
+    "bytes_replace": "{{ ('x' * 100000).encode().replace('x'.encode(), ('y' * 30).encode()) }}",
+    "bytes_join": "{{ ('x' * 1000000).encode().join(['a'.encode(), 'b'.encode(), 'c'.encode()]) }}",
+    "bytes_expandtabs": "{{ ('\\t' * 1000).encode().expandtabs(3000) }}",
+    "bytes_mod": "{{ '%3000000d'.encode() % 1 }}",
+    "bytes_add": "{% set b = ('x' * 1000000).encode() %}{{ (b + b + b) | length }}",
+    "translate": "{{ ('x' * 3000).translate({120: 'y' * 2000}) }}",
+    "slice": "{{ [1] | slice(200000) | list | length }}",
+    "sum": ("{% set x = [0] * 400 %}{% set y = [x] * 2400 %}"
+            "{{ [y, y] | sum(start=[]) | sum(start=[]) | length }}"),
+    "string": _NESTED + "{{ [y, y, y] | string | length }}",
+    "pprint": _NESTED + "{{ [y, y, y] | pprint | length }}",
+    "printed": _NESTED + "{{ [y, y, y] }}",
+    "dict_view": _NESTED + "{{ dict(a=[y, y, y]).items() }}",
+    "concat": _NESTED + "{{ ([y, y, y] ~ '') | length }}",
+    "joined": _NESTED + "{{ [[y, y, y]] | join | length }}",
+    "select_chain": ("{{ ('x' * 1000000) | reject('eq', 'y') | reject('eq', 'y') | "
+                     "reject('eq', 'y') | reject('eq', 'y') | list | length }}"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ESCAPES))
+def test_no_escape_from_the_budget(name: str) -> None:
+    c = content(ESCAPES[name], timeout_ms=200)
+    cpu = time.thread_time()
+    tracemalloc.start()
+    try:
+        with pytest.raises(errors.RenderError) as caught:
+            c.render(1, "a@example.com", "A")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    cpu = time.thread_time() - cpu
+    # stopped before the value was made: not by the output check after it, not MemoryError
+    assert getattr(caught.value, "budget", None) != "output", caught.value
+    assert "MemoryError" not in str(caught.value)
+    assert peak < 16 << 20, f"{name}: {peak / 1e6:.0f} MB allocated before the check"
+    # generous (10x the budget, tracemalloc slows every allocation): a bound, not a benchmark
+    assert cpu < 2.0, f"{name}: {cpu:.1f} s of CPU time"
 
 
 def content(text: str, **budget: int) -> message.Content:

@@ -12,6 +12,7 @@ import pytest
 
 from mail import errors, message, renderpool
 from tests.unit.test_render_budget import MACRO
+from worker import dispatch
 
 ITEM = (1, "a@example.com", "A", None, None, None)
 
@@ -82,3 +83,58 @@ def test_a_render_over_budget_is_answered_from_memory(pool: renderpool.RenderPoo
     first, second = asyncio.run(twice())
     assert first >= 0.1  # a million steps (or the second of CPU time) were rendered
     assert second < first / 10  # not rendered again
+
+
+def test_a_render_process_that_cannot_start_puts_every_item_back(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # a real interpreter that exits at once: it finds no standard library
+    monkeypatch.setenv("PYTHONHOME", "/nonexistent")
+    p = renderpool.RenderPool(processes=2, timeout_ms=1000)
+    try:
+        results = asyncio.run(p.run("a", "messages", spec("hi"), [ITEM, ITEM]))
+        assert all(isinstance(r, renderpool.Failure) and r.skipped for r in results), results
+        # the worker's builder turns them into `release` (pending again), never `unknown`
+        recipients = [dispatch.Recipient(i, f"{i}@example.com", None) for i in (1, 2)]
+        content = message.Content(str(uuid.uuid4()), "a", "S", "f@example.com", "hi", None)
+        built = asyncio.run(dispatch.Builder(p).build(content, recipients))
+        assert [b.outcome for b in built if isinstance(b, dispatch.Outcome)] == \
+            ["release", "release"]
+    finally:
+        p.close()
+
+
+def test_a_kill_blames_the_item_being_rendered_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    # a render process whose own budget is long (5 s) and a pool that waits 0.15 s: the bomb
+    # is killed by the pool, while the three renders before it wait in the process's chunk
+    p = renderpool.RenderPool(processes=2, timeout_ms=5000)
+    monkeypatch.setattr(renderpool, "SLACK", 0.1)
+    bomb = spec("{% if contact.name == 'bomb' %}" + MACRO + "{% endif %}hi")
+    items = [(i, f"{i}@example.com", "bomb" if i == 3 else "calm", None, None, None)
+             for i in range(6)]
+
+    async def scenario() -> list[Any]:
+        await p.start()
+        for slot in p._slots:
+            slot.timeout_ms = 30  # the pool's wait; the processes keep their 5 s
+        return await p.run("a", "messages", bomb, items)
+
+    try:
+        results = asyncio.run(scenario())
+    finally:
+        p.close()
+    blamed = [i for i, r in enumerate(results)
+              if isinstance(r, renderpool.Failure) and not r.skipped]
+    assert blamed == [3], results
+    assert results[3].budget == "cpu_time"
+    # the others were rendered (sent before the kill) or put back, never failed
+    assert all(isinstance(r, message.Message) or r.skipped for r in results[:3] + results[4:])
+
+
+@pytest.mark.parametrize("value", ["1", "0", "65"])
+def test_fewer_than_two_render_processes_is_a_config_error(
+        monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    # one process would be every slot for one account (its share is half, at least one)
+    monkeypatch.setenv("PGCAST_RENDER_PROCESSES", value)
+    with pytest.raises(errors.InvalidValue, match="PGCAST_RENDER_PROCESSES: must be an "
+                                                  "integer from 2 to 64"):
+        renderpool.RenderPool()

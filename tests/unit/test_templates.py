@@ -67,6 +67,18 @@ def test_html_only_gets_a_text_template_once_or_per_recipient_when_it_cannot() -
     assert fallback.render(1, "a@example.com", "Zoë").text == "Hello Zoë\n"
 
 
+@pytest.mark.timeout(60, method="thread")
+def test_setting_tags_aside_is_linear_in_openers_without_a_closer() -> None:
+    # valid Jinja: 256 KiB of `{#` inside a raw block; the old regex rescanned to the end
+    # for each one (about 2 minutes); the scanner takes milliseconds
+    source = "<p>{% raw %}" + "{#" * (128 << 10) + "{% endraw %}</p>"
+    assert plaintext.template(source) is None  # a `{#` that could not be set aside whole
+    tags: list[str] = []
+    assert plaintext._park("a{{ x }}b{% if y %}c{# d #}{#e", tags) == \
+        "aPGCASTJINJA000000XbPGCASTJINJA000001XcPGCASTJINJA000002X{#e"
+    assert tags == ["{{ x }}", "{% if y %}", "{# d #}"]
+
+
 def test_a_broken_stored_from_fails_every_recipient_with_the_reason() -> None:
     c = message.Content(str(uuid.uuid4()), "acct", "S", "a@example.com, b@example.com", "t",
                         None)
