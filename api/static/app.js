@@ -714,8 +714,11 @@ function contactsList() {
   const firstButton = h("button", { class: "secondary", id: "contacts-first" }, "First page");
   let cursor = null;
   let next = null;
+  let loads = 0;
   async function load() {
+    const mine = ++loads;  // a filter change, a reload and a page can be in flight at once
     const page = await api("GET", "/contacts", { query: { status: status.value, tag: tag.value.trim(), cursor, limit: PAGE } });
+    if (mine !== loads) return;  // a later load's answer is the one shown (and its cursor)
     next = page.next_cursor;
     nextButton.disabled = !next;
     firstButton.disabled = cursor === null;
