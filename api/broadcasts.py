@@ -146,29 +146,18 @@ async def update(request: Request) -> Response:
         raise errors.NotFound(context.NO_BROADCAST)
     if current["status"] not in drafts.EDITABLE:
         return await refused(request, who.account, bid, "edited")
-    merged = {"subject": current["subject"], "text": current["text_body"],
-              "html": current["html_body"], "tag": current["segment_tag"]}
-    merged.update({k: v for k, v in body.items() if k not in ("from", "priority")})
     try:
-        values = await asyncio.to_thread(broadcasts.validate_content, merged["subject"],
-                                         merged["text"], merged["html"], merged["tag"])
-        from_address = broadcasts.validate_from(body["from"]) if "from" in body else None
-        priority = broadcasts.validate_priority(body["priority"]) if "priority" in body else None
+        params = await asyncio.to_thread(drafts.validated, current, body)
     except sql_errors.InvalidInput as exc:
         raise _invalid(exc) from None
-    if from_address is not None and current["status"] == "scheduled":
+    if params["from_address"] is not None and current["status"] == "scheduled":
         # checked at schedule: a scheduled broadcast's new From must pass the rule as well
-        await senders.check(request, who.account, bid, from_value=from_address)
-    await rendering.trial(request, who.account, values["subject"],
-                          from_address or current["from_address"], values["text_body"],
-                          values["html_body"])
+        await senders.check(request, who.account, bid, from_value=params["from_address"])
+    await rendering.trial(request, who.account, params["subject"],
+                          params["from_address"] or current["from_address"],
+                          params["text_body"], params["html_body"])
     row = await db.one(context.pool(request), "broadcast_update_draft", {
-        "account": who.account, "id": bid, "details": control.details(who),
-        "subject": values["subject"],
-        "from_address": from_address,
-        "set_text": "text" in body, "text_body": values["text_body"],
-        "set_html": "html" in body, "html_body": values["html_body"],
-        "set_tag": "tag" in body, "segment_tag": values["segment_tag"], "priority": priority})
+        "account": who.account, "id": bid, "details": control.details(who), **params})
     if row is None:  # sent or deleted since we read it: the CAS decided
         return await refused(request, who.account, bid, "edited")
     return http.Json(with_warnings(broadcast_json(row)))

@@ -25,6 +25,25 @@ def refused(status: str, doing: str) -> dict[str, Any]:
             "message": f"Broadcast is {status}; only {allowed} can be {doing}"}
 
 
+def validated(current: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    """The broadcast_update_draft parameters (but account, id and details) for `changes` to
+    the stored broadcast `current`, validated as at create; raises InvalidInput. CPU-bound on
+    large content: the API runs it in a thread."""
+    merged = {"subject": current["subject"], "text": current["text_body"],
+              "html": current["html_body"], "tag": current["segment_tag"]}
+    merged.update({k: v for k, v in changes.items() if k not in ("from", "priority")})
+    values = broadcasts.validate_content(merged["subject"], merged["text"], merged["html"],
+                                         merged["tag"])
+    return {
+        "subject": values["subject"],
+        "from_address": broadcasts.validate_from(changes["from"]) if "from" in changes else None,
+        "set_text": "text" in changes, "text_body": values["text_body"],
+        "set_html": "html" in changes, "html_body": values["html_body"],
+        "set_tag": "tag" in changes, "segment_tag": values["segment_tag"],
+        "priority": (broadcasts.validate_priority(changes["priority"])
+                     if "priority" in changes else None)}
+
+
 def edit(conn: psycopg.Connection[Any], account: str, bid: uuid.UUID, changes: dict[str, Any],
          details: dict[str, Any] | None = None) -> dict[str, Any]:
     """Apply `changes` (keys of FIELDS; None clears text, html or tag) to a draft or scheduled
@@ -32,29 +51,18 @@ def edit(conn: psycopg.Connection[Any], account: str, bid: uuid.UUID, changes: d
     current = broadcasts.get(conn, account, bid)
     if current["status"] not in EDITABLE:
         return refused(current["status"], "edited")
-    merged = {"subject": current["subject"], "text": current["text_body"],
-              "html": current["html_body"], "tag": current["segment_tag"]}
-    merged.update({k: v for k, v in changes.items() if k not in ("from", "priority")})
-    values = broadcasts.validate_content(merged["subject"], merged["text"], merged["html"],
-                                         merged["tag"])
-    from_address = broadcasts.validate_from(changes["from"]) if "from" in changes else None
-    priority = (broadcasts.validate_priority(changes["priority"]) if "priority" in changes
-                else None)
+    params = validated(current, changes)
     try:  # a one-shot command: the trial render runs here, under the budget (as at create)
-        preview.trial(values["subject"], from_address or current["from_address"],
-                      values["text_body"], values["html_body"])
+        preview.trial(params["subject"], params["from_address"] or current["from_address"],
+                      params["text_body"], params["html_body"])
     except mail_errors.TemplateInvalid as exc:
         raise errors.InvalidInput(str(exc)) from None
-    if from_address is not None and current["status"] == "scheduled":
+    if params["from_address"] is not None and current["status"] == "scheduled":
         # checked at schedule: a scheduled broadcast's new From must pass the rule as well
-        senders.check(conn, account, bid, from_value=from_address)
+        senders.check(conn, account, bid, from_value=params["from_address"])
     row = conn.execute(QUERIES["broadcast_update_draft"], {
-        "account": account, "id": bid, "details": json.dumps(details or {}),
-        "subject": values["subject"], "from_address": from_address,
-        "set_text": "text" in changes, "text_body": values["text_body"],
-        "set_html": "html" in changes, "html_body": values["html_body"],
-        "set_tag": "tag" in changes, "segment_tag": values["segment_tag"],
-        "priority": priority}).fetchone()
+        "account": account, "id": bid, "details": json.dumps(details or {}), **params}
+    ).fetchone()
     if row is None:  # it started, or was deleted, since we read it: the CAS decided
         return refused(broadcasts.get(conn, account, bid)["status"], "edited")
     return {"success": True, "broadcast": dict(row)}
