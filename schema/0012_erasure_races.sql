@@ -31,6 +31,17 @@ CREATE TABLE erasure_keys (
     created_at timestamptz NOT NULL DEFAULT now()
 );
 INSERT INTO erasure_keys DEFAULT VALUES;
+
+-- Whether an address was erased from an account (its keyed hash is kept): the checks of one
+-- address at a time. The import's bulk check spells the hash in its own query, where the
+-- planner can join it.
+CREATE FUNCTION pgcast_erased_v1(p_account text, p_address text)
+RETURNS boolean LANGUAGE sql STABLE AS $$
+    SELECT EXISTS (SELECT 1 FROM contact_erasures e, erasure_keys k
+                   WHERE e.account = p_account
+                     AND e.email_hash = sha256(k.k2 || sha256(k.k1 || sha256(
+                         convert_to(lower(btrim(p_address)), 'UTF8')))))
+$$;
 UPDATE contact_erasures e SET email_hash = sha256(k.k2 || sha256(k.k1 || e.email_hash))
 FROM erasure_keys k;
 

@@ -73,11 +73,7 @@ BEGIN
     INTO bad
     FROM (
         SELECT a.n, 'to' AS field, a.address,
-               CASE WHEN EXISTS (SELECT 1 FROM contact_erasures e, erasure_keys k
-                                 WHERE e.account = p_account
-                                   AND e.email_hash = sha256(k.k2 || sha256(k.k1 || sha256(
-                                       convert_to(lower(btrim(a.address)), 'UTF8')))))
-                         THEN 'erased'
+               CASE WHEN pgcast_erased_v1(p_account, a.address) THEN 'erased'
                     WHEN c.suppressed_at IS NOT NULL
                          THEN 'suppressed (' || c.suppressed_reason || ')'
                     WHEN c.unsubscribed_at IS NOT NULL THEN 'unsubscribed'
@@ -87,10 +83,7 @@ BEGIN
         UNION ALL
         SELECT 0, 'contact', p_contact, 'erased'
         WHERE p_contact IS NOT NULL
-          AND EXISTS (SELECT 1 FROM contact_erasures e, erasure_keys k
-                      WHERE e.account = p_account
-                        AND e.email_hash = sha256(k.k2 || sha256(k.k1 || sha256(
-                            convert_to(lower(btrim(p_contact)), 'UTF8')))))
+          AND pgcast_erased_v1(p_account, p_contact)
     ) r
     WHERE r.reason IS NOT NULL;
     IF bad <> '[]'::jsonb THEN

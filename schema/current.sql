@@ -1840,6 +1840,17 @@ CREATE TABLE erasure_keys (
 );
 INSERT INTO erasure_keys DEFAULT VALUES;
 
+-- Whether an address was erased from an account (its keyed hash is kept): the checks of one
+-- address at a time. The import's bulk check spells the hash in its own query, where the
+-- planner can join it.
+CREATE FUNCTION pgcast_erased_v1(p_account text, p_address text)
+RETURNS boolean LANGUAGE sql STABLE AS $$
+    SELECT EXISTS (SELECT 1 FROM contact_erasures e, erasure_keys k
+                   WHERE e.account = p_account
+                     AND e.email_hash = sha256(k.k2 || sha256(k.k1 || sha256(
+                         convert_to(lower(btrim(p_address)), 'UTF8')))))
+$$;
+
 -- The existing contacts of an import (lower-cased addresses), locked in id order under the
 -- erasure lock (shared): the first step of every import, before any row is written, so that
 -- no fence trigger fires before the last contact row is held. Returns how many were locked.
@@ -2254,11 +2265,7 @@ BEGIN
     INTO bad
     FROM (
         SELECT a.n, 'to' AS field, a.address,
-               CASE WHEN EXISTS (SELECT 1 FROM contact_erasures e, erasure_keys k
-                                 WHERE e.account = p_account
-                                   AND e.email_hash = sha256(k.k2 || sha256(k.k1 || sha256(
-                                       convert_to(lower(btrim(a.address)), 'UTF8')))))
-                         THEN 'erased'
+               CASE WHEN pgcast_erased_v1(p_account, a.address) THEN 'erased'
                     WHEN c.suppressed_at IS NOT NULL
                          THEN 'suppressed (' || c.suppressed_reason || ')'
                     WHEN c.unsubscribed_at IS NOT NULL THEN 'unsubscribed'
@@ -2268,10 +2275,7 @@ BEGIN
         UNION ALL
         SELECT 0, 'contact', p_contact, 'erased'
         WHERE p_contact IS NOT NULL
-          AND EXISTS (SELECT 1 FROM contact_erasures e, erasure_keys k
-                      WHERE e.account = p_account
-                        AND e.email_hash = sha256(k.k2 || sha256(k.k1 || sha256(
-                            convert_to(lower(btrim(p_contact)), 'UTF8')))))
+          AND pgcast_erased_v1(p_account, p_contact)
     ) r
     WHERE r.reason IS NOT NULL;
     IF bad <> '[]'::jsonb THEN
