@@ -10,7 +10,6 @@ import math
 import os
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any, NoReturn
 
 import psycopg
@@ -161,12 +160,7 @@ def _group_size(raw: str) -> int | None:
 
 
 def _read_text(path: str | None) -> str | None:
-    if path is None:
-        return None
-    try:
-        return Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError(f"cannot read {path}: {exc}") from None
+    return None if path is None else output.read_file(path)
 
 
 # -- commands ------------------------------------------------------------------------------

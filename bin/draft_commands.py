@@ -3,19 +3,11 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Any
 
 from api import broadcasts as api_broadcasts
 from bin import broadcast_commands, output
 from sql import broadcasts, db, drafts, errors
-
-
-def _file(path: str) -> str:
-    try:
-        return Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise errors.InvalidInput(f"cannot read {path}: {exc}") from None
 
 
 def changes(args: argparse.Namespace) -> dict[str, Any]:
@@ -28,7 +20,7 @@ def changes(args: argparse.Namespace) -> dict[str, Any]:
     for key in ("text", "html"):
         path = getattr(args, key)
         if path is not None:
-            got[key] = _file(path)
+            got[key] = output.read_file(path)
     for key in ("text", "html", "tag"):
         if getattr(args, f"no_{key}"):
             if key in got:

@@ -11,7 +11,10 @@ import socket
 import sys
 import uuid
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any
+
+from sql import errors
 
 ACCOUNT_DEFAULT = "default"  # the account every command acts on unless given --account
 
@@ -84,3 +87,11 @@ def _os_user() -> str:
         return getpass.getuser()
     except (KeyError, OSError):  # no passwd entry (a container's arbitrary uid)
         return str(os.getuid())
+
+
+def read_file(path: str) -> str:
+    """A content file given on the command line (UTF-8); raises InvalidInput (exit 2)."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise errors.InvalidInput(f"cannot read {path}: {exc}") from None
