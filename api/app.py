@@ -23,6 +23,7 @@ from api import dashboard_routes as dashboard
 from api import preview as preview_routes
 from api import progress as progress_routes
 from api import schedule as schedule_routes
+from api import segments as segment_routes
 from api import suppression as suppression_routes
 from api import testsend as testsend_routes
 from api import unsubscribe as unsubscribe_routes
@@ -108,6 +109,9 @@ ROUTES = [
     route("/contacts/suppressed", GET=suppression_routes.suppressed),
     route("/contacts/unsuppress", POST=suppression_routes.unsuppress),
     route("/webhooks/ses", POST=webhook_routes.ses),
+    route("/segments", GET=segment_routes.list_all, POST=segment_routes.save),
+    route("/segments/count", POST=segment_routes.count),  # before {name}: a POST here
+    route("/segments/{name}", GET=segment_routes.get, DELETE=segment_routes.delete),
 ]
 
 
