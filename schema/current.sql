@@ -3513,9 +3513,11 @@ BEGIN
             why := 'invalid_segment';
             started := started || jsonb_build_object('error', SQLERRM);
         END;
-        IF why IS NULL AND s.ok THEN
-            RETURN QUERY SELECT b.id, s.status, s.queued, NULL::text, late;
-            RETURN;
+        IF why IS NULL THEN  -- (s is unassigned when the send raised)
+            IF s.ok THEN
+                RETURN QUERY SELECT b.id, s.status, s.queued, NULL::text, late;
+                RETURN;
+            END IF;
         END IF;
         -- 'empty': nobody mailable, and the send changed nothing
         why := coalesce(why, 'empty_segment');
