@@ -57,9 +57,9 @@ def register(sub: Any, account_default: str) -> None:
                     help="the filter as JSON, or @FILE to read it from a file")
     ls = ssub.add_parser("list", help="the account's saved segments by name")
     sh = ssub.add_parser("show", help="one saved segment")
-    sh.add_argument("name")
+    sh.add_argument("name", help="the saved segment")
     de = ssub.add_parser("delete", help="delete a saved segment nothing refers to")
-    de.add_argument("name")
+    de.add_argument("name", help="the saved segment")
     co = ssub.add_parser("count", help="how many mailable contacts a segment or filter "
                                        "selects now")
     co.add_argument("name", nargs="?", help="a saved segment")

@@ -283,6 +283,11 @@ def test_api_segments_routes(api: h.Api, conn: Conn) -> None:
     assert (r.json()["tag"], r.json()["filter"]) == (None, {"attribute": "country", "eq": "FR"})
     r = api.patch(f"/broadcasts/{draft}", json={"segment": "gone"})
     assert r.status_code == 422 and r.json()["message"].startswith("$.segment: no saved")
+    r = api.patch(f"/broadcasts/{draft}", json={"filter": None})
+    assert (r.json()["tag"], r.json()["filter"]) == (None, None)
+    r = api.patch(f"/broadcasts/{draft}", json={"segment": None, "tag": "vip"})
+    assert (r.json()["tag"], r.json()["filter"]) == ("vip", None)
+    r = api.patch(f"/broadcasts/{draft}", json={"filter": {"attribute": "country", "eq": "FR"}})
     r = api.post("/broadcasts", json={"subject": "Hi", "from": "news@example.com",
                                       "text": "Hello", "filter": {"tag": "a"}, "tag": "a"})
     assert r.status_code == 422
@@ -331,6 +336,8 @@ def test_cli_segment_commands(db_url: str, conn: Conn, monkeypatch: pytest.Monke
     bid = bid.strip()
     code, out, _ = _cli(capsys, "segment", "delete", "paying-beta")
     assert code == 1 and out["used_by"] == [f"broadcast {bid}"]
+    code, out, _ = _cli(capsys, "broadcast", "edit", bid, "--no-filter")
+    assert code == 0 and (out["filter"], out["tag"]) == (None, None)
     code, out, _ = _cli(capsys, "broadcast", "edit", bid, "--filter", '{"tag": "beta"}')
     assert code == 0 and out["filter"] == {"tag": "beta"}
     code, out, _ = _cli(capsys, "broadcast", "send", bid)
@@ -347,6 +354,15 @@ def test_cli_segment_commands(db_url: str, conn: Conn, monkeypatch: pytest.Monke
     code, _, err = _cli(capsys, "broadcast", "create", "--subject", "S", "--from",
                         "n@example.com", "--text", str(text), "--segment", "gone")
     assert code == 2 and "$.segment: no saved segment gone" in err
+
+
+def test_the_compiled_sql_shown_to_dbas(conn: Conn) -> None:
+    """The example of docs/segments.md, as it is."""
+    row = conn.execute("SELECT * FROM pgcast_segment_sql_v1('acme', "
+                       """'{"attribute": "plan", "in": ["pro", "team"]}')""").fetchone()
+    assert row is not None
+    assert row["predicate"] == "(c.attributes @> ($1->1) OR c.attributes @> ($1->2))"
+    assert row["params"] == ["plan", {"plan": "pro"}, {"plan": "team"}]
 
 
 def test_created_after_and_before_read_offsets_and_dates(conn: Conn) -> None:

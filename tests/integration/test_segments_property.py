@@ -46,7 +46,8 @@ def _contact(rng: random.Random, i: int) -> dict[str, Any]:
     return {"email": f"u{i}@{rng.choice(DOMAINS)}",
             "tags": sorted(rng.sample(TAGS, rng.randint(0, 3))),
             "attributes": attrs,
-            "created_at": START + dt.timedelta(days=rng.randint(0, 700), seconds=rng.randint(0, 86399)),
+            "created_at": START + dt.timedelta(days=rng.randint(0, 700),
+                                               seconds=rng.randint(0, 86399)),
             "unsubscribed": rng.random() < 0.1, "suppressed": rng.random() < 0.08}
 
 
@@ -164,7 +165,8 @@ def _filter(rng: random.Random, world: World, depth: int = 0) -> dict[str, Any]:
                           day.astimezone(dt.timezone(dt.timedelta(hours=5))).isoformat()])
         return {rng.choice(["created_after", "created_before"]): raw}
     if kind == "activity":
-        return {rng.choice(["received", "delivered", "bounced"]): rng.choice(sorted(world.activity))}
+        return {rng.choice(["received", "delivered", "bounced"]):
+                rng.choice(sorted(world.activity))}
     key = rng.choice(KEYS + ["missing"])
     op = rng.choice(["eq", "ne", "in", "exists", "prefix", "gt", "gte", "lt", "lte"])
     value: Any
