@@ -292,6 +292,8 @@ def test_api_segments_routes(api: h.Api, conn: Conn) -> None:
                                       "text": "Hello", "filter": {"tag": "a"}, "tag": "a"})
     assert r.status_code == 422
     assert api.get(f"/broadcasts/{draft}/audience").json()["audience"] == 1
+    copied = api.post(f"/broadcasts/{draft}/copy")  # a copy keeps the audience
+    assert copied.json()["filter"] == {"attribute": "country", "eq": "FR"}
 
 
 # -- the CLI ---------------------------------------------------------------------------------
