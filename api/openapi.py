@@ -382,7 +382,7 @@ def _feedback_paths() -> dict[str, Any]:
 
 # -- what an operator reaches for: contacts listed, resubscribed, erased -------------------
 
-CONTACT_STATUSES = ["subscribed", "unsubscribed", "suppressed"]
+CONTACT_STATUSES = ["subscribed", "unsubscribed", "suppressed", "unconfirmed"]
 SCHEMAS.update({
     "Contact": obj({"email": STR, "name": STR, "tags": {"type": "array", "items": STR},
                     "attributes": {"type": "object"}, "status": {"enum": CONTACT_STATUSES},
