@@ -17,9 +17,22 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from api import auth, broadcasts, config, contacts, context, control, db, errors, http, openapi
+from api import (
+    auth,
+    broadcasts,
+    config,
+    contacts,
+    context,
+    control,
+    db,
+    errors,
+    http,
+    openapi,
+    subscriber_pages,
+)
 from api import bounds as body_bounds
 from api import dashboard_routes as dashboard
+from api import forms as forms_routes
 from api import preview as preview_routes
 from api import progress as progress_routes
 from api import schedule as schedule_routes
@@ -108,6 +121,7 @@ ROUTES = [
     route("/contacts/suppressed", GET=suppression_routes.suppressed),
     route("/contacts/unsuppress", POST=suppression_routes.unsuppress),
     route("/webhooks/ses", POST=webhook_routes.ses),
+    *forms_routes.routes(route),
 ]
 
 
@@ -158,7 +172,7 @@ def create_app(settings: config.Settings, database_url: str) -> Starlette:
             await pool.close()
 
     app = Starlette(
-        routes=[*ROUTES, *dashboard.PAGES], lifespan=lifespan,
+        routes=[*ROUTES, *dashboard.PAGES, *subscriber_pages.PAGES], lifespan=lifespan,
         exception_handlers=EXCEPTION_HANDLERS,
         middleware=[Middleware(body_bounds.BoundedBody),
                     Middleware(AuthenticationMiddleware, backend=auth.JWTBackend(settings),

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from api import forms as forms_routes
+
 BROADCAST_STATUSES = ["draft", "scheduled", "sending", "paused", "sent", "failed",
                       "cancelled"]
 RECIPIENT_STATUSES = ["pending", "claimed", "sending", "sent", "failed", "skipped", "unknown",
@@ -418,6 +420,9 @@ def _with_operator_routes(paths: dict[str, Any]) -> dict[str, Any]:
     return paths
 
 
+SCHEMAS.update(forms_routes.openapi_schemas(obj, ref))
+
+
 def document() -> dict[str, Any]:
     """The whole OpenAPI 3.1 document."""
     return {
@@ -426,7 +431,8 @@ def document() -> dict[str, Any]:
                  "description": "Email broadcasts on Postgres. Every route but /healthz needs "
                                 "`Authorization: Bearer <JWT>` with `sub` and `account` claims; "
                                 "everything is scoped to the token's account."},
-        "paths": _with_operator_routes({**_paths(), **_feedback_paths()}),
+        "paths": _with_operator_routes({**_paths(), **_feedback_paths(),
+                                        **forms_routes.openapi_paths(op, _json, ID)}),
         "components": {"schemas": SCHEMAS, "securitySchemes": {
             "bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}}},
         "security": [{"bearer": []}],

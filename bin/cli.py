@@ -455,6 +455,9 @@ def build_parser() -> Parser:
     from bin import senders_commands  # operator only: the senders an account may use
 
     senders_commands.register(sub, Parser)
+    from bin import subscribers_commands  # forms, topics, archive (issue 28)
+
+    subscribers_commands.register(sub, Parser, ACCOUNT_DEFAULT)
     _add_api_commands(sub)
     return p
 
@@ -476,7 +479,8 @@ def _config_error() -> type[Exception]:
     return worker_errors.ConfigError
 
 
-ACCOUNT_ARGS = ("account", "weight_account", "sender_account")  # every ACCOUNT a command takes
+# every ACCOUNT a command takes
+ACCOUNT_ARGS = ("account", "weight_account", "sender_account", "archive_account")
 
 
 def check_accounts(args: argparse.Namespace) -> None:

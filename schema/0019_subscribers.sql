@@ -43,13 +43,16 @@ ALTER TABLE contact_events ADD CONSTRAINT contact_events_action_check
     CHECK (action IN ('unsubscribe', 'resubscribe', 'suppress', 'unsuppress', 'soft_bounce',
                       'erase', 'signup', 'confirm', 'preferences'));
 
--- A sign-up form: the tags a confirmed sign-up gets, whether it asks for confirmation, where
+-- A sign-up form: the tags a confirmed sign-up gets, the From of its confirmation mails,
+-- whether it asks for confirmation, where
 -- it sends the browser afterwards, and whether other sites may frame it.
 CREATE TABLE forms (
     id            uuid        PRIMARY KEY DEFAULT gen_random_uuid(),
     account       text        NOT NULL CHECK (char_length(account) BETWEEN 1 AND 200),
     name          text        NOT NULL CHECK (char_length(name) BETWEEN 1 AND 200),
     tags          text[]      NOT NULL DEFAULT '{}',
+    -- the From of the confirmation mails
+    from_address  text        NOT NULL CHECK (char_length(from_address) BETWEEN 3 AND 998),
     double_opt_in boolean     NOT NULL DEFAULT true,
     redirect_url  text        CHECK (redirect_url ~ '^https?://' AND char_length(redirect_url) <= 2000),
     embeddable    boolean     NOT NULL DEFAULT false,
@@ -88,6 +91,7 @@ CREATE FUNCTION pgcast_signup_v1(p_form uuid, p_email text, p_name text, p_max_m
                                  p_details jsonb)
 RETURNS TABLE (outcome text, contact_id bigint, account text, event_id bigint)
 LANGUAGE plpgsql AS $$
+#variable_conflict use_column
 DECLARE
     f forms%ROWTYPE;
     c contacts%ROWTYPE;
@@ -409,15 +413,15 @@ BEGIN
 END
 $$;
 
--- The confirmation of a sign-up, sent on the transactional messages path (category
--- confirmation, ahead of broadcasts). One function, so that the path can be rewired in one
--- place; returns the message's id.
+-- The confirmation of a sign-up, sent on the transactional messages path (0017: category
+-- confirmation, ahead of broadcasts) in the caller's transaction. One function, so that the
+-- path is named in one place; returns the message's id (the same id for the same key).
 CREATE FUNCTION pgcast_send_confirmation_v1(p_account text, p_to text, p_subject text,
                                             p_text text, p_html text, p_from text,
                                             p_idempotency_key text)
-RETURNS text LANGUAGE plpgsql AS $$
+RETURNS uuid LANGUAGE plpgsql AS $$
 BEGIN
-    RAISE EXCEPTION 'the transactional messages path is not installed'
-        USING ERRCODE = 'feature_not_supported';
+    RETURN pgcast_send_message(p_account, p_to, p_subject, p_text, p_html, p_from,
+                               p_idempotency_key, 'confirmation');
 END
 $$;
