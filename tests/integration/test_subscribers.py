@@ -249,3 +249,112 @@ def test_web_view_refuses_drafts_and_strangers(public: h.Api, conn: Conn) -> Non
     draft = support.new_broadcast(conn, account=h.ACCOUNT, send=False)
     assert public.get(f"/v/{_token(conn, cid, draft)}").status_code == 404
     assert public.get("/v/forged").status_code == 400
+
+
+def _messages(conn: Conn) -> list[dict[str, Any]]:
+    return conn.execute("SELECT to_address, category, status, from_address, subject, text_body "
+                        "FROM messages ORDER BY created_at, id").fetchall()
+
+
+def _link(text: str) -> str:
+    (line,) = [x for x in text.splitlines() if "/f/confirm/" in x]
+    return line.strip().removeprefix(unsubscribe.DEFAULT_PUBLIC_URL)
+
+
+def test_the_same_answer_for_new_existing_unconfirmed_and_unsubscribed_addresses(
+        api: h.Api, public: h.Api, conn: Conn) -> None:
+    form = _form(api)
+    _add(conn, "member@example.com", tags=("news",))
+    gone = _add(conn, "gone@example.com", tags=("news",))
+    conn.execute("UPDATE contacts SET unsubscribed_at = now() WHERE id = %s", (gone,))
+    _add(conn, "waiting@example.com", confirmed=False)
+    answers = [_post(public, form["id"], f"email={who}%40example.com")
+               for who in ("new", "member", "waiting", "gone")]
+    assert {a.status_code for a in answers} == {200}
+    assert len({a.text for a in answers}) == 1 and "Check your inbox" in answers[0].text
+    assert len({a.headers["content-security-policy"] for a in answers}) == 1
+    # a confirmation went to each address that needs one, on the messages path
+    sent = _messages(conn)
+    assert sorted(m["to_address"] for m in sent) == [
+        "gone@example.com", "new@example.com", "waiting@example.com"]
+    assert {(m["category"], m["status"], m["from_address"]) for m in sent} == {
+        ("confirmation", "queued", "news@example.com")}
+    row = conn.execute("SELECT confirmed_at, unsubscribed_at IS NOT NULL AS u FROM contacts "
+                       "WHERE email = 'new@example.com'").fetchone()
+    assert row == {"confirmed_at": None, "u": False}
+    # the unsubscribed person stays unsubscribed until they confirm again
+    assert conn.execute("SELECT unsubscribed_at IS NOT NULL AS u FROM contacts WHERE id = %s",
+                        (gone,)).fetchone() == {"u": True}
+    # with a redirect, every address gets the same 303
+    redirecting = _form(api, name="R", redirect="https://example.com/thanks")
+    answers = [_post(public, redirecting["id"], f"email={who}%40example.com")
+               for who in ("new2", "member", "gone")]
+    assert {(a.status_code, a.headers["location"]) for a in answers} == {
+        (303, "https://example.com/thanks")}
+
+
+def test_get_confirms_nothing_post_confirms_with_the_forms_tags(api: h.Api, public: h.Api,
+                                                                conn: Conn) -> None:
+    form = _form(api)
+    _post(public, form["id"], "email=ann%40example.com&name=Ann")
+    (mail,) = _messages(conn)
+    link = _link(mail["text_body"])
+    for _ in range(2):
+        r = public.get(link)
+        assert r.status_code == 200 and "Confirm" in r.text and "<form" in r.text
+    row = conn.execute("SELECT name, tags, confirmed_at FROM contacts").fetchone()
+    assert row == {"name": "Ann", "tags": [], "confirmed_at": None}
+    r = public.post(link, content=b"confirm=yes", headers=URLENCODED)
+    assert r.status_code == 200 and "subscribed" in r.text
+    row = conn.execute("SELECT tags, confirmed_at IS NOT NULL AS c FROM contacts").fetchone()
+    assert row == {"tags": ["news"], "c": True}
+    ev = conn.execute("SELECT action, source, details->>'form' AS form, "
+                      "details->>'confirmed' AS confirmed FROM contact_events "
+                      "WHERE action = 'confirm'").fetchall()
+    assert ev == [{"action": "confirm", "source": "form", "form": form["id"],
+                   "confirmed": "true"}]
+    # a second click is fine and records nothing more
+    assert public.post(link, content=b"confirm=yes", headers=URLENCODED).status_code == 200
+    assert conn.execute("SELECT count(*) AS n FROM contact_events WHERE action = 'confirm'"
+                        ).fetchone() == {"n": 1}
+    assert public.get("/f/confirm/forged").status_code == 400
+
+
+def test_an_old_link_does_not_undo_a_later_unsubscribe(api: h.Api, public: h.Api,
+                                                       conn: Conn) -> None:
+    form = _form(api)
+    _post(public, form["id"], "email=flip%40example.com")
+    link = _link(_messages(conn)[0]["text_body"])
+    assert public.post(link, content=b"confirm=yes", headers=URLENCODED).status_code == 200
+    conn.execute("UPDATE contacts SET unsubscribed_at = clock_timestamp() + interval '1 second'")
+    r = public.post(link, content=b"confirm=yes", headers=URLENCODED)
+    assert r.status_code == 409
+    assert conn.execute("SELECT unsubscribed_at IS NOT NULL AS u FROM contacts"
+                        ).fetchone() == {"u": True}
+
+
+def test_at_most_three_confirmations_per_address_per_day(api: h.Api, public: h.Api,
+                                                         conn: Conn) -> None:
+    form = _form(api)
+    answers = [_post(public, form["id"], "email=victim%40example.com") for _ in range(5)]
+    assert len({(a.status_code, a.text) for a in answers}) == 1
+    assert [m["to_address"] for m in _messages(conn)] == ["victim@example.com"] * 3
+    # a day later the address may be mailed again
+    conn.execute("UPDATE contact_events SET at = at - interval '25 hours'")
+    _post(public, form["id"], "email=victim%40example.com")
+    assert len(_messages(conn)) == 4
+
+
+def test_a_form_without_double_opt_in_subscribes_at_once(api: h.Api, public: h.Api,
+                                                         conn: Conn) -> None:
+    form = _form(api, double_opt_in=False)
+    gone = _add(conn, "gone@example.com")
+    conn.execute("UPDATE contacts SET unsubscribed_at = now() WHERE id = %s", (gone,))
+    answers = [_post(public, form["id"], f"email={w}%40example.com") for w in ("now", "gone")]
+    assert len({a.text for a in answers}) == 1 and "Thank you" in answers[0].text
+    assert _messages(conn) == []
+    rows = conn.execute("SELECT email, tags, pgcast_mailable_v1(c) AS m FROM contacts c "
+                        "ORDER BY email").fetchall()
+    # an anonymous POST never resubscribes someone who left
+    assert rows == [{"email": "gone@example.com", "tags": [], "m": False},
+                    {"email": "now@example.com", "tags": ["news"], "m": True}]
