@@ -102,7 +102,10 @@ SCHEMAS: dict[str, Any] = {
         {"index": INT, "email": STR, "reason": STR})}}),
     "UnsubscribeIn": obj({"email": STR}),
     "Unsubscribed": obj({"success": {"const": True}, "email": STR, "unsubscribed_at": TIME}),
-    "BroadcastCreate": obj(CONTENT, ["subject", "from"]),
+    "BroadcastCreate": obj({**CONTENT, "archive": {
+        "type": "boolean", "description": "list it, once sent, on the account's public archive "
+                                          "page (/a/{slug}); default false"}},
+        ["subject", "from"]),
     "BroadcastPatch": {**obj(CONTENT, []), "minProperties": 1},
     "BroadcastSummary": obj(SUMMARY),
     "Broadcast": obj({**SUMMARY, "from": STR, "text": STR_OR_NULL, "html": STR_OR_NULL,

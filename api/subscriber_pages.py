@@ -295,7 +295,9 @@ async def web_view(request: Request) -> Response:
     return await _render(request, dict(row), target.test, contact)
 
 
-NOBODY = {"id": 0, "email": "", "name": "", "attributes": {}, "tags": []}  # the archive's reader
+# the archive's reader: every merge tag shows its fallback (the address is only the To)
+NOBODY = {"id": 0, "email": "", "name": "", "attributes": {}, "tags": [],
+          "deliver_to": "archive@example.invalid"}
 
 
 async def archive_page(request: Request) -> Response:

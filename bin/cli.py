@@ -24,7 +24,7 @@ from bin import (
 )
 from mail import errors as mail_errors
 from mail import template, validate
-from sql import broadcasts, contacts, db, embedded, errors, migrate
+from sql import broadcasts, contacts, db, embedded, errors, migrate, subscribers
 from sql.queries import QUERIES
 
 ACCOUNT_DEFAULT = output.ACCOUNT_DEFAULT
@@ -248,6 +248,8 @@ def cmd_broadcast(args: argparse.Namespace) -> int:
                                     html=_read_text(args.html), tag=args.tag,
                                     rate_limit=args.rate_limit, priority=args.priority,
                                     details=output.actor(args.actor))
+            if args.archive:
+                subscribers.set_archive(conn, args.account, row["id"], True)
             for warning in template.warnings(row["text_body"], row["html_body"]):
                 print(f"pgcast: warning: {warning}", file=sys.stderr)
             print(row["id"])
@@ -401,6 +403,8 @@ def build_parser() -> Parser:
     bc.add_argument("--priority", type=_priority, default=1, metavar="N",
                     help="1-10 (default 1): its weight among its account's sending broadcasts "
                          "when the rate limit is the constraint")
+    bc.add_argument("--archive", action="store_true",
+                    help="list it, once sent, on the account's public archive page")
     bc.add_argument("--actor", metavar="NAME",
                     help="who is doing this, for the audit log (default: the OS user)")
     bl = bsub.add_parser("list", help="newest first: a table on a terminal, else JSON")

@@ -99,3 +99,10 @@ def archive_enable(conn: psycopg.Connection[Any], account: str, value: str) -> d
         raise errors.InvalidInput(f"the slug {value!r} is taken") from None
     assert row is not None
     return dict(row)
+
+
+def set_archive(conn: psycopg.Connection[Any], account: str, broadcast_id: Any,
+                archive: bool) -> None:
+    """List (or unlist) a broadcast on its account's archive page."""
+    conn.execute(QUERIES["broadcast_set_archive"],
+                 {"account": account, "id": broadcast_id, "archive": archive})

@@ -358,3 +358,43 @@ def test_a_form_without_double_opt_in_subscribes_at_once(api: h.Api, public: h.A
     # an anonymous POST never resubscribes someone who left
     assert rows == [{"email": "gone@example.com", "tags": [], "m": False},
                     {"email": "now@example.com", "tags": ["news"], "m": True}]
+
+
+def test_the_archive_lists_sent_archived_broadcasts_with_no_ones_data(
+        api: h.Api, public: h.Api, conn: Conn) -> None:
+    _add(conn, "secret-person@example.com", tags=("news",))
+    conn.execute("UPDATE contacts SET name = 'Secret Name'")
+    html = "<p>Hi {{ contact.name or 'reader' }} {{ contact.email }}</p>"
+    ids = []
+    for archive in (True, False, True):
+        r = api.post("/broadcasts", json={"subject": "Issue", "from": "news@example.com",
+                                          "html": html, "archive": archive})
+        assert r.status_code == 201, r.text
+        ids.append(r.json()["id"])
+    # only sent broadcasts are listed: the first is sent, the last stays a draft
+    for bid in ids[:2]:
+        conn.execute("UPDATE broadcasts SET status = 'sent', finished_at = now() "
+                     "WHERE id = %s", (bid,))
+    assert public.get("/a/acme-news").status_code == 404
+    conn.execute("INSERT INTO archives (account, slug) VALUES (%s, 'acme-news')", (h.ACCOUNT,))
+    page = public.get("/a/acme-news")
+    assert page.status_code == 200
+    assert f"/a/acme-news/{ids[0]}" in page.text
+    assert ids[1] not in page.text and ids[2] not in page.text
+    shown = public.get(f"/a/acme-news/{ids[0]}")
+    assert shown.status_code == 200 and "Hi reader" in shown.text
+    assert "secret" not in shown.text.lower()
+    csp = _csp(shown.headers["content-security-policy"])
+    assert csp["default-src"] == "default-src 'none'" and "sandbox" in csp
+    for bid in ids[1:]:
+        assert public.get(f"/a/acme-news/{bid}").status_code == 404
+    assert public.get("/a/other/" + ids[0]).status_code == 404
+
+
+def test_archive_enable_from_the_cli(db_url: str, conn: Conn) -> None:
+    done = support.pgcast(db_url, "archive", "enable", h.ACCOUNT, "--slug", "acme")
+    assert '"slug": "acme"' in done.stdout
+    taken = support.pgcast(db_url, "archive", "enable", "other", "--slug", "acme", check=False)
+    assert taken.returncode == 2 and "taken" in taken.stderr
+    bad = support.pgcast(db_url, "archive", "enable", "other", "--slug", "No Way", check=False)
+    assert bad.returncode == 2 and "slug" in bad.stderr
