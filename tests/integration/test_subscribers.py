@@ -398,3 +398,40 @@ def test_archive_enable_from_the_cli(db_url: str, conn: Conn) -> None:
     assert taken.returncode == 2 and "taken" in taken.stderr
     bad = support.pgcast(db_url, "archive", "enable", "other", "--slug", "No Way", check=False)
     assert bad.returncode == 2 and "slug" in bad.stderr
+
+
+def test_expired_deleted_suppressed_and_listed(api: h.Api, public: h.Api, conn: Conn) -> None:
+    from mail import confirm
+
+    form = _form(api)
+    sup = _add(conn, "bounced@example.com")
+    conn.execute("UPDATE contacts SET suppressed_at = now(), suppressed_reason = 'bounce' "
+                 "WHERE id = %s", (sup,))
+    _post(public, form["id"], "email=bounced%40example.com")
+    assert _messages(conn) == []  # a suppressed address is never mailed
+    _post(public, form["id"], "email=late%40example.com")
+    (mail,) = _messages(conn)
+    key = conn.execute("SELECT idempotency_key FROM messages").fetchone()
+    event = conn.execute("SELECT id FROM contact_events WHERE action = 'signup'").fetchone()
+    assert key == {"idempotency_key": f"confirmation:{event['id']}"}  # type: ignore[index]
+    listed = api.get("/contacts?status=unconfirmed").json()["contacts"]
+    assert [(c["email"], c["status"]) for c in listed] == [("late@example.com", "unconfirmed")]
+    cid = conn.execute("SELECT id FROM contacts WHERE email = 'late@example.com'").fetchone()
+    secret = conn.execute("SELECT secret FROM unsubscribe_keys").fetchone()
+    old = confirm.make(unsubscribe.Keys((secret["secret"],)), cid["id"],  # type: ignore[index]
+                       uuid.UUID(form["id"]), now=1_000_000)
+    assert public.get(f"/f/confirm/{old}").status_code == 410
+    assert public.post(f"/f/confirm/{old}", content=b"confirm=yes",
+                       headers=URLENCODED).status_code == 410
+    assert api.delete(f"/forms/{form['id']}").status_code == 204
+    r = public.post(_link(mail["text_body"]), content=b"confirm=yes", headers=URLENCODED)
+    assert r.status_code == 409
+    assert conn.execute("SELECT confirmed_at FROM contacts WHERE email = 'late@example.com'"
+                        ).fetchone() == {"confirmed_at": None}
+
+
+def test_too_fast_says_when_to_come_back(api: h.Api, public: h.Api) -> None:
+    form = _form(api)
+    answers = [_post(public, form["id"], "email=x") for _ in range(11)]
+    assert [a.status_code for a in answers] == [400] * 10 + [429]
+    assert answers[-1].headers["retry-after"] == "60"
