@@ -10,7 +10,6 @@ GET /a/{slug}, /a/{slug}/{id}  an account's public archive, rendered with no one
 
 from __future__ import annotations
 
-import json
 import os
 import time
 import urllib.parse
@@ -149,7 +148,8 @@ async def _sign_up(request: Request, form: dict[str, Any], email: str, name: str
     """The sign-up and, when due, its confirmation mail: one transaction."""
     keys = await unsubscribe_routes.keys(request)
     base = unsubscribe_routes.configured_url()
-    details = json.dumps({"ip": request.client.host if request.client else None})
+    # no client address in the consent record: contact_events outlive an erasure
+    details = "{}"
     async with context.pool(request).connection() as conn, conn.transaction():
         with db.bad_text_is_bad_input():
             cur = await conn.execute(db.query("signup"), {
@@ -193,7 +193,7 @@ async def confirm_post(request: Request) -> Response:
         return pages.respond(pages.BAD_REQUEST, 400)
     row = await db.one(context.pool(request), "confirm", {
         "contact": found.contact_id, "form": found.form_id, "issued": found.issued,
-        "details": json.dumps({"ip": request.client.host if request.client else None})})
+        "details": "{}"})
     if row is None or not row["ok"]:
         return pages.respond(pages.NOT_CONFIRMED, 409)
     if row["redirect_url"]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -435,3 +436,13 @@ def test_too_fast_says_when_to_come_back(api: h.Api, public: h.Api) -> None:
     answers = [_post(public, form["id"], "email=x") for _ in range(11)]
     assert [a.status_code for a in answers] == [400] * 10 + [429]
     assert answers[-1].headers["retry-after"] == "60"
+
+
+def test_export_leaves_unconfirmed_sign_ups_out(db_url: str, conn: Conn) -> None:
+    _add(conn, "in@example.com", account="default")
+    _add(conn, "waiting@example.com", account="default", confirmed=False)
+    done = support.pgcast(db_url, "contacts", "export", "-")
+    lines = done.stdout.splitlines()
+    assert [line.split(",")[0] for line in lines[1:]] == ["in@example.com"]
+    counted = json.loads(support.pgcast(db_url, "contacts", "count").stdout)
+    assert (counted["subscribed"], counted["unconfirmed"]) == (1, 1)
