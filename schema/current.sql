@@ -3950,6 +3950,70 @@ BEGIN
 END
 $$;
 
+-- start a due scheduled broadcast, v3: v2 through pgcast_send_v6 (the snapshot reads
+-- pgcast_mailable_v1: an unconfirmed contact is in no scheduled broadcast either).
+CREATE FUNCTION pgcast_start_due_v3()
+RETURNS TABLE (broadcast_id uuid, status text, queued integer, reason text,
+               lateness_seconds double precision)
+LANGUAGE plpgsql AS $$
+DECLARE
+    b record;
+    s record;
+    late double precision;
+    why text;
+    started jsonb;
+    c record;
+    picked boolean := false;
+BEGIN
+    -- a start that failed is as durable as one that sent (send_v6 pins the same)
+    PERFORM set_config('synchronous_commit', 'on', true);
+    -- the erasure lock before the broadcast row, as every path takes them: an erase holds
+    -- the lock and may wait for this broadcast's row (its audit log can name the address in
+    -- a test entry), so the row is never held while waiting for the lock. A due broadcast
+    -- of an account an erase holds is left to the next sweep (never waited for).
+    FOR c IN
+        SELECT d.id, d.account FROM broadcasts d
+        WHERE d.status = 'scheduled' AND d.scheduled_at <= now()
+        ORDER BY d.scheduled_at
+        LIMIT 10
+    LOOP
+        CONTINUE WHEN NOT pg_try_advisory_xact_lock_shared(hashtext('pgcast.erasure'),
+                                                            hashtext(c.account));
+        SELECT d.id, d.account, d.scheduled_at, d.not_after INTO b
+        FROM broadcasts d
+        WHERE d.id = c.id AND d.status = 'scheduled' AND d.scheduled_at <= now()
+        FOR UPDATE SKIP LOCKED;
+        picked := FOUND;
+        EXIT WHEN picked;
+    END LOOP;
+    IF NOT picked THEN
+        RETURN;
+    END IF;
+    late := round(extract(epoch FROM now() - b.scheduled_at), 3);
+    started := jsonb_build_object('via', 'schedule', 'scheduled_at', b.scheduled_at,
+                                  'not_after', b.not_after, 'started_at', now(),
+                                  'lateness_seconds', late);
+    IF b.not_after IS NOT NULL AND now() > b.not_after THEN
+        why := 'missed_window';
+    ELSE
+        SELECT * INTO s FROM pgcast_send_v6(b.account, b.id, false, started);
+        IF s.ok THEN
+            RETURN QUERY SELECT b.id, s.status, s.queued, NULL::text, late;
+            RETURN;
+        END IF;
+        -- 'empty': nobody mailable, and the send changed nothing
+        why := 'empty_segment';
+    END IF;
+    RETURN QUERY
+    UPDATE broadcasts AS u
+    SET status = 'failed', failed_reason = why, finished_at = now(), updated_at = now(),
+        audit_log = u.audit_log || pgcast_audit_v1('start', u.status, 'failed',
+            started || jsonb_build_object('reason', why))
+    WHERE u.id = b.id AND u.status = ANY (ARRAY['scheduled'])
+    RETURNING u.id, u.status, 0, why, late;
+END
+$$;
+
 -- The confirmation of a sign-up, sent on the transactional messages path (0017: category
 -- confirmation, ahead of broadcasts) in the caller's transaction. One function, so that the
 -- path is named in one place; returns the message's id (the same id for the same key).

@@ -446,3 +446,15 @@ def test_export_leaves_unconfirmed_sign_ups_out(db_url: str, conn: Conn) -> None
     assert [line.split(",")[0] for line in lines[1:]] == ["in@example.com"]
     counted = json.loads(support.pgcast(db_url, "contacts", "count").stdout)
     assert (counted["subscribed"], counted["unconfirmed"]) == (1, 1)
+
+
+def test_a_scheduled_start_leaves_unconfirmed_contacts_out(conn: Conn) -> None:
+    _add(conn, "yes@example.com")
+    _add(conn, "pending@example.com", confirmed=False)
+    bid = support.new_broadcast(conn, account=h.ACCOUNT, send=False)
+    conn.execute("UPDATE broadcasts SET status = 'scheduled', scheduled_at = now() "
+                 "WHERE id = %s", (bid,))
+    started = conn.execute("SELECT * FROM pgcast_start_due_v3()").fetchall()
+    assert [(r["broadcast_id"], r["queued"]) for r in started] == [(bid, 1)]
+    assert conn.execute("SELECT email FROM broadcast_recipients").fetchall() == [
+        {"email": "yes@example.com"}]
