@@ -123,47 +123,42 @@ async def signup(request: Request) -> Response:
     """POST /f/{id} (urlencoded: email, name): a sign-up; the same answer for every address."""
     if _too_fast(request):
         return pages.respond(pages.TOO_FAST, 429, headers={"Retry-After": str(int(WINDOW))})
-    form = await _form(request)
-    if form is None:
-        return pages.respond(pages.NO_FORM, 404)
+    form_id = _form_id(request)
     fields = await _form_body(request)
-    if fields is None:
-        return pages.respond(pages.BAD_REQUEST, 400, policy=_policy(form),
-                             frame=form["embeddable"])
+    if form_id is None or fields is None:
+        return await _refused(request, pages.BAD_REQUEST)
     if any(v.strip() for v in fields.get(HONEYPOT, [])):
-        return _answer(form)  # a bot: answered like anyone, nothing stored or sent
+        # a bot: answered like anyone, nothing stored or sent
+        form = await _form(request)
+        return _answer(form) if form else pages.respond(pages.NO_FORM, 404)
     try:
         email = validate_mail.address((fields.get("email") or [""])[0])
         name = validate_mail.text_line("name", (fields.get("name") or [""])[0], 200,
                                        required=False)
     except mail_errors.InvalidValue:
-        body = pages.signup_form(f"/f/{form['id']}", "Enter a valid email address.")
-        return pages.respond(pages.page("Subscribe", body), 400, policy=_policy(form),
-                             frame=form["embeddable"])
-    await _sign_up(request, form, email, name)
-    return _answer(form)
-
-
-async def _sign_up(request: Request, form: dict[str, Any], email: str, name: str) -> None:
-    """The sign-up and, when due, its confirmation mail: one transaction."""
+        return await _refused(request, pages.page("Subscribe", pages.signup_form(
+            f"/f/{form_id}", "Enter a valid email address.")))
+    # the mail is composed first (its link names the address, not a contact id), so the
+    # sign-up and its confirmation are one statement and one commit
     keys = await unsubscribe_routes.keys(request)
-    base = unsubscribe_routes.configured_url()
-    # no client address in the consent record: contact_events outlive an erasure
-    details = "{}"
-    async with context.pool(request).connection() as conn, conn.transaction():
-        with db.bad_text_is_bad_input():
-            cur = await conn.execute(db.query("signup"), {
-                "form": form["id"], "email": email, "name": name,
-                "max_mails": MAX_CONFIRMATIONS, "details": details})
-        row = await cur.fetchone()
-        if row is None or row["outcome"] != "mail":
-            return
-        token = confirm.make(keys, row["contact_id"], form["id"])
-        subject, text, html = confirm.message(row["form_name"], confirm.link(base, token))
-        await conn.execute(db.query("send_confirmation"), {
-            "account": row["account"], "to": email, "subject": subject, "text": text,
-            "html": html, "from_address": row["from_address"],
-            "idempotency_key": f"confirmation:{row['event_id']}"})
+    token = confirm.make(keys, email, form_id)
+    subject, text, html = confirm.message(
+        confirm.link(unsubscribe_routes.configured_url(), token))
+    row = await db.one(context.pool(request), "signup", {
+        "form": form_id, "email": email, "name": name, "max_mails": MAX_CONFIRMATIONS,
+        "details": "{}",  # no client address: contact events outlive an erasure
+        "subject": subject, "text": text, "html": html})
+    if row is None:
+        return pages.respond(pages.NO_FORM, 404)
+    return _answer(dict(row))
+
+
+async def _refused(request: Request, content: str) -> Response:
+    """A 400 page with the form's own headers (404 when there is no such form)."""
+    form = await _form(request)
+    if form is None:
+        return pages.respond(pages.NO_FORM, 404)
+    return pages.respond(content, 400, policy=_policy(form), frame=form["embeddable"])
 
 
 async def _confirmation(request: Request) -> confirm.Confirmation | Response:
@@ -192,7 +187,7 @@ async def confirm_post(request: Request) -> Response:
     if await _form_body(request) is None:
         return pages.respond(pages.BAD_REQUEST, 400)
     row = await db.one(context.pool(request), "confirm", {
-        "contact": found.contact_id, "form": found.form_id, "issued": found.issued,
+        "email": found.email, "form": found.form_id, "issued": found.issued,
         "details": "{}"})
     if row is None or not row["ok"]:
         return pages.respond(pages.NOT_CONFIRMED, 409)

@@ -3,7 +3,8 @@
 The keys are the unsubscribe keys (PGCAST_UNSUBSCRIBE_SECRET, comma-separated and rotating,
 or the database's generated key: mail.unsubscribe.Keys); a key of its own is derived from
 each, so a confirmation token is never read as an unsubscribe token or the other way round.
-A token names the contact, the form and the time it was made; a reader learns none of them.
+A token names the address, the form and the time it was made (the address, not a contact id:
+the mail is composed before the sign-up's one statement runs); a reader learns none of them.
 """
 
 from __future__ import annotations
@@ -26,10 +27,10 @@ from mail import unsubscribe
 
 LIFETIME = 7 * 24 * 3600  # seconds a confirmation link works
 VERSION = 1
-MAX_TOKEN = 200  # characters of a token we try to read
+MAX_TOKEN = 2000  # characters of a token we try to read (an address is at most 254)
 _NONCE = 12  # bytes
 _AAD = b"pgcast sign-up confirmation"
-_BODY = struct.Struct(">B16sqq")  # version, form id, contact id, issued (unix seconds)
+_HEAD = struct.Struct(">B16sq")  # version, form id, issued (unix seconds); then the address
 
 
 class Expired(unsubscribe.InvalidToken):
@@ -40,7 +41,7 @@ class Expired(unsubscribe.InvalidToken):
 class Confirmation:
     """What a confirmation token names."""
 
-    contact_id: int
+    email: str
     form_id: uuid.UUID
     issued: float  # unix seconds
 
@@ -52,13 +53,13 @@ def _aead(secret: str) -> AESGCM:
     return AESGCM(key)
 
 
-def make(keys: unsubscribe.Keys, contact_id: int, form_id: uuid.UUID,
+def make(keys: unsubscribe.Keys, email: str, form_id: uuid.UUID,
          now: float | None = None) -> str:
     """A token for one sign-up, made with the first key."""
     issued = int(time.time() if now is None else now)
     nonce = os.urandom(_NONCE)
     sealed = _aead(keys.secrets[0]).encrypt(
-        nonce, _BODY.pack(VERSION, form_id.bytes, contact_id, issued), _AAD)
+        nonce, _HEAD.pack(VERSION, form_id.bytes, issued) + email.encode(), _AAD)
     return base64.urlsafe_b64encode(nonce + sealed).rstrip(b"=").decode()
 
 
@@ -71,20 +72,24 @@ def read(keys: unsubscribe.Keys, token: str, now: float | None = None) -> Confir
     except (binascii.Error, ValueError):
         raise unsubscribe.InvalidToken("malformed") from None
     nonce, sealed = raw[:_NONCE], raw[_NONCE:]
-    if len(nonce) != _NONCE or len(sealed) != 16 + _BODY.size:
+    if len(nonce) != _NONCE or len(sealed) <= 16 + _HEAD.size:
         raise unsubscribe.InvalidToken("malformed")
     for secret in keys.secrets:
         try:
             plain = _aead(secret).decrypt(nonce, sealed, _AAD)
         except InvalidTag:
             continue
-        version, form, contact_id, issued = _BODY.unpack(plain)
+        version, form, issued = _HEAD.unpack_from(plain)
+        try:
+            email = plain[_HEAD.size:].decode()
+        except UnicodeDecodeError:
+            break
         if version != VERSION:
             break
         age = (time.time() if now is None else now) - issued
         if age > LIFETIME:
             raise Expired("the link is older than 7 days")
-        return Confirmation(contact_id, uuid.UUID(bytes=form), float(issued))
+        return Confirmation(email, uuid.UUID(bytes=form), float(issued))
     raise unsubscribe.InvalidToken("not a token we made")
 
 
@@ -96,9 +101,8 @@ def link(base_url: str, token: str) -> str:
 SUBJECT = "Confirm your subscription"
 
 
-def message(form_name: str, url: str) -> tuple[str, str, str]:
+def message(url: str) -> tuple[str, str, str]:
     """(subject, text, html) of a confirmation mail: plain, no tracking, the link shown whole."""
-    del form_name  # the form's name is the operator's label, not shown to the person
     text = ("Please confirm that you want to receive our emails:\n\n"
             f"{url}\n\n"
             "The link works for 7 days. If you did not ask for this, ignore this email: "

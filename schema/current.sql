@@ -3714,11 +3714,42 @@ BEGIN
 END
 $$;
 
+-- One POST /f/{id} in one statement: pgcast_signup_v1 and, when a confirmation is due,
+-- pgcast_send_confirmation_v1 with the mail the caller composed (its link names the address
+-- and the form, so it is made before the contact's id is known), from the form's From, keyed
+-- by the signup event. With what the answer needs: the form's double_opt_in, redirect_url
+-- and embeddable. No row when the form does not exist.
+CREATE FUNCTION pgcast_form_signup_v1(p_form uuid, p_email text, p_name text,
+                                      p_max_mails integer, p_details jsonb, p_subject text,
+                                      p_text text, p_html text)
+RETURNS TABLE (outcome text, message_id uuid, double_opt_in boolean, redirect_url text,
+               embeddable boolean)
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    s record;
+    f forms%ROWTYPE;
+    mid uuid;
+BEGIN
+    -- held until commit: a form deleted meanwhile waits (its From is read once, here)
+    SELECT * INTO f FROM forms WHERE id = p_form FOR KEY SHARE;
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    SELECT * INTO s FROM pgcast_signup_v1(p_form, p_email, p_name, p_max_mails, p_details);
+    IF s.outcome = 'mail' THEN
+        mid := pgcast_send_confirmation_v1(s.account, p_email, p_subject, p_text, p_html,
+                                           f.from_address, 'confirmation:' || s.event_id);
+    END IF;
+    RETURN QUERY SELECT s.outcome, mid, f.double_opt_in, f.redirect_url, f.embeddable;
+END
+$$;
+
 -- Confirm a sign-up (POST /f/confirm/{token}): the contact becomes confirmed and subscribed
 -- with the form's tags, and contact_events records the consent (form, time, confirmed). An
 -- unsubscribe later than the token (p_issued) is not undone by an old link. ok = false when
 -- the contact or the form is gone, the contact is suppressed, or it unsubscribed since.
-CREATE FUNCTION pgcast_confirm_v1(p_contact bigint, p_form uuid, p_issued timestamptz,
+CREATE FUNCTION pgcast_confirm_v1(p_email text, p_form uuid, p_issued timestamptz,
                                   p_details jsonb)
 RETURNS TABLE (ok boolean, account text, redirect_url text)
 LANGUAGE plpgsql AS $$
@@ -3731,7 +3762,8 @@ BEGIN
         RETURN QUERY SELECT false, NULL::text, NULL::text;
         RETURN;
     END IF;
-    SELECT * INTO c FROM contacts k WHERE k.id = p_contact AND k.account = f.account FOR UPDATE;
+    SELECT * INTO c FROM contacts k
+    WHERE k.account = f.account AND lower(k.email) = lower(p_email) FOR UPDATE;
     IF NOT FOUND OR c.suppressed_at IS NOT NULL OR c.unsubscribed_at > p_issued THEN
         RETURN QUERY SELECT false, f.account, f.redirect_url;
         RETURN;

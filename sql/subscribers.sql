@@ -29,19 +29,14 @@ SELECT coalesce(array_agg(sender ORDER BY sender), '{}') AS senders
 FROM senders WHERE account = %(account)s
 
 -- signup --
--- One sign-up on a form (pgcast_signup_v1): the outcome, the contact and the signup event.
-SELECT s.outcome, s.contact_id, s.account, s.event_id, f.from_address, f.name AS form_name
-FROM pgcast_signup_v1(%(form)s, %(email)s, %(name)s, %(max_mails)s, %(details)s::jsonb) s
-LEFT JOIN forms f ON f.id = %(form)s
-
--- send_confirmation --
--- Queues one confirmation mail on the transactional messages path (category confirmation).
-SELECT pgcast_send_confirmation_v1(%(account)s, %(to)s, %(subject)s, %(text)s, %(html)s,
-                                   %(from_address)s, %(idempotency_key)s) AS message_id
+-- One sign-up on a form and its confirmation mail when due, one statement
+-- (pgcast_form_signup_v1); no row when the form does not exist.
+SELECT * FROM pgcast_form_signup_v1(%(form)s, %(email)s, %(name)s, %(max_mails)s,
+                                    %(details)s::jsonb, %(subject)s, %(text)s, %(html)s)
 
 -- confirm --
 -- Confirms a sign-up (pgcast_confirm_v1): ok, and where the form sends the browser.
-SELECT * FROM pgcast_confirm_v1(%(contact)s, %(form)s, to_timestamp(%(issued)s),
+SELECT * FROM pgcast_confirm_v1(%(email)s, %(form)s, to_timestamp(%(issued)s),
                                 %(details)s::jsonb)
 
 -- topic_add --
