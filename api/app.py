@@ -20,6 +20,7 @@ from starlette.routing import Route
 from api import auth, broadcasts, config, contacts, context, control, db, errors, http, openapi
 from api import bounds as body_bounds
 from api import dashboard_routes as dashboard
+from api import messages as message_routes
 from api import preview as preview_routes
 from api import progress as progress_routes
 from api import schedule as schedule_routes
@@ -108,6 +109,8 @@ ROUTES = [
     route("/contacts/suppressed", GET=suppression_routes.suppressed),
     route("/contacts/unsuppress", POST=suppression_routes.unsuppress),
     route("/webhooks/ses", POST=webhook_routes.ses),
+    route("/messages", POST=message_routes.create),
+    route("/messages/{id}", GET=message_routes.get),
 ]
 
 
