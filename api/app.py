@@ -33,6 +33,7 @@ from api import (
 from api import bounds as body_bounds
 from api import dashboard_routes as dashboard
 from api import forms as forms_routes
+from api import messages as message_routes
 from api import preview as preview_routes
 from api import progress as progress_routes
 from api import schedule as schedule_routes
@@ -122,6 +123,8 @@ ROUTES = [
     route("/contacts/unsuppress", POST=suppression_routes.unsuppress),
     route("/webhooks/ses", POST=webhook_routes.ses),
     *forms_routes.routes(route),
+    route("/messages", POST=message_routes.create),
+    route("/messages/{id}", GET=message_routes.get),
 ]
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from mail import errors, message, validate
+from mail import errors, message, sandbox, template, validate
 
 CATEGORIES = ("transactional", "marketing", "confirmation")
 # headers a caller may add: threading and references; any other X- header except ours and SES's
@@ -89,3 +89,16 @@ def compose(row: dict[str, Any], number: int) -> message.Message:
                            message.one_line(row["subject"]), row.get("text_body"),
                            row.get("html_body"), extra, to,
                            tags=dict(row.get("tags") or {}))
+
+
+def render_template(subject: str, text: str | None, html: str | None, data: dict[str, Any],
+                    timeout_ms: int | None = None) -> tuple[str, str | None, str | None]:
+    """A message's template (subject, text, html) rendered with `{{ data.x }}`, under one
+    render budget; raises mail.errors.RenderError (RenderBudget)."""
+    budget = template.timeout_ms() if timeout_ms is None else timeout_ms
+    with sandbox.charged(budget):
+        context = {"data": data}
+        out_subject = message.one_line(template.compile_part("subject", subject)(context))
+        out_text = template.compile_part("text", text)(context) if text is not None else None
+        out_html = template.compile_part("html", html)(context) if html is not None else None
+    return out_subject, out_text, out_html

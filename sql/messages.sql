@@ -54,3 +54,13 @@ SELECT pgcast_message_feedback_v1(%(provider_id)s, %(event)s, %(at)s, %(detail)s
 -- messages_share --
 -- Set the share of a bucket's rate messages may take while broadcasts wait.
 SELECT * FROM pgcast_messages_share_v1(%(name)s, %(share)s)
+
+-- message_get_key --
+-- The message an account's idempotency key names, if any.
+SELECT s.* FROM message_status s JOIN messages m ON m.id = s.id
+WHERE m.account = %(account)s AND m.idempotency_key = %(key)s
+
+-- account_senders --
+-- The senders one account may use (an empty array: any From).
+SELECT ARRAY(SELECT s.sender FROM senders s WHERE s.account = %(account)s
+             ORDER BY s.sender) AS senders

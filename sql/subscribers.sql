@@ -23,11 +23,6 @@ DELETE FROM forms WHERE account = %(account)s AND id = %(id)s RETURNING id
 -- What the public form page needs (no account check: the id is the capability).
 SELECT id, account, name, double_opt_in, redirect_url, embeddable FROM forms WHERE id = %(id)s
 
--- account_senders --
--- The senders an account may use (an empty array: any From).
-SELECT coalesce(array_agg(sender ORDER BY sender), '{}') AS senders
-FROM senders WHERE account = %(account)s
-
 -- signup --
 -- One sign-up on a form and its confirmation mail when due, one statement
 -- (pgcast_form_signup_v1); no row when the form does not exist.

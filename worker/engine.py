@@ -139,7 +139,7 @@ class Engine:
         self.messages = messages.Loop(self.db, self.name, self.sender, self.state.rates,
                                       self.state.messages, self.stopping,
                                       lease=settings.lease, poll=settings.poll,
-                                      once=settings.once)
+                                      once=settings.once, most=settings.max_in_flight)
 
     def _forget(self, bid: uuid.UUID) -> None:
         """A broadcast no longer worked on: its takers' locks and render streaks go."""

@@ -28,6 +28,9 @@ CLAIM = 50  # the most messages one claim takes
 WAIT_MAX = 1.0  # seconds: the longest sleep on an empty bucket
 SWEEP_EVERY = 5.0  # seconds between sweeps of lost handoffs from this process
 BLOCKED_RETRY = 60.0  # seconds: a message put back after account-level trouble waits this long
+RATE_EVERY = 1.0  # seconds: how often the loop reads the global rate (the pacer spaces calls
+# by it; a process with no broadcast to pick would otherwise never read it)
+DEADLINE = 2.0  # seconds: a handed-off call not started by then is put back, never called
 
 
 @dataclass
@@ -46,7 +49,7 @@ class Loop:
 
     def __init__(self, db: pg.Db, name: str, sender: dispatch.Sender, rates: dict[str, float],
                  wake: asyncio.Event, stopping: asyncio.Event, *, lease: float, poll: float,
-                 once: bool = False) -> None:
+                 once: bool = False, most: int = 128) -> None:
         self.db = db
         self.name = name
         self.sender = sender
@@ -61,6 +64,10 @@ class Loop:
         self._in_flight: set[asyncio.Task[None]] = set()
         self._swept = -math.inf
         self.idle = False  # waiting for a NOTIFY or the poll
+        self._rate_read = -math.inf
+        self.busy = 0  # messages handed off and not yet recorded, in this process
+        self.most = most  # the most of them (a slow provider must not gather a crowd in doubt)
+        self._room = asyncio.Event()
 
     async def run(self) -> None:
         """Claim and send until stopped (with --once: until nothing is claimable)."""
@@ -122,11 +129,32 @@ class Loop:
         if rows and rows[0][0]:
             log.warning("messages: %s handed off by a lost worker are now unknown", rows[0][0])
 
+    async def _read_rate(self) -> None:
+        now = time.monotonic()
+        if now - self._rate_read < RATE_EVERY:
+            return
+        self._rate_read = now
+        bucket = await self.db.q("rate_get", {"name": "global"})
+        if bucket:
+            self.rates["global"] = float(bucket[0][1])
+
+    async def _wait_for_room(self) -> int:
+        """Rows this process may claim now (0: stopping): at most `most` in flight."""
+        while self.busy >= self.most and not self.stopping.is_set():
+            self._room.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._room.wait(), timeout=1.0)
+        return 0 if self.stopping.is_set() else min(CLAIM, self.most - self.busy)
+
     async def claim_and_send(self, woken: bool = False) -> int:
         """One claim: tokens, handoffs and calls for what it took; how many it claimed."""
+        await self._read_rate()
+        limit = await self._wait_for_room()
+        if not limit:
+            return 0
         token = uuid.uuid4()
         self.tokens.add(token)
-        rows = await self.db.dicts("message_claim", {"limit": CLAIM, "token": token,
+        rows = await self.db.dicts("message_claim", {"limit": limit, "token": token,
                                                      "worker": self.name, "lease": self.lease})
         if not rows:
             self.tokens.discard(token)
@@ -152,6 +180,7 @@ class Loop:
                     raise
                 self.counts.skipped += len(group) - len(handed)
                 if handed:
+                    self.busy += len(handed)
                     task = asyncio.create_task(self._send_and_record(token, handed, attempts))
                     groups.append(task)
                     self._in_flight.add(task)
@@ -181,6 +210,15 @@ class Loop:
     async def _send_and_record(self, token: uuid.UUID, handed: list[dict[str, Any]],
                                attempts: dict[uuid.UUID, int]) -> None:
         """The provider calls of one handed-off group, side by side, then one record."""
+        try:
+            await self._calls_and_record(token, handed, attempts)
+        finally:
+            self.busy -= len(handed)
+            self._room.set()
+
+    async def _calls_and_record(self, token: uuid.UUID, handed: list[dict[str, Any]],
+                                attempts: dict[uuid.UUID, int]) -> None:
+        due = time.monotonic() + DEADLINE
         numbered = {i: row for i, row in enumerate(handed)}
         tries = {i: attempts.get(row["id"], int(row["attempts"])) for i, row in numbered.items()}
         stop: list[dispatch.Outcome] = []
@@ -196,7 +234,7 @@ class Loop:
                 continue
             if self.sender.executor is not None and self.sender.provider.blocking:
                 calls.append(loop.run_in_executor(self.sender.executor, self.sender.paced, msg,
-                                                  tries, stop, math.inf))
+                                                  tries, stop, due))
             else:
                 done = loop.create_future()
                 done.set_result(self.sender.send_one(msg, tries, stop))
