@@ -457,3 +457,24 @@ def test_a_scheduled_start_leaves_unconfirmed_contacts_out(conn: Conn) -> None:
     assert [(r["broadcast_id"], r["queued"]) for r in started] == [(bid, 1)]
     assert conn.execute("SELECT email FROM broadcast_recipients").fetchall() == [
         {"email": "yes@example.com"}]
+
+
+def test_forms_and_topics_from_the_cli(db_url: str) -> None:
+    made = json.loads(support.pgcast(
+        db_url, "forms", "create", "Weekly", "--tags", "a, b", "--from", "n@example.com",
+        "--no-double-opt-in", "--redirect", "https://example.com/ok", "--embeddable").stdout)
+    listed = json.loads(support.pgcast(db_url, "forms", "list").stdout)["forms"]
+    assert [(f["id"], f["name"], f["tags"], f["double_opt_in"], f["redirect_url"],
+             f["embeddable"], f["url"]) for f in listed] == [
+        (made["id"], "Weekly", ["a", "b"], False, "https://example.com/ok", True, made["url"])]
+    again = support.pgcast(db_url, "forms", "create", "Weekly", "--from", "n@example.com",
+                           check=False)
+    assert again.returncode == 2 and "already has a form" in again.stderr
+    assert support.pgcast(db_url, "forms", "delete", made["id"]).returncode == 0
+    gone = support.pgcast(db_url, "forms", "delete", made["id"], check=False)
+    assert gone.returncode == 2
+    support.pgcast(db_url, "topics", "add", "a", "--label", "Topic A")
+    assert json.loads(support.pgcast(db_url, "topics", "list").stdout)["topics"][0]["label"] \
+        == "Topic A"
+    assert support.pgcast(db_url, "topics", "remove", "a").returncode == 0
+    assert support.pgcast(db_url, "topics", "remove", "a", check=False).returncode == 2
