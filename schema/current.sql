@@ -3539,7 +3539,7 @@ $$;
 -- contact can be unconfirmed), public topics for a preference centre, and a public archive.
 --
 -- A contact is mailable when it is confirmed, not unsubscribed, not suppressed and not erased
--- (deleted). pgcast_mailable_v1 says so in ONE place: the snapshot (pgcast_send_v6), both
+-- (deleted). pgcast_mailable says so in ONE place: the snapshot (pgcast_send_v7), both
 -- handoff paths (pgcast_handoff_v3, pgcast_claim_handoff_v5) and any later filter call it.
 -- It is a LANGUAGE sql expression of the row, inlined by the planner: the snapshot's plan is
 -- the same as with the columns spelled out.
@@ -3548,10 +3548,12 @@ $$;
 -- are confirmed (the default: the time they were written).
 ALTER TABLE contacts ADD COLUMN confirmed_at timestamptz DEFAULT now();
 
-CREATE FUNCTION pgcast_mailable_v1(c contacts)
-RETURNS boolean LANGUAGE sql IMMUTABLE AS $$
-    SELECT c.confirmed_at IS NOT NULL AND c.unsubscribed_at IS NULL AND c.suppressed_at IS NULL
-$$;
+-- The one definition, under the unversioned name branch segments (0018) gave it for its
+-- filters; replaced (or created, without 0018) here with the confirmation, so every snapshot,
+-- handoff and segment count follows. Same signature and attributes as 0018's.
+CREATE OR REPLACE FUNCTION pgcast_mailable(c contacts) RETURNS boolean
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$ SELECT c.confirmed_at IS NOT NULL AND c.unsubscribed_at IS NULL AND c.suppressed_at IS NULL $$;
 
 -- why a contact is not mailable ('contact erased' when the row is gone), NULL when it is
 CREATE FUNCTION pgcast_unmailable_reason_v1(c contacts)
@@ -3673,7 +3675,7 @@ BEGIN
             RETURN QUERY SELECT 'ignored'::text, c.id, f.account, NULL::bigint;
             RETURN;
         END IF;
-        IF pgcast_mailable_v1(c) THEN
+        IF pgcast_mailable(c) THEN
             UPDATE contacts k SET tags = k.tags || ARRAY(
                     SELECT t FROM unnest(f.tags) t WHERE NOT t = ANY (k.tags)),
                 updated_at = now()
@@ -3768,7 +3770,7 @@ BEGIN
         RETURN QUERY SELECT false, f.account, f.redirect_url;
         RETURN;
     END IF;
-    IF pgcast_mailable_v1(c) AND c.tags @> f.tags THEN  -- confirmed already (a second click)
+    IF pgcast_mailable(c) AND c.tags @> f.tags THEN  -- confirmed already (a second click)
         RETURN QUERY SELECT true, f.account, f.redirect_url;
         RETURN;
     END IF;
@@ -3821,9 +3823,9 @@ BEGIN
 END
 $$;
 
--- send, v6: v5 with the snapshot through pgcast_mailable_v1 (unconfirmed contacts are in no
--- audience).
-CREATE FUNCTION pgcast_send_v6(p_account text, p_id uuid, p_allow_empty boolean DEFAULT false,
+-- send, v7 (v6 is branch segments' filter send): v5 with the snapshot through
+-- pgcast_mailable (unconfirmed contacts are in no audience).
+CREATE FUNCTION pgcast_send_v7(p_account text, p_id uuid, p_allow_empty boolean DEFAULT false,
                                p_details jsonb DEFAULT '{}')
 RETURNS TABLE (ok boolean, status text, queued integer)
 LANGUAGE plpgsql AS $$
@@ -3847,7 +3849,7 @@ BEGIN
     EXECUTE format(
         'INSERT INTO %s (broadcast_id, contact_id, email)'
         ' SELECT $1, c.id, c.email FROM contacts c'
-        ' WHERE c.account = $2 AND pgcast_mailable_v1(c)'
+        ' WHERE c.account = $2 AND pgcast_mailable(c)'
         '   AND ($3::text IS NULL OR c.tags @> ARRAY[$3::text])', part)
         USING p_id, p_account, b.segment_tag;
     GET DIAGNOSTICS n = ROW_COUNT;
@@ -3883,7 +3885,7 @@ BEGIN
 END
 $$;
 
--- handoff, v3: v2 with the contact read through pgcast_mailable_v1 (an unconfirmed contact
+-- handoff, v3: v2 with the contact read through pgcast_mailable (an unconfirmed contact
 -- is skipped, 'unconfirmed') and the reason from pgcast_unmailable_reason_v1.
 CREATE FUNCTION pgcast_handoff_v3(p_id uuid, p_epoch integer, p_token uuid, p_ids bigint[])
 RETURNS TABLE (contact_id bigint, email text, name text, attributes jsonb, tags text[])
@@ -3908,7 +3910,7 @@ BEGIN
     PERFORM pg_advisory_xact_lock_shared(hashtext('pgcast.contacts'), hashtext(acct));
     gone := ARRAY(
         SELECT x.id FROM unnest(p_ids) AS x(id) LEFT JOIN contacts k ON k.id = x.id
-        WHERE k.id IS NULL OR NOT pgcast_mailable_v1(k));
+        WHERE k.id IS NULL OR NOT pgcast_mailable(k));
     IF cardinality(gone) > 0 THEN
         PERFORM 1 FROM broadcasts b WHERE b.id = p_id AND b.status = 'sending'
             AND b.epoch = p_epoch FOR NO KEY UPDATE;
@@ -3941,7 +3943,7 @@ BEGIN
 END
 $$;
 
--- claim and hand off, v5: v4 with the contact read through pgcast_mailable_v1.
+-- claim and hand off, v5: v4 with the contact read through pgcast_mailable.
 CREATE FUNCTION pgcast_claim_handoff_v5(p_id uuid, p_limit integer, p_token uuid,
                                         p_worker text, p_lease interval, p_after bigint)
 RETURNS TABLE (contact_id bigint, email text, name text, attributes jsonb, tags text[],
@@ -3974,7 +3976,7 @@ BEGIN
         lease_expires_at = clock_timestamp() + p_lease
     FROM (SELECT x.id, coalesce(ct.name, '') AS name,
                  coalesce(ct.attributes, '{}') AS attributes, coalesce(ct.tags, '{}') AS tags,
-                 ct.id IS NOT NULL AND pgcast_mailable_v1(ct) AS mailable
+                 ct.id IS NOT NULL AND pgcast_mailable(ct) AS mailable
           FROM unnest(c.ids) AS x(id) LEFT JOIN contacts ct ON ct.id = x.id) k
     WHERE r.broadcast_id = p_id AND k.id = r.contact_id AND r.contact_id = ANY (c.ids)
     RETURNING r.contact_id, r.email, k.name, k.attributes, k.tags, r.attempts, e,
@@ -3982,9 +3984,9 @@ BEGIN
 END
 $$;
 
--- start a due scheduled broadcast, v3: v2 through pgcast_send_v6 (the snapshot reads
--- pgcast_mailable_v1: an unconfirmed contact is in no scheduled broadcast either).
-CREATE FUNCTION pgcast_start_due_v3()
+-- start a due scheduled broadcast, v4 (v3 is branch segments'): v2 through pgcast_send_v7
+-- (the snapshot reads pgcast_mailable: an unconfirmed contact is in no scheduled broadcast).
+CREATE FUNCTION pgcast_start_due_v4()
 RETURNS TABLE (broadcast_id uuid, status text, queued integer, reason text,
                lateness_seconds double precision)
 LANGUAGE plpgsql AS $$
@@ -3997,7 +3999,7 @@ DECLARE
     c record;
     picked boolean := false;
 BEGIN
-    -- a start that failed is as durable as one that sent (send_v6 pins the same)
+    -- a start that failed is as durable as one that sent (send_v7 pins the same)
     PERFORM set_config('synchronous_commit', 'on', true);
     -- the erasure lock before the broadcast row, as every path takes them: an erase holds
     -- the lock and may wait for this broadcast's row (its audit log can name the address in
@@ -4028,7 +4030,7 @@ BEGIN
     IF b.not_after IS NOT NULL AND now() > b.not_after THEN
         why := 'missed_window';
     ELSE
-        SELECT * INTO s FROM pgcast_send_v6(b.account, b.id, false, started);
+        SELECT * INTO s FROM pgcast_send_v7(b.account, b.id, false, started);
         IF s.ok THEN
             RETURN QUERY SELECT b.id, s.status, s.queued, NULL::text, late;
             RETURN;

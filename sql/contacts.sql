@@ -11,7 +11,7 @@ WHERE account = %(account)s
   AND lower(email) > %(after)s
   AND (%(tag)s::text IS NULL OR tags @> ARRAY[%(tag)s::text])
   AND (%(status)s::text IS NULL
-       OR (%(status)s = 'subscribed' AND pgcast_mailable_v1(c))
+       OR (%(status)s = 'subscribed' AND pgcast_mailable(c))
        OR (%(status)s = 'unconfirmed' AND confirmed_at IS NULL)
        OR (%(status)s = 'unsubscribed' AND unsubscribed_at IS NOT NULL)
        OR (%(status)s = 'suppressed' AND suppressed_at IS NOT NULL))
@@ -27,9 +27,9 @@ ORDER BY 1
 
 -- contacts_count --
 -- How many contacts an account has, by mailing status, optionally of one tag; subscribed
--- means mailable (pgcast_mailable_v1), and unconfirmed sign-ups are counted apart.
+-- means mailable (pgcast_mailable), and unconfirmed sign-ups are counted apart.
 SELECT count(*) AS total,
-       count(*) FILTER (WHERE pgcast_mailable_v1(c)) AS subscribed,
+       count(*) FILTER (WHERE pgcast_mailable(c)) AS subscribed,
        count(*) FILTER (WHERE confirmed_at IS NULL) AS unconfirmed,
        count(*) FILTER (WHERE unsubscribed_at IS NOT NULL) AS unsubscribed,
        count(*) FILTER (WHERE suppressed_at IS NOT NULL) AS suppressed

@@ -104,7 +104,7 @@ RETURNING id
 -- broadcast_send --
 -- Snapshot the mailable recipients into the broadcast's own partition and start sending
 -- (status 'empty', nothing changed, when nobody matches and allow_empty is false).
-SELECT * FROM pgcast_send_v6(%(account)s, %(id)s, %(allow_empty)s, %(details)s::jsonb)
+SELECT * FROM pgcast_send_v7(%(account)s, %(id)s, %(allow_empty)s, %(details)s::jsonb)
 
 -- analyze_recipients --
 -- Fresh planner statistics for one broadcast's partition after a big snapshot (its own

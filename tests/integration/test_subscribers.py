@@ -354,7 +354,7 @@ def test_a_form_without_double_opt_in_subscribes_at_once(api: h.Api, public: h.A
     answers = [_post(public, form["id"], f"email={w}%40example.com") for w in ("now", "gone")]
     assert len({a.text for a in answers}) == 1 and "Thank you" in answers[0].text
     assert _messages(conn) == []
-    rows = conn.execute("SELECT email, tags, pgcast_mailable_v1(c) AS m FROM contacts c "
+    rows = conn.execute("SELECT email, tags, pgcast_mailable(c) AS m FROM contacts c "
                         "ORDER BY email").fetchall()
     # an anonymous POST never resubscribes someone who left
     assert rows == [{"email": "gone@example.com", "tags": [], "m": False},
@@ -453,7 +453,7 @@ def test_a_scheduled_start_leaves_unconfirmed_contacts_out(conn: Conn) -> None:
     bid = support.new_broadcast(conn, account=h.ACCOUNT, send=False)
     conn.execute("UPDATE broadcasts SET status = 'scheduled', scheduled_at = now() "
                  "WHERE id = %s", (bid,))
-    started = conn.execute("SELECT * FROM pgcast_start_due_v3()").fetchall()
+    started = conn.execute("SELECT * FROM pgcast_start_due_v4()").fetchall()
     assert [(r["broadcast_id"], r["queued"]) for r in started] == [(bid, 1)]
     assert conn.execute("SELECT email FROM broadcast_recipients").fetchall() == [
         {"email": "yes@example.com"}]
