@@ -250,6 +250,25 @@ def test_web_view_refuses_drafts_and_strangers(public: h.Api, conn: Conn) -> Non
     draft = support.new_broadcast(conn, account=h.ACCOUNT, send=False)
     assert public.get(f"/v/{_token(conn, cid, draft)}").status_code == 404
     assert public.get("/v/forged").status_code == 400
+    # a text-only broadcast is shown as text, escaped; a contact who was no recipient: 404
+    conn.execute("UPDATE broadcasts SET text_body = '<b>Hi</b> {{ contact.email }}' "
+                 "WHERE id = %s", (draft,))
+    assert broadcasts.send(conn, h.ACCOUNT, draft)["queued"] == 1
+    r = public.get(f"/v/{_token(conn, cid, draft)}")
+    assert r.status_code == 200
+    assert "&lt;b&gt;Hi&lt;/b&gt; v@example.com" in r.text and "<b>" not in r.text
+    late = _add(conn, "late@example.com")
+    assert public.get(f"/v/{_token(conn, late, draft)}").status_code == 404
+
+
+def test_imports_and_resubscribes_never_confirm_a_sign_up(conn: Conn) -> None:
+    cid = _add(conn, "s@example.com", confirmed=False)
+    contacts.upsert(conn, h.ACCOUNT, [{"email": "s@example.com", "name": "S", "tags": ["x"],
+                                       "attributes": {}}])
+    conn.execute("UPDATE contacts SET unsubscribed_at = now() WHERE id = %s", (cid,))
+    contacts.resubscribe(conn, h.ACCOUNT, "s@example.com", source="cli", actor={})
+    row = conn.execute("SELECT name, confirmed_at, unsubscribed_at FROM contacts").fetchone()
+    assert row == {"name": "S", "confirmed_at": None, "unsubscribed_at": None}
 
 
 def _messages(conn: Conn) -> list[dict[str, Any]]:
