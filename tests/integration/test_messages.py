@@ -162,7 +162,7 @@ def test_unsubscribes_apply_to_marketing_only(conn: Conn, db_url: str, tmp_path:
 def test_an_erased_address_is_never_stored_nor_sent(conn: Conn, db_url: str,
                                                     tmp_path: Path) -> None:
     queued = send(conn, "ann@example.com")
-    conn.execute("SELECT * FROM pgcast_erase_v3('default', 'ann@example.com', 'api', '{}')")
+    conn.execute("SELECT * FROM pgcast_erase_v4('default', 'ann@example.com', 'api', '{}')")
     later = send(conn, "ANN@example.com")
     deliver(db_url, tmp_path)
     for mid in (queued, later):
