@@ -21,6 +21,7 @@ time.monotonic() is CLOCK_MONOTONIC, one clock for every process of the machine.
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import gc
 import json
@@ -185,6 +186,16 @@ def main(argv: list[str] | None = None) -> int:
                 ended = time.monotonic()
                 time.sleep(3)
                 broadcasts.cancel(conn, common.ACCOUNT, bid)
+                # the handoffs (database clock) of the load phase: what the grants allowed
+                handed = [float(r["t"]) for r in conn.execute(
+                    "SELECT extract(epoch FROM handed_at)::float8 AS t FROM broadcast_recipients "
+                    "WHERE handed_at IS NOT NULL UNION ALL "
+                    "SELECT extract(epoch FROM handed_at)::float8 FROM messages "
+                    "WHERE handed_at IS NOT NULL AND to_address LIKE 'load-%%'").fetchall()]
+                span_db = conn.execute(
+                    "SELECT extract(epoch FROM min(created_at))::float8 AS a, "
+                    "extract(epoch FROM max(created_at))::float8 AS b FROM messages "
+                    "WHERE to_address LIKE 'load-%%'").fetchone()
         finally:
             for p in [*workers, api]:
                 with contextlib.suppress(ProcessLookupError):
@@ -207,6 +218,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"most SendEmail in any 1 s window during the load phase: "
           f"{ratelimit.max_in_window(sorted(window), 1.0)} (limit rate + burst = "
           f"{RATE + burst:g})")
+    assert span_db is not None
+    in_phase = sorted(t for t in handed if span_db["a"] <= t <= span_db["b"])
+    print(f"most handoffs (recipients and messages) in any 1 s window of the load phase: "
+          f"{ratelimit.max_in_window(in_phase, 1.0)}")
+    seconds = collections.Counter(int(at - started) for at in window)
+    print("busiest seconds at the endpoint (second of the phase: requests): " + ", ".join(
+        f"{k}: {v}" for k, v in seconds.most_common(5)))
     print(f"load phase {span:.1f} s: messages {len(msgs) / span:.2f}/s, broadcast "
           f"{len(bcast) / span:.2f}/s = {len(bcast) / span / left:.3f} of the remainder "
           f"({left:.2f}/s)")

@@ -365,26 +365,31 @@ BEGIN
 END
 $$;
 
--- An erase (pgcast_erase_v3 inserts the keyed hash under the exclusive erasure lock) takes
--- the address out of the account's messages in the same transaction: a queued one is
--- skipped, and every one keeps only the placeholder address, no subject and no bodies.
-CREATE FUNCTION pgcast_message_erase_v1() RETURNS trigger LANGUAGE plpgsql AS $$
+-- erase, v4: v3, then the address taken out of the account's messages in the same
+-- transaction: a queued one is skipped, and every one keeps only the placeholder address, no
+-- subject and no bodies. After v3's locks (the erasure lock, the contact row, the contacts
+-- fence when there is a contact), so the message rows come last, as the recipient rows do:
+-- a message handoff takes the contacts fence before its rows.
+CREATE FUNCTION pgcast_erase_v4(p_account text, p_email text, p_source text, p_actor jsonb)
+RETURNS TABLE (contact_id bigint, recipients bigint, messages bigint)
+LANGUAGE plpgsql AS $$
+DECLARE
+    v record;
+    n bigint;
 BEGIN
+    SELECT * INTO v FROM pgcast_erase_v3(p_account, p_email, p_source, p_actor);
     UPDATE messages m
     SET to_address = 'erased@erased.invalid', subject = '(erased)', text_body = '',
         html_body = NULL, headers = '{}', tags = '{}', reply_to = NULL,
         status = CASE WHEN m.status = 'queued' THEN 'skipped' ELSE m.status END,
         last_error = CASE WHEN m.status = 'queued' THEN 'contact erased' ELSE m.last_error END,
-        finished_at = coalesce(m.finished_at, clock_timestamp())
-    FROM erasure_keys k
-    WHERE m.account = NEW.account AND m.to_address <> 'erased@erased.invalid'
-      AND sha256(k.k2 || sha256(k.k1 || sha256(convert_to(lower(btrim(m.to_address)), 'UTF8'))))
-          = NEW.email_hash;
-    RETURN NULL;
+        finished_at = coalesce(m.finished_at, clock_timestamp()),
+        claim_token = CASE WHEN m.status = 'queued' THEN NULL ELSE m.claim_token END
+    WHERE m.account = p_account AND lower(m.to_address) = lower(btrim(p_email));
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN QUERY SELECT v.contact_id, v.recipients, n;
 END
 $$;
-CREATE TRIGGER contact_erasures_messages AFTER INSERT ON contact_erasures
-    FOR EACH ROW EXECUTE FUNCTION pgcast_message_erase_v1();
 
 -- Priority in the one bucket. Messages (and outside senders) take from the global bucket
 -- ahead of broadcasts: while they wait, a broadcast's take leaves them what they asked for,

@@ -28,6 +28,14 @@ SELECT * FROM pgcast_message_handoff_v1(%(token)s, %(ids)s::uuid[])
 -- Claimed rows not handed off go back (pgcast_message_release_v1).
 SELECT pgcast_message_release_v1(%(token)s, %(ids)s::uuid[]) AS released
 
+-- message_unhandoff --
+-- A handoff whose answer was lost (committed or not): this claim's rows of it back to queued,
+-- claimable at once (the worker made no call for them).
+UPDATE messages
+SET status = 'queued', handed_at = NULL, claim_token = NULL, lease_expires_at = NULL,
+    not_before = clock_timestamp()
+WHERE id = ANY (%(ids)s::uuid[]) AND claim_token = %(token)s AND status IN ('queued', 'sending')
+
 -- message_record --
 -- One claim's outcomes (pgcast_message_record_v1).
 SELECT pgcast_message_record_v1(%(token)s, %(ids)s::uuid[], %(outcomes)s::text[],

@@ -235,7 +235,7 @@ SELECT pgcast_drain_tokens_v1(%(name)s, %(seconds)s)
 
 -- rate_get --
 -- One bucket (operator_set_at NULL: no operator has set it; a worker's PGCAST_RATE may).
-SELECT name, rate, burst, tokens, refilled_at, updated_at, operator_set_at
+SELECT name, rate, burst, tokens, refilled_at, updated_at, operator_set_at, messages_share
 FROM rate_limits WHERE name = %(name)s
 
 -- rate_weight_set --

@@ -175,8 +175,8 @@ class Loop:
                     handed = await self.db.dicts("message_handoff", {"token": token,
                                                                      "ids": group})
                 except pg.UNREACHABLE:
-                    # committed or not, no call was made: the lease's end settles it (a
-                    # committed handoff ends unknown, never re-sent)
+                    # did it commit? Either way no call was made: put the group back
+                    await self.db.q_retry("message_unhandoff", {"token": token, "ids": group})
                     raise
                 self.counts.skipped += len(group) - len(handed)
                 if handed:

@@ -162,7 +162,7 @@ def test_unsubscribes_apply_to_marketing_only(conn: Conn, db_url: str, tmp_path:
 def test_an_erased_address_is_never_stored_nor_sent(conn: Conn, db_url: str,
                                                     tmp_path: Path) -> None:
     queued = send(conn, "ann@example.com")
-    conn.execute("SELECT * FROM pgcast_erase_v3('default', 'ann@example.com', 'api', '{}')")
+    conn.execute("SELECT * FROM pgcast_erase_v4('default', 'ann@example.com', 'api', '{}')")
     later = send(conn, "ANN@example.com")
     deliver(db_url, tmp_path)
     for mid in (queued, later):
@@ -357,3 +357,22 @@ def test_messages_take_tokens_ahead_of_broadcasts_up_to_their_share(conn: Conn) 
     assert _take(conn, bid, 100) >= 8
     _bucket(conn, tokens=10, credit=0, share=0)
     assert _take_messages(conn, 5) == 0
+
+
+def test_a_handoff_whose_answer_was_lost_is_put_back_uncalled(conn: Conn, db_url: str,
+                                                              tmp_path: Path) -> None:
+    from sql.queries import QUERIES
+
+    mid = send(conn, "ann@example.com")
+    token = "44444444-4444-4444-4444-444444444444"
+    conn.execute("SELECT * FROM pgcast_message_claim_v1(10, %s, 'w', interval '30 s')", (token,))
+    conn.execute("SELECT * FROM pgcast_message_handoff_v1(%s, %s)", (token, [mid]))
+    # another claim's token puts back nothing
+    conn.execute(QUERIES["message_unhandoff"], {"token": "55555555-5555-5555-5555-555555555555",
+                                                "ids": [mid]})
+    assert status(conn, mid)["status"] == "sending"
+    conn.execute(QUERIES["message_unhandoff"], {"token": token, "ids": [mid]})
+    row = status(conn, mid)
+    assert row["status"] == "queued" and not row["claimed"] and row["attempts"] == 0
+    deliver(db_url, tmp_path)
+    assert status(conn, mid)["status"] == "sent" and sent_files(tmp_path) == [str(mid)]
