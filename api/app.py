@@ -17,9 +17,23 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from api import auth, broadcasts, config, contacts, context, control, db, errors, http, openapi
+from api import (
+    auth,
+    broadcasts,
+    config,
+    contacts,
+    context,
+    control,
+    db,
+    errors,
+    http,
+    openapi,
+    subscriber_pages,
+)
 from api import bounds as body_bounds
 from api import dashboard_routes as dashboard
+from api import forms as forms_routes
+from api import messages as message_routes
 from api import preview as preview_routes
 from api import progress as progress_routes
 from api import schedule as schedule_routes
@@ -112,6 +126,9 @@ ROUTES = [
     route("/segments", GET=segment_routes.list_all, POST=segment_routes.save),
     route("/segments/count", POST=segment_routes.count),  # before {name}: a POST here
     route("/segments/{name}", GET=segment_routes.get, DELETE=segment_routes.delete),
+    *forms_routes.routes(route),
+    route("/messages", POST=message_routes.create),
+    route("/messages/{id}", GET=message_routes.get),
 ]
 
 
@@ -162,7 +179,7 @@ def create_app(settings: config.Settings, database_url: str) -> Starlette:
             await pool.close()
 
     app = Starlette(
-        routes=[*ROUTES, *dashboard.PAGES], lifespan=lifespan,
+        routes=[*ROUTES, *dashboard.PAGES, *subscriber_pages.PAGES], lifespan=lifespan,
         exception_handlers=EXCEPTION_HANDLERS,
         middleware=[Middleware(body_bounds.BoundedBody),
                     Middleware(AuthenticationMiddleware, backend=auth.JWTBackend(settings),

@@ -67,7 +67,7 @@ async def create(request: Request) -> Response:
     body = http.fields(await http.read_json(request), "body",
                        {k: CONTENT_FIELDS[k] for k in ("subject", "from")},
                        {**{k: CONTENT_FIELDS[k] for k in ("text", "html", *AUDIENCE)},
-                        "priority": http.INTEGER})
+                        "priority": http.INTEGER, "archive": http.BOOLEAN})
     try:
         segment_filter = await segment_routes.checked(request, who.account, segments.audience(
             body.get("segment"), body.get("filter"), body.get("tag")))
@@ -84,6 +84,9 @@ async def create(request: Request) -> Response:
                        {"account": who.account, "details": control.details(who),
                         "rate_limit": None, "segment_filter": segment_filter, **values})
     assert row is not None
+    if body.get("archive"):  # issue 28: listed on the archive page once sent
+        await db.one(context.pool(request), "broadcast_set_archive",
+                     {"account": who.account, "id": row["id"], "archive": True})
     return http.Json(with_warnings(broadcast_json(row)), status_code=201,
                      headers={"Location": f"/broadcasts/{row['id']}"})
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from api import forms as forms_routes
+
 BROADCAST_STATUSES = ["draft", "scheduled", "sending", "paused", "sent", "failed",
                       "cancelled"]
 RECIPIENT_STATUSES = ["pending", "claimed", "sending", "sent", "failed", "skipped", "unknown",
@@ -87,7 +89,9 @@ FEEDBACK_SCHEMAS: dict[str, Any] = {
     "NotSuppressed": obj({"success": {"const": False}, "email": STR, "message": STR}),
     "WebhookResult": obj({"outcome": {"enum": [
         "applied", "duplicate", "ignored", "logged", "unmatched", "confirmed", "unsubscribed"]},
-        "paused": {"enum": ["bounce_rate", "complaint_rate"]}}, ["outcome"]),
+        "paused": {"enum": ["bounce_rate", "complaint_rate"]},
+        "message": {**STR, "description": "the transactional message the event is about"}},
+        ["outcome"]),
 }
 
 SCHEMAS: dict[str, Any] = {
@@ -113,7 +117,10 @@ SCHEMAS: dict[str, Any] = {
         {"index": INT, "email": STR, "reason": STR})}}),
     "UnsubscribeIn": obj({"email": STR}),
     "Unsubscribed": obj({"success": {"const": True}, "email": STR, "unsubscribed_at": TIME}),
-    "BroadcastCreate": obj(CONTENT, ["subject", "from"]),
+    "BroadcastCreate": obj({**CONTENT, "archive": {
+        "type": "boolean", "description": "list it, once sent, on the account's public archive "
+                                          "page (/a/{slug}); default false"}},
+        ["subject", "from"]),
     "BroadcastPatch": {**obj(CONTENT, []), "minProperties": 1},
     "BroadcastSummary": obj(SUMMARY),
     "Broadcast": obj({**SUMMARY, "from": STR, "text": STR_OR_NULL, "html": STR_OR_NULL,
@@ -395,7 +402,7 @@ def _feedback_paths() -> dict[str, Any]:
 
 # -- what an operator reaches for: contacts listed, resubscribed, erased -------------------
 
-CONTACT_STATUSES = ["subscribed", "unsubscribed", "suppressed"]
+CONTACT_STATUSES = ["subscribed", "unsubscribed", "suppressed", "unconfirmed"]
 SCHEMAS.update({
     "Contact": obj({"email": STR, "name": STR, "tags": {"type": "array", "items": STR},
                     "attributes": {"type": "object"}, "status": {"enum": CONTACT_STATUSES},
@@ -469,6 +476,64 @@ def _segment_paths() -> dict[str, Any]:
     }
 
 
+SCHEMAS.update(forms_routes.openapi_schemas(obj, ref))
+
+
+MESSAGE_STATUSES = ["queued", "sending", "sent", "failed", "unknown", "skipped"]
+SCHEMAS.update({
+    "MessageIn": obj({
+        "to": {**STR, "description": "one address"},
+        "from": {**STR, "description": "`addr@example.com` or `Name <addr@example.com>` "
+                 "(the account's senders rule applies)"},
+        "subject": {**STR, "description": "one line; or give a template"},
+        "text": {**STR_OR_NULL, "description": "plain-text body; text or html is required "
+                 "unless a template is given"},
+        "html": {**STR_OR_NULL, "description": "HTML body"},
+        "template": {"type": ["object", "null"], "description": "subject, text and/or html "
+                     "rendered with `{{ data.name }}` under the render budget",
+                     "properties": {"subject": STR, "text": STR_OR_NULL, "html": STR_OR_NULL},
+                     "required": ["subject"], "additionalProperties": False},
+        "data": {"type": ["object", "null"], "description": "the template's data"},
+        "reply_to": {**STR_OR_NULL, "description": "one address, Reply-To"},
+        "headers": {"type": ["object", "null"], "additionalProperties": STR, "description":
+                    "In-Reply-To, References, X-Entity-Ref-ID, or X-... other than X-Pgcast-, "
+                    "X-SES- and X-Amz- (at most 20)"},
+        "tags": {"type": ["object", "null"], "additionalProperties": STR, "description":
+                 "SES EmailTags (at most 10; letters, digits, _ and -)"},
+        "category": {"enum": ["transactional", "marketing", "confirmation", None],
+                     "description": "transactional (default) and confirmation go to "
+                     "unsubscribed contacts; marketing does not"},
+        "idempotency_key": {**STR_OR_NULL, "description": "unique per account: the same key "
+                            "again answers 200 with the first message"}}, ["to", "from"]),
+    "MessageQueued": obj({"id": {"type": "string", "format": "uuid"},
+                          "status": {"enum": MESSAGE_STATUSES}}),
+    "Message": obj({"id": {"type": "string", "format": "uuid"},
+                    "status": {"enum": MESSAGE_STATUSES},
+                    "category": {"enum": ["transactional", "marketing", "confirmation"]},
+                    "to": STR, "from": STR, "subject": STR, "idempotency_key": STR_OR_NULL,
+                    "attempts": INT, "error": STR_OR_NULL, "provider_message_id": STR_OR_NULL,
+                    "created_at": TIME, "handed_at": TIME_OR_NULL, "sent_at": TIME_OR_NULL,
+                    "finished_at": TIME_OR_NULL, "delivered_at": TIME_OR_NULL,
+                    "bounced_at": TIME_OR_NULL, "complained_at": TIME_OR_NULL,
+                    "feedback_detail": STR_OR_NULL}),
+})
+
+
+def _message_paths() -> dict[str, Any]:
+    """Transactional messages (issue 26)."""
+    create = op("queue one transactional message (a running worker sends it)", (
+        "202", _json("MessageQueued", "queued (or skipped: an erased address)")),
+        "400 413 422", body="MessageIn")
+    create["responses"]["200"] = _json("Message", "the idempotency key named an earlier "
+                                       "message: that one, never a second send")
+    return {
+        "/messages": {"post": create},
+        "/messages/{id}": {"get": op("one message's status, attempts, error, provider id, "
+                                     "times and feedback", ("200", _json("Message", "it")),
+                                     "404", params=[ID])},
+    }
+
+
 def document() -> dict[str, Any]:
     """The whole OpenAPI 3.1 document."""
     return {
@@ -478,7 +543,9 @@ def document() -> dict[str, Any]:
                                 "`Authorization: Bearer <JWT>` with `sub` and `account` claims; "
                                 "everything is scoped to the token's account."},
         "paths": _with_operator_routes({**_paths(), **_feedback_paths(),
-                                        **_segment_paths()}),
+                                        **_segment_paths(),
+                                        **forms_routes.openapi_paths(op, _json, ID),
+                                        **_message_paths()}),
         "components": {"schemas": SCHEMAS, "securitySchemes": {
             "bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}}},
         "security": [{"bearer": []}],

@@ -3027,6 +3027,519 @@ END
 $$;
 DROP FUNCTION pgcast_claim_handoff_v3(uuid, integer, uuid, text, interval, bigint);
 
+-- 0017_messages: transactional messages (issue 26). One email to one address, written in the
+-- transaction of the change that causes it (the outbox pattern), delivered by the same workers
+-- as broadcast recipients: claimed with SKIP LOCKED, handed off behind a fence that commits
+-- before the provider call, recorded. `queued` rows are claimed by setting a claim token and
+-- pushing not_before to the lease's end (a claim whose worker died is claimable again when its
+-- lease ends, with no sweep); `sending` rows whose lease ended are `unknown`, never re-sent.
+-- Categories: transactional (the default) and confirmation (double opt-in mail) go to
+-- unsubscribed contacts; marketing does not. Suppressed and erased addresses are skipped.
+-- Messages take tokens from the global bucket ahead of broadcasts, up to messages_share of
+-- the rate while broadcasts are waiting.
+
+CREATE TABLE messages (
+    id                  uuid        PRIMARY KEY DEFAULT gen_random_uuid(),
+    account             text        NOT NULL,
+    idempotency_key     text,
+    category            text        NOT NULL DEFAULT 'transactional',
+    status              text        NOT NULL DEFAULT 'queued',
+    to_address          text        NOT NULL,
+    from_address        text        NOT NULL,
+    reply_to            text,
+    subject             text        NOT NULL,
+    text_body           text,
+    html_body           text,
+    -- extra headers (an allow-list checked by the API) and SES EmailTags, as JSON objects
+    headers             jsonb       NOT NULL DEFAULT '{}',
+    tags                jsonb       NOT NULL DEFAULT '{}',
+    -- provider calls that counted (sent, failed, retried, unknown; a throttle does not)
+    attempts            smallint    NOT NULL DEFAULT 0,
+    -- a queued row is claimable from then on: its retry time, or its claim's lease end
+    not_before          timestamptz NOT NULL DEFAULT clock_timestamp(),
+    claim_token         uuid,
+    worker              text,
+    lease_expires_at    timestamptz,
+    created_at          timestamptz NOT NULL DEFAULT clock_timestamp(),
+    -- the handoff: the fence passed, the provider call about to start
+    handed_at           timestamptz,
+    sent_at             timestamptz,
+    finished_at         timestamptz,
+    provider_message_id text,
+    last_error          text,
+    -- feedback from the provider (SES events), by provider_message_id
+    delivered_at        timestamptz,
+    bounced_at          timestamptz,
+    complained_at       timestamptz,
+    feedback_detail     text,
+    CONSTRAINT messages_account_length CHECK (char_length(account) BETWEEN 1 AND 200),
+    CONSTRAINT messages_key_length CHECK (char_length(idempotency_key) BETWEEN 1 AND 255),
+    CONSTRAINT messages_category_check
+        CHECK (category IN ('transactional', 'marketing', 'confirmation')),
+    CONSTRAINT messages_status_check
+        CHECK (status IN ('queued', 'sending', 'sent', 'failed', 'unknown', 'skipped')),
+    CONSTRAINT messages_body_check CHECK (text_body IS NOT NULL OR html_body IS NOT NULL),
+    CONSTRAINT messages_headers_check CHECK (jsonb_typeof(headers) = 'object'),
+    CONSTRAINT messages_tags_check CHECK (jsonb_typeof(tags) = 'object'),
+    CONSTRAINT messages_worker_check CHECK (claim_token IS NULL OR worker IS NOT NULL)
+);
+-- one message per key and account (a NULL key: no idempotency)
+CREATE UNIQUE INDEX messages_account_key ON messages (account, idempotency_key);
+CREATE INDEX messages_account_created ON messages (account, created_at);
+-- the claimable rows: queued ones, by when they may be claimed
+CREATE INDEX messages_claimable ON messages (not_before) WHERE status = 'queued';
+-- the rows in the provider's hands, for the sweep that makes lost ones unknown
+CREATE INDEX messages_in_flight ON messages (lease_expires_at) WHERE status = 'sending';
+CREATE INDEX messages_provider_id ON messages (provider_message_id)
+    WHERE provider_message_id IS NOT NULL;
+
+-- For DBAs and GET /messages/{id}: one row per message, without its bodies.
+CREATE VIEW message_status AS
+SELECT id, account, category, status, to_address, from_address, subject, idempotency_key,
+       attempts, last_error AS error, provider_message_id, created_at, handed_at, sent_at,
+       finished_at, delivered_at, bounced_at, complained_at, feedback_detail,
+       CASE WHEN status = 'queued' AND claim_token IS NOT NULL
+                 AND lease_expires_at > clock_timestamp() THEN true ELSE false END AS claimed
+FROM messages;
+
+-- Enqueue one message (the versioned implementation of pgcast_send_message). Validates what
+-- it can (an address with one @, a subject, a body, the category, the senders rule on from),
+-- raising SQLSTATE 22023 with a clear message. An address erased from the account is never
+-- stored: the row is `skipped` with the placeholder address and no subject or bodies. The same key again (committed,
+-- or committing in another session: ON CONFLICT waits for it) returns the first message,
+-- created = false. A new queued message NOTIFYs the workers (one notification a transaction:
+-- Postgres folds equal payloads).
+CREATE FUNCTION pgcast_send_message_v1(p_account text, p_to text, p_subject text, p_text text,
+                                       p_html text, p_from text, p_key text,
+                                       p_category text DEFAULT 'transactional',
+                                       p_reply_to text DEFAULT NULL,
+                                       p_headers jsonb DEFAULT '{}',
+                                       p_tags jsonb DEFAULT '{}')
+RETURNS TABLE (id uuid, created boolean, status text)
+LANGUAGE plpgsql AS $$
+DECLARE
+    addr text := btrim(coalesce(p_to, ''));
+    sender text;
+    allowed text[];
+    mid uuid;
+    st text;
+    erased boolean;
+BEGIN
+    IF p_account IS NULL OR char_length(p_account) NOT BETWEEN 1 AND 200 THEN
+        RAISE EXCEPTION 'account must be 1-200 characters' USING ERRCODE = '22023';
+    END IF;
+    IF addr !~ '^[^@\s<>(),;:"\[\]\\]+@[^@\s<>(),;:"\[\]\\]+\.[^@\s<>(),;:"\[\]\\]+$'
+       OR char_length(addr) > 254 THEN
+        RAISE EXCEPTION 'to: % is not an email address', p_to USING ERRCODE = '22023';
+    END IF;
+    IF btrim(coalesce(p_subject, '')) = '' THEN
+        RAISE EXCEPTION 'subject must not be empty' USING ERRCODE = '22023';
+    END IF;
+    IF p_text IS NULL AND p_html IS NULL THEN
+        RAISE EXCEPTION 'a message needs a text or an html body' USING ERRCODE = '22023';
+    END IF;
+    IF btrim(coalesce(p_from, '')) = '' THEN
+        RAISE EXCEPTION 'from must not be empty' USING ERRCODE = '22023';
+    END IF;
+    IF coalesce(p_category, '') NOT IN ('transactional', 'marketing', 'confirmation') THEN
+        RAISE EXCEPTION 'category must be transactional, marketing or confirmation, not %',
+            p_category USING ERRCODE = '22023';
+    END IF;
+    -- the senders rule (0015): with senders, the From's address must be one or at one
+    allowed := ARRAY(SELECT s.sender FROM senders s WHERE s.account = p_account);
+    IF cardinality(allowed) > 0 THEN
+        sender := lower(btrim(coalesce(substring(p_from FROM '<([^<>]*)>\s*$'), p_from)));
+        IF NOT (sender = ANY (allowed) OR split_part(sender, '@', 2) = ANY (allowed)) THEN
+            RAISE EXCEPTION 'from: % is not a sender this account may use', sender
+                USING ERRCODE = '22023',
+                      HINT = 'an operator allows more with `pgcast senders add`';
+        END IF;
+    END IF;
+    -- an erase cannot commit between this check and the insert
+    PERFORM pg_advisory_xact_lock_shared(hashtext('pgcast.erasure'), hashtext(p_account));
+    erased := pgcast_erased_v1(p_account, addr);
+    INSERT INTO messages AS m (account, idempotency_key, category, status, to_address,
+                               from_address, reply_to, subject, text_body, html_body, headers,
+                               tags, last_error, finished_at)
+    VALUES (p_account, p_key, p_category, CASE WHEN erased THEN 'skipped' ELSE 'queued' END,
+            CASE WHEN erased THEN 'erased@erased.invalid' ELSE addr END, btrim(p_from),
+            CASE WHEN NOT erased THEN p_reply_to END,
+            CASE WHEN erased THEN '(erased)' ELSE p_subject END,
+            CASE WHEN erased THEN '' ELSE p_text END, CASE WHEN NOT erased THEN p_html END,
+            CASE WHEN erased THEN '{}' ELSE coalesce(p_headers, '{}') END,
+            CASE WHEN erased THEN '{}' ELSE coalesce(p_tags, '{}') END,
+            CASE WHEN erased THEN 'contact erased' END,
+            CASE WHEN erased THEN clock_timestamp() END)
+    ON CONFLICT (account, idempotency_key) DO NOTHING
+    RETURNING m.id, m.status INTO mid, st;
+    IF mid IS NOT NULL THEN
+        IF st = 'queued' THEN
+            PERFORM pg_notify('pgcast_control', '{"event": "message"}');
+        END IF;
+        RETURN QUERY SELECT mid, true, st;
+        RETURN;
+    END IF;
+    RETURN QUERY SELECT m.id, false, m.status FROM messages m
+    WHERE m.account = p_account AND m.idempotency_key = p_key;
+END
+$$;
+
+-- The stable names applications call inside their own transactions (never renamed; each
+-- wraps the current version). Returns the message's id.
+CREATE FUNCTION pgcast_send_message(account text, to_address text, subject text,
+                                    text_body text, html_body text, from_address text,
+                                    idempotency_key text)
+RETURNS uuid LANGUAGE sql AS $$
+    SELECT id FROM pgcast_send_message_v1(account, to_address, subject, text_body, html_body,
+                                          from_address, idempotency_key)
+$$;
+
+CREATE FUNCTION pgcast_send_message(account text, to_address text, subject text,
+                                    text_body text, html_body text, from_address text,
+                                    idempotency_key text, category text)
+RETURNS uuid LANGUAGE sql AS $$
+    SELECT id FROM pgcast_send_message_v1(account, to_address, subject, text_body, html_body,
+                                          from_address, idempotency_key, category)
+$$;
+
+-- Claim up to p_limit claimable messages for one worker: the claim token, the lease (its end
+-- is also when the row is claimable again). SKIP LOCKED, in a CTE (bug #15715). May commit
+-- asynchronously: a crash can only lose the claim (the rows stay claimable).
+CREATE FUNCTION pgcast_message_claim_v1(p_limit integer, p_token uuid, p_worker text,
+                                        p_lease interval)
+RETURNS TABLE (id uuid, attempts smallint)
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM set_config('synchronous_commit', 'off', true);
+    RETURN QUERY
+    WITH picked AS (
+        SELECT q.id FROM messages q
+        WHERE q.status = 'queued' AND q.not_before <= clock_timestamp()
+        ORDER BY q.not_before
+        LIMIT p_limit
+        FOR UPDATE SKIP LOCKED
+    )
+    UPDATE messages m
+    SET claim_token = p_token, worker = coalesce(p_worker, 'unnamed'),
+        lease_expires_at = clock_timestamp() + p_lease,
+        not_before = clock_timestamp() + p_lease
+    FROM picked WHERE m.id = picked.id
+    RETURNING m.id, m.attempts;
+END
+$$;
+
+-- The fence before the provider call: this claim's queued rows whose lease holds move to
+-- sending; those whose address is suppressed or erased in the account, or unsubscribed for a
+-- `marketing` message, go to skipped with the reason. Under the contacts fence of each
+-- account (shared; exclusive in every writer of the columns read), rows locked in id order.
+-- Synchronous whatever the configuration; committed before the provider is called.
+CREATE FUNCTION pgcast_message_handoff_v1(p_token uuid, p_ids uuid[])
+RETURNS TABLE (id uuid, account text, category text, to_address text, from_address text,
+               reply_to text, subject text, text_body text, html_body text, headers jsonb,
+               tags jsonb, attempts smallint)
+LANGUAGE plpgsql
+SET plan_cache_mode = force_custom_plan
+AS $$
+DECLARE
+    acct text;
+    locked uuid[];
+BEGIN
+    PERFORM set_config('synchronous_commit', 'on', true);
+    FOR acct IN SELECT DISTINCT m.account FROM messages m WHERE m.id = ANY (p_ids)
+                ORDER BY 1 LOOP
+        PERFORM pg_advisory_xact_lock_shared(hashtext('pgcast.contacts'), hashtext(acct));
+    END LOOP;
+    locked := ARRAY(
+        SELECT m.id FROM messages m
+        WHERE m.id = ANY (p_ids) AND m.status = 'queued' AND m.claim_token = p_token
+          AND m.lease_expires_at > clock_timestamp()
+        ORDER BY m.id FOR UPDATE);
+    UPDATE messages m
+    SET status = 'skipped', finished_at = clock_timestamp(), claim_token = NULL,
+        lease_expires_at = NULL, last_error = g.why
+    FROM (SELECT q.id,
+                 CASE WHEN q.to_address = 'erased@erased.invalid'
+                           OR pgcast_erased_v1(q.account, q.to_address) THEN 'contact erased'
+                      WHEN c.suppressed_at IS NOT NULL
+                           THEN 'suppressed: ' || c.suppressed_reason
+                      WHEN c.unsubscribed_at IS NOT NULL AND q.category = 'marketing'
+                           THEN 'unsubscribed'
+                 END AS why
+          FROM messages q
+          LEFT JOIN contacts c ON c.account = q.account AND lower(c.email) = lower(q.to_address)
+          WHERE q.id = ANY (locked)) g
+    WHERE m.id = g.id AND g.why IS NOT NULL;
+    RETURN QUERY
+    UPDATE messages m SET status = 'sending', handed_at = clock_timestamp()
+    WHERE m.id = ANY (locked) AND m.status = 'queued'
+    RETURNING m.id, m.account, m.category, m.to_address, m.from_address, m.reply_to,
+              m.subject, m.text_body, m.html_body, m.headers, m.tags, m.attempts;
+END
+$$;
+
+-- Claimed rows not handed off go back (claimable at once, no attempt counted).
+CREATE FUNCTION pgcast_message_release_v1(p_token uuid, p_ids uuid[])
+RETURNS integer LANGUAGE plpgsql AS $$
+DECLARE
+    n integer;
+BEGIN
+    UPDATE messages m
+    SET claim_token = NULL, lease_expires_at = NULL, not_before = clock_timestamp()
+    WHERE m.id = ANY (ARRAY(SELECT q.id FROM messages q WHERE q.id = ANY (p_ids)
+                            AND q.status = 'queued' AND q.claim_token = p_token
+                            ORDER BY q.id FOR UPDATE));
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n;
+END
+$$;
+
+-- The outcomes of one claim's calls: sent (the provider's id), failed, unknown (maybe sent:
+-- never re-sent), retry (queued again after retry_in, an attempt), throttled (queued again
+-- after retry_in, not an attempt), release (queued again at once, never called). Only rows
+-- this claim handed off. May commit asynchronously: a crash leaves rows `sending`, which
+-- the sweep makes `unknown` (never re-sent).
+CREATE FUNCTION pgcast_message_record_v1(p_token uuid, p_ids uuid[], p_outcomes text[],
+                                         p_message_ids text[], p_errors text[],
+                                         p_retry_in double precision[])
+RETURNS integer LANGUAGE plpgsql AS $$
+DECLARE
+    n integer;
+BEGIN
+    PERFORM set_config('synchronous_commit', 'off', true);
+    UPDATE messages m
+    SET status = CASE o.outcome WHEN 'sent' THEN 'sent' WHEN 'failed' THEN 'failed'
+                                WHEN 'unknown' THEN 'unknown' ELSE 'queued' END,
+        attempts = m.attempts + CASE WHEN o.outcome IN ('throttled', 'release') THEN 0 ELSE 1 END,
+        provider_message_id = coalesce(o.message_id, m.provider_message_id),
+        last_error = CASE WHEN o.outcome = 'sent' THEN NULL ELSE o.error END,
+        sent_at = CASE WHEN o.outcome = 'sent' THEN clock_timestamp() ELSE m.sent_at END,
+        finished_at = CASE WHEN o.outcome IN ('sent', 'failed', 'unknown')
+                           THEN clock_timestamp() END,
+        claim_token = CASE WHEN o.outcome IN ('sent', 'failed', 'unknown') THEN m.claim_token END,
+        lease_expires_at = NULL,
+        not_before = CASE WHEN o.outcome IN ('retry', 'throttled', 'release')
+                          THEN clock_timestamp() + make_interval(secs => coalesce(o.retry_in, 0))
+                          ELSE m.not_before END
+    FROM unnest(p_ids, p_outcomes, p_message_ids, p_errors, p_retry_in)
+         AS o(id, outcome, message_id, error, retry_in)
+    WHERE m.id = o.id AND m.status = 'sending' AND m.claim_token = p_token;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n;
+END
+$$;
+
+-- Extends the leases of a live worker's claims (by claim token, never by worker).
+CREATE FUNCTION pgcast_message_renew_v1(p_tokens uuid[], p_lease interval)
+RETURNS integer LANGUAGE plpgsql AS $$
+DECLARE
+    n integer;
+BEGIN
+    PERFORM set_config('synchronous_commit', 'off', true);
+    UPDATE messages m
+    SET lease_expires_at = clock_timestamp() + p_lease,
+        not_before = CASE WHEN m.status = 'queued' THEN clock_timestamp() + p_lease
+                          ELSE m.not_before END
+    WHERE m.claim_token = ANY (p_tokens) AND m.status IN ('queued', 'sending')
+      AND m.lease_expires_at > clock_timestamp();
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n;
+END
+$$;
+
+-- Rows a dead worker left in the provider's hands (sending, lease over): unknown, never
+-- re-sent. Returns how many.
+CREATE FUNCTION pgcast_message_sweep_v1()
+RETURNS integer LANGUAGE plpgsql AS $$
+DECLARE
+    n integer;
+BEGIN
+    UPDATE messages m
+    SET status = 'unknown', finished_at = clock_timestamp(), lease_expires_at = NULL,
+        attempts = m.attempts + 1,
+        last_error = 'in doubt: the worker was lost after the handoff (maybe sent; never re-sent)'
+    WHERE m.id = ANY (ARRAY(SELECT q.id FROM messages q
+                            WHERE q.status = 'sending' AND q.lease_expires_at < clock_timestamp()
+                            ORDER BY q.id FOR UPDATE SKIP LOCKED));
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n;
+END
+$$;
+
+-- One SES event about a message, by the provider's message id: delivered, bounced or
+-- complained noted with its time and detail; a message still `unknown` that SES accepted
+-- (any event but reject and renderingfailure) becomes `sent`, one it did not becomes
+-- `failed`. Returns the message's id (NULL: no message has that provider id).
+CREATE FUNCTION pgcast_message_feedback_v1(p_provider_id text, p_event text, p_at timestamptz,
+                                           p_detail text)
+RETURNS uuid LANGUAGE plpgsql AS $$
+DECLARE
+    mid uuid;
+BEGIN
+    UPDATE messages m
+    SET delivered_at = CASE WHEN p_event = 'delivery' THEN coalesce(m.delivered_at, p_at)
+                            ELSE m.delivered_at END,
+        bounced_at = CASE WHEN p_event IN ('bounce', 'soft_bounce')
+                          THEN coalesce(m.bounced_at, p_at) ELSE m.bounced_at END,
+        complained_at = CASE WHEN p_event = 'complaint' THEN coalesce(m.complained_at, p_at)
+                             ELSE m.complained_at END,
+        feedback_detail = CASE WHEN p_event IN ('bounce', 'soft_bounce', 'complaint')
+                               THEN coalesce(p_detail, m.feedback_detail)
+                               ELSE m.feedback_detail END,
+        status = CASE WHEN m.status <> 'unknown' THEN m.status
+                      WHEN p_event IN ('reject', 'renderingfailure') THEN 'failed'
+                      ELSE 'sent' END
+    WHERE m.provider_message_id = p_provider_id
+    RETURNING m.id INTO mid;
+    RETURN mid;
+END
+$$;
+
+-- erase, v4: v3, then the address taken out of the account's messages in the same
+-- transaction: a queued one is skipped, and every one keeps only the placeholder address, no
+-- subject and no bodies. After v3's locks (the erasure lock, the contact row, the contacts
+-- fence when there is a contact), so the message rows come last, as the recipient rows do:
+-- a message handoff takes the contacts fence before its rows.
+CREATE FUNCTION pgcast_erase_v4(p_account text, p_email text, p_source text, p_actor jsonb)
+RETURNS TABLE (contact_id bigint, recipients bigint, messages bigint)
+LANGUAGE plpgsql AS $$
+DECLARE
+    v record;
+    n bigint;
+BEGIN
+    SELECT * INTO v FROM pgcast_erase_v3(p_account, p_email, p_source, p_actor);
+    UPDATE messages m
+    SET to_address = 'erased@erased.invalid', subject = '(erased)', text_body = '',
+        html_body = NULL, headers = '{}', tags = '{}', reply_to = NULL,
+        status = CASE WHEN m.status = 'queued' THEN 'skipped' ELSE m.status END,
+        last_error = CASE WHEN m.status = 'queued' THEN 'contact erased' ELSE m.last_error END,
+        finished_at = coalesce(m.finished_at, clock_timestamp()),
+        claim_token = CASE WHEN m.status = 'queued' THEN NULL ELSE m.claim_token END
+    WHERE m.account = p_account AND lower(m.to_address) = lower(btrim(p_email));
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN QUERY SELECT v.contact_id, v.recipients, n;
+END
+$$;
+
+-- Priority in the one bucket. Messages (and outside senders) take from the global bucket
+-- ahead of broadcasts: while they wait, a broadcast's take leaves them what they asked for,
+-- up to their credit. Their credit refills at messages_share x rate (up to that share of the
+-- burst, at least one token) and caps them only while broadcasts are waiting; with no
+-- broadcast waiting they may use the whole rate.
+ALTER TABLE rate_limits ADD COLUMN messages_share double precision NOT NULL DEFAULT 0.5
+    CONSTRAINT rate_limits_messages_share_check CHECK (messages_share BETWEEN 0 AND 1);
+ALTER TABLE rate_limits ADD COLUMN messages_credit double precision NOT NULL DEFAULT 1;
+ALTER TABLE rate_limits ADD COLUMN messages_refilled_at timestamptz NOT NULL
+    DEFAULT clock_timestamp();
+ALTER TABLE rate_limits ADD COLUMN messages_waiting_at timestamptz;
+ALTER TABLE rate_limits ADD COLUMN messages_want integer NOT NULL DEFAULT 0;
+
+-- Up to p_want tokens for messages from bucket p_name, under the bucket's rate lock. Committed
+-- asynchronously, as pgcast_take_tokens_v3 (the handoff after it flushes it).
+CREATE FUNCTION pgcast_take_tokens_messages_v1(p_name text, p_want integer)
+RETURNS TABLE (granted integer, wait_seconds double precision)
+LANGUAGE plpgsql AS $$
+DECLARE
+    b rate_limits%ROWTYPE;
+    t timestamptz;
+    have double precision;
+    credit double precision;
+    cap double precision;
+    limited boolean;
+    g integer;
+BEGIN
+    PERFORM set_config('synchronous_commit', 'off', true);
+    PERFORM pg_advisory_xact_lock(hashtext('pgcast.rate'), hashtext(p_name));
+    SELECT * INTO b FROM rate_limits WHERE name = p_name;
+    IF NOT FOUND OR b.rate = 0 THEN
+        RETURN QUERY SELECT p_want, 0.0::double precision;
+        RETURN;
+    END IF;
+    t := clock_timestamp();
+    have := least(b.burst, b.tokens + greatest(0, extract(epoch FROM t - b.refilled_at)) * b.rate);
+    cap := greatest(1, b.burst * b.messages_share);
+    credit := least(cap, b.messages_credit + greatest(0, extract(epoch FROM
+                    t - b.messages_refilled_at)) * b.rate * b.messages_share);
+    -- broadcasts waiting: a broadcast's take that got less than it asked for lately
+    limited := EXISTS (SELECT 1 FROM rate_broadcast_shares s
+                       WHERE s.bucket = p_name AND s.waiting_at >
+                             t - make_interval(secs => pgcast_waiting_horizon_v1(b.rate, b.burst)));
+    g := floor(greatest(0, least(p_want::double precision, have,
+                                 CASE WHEN limited THEN credit ELSE p_want END)))::integer;
+    UPDATE rate_limits
+    SET tokens = have - g, refilled_at = t, messages_credit = greatest(0, credit - g),
+        messages_refilled_at = t,
+        messages_waiting_at = CASE WHEN g < p_want THEN t END,
+        messages_want = p_want - g
+    WHERE name = p_name;
+    RETURN QUERY SELECT g, CASE
+        WHEN g > 0 THEN 0.0
+        WHEN have < 1 THEN (1 - have) / b.rate
+        WHEN b.messages_share = 0 THEN 1.0
+        ELSE (1 - credit) / (b.rate * b.messages_share) END;
+END
+$$;
+
+-- The stable name for mail that leaves through software other than pgcast: up to n tokens
+-- from the global bucket, with the priority of messages. Call it before each send (or group)
+-- and send only `granted`; wait wait_seconds when it is 0.
+CREATE FUNCTION pgcast_take_tokens_external(n integer)
+RETURNS TABLE (granted integer, wait_seconds double precision)
+LANGUAGE sql AS $$
+    SELECT * FROM pgcast_take_tokens_messages_v1('global', n)
+$$;
+
+-- take, v4: v3, leaving messages what they wait for. While a message taker waits (it asked
+-- within the waiting horizon and got less than it wanted), a broadcast's take sees the bucket
+-- less the tokens the messages want, up to their credit.
+CREATE FUNCTION pgcast_take_tokens_v4(p_name text, p_want integer, p_broadcast uuid)
+RETURNS TABLE (granted integer, wait_seconds double precision, ahead boolean)
+LANGUAGE plpgsql AS $$
+DECLARE
+    b rate_limits%ROWTYPE;
+    t timestamptz;
+    have double precision;
+    reserve double precision;
+    credit double precision;
+    held double precision;
+BEGIN
+    PERFORM set_config('synchronous_commit', 'off', true);
+    PERFORM pg_advisory_xact_lock(hashtext('pgcast.rate'), hashtext(p_name));
+    SELECT * INTO b FROM rate_limits WHERE name = p_name;
+    IF NOT FOUND OR b.rate = 0 OR b.messages_waiting_at IS NULL OR b.messages_want <= 0
+       OR b.messages_waiting_at <= clock_timestamp()
+           - make_interval(secs => pgcast_waiting_horizon_v1(b.rate, b.burst)) THEN
+        RETURN QUERY SELECT * FROM pgcast_take_tokens_v3(p_name, p_want, p_broadcast);
+        RETURN;
+    END IF;
+    t := clock_timestamp();
+    have := least(b.burst, b.tokens + greatest(0, extract(epoch FROM t - b.refilled_at)) * b.rate);
+    credit := least(greatest(1, b.burst * b.messages_share), b.messages_credit
+                    + greatest(0, extract(epoch FROM t - b.messages_refilled_at))
+                      * b.rate * b.messages_share);
+    reserve := least(have, b.messages_want, credit);
+    IF reserve <= 0 THEN
+        RETURN QUERY SELECT * FROM pgcast_take_tokens_v3(p_name, p_want, p_broadcast);
+        RETURN;
+    END IF;
+    -- v3 sees the bucket without the reserve; the reserve is put back after it took
+    held := reserve;
+    UPDATE rate_limits SET tokens = have - held, refilled_at = t, messages_credit = credit,
+                           messages_refilled_at = t WHERE name = p_name;
+    RETURN QUERY SELECT * FROM pgcast_take_tokens_v3(p_name, p_want, p_broadcast);
+    UPDATE rate_limits SET tokens = tokens + held WHERE name = p_name;
+END
+$$;
+
+-- `pgcast rate messages-share F`: the share of the rate messages may take while broadcasts
+-- wait. Returns the bucket's name and the share now.
+CREATE FUNCTION pgcast_messages_share_v1(p_name text, p_share double precision)
+RETURNS TABLE (name text, messages_share double precision)
+LANGUAGE sql AS $$
+    UPDATE rate_limits r SET messages_share = p_share, updated_at = now()
+    WHERE r.name = p_name
+    RETURNING r.name, r.messages_share
+$$;
+
 -- 0018_segments (issue 27): send to exactly the contacts a filter describes, fixed at send.
 -- * A filter is JSON ({"tag": ...}, {"attribute": ..., "eq": ...}, {"all": [...]}, ...,
 --   docs/segments.md). pgcast_segment_sql_v1 is its one compiler and validator: it turns a
@@ -3534,3 +4047,405 @@ $$;
 
 DROP FUNCTION pgcast_start_due_v2();
 DROP FUNCTION pgcast_send_v5(text, uuid, boolean, jsonb);
+
+-- 0019_subscribers (issue 28): the subscriber's side. Sign-up forms with double opt-in (a
+-- contact can be unconfirmed), public topics for a preference centre, and a public archive.
+--
+-- A contact is mailable when it is confirmed, not unsubscribed, not suppressed and not erased
+-- (deleted). pgcast_mailable says so in ONE place: the snapshot (pgcast_send_v6 and later), both
+-- handoff paths (pgcast_handoff_v3, pgcast_claim_handoff_v5) and any later filter call it.
+-- It is a LANGUAGE sql expression of the row, inlined by the planner: the snapshot's plan is
+-- the same as with the columns spelled out.
+
+-- NULL: signed up on a form and not confirmed yet. Existing contacts, imports and API adds
+-- are confirmed (the default: the time they were written).
+ALTER TABLE contacts ADD COLUMN confirmed_at timestamptz DEFAULT now();
+
+-- The one definition, under the unversioned name branch segments (0018) gave it for its
+-- filters; replaced (or created, without 0018) here with the confirmation, so every snapshot,
+-- handoff and segment count follows. Same signature and attributes as 0018's.
+CREATE OR REPLACE FUNCTION pgcast_mailable(c contacts) RETURNS boolean
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$ SELECT c.confirmed_at IS NOT NULL AND c.unsubscribed_at IS NULL AND c.suppressed_at IS NULL $$;
+
+-- why a contact is not mailable ('contact erased' when the row is gone), NULL when it is
+CREATE FUNCTION pgcast_unmailable_reason_v1(c contacts)
+RETURNS text LANGUAGE sql IMMUTABLE AS $$
+    SELECT CASE WHEN c.id IS NULL THEN 'contact erased'
+                WHEN c.unsubscribed_at IS NOT NULL THEN 'unsubscribed'
+                WHEN c.suppressed_at IS NOT NULL THEN 'suppressed: ' || c.suppressed_reason
+                WHEN c.confirmed_at IS NULL THEN 'unconfirmed'
+           END
+$$;
+
+-- the contacts fence covers the confirmation too: a confirm (or an unconfirm) commits before
+-- or after a handoff, never in the middle of one
+DROP TRIGGER contacts_fence_update ON contacts;
+CREATE TRIGGER contacts_fence_update
+    BEFORE UPDATE OF unsubscribed_at, suppressed_at, confirmed_at ON contacts
+    FOR EACH ROW
+    WHEN (OLD.unsubscribed_at IS DISTINCT FROM NEW.unsubscribed_at
+          OR OLD.suppressed_at IS DISTINCT FROM NEW.suppressed_at
+          OR OLD.confirmed_at IS DISTINCT FROM NEW.confirmed_at)
+    EXECUTE FUNCTION pgcast_contact_fence_v1();
+
+-- consent and preference changes are contact events too
+ALTER TABLE contact_events DROP CONSTRAINT contact_events_action_check;
+ALTER TABLE contact_events ADD CONSTRAINT contact_events_action_check
+    CHECK (action IN ('unsubscribe', 'resubscribe', 'suppress', 'unsuppress', 'soft_bounce',
+                      'erase', 'signup', 'confirm', 'preferences'));
+
+-- A sign-up form: the tags a confirmed sign-up gets, the From of its confirmation mails,
+-- whether it asks for confirmation, where
+-- it sends the browser afterwards, and whether other sites may frame it.
+CREATE TABLE forms (
+    id            uuid        PRIMARY KEY DEFAULT gen_random_uuid(),
+    account       text        NOT NULL CHECK (char_length(account) BETWEEN 1 AND 200),
+    name          text        NOT NULL CHECK (char_length(name) BETWEEN 1 AND 200),
+    tags          text[]      NOT NULL DEFAULT '{}',
+    -- the From of the confirmation mails
+    from_address  text        NOT NULL CHECK (char_length(from_address) BETWEEN 3 AND 998),
+    double_opt_in boolean     NOT NULL DEFAULT true,
+    redirect_url  text        CHECK (redirect_url ~ '^https?://' AND char_length(redirect_url) <= 2000),
+    embeddable    boolean     NOT NULL DEFAULT false,
+    created_at    timestamptz NOT NULL DEFAULT now(),
+    UNIQUE (account, name)
+);
+
+-- The tags of an account a person may choose on their preference page, with a label.
+CREATE TABLE topics (
+    account    text        NOT NULL CHECK (char_length(account) BETWEEN 1 AND 200),
+    tag        text        NOT NULL CHECK (char_length(tag) BETWEEN 1 AND 100),
+    label      text        NOT NULL CHECK (char_length(label) BETWEEN 1 AND 200),
+    created_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (account, tag)
+);
+
+-- An account's public archive page (/a/{slug}): the sent broadcasts created with archive.
+CREATE TABLE archives (
+    account    text        PRIMARY KEY CHECK (char_length(account) BETWEEN 1 AND 200),
+    slug       text        NOT NULL UNIQUE CHECK (slug ~ '^[a-z0-9][a-z0-9-]{0,62}$'),
+    created_at timestamptz NOT NULL DEFAULT now()
+);
+ALTER TABLE broadcasts ADD COLUMN archive boolean NOT NULL DEFAULT false;
+
+-- A sign-up on a form, one transaction: the erasure lock (shared) first, then the contact row
+-- (created unconfirmed, or the existing one locked). Outcomes:
+--   mail       a confirmation is due (new, unconfirmed or unsubscribed contact); the signup
+--              event (details.mailed) counts toward p_max_mails per 24 hours
+--   limited    as mail, but p_max_mails confirmations went out in the last 24 hours
+--   tagged     already mailable: the form's tags are added, nothing is sent
+--   subscribed a form without double opt-in: a new or unconfirmed contact is confirmed
+--   ignored    erased, suppressed, or unsubscribed on a form without double opt-in
+--   no_form    the form does not exist
+-- Every outcome answers the person the same page: a form never tells who is on the list.
+CREATE FUNCTION pgcast_signup_v1(p_form uuid, p_email text, p_name text, p_max_mails integer,
+                                 p_details jsonb)
+RETURNS TABLE (outcome text, contact_id bigint, account text, event_id bigint)
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    f forms%ROWTYPE;
+    c contacts%ROWTYPE;
+    mailed integer;
+    ev bigint;
+    details jsonb;
+BEGIN
+    SELECT * INTO f FROM forms WHERE id = p_form;
+    IF NOT FOUND THEN
+        RETURN QUERY SELECT 'no_form'::text, NULL::bigint, NULL::text, NULL::bigint;
+        RETURN;
+    END IF;
+    details := coalesce(p_details, '{}') || jsonb_build_object('form', f.id, 'form_name', f.name);
+    PERFORM pg_advisory_xact_lock_shared(hashtext('pgcast.erasure'), hashtext(f.account));
+    IF pgcast_erased_v1(f.account, p_email) THEN
+        RETURN QUERY SELECT 'ignored'::text, NULL::bigint, f.account, NULL::bigint;
+        RETURN;
+    END IF;
+    INSERT INTO contacts AS k (account, email, name, tags, confirmed_at)
+    VALUES (f.account, p_email, coalesce(p_name, ''),
+            CASE WHEN f.double_opt_in THEN '{}' ELSE f.tags END,
+            CASE WHEN f.double_opt_in THEN NULL ELSE clock_timestamp() END)
+    ON CONFLICT (account, lower(email)) DO NOTHING
+    RETURNING * INTO c;
+    IF c.id IS NOT NULL AND NOT f.double_opt_in THEN
+        INSERT INTO contact_events (account, contact_id, action, source, actor, details)
+        VALUES (f.account, c.id, 'signup', 'form', '{"via": "form"}',
+                details || '{"confirmed": false, "double_opt_in": false}')
+        RETURNING id INTO ev;
+        RETURN QUERY SELECT 'subscribed'::text, c.id, f.account, ev;
+        RETURN;
+    END IF;
+    IF c.id IS NULL THEN
+        SELECT * INTO c FROM contacts k
+        WHERE k.account = f.account AND lower(k.email) = lower(p_email) FOR UPDATE;
+        IF NOT FOUND THEN  -- erased between the insert and the read: nothing to do
+            RETURN QUERY SELECT 'ignored'::text, NULL::bigint, f.account, NULL::bigint;
+            RETURN;
+        END IF;
+        IF c.suppressed_at IS NOT NULL
+           OR (NOT f.double_opt_in AND c.unsubscribed_at IS NOT NULL) THEN
+            RETURN QUERY SELECT 'ignored'::text, c.id, f.account, NULL::bigint;
+            RETURN;
+        END IF;
+        IF pgcast_mailable(c) THEN
+            UPDATE contacts k SET tags = k.tags || ARRAY(
+                    SELECT t FROM unnest(f.tags) t WHERE NOT t = ANY (k.tags)),
+                updated_at = now()
+            WHERE k.id = c.id;
+            INSERT INTO contact_events (account, contact_id, action, source, actor, details)
+            VALUES (f.account, c.id, 'signup', 'form', '{"via": "form"}',
+                    details || '{"already_subscribed": true}')
+            RETURNING id INTO ev;
+            RETURN QUERY SELECT 'tagged'::text, c.id, f.account, ev;
+            RETURN;
+        END IF;
+        IF NOT f.double_opt_in THEN  -- unconfirmed, signing up on a form without opt-in
+            UPDATE contacts k SET confirmed_at = clock_timestamp(), tags = k.tags || ARRAY(
+                    SELECT t FROM unnest(f.tags) t WHERE NOT t = ANY (k.tags)),
+                updated_at = now()
+            WHERE k.id = c.id;
+            INSERT INTO contact_events (account, contact_id, action, source, actor, details)
+            VALUES (f.account, c.id, 'signup', 'form', '{"via": "form"}',
+                    details || '{"confirmed": false, "double_opt_in": false}')
+            RETURNING id INTO ev;
+            RETURN QUERY SELECT 'subscribed'::text, c.id, f.account, ev;
+            RETURN;
+        END IF;
+    END IF;
+    -- double opt-in: a new, unconfirmed or unsubscribed contact gets a confirmation
+    SELECT count(*) INTO mailed FROM contact_events e
+    WHERE e.account = f.account AND e.contact_id = c.id AND e.action = 'signup'
+      AND e.at > clock_timestamp() - interval '24 hours' AND e.details @> '{"mailed": true}';
+    IF mailed >= p_max_mails THEN
+        RETURN QUERY SELECT 'limited'::text, c.id, f.account, NULL::bigint;
+        RETURN;
+    END IF;
+    INSERT INTO contact_events (account, contact_id, action, source, actor, details)
+    VALUES (f.account, c.id, 'signup', 'form', '{"via": "form"}',
+            details || '{"mailed": true}')
+    RETURNING id INTO ev;
+    RETURN QUERY SELECT 'mail'::text, c.id, f.account, ev;
+END
+$$;
+
+-- One POST /f/{id} in one statement: pgcast_signup_v1 and, when a confirmation is due,
+-- pgcast_send_confirmation_v1 with the mail the caller composed (its link names the address
+-- and the form, so it is made before the contact's id is known), from the form's From, keyed
+-- by the signup event. With what the answer needs: the form's double_opt_in, redirect_url
+-- and embeddable. No row when the form does not exist.
+CREATE FUNCTION pgcast_form_signup_v1(p_form uuid, p_email text, p_name text,
+                                      p_max_mails integer, p_details jsonb, p_subject text,
+                                      p_text text, p_html text)
+RETURNS TABLE (outcome text, message_id uuid, double_opt_in boolean, redirect_url text,
+               embeddable boolean)
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    s record;
+    f forms%ROWTYPE;
+    mid uuid;
+BEGIN
+    -- held until commit: a form deleted meanwhile waits (its From is read once, here)
+    SELECT * INTO f FROM forms WHERE id = p_form FOR KEY SHARE;
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    SELECT * INTO s FROM pgcast_signup_v1(p_form, p_email, p_name, p_max_mails, p_details);
+    IF s.outcome = 'mail' THEN
+        mid := pgcast_send_confirmation_v1(s.account, p_email, p_subject, p_text, p_html,
+                                           f.from_address, 'confirmation:' || s.event_id);
+    END IF;
+    RETURN QUERY SELECT s.outcome, mid, f.double_opt_in, f.redirect_url, f.embeddable;
+END
+$$;
+
+-- Confirm a sign-up (POST /f/confirm/{token}): the contact becomes confirmed and subscribed
+-- with the form's tags, and contact_events records the consent (form, time, confirmed). An
+-- unsubscribe later than the token (p_issued) is not undone by an old link. ok = false when
+-- the contact or the form is gone, the contact is suppressed, or it unsubscribed since.
+CREATE FUNCTION pgcast_confirm_v1(p_email text, p_form uuid, p_issued timestamptz,
+                                  p_details jsonb)
+RETURNS TABLE (ok boolean, account text, redirect_url text)
+LANGUAGE plpgsql AS $$
+DECLARE
+    f forms%ROWTYPE;
+    c contacts%ROWTYPE;
+BEGIN
+    SELECT * INTO f FROM forms WHERE id = p_form;
+    IF NOT FOUND THEN
+        RETURN QUERY SELECT false, NULL::text, NULL::text;
+        RETURN;
+    END IF;
+    SELECT * INTO c FROM contacts k
+    WHERE k.account = f.account AND lower(k.email) = lower(p_email) FOR UPDATE;
+    IF NOT FOUND OR c.suppressed_at IS NOT NULL OR c.unsubscribed_at > p_issued THEN
+        RETURN QUERY SELECT false, f.account, f.redirect_url;
+        RETURN;
+    END IF;
+    IF pgcast_mailable(c) AND c.tags @> f.tags THEN  -- confirmed already (a second click)
+        RETURN QUERY SELECT true, f.account, f.redirect_url;
+        RETURN;
+    END IF;
+    UPDATE contacts k
+    SET confirmed_at = coalesce(k.confirmed_at, clock_timestamp()), unsubscribed_at = NULL,
+        tags = k.tags || ARRAY(SELECT t FROM unnest(f.tags) t WHERE NOT t = ANY (k.tags)),
+        updated_at = now()
+    WHERE k.id = c.id;
+    INSERT INTO contact_events (account, contact_id, action, source, actor, details)
+    VALUES (f.account, c.id, 'confirm', 'form', '{"via": "form"}',
+            coalesce(p_details, '{}') || jsonb_build_object(
+                'form', f.id, 'form_name', f.name, 'confirmed', true, 'tags', f.tags,
+                'resubscribed', c.unsubscribed_at IS NOT NULL, 'link_issued_at', p_issued));
+    RETURN QUERY SELECT true, f.account, f.redirect_url;
+END
+$$;
+
+-- Save a person's preference page: their tags among the account's topics become exactly
+-- p_chosen (other tags are kept); one preferences event with what was added and removed.
+CREATE FUNCTION pgcast_preferences_v1(p_contact bigint, p_chosen text[], p_broadcast uuid)
+RETURNS TABLE (ok boolean, added text[], removed text[])
+LANGUAGE plpgsql AS $$
+DECLARE
+    c contacts%ROWTYPE;
+    offered text[];
+    wanted text[];
+    plus text[];
+    minus text[];
+BEGIN
+    SELECT * INTO c FROM contacts k WHERE k.id = p_contact FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN QUERY SELECT false, NULL::text[], NULL::text[];
+        RETURN;
+    END IF;
+    offered := ARRAY(SELECT t.tag FROM topics t WHERE t.account = c.account ORDER BY t.tag);
+    wanted := ARRAY(SELECT x FROM unnest(p_chosen) x WHERE x = ANY (offered));
+    plus := ARRAY(SELECT x FROM unnest(wanted) x WHERE NOT x = ANY (c.tags));
+    minus := ARRAY(SELECT x FROM unnest(c.tags) x WHERE x = ANY (offered) AND NOT x = ANY (wanted));
+    IF cardinality(plus) + cardinality(minus) > 0 THEN
+        UPDATE contacts k
+        SET tags = ARRAY(SELECT x FROM unnest(k.tags) x WHERE NOT x = ANY (minus)) || plus,
+            updated_at = now()
+        WHERE k.id = c.id;
+        INSERT INTO contact_events (account, contact_id, action, source, actor, broadcast_id,
+                                    details)
+        VALUES (c.account, c.id, 'preferences', 'preferences', '{"via": "preferences"}',
+                p_broadcast, jsonb_build_object('added', plus, 'removed', minus));
+    END IF;
+    RETURN QUERY SELECT true, plus, minus;
+END
+$$;
+
+
+-- handoff, v3: v2 with the contact read through pgcast_mailable (an unconfirmed contact
+-- is skipped, 'unconfirmed') and the reason from pgcast_unmailable_reason_v1.
+CREATE FUNCTION pgcast_handoff_v3(p_id uuid, p_epoch integer, p_token uuid, p_ids bigint[])
+RETURNS TABLE (contact_id bigint, email text, name text, attributes jsonb, tags text[])
+LANGUAGE plpgsql
+SET plan_cache_mode = force_custom_plan
+AS $$
+DECLARE
+    acct text;
+    gone bigint[];
+    locked bigint[];
+    n_skip integer;
+BEGIN
+    PERFORM set_config('synchronous_commit', 'on', true);
+    -- the pause fence (exclusive in pause), before the broadcast is read
+    PERFORM pg_advisory_xact_lock_shared(hashtext('pgcast.handoff'), hashtext(p_id::text));
+    SELECT b.account INTO acct FROM broadcasts b
+    WHERE b.id = p_id AND b.status = 'sending' AND b.epoch = p_epoch;
+    IF NOT FOUND THEN
+        RETURN;  -- fenced: cancelled, paused or resumed since the claim
+    END IF;
+    -- the contacts fence (exclusive in every writer of the columns the predicate reads)
+    PERFORM pg_advisory_xact_lock_shared(hashtext('pgcast.contacts'), hashtext(acct));
+    gone := ARRAY(
+        SELECT x.id FROM unnest(p_ids) AS x(id) LEFT JOIN contacts k ON k.id = x.id
+        WHERE k.id IS NULL OR NOT pgcast_mailable(k));
+    IF cardinality(gone) > 0 THEN
+        PERFORM 1 FROM broadcasts b WHERE b.id = p_id AND b.status = 'sending'
+            AND b.epoch = p_epoch FOR NO KEY UPDATE;
+        IF NOT FOUND THEN
+            RETURN;
+        END IF;
+    END IF;
+    locked := ARRAY(
+        SELECT l.contact_id FROM broadcast_recipients l
+        WHERE l.broadcast_id = p_id AND l.contact_id = ANY (p_ids) AND l.status = 'claimed'
+          AND l.claim_token = p_token AND l.lease_expires_at > clock_timestamp()
+        ORDER BY l.contact_id FOR UPDATE);
+    IF cardinality(gone) > 0 THEN
+        UPDATE broadcast_recipients r
+        SET status = 'skipped', lease_expires_at = NULL,
+            last_error = coalesce((SELECT pgcast_unmailable_reason_v1(k) FROM contacts k
+                                   WHERE k.id = r.contact_id), 'contact erased')
+        WHERE r.broadcast_id = p_id AND r.contact_id = ANY (locked)
+          AND r.contact_id = ANY (gone);
+        GET DIAGNOSTICS n_skip = ROW_COUNT;
+        UPDATE broadcasts SET skipped = skipped + n_skip WHERE id = p_id;
+    END IF;
+    RETURN QUERY
+    UPDATE broadcast_recipients r
+    SET status = 'sending', handed_at = statement_timestamp()
+    FROM contacts c
+    WHERE r.broadcast_id = p_id AND c.id = r.contact_id AND r.contact_id = ANY (locked)
+      AND NOT (r.contact_id = ANY (gone))
+    RETURNING r.contact_id, r.email, c.name, c.attributes, c.tags;
+END
+$$;
+
+-- claim and hand off, v5: v4 with the contact read through pgcast_mailable.
+CREATE FUNCTION pgcast_claim_handoff_v5(p_id uuid, p_limit integer, p_token uuid,
+                                        p_worker text, p_lease interval, p_after bigint)
+RETURNS TABLE (contact_id bigint, email text, name text, attributes jsonb, tags text[],
+               attempts smallint, epoch integer, handed boolean, last_fresh bigint,
+               global_rate double precision)
+LANGUAGE plpgsql
+SET plan_cache_mode = force_custom_plan
+AS $$
+DECLARE
+    e integer;
+    acct text;
+    c record;
+    lim double precision;
+BEGIN
+    PERFORM set_config('synchronous_commit', 'on', true);
+    PERFORM pg_advisory_xact_lock_shared(hashtext('pgcast.handoff'), hashtext(p_id::text));
+    SELECT b.epoch, b.account INTO e, acct FROM broadcasts b
+    WHERE b.id = p_id AND b.status = 'sending';
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    PERFORM pg_advisory_xact_lock_shared(hashtext('pgcast.contacts'), hashtext(acct));
+    c := pgcast_claim_rows_v2(p_id, p_limit, p_after);
+    lim := coalesce((SELECT l.rate FROM rate_limits l WHERE l.name = 'global'), 0);
+    RETURN QUERY
+    UPDATE broadcast_recipients r
+    SET status = CASE WHEN k.mailable AND lim = 0 THEN 'sending' ELSE 'claimed' END,
+        handed_at = CASE WHEN k.mailable AND lim = 0 THEN statement_timestamp() END,
+        claim_token = p_token, claim_epoch = e, worker = coalesce(p_worker, 'unnamed'),
+        lease_expires_at = clock_timestamp() + p_lease
+    FROM (SELECT x.id, coalesce(ct.name, '') AS name,
+                 coalesce(ct.attributes, '{}') AS attributes, coalesce(ct.tags, '{}') AS tags,
+                 ct.id IS NOT NULL AND pgcast_mailable(ct) AS mailable
+          FROM unnest(c.ids) AS x(id) LEFT JOIN contacts ct ON ct.id = x.id) k
+    WHERE r.broadcast_id = p_id AND k.id = r.contact_id AND r.contact_id = ANY (c.ids)
+    RETURNING r.contact_id, r.email, k.name, k.attributes, k.tags, r.attempts, e,
+              k.mailable AND lim = 0, c.last_fresh, lim;
+END
+$$;
+
+
+-- The confirmation of a sign-up, sent on the transactional messages path (0017: category
+-- confirmation, ahead of broadcasts) in the caller's transaction. One function, so that the
+-- path is named in one place; returns the message's id (the same id for the same key).
+CREATE FUNCTION pgcast_send_confirmation_v1(p_account text, p_to text, p_subject text,
+                                            p_text text, p_html text, p_from text,
+                                            p_idempotency_key text)
+RETURNS uuid LANGUAGE plpgsql AS $$
+BEGIN
+    RETURN pgcast_send_message(p_account, p_to, p_subject, p_text, p_html, p_from,
+                               p_idempotency_key, 'confirmation');
+END
+$$;

@@ -5,13 +5,14 @@
 -- An account's contacts by address, keyset-paged on the unique index (account, lower(email))
 -- so a cursor is an address the caller has seen; optionally by tag and mailing status.
 SELECT lower(email) AS key, email, name, tags, attributes, unsubscribed_at, suppressed_at, suppressed_reason,
-       created_at, updated_at
-FROM contacts
+       created_at, updated_at, confirmed_at
+FROM contacts c
 WHERE account = %(account)s
   AND lower(email) > %(after)s
   AND (%(tag)s::text IS NULL OR tags @> ARRAY[%(tag)s::text])
   AND (%(status)s::text IS NULL
-       OR (%(status)s = 'subscribed' AND unsubscribed_at IS NULL AND suppressed_at IS NULL)
+       OR (%(status)s = 'subscribed' AND pgcast_mailable(c))
+       OR (%(status)s = 'unconfirmed' AND confirmed_at IS NULL)
        OR (%(status)s = 'unsubscribed' AND unsubscribed_at IS NOT NULL)
        OR (%(status)s = 'suppressed' AND suppressed_at IS NOT NULL))
 ORDER BY lower(email)
@@ -25,12 +26,14 @@ WHERE c.account = %(account)s AND c.attributes <> '{}'
 ORDER BY 1
 
 -- contacts_count --
--- How many contacts an account has, by mailing status, optionally of one tag.
+-- How many contacts an account has, by mailing status, optionally of one tag; subscribed
+-- means mailable (pgcast_mailable), and unconfirmed sign-ups are counted apart.
 SELECT count(*) AS total,
-       count(*) FILTER (WHERE unsubscribed_at IS NULL AND suppressed_at IS NULL) AS subscribed,
+       count(*) FILTER (WHERE pgcast_mailable(c)) AS subscribed,
+       count(*) FILTER (WHERE confirmed_at IS NULL) AS unconfirmed,
        count(*) FILTER (WHERE unsubscribed_at IS NOT NULL) AS unsubscribed,
        count(*) FILTER (WHERE suppressed_at IS NOT NULL) AS suppressed
-FROM contacts
+FROM contacts c
 WHERE account = %(account)s
   AND (%(tag)s::text IS NULL OR tags @> ARRAY[%(tag)s::text])
 
@@ -54,9 +57,10 @@ SELECT c.id, c.email, EXISTS (SELECT 1 FROM u) AS changed,
 FROM c
 
 -- contact_erase --
--- Erases one address of an account (pgcast_erase_v3): contact_id NULL when there was none
+-- Erases one address of an account (pgcast_erase_v4: v3, and its messages): contact_id NULL
+-- when there was none
 -- (its hash is kept all the same, so it is never imported).
-SELECT * FROM pgcast_erase_v3(%(account)s, %(email)s, %(source)s, %(actor)s::jsonb)
+SELECT * FROM pgcast_erase_v4(%(account)s, %(email)s, %(source)s, %(actor)s::jsonb)
 
 -- recipients_page --
 -- A broadcast's recipient rows by contact id, keyset-paged, optionally of one status

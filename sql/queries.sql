@@ -176,7 +176,7 @@ SELECT * FROM pgcast_claim_v3(%(id)s, %(limit)s, %(token)s, %(worker)s,
 -- claim_handoff --
 -- Claim up to `limit` rows and hand them off at once (handed = false: only claimed; all
 -- of them when the global bucket has a rate by then, which global_rate says).
-SELECT * FROM pgcast_claim_handoff_v4(%(id)s, %(limit)s, %(token)s, %(worker)s,
+SELECT * FROM pgcast_claim_handoff_v5(%(id)s, %(limit)s, %(token)s, %(worker)s,
                                       make_interval(secs => %(lease)s), %(after)s)
 
 -- fresh_floor --
@@ -185,8 +185,8 @@ SELECT pgcast_fresh_floor_v1(%(id)s, %(from)s) AS floor
 
 -- handoff --
 -- The fence: claimed -> sending (or skipped) for one group, with each contact's name and
--- attributes (pgcast_handoff_v2).
-SELECT * FROM pgcast_handoff_v2(%(id)s, %(epoch)s, %(token)s, %(ids)s)
+-- attributes (pgcast_handoff_v3).
+SELECT * FROM pgcast_handoff_v3(%(id)s, %(epoch)s, %(token)s, %(ids)s)
 
 -- record --
 -- One group's provider outcomes and counters (an answer its claim no longer holds: audited).
@@ -223,9 +223,10 @@ SELECT * FROM pgcast_sweep_one_v1(%(id)s)
 SELECT pgcast_renew_v3(%(ids)s, %(tokens)s, make_interval(secs => %(lease)s)) AS renewed
 
 -- take_tokens --
--- Up to `want` tokens from a bucket for a broadcast (pgcast_take_tokens_v3: its account's
--- and its own fair share of a shared bucket; broadcast NULL: first come, first served).
-SELECT * FROM pgcast_take_tokens_v3(%(name)s, %(want)s, %(broadcast)s)
+-- Up to `want` tokens from a bucket for a broadcast (pgcast_take_tokens_v4: its account's
+-- and its own fair share of a shared bucket, less what waiting messages are owed; broadcast
+-- NULL: first come, first served).
+SELECT * FROM pgcast_take_tokens_v4(%(name)s, %(want)s, %(broadcast)s)
 
 -- give_back_tokens --
 -- Tokens taken from a broadcast's own bucket and not used go back (pgcast_give_back_tokens_v1).
@@ -237,7 +238,7 @@ SELECT pgcast_drain_tokens_v1(%(name)s, %(seconds)s)
 
 -- rate_get --
 -- One bucket (operator_set_at NULL: no operator has set it; a worker's PGCAST_RATE may).
-SELECT name, rate, burst, tokens, refilled_at, updated_at, operator_set_at
+SELECT name, rate, burst, tokens, refilled_at, updated_at, operator_set_at, messages_share
 FROM rate_limits WHERE name = %(name)s
 
 -- rate_weight_set --

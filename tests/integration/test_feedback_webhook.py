@@ -417,3 +417,23 @@ def test_old_message_ids_are_pruned_as_new_ones_arrive(hook: Hook, conn: Conn) -
     ev = m.ses_event("Delivery", rows[0]["email"], broadcast=bid, contact=rows[0]["contact_id"])
     hook.post(m.notification(ev))
     assert conn.execute("SELECT count(*) AS n FROM sns_messages").fetchone() == {"n": 11}
+
+
+def test_ses_events_annotate_a_transactional_message_by_its_provider_id(
+        conn: Conn, hook: Hook) -> None:
+    mid = conn.execute("SELECT pgcast_send_message(%s, 'ann@example.com', 'S', 'T', NULL, "
+                       "'shop@example.com', NULL) AS id", (A,)).fetchone()["id"]  # type: ignore[index]
+    conn.execute("UPDATE messages SET status = 'sent', provider_message_id = 'ses-msg-1', "
+                 "worker = 'w' WHERE id = %s", (mid,))
+    for kind in ("Delivery", "Complaint"):
+        event = m.ses_event(kind, "ann@example.com")
+        event["mail"]["messageId"] = "ses-msg-1"
+        event["mail"]["tags"] = {"pgcast_message": [str(mid)]}
+        r = hook.post(m.notification(event))
+        assert r.status_code == 200 and r.json()["message"] == str(mid), r.text
+    row = conn.execute("SELECT * FROM message_status WHERE id = %s", (mid,)).fetchone()
+    assert row is not None
+    assert row["delivered_at"] and row["complained_at"] and row["feedback_detail"] == "abuse"
+    # an event about nothing pgcast sent says nothing about messages
+    r = hook.post(m.notification(m.ses_event("Delivery", "bob@example.com")))
+    assert r.status_code == 200 and "message" not in r.json()
