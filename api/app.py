@@ -17,7 +17,19 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from api import auth, broadcasts, config, contacts, context, control, db, errors, http, openapi
+from api import (
+    auth,
+    broadcasts,
+    config,
+    contacts,
+    context,
+    control,
+    db,
+    errors,
+    hooks,
+    http,
+    openapi,
+)
 from api import bounds as body_bounds
 from api import dashboard_routes as dashboard
 from api import preview as preview_routes
@@ -108,6 +120,13 @@ ROUTES = [
     route("/contacts/suppressed", GET=suppression_routes.suppressed),
     route("/contacts/unsuppress", POST=suppression_routes.unsuppress),
     route("/webhooks/ses", POST=webhook_routes.ses),
+    # outgoing webhooks (api/hooks.py)
+    route("/webhooks", GET=hooks.list_all, POST=hooks.create),
+    route("/webhooks/{id}", DELETE=hooks.remove),
+    route("/webhooks/{id}/rotate-secret", POST=hooks.rotate),
+    route("/webhooks/{id}/enable", POST=hooks.enable),
+    route("/webhooks/{id}/deliveries", GET=hooks.deliveries),
+    route("/webhooks/{id}/deliveries/{delivery_id}/redeliver", POST=hooks.redeliver),
 ]
 
 

@@ -420,14 +420,17 @@ def _with_operator_routes(paths: dict[str, Any]) -> dict[str, Any]:
 
 def document() -> dict[str, Any]:
     """The whole OpenAPI 3.1 document."""
+    from api import hooks_openapi  # outgoing webhooks; it uses this module's helpers
+
     return {
         "openapi": "3.1.0",
         "info": {"title": "pgcast", "version": "1",
                  "description": "Email broadcasts on Postgres. Every route but /healthz needs "
                                 "`Authorization: Bearer <JWT>` with `sub` and `account` claims; "
                                 "everything is scoped to the token's account."},
-        "paths": _with_operator_routes({**_paths(), **_feedback_paths()}),
-        "components": {"schemas": SCHEMAS, "securitySchemes": {
+        "paths": _with_operator_routes({**_paths(), **_feedback_paths(),
+                                        **hooks_openapi.paths()}),
+        "components": {"schemas": {**SCHEMAS, **hooks_openapi.SCHEMAS}, "securitySchemes": {
             "bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}}},
         "security": [{"bearer": []}],
     }
