@@ -122,11 +122,12 @@ ROUTES = [
     route("/webhooks/ses", POST=webhook_routes.ses),
     # outgoing webhooks (api/hooks.py)
     route("/webhooks", GET=hooks.list_all, POST=hooks.create),
-    route("/webhooks/{id}", DELETE=hooks.remove),
-    route("/webhooks/{id}/rotate-secret", POST=hooks.rotate),
-    route("/webhooks/{id}/enable", POST=hooks.enable),
-    route("/webhooks/{id}/deliveries", GET=hooks.deliveries),
-    route("/webhooks/{id}/deliveries/{delivery_id}/redeliver", POST=hooks.redeliver),
+    *map(hooks.uuid_ids, [
+        route("/webhooks/{id}", DELETE=hooks.remove),
+        route("/webhooks/{id}/rotate-secret", POST=hooks.rotate),
+        route("/webhooks/{id}/enable", POST=hooks.enable),
+        route("/webhooks/{id}/deliveries", GET=hooks.deliveries),
+        route("/webhooks/{id}/deliveries/{delivery_id}/redeliver", POST=hooks.redeliver)]),
 ]
 
 

@@ -73,7 +73,7 @@ def paths() -> dict[str, Any]:
             "deliver to a disabled endpoint again (its pending deliveries resume in order)", (
                 "200", _json("WebhookEnabled", "enabled")), "", params=[ID])},
         "/webhooks/{id}/deliveries": {"get": op("the delivery log, newest first", (
-            "200", _json("WebhookDeliveryPage", "a page")), "", params=[
+            "200", _json("WebhookDeliveryPage", "a page")), "422", params=[
                 ID, _query("before", {"type": "integer", "minimum": 0},
                            "next_before of the previous page"),
                 _query("limit", {"type": "integer", "minimum": 1, "maximum": 1000},

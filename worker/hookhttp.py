@@ -3,8 +3,9 @@ checked, and the connection goes to the checked address (the Host header and TLS
 the name, and the certificate is verified against the name). No redirect is followed.
 
 httpx (BSD-3-Clause) does the HTTP: a well-kept asynchronous client whose `sni_hostname`
-extension lets us connect to an IP while TLS speaks to the name. One client per (name,
-address, port): a pooled TLS connection verified for one name is never reused for another.
+extension lets us connect to an IP while TLS speaks to the name. One client per endpoint
+and (name, address, port): a pooled TLS connection verified for one name is never reused for
+another, and endpoints never queue behind each other for a connection.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from sql import hooks
 
 RESPONSE_KEPT = 1024  # bytes of the receiver's answer kept in the delivery log
 CLIENTS_KEPT = 256  # idle clients kept (each holds at most a few keep-alive connections)
+
+Key = tuple[str, str, str, str, int]  # endpoint, scheme, name, address, port
 
 
 @dataclass(frozen=True)
@@ -44,7 +47,7 @@ class Poster:
 
     def __init__(self, timeout: float) -> None:
         self.timeout = timeout  # seconds, the whole attempt (resolve, connect, answer)
-        self._clients: collections.OrderedDict[tuple[str, str, str, int], httpx.AsyncClient] = (
+        self._clients: collections.OrderedDict[Key, httpx.AsyncClient] = (
             collections.OrderedDict())
 
     async def resolve(self, host: str, port: int) -> str:
@@ -71,30 +74,33 @@ class Poster:
                 raise Refused(f"{host} resolves to a refused address: {why}")
         return addresses[0]
 
-    def _client(self, key: tuple[str, str, str, int]) -> httpx.AsyncClient:
+    def _client(self, key: Key) -> httpx.AsyncClient:
         client = self._clients.pop(key, None)
         if client is None:
             client = httpx.AsyncClient(
                 follow_redirects=False, trust_env=False,  # no proxy from the environment
                 timeout=httpx.Timeout(self.timeout),
-                limits=httpx.Limits(max_connections=4, max_keepalive_connections=2))
+                limits=httpx.Limits(max_connections=2, max_keepalive_connections=1))
         self._clients[key] = client
         while len(self._clients) > CLIENTS_KEPT:
             _, old = self._clients.popitem(last=False)
             asyncio.get_running_loop().create_task(old.aclose())
         return client
 
-    async def post(self, url: str, headers: dict[str, str], body: bytes) -> Answer:
-        """One attempt, within the timeout; never raises for the receiver's faults."""
+    async def post(self, url: str, headers: dict[str, str], body: bytes,
+                   endpoint: str = "") -> Answer:
+        """One attempt of `endpoint` (its connections are its own), within the timeout; never
+        raises for the receiver's faults."""
         start = time.perf_counter()
         try:
-            return await asyncio.wait_for(self._post(url, headers, body, start), self.timeout)
+            return await asyncio.wait_for(self._post(url, headers, body, start, endpoint),
+                                          self.timeout)
         except TimeoutError:
             return Answer(False, None, f"timed out after {self.timeout:g}s", None,
                           (time.perf_counter() - start) * 1000)
 
     async def _post(self, url: str, headers: dict[str, str], body: bytes,
-                    start: float) -> Answer:
+                    start: float, endpoint: str) -> Answer:
         try:
             parts = hooks.parse_url(url, names=False)  # the resolved addresses decide
             host = parts.hostname
@@ -109,7 +115,7 @@ class Poster:
         default_port = port == (443 if parts.scheme == "https" else 80)
         host_header = f"[{host}]" if ":" in host else host
         sent = {**headers, "Host": host_header if default_port else f"{host_header}:{port}"}
-        client = self._client((parts.scheme, host, address, port))
+        client = self._client((endpoint, parts.scheme, host, address, port))
         try:
             async with client.stream("POST", target, content=body, headers=sent,
                                      extensions={"sni_hostname": host}) as answer:

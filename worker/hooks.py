@@ -197,7 +197,7 @@ class Deliverer:
         headers = {"Content-Type": "application/json", "User-Agent": "pgcast-webhooks/1",
                    "Pgcast-Event-Id": str(row["event_id"]),
                    "Pgcast-Signature": hooks.signature(ep["secret"], stamp, body)}
-        answer = await self.poster.post(ep["url"], headers, body)
+        answer = await self.poster.post(ep["url"], headers, body, str(ep["id"]))
         async with pool.connection() as conn:
             cur = await conn.execute(QUERIES["hooks_record"], {
                 "id": ep["id"], "token": ep["lease_token"], "delivery": row["id"],
