@@ -93,8 +93,8 @@ class Poster:
         raises for the receiver's faults."""
         start = time.perf_counter()
         try:
-            return await asyncio.wait_for(self._post(url, headers, body, start, endpoint),
-                                          self.timeout)
+            async with asyncio.timeout(self.timeout):  # no task per attempt, unlike wait_for
+                return await self._post(url, headers, body, start, endpoint)
         except TimeoutError:
             return Answer(False, None, f"timed out after {self.timeout:g}s", None,
                           (time.perf_counter() - start) * 1000)

@@ -156,56 +156,54 @@ class Deliverer:
 
     async def _drain(self, pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]],
                      ep: dict[str, Any]) -> None:
-        """Deliver an endpoint's due deliveries in order, for up to QUANTUM seconds."""
+        """Deliver an endpoint's due deliveries in order, for up to QUANTUM seconds, on one
+        connection of the pool."""
         keep = False  # the lease was given back by the record (retry, disabled) or lost
         try:
-            started = time.monotonic()
-            while not self.stopping.is_set() and time.monotonic() - started < QUANTUM:
-                async with pool.connection() as conn:
-                    cur = await conn.execute(QUERIES["hooks_next"],
-                                             {"id": ep["id"], "limit": BATCH})
-                    rows = await cur.fetchall()
-                if not rows or not rows[0]["due"]:
-                    break
-                for row in rows:
-                    if not row["due"] or self.stopping.is_set():
-                        break
-                    outcome = await self._attempt(pool, ep, row)
-                    if outcome != "delivered":
-                        keep = True
-                        return
-                    if time.monotonic() - started >= QUANTUM:
-                        break
-                else:
-                    continue
-                break
+            async with pool.connection() as conn:
+                try:
+                    keep = await self._deliver_due(conn, ep)
+                finally:
+                    if not keep:
+                        await conn.execute(QUERIES["hooks_release"],
+                                           {"id": ep["id"], "token": ep["lease_token"]})
         except psycopg.OperationalError as exc:
             log.warning("webhook delivery to endpoint %s stopped (%s); its lease will expire",
                         ep["id"], exc)
-            keep = True
-        finally:
-            if not keep:
-                with contextlib.suppress(psycopg.OperationalError):
-                    async with pool.connection() as conn:
-                        await conn.execute(QUERIES["hooks_release"],
-                                           {"id": ep["id"], "token": ep["lease_token"]})
 
-    async def _attempt(self, pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]],
-                       ep: dict[str, Any], row: dict[str, Any]) -> str | None:
+    async def _deliver_due(self, conn: psycopg.AsyncConnection[Any],
+                           ep: dict[str, Any]) -> bool:
+        """Deliver until nothing is due, a failure, or the quantum ends; True when the lease
+        is no longer ours to give back (a failure's record gave it back, or it was lost)."""
+        started = time.monotonic()
+        while not self.stopping.is_set() and time.monotonic() - started < QUANTUM:
+            cur = await conn.execute(QUERIES["hooks_next"], {"id": ep["id"], "limit": BATCH})
+            rows = await cur.fetchall()
+            if not rows:
+                return False
+            for row in rows:
+                if not row["due"] or self.stopping.is_set() \
+                        or time.monotonic() - started >= QUANTUM:
+                    return False
+                if await self._attempt(conn, ep, row) != "delivered":
+                    return True
+        return False
+
+    async def _attempt(self, conn: psycopg.AsyncConnection[Any], ep: dict[str, Any],
+                       row: dict[str, Any]) -> str | None:
         body = row["body"].encode()
         stamp = int(time.time())
         headers = {"Content-Type": "application/json", "User-Agent": "pgcast-webhooks/1",
                    "Pgcast-Event-Id": str(row["event_id"]),
                    "Pgcast-Signature": hooks.signature(ep["secret"], stamp, body)}
         answer = await self.poster.post(ep["url"], headers, body, str(ep["id"]))
-        async with pool.connection() as conn:
-            cur = await conn.execute(QUERIES["hooks_record"], {
-                "id": ep["id"], "token": ep["lease_token"], "delivery": row["id"],
-                "ok": answer.ok, "status": answer.status, "error": answer.error,
-                "latency_ms": answer.latency_ms, "response": answer.response,
-                "lease": self.settings.lease, "base": self.settings.retry_base,
-                "give_up": self.settings.give_up})
-            rec = await cur.fetchone()
+        cur = await conn.execute(QUERIES["hooks_record"], {
+            "id": ep["id"], "token": ep["lease_token"], "delivery": row["id"],
+            "ok": answer.ok, "status": answer.status, "error": answer.error,
+            "latency_ms": answer.latency_ms, "response": answer.response,
+            "lease": self.settings.lease, "base": self.settings.retry_base,
+            "give_up": self.settings.give_up})
+        rec = await cur.fetchone()
         outcome = rec["outcome"] if rec else None
         if outcome == "delivered":
             self.delivered += 1
