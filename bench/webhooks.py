@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import socket
 import statistics
 import subprocess
@@ -111,6 +112,13 @@ def queue(conn: Any, account: str, n: int) -> None:
                  (account, n))
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process used so far (Linux /proc), in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def throughput(url: str, deliveries: int) -> dict[str, Any]:
     per_account = deliveries // (ACCOUNTS * ENDPOINTS_PER_ACCOUNT)
     with receiver("answer") as port, common.connect(url) as conn:
@@ -120,13 +128,16 @@ def throughput(url: str, deliveries: int) -> dict[str, Any]:
             queue(conn, f"acct{a}", per_account)
         total = conn.execute("SELECT count(*) AS n FROM webhook_deliveries").fetchone()["n"]
         conn.execute("VACUUM ANALYZE webhook_deliveries")
-        with common.Workers(url, count=1, env=ENV):
+        with common.Workers(url, count=1, env=ENV) as workers:
+            pid = workers.procs[0].pid
+            cpu0 = cpu_seconds(pid)
             deadline = time.monotonic() + 600
             while conn.execute("SELECT count(*) AS n FROM webhook_deliveries "
                                "WHERE status = 'pending'").fetchone()["n"]:
                 if time.monotonic() > deadline:
                     raise TimeoutError("deliveries did not finish in 10 minutes")
                 time.sleep(0.2)
+            cpu = cpu_seconds(pid) - cpu0
         row = conn.execute(
             "SELECT count(*) AS n, extract(epoch FROM max(delivered_at) - min(delivered_at)) "
             "AS span, percentile_cont(0.5) WITHIN GROUP (ORDER BY latency_ms) AS p50, "
@@ -136,7 +147,9 @@ def throughput(url: str, deliveries: int) -> dict[str, Any]:
     return {"deliveries": int(total), "delivered": int(row["n"]),
             "per_second": (int(row["n"]) - 1) / float(row["span"]),
             "latency_p50_ms": float(row["p50"]), "latency_p99_ms": float(row["p99"]),
-            "max_attempts": int(row["most"])}
+            "max_attempts": int(row["most"]), "worker_cpu_s": cpu,
+            "per_worker_cpu_second": int(row["n"]) / cpu,
+            "load_average": open("/proc/loadavg").read().split()[:3]}
 
 
 # -- 2. a dead endpoint vs the mail drain ------------------------------------------------------
