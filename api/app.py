@@ -32,6 +32,7 @@ from api import (
 )
 from api import bounds as body_bounds
 from api import dashboard_routes as dashboard
+from api import messages as message_routes
 from api import preview as preview_routes
 from api import progress as progress_routes
 from api import schedule as schedule_routes
@@ -120,6 +121,8 @@ ROUTES = [
     route("/contacts/suppressed", GET=suppression_routes.suppressed),
     route("/contacts/unsuppress", POST=suppression_routes.unsuppress),
     route("/webhooks/ses", POST=webhook_routes.ses),
+    route("/messages", POST=message_routes.create),
+    route("/messages/{id}", GET=message_routes.get),
     # outgoing webhooks (api/hooks.py)
     route("/webhooks", GET=hooks.list_all, POST=hooks.create),
     *map(hooks.uuid_ids, [

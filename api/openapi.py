@@ -74,7 +74,9 @@ FEEDBACK_SCHEMAS: dict[str, Any] = {
     "NotSuppressed": obj({"success": {"const": False}, "email": STR, "message": STR}),
     "WebhookResult": obj({"outcome": {"enum": [
         "applied", "duplicate", "ignored", "logged", "unmatched", "confirmed", "unsubscribed"]},
-        "paused": {"enum": ["bounce_rate", "complaint_rate"]}}, ["outcome"]),
+        "paused": {"enum": ["bounce_rate", "complaint_rate"]},
+        "message": {**STR, "description": "the transactional message the event is about"}},
+        ["outcome"]),
 }
 
 SCHEMAS: dict[str, Any] = {
@@ -418,6 +420,61 @@ def _with_operator_routes(paths: dict[str, Any]) -> dict[str, Any]:
     return paths
 
 
+MESSAGE_STATUSES = ["queued", "sending", "sent", "failed", "unknown", "skipped"]
+SCHEMAS.update({
+    "MessageIn": obj({
+        "to": {**STR, "description": "one address"},
+        "from": {**STR, "description": "`addr@example.com` or `Name <addr@example.com>` "
+                 "(the account's senders rule applies)"},
+        "subject": {**STR, "description": "one line; or give a template"},
+        "text": {**STR_OR_NULL, "description": "plain-text body; text or html is required "
+                 "unless a template is given"},
+        "html": {**STR_OR_NULL, "description": "HTML body"},
+        "template": {"type": ["object", "null"], "description": "subject, text and/or html "
+                     "rendered with `{{ data.name }}` under the render budget",
+                     "properties": {"subject": STR, "text": STR_OR_NULL, "html": STR_OR_NULL},
+                     "required": ["subject"], "additionalProperties": False},
+        "data": {"type": ["object", "null"], "description": "the template's data"},
+        "reply_to": {**STR_OR_NULL, "description": "one address, Reply-To"},
+        "headers": {"type": ["object", "null"], "additionalProperties": STR, "description":
+                    "In-Reply-To, References, X-Entity-Ref-ID, or X-... other than X-Pgcast-, "
+                    "X-SES- and X-Amz- (at most 20)"},
+        "tags": {"type": ["object", "null"], "additionalProperties": STR, "description":
+                 "SES EmailTags (at most 10; letters, digits, _ and -)"},
+        "category": {"enum": ["transactional", "marketing", "confirmation", None],
+                     "description": "transactional (default) and confirmation go to "
+                     "unsubscribed contacts; marketing does not"},
+        "idempotency_key": {**STR_OR_NULL, "description": "unique per account: the same key "
+                            "again answers 200 with the first message"}}, ["to", "from"]),
+    "MessageQueued": obj({"id": {"type": "string", "format": "uuid"},
+                          "status": {"enum": MESSAGE_STATUSES}}),
+    "Message": obj({"id": {"type": "string", "format": "uuid"},
+                    "status": {"enum": MESSAGE_STATUSES},
+                    "category": {"enum": ["transactional", "marketing", "confirmation"]},
+                    "to": STR, "from": STR, "subject": STR, "idempotency_key": STR_OR_NULL,
+                    "attempts": INT, "error": STR_OR_NULL, "provider_message_id": STR_OR_NULL,
+                    "created_at": TIME, "handed_at": TIME_OR_NULL, "sent_at": TIME_OR_NULL,
+                    "finished_at": TIME_OR_NULL, "delivered_at": TIME_OR_NULL,
+                    "bounced_at": TIME_OR_NULL, "complained_at": TIME_OR_NULL,
+                    "feedback_detail": STR_OR_NULL}),
+})
+
+
+def _message_paths() -> dict[str, Any]:
+    """Transactional messages (issue 26)."""
+    create = op("queue one transactional message (a running worker sends it)", (
+        "202", _json("MessageQueued", "queued (or skipped: an erased address)")),
+        "400 413 422", body="MessageIn")
+    create["responses"]["200"] = _json("Message", "the idempotency key named an earlier "
+                                       "message: that one, never a second send")
+    return {
+        "/messages": {"post": create},
+        "/messages/{id}": {"get": op("one message's status, attempts, error, provider id, "
+                                     "times and feedback", ("200", _json("Message", "it")),
+                                     "404", params=[ID])},
+    }
+
+
 def document() -> dict[str, Any]:
     """The whole OpenAPI 3.1 document."""
     from api import hooks_openapi  # outgoing webhooks; it uses this module's helpers
@@ -429,7 +486,7 @@ def document() -> dict[str, Any]:
                                 "`Authorization: Bearer <JWT>` with `sub` and `account` claims; "
                                 "everything is scoped to the token's account."},
         "paths": _with_operator_routes({**_paths(), **_feedback_paths(),
-                                        **hooks_openapi.paths()}),
+                                        **_message_paths(), **hooks_openapi.paths()}),
         "components": {"schemas": {**SCHEMAS, **hooks_openapi.SCHEMAS}, "securitySchemes": {
             "bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}}},
         "security": [{"bearer": []}],

@@ -143,6 +143,13 @@ async def _apply(pool: db.Pool, feedback: Feedback, message: dict[str, Any],
         "ses_message_id": event.message_id if event else None, **limits})
     assert row is not None  # the function always answers one row
     out: dict[str, Any] = {"outcome": row["outcome"]}
+    if event is not None and event.message_id and row["outcome"] != "duplicate":
+        # a transactional message's feedback, by SES's message id (0017)
+        noted = await db.one(pool, "message_feedback", {
+            "provider_id": event.message_id, "event": event.event, "at": event.at,
+            "detail": event.detail})
+        if noted is not None and noted["id"] is not None:
+            out["message"] = str(noted["id"])
     if row["reconciled"] is not None:  # an unknown recipient resolved by this event
         out["reconciled"] = row["reconciled"]
     if row["outcome"] == "logged" and event is not None:

@@ -455,6 +455,10 @@ def build_parser() -> Parser:
     r.set_defaults(func=cmd_rate)
     reconcile_commands.register(sub, ACCOUNT_DEFAULT)
 
+    from bin import message_commands  # transactional messages (issue 26)
+
+    message_commands.register(sub, rsub, Parser)
+
     from bin import senders_commands  # operator only: the senders an account may use
 
     senders_commands.register(sub, Parser)

@@ -46,6 +46,7 @@ class Message:
     headers: dict[str, str] = field(default_factory=dict)
     to_address: str = ""
     broadcast_id: str = ""
+    tags: dict[str, str] = field(default_factory=dict)  # a message's own SES EmailTags
 
 
 def one_line(value: str) -> str:

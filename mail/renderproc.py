@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
-from mail import errors, message, preview
+from mail import errors, message, preview, transactional
 
 CACHE = 32  # compiled broadcasts kept per process
 FLUSH = 0.02  # seconds: results waiting at most this long before they are sent
@@ -104,6 +104,9 @@ class Worker:
         if kind == "trial":
             preview.trial(*spec, timeout_ms=self.timeout_ms)
             return None
+        if kind == "message":  # a transactional message's template: spec (subject, text, html)
+            subject, text, html = spec
+            return transactional.render_template(subject, text, html, item, self.timeout_ms)
         raise ValueError(f"unknown job {kind!r}")
 
     def run(self, kind: str, spec: Any, items: list[Any], stop_after: int) -> None:

@@ -1,4 +1,5 @@
-"""LISTEN for control events (cancel, pause, resume, send, rate) on a dedicated connection."""
+"""LISTEN for control events (cancel, pause, resume, send, rate, message) on a dedicated
+connection."""
 
 from __future__ import annotations
 
@@ -26,6 +27,9 @@ def apply(state: engine.State, payload: str) -> None:
     try:
         event = json.loads(payload)
         kind = event["event"]
+        if kind == "message":  # pgcast_send_message committed one: the message loop looks
+            state.messages.set()
+            return
         if kind == "rate":
             rate = float(event["rate"])
             if rate >= 0:  # NaN fails this too
@@ -53,6 +57,7 @@ async def listen(url: str, state: engine.State, stopping: asyncio.Event) -> None
                 delay = 0.2
                 # a notification lost while we were away: look at everything again
                 state.wake.set()
+                state.messages.set()
                 while not stopping.is_set():
                     async for note in conn.notifies(timeout=1.0):
                         apply(state, note.payload)

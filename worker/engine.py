@@ -20,7 +20,18 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from worker import claims, dispatch, inflight, pg, picker, providers, ratelimit, recorder, render
+from worker import (
+    claims,
+    dispatch,
+    inflight,
+    messages,
+    pg,
+    picker,
+    providers,
+    ratelimit,
+    recorder,
+    render,
+)
 
 log = logging.getLogger("pgcast.worker")
 
@@ -72,6 +83,7 @@ class State:
     halted: dict[uuid.UUID, float] = field(default_factory=dict)  # broadcast -> dead epochs <=
     rates: dict[str, float] = field(default_factory=dict)  # bucket -> rate (0 = unlimited)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
+    messages: asyncio.Event = field(default_factory=asyncio.Event)  # a message was committed
 
     def is_halted(self, broadcast_id: uuid.UUID, epoch: int) -> bool:
         """True when work claimed at this epoch must not be handed off."""
@@ -123,6 +135,11 @@ class Engine:
         # claims whose leases we renew: claim token -> its broadcast
         self.tokens_in_hand: dict[uuid.UUID, uuid.UUID] = {}
         self._groups: set[asyncio.Task[None]] = set()  # groups in flight after their claim
+        # transactional messages: the same sender, pacer and bucket, a loop of their own
+        self.messages = messages.Loop(self.db, self.name, self.sender, self.state.rates,
+                                      self.state.messages, self.stopping,
+                                      lease=settings.lease, poll=settings.poll,
+                                      once=settings.once, most=settings.max_in_flight)
 
     def _forget(self, bid: uuid.UUID) -> None:
         """A broadcast no longer worked on: its takers' locks and render streaks go."""
@@ -133,8 +150,13 @@ class Engine:
 
     async def run(self) -> Stats:
         """Run the dispatch loops until stopped (or, with --once, until drained)."""
+        if self.settings.once:
+            # drained first: the broadcast loops stop the process when they find nothing
+            await self.messages.run()
         loops = [asyncio.create_task(self._loop(i), name=f"dispatch-{i}")
                  for i in range(self.settings.concurrency)]
+        if not self.settings.once:
+            loops.append(asyncio.create_task(self.messages.run(), name="messages"))
         try:
             await asyncio.gather(*loops)
             while self._groups:  # a stop lets the calls in flight finish and be recorded

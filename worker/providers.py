@@ -63,14 +63,18 @@ class FileProvider:
     def send(self, message: render.Message) -> str:
         """Write the .eml atomically (temp file + rename)."""
         message_id = mail_message.make_message_id()
-        folder = self.outbox / message.headers.get("X-Pgcast-Broadcast", "adhoc")
+        mid = message.headers.get("X-Pgcast-Message")  # a transactional message
+        folder = self.outbox / ("messages" if mid else
+                                message.headers.get("X-Pgcast-Broadcast", "adhoc"))
         try:
             folder.mkdir(exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
             with os.fdopen(fd, "wb") as handle:
                 handle.write(mail_message.to_rfc5322(message, message_id))
             test = message.headers.get("X-Pgcast-Test-Send")  # beside, never over, a real one
-            os.replace(tmp, folder / (f"test-{test}.eml" if test else f"{message.contact_id}.eml"))
+            name = (f"{mid}.eml" if mid else f"test-{test}.eml" if test
+                    else f"{message.contact_id}.eml")
+            os.replace(tmp, folder / name)
         except OSError as exc:
             raise errors.Transient(f"outbox write failed: {exc}") from exc
         return message_id

@@ -196,6 +196,10 @@ class SesProvider:
 
 def email_tags(message: render.Message) -> list[dict[str, str]]:
     """The tags SES echoes in every event (mail.tags): the webhook finds the row by them."""
+    mid = message.headers.get("X-Pgcast-Message")
+    if mid:  # a transactional message: its id, and the caller's own tags
+        return [{"Name": "pgcast_message", "Value": mid},
+                *({"Name": k, "Value": v} for k, v in message.tags.items())]
     tags = [{"Name": "pgcast_contact", "Value": str(message.contact_id)}]
     broadcast = message.headers.get("X-Pgcast-Broadcast")
     if broadcast:

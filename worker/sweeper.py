@@ -26,6 +26,7 @@ def sweep_conn(conn: psycopg.Connection[Any]) -> list[dict[str, Any]]:
     for bid in ids:
         done.extend(dict(r) for r in cur.execute(QUERIES["sweep_one"], {"id": bid}).fetchall())
     cur.execute(QUERIES["rate_shares_prune"])  # fair-share state of takers gone a minute
+    cur.execute(QUERIES["message_sweep"])  # messages a lost worker left sending: unknown
     after = reconcile.after_from_env()
     if after is not None:
         _log_requeued(reconcile.requeue(conn, after))
@@ -42,6 +43,7 @@ async def sweep_async(conn: psycopg.AsyncConnection[Any]) -> list[dict[str, Any]
         await cur.execute(QUERIES["sweep_one"], {"id": bid})
         done.extend(dict(r) for r in await cur.fetchall())
     await cur.execute(QUERIES["rate_shares_prune"])  # fair-share state of takers gone a minute
+    await cur.execute(QUERIES["message_sweep"])  # messages a lost worker left sending: unknown
     after = reconcile.after_from_env()
     if after is not None:
         _log_requeued(await reconcile.requeue_async(conn, after))

@@ -1,0 +1,66 @@
+-- Transactional messages (0017, issue 26): enqueue, claim, hand off, record, sweep, status.
+
+-- message_send --
+-- Enqueue one message (pgcast_send_message_v1): its id, whether this call created it (false:
+-- the idempotency key named an earlier one), its status.
+SELECT * FROM pgcast_send_message_v1(%(account)s, %(to)s, %(subject)s, %(text)s, %(html)s,
+                                     %(from)s, %(key)s, %(category)s, %(reply_to)s,
+                                     %(headers)s::jsonb, %(tags)s::jsonb)
+
+-- message_get --
+-- One message of an account, as the message_status view shows it.
+SELECT * FROM message_status WHERE id = %(id)s AND account = %(account)s
+
+-- message_get_any --
+-- One message of any account (the operator's CLI).
+SELECT * FROM message_status WHERE id = %(id)s
+
+-- message_claim --
+-- Claim up to `limit` claimable messages for this worker (pgcast_message_claim_v1).
+SELECT * FROM pgcast_message_claim_v1(%(limit)s, %(token)s, %(worker)s,
+                                      make_interval(secs => %(lease)s))
+
+-- message_handoff --
+-- The fence before the provider call: the rows to send now (pgcast_message_handoff_v1).
+SELECT * FROM pgcast_message_handoff_v1(%(token)s, %(ids)s::uuid[])
+
+-- message_release --
+-- Claimed rows not handed off go back (pgcast_message_release_v1).
+SELECT pgcast_message_release_v1(%(token)s, %(ids)s::uuid[]) AS released
+
+-- message_record --
+-- One claim's outcomes (pgcast_message_record_v1).
+SELECT pgcast_message_record_v1(%(token)s, %(ids)s::uuid[], %(outcomes)s::text[],
+                                %(message_ids)s::text[], %(errors)s::text[],
+                                %(retry_in)s::float8[]) AS recorded
+
+-- message_renew --
+-- Extend the leases of this worker's message claims (pgcast_message_renew_v1).
+SELECT pgcast_message_renew_v1(%(tokens)s::uuid[], make_interval(secs => %(lease)s)) AS renewed
+
+-- message_sweep --
+-- Messages a dead worker left sending past their lease become unknown (pgcast_message_sweep_v1).
+SELECT pgcast_message_sweep_v1() AS unknown
+
+-- message_take_tokens --
+-- Up to `want` tokens for messages, ahead of broadcasts up to their share
+-- (pgcast_take_tokens_messages_v1).
+SELECT * FROM pgcast_take_tokens_messages_v1(%(name)s, %(want)s)
+
+-- message_feedback --
+-- One SES event about a message, by the provider's message id (pgcast_message_feedback_v1).
+SELECT pgcast_message_feedback_v1(%(provider_id)s, %(event)s, %(at)s, %(detail)s) AS id
+
+-- messages_share --
+-- Set the share of a bucket's rate messages may take while broadcasts wait.
+SELECT * FROM pgcast_messages_share_v1(%(name)s, %(share)s)
+
+-- message_get_key --
+-- The message an account's idempotency key names, if any.
+SELECT s.* FROM message_status s JOIN messages m ON m.id = s.id
+WHERE m.account = %(account)s AND m.idempotency_key = %(key)s
+
+-- account_senders --
+-- The senders one account may use (an empty array: any From).
+SELECT ARRAY(SELECT s.sender FROM senders s WHERE s.account = %(account)s
+             ORDER BY s.sender) AS senders
