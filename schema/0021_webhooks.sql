@@ -240,3 +240,46 @@ BEGIN
     RETURN 'retry';
 END
 $$;
+
+-- message.sent|failed|delivered|bounced|complained: every status change of a transactional
+-- message to sent, failed or skipped (message.failed, its status says which), and the first
+-- delivery, bounce or complaint SES reports for it, by whatever function makes the change.
+-- One row per message (never per broadcast recipient). No address and no free text (errors,
+-- bounce diagnostics quote addresses): an erase leaves nothing here to scrub.
+CREATE FUNCTION pgcast_message_event_v1() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    kinds text[] := '{}';
+    k text;
+BEGIN
+    IF OLD.status IS DISTINCT FROM NEW.status AND NEW.status IN ('sent', 'failed', 'skipped') THEN
+        kinds := kinds || CASE NEW.status WHEN 'sent' THEN 'message.sent'
+                                          ELSE 'message.failed' END;
+    END IF;
+    IF OLD.delivered_at IS NULL AND NEW.delivered_at IS NOT NULL THEN
+        kinds := kinds || 'message.delivered'::text;
+    END IF;
+    IF OLD.bounced_at IS NULL AND NEW.bounced_at IS NOT NULL THEN
+        kinds := kinds || 'message.bounced'::text;
+    END IF;
+    IF OLD.complained_at IS NULL AND NEW.complained_at IS NOT NULL THEN
+        kinds := kinds || 'message.complained'::text;
+    END IF;
+    FOREACH k IN ARRAY kinds LOOP
+        PERFORM pgcast_emit_event_v1(NEW.account, k, jsonb_build_object(
+            'message_id', NEW.id, 'idempotency_key', NEW.idempotency_key,
+            'category', NEW.category, 'status', NEW.status, 'attempts', NEW.attempts,
+            'provider_message_id', NEW.provider_message_id, 'sent_at', NEW.sent_at,
+            'delivered_at', NEW.delivered_at, 'bounced_at', NEW.bounced_at,
+            'complained_at', NEW.complained_at));
+    END LOOP;
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER messages_webhook_event
+    AFTER UPDATE OF status, delivered_at, bounced_at, complained_at ON messages
+    FOR EACH ROW
+    WHEN ((OLD.status IS DISTINCT FROM NEW.status AND NEW.status IN ('sent', 'failed', 'skipped'))
+          OR (OLD.delivered_at IS NULL AND NEW.delivered_at IS NOT NULL)
+          OR (OLD.bounced_at IS NULL AND NEW.bounced_at IS NOT NULL)
+          OR (OLD.complained_at IS NULL AND NEW.complained_at IS NOT NULL))
+    EXECUTE FUNCTION pgcast_message_event_v1();

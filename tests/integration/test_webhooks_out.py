@@ -295,3 +295,30 @@ def test_contact_subscribed_is_emitted_by_its_function(conn: Conn) -> None:
     row = conn.execute("SELECT type, data FROM webhook_events WHERE id = %s", (ev,)).fetchone()
     assert row["type"] == "contact.subscribed" and row["data"]["source"] == "form"
     assert uuid.UUID(str(ev))
+
+
+def test_message_events_follow_the_message_functions(conn: Conn) -> None:
+    """message.sent, then delivered, bounced and complained from SES feedback; a failed
+    record is message.failed. No address in any of them."""
+    add(conn, "https://hooks.example.com/a", ["*"])
+    ids = [conn.execute("SELECT pgcast_send_message('default', %s, 'Hi', 'text', NULL, "
+                        "'app@example.com', %s) AS id", (f"m{i}@example.com", f"k{i}")
+                        ).fetchone()["id"] for i in range(2)]
+    assert conn.execute("SELECT count(*) AS n FROM webhook_events").fetchone()["n"] == 0
+    token = uuid.uuid4()
+    conn.execute("SELECT * FROM pgcast_message_claim_v1(10, %s, 'w', interval '30 s')",
+                 (token,))
+    conn.execute("SELECT * FROM pgcast_message_handoff_v1(%s, %s)", (token, ids))
+    conn.execute("SELECT pgcast_message_record_v1(%s, %s, %s, %s, %s, %s)",
+                 (token, ids, ["sent", "failed"], ["ses-1", None], [None, "rejected"],
+                  [None, None]))
+    for event in ("delivery", "bounce", "complaint"):
+        conn.execute("SELECT pgcast_message_feedback_v1('ses-1', %s, now(), 'diag')", (event,))
+    rows = conn.execute("SELECT type, data FROM webhook_events ORDER BY created_at").fetchall()
+    assert sorted(r["type"] for r in rows) == sorted([
+        "message.sent", "message.failed", "message.delivered", "message.bounced",
+        "message.complained"])
+    sent = next(r["data"] for r in rows if r["type"] == "message.sent")
+    assert sent["message_id"] == str(ids[0]) and sent["idempotency_key"] == "k0"
+    assert sent["provider_message_id"] == "ses-1" and sent["status"] == "sent"
+    assert "@example.com" not in json.dumps([r["data"] for r in rows])
