@@ -29,9 +29,11 @@ from api import (
     hooks,
     http,
     openapi,
+    subscriber_pages,
 )
 from api import bounds as body_bounds
 from api import dashboard_routes as dashboard
+from api import forms as forms_routes
 from api import messages as message_routes
 from api import preview as preview_routes
 from api import progress as progress_routes
@@ -131,6 +133,7 @@ ROUTES = [
         route("/webhooks/{id}/enable", POST=hooks.enable),
         route("/webhooks/{id}/deliveries", GET=hooks.deliveries),
         route("/webhooks/{id}/deliveries/{delivery_id}/redeliver", POST=hooks.redeliver)]),
+    *forms_routes.routes(route),
 ]
 
 
@@ -181,7 +184,7 @@ def create_app(settings: config.Settings, database_url: str) -> Starlette:
             await pool.close()
 
     app = Starlette(
-        routes=[*ROUTES, *dashboard.PAGES], lifespan=lifespan,
+        routes=[*ROUTES, *dashboard.PAGES, *subscriber_pages.PAGES], lifespan=lifespan,
         exception_handlers=EXCEPTION_HANDLERS,
         middleware=[Middleware(body_bounds.BoundedBody),
                     Middleware(AuthenticationMiddleware, backend=auth.JWTBackend(settings),

@@ -61,7 +61,7 @@ async def create(request: Request) -> Response:
     body = http.fields(await http.read_json(request), "body",
                        {k: CONTENT_FIELDS[k] for k in ("subject", "from")},
                        {**{k: CONTENT_FIELDS[k] for k in ("text", "html", "tag")},
-                        "priority": http.INTEGER})
+                        "priority": http.INTEGER, "archive": http.BOOLEAN})
     try:
         # templates are parsed and compiled to be checked: CPU work, off the event loop
         values = await asyncio.to_thread(broadcasts.validate_content, body["subject"],
@@ -76,6 +76,9 @@ async def create(request: Request) -> Response:
                        {"account": who.account, "details": control.details(who),
                         "rate_limit": None, **values})
     assert row is not None
+    if body.get("archive"):  # issue 28: listed on the archive page once sent
+        await db.one(context.pool(request), "broadcast_set_archive",
+                     {"account": who.account, "id": row["id"], "archive": True})
     return http.Json(with_warnings(broadcast_json(row)), status_code=201,
                      headers={"Location": f"/broadcasts/{row['id']}"})
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from api import forms as forms_routes
+
 BROADCAST_STATUSES = ["draft", "scheduled", "sending", "paused", "sent", "failed",
                       "cancelled"]
 RECIPIENT_STATUSES = ["pending", "claimed", "sending", "sent", "failed", "skipped", "unknown",
@@ -102,7 +104,10 @@ SCHEMAS: dict[str, Any] = {
         {"index": INT, "email": STR, "reason": STR})}}),
     "UnsubscribeIn": obj({"email": STR}),
     "Unsubscribed": obj({"success": {"const": True}, "email": STR, "unsubscribed_at": TIME}),
-    "BroadcastCreate": obj(CONTENT, ["subject", "from"]),
+    "BroadcastCreate": obj({**CONTENT, "archive": {
+        "type": "boolean", "description": "list it, once sent, on the account's public archive "
+                                          "page (/a/{slug}); default false"}},
+        ["subject", "from"]),
     "BroadcastPatch": {**obj(CONTENT, []), "minProperties": 1},
     "BroadcastSummary": obj(SUMMARY),
     "Broadcast": obj({**SUMMARY, "from": STR, "text": STR_OR_NULL, "html": STR_OR_NULL,
@@ -384,7 +389,7 @@ def _feedback_paths() -> dict[str, Any]:
 
 # -- what an operator reaches for: contacts listed, resubscribed, erased -------------------
 
-CONTACT_STATUSES = ["subscribed", "unsubscribed", "suppressed"]
+CONTACT_STATUSES = ["subscribed", "unsubscribed", "suppressed", "unconfirmed"]
 SCHEMAS.update({
     "Contact": obj({"email": STR, "name": STR, "tags": {"type": "array", "items": STR},
                     "attributes": {"type": "object"}, "status": {"enum": CONTACT_STATUSES},
@@ -475,6 +480,9 @@ def _message_paths() -> dict[str, Any]:
     }
 
 
+SCHEMAS.update(forms_routes.openapi_schemas(obj, ref))
+
+
 def document() -> dict[str, Any]:
     """The whole OpenAPI 3.1 document."""
     from api import hooks_openapi  # outgoing webhooks; it uses this module's helpers
@@ -486,7 +494,8 @@ def document() -> dict[str, Any]:
                                 "`Authorization: Bearer <JWT>` with `sub` and `account` claims; "
                                 "everything is scoped to the token's account."},
         "paths": _with_operator_routes({**_paths(), **_feedback_paths(),
-                                        **_message_paths(), **hooks_openapi.paths()}),
+                                        **_message_paths(), **hooks_openapi.paths(),
+                                        **forms_routes.openapi_paths(op, _json, ID)}),
         "components": {"schemas": {**SCHEMAS, **hooks_openapi.SCHEMAS}, "securitySchemes": {
             "bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}}},
         "security": [{"bearer": []}],

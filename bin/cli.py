@@ -24,7 +24,7 @@ from bin import (
 )
 from mail import errors as mail_errors
 from mail import template, validate
-from sql import broadcasts, contacts, db, embedded, errors, migrate
+from sql import broadcasts, contacts, db, embedded, errors, migrate, subscribers
 from sql.queries import QUERIES
 
 ACCOUNT_DEFAULT = output.ACCOUNT_DEFAULT
@@ -249,6 +249,8 @@ def cmd_broadcast(args: argparse.Namespace) -> int:
                                     html=_read_text(args.html), tag=args.tag,
                                     rate_limit=args.rate_limit, priority=args.priority,
                                     details=output.actor(args.actor))
+            if args.archive:
+                subscribers.set_archive(conn, args.account, row["id"], True)
             for warning in template.warnings(row["text_body"], row["html_body"]):
                 print(f"pgcast: warning: {warning}", file=sys.stderr)
             print(row["id"])
@@ -404,6 +406,8 @@ def build_parser() -> Parser:
     bc.add_argument("--priority", type=_priority, default=1, metavar="N",
                     help="1-10 (default 1): its weight among its account's sending broadcasts "
                          "when the rate limit is the constraint")
+    bc.add_argument("--archive", action="store_true",
+                    help="list it, once sent, on the account's public archive page")
     bc.add_argument("--actor", metavar="NAME",
                     help="who is doing this, for the audit log (default: the OS user)")
     bl = bsub.add_parser("list", help="newest first: a table on a terminal, else JSON")
@@ -465,6 +469,9 @@ def build_parser() -> Parser:
     from bin import hooks_commands  # outgoing webhooks
 
     hooks_commands.register(sub, Parser, ACCOUNT_DEFAULT)
+    from bin import subscribers_commands  # forms, topics, archive (issue 28)
+
+    subscribers_commands.register(sub, Parser, ACCOUNT_DEFAULT)
     _add_api_commands(sub)
     return p
 
@@ -486,7 +493,8 @@ def _config_error() -> type[Exception]:
     return worker_errors.ConfigError
 
 
-ACCOUNT_ARGS = ("account", "weight_account", "sender_account")  # every ACCOUNT a command takes
+# every ACCOUNT a command takes
+ACCOUNT_ARGS = ("account", "weight_account", "sender_account", "archive_account")
 
 
 def check_accounts(args: argparse.Namespace) -> None:

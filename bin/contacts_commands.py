@@ -145,6 +145,8 @@ def cmd_export(args: argparse.Namespace) -> int:
                          contacts_csv.UNSUBSCRIBED_AT, contacts_csv.SUPPRESSED_REASON])
         args.after = ""
         for row in _pages(conn, args, 0):
+            if "confirmed_at" in row and row["confirmed_at"] is None:
+                continue  # an unconfirmed sign-up: imported elsewhere it would be mailable
             attrs = row["attributes"]
             unsubscribed = row["unsubscribed_at"]
             writer.writerow([row["email"], row["name"], ";".join(row["tags"]),

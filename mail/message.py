@@ -157,29 +157,36 @@ class Content:
 
     def render(self, contact_id: int, email_address: str, name: str | None,
                attributes: dict[str, Any] | None = None,
-               tags: list[str] | None = None, deliver_to: str | None = None) -> Message:
+               tags: list[str] | None = None, deliver_to: str | None = None,
+               token: str | None = None) -> Message:
         """The message for one recipient; raises RenderError when it cannot be built.
 
         `deliver_to` (a test send) addresses the message elsewhere; the contact's own data
-        still fills the template.
+        still fills the template. `token` (view in browser) renders the links with the token
+        the person's message carried, so the page is the message they got.
         """
         if self.problem:
             raise errors.RenderError(self.problem)
         with sandbox.charged(self.timeout_ms):  # one budget for the message's three parts
-            return self._render(contact_id, email_address, name, attributes, tags, deliver_to)
+            return self._render(contact_id, email_address, name, attributes, tags, deliver_to,
+                                token)
 
     def _render(self, contact_id: int, email_address: str, name: str | None,
                 attributes: dict[str, Any] | None, tags: list[str] | None,
-                deliver_to: str | None) -> Message:
+                deliver_to: str | None, token: str | None = None) -> Message:
         spec = addr_spec(deliver_to or email_address)
         shown = phrase(name or "", "To")
         to = f"{shown} <{spec}>" if shown else spec
-        link = unsubscribe.link(self.base_url, self._token(contact_id))
+        # one token per message: the unsubscribe, preference and web links all carry it
+        token = token or self._token(contact_id)
+        link = unsubscribe.link(self.base_url, token)
         context = {
             "contact": {"email": email_address, "name": name or "", "tags": list(tags or []),
                         "attributes": dict(attributes or {})},
             "broadcast": self.broadcast_vars,
             "unsubscribe_url": link,
+            "preferences_url": f"{self.base_url}/p/{token}",
+            "web_url": f"{self.base_url}/v/{token}",
         }
         subject = one_line(self._subject(context))
         if self.test:

@@ -15,7 +15,8 @@ def of(content: message.Content, contact: dict[str, Any] | None) -> dict[str, An
     """Subject, text, html and headers for one contact row (or the sample); RenderError."""
     who = contact or SAMPLE
     msg = content.render(int(who["id"]), str(who["email"]), who.get("name"),
-                         who.get("attributes"), who.get("tags"))
+                         who.get("attributes"), who.get("tags"), deliver_to=who.get("deliver_to"),
+                         token=who.get("token"))
     headers = {"From": message.unfolded(msg.from_address), "To": message.unfolded(msg.to),
                "Subject": message.unfolded(message.subject_header(msg.subject)),
                **msg.headers}

@@ -27,7 +27,8 @@ MAX_SOURCE = 256 * 1024  # characters of one template's source
 # tags ({{ }}, {% %}) in one template: parsing and compiling costs about 0.3 ms a tag, so
 # this bounds the check at create and the compile in each worker (about 0.3 s)
 MAX_TAGS = 1000
-NAMES = ("contact", "broadcast", "unsubscribe_url")  # the variables a template may use
+# the variables a template may use; preferences_url and web_url share the unsubscribe token
+NAMES = ("contact", "broadcast", "unsubscribe_url", "preferences_url", "web_url")
 _GLOBALS = frozenset({"range", "dict", "lipsum", "cycler", "joiner", "namespace", "loop"})
 TIMEOUT_ENV = "PGCAST_RENDER_TIMEOUT_MS"
 MAX_TIMEOUT_MS = 60_000

@@ -116,7 +116,7 @@ CREATE TRIGGER broadcasts_webhook_event AFTER UPDATE OF status ON broadcasts
 
 -- contact.unsubscribed and contact.suppressed: every unsubscribe and suppression is appended
 -- to contact_events by whatever path makes it (one-click, API, CLI, import, SES feedback,
--- SQL), with its source. An erase scrubs the address from the events that name the contact
+-- SQL), with its source; contact.subscribed: a sign-up confirmed (0019's confirm and signup). An erase scrubs the address from the events that name the contact
 -- (and from the receivers' answers kept for them).
 CREATE FUNCTION pgcast_contact_event_v1() RETURNS trigger LANGUAGE plpgsql AS $$
 DECLARE
@@ -137,7 +137,15 @@ BEGIN
     IF NOT FOUND THEN
         RETURN NULL;
     END IF;
-    IF NEW.action = 'unsubscribe' THEN
+    IF NEW.action IN ('confirm', 'signup') THEN
+        -- a double opt-in confirmed, or a sign-up on a form without opt-in that confirmed the
+        -- contact in this transaction (0019's functions); other sign-ups change nothing yet
+        IF NEW.action = 'confirm' OR (NEW.details->>'double_opt_in' = 'false'
+                                      AND c.confirmed_at >= now()
+                                      AND c.unsubscribed_at IS NULL) THEN
+            PERFORM pgcast_contact_subscribed_v1(c.id, NEW.source);
+        END IF;
+    ELSIF NEW.action = 'unsubscribe' THEN
         PERFORM pgcast_emit_event_v1(NEW.account, 'contact.unsubscribed', jsonb_build_object(
             'contact_id', c.id, 'email', c.email, 'source', NEW.source,
             'broadcast_id', NEW.broadcast_id, 'unsubscribed_at', c.unsubscribed_at), c.id);
@@ -151,11 +159,11 @@ BEGIN
 END
 $$;
 CREATE TRIGGER contact_events_webhook_event AFTER INSERT ON contact_events
-    FOR EACH ROW WHEN (NEW.action IN ('unsubscribe', 'suppress', 'erase'))
+    FOR EACH ROW WHEN (NEW.action IN ('unsubscribe', 'suppress', 'erase', 'confirm', 'signup'))
     EXECUTE FUNCTION pgcast_contact_event_v1();
 
--- contact.subscribed: a confirmed sign-up. The function that confirms one calls this in its
--- own transaction (double opt-in is built on its own branch; see docs/webhooks.md).
+-- contact.subscribed: a confirmed sign-up, in the caller's transaction (the contact_events
+-- trigger calls it for 0019's confirmations; an application may call it for its own).
 CREATE FUNCTION pgcast_contact_subscribed_v1(p_contact bigint, p_source text)
 RETURNS uuid
 LANGUAGE plpgsql AS $$

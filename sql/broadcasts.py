@@ -108,7 +108,7 @@ def get(conn: psycopg.Connection[Any], account: str, broadcast_id: uuid.UUID) ->
 
 
 def send_result(row: dict[str, Any], segment: str | None = None) -> dict[str, Any]:
-    """The answer to a send, from a pgcast_send_v5 row (segment: the broadcast's tag)."""
+    """The answer to a send, from a pgcast_send_v6 row (segment: the broadcast's tag)."""
     if not row["ok"]:
         if row["status"] == "empty":
             who = f"tag {segment!r}" if segment else "the account"

@@ -178,7 +178,7 @@ def unsubscribe(conn: psycopg.Connection[Any], account: str, email: str, *,
 
 # -- what an operator reads and does: list, count, resubscribe, erase ----------------------
 
-STATUSES = ("subscribed", "unsubscribed", "suppressed")
+STATUSES = ("subscribed", "unsubscribed", "suppressed", "unconfirmed")
 
 
 def page(conn: psycopg.Connection[Any], account: str, *, tag: str | None = None,
@@ -199,14 +199,18 @@ def attribute_keys(conn: psycopg.Connection[Any], account: str) -> list[str]:
 
 
 def status_of(row: dict[str, Any]) -> str:
-    """subscribed, unsubscribed or suppressed (suppression shown first: it is the harder stop)."""
+    """subscribed, unsubscribed, suppressed or unconfirmed (the harder stop shown first)."""
     if row.get("suppressed_at") is not None:
         return "suppressed"
-    return "unsubscribed" if row.get("unsubscribed_at") is not None else "subscribed"
+    if row.get("unsubscribed_at") is not None:
+        return "unsubscribed"
+    # a row read before 0019 has no confirmed_at key: confirmed
+    return "unconfirmed" if "confirmed_at" in row and row["confirmed_at"] is None else "subscribed"
 
 
 def count(conn: psycopg.Connection[Any], account: str, tag: str | None = None) -> dict[str, Any]:
-    """How many contacts, and how many of them are subscribed, unsubscribed, suppressed."""
+    """How many contacts, and how many are subscribed (mailable), unconfirmed, unsubscribed,
+    suppressed."""
     row = conn.execute(QUERIES["contacts_count"], {"account": account, "tag": tag}).fetchone()
     assert row is not None
     return dict(row)

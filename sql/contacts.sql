@@ -5,13 +5,14 @@
 -- An account's contacts by address, keyset-paged on the unique index (account, lower(email))
 -- so a cursor is an address the caller has seen; optionally by tag and mailing status.
 SELECT lower(email) AS key, email, name, tags, attributes, unsubscribed_at, suppressed_at, suppressed_reason,
-       created_at, updated_at
-FROM contacts
+       created_at, updated_at, confirmed_at
+FROM contacts c
 WHERE account = %(account)s
   AND lower(email) > %(after)s
   AND (%(tag)s::text IS NULL OR tags @> ARRAY[%(tag)s::text])
   AND (%(status)s::text IS NULL
-       OR (%(status)s = 'subscribed' AND unsubscribed_at IS NULL AND suppressed_at IS NULL)
+       OR (%(status)s = 'subscribed' AND pgcast_mailable_v1(c))
+       OR (%(status)s = 'unconfirmed' AND confirmed_at IS NULL)
        OR (%(status)s = 'unsubscribed' AND unsubscribed_at IS NOT NULL)
        OR (%(status)s = 'suppressed' AND suppressed_at IS NOT NULL))
 ORDER BY lower(email)
@@ -25,12 +26,14 @@ WHERE c.account = %(account)s AND c.attributes <> '{}'
 ORDER BY 1
 
 -- contacts_count --
--- How many contacts an account has, by mailing status, optionally of one tag.
+-- How many contacts an account has, by mailing status, optionally of one tag; subscribed
+-- means mailable (pgcast_mailable_v1), and unconfirmed sign-ups are counted apart.
 SELECT count(*) AS total,
-       count(*) FILTER (WHERE unsubscribed_at IS NULL AND suppressed_at IS NULL) AS subscribed,
+       count(*) FILTER (WHERE pgcast_mailable_v1(c)) AS subscribed,
+       count(*) FILTER (WHERE confirmed_at IS NULL) AS unconfirmed,
        count(*) FILTER (WHERE unsubscribed_at IS NOT NULL) AS unsubscribed,
        count(*) FILTER (WHERE suppressed_at IS NOT NULL) AS suppressed
-FROM contacts
+FROM contacts c
 WHERE account = %(account)s
   AND (%(tag)s::text IS NULL OR tags @> ARRAY[%(tag)s::text])
 

@@ -104,7 +104,7 @@ RETURNING id
 -- broadcast_send --
 -- Snapshot the mailable recipients into the broadcast's own partition and start sending
 -- (status 'empty', nothing changed, when nobody matches and allow_empty is false).
-SELECT * FROM pgcast_send_v5(%(account)s, %(id)s, %(allow_empty)s, %(details)s::jsonb)
+SELECT * FROM pgcast_send_v6(%(account)s, %(id)s, %(allow_empty)s, %(details)s::jsonb)
 
 -- analyze_recipients --
 -- Fresh planner statistics for one broadcast's partition after a big snapshot (its own
@@ -173,7 +173,7 @@ SELECT * FROM pgcast_claim_v3(%(id)s, %(limit)s, %(token)s, %(worker)s,
 -- claim_handoff --
 -- Claim up to `limit` rows and hand them off at once (handed = false: only claimed; all
 -- of them when the global bucket has a rate by then, which global_rate says).
-SELECT * FROM pgcast_claim_handoff_v4(%(id)s, %(limit)s, %(token)s, %(worker)s,
+SELECT * FROM pgcast_claim_handoff_v5(%(id)s, %(limit)s, %(token)s, %(worker)s,
                                       make_interval(secs => %(lease)s), %(after)s)
 
 -- fresh_floor --
@@ -182,8 +182,8 @@ SELECT pgcast_fresh_floor_v1(%(id)s, %(from)s) AS floor
 
 -- handoff --
 -- The fence: claimed -> sending (or skipped) for one group, with each contact's name and
--- attributes (pgcast_handoff_v2).
-SELECT * FROM pgcast_handoff_v2(%(id)s, %(epoch)s, %(token)s, %(ids)s)
+-- attributes (pgcast_handoff_v3).
+SELECT * FROM pgcast_handoff_v3(%(id)s, %(epoch)s, %(token)s, %(ids)s)
 
 -- record --
 -- One group's provider outcomes and counters (an answer its claim no longer holds: audited).

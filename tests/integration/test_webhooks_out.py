@@ -297,6 +297,36 @@ def test_contact_subscribed_is_emitted_by_its_function(conn: Conn) -> None:
     assert uuid.UUID(str(ev))
 
 
+def _form(conn: Conn, double_opt_in: bool) -> Any:
+    return conn.execute("INSERT INTO forms (account, name, tags, from_address, double_opt_in) "
+                        "VALUES ('default', %s, '{news}', 'news@example.com', %s) RETURNING id",
+                        (f"f{double_opt_in}", double_opt_in)).fetchone()["id"]
+
+
+def test_a_confirmed_sign_up_is_contact_subscribed_once(conn: Conn) -> None:
+    """Double opt-in: the sign-up emits nothing, the confirmation contact.subscribed, a second
+    click nothing. A form without opt-in: the sign-up itself, once."""
+    add(conn, "https://hooks.example.com/a", ["*"])
+    double, single = _form(conn, True), _form(conn, False)
+
+    def subscribed() -> list[str]:
+        return [r["data"]["email"] for r in conn.execute(
+            "SELECT data FROM webhook_events WHERE type = 'contact.subscribed' "
+            "ORDER BY created_at").fetchall()]
+
+    conn.execute("SELECT * FROM pgcast_signup_v1(%s, 'ann@example.com', 'Ann', 3, '{}')",
+                 (double,))
+    assert subscribed() == []
+    for _ in range(2):
+        conn.execute("SELECT * FROM pgcast_confirm_v1('ann@example.com', %s, now(), '{}')",
+                     (double,))
+    assert subscribed() == ["ann@example.com"]
+    for _ in range(2):
+        conn.execute("SELECT * FROM pgcast_signup_v1(%s, 'bob@example.com', 'Bob', 3, '{}')",
+                     (single,))
+    assert subscribed() == ["ann@example.com", "bob@example.com"]
+
+
 def test_message_events_follow_the_message_functions(conn: Conn) -> None:
     """message.sent, then delivered, bounced and complained from SES feedback; a failed
     record is message.failed. No address in any of them."""

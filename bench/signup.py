@@ -1,0 +1,187 @@
+"""Sign-up forms under load (issue 28): POST /f/{id} latency, and how soon the confirmation
+reaches the provider while a big broadcast drains.
+
+    python -m bench.signup [--rate 200] [--seconds 15] [--recipients 20000]
+                           [--broadcast-rate 100] [--workers 2]
+
+One `pgcast api` process (uvicorn) on a fresh database (embedded Postgres in a temp dir, or
+DATABASE_URL's server). Open-loop load: a new sign-up (a new address, double opt-in: a contact
+row, a signup event and a confirmation message in one transaction) starts every 1/--rate
+seconds whatever the earlier ones are doing, each on a free keep-alive connection, so a slow
+answer delays nobody's start and shows up in the latency (no coordinated omission).
+
+Round 1: sign-ups alone. Round 2: the same while --workers workers (null provider) drain a
+broadcast of --recipients contacts capped at --broadcast-rate emails/s (the broadcast's own
+limit); the confirmation's time to the provider is messages.sent_at - created_at (sent_at is
+written when the null provider has answered, so it is an upper bound of the hand-over).
+The per-client limit (PGCAST_FORM_RATE) is raised for the run: the load comes from one address.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from typing import Any
+
+from bench import common
+
+FORM_ID = uuid.UUID("00000000-0000-4000-8000-00000000f0f0")
+
+
+def _up(base: str) -> bool:
+    try:
+        urllib.request.urlopen(f"{base}/healthz", timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+class Conn:
+    """One keep-alive HTTP/1.1 connection (raw: httpx's overhead would be measured too)."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def post(self, body: bytes) -> int:
+        """One POST /f/{id}; its status."""
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
+        assert self.reader is not None
+        self.writer.write(
+            f"POST /f/{FORM_ID} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            "Content-Type: application/x-www-form-urlencoded\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        length = next(int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length:"))
+        await self.reader.readexactly(length)
+        return int(head.split(b" ", 2)[1])
+
+
+async def load(port: int, rate: float, seconds: float, prefix: str) -> dict[str, Any]:
+    """Open-loop sign-ups at `rate`/s for `seconds`; latency percentiles (ms) and statuses."""
+    idle: asyncio.Queue[Conn] = asyncio.Queue()
+    for _ in range(64):
+        idle.put_nowait(Conn(port))
+    times: list[float] = []
+    statuses: dict[int, int] = {}
+
+    async def one(i: int, due: float) -> None:
+        conn = await idle.get()
+        try:
+            status = await conn.post(f"email={prefix}{i}%40example.com&name=N".encode())
+        finally:
+            idle.put_nowait(conn)
+        times.append((time.perf_counter() - due) * 1000)  # from its scheduled start
+        statuses[status] = statuses.get(status, 0) + 1
+
+    n = int(rate * seconds)
+    start = time.perf_counter()
+    tasks = []
+    for i in range(n):
+        due = start + i / rate
+        delay = due - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one(i, due)))
+    await asyncio.gather(*tasks)
+    elapsed = time.perf_counter() - start
+    while not idle.empty():
+        c = idle.get_nowait()
+        if c.writer is not None:
+            c.writer.close()
+    return {"n": n, "achieved_per_s": n / elapsed, "p50_ms": common.percentile(times, 50),
+            "p99_ms": common.percentile(times, 99), "max_ms": max(times), "statuses": statuses}
+
+
+def _to_provider(url: str, prefix: str, timeout: float = 600) -> dict[str, float]:
+    """Seconds from a confirmation's creation to its provider answer (p50, p95, max)."""
+    with common.connect(url) as conn:
+        deadline = time.monotonic() + timeout
+        while True:
+            row = conn.execute("SELECT count(*) FILTER (WHERE sent_at IS NULL) AS open, "
+                               "count(*) AS n FROM messages WHERE to_address LIKE %s",
+                               (prefix + "%",)).fetchone()
+            assert row is not None
+            if row["open"] == 0 or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        rows = conn.execute("SELECT extract(epoch FROM sent_at - created_at) AS s FROM messages "
+                            "WHERE to_address LIKE %s AND sent_at IS NOT NULL",
+                            (prefix + "%",)).fetchall()
+    lag = [float(r["s"]) for r in rows]
+    return {"sent": len(lag), "unsent": int(row["open"]), "p50_s": common.percentile(lag, 50),
+            "p95_s": common.percentile(lag, 95), "max_s": max(lag)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run both rounds and print the figures."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    ap.add_argument("--rate", type=float, default=200.0, help="sign-ups per second")
+    ap.add_argument("--seconds", type=float, default=15.0, help="seconds of load per round")
+    ap.add_argument("--recipients", type=int, default=20_000, help="the broadcast's size")
+    ap.add_argument("--broadcast-rate", type=float, default=100.0,
+                    help="the broadcast's own limit, emails/s")
+    ap.add_argument("--workers", type=int, default=2, help="worker processes")
+    args = ap.parse_args(argv)
+    with common.bench_db("signup", os.environ.get("DATABASE_URL")) as url:
+        with common.connect(url) as conn:
+            conn.execute("INSERT INTO forms (id, account, name, tags, from_address) "
+                         "VALUES (%s, %s, 'bench', '{news}', 'news@example.com')",
+                         (FORM_ID, common.ACCOUNT))
+        port = _free_port()
+        base = f"http://127.0.0.1:{port}"
+        api = subprocess.Popen(
+            [sys.executable, "-m", "bin.cli", "api", "--port", str(port)], cwd=common.ROOT,
+            env=common.child_env(url, PGCAST_JWT_SECRET="bench-secret-0123456789-abcdefghij",
+                                 PGCAST_FORM_RATE="100000000"),
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 60
+            while not _up(base):
+                if api.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("pgcast api did not start")
+                time.sleep(0.1)
+            asyncio.run(load(port, args.rate, 2.0, "warm"))
+            idle = asyncio.run(load(port, args.rate, args.seconds, "idle"))
+            print(f"round 1, sign-ups alone at {args.rate:.0f}/s: {idle}")
+            common.seed_contacts(url, args.recipients, tagged={"all": args.recipients})
+            with common.connect(url) as conn:
+                bid = common.new_draft(conn, tag="all")
+                conn.execute("UPDATE broadcasts SET rate_limit = %s WHERE id = %s",
+                             (args.broadcast_rate, bid))
+                with common.Workers(url, count=args.workers):
+                    common.send(conn, bid)
+                    time.sleep(2.0)  # the drain under way
+                    busy = asyncio.run(load(port, args.rate, args.seconds, "busy"))
+                    lag = _to_provider(url, "busy")
+                    progress = conn.execute("SELECT status, sent, total FROM broadcasts "
+                                            "WHERE id = %s", (bid,)).fetchone()
+            print(f"round 2, sign-ups at {args.rate:.0f}/s while {args.recipients} recipients "
+                  f"drain at {args.broadcast_rate:.0f}/s: {busy}")
+            print(f"round 2, confirmation creation -> provider answer: {lag}")
+            print(f"broadcast when round 2 ended: {progress}")
+        finally:
+            api.terminate()
+            api.wait(timeout=30)
+    return 0
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
