@@ -39,6 +39,8 @@ CREATE TABLE webhook_events (
 );
 CREATE INDEX webhook_events_contact ON webhook_events (account, contact_id)
     WHERE contact_id IS NOT NULL;
+-- what the prune reads first: the oldest events
+CREATE INDEX webhook_events_created ON webhook_events (created_at);
 
 -- One event to one endpoint. Delivered in id order per endpoint (the head blocks the rest
 -- while it is retried); response: the first 1 KiB of the receiver's answer.

@@ -110,3 +110,21 @@ SELECT pgcast_webhook_record_v1(%(id)s, %(token)s, %(delivery)s, %(ok)s, %(statu
 -- hooks_one --
 -- one endpoint of an account (is it there?)
 SELECT id FROM webhook_endpoints WHERE account = %(account)s AND id = %(id)s
+
+-- hooks_prune_deliveries --
+-- up to %(limit)s finished deliveries older than %(days)s days, deleted
+DELETE FROM webhook_deliveries
+WHERE id IN (SELECT d.id FROM webhook_deliveries d
+             WHERE d.status IN ('delivered', 'failed')
+               AND coalesce(d.delivered_at, d.last_attempt_at, d.created_at)
+                   < now() - %(days)s * interval '1 day'
+             LIMIT %(limit)s)
+
+-- hooks_prune_events --
+-- up to %(limit)s events older than %(days)s days that no delivery holds any more, deleted
+DELETE FROM webhook_events
+WHERE id IN (SELECT e.id FROM webhook_events e
+             WHERE e.created_at < now() - %(days)s * interval '1 day'
+               AND NOT EXISTS (SELECT 1 FROM webhook_deliveries d WHERE d.event_id = e.id)
+             ORDER BY e.created_at
+             LIMIT %(limit)s)

@@ -34,6 +34,8 @@ from worker import errors, hookhttp
 log = logging.getLogger("pgcast.webhooks")
 
 BATCH = 50  # deliveries read at once from one endpoint's queue
+PRUNE_EVERY = 600.0  # seconds between prunes of old deliveries and events
+PRUNE_BATCH = 5000  # rows one prune statement deletes at most
 QUANTUM = 5.0  # seconds an endpoint keeps its slot while others may wait for one
 
 
@@ -61,6 +63,7 @@ class Settings:
     timeout: float = 10.0  # seconds per attempt
     retry_base: float = 10.0  # seconds before the first retry (doubled each time, <= 6 h)
     give_up: float = 3 * 86400.0  # seconds after a delivery's first attempt
+    keep_days: float = 30.0  # finished deliveries (and events no delivery holds) kept
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -72,7 +75,8 @@ class Settings:
             lease=_env("PGCAST_WEBHOOKS_LEASE", cls.lease, 1),
             timeout=_env("PGCAST_WEBHOOKS_TIMEOUT", cls.timeout, 0.1),
             retry_base=_env("PGCAST_WEBHOOKS_RETRY_BASE", cls.retry_base, 0),
-            give_up=_env("PGCAST_WEBHOOKS_GIVE_UP", cls.give_up, 0))
+            give_up=_env("PGCAST_WEBHOOKS_GIVE_UP", cls.give_up, 0),
+            keep_days=_env("PGCAST_WEBHOOKS_KEEP_DAYS", cls.keep_days, 0))
         if s.lease <= s.timeout:
             raise errors.ConfigError("PGCAST_WEBHOOKS_LEASE must be longer than "
                                      "PGCAST_WEBHOOKS_TIMEOUT (an attempt must end in its lease)")
@@ -101,10 +105,14 @@ class Deliverer:
             kwargs={"autocommit": True, "row_factory": dict_row, **db.CONNECT_KWARGS},
             reconnect_timeout=3600, name="pgcast-webhooks")
         await pool.open(wait=False)
+        pruned = -math.inf  # never
         try:
             while not self.stopping.is_set():
                 try:
                     await self._claim(pool)
+                    if time.monotonic() - pruned > PRUNE_EVERY:
+                        pruned = time.monotonic()
+                        await self.prune(pool)
                 except psycopg.OperationalError as exc:
                     log.warning("webhook claim failed (%s); will retry", exc)
                 self.wake.clear()
@@ -125,6 +133,20 @@ class Deliverer:
                     await task
             await self.poster.aclose()
             await pool.close()
+
+    async def prune(self, pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]]) -> int:
+        """Delete finished deliveries older than keep_days, then the events no delivery holds
+        any more, in batches (every worker may prune: the statements are idempotent)."""
+        params = {"days": self.settings.keep_days, "limit": PRUNE_BATCH}
+        deleted = 0
+        async with pool.connection() as conn:
+            for name in ("hooks_prune_deliveries", "hooks_prune_events"):
+                while not self.stopping.is_set():
+                    cur = await conn.execute(QUERIES[name], params)
+                    deleted += cur.rowcount
+                    if cur.rowcount < PRUNE_BATCH:
+                        break
+        return deleted
 
     async def _claim(self, pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]]) -> None:
         free = self.settings.concurrency - len(self.slots)

@@ -352,3 +352,29 @@ def test_message_events_follow_the_message_functions(conn: Conn) -> None:
     assert sent["message_id"] == str(ids[0]) and sent["idempotency_key"] == "k0"
     assert sent["provider_message_id"] == "ses-1" and sent["status"] == "sent"
     assert "@example.com" not in json.dumps([r["data"] for r in rows])
+
+
+def test_prune_deletes_old_finished_deliveries_and_their_events_only(
+        conn: Conn, db_url: str) -> None:
+    support.seed_contacts(conn, 3)
+    add(conn, "https://hooks.example.com/a", ["*"])
+    for i in range(3):
+        contacts.unsubscribe(conn, "default", f"user{i}@example.com")
+    ids = [d["id"] for d in deliveries(conn)]
+    # an old delivered one, an old failed one, an old pending one (never pruned)
+    conn.execute("UPDATE webhook_deliveries SET status = 'delivered', "
+                 "delivered_at = now() - interval '31 days' WHERE id = %s", (ids[0],))
+    conn.execute("UPDATE webhook_deliveries SET status = 'failed', "
+                 "last_attempt_at = now() - interval '31 days' WHERE id = %s", (ids[1],))
+    conn.execute("UPDATE webhook_events SET created_at = now() - interval '31 days'")
+    d = worker_hooks.Deliverer(db_url, worker_hooks.Settings(), asyncio.Event(), "t")
+
+    async def prune() -> int:
+        from psycopg_pool import AsyncConnectionPool
+
+        async with AsyncConnectionPool(db_url, kwargs={"autocommit": True}) as pool:
+            return await d.prune(pool)
+
+    assert asyncio.run(prune()) == 4  # two deliveries, their two events
+    assert [r["id"] for r in deliveries(conn)] == [ids[2]]
+    assert conn.execute("SELECT count(*) AS n FROM webhook_events").fetchone()["n"] == 1
