@@ -310,3 +310,50 @@ def test_a_committed_message_wakes_an_idle_worker(conn: Conn, db_url: str,
 
     woken, took = asyncio.run(run())
     assert woken == 1 and took < 30
+
+
+def _bucket(conn: Conn, tokens: float, credit: float, share: float = 0.5) -> None:
+    conn.execute("UPDATE rate_limits SET rate = 10, burst = 10, tokens = %s, "
+                 "refilled_at = clock_timestamp(), messages_credit = %s, "
+                 "messages_refilled_at = clock_timestamp(), messages_share = %s "
+                 "WHERE name = 'global'", (tokens, credit, share))
+
+
+def _take(conn: Conn, bid: Any, want: int) -> int:
+    row = conn.execute("SELECT granted FROM pgcast_take_tokens_v4('global', %s, %s)",
+                       (want, bid)).fetchone()
+    assert row is not None
+    return int(row["granted"])
+
+
+def _take_messages(conn: Conn, want: int) -> int:
+    row = conn.execute("SELECT granted FROM pgcast_take_tokens_external(%s)", (want,)).fetchone()
+    assert row is not None
+    return int(row["granted"])
+
+
+def test_messages_take_tokens_ahead_of_broadcasts_up_to_their_share(conn: Conn) -> None:
+    support.seed_contacts(conn, 1)
+    bid = support.new_broadcast(conn)
+    # no broadcast waiting: messages may take the whole bucket, whatever their credit
+    _bucket(conn, tokens=8, credit=0)
+    assert _take_messages(conn, 8) == 8
+    # a broadcast waits (it asked for more than the bucket had)
+    _bucket(conn, tokens=0, credit=0)
+    assert _take(conn, bid, 100) == 0
+    # messages wait too: they asked for 5 and got nothing (the bucket is empty)
+    assert _take_messages(conn, 5) == 0
+    # the bucket refills to 5; messages have earned 2.5 of credit meanwhile
+    _bucket(conn, tokens=5, credit=2.5)
+    conn.execute("UPDATE rate_limits SET messages_waiting_at = clock_timestamp(), "
+                 "messages_want = 5 WHERE name = 'global'")
+    # the broadcast's take leaves what the waiting messages are owed (their credit, 2.5)
+    assert _take(conn, bid, 100) == 2
+    # and the messages take it, capped by their credit while the broadcast waits
+    assert _take_messages(conn, 5) == 2
+    # share 0: messages take nothing while broadcasts wait
+    _bucket(conn, tokens=10, credit=0, share=0)
+    assert _take(conn, bid, 1) == 1  # the broadcast is still taking (and waiting)
+    assert _take(conn, bid, 100) >= 8
+    _bucket(conn, tokens=10, credit=0, share=0)
+    assert _take_messages(conn, 5) == 0
