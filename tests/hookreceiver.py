@@ -4,6 +4,7 @@ fail the first N attempts of each event and answer after a delay."""
 from __future__ import annotations
 
 import contextlib
+import ssl
 import threading
 import time
 from collections.abc import Iterator
@@ -35,11 +36,14 @@ class Receiver:
     started: threading.Event = field(default_factory=threading.Event)
     lock: threading.Lock = field(default_factory=threading.Lock)
     port: int = 0
+    location: str | None = None  # sent with the answer (a redirect, say)
+    sni: list[str | None] = field(default_factory=list)  # TLS server names asked for
+    scheme: str = "http"
 
     @property
     def url(self) -> str:
         """The receiver's URL (http, loopback)."""
-        return f"http://127.0.0.1:{self.port}/hook"
+        return f"{self.scheme}://127.0.0.1:{self.port}/hook"
 
     def snapshot(self) -> list[Received]:
         """The requests so far."""
@@ -71,6 +75,8 @@ def _handler(rx: Receiver) -> type[BaseHTTPRequestHandler]:
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(answer)))
+            if rx.location:
+                self.send_header("Location", rx.location)
             self.end_headers()
             self.wfile.write(answer)
 
@@ -81,10 +87,15 @@ def _handler(rx: Receiver) -> type[BaseHTTPRequestHandler]:
 
 
 @contextlib.contextmanager
-def running(**kw: Any) -> Iterator[Receiver]:
-    """A receiver on a free loopback port, in a thread, for the block's duration."""
+def running(tls: ssl.SSLContext | None = None, **kw: Any) -> Iterator[Receiver]:
+    """A receiver on a free loopback port, in a thread, for the block's duration; with `tls`,
+    an https one (the server names clients ask for are kept in `sni`)."""
     rx = Receiver(**kw)
     server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(rx))
+    if tls is not None:
+        rx.scheme = "https"
+        tls.sni_callback = lambda _sock, name, _ctx: rx.sni.append(name)  # type: ignore[assignment,misc,return-value]
+        server.socket = tls.wrap_socket(server.socket, server_side=True)
     server.daemon_threads = True
     rx.port = server.server_address[1]
     thread = threading.Thread(target=server.serve_forever, daemon=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import socket
+import ssl
 import time
 from dataclasses import dataclass
 
@@ -45,8 +46,9 @@ class Refused(Exception):
 class Poster:
     """POSTs to webhook URLs, keeping a few keep-alive clients."""
 
-    def __init__(self, timeout: float) -> None:
+    def __init__(self, timeout: float, verify: ssl.SSLContext | bool = True) -> None:
         self.timeout = timeout  # seconds, the whole attempt (resolve, connect, answer)
+        self.verify = verify  # the system's CAs; a test passes a context trusting its own
         self._clients: collections.OrderedDict[Key, httpx.AsyncClient] = (
             collections.OrderedDict())
 
@@ -79,6 +81,7 @@ class Poster:
         if client is None:
             client = httpx.AsyncClient(
                 follow_redirects=False, trust_env=False,  # no proxy from the environment
+                verify=self.verify,
                 timeout=httpx.Timeout(self.timeout),
                 limits=httpx.Limits(max_connections=2, max_keepalive_connections=1))
         self._clients[key] = client

@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import json
 import re
+import ssl
 import threading
 import uuid
 from collections.abc import Iterator
@@ -378,3 +379,81 @@ def test_prune_deletes_old_finished_deliveries_and_their_events_only(
     assert asyncio.run(prune()) == 4  # two deliveries, their two events
     assert [r["id"] for r in deliveries(conn)] == [ids[2]]
     assert conn.execute("SELECT count(*) AS n FROM webhook_events").fetchone()["n"] == 1
+
+
+def _tls(tmp_path: Path, name: str) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """A server context with a certificate for `name` from a CA of our own, and a client
+    context that trusts that CA only."""
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = dt.datetime.now(dt.UTC)
+    start, end = now - dt.timedelta(days=1), now + dt.timedelta(days=1)
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
+          .public_key(ca_key.public_key()).serial_number(1)
+          .not_valid_before(start).not_valid_after(end)
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+            .issuer_name(ca_name).public_key(key.public_key()).serial_number(2)
+            .not_valid_before(start).not_valid_after(end)
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    pem = serialization.Encoding.PEM
+    (tmp_path / "cert.pem").write_bytes(cert.public_bytes(pem))
+    (tmp_path / "key.pem").write_bytes(key.private_bytes(
+        pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
+    client = ssl.create_default_context(cadata=ca.public_bytes(pem).decode())
+    return server, client
+
+
+def test_https_connects_to_the_checked_address_with_the_name_in_sni_and_host(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The name is resolved once; the connection goes to that address, TLS asks for the name
+    (SNI) and verifies the certificate against it; a certificate for another name fails."""
+    monkeypatch.setenv("PGCAST_WEBHOOKS_ALLOW_PRIVATE", "1")
+    for cert_name, ok in (("localhost", True), ("other.example", False)):
+        server, client = _tls(tmp_path, cert_name)
+        with hookreceiver.running(tls=server) as rx:
+            poster = hookhttp.Poster(5, verify=client)
+            url = f"https://localhost:{rx.port}/hook"
+
+            async def post(p: hookhttp.Poster = poster, u: str = url) -> hookhttp.Answer:
+                try:
+                    return await p.post(u, {"Pgcast-Event-Id": "e1"}, b"{}", "ep")
+                finally:
+                    await p.aclose()
+
+            answer = asyncio.run(post())
+            assert answer.ok is ok, answer
+            assert rx.sni and set(rx.sni) == {"localhost"}
+            if ok:
+                assert [r.host for r in rx.snapshot()] == [f"localhost:{rx.port}"]
+            else:
+                assert "CERTIFICATE_VERIFY_FAILED" in (answer.error or "")
+                assert rx.snapshot() == []
+
+
+def test_a_redirect_is_a_failed_attempt_and_is_not_followed(
+        conn: Conn, db_url: str, local: None) -> None:
+    support.seed_contacts(conn, 1)
+    with hookreceiver.running() as target, \
+            hookreceiver.running(status=302) as rx:
+        rx.location = target.url
+        add(conn, rx.url, ["*"])
+        contacts.unsubscribe(conn, "default", "user0@example.com")
+        with delivering(db_url):
+            support.wait_for(lambda: deliveries(conn)[0]["attempts"] >= 2, timeout=30)
+        assert target.snapshot() == []
+    d = deliveries(conn)[0]
+    assert d["status"] == "pending" and d["last_status"] == 302
+    assert d["last_error"] == "HTTP 302"
