@@ -457,3 +457,29 @@ def test_a_redirect_is_a_failed_attempt_and_is_not_followed(
     d = deliveries(conn)[0]
     assert d["status"] == "pending" and d["last_status"] == 302
     assert d["last_error"] == "HTTP 302"
+
+
+def test_a_dead_account_holds_at_most_its_share_of_slots(
+        conn: Conn, db_url: str, local: None) -> None:
+    """Account a's three endpoints never answer (each attempt waits out the timeout); with
+    three slots, one per account, account b's events are delivered meanwhile."""
+    support.seed_contacts(conn, 1, account="a")
+    support.seed_contacts(conn, 3, account="b")
+    settings = worker_hooks.Settings(concurrency=3, per_account=1, poll=0.05, lease=10,
+                                     timeout=4, retry_base=60)
+    with hookreceiver.running(delay=6) as dead, hookreceiver.running() as live:
+        for _ in range(3):
+            add(conn, dead.url, ["*"], account="a")
+        add(conn, live.url, ["*"], account="b")
+        contacts.unsubscribe(conn, "a", "user0@example.com")
+        with delivering(db_url, settings):
+            support.wait_for(dead.started.is_set, timeout=10, what="a's first attempt")
+            for i in range(3):
+                contacts.unsubscribe(conn, "b", f"user{i}@example.com")
+            support.wait_for(lambda: len(live.ids()) == 3, timeout=3,
+                             what="b's events while a's endpoint hangs")
+            # a's attempts are still waiting: one endpoint of a at a time
+            assert len(dead.snapshot()) == 0
+            held = conn.execute("SELECT count(*) AS n FROM webhook_endpoints "
+                                "WHERE account = 'a' AND lease_expires_at > now()").fetchone()
+            assert held["n"] == 1
