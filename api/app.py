@@ -26,6 +26,7 @@ from api import (
     control,
     db,
     errors,
+    hooks,
     http,
     openapi,
     subscriber_pages,
@@ -129,6 +130,14 @@ ROUTES = [
     *forms_routes.routes(route),
     route("/messages", POST=message_routes.create),
     route("/messages/{id}", GET=message_routes.get),
+    # outgoing webhooks (api/hooks.py)
+    route("/webhooks", GET=hooks.list_all, POST=hooks.create),
+    *map(hooks.uuid_ids, [
+        route("/webhooks/{id}", DELETE=hooks.remove),
+        route("/webhooks/{id}/rotate-secret", POST=hooks.rotate),
+        route("/webhooks/{id}/enable", POST=hooks.enable),
+        route("/webhooks/{id}/deliveries", GET=hooks.deliveries),
+        route("/webhooks/{id}/deliveries/{delivery_id}/redeliver", POST=hooks.redeliver)]),
 ]
 
 

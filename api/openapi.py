@@ -536,6 +536,8 @@ def _message_paths() -> dict[str, Any]:
 
 def document() -> dict[str, Any]:
     """The whole OpenAPI 3.1 document."""
+    from api import hooks_openapi  # outgoing webhooks; it uses this module's helpers
+
     return {
         "openapi": "3.1.0",
         "info": {"title": "pgcast", "version": "1",
@@ -545,8 +547,8 @@ def document() -> dict[str, Any]:
         "paths": _with_operator_routes({**_paths(), **_feedback_paths(),
                                         **_segment_paths(),
                                         **forms_routes.openapi_paths(op, _json, ID),
-                                        **_message_paths()}),
-        "components": {"schemas": SCHEMAS, "securitySchemes": {
+                                        **_message_paths(), **hooks_openapi.paths()}),
+        "components": {"schemas": {**SCHEMAS, **hooks_openapi.SCHEMAS}, "securitySchemes": {
             "bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}}},
         "security": [{"bearer": []}],
     }

@@ -215,7 +215,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
         # procrastinate logs each periodic sweep job at INFO: DEBUG material for an operator
         logging.getLogger("procrastinate").setLevel(logging.WARNING)
     stats = asyncio.run(worker_main.run(settings, db.database_url(),
-                                        metrics_addr=args.metrics_addr))
+                                        metrics_addr=args.metrics_addr,
+                                        webhooks=not args.no_webhooks))
     print(json.dumps({"sent": stats.sent, "failed": stats.failed, "retried": stats.retried,
                       "groups": stats.groups, "connections": stats.connections}),
           file=sys.stderr)
@@ -366,6 +367,8 @@ def build_parser() -> Parser:
                    default=os.environ.get("PGCAST_SWEEP_SECONDS", "5"),
                    help="sweeper period, 1-59 s (default 5, env PGCAST_SWEEP_SECONDS)")
     w.add_argument("--no-sweeper", action="store_true", help="do not run the sweeper here")
+    w.add_argument("--no-webhooks", action="store_true",
+                   help="do not deliver webhooks here (docs/webhooks.md)")
     w.add_argument("--metrics-addr", metavar="HOST:PORT",
                    default=os.environ.get("PGCAST_METRICS_ADDR") or None,
                    help="serve Prometheus metrics there (env PGCAST_METRICS_ADDR; default off)")
@@ -471,6 +474,9 @@ def build_parser() -> Parser:
     from bin import senders_commands  # operator only: the senders an account may use
 
     senders_commands.register(sub, Parser)
+    from bin import hooks_commands  # outgoing webhooks
+
+    hooks_commands.register(sub, Parser, ACCOUNT_DEFAULT)
     from bin import subscribers_commands  # forms, topics, archive (issue 28)
 
     subscribers_commands.register(sub, Parser, ACCOUNT_DEFAULT)

@@ -17,7 +17,17 @@ from mail import errors as mail_errors
 from mail import unsubscribe
 from sql import db
 from sql.queries import QUERIES
-from worker import control, engine, errors, providers, reconcile, render, retention, sweeper
+from worker import (
+    control,
+    engine,
+    errors,
+    hooks,
+    providers,
+    reconcile,
+    render,
+    retention,
+    sweeper,
+)
 
 log = logging.getLogger("pgcast.worker")
 
@@ -146,9 +156,11 @@ async def _run_sweeper(url: str, settings: engine.Settings, stopping: asyncio.Ev
 
 
 async def run(settings: engine.Settings, url: str,
-              metrics_addr: str | None = None) -> engine.Stats:
+              metrics_addr: str | None = None, webhooks: bool = True) -> engine.Stats:
     """Run one worker process until SIGTERM/SIGINT (or drained, with --once); with
-    `metrics_addr`, serve Prometheus metrics there."""
+    `metrics_addr`, serve Prometheus metrics there; `webhooks`: deliver webhooks too."""
+    # a bad PGCAST_WEBHOOKS_* stops the start, not a delivery
+    hook_settings = hooks.Settings.from_env() if webhooks and not settings.once else None
     provider: providers.Provider = providers.from_env(settings.max_in_flight)
     check_unsubscribe_settings(provider)
     make_engine = engine.Engine
@@ -195,6 +207,9 @@ async def run(settings: engine.Settings, url: str,
             _run_sweeper(direct or url, settings, eng.stopping, direct is not None,
                          retention_days),
             name="sweeper"))
+    if hook_settings is not None:  # its own connections and slots, apart from the mail's
+        side.append(asyncio.create_task(
+            hooks.Deliverer(url, hook_settings, eng.stopping, eng.name).run(), name="webhooks"))
     log.info("worker %s started (provider %s, %d dispatch loops, at most %d calls in flight)",
              eng.name, provider.name, settings.concurrency, settings.max_in_flight)
     # what start-up built (modules, boto3's service model) lives as long as the process: out

@@ -1,0 +1,232 @@
+"""Webhooks out (issue 30): deliveries/s from one worker process to a local receiver answering
+in 20 ms, and what a dead endpoint with 100,000 queued events costs the mail drain.
+
+1. throughput: 8 accounts x 4 endpoints (the defaults: 32 slots, 4 per account), events
+   queued before the worker starts; deliveries/s = deliveries / (last - first delivered_at).
+2. dead endpoint: one worker drains a broadcast (null provider) while an endpoint whose
+   receiver accepts connections and never answers (every attempt waits the 10 s timeout)
+   holds 100,000 pending deliveries, vs the same drain with that endpoint disabled. Paired
+   rounds, back to back, order alternating; the ratio is the median of the pairs' ratios
+   (decided before the run), with the ratio of the medians beside it.
+
+    .venv/bin/python -m bench.webhooks [--deliveries N] [--recipients N] [--pairs N]
+                                       [--backlog N] [--part all|throughput|dead]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from bench import common
+
+ACCOUNTS = 8
+ENDPOINTS_PER_ACCOUNT = 4
+LATENCY = 0.020  # seconds the receiver waits before answering
+ENV = {"PGCAST_WEBHOOKS_ALLOW_HTTP": "1", "PGCAST_WEBHOOKS_ALLOW_PRIVATE": "1",
+       "PGCAST_WEBHOOKS_POLL": "0.2"}
+
+
+# -- the receivers (child processes: they never share the worker's or our CPU time slices) -
+
+
+async def _serve(port: int, delay: float) -> None:
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":", 1)[1])
+                if length:
+                    await reader.readexactly(length)
+                await asyncio.sleep(delay)
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: 2\r\n\r\n{}")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", port, backlog=512)
+    async with server:
+        await server.serve_forever()
+
+
+def _silent(port: int) -> None:
+    """Accept connections, never answer (a dead receiver whose host is up)."""
+    sock = socket.create_server(("127.0.0.1", port), backlog=512)
+    held = []
+    while True:
+        conn, _ = sock.accept()
+        held.append(conn)
+
+
+@contextlib.contextmanager
+def receiver(mode: str) -> Iterator[int]:
+    """A receiver child process on a free port: 'answer' (20 ms) or 'silent'."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "bench.webhooks", "--serve", mode,
+                             str(port)], cwd=common.ROOT)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError("the receiver did not start")
+            time.sleep(0.05)
+        yield port
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+# -- 1. throughput ---------------------------------------------------------------------------
+
+
+def endpoint(conn: Any, account: str, url: str) -> str:
+    row = conn.execute("INSERT INTO webhook_endpoints (account, url, events, secret) "
+                       "VALUES (%s, %s, '{*}', 'whsec_bench') RETURNING id",
+                       (account, url)).fetchone()
+    return str(row["id"])
+
+
+def queue(conn: Any, account: str, n: int) -> None:
+    conn.execute("SELECT pgcast_emit_event_v1(%s, 'broadcast.sent', jsonb_build_object("
+                 "'broadcast_id', gen_random_uuid(), 'n', g)) FROM generate_series(1, %s) g",
+                 (account, n))
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process used so far (Linux /proc), in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def throughput(url: str, deliveries: int) -> dict[str, Any]:
+    per_account = deliveries // (ACCOUNTS * ENDPOINTS_PER_ACCOUNT)
+    with receiver("answer") as port, common.connect(url) as conn:
+        for a in range(ACCOUNTS):
+            for _ in range(ENDPOINTS_PER_ACCOUNT):
+                endpoint(conn, f"acct{a}", f"http://127.0.0.1:{port}/hook")
+            queue(conn, f"acct{a}", per_account)
+        total = conn.execute("SELECT count(*) AS n FROM webhook_deliveries").fetchone()["n"]
+        conn.execute("VACUUM ANALYZE webhook_deliveries")
+        with common.Workers(url, count=1, env=ENV) as workers:
+            pid = workers.procs[0].pid
+            cpu0 = cpu_seconds(pid)
+            deadline = time.monotonic() + 600
+            while conn.execute("SELECT count(*) AS n FROM webhook_deliveries "
+                               "WHERE status = 'pending'").fetchone()["n"]:
+                if time.monotonic() > deadline:
+                    raise TimeoutError("deliveries did not finish in 10 minutes")
+                time.sleep(0.2)
+            cpu = cpu_seconds(pid) - cpu0
+        row = conn.execute(
+            "SELECT count(*) AS n, extract(epoch FROM max(delivered_at) - min(delivered_at)) "
+            "AS span, percentile_cont(0.5) WITHIN GROUP (ORDER BY latency_ms) AS p50, "
+            "percentile_cont(0.99) WITHIN GROUP (ORDER BY latency_ms) AS p99, "
+            "max(attempts) AS most FROM webhook_deliveries WHERE status = 'delivered'"
+        ).fetchone()
+    return {"deliveries": int(total), "delivered": int(row["n"]),
+            "per_second": (int(row["n"]) - 1) / float(row["span"]),
+            "latency_p50_ms": float(row["p50"]), "latency_p99_ms": float(row["p99"]),
+            "max_attempts": int(row["most"]), "worker_cpu_s": cpu,
+            "per_worker_cpu_second": int(row["n"]) / cpu,
+            "load_average": open("/proc/loadavg").read().split()[:3]}
+
+
+# -- 2. a dead endpoint vs the mail drain ------------------------------------------------------
+
+
+def drain_once(conn: Any) -> float:
+    bid = common.new_draft(conn)
+    n, _ = common.send(conn, bid)
+    t0 = time.perf_counter()
+    common.wait_status(conn, bid)
+    return n / (time.perf_counter() - t0)
+
+
+def leased_by_worker(conn: Any, eid: str) -> None:
+    deadline = time.monotonic() + 60
+    while not conn.execute("SELECT lease_expires_at > now() AS held FROM webhook_endpoints "
+                           "WHERE id = %s", (eid,)).fetchone()["held"]:
+        if time.monotonic() > deadline:
+            raise TimeoutError("the worker did not take the dead endpoint")
+        time.sleep(0.05)
+
+
+def dead_endpoint(url: str, recipients: int, pairs: int, backlog: int) -> dict[str, Any]:
+    common.seed_contacts(url, recipients)
+    with receiver("silent") as port, common.connect(url) as conn:
+        eid = endpoint(conn, common.ACCOUNT, f"http://127.0.0.1:{port}/dead")
+        queue(conn, common.ACCOUNT, backlog)
+        conn.execute("VACUUM ANALYZE webhook_deliveries")
+        with common.Workers(url, count=1, env=ENV):
+            drain_once(conn)  # warm up: caches, the worker's first claims
+            base: list[float] = []
+            dead: list[float] = []
+            for i in range(pairs):
+                for enabled in ((False, True) if i % 2 == 0 else (True, False)):
+                    conn.execute("UPDATE webhook_endpoints SET enabled = %s, disabled_at = "
+                                 "CASE WHEN %s THEN NULL ELSE now() END WHERE id = %s",
+                                 (enabled, enabled, eid))
+                    if enabled:  # the worker holds the endpoint (an attempt waiting) first
+                        leased_by_worker(conn, eid)
+                    (dead if enabled else base).append(drain_once(conn))
+            attempts = conn.execute("SELECT sum(attempts) AS n FROM webhook_deliveries "
+                                    "WHERE endpoint_id = %s", (eid,)).fetchone()["n"]
+    ratios = [d / b for d, b in zip(dead, base, strict=True)]
+    return {"recipients": recipients, "pairs": pairs, "backlog": backlog,
+            "drain_per_s_without": base, "drain_per_s_with_dead": dead,
+            "median_pair_ratio": statistics.median(ratios),
+            "ratio_of_medians": statistics.median(dead) / statistics.median(base),
+            "cost_percent": (1 - statistics.median(ratios)) * 100,
+            "dead_attempts": int(attempts or 0)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--serve", nargs=2, metavar=("MODE", "PORT"), help=argparse.SUPPRESS)
+    p.add_argument("--deliveries", type=int, default=16_000)
+    p.add_argument("--recipients", type=int, default=20_000)
+    p.add_argument("--pairs", type=int, default=5)
+    p.add_argument("--backlog", type=int, default=100_000)
+    p.add_argument("--part", choices=["all", "throughput", "dead"], default="all")
+    args = p.parse_args()
+    if args.serve:
+        mode, port = args.serve[0], int(args.serve[1])
+        if mode == "silent":
+            _silent(port)
+        else:
+            asyncio.run(_serve(port, LATENCY))
+        return
+    with common.server() as srv:
+        if args.part in ("all", "throughput"):
+            with common.database(srv, "hooks_tp") as url:
+                tp = throughput(url, args.deliveries)
+            print(json.dumps({"throughput": tp}), flush=True)
+        if args.part in ("all", "dead"):
+            with common.database(srv, "hooks_dead") as url:
+                dead = dead_endpoint(url, args.recipients, args.pairs, args.backlog)
+            print(json.dumps({"dead_endpoint": dead}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
