@@ -277,7 +277,8 @@ def test_a_committed_message_notifies_the_workers_once_a_transaction(db_url: str
 
 def listening(conn: Conn) -> bool:
     row = conn.execute("SELECT count(*) AS n FROM pg_stat_activity "
-                       "WHERE query = 'LISTEN pgcast_control'").fetchone()
+                       "WHERE query = 'LISTEN pgcast_control' "
+                       "AND datname = current_database()").fetchone()
     return row is not None and row["n"] > 0
 
 
