@@ -70,8 +70,20 @@ SET status = %(status)s, message_id = %(message_id)s,
 WHERE id = %(id)s
 
 -- test_send_status --
--- Test sends of one broadcast of an account, by id.
-SELECT id, to_address, status, message_id, error, requested_at, finished_at
-FROM test_sends
-WHERE id = ANY(%(ids)s) AND account = %(account)s AND broadcast_id = %(id)s
-ORDER BY id
+-- Test sends of one broadcast of an account, by id: a test send handed to the message path
+-- (the message keyed pgcast-test-send-<id>) has that message's outcome (sent; failed for
+-- failed, unknown or skipped, the message's status in the error).
+SELECT t.id, t.to_address,
+       CASE WHEN m.id IS NULL THEN t.status
+            WHEN m.status = 'sent' THEN 'sent'
+            WHEN m.status IN ('failed', 'unknown', 'skipped') THEN 'failed'
+            ELSE 'sending' END AS status,
+       coalesce(m.provider_message_id, t.message_id) AS message_id,
+       CASE WHEN m.status IN ('failed', 'unknown', 'skipped')
+            THEN m.status || ': ' || coalesce(m.last_error, m.status)
+            ELSE t.error END AS error,
+       t.requested_at, coalesce(m.finished_at, t.finished_at) AS finished_at
+FROM test_sends t
+LEFT JOIN messages m ON m.account = t.account AND m.idempotency_key = 'pgcast-test-send-' || t.id
+WHERE t.id = ANY(%(ids)s) AND t.account = %(account)s AND t.broadcast_id = %(id)s
+ORDER BY t.id

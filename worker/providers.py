@@ -63,7 +63,9 @@ class FileProvider:
     def send(self, message: render.Message) -> str:
         """Write the .eml atomically (temp file + rename)."""
         message_id = mail_message.make_message_id()
-        mid = message.headers.get("X-Pgcast-Message")  # a transactional message
+        test = message.headers.get("X-Pgcast-Test-Send")  # beside, never over, a real one
+        # a transactional message (a test send is one too, kept beside its broadcast)
+        mid = None if test else message.headers.get("X-Pgcast-Message")
         folder = self.outbox / ("messages" if mid else
                                 message.headers.get("X-Pgcast-Broadcast", "adhoc"))
         try:
@@ -71,7 +73,6 @@ class FileProvider:
             fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
             with os.fdopen(fd, "wb") as handle:
                 handle.write(mail_message.to_rfc5322(message, message_id))
-            test = message.headers.get("X-Pgcast-Test-Send")  # beside, never over, a real one
             name = (f"{mid}.eml" if mid else f"test-{test}.eml" if test
                     else f"{message.contact_id}.eml")
             os.replace(tmp, folder / name)

@@ -94,3 +94,28 @@ def test_kill_9_workers_repeatedly_no_message_is_sent_twice(
         else:
             assert row["status"] == "unknown" and got[row["to_address"]] <= 1, row
     assert set(got) <= {r["to_address"] for r in rows}
+
+
+def test_a_test_send_is_delivered_as_a_message(conn: Conn, db_url: str, tmp_path: Path,
+                                               procs: support.Processes) -> None:
+    from sql import broadcasts
+
+    draft = broadcasts.create(conn, "default", subject="Hi {{ contact.name }}",
+                              from_address="News <news@example.com>", text="Hello")
+    outbox = tmp_path / "outbox"
+    procs.start(db_url, "worker", PGCAST_PROVIDER="file", PGCAST_OUTBOX_DIR=str(outbox))
+    done = support.pgcast(db_url, "broadcast", "test", str(draft["id"]), "--to",
+                          "me@example.com", "--timeout", "120", timeout=180)
+    outcome = json.loads(done.stdout)
+    test = conn.execute("SELECT id FROM test_sends").fetchone()
+    assert test is not None and outcome["status"] == "sent"
+    row = conn.execute("SELECT * FROM message_status").fetchone()
+    assert row is not None
+    # the rendered test message, on the message path: [TEST] prefix, its key names the test send
+    assert row["subject"].startswith("[TEST] Hi ") and row["status"] == "sent"
+    assert row["idempotency_key"] == f"pgcast-test-send-{test['id']}"
+    assert row["provider_message_id"] == outcome["message_id"]
+    assert row["to_address"] == "me@example.com"
+    assert row["from_address"] == "News <news@example.com>"
+    (eml,) = (outbox / str(draft["id"])).glob("test-*.eml")
+    assert "[TEST] Hi" in eml.read_text()

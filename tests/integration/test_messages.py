@@ -277,7 +277,8 @@ def test_a_committed_message_notifies_the_workers_once_a_transaction(db_url: str
 
 def listening(conn: Conn) -> bool:
     row = conn.execute("SELECT count(*) AS n FROM pg_stat_activity "
-                       "WHERE query = 'LISTEN pgcast_control'").fetchone()
+                       "WHERE query = 'LISTEN pgcast_control' "
+                       "AND datname = current_database()").fetchone()
     return row is not None and row["n"] > 0
 
 
@@ -376,3 +377,23 @@ def test_a_handoff_whose_answer_was_lost_is_put_back_uncalled(conn: Conn, db_url
     assert row["status"] == "queued" and not row["claimed"] and row["attempts"] == 0
     deliver(db_url, tmp_path)
     assert status(conn, mid)["status"] == "sent" and sent_files(tmp_path) == [str(mid)]
+
+
+def test_transient_failures_are_retried_then_failed_and_a_bad_message_fails(
+        conn: Conn, db_url: str, tmp_path: Path) -> None:
+    mid = send(conn, "ann@example.com")
+    bad = conn.execute("SELECT pgcast_send_message('default', 'bob@example.com', 'S', 'T', NULL, "
+                       "'not an address', NULL) AS id").fetchone()["id"]  # type: ignore[index]
+    # the file provider cannot write its outbox folder (a file is in the way): transient
+    (tmp_path / "messages").write_text("in the way")
+    deliver(db_url, tmp_path, max_retries=1)
+    row = status(conn, mid)
+    assert (row["status"], row["attempts"]) == ("queued", 1)
+    assert "outbox write failed" in row["error"]
+    assert not row["claimed"]  # queued again, claimable once its backoff is over
+    bad_row = status(conn, bad)
+    assert bad_row["status"] == "failed" and "cannot build the message" in bad_row["error"]
+    conn.execute("UPDATE messages SET not_before = now() WHERE id = %s", (mid,))
+    deliver(db_url, tmp_path, max_retries=1)
+    row = status(conn, mid)
+    assert (row["status"], row["attempts"]) == ("failed", 2) and "gave up after 2" in row["error"]
