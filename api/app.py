@@ -25,6 +25,7 @@ from api import progress as progress_routes
 from api import schedule as schedule_routes
 from api import suppression as suppression_routes
 from api import testsend as testsend_routes
+from api import tracking as tracking_routes
 from api import unsubscribe as unsubscribe_routes
 from api import webhooks as webhook_routes
 from mail import renderpool
@@ -108,6 +109,9 @@ ROUTES = [
     route("/contacts/suppressed", GET=suppression_routes.suppressed),
     route("/contacts/unsuppress", POST=suppression_routes.unsuppress),
     route("/webhooks/ses", POST=webhook_routes.ses),
+    route("/c/{token}", any_query=True, GET=tracking_routes.click),
+    route("/o/{token}", any_query=True, GET=tracking_routes.open_pixel),
+    route("/broadcasts/{id}/stats", GET=tracking_routes.stats),
 ]
 
 
@@ -154,6 +158,7 @@ def create_app(settings: config.Settings, database_url: str) -> Starlette:
         try:
             yield
         finally:
+            await tracking_routes.close(app)  # buffered opens and clicks
             app.state.render_pool.close()
             await pool.close()
 

@@ -247,7 +247,7 @@ def cmd_broadcast(args: argparse.Namespace) -> int:
                                     from_address=args.from_address, text=_read_text(args.text),
                                     html=_read_text(args.html), tag=args.tag,
                                     rate_limit=args.rate_limit, priority=args.priority,
-                                    details=output.actor(args.actor))
+                                    details=output.actor(args.actor), track=args.track)
             for warning in template.warnings(row["text_body"], row["html_body"]):
                 print(f"pgcast: warning: {warning}", file=sys.stderr)
             print(row["id"])
@@ -403,12 +403,16 @@ def build_parser() -> Parser:
                          "when the rate limit is the constraint")
     bc.add_argument("--actor", metavar="NAME",
                     help="who is doing this, for the audit log (default: the OS user)")
+    from bin import tracking_commands  # --track, `broadcast stats`, `tracking default`
+
+    tracking_commands.add_track_flag(bc)
     bl = bsub.add_parser("list", help="newest first: a table on a terminal, else JSON")
     bl.add_argument("--limit", type=int, default=50, help="at most N broadcasts (default 50)")
     bl.add_argument("--json", action="store_true", help="JSON even on a terminal")
     from bin import draft_commands  # show, edit, delete: their own func
 
-    sps = [bc, bl, *broadcast_commands.register(bsub), *draft_commands.register(bsub)]
+    sps = [bc, bl, *broadcast_commands.register(bsub), *draft_commands.register(bsub),
+           *tracking_commands.register_broadcast(bsub)]
     for name, text in (("send", "snapshot the recipients and start sending"),
                        ("status", "progress (--watch: live bar until done)"),
                        ("cancel", "cancel a draft, scheduled, sending or paused broadcast"),
@@ -455,6 +459,7 @@ def build_parser() -> Parser:
     from bin import senders_commands  # operator only: the senders an account may use
 
     senders_commands.register(sub, Parser)
+    tracking_commands.register(sub, Parser)
     _add_api_commands(sub)
     return p
 
@@ -476,7 +481,8 @@ def _config_error() -> type[Exception]:
     return worker_errors.ConfigError
 
 
-ACCOUNT_ARGS = ("account", "weight_account", "sender_account")  # every ACCOUNT a command takes
+# every ACCOUNT a command takes
+ACCOUNT_ARGS = ("account", "weight_account", "sender_account", "tracking_account")
 
 
 def check_accounts(args: argparse.Namespace) -> None:

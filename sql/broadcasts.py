@@ -11,7 +11,7 @@ import psycopg
 from mail import errors as mail_errors
 from mail import preview, template
 from mail import validate as validate_mail
-from sql import contacts, errors
+from sql import contacts, errors, tracking
 from sql import senders as sender_rule
 from sql.queries import QUERIES
 
@@ -75,7 +75,7 @@ def validate_priority(raw: Any) -> int:
 def create(conn: psycopg.Connection[Any], account: str, *, subject: Any, from_address: Any,
            text: Any = None, html: Any = None, tag: Any = None,
            rate_limit: float | None = None, priority: Any = 1,
-           details: dict[str, Any] | None = None) -> dict[str, Any]:
+           details: dict[str, Any] | None = None, track: Any = None) -> dict[str, Any]:
     """Create a draft (details: who, for its audit entry); raises InvalidInput."""
     fields = validate_content(subject, text, html, tag)
     fields["from_address"] = validate_from(from_address)
@@ -89,6 +89,7 @@ def create(conn: psycopg.Connection[Any], account: str, *, subject: Any, from_ad
     row = conn.execute(QUERIES["broadcast_create"],
                        {"account": account, "rate_limit": rate_limit,
                         "priority": validate_priority(priority),
+                        "track": None if track is None else tracking.validate_mode(track),
                         "details": json.dumps(details) if details else None,
                         **fields}).fetchone()
     assert row is not None

@@ -1,0 +1,141 @@
+"""GET /c/{token} (a click: 302 to the stored URL), GET /o/{token} (an open: a 1x1 image),
+GET /broadcasts/{id}/stats (the report).
+
+No JWT: the signed token is the credential. The redirect's target is always the URL stored
+for the token's broadcast and link index (broadcast_links), never anything in the request,
+so /c/ is no open redirect; a token that is malformed, truncated, forged, or names a link its
+broadcast does not have answers 404 with a plain page. Links never change once stored, so
+each process keeps them in memory after the first read.
+"""
+
+from __future__ import annotations
+
+import base64
+import collections
+import datetime as dt
+import time
+import uuid
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+
+from api import auth, context, db, errors, http, tracking_events
+from api import unsubscribe as unsubscribe_routes
+from mail import tracking
+from sql import tracking as sql_tracking
+
+CACHE = 1024  # broadcasts whose links a process keeps
+NOT_FOUND = ("<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">"
+             "<meta name=\"robots\" content=\"noindex\"><title>Link not found</title></head>"
+             "<body><h1>Link not found</h1><p>This link is not valid.</p></body></html>\n")
+PIXEL = base64.b64decode(b"R0lGODlhAQABAIAAAAAAAP///yH5BAEAAAAALAAAAAABAAEAAAIBRAA7")  # 1x1 GIF
+_PRIVATE = {"Cache-Control": "no-store, private", "Referrer-Policy": "no-referrer",
+            "X-Content-Type-Options": "nosniff"}
+_PAGE_HEADERS = {**_PRIVATE, "Content-Security-Policy": "default-src 'none'",
+                 "X-Frame-Options": "DENY"}
+
+Links = tuple[str, tuple[str | None, ...]]  # the broadcast's mode, its URLs by index
+
+
+def _not_found() -> Response:
+    return Response(NOT_FOUND, status_code=404, media_type="text/html; charset=utf-8",
+                    headers=_PAGE_HEADERS)
+
+
+def recorder(app: Starlette) -> tracking_events.Recorder:
+    """The app's event buffer (made on first use)."""
+    found: tracking_events.Recorder | None = getattr(app.state, "tracking_recorder", None)
+    if found is None:
+        found = tracking_events.Recorder(app.state.pool)
+        app.state.tracking_recorder = found
+    return found
+
+
+async def close(app: Starlette) -> None:
+    """Write the buffered events (the lifespan's end)."""
+    found: tracking_events.Recorder | None = getattr(app.state, "tracking_recorder", None)
+    if found is not None:
+        await found.close()
+
+
+async def _links(request: Request, bid: uuid.UUID) -> Links | None:
+    cache: collections.OrderedDict[uuid.UUID, Links] | None = getattr(
+        request.app.state, "tracking_links", None)
+    if cache is None:
+        cache = collections.OrderedDict()
+        request.app.state.tracking_links = cache
+    found = cache.get(bid)
+    if found is not None:
+        cache.move_to_end(bid)
+        return found
+    rows = await db.all_rows(context.pool(request), "tracking_links", {"id": bid})
+    if not rows:
+        return None  # no such broadcast: not cached (a token we signed names one)
+    urls: list[str | None] = [None] * (max((r["idx"] for r in rows if r["idx"] is not None),
+                                           default=-1) + 1)
+    for r in rows:
+        if r["idx"] is not None:
+            urls[r["idx"]] = r["url"]
+    found = (rows[0]["track"], tuple(urls))
+    if urls:  # a broadcast with no links yet may store them later: only then cached
+        cache[bid] = found
+        if len(cache) > CACHE:
+            cache.popitem(last=False)
+    return found
+
+
+async def _ref(request: Request, kind: int) -> tracking.Ref | None:
+    keys = await unsubscribe_routes.keys(request)
+    try:
+        ref = tracking.read(keys, str(request.path_params.get("token", "")))
+    except tracking.InvalidToken:
+        return None
+    return ref if ref.kind == kind else None
+
+
+def _record(request: Request, ref: tracking.Ref, kind: str, links: int) -> None:
+    now = time.time()
+    recorder(request.app).add(tracking_events.Event(
+        ref.broadcast_id, kind, ref.link, ref.contact_id, ref.message,
+        dt.datetime.fromtimestamp(now, dt.UTC),
+        tracking_events.classify(ref, request.headers.get("user-agent"), now), links))
+
+
+async def click(request: Request) -> Response:
+    """GET /c/{token}: 302 to the link's stored URL, the click recorded; 404 otherwise."""
+    ref = await _ref(request, tracking.KIND_CLICK)
+    if ref is None or ref.link is None:
+        return _not_found()
+    found = await _links(request, ref.broadcast_id)
+    if found is None or ref.link >= len(found[1]):
+        return _not_found()
+    url = found[1][ref.link]
+    if url is None or not url.lower().startswith(("https://", "http://")):
+        return _not_found()
+    _record(request, ref, "click", sum(1 for u in found[1] if u is not None))
+    return Response(status_code=302, headers={**_PRIVATE, "Location": tracking.location(url)})
+
+
+async def open_pixel(request: Request) -> Response:
+    """GET /o/{token}: a 1x1 GIF, the open recorded; 404 for a token we did not make."""
+    ref = await _ref(request, tracking.KIND_OPEN)
+    if ref is None:
+        return _not_found()
+    _record(request, ref, "open", 0)
+    return Response(PIXEL, media_type="image/gif", headers=_PRIVATE)
+
+
+async def stats(request: Request) -> Response:
+    """GET /broadcasts/{id}/stats: delivery, opens, clicks, per link, and the hourly series."""
+    who = auth.principal(request)
+    bid = context.broadcast_id(request)
+    pool = context.pool(request)
+    head = await db.one(pool, "tracking_stats_head", {"id": bid, "account": who.account})
+    if head is None:
+        raise errors.NotFound(context.NO_BROADCAST)
+    params = {"id": bid}
+    return http.Json(sql_tracking.report(
+        head, await db.all_rows(pool, "tracking_stats_counts", params),
+        await db.all_rows(pool, "tracking_stats_series", params),
+        await db.all_rows(pool, "tracking_stats_links", params)))
