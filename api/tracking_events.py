@@ -10,7 +10,8 @@ dropped (counted in `dropped`, logged).
 
 Machine events (docs/tracking.md): a request from a known pre-fetching proxy or link
 scanner (its User-Agent), an event within QUICK seconds of the message's render (just
-before its send), and every link of one message clicked within BURST seconds. The last
+before its send), and every link of one message (or BURST_LINKS different ones: no person
+clicks three links in two seconds) clicked within BURST seconds. The last
 needs the message's clicks together: events are held HOLD seconds before they are written,
 and a message's links seen together are remembered only in memory, a few seconds.
 """
@@ -37,6 +38,7 @@ log = logging.getLogger("pgcast.api.tracking")
 FLUSH = 0.25  # seconds between writes of the buffer
 HOLD = 2.0  # seconds an event waits, so a message's burst of clicks is seen together
 BURST = 2.0  # seconds: every link of a message clicked within this is a scanner
+BURST_LINKS = 3  # different links of one message within BURST: a scanner (or all, if fewer)
 QUICK = 10.0  # seconds after the render (the send) within which an event is a machine's
 MAX_PENDING = 100_000  # events kept in memory at most (a database down for long)
 MAX_BATCH = 5000  # events per statement
@@ -98,6 +100,13 @@ class Recorder:
             self.dropped += 1
             if self.dropped % 1000 == 1:
                 log.warning("tracking buffer full: %d events dropped so far", self.dropped)
+        self.remember(event)
+        self.pending.append(event)
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    def remember(self, event: Event) -> None:
+        """Note a click's link among its message's clicks of the last BURST seconds."""
         if event.kind == "click" and event.link is not None:
             key = (event.broadcast_id, event.message)
             first, seen = self.bursts.get(key, (event.arrived, set()))
@@ -105,13 +114,11 @@ class Recorder:
                 first, seen = event.arrived, set()
             seen.add(event.link)
             self.bursts[key] = (first, seen)
-        self.pending.append(event)
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run())
 
     def _burst(self, event: Event) -> bool:
         found = self.bursts.get((event.broadcast_id, event.message))
-        return (found is not None and event.links >= 2 and len(found[1]) >= event.links
+        return (found is not None and event.links >= 2
+                and len(found[1]) >= min(event.links, BURST_LINKS)
                 and event.arrived - found[0] <= BURST)
 
     def take(self, everything: bool = False) -> list[Event]:

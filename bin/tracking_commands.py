@@ -36,7 +36,7 @@ def cmd_tracking(args: argparse.Namespace) -> int:
             row = conn.execute(QUERIES["tracking_default_get"],
                                {"account": args.tracking_account}).fetchone()
             assert row is not None
-            output.emit({"account": row[0], "mode": row[1]})
+            output.emit(dict(row))
             return 0
         output.emit(tracking.set_default(conn, args.tracking_account, args.mode))
     return 0

@@ -86,5 +86,6 @@ def set_default(conn: psycopg.Connection[Any], account: str, mode: Any) -> dict[
 
 def retention(conn: psycopg.Connection[Any], older_than: float) -> int:
     """Drop the event months older than the cutoff and archived broadcasts' firsts."""
-    row = conn.execute(QUERIES["tracking_retention"], {"older_than": older_than}).fetchone()
-    return int(row[0]) if row else 0
+    cur = conn.cursor(row_factory=dict_row)
+    row = cur.execute(QUERIES["tracking_retention"], {"older_than": older_than}).fetchone()
+    return int(row["partitions"]) if row else 0
