@@ -126,12 +126,16 @@ def test_stats_count_people_and_machines_and_an_erase_removes_the_persons_events
         # a scanner: every link of the message at once
         for token in tokens(bob, "c"):
             assert public.get(f"/c/{token}", headers=human).status_code == 302
+        unsub = re.findall(re.escape(BASE) + "/u/([A-Za-z0-9_-]+)", bob)[0]
+        assert public.post(f"/u/{unsub}", content=b"List-Unsubscribe=One-Click", headers={
+            "Content-Type": "application/x-www-form-urlencoded"}).status_code == 200
     # the lifespan's end wrote the buffer
     with h.client(db_url) as api:
         api.headers.update(h.auth())
         stats = api.get(f"/broadcasts/{bid}/stats").json()
         assert api.get(f"/broadcasts/{uuid.uuid4()}/stats").status_code == 404
     assert stats["track"] == "contact" and stats["sent"] == 2 and stats["total"] == 2
+    assert stats["unsubscribed"] == 1 and stats["bounced"] == 0
     assert stats["opens"] == {"total": 2, "human": 1, "machine": 1, "unique": 1}
     # ann twice on link 0; bob on link 1 and then on every link within two seconds: all
     # seven of bob's are a scanner's
