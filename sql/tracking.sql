@@ -54,7 +54,3 @@ SELECT idx, url FROM broadcast_links WHERE broadcast_id = %(id)s ORDER BY idx
 -- Drops the event months that ended before the cutoff and the firsts of archived broadcasts.
 SELECT pgcast_tracking_retention_v1(now() - make_interval(secs => %(older_than)s)) AS partitions
 
--- tracking_erasable_events --
--- How many opens and clicks name one contact (tests and the erase's report).
-SELECT (SELECT count(*) FROM tracking_events WHERE contact_id = %(contact_id)s)
-     + (SELECT count(*) FROM tracking_firsts WHERE contact_id = %(contact_id)s) AS n
