@@ -20,7 +20,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 
-from api import auth, context, db, errors, http, tracking_events
+from api import auth, context, db, errors, http, ses_events, tracking_events
 from api import unsubscribe as unsubscribe_routes
 from mail import tracking
 from sql import tracking as sql_tracking
@@ -59,17 +59,17 @@ async def close(app: Starlette) -> None:
         await found.close()
 
 
-async def _links(request: Request, bid: uuid.UUID) -> Links | None:
+async def _links(app: Starlette, bid: uuid.UUID) -> Links | None:
     cache: collections.OrderedDict[uuid.UUID, Links] | None = getattr(
-        request.app.state, "tracking_links", None)
+        app.state, "tracking_links", None)
     if cache is None:
         cache = collections.OrderedDict()
-        request.app.state.tracking_links = cache
+        app.state.tracking_links = cache
     found = cache.get(bid)
     if found is not None:
         cache.move_to_end(bid)
         return found
-    rows = await db.all_rows(context.pool(request), "tracking_links", {"id": bid})
+    rows = await db.all_rows(app.state.pool, "tracking_links", {"id": bid})
     if not rows:
         return None  # no such broadcast: not cached (a token we signed names one)
     urls: list[str | None] = [None] * (max((r["idx"] for r in rows if r["idx"] is not None),
@@ -107,7 +107,7 @@ async def click(request: Request) -> Response:
     ref = await _ref(request, tracking.KIND_CLICK)
     if ref is None or ref.link is None:
         return _not_found()
-    found = await _links(request, ref.broadcast_id)
+    found = await _links(request.app, ref.broadcast_id)
     if found is None or ref.link >= len(found[1]):
         return _not_found()
     url = found[1][ref.link]
@@ -115,6 +115,29 @@ async def click(request: Request) -> Response:
         return _not_found()
     _record(request, ref, "click", sum(1 for u in found[1] if u is not None))
     return Response(status_code=302, headers={**_PRIVATE, "Location": tracking.location(url)})
+
+
+async def record_ses(app: Starlette, event: ses_events.Event) -> None:
+    """An SES Open or Click event (its configuration set publishes them), counted with
+    pgcast's own: a click on one of the broadcast's stored links (not on pgcast's own /c/
+    URLs, which the redirect counts), machine by the same User-Agent and timing rules."""
+    if event.broadcast is None or event.contact is None:
+        return
+    found = await _links(app, event.broadcast)
+    if found is None or found[0] == "none":
+        return
+    link = None
+    if event.event == "click":
+        if event.link is None or event.link not in found[1] or tracking.own(
+                event.link, unsubscribe_routes.configured_url()):
+            return
+        link = found[1].index(event.link)
+    sent = event.sent_at or event.at
+    machine = (tracking_events.machine_agent(event.user_agent)
+               or (event.at - sent).total_seconds() < tracking_events.QUICK)
+    recorder(app).add(tracking_events.Event(
+        event.broadcast, event.event, link, event.contact, event.contact, event.at, machine,
+        sum(1 for u in found[1] if u is not None), source="ses"))
 
 
 async def open_pixel(request: Request) -> Response:

@@ -74,6 +74,7 @@ class Event:
     machine: bool
     links: int  # the broadcast's tracked links (every one clicked at once: a scanner)
     arrived: float = field(default_factory=time.monotonic)
+    source: str = "pgcast"  # or 'ses': an SES Open or Click event
 
 
 def classify(ref: tracking.Ref, user_agent: str | None, now: float) -> bool:
@@ -137,13 +138,15 @@ class Recorder:
         return out
 
     async def write(self, events: list[Event]) -> None:
-        """One statement for a batch (raises what the database raises)."""
-        params: dict[str, Any] = {
-            "broadcasts": [e.broadcast_id for e in events], "at": [e.at for e in events],
-            "kinds": [e.kind for e in events], "links": [e.link for e in events],
-            "contacts": [e.contact_id for e in events],
-            "machine": [e.machine for e in events], "source": "pgcast"}
-        await db.one(self.pool, "tracking_record", params)
+        """One statement for a batch, per source (raises what the database raises)."""
+        for source in sorted({e.source for e in events}):
+            some = [e for e in events if e.source == source]
+            params: dict[str, Any] = {
+                "broadcasts": [e.broadcast_id for e in some], "at": [e.at for e in some],
+                "kinds": [e.kind for e in some], "links": [e.link for e in some],
+                "contacts": [e.contact_id for e in some],
+                "machine": [e.machine for e in some], "source": source}
+            await db.one(self.pool, "tracking_record", params)
         self.written += len(events)
 
     async def _run(self) -> None:

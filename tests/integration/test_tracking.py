@@ -3,6 +3,7 @@ Postgres holds the links, the events and the report (issue 29)."""
 
 from __future__ import annotations
 
+import datetime as dt
 import email
 import email.policy
 import re
@@ -249,3 +250,41 @@ def test_the_account_default_and_the_cli(conn: Conn, db_url: str) -> None:
     assert '"track": "aggregate"' in out and '"opens"' in out
     bad = support.pgcast(db_url, "tracking", "default", A, "everything", check=False)
     assert bad.returncode == 2
+
+
+def test_ses_open_and_click_events_land_with_pgcast_s_own(db_url: str, conn: Conn) -> None:
+    from api import tracking as tracking_routes
+    from tests import snsmessages as m
+    from tests.integration.test_feedback_webhook import Hook, feedback
+
+    support.seed_contacts(conn, 2, account=A)
+    bid = broadcasts.create(conn, A, subject="Hi", from_address="news@example.com",
+                            text="x", track="contact")["id"]
+    broadcasts.send(conn, A, bid)
+    urls = ["https://example.com/a?b=1&c=2", "https://example.com/z"]
+    conn.execute("SELECT * FROM pgcast_links_store_v1(%s, %s)", (bid, urls))
+    cid = conn.execute("SELECT min(id) AS id FROM contacts").fetchone()["id"]  # type: ignore[index]
+    sent = dt.datetime.now(dt.UTC) - dt.timedelta(hours=1)
+    later = (dt.datetime.now(dt.UTC)).isoformat().replace("+00:00", "Z")
+
+    def event(kind: str, **detail: Any) -> dict[str, Any]:
+        ev = m.ses_event(kind, "user0@example.com", broadcast=bid, contact=cid, at=sent)
+        ev[kind.lower()] = {"timestamp": later, "userAgent": CHROME, **detail}
+        return ev
+
+    with h.client(db_url) as api:
+        api.app.state.feedback = feedback(m.Fetcher())
+        hook = Hook(api, m.Fetcher())
+        opened = m.notification(event("Open"))
+        for msg in (opened, opened,  # SNS delivers it again: counted once
+                    m.notification(event("Click", link=urls[0])),
+                    m.notification(event("Click", link=f"{BASE}/c/abc")),  # pgcast's own
+                    m.notification(event("Click", link="https://unknown.example/"))):
+            assert hook.post(msg).status_code == 200
+        api.portal.call(tracking_routes.close, api.app)  # write the buffer now
+    rows = conn.execute("SELECT kind, link, contact_id, machine, source FROM tracking_events "
+                        "ORDER BY kind").fetchall()
+    assert rows == [{"kind": "click", "link": 0, "contact_id": cid, "machine": False,
+                     "source": "ses"},
+                    {"kind": "open", "link": None, "contact_id": cid, "machine": False,
+                     "source": "ses"}]
