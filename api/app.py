@@ -23,6 +23,7 @@ from api import dashboard_routes as dashboard
 from api import preview as preview_routes
 from api import progress as progress_routes
 from api import schedule as schedule_routes
+from api import segments as segment_routes
 from api import suppression as suppression_routes
 from api import testsend as testsend_routes
 from api import tracking as tracking_routes
@@ -112,6 +113,9 @@ ROUTES = [
     route("/c/{token}", any_query=True, GET=tracking_routes.click),
     route("/o/{token}", any_query=True, GET=tracking_routes.open_pixel),
     route("/broadcasts/{id}/stats", GET=tracking_routes.stats),
+    route("/segments", GET=segment_routes.list_all, POST=segment_routes.save),
+    route("/segments/count", POST=segment_routes.count),  # before {name}: a POST here
+    route("/segments/{name}", GET=segment_routes.get, DELETE=segment_routes.delete),
 ]
 
 

@@ -6,6 +6,7 @@ import asyncio
 import base64
 import binascii
 import datetime as dt
+import json
 import uuid
 from typing import Any
 
@@ -13,15 +14,18 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from api import auth, context, control, db, errors, http, rendering, senders
+from api import segments as segment_routes
 from mail import template
-from sql import broadcasts, drafts, tracking
+from sql import broadcasts, drafts, segments, tracking
 from sql import errors as sql_errors
 
 PAGE_DEFAULT = 50
 PAGE_MAX = 200
 COUNTERS = ("total", "sent", "failed", "skipped", "unknown", "cancelled")
 CONTENT_FIELDS = {"subject": http.STRING, "from": http.STRING, "text": http.STRING_OR_NULL,
-                  "html": http.STRING_OR_NULL, "tag": http.STRING_OR_NULL}
+                  "html": http.STRING_OR_NULL, "tag": http.STRING_OR_NULL,
+                  "segment": http.STRING_OR_NULL, "filter": http.OBJECT_OR_NULL}
+AUDIENCE = ("tag", "segment", "filter")
 
 
 def pending(row: dict[str, Any]) -> int:
@@ -32,7 +36,9 @@ def pending(row: dict[str, Any]) -> int:
 def summary_json(row: dict[str, Any]) -> dict[str, Any]:
     """A broadcast as listed."""
     return {"id": row["id"], "status": row["status"], "subject": row["subject"],
-            "tag": row["segment_tag"], **{c: row[c] for c in COUNTERS}, "pending": pending(row),
+            "tag": row["segment_tag"], "filter": row["segment_filter"],
+            "filter_used": row["filter_used"],
+            **{c: row[c] for c in COUNTERS}, "pending": pending(row),
             "created_at": row["created_at"], "started_at": row["started_at"],
             "finished_at": row["finished_at"], "scheduled_at": row["scheduled_at"]}
 
@@ -60,9 +66,11 @@ async def create(request: Request) -> Response:
     who = auth.principal(request)
     body = http.fields(await http.read_json(request), "body",
                        {k: CONTENT_FIELDS[k] for k in ("subject", "from")},
-                       {**{k: CONTENT_FIELDS[k] for k in ("text", "html", "tag")},
+                       {**{k: CONTENT_FIELDS[k] for k in ("text", "html", *AUDIENCE)},
                         "priority": http.INTEGER, "track": http.STRING})
     try:
+        segment_filter = await segment_routes.checked(request, who.account, segments.audience(
+            body.get("segment"), body.get("filter"), body.get("tag")))
         # templates are parsed and compiled to be checked: CPU work, off the event loop
         values = await asyncio.to_thread(broadcasts.validate_content, body["subject"],
                                          body.get("text"), body.get("html"), body.get("tag"))
@@ -75,7 +83,7 @@ async def create(request: Request) -> Response:
                           values["text_body"], values["html_body"])
     row = await db.one(context.pool(request), "broadcast_create",
                        {"account": who.account, "details": control.details(who),
-                        "rate_limit": None, **values})
+                        "rate_limit": None, "segment_filter": segment_filter, **values})
     assert row is not None
     return http.Json(with_warnings(broadcast_json(row)), status_code=201,
                      headers={"Location": f"/broadcasts/{row['id']}"})
@@ -139,8 +147,8 @@ async def update(request: Request) -> Response:
     body = http.fields(await http.read_json(request), "body", {},
                        {**CONTENT_FIELDS, "priority": http.INTEGER})
     if not body:
-        raise errors.InvalidBody("nothing to change: give subject, from, text, html, tag or "
-                                 "priority")
+        raise errors.InvalidBody("nothing to change: give subject, from, text, html, tag, "
+                                 "segment, filter or priority")
     current = await db.one(context.pool(request), "broadcast_get",
                            {"account": who.account, "id": bid})
     if current is None:
@@ -149,6 +157,9 @@ async def update(request: Request) -> Response:
         return await refused(request, who.account, bid, "edited")
     try:
         params = await asyncio.to_thread(drafts.validated, current, body)
+        if params["segment_filter"] is not None:  # its saved segments exist, paths valid
+            await segment_routes.checked(request, who.account,
+                                         json.loads(params["segment_filter"]))
     except sql_errors.InvalidInput as exc:
         raise _invalid(exc) from None
     if params["from_address"] is not None and current["status"] == "scheduled":

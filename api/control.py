@@ -13,7 +13,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from api import auth, context, db, errors, http, senders
-from sql import broadcasts
+from sql import broadcasts, segments
 
 PAUSE_REASON = "operator"
 SEND_FIELDS = {"allow_empty": http.BOOLEAN}
@@ -49,13 +49,15 @@ async def send(request: Request) -> Response:
     # the body is optional: {"allow_empty": true}
     body = http.fields(await http.read_optional_json(request), "body", {}, SEND_FIELDS)
     await senders.check(request, who.account, context.broadcast_id(request))
-    row = await _call(request, who, "broadcast_send",
-                      {"allow_empty": body.get("allow_empty", False), "details": details(who)})
+    with segments.filter_errors():  # a saved segment deleted since the draft: 422
+        row = await _call(request, who, "broadcast_send",
+                          {"allow_empty": body.get("allow_empty", False),
+                           "details": details(who)})
     segment = None
     if row["status"] == "empty":
         found = await db.one(context.pool(request), "broadcast_get",
                              {"account": who.account, "id": context.broadcast_id(request)})
-        segment = found["segment_tag"] if found else None
+        segment = broadcasts.audience_label(dict(found) if found else None)
     result = broadcasts.send_result(row, segment)
     response = _answer(result)
     if broadcasts.needs_analyze(result):

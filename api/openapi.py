@@ -15,7 +15,7 @@ INT = {"type": "integer", "minimum": 0}
 STR_OR_NULL = {"type": ["string", "null"]}
 TIME = {"type": "string", "format": "date-time"}
 TIME_OR_NULL = {"type": ["string", "null"], "format": "date-time"}
-FAILED_REASON = {"enum": ["missed_window", "empty_segment", None],
+FAILED_REASON = {"enum": ["missed_window", "empty_segment", "invalid_segment", None],
                  "description": "why a scheduled start failed"}
 
 
@@ -41,8 +41,17 @@ def obj(props: dict[str, Any], required: list[str] | None = None,
 
 COUNTERS = {k: INT for k in ("total", "sent", "failed", "skipped", "unknown", "cancelled",
                              "pending")}
+FILTER = {"type": "object", "description": "a segment filter (docs/segments.md): "
+          "{\"tag\": T}, {\"attribute\": A, \"eq\": V}, {\"all\": [...]}, ..."}
+FILTER_OR_NULL = {**FILTER, "type": ["object", "null"]}
+FILTER_USED = {**FILTER_OR_NULL, "description": "the filter the send evaluated (saved segments "
+               "expanded), frozen at send; null before"}
+SEGMENT_NAME = {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"}
 SUMMARY = {"id": {"type": "string", "format": "uuid"},
            "status": {"enum": BROADCAST_STATUSES}, "subject": STR, "tag": STR_OR_NULL,
+           "filter": {**FILTER_OR_NULL, "description": "its audience as given: a filter, or "
+                      "{\"segment\": NAME} (null: its tag, or every contact)"},
+           "filter_used": FILTER_USED,
            **COUNTERS, "created_at": TIME, "started_at": TIME_OR_NULL,
            "finished_at": TIME_OR_NULL, "scheduled_at": TIME_OR_NULL}
 PRIORITY = {"type": "integer", "minimum": 1, "maximum": 10, "description":
@@ -56,6 +65,10 @@ CONTENT = {"subject": {"type": "string", "minLength": 1, "maxLength": 998,
            "html": {**STR_OR_NULL, "description": "HTML body; text or html is required"},
            "tag": {"type": ["string", "null"], "maxLength": 100,
                    "description": "send only to contacts with this tag (null: every contact)"},
+           "segment": {"type": ["string", "null"], "description": "send to a saved segment "
+                       "(its definition at send); one of tag, segment, filter"},
+           "filter": {**FILTER_OR_NULL, "description": "send to the contacts this filter "
+                      "selects at send; one of tag, segment, filter"},
            "priority": PRIORITY}
 
 TRACK = {"enum": ["none", "aggregate", "contact"], "description":
@@ -140,7 +153,7 @@ SCHEMAS: dict[str, Any] = {
         "rate": {"type": ["number", "null"], "minimum": 0,
                  "description": "emails/s finished, averaged since started_at"},
         "eta_seconds": {"type": ["integer", "null"], "minimum": 0},
-        "scheduled_at": TIME_OR_NULL,
+        "scheduled_at": TIME_OR_NULL, "filter_used": FILTER_USED,
         "share_per_second": {"type": ["number", "null"], "minimum": 0, "description":
                              "its fair share of the global rate among the broadcasts taking "
                              "tokens now; null when it takes none"},
@@ -457,6 +470,44 @@ def _tracking_paths() -> dict[str, Any]:
     }
 
 
+SCHEMAS.update({
+    "Segment": obj({"name": SEGMENT_NAME, "filter": FILTER, "created_at": TIME,
+                    "updated_at": TIME}),
+    "SegmentIn": obj({"name": SEGMENT_NAME, "filter": FILTER}),
+    "SegmentList": obj({"segments": {"type": "array", "items": ref("Segment")}}),
+    "SegmentInUse": obj({"success": {"const": False}, "name": STR,
+                         "used_by": {"type": "array", "items": STR}, "message": STR}),
+    "CountIn": obj({"filter": FILTER}),
+    "Count": obj({"count": INT}),
+})
+NAME = {"name": "name", "in": "path", "required": True, "schema": STR,
+        "description": "the saved segment's name"}
+
+
+def _segment_paths() -> dict[str, Any]:
+    """Saved segments and live counts (issue 27)."""
+    delete = op("delete a saved segment", ("204", {"description": "deleted"}), "404",
+                params=[NAME])
+    delete["responses"]["409"] = _json("SegmentInUse", "a saved segment, a draft or a "
+                                       "scheduled broadcast refers to it")
+    save = op("save a segment (create or replace)", ("201", _json("Segment", "created")),
+              "400 413 422", body="SegmentIn")
+    save["responses"]["200"] = _json("Segment", "replaced")
+    return {
+        "/segments": {
+            "get": op("the account's saved segments by name",
+                      ("200", _json("SegmentList", "the segments")), ""),
+            "post": save},
+        "/segments/count": {"post": op(
+            "how many mailable contacts a filter selects now",
+            ("200", _json("Count", "the count")), "400 413 422", body="CountIn")},
+        "/segments/{name}": {
+            "get": op("one saved segment", ("200", _json("Segment", "the segment")), "404",
+                      params=[NAME]),
+            "delete": delete},
+    }
+
+
 def document() -> dict[str, Any]:
     """The whole OpenAPI 3.1 document."""
     return {
@@ -466,7 +517,7 @@ def document() -> dict[str, Any]:
                                 "`Authorization: Bearer <JWT>` with `sub` and `account` claims; "
                                 "everything is scoped to the token's account."},
         "paths": _with_operator_routes({**_paths(), **_feedback_paths(),
-                                        **_tracking_paths()}),
+                                        **_segment_paths(), **_tracking_paths()}),
         "components": {"schemas": SCHEMAS, "securitySchemes": {
             "bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}}},
         "security": [{"bearer": []}],

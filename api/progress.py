@@ -52,6 +52,7 @@ def progress_json(row: dict[str, Any]) -> dict[str, Any]:
         eta = math.ceil(out["pending"] / rate)
     share = row.get("share_per_second")
     return {**out, "rate": rate, "eta_seconds": eta, "scheduled_at": row["scheduled_at"],
+            "filter_used": row.get("filter_used"),  # frozen at send (issue 27)
             "share_per_second": round(float(share), 2) if share is not None else None,
             # `unknown` is what is still open; these were unknown and are no longer (issue 25)
             **{k: int(row.get(k) or 0) for k in RECONCILED}}

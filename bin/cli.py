@@ -21,6 +21,7 @@ from bin import (
     output,
     reconcile_commands,
     schedule_commands,
+    segment_commands,
 )
 from mail import errors as mail_errors
 from mail import template, validate
@@ -246,6 +247,8 @@ def cmd_broadcast(args: argparse.Namespace) -> int:
             row = broadcasts.create(conn, args.account, subject=args.subject,
                                     from_address=args.from_address, text=_read_text(args.text),
                                     html=_read_text(args.html), tag=args.tag,
+                                    segment=args.segment,
+                                    filter_value=segment_commands.filter_arg(args.filter),
                                     rate_limit=args.rate_limit, priority=args.priority,
                                     details=output.actor(args.actor), track=args.track)
             for warning in template.warnings(row["text_body"], row["html_body"]):
@@ -397,6 +400,10 @@ def build_parser() -> Parser:
     bc.add_argument("--text", metavar="FILE", help="the plain-text body (--text, --html or both)")
     bc.add_argument("--html", metavar="FILE", help="the HTML body (--text, --html or both)")
     bc.add_argument("--tag", help="send only to contacts with this tag")
+    bc.add_argument("--segment", metavar="NAME", help="send to a saved segment (its definition "
+                                                      "at send); one of --tag/--segment/--filter")
+    bc.add_argument("--filter", metavar="JSON", help="send to the contacts a filter selects at "
+                                                     "send (JSON or @FILE; docs/segments.md)")
     bc.add_argument("--rate-limit", type=_positive(float), help="cap for this broadcast, emails/s")
     bc.add_argument("--priority", type=_priority, default=1, metavar="N",
                     help="1-10 (default 1): its weight among its account's sending broadcasts "
@@ -455,6 +462,7 @@ def build_parser() -> Parser:
                          "account while both are limited by the rate")
     r.set_defaults(func=cmd_rate)
     reconcile_commands.register(sub, ACCOUNT_DEFAULT)
+    segment_commands.register(sub, ACCOUNT_DEFAULT)
 
     from bin import senders_commands  # operator only: the senders an account may use
 

@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 from api import broadcasts as api_broadcasts
-from bin import broadcast_commands, output
+from bin import broadcast_commands, output, segment_commands
 from sql import broadcasts, db, drafts, errors
 
 
@@ -14,21 +14,23 @@ def changes(args: argparse.Namespace) -> dict[str, Any]:
     """The fields `edit` was asked to change (a --no-… flag clears text, html or tag)."""
     got: dict[str, Any] = {}
     for key, value in (("subject", args.subject), ("from", args.from_address),
-                       ("tag", args.tag), ("priority", args.priority)):
+                       ("tag", args.tag), ("segment", args.segment),
+                       ("filter", segment_commands.filter_arg(args.filter)),
+                       ("priority", args.priority)):
         if value is not None:
             got[key] = value
     for key in ("text", "html"):
         path = getattr(args, key)
         if path is not None:
             got[key] = output.read_file(path)
-    for key in ("text", "html", "tag"):
+    for key in ("text", "html", "tag", "filter"):
         if getattr(args, f"no_{key}"):
             if key in got:
                 raise errors.InvalidInput(f"--{key} and --no-{key} together")
             got[key] = None
     if not got:
         raise errors.InvalidInput("nothing to change: give --subject, --from, --text, --html, "
-                                  "--tag, --priority or a --no-… flag")
+                                  "--tag, --segment, --filter, --priority or a --no-… flag")
     return got
 
 
@@ -72,9 +74,13 @@ def register(bsub: Any) -> list[argparse.ArgumentParser]:
     ed.add_argument("--text", metavar="FILE", help="the new plain-text body")
     ed.add_argument("--html", metavar="FILE", help="the new HTML body")
     ed.add_argument("--tag", help="send only to contacts with this tag")
+    ed.add_argument("--segment", metavar="NAME", help="send to a saved segment")
+    ed.add_argument("--filter", metavar="JSON", help="send to the contacts a filter selects "
+                                                     "(JSON or @FILE)")
     ed.add_argument("--priority", type=_priority, metavar="N", help="1-10")
     for key, what in (("text", "the plain-text body"), ("html", "the HTML body"),
-                      ("tag", "the tag: send to every contact")):
+                      ("tag", "the tag: send to every contact"),
+                      ("filter", "the segment or filter: send to every contact")):
         ed.add_argument(f"--no-{key}", action="store_true", help=f"clear {what}")
     ed.add_argument("--actor", metavar="NAME",
                     help="who is doing this, for the audit log (default: the OS user)")

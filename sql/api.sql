@@ -15,7 +15,7 @@ SELECT status, total, total - sent - failed - skipped - unknown - cancelled AS p
        delivered, bounced, complained,
        (SELECT s.share_per_second FROM rate_shares_active s
         WHERE s.bucket = 'global' AND s.broadcast_id = b.id) AS share_per_second,
-       unknown_resolved, unknown_requeued,
+       unknown_resolved, unknown_requeued, filter_used,
        statement_timestamp() AS now
 FROM broadcasts b
 WHERE id = %(id)s AND account = %(account)s

@@ -11,7 +11,7 @@ import psycopg
 from mail import errors as mail_errors
 from mail import preview, template
 from mail import validate as validate_mail
-from sql import contacts, errors, tracking
+from sql import contacts, errors, segments, tracking
 from sql import senders as sender_rule
 from sql.queries import QUERIES
 
@@ -72,11 +72,25 @@ def validate_priority(raw: Any) -> int:
     return raw
 
 
+def audience_filter(conn: psycopg.Connection[Any], account: str, segment: Any = None,
+                    filter_value: Any = None, tag: Any = None) -> str | None:
+    """A draft's segment_filter as JSON text (None: its tag, or every contact), from at most
+    one of a saved segment's name, a filter and a tag; checked against the account's saved
+    segments; raises InvalidInput naming the JSON path."""
+    value = segments.audience(segment, filter_value, tag)
+    if value is None:
+        return None
+    segments.check(conn, account, value)
+    return segments.dumps(value)
+
+
 def create(conn: psycopg.Connection[Any], account: str, *, subject: Any, from_address: Any,
-           text: Any = None, html: Any = None, tag: Any = None,
-           rate_limit: float | None = None, priority: Any = 1,
+           text: Any = None, html: Any = None, tag: Any = None, segment: Any = None,
+           filter_value: Any = None, rate_limit: float | None = None, priority: Any = 1,
            details: dict[str, Any] | None = None, track: Any = None) -> dict[str, Any]:
-    """Create a draft (details: who, for its audit entry); raises InvalidInput."""
+    """Create a draft (details: who, for its audit entry); raises InvalidInput. Its audience:
+    at most one of tag, segment (a saved segment's name) and filter_value (a filter)."""
+    segment_filter = audience_filter(conn, account, segment, filter_value, tag)
     fields = validate_content(subject, text, html, tag)
     fields["from_address"] = validate_from(from_address)
     try:  # a one-shot command: the trial render runs here, under the same budget
@@ -91,7 +105,7 @@ def create(conn: psycopg.Connection[Any], account: str, *, subject: Any, from_ad
                         "priority": validate_priority(priority),
                         "track": None if track is None else tracking.validate_mode(track),
                         "details": json.dumps(details) if details else None,
-                        **fields}).fetchone()
+                        "segment_filter": segment_filter, **fields}).fetchone()
     assert row is not None
     return dict(row)
 
@@ -108,11 +122,24 @@ def get(conn: psycopg.Connection[Any], account: str, broadcast_id: uuid.UUID) ->
 # -- results: the response of each control operation, shared by the CLI and the API --------
 
 
+def audience_label(row: dict[str, Any] | None) -> str | None:
+    """How a broadcast's audience is named in messages (None: every contact)."""
+    if row is None:
+        return None
+    if row.get("segment_filter") is not None:
+        value = row["segment_filter"]
+        if isinstance(value, dict) and set(value) == {"segment"}:
+            return f"segment {value['segment']!r}"
+        return f"the filter {segments.dumps(value)}"
+    return f"tag {row['segment_tag']!r}" if row.get("segment_tag") else None
+
+
 def send_result(row: dict[str, Any], segment: str | None = None) -> dict[str, Any]:
-    """The answer to a send, from a pgcast_send_v5 row (segment: the broadcast's tag)."""
+    """The answer to a send, from a pgcast_send_v6 row (segment: audience_label's name of
+    the broadcast's audience)."""
     if not row["ok"]:
         if row["status"] == "empty":
-            who = f"tag {segment!r}" if segment else "the account"
+            who = segment or "the account"
             return {"success": False, "status": "empty", "queued": 0,
                     "message": f"Nobody to send to: no subscribed contact matches {who}; "
                                "nothing was sent (allow_empty sends it anyway)"}
@@ -161,14 +188,15 @@ def send(conn: psycopg.Connection[Any], account: str, broadcast_id: uuid.UUID, *
          allow_empty: bool = False, details: dict[str, Any] | None = None) -> dict[str, Any]:
     """Snapshot and start sending: the seed system's response shape."""
     sender_rule.check(conn, account, broadcast_id)  # InvalidInput: a From it may not use
-    row = _control(conn, "broadcast_send", {"account": account, "id": broadcast_id,
-                                            "allow_empty": allow_empty,
-                                            "details": json.dumps(details or {})})
+    with segments.filter_errors():  # a saved segment deleted since: InvalidInput, exit 2
+        row = _control(conn, "broadcast_send", {"account": account, "id": broadcast_id,
+                                                "allow_empty": allow_empty,
+                                                "details": json.dumps(details or {})})
     segment = None
     if row["status"] == "empty":
         found = conn.execute(QUERIES["broadcast_get"],
                              {"account": account, "id": broadcast_id}).fetchone()
-        segment = found["segment_tag"] if found else None
+        segment = audience_label(dict(found) if found else None)
     result = send_result(row, segment)
     if needs_analyze(result):
         conn.execute(QUERIES["analyze_recipients"], {"id": broadcast_id})

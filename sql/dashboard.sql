@@ -5,11 +5,10 @@
 SELECT audit_log FROM broadcasts WHERE id = %(id)s AND account = %(account)s
 
 -- dashboard_audience --
--- How many contacts a draft would reach if sent now: the snapshot's own filter (the segment
--- tag; unsubscribed and suppressed contacts left out), counted without writing anything.
+-- How many contacts a draft would reach if sent now: the snapshot's own filter (its segment
+-- filter or tag, compiled by pgcast_segment_sql_v1; contacts not mailable left out), counted
+-- without writing anything (PGS22 when the filter no longer compiles).
 SELECT b.status, b.segment_tag,
-       (SELECT count(*) FROM contacts c
-        WHERE c.account = b.account AND c.unsubscribed_at IS NULL AND c.suppressed_at IS NULL
-          AND (b.segment_tag IS NULL OR c.tags @> ARRAY[b.segment_tag])) AS audience
+       pgcast_segment_count_v1(b.account, pgcast_broadcast_filter_v1(b)) AS audience
 FROM broadcasts b
 WHERE b.id = %(id)s AND b.account = %(account)s

@@ -11,11 +11,11 @@ import psycopg
 
 from mail import errors as mail_errors
 from mail import preview
-from sql import broadcasts, errors, senders
+from sql import broadcasts, errors, segments, senders
 from sql.queries import QUERIES
 
 EDITABLE = ("draft", "scheduled")  # a scheduled broadcast is edited until it starts
-FIELDS = ("subject", "from", "text", "html", "tag", "priority")
+FIELDS = ("subject", "from", "text", "html", "tag", "segment", "filter", "priority")
 
 
 def refused(status: str, doing: str) -> dict[str, Any]:
@@ -31,7 +31,15 @@ def validated(current: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any
     large content: the API runs it in a thread."""
     merged = {"subject": current["subject"], "text": current["text_body"],
               "html": current["html_body"], "tag": current["segment_tag"]}
-    merged.update({k: v for k, v in changes.items() if k not in ("from", "priority")})
+    merged.update({k: v for k, v in changes.items()
+                   if k not in ("from", "priority", "segment", "filter")})
+    # the audience: a tag, a saved segment or a filter; setting one clears the others
+    new_filter = segments.audience(changes.get("segment"), changes.get("filter"),
+                                   changes.get("tag"))
+    set_filter = "segment" in changes or "filter" in changes or changes.get("tag") is not None
+    set_tag = "tag" in changes
+    if new_filter is not None:
+        merged["tag"], set_tag = None, True
     values = broadcasts.validate_content(merged["subject"], merged["text"], merged["html"],
                                          merged["tag"])
     return {
@@ -39,7 +47,9 @@ def validated(current: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any
         "from_address": broadcasts.validate_from(changes["from"]) if "from" in changes else None,
         "set_text": "text" in changes, "text_body": values["text_body"],
         "set_html": "html" in changes, "html_body": values["html_body"],
-        "set_tag": "tag" in changes, "segment_tag": values["segment_tag"],
+        "set_tag": set_tag, "segment_tag": values["segment_tag"],
+        "set_filter": set_filter,
+        "segment_filter": segments.dumps(new_filter) if new_filter is not None else None,
         "priority": (broadcasts.validate_priority(changes["priority"])
                      if "priority" in changes else None)}
 
@@ -52,6 +62,8 @@ def edit(conn: psycopg.Connection[Any], account: str, bid: uuid.UUID, changes: d
     if current["status"] not in EDITABLE:
         return refused(current["status"], "edited")
     params = validated(current, changes)
+    if params["segment_filter"] is not None:  # its saved segments exist, its paths are valid
+        segments.check(conn, account, json.loads(params["segment_filter"]))
     try:  # a one-shot command: the trial render runs here, under the budget (as at create)
         preview.trial(params["subject"], params["from_address"] or current["from_address"],
                       params["text_body"], params["html_body"])

@@ -60,9 +60,9 @@ FROM c
 -- broadcast_create --
 -- A new draft; its audit entry names who created it (details); track: its own, else the account's default.
 INSERT INTO broadcasts (account, subject, from_address, text_body, html_body, segment_tag,
-                        rate_limit, priority, track, audit_log)
+                        segment_filter, rate_limit, priority, track, audit_log)
 VALUES (%(account)s, %(subject)s, %(from_address)s, %(text_body)s, %(html_body)s,
-        %(segment_tag)s, %(rate_limit)s, %(priority)s,
+        %(segment_tag)s, %(segment_filter)s::jsonb, %(rate_limit)s, %(priority)s,
         coalesce(%(track)s::text, (SELECT d.mode FROM tracking_defaults d
                                    WHERE d.account = %(account)s), 'none'),
         pgcast_audit_v1('create', NULL, 'draft', %(details)s::jsonb))
@@ -74,7 +74,7 @@ SELECT * FROM broadcasts WHERE id = %(id)s AND account = %(account)s
 
 -- broadcast_list --
 -- An account's broadcasts, newest first, keyset-paged by (created_at, id).
-SELECT id, account, status, subject, segment_tag, total, sent, failed, skipped, unknown,
+SELECT id, account, status, subject, segment_tag, segment_filter, filter_used, total, sent, failed, skipped, unknown,
        cancelled, created_at, started_at, finished_at, scheduled_at
 FROM broadcasts
 WHERE account = %(account)s
@@ -91,6 +91,8 @@ SET subject = coalesce(%(subject)s, subject),
     text_body = CASE WHEN %(set_text)s THEN %(text_body)s ELSE text_body END,
     html_body = CASE WHEN %(set_html)s THEN %(html_body)s ELSE html_body END,
     segment_tag = CASE WHEN %(set_tag)s THEN %(segment_tag)s ELSE segment_tag END,
+    segment_filter = CASE WHEN %(set_filter)s THEN %(segment_filter)s::jsonb
+                          ELSE segment_filter END,
     priority = coalesce(%(priority)s, priority),
     updated_at = now(),
     audit_log = audit_log || pgcast_audit_v1('edit', status, status, %(details)s::jsonb)
@@ -104,9 +106,10 @@ WHERE id = %(id)s AND account = %(account)s AND status = ANY (ARRAY['draft'])
 RETURNING id
 
 -- broadcast_send --
--- Snapshot the mailable recipients into the broadcast's own partition and start sending
--- (status 'empty', nothing changed, when nobody matches and allow_empty is false).
-SELECT * FROM pgcast_send_v5(%(account)s, %(id)s, %(allow_empty)s, %(details)s::jsonb)
+-- Snapshot the mailable recipients its filter selects into the broadcast's own partition and
+-- start sending (status 'empty', nothing changed, when nobody matches and allow_empty is
+-- false; SQLSTATE PGS22 when its filter no longer compiles).
+SELECT * FROM pgcast_send_v6(%(account)s, %(id)s, %(allow_empty)s, %(details)s::jsonb)
 
 -- analyze_recipients --
 -- Fresh planner statistics for one broadcast's partition after a big snapshot (its own

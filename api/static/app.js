@@ -3,6 +3,7 @@ import { RateChart } from "./chart.js";
 import { trackingPanel } from "./tracking.js";
 import { ApiError, api, claims, duration, fill, h, num, rate, readEvents, session, when,
          whenUnauthorized } from "./lib.js";
+import { segmentBuilder } from "./segments.js";
 
 const BROADCAST_STATUSES = ["draft", "scheduled", "sending", "paused", "sent", "failed", "cancelled"];
 const RECIPIENT_STATUSES = ["pending", "claimed", "sending", "sent", "failed", "skipped", "unknown", "cancelled"];
@@ -350,13 +351,17 @@ function contentForm(b, onSave, saveLabel) {
 }
 
 function newView() {
-  fill($("main"), h("h1", {}, "New broadcast"),
-    contentForm({}, async (body) => {
-      for (const k of ["text", "html", "tag"]) if (body[k] === null) delete body[k];
-      const b = await api("POST", "/broadcasts", { json: body });
-      location.hash = `#/b/${b.id}`;
-      if (b.warnings && b.warnings.length) notice(b.warnings.join(" "));
-    }, "Create draft"));
+  const builder = has("POST /segments/count") ? segmentBuilder() : null;  // segments.js
+  const form = contentForm({}, async (body) => {
+    for (const k of ["text", "html", "tag"]) if (body[k] === null) delete body[k];
+    const filter = builder && builder.filter();
+    if (filter) body.filter = filter;
+    const b = await api("POST", "/broadcasts", { json: body });
+    location.hash = `#/b/${b.id}`;
+    if (b.warnings && b.warnings.length) notice(b.warnings.join(" "));
+  }, "Create draft");
+  if (builder) form.insertBefore(builder.el, form.querySelector("#save"));
+  fill($("main"), h("h1", {}, "New broadcast"), form);
 }
 
 // ---- the detail view -------------------------------------------------------------------------
@@ -413,7 +418,8 @@ async function detailView(id) {
     el.reason.hidden = !b.paused_reason;
     fill(el.reason, b.paused_reason ? `Paused: ${b.paused_reason}` : "");
     fill(el.info,
-      ...[["From", b.from], ["Segment", b.tag ? `tag “${b.tag}”` : "every contact"], ["Id", b.id],
+      ...[["From", b.from], ["Segment", (b.filter_used || b.filter) ? JSON.stringify(b.filter_used || b.filter)
+        : b.tag ? `tag “${b.tag}”` : "every contact"], ["Id", b.id],
           ["Priority", String(b.priority || 1)], ["Created", when(b.created_at)], ["Started", when(b.started_at)], ["Finished", when(b.finished_at)],
           ...(b.scheduled_at ? [["Scheduled", when(b.scheduled_at)]] : []),
           ...(b.not_after ? [["Latest start", when(b.not_after)]] : []),

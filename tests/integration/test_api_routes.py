@@ -215,7 +215,8 @@ def test_progress_is_the_row_counters(api: h.Api, conn: Conn) -> None:
     assert p == {"status": "draft", "total": 0, "pending": 0, "sent": 0, "failed": 0,
                  "skipped": 0, "unknown": 0, "cancelled": 0, "rate": None, "eta_seconds": None,
                  "delivered": 0, "bounced": 0, "complained": 0, "scheduled_at": None,
-                 "share_per_second": None, "unknown_resolved": 0, "unknown_requeued": 0}
+                 "share_per_second": None, "unknown_resolved": 0, "unknown_requeued": 0,
+                 "filter_used": None}
     api.post(f"/broadcasts/{b['id']}/send")
     conn.execute("UPDATE broadcasts SET sent = 4, failed = 1, started_at = now() - interval '5 s'")
     p = api.get(f"/broadcasts/{b['id']}/progress").json()

@@ -171,7 +171,8 @@ def edit_subject(conn: Conn, bid: object, subject: str) -> dict[str, object] | N
     return conn.execute(QUERIES["broadcast_update_draft"], {
         "account": "default", "id": bid, "subject": subject, "from_address": None,
         "set_text": False, "text_body": None, "set_html": False, "html_body": None,
-        "set_tag": False, "segment_tag": None, "priority": None, "details": "{}"}).fetchone()
+        "set_tag": False, "segment_tag": None, "set_filter": False, "segment_filter": None,
+        "priority": None, "details": "{}"}).fetchone()
 
 
 def test_edits_need_a_draft_or_a_scheduled_broadcast(conn: Conn) -> None:

@@ -160,7 +160,7 @@ def test_upgrade_from_0001_moves_each_broadcasts_rows_into_its_own_keyed_partiti
                               (ids[1],)).fetchall()
         assert sorted(handed) == [(i, 10) for i in range(1, 11)]
         # the draft can still be sent, into a partition of its own
-        assert conn.execute("SELECT queued FROM pgcast_send_v5('a', %s)",
+        assert conn.execute("SELECT queued FROM pgcast_send_v6('a', %s)",
                             (still_draft,)).fetchone() == (30,)
         assert conn.execute("SELECT count(*) FROM broadcast_recipients WHERE broadcast_id = %s",
                             (nobody,)).fetchone() == (0,)
