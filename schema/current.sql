@@ -3780,3 +3780,313 @@ BEGIN
     RETURN n;
 END
 $$;
+
+
+-- Segments by activity (issue 29 with issue 27's compiler): {"opened": BROADCAST_ID} and
+-- {"clicked": BROADCAST_ID} select the contacts with a human open / click of that broadcast
+-- (tracking_firsts), for a broadcast that tracked in 'contact' mode; any other broadcast is
+-- refused with the reason. pgcast_segment_node_v2 handles these two and the conditions that
+-- hold conditions (all, any, not, segment: so they may nest anywhere), and hands every other
+-- leaf to pgcast_segment_node_v1 unchanged. Callers switch to sql_v2, count_v2, contacts_v2,
+-- send_v7 and start_due_v4; the v1 functions are kept (node_v1 is used by v2).
+CREATE FUNCTION pgcast_segment_node_v2(p_account text, p_filter jsonb, p_path text,
+                                       p_depth integer, p_seen text[],
+                                       INOUT params jsonb, INOUT nodes integer,
+                                       OUT predicate text, OUT expanded jsonb)
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    k text;
+    v jsonb;
+    i integer;
+    sub record;
+    parts text[] := '{}';
+    items jsonb := '[]';
+    stored jsonb;
+    mode text;
+BEGIN
+    IF jsonb_typeof(p_filter) IS DISTINCT FROM 'object' OR p_filter ? 'attribute'
+            OR (SELECT count(*) FROM jsonb_object_keys(p_filter)) <> 1 THEN
+        SELECT * INTO sub FROM pgcast_segment_node_v1(p_account, p_filter, p_path, p_depth,
+                                                      p_seen, params, nodes);
+        params := sub.params; nodes := sub.nodes;
+        predicate := sub.predicate; expanded := sub.expanded;
+        RETURN;
+    END IF;
+    k := (SELECT jsonb_object_keys(p_filter) LIMIT 1);
+    v := p_filter -> k;
+    IF k NOT IN ('all', 'any', 'not', 'segment', 'opened', 'clicked') THEN
+        SELECT * INTO sub FROM pgcast_segment_node_v1(p_account, p_filter, p_path, p_depth,
+                                                      p_seen, params, nodes);
+        params := sub.params; nodes := sub.nodes;
+        predicate := sub.predicate; expanded := sub.expanded;
+        RETURN;
+    END IF;
+    -- the limits node_v1 checks for every node
+    IF p_depth > 10 THEN
+        PERFORM pgcast_segment_error_v1(p_path, 'too deep: at most 10 levels of nesting');
+    END IF;
+    nodes := nodes + 1;
+    IF nodes > 200 THEN
+        PERFORM pgcast_segment_error_v1(p_path, 'too large: at most 200 conditions');
+    END IF;
+    expanded := p_filter;
+    CASE k
+    WHEN 'all', 'any' THEN
+        IF jsonb_typeof(v) IS DISTINCT FROM 'array' OR jsonb_array_length(v) > 100 THEN
+            PERFORM pgcast_segment_error_v1(p_path || '.' || k,
+                                            'must be a list of at most 100 conditions');
+        END IF;
+        IF jsonb_array_length(v) = 0 THEN
+            predicate := CASE k WHEN 'all' THEN 'true' ELSE 'false' END;
+            RETURN;
+        END IF;
+        FOR i IN 0 .. jsonb_array_length(v) - 1 LOOP
+            SELECT * INTO sub FROM pgcast_segment_node_v2(
+                p_account, v -> i, format('%s.%s[%s]', p_path, k, i), p_depth + 1, p_seen,
+                params, nodes);
+            params := sub.params;
+            nodes := sub.nodes;
+            parts := parts || sub.predicate;
+            items := items || jsonb_build_array(sub.expanded);
+        END LOOP;
+        predicate := '(' || array_to_string(parts, CASE k WHEN 'all' THEN ' AND ' ELSE ' OR ' END)
+                     || ')';
+        expanded := jsonb_build_object(k, items);
+    WHEN 'not' THEN
+        SELECT * INTO sub FROM pgcast_segment_node_v2(
+            p_account, v, p_path || '.not', p_depth + 1, p_seen, params, nodes);
+        params := sub.params;
+        nodes := sub.nodes;
+        predicate := '(NOT ' || sub.predicate || ')';
+        expanded := jsonb_build_object('not', sub.expanded);
+    WHEN 'segment' THEN
+        IF jsonb_typeof(v) IS DISTINCT FROM 'string' THEN
+            PERFORM pgcast_segment_error_v1(p_path || '.segment', 'must be a segment name');
+        END IF;
+        IF (v #>> '{}') = ANY (p_seen) THEN
+            PERFORM pgcast_segment_error_v1(p_path || '.segment', 'saved segment '
+                || (v #>> '{}') || ' refers to itself (' || array_to_string(p_seen, ' -> ')
+                || ' -> ' || (v #>> '{}') || ')');
+        END IF;
+        SELECT s.filter INTO stored FROM segments s
+        WHERE s.account = p_account AND s.name = (v #>> '{}');
+        IF NOT FOUND THEN
+            PERFORM pgcast_segment_error_v1(p_path || '.segment',
+                                            'no saved segment ' || (v #>> '{}'));
+        END IF;
+        SELECT * INTO sub FROM pgcast_segment_node_v2(
+            p_account, stored, p_path || '.segment(' || (v #>> '{}') || ')', p_depth + 1,
+            p_seen || (v #>> '{}'), params, nodes);
+        params := sub.params;
+        nodes := sub.nodes;
+        predicate := sub.predicate;
+        expanded := sub.expanded;
+    ELSE  -- opened, clicked
+        IF jsonb_typeof(v) IS DISTINCT FROM 'string' OR NOT (v #>> '{}') ~*
+                '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$' THEN
+            PERFORM pgcast_segment_error_v1(p_path || '.' || k, 'must be a broadcast id');
+        END IF;
+        SELECT b.track INTO mode FROM broadcasts b
+        WHERE b.id = (v #>> '{}')::uuid AND b.account = p_account;
+        IF NOT FOUND THEN
+            PERFORM pgcast_segment_error_v1(p_path || '.' || k,
+                                            'no broadcast ' || (v #>> '{}') || ' in this account');
+        END IF;
+        IF mode IS DISTINCT FROM 'contact' THEN
+            PERFORM pgcast_segment_error_v1(p_path || '.' || k,
+                'broadcast ' || (v #>> '{}') || ' did not track opens and clicks per contact '
+                || '(its tracking mode is ' || coalesce(mode, 'none') || '; only a broadcast '
+                || 'sent with --track contact can be a segment by activity)');
+        END IF;
+        params := params || jsonb_build_array(v);
+        -- a semi-join over the broadcast's firsts (contact_id is never NULL)
+        predicate := format('(c.id IN (SELECT f.contact_id FROM tracking_firsts f'
+                            ' WHERE f.broadcast_id = ($1->>%s)::uuid AND f.kind = %L'
+                            ' AND f.link = -1))', jsonb_array_length(params) - 1,
+                            CASE k WHEN 'opened' THEN 'open' ELSE 'click' END);
+    END CASE;
+END
+$$;
+
+-- A filter compiled (v2: v1 with the activity conditions, through pgcast_segment_node_v2): the predicate over `contacts c` (values only from the bound $1), the
+-- jsonb array to bind as $1, and the filter with saved segments expanded (what a send
+-- freezes). Raises PGS22 naming the JSON path of anything unknown or invalid. p_seen: the
+-- saved segments that must not be referred to (a segment being saved: itself).
+CREATE FUNCTION pgcast_segment_sql_v2(p_account text, p_filter jsonb,
+                                      p_seen text[] DEFAULT '{}')
+RETURNS TABLE (predicate text, params jsonb, expanded jsonb)
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    r record;
+BEGIN
+    IF p_filter IS NULL OR octet_length(p_filter::text) > 16384 THEN
+        PERFORM pgcast_segment_error_v1('$', 'a filter is a JSON object of at most 16 KiB');
+    END IF;
+    SELECT * INTO r FROM pgcast_segment_node_v2(p_account, p_filter, '$', 1, p_seen,
+                                                '[]'::jsonb, 0);
+    RETURN QUERY SELECT r.predicate, r.params, r.expanded;
+END
+$$;
+
+-- v2: through pgcast_segment_sql_v2. The mailable contacts of an account a filter selects (for DBAs, and the tests).
+CREATE FUNCTION pgcast_segment_contacts_v2(p_account text, p_filter jsonb)
+RETURNS SETOF contacts
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    s record;
+BEGIN
+    SELECT * INTO s FROM pgcast_segment_sql_v2(p_account, p_filter);
+    RETURN QUERY EXECUTE 'SELECT c.* FROM contacts c WHERE c.account = $2'
+                         ' AND pgcast_mailable(c) AND ' || s.predicate
+        USING s.params, p_account;
+END
+$$;
+
+-- v2: through pgcast_segment_sql_v2. How many mailable contacts of an account a filter selects (`segment count`).
+CREATE FUNCTION pgcast_segment_count_v2(p_account text, p_filter jsonb)
+RETURNS bigint
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    s record;
+    n bigint;
+BEGIN
+    SELECT * INTO s FROM pgcast_segment_sql_v2(p_account, p_filter);
+    EXECUTE 'SELECT count(*) FROM contacts c WHERE c.account = $2'
+            ' AND pgcast_mailable(c) AND ' || s.predicate
+        INTO n USING s.params, p_account;
+    RETURN n;
+END
+$$;
+
+-- send, v7: v6 with the filter compiled by pgcast_segment_sql_v2 (activity conditions).
+CREATE FUNCTION pgcast_send_v7(p_account text, p_id uuid, p_allow_empty boolean DEFAULT false,
+                               p_details jsonb DEFAULT '{}')
+RETURNS TABLE (ok boolean, status text, queued integer)
+LANGUAGE plpgsql AS $$
+DECLARE
+    b broadcasts%ROWTYPE;
+    n integer;
+    part text;
+    s record;
+BEGIN
+    -- an acknowledged send is not lost to a crash, whatever the server's setting
+    PERFORM set_config('synchronous_commit', 'on', true);
+    PERFORM pg_advisory_xact_lock_shared(hashtext('pgcast.erasure'), hashtext(p_account));
+    SELECT * INTO b FROM broadcasts WHERE id = p_id AND account = p_account FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    IF b.status NOT IN ('draft', 'scheduled') THEN
+        RETURN QUERY SELECT false, b.status, b.total;
+        RETURN;
+    END IF;
+    SELECT * INTO s FROM pgcast_segment_sql_v2(p_account, pgcast_broadcast_filter_v1(b));
+    part := pgcast_partition_create_v3(p_id);
+    -- no ON CONFLICT and no key yet: the broadcast is new (locked) and contacts.id is
+    -- unique, so a conflict cannot happen; the key is built after the rows are in
+    EXECUTE format(
+        'INSERT INTO %s (broadcast_id, contact_id, email)'
+        ' SELECT $3, c.id, c.email FROM contacts c'
+        ' WHERE c.account = $2 AND pgcast_mailable(c) AND %s', part, s.predicate)
+        USING s.params, p_account, p_id;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    IF n > 0 THEN
+        PERFORM pgcast_partition_attach_v2(p_id);
+    ELSE
+        EXECUTE format('DROP TABLE %s', part);  -- nobody to send to: no partition
+        IF NOT p_allow_empty THEN
+            RETURN QUERY SELECT false, 'empty'::text, 0;
+            RETURN;
+        END IF;
+    END IF;
+    IF b.rate_limit IS NOT NULL THEN
+        INSERT INTO rate_limits (name, rate, burst, tokens)
+        VALUES ('broadcast:' || p_id, b.rate_limit, greatest(1, ceil(b.rate_limit / 10)), 1)
+        ON CONFLICT (name) DO NOTHING;
+    END IF;
+    RETURN QUERY
+    UPDATE broadcasts AS u
+    SET status = CASE WHEN n = 0 THEN 'sent' ELSE 'sending' END,
+        total = n,
+        filter_used = s.expanded,
+        started_at = now(),
+        finished_at = CASE WHEN n = 0 THEN now() END,
+        updated_at = now(),
+        audit_log = u.audit_log || pgcast_audit_v1('send', u.status,
+            CASE WHEN n = 0 THEN 'sent' ELSE 'sending' END,
+            coalesce(p_details, '{}'::jsonb)
+            || jsonb_build_object('recipients', n, 'filter', s.expanded))
+    WHERE u.id = p_id AND u.status = ANY (ARRAY['draft', 'scheduled'])
+    RETURNING true, u.status, u.total;
+    IF n > 0 THEN
+        PERFORM pgcast_notify_v1('send', p_id, b.epoch);
+    END IF;
+END
+$$;
+
+-- start, v4: v3 through pgcast_send_v7.
+CREATE FUNCTION pgcast_start_due_v4()
+RETURNS TABLE (broadcast_id uuid, status text, queued integer, reason text,
+               lateness_seconds double precision)
+LANGUAGE plpgsql AS $$
+DECLARE
+    b record;
+    s record;
+    late double precision;
+    why text;
+    started jsonb;
+    c record;
+    picked boolean := false;
+BEGIN
+    -- a start that failed is as durable as one that sent (send_v7 pins the same)
+    PERFORM set_config('synchronous_commit', 'on', true);
+    -- the erasure lock before the broadcast row, as every path takes them (see v2)
+    FOR c IN
+        SELECT d.id, d.account FROM broadcasts d
+        WHERE d.status = 'scheduled' AND d.scheduled_at <= now()
+        ORDER BY d.scheduled_at
+        LIMIT 10
+    LOOP
+        CONTINUE WHEN NOT pg_try_advisory_xact_lock_shared(hashtext('pgcast.erasure'),
+                                                            hashtext(c.account));
+        SELECT d.id, d.account, d.scheduled_at, d.not_after INTO b
+        FROM broadcasts d
+        WHERE d.id = c.id AND d.status = 'scheduled' AND d.scheduled_at <= now()
+        FOR UPDATE SKIP LOCKED;
+        picked := FOUND;
+        EXIT WHEN picked;
+    END LOOP;
+    IF NOT picked THEN
+        RETURN;
+    END IF;
+    late := round(extract(epoch FROM now() - b.scheduled_at), 3);
+    started := jsonb_build_object('via', 'schedule', 'scheduled_at', b.scheduled_at,
+                                  'not_after', b.not_after, 'started_at', now(),
+                                  'lateness_seconds', late);
+    IF b.not_after IS NOT NULL AND now() > b.not_after THEN
+        why := 'missed_window';
+    ELSE
+        BEGIN
+            SELECT * INTO s FROM pgcast_send_v7(b.account, b.id, false, started);
+        EXCEPTION WHEN SQLSTATE 'PGS22' THEN
+            why := 'invalid_segment';
+            started := started || jsonb_build_object('error', SQLERRM);
+        END;
+        IF why IS NULL THEN  -- (s is unassigned when the send raised)
+            IF s.ok THEN
+                RETURN QUERY SELECT b.id, s.status, s.queued, NULL::text, late;
+                RETURN;
+            END IF;
+        END IF;
+        -- 'empty': nobody mailable, and the send changed nothing
+        why := coalesce(why, 'empty_segment');
+    END IF;
+    RETURN QUERY
+    UPDATE broadcasts AS u
+    SET status = 'failed', failed_reason = why, finished_at = now(), updated_at = now(),
+        audit_log = u.audit_log || pgcast_audit_v1('start', u.status, 'failed',
+            started || jsonb_build_object('reason', why))
+    WHERE u.id = b.id AND u.status = ANY (ARRAY['scheduled'])
+    RETURNING u.id, u.status, 0, why, late;
+END
+$$;

@@ -135,7 +135,7 @@ def audience_label(row: dict[str, Any] | None) -> str | None:
 
 
 def send_result(row: dict[str, Any], segment: str | None = None) -> dict[str, Any]:
-    """The answer to a send, from a pgcast_send_v6 row (segment: audience_label's name of
+    """The answer to a send, from a pgcast_send_v7 row (segment: audience_label's name of
     the broadcast's audience)."""
     if not row["ok"]:
         if row["status"] == "empty":

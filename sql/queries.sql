@@ -109,7 +109,7 @@ RETURNING id
 -- Snapshot the mailable recipients its filter selects into the broadcast's own partition and
 -- start sending (status 'empty', nothing changed, when nobody matches and allow_empty is
 -- false; SQLSTATE PGS22 when its filter no longer compiles).
-SELECT * FROM pgcast_send_v6(%(account)s, %(id)s, %(allow_empty)s, %(details)s::jsonb)
+SELECT * FROM pgcast_send_v7(%(account)s, %(id)s, %(allow_empty)s, %(details)s::jsonb)
 
 -- analyze_recipients --
 -- Fresh planner statistics for one broadcast's partition after a big snapshot (its own

@@ -27,5 +27,5 @@ WHERE b.id = %(id)s AND b.account = %(account)s
 RETURNING *
 
 -- start_due --
--- Starts the due scheduled broadcast whose time came first, if any (pgcast_start_due_v3).
-SELECT * FROM pgcast_start_due_v3()
+-- Starts the due scheduled broadcast whose time came first, if any (pgcast_start_due_v4).
+SELECT * FROM pgcast_start_due_v4()

@@ -288,3 +288,51 @@ def test_ses_open_and_click_events_land_with_pgcast_s_own(db_url: str, conn: Con
                      "source": "ses"},
                     {"kind": "open", "link": None, "contact_id": cid, "machine": False,
                      "source": "ses"}]
+
+
+def test_segments_by_activity_select_who_opened_or_clicked_in_contact_mode(
+        conn: Conn, db_url: str) -> None:
+    from sql import segments
+
+    support.seed_contacts(conn, 4, account=A)
+    ids = [r["id"] for r in conn.execute("SELECT id FROM contacts ORDER BY id")]
+    tracked = broadcasts.create(conn, A, subject="Hi", from_address="news@example.com",
+                                text="x", track="contact")["id"]
+    counted = broadcasts.create(conn, A, subject="Hi", from_address="news@example.com",
+                                text="x", track="aggregate")["id"]
+    plain = broadcasts.create(conn, A, subject="Hi", from_address="news@example.com",
+                              text="x")["id"]
+    # ids[0] opened and clicked, ids[1] opened, ids[2] only a machine's click
+    conn.execute("SELECT pgcast_track_v1(%s, %s, %s, %s, %s, %s, 'pgcast')", (
+        [tracked] * 4, ["now"] * 4, ["open", "click", "open", "click"], [None, 0, None, 1],
+        [ids[0], ids[0], ids[1], ids[2]], [False, False, False, True]))
+
+    def who(f: Any) -> set[int]:
+        return {r["id"] for r in conn.execute(
+            "SELECT id FROM pgcast_segment_contacts_v2(%s, %s::jsonb)",
+            (A, psycopg.types.json.Jsonb(f)))}
+
+    assert who({"opened": str(tracked)}) == {ids[0], ids[1]}
+    assert who({"clicked": str(tracked)}) == {ids[0]}
+    assert who({"all": [{"opened": str(tracked)}, {"not": {"clicked": str(tracked)}}]}) \
+        == {ids[1]}
+    assert segments.count(conn, A, {"any": [{"clicked": str(tracked)}, {"tag": "none"}]}) == 1
+    for other, mode in ((counted, "aggregate"), (plain, "none")):
+        with pytest.raises(Exception) as exc:
+            segments.count(conn, A, {"all": [{"opened": str(other)}]})
+        assert str(exc.value).startswith("$.all[0].opened: ") \
+            and f"did not track opens and clicks per contact (its tracking mode is {mode}" \
+            in str(exc.value)
+    # a send to a segment by activity snapshots exactly those contacts
+    follow = broadcasts.create(conn, A, subject="Again", from_address="news@example.com",
+                               text="x", filter_value={"not": {"opened": str(tracked)}})
+    assert broadcasts.send(conn, A, follow["id"])["queued"] == 2
+    got = {r["contact_id"] for r in conn.execute(
+        "SELECT contact_id FROM broadcast_recipients WHERE broadcast_id = %s", (follow["id"],))}
+    assert got == {ids[2], ids[3]}
+    with h.client(db_url) as api:
+        api.headers.update(h.auth())
+        r = api.post("/segments/count", json={"filter": {"opened": str(counted)}})
+        assert r.status_code == 422 and "did not track" in r.json()["message"]
+        r = api.post("/segments/count", json={"filter": {"opened": str(tracked)}})
+        assert r.status_code == 200 and r.json() == {"count": 2}
