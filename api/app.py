@@ -169,7 +169,8 @@ def create_app(settings: config.Settings, database_url: str) -> Starlette:
     app = Starlette(
         routes=[*ROUTES, *dashboard.PAGES], lifespan=lifespan,
         exception_handlers=EXCEPTION_HANDLERS,
-        middleware=[Middleware(body_bounds.BoundedBody),
+        middleware=[Middleware(tracking_routes.FastPath),  # /c/ and /o/: no JWT, no router
+                    Middleware(body_bounds.BoundedBody),
                     Middleware(AuthenticationMiddleware, backend=auth.JWTBackend(settings),
                                on_error=auth.on_error)])
     app.state.settings = settings
