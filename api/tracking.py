@@ -102,7 +102,9 @@ def _record(request: Request, ref: tracking.Ref, kind: str, links: int) -> None:
     recorder(request.app).add(tracking_events.Event(
         ref.broadcast_id, kind, ref.link, ref.contact_id, ref.message,
         dt.datetime.fromtimestamp(now, dt.UTC),
-        tracking_events.classify(ref, request.headers.get("user-agent"), now), links))
+        # a HEAD is a scanner's (a browser GETs)
+        tracking_events.classify(ref, request.headers.get("user-agent"), now)
+        or request.method == "HEAD", links))
 
 
 async def click(request: Request) -> Response:

@@ -207,3 +207,27 @@ def test_events_are_held_until_a_burst_can_be_seen_whole() -> None:
     rec.remember(fresh)
     rec.pending.append(fresh)
     assert rec.take() == [] and rec.take(everything=True) == [fresh]
+
+
+@pytest.mark.parametrize(("method", "machine"), [("GET", False), ("HEAD", True)])
+def test_a_head_request_is_a_machine(method: str, machine: bool) -> None:
+    import asyncio
+
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+
+    from api import tracking as tracking_routes
+
+    app = Starlette()
+    app.state.pool = None  # nothing is written here
+
+    async def run() -> bool:
+        request = Request({"type": "http", "method": method, "app": app, "path": "/c/x",
+                           "headers": [(b"user-agent", CHROME.encode())], "query_string": b""})
+        tracking_routes._record(request, ref(), "click", 3)
+        rec = tracking_routes.recorder(app)
+        assert rec._task is not None
+        rec._task.cancel()
+        return rec.pending[0].machine
+
+    assert asyncio.run(run()) is machine
