@@ -342,3 +342,31 @@ def test_segments_by_activity_select_who_opened_or_clicked_in_contact_mode(
         assert r.status_code == 422 and "did not track" in r.json()["message"]
         r = api.post("/segments/count", json={"filter": {"opened": str(tracked)}})
         assert r.status_code == 200 and r.json() == {"count": 2}
+
+
+@pytest.mark.parametrize("first", ["record", "erase"])
+def test_an_erase_and_a_batch_of_events_at_once_leave_no_event_of_the_person(
+        conn: Conn, db_url: str, first: str) -> None:
+    support.seed_contacts(conn, 2, account=A)
+    bid = broadcasts.create(conn, A, subject="Hi", from_address="news@example.com",
+                            text="x", track="contact")["id"]
+    ids = [r["id"] for r in conn.execute("SELECT id FROM contacts ORDER BY id")]
+    record = ("SELECT pgcast_track_v1(%s, %s, %s, %s, %s, %s, 'pgcast')",
+              ([bid] * 2, ["now"] * 2, ["open"] * 2, [None] * 2, ids, [False] * 2))
+    erase = ("SELECT * FROM pgcast_erase_v4(%s, 'user0@example.com', 'cli', '{}')", (A,))
+    done = threading.Event()
+    with psycopg.connect(db_url) as holder, psycopg.connect(db_url, autocommit=True) as other:
+        holder.execute(*(record if first == "record" else erase))  # not committed yet
+        second = erase if first == "record" else record
+        waiter = threading.Thread(target=lambda: (other.execute(*second), done.set()))
+        waiter.start()
+        support.wait_for(lambda: conn.execute(
+            "SELECT count(*) AS n FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+        ).fetchone()["n"] == 1, timeout=30, what="the second to wait")  # type: ignore[index]
+        assert not done.is_set()
+        holder.commit()
+        waiter.join(timeout=30)
+        assert done.is_set()
+    rows = conn.execute("SELECT contact_id FROM tracking_events").fetchall()
+    assert rows == [{"contact_id": ids[1]}]  # the other contact's open only
+    assert conn.execute("SELECT contact_id FROM tracking_firsts").fetchall() == rows
