@@ -93,6 +93,7 @@ class Recorder:
         self.dropped = 0
         self.written = 0
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
 
     def add(self, event: Event) -> None:
         """Buffer one event (never waits)."""
@@ -151,13 +152,16 @@ class Recorder:
 
     async def _run(self) -> None:
         failing = -math.inf
-        while True:
+        while not self._stopping:
             await asyncio.sleep(FLUSH)
             batch = self.take()
             if not batch:
                 continue
             try:
                 await self.write(batch)
+            except asyncio.CancelledError:  # cancelled mid-write: the batch is not lost
+                self.pending.extendleft(reversed(batch))
+                raise
             except Exception as exc:  # noqa: BLE001 - counts only: keep them, try again
                 if time.monotonic() - failing > 10:
                     log.warning("tracking events not written yet (%d): %s", len(batch), exc)
@@ -168,10 +172,12 @@ class Recorder:
     async def close(self) -> None:
         """Write what is buffered (the server is stopping); stop the task."""
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            self._stopping = True  # the task ends after the write in progress, if any
+            # past the wait it is cancelled: what it was writing goes back to pending
+            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(self._task, FLUSH + 30)
             self._task = None
+            self._stopping = False
         while self.pending:
             batch = self.take(everything=True)
             try:
