@@ -90,6 +90,7 @@ def test_a_click_redirects_to_the_stored_url_and_a_bad_token_never_redirects(
             assert r.headers["location"] == tracking.location(
                 stored[tracking.read(k, token).link or 0])
             assert r.headers["cache-control"] == "no-store, private"
+            assert r.headers["referrer-policy"] == "no-referrer"
         assert public.get(f"/c/{ann[1]}").headers["location"] \
             == "https://example.com/caf%C3%A9?q=%C3%BCber&z"
         good = ann[3]
@@ -252,6 +253,16 @@ def test_the_account_default_and_the_cli(conn: Conn, db_url: str) -> None:
                               from_address="news@example.com", text="x")["id"]
     tracks = {r["id"]: r["track"] for r in conn.execute("SELECT id, track FROM broadcasts")}
     assert (tracks[bid], tracks[own], tracks[other]) == ("aggregate", "contact", "none")
+    with h.client(db_url) as api:  # a copy keeps the mode
+        api.headers.update(h.auth())
+        copied = api.post(f"/broadcasts/{own}/copy").json()
+        assert copied["track"] == "contact", copied
+        made = api.post("/broadcasts", json={"subject": "S", "from": "news@example.com",
+                                             "text": "x", "track": "none"}).json()
+        assert made["track"] == "none"
+        bad = api.post("/broadcasts", json={"subject": "S", "from": "news@example.com",
+                                            "text": "x", "track": "everything"})
+        assert bad.status_code == 422 and "track" in bad.json()["message"]
     out = pgcast("broadcast", "stats", str(bid), "--account", A)
     assert '"track": "aggregate"' in out and '"opens"' in out
     bad = support.pgcast(db_url, "tracking", "default", A, "everything", check=False)

@@ -231,3 +231,27 @@ def test_a_head_request_is_a_machine(method: str, machine: bool) -> None:
         return rec.pending[0].machine
 
     assert asyncio.run(run()) is machine
+
+
+def test_at_most_500_links_of_at_most_2048_bytes_are_tracked() -> None:
+    many = "".join(f'<a href="https://example.com/{i}">x</a>' for i in range(600))
+    assert tracking.links_of(many, None, BASE) == [f"https://example.com/{i}" for i in range(500)]
+    long = "https://example.com/" + "a" * 2029  # 2049 bytes
+    assert tracking.links_of(f'<a href="{long[:-1]}">x</a><a href="{long}">y</a>', None,
+                             BASE) == [long[:-1]]
+
+
+def test_a_full_buffer_drops_the_oldest_events(monkeypatch: pytest.MonkeyPatch) -> None:
+    import asyncio
+
+    monkeypatch.setattr(tracking_events, "MAX_PENDING", 3)
+
+    async def run() -> tuple[list[int], int]:
+        rec = tracking_events.Recorder(None)  # type: ignore[arg-type]
+        for i in range(5):
+            rec.add(event(i % 3, i, time.monotonic()))
+        assert rec._task is not None
+        rec._task.cancel()
+        return [e.message for e in rec.pending], rec.dropped
+
+    assert asyncio.run(run()) == ([2, 3, 4], 2)
