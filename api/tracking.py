@@ -38,7 +38,8 @@ _PRIVATE = {"Cache-Control": "no-store, private", "Referrer-Policy": "no-referre
 _PAGE_HEADERS = {**_PRIVATE, "Content-Security-Policy": "default-src 'none'",
                  "X-Frame-Options": "DENY"}
 
-Links = tuple[str, tuple[str | None, ...]]  # the broadcast's mode, its URLs by index
+# the broadcast's mode, its URLs by index, and each one's Location value (made once)
+Links = tuple[str, tuple[str | None, ...], tuple[str | None, ...]]
 
 
 def _not_found() -> Response:
@@ -80,7 +81,8 @@ async def _links(app: Starlette, bid: uuid.UUID) -> Links | None:
     for r in rows:
         if r["idx"] is not None:
             urls[r["idx"]] = r["url"]
-    found = (rows[0]["track"], tuple(urls))
+    found = (rows[0]["track"], tuple(urls),
+             tuple(tracking.location(u) if u is not None else None for u in urls))
     if urls:  # a broadcast with no links yet may store them later: only then cached
         cache[bid] = found
         if len(cache) > CACHE:
@@ -119,7 +121,7 @@ async def click(request: Request) -> Response:
     if url is None or not url.lower().startswith(("https://", "http://")):
         return _not_found()
     _record(request, ref, "click", sum(1 for u in found[1] if u is not None))
-    return Response(status_code=302, headers={**_PRIVATE, "Location": tracking.location(url)})
+    return Response(status_code=302, headers={**_PRIVATE, "Location": found[2][ref.link] or ""})
 
 
 async def record_ses(app: Starlette, event: ses_events.Event) -> None:
