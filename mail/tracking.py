@@ -1,8 +1,9 @@
 """Open and click tracking in a message: which links are tracked, their rewriting, the tokens.
 
 A broadcast's tracked links are the http(s) links its templates write literally (an href in
-the HTML part, a bare URL in the text part), read with Python's HTML parser and decoded as
-a browser decodes an attribute: `&amp;` is `&`, `&copy=1` stays as it is. They are stored
+the HTML part, a bare URL in the text part), read as Python's HTML parser reads them (its tag
+and attribute patterns, by a linear scanner: `hrefs`) and decoded as a browser decodes an
+attribute: `&amp;` is `&`, `&copy=1` stays as it is. They are stored
 once per broadcast (table broadcast_links); at render every occurrence of a stored URL
 becomes PUBLIC_URL/c/{token}, and the HTML part gets a 1x1 image PUBLIC_URL/o/{token}.
 pgcast's own URLs (unsubscribe, preferences, view in browser: anything under PUBLIC_URL)
@@ -160,60 +161,124 @@ class Href:
     quote: str  # '"', "'" or "" (unquoted)
 
 
-class _Hrefs(html.parser.HTMLParser):
-    """The hrefs of a document's <a> and <area> tags, as a browser reads them."""
+_LOCATE: re.Pattern[str] = vars(html.parser)["locatestarttagend_tolerant"]
+# where markup may start: a comment, a declaration or processing instruction, an end tag, a
+# start tag (a letter). Searched from one position to the next: linear in the document.
+_MARKUP = re.compile(r"<(!--|!|\?|/[a-zA-Z]|[a-zA-Z])")
+_RAW_TEXT = {"script": re.compile(r"</\s*script\s*>", re.IGNORECASE),  # the parser's own
+             "style": re.compile(r"</\s*style\s*>", re.IGNORECASE)}
 
-    def __init__(self, source: str) -> None:
-        super().__init__(convert_charrefs=True)
-        self.source = source
-        self.found: list[Href] = []
-        self._lines = [0]  # offset of each line's start: getpos() counts lines by "\n"
-        at = source.find("\n")
-        while at != -1:
-            self._lines.append(at + 1)
-            at = source.find("\n", at + 1)
 
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        if tag not in ("a", "area"):
-            return
-        raw = self.get_starttag_text()
-        if raw is None:
-            return
-        line, col = self.getpos()
-        offset = self._lines[line - 1] + col
-        if self.source[offset:offset + len(raw)] != raw:
-            return  # not where we think it is: leave this tag alone
-        k = _TAGFIND.match(raw, 1)
-        if k is None:
-            return
-        pos = k.end()
-        while pos < len(raw):  # the parser's own attribute scan, on this tag only
-            m = _ATTRFIND.match(raw, pos)
-            if not m:
-                return
-            name, rest, value = m.group(1, 2, 3)
-            if name.lower() == "href":
-                if not rest:
-                    return
-                start = m.start(3)
-                quote = value[:1] if value[:1] in "'\"" and value[-1:] == value[:1] \
-                    and len(value) >= 2 else ""
-                inner = value[1:-1] if quote else value
-                begin = offset + start + (1 if quote else 0)
-                self.found.append(Href(attribute_value(inner), begin, begin + len(inner),
-                                       quote))
-                return  # the first href is the one a browser follows
-            pos = m.end()
+def _href_of(start: int, raw: str) -> Href | None:
+    """The first href of one <a>/<area> start tag (raw, at `start`), decoded; None if none."""
+    k = _TAGFIND.match(raw, 1)
+    if k is None:
+        return None
+    pos = k.end()
+    while pos < len(raw):  # the HTML parser's own attribute scan, on this tag only
+        m = _ATTRFIND.match(raw, pos)
+        if not m:
+            return None
+        name, rest, value = m.group(1, 2, 3)
+        if name.lower() == "href":
+            if not rest:
+                return None
+            quote = value[:1] if value[:1] in "'\"" and value[-1:] == value[:1] \
+                and len(value) >= 2 else ""
+            inner = value[1:-1] if quote else value
+            begin = start + m.start(3) + (1 if quote else 0)
+            # the first href is the one a browser follows
+            return Href(attribute_value(inner), begin, begin + len(inner), quote)
+        pos = m.end()
+    return None
 
-    handle_startendtag = handle_starttag
+
+MAX_TAG = 8192  # characters of one start tag we read; a longer one is left as text
+
+
+class _Scan:
+    """Where the next `>` and `<` are, found once per position (starts only move forward)."""
+
+    def __init__(self, document: str) -> None:
+        self.document = document
+        self.gt = self.lt = -1  # positions found (or len: none), valid while ahead
+        self.closers: dict[str, int] = {}  # -1: none from there on (nor from any later place)
+
+    def next(self, closer: str, at: int) -> int:
+        """The next `closer` at or after `at`, or -1 (each string found once per position)."""
+        found = self.closers.get(closer)
+        if found is None or (0 <= found < at):
+            found = self.document.find(closer, at)
+            self.closers[closer] = found
+        return found if found >= at else -1
+
+    def text_until(self, start: int) -> int:
+        """Where the parser resumes after markup at `start` that never ends (read as text):
+        after the next `>`, else at the next `<`, else one character on."""
+        d = self.document
+        if self.gt <= start:
+            found = d.find(">", start + 1)
+            self.gt = found if found >= 0 else len(d) + 1
+        if self.gt <= len(d):
+            return self.gt + 1
+        if self.lt <= start:
+            found = d.find("<", start + 1)
+            self.lt = found if found >= 0 else len(d) + 1
+        return self.lt if self.lt <= len(d) else start + 1
 
 
 def hrefs(document: str) -> list[Href]:
-    """The hrefs of a document's links, in order."""
-    parser = _Hrefs(document)
-    parser.feed(document)
-    parser.close()
-    return parser.found
+    """The hrefs of a document's <a> and <area> tags, in order, as Python's HTML parser reads
+    them (its own tag and attribute patterns; comments, declarations, script/style text and
+    unfinished markup treated as it treats them), without its per-character work on text.
+    Linear in the document: a start tag is read within MAX_TAG characters, the next `>` and
+    `<` are found once per position, and the tag scans together may read at most a few times
+    the document (beyond that, the rest is left as it is)."""
+    found: list[Href] = []
+    scan = _Scan(document)
+    budget = 4 * len(document) + 4 * MAX_TAG  # characters the tag scans may cover
+    pos = 0
+    while True:
+        m = _MARKUP.search(document, pos)
+        if m is None:
+            return found
+        start, kind = m.start(), m.group(1)
+        if kind != "!" and kind != "?" and not kind.startswith("/") and kind != "!--":
+            limit = min(len(document), start + MAX_TAG)
+            t = _LOCATE.match(document, start, limit)
+            j = t.end() if t is not None else start
+            budget -= j - start + 1
+            if budget < 0:
+                return found
+            nxt = document[j:j + 1] if j < limit else ""
+            if nxt == ">":
+                end = j + 1
+            elif document.startswith("/>", j) and j + 2 <= limit:
+                end = j + 2
+            elif nxt == "" or nxt == "/" or nxt.isascii() and (nxt.isalpha() or nxt == "="):
+                pos = scan.text_until(start)  # unfinished: text, as at the parser's close
+                continue
+            else:  # bogus: the parser reads it as text up to there
+                pos = j if j > start else start + 1
+                continue
+            raw = document[start:end]
+            name = _TAGFIND.match(raw, 1)
+            tag = name.group(1).lower() if name is not None else ""
+            if tag in ("a", "area"):
+                href = _href_of(start, raw)
+                if href is not None:
+                    found.append(href)
+            elif tag in _RAW_TEXT and not raw.endswith("/>"):
+                close = _RAW_TEXT[tag].search(document, end)
+                if close is None:
+                    return found  # the rest is script or style text
+                pos = close.start()
+                continue
+            pos = end
+            continue
+        closer = "-->" if kind == "!--" else "]]>" if document.startswith("<![", start) else ">"
+        end = scan.next(closer, m.end())
+        pos = end + len(closer) if end >= 0 else scan.text_until(start)  # never closed: text
 
 
 def bare_urls(text: str) -> list[tuple[int, int, str]]:

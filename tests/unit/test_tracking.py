@@ -4,6 +4,7 @@ rewriting of a message, and the machine heuristics (issue 29)."""
 from __future__ import annotations
 
 import datetime as dt
+import html
 import re
 import time
 import uuid
@@ -255,3 +256,57 @@ def test_a_full_buffer_drops_the_oldest_events(monkeypatch: pytest.MonkeyPatch) 
         return [e.message for e in rec.pending], rec.dropped
 
     assert asyncio.run(run()) == ([2, 3, 4], 2)
+
+
+class _Reference(__import__("html.parser").parser.HTMLParser):
+    """Python's HTML parser itself: the hrefs of <a>/<area> start tags, and where they are."""
+
+    def __init__(self, source: str) -> None:
+        super().__init__(convert_charrefs=True)
+        self.source = source
+        self.found: list[tuple[str, int]] = []
+        self.lines = [0] + [i + 1 for i, c in enumerate(source) if c == "\n"]
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag in ("a", "area"):
+            line, col = self.getpos()
+            hrefs = [v for k, v in attrs if k == "href"]
+            if hrefs and hrefs[0] is not None:
+                self.found.append((hrefs[0], self.lines[line - 1] + col))
+
+    handle_startendtag = handle_starttag
+
+
+FRAGMENTS = [
+    '<a href="https://e.com/a?x=1&amp;y=2#f">x</a>', "<a href='https://e.com/b'>", "<A HREF=c>",
+    '<a class="x" href="https://e.com/&#233;">', "<a\nhref\n=\n'https://e.com/nl'>",
+    '<a href="https://e.com/self"/>', "<area href=https://e.com/area>", "<a name=x>",
+    "<!-- <a href='https://e.com/comment'> -->", "<script>if (a<b) '<a href=\"x\">'</script>",
+    "<style>a{}</style><a href=https://e.com/after-style>", '<img alt="<a href=\'no\'>">',
+    "1 < 2 and 3<4 <3", "<a href=\"https://e.com/unclosed", "<!DOCTYPE html>", "<?xml x?>",
+    "</a>", "</p >", "<p>text &amp; more</p>", '<a href="">empty</a>', "<a href>bare</a>",
+    '<a title=">" href="https://e.com/gt">', "<a/href=https://e.com/slash>", "<br/>",
+    '<a href="https://e.com/1" href="https://e.com/2">', "<a\thref='https://e.com/tab'>",
+    "<![CDATA[<a href=x>]]>", "<a href='https://e.com/&copy=1&amp'>", "<<a href=x>",
+    "<script/>", "<SCRIPT >x<a href=https://e.com/in-script></script >", "<!-- unclosed",
+    "<![CDATA[ x > <a href=https://e.com/cdata> ]]>", "<a href=x", "<p", "<a href='q' '>",
+]
+
+
+@pytest.mark.parametrize("seed", range(300))
+def test_the_link_scanner_reads_hrefs_as_python_s_html_parser_does(seed: int) -> None:
+    import random
+
+    rng = random.Random(seed)
+    doc = "".join(rng.choice(FRAGMENTS) + rng.choice(["", " ", "\n", "x"])
+                  for _ in range(rng.randrange(1, 40)))
+    ref = _Reference(doc)
+    ref.feed(doc)
+    ref.close()
+    mine = tracking.hrefs(doc)
+    # the same attributes' raw text (the parser decodes it with html.unescape, which reads
+    # `&copy=1` as a reference even in an attribute: see attribute_value)
+    assert [html.unescape(doc[h.start:h.end]) for h in mine] == [u for u, _ in ref.found], doc
+    for h, (_, tag_at) in zip(mine, ref.found, strict=True):  # inside the tag it saw
+        assert tag_at < h.start <= h.end <= len(doc)
+        assert tracking.attribute_value(doc[h.start:h.end]) == h.url
