@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import psycopg
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -91,10 +92,19 @@ async def delete(request: Request) -> Response:
 
 
 async def count(request: Request) -> Response:
-    """POST /segments/count: {"filter": ...} -> {"count": N} mailable contacts."""
+    """POST /segments/count: {"filter": ...} -> {"count": N} mailable contacts; a count longer
+    than sql.segments.COUNT_TIMEOUT_MS is cancelled (422)."""
     who = auth.principal(request)
     body = http.fields(await http.read_json(request), "body", COUNT_FIELDS)
-    row = await _one(request, "segment_count",
-                     {"account": who.account, "filter": segments.bounded(body["filter"])})
+    params = {"account": who.account, "filter": segments.bounded(body["filter"])}
+    try:
+        async with context.pool(request).connection() as conn, conn.transaction():
+            await conn.execute(db.query("segment_count_limit"),
+                               {"ms": segments.COUNT_TIMEOUT_MS})
+            with segments.filter_errors(), db.bad_text_is_bad_input():
+                cur = await conn.execute(db.query("segment_count"), params)
+            row = await cur.fetchone()
+    except psycopg.errors.QueryCanceled:
+        raise segments.too_slow() from None
     assert row is not None
     return http.Json({"count": int(row["count"])})

@@ -24,6 +24,7 @@ FILTER_ERROR = "PGS22"  # SQLSTATE of pgcast_segment_error_v1
 MAX_BYTES = 16384  # a filter as compact JSON; the SQL compiler checks the same
 MAX_NESTING = 24  # JSON nesting read here before the compiler's own limit of 10 conditions
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # the segments_name_check
+COUNT_TIMEOUT_MS = 10_000  # a count (CLI, API, dashboard) longer than this is cancelled
 
 
 def dumps(value: Any) -> str:
@@ -127,12 +128,23 @@ def check(conn: psycopg.Connection[Any], account: str, value: Any) -> dict[str, 
     return expanded
 
 
+def too_slow() -> errors.InvalidInput:
+    """The answer to a count cancelled at COUNT_TIMEOUT_MS."""
+    return errors.InvalidInput(f"$: counting this filter took longer than "
+                               f"{COUNT_TIMEOUT_MS / 1000:g} s; narrow it (a tag is indexed)")
+
+
 def count(conn: psycopg.Connection[Any], account: str, value: Any) -> int:
-    """How many mailable contacts of the account the filter selects."""
+    """How many mailable contacts of the account the filter selects, in at most
+    COUNT_TIMEOUT_MS (else InvalidInput)."""
     text = bounded(value)
-    with filter_errors():
-        row = conn.execute(QUERIES["segment_count"], {"account": account, "filter": text})
-        found = row.fetchone()
+    try:
+        with filter_errors(), conn.transaction():
+            conn.execute(QUERIES["segment_count_limit"], {"ms": COUNT_TIMEOUT_MS})
+            found = conn.execute(QUERIES["segment_count"],
+                                 {"account": account, "filter": text}).fetchone()
+    except psycopg.errors.QueryCanceled:
+        raise too_slow() from None
     assert found is not None
     return int(dict(found)["count"] if isinstance(found, dict) else found[0])
 

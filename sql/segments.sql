@@ -10,6 +10,10 @@ SELECT expanded FROM pgcast_segment_sql_v2(%(account)s, %(filter)s::jsonb)
 -- How many mailable contacts of the account a filter selects.
 SELECT pgcast_segment_count_v2(%(account)s, %(filter)s::jsonb) AS count
 
+-- segment_count_limit --
+-- The time a count may take, for the rest of its transaction (a tenant's filter is bounded).
+SELECT set_config('statement_timeout', %(ms)s::text, true)
+
 -- segment_save --
 -- Creates or replaces a saved segment, its filter validated first (it may not refer to
 -- itself, directly or through other saved segments); inserted says which.

@@ -294,6 +294,8 @@ def test_api_segments_routes(api: h.Api, conn: Conn) -> None:
                                       "text": "Hello", "filter": {"tag": "a"}, "tag": "a"})
     assert r.status_code == 422
     assert api.get(f"/broadcasts/{draft}/audience").json()["audience"] == 1
+    copied = api.post(f"/broadcasts/{draft}/copy")  # a copy keeps the audience
+    assert copied.json()["filter"] == {"attribute": "country", "eq": "FR"}
 
 
 # -- the CLI ---------------------------------------------------------------------------------
@@ -379,3 +381,24 @@ def test_created_after_and_before_read_offsets_and_dates(conn: Conn) -> None:
     assert _emails(conn, {"created_before": "2024-01-02"}) == ["old@example.com"]
     assert _emails(conn, {"created_after": "2024-01-02T01:00:00+01:00"}) == ["new@example.com"]
     assert _emails(conn, {"created_after": "2024-01-01T19:00:00-05:00"}) == ["new@example.com"]
+
+
+def test_a_count_is_bounded_in_time(api: h.Api, conn: Conn,
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tenant's filter cannot hold a connection for long: past the limit the count is
+    cancelled and answered 422 (exit 2 in the CLI); within it the same count answers."""
+    from tests import support
+
+    support.seed_contacts(conn, 100_000, account=A)
+    f = {"attribute": "score", "gt": 5}
+    assert segments.count(conn, A, f) == 0
+    assert api.post("/segments/count", json={"filter": f}).json() == {"count": 0}
+    monkeypatch.setattr(segments, "COUNT_TIMEOUT_MS", 1)
+    with pytest.raises(errors.InvalidInput, match=r"^\$: counting this filter took longer"):
+        segments.count(conn, A, f)
+    r = api.post("/segments/count", json={"filter": f})
+    assert r.status_code == 422 and "took longer than 0.001 s" in r.json()["message"]
+    # the limit was the count's own: the connection and the pool answer as before
+    assert conn.execute("SHOW statement_timeout").fetchone() == {"statement_timeout": "0"}
+    monkeypatch.setattr(segments, "COUNT_TIMEOUT_MS", 10_000)
+    assert api.post("/segments/count", json={"filter": {"tag": "x"}}).json() == {"count": 0}
