@@ -41,6 +41,7 @@ from api import schedule as schedule_routes
 from api import segments as segment_routes
 from api import suppression as suppression_routes
 from api import testsend as testsend_routes
+from api import tracking as tracking_routes
 from api import unsubscribe as unsubscribe_routes
 from api import webhooks as webhook_routes
 from mail import renderpool
@@ -124,6 +125,9 @@ ROUTES = [
     route("/contacts/suppressed", GET=suppression_routes.suppressed),
     route("/contacts/unsuppress", POST=suppression_routes.unsuppress),
     route("/webhooks/ses", POST=webhook_routes.ses),
+    route("/c/{token}", any_query=True, GET=tracking_routes.click),
+    route("/o/{token}", any_query=True, GET=tracking_routes.open_pixel),
+    route("/broadcasts/{id}/stats", GET=tracking_routes.stats),
     route("/segments", GET=segment_routes.list_all, POST=segment_routes.save),
     route("/segments/count", POST=segment_routes.count),  # before {name}: a POST here
     route("/segments/{name}", GET=segment_routes.get, DELETE=segment_routes.delete),
@@ -184,13 +188,15 @@ def create_app(settings: config.Settings, database_url: str) -> Starlette:
         try:
             yield
         finally:
+            await tracking_routes.close(app)  # buffered opens and clicks
             app.state.render_pool.close()
             await pool.close()
 
     app = Starlette(
         routes=[*ROUTES, *dashboard.PAGES, *subscriber_pages.PAGES], lifespan=lifespan,
         exception_handlers=EXCEPTION_HANDLERS,
-        middleware=[Middleware(body_bounds.BoundedBody),
+        middleware=[Middleware(tracking_routes.FastPath),  # /c/ and /o/: no JWT, no router
+                    Middleware(body_bounds.BoundedBody),
                     Middleware(AuthenticationMiddleware, backend=auth.JWTBackend(settings),
                                on_error=auth.on_error)])
     app.state.settings = settings

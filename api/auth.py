@@ -23,9 +23,10 @@ log = logging.getLogger("pgcast.api")
 
 # "/": the dashboard page, which holds no data; the webhook: SNS signatures
 PUBLIC_PATHS = frozenset({"/healthz", "/", "/webhooks/ses"})
-# /static/: the dashboard's files; /u/: one-click unsubscribe (the token in the path is the
-# credential); /f/, /p/, /v/, /a/: sign-up forms, preference pages, view in browser, archives
-PUBLIC_PREFIXES = ("/static/", "/u/", "/f/", "/p/", "/v/", "/a/")
+# /static/: the dashboard's files; /u/: one-click unsubscribe, /c/ and /o/: clicks and opens
+# (the token in the path is the credential); /f/, /p/, /v/, /a/: sign-up forms, preference
+# pages, view in browser, archives
+PUBLIC_PREFIXES = ("/static/", "/u/", "/c/", "/o/", "/f/", "/p/", "/v/", "/a/")
 REQUIRED_CLAIMS = ("exp", "sub", "account")
 MAX_ACCOUNT_LENGTH = validate_mail.MAX_ACCOUNT_LENGTH  # characters: one limit everywhere
 MAX_SUB_LENGTH = 200  # characters

@@ -16,7 +16,7 @@ from starlette.responses import Response
 from api import auth, context, control, db, errors, http, rendering, senders
 from api import segments as segment_routes
 from mail import template
-from sql import broadcasts, drafts, segments
+from sql import broadcasts, drafts, segments, tracking
 from sql import errors as sql_errors
 
 PAGE_DEFAULT = 50
@@ -47,7 +47,7 @@ def broadcast_json(row: dict[str, Any]) -> dict[str, Any]:
     """A broadcast in full."""
     return {**summary_json(row), "from": row["from_address"], "text": row["text_body"],
             "html": row["html_body"], "paused_reason": row["paused_reason"],
-            "priority": row["priority"],
+            "priority": row["priority"], "track": row["track"],
             "updated_at": row["updated_at"], "not_after": row["not_after"],
             "failed_reason": row["failed_reason"]}
 
@@ -67,7 +67,8 @@ async def create(request: Request) -> Response:
     body = http.fields(await http.read_json(request), "body",
                        {k: CONTENT_FIELDS[k] for k in ("subject", "from")},
                        {**{k: CONTENT_FIELDS[k] for k in ("text", "html", *AUDIENCE)},
-                        "priority": http.INTEGER, "archive": http.BOOLEAN})
+                        "priority": http.INTEGER, "archive": http.BOOLEAN,
+                        "track": http.STRING})
     try:
         segment_filter = await segment_routes.checked(request, who.account, segments.audience(
             body.get("segment"), body.get("filter"), body.get("tag")))
@@ -76,6 +77,7 @@ async def create(request: Request) -> Response:
                                          body.get("text"), body.get("html"), body.get("tag"))
         values["from_address"] = broadcasts.validate_from(body["from"])
         values["priority"] = broadcasts.validate_priority(body.get("priority", 1))
+        values["track"] = (tracking.validate_mode(body["track"]) if "track" in body else None)
     except sql_errors.InvalidInput as exc:
         raise _invalid(exc) from None
     await rendering.trial(request, who.account, values["subject"], values["from_address"],

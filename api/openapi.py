@@ -73,6 +73,9 @@ CONTENT = {"subject": {"type": "string", "minLength": 1, "maxLength": 998,
                       "selects at send; one of tag, segment, filter"},
            "priority": PRIORITY}
 
+TRACK = {"enum": ["none", "aggregate", "contact"], "description":
+         "opens and clicks: none, aggregate (counts only) or contact (per person); default: "
+         "the account's default (`pgcast tracking default`), else none (docs/tracking.md)"}
 SUPPRESSION_REASONS = ["bounce", "soft_bounce", "complaint"]
 FEEDBACK_COUNTERS = {
     "delivered": {**INT, "description": "recipients SES reported delivered"},
@@ -117,7 +120,7 @@ SCHEMAS: dict[str, Any] = {
         {"index": INT, "email": STR, "reason": STR})}}),
     "UnsubscribeIn": obj({"email": STR}),
     "Unsubscribed": obj({"success": {"const": True}, "email": STR, "unsubscribed_at": TIME}),
-    "BroadcastCreate": obj({**CONTENT, "archive": {
+    "BroadcastCreate": obj({**CONTENT, "track": TRACK, "archive": {
         "type": "boolean", "description": "list it, once sent, on the account's public archive "
                                           "page (/a/{slug}); default false"}},
         ["subject", "from"]),
@@ -125,11 +128,11 @@ SCHEMAS: dict[str, Any] = {
     "BroadcastSummary": obj(SUMMARY),
     "Broadcast": obj({**SUMMARY, "from": STR, "text": STR_OR_NULL, "html": STR_OR_NULL,
                       "paused_reason": STR_OR_NULL, "priority": PRIORITY, "updated_at": TIME,
-                      "not_after": TIME_OR_NULL,
+                      "not_after": TIME_OR_NULL, "track": TRACK,
                       "failed_reason": FAILED_REASON}),
     "BroadcastWritten": obj({**SUMMARY, "from": STR, "text": STR_OR_NULL, "html": STR_OR_NULL,
                              "paused_reason": STR_OR_NULL, "priority": PRIORITY,
-                             "updated_at": TIME,
+                             "updated_at": TIME, "track": TRACK,
                              "not_after": TIME_OR_NULL, "failed_reason": FAILED_REASON,
                              "warnings": {"type": "array", "items": STR, "description":
                                           "what to fix, though the draft was saved"}}),
@@ -438,6 +441,42 @@ def _with_operator_routes(paths: dict[str, Any]) -> dict[str, Any]:
     return paths
 
 
+INT_OR_NULL = {"type": ["integer", "null"], "minimum": 0}
+_COUNTS = obj({"total": INT_OR_NULL, "human": INT_OR_NULL, "machine": INT_OR_NULL,
+               "unique": {**INT_OR_NULL, "description": "people (contact mode only)"}})
+SCHEMAS["Stats"] = obj({
+    "id": STR, "status": {"enum": BROADCAST_STATUSES}, "track": TRACK,
+    **{k: INT for k in ("total", "sent", "delivered", "bounced", "complained",
+                        "unsubscribed")},
+    "opens": _COUNTS, "clicks": _COUNTS,
+    "links": {"type": "array", "items": obj({
+        "index": INT, "url": STR, "clicks": INT_OR_NULL, "human": INT_OR_NULL,
+        "machine": INT_OR_NULL, "unique": INT_OR_NULL})},
+    "series": {"type": "array", "items": obj({
+        "hour": TIME, "kind": {"enum": ["open", "click"]}, "human": INT, "machine": INT})}})
+
+
+def _tracking_paths() -> dict[str, Any]:
+    """Opens, clicks and the report (issue 29)."""
+    token = {**TOKEN, "description": "the signed token of a tracked link or open image"}
+    return {
+        "/c/{token}": {"get": {
+            "summary": "a tracked link: 302 to the URL stored for it (no auth)", "security": [],
+            "parameters": [token], "responses": {
+                "302": {"description": "to the link's stored URL"},
+                "404": _html("not a link pgcast made")}}},
+        "/o/{token}": {"get": {
+            "summary": "the open image: a 1x1 GIF (no auth)", "security": [],
+            "parameters": [token], "responses": {
+                "200": {"description": "a 1x1 GIF",
+                        "content": {"image/gif": {"schema": STR}}},
+                "404": _html("not an image pgcast made")}}},
+        "/broadcasts/{id}/stats": {"get": op(
+            "delivery, opens, clicks (human and machine), per link, and per hour",
+            ("200", _json("Stats", "the report")), "404", params=[ID])},
+    }
+
+
 SCHEMAS.update({
     "Segment": obj({"name": SEGMENT_NAME, "filter": FILTER, "created_at": TIME,
                     "updated_at": TIME}),
@@ -547,7 +586,8 @@ def document() -> dict[str, Any]:
         "paths": _with_operator_routes({**_paths(), **_feedback_paths(),
                                         **_segment_paths(),
                                         **forms_routes.openapi_paths(op, _json, ID),
-                                        **_message_paths(), **hooks_openapi.paths()}),
+                                        **_message_paths(), **hooks_openapi.paths(),
+                                        **_tracking_paths()}),
         "components": {"schemas": {**SCHEMAS, **hooks_openapi.SCHEMAS}, "securitySchemes": {
             "bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}}},
         "security": [{"bearer": []}],

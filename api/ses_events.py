@@ -26,6 +26,11 @@ class Event:
     addresses: list[str]
     detail: str | None
     message_id: str | None = None  # SES's mail.messageId: an unknown row resolved gets it
+    # Open and Click (docs/tracking.md): the request's User-Agent, the clicked URL, and when
+    # the message was sent (an event seconds later is a machine's)
+    user_agent: str | None = None
+    link: str | None = None
+    sent_at: dt.datetime | None = None
 
 
 def _when(raw: Any, fallback: dt.datetime) -> dt.datetime:
@@ -108,8 +113,15 @@ def parse(text: str, sns_time: dt.datetime) -> Event | None:
         d = body["delivery"]
         return Event("delivery", _when(d.get("timestamp"), fallback), broadcast, contact,
                      _addresses(d.get("recipients"), None), None, mid)
-    # Send, Reject, RenderingFailure: they resolve an unknown row; Open, Click,
-    # DeliveryDelay...: seen, nothing to apply
+    if kind in ("Open", "Click") and isinstance(body.get(kind.lower()), dict):
+        o = body[kind.lower()]
+        agent, link = o.get("userAgent"), o.get("link")
+        return Event(kind.lower(), _when(o.get("timestamp"), fallback), broadcast, contact, [],
+                     None, mid, _text(agent) if isinstance(agent, str) else None,
+                     link[:4096] if isinstance(link, str) and "\x00" not in link else None,
+                     _when(mail.get("timestamp"), fallback))
+    # Send, Reject, RenderingFailure: they resolve an unknown row; DeliveryDelay...: seen,
+    # nothing to apply (Open and Click land in the tracking events, above)
     why: str | None = None
     for key in ("reject", "failure"):  # Reject's reason, RenderingFailure's errorMessage
         part = body.get(key)

@@ -13,6 +13,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from api import context, db, errors, http, ses_events, sns
+from api import tracking as tracking_routes
 
 log = logging.getLogger("pgcast.api.webhooks")
 
@@ -107,7 +108,7 @@ async def ses(request: Request) -> Response:
     record = {"message_id": message["MessageId"], "topic": message["TopicArn"], "type": kind,
               "sent_at": sent_at}
     if kind == "Notification":
-        return http.Json(await _apply(pool, feedback, message, sent_at))
+        return http.Json(await _apply(pool, feedback, message, sent_at, request))
     seen = await db.one(pool, "feedback_sns_seen", record)
     if seen is not None and seen["seen"]:
         return http.Json({"outcome": "duplicate"})
@@ -127,7 +128,7 @@ async def ses(request: Request) -> Response:
 
 
 async def _apply(pool: db.Pool, feedback: Feedback, message: dict[str, Any],
-                 sent_at: dt.datetime) -> dict[str, Any]:
+                 sent_at: dt.datetime, request: Request) -> dict[str, Any]:
     """One notification's SES event, applied once; the guard pauses its broadcast if due."""
     event = await http.off_loop(ses_events.parse, message["Message"], sent_at)
     limits = {"guard_min": feedback.guard_min, "max_bounce": feedback.max_bounce_rate,
@@ -155,6 +156,8 @@ async def _apply(pool: db.Pool, feedback: Feedback, message: dict[str, Any],
     if row["outcome"] == "logged" and event is not None:
         log.info("SES %s without pgcast tags for %s: logged, not applied", event.event,
                  ", ".join(event.addresses) or "no address")
+    if event is not None and event.event in ("open", "click") and row["outcome"] != "duplicate":
+        await tracking_routes.record_ses(request.app, event)  # counted with pgcast's own
     if row["guard"] is not None:
         paused = await db.one(pool, "feedback_guard", {"id": row["broadcast_id"], **limits})
         if paused is not None and paused["reason"] is not None:

@@ -251,7 +251,7 @@ def cmd_broadcast(args: argparse.Namespace) -> int:
                                     segment=args.segment,
                                     filter_value=segment_commands.filter_arg(args.filter),
                                     rate_limit=args.rate_limit, priority=args.priority,
-                                    details=output.actor(args.actor))
+                                    details=output.actor(args.actor), track=args.track)
             if args.archive:
                 subscribers.set_archive(conn, args.account, row["id"], True)
             for warning in template.warnings(row["text_body"], row["html_body"]):
@@ -417,12 +417,16 @@ def build_parser() -> Parser:
                     help="list it, once sent, on the account's public archive page")
     bc.add_argument("--actor", metavar="NAME",
                     help="who is doing this, for the audit log (default: the OS user)")
+    from bin import tracking_commands  # --track, `broadcast stats`, `tracking default`
+
+    tracking_commands.add_track_flag(bc)
     bl = bsub.add_parser("list", help="newest first: a table on a terminal, else JSON")
     bl.add_argument("--limit", type=int, default=50, help="at most N broadcasts (default 50)")
     bl.add_argument("--json", action="store_true", help="JSON even on a terminal")
     from bin import draft_commands  # show, edit, delete: their own func
 
-    sps = [bc, bl, *broadcast_commands.register(bsub), *draft_commands.register(bsub)]
+    sps = [bc, bl, *broadcast_commands.register(bsub), *draft_commands.register(bsub),
+           *tracking_commands.register_broadcast(bsub)]
     for name, text in (("send", "snapshot the recipients and start sending"),
                        ("status", "progress (--watch: live bar until done)"),
                        ("cancel", "cancel a draft, scheduled, sending or paused broadcast"),
@@ -480,6 +484,7 @@ def build_parser() -> Parser:
     from bin import subscribers_commands  # forms, topics, archive (issue 28)
 
     subscribers_commands.register(sub, Parser, ACCOUNT_DEFAULT)
+    tracking_commands.register(sub, Parser)
     _add_api_commands(sub)
     return p
 
@@ -502,7 +507,8 @@ def _config_error() -> type[Exception]:
 
 
 # every ACCOUNT a command takes
-ACCOUNT_ARGS = ("account", "weight_account", "sender_account", "archive_account")
+ACCOUNT_ARGS = ("account", "weight_account", "sender_account", "archive_account",
+                "tracking_account")
 
 
 def check_accounts(args: argparse.Namespace) -> None:

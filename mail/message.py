@@ -22,7 +22,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from mail import errors, plaintext, sandbox, template, unsubscribe, validate
+from mail import errors, plaintext, sandbox, template, tracking, unsubscribe, validate
 
 # SMTP line endings; raw header values are written as given (they are folded here)
 POLICY = email.policy.SMTP.clone(cte_type="7bit", refold_source="none")
@@ -107,7 +107,8 @@ class Content:
                  text: str | None, html: str | None, *,
                  keys: unsubscribe.Keys | None = None,
                  base_url: str = unsubscribe.DEFAULT_PUBLIC_URL, test: bool = False,
-                 inert: bool = False, timeout_ms: int | None = None) -> None:
+                 inert: bool = False, timeout_ms: int | None = None, track: str = "none",
+                 links: tuple[str, ...] = ()) -> None:
         self.timeout_ms = template.timeout_ms() if timeout_ms is None else timeout_ms
         self.key = uuid.uuid4().hex  # names it in a render process's cache
         self.broadcast_id = str(broadcast_id)
@@ -122,6 +123,12 @@ class Content:
         self.test = test  # a test send: subject prefixed, unsubscribe link inert
         self.inert = inert or test  # unsubscribe links show the page, unsubscribe nobody
         self._token = self.keys.maker(account, self.broadcast_id, self.inert)
+        # opens and clicks (mail.tracking): never in a test send
+        self.track = "none" if test else track
+        self.links = tuple(links)
+        self._tracker = (tracking.Tracker(self.broadcast_id, self.track, self.links,
+                                          self.keys, base_url)
+                         if self.track != "none" else None)
         self.problem: str | None = None  # the broadcast cannot be sent: every message says why
         self.from_header = ""
         self.broadcast_vars = {"id": self.broadcast_id, "subject": subject}
@@ -153,7 +160,8 @@ class Content:
                                      row.get("unsubscribe_key"))
         base_url = unsubscribe.public_url(os.environ.get("PGCAST_PUBLIC_URL"))
         return cls(str(row["id"]), row["account"], row["subject"], row["from_address"],
-                   row["text_body"], row["html_body"], keys=keys, base_url=base_url, test=test)
+                   row["text_body"], row["html_body"], keys=keys, base_url=base_url, test=test,
+                   track=row.get("track") or "none", links=tuple(row.get("links") or ()))
 
     def render(self, contact_id: int, email_address: str, name: str | None,
                attributes: dict[str, Any] | None = None,
@@ -198,6 +206,8 @@ class Content:
             text = plaintext.convert(html)
         else:
             text = None
+        if self._tracker is not None:
+            html, text = self._tracker.rewrite(html, text, contact_id)
         headers = {"List-Unsubscribe": f"<{link}>",
                    "List-Unsubscribe-Post": LIST_UNSUBSCRIBE_POST,
                    "X-Pgcast-Broadcast": self.broadcast_id}

@@ -47,7 +47,8 @@ def spec_of(content: message.Content) -> Spec:
         "broadcast_id": content.broadcast_id, "account": content.account,
         "subject": content.subject_source, "from_address": content.from_source,
         "text": content.text_source, "html": content.html_source, "keys": content.keys,
-        "base_url": content.base_url, "test": content.test, "inert": content.inert})
+        "base_url": content.base_url, "test": content.test, "inert": content.inert,
+        "track": content.track, "links": content.links})
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ import psycopg
 from mail import errors as mail_errors
 from mail import preview, template
 from mail import validate as validate_mail
-from sql import contacts, errors, segments
+from sql import contacts, errors, segments, tracking
 from sql import senders as sender_rule
 from sql.queries import QUERIES
 
@@ -87,7 +87,7 @@ def audience_filter(conn: psycopg.Connection[Any], account: str, segment: Any = 
 def create(conn: psycopg.Connection[Any], account: str, *, subject: Any, from_address: Any,
            text: Any = None, html: Any = None, tag: Any = None, segment: Any = None,
            filter_value: Any = None, rate_limit: float | None = None, priority: Any = 1,
-           details: dict[str, Any] | None = None) -> dict[str, Any]:
+           details: dict[str, Any] | None = None, track: Any = None) -> dict[str, Any]:
     """Create a draft (details: who, for its audit entry); raises InvalidInput. Its audience:
     at most one of tag, segment (a saved segment's name) and filter_value (a filter)."""
     segment_filter = audience_filter(conn, account, segment, filter_value, tag)
@@ -103,6 +103,7 @@ def create(conn: psycopg.Connection[Any], account: str, *, subject: Any, from_ad
     row = conn.execute(QUERIES["broadcast_create"],
                        {"account": account, "rate_limit": rate_limit,
                         "priority": validate_priority(priority),
+                        "track": None if track is None else tracking.validate_mode(track),
                         "details": json.dumps(details) if details else None,
                         "segment_filter": segment_filter, **fields}).fetchone()
     assert row is not None
@@ -134,7 +135,7 @@ def audience_label(row: dict[str, Any] | None) -> str | None:
 
 
 def send_result(row: dict[str, Any], segment: str | None = None) -> dict[str, Any]:
-    """The answer to a send, from a pgcast_send_v6 row (segment: audience_label's name of
+    """The answer to a send, from a pgcast_send_v7 row (segment: audience_label's name of
     the broadcast's audience)."""
     if not row["ok"]:
         if row["status"] == "empty":

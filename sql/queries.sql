@@ -58,11 +58,13 @@ SELECT c.id, c.email, coalesce((SELECT u.unsubscribed_at FROM u), c.unsubscribed
 FROM c
 
 -- broadcast_create --
--- A new draft; its audit entry names who created it (details).
+-- A new draft; its audit entry names who created it (details); track: its own, else the account's default.
 INSERT INTO broadcasts (account, subject, from_address, text_body, html_body, segment_tag,
-                        segment_filter, rate_limit, priority, audit_log)
+                        segment_filter, rate_limit, priority, track, audit_log)
 VALUES (%(account)s, %(subject)s, %(from_address)s, %(text_body)s, %(html_body)s,
         %(segment_tag)s, %(segment_filter)s::jsonb, %(rate_limit)s, %(priority)s,
+        coalesce(%(track)s::text, (SELECT d.mode FROM tracking_defaults d
+                                   WHERE d.account = %(account)s), 'none'),
         pgcast_audit_v1('create', NULL, 'draft', %(details)s::jsonb))
 RETURNING *
 
@@ -107,7 +109,7 @@ RETURNING id
 -- Snapshot the mailable recipients its filter selects into the broadcast's own partition and
 -- start sending (status 'empty', nothing changed, when nobody matches and allow_empty is
 -- false; SQLSTATE PGS22 when its filter no longer compiles).
-SELECT * FROM pgcast_send_v6(%(account)s, %(id)s, %(allow_empty)s, %(details)s::jsonb)
+SELECT * FROM pgcast_send_v7(%(account)s, %(id)s, %(allow_empty)s, %(details)s::jsonb)
 
 -- analyze_recipients --
 -- Fresh planner statistics for one broadcast's partition after a big snapshot (its own
@@ -163,7 +165,7 @@ SELECT 1 FROM broadcasts WHERE id = %(id)s AND status = 'sending' AND epoch = %(
 
 -- broadcast_content --
 -- What a worker needs to render a broadcast's messages (and the generated unsubscribe key).
-SELECT id, account, subject, from_address, text_body, html_body,
+SELECT id, account, subject, from_address, text_body, html_body, track,
        (SELECT secret FROM unsubscribe_keys) AS unsubscribe_key
 FROM broadcasts WHERE id = %(id)s
 

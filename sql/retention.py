@@ -14,7 +14,7 @@ from typing import Any
 import psycopg
 from psycopg import sql as psql
 
-from sql import errors
+from sql import errors, tracking
 from sql.queries import QUERIES
 
 log = logging.getLogger("pgcast.retention")
@@ -40,11 +40,13 @@ class Report:
     recipients: int = 0
     seconds: float = 0.0
     ids: list[uuid.UUID] = field(default_factory=list)
+    tracking_months: int = 0  # months of opens and clicks dropped (not counted when dry)
 
     def summary(self) -> dict[str, Any]:
         """The JSON the command prints."""
         return {"dry_run": self.dry_run, "broadcasts": self.broadcasts,
-                "recipients": self.recipients, "seconds": round(self.seconds, 3)}
+                "recipients": self.recipients, "tracking_months": self.tracking_months,
+                "seconds": round(self.seconds, 3)}
 
 
 def candidates(conn: psycopg.Connection[Any], older_than: float) -> list[dict[str, Any]]:
@@ -97,6 +99,10 @@ def run(conn: psycopg.Connection[Any], older_than: float, *, dry_run: bool = Fal
             report.ids.append(b["id"])
             if not dry_run:
                 log.info("archived broadcast %s: %d recipients", b["id"], n)
+    if not dry_run and not stop():
+        # opens and clicks: whole months older than the cutoff, and archived broadcasts'
+        # per-person firsts (sql/tracking.py)
+        report.tracking_months = tracking.retention(conn, older_than)
     report.seconds = time.perf_counter() - t0
     return report
 

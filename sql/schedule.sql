@@ -15,11 +15,11 @@ SELECT * FROM pgcast_retry_v2(%(account)s, %(id)s, %(include_unknown)s, %(in_dou
                               %(details)s::jsonb)
 
 -- broadcast_copy --
--- A new draft with another broadcast's content, segment, rate cap and priority.
+-- A new draft with another broadcast's content, segment, rate cap, priority and tracking mode.
 INSERT INTO broadcasts (account, subject, from_address, text_body, html_body, segment_tag,
-                        segment_filter, rate_limit, priority, audit_log)
+                        segment_filter, rate_limit, priority, track, audit_log)
 SELECT b.account, b.subject, b.from_address, b.text_body, b.html_body, b.segment_tag,
-       b.segment_filter, b.rate_limit, b.priority,
+       b.segment_filter, b.rate_limit, b.priority, b.track,
        pgcast_audit_v1('create', NULL, 'draft',
                        %(details)s::jsonb || jsonb_build_object('copied_from', b.id))
 FROM broadcasts b
@@ -27,5 +27,5 @@ WHERE b.id = %(id)s AND b.account = %(account)s
 RETURNING *
 
 -- start_due --
--- Starts the due scheduled broadcast whose time came first, if any (pgcast_start_due_v3).
-SELECT * FROM pgcast_start_due_v3()
+-- Starts the due scheduled broadcast whose time came first, if any (pgcast_start_due_v4).
+SELECT * FROM pgcast_start_due_v4()

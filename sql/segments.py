@@ -1,9 +1,10 @@
 """Segments: filters over an account's contacts, saved by name, shared by the CLI and the API.
 
 The filter language is compiled and validated in one place, the SQL function
-pgcast_segment_sql_v1 (schema/0018_segments.sql), so a send (inside its snapshot), a count, the
-API and a DBA all read a filter the same way. This module bounds what is sent to it, turns its
-errors (SQLSTATE PGS22, the JSON path first) into InvalidInput, and runs the named queries.
+pgcast_segment_sql_v2 (schema/0018_segments.sql, v2 in 0020_tracking.sql), so a send (inside
+its snapshot), a count, the API and a DBA all read a filter the same way. This module bounds
+what is sent to it, turns its errors (SQLSTATE PGS22, the JSON path first) into InvalidInput,
+and runs the named queries.
 """
 
 from __future__ import annotations

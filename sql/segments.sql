@@ -1,14 +1,14 @@
 -- Saved segments and filter evaluation (issue 27). The filter compiler is the SQL function
--- pgcast_segment_sql_v1 (schema/0018_segments.sql): it raises SQLSTATE PGS22 naming the
+-- pgcast_segment_sql_v2 (schema/0018_segments.sql, v2 in 0020_tracking.sql): it raises SQLSTATE PGS22 naming the
 -- JSON path of what is wrong.
 
 -- segment_check --
 -- A filter compiled and validated for an account: the filter with saved segments expanded.
-SELECT expanded FROM pgcast_segment_sql_v1(%(account)s, %(filter)s::jsonb)
+SELECT expanded FROM pgcast_segment_sql_v2(%(account)s, %(filter)s::jsonb)
 
 -- segment_count --
 -- How many mailable contacts of the account a filter selects.
-SELECT pgcast_segment_count_v1(%(account)s, %(filter)s::jsonb) AS count
+SELECT pgcast_segment_count_v2(%(account)s, %(filter)s::jsonb) AS count
 
 -- segment_count_limit --
 -- The time a count may take, for the rest of its transaction (a tenant's filter is bounded).
@@ -18,7 +18,7 @@ SELECT set_config('statement_timeout', %(ms)s::text, true)
 -- Creates or replaces a saved segment, its filter validated first (it may not refer to
 -- itself, directly or through other saved segments); inserted says which.
 WITH checked AS (
-    SELECT expanded FROM pgcast_segment_sql_v1(%(account)s, %(filter)s::jsonb,
+    SELECT expanded FROM pgcast_segment_sql_v2(%(account)s, %(filter)s::jsonb,
                                                ARRAY[%(name)s]::text[])
 )
 INSERT INTO segments AS s (account, name, filter)

@@ -11,12 +11,16 @@ priority-3 broadcast go faster than its siblings.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
+import os
 import time
 import uuid
 from collections.abc import Callable
+from typing import Any
 
+from mail import tracking, unsubscribe
 from worker import claims, dispatch, pg, render
 
 log = logging.getLogger("pgcast.worker")
@@ -119,9 +123,24 @@ class Picker:
             assert rows  # recipient rows reference their broadcast
             row = rows[0]
             try:
+                if row.get("track", "none") != "none":
+                    row = {**row, "links": await self.links(bid, row)}
                 content = render.Content.from_row(row)
             except Exception as exc:  # noqa: BLE001 - tenant data: the recipients fail
                 log.warning("broadcast %s: its content cannot be built: %s", bid, exc)
                 content = dispatch.describe(exc)
             self._content[bid] = content
         return content
+
+    async def links(self, bid: uuid.UUID, row: dict[str, Any]) -> tuple[str, ...]:
+        """The broadcast's tracked links by index: stored by the first worker to get here
+        (pgcast_links_store_v1), read back by every one (the same index in every message)."""
+        base_url = unsubscribe.public_url(os.environ.get("PGCAST_PUBLIC_URL"))
+        # the templates are tenant data: parsed off the event loop
+        urls = await asyncio.to_thread(tracking.links_of, row["html_body"], row["text_body"],
+                                       base_url)
+        stored = await self.db.dicts("tracking_links_store", {"id": bid, "urls": urls})
+        by_index = ["\x00"] * (max((int(r["idx"]) for r in stored), default=-1) + 1)
+        for r in stored:  # a gap (never made by one version) matches no URL
+            by_index[int(r["idx"])] = r["url"]
+        return tuple(by_index)

@@ -1,5 +1,6 @@
 // The pgcast dashboard: views, routing and actions, on the public HTTP API only.
 import { RateChart } from "./chart.js";
+import { trackingPanel } from "./tracking.js";
 import { ApiError, api, claims, duration, fill, h, num, rate, readEvents, session, when,
          whenUnauthorized } from "./lib.js";
 import { segmentBuilder } from "./segments.js";
@@ -390,6 +391,7 @@ async function detailView(id) {
     content: h("div", { id: "content" }),
     recipients: h("tbody", { id: "recipients" }),
   };
+  const tracking = has("GET /broadcasts/{id}/stats") ? trackingPanel(id, controller.signal) : null;
   fill(main,
     h("div", { class: "title" }, el.title, el.status),
     h("div", { class: "panel" },
@@ -397,6 +399,7 @@ async function detailView(id) {
       h("div", { class: "headline" }, el.pct, el.of, h("span", { class: "spacer grow" }), el.share, el.rate, el.eta),
       el.bar, el.counters, el.feedback, el.audience),
     h("div", { class: "panel" }, h("h2", {}, "Messages per second"), el.canvas),
+    tracking ? tracking.panel : null,
     h("div", { class: "cols" },
       h("div", { class: "panel" }, h("h2", {}, "Broadcast"), el.info, el.content),
       h("div", { class: "panel" }, h("h2", {}, "Audit log"),
@@ -456,7 +459,7 @@ async function detailView(id) {
     renderProgress({ ...last, status: b.status });
     // a retry takes a finished broadcast back to sending: its ended stream must be opened again
     if (!TERMINAL.includes(b.status)) watch();
-    await Promise.all([loadAudit(), loadAudience()]);
+    await Promise.all([loadAudit(), loadAudience(), tracking ? tracking.reload() : null]);
   }
 
   async function loadAudit() {
@@ -518,7 +521,7 @@ async function detailView(id) {
   renderBroadcast();
   renderProgress(last);
   watch();
-  await Promise.all([loadAudit(), loadAudience()]);
+  await Promise.all([loadAudit(), loadAudience(), tracking ? tracking.reload() : null]);
 }
 
 function recipientsPanel(id, el, signal) {

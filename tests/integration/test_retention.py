@@ -157,7 +157,8 @@ def test_the_command_archives_and_prints_what_it_did(db_url: str, conn: Conn) ->
     age(conn, bid, 2)
     out = support.pgcast(db_url, "retention", "--older-than", "1d", "--dry-run")
     assert json.loads(out.stdout) | {"seconds": 0} == {
-        "dry_run": True, "broadcasts": 1, "recipients": 10, "seconds": 0}
+        "dry_run": True, "broadcasts": 1, "recipients": 10, "tracking_months": 0,
+        "seconds": 0}
     assert partition_attached(conn, bid)
     out = support.pgcast(db_url, "retention", "--older-than", "1d")
     assert json.loads(out.stdout)["broadcasts"] == 1 and not partition_attached(conn, bid)
