@@ -21,8 +21,8 @@ SELECT * FROM pgcast_message_claim_v1(%(limit)s, %(token)s, %(worker)s,
                                       make_interval(secs => %(lease)s))
 
 -- message_handoff --
--- The fence before the provider call: the rows to send now (pgcast_message_handoff_v1).
-SELECT * FROM pgcast_message_handoff_v1(%(token)s, %(ids)s::uuid[])
+-- The fence before the provider call: the rows to send now (pgcast_message_handoff_v2).
+SELECT * FROM pgcast_message_handoff_v2(%(token)s, %(ids)s::uuid[])
 
 -- message_release --
 -- Claimed rows not handed off go back (pgcast_message_release_v1).
