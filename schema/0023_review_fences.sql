@@ -4,6 +4,11 @@
 --   reads the contact through pgcast_unmailable_reason_v1 for marketing (unsubscribed,
 --   suppressed, unconfirmed), as the broadcast handoffs do; every category is still skipped
 --   for a suppressed or erased address.
+-- * The erase (v4) kept the address where SES and applications put it: a message's error
+--   text (SES quotes the recipient), its bounce or complaint diagnostic, and an idempotency
+--   key built from the address (also copied into the message.* webhook events); and a
+--   record or an SES event that arrived after the erase wrote an error text back.
+--   pgcast_erase_v5 scrubs them, and a trigger keeps them scrubbed.
 
 -- handoff of messages, v2: v1 with the marketing fence through pgcast_unmailable_reason_v1
 -- (an unconfirmed contact is skipped, 'unconfirmed'). Same locks as v1: the contacts fence of
@@ -52,3 +57,172 @@ BEGIN
               m.subject, m.text_body, m.html_body, m.headers, m.tags, m.attempts;
 END
 $$;
+
+-- erase, v5: v4, then in the same transaction (the message rows already locked by v4) the
+-- address's messages keep no error text and no feedback diagnostic, and an idempotency key
+-- that holds the address becomes 'erased:' || id (also in the message.* webhook events that
+-- copied it). Same lock order as v4: message rows, then webhook event rows.
+CREATE FUNCTION pgcast_erase_v5(p_account text, p_email text, p_source text, p_actor jsonb)
+RETURNS TABLE (contact_id bigint, recipients bigint, messages bigint)
+LANGUAGE plpgsql AS $$
+DECLARE
+    addr text := lower(btrim(p_email));
+    v record;
+    rekeyed jsonb;
+BEGIN
+    SELECT * INTO v FROM pgcast_erase_v4(p_account, p_email, p_source, p_actor);
+    WITH changed AS (
+        UPDATE messages m
+        SET last_error = CASE WHEN m.last_error IS NULL THEN NULL
+                              WHEN m.last_error IN ('contact erased', 'unsubscribed',
+                                                    'unconfirmed')
+                                   OR m.last_error LIKE 'in doubt:%'
+                                   THEN m.last_error
+                              ELSE 'contact erased: error text not kept' END,
+            feedback_detail = CASE WHEN m.feedback_detail IS NOT NULL
+                                   THEN 'contact erased: detail not kept' END,
+            idempotency_key = CASE WHEN strpos(lower(m.idempotency_key), addr) > 0
+                                   THEN 'erased:' || m.id ELSE m.idempotency_key END
+        WHERE m.account = p_account AND m.to_address = 'erased@erased.invalid'
+          AND (m.last_error IS NOT NULL OR m.feedback_detail IS NOT NULL
+               OR strpos(lower(m.idempotency_key), addr) > 0)
+        RETURNING m.id, m.idempotency_key
+    )
+    SELECT jsonb_object_agg(c.id::text, c.idempotency_key) INTO rekeyed FROM changed c
+    WHERE c.idempotency_key = 'erased:' || c.id;
+    IF rekeyed IS NOT NULL THEN
+        UPDATE webhook_events e
+        SET data = e.data || jsonb_build_object('idempotency_key',
+                                                rekeyed ->> (e.data ->> 'message_id'))
+        WHERE e.account = p_account AND e.type LIKE 'message.%'
+          AND rekeyed ? (e.data ->> 'message_id');
+    END IF;
+    RETURN QUERY SELECT v.contact_id, v.recipients, v.messages;
+END
+$$;
+
+-- A message whose address was erased keeps no error text and no feedback diagnostic:
+-- whoever writes one later (a record or an SES event after the erase, quoting the address),
+-- a fixed text is stored instead. Fires only for the rare rows the erase rewrote.
+CREATE FUNCTION pgcast_message_erased_text_v1()
+RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.last_error IS NOT NULL AND NEW.last_error IS DISTINCT FROM OLD.last_error
+       AND NEW.last_error NOT IN ('contact erased', 'contact erased: error text not kept')
+       AND NEW.last_error NOT LIKE 'in doubt:%' THEN
+        NEW.last_error := 'contact erased: error text not kept';
+    END IF;
+    IF NEW.feedback_detail IS NOT NULL
+       AND NEW.feedback_detail IS DISTINCT FROM OLD.feedback_detail THEN
+        NEW.feedback_detail := 'contact erased: detail not kept';
+    END IF;
+    RETURN NEW;
+END
+$$;
+CREATE TRIGGER messages_erased_text
+    BEFORE UPDATE OF last_error, feedback_detail ON messages
+    FOR EACH ROW
+    WHEN (NEW.to_address = 'erased@erased.invalid')
+    EXECUTE FUNCTION pgcast_message_erased_text_v1();
+
+-- enqueue, v2: v1, except that a message to an erased address whose idempotency key holds the
+-- address is stored without its key (the row is skipped whatever it says; a retry with the
+-- same key is another skipped row, never the address kept).
+CREATE FUNCTION pgcast_send_message_v2(p_account text, p_to text, p_subject text, p_text text,
+                                       p_html text, p_from text, p_key text,
+                                       p_category text DEFAULT 'transactional',
+                                       p_reply_to text DEFAULT NULL,
+                                       p_headers jsonb DEFAULT '{}',
+                                       p_tags jsonb DEFAULT '{}')
+RETURNS TABLE (id uuid, created boolean, status text)
+LANGUAGE plpgsql AS $$
+DECLARE
+    addr text := btrim(coalesce(p_to, ''));
+    sender text;
+    allowed text[];
+    mid uuid;
+    st text;
+    erased boolean;
+BEGIN
+    IF p_account IS NULL OR char_length(p_account) NOT BETWEEN 1 AND 200 THEN
+        RAISE EXCEPTION 'account must be 1-200 characters' USING ERRCODE = '22023';
+    END IF;
+    IF addr !~ '^[^@\s<>(),;:"\[\]\\]+@[^@\s<>(),;:"\[\]\\]+\.[^@\s<>(),;:"\[\]\\]+$'
+       OR char_length(addr) > 254 THEN
+        RAISE EXCEPTION 'to: % is not an email address', p_to USING ERRCODE = '22023';
+    END IF;
+    IF btrim(coalesce(p_subject, '')) = '' THEN
+        RAISE EXCEPTION 'subject must not be empty' USING ERRCODE = '22023';
+    END IF;
+    IF p_text IS NULL AND p_html IS NULL THEN
+        RAISE EXCEPTION 'a message needs a text or an html body' USING ERRCODE = '22023';
+    END IF;
+    IF btrim(coalesce(p_from, '')) = '' THEN
+        RAISE EXCEPTION 'from must not be empty' USING ERRCODE = '22023';
+    END IF;
+    IF coalesce(p_category, '') NOT IN ('transactional', 'marketing', 'confirmation') THEN
+        RAISE EXCEPTION 'category must be transactional, marketing or confirmation, not %',
+            p_category USING ERRCODE = '22023';
+    END IF;
+    -- the senders rule (0015): with senders, the From's address must be one or at one
+    allowed := ARRAY(SELECT s.sender FROM senders s WHERE s.account = p_account);
+    IF cardinality(allowed) > 0 THEN
+        sender := lower(btrim(coalesce(substring(p_from FROM '<([^<>]*)>\s*$'), p_from)));
+        IF NOT (sender = ANY (allowed) OR split_part(sender, '@', 2) = ANY (allowed)) THEN
+            RAISE EXCEPTION 'from: % is not a sender this account may use', sender
+                USING ERRCODE = '22023',
+                      HINT = 'an operator allows more with `pgcast senders add`';
+        END IF;
+    END IF;
+    -- an erase cannot commit between this check and the insert
+    PERFORM pg_advisory_xact_lock_shared(hashtext('pgcast.erasure'), hashtext(p_account));
+    erased := pgcast_erased_v1(p_account, addr);
+    INSERT INTO messages AS m (account, idempotency_key, category, status, to_address,
+                               from_address, reply_to, subject, text_body, html_body, headers,
+                               tags, last_error, finished_at)
+    VALUES (p_account,
+            CASE WHEN erased AND strpos(lower(p_key), lower(addr)) > 0 THEN NULL ELSE p_key END,
+            p_category, CASE WHEN erased THEN 'skipped' ELSE 'queued' END,
+            CASE WHEN erased THEN 'erased@erased.invalid' ELSE addr END, btrim(p_from),
+            CASE WHEN NOT erased THEN p_reply_to END,
+            CASE WHEN erased THEN '(erased)' ELSE p_subject END,
+            CASE WHEN erased THEN '' ELSE p_text END, CASE WHEN NOT erased THEN p_html END,
+            CASE WHEN erased THEN '{}' ELSE coalesce(p_headers, '{}') END,
+            CASE WHEN erased THEN '{}' ELSE coalesce(p_tags, '{}') END,
+            CASE WHEN erased THEN 'contact erased' END,
+            CASE WHEN erased THEN clock_timestamp() END)
+    ON CONFLICT (account, idempotency_key) DO NOTHING
+    RETURNING m.id, m.status INTO mid, st;
+    IF mid IS NOT NULL THEN
+        IF st = 'queued' THEN
+            PERFORM pg_notify('pgcast_control', '{"event": "message"}');
+        END IF;
+        RETURN QUERY SELECT mid, true, st;
+        RETURN;
+    END IF;
+    RETURN QUERY SELECT m.id, false, m.status FROM messages m
+    WHERE m.account = p_account AND m.idempotency_key = p_key;
+END
+$$;
+
+-- The stable names (never renamed) wrap v2 from here on.
+CREATE OR REPLACE FUNCTION pgcast_send_message(account text, to_address text, subject text,
+                                               text_body text, html_body text,
+                                               from_address text, idempotency_key text)
+RETURNS uuid LANGUAGE sql AS $$
+    SELECT id FROM pgcast_send_message_v2(account, to_address, subject, text_body, html_body,
+                                          from_address, idempotency_key)
+$$;
+
+CREATE OR REPLACE FUNCTION pgcast_send_message(account text, to_address text, subject text,
+                                               text_body text, html_body text,
+                                               from_address text, idempotency_key text,
+                                               category text)
+RETURNS uuid LANGUAGE sql AS $$
+    SELECT id FROM pgcast_send_message_v2(account, to_address, subject, text_body, html_body,
+                                          from_address, idempotency_key, category)
+$$;
+
+DROP FUNCTION pgcast_message_handoff_v1(uuid, uuid[]);
+DROP FUNCTION pgcast_send_message_v1(text, text, text, text, text, text, text, text, text, jsonb,
+                                     jsonb);

@@ -1,9 +1,9 @@
 -- Transactional messages (0017, issue 26): enqueue, claim, hand off, record, sweep, status.
 
 -- message_send --
--- Enqueue one message (pgcast_send_message_v1): its id, whether this call created it (false:
+-- Enqueue one message (pgcast_send_message_v2): its id, whether this call created it (false:
 -- the idempotency key named an earlier one), its status.
-SELECT * FROM pgcast_send_message_v1(%(account)s, %(to)s, %(subject)s, %(text)s, %(html)s,
+SELECT * FROM pgcast_send_message_v2(%(account)s, %(to)s, %(subject)s, %(text)s, %(html)s,
                                      %(from)s, %(key)s, %(category)s, %(reply_to)s,
                                      %(headers)s::jsonb, %(tags)s::jsonb)
 

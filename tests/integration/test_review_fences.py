@@ -4,11 +4,14 @@ contacts), and what an erase leaves of an address in the messages and their even
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import psycopg
 
+from sql import contacts
+from sql.queries import QUERIES
 from tests.integration.test_messages import deliver, sent_files, status
 
 Conn = psycopg.Connection[dict[str, Any]]
@@ -37,3 +40,43 @@ def test_a_marketing_message_never_reaches_an_unconfirmed_contact(
     assert status(conn, ids["transactional"])["status"] == "sent"
     assert status(conn, ids["confirmation"])["status"] == "sent"
     assert str(ids["marketing"]) not in sent_files(tmp_path)
+
+
+def _addressed(conn: Conn, needle: str) -> list[dict[str, Any]]:
+    rows = conn.execute("SELECT to_jsonb(m) AS m FROM messages m").fetchall()
+    return [r["m"] for r in rows if needle in json.dumps(r["m"]).lower()]
+
+
+def test_erase_leaves_no_trace_of_the_address_in_messages_errors_feedback_or_keys(
+        conn: Conn) -> None:
+    conn.execute("INSERT INTO webhook_endpoints (account, url, events, secret) "
+                 "VALUES ('default', 'https://hooks.example.com/a', '{*}', 's')")
+    conn.execute("INSERT INTO contacts (account, email) VALUES ('default', 'ann@example.com')")
+    # an application keyed its mail by the address; SES quoted the address back
+    bounced = _send(conn, "ann@example.com", "transactional", "welcome:Ann@Example.com")
+    failed = _send(conn, "ann@example.com", "transactional", "reset:ann@example.com")
+    flying = _send(conn, "ann@example.com", "transactional")
+    token = "66666666-6666-6666-6666-666666666666"
+    conn.execute("SELECT * FROM pgcast_message_claim_v1(10, %s, 'w', interval '30 s')", (token,))
+    conn.execute(QUERIES["message_handoff"], {"token": token, "ids": [bounced, failed, flying]})
+    conn.execute("SELECT pgcast_message_record_v1(%s, %s, %s, %s, %s, %s)",
+                 (token, [bounced, failed], ["sent", "failed"], ["ses-1", None],
+                  [None, "MessageRejected: Address blacklisted: ann@example.com"], [0.0, 0.0]))
+    conn.execute("SELECT pgcast_message_feedback_v1('ses-1', 'bounce', now(), "
+                 "'smtp; 550 5.1.1 <ann@example.com>: user unknown')")
+    assert _addressed(conn, "ann@example.com")
+    contacts.erase(conn, "default", "ann@example.com", source="api", actor={})
+    # a record that arrives after the erase, quoting the address
+    conn.execute("SELECT pgcast_message_record_v1(%s, %s, %s, %s, %s, %s)",
+                 (token, [flying], ["failed"], [None],
+                  ["MessageRejected: <ann@example.com> rejected"], [0.0]))
+    conn.execute("SELECT pgcast_message_feedback_v1('ses-1', 'complaint', now(), "
+                 "'abuse report from ann@example.com')")
+    assert _addressed(conn, "ann@example.com") == []
+    assert status(conn, flying)["status"] == "failed"
+    events = json.dumps(conn.execute("SELECT type, data FROM webhook_events").fetchall())
+    assert "message.bounced" in events and "ann@example.com" not in events.lower()
+    # the keys are gone, and the same key again is a new message, skipped (erased)
+    again = _send(conn, "ann@example.com", "transactional", "reset:ann@example.com")
+    assert again != failed and status(conn, again)["status"] == "skipped"
+    assert _addressed(conn, "ann@example.com") == []
