@@ -9,6 +9,8 @@
 --   key built from the address (also copied into the message.* webhook events); and a
 --   record or an SES event that arrived after the erase wrote an error text back.
 --   pgcast_erase_v5 scrubs them, and a trigger keeps them scrubbed.
+-- * A complaint about a message was only noted on the message: pgcast_message_feedback_v2
+--   suppresses the contact too.
 
 -- handoff of messages, v2: v1 with the marketing fence through pgcast_unmailable_reason_v1
 -- (an unconfirmed contact is skipped, 'unconfirmed'). Same locks as v1: the contacts fence of
@@ -221,6 +223,37 @@ CREATE OR REPLACE FUNCTION pgcast_send_message(account text, to_address text, su
 RETURNS uuid LANGUAGE sql AS $$
     SELECT id FROM pgcast_send_message_v2(account, to_address, subject, text_body, html_body,
                                           from_address, idempotency_key, category)
+$$;
+
+-- SES feedback about a message, v2: v1, and a complaint also suppresses (and unsubscribes)
+-- the contact of the message's account with its address, as a complaint about a broadcast
+-- does (pgcast_contact_feedback_v1): an untagged complaint is only logged by
+-- pgcast_ses_event_v2, so a person who complained about a marketing message kept getting
+-- broadcasts. A hard bounce needs nothing more (pgcast_ses_event_v2 suppresses the address in
+-- every account). Lock order as the erase's: the contact row (then the contacts fence, by
+-- 0005's trigger), then the message row.
+CREATE FUNCTION pgcast_message_feedback_v2(p_provider_id text, p_event text, p_at timestamptz,
+                                           p_detail text)
+RETURNS uuid LANGUAGE plpgsql AS $$
+DECLARE
+    m record;
+    cid bigint;
+BEGIN
+    IF p_event = 'complaint' THEN
+        SELECT q.account, q.to_address INTO m FROM messages q
+        WHERE q.provider_message_id = p_provider_id;
+        IF FOUND THEN
+            SELECT k.id INTO cid FROM contacts k
+            WHERE k.account = m.account AND lower(k.email) = lower(m.to_address)
+            FOR NO KEY UPDATE;
+            IF cid IS NOT NULL THEN
+                PERFORM pgcast_contact_feedback_v1(cid, p_event, p_detail, p_at, 0, NULL,
+                                                   NULL);
+            END IF;
+        END IF;
+    END IF;
+    RETURN pgcast_message_feedback_v1(p_provider_id, p_event, p_at, p_detail);
+END
 $$;
 
 DROP FUNCTION pgcast_message_handoff_v1(uuid, uuid[]);

@@ -56,8 +56,9 @@ SELECT pgcast_message_sweep_v1() AS unknown
 SELECT * FROM pgcast_take_tokens_messages_v1(%(name)s, %(want)s)
 
 -- message_feedback --
--- One SES event about a message, by the provider's message id (pgcast_message_feedback_v1).
-SELECT pgcast_message_feedback_v1(%(provider_id)s, %(event)s, %(at)s, %(detail)s) AS id
+-- One SES event about a message, by the provider's message id (pgcast_message_feedback_v2; a
+-- complaint also suppresses and unsubscribes the account's contact with that address).
+SELECT pgcast_message_feedback_v2(%(provider_id)s, %(event)s, %(at)s, %(detail)s) AS id
 
 -- messages_share --
 -- Set the share of a bucket's rate messages may take while broadcasts wait.

@@ -80,3 +80,28 @@ def test_erase_leaves_no_trace_of_the_address_in_messages_errors_feedback_or_key
     again = _send(conn, "ann@example.com", "transactional", "reset:ann@example.com")
     assert again != failed and status(conn, again)["status"] == "skipped"
     assert _addressed(conn, "ann@example.com") == []
+
+
+def test_a_complaint_about_a_message_suppresses_its_contact(conn: Conn) -> None:
+    # a complaint is the strongest signal there is: the next broadcast or marketing message
+    # must not reach the person, whichever mail they complained about
+    conn.execute("INSERT INTO contacts (account, email) VALUES ('default', 'Ann@Example.com'), "
+                 "('other', 'ann@example.com')")
+    mid = _send(conn, "ann@example.com", "marketing")
+    token = "77777777-7777-7777-7777-777777777777"
+    conn.execute("SELECT * FROM pgcast_message_claim_v1(10, %s, 'w', interval '30 s')", (token,))
+    conn.execute(QUERIES["message_handoff"], {"token": token, "ids": [mid]})
+    conn.execute("SELECT pgcast_message_record_v1(%s, %s, '{sent}', '{ses-7}', '{NULL}', "
+                 "'{0}')", (token, [mid]))
+    got = conn.execute(QUERIES["message_feedback"], {
+        "provider_id": "ses-7", "event": "complaint", "at": "2026-01-01T00:00:00Z",
+        "detail": "abuse"}).fetchone()
+    assert got == {"id": mid}
+    rows = {r["account"]: r for r in conn.execute(
+        "SELECT account, suppressed_reason, unsubscribed_at FROM contacts").fetchall()}
+    assert rows["default"]["suppressed_reason"] == "complaint"
+    assert rows["default"]["unsubscribed_at"] is not None
+    # the same address in another account is that account's business
+    assert rows["other"]["suppressed_reason"] is None
+    assert conn.execute("SELECT count(*) AS n FROM pgcast_segment_contacts_v1('default', "
+                        "'{\"all\": []}')").fetchone() == {"n": 0}
