@@ -4759,6 +4759,8 @@ CREATE TRIGGER messages_webhook_event
 --   pgcast_erase_v5 scrubs them, and a trigger keeps them scrubbed.
 -- * A complaint about a message was only noted on the message: pgcast_message_feedback_v2
 --   suppresses the contact too.
+-- * Record and renew locked one claim's rows in different orders and deadlocked: v2 of both
+--   lock them in id order first (DESIGN: rows sorted by key, taken in one pass).
 
 -- handoff of messages, v2: v1 with the marketing fence through pgcast_unmailable_reason_v1
 -- (an unconfirmed contact is skipped, 'unconfirmed'). Same locks as v1: the contacts fence of
@@ -4808,38 +4810,49 @@ BEGIN
 END
 $$;
 
--- erase, v5: v4, then in the same transaction (the message rows already locked by v4) the
--- address's messages keep no error text and no feedback diagnostic, and an idempotency key
--- that holds the address becomes 'erased:' || id (also in the message.* webhook events that
--- copied it). Same lock order as v4: message rows, then webhook event rows.
+-- erase, v5: v3, then the account's messages to the address, locked in id order (as the
+-- message handoff and record take them; v4 updated them in its plan's order), lose the
+-- address as in v4 (a queued one is skipped; the placeholder address, no subject, no bodies)
+-- and also their error texts and feedback diagnostics (SES quotes the address), and an
+-- idempotency key that holds the address becomes 'erased:' || id (also in the message.*
+-- webhook events that copied it). After v3's locks (the erasure lock, the contact row, the
+-- contacts fence when there is a contact): message rows, then webhook event rows.
 CREATE FUNCTION pgcast_erase_v5(p_account text, p_email text, p_source text, p_actor jsonb)
 RETURNS TABLE (contact_id bigint, recipients bigint, messages bigint)
 LANGUAGE plpgsql AS $$
 DECLARE
     addr text := lower(btrim(p_email));
     v record;
+    ids uuid[];
     rekeyed jsonb;
+    n bigint;
 BEGIN
-    SELECT * INTO v FROM pgcast_erase_v4(p_account, p_email, p_source, p_actor);
+    SELECT * INTO v FROM pgcast_erase_v3(p_account, p_email, p_source, p_actor);
+    ids := ARRAY(SELECT m.id FROM messages m
+                 WHERE m.account = p_account AND lower(m.to_address) = addr
+                 ORDER BY m.id FOR UPDATE);
     WITH changed AS (
         UPDATE messages m
-        SET last_error = CASE WHEN m.last_error IS NULL THEN NULL
-                              WHEN m.last_error IN ('contact erased', 'unsubscribed',
-                                                    'unconfirmed')
-                                   OR m.last_error LIKE 'in doubt:%'
+        SET to_address = 'erased@erased.invalid', subject = '(erased)', text_body = '',
+            html_body = NULL, headers = '{}', tags = '{}', reply_to = NULL,
+            status = CASE WHEN m.status = 'queued' THEN 'skipped' ELSE m.status END,
+            last_error = CASE WHEN m.status = 'queued' THEN 'contact erased'
+                              WHEN m.last_error IS NULL OR m.last_error LIKE 'in doubt:%'
                                    THEN m.last_error
                               ELSE 'contact erased: error text not kept' END,
             feedback_detail = CASE WHEN m.feedback_detail IS NOT NULL
                                    THEN 'contact erased: detail not kept' END,
             idempotency_key = CASE WHEN strpos(lower(m.idempotency_key), addr) > 0
-                                   THEN 'erased:' || m.id ELSE m.idempotency_key END
-        WHERE m.account = p_account AND m.to_address = 'erased@erased.invalid'
-          AND (m.last_error IS NOT NULL OR m.feedback_detail IS NOT NULL
-               OR strpos(lower(m.idempotency_key), addr) > 0)
+                                   THEN 'erased:' || m.id ELSE m.idempotency_key END,
+            finished_at = coalesce(m.finished_at, clock_timestamp()),
+            claim_token = CASE WHEN m.status = 'queued' THEN NULL ELSE m.claim_token END
+        WHERE m.id = ANY (ids) AND lower(m.to_address) = addr
         RETURNING m.id, m.idempotency_key
     )
-    SELECT jsonb_object_agg(c.id::text, c.idempotency_key) INTO rekeyed FROM changed c
-    WHERE c.idempotency_key = 'erased:' || c.id;
+    SELECT jsonb_object_agg(c.id::text, c.idempotency_key) FILTER (
+               WHERE c.idempotency_key = 'erased:' || c.id),
+           count(*)
+    INTO rekeyed, n FROM changed c;
     IF rekeyed IS NOT NULL THEN
         UPDATE webhook_events e
         SET data = e.data || jsonb_build_object('idempotency_key',
@@ -4847,7 +4860,7 @@ BEGIN
         WHERE e.account = p_account AND e.type LIKE 'message.%'
           AND rekeyed ? (e.data ->> 'message_id');
     END IF;
-    RETURN QUERY SELECT v.contact_id, v.recipients, v.messages;
+    RETURN QUERY SELECT v.contact_id, v.recipients, n;
 END
 $$;
 
@@ -5004,6 +5017,75 @@ BEGIN
 END
 $$;
 
+-- record, v2: v1 with the claim's rows locked in id order first (ARRAY ... ORDER BY id FOR
+-- UPDATE), then updated by key. v1 locked them in its plan's order (the in-flight index: lease
+-- order) while renew v1 locked them in scan order: the two deadlocked on one claim's rows, and
+-- Postgres aborted one (an outcome lost: the rows ended unknown; or the renewer stopped).
+CREATE FUNCTION pgcast_message_record_v2(p_token uuid, p_ids uuid[], p_outcomes text[],
+                                         p_message_ids text[], p_errors text[],
+                                         p_retry_in double precision[])
+RETURNS integer LANGUAGE plpgsql AS $$
+DECLARE
+    n integer;
+    locked uuid[];
+BEGIN
+    PERFORM set_config('synchronous_commit', 'off', true);
+    locked := ARRAY(SELECT q.id FROM messages q
+                    WHERE q.id = ANY (p_ids) AND q.status = 'sending' AND q.claim_token = p_token
+                    ORDER BY q.id FOR UPDATE);
+    UPDATE messages m
+    SET status = CASE o.outcome WHEN 'sent' THEN 'sent' WHEN 'failed' THEN 'failed'
+                                WHEN 'unknown' THEN 'unknown' ELSE 'queued' END,
+        attempts = m.attempts + CASE WHEN o.outcome IN ('throttled', 'release') THEN 0 ELSE 1 END,
+        provider_message_id = coalesce(o.message_id, m.provider_message_id),
+        last_error = CASE WHEN o.outcome = 'sent' THEN NULL ELSE o.error END,
+        sent_at = CASE WHEN o.outcome = 'sent' THEN clock_timestamp() ELSE m.sent_at END,
+        finished_at = CASE WHEN o.outcome IN ('sent', 'failed', 'unknown')
+                           THEN clock_timestamp() END,
+        claim_token = CASE WHEN o.outcome IN ('sent', 'failed', 'unknown') THEN m.claim_token END,
+        lease_expires_at = NULL,
+        not_before = CASE WHEN o.outcome IN ('retry', 'throttled', 'release')
+                          THEN clock_timestamp() + make_interval(secs => coalesce(o.retry_in, 0))
+                          ELSE m.not_before END
+    FROM unnest(p_ids, p_outcomes, p_message_ids, p_errors, p_retry_in)
+         AS o(id, outcome, message_id, error, retry_in)
+    WHERE m.id = o.id AND m.id = ANY (locked) AND m.status = 'sending'
+      AND m.claim_token = p_token;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n;
+END
+$$;
+
+-- renew, v2: v1 with the claims' rows locked in id order first, then updated by key (see
+-- record v2), found by an index of the claimed rows (v1 read the whole table every renewal).
+CREATE INDEX messages_claimed ON messages (claim_token)
+    WHERE status IN ('queued', 'sending') AND claim_token IS NOT NULL;
+CREATE FUNCTION pgcast_message_renew_v2(p_tokens uuid[], p_lease interval)
+RETURNS integer LANGUAGE plpgsql AS $$
+DECLARE
+    n integer;
+BEGIN
+    PERFORM set_config('synchronous_commit', 'off', true);
+    UPDATE messages m
+    SET lease_expires_at = clock_timestamp() + p_lease,
+        not_before = CASE WHEN m.status = 'queued' THEN clock_timestamp() + p_lease
+                          ELSE m.not_before END
+    WHERE m.id = ANY (ARRAY(SELECT q.id FROM messages q
+                            WHERE q.claim_token = ANY (p_tokens) AND q.claim_token IS NOT NULL
+                              AND q.status IN ('queued', 'sending')
+                              AND q.lease_expires_at > clock_timestamp()
+                            ORDER BY q.id FOR UPDATE))
+      AND m.claim_token = ANY (p_tokens) AND m.status IN ('queued', 'sending')
+      AND m.lease_expires_at > clock_timestamp();
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n;
+END
+$$;
+
 DROP FUNCTION pgcast_message_handoff_v1(uuid, uuid[]);
 DROP FUNCTION pgcast_send_message_v1(text, text, text, text, text, text, text, text, text, jsonb,
                                      jsonb);
+DROP FUNCTION pgcast_message_record_v1(uuid, uuid[], text[], text[], text[],
+                                       double precision[]);
+DROP FUNCTION pgcast_message_renew_v1(uuid[], interval);
+DROP FUNCTION pgcast_erase_v4(text, text, text, jsonb);

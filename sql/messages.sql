@@ -37,14 +37,14 @@ SET status = 'queued', handed_at = NULL, claim_token = NULL, lease_expires_at = 
 WHERE id = ANY (%(ids)s::uuid[]) AND claim_token = %(token)s AND status IN ('queued', 'sending')
 
 -- message_record --
--- One claim's outcomes (pgcast_message_record_v1).
-SELECT pgcast_message_record_v1(%(token)s, %(ids)s::uuid[], %(outcomes)s::text[],
+-- One claim's outcomes (pgcast_message_record_v2).
+SELECT pgcast_message_record_v2(%(token)s, %(ids)s::uuid[], %(outcomes)s::text[],
                                 %(message_ids)s::text[], %(errors)s::text[],
                                 %(retry_in)s::float8[]) AS recorded
 
 -- message_renew --
--- Extend the leases of this worker's message claims (pgcast_message_renew_v1).
-SELECT pgcast_message_renew_v1(%(tokens)s::uuid[], make_interval(secs => %(lease)s)) AS renewed
+-- Extend the leases of this worker's message claims (pgcast_message_renew_v2).
+SELECT pgcast_message_renew_v2(%(tokens)s::uuid[], make_interval(secs => %(lease)s)) AS renewed
 
 -- message_sweep --
 -- Messages a dead worker left sending past their lease become unknown (pgcast_message_sweep_v1).

@@ -162,7 +162,7 @@ def test_unsubscribes_apply_to_marketing_only(conn: Conn, db_url: str, tmp_path:
 def test_an_erased_address_is_never_stored_nor_sent(conn: Conn, db_url: str,
                                                     tmp_path: Path) -> None:
     queued = send(conn, "ann@example.com")
-    conn.execute("SELECT * FROM pgcast_erase_v4('default', 'ann@example.com', 'api', '{}')")
+    conn.execute("SELECT * FROM pgcast_erase_v5('default', 'ann@example.com', 'api', '{}')")
     later = send(conn, "ANN@example.com")
     deliver(db_url, tmp_path)
     for mid in (queued, later):
@@ -234,7 +234,7 @@ def test_transient_failures_are_retried_and_throttles_are_not_attempts(conn: Con
         conn.execute("SELECT * FROM pgcast_message_claim_v1(10, %s, 'w', interval '30 s')",
                      (token,))
         conn.execute("SELECT * FROM pgcast_message_handoff_v2(%s, %s)", (token, [mid]))
-        conn.execute("SELECT pgcast_message_record_v1(%s, %s, %s, %s, %s, %s)",
+        conn.execute("SELECT pgcast_message_record_v2(%s, %s, %s, %s, %s, %s)",
                      (token, [mid], [outcome], ["ses-1" if outcome == "sent" else None],
                       [None if outcome == "sent" else "slow down"], [0.0]))
         row = status(conn, mid)

@@ -5,13 +5,17 @@ contacts), and what an erase leaves of an address in the messages and their even
 from __future__ import annotations
 
 import json
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import psycopg
+import pytest
 
 from sql import contacts
 from sql.queries import QUERIES
+from tests import support
 from tests.integration.test_messages import deliver, sent_files, status
 
 Conn = psycopg.Connection[dict[str, Any]]
@@ -59,7 +63,7 @@ def test_erase_leaves_no_trace_of_the_address_in_messages_errors_feedback_or_key
     token = "66666666-6666-6666-6666-666666666666"
     conn.execute("SELECT * FROM pgcast_message_claim_v1(10, %s, 'w', interval '30 s')", (token,))
     conn.execute(QUERIES["message_handoff"], {"token": token, "ids": [bounced, failed, flying]})
-    conn.execute("SELECT pgcast_message_record_v1(%s, %s, %s, %s, %s, %s)",
+    conn.execute("SELECT pgcast_message_record_v2(%s, %s, %s, %s, %s, %s)",
                  (token, [bounced, failed], ["sent", "failed"], ["ses-1", None],
                   [None, "MessageRejected: Address blacklisted: ann@example.com"], [0.0, 0.0]))
     conn.execute("SELECT pgcast_message_feedback_v1('ses-1', 'bounce', now(), "
@@ -67,7 +71,7 @@ def test_erase_leaves_no_trace_of_the_address_in_messages_errors_feedback_or_key
     assert _addressed(conn, "ann@example.com")
     contacts.erase(conn, "default", "ann@example.com", source="api", actor={})
     # a record that arrives after the erase, quoting the address
-    conn.execute("SELECT pgcast_message_record_v1(%s, %s, %s, %s, %s, %s)",
+    conn.execute("SELECT pgcast_message_record_v2(%s, %s, %s, %s, %s, %s)",
                  (token, [flying], ["failed"], [None],
                   ["MessageRejected: <ann@example.com> rejected"], [0.0]))
     conn.execute("SELECT pgcast_message_feedback_v1('ses-1', 'complaint', now(), "
@@ -91,7 +95,7 @@ def test_a_complaint_about_a_message_suppresses_its_contact(conn: Conn) -> None:
     token = "77777777-7777-7777-7777-777777777777"
     conn.execute("SELECT * FROM pgcast_message_claim_v1(10, %s, 'w', interval '30 s')", (token,))
     conn.execute(QUERIES["message_handoff"], {"token": token, "ids": [mid]})
-    conn.execute("SELECT pgcast_message_record_v1(%s, %s, '{sent}', '{ses-7}', '{NULL}', "
+    conn.execute("SELECT pgcast_message_record_v2(%s, %s, '{sent}', '{ses-7}', '{NULL}', "
                  "'{0}')", (token, [mid]))
     got = conn.execute(QUERIES["message_feedback"], {
         "provider_id": "ses-7", "event": "complaint", "at": "2026-01-01T00:00:00Z",
@@ -105,3 +109,64 @@ def test_a_complaint_about_a_message_suppresses_its_contact(conn: Conn) -> None:
     assert rows["other"]["suppressed_reason"] is None
     assert conn.execute("SELECT count(*) AS n FROM pgcast_segment_contacts_v1('default', "
                         "'{\"all\": []}')").fetchone() == {"n": 0}
+
+
+SLOW = """CREATE FUNCTION review_slow() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN PERFORM pg_sleep(0.4); RETURN NEW; END $$;
+CREATE TRIGGER review_slow BEFORE UPDATE ON messages FOR EACH ROW
+    EXECUTE FUNCTION review_slow()"""
+
+
+def test_a_record_and_a_lease_renewal_of_one_claim_never_deadlock(
+        conn: Conn, db_url: str) -> None:
+    # the renewer and a group's record run at the same time on one claim's rows; each must
+    # take them in id order (a deadlock aborted one: an outcome lost, or the renewer dead)
+    # a table of some size, as in production, where the planner reads the claim's rows by
+    # the in-flight index (lease order) in one statement and by a scan in the other
+    conn.execute("INSERT INTO messages (account, status, to_address, from_address, subject, "
+                 "text_body, finished_at) SELECT 'default', 'sent', 'x' || i || '@example.com', "
+                 "'shop@example.com', 'S', 'T', now() FROM generate_series(1, 20000) i")
+    ids = [_send(conn, f"u{i}@example.com", "transactional") for i in range(4)]
+    conn.execute("ANALYZE messages")
+    token = "88888888-8888-8888-8888-888888888888"
+    conn.execute("SELECT * FROM pgcast_message_claim_v1(10, %s, 'w', interval '60 s')", (token,))
+    conn.execute(QUERIES["message_handoff"], {"token": token, "ids": ids})
+    # leases that end in the reverse of the rows' stored order (retries and renewals mix them)
+    conn.execute("UPDATE messages m SET lease_expires_at = now() + interval '60 s' "
+                 "- r.n * interval '1 s' FROM (SELECT id, row_number() OVER (ORDER BY ctid) AS n "
+                 "FROM messages WHERE id = ANY (%s)) r WHERE m.id = r.id", (ids,))
+    stored = [r["id"] for r in conn.execute(
+        "SELECT id FROM messages WHERE id = ANY (%s) AND status = 'sending' ORDER BY ctid",
+        (ids,)).fetchall()]
+    leased = [r["id"] for r in conn.execute(
+        "SELECT id FROM messages WHERE id = ANY (%s) ORDER BY lease_expires_at", (ids,)).fetchall()]
+    assert leased == stored[::-1] and len(stored) == 4
+    conn.execute(SLOW)  # each row's update holds its lock a while: the orders interleave
+    errors: list[str] = []
+
+    def record() -> None:
+        with support.connect(db_url) as other:
+            try:
+                other.execute(QUERIES["message_record"], {
+                    "token": token, "ids": ids, "outcomes": ["sent"] * 4,
+                    "message_ids": [f"ses-{i}" for i in range(4)], "errors": [None] * 4,
+                    "retry_in": [0.0] * 4})
+            except psycopg.Error as exc:
+                errors.append(f"record: {exc}")
+
+    def renew() -> None:
+        with support.connect(db_url) as other:
+            time.sleep(0.2)
+            try:
+                other.execute(QUERIES["message_renew"], {"tokens": [token], "lease": 60})
+            except psycopg.Error as exc:
+                errors.append(f"renew: {exc}")
+
+    threads = [threading.Thread(target=record), threading.Thread(target=renew)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert errors == []
+    rows = conn.execute("SELECT status FROM messages WHERE id = ANY (%s)", (ids,)).fetchall()
+    assert [r["status"] for r in rows] == ["sent"] * 4
