@@ -67,8 +67,9 @@ $$;
 -- address as in v4 (a queued one is skipped; the placeholder address, no subject, no bodies)
 -- and also their error texts and feedback diagnostics (SES quotes the address), and an
 -- idempotency key that holds the address becomes 'erased:' || id (also in the message.*
--- webhook events that copied it). After v3's locks (the erasure lock, the contact row, the
--- contacts fence when there is a contact): message rows, then webhook event rows.
+-- webhook events that copied it, whose kept answers are dropped). After v3's locks (the
+-- erasure lock, the contact row, the contacts fence when there is a contact): message rows,
+-- then webhook event and delivery rows.
 CREATE FUNCTION pgcast_erase_v5(p_account text, p_email text, p_source text, p_actor jsonb)
 RETURNS TABLE (contact_id bigint, recipients bigint, messages bigint)
 LANGUAGE plpgsql AS $$
@@ -111,6 +112,12 @@ BEGIN
                                                 rekeyed ->> (e.data ->> 'message_id'))
         WHERE e.account = p_account AND e.type LIKE 'message.%'
           AND rekeyed ? (e.data ->> 'message_id');
+        -- and the receivers' answers kept for them (one may echo what it got)
+        UPDATE webhook_deliveries d SET response = NULL
+        WHERE d.response IS NOT NULL
+          AND d.event_id IN (SELECT e.id FROM webhook_events e
+                             WHERE e.account = p_account AND e.type LIKE 'message.%'
+                               AND rekeyed ? (e.data ->> 'message_id'));
     END IF;
     RETURN QUERY SELECT v.contact_id, v.recipients, n;
 END

@@ -12,12 +12,15 @@ from typing import Any
 
 import psycopg
 
+from mail import unsubscribe
 from sql import contacts
 from sql.queries import QUERIES
 from tests import support
+from tests.integration import test_api_helpers as h
 from tests.integration.test_messages import deliver, sent_files, status
 
 Conn = psycopg.Connection[dict[str, Any]]
+URLENCODED = {"Content-Type": "application/x-www-form-urlencoded"}
 
 SEND_CAT = ("SELECT pgcast_send_message('default', %s, 'Hello', 'Hi', NULL, "
             "'shop@example.com', %s, %s) AS id")
@@ -169,3 +172,49 @@ def test_a_record_and_a_lease_renewal_of_one_claim_never_deadlock(
     assert errors == []
     rows = conn.execute("SELECT status FROM messages WHERE id = ANY (%s)", (ids,)).fetchall()
     assert [r["status"] for r in rows] == ["sent"] * 4
+
+
+def _holding(conn: Conn, needle: str) -> list[str]:
+    """Every table (partitions included) with a row whose text holds `needle`."""
+    tables = [r["t"] for r in conn.execute(
+        "SELECT format('%I', c.relname) AS t FROM pg_class c "
+        "WHERE c.relnamespace = 'public'::regnamespace AND c.relkind = 'r'").fetchall()]
+    return [t for t in tables if conn.execute(
+        f"SELECT EXISTS (SELECT 1 FROM {t} x WHERE strpos(lower(x::text), %s) > 0) AS e",  # type: ignore[arg-type]
+        (needle,)).fetchone() == {"e": True}]
+
+
+def test_after_an_erase_no_table_holds_the_address_and_nothing_brings_it_back(
+        api: h.Api, conn: Conn) -> None:
+    conn.execute("INSERT INTO webhook_endpoints (account, url, events, secret) "
+                 "VALUES (%s, 'https://hooks.example.com/a', '{*}', 's')", (h.ACCOUNT,))
+    form = api.post("/forms", json={"name": "N", "from": "news@example.com", "tags": ["news"]})
+    assert form.status_code == 201
+    page = f"/f/{form.json()['id']}"
+    form_post = {"content": b"email=Ann%40Example.com&name=Ann", "headers": URLENCODED}
+    first = api.post(page, **form_post)
+    (mail,) = conn.execute("SELECT text_body FROM messages").fetchall()
+    (line,) = [x for x in mail["text_body"].splitlines() if "/f/confirm/" in x]
+    link = line.strip().removeprefix(unsubscribe.DEFAULT_PUBLIC_URL)
+    assert api.post(link, content=b"confirm=yes", headers=URLENCODED).status_code == 200
+    # the application's own mail, keyed by the address; SES's answer quoting it; the
+    # receiver of the webhooks echoing what it got
+    conn.execute("SELECT pgcast_send_message(%s, 'ann@example.com', 'Hi', 'Hi', NULL, "
+                 "'shop@example.com', 'welcome:ann@example.com', 'marketing')", (h.ACCOUNT,))
+    conn.execute("UPDATE messages SET status = 'failed', last_error = 'rejected "
+                 "<ann@example.com>', feedback_detail = '550 ann@example.com'")
+    conn.execute("UPDATE webhook_deliveries SET response = (SELECT e.data::text FROM "
+                 "webhook_events e WHERE e.id = event_id)")
+    assert "contacts" in _holding(conn, "ann@example.com")
+    r = api.post("/contacts/erase", json={"email": "ann@example.com"})
+    assert r.status_code == 200, r.text
+    assert _holding(conn, "ann@example.com") == []
+    # a sign-up, the old confirmation link and a message bring nothing back
+    again = api.post(page, **form_post)
+    assert (again.status_code, again.text) == (first.status_code, first.text)
+    assert api.post(link, content=b"confirm=yes", headers=URLENCODED).status_code == 409
+    r = api.post("/messages", json={"to": "ann@example.com", "from": "shop@example.com",
+                                    "subject": "S", "text": "T",
+                                    "idempotency_key": "again:ann@example.com"})
+    assert r.status_code == 202 and r.json()["status"] == "skipped"
+    assert _holding(conn, "ann@example.com") == []
