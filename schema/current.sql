@@ -4759,13 +4759,15 @@ CREATE TRIGGER messages_webhook_event
 --   pgcast_erase_v5 scrubs them, and a trigger keeps them scrubbed.
 -- * A complaint about a message was only noted on the message: pgcast_message_feedback_v2
 --   suppresses the contact too.
+-- * The message handoff took several accounts' contacts fences by name, an untagged hard
+--   bounce by lock key (hashtext): they deadlocked. v2 takes them by key.
 -- * Record and renew locked one claim's rows in different orders and deadlocked: v2 of both
 --   lock them in id order first (DESIGN: rows sorted by key, taken in one pass).
 
 -- handoff of messages, v2: v1 with the marketing fence through pgcast_unmailable_reason_v1
--- (an unconfirmed contact is skipped, 'unconfirmed'). Same locks as v1: the contacts fence of
--- each account (shared; exclusive in every writer of the columns read, confirmed_at included
--- since 0019), then the message rows in id order.
+-- (an unconfirmed contact is skipped, 'unconfirmed'). The locks of v1 (the contacts fence of
+-- each account: shared; exclusive in every writer of the columns read, confirmed_at included
+-- since 0019; then the message rows in id order), the fences now in the order of their keys.
 CREATE FUNCTION pgcast_message_handoff_v2(p_token uuid, p_ids uuid[])
 RETURNS TABLE (id uuid, account text, category text, to_address text, from_address text,
                reply_to text, subject text, text_body text, html_body text, headers jsonb,
@@ -4778,8 +4780,11 @@ DECLARE
     locked uuid[];
 BEGIN
     PERFORM set_config('synchronous_commit', 'on', true);
-    FOR acct IN SELECT DISTINCT m.account FROM messages m WHERE m.id = ANY (p_ids)
-                ORDER BY 1 LOOP
+    -- in the order of the locks' keys, as every writer that takes several accounts' fences
+    -- (an untagged hard bounce: pgcast_ses_event_v1); by name v1 deadlocked with it
+    FOR acct IN SELECT a.account FROM (SELECT DISTINCT m.account FROM messages m
+                                       WHERE m.id = ANY (p_ids)) a
+                ORDER BY hashtext(a.account), a.account LOOP
         PERFORM pg_advisory_xact_lock_shared(hashtext('pgcast.contacts'), hashtext(acct));
     END LOOP;
     locked := ARRAY(

@@ -218,3 +218,80 @@ def test_after_an_erase_no_table_holds_the_address_and_nothing_brings_it_back(
                                     "idempotency_key": "again:ann@example.com"})
     assert r.status_code == 202 and r.json()["status"] == "skipped"
     assert _holding(conn, "ann@example.com") == []
+
+
+def test_a_filter_cannot_reach_another_accounts_broadcast_or_saved_segment(
+        api: h.Api, conn: Conn) -> None:
+    conn.execute("INSERT INTO contacts (account, email) VALUES (%s, 'a@example.com'), "
+                 "('other', 'b@example.com')", (h.ACCOUNT,))
+    theirs = conn.execute("INSERT INTO broadcasts (account, subject, from_address, text_body, "
+                          "status) VALUES ('other', 'S', 'o@example.com', 'T', 'sent') "
+                          "RETURNING id").fetchone()["id"]  # type: ignore[index]
+    conn.execute("INSERT INTO segments (account, name, filter) VALUES "
+                 "('other', 'theirs', '{\"all\": []}')")
+    for bad, why in (({"received": str(theirs)}, "in this account"),
+                     ({"any": [{"tag": "x"}, {"bounced": str(theirs)}]}, "in this account"),
+                     ({"segment": "theirs"}, "no saved segment theirs")):
+        r = api.post("/segments/count", json={"filter": bad})
+        assert r.status_code == 422 and why in r.text, (bad, r.text)
+        r = api.post("/segments", json={"name": "mine", "filter": bad})
+        assert r.status_code == 422, r.text
+    assert api.get("/segments/theirs").status_code == 404
+    assert api.delete("/segments/theirs").status_code == 404
+    assert conn.execute("SELECT count(*) AS n FROM segments").fetchone() == {"n": 1}
+
+
+SLOW_CONTACTS = """CREATE FUNCTION review_slow() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN PERFORM pg_sleep(0.6); RETURN NULL; END $$;
+CREATE TRIGGER review_slow AFTER UPDATE OF suppressed_at ON contacts FOR EACH ROW
+    EXECUTE FUNCTION review_slow()"""
+
+
+def test_a_message_handoff_over_two_accounts_and_a_bounce_never_deadlock(
+        conn: Conn, db_url: str) -> None:
+    # an untagged hard bounce suppresses the address in every account, taking the accounts'
+    # contacts fences in the order of their lock keys (hashtext); a message claim spans
+    # accounts, and its handoff must take their fences in that same order
+    names = sorted((f"acct{i}" for i in range(40)), key=lambda a: conn.execute(
+        "SELECT hashtext(%s) AS h", (a,)).fetchone()["h"])  # type: ignore[index]
+    first, second = names[0], next(n for n in names[1:] if n < names[0])  # hash vs name order
+    for acct in (first, second):
+        conn.execute("INSERT INTO contacts (account, email) VALUES (%s, 'gone@example.com')",
+                     (acct,))
+    ids = [conn.execute("SELECT pgcast_send_message(%s, 'ann@example.com', 'S', 'T', NULL, "
+                        "'shop@example.com', NULL) AS id", (acct,)).fetchone()["id"]  # type: ignore[index]
+           for acct in (first, second)]
+    token = "99999999-9999-9999-9999-999999999999"
+    conn.execute("SELECT * FROM pgcast_message_claim_v1(10, %s, 'w', interval '60 s')", (token,))
+    conn.execute(SLOW_CONTACTS)  # the bounce holds the first account's fence a while
+    errors: list[str] = []
+    handed: list[Any] = []
+
+    def bounce() -> None:
+        with support.connect(db_url) as other:
+            try:
+                other.execute(
+                    "SELECT * FROM pgcast_ses_event_v2('sns-1', 'arn:t', now(), now() - "
+                    "interval '1 day', 'bounce', NULL, NULL, '{gone@example.com}', "
+                    "'550 user unknown', now(), 3, 100, 0.05, 0.001, 'ses-x')")
+            except psycopg.Error as exc:
+                errors.append(f"bounce: {exc}")
+
+    def handoff() -> None:
+        with support.connect(db_url) as other:
+            time.sleep(0.3)
+            try:
+                handed.extend(other.execute(QUERIES["message_handoff"],
+                                            {"token": token, "ids": ids}).fetchall())
+            except psycopg.Error as exc:
+                errors.append(f"handoff: {exc}")
+
+    threads = [threading.Thread(target=bounce), threading.Thread(target=handoff)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert errors == []
+    assert sorted(r["id"] for r in handed) == sorted(ids)
+    assert conn.execute("SELECT count(*) AS n FROM contacts WHERE suppressed_reason = 'bounce'"
+                        ).fetchone() == {"n": 2}
