@@ -295,3 +295,46 @@ def test_a_message_handoff_over_two_accounts_and_a_bounce_never_deadlock(
     assert sorted(r["id"] for r in handed) == sorted(ids)
     assert conn.execute("SELECT count(*) AS n FROM contacts WHERE suppressed_reason = 'bounce'"
                         ).fetchone() == {"n": 2}
+
+
+def _waiting(conn: Conn, pid: int) -> bool:
+    row = conn.execute("SELECT wait_event_type FROM pg_stat_activity WHERE pid = %s",
+                       (pid,)).fetchone()
+    return row is not None and row["wait_event_type"] == "Lock"
+
+
+SIGNUP = ("SELECT * FROM pgcast_form_signup_v1(%s, 'ann@example.com', 'Ann', 3, '{}', "
+          "'Confirm', 'Please confirm: ann@example.com', NULL)")
+ERASE = "SELECT * FROM pgcast_erase_v5('default', 'ann@example.com', 'api', '{}')"
+
+
+def test_a_sign_up_racing_an_erase_never_brings_the_address_back(
+        conn: Conn, db_url: str) -> None:
+    form = conn.execute("INSERT INTO forms (account, name, tags, from_address) VALUES "
+                        "('default', 'N', '{news}', 'news@example.com') RETURNING id"
+                        ).fetchone()["id"]  # type: ignore[index]
+    for first in ("signup", "erase"):
+        with support.connect(db_url) as a, support.connect(db_url) as b:
+            a.autocommit = b.autocommit = False
+            # the first one's transaction is open when the second one starts
+            if first == "signup":
+                a.execute(SIGNUP, (form,))
+            else:
+                a.execute(ERASE)
+            done: list[Any] = []
+
+            query, params = (ERASE, ()) if first == "signup" else (SIGNUP, (form,))
+
+            def second(b: Conn = b, query: str = query, params: Any = params,
+                       done: list[Any] = done) -> None:
+                done.extend(b.execute(query, params).fetchall())  # type: ignore[arg-type]
+                b.commit()
+
+            t = threading.Thread(target=second)
+            t.start()
+            support.wait_for(lambda b=b: _waiting(conn, b.info.backend_pid), timeout=30)
+            a.commit()
+            t.join(timeout=30)
+            assert not t.is_alive() and done
+        assert _holding(conn, "ann@example.com") == [], first
+        assert conn.execute("SELECT count(*) AS n FROM contacts").fetchone() == {"n": 0}
