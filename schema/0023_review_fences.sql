@@ -72,7 +72,8 @@ $$;
 -- address as in v4 (a queued one is skipped; the placeholder address, no subject, no bodies)
 -- and also their error texts and feedback diagnostics (SES quotes the address), and an
 -- idempotency key that holds the address becomes 'erased:' || id (also in the message.*
--- webhook events that copied it, whose kept answers are dropped). After v3's locks (the
+-- webhook events that copied it, whose kept answers are dropped); a message to someone else
+-- loses a reply-to or a key that holds the address. After v3's locks (the
 -- erasure lock, the contact row, the contacts fence when there is a contact): message rows,
 -- then webhook event and delivery rows.
 CREATE FUNCTION pgcast_erase_v5(p_account text, p_email text, p_source text, p_actor jsonb)
@@ -86,25 +87,43 @@ DECLARE
     n bigint;
 BEGIN
     SELECT * INTO v FROM pgcast_erase_v3(p_account, p_email, p_source, p_actor);
+    -- the messages to the address, and those to others that name it in their reply-to or
+    -- their idempotency key (a contact form's answer to the person, a key built from it)
     ids := ARRAY(SELECT m.id FROM messages m
-                 WHERE m.account = p_account AND lower(m.to_address) = addr
+                 WHERE m.account = p_account
+                   AND (lower(m.to_address) = addr OR strpos(lower(m.reply_to), addr) > 0
+                        OR strpos(lower(m.idempotency_key), addr) > 0)
                  ORDER BY m.id FOR UPDATE);
     WITH changed AS (
         UPDATE messages m
-        SET to_address = 'erased@erased.invalid', subject = '(erased)', text_body = '',
-            html_body = NULL, headers = '{}', tags = '{}', reply_to = NULL,
-            status = CASE WHEN m.status = 'queued' THEN 'skipped' ELSE m.status END,
-            last_error = CASE WHEN m.status = 'queued' THEN 'contact erased'
+        SET to_address = CASE WHEN lower(m.to_address) = addr THEN 'erased@erased.invalid'
+                              ELSE m.to_address END,
+            subject = CASE WHEN lower(m.to_address) = addr THEN '(erased)' ELSE m.subject END,
+            text_body = CASE WHEN lower(m.to_address) = addr THEN '' ELSE m.text_body END,
+            html_body = CASE WHEN lower(m.to_address) = addr THEN NULL ELSE m.html_body END,
+            headers = CASE WHEN lower(m.to_address) = addr THEN '{}' ELSE m.headers END,
+            tags = CASE WHEN lower(m.to_address) = addr THEN '{}' ELSE m.tags END,
+            reply_to = CASE WHEN lower(m.to_address) = addr
+                                 OR strpos(lower(m.reply_to), addr) > 0 THEN NULL
+                            ELSE m.reply_to END,
+            status = CASE WHEN lower(m.to_address) = addr AND m.status = 'queued'
+                          THEN 'skipped' ELSE m.status END,
+            last_error = CASE WHEN lower(m.to_address) <> addr THEN m.last_error
+                              WHEN m.status = 'queued' THEN 'contact erased'
                               WHEN m.last_error IS NULL OR m.last_error LIKE 'in doubt:%'
                                    THEN m.last_error
                               ELSE 'contact erased: error text not kept' END,
-            feedback_detail = CASE WHEN m.feedback_detail IS NOT NULL
+            feedback_detail = CASE WHEN lower(m.to_address) <> addr THEN m.feedback_detail
+                                   WHEN m.feedback_detail IS NOT NULL
                                    THEN 'contact erased: detail not kept' END,
             idempotency_key = CASE WHEN strpos(lower(m.idempotency_key), addr) > 0
                                    THEN 'erased:' || m.id ELSE m.idempotency_key END,
-            finished_at = coalesce(m.finished_at, clock_timestamp()),
-            claim_token = CASE WHEN m.status = 'queued' THEN NULL ELSE m.claim_token END
-        WHERE m.id = ANY (ids) AND lower(m.to_address) = addr
+            finished_at = CASE WHEN lower(m.to_address) = addr
+                               THEN coalesce(m.finished_at, clock_timestamp())
+                               ELSE m.finished_at END,
+            claim_token = CASE WHEN lower(m.to_address) = addr AND m.status = 'queued'
+                               THEN NULL ELSE m.claim_token END
+        WHERE m.id = ANY (ids)
         RETURNING m.id, m.idempotency_key
     )
     SELECT jsonb_object_agg(c.id::text, c.idempotency_key) FILTER (

@@ -203,6 +203,11 @@ def test_after_an_erase_no_table_holds_the_address_and_nothing_brings_it_back(
                  "'shop@example.com', 'welcome:ann@example.com', 'marketing')", (h.ACCOUNT,))
     conn.execute("UPDATE messages SET status = 'failed', last_error = 'rejected "
                  "<ann@example.com>', feedback_detail = '550 ann@example.com'")
+    # and a message to someone else that names the person: the answer of a contact form
+    r = api.post("/messages", json={"to": "support@example.com", "from": "shop@example.com",
+                                    "reply_to": "Ann <ann@example.com>", "subject": "Question",
+                                    "text": "Hello", "idempotency_key": "form:ann@example.com"})
+    assert r.status_code == 202, r.text
     conn.execute("UPDATE webhook_deliveries SET response = (SELECT e.data::text FROM "
                  "webhook_events e WHERE e.id = event_id)")
     assert "contacts" in _holding(conn, "ann@example.com")
