@@ -173,7 +173,8 @@ CREATE TRIGGER messages_erased_text
 
 -- enqueue, v2: v1, except that a message to an erased address whose idempotency key holds the
 -- address is stored without its key (the row is skipped whatever it says; a retry with the
--- same key is another skipped row, never the address kept).
+-- same key is another skipped row, never the address kept), and an erased reply-to is not
+-- stored (the message goes without it; nor a key that holds it).
 CREATE FUNCTION pgcast_send_message_v2(p_account text, p_to text, p_subject text, p_text text,
                                        p_html text, p_from text, p_key text,
                                        p_category text DEFAULT 'transactional',
@@ -189,6 +190,9 @@ DECLARE
     mid uuid;
     st text;
     erased boolean;
+    reply text := lower(btrim(coalesce(substring(p_reply_to FROM '<([^<>]*)>\s*$'),
+                                       p_reply_to)));
+    reply_erased boolean;
 BEGIN
     IF p_account IS NULL OR char_length(p_account) NOT BETWEEN 1 AND 200 THEN
         RAISE EXCEPTION 'account must be 1-200 characters' USING ERRCODE = '22023';
@@ -223,14 +227,17 @@ BEGIN
     -- an erase cannot commit between this check and the insert
     PERFORM pg_advisory_xact_lock_shared(hashtext('pgcast.erasure'), hashtext(p_account));
     erased := pgcast_erased_v1(p_account, addr);
+    reply_erased := reply <> '' AND pgcast_erased_v1(p_account, reply);
     INSERT INTO messages AS m (account, idempotency_key, category, status, to_address,
                                from_address, reply_to, subject, text_body, html_body, headers,
                                tags, last_error, finished_at)
     VALUES (p_account,
-            CASE WHEN erased AND strpos(lower(p_key), lower(addr)) > 0 THEN NULL ELSE p_key END,
+            CASE WHEN (erased AND strpos(lower(p_key), lower(addr)) > 0)
+                      OR (reply_erased AND strpos(lower(p_key), reply) > 0) THEN NULL
+                 ELSE p_key END,
             p_category, CASE WHEN erased THEN 'skipped' ELSE 'queued' END,
             CASE WHEN erased THEN 'erased@erased.invalid' ELSE addr END, btrim(p_from),
-            CASE WHEN NOT erased THEN p_reply_to END,
+            CASE WHEN NOT erased AND NOT coalesce(reply_erased, false) THEN p_reply_to END,
             CASE WHEN erased THEN '(erased)' ELSE p_subject END,
             CASE WHEN erased THEN '' ELSE p_text END, CASE WHEN NOT erased THEN p_html END,
             CASE WHEN erased THEN '{}' ELSE coalesce(p_headers, '{}') END,

@@ -222,6 +222,10 @@ def test_after_an_erase_no_table_holds_the_address_and_nothing_brings_it_back(
                                     "subject": "S", "text": "T",
                                     "idempotency_key": "again:ann@example.com"})
     assert r.status_code == 202 and r.json()["status"] == "skipped"
+    r = api.post("/messages", json={"to": "support@example.com", "from": "shop@example.com",
+                                    "reply_to": "Ann <ann@example.com>", "subject": "Again",
+                                    "text": "Hello", "idempotency_key": "form2:ann@example.com"})
+    assert r.status_code == 202 and r.json()["status"] == "queued"  # sent, without the reply-to
     assert _holding(conn, "ann@example.com") == []
 
 
