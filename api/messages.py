@@ -1,6 +1,6 @@
 """POST /messages and GET /messages/{id}: transactional messages (issue 26).
 
-A message is queued with pgcast_send_message_v1 (the function applications call in their own
+A message is queued with pgcast_send_message_v2 (the function applications call in their own
 transactions), so the API, the CLI and SQL share one table, one idempotency rule and one
 set of checks; the worker's message loop delivers it.
 """

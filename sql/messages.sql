@@ -1,9 +1,9 @@
 -- Transactional messages (0017, issue 26): enqueue, claim, hand off, record, sweep, status.
 
 -- message_send --
--- Enqueue one message (pgcast_send_message_v1): its id, whether this call created it (false:
+-- Enqueue one message (pgcast_send_message_v2): its id, whether this call created it (false:
 -- the idempotency key named an earlier one), its status.
-SELECT * FROM pgcast_send_message_v1(%(account)s, %(to)s, %(subject)s, %(text)s, %(html)s,
+SELECT * FROM pgcast_send_message_v2(%(account)s, %(to)s, %(subject)s, %(text)s, %(html)s,
                                      %(from)s, %(key)s, %(category)s, %(reply_to)s,
                                      %(headers)s::jsonb, %(tags)s::jsonb)
 
@@ -21,8 +21,8 @@ SELECT * FROM pgcast_message_claim_v1(%(limit)s, %(token)s, %(worker)s,
                                       make_interval(secs => %(lease)s))
 
 -- message_handoff --
--- The fence before the provider call: the rows to send now (pgcast_message_handoff_v1).
-SELECT * FROM pgcast_message_handoff_v1(%(token)s, %(ids)s::uuid[])
+-- The fence before the provider call: the rows to send now (pgcast_message_handoff_v2).
+SELECT * FROM pgcast_message_handoff_v2(%(token)s, %(ids)s::uuid[])
 
 -- message_release --
 -- Claimed rows not handed off go back (pgcast_message_release_v1).
@@ -37,14 +37,14 @@ SET status = 'queued', handed_at = NULL, claim_token = NULL, lease_expires_at = 
 WHERE id = ANY (%(ids)s::uuid[]) AND claim_token = %(token)s AND status IN ('queued', 'sending')
 
 -- message_record --
--- One claim's outcomes (pgcast_message_record_v1).
-SELECT pgcast_message_record_v1(%(token)s, %(ids)s::uuid[], %(outcomes)s::text[],
+-- One claim's outcomes (pgcast_message_record_v2).
+SELECT pgcast_message_record_v2(%(token)s, %(ids)s::uuid[], %(outcomes)s::text[],
                                 %(message_ids)s::text[], %(errors)s::text[],
                                 %(retry_in)s::float8[]) AS recorded
 
 -- message_renew --
--- Extend the leases of this worker's message claims (pgcast_message_renew_v1).
-SELECT pgcast_message_renew_v1(%(tokens)s::uuid[], make_interval(secs => %(lease)s)) AS renewed
+-- Extend the leases of this worker's message claims (pgcast_message_renew_v2).
+SELECT pgcast_message_renew_v2(%(tokens)s::uuid[], make_interval(secs => %(lease)s)) AS renewed
 
 -- message_sweep --
 -- Messages a dead worker left sending past their lease become unknown (pgcast_message_sweep_v1).
@@ -56,8 +56,9 @@ SELECT pgcast_message_sweep_v1() AS unknown
 SELECT * FROM pgcast_take_tokens_messages_v1(%(name)s, %(want)s)
 
 -- message_feedback --
--- One SES event about a message, by the provider's message id (pgcast_message_feedback_v1).
-SELECT pgcast_message_feedback_v1(%(provider_id)s, %(event)s, %(at)s, %(detail)s) AS id
+-- One SES event about a message, by the provider's message id (pgcast_message_feedback_v2; a
+-- complaint also suppresses and unsubscribes the account's contact with that address).
+SELECT pgcast_message_feedback_v2(%(provider_id)s, %(event)s, %(at)s, %(detail)s) AS id
 
 -- messages_share --
 -- Set the share of a bucket's rate messages may take while broadcasts wait.

@@ -162,7 +162,7 @@ def test_unsubscribes_apply_to_marketing_only(conn: Conn, db_url: str, tmp_path:
 def test_an_erased_address_is_never_stored_nor_sent(conn: Conn, db_url: str,
                                                     tmp_path: Path) -> None:
     queued = send(conn, "ann@example.com")
-    conn.execute("SELECT * FROM pgcast_erase_v4('default', 'ann@example.com', 'api', '{}')")
+    conn.execute("SELECT * FROM pgcast_erase_v6('default', 'ann@example.com', 'api', '{}')")
     later = send(conn, "ANN@example.com")
     deliver(db_url, tmp_path)
     for mid in (queued, later):
@@ -205,17 +205,17 @@ def test_the_fence_refuses_a_stale_claim_and_a_lost_handoff_ends_unknown(
                          "pgcast_message_claim_v1(10, '11111111-1111-1111-1111-111111111111', "
                          "'w2', interval '1 millisecond')").fetchall()
     assert [r["id"] for r in fresh] == [mid]
-    assert conn.execute("SELECT * FROM pgcast_message_handoff_v1(gen_random_uuid(), %s)",
+    assert conn.execute("SELECT * FROM pgcast_message_handoff_v2(gen_random_uuid(), %s)",
                         ([mid],)).fetchall() == []
     time.sleep(0.01)
     # a handoff under an expired lease is refused too
-    assert conn.execute("SELECT * FROM pgcast_message_handoff_v1("
+    assert conn.execute("SELECT * FROM pgcast_message_handoff_v2("
                         "'11111111-1111-1111-1111-111111111111', %s)", ([mid],)).fetchall() == []
     # a claim that hands off and whose worker dies: unknown after its lease, never re-sent
     token = "22222222-2222-2222-2222-222222222222"
     conn.execute("SELECT * FROM pgcast_message_claim_v1(10, %s, 'w3', interval '1 second')",
                  (token,))
-    handed = conn.execute("SELECT * FROM pgcast_message_handoff_v1(%s, %s)",
+    handed = conn.execute("SELECT * FROM pgcast_message_handoff_v2(%s, %s)",
                           (token, [mid])).fetchall()
     assert [r["id"] for r in handed] == [mid]
     support.wait_for(lambda: conn.execute("SELECT pgcast_message_sweep_v1() AS n").fetchone()
@@ -233,8 +233,8 @@ def test_transient_failures_are_retried_and_throttles_are_not_attempts(conn: Con
         conn.execute("UPDATE messages SET not_before = now() WHERE id = %s", (mid,))
         conn.execute("SELECT * FROM pgcast_message_claim_v1(10, %s, 'w', interval '30 s')",
                      (token,))
-        conn.execute("SELECT * FROM pgcast_message_handoff_v1(%s, %s)", (token, [mid]))
-        conn.execute("SELECT pgcast_message_record_v1(%s, %s, %s, %s, %s, %s)",
+        conn.execute("SELECT * FROM pgcast_message_handoff_v2(%s, %s)", (token, [mid]))
+        conn.execute("SELECT pgcast_message_record_v2(%s, %s, %s, %s, %s, %s)",
                      (token, [mid], [outcome], ["ses-1" if outcome == "sent" else None],
                       [None if outcome == "sent" else "slow down"], [0.0]))
         row = status(conn, mid)
@@ -367,7 +367,7 @@ def test_a_handoff_whose_answer_was_lost_is_put_back_uncalled(conn: Conn, db_url
     mid = send(conn, "ann@example.com")
     token = "44444444-4444-4444-4444-444444444444"
     conn.execute("SELECT * FROM pgcast_message_claim_v1(10, %s, 'w', interval '30 s')", (token,))
-    conn.execute("SELECT * FROM pgcast_message_handoff_v1(%s, %s)", (token, [mid]))
+    conn.execute("SELECT * FROM pgcast_message_handoff_v2(%s, %s)", (token, [mid]))
     # another claim's token puts back nothing
     conn.execute(QUERIES["message_unhandoff"], {"token": "55555555-5555-5555-5555-555555555555",
                                                 "ids": [mid]})

@@ -472,7 +472,9 @@ def test_a_scheduled_start_leaves_unconfirmed_contacts_out(conn: Conn) -> None:
     bid = support.new_broadcast(conn, account=h.ACCOUNT, send=False)
     conn.execute("UPDATE broadcasts SET status = 'scheduled', scheduled_at = now() "
                  "WHERE id = %s", (bid,))
-    started = conn.execute("SELECT * FROM pgcast_start_due_v4()").fetchall()
+    from sql.queries import QUERIES  # the scheduler's own statement (pgcast_start_due_v3)
+
+    started = conn.execute(QUERIES["start_due"]).fetchall()
     assert [(r["broadcast_id"], r["queued"]) for r in started] == [(bid, 1)]
     assert conn.execute("SELECT email FROM broadcast_recipients").fetchall() == [
         {"email": "yes@example.com"}]

@@ -364,7 +364,7 @@ def test_an_erase_and_a_batch_of_events_at_once_leave_no_event_of_the_person(
     ids = [r["id"] for r in conn.execute("SELECT id FROM contacts ORDER BY id")]
     record = ("SELECT pgcast_track_v1(%s, %s, %s, %s, %s, %s, 'pgcast')",
               ([bid] * 2, ["now"] * 2, ["open"] * 2, [None] * 2, ids, [False] * 2))
-    erase = ("SELECT * FROM pgcast_erase_v5(%s, 'user0@example.com', 'cli', '{}')", (A,))
+    erase = ("SELECT * FROM pgcast_erase_v6(%s, 'user0@example.com', 'cli', '{}')", (A,))
     done = threading.Event()
     with psycopg.connect(db_url) as holder, psycopg.connect(db_url, autocommit=True) as other:
         holder.execute(*(record if first == "record" else erase))  # not committed yet

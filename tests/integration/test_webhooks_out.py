@@ -339,8 +339,8 @@ def test_message_events_follow_the_message_functions(conn: Conn) -> None:
     token = uuid.uuid4()
     conn.execute("SELECT * FROM pgcast_message_claim_v1(10, %s, 'w', interval '30 s')",
                  (token,))
-    conn.execute("SELECT * FROM pgcast_message_handoff_v1(%s, %s)", (token, ids))
-    conn.execute("SELECT pgcast_message_record_v1(%s, %s, %s, %s, %s, %s)",
+    conn.execute("SELECT * FROM pgcast_message_handoff_v2(%s, %s)", (token, ids))
+    conn.execute("SELECT pgcast_message_record_v2(%s, %s, %s, %s, %s, %s)",
                  (token, ids, ["sent", "failed"], ["ses-1", None], [None, "rejected"],
                   [None, None]))
     for event in ("delivery", "bounce", "complaint"):
