@@ -146,6 +146,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--latency-ms", type=float, default=20.0)
     p.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
     p.add_argument("--top", type=int, default=25, help="functions to list by inclusive share")
+    p.add_argument("--provider", choices=("ses", "null"), default="ses",
+                   help="null: the same worker with the null provider (no endpoint is called)")
     p.add_argument("--keep", type=Path, help="also copy py-spy's raw output here")
     args = p.parse_args(argv)
     print(f"cpus {os.cpu_count()}, load average at start "
@@ -155,9 +157,12 @@ def main(argv: list[str] | None = None) -> None:
     with sesd.running(args.latency_ms / 1000) as endpoint, common.server() as srv, \
             common.database(srv, "profile_cpu") as url:
         env: dict[str, Any] = {**endpoint.env(), "PGCAST_RATE": "0"}
+        if args.provider == "null":
+            env["PGCAST_PROVIDER"] = "null"
         plain = drain(url, env, args.recipients, logs, "plain", None, args.rate)
         spied = drain(url, env, args.recipients, logs, "spied", raw, args.rate)
-    print(f"worker CPU per delivered message, {args.latency_ms:g} ms endpoint, no limit, 1 "
+    print(f"{args.provider} provider: "
+          f"worker CPU per delivered message, {args.latency_ms:g} ms endpoint, no limit, 1 "
           f"process: {plain.worker:.2f} ms (user {plain.user:.2f}, system {plain.system:.2f}; "
           f"{plain.n:,} in {plain.seconds:.1f}s = {plain.n / plain.seconds:,.0f}/s); its render "
           f"processes another {plain.render_procs:.2f} ms; under py-spy {spied.worker:.2f} ms "
@@ -190,7 +195,8 @@ def main(argv: list[str] | None = None) -> None:
         args.keep.write_bytes(raw.read_bytes())
     print("load average at end " + ", ".join(f"{x:.2f}" for x in os.getloadavg()))
     print("reproduce: " + common.command("profile_cpu", "--recipients", str(args.recipients),
-                                         "--latency-ms", f"{args.latency_ms:g}"))
+                                         "--latency-ms", f"{args.latency_ms:g}",
+                                         "--provider", args.provider))
 
 
 if __name__ == "__main__":

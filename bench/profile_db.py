@@ -257,6 +257,10 @@ def run_pgcast(url: str, n: int, log: Path) -> Cost:
             a = snap(conn, log)
             t0 = time.perf_counter()
             sent, send_s = common.send(conn, bid)
+            # this backend's WAL counters reach pg_stat_wal when it reports, forced here
+            conn.execute("SELECT pg_stat_force_next_flush()")
+            conn.execute("SELECT 1")
+            conn.execute("SELECT pg_stat_clear_snapshot()")
             after_send = conn.execute(
                 "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), %s)::bigint AS d, "
                 "(SELECT wal_records FROM pg_stat_wal) AS r", (a.lsn,)).fetchone()
