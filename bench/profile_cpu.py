@@ -180,10 +180,8 @@ def main(argv: list[str] | None = None) -> None:
             in_call += count
     print(f"py-spy --gil: {total:,} samples at {args.rate}/s; inside SesProvider.send "
           f"{100 * in_call / total:.1f}%")
-    held = total / (args.rate * spied.seconds)
-    print(f"the GIL was held in {100 * held:.0f}% of the samples' time; the worker used "
-          f"{spied.worker * spied.n / spied.seconds / 10:.0f}% of a core: the rest is system "
-          "time and C work without the GIL")
+    print(f"samples with a thread holding the GIL: {total:,} in {spied.seconds:.1f}s; the "
+          f"worker used {spied.worker * spied.n / spied.seconds / 10:.0f}% of a core meanwhile")
     print("share of GIL-holding samples (and that share of the plain drain's "
           f"{plain.user:.2f} ms user CPU per message):")
     for name, count in by_bucket.most_common():

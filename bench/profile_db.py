@@ -26,6 +26,7 @@ import multiprocessing as mp
 import os
 import re
 import shutil
+import subprocess
 import tempfile
 import time
 import uuid
@@ -70,6 +71,7 @@ class Cost:
     statements: collections.Counter[str] = field(default_factory=collections.Counter)
     send_wal_bytes: int = 0  # of those, the send (snapshot) statement's
     send_wal_records: int = 0
+    records: list[tuple[str, int, int]] = field(default_factory=list)  # pg_waldump, the drain
     send_s: float = 0.0
     server_cpu: float = 0.0  # seconds of CPU of the server's processes during the drain
     client_cpu: float = 0.0  # seconds of CPU of the draining processes (workers / floor's)
@@ -196,8 +198,9 @@ def postmaster_pid(conn: psycopg.Connection[dict[str, Any]]) -> int:
     return int((Path(row["data_directory"]) / "postmaster.pid").read_text().split()[0])
 
 
-def floor_drain(url: str, bid: uuid.UUID, ready: Any, go: Any, out: Any) -> None:
-    """bench.floor's draining process, that also says the CPU it used while draining."""
+def floor_drain(url: str, bid: uuid.UUID, ready: Any, go: Any, out: Any, release: Any) -> None:
+    """bench.floor's draining process, that also says the CPU it used while draining, and
+    keeps its connection (its backend's CPU counted) until released."""
     import psycopg as pg
 
     done = 0
@@ -214,6 +217,29 @@ def floor_drain(url: str, bid: uuid.UUID, ready: Any, go: Any, out: Any) -> None
             conn.execute(floor.DONE, {"bid": bid, "ids": ids})
             done += len(ids)
         out.put((done, time.process_time() - cpu0))
+        release.wait(120)
+
+
+def waldump(conn: psycopg.Connection[dict[str, Any]], start: str, end: str) -> list[
+        tuple[str, int, int]]:
+    """WAL record types between two LSNs (pg_waldump --stats=record): (type, count, bytes)."""
+    from pgserver import _commands
+
+    row = conn.execute("SHOW data_directory").fetchone()
+    assert row is not None
+    done = subprocess.run(
+        [str(Path(_commands.POSTGRES_BIN_PATH) / "pg_waldump"), "--stats=record",
+         "-p", str(Path(row["data_directory"]) / "pg_wal"), "-s", start, "-e", end],
+        capture_output=True, text=True, check=False, timeout=300)
+    out = []
+    for line in done.stdout.splitlines():
+        m = re.match(r"^(\S+/\S+)\s+(\d+)\s+\(\s*[\d.]+\)\s+\d+\s+\(\s*[\d.]+\)\s+\d+\s+"
+                     r"\(\s*[\d.]+\)\s+(\d+)", line)
+        if m:
+            out.append((m.group(1), int(m.group(2)), int(m.group(3))))
+    if not out:
+        out.append((f"(pg_waldump said: {done.stderr.strip()[:200]})", 0, 0))
+    return sorted(out, key=lambda r: -r[1])
 
 
 def setup_server(url: str) -> Path:
@@ -263,7 +289,8 @@ def run_pgcast(url: str, n: int, log: Path) -> Cost:
             conn.execute("SELECT pg_stat_clear_snapshot()")
             after_send = conn.execute(
                 "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), %s)::bigint AS d, "
-                "(SELECT wal_records FROM pg_stat_wal) AS r", (a.lsn,)).fetchone()
+                "(SELECT wal_records FROM pg_stat_wal) AS r, "
+                "pg_current_wal_lsn()::text AS l", (a.lsn,)).fetchone()
             srv0, cli0 = server_cpu(postmaster), procs_cpu(pids)
             polls = 0
             while True:
@@ -277,6 +304,8 @@ def run_pgcast(url: str, n: int, log: Path) -> Cost:
             done = conn.execute("SELECT pg_current_wal_lsn()::text AS l").fetchone()
             srv1, cli1 = server_cpu(postmaster), procs_cpu(pids)
             assert row is not None and row["status"] == "sent" and sent == n, row
+            assert after_send is not None and done is not None
+            records = waldump(conn, after_send["l"], done["l"])
             assert done is not None
             settle(conn)
             b = snap(conn, log)
@@ -285,6 +314,7 @@ def run_pgcast(url: str, n: int, log: Path) -> Cost:
         c.send_wal_bytes, c.send_s = int(after_send["d"]), send_s
         c.send_wal_records = int(after_send["r"]) - a.wal["wal_records"]
         c.server_cpu, c.client_cpu = srv1 - srv0, cli1 - cli0
+        c.records = records
         return c
 
 
@@ -298,9 +328,10 @@ def run_floor(url: str, n: int, log: Path) -> Cost:
         conn.execute(floor.FILL, {"bid": bid, "n": n})
         conn.execute("VACUUM ANALYZE floor_queue")
         ctx = mp.get_context("spawn")
-        go, out = ctx.Event(), ctx.Queue()
+        go, out, release = ctx.Event(), ctx.Queue(), ctx.Event()
         readies = [ctx.Event() for _ in range(floor.PROCESSES)]
-        procs = [ctx.Process(target=floor_drain, args=(url, bid, r, go, out)) for r in readies]
+        procs = [ctx.Process(target=floor_drain, args=(url, bid, r, go, out, release))
+                 for r in readies]
         postmaster = postmaster_pid(conn)
         for p in procs:
             p.start()
@@ -317,8 +348,12 @@ def run_floor(url: str, n: int, log: Path) -> Cost:
             seconds = time.perf_counter() - t0
             done = conn.execute("SELECT pg_current_wal_lsn()::text AS l").fetchone()
             srv1 = server_cpu(postmaster)
+            release.set()
             drained = sum(d for d, _ in outs)
+            assert done is not None
+            records = waldump(conn, a.lsn, done["l"])
         finally:
+            release.set()
             for p in procs:
                 p.join(timeout=30)
                 if p.is_alive():
@@ -328,6 +363,7 @@ def run_floor(url: str, n: int, log: Path) -> Cost:
         b = snap(conn, log)
         c = cost(conn, "floor", n, seconds, a, b, done["l"], 0, log, dbname, me)
         c.server_cpu, c.client_cpu = srv1 - srv0, sum(cpu for _, cpu in outs)
+        c.records = records
         return c
 
 
@@ -346,6 +382,10 @@ def show(c: Cost, top: int) -> None:
               f"bytes and {c.per(c.send_wal_records):.2f} records/recipient, the drain after it "
               f"{c.per(c.wal_bytes - c.send_wal_bytes):,.0f} bytes and "
               f"{c.per(c.wal['wal_records'] - c.send_wal_records):.2f} records/recipient")
+    if c.records:
+        print("   WAL record types of the drain (pg_waldump --stats=record), per recipient: "
+              + "; ".join(f"{name} {c.per(k):.2f} ({c.per(b):.0f} B)"
+                          for name, k, b in c.records[:8]))
     print(f"   CPU: server processes {c.server_cpu:.1f}s = {c.server_cpu * 1e6 / n:.1f} "
           f"µs/recipient, draining processes {c.client_cpu:.1f}s = "
           f"{c.client_cpu * 1e6 / n:.1f} µs/recipient")
