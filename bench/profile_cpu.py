@@ -102,6 +102,7 @@ class Drained:
     user: float
     system: float
     render_procs: float
+    groups: int  # claims (claim tokens) the recipients were sent in
 
     @property
     def worker(self) -> float:
@@ -128,15 +129,19 @@ def drain(url: str, env: dict[str, str], n: int, logs: Path, label: str,
                 time.sleep(1.0)  # attached
             cpu0 = cpu_split(procs[0].pid)
             t0 = time.perf_counter()
-            provider._send_and_drain(conn, n / 50 + 120)
+            bid = provider._send_and_drain(conn, n / 50 + 120)
             seconds = time.perf_counter() - t0
             cpu = [b - a for a, b in zip(cpu0, cpu_split(procs[0].pid), strict=True)]
+            row = conn.execute("SELECT count(DISTINCT claim_token) AS g FROM "
+                               "broadcast_recipients WHERE broadcast_id = %s", (bid,)).fetchone()
+            groups = int(row["g"]) if row else 0
         finally:
             if spy_proc is not None:
                 spy_proc.send_signal(signal.SIGINT)
                 spy_proc.wait(60)
             provider._stop(procs)
-    return Drained(n, seconds, *(x / n * 1000 for x in cpu))
+    user, system, kids = (x / n * 1000 for x in cpu)
+    return Drained(n, seconds, user, system, kids, groups)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -165,7 +170,9 @@ def main(argv: list[str] | None = None) -> None:
           f"worker CPU per delivered message, {args.latency_ms:g} ms endpoint, no limit, 1 "
           f"process: {plain.worker:.2f} ms (user {plain.user:.2f}, system {plain.system:.2f}; "
           f"{plain.n:,} in {plain.seconds:.1f}s = {plain.n / plain.seconds:,.0f}/s); its render "
-          f"processes another {plain.render_procs:.2f} ms; under py-spy {spied.worker:.2f} ms "
+          f"processes another {plain.render_procs:.2f} ms; {plain.groups:,} groups "
+          f"({plain.n / max(plain.groups, 1):.0f} recipients each); under py-spy "
+          f"{spied.worker:.2f} ms "
           f"({spied.n / spied.seconds:,.0f}/s)")
     stacks = read_raw(raw)
     total = sum(c for _, c in stacks) or 1
