@@ -12,7 +12,10 @@ built like the worker's (worker.ses.SesProvider.from_env) on 16 threads:
 - `bulk N`: SendBulkEmail with N entries per call: inline template content
   (DefaultContent.Template.TemplateContent = {{subject}} / {{text}} / {{html}}) and each
   entry's fully rendered subject, text and HTML as its ReplacementTemplateData, its own
-  headers as ReplacementHeaders and its tags as ReplacementTags.
+  headers as ReplacementHeaders and its tags as ReplacementTags;
+- `bulk 50, shared values once`: the same with what every entry has alike (the
+  List-Unsubscribe-Post and X-Pgcast-Broadcast headers, the pgcast_broadcast tag) sent once
+  in DefaultContent.Template.Headers and DefaultEmailTags.
 
 CPU is this process's user + system time (getrusage) over the calls; rendering is not in it
 (done once before). Rounds alternate the order of the modes; the median of each is printed.
@@ -41,6 +44,8 @@ SEND_EMAIL = "/v2/email/outbound-emails"
 SEND_BULK = "/v2/email/outbound-bulk-emails"
 THREADS = 16
 SIZES = (1, 10, 50)
+SHARED = -50  # the mode: 50 entries, what every entry shares sent once (DefaultEmailTags,
+# Template.Headers), only List-Unsubscribe and pgcast_contact per entry
 
 
 # -- the endpoint (its own process) ---------------------------------------------------------
@@ -130,8 +135,11 @@ def messages(n: int) -> list[Any]:
                           {"plan": "pro"}, []) for i in range(1, n + 1)]
 
 
-def bulk_request(batch: list[Any], configuration_set: str | None) -> dict[str, Any]:
-    """One SendBulkEmail request for messages of one broadcast (same sender, same parts)."""
+def bulk_request(batch: list[Any], configuration_set: str | None,
+                 shared: bool = False) -> dict[str, Any]:
+    """One SendBulkEmail request for messages of one broadcast (same sender, same parts);
+    `shared`: the headers and tags every entry has the same are sent once, in DefaultContent's
+    Template.Headers and DefaultEmailTags."""
     from mail import message as mail_message
     from worker import ses
 
@@ -141,6 +149,11 @@ def bulk_request(batch: list[Any], configuration_set: str | None) -> dict[str, A
         content["Text"] = "{{text}}"
     if first.html is not None:
         content["Html"] = "{{html}}"
+    same_headers = {k: v for k, v in first.headers.items()
+                    if shared and all(m.headers.get(k) == v for m in batch)}
+    first_tags = ses.email_tags(first)
+    same_tags = [t for t in first_tags
+                 if shared and all(t in ses.email_tags(m) for m in batch)]
     entries = []
     for m in batch:
         data = {"subject": m.subject}
@@ -152,14 +165,20 @@ def bulk_request(batch: list[Any], configuration_set: str | None) -> dict[str, A
             "Destination": {"ToAddresses": [mail_message.unfolded(m.to)]},
             "ReplacementEmailContent": {"ReplacementTemplate": {
                 "ReplacementTemplateData": json.dumps(data)}},
-            "ReplacementHeaders": [{"Name": k, "Value": v} for k, v in m.headers.items()],
-            "ReplacementTags": ses.email_tags(m),
+            "ReplacementHeaders": [{"Name": k, "Value": v} for k, v in m.headers.items()
+                                   if k not in same_headers],
+            "ReplacementTags": [t for t in ses.email_tags(m) if t not in same_tags],
         })
     request: dict[str, Any] = {
         "FromEmailAddress": mail_message.unfolded(first.from_address),
         "DefaultContent": {"Template": {"TemplateContent": content, "TemplateData": "{}"}},
         "BulkEmailEntries": entries,
     }
+    if same_headers:
+        request["DefaultContent"]["Template"]["Headers"] = [
+            {"Name": k, "Value": v} for k, v in same_headers.items()]
+    if same_tags:
+        request["DefaultEmailTags"] = same_tags
     if configuration_set:
         request["ConfigurationSetName"] = configuration_set
     return request
@@ -173,21 +192,23 @@ def cpu() -> float:
 
 def run_mode(provider: Any, pool: concurrent.futures.ThreadPoolExecutor, msgs: list[Any],
              size: int) -> tuple[float, float]:
-    """Send every message in mode `size` (0: SendEmail); (CPU ms per message, messages/s)."""
+    """Send every message in mode `size` (0: SendEmail; SHARED: 50 entries, shared values
+    once); (CPU ms per message, messages/s)."""
     def one(m: Any) -> int:
         provider.send(m)
         return 1
 
     def bulk(batch: Any) -> int:
-        answer = provider.client.send_bulk_email(**bulk_request(batch, None))
+        answer = provider.client.send_bulk_email(**bulk_request(batch, None, size == SHARED))
         results = answer["BulkEmailEntryResults"]
         assert len(results) == len(batch) and all(r["Status"] == "SUCCESS"
                                                   for r in results), results
         return len(results)
 
     call = one if size == 0 else bulk
-    work: list[Any] = msgs if size == 0 else [msgs[i:i + size]
-                                              for i in range(0, len(msgs), size)]
+    step = abs(size)
+    work: list[Any] = msgs if size == 0 else [msgs[i:i + step]
+                                              for i in range(0, len(msgs), step)]
     c0, t0 = cpu(), time.perf_counter()
     done = sum(pool.map(call, work))
     c1, t1 = cpu(), time.perf_counter()
@@ -220,7 +241,7 @@ def main(argv: list[str] | None = None) -> None:
 
         msgs = messages(args.messages)
         provider = ses.SesProvider.from_env(THREADS)
-        modes = [0, *SIZES]
+        modes = [0, *SIZES, SHARED]
         results: dict[int, list[tuple[float, float]]] = {m: [] for m in modes}
         with concurrent.futures.ThreadPoolExecutor(THREADS) as pool:
             for m in modes:  # warm: each operation's model and the connections
@@ -236,7 +257,7 @@ def main(argv: list[str] | None = None) -> None:
     got = {k: after[k] - before[k] for k in after}
     per_round = args.messages * args.rounds
     assert got["send_email"] == per_round, got
-    assert got["bulk_entries"] == per_round * len(SIZES), got
+    assert got["bulk_entries"] == per_round * (len(SIZES) + 1), got
     assert got["entries_with_headers"] == got["entries_with_tags"] == got["bulk_entries"], got
     base = statistics.median(c for c, _ in results[0])
     print(f"{args.messages:,} messages ({len(msgs[0].headers)} headers each: "
@@ -245,13 +266,14 @@ def main(argv: list[str] | None = None) -> None:
     for m in modes:
         c = statistics.median(x for x, _ in results[m])
         rate = statistics.median(x for _, x in results[m])
-        label = "SendEmail, one call per message" if m == 0 else \
-            f"SendBulkEmail, {m} entries per call"
+        label = ("SendEmail, one call per message" if m == 0 else
+                 "SendBulkEmail, 50, shared values once" if m == SHARED else
+                 f"SendBulkEmail, {m} entries per call")
         print(f"  {label:38} {c:6.3f} ms CPU/message  {c / base:5.2f}x  "
               f"{rate:7,.0f} messages/s  (rounds: "
               + ", ".join(f"{x:.3f}" for x, _ in results[m]) + ")")
     print(f"request body bytes per message: SendEmail {got['bytes_send'] / per_round:,.0f}, "
-          f"SendBulkEmail {got['bytes_bulk'] / got['bulk_entries']:,.0f} (all sizes); every "
+          f"SendBulkEmail {got['bytes_bulk'] / got['bulk_entries']:,.0f} (all bulk modes); every "
           "bulk entry carried its ReplacementHeaders and ReplacementTags")
     print("load average at end " + ", ".join(f"{x:.2f}" for x in os.getloadavg()))
     print("reproduce: " + common.command("bulk", "--messages", str(args.messages),
