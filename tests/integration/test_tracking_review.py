@@ -1,0 +1,47 @@
+"""Review of opens and clicks (issue 29): what one API process keeps in memory for the
+redirect is bounded however many broadcasts a tenant makes clickable."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import psycopg
+import pytest
+
+from api import tracking as tracking_routes
+from mail import tracking
+from sql import broadcasts
+from tests.integration import test_api_helpers as h
+from tests.integration.test_tracking import forge, keys
+
+Conn = psycopg.Connection[dict[str, Any]]
+A = h.ACCOUNT
+
+
+def test_the_redirect_s_link_cache_is_bounded_by_size_not_only_by_broadcasts(
+        conn: Conn, db_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A tenant may store up to 500 links of 2,048 bytes per broadcast: 1,024 such broadcasts
+    # cached by count alone is gigabytes in the API process (each link kept twice: the URL
+    # and its Location). Scaled down: a budget of 200,000 characters, broadcasts of ~80,000.
+    monkeypatch.setattr(tracking_routes, "CACHE_CHARS", 200_000, raising=False)
+    made: list[tuple[uuid.UUID, list[str]]] = []
+    for b in range(8):
+        bid = uuid.UUID(str(broadcasts.create(conn, A, subject="Hi",
+                                              from_address="news@example.com",
+                                              text="x", track="contact")["id"]))
+        urls = [f"https://example.com/{b}/{i}/" + "x" * 1980 for i in range(20)]
+        conn.execute("SELECT * FROM pgcast_links_store_v1(%s, %s)", (bid, urls))
+        made.append((bid, urls))
+    k = keys(conn)
+    with h.client(db_url) as public:
+        for _ in range(2):  # evicted broadcasts are read again and still redirect
+            for bid, urls in made:
+                r = public.get(f"/c/{forge(k, bid, 7, 1)}")
+                assert r.status_code == 302
+                assert r.headers["location"] == tracking.location(urls[7])
+                cache = public.app.state.tracking_links
+                held = sum(len(u or "") + len(loc or "") for _, us, locs in cache.values()
+                           for u, loc in zip(us, locs, strict=True))
+                assert held <= 200_000, (len(cache), held)
+        assert 1 <= len(public.app.state.tracking_links) < len(made)
