@@ -45,3 +45,19 @@ def test_the_redirect_s_link_cache_is_bounded_by_size_not_only_by_broadcasts(
                            for u, loc in zip(us, locs, strict=True))
                 assert held <= 200_000, (len(cache), held)
         assert 1 <= len(public.app.state.tracking_links) < len(made)
+
+
+@pytest.mark.parametrize(("method", "path"), [
+    ("GET", "/c/%2e%2e/broadcasts"), ("GET", "/c/..%2Fbroadcasts"), ("GET", "/c//broadcasts"),
+    ("GET", "/c/x/%2e%2e/%2e%2e/broadcasts"), ("HEAD", "/o/%2e%2e%2fbroadcasts"),
+    ("POST", "/c/%2e%2e/broadcasts"), ("GET", "/u/..%2f..%2fbroadcasts"),
+    ("GET", "/cx"), ("GET", "/c"), ("GET", "/c/"), ("GET", "/o/"),
+    ("GET", "/broadcasts/00000000-0000-0000-0000-000000000000/stats")])
+def test_the_fast_path_and_public_prefixes_reach_no_private_route(
+        db_url: str, method: str, path: str) -> None:
+    # /c/ and /o/ skip the JWT middleware: a path that only looks like one of them (encoded
+    # dots or slashes, a longer first segment) must never reach a tenant's data unsigned
+    with h.client(db_url) as public:
+        r = public.request(method, path)
+    assert r.status_code in (401, 404, 405), r.text
+    assert "location" not in r.headers
