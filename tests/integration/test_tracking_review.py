@@ -4,19 +4,23 @@ redirect is bounded however many broadcasts a tenant makes clickable."""
 from __future__ import annotations
 
 import uuid
+from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
 
 from api import tracking as tracking_routes
+from api import tracking_events
 from mail import tracking
 from sql import broadcasts
+from sql import tracking as sql_tracking
 from tests.integration import test_api_helpers as h
-from tests.integration.test_tracking import forge, keys
+from tests.integration.test_tracking import CHROME, forge, keys, send, tokens
 
 Conn = psycopg.Connection[dict[str, Any]]
 A = h.ACCOUNT
+REPEATS = 10  # events of one token a minute that count (tracking_events.REPEATS)
 
 
 def test_the_redirect_s_link_cache_is_bounded_by_size_not_only_by_broadcasts(
@@ -61,3 +65,25 @@ def test_the_fast_path_and_public_prefixes_reach_no_private_route(
         r = public.request(method, path)
     assert r.status_code in (401, 404, 405), r.text
     assert "location" not in r.headers
+
+
+def test_a_flood_on_one_token_writes_a_bounded_number_of_events(
+        conn: Conn, db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Anyone who got one message holds its tokens: a loop on its pixel or one of its links
+    # wrote a row per request into tracking_events (and into the totals), without bound.
+    monkeypatch.setattr(tracking_events, "QUICK", 0.0)
+    bid, parts = send(conn, db_url, tmp_path, "contact")
+    ann, bob = parts["ann@example.com"], parts["bob@example.com"]
+    human = {"User-Agent": CHROME}
+    with h.client(db_url) as public:
+        for _ in range(40):
+            assert public.get(f"/o/{tokens(ann, 'o')[0]}", headers=human).status_code == 200
+            r = public.get(f"/c/{tokens(ann, 'c')[0]}", headers=human)
+            assert r.status_code == 302  # the redirect always answers
+        assert public.get(f"/o/{tokens(bob, 'o')[0]}", headers=human).status_code == 200
+    stats = sql_tracking.stats(conn, A, bid)
+    assert stats["opens"]["total"] == REPEATS + 1
+    assert stats["opens"]["unique"] == 2
+    assert stats["clicks"]["total"] == REPEATS
+    assert conn.execute("SELECT count(*) AS n FROM tracking_events").fetchone() == {
+        "n": 2 * REPEATS + 1}

@@ -1,0 +1,33 @@
+"""Review of opens and clicks (issue 29) without a database: the recorder's memory of
+repeated events stays bounded."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from api import tracking_events
+from tests.unit.test_tracking import event
+
+
+def test_a_token_s_repeats_are_counted_to_a_bound_and_remembered_in_bounded_memory(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tracking_events, "MAX_REPEAT_KEYS", 3)
+
+    async def run() -> tuple[int, int, int]:
+        rec = tracking_events.Recorder(None)  # type: ignore[arg-type]
+        now = time.monotonic()
+        for _ in range(tracking_events.REPEATS + 5):  # one message's link, again and again
+            rec.add(event(0, 1, now))
+        kept = len(rec.pending)
+        for i in range(10):  # other messages: the oldest keys are forgotten
+            rec.add(event(0, 100 + i, now))
+        # a new window: the first message's link counts again
+        rec.add(event(0, 1, now + tracking_events.REPEAT_WINDOW))
+        assert rec._task is not None
+        rec._task.cancel()
+        return kept, rec.repeated, len(rec.repeats)
+
+    assert asyncio.run(run()) == (tracking_events.REPEATS, 5, 3)
