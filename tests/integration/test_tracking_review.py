@@ -87,3 +87,15 @@ def test_a_flood_on_one_token_writes_a_bounded_number_of_events(
     assert stats["clicks"]["total"] == REPEATS
     assert conn.execute("SELECT count(*) AS n FROM tracking_events").fetchone() == {
         "n": 2 * REPEATS + 1}
+
+
+def test_another_account_cannot_read_a_broadcast_s_stats(conn: Conn, db_url: str) -> None:
+    bid = broadcasts.create(conn, A, subject="Hi", from_address="news@example.com", text="x",
+                            track="contact")["id"]
+    with h.client(db_url) as api:
+        mine = api.get(f"/broadcasts/{bid}/stats", headers=h.auth(A))
+        theirs = api.get(f"/broadcasts/{bid}/stats", headers=h.auth("someone-else"))
+        nobody = api.get(f"/broadcasts/{bid}/stats")
+    assert mine.status_code == 200 and mine.json()["track"] == "contact"
+    assert theirs.status_code == 404 and "track" not in theirs.text
+    assert nobody.status_code == 401
