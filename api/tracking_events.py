@@ -169,6 +169,12 @@ class Recorder:
         if out and self.bursts:  # a message's clicks are remembered a few seconds only
             horizon = now - HOLD - BURST
             self.bursts = {k: v for k, v in self.bursts.items() if v[0] > horizon}
+        # a token's count is remembered a window after its last event at most (oldest first)
+        while self.repeats:
+            key, (start, _) = next(iter(self.repeats.items()))
+            if start > now - REPEAT_WINDOW:
+                break
+            del self.repeats[key]
         return out
 
     async def write(self, events: list[Event]) -> None:

@@ -31,3 +31,13 @@ def test_a_token_s_repeats_are_counted_to_a_bound_and_remembered_in_bounded_memo
         return kept, rec.repeated, len(rec.repeats)
 
     assert asyncio.run(run()) == (tracking_events.REPEATS, 5, 3)
+
+
+def test_a_token_s_count_is_forgotten_a_window_after_it_began() -> None:
+    rec = tracking_events.Recorder(None)  # type: ignore[arg-type]
+    long_ago = time.monotonic() - tracking_events.REPEAT_WINDOW - 1
+    for message in (1, 2):
+        assert not rec.flooding(event(0, message, long_ago))
+    assert not rec.flooding(event(0, 3, time.monotonic()))
+    rec.take()
+    assert list(rec.repeats) == [(event(0, 3, 0).broadcast_id, 3, "click", 0)]
