@@ -41,3 +41,19 @@ def test_a_token_s_count_is_forgotten_a_window_after_it_began() -> None:
     assert not rec.flooding(event(0, 3, time.monotonic()))
     rec.take()
     assert list(rec.repeats) == [(event(0, 3, 0).broadcast_id, 3, "click", 0)]
+
+
+def test_a_token_is_read_only_as_pgcast_wrote_it() -> None:
+    # the same bytes in standard base64 (`+`, `/`: `/c/ab/cd` is a token too), or padded,
+    # were read as the token: one token, many URLs
+    from mail import tracking
+    from tests.unit.test_tracking import KEYS, content, tokens
+
+    msg = content("contact").render(42, "ann@example.com", "Ann", {"code": "c1"})
+    assert msg.html is not None
+    good = next(t for t in tokens(msg.html, "c") if "-" in t or "_" in t)
+    assert tracking.read(KEYS, good).link is not None
+    for variant in (good.replace("-", "+").replace("_", "/"), good + "=", good + "==",
+                    good + "\n"):
+        with pytest.raises(tracking.InvalidToken):
+            tracking.read(KEYS, variant)
