@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import uuid
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ from api import sns
 
 BROADCAST_TAG = "pgcast_broadcast"  # EmailTags every SES send carries (worker/ses.py)
 CONTACT_TAG = "pgcast_contact"
+MESSAGE_TAG = "pgcast_message"  # a transactional message's id (callers' tags never start so)
 MAX_ADDRESSES = 50  # SES sends to at most 50 recipients per message
 MAX_DETAIL = 1000  # characters of a diagnostic kept
 
@@ -31,6 +33,8 @@ class Event:
     user_agent: str | None = None
     link: str | None = None
     sent_at: dt.datetime | None = None
+    # the transactional message the EmailTag pgcast_message names (worker/ses.py)
+    message: uuid.UUID | None = None
 
 
 def _when(raw: Any, fallback: dt.datetime) -> dt.datetime:
@@ -84,6 +88,19 @@ def parse(text: str, sns_time: dt.datetime) -> Event | None:
         return None
     if not isinstance(body, dict):
         return None
+    event = _event(body, sns_time)
+    mail = body.get("mail")
+    raw = _tag(mail.get("tags"), MESSAGE_TAG) if isinstance(mail, dict) else None
+    try:
+        message = uuid.UUID(raw) if raw else None
+    except ValueError:
+        message = None
+    if event is None or message is None:
+        return event
+    return dataclasses.replace(event, message=message)
+
+
+def _event(body: dict[str, Any], sns_time: dt.datetime) -> Event | None:
     kind = body.get("eventType", body.get("notificationType"))
     mail = body.get("mail") if isinstance(body.get("mail"), dict) else {}
     if not isinstance(kind, str) or not isinstance(mail, dict):

@@ -5,7 +5,8 @@ No JWT: the signed token is the credential. The redirect's target is always the 
 for the token's broadcast and link index (broadcast_links), never anything in the request,
 so /c/ is no open redirect; a token that is malformed, truncated, forged, or names a link its
 broadcast does not have answers 404 with a plain page. Links never change once stored, so
-each process keeps them in memory after the first read.
+each process keeps them in memory after the first read (the most recently used, up to CACHE
+broadcasts and CACHE_CHARS characters).
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ from mail import tracking
 from sql import tracking as sql_tracking
 
 CACHE = 1024  # broadcasts whose links a process keeps
+# characters of URLs and Location values a process keeps (a tenant's broadcast may hold 500
+# links of 2,048 bytes: 1,024 of them by count alone would be gigabytes)
+CACHE_CHARS = 32 * 1024 * 1024
 NOT_FOUND = ("<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">"
              "<meta name=\"robots\" content=\"noindex\"><title>Link not found</title></head>"
              "<body><h1>Link not found</h1><p>This link is not valid.</p></body></html>\n")
@@ -85,9 +89,17 @@ async def _links(app: Starlette, bid: uuid.UUID) -> Links | None:
              tuple(tracking.location(u) if u is not None else None for u in urls))
     if urls:  # a broadcast with no links yet may store them later: only then cached
         cache[bid] = found
-        if len(cache) > CACHE:
-            cache.popitem(last=False)
+        held: int = getattr(app.state, "tracking_links_chars", 0) + _chars(found)
+        while len(cache) > 1 and (len(cache) > CACHE or held > CACHE_CHARS):
+            held -= _chars(cache.popitem(last=False)[1])
+        app.state.tracking_links_chars = held
     return found
+
+
+def _chars(links: Links) -> int:
+    """The characters one broadcast's cached links hold (URLs and Location values)."""
+    return sum(len(u) for u in links[1] if u is not None) + sum(
+        len(u) for u in links[2] if u is not None)
 
 
 async def _ref(request: Request, kind: int) -> tracking.Ref | None:

@@ -6,7 +6,9 @@ one statement (pgcast_track_v1, committed asynchronously). What a crash of the A
 (or of Postgres) can lose is the last HOLD + FLUSH seconds or so of counts, never a
 redirect: the redirect's URL is read from broadcast_links, not from the buffer. A write
 that fails is retried with the next batch; beyond MAX_PENDING events the oldest are
-dropped (counted in `dropped`, logged).
+dropped (counted in `dropped`, logged). A token is no licence to write rows: beyond REPEATS
+events a minute of one message's open (or of one of its links) a process keeps none (counted
+in `repeated`, logged).
 
 Machine events (docs/tracking.md): a request from a known pre-fetching proxy or link
 scanner (its User-Agent), an event within QUICK seconds of the message's render (just
@@ -42,6 +44,12 @@ BURST_LINKS = 3  # different links of one message within BURST: a scanner (or al
 QUICK = 10.0  # seconds after the render (the send) within which an event is a machine's
 MAX_PENDING = 100_000  # events kept in memory at most (a database down for long)
 MAX_BATCH = 5000  # events per statement
+# a flood on one token (anyone who got the message holds it): at most REPEATS events a
+# REPEAT_WINDOW of one message's open, or of one of its links, are kept by a process; the rest
+# are not written (the redirect still answers). The most keys remembered: MAX_REPEAT_KEYS.
+REPEATS = 10
+REPEAT_WINDOW = 60.0
+MAX_REPEAT_KEYS = 100_000
 # User-Agents of proxies that fetch every image when a message arrives, and of link
 # scanners: Apple Mail Privacy Protection's fetcher (WebKit with no browser token), security
 # gateways, headless browsers and HTTP libraries. Gmail's GoogleImageProxy is NOT here: it
@@ -91,12 +99,22 @@ class Recorder:
         # (broadcast, message) -> (first click's time, links clicked): BURST's memory
         self.bursts: dict[tuple[uuid.UUID, int], tuple[float, set[int]]] = {}
         self.dropped = 0
+        # (broadcast, message, kind, link) -> (its window's start, events in it): REPEATS
+        self.repeats: collections.OrderedDict[tuple[uuid.UUID, int, str, int | None],
+                                              tuple[float, int]] = collections.OrderedDict()
+        self.repeated = 0  # events not kept: a token's flood
         self.written = 0
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
 
     def add(self, event: Event) -> None:
-        """Buffer one event (never waits)."""
+        """Buffer one event (never waits); a flood on one token is not kept."""
+        if self.flooding(event):
+            self.repeated += 1
+            if self.repeated % 1000 == 1:
+                log.warning("tracking: %d repeated events of one token not kept so far",
+                            self.repeated)
+            return
         if len(self.pending) >= MAX_PENDING:
             self.pending.popleft()
             self.dropped += 1
@@ -106,6 +124,21 @@ class Recorder:
         self.pending.append(event)
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._run())
+
+    def flooding(self, event: Event) -> bool:
+        """Whether this event is past REPEATS of its message's open (or link) in the window."""
+        key = (event.broadcast_id, event.message, event.kind, event.link)
+        found = self.repeats.get(key)
+        if found is not None and event.arrived - found[0] < REPEAT_WINDOW:
+            if found[1] >= REPEATS:
+                return True
+            self.repeats[key] = (found[0], found[1] + 1)
+        else:
+            self.repeats[key] = (event.arrived, 1)
+        self.repeats.move_to_end(key)
+        while len(self.repeats) > MAX_REPEAT_KEYS:
+            self.repeats.popitem(last=False)
+        return False
 
     def remember(self, event: Event) -> None:
         """Note a click's link among its message's clicks of the last BURST seconds."""
@@ -136,6 +169,12 @@ class Recorder:
         if out and self.bursts:  # a message's clicks are remembered a few seconds only
             horizon = now - HOLD - BURST
             self.bursts = {k: v for k, v in self.bursts.items() if v[0] > horizon}
+        # a token's count is remembered a window after its last event at most (oldest first)
+        while self.repeats:
+            key, (start, _) = next(iter(self.repeats.items()))
+            if start > now - REPEAT_WINDOW:
+                break
+            del self.repeats[key]
         return out
 
     async def write(self, events: list[Event]) -> None:

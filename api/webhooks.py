@@ -145,6 +145,9 @@ async def _apply(pool: db.Pool, feedback: Feedback, message: dict[str, Any],
     assert row is not None  # the function always answers one row
     out: dict[str, Any] = {"outcome": row["outcome"]}
     if event is not None and event.message_id and row["outcome"] != "duplicate":
+        if event.message is not None:  # an unknown message never learned SES's id
+            await db.rowcount(pool, "message_learn_provider_id", {
+                "id": event.message, "provider_id": event.message_id})
         # a transactional message's feedback, by SES's message id (0017)
         noted = await db.one(pool, "message_feedback", {
             "provider_id": event.message_id, "event": event.event, "at": event.at,

@@ -50,6 +50,7 @@ _VERSION = 0x10  # the high nibble of the first byte
 _MAC = 12  # bytes of HMAC-SHA256 kept
 _BID = struct.Struct(">B16sI")  # flags | kind, broadcast id, rendered at (Unix seconds)
 MAX_TOKEN = 120  # characters of a token we try to read
+_TOKEN = re.compile(r"[A-Za-z0-9_-]+")
 _BARE_URL = re.compile(r"https?://[^\s<>\"'\x00-\x1f\x7f]+", re.IGNORECASE)  # linear
 _TRAILING = ".,;:!?'\""  # punctuation after a bare URL in text is not part of it
 _REF = re.compile(r"&(#[xX][0-9a-fA-F]+;?|#[0-9]+;?|[A-Za-z0-9]+;?)")
@@ -95,8 +96,8 @@ class Ref:
 
 def read(keys: unsubscribe.Keys, token: str) -> Ref:
     """What a token names; raises InvalidToken (malformed, truncated, forged)."""
-    if not token or len(token) > MAX_TOKEN or not token.isascii():
-        raise InvalidToken("malformed")
+    if not token or len(token) > MAX_TOKEN or not _TOKEN.fullmatch(token):
+        raise InvalidToken("malformed")  # only as written: URL-safe base64, no padding
     try:
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
     except (binascii.Error, ValueError):

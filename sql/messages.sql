@@ -60,6 +60,12 @@ SELECT * FROM pgcast_take_tokens_messages_v1(%(name)s, %(want)s)
 -- complaint also suppresses and unsubscribes the account's contact with that address).
 SELECT pgcast_message_feedback_v2(%(provider_id)s, %(event)s, %(at)s, %(detail)s) AS id
 
+-- message_learn_provider_id --
+-- An `unknown` message (the provider's answer was lost) learns its provider id from an SES
+-- event tagged with its id (EmailTag pgcast_message), so that the event can resolve it.
+UPDATE messages SET provider_message_id = %(provider_id)s
+WHERE id = %(id)s AND status = 'unknown' AND provider_message_id IS NULL
+
 -- messages_share --
 -- Set the share of a bucket's rate messages may take while broadcasts wait.
 SELECT * FROM pgcast_messages_share_v1(%(name)s, %(share)s)

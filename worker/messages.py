@@ -240,9 +240,14 @@ class Loop:
                 done.set_result(self.sender.send_one(msg, tries, stop))
                 calls.append(done)
         outcomes = list(await asyncio.gather(*calls))
+        blocked = next((o for o in outcomes if o.outcome == "release" and o.pause_reason), None)
         for o in outcomes:
-            if o.outcome == "release" and o.pause_reason:
-                o.retry_in = BLOCKED_RETRY  # the account is blocked: not a hot loop
+            if o.outcome == "release" and blocked is not None:
+                # the account is blocked: the whole group waits, the ones never called too
+                # (put back at once, each would be claimed and called again: a hot loop of
+                # refused calls, one per message)
+                o.retry_in = BLOCKED_RETRY
+                o.error = o.error or blocked.error
             if o.outcome == "sent":
                 self.counts.sent += 1
             elif o.outcome == "failed":
