@@ -53,7 +53,8 @@ def test_contacts_list_and_count_by_status_and_tag(conn: Conn, db_url: str) -> N
     conn.execute("UPDATE contacts SET suppressed_at = now(), suppressed_reason = 'bounce' "
                  "WHERE email = 'user2@example.com'")
     counted = json.loads(run(db_url, "contacts", "count").stdout)
-    assert counted == {"total": 8, "subscribed": 6, "unsubscribed": 1, "suppressed": 1}
+    assert counted == {"total": 8, "subscribed": 6, "unsubscribed": 1, "suppressed": 1,
+                       "unconfirmed": 0}
     assert json.loads(run(db_url, "contacts", "count", "--tag", "vip").stdout)["total"] == 5
     listed = json.loads(run(db_url, "contacts", "list", "--status", "subscribed",
                             "--tag", "vip").stdout)
