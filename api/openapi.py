@@ -158,7 +158,8 @@ SCHEMAS: dict[str, Any] = {
         k: INT for k in ("total", "pending", "sent", "failed", "skipped", "unknown", "cancelled")},
         **FEEDBACK_COUNTERS,
         "rate": {"type": ["number", "null"], "minimum": 0,
-                 "description": "emails/s finished, averaged since started_at"},
+                 "description": "emails/s finished in the current run: since started_at, "
+                                "or since the last retry"},
         "eta_seconds": {"type": ["integer", "null"], "minimum": 0},
         "scheduled_at": TIME_OR_NULL, "filter_used": FILTER_USED,
         "share_per_second": {"type": ["number", "null"], "minimum": 0, "description":

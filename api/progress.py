@@ -27,24 +27,30 @@ RETRY_MS = 3000  # the EventSource reconnect delay we ask browsers for
 
 
 def progress_json(row: dict[str, Any]) -> dict[str, Any]:
-    """The progress shape; rate is the average since started_at, in emails per second.
+    """The progress shape; rate is the average of the current run, in emails per second.
 
     share_per_second is the broadcast's fair share of the global rate among the broadcasts
     taking tokens now (the rate_shares_active view); null when it takes none (no global
     limit, or nothing of it is being sent this second).
 
-    rate counts every recipient a worker finished (sent, failed, skipped, unknown) over the
-    time from started_at to finished_at, or to the database's now while running (paused time
-    included). eta_seconds is pending / rate while sending, 0 once terminal, else null.
+    rate counts every recipient a worker finished (sent, failed, skipped, unknown) in the
+    current run over the time from its start to finished_at, or to the database's now while
+    running (paused time included). The run starts at started_at, or at the last retry
+    (rate_since, rate_base: the recipients already finished then are not counted).
+    eta_seconds is pending / rate while sending, 0 once terminal, else null.
     """
     out: dict[str, Any] = {"status": row["status"],
                            **{k: int(row[k]) for k in (*COUNTS, *FEEDBACK)}}
     rate: float | None = None
-    if row["started_at"] is not None:
+    since = row.get("rate_since", row["started_at"])
+    if since is not None:
+        # this run's: from the first start, or from the last retry (what was finished before
+        # it is not counted, nor the time between the runs)
         done = out["sent"] + out["failed"] + out["skipped"] + out["unknown"]
+        done -= int(row.get("rate_base") or 0)
         end = row["finished_at"] or row["now"]
-        elapsed = max((end - row["started_at"]).total_seconds(), 0.001)
-        rate = round(done / elapsed, 2)
+        elapsed = max((end - since).total_seconds(), 0.001)
+        rate = round(max(done, 0) / elapsed, 2)
     eta: int | None = None
     if out["status"] in broadcasts.TERMINAL:
         eta = 0

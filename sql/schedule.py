@@ -103,7 +103,7 @@ def in_doubt_seconds() -> float:
 
 
 def retry_result(row: dict[str, Any], include_unknown: bool) -> dict[str, Any]:
-    """The answer to a retry, from a pgcast_retry_v2 row."""
+    """The answer to a retry, from a pgcast_retry_v3 row."""
     doubt = int(row.get("in_doubt") or 0)
     left = (f"; {doubt} unknown recipients were handed off too recently (their call may "
             "still be answered) and were left as they are") if doubt else ""

@@ -9,9 +9,9 @@ SELECT * FROM pgcast_schedule_v1(%(account)s, %(id)s, %(at)s, %(not_after)s, %(d
 SELECT * FROM pgcast_unschedule_v1(%(account)s, %(id)s, %(details)s::jsonb)
 
 -- broadcast_retry --
--- A finished broadcast's failed (and, when asked, unknown) rows back to pending (pgcast_retry_v2;
+-- A finished broadcast's failed (and, when asked, unknown) rows back to pending (pgcast_retry_v3;
 -- unknown rows handed off less than `in_doubt` seconds ago stay).
-SELECT * FROM pgcast_retry_v2(%(account)s, %(id)s, %(include_unknown)s, %(in_doubt)s,
+SELECT * FROM pgcast_retry_v3(%(account)s, %(id)s, %(include_unknown)s, %(in_doubt)s,
                               %(details)s::jsonb)
 
 -- broadcast_copy --

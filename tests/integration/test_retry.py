@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import uuid
 from typing import Any
 
 import psycopg
 
+from api import progress as api_progress
 from sql import contacts, schedule
 from sql.queries import QUERIES
 from tests import support
@@ -120,3 +122,40 @@ def test_retry_is_refused_unless_finished(conn: Conn) -> None:
                           "message": f"Broadcast is {status}; only a finished (sent or "
                                      "failed) broadcast can be retried"}
     assert support.progress(conn, sending)["pending"] == 3
+
+
+def test_rate_after_a_retry_counts_that_run_only(conn: Conn) -> None:
+    """Issue 31: `rate` averaged from the first start, over the wait before the retry too."""
+    bid, ids, _ = finished_with(conn, ["sent", "failed", "failed", "unknown"])
+    # the first run started two hours ago and ended an hour later
+    conn.execute("UPDATE broadcasts SET started_at = now() - interval '2 hours', "
+                 "finished_at = now() - interval '1 hour' WHERE id = %s", (bid,))
+
+    def progress() -> dict[str, Any]:
+        row = conn.execute(QUERIES["api_progress"], {"account": "default", "id": bid}).fetchone()
+        assert row is not None
+        return api_progress.progress_json(dict(row))
+
+    assert progress()["rate"] == round(4 / 3600, 2)  # the first run: 4 finished in an hour
+    assert schedule.retry(conn, "default", bid)["requeued"] == 2
+    row = conn.execute("SELECT epoch_started_at, epoch_done, started_at, now() AS now "
+                       "FROM broadcasts WHERE id = %s", (bid,)).fetchone()
+    assert row is not None
+    # sent and unknown were finished before the retry; started_at stays the first start
+    assert row["epoch_done"] == 2
+    assert row["now"] - dt.timedelta(minutes=1) < row["epoch_started_at"] <= row["now"]
+    assert row["started_at"] < row["now"] - dt.timedelta(hours=1)
+    assert progress()["rate"] == 0.0  # nothing finished yet in this run
+    token, claimed = dispatch.claim(conn, bid, 10)
+    dispatch.handoff(conn, bid, claimed[0]["epoch"], token, ids[1:3])
+    dispatch.record(conn, bid, token, ids[1:3], "sent")
+    conn.execute(QUERIES["finalize"], {"id": bid})
+    done = conn.execute("SELECT finished_at - epoch_started_at AS took FROM broadcasts "
+                        "WHERE id = %s", (bid,)).fetchone()
+    assert done is not None
+    took = max(done["took"].total_seconds(), 0.001)
+    p = progress()
+    assert (p["status"], p["sent"]) == ("sent", 3)
+    # 2 recipients over this run's own time; from the first start it was 4 over 2 hours
+    assert p["rate"] == round(2 / took, 2)
+    assert p["rate"] > 1.0
