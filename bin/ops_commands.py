@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from typing import Any
 
 from bin import broadcast_commands, logs, output
@@ -16,6 +17,9 @@ DEFAULT_AGE = "90d"
 def cmd_retention(args: argparse.Namespace) -> int:
     """Archive (or, with --dry-run, list the count of) broadcasts older than --older-than."""
     older_than = retention.parse_age(args.older_than)
+    note = retention.minutes_note(args.older_than)
+    if note:
+        print(note, file=sys.stderr)
     try:
         logs.configure(os.environ.get("PGCAST_LOG_LEVEL", "WARNING"))
     except ValueError as exc:
@@ -41,7 +45,8 @@ def register(sub: Any) -> None:
     """Add `retention` and `lookup` to the pgcast command line."""
     r = sub.add_parser("retention", help="move finished broadcasts' recipients to the archive")
     r.add_argument("--older-than", default=DEFAULT_AGE, metavar="AGE",
-                   help=f"finished more than AGE ago: 90d, 12h, 30m, 45s (default {DEFAULT_AGE})")
+                   help=f"finished more than AGE ago: {retention.AGE_HELP} (default "
+                        f"{DEFAULT_AGE})")
     r.add_argument("--dry-run", action="store_true",
                    help="count what would be archived; change nothing")
     r.set_defaults(func=cmd_retention)

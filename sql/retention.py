@@ -19,16 +19,32 @@ from sql.queries import QUERIES
 
 log = logging.getLogger("pgcast.retention")
 
-_AGE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([dhms]?)\s*$")
-_UNIT = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0, "": 86400.0}  # seconds; bare = days
+_AGE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(min|mo|[smhdwM]?)\s*$")
+_UNIT = {"s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0, "d": 86400.0, "": 86400.0,
+         "w": 7 * 86400.0, "mo": 30 * 86400.0, "M": 30 * 86400.0}  # seconds; bare = days
+AGE_HELP = ("90d, 12h, 30min (or 30m), 45s, 2w, 3mo (or 3M: months of 30 days); "
+            "a bare number is days")
 
 
 def parse_age(text: str) -> float:
-    """`90d`, `12h`, `30m`, `45s` or a bare number of days, in seconds; InvalidInput otherwise."""
+    """`90d`, `12h`, `30min`/`30m`, `45s`, `2w`, `3mo`/`3M` (30-day months) or a bare number
+    of days, in seconds; InvalidInput otherwise."""
     m = _AGE.match(text)
     if not m:
-        raise errors.InvalidInput(f"--older-than must look like 90d, 12h, 30m or 45s: {text!r}")
+        raise errors.InvalidInput(f"--older-than must be a number and a unit, {AGE_HELP}: "
+                                  f"{text!r}")
     return float(m.group(1)) * _UNIT[m.group(2)]
+
+
+def minutes_note(text: str) -> str | None:
+    """A note when an age says `m`, which is minutes here (as in systemd and cron tools) but
+    reads as months to some: the spelling that says which, for scripts and cron mail."""
+    m = _AGE.match(text)
+    if not m or m.group(2) != "m":
+        return None
+    n = m.group(1)
+    return (f"pgcast: --older-than {text.strip()} means minutes (write {n}min to say so; "
+            f"months are {n}mo)")
 
 
 @dataclass

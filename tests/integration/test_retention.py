@@ -146,9 +146,32 @@ def test_ages_are_parsed_with_units() -> None:
     assert retention.parse_age("12h") == 12 * 3600
     assert retention.parse_age("30m") == 1800 and retention.parse_age("45s") == 45
     assert retention.parse_age("7") == 7 * DAY
-    for bad in ("", "-1d", "90 days", "1w"):
+    for bad in ("", "-1d", "90 days", "1y", "1mon"):
         with pytest.raises(errors.InvalidInput):
             retention.parse_age(bad)
+
+
+def test_minutes_and_months_each_have_a_spelling_that_says_which() -> None:
+    """Issue 31: `--older-than 1m` meant minutes, silently, where months were meant."""
+    assert retention.parse_age("30min") == retention.parse_age("30m") == 1800
+    assert retention.parse_age("3mo") == retention.parse_age("3M") == 90 * DAY
+    assert retention.parse_age("2w") == 14 * DAY
+    assert retention.minutes_note("30min") is None and retention.minutes_note("3mo") is None
+    assert retention.minutes_note("1m") == (
+        "pgcast: --older-than 1m means minutes (write 1min to say so; months are 1mo)")
+
+
+def test_the_command_says_when_m_means_minutes(db_url: str, conn: Conn) -> None:
+    support.seed_contacts(conn, 3)
+    bid = sent_broadcast(conn)
+    age(conn, bid, 2)  # finished two days ago: older than a minute, younger than a month
+    month = support.pgcast(db_url, "retention", "--older-than", "1mo", "--dry-run")
+    assert json.loads(month.stdout)["broadcasts"] == 0 and month.stderr == ""
+    minute = support.pgcast(db_url, "retention", "--older-than", "1m", "--dry-run")
+    assert json.loads(minute.stdout)["broadcasts"] == 1
+    assert "1m means minutes" in minute.stderr and "months are 1mo" in minute.stderr
+    bad = support.pgcast(db_url, "retention", "--older-than", "1 month", check=False)
+    assert bad.returncode == 2 and "3mo (or 3M: months of 30 days)" in bad.stderr
 
 
 def test_the_command_archives_and_prints_what_it_did(db_url: str, conn: Conn) -> None:
