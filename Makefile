@@ -4,25 +4,46 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+EMBEDDED := $(VENV)/.embedded
+DEV := $(VENV)/.dev
 
 .DEFAULT_GOAL := help
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-12s %s\n", $$1, $$2}'
 
-install: $(STAMP) ## create .venv with pgcast and everything it needs
+install: $(STAMP) ## create .venv with pgcast and what production needs (nothing else)
 
-$(STAMP): pyproject.toml
+dev: $(DEV) ## what `make install` does, plus the test, lint and bench tools and the embedded Postgres
+
+$(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+
+# editable: `git pull` updates the code in .venv; pyproject.toml changes reinstall
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e .
 	touch $(STAMP)
 
-demo: install ## run the whole system on an embedded Postgres and show it working
+$(EMBEDDED): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[embedded]'
+	touch $(STAMP) $(EMBEDDED)
+
+$(DEV): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP) $(EMBEDDED) $(DEV)
+
+demo: $(EMBEDDED) ## run the whole system on an embedded Postgres and show it working
 	PGCAST_HOME="$${PGCAST_HOME:-$(CURDIR)/.pgcast}" $(BIN)/python -m bin.demo
 
-test: install ## run every test (unit, integration, acceptance) on a real Postgres
+test: $(DEV) licenses ## run every test (unit, integration, acceptance) on a real Postgres
 	$(BIN)/pytest
+
+licenses: $(DEV) ## refuse a copyleft licence among the runtime dependencies (not the dev tools)
+	$(BIN)/python -m tests.licenses
+
+test-wheel: $(DEV) ## build the wheel, install it alone in a fresh venv, run pgcast from it
+	$(BIN)/pytest -p no:cacheprovider tests/wheel
 
 # Debian's chromium drives the browser tests (Playwright's own browser download is not used)
 CHROMIUM := /usr/bin/chromium
@@ -32,29 +53,29 @@ $(CHROMIUM):
 	$(SUDO) apt-get update -qq
 	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium
 
-test-browser: install $(CHROMIUM) ## run the dashboard's tests in a real headless Chromium
+test-browser: $(DEV) $(CHROMIUM) ## run the dashboard's tests in a real headless Chromium
 	$(BIN)/pytest tests/browser
 
-screenshot: install $(CHROMIUM) ## regenerate docs/dashboard.png with the browser test's own steps
+screenshot: $(DEV) $(CHROMIUM) ## regenerate docs/dashboard.png with the browser test's own steps
 	PGCAST_SCREENSHOT_DIR=$(CURDIR)/docs $(BIN)/pytest -q tests/browser \
 		-k test_import_create_send_watch_pause_resume
 
-test-pg15: install ## integration, acceptance and PgBouncer rings on Debian's PostgreSQL 15 (apt-get installs it)
+test-pg15: $(DEV) ## integration, acceptance and PgBouncer rings on Debian's PostgreSQL 15 (apt-get installs it)
 	$(BIN)/python -m tests.realpg --version 15 --pgbouncer -- \
 		$(BIN)/pytest tests/integration tests/acceptance tests/pooled
 
-test-unit: install ## run the unit tests only (no database)
+test-unit: $(DEV) ## run the unit tests only (no database)
 	$(BIN)/pytest tests/unit
 
-lint: install ## ruff and mypy
+lint: $(DEV) ## ruff and mypy
 	$(BIN)/ruff check .
-	$(BIN)/mypy
+	$(BIN)/python -m tests.typecheck
 
-bench: install ## run bench/ and rewrite bench/RESULTS.md
+bench: $(DEV) ## run bench/ and rewrite bench/RESULTS.md
 	$(BIN)/python -m bench.run
 
 clean: ## stop the embedded Postgres and remove .pgcast/
 	-$(BIN)/pgcast db stop
 	rm -rf .pgcast
 
-.PHONY: help install demo test test-browser screenshot test-pg15 test-unit lint bench clean
+.PHONY: help install dev demo test licenses test-wheel test-browser screenshot test-pg15 test-unit lint bench clean

@@ -85,7 +85,8 @@ def run_case(url: str, rate: float, seconds: float, logs: Path) -> Result:
         env = {**os.environ, "DATABASE_URL": url, "PYTHONPATH": str(ROOT),
                "PGCAST_PROVIDER": "null", "PGCAST_RATE": str(rate), "PGCAST_BURST": str(burst),
                "PGCAST_LOG_LEVEL": "WARNING"}
-        procs = [subprocess.Popen([sys.executable, "-m", "bin.cli", "worker"], cwd=ROOT, env=env,
+        procs = [subprocess.Popen([sys.executable, "-m", "bin.cli", "worker"],
+                                  cwd=ROOT, env=env,
                                   stdout=(logs / f"worker-{rate:g}-{i}.log").open("w"),
                                   stderr=subprocess.STDOUT, start_new_session=True)
                  for i in range(WORKERS)]

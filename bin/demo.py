@@ -54,8 +54,8 @@ def generate_contacts(path: Path) -> list[str]:
 def start_worker(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     """One `pgcast worker` process with the file provider."""
     with log.open("w") as out:
-        return subprocess.Popen([sys.executable, "-m", "bin.cli", "worker", "--concurrency", "2",
-                                 "--group-size", "25"], env=env, stdout=out,
+        return subprocess.Popen([sys.executable, "-m", "bin.cli", "worker",
+                                 "--concurrency", "2", "--group-size", "25"], env=env, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
 
 
@@ -77,8 +77,8 @@ def start_api(home: Path, env: dict[str, str]) -> tuple[str, str]:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
     with (home / "demo-api.log").open("w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "bin.cli", "api", "--host", "127.0.0.1",
-                                 "--port", str(port)], env=env, stdout=out,
+        proc = subprocess.Popen([sys.executable, "-m", "bin.cli", "api",
+                                 "--host", "127.0.0.1", "--port", str(port)], env=env, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
     pid_file.write_text(str(proc.pid))
     url = f"http://127.0.0.1:{port}"

@@ -60,7 +60,13 @@ def _quiet_import() -> object:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with contextlib.redirect_stderr(io.StringIO()):
-            import pgserver
+            try:
+                import pgserver
+            except ImportError:  # `make install` and a plain `pip install pgcast` leave it out
+                raise errors.EmbeddedServerError(
+                    "DATABASE_URL is not set and the embedded Postgres is not installed: set "
+                    "DATABASE_URL, or install pgcast[embedded] (`make demo` and `make dev` "
+                    "do)") from None
     return pgserver
 
 

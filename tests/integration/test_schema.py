@@ -62,8 +62,9 @@ def test_migrate_is_idempotent(db_url: str) -> None:
 def test_two_migrates_at_once_are_safe(pg_server: str) -> None:
     with support.fresh_database(pg_server, "template0") as url:
         env = support.pgcast_env(url)
-        runs = [subprocess.Popen([sys.executable, "-m", "bin.cli", "migrate"], cwd=support.ROOT,
-                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        runs = [subprocess.Popen([sys.executable, "-m", "bin.cli", "migrate"],
+                                 cwd=support.ROOT, env=env, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True)
                 for _ in range(3)]
         outputs = [p.communicate(timeout=120) for p in runs]
         assert [p.returncode for p in runs] == [0, 0, 0], outputs
