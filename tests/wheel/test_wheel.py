@@ -1,4 +1,4 @@
-"""The wheel alone (`make test-wheel`): `python -m build` makes it, `pip install` puts it in a
+"""The wheel alone (`make test-wheel`): `python -m build` makes it (from its sdist), `pip install` puts it in a
 fresh venv beside nothing else, and the installed `pgcast` migrates a new database, sends an
 HTML-only broadcast with `worker --once` (render processes, package data, the plain-text
 part) and serves the dashboard's files from the installed package."""
@@ -48,8 +48,10 @@ def empty_db(pg_server: str) -> Iterator[str]:
 def test_the_wheel_installs_alone_and_runs(tmp_path: Path, empty_db: str) -> None:
     transcript: list[str] = []
     dist = tmp_path / "dist"
-    run([sys.executable, "-m", "build", "--wheel", "--outdir", str(dist), str(support.ROOT)],
-        transcript)
+    # an sdist first, then the wheel from it (python -m build's default): never from a
+    # build/lib left in the checkout by an earlier build, which may hold deleted modules
+    run([sys.executable, "-m", "build", "--outdir", str(dist), str(support.ROOT)], transcript)
+    transcript[-1] = "\n".join(transcript[-1].splitlines()[-2:])  # the names of the files
     wheels = list(dist.glob("pgcast-*.whl"))
     assert len(wheels) == 1, transcript[-1]
     names = zipfile.ZipFile(wheels[0]).namelist()
@@ -93,9 +95,10 @@ def test_the_wheel_installs_alone_and_runs(tmp_path: Path, empty_db: str) -> Non
     sent = [p for p in outbox.rglob("*") if p.is_file()]
     assert len(sent) == 1, transcript
     message = email.message_from_bytes(sent[0].read_bytes())
-    parts = {p.get_content_type(): p.get_payload(decode=True).decode()  # type: ignore[union-attr]
+    parts = {p.get_content_type(): p.get_payload(decode=True)
              for p in message.walk() if not p.is_multipart()}
-    assert parts["text/plain"].startswith("# News\n\nHello Ann\n\n* [Unsubscribe](")
+    text = parts["text/plain"].decode().replace("\r\n", "\n")  # type: ignore[union-attr]
+    assert text.startswith("# News\n\nHello Ann\n\n* [Unsubscribe](http"), text
     static = run([py, "-c", "import pgcast.api.dashboard_routes as d; "
                   "print((d.STATIC_DIR / 'index.html').is_file())"], transcript, **elsewhere)
     assert static.stdout.strip() == "True"
