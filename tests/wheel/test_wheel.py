@@ -109,7 +109,7 @@ def test_the_wheel_installs_alone_and_runs(tmp_path: Path, empty_db: str) -> Non
                            cwd=str(tmp_path), env={k: v for k, v in env.items()
                                                    if k != "DATABASE_URL"})
     transcript.append("$ pgcast migrate   # without DATABASE_URL\n" + no_db.stderr)
-    assert no_db.returncode != 0 and "pgcast[embedded]" in no_db.stderr
+    assert no_db.returncode == 2 and "pgcast[embedded]" in no_db.stderr
     assert no_db.stderr.count("\n") == 1, no_db.stderr  # one line, no traceback
     (support.ROOT / "build").mkdir(exist_ok=True)
     (support.ROOT / "build" / "wheel-transcript.txt").write_text("\n".join(transcript))
