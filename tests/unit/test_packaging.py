@@ -52,3 +52,18 @@ def test_no_module_imports_a_folder_as_a_top_level_package() -> None:
             old += [f"{rel}:{node.lineno}: {n}" for n in names if n.split(".")[0] in tops]
     assert not old, "import them as pgcast.<folder> (from pgcast.worker import x): " + \
         "; ".join(old)
+
+
+def test_every_subfolder_is_a_listed_package() -> None:
+    # pyproject's `packages` is a list: a new subfolder left out of it would be left out of
+    # the wheel (the editable install would still find it, so only the wheel would break)
+    with (ROOT / "pyproject.toml").open("rb") as f:
+        listed = set(tomllib.load(f)["tool"]["setuptools"]["packages"])
+    found = set()
+    for name, folder in package_dirs().items():
+        for sub in [ROOT / folder, *(ROOT / folder).rglob("*")]:
+            if sub.is_dir() and sub.name != "__pycache__" and any(
+                    p.is_file() for p in sub.iterdir()):
+                rel = sub.relative_to(ROOT / folder).parts
+                found.add(".".join((name, *rel)))
+    assert found == listed
