@@ -7,9 +7,15 @@ are mapped into this package by the build configuration (pyproject.toml, package
 
 from __future__ import annotations
 
-from importlib import metadata
 
-try:
-    __version__ = metadata.version("pgcast")
-except metadata.PackageNotFoundError:  # a checkout that was never installed
-    __version__ = "unknown"
+def __getattr__(name: str) -> str:
+    """`pgcast.__version__`, read from the installed metadata when asked: importing pgcast
+    (every render process and command does) costs nothing (importlib.metadata: ~30 ms)."""
+    if name != "__version__":
+        raise AttributeError(f"module 'pgcast' has no attribute {name!r}")
+    from importlib import metadata
+
+    try:
+        return metadata.version("pgcast")
+    except metadata.PackageNotFoundError:  # a checkout that was never installed
+        return "unknown"

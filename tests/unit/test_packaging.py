@@ -67,3 +67,11 @@ def test_every_subfolder_is_a_listed_package() -> None:
                 rel = sub.relative_to(ROOT / folder).parts
                 found.add(".".join((name, *rel)))
     assert found == listed
+
+
+def test_the_version_is_the_installed_distributions() -> None:
+    from importlib import metadata
+
+    import pgcast
+
+    assert pgcast.__version__ == metadata.version("pgcast")
