@@ -1,7 +1,7 @@
-"""The wheel alone (`make test-wheel`): `python -m build` makes it (from its sdist), `pip install` puts it in a
-fresh venv beside nothing else, and the installed `pgcast` migrates a new database, sends an
-HTML-only broadcast with `worker --once` (render processes, package data, the plain-text
-part) and serves the dashboard's files from the installed package."""
+"""The wheel alone (`make test-wheel`): `python -m build` makes it (from its sdist),
+`pip install` puts it in a fresh venv beside nothing else, and the installed `pgcast` migrates
+a new database, sends an HTML-only broadcast with `worker --once` (render processes, package
+data, the plain-text part) and serves the dashboard's files from the installed package."""
 
 from __future__ import annotations
 
