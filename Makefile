@@ -34,7 +34,7 @@ $(DEV): pyproject.toml | $(BIN)/python
 	touch $(STAMP) $(EMBEDDED) $(DEV)
 
 demo: $(EMBEDDED) ## run the whole system on an embedded Postgres and show it working
-	PGCAST_HOME="$${PGCAST_HOME:-$(CURDIR)/.pgcast}" $(BIN)/python -m bin.demo
+	PGCAST_HOME="$${PGCAST_HOME:-$(CURDIR)/.pgcast}" $(BIN)/python -m pgcast.bin.demo
 
 test: $(DEV) licenses ## run every test (unit, integration, acceptance) on a real Postgres
 	$(BIN)/pytest

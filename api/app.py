@@ -17,7 +17,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from api import (
+from pgcast.api import (
     auth,
     broadcasts,
     config,
@@ -31,21 +31,21 @@ from api import (
     openapi,
     subscriber_pages,
 )
-from api import bounds as body_bounds
-from api import dashboard_routes as dashboard
-from api import forms as forms_routes
-from api import messages as message_routes
-from api import preview as preview_routes
-from api import progress as progress_routes
-from api import schedule as schedule_routes
-from api import segments as segment_routes
-from api import suppression as suppression_routes
-from api import testsend as testsend_routes
-from api import tracking as tracking_routes
-from api import unsubscribe as unsubscribe_routes
-from api import webhooks as webhook_routes
-from mail import renderpool
-from sql import errors as sql_errors
+from pgcast.api import bounds as body_bounds
+from pgcast.api import dashboard_routes as dashboard
+from pgcast.api import forms as forms_routes
+from pgcast.api import messages as message_routes
+from pgcast.api import preview as preview_routes
+from pgcast.api import progress as progress_routes
+from pgcast.api import schedule as schedule_routes
+from pgcast.api import segments as segment_routes
+from pgcast.api import suppression as suppression_routes
+from pgcast.api import testsend as testsend_routes
+from pgcast.api import tracking as tracking_routes
+from pgcast.api import unsubscribe as unsubscribe_routes
+from pgcast.api import webhooks as webhook_routes
+from pgcast.mail import renderpool
+from pgcast.sql import errors as sql_errors
 
 log = logging.getLogger("pgcast.api")
 
@@ -209,6 +209,6 @@ def create_app(settings: config.Settings, database_url: str) -> Starlette:
 
 def from_env() -> Starlette:
     """The app configured from the environment (uvicorn --factory api.app:from_env)."""
-    from sql import db as sql_db
+    from pgcast.sql import db as sql_db
 
     return create_app(config.from_env(), sql_db.database_url())

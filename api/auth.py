@@ -16,8 +16,8 @@ from starlette.authentication import (
 from starlette.requests import HTTPConnection
 from starlette.responses import JSONResponse, Response
 
-from api import config, errors
-from mail import validate as validate_mail
+from pgcast.api import config, errors
+from pgcast.mail import validate as validate_mail
 
 log = logging.getLogger("pgcast.api")
 

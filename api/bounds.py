@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api import errors, http
+from pgcast.api import errors, http
 
 MAX_REQUEST_BYTES = 64 * 1024 * 1024  # the largest body any route takes (a CSV import)
 

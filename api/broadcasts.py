@@ -13,11 +13,11 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
-from api import auth, context, control, db, errors, http, rendering, senders
-from api import segments as segment_routes
-from mail import template
-from sql import broadcasts, drafts, segments, tracking
-from sql import errors as sql_errors
+from pgcast.api import auth, context, control, db, errors, http, rendering, senders
+from pgcast.api import segments as segment_routes
+from pgcast.mail import template
+from pgcast.sql import broadcasts, drafts, segments, tracking
+from pgcast.sql import errors as sql_errors
 
 PAGE_DEFAULT = 50
 PAGE_MAX = 200

@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.kdf import hkdf
 
-from api import errors
+from pgcast.api import errors
 
 MIN_SECRET_BYTES = 32  # HS256 keys shorter than the hash output are guessable offline
 DEFAULT_LEEWAY = 10.0  # seconds of clock skew tolerated on exp/nbf/iat

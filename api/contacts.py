@@ -11,11 +11,11 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
-from api import auth, context, db, errors, http
-from mail import errors as mail_errors
-from mail import validate as validate_mail
-from sql import contacts
-from sql import errors as sql_errors
+from pgcast.api import auth, context, db, errors, http
+from pgcast.mail import errors as mail_errors
+from pgcast.mail import validate as validate_mail
+from pgcast.sql import contacts
+from pgcast.sql import errors as sql_errors
 
 MAX_PER_CALL = 10_000  # contacts in one POST /contacts
 PAGE_DEFAULT = 100

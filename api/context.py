@@ -6,9 +6,9 @@ import uuid
 
 from starlette.requests import HTTPConnection
 
-from api import config, db, errors
-from sql import broadcasts
-from sql import errors as sql_errors
+from pgcast.api import config, db, errors
+from pgcast.sql import broadcasts
+from pgcast.sql import errors as sql_errors
 
 NO_BROADCAST = "broadcast not found"  # the same text for unknown ids and other accounts' ids
 

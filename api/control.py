@@ -12,8 +12,8 @@ from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import Response
 
-from api import auth, context, db, errors, http, senders
-from sql import broadcasts, segments
+from pgcast.api import auth, context, db, errors, http, senders
+from pgcast.sql import broadcasts, segments
 
 PAUSE_REASON = "operator"
 SEND_FIELDS = {"allow_empty": http.BOOLEAN}

@@ -16,7 +16,7 @@ import struct
 from cryptography import exceptions as crypto_errors
 from cryptography.hazmat.primitives.ciphers import aead
 
-from api import errors
+from pgcast.api import errors
 
 NONCE_BYTES = 12  # AES-GCM's standard nonce; random per cursor
 INVALID = "cursor is not a cursor this API returned for this list"

@@ -20,9 +20,9 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import Scope
 
-from api import auth, context, db, errors, http
-from sql import contacts, segments
-from sql import errors as sql_errors
+from pgcast.api import auth, context, db, errors, http
+from pgcast.sql import contacts, segments
+from pgcast.sql import errors as sql_errors
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 MAX_IMPORT_BYTES = 64 * 1024 * 1024  # a CSV upload; about 1,000,000 contacts with names

@@ -10,9 +10,9 @@ import psycopg
 from psycopg.rows import DictRow, dict_row
 from psycopg_pool import AsyncConnectionPool
 
-from api import errors
-from sql import db as sql_db
-from sql.queries import QUERIES
+from pgcast.api import errors
+from pgcast.sql import db as sql_db
+from pgcast.sql.queries import QUERIES
 
 CHECKOUT_TIMEOUT = 5.0  # seconds a request waits for a pooled connection before a 503
 

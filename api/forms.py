@@ -10,10 +10,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from api import auth, context, db, errors, http
-from api import unsubscribe as unsubscribe_routes
-from sql import errors as sql_errors
-from sql import subscribers
+from pgcast.api import auth, context, db, errors, http
+from pgcast.api import unsubscribe as unsubscribe_routes
+from pgcast.sql import errors as sql_errors
+from pgcast.sql import subscribers
 
 FORM_OPTIONAL = {"tags": http.ARRAY_OR_NULL, "double_opt_in": http.BOOLEAN,
                  "redirect": http.STRING_OR_NULL, "embeddable": http.BOOLEAN}

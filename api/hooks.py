@@ -12,9 +12,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from api import auth, context, db, errors, http
-from sql import errors as sql_errors
-from sql import hooks
+from pgcast.api import auth, context, db, errors, http
+from pgcast.sql import errors as sql_errors
+from pgcast.sql import hooks
 
 NO_ENDPOINT = "no such webhook endpoint in this account"
 PAGE_DEFAULT = 100

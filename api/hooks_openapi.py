@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from api.openapi import (
+from pgcast.api.openapi import (
     ID,
     INT,
     STR,
@@ -17,7 +17,7 @@ from api.openapi import (
     op,
     ref,
 )
-from sql import hooks
+from pgcast.sql import hooks
 
 EVENTS = {"type": "array", "minItems": 1,
           "items": {"enum": [*hooks.EVENT_TYPES, hooks.ALL]}}

@@ -14,7 +14,7 @@ import anyio.to_thread
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from api import errors
+from pgcast.api import errors
 
 MAX_BODY_BYTES = 8 * 1024 * 1024  # 10,000 contacts with names and tags fit easily
 

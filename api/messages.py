@@ -15,10 +15,10 @@ import psycopg
 from starlette.requests import Request
 from starlette.responses import Response
 
-from api import auth, context, db, errors, http, rendering
-from mail import errors as mail_errors
-from mail import renderpool, transactional, validate
-from sql import senders as sql_senders
+from pgcast.api import auth, context, db, errors, http, rendering
+from pgcast.mail import errors as mail_errors
+from pgcast.mail import renderpool, transactional, validate
+from pgcast.sql import senders as sql_senders
 
 NO_MESSAGE = "no such message"
 MAX_KEY = 255  # characters of an idempotency key

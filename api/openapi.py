@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from api import forms as forms_routes
+from pgcast.api import forms as forms_routes
 
 BROADCAST_STATUSES = ["draft", "scheduled", "sending", "paused", "sent", "failed",
                       "cancelled"]
@@ -576,7 +576,7 @@ def _message_paths() -> dict[str, Any]:
 
 def document() -> dict[str, Any]:
     """The whole OpenAPI 3.1 document."""
-    from api import hooks_openapi  # outgoing webhooks; it uses this module's helpers
+    from pgcast.api import hooks_openapi  # outgoing webhooks; it uses this module's helpers
 
     return {
         "openapi": "3.1.0",

@@ -7,8 +7,8 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
-from api import auth, context, db, errors, http, rendering
-from api import unsubscribe as unsubscribe_routes
+from pgcast.api import auth, context, db, errors, http, rendering
+from pgcast.api import unsubscribe as unsubscribe_routes
 
 
 async def show(request: Request) -> Response:

@@ -12,8 +12,8 @@ import anyio
 from starlette.requests import Request
 from starlette.responses import Response
 
-from api import auth, context, cursors, db, errors, http, openapi, streams
-from sql import broadcasts
+from pgcast.api import auth, context, cursors, db, errors, http, openapi, streams
+from pgcast.sql import broadcasts
 
 COUNTS = ("total", "pending", "sent", "failed", "skipped", "unknown", "cancelled")
 FEEDBACK = ("delivered", "bounced", "complained")  # SES feedback (issue 14), also O(1)

@@ -8,9 +8,9 @@ from typing import Any
 
 from starlette.requests import Request
 
-from api import errors
-from mail import errors as mail_errors
-from mail import renderpool
+from pgcast.api import errors
+from pgcast.mail import errors as mail_errors
+from pgcast.mail import renderpool
 
 
 def pool(request: Request) -> renderpool.RenderPool:

@@ -11,9 +11,9 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
-from api import auth, broadcasts, context, db, errors, http, senders
-from sql import errors as sql_errors
-from sql import schedule
+from pgcast.api import auth, broadcasts, context, db, errors, http, senders
+from pgcast.sql import errors as sql_errors
+from pgcast.sql import schedule
 
 TIME_FIELDS = {"at": http.STRING}
 WINDOW_FIELDS = {"not_after": http.STRING_OR_NULL}

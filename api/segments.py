@@ -8,9 +8,9 @@ import psycopg
 from starlette.requests import Request
 from starlette.responses import Response
 
-from api import auth, context, db, errors, http
-from sql import errors as sql_errors
-from sql import segments
+from pgcast.api import auth, context, db, errors, http
+from pgcast.sql import errors as sql_errors
+from pgcast.sql import segments
 
 SAVE_FIELDS = {"name": http.STRING, "filter": ("an object", (dict,))}
 COUNT_FIELDS = {"filter": ("an object", (dict,))}

@@ -6,8 +6,8 @@ import uuid
 
 from starlette.requests import Request
 
-from api import context, db, errors
-from sql import senders
+from pgcast.api import context, db, errors
+from pgcast.sql import senders
 
 
 async def check(request: Request, account: str, broadcast_id: uuid.UUID,

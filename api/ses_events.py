@@ -8,7 +8,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from api import sns
+from pgcast.api import sns
 
 BROADCAST_TAG = "pgcast_broadcast"  # EmailTags every SES send carries (worker/ses.py)
 CONTACT_TAG = "pgcast_contact"

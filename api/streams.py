@@ -15,7 +15,7 @@ from starlette.requests import HTTPConnection
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from api import context, errors
+from pgcast.api import context, errors
 
 RETRY_AFTER = 5  # seconds a refused client should wait before it tries again
 

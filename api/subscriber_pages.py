@@ -20,12 +20,12 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
 
-from api import context, db, errors, http, rendering
-from api import subscriber_html as pages
-from api import unsubscribe as unsubscribe_routes
-from mail import confirm, unsubscribe
-from mail import errors as mail_errors
-from mail import validate as validate_mail
+from pgcast.api import context, db, errors, http, rendering
+from pgcast.api import subscriber_html as pages
+from pgcast.api import unsubscribe as unsubscribe_routes
+from pgcast.mail import confirm, unsubscribe
+from pgcast.mail import errors as mail_errors
+from pgcast.mail import validate as validate_mail
 
 MAX_FORM = 4096  # bytes of a sign-up, confirm or preference POST
 MAX_CONFIRMATIONS = 3  # confirmation mails per address per 24 hours

@@ -7,9 +7,9 @@ import json
 from starlette.requests import Request
 from starlette.responses import Response
 
-from api import auth, context, cursors, db, errors, http
-from sql import errors as sql_errors
-from sql import feedback
+from pgcast.api import auth, context, cursors, db, errors, http
+from pgcast.sql import errors as sql_errors
+from pgcast.sql import feedback
 
 PAGE_DEFAULT = 100
 PAGE_MAX = 1000

@@ -7,11 +7,11 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
-from api import auth, context, db, errors, http, senders
-from mail import errors as mail_errors
-from mail import validate
-from sql import jobs
-from sql import senders as sql_senders
+from pgcast.api import auth, context, db, errors, http, senders
+from pgcast.mail import errors as mail_errors
+from pgcast.mail import validate
+from pgcast.sql import jobs
+from pgcast.sql import senders as sql_senders
 
 MAX_TO = 5  # addresses in one test send
 HOURLY_CAP = 50  # test messages per account per hour: the route is not a relay

@@ -24,10 +24,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from api import auth, context, db, errors, http, ses_events, tracking_events
-from api import unsubscribe as unsubscribe_routes
-from mail import tracking
-from sql import tracking as sql_tracking
+from pgcast.api import auth, context, db, errors, http, ses_events, tracking_events
+from pgcast.api import unsubscribe as unsubscribe_routes
+from pgcast.mail import tracking
+from pgcast.sql import tracking as sql_tracking
 
 CACHE = 1024  # broadcasts whose links a process keeps
 # characters of URLs and Location values a process keeps (a tenant's broadcast may hold 500

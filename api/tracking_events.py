@@ -32,8 +32,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from api import db
-from mail import tracking
+from pgcast.api import db
+from pgcast.mail import tracking
 
 log = logging.getLogger("pgcast.api.tracking")
 

@@ -17,8 +17,8 @@ import urllib.parse
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 
-from api import context, db, errors, http
-from mail import unsubscribe
+from pgcast.api import context, db, errors, http
+from pgcast.mail import unsubscribe
 
 MAX_FORM = 1024  # bytes of a one-click POST body we read
 ONE_CLICK = ("List-Unsubscribe", "One-Click")  # RFC 8058's form field and value

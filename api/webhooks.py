@@ -12,8 +12,8 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
-from api import context, db, errors, http, ses_events, sns
-from api import tracking as tracking_routes
+from pgcast.api import context, db, errors, http, ses_events, sns
+from pgcast.api import tracking as tracking_routes
 
 log = logging.getLogger("pgcast.api.webhooks")
 

@@ -32,8 +32,8 @@ import psycopg
 from psycopg import sql as pgsql
 from psycopg.conninfo import make_conninfo
 
-from api import auth, config
-from sql import embedded, migrate
+from pgcast.api import auth, config
+from pgcast.sql import embedded, migrate
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "bench-secret-0123456789-abcdefghijklmnop"
@@ -218,7 +218,7 @@ def run(url: str, args: argparse.Namespace) -> tuple[Figures, dict[int, Figures]
         port = s.getsockname()[1]
     base = f"http://127.0.0.1:{port}"
     env = dict(os.environ, DATABASE_URL=url, PGCAST_JWT_SECRET=SECRET, PGCAST_LOG_LEVEL="warning")
-    server = subprocess.Popen([sys.executable, "-m", "bin.cli", "api", "--port", str(port)],
+    server = subprocess.Popen([sys.executable, "-m", "pgcast.bin.cli", "api", "--port", str(port)],
                               cwd=ROOT, env=env, start_new_session=True)
     try:
         deadline = time.monotonic() + 30

@@ -30,8 +30,8 @@ import uuid
 import httpx
 import psutil
 
-from api import auth, config
 from bench import common
+from pgcast.api import auth, config
 from tests.unit.test_render_budget import DOUBLING, MACRO, SQUARES
 
 SECRET = "bench-secret-0123456789-abcdefghijklmnop"
@@ -83,7 +83,7 @@ def seed(url: str, recipients: int) -> None:
 
 def stored(url: str, account: str, text: str) -> uuid.UUID:
     """A draft whose text was stored before any check saw it (as older rows were)."""
-    from sql import broadcasts
+    from pgcast.sql import broadcasts
 
     with common.connect(url) as conn:
         row = broadcasts.create(conn, account, subject="Hi", from_address="n@example.com",
@@ -94,7 +94,7 @@ def stored(url: str, account: str, text: str) -> uuid.UUID:
 
 def send(url: str, account: str, bid: uuid.UUID) -> None:
     """Snapshot and start sending."""
-    from sql import broadcasts
+    from pgcast.sql import broadcasts
 
     with common.connect(url) as conn:
         assert broadcasts.send(conn, account, bid)["success"]
@@ -182,7 +182,7 @@ def run(url: str, args: argparse.Namespace) -> list[common.Figure]:
         port = s.getsockname()[1]
     base = f"http://127.0.0.1:{port}"
     env = common.child_env(url, PGCAST_JWT_SECRET=SECRET)
-    api = subprocess.Popen([sys.executable, "-m", "bin.cli", "api", "--port", str(port)],
+    api = subprocess.Popen([sys.executable, "-m", "pgcast.bin.cli", "api", "--port", str(port)],
                            cwd=common.ROOT, env=env, stdout=subprocess.DEVNULL,
                            stderr=subprocess.DEVNULL, start_new_session=True)
     settings = config.from_env({"PGCAST_JWT_SECRET": SECRET})

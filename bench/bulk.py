@@ -124,7 +124,7 @@ def stats(port: int) -> dict[str, int]:
 
 def messages(n: int) -> list[Any]:
     """n messages of the `merge` template, rendered here, each to its own contact."""
-    from worker import render
+    from pgcast.worker import render
 
     t = common.TEMPLATES["merge"]
     content = render.Content.from_row({
@@ -140,8 +140,8 @@ def bulk_request(batch: list[Any], configuration_set: str | None,
     """One SendBulkEmail request for messages of one broadcast (same sender, same parts);
     `shared`: the headers and tags every entry has the same are sent once, in DefaultContent's
     Template.Headers and DefaultEmailTags."""
-    from mail import message as mail_message
-    from worker import ses
+    from pgcast.mail import message as mail_message
+    from pgcast.worker import ses
 
     first = batch[0]
     content: dict[str, str] = {"Subject": "{{subject}}"}
@@ -237,7 +237,7 @@ def main(argv: list[str] | None = None) -> None:
                            "PGCAST_PUBLIC_URL": "https://pgcast.example",
                            "PGCAST_UNSUBSCRIBE_SECRET":
                                "bench-unsubscribe-secret-of-at-least-32-bytes"})
-        from worker import ses
+        from pgcast.worker import ses
 
         msgs = messages(args.messages)
         provider = ses.SesProvider.from_env(THREADS)

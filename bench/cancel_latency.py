@@ -24,7 +24,7 @@ import psycopg
 from psycopg.rows import dict_row
 
 from bench import common
-from sql import broadcasts
+from pgcast.sql import broadcasts
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -46,7 +46,7 @@ def run(url: str, cancels: int, recipients: int, rate: float) -> dict[str, Any]:
                    PGCAST_LOG_LEVEL="WARNING")
         env.pop("PGCAST_RATE", None)
         args = ["worker", "--concurrency", "2", "--group-size", "50", "--batch-size", "500"]
-        workers = [subprocess.Popen([sys.executable, "-m", "bin.cli", *args],
+        workers = [subprocess.Popen([sys.executable, "-m", "pgcast.bin.cli", *args],
                                     cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                                     stderr=subprocess.DEVNULL, start_new_session=True)
                    for _ in range(3)]

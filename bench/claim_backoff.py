@@ -23,7 +23,7 @@ import psycopg
 from psycopg.rows import dict_row
 
 from bench import common
-from sql.queries import QUERIES
+from pgcast.sql.queries import QUERIES
 
 BATCH = 500  # rows per claim, the worker's default
 

@@ -89,7 +89,7 @@ def server() -> Iterator[str]:
     if url:
         yield url
         return
-    from sql import embedded
+    from pgcast.sql import embedded
 
     base = Path(tempfile.mkdtemp(prefix="pgcast-benchsuite-"))
     os.chmod(base, 0o755)  # pgserver runs Postgres as an unprivileged user when we are root
@@ -121,7 +121,7 @@ def database(server_url: str, label: str, *, migrated: bool = True) -> Iterator[
     url = with_dbname(server_url, name)
     try:
         if migrated:
-            from sql import migrate
+            from pgcast.sql import migrate
 
             with psycopg.connect(url) as conn:
                 migrate.migrate(conn)
@@ -180,7 +180,7 @@ TEMPLATES: dict[str, dict[str, str | None]] = {
 def new_draft(conn: psycopg.Connection[dict[str, Any]], tag: str | None = None,
               template: str = "plain") -> uuid.UUID:
     """A draft broadcast of the bench account."""
-    from sql import broadcasts
+    from pgcast.sql import broadcasts
 
     t = TEMPLATES[template]
     row = broadcasts.create(conn, ACCOUNT, subject=t["subject"], from_address="bench@example.com",
@@ -190,7 +190,7 @@ def new_draft(conn: psycopg.Connection[dict[str, Any]], tag: str | None = None,
 
 def send(conn: psycopg.Connection[dict[str, Any]], bid: uuid.UUID) -> tuple[int, float]:
     """Send (snapshot) a draft; return (recipients, seconds)."""
-    from sql import broadcasts
+    from pgcast.sql import broadcasts
 
     t0 = time.perf_counter()
     result = broadcasts.send(conn, ACCOUNT, bid)
@@ -272,7 +272,7 @@ class Workers:
     args: list[str] = field(default_factory=lambda: ["--concurrency", "2"])
     env: dict[str, str] = field(default_factory=dict)
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
-    module: str = "bin.cli"  # bench.main_renderer: the same CLI with main's plain renderer
+    module: str = "pgcast.bin.cli"  # bench.main_renderer: the same CLI with main's plain renderer
 
     def start(self) -> list[int]:
         """Start the workers and wait until each is listening for control events."""

@@ -15,7 +15,7 @@ import time
 import uuid
 
 from bench import common
-from mail import message
+from pgcast.mail import message
 
 AIM = 10_000  # messages/s/core
 

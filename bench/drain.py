@@ -132,7 +132,7 @@ def run_series(url: str, recipients: int, broadcasts: int = 1, *, seed: bool = T
                tag: str | None = None, concurrency: int = CONCURRENCY,
                profile: bool = False, after_send: str | None = None,
                worker_args: list[str] | None = None, earlier: int = 0,
-               template: str = "plain", module: str = "bin.cli") -> list[Drain]:
+               template: str = "plain", module: str = "pgcast.bin.cli") -> list[Drain]:
     """Seed contacts (unless told not to), start 2 workers, drain `broadcasts` in a row.
 
     earlier: first send and cancel that many small broadcasts of another account, so their
@@ -152,7 +152,7 @@ def run_series(url: str, recipients: int, broadcasts: int = 1, *, seed: bool = T
 
 def add_earlier_broadcasts(url: str, n: int, size: int = 10) -> None:
     """n sent-then-cancelled broadcasts of `size` recipients each, one partition apiece."""
-    from sql import broadcasts
+    from pgcast.sql import broadcasts
 
     with common.connect(url) as conn:
         conn.execute("INSERT INTO contacts (account, email) SELECT 'earlier', "
@@ -202,7 +202,7 @@ def paired_rounds(url: str, args: argparse.Namespace,
             drains[which] = run_series(
                 url, args.recipients, 1, seed=False, concurrency=args.concurrency,
                 worker_args=worker_args,
-                module="bench.main_renderer" if which == "main" else "bin.cli",
+                module="bench.main_renderer" if which == "main" else "pgcast.bin.cli",
                 template="plain" if which == "main" else args.template)[0]
         pairs.append((drains["main"], drains["ours"]))
     return pairs

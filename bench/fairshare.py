@@ -32,9 +32,9 @@ from typing import Any
 import psycopg
 
 from bench import common
-from sql import broadcasts
-from sql.queries import QUERIES
-from worker import main as worker_main
+from pgcast.sql import broadcasts
+from pgcast.sql.queries import QUERIES
+from pgcast.worker import main as worker_main
 
 LIMIT = 100.0  # emails/s: the global rate of every case
 WORKERS = 2  # processes
@@ -323,7 +323,7 @@ def priority(case: Case) -> None:
 def weight(case: Case) -> None:
     """W, X, Y send 4,000 each at once; the operator gave W weight 3."""
     seed(case.conn, {"W": 4_000, "X": 4_000, "Y": 4_000})
-    done = subprocess.run([sys.executable, "-m", "bin.cli", "rate", "weight", "W", "3"],
+    done = subprocess.run([sys.executable, "-m", "pgcast.bin.cli", "rate", "weight", "W", "3"],
                           cwd=common.ROOT, env=common.child_env(case.url), capture_output=True,
                           text=True, timeout=60)
     if done.returncode not in (0, 2):

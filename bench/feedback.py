@@ -27,9 +27,9 @@ import unittest.mock
 import uuid
 from typing import Any
 
-from api import db as api_db
-from api import sns, webhooks
 from bench import common
+from pgcast.api import db as api_db
+from pgcast.api import sns, webhooks
 from tests import snsmessages as m
 from tests.integration import test_api_helpers as h
 

@@ -38,8 +38,8 @@ import psycopg
 from psycopg import sql as pgsql
 from psycopg.conninfo import make_conninfo
 
-from api import auth, config
-from sql import embedded, migrate
+from pgcast.api import auth, config
+from pgcast.sql import embedded, migrate
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "bench-secret-0123456789-abcdefghijklmnop"
@@ -152,7 +152,7 @@ def serve(tree: Path, url: str) -> tuple[subprocess.Popen[bytes], int]:
         port = s.getsockname()[1]
     env = dict(os.environ, DATABASE_URL=url, PGCAST_JWT_SECRET=SECRET,
                PGCAST_LOG_LEVEL="warning", PYTHONPATH=str(tree))
-    server = subprocess.Popen([sys.executable, "-m", "bin.cli", "api", "--port", str(port)],
+    server = subprocess.Popen([sys.executable, "-m", "pgcast.bin.cli", "api", "--port", str(port)],
                               cwd=tree, env=env, start_new_session=True)
     deadline = time.monotonic() + 60
     while not _up(f"http://127.0.0.1:{port}"):

@@ -10,9 +10,9 @@ import email.utils
 import sys
 from typing import Any
 
-from bin import cli
-from mail import message
-from worker import render
+from pgcast.bin import cli
+from pgcast.mail import message
+from pgcast.worker import render
 
 
 def plain_render(content: message.Content, contact_id: int, email_address: str,

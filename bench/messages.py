@@ -38,7 +38,7 @@ from pathlib import Path
 import jwt
 
 from bench import common, ratelimit, sesd
-from sql import broadcasts
+from pgcast.sql import broadcasts
 
 RATE = 100.0  # emails/s
 RECIPIENTS = 20_000
@@ -161,10 +161,11 @@ def main(argv: list[str] | None = None) -> int:
         env = common.child_env(url, **endpoint.env(), PGCAST_RATE=str(RATE),
                                PGCAST_BURST=str(burst), PGCAST_JWT_SECRET=SECRET,
                                PGCAST_LOG_LEVEL="WARNING")
-        api = subprocess.Popen([sys.executable, "-m", "bin.cli", "api", "--port", str(api_port)],
-                               cwd=common.ROOT, env=env, stdout=subprocess.DEVNULL,
+        cli = [sys.executable, "-m", "pgcast.bin.cli"]
+        api = subprocess.Popen([*cli, "api", "--port", str(api_port)], cwd=common.ROOT, env=env,
+                               stdout=subprocess.DEVNULL,
                                stderr=(tmp / "api.log").open("w"), start_new_session=True)
-        workers = [subprocess.Popen([sys.executable, "-m", "bin.cli", "worker"], cwd=common.ROOT,
+        workers = [subprocess.Popen([*cli, "worker"], cwd=common.ROOT,
                                     env=env, stdout=subprocess.DEVNULL,
                                     stderr=(tmp / f"worker-{i}.log").open("w"),
                                     start_new_session=True) for i in range(2)]

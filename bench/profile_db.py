@@ -415,7 +415,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--recipients", type=int, default=200_000)
     p.add_argument("--top", type=int, default=15, help="statements and functions to list")
     args = p.parse_args(argv)
-    from sql import embedded
+    from pgcast.sql import embedded
 
     print(f"cpus {os.cpu_count()}, load average at start "
           + ", ".join(f"{x:.2f}" for x in os.getloadavg()), flush=True)

@@ -8,7 +8,7 @@ import uuid
 from pathlib import Path
 
 from bench import common
-from sql.queries import QUERIES
+from pgcast.sql.queries import QUERIES
 
 VIEW = "SELECT * FROM broadcast_progress WHERE broadcast_id = %(id)s"
 WARMUP = 50  # reads before timing: connection caches and prepared statements settle

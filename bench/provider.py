@@ -40,8 +40,8 @@ import psycopg
 from psycopg.rows import dict_row
 
 from bench import common, ratelimit, sesd
-from sql import broadcasts
-from worker import main as worker_main
+from pgcast.sql import broadcasts
+from pgcast.worker import main as worker_main
 
 ROOT = Path(__file__).resolve().parent.parent
 # (latency ms, global rate /s, processes, recipients): the bars, then the reports
@@ -112,7 +112,7 @@ def _start(url: str, env: dict[str, str], n: int, logs: Path, label: str,
     for i in range(n):
         with (logs / f"worker-{label}-{i}.log").open("w") as log:  # the child keeps its copy
             procs.append(subprocess.Popen(
-                [sys.executable, "-m", "bin.cli", "worker", *args], cwd=ROOT, env=full,
+                [sys.executable, "-m", "pgcast.bin.cli", "worker", *args], cwd=ROOT, env=full,
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True, text=True))
     return procs
 
@@ -231,7 +231,7 @@ def boto3_cost(calls: int = 2000, threads: int = 16) -> tuple[float, float]:
     import concurrent.futures
     import resource
 
-    from worker import render, ses
+    from pgcast.worker import render, ses
 
     with sesd.running(0.0) as endpoint:
         os.environ.update(endpoint.env())

@@ -27,8 +27,8 @@ import psycopg
 from psycopg.rows import dict_row
 
 from bench import common
-from sql import broadcasts
-from worker import main as worker_main
+from pgcast.sql import broadcasts
+from pgcast.worker import main as worker_main
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKERS = 4  # processes
@@ -85,7 +85,7 @@ def run_case(url: str, rate: float, seconds: float, logs: Path) -> Result:
         env = {**os.environ, "DATABASE_URL": url, "PYTHONPATH": str(ROOT),
                "PGCAST_PROVIDER": "null", "PGCAST_RATE": str(rate), "PGCAST_BURST": str(burst),
                "PGCAST_LOG_LEVEL": "WARNING"}
-        procs = [subprocess.Popen([sys.executable, "-m", "bin.cli", "worker"],
+        procs = [subprocess.Popen([sys.executable, "-m", "pgcast.bin.cli", "worker"],
                                   cwd=ROOT, env=env,
                                   stdout=(logs / f"worker-{rate:g}-{i}.log").open("w"),
                                   stderr=subprocess.STDOUT, start_new_session=True)

@@ -20,7 +20,7 @@ LOOKUPS = 1000  # per kind (archived, live)
 def add_finished(url: str, n: int, size: int, seed: int = 1) -> None:
     """n broadcasts of `size` recipients each, sent through pgcast's own send (one partition
     apiece), then marked sent with provider message ids and finished 0-1000 days ago."""
-    from sql import broadcasts
+    from pgcast.sql import broadcasts
 
     rnd = random.Random(seed)
     with common.connect(url) as conn:
@@ -67,7 +67,7 @@ def lookups(url: str, archived: bool, size: int,
             recipients: int) -> tuple[list[float], list[float]]:
     """Milliseconds per `recipient_lookup` of a random address of a random broadcast, as the
     client sees it and as the server spends it (planning + execution, EXPLAIN ANALYZE)."""
-    from sql.queries import QUERIES
+    from pgcast.sql.queries import QUERIES
 
     rnd = random.Random(7)
     with common.connect(url) as conn:
@@ -120,7 +120,7 @@ def sizes(url: str, recipients: int) -> dict[str, float]:
 def run(url: str | None, broadcasts: int, size: int, recipients: int, rounds: int,
         older_than: str, cmd: str) -> list[common.Figure]:
     """The whole benchmark on two fresh databases; its figures."""
-    from sql import retention
+    from pgcast.sql import retention
 
     figures: list[common.Figure] = []
     server = contextlib.nullcontext(url) if url else common.server()

@@ -18,8 +18,8 @@ from typing import Any
 import psycopg
 
 from bench import common
-from sql.queries import QUERIES
-from worker import starter, sweeper
+from pgcast.sql.queries import QUERIES
+from pgcast.worker import starter, sweeper
 
 WARMUP = 20  # calls before timing
 # the function's own lookup of due broadcasts, for EXPLAIN ANALYZE

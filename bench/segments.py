@@ -14,8 +14,8 @@ from typing import Any
 from psycopg import sql as psql
 
 from bench import common
-from sql import broadcasts, segments
-from sql.queries import QUERIES
+from pgcast.sql import broadcasts, segments
+from pgcast.sql.queries import QUERIES
 
 # contacts with plan, country and signup date attributes, a numeric score, tags beta (10%),
 # vip (5%), newsletter (50%), created over three years; 5% unsubscribed, 1% suppressed

@@ -9,7 +9,7 @@ import time
 from typing import Any
 
 from bench import common
-from schema import migrations
+from pgcast.schema import migrations
 
 V5 = re.compile(r"CREATE FUNCTION pgcast_send_v5\(.*?\n\$\$;", re.DOTALL)
 

@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         port = _free_port()
         base = f"http://127.0.0.1:{port}"
         api = subprocess.Popen(
-            [sys.executable, "-m", "bin.cli", "api", "--port", str(port)], cwd=common.ROOT,
+            [sys.executable, "-m", "pgcast.bin.cli", "api", "--port", str(port)], cwd=common.ROOT,
             env=common.child_env(url, PGCAST_JWT_SECRET="bench-secret-0123456789-abcdefghij",
                                  PGCAST_FORM_RATE="100000000"),
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)

@@ -40,10 +40,10 @@ import psycopg
 from psycopg import sql as pgsql
 from psycopg.conninfo import make_conninfo
 
-from api import auth, config
 from bench.api import fill, pct
-from mail import tracking, unsubscribe
-from sql import embedded, migrate
+from pgcast.api import auth, config
+from pgcast.mail import tracking, unsubscribe
+from pgcast.sql import embedded, migrate
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "bench-secret-0123456789-abcdefghijklmnop"
@@ -202,7 +202,7 @@ def run(url: str, args: argparse.Namespace) -> dict[str, float]:
     base = f"http://127.0.0.1:{port}"
     env = dict(os.environ, DATABASE_URL=url, PGCAST_JWT_SECRET=SECRET, PGCAST_LOG_LEVEL="warning",
                PGCAST_PUBLIC_URL=BASE)
-    server = subprocess.Popen([sys.executable, "-m", "bin.cli", "api", "--port", str(port)],
+    server = subprocess.Popen([sys.executable, "-m", "pgcast.bin.cli", "api", "--port", str(port)],
                               cwd=ROOT, env=env, start_new_session=True)
     with psycopg.connect(url, autocommit=True) as conn:
         before = conn.execute("SELECT count(*) FROM tracking_events").fetchone()

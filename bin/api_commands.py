@@ -10,10 +10,10 @@ import socket
 from types import FrameType
 from typing import Any
 
-from api import auth, config
-from api import errors as api_errors
-from bin import logs, output
-from sql import errors as sql_errors
+from pgcast.api import auth, config
+from pgcast.api import errors as api_errors
+from pgcast.bin import logs, output
+from pgcast.sql import errors as sql_errors
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
@@ -55,8 +55,8 @@ def cmd_api(args: argparse.Namespace) -> int:
     """Serve the API with uvicorn until SIGINT/SIGTERM."""
     import uvicorn
 
-    from api import app as api_app
-    from sql import db
+    from pgcast.api import app as api_app
+    from pgcast.sql import db
 
     if not 0 < args.port < 65536:
         raise sql_errors.InvalidInput(f"--port must be between 1 and 65535: {args.port}")
@@ -92,8 +92,8 @@ def cmd_api(args: argparse.Namespace) -> int:
 
     served: Any = application
     if args.metrics_addr:
-        from api import metrics
-        from sql import metrics as sql_metrics
+        from pgcast.api import metrics
+        from pgcast.sql import metrics as sql_metrics
 
         _, port = sql_metrics.parse_addr(args.metrics_addr)
         if port == args.port:

@@ -10,11 +10,11 @@ from typing import Any
 
 import psycopg
 
-from api import openapi
-from api import progress as api_progress
-from bin import output
-from sql import broadcasts, db, errors
-from sql.queries import QUERIES
+from pgcast.api import openapi
+from pgcast.api import progress as api_progress
+from pgcast.bin import output
+from pgcast.sql import broadcasts, db, errors
+from pgcast.sql.queries import QUERIES
 
 MIN_PREFIX = 8  # characters of an id prefix: fewer would often be ambiguous
 _PREFIX = re.compile(r"^[0-9a-f-]+$")

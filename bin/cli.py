@@ -14,7 +14,7 @@ from typing import Any, NoReturn
 
 import psycopg
 
-from bin import (
+from pgcast.bin import (
     broadcast_commands,
     contacts_commands,
     logs,
@@ -23,10 +23,10 @@ from bin import (
     schedule_commands,
     segment_commands,
 )
-from mail import errors as mail_errors
-from mail import template, validate
-from sql import broadcasts, contacts, db, embedded, errors, migrate, subscribers
-from sql.queries import QUERIES
+from pgcast.mail import errors as mail_errors
+from pgcast.mail import template, validate
+from pgcast.sql import broadcasts, contacts, db, embedded, errors, migrate, subscribers
+from pgcast.sql.queries import QUERIES
 
 ACCOUNT_DEFAULT = output.ACCOUNT_DEFAULT
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
@@ -192,8 +192,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from worker import engine
-    from worker import main as worker_main
+    from pgcast.worker import engine
+    from pgcast.worker import main as worker_main
 
     settings = engine.Settings(
         concurrency=args.concurrency, batch_size=args.batch_size, group_size=args.group_size,
@@ -234,7 +234,7 @@ def cmd_contacts(args: argparse.Namespace) -> int:
 
 
 def _watch(conn: psycopg.Connection[Any], account: str, bid: Any) -> dict[str, Any]:
-    from bin import progressbar
+    from pgcast.bin import progressbar
 
     return progressbar.watch(lambda: broadcast_commands.progress(conn, account, bid))
 
@@ -282,7 +282,7 @@ def cmd_broadcast(args: argparse.Namespace) -> int:
 
 
 def cmd_rate(args: argparse.Namespace) -> int:
-    from worker import main as worker_main
+    from pgcast.worker import main as worker_main
 
     with db.connect(autocommit=True) as conn:
         if args.action == "set":
@@ -392,7 +392,7 @@ def build_parser() -> Parser:
         sp.add_argument("--account", default=ACCOUNT_DEFAULT,
                         help=f"the account (tenant) to act on (default {ACCOUNT_DEFAULT})")
     c.set_defaults(func=cmd_contacts)
-    from bin import suppression_commands  # suppressed, unsuppress (SES feedback)
+    from pgcast.bin import suppression_commands  # suppressed, unsuppress (SES feedback)
 
     suppression_commands.register(csub, ACCOUNT_DEFAULT)
 
@@ -417,13 +417,13 @@ def build_parser() -> Parser:
                     help="list it, once sent, on the account's public archive page")
     bc.add_argument("--actor", metavar="NAME",
                     help="who is doing this, for the audit log (default: the OS user)")
-    from bin import tracking_commands  # --track, `broadcast stats`, `tracking default`
+    from pgcast.bin import tracking_commands  # --track, `broadcast stats`, `tracking default`
 
     tracking_commands.add_track_flag(bc)
     bl = bsub.add_parser("list", help="newest first: a table on a terminal, else JSON")
     bl.add_argument("--limit", type=int, default=50, help="at most N broadcasts (default 50)")
     bl.add_argument("--json", action="store_true", help="JSON even on a terminal")
-    from bin import draft_commands  # show, edit, delete: their own func
+    from pgcast.bin import draft_commands  # show, edit, delete: their own func
 
     sps = [bc, bl, *broadcast_commands.register(bsub), *draft_commands.register(bsub),
            *tracking_commands.register_broadcast(bsub)]
@@ -448,7 +448,7 @@ def build_parser() -> Parser:
         sp.add_argument("--account", default=ACCOUNT_DEFAULT,
                         help=f"the account (tenant) to act on (default {ACCOUNT_DEFAULT})")
     b.set_defaults(func=cmd_broadcast)
-    from bin import content_commands  # preview and test: their own func
+    from pgcast.bin import content_commands  # preview and test: their own func
 
     content_commands.register(bsub, ACCOUNT_DEFAULT)
     schedule_commands.register(bsub, ACCOUNT_DEFAULT)
@@ -471,17 +471,17 @@ def build_parser() -> Parser:
     reconcile_commands.register(sub, ACCOUNT_DEFAULT)
     segment_commands.register(sub, ACCOUNT_DEFAULT)
 
-    from bin import message_commands  # transactional messages (issue 26)
+    from pgcast.bin import message_commands  # transactional messages (issue 26)
 
     message_commands.register(sub, rsub, Parser)
 
-    from bin import senders_commands  # operator only: the senders an account may use
+    from pgcast.bin import senders_commands  # operator only: the senders an account may use
 
     senders_commands.register(sub, Parser)
-    from bin import hooks_commands  # outgoing webhooks
+    from pgcast.bin import hooks_commands  # outgoing webhooks
 
     hooks_commands.register(sub, Parser, ACCOUNT_DEFAULT)
-    from bin import subscribers_commands  # forms, topics, archive (issue 28)
+    from pgcast.bin import subscribers_commands  # forms, topics, archive (issue 28)
 
     subscribers_commands.register(sub, Parser, ACCOUNT_DEFAULT)
     tracking_commands.register(sub, Parser)
@@ -491,17 +491,17 @@ def build_parser() -> Parser:
 
 def _add_api_commands(sub: Any) -> None:
     try:
-        from bin import api_commands
+        from pgcast.bin import api_commands
     except ImportError:
         return
     api_commands.register(sub)
-    from bin import ops_commands
+    from pgcast.bin import ops_commands
 
     ops_commands.register(sub)
 
 
 def _config_error() -> type[Exception]:
-    from worker import errors as worker_errors
+    from pgcast.worker import errors as worker_errors
 
     return worker_errors.ConfigError
 

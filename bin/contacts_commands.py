@@ -13,8 +13,8 @@ from typing import Any, TextIO
 
 import psycopg
 
-from bin import output
-from sql import contacts, contacts_csv, db, errors
+from pgcast.bin import output
+from pgcast.sql import contacts, contacts_csv, db, errors
 
 PAGE = 1000  # contacts read per statement by list and export
 NOTES_SHOWN = 20  # normalisation notes printed before "... and N more"

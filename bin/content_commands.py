@@ -12,12 +12,12 @@ from typing import Any
 
 import psycopg
 
-from bin import broadcast_commands
-from mail import errors as mail_errors
-from mail import message, preview, unsubscribe, validate
-from sql import db, errors, jobs
-from sql import senders as sender_rule
-from sql.queries import QUERIES
+from pgcast.bin import broadcast_commands
+from pgcast.mail import errors as mail_errors
+from pgcast.mail import message, preview, unsubscribe, validate
+from pgcast.sql import db, errors, jobs
+from pgcast.sql import senders as sender_rule
+from pgcast.sql.queries import QUERIES
 
 MAX_TO = 5  # addresses in one test send (as the API)
 HOURLY_CAP = 50  # test messages per account per hour (as the API)

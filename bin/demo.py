@@ -19,8 +19,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from bin import api_commands, cli, progressbar
-from sql import broadcasts, contacts, db, embedded, migrate
+from pgcast.bin import api_commands, cli, progressbar
+from pgcast.sql import broadcasts, contacts, db, embedded, migrate
 
 CONTACTS = int(os.environ.get("PGCAST_DEMO_CONTACTS", "3000"))
 SUBJECT = "pgcast demo: hello {{ contact.name | default('friend', true) }}"
@@ -54,7 +54,7 @@ def generate_contacts(path: Path) -> list[str]:
 def start_worker(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     """One `pgcast worker` process with the file provider."""
     with log.open("w") as out:
-        return subprocess.Popen([sys.executable, "-m", "bin.cli", "worker",
+        return subprocess.Popen([sys.executable, "-m", "pgcast.bin.cli", "worker",
                                  "--concurrency", "2", "--group-size", "25"], env=env, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -77,7 +77,7 @@ def start_api(home: Path, env: dict[str, str]) -> tuple[str, str]:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
     with (home / "demo-api.log").open("w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "bin.cli", "api",
+        proc = subprocess.Popen([sys.executable, "-m", "pgcast.bin.cli", "api",
                                  "--host", "127.0.0.1", "--port", str(port)], env=env, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
     pid_file.write_text(str(proc.pid))

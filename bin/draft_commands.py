@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from api import broadcasts as api_broadcasts
-from bin import broadcast_commands, output, segment_commands
-from sql import broadcasts, db, drafts, errors
+from pgcast.api import broadcasts as api_broadcasts
+from pgcast.bin import broadcast_commands, output, segment_commands
+from pgcast.sql import broadcasts, db, drafts, errors
 
 
 def changes(args: argparse.Namespace) -> dict[str, Any]:

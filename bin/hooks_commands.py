@@ -8,9 +8,9 @@ import socket
 import uuid
 from typing import Any
 
-from bin import output
-from sql import db, errors, hooks
-from sql.queries import QUERIES
+from pgcast.bin import output
+from pgcast.sql import db, errors, hooks
+from pgcast.sql.queries import QUERIES
 
 
 def _id(raw: str) -> uuid.UUID:

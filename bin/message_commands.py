@@ -10,11 +10,11 @@ from typing import Any
 
 import psycopg
 
-from bin import output
-from mail import errors as mail_errors
-from mail import transactional, validate
-from sql import db, errors
-from sql.queries import QUERIES
+from pgcast.bin import output
+from pgcast.mail import errors as mail_errors
+from pgcast.mail import transactional, validate
+from pgcast.sql import db, errors
+from pgcast.sql.queries import QUERIES
 
 
 def cmd_message(args: argparse.Namespace) -> int:

@@ -8,8 +8,8 @@ import os
 import sys
 from typing import Any
 
-from bin import broadcast_commands, logs, output
-from sql import db, errors, retention
+from pgcast.bin import broadcast_commands, logs, output
+from pgcast.sql import db, errors, retention
 
 DEFAULT_AGE = "90d"
 

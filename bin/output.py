@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from sql import errors
+from pgcast.sql import errors
 
 ACCOUNT_DEFAULT = "default"  # the account every command acts on unless given --account
 

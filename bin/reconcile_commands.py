@@ -7,10 +7,10 @@ import argparse
 import json
 from typing import Any
 
-from bin import broadcast_commands, output
-from sql import db
-from sql.queries import QUERIES
-from worker import reconcile
+from pgcast.bin import broadcast_commands, output
+from pgcast.sql import db
+from pgcast.sql.queries import QUERIES
+from pgcast.worker import reconcile
 
 
 def cmd_reconcile(args: argparse.Namespace) -> int:

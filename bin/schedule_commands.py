@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from bin import broadcast_commands, output
-from sql import db, schedule
+from pgcast.bin import broadcast_commands, output
+from pgcast.sql import db, schedule
 
 
 def cmd_schedule(args: argparse.Namespace) -> int:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from bin import output
-from sql import db, errors, segments
+from pgcast.bin import output
+from pgcast.sql import db, errors, segments
 
 
 def filter_arg(raw: str | None) -> Any:

@@ -10,9 +10,9 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from bin import output
-from sql import db, senders
-from sql.queries import QUERIES
+from pgcast.bin import output
+from pgcast.sql import db, senders
+from pgcast.sql.queries import QUERIES
 
 
 def cmd_senders(args: argparse.Namespace) -> int:

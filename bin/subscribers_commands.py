@@ -6,10 +6,10 @@ import argparse
 import os
 from typing import Any
 
-from bin import output
-from mail import unsubscribe
-from sql import db, errors, subscribers
-from sql.queries import QUERIES
+from pgcast.bin import output
+from pgcast.mail import unsubscribe
+from pgcast.sql import db, errors, subscribers
+from pgcast.sql.queries import QUERIES
 
 
 def _url(path: str) -> str:

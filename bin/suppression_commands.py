@@ -8,7 +8,7 @@ import json
 import socket
 from typing import Any
 
-from sql import db, feedback
+from pgcast.sql import db, feedback
 
 
 def cmd_suppressed(args: argparse.Namespace) -> int:

@@ -9,9 +9,9 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from bin import broadcast_commands, output
-from sql import db, tracking
-from sql.queries import QUERIES
+from pgcast.bin import broadcast_commands, output
+from pgcast.sql import db, tracking
+from pgcast.sql.queries import QUERIES
 
 
 def add_track_flag(parser: argparse.ArgumentParser) -> None:

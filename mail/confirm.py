@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from mail import unsubscribe
+from pgcast.mail import unsubscribe
 
 LIFETIME = 7 * 24 * 3600  # seconds a confirmation link works
 VERSION = 1

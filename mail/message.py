@@ -22,7 +22,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from mail import errors, plaintext, sandbox, template, tracking, unsubscribe, validate
+from pgcast.mail import errors, plaintext, sandbox, template, tracking, unsubscribe, validate
 
 # SMTP line endings; raw header values are written as given (they are folded here)
 POLICY = email.policy.SMTP.clone(cte_type="7bit", refold_source="none")

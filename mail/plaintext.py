@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 
-from mail import htmltext
+from pgcast.mail import htmltext
 
 _CLOSERS = {"{{": "}}", "{%": "%}", "{#": "#}"}
 _PLACEHOLDER = "PGCASTJINJA{:06d}X"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mail import errors, message
+from pgcast.mail import errors, message
 
 # when the account has no contact yet
 SAMPLE: dict[str, Any] = {"id": 0, "email": "sample@example.com", "name": "Sample Contact",

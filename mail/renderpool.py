@@ -34,7 +34,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from mail import errors, message, renderproc, template
+from pgcast.mail import errors, message, renderproc, template
 
 DEFAULT_PROCESSES = 2
 DEFAULT_MEMORY_MB = 256  # address space, not RSS: a render process maps about 45 MB
@@ -98,7 +98,7 @@ class _Slot:
             mine, theirs = socket.socketpair()
             try:
                 proc = subprocess.Popen(
-                    [sys.executable, "-m", "mail.renderproc", str(theirs.fileno()),
+                    [sys.executable, "-m", "pgcast.mail.renderproc", str(theirs.fileno()),
                      str(self.timeout_ms), str(self.memory_bytes), str(shared.fileno())],
                     pass_fds=(theirs.fileno(), shared.fileno()), stdin=subprocess.DEVNULL)
             except BaseException:

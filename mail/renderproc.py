@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
-from mail import errors, message, preview, transactional
+from pgcast.mail import errors, message, preview, transactional
 
 CACHE = 32  # compiled broadcasts kept per process
 FLUSH = 0.02  # seconds: results waiting at most this long before they are sent
@@ -153,7 +153,7 @@ def serve(conn: Connection, timeout_ms: int, memory_bytes: int, board_fd: int = 
 
 if __name__ == "__main__":  # python -m mail.renderproc FD TIMEOUT_MS MEMORY_BYTES [BOARD_FD]
     # through the module's own name: what it pickles must unpickle as mail.renderproc.*
-    from mail import renderproc
+    from pgcast.mail import renderproc
 
     renderproc.serve(Connection(int(sys.argv[1])), int(sys.argv[2]), int(sys.argv[3]),
                      int(sys.argv[4]) if len(sys.argv) > 4 else -1)

@@ -35,7 +35,7 @@ import jinja2.runtime
 import jinja2.sandbox
 import jinja2.utils
 
-from mail import errors
+from pgcast.mail import errors
 
 DEFAULT_TIMEOUT_MS = 200  # CPU milliseconds one message may take (PGCAST_RENDER_TIMEOUT_MS)
 MAX_OPS = 1_000_000  # ticks one message may take, whatever the clock says

@@ -18,7 +18,7 @@ import jinja2.nodes
 import jinja2.runtime
 import jinja2.sandbox
 
-from mail import errors, sandbox
+from pgcast.mail import errors, sandbox
 
 MAX_PART = 1 << 20  # characters one rendered part (subject, text or html) may have
 MAX_RANGE = sandbox.MAX_RANGE  # items one range() may produce

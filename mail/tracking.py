@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from mail import errors, unsubscribe
+from pgcast.mail import errors, unsubscribe
 
 MODES = ("none", "aggregate", "contact")
 MAX_LINKS = 500  # tracked links per broadcast; later ones are left as they are

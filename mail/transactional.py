@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from mail import errors, message, sandbox, template, validate
+from pgcast.mail import errors, message, sandbox, template, validate
 
 CATEGORIES = ("transactional", "marketing", "confirmation")
 # headers a caller may add: threading and references; any other X- header except ours and SES's

@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from mail import errors
+from pgcast.mail import errors
 
 MIN_SECRET = 32  # bytes a secret must have
 DEFAULT_PUBLIC_URL = "http://127.0.0.1:8080"  # file and null providers without a setting

@@ -18,7 +18,7 @@ from typing import Any
 
 import email_validator
 
-from mail import errors
+from pgcast.mail import errors
 
 MAX_ACCOUNT_LENGTH = 200  # characters: the one limit (JWT claim, CLI, a CHECK in SQL)
 MAX_ADDRESS_LENGTH = 254  # characters: RFC 5321's path limit less the brackets

@@ -8,12 +8,12 @@ from typing import Any
 
 import psycopg
 
-from mail import errors as mail_errors
-from mail import preview, template
-from mail import validate as validate_mail
-from sql import contacts, errors, segments, tracking
-from sql import senders as sender_rule
-from sql.queries import QUERIES
+from pgcast.mail import errors as mail_errors
+from pgcast.mail import preview, template
+from pgcast.mail import validate as validate_mail
+from pgcast.sql import contacts, errors, segments, tracking
+from pgcast.sql import senders as sender_rule
+from pgcast.sql.queries import QUERIES
 
 # A snapshot this big changes the table's shape at once: without fresh statistics the workers'
 # first plans are poor (measured: the first 200k drain of a new table 3.3k/s, 7.1k/s after it).

@@ -10,10 +10,10 @@ from typing import Any
 
 import psycopg
 
-from mail import errors as mail_errors
-from mail import validate as validate_mail
-from sql import errors
-from sql.queries import QUERIES
+from pgcast.mail import errors as mail_errors
+from pgcast.mail import validate as validate_mail
+from pgcast.sql import errors
+from pgcast.sql.queries import QUERIES
 
 CHUNK = 10_000  # contacts per upsert statement
 SUPPRESSED_REASONS = ("bounce", "soft_bounce", "complaint")
@@ -136,7 +136,7 @@ def read_csv(path: Path, encoding: str = "utf-8",
              named: tuple[str, str] | None = None) -> list[tuple[Any, ...]]:
     """The importable items of a contacts CSV (rows refused while reading are dropped;
     `named`: how the caller gives the encoding, for its errors)."""
-    from sql import contacts_csv  # it builds on this module
+    from pgcast.sql import contacts_csv  # it builds on this module
 
     return contacts_csv.read(path, encoding, named or contacts_csv.CLI_ENCODING)[0]
 

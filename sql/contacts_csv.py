@@ -9,7 +9,7 @@ import io
 from pathlib import Path
 from typing import Any
 
-from sql import contacts, errors
+from pgcast.sql import contacts, errors
 
 # Columns with a meaning of their own; every other column becomes a string attribute.
 EMAIL, NAME, TAGS = "email", "name", "tags"

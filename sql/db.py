@@ -8,8 +8,8 @@ from typing import Any
 import psycopg
 from psycopg.rows import dict_row
 
-from sql import embedded
-from sql.queries import QUERIES
+from pgcast.sql import embedded
+from pgcast.sql.queries import QUERIES
 
 # Every pgcast connection runs its statements unprepared: PgBouncer < 1.21 in transaction
 # mode hands each transaction to any server connection, where a statement psycopg prepared

@@ -9,10 +9,10 @@ from typing import Any
 
 import psycopg
 
-from mail import errors as mail_errors
-from mail import preview
-from sql import broadcasts, errors, segments, senders
-from sql.queries import QUERIES
+from pgcast.mail import errors as mail_errors
+from pgcast.mail import preview
+from pgcast.sql import broadcasts, errors, segments, senders
+from pgcast.sql.queries import QUERIES
 
 EDITABLE = ("draft", "scheduled")  # a scheduled broadcast is edited until it starts
 FIELDS = ("subject", "from", "text", "html", "tag", "segment", "filter", "priority")

@@ -12,7 +12,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from sql import errors
+from pgcast.sql import errors
 
 logging.getLogger("pgserver").setLevel(logging.WARNING)  # it logs every start at INFO
 

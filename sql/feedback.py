@@ -7,8 +7,8 @@ from typing import Any
 
 import psycopg
 
-from sql import errors
-from sql.queries import QUERIES
+from pgcast.sql import errors
+from pgcast.sql.queries import QUERIES
 
 REASONS = ("bounce", "soft_bounce", "complaint")
 PAGE = 1000  # contacts per query when the CLI lists them all

@@ -20,8 +20,8 @@ from typing import Any
 
 import psycopg
 
-from sql import errors
-from sql.queries import QUERIES
+from pgcast.sql import errors
+from pgcast.sql.queries import QUERIES
 
 EVENT_TYPES = (
     "broadcast.sending", "broadcast.paused", "broadcast.sent", "broadcast.failed",

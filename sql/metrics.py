@@ -11,8 +11,8 @@ import psycopg
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from sql import db, errors
-from sql.queries import QUERIES
+from pgcast.sql import db, errors
+from pgcast.sql.queries import QUERIES
 
 SCRAPE_TIMEOUT = 5  # seconds to connect to Postgres at a scrape
 

@@ -7,8 +7,8 @@ from typing import Any, cast
 import psycopg
 from procrastinate import schema as procrastinate_schema
 
-import schema
-from sql.queries import QUERIES
+from pgcast import schema
+from pgcast.sql.queries import QUERIES
 
 
 def migrate(conn: psycopg.Connection[Any]) -> list[str]:

@@ -14,8 +14,8 @@ from typing import Any
 import psycopg
 from psycopg import sql as psql
 
-from sql import errors, tracking
-from sql.queries import QUERIES
+from pgcast.sql import errors, tracking
+from pgcast.sql.queries import QUERIES
 
 log = logging.getLogger("pgcast.retention")
 

@@ -11,8 +11,8 @@ from typing import Any
 
 import psycopg
 
-from sql import errors, senders
-from sql.queries import QUERIES
+from pgcast.sql import errors, senders
+from pgcast.sql.queries import QUERIES
 
 PAST_TOLERANCE = dt.timedelta(minutes=1)  # a time this far in the past is still accepted
 # How long a handed-off call may still be answered: a worker's lease (PGCAST_LEASE_SECONDS,

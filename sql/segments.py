@@ -17,8 +17,8 @@ from typing import Any
 
 import psycopg
 
-from sql import errors
-from sql.queries import QUERIES
+from pgcast.sql import errors
+from pgcast.sql.queries import QUERIES
 
 FILTER_ERROR = "PGS22"  # SQLSTATE of pgcast_segment_error_v1
 MAX_BYTES = 16384  # a filter as compact JSON; the SQL compiler checks the same

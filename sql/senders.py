@@ -13,10 +13,10 @@ from typing import Any
 
 import psycopg
 
-from mail import errors as mail_errors
-from mail import validate
-from sql import errors
-from sql.queries import QUERIES
+from pgcast.mail import errors as mail_errors
+from pgcast.mail import validate
+from pgcast.sql import errors
+from pgcast.sql.queries import QUERIES
 
 SHOWN = 10  # senders named in a refusal
 

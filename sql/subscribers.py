@@ -9,10 +9,10 @@ from typing import Any
 
 import psycopg
 
-from mail import errors as mail_errors
-from mail import validate
-from sql import errors, senders
-from sql.queries import QUERIES
+from pgcast.mail import errors as mail_errors
+from pgcast.mail import validate
+from pgcast.sql import errors, senders
+from pgcast.sql.queries import QUERIES
 
 MAX_URL = 2000  # characters of a form's redirect URL
 MAX_LABEL = 200  # characters of a topic's label

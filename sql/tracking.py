@@ -8,8 +8,8 @@ from typing import Any
 import psycopg
 from psycopg.rows import dict_row
 
-from sql import errors
-from sql.queries import QUERIES
+from pgcast.sql import errors
+from pgcast.sql.queries import QUERIES
 
 MODES = ("none", "aggregate", "contact")
 

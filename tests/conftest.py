@@ -38,7 +38,7 @@ def pg_server() -> Iterator[str]:
     if url:
         yield url
         return
-    from sql import embedded
+    from pgcast.sql import embedded
 
     base = Path(tempfile.mkdtemp(prefix="pgcast-test-"))
     os.chmod(base, 0o755)
@@ -52,7 +52,7 @@ def pg_server() -> Iterator[str]:
 @pytest.fixture(scope="session")
 def template_db(pg_server: str) -> Iterator[str]:
     """A database migrated once; every test database is cloned from it."""
-    from sql import migrate
+    from pgcast.sql import migrate
 
     name = f"pgcast_template_{uuid.uuid4().hex[:8]}"
     with support.connect(pg_server) as conn:

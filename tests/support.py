@@ -69,7 +69,7 @@ def pgcast_env(db_url: str, **extra: str) -> dict[str, str]:
 def pgcast(db_url: str, *args: str, env: dict[str, str] | None = None,
            check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     """Run one `pgcast` command to completion."""
-    done = subprocess.run([sys.executable, "-m", "bin.cli", *args], cwd=ROOT,
+    done = subprocess.run([sys.executable, "-m", "pgcast.bin.cli", *args], cwd=ROOT,
                           env=env or pgcast_env(db_url), capture_output=True, text=True,
                           timeout=timeout)
     if check and done.returncode != 0:
@@ -89,7 +89,7 @@ class Processes:
         """Start `pgcast ARGS` in the background; its output goes to a log file."""
         with (self.tmp / f"proc-{len(self.procs)}.log").open("w") as log:
             # the child keeps its own copy of the descriptor
-            proc = subprocess.Popen([sys.executable, "-m", "bin.cli", *args], cwd=ROOT,
+            proc = subprocess.Popen([sys.executable, "-m", "pgcast.bin.cli", *args], cwd=ROOT,
                                     env=pgcast_env(db_url, **env), stdout=log,
                                     stderr=subprocess.STDOUT, text=True, start_new_session=True)
         self.procs.append(proc)
@@ -196,7 +196,7 @@ def new_broadcast(conn: psycopg.Connection[Any], *, account: str = "default",
                   tag: str | None = None, from_address: str = "news@example.com",
                   send: bool = True, allow_empty: bool = False) -> uuid.UUID:
     """A draft (sent unless send=False); returns its id."""
-    from sql import broadcasts
+    from pgcast.sql import broadcasts
 
     row = broadcasts.create(conn, account, subject="Hello", from_address=from_address,
                             text="Hello there", tag=tag)

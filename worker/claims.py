@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from worker import pg
+from pgcast.worker import pg
 
 PAST_END = 2**63 - 1  # a claim cursor past every contact_id: no fresh row left to look for
 CLAIM_SECONDS = 1.0  # seconds of this process's sending that its claims hold at once

@@ -11,8 +11,8 @@ import uuid
 
 import psycopg
 
-from sql import db
-from worker import engine
+from pgcast.sql import db
+from pgcast.worker import engine
 
 log = logging.getLogger("pgcast.control")
 

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from worker import errors, providers, ratelimit, render
+from pgcast.worker import errors, providers, ratelimit, render
 
 log = logging.getLogger("pgcast.worker")
 

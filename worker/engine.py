@@ -20,7 +20,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from worker import (
+from pgcast.worker import (
     claims,
     dispatch,
     inflight,

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import httpx
 
-from sql import errors as sql_errors
-from sql import hooks
+from pgcast.sql import errors as sql_errors
+from pgcast.sql import hooks
 
 RESPONSE_KEPT = 1024  # bytes of the receiver's answer kept in the delivery log
 CLIENTS_KEPT = 256  # idle clients kept (each holds at most a few keep-alive connections)

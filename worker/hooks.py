@@ -27,9 +27,9 @@ import psycopg
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
-from sql import db, hooks
-from sql.queries import QUERIES
-from worker import errors, hookhttp
+from pgcast.sql import db, hooks
+from pgcast.sql.queries import QUERIES
+from pgcast.worker import errors, hookhttp
 
 log = logging.getLogger("pgcast.webhooks")
 

@@ -13,11 +13,11 @@ import signal
 import psycopg
 from psycopg_pool import AsyncConnectionPool
 
-from mail import errors as mail_errors
-from mail import unsubscribe
-from sql import db
-from sql.queries import QUERIES
-from worker import (
+from pgcast.mail import errors as mail_errors
+from pgcast.mail import unsubscribe
+from pgcast.sql import db
+from pgcast.sql.queries import QUERIES
+from pgcast.worker import (
     control,
     engine,
     errors,
@@ -165,8 +165,8 @@ async def run(settings: engine.Settings, url: str,
     check_unsubscribe_settings(provider)
     make_engine = engine.Engine
     if metrics_addr:
-        from sql import metrics as sql_metrics
-        from worker import metrics
+        from pgcast.sql import metrics as sql_metrics
+        from pgcast.worker import metrics
 
         sql_metrics.serve(metrics_addr, url)
         provider, make_engine = metrics.MeteredProvider(provider), metrics.MeteredEngine

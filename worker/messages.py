@@ -18,9 +18,9 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from mail import errors as mail_errors
-from mail import transactional
-from worker import dispatch, pg
+from pgcast.mail import errors as mail_errors
+from pgcast.mail import transactional
+from pgcast.worker import dispatch, pg
 
 log = logging.getLogger("pgcast.messages")
 

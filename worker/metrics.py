@@ -10,7 +10,7 @@ from typing import Any
 import prometheus_client as prom
 import prometheus_client.core as prom_core
 
-from worker import engine, errors, pg, providers, render
+from pgcast.worker import engine, errors, pg, providers, render
 
 MESSAGES = prom.Counter("pgcast_messages", "provider calls by outcome: sent, rejected, "
                         "unknown, transient, throttled, account_blocked", ["outcome"])

@@ -10,7 +10,7 @@ from typing import Any
 import psycopg
 from psycopg_pool import AsyncConnectionPool
 
-from sql.queries import QUERIES
+from pgcast.sql.queries import QUERIES
 
 log = logging.getLogger("pgcast.worker")
 

@@ -20,8 +20,8 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from mail import tracking, unsubscribe
-from worker import claims, dispatch, pg, render
+from pgcast.mail import tracking, unsubscribe
+from pgcast.worker import claims, dispatch, pg, render
 
 log = logging.getLogger("pgcast.worker")
 

@@ -8,8 +8,8 @@ import tempfile
 from pathlib import Path
 from typing import Protocol
 
-from mail import message as mail_message
-from worker import errors, render
+from pgcast.mail import message as mail_message
+from pgcast.worker import errors, render
 
 
 class Provider(Protocol):
@@ -95,11 +95,11 @@ def from_env(max_in_flight: int = 10) -> Provider:
         outbox = os.environ.get("PGCAST_OUTBOX_DIR")
         if outbox:
             return FileProvider(Path(outbox))
-        from sql import embedded
+        from pgcast.sql import embedded
 
         return FileProvider(embedded.home() / "outbox")
     if name == "ses":
-        from worker import ses
+        from pgcast.worker import ses
 
         return ses.SesProvider.from_env(max_in_flight)
     raise errors.ConfigError(f"PGCAST_PROVIDER must be null, file or ses, not {name!r}")

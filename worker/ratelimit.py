@@ -17,7 +17,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 
-from worker import pg
+from pgcast.worker import pg
 
 WAIT_MIN = 0.005  # seconds: the shortest sleep on an empty bucket (never a busy loop)
 WAIT_MAX = 1.0  # seconds: the longest, so a rate change or a stop is seen soon

@@ -13,8 +13,8 @@ from typing import Any
 
 import psycopg
 
-from sql.queries import QUERIES
-from worker import errors
+from pgcast.sql.queries import QUERIES
+from pgcast.worker import errors
 
 UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}  # seconds per unit
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")

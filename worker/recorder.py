@@ -12,7 +12,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from worker import dispatch, inflight
+from pgcast.worker import dispatch, inflight
 
 log = logging.getLogger("pgcast.worker")
 

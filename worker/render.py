@@ -9,7 +9,7 @@ from __future__ import annotations
 import atexit
 from typing import Any
 
-from mail import message, renderpool
+from pgcast.mail import message, renderpool
 
 Content = message.Content
 Message = message.Message

@@ -9,8 +9,8 @@ import threading
 
 import procrastinate
 
-from sql import db, retention
-from worker import errors
+from pgcast.sql import db, retention
+from pgcast.worker import errors
 
 log = logging.getLogger("pgcast.retention")
 

@@ -11,8 +11,8 @@ import boto3
 import botocore.config
 import botocore.exceptions
 
-from mail import message as mail_message
-from worker import errors, render, sesconn
+from pgcast.mail import message as mail_message
+from pgcast.worker import errors, render, sesconn
 
 # SES error codes that stop the whole account, mapped to the pause reason kept on the broadcast.
 ACCOUNT_LEVEL = {

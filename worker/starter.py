@@ -8,8 +8,8 @@ from typing import Any
 import psycopg
 from psycopg.rows import dict_row
 
-from sql import broadcasts
-from sql.queries import QUERIES
+from pgcast.sql import broadcasts
+from pgcast.sql.queries import QUERIES
 
 log = logging.getLogger("pgcast.starter")
 

@@ -8,9 +8,9 @@ from typing import Any
 import procrastinate
 import psycopg
 
-from sql import db
-from sql.queries import QUERIES
-from worker import reconcile, starter, testsend
+from pgcast.sql import db
+from pgcast.sql.queries import QUERIES
+from pgcast.worker import reconcile, starter, testsend
 
 log = logging.getLogger("pgcast.sweeper")
 
@@ -111,7 +111,7 @@ def make_app(url: str, cron: str, retention_days: float | None = None) -> procra
     del sweep
     testsend.register(app, url)  # test sends ride on the same procrastinate worker
     if retention_days is not None:
-        from worker import retention
+        from pgcast.worker import retention
 
         retention.register(app, url, retention_days)
     return app

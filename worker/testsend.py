@@ -15,10 +15,10 @@ import procrastinate
 import psycopg
 from psycopg.rows import dict_row
 
-from mail import message, preview
-from sql import db, jobs
-from sql.queries import QUERIES
-from worker import render
+from pgcast.mail import message, preview
+from pgcast.sql import db, jobs
+from pgcast.sql.queries import QUERIES
+from pgcast.worker import render
 
 log = logging.getLogger("pgcast.testsend")
 

@@ -17,7 +17,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from sql import broadcasts, embedded, migrate
+from pgcast.sql import broadcasts, embedded, migrate
 from tests import support
 
 Conn = psycopg.Connection[dict[str, Any]]

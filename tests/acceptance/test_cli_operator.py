@@ -13,8 +13,8 @@ from typing import Any
 
 import psycopg
 
-from api import progress as api_progress
-from sql.queries import QUERIES
+from pgcast.api import progress as api_progress
+from pgcast.sql.queries import QUERIES
 from tests import support
 from tests.acceptance.test_cli_import import PGCAST, run
 
@@ -267,7 +267,7 @@ def test_watch_of_a_paused_broadcast_shows_no_eta_and_ends_with_the_api_shape(
 
 def test_db_url_prints_the_url_alone_on_stdout_and_where_the_data_lives_on_stderr(
         tmp_path: Path) -> None:
-    from sql import embedded
+    from pgcast.sql import embedded
 
     env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
     env["PGCAST_HOME"] = str(tmp_path / "home")

@@ -7,7 +7,7 @@ from typing import Any
 
 import psycopg
 
-from sql import contacts
+from pgcast.sql import contacts
 from tests import support
 
 Conn = psycopg.Connection[dict[str, Any]]

@@ -31,7 +31,7 @@ def test_the_demo_ends_with_the_dashboard_and_the_cli_sees_its_broadcast(
     env.pop("PGCAST_JWT_SECRET", None)
     pid_file = tmp_path / "demo-api.pid"
     try:
-        done = subprocess.run([sys.executable, "-m", "bin.demo"], cwd=support.ROOT, env=env,
+        done = subprocess.run([sys.executable, "-m", "pgcast.bin.demo"], cwd=support.ROOT, env=env,
                               capture_output=True, text=True, timeout=180)
         assert done.returncode == 0, done.stdout + done.stderr
         out = done.stdout

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import psycopg
 
-from sql import embedded, migrate
-from sql.queries import QUERIES
+from pgcast.sql import embedded, migrate
+from pgcast.sql.queries import QUERIES
 from tests import support
 
 

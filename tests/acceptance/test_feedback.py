@@ -10,7 +10,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from sql import broadcasts
+from pgcast.sql import broadcasts
 from tests import snsmessages as m
 from tests import support
 from tests.integration import test_api_helpers as h

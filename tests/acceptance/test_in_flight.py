@@ -14,7 +14,7 @@ import psycopg
 import pytest
 
 from bench import sesd
-from sql import broadcasts
+from pgcast.sql import broadcasts
 from tests import support
 
 Conn = psycopg.Connection[dict[str, Any]]

@@ -9,7 +9,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from sql.queries import QUERIES
+from pgcast.sql.queries import QUERIES
 from tests import support
 from tests.integration import test_api_helpers as h
 

@@ -98,7 +98,7 @@ def test_kill_9_workers_repeatedly_no_message_is_sent_twice(
 
 def test_a_test_send_is_delivered_as_a_message(conn: Conn, db_url: str, tmp_path: Path,
                                                procs: support.Processes) -> None:
-    from sql import broadcasts
+    from pgcast.sql import broadcasts
 
     draft = broadcasts.create(conn, "default", subject="Hi {{ contact.name }}",
                               from_address="News <news@example.com>", text="Hello")

@@ -18,7 +18,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from sql import broadcasts
+from pgcast.sql import broadcasts
 from tests import faultproxy, support
 
 pytestmark = pytest.mark.acceptance

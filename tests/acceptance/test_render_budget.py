@@ -26,7 +26,7 @@ def stored_broadcast(conn: Conn, account: str, text: str, n: int) -> uuid.UUID:
     support.seed_contacts(conn, n, account=account, domain=f"{account}.example.com")
     bid = support.new_broadcast(conn, account=account, send=False)
     conn.execute("UPDATE broadcasts SET text_body = %s WHERE id = %s", (text, bid))
-    from sql import broadcasts
+    from pgcast.sql import broadcasts
 
     assert broadcasts.send(conn, account, bid)["success"]
     return bid

@@ -17,7 +17,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from sql import broadcasts, schedule
+from pgcast.sql import broadcasts, schedule
 from tests import faultproxy, support
 from tests.acceptance import test_provider_faults as faults
 

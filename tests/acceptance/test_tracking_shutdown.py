@@ -11,8 +11,8 @@ from typing import Any
 import httpx
 import psycopg
 
-from mail import tracking, unsubscribe
-from sql import broadcasts
+from pgcast.mail import tracking, unsubscribe
+from pgcast.sql import broadcasts
 from tests import support
 from tests.integration import test_api_helpers as h
 

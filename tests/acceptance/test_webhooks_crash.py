@@ -9,7 +9,7 @@ from typing import Any
 
 import psycopg
 
-from sql import contacts, hooks
+from pgcast.sql import contacts, hooks
 from tests import hookreceiver, support
 
 Conn = psycopg.Connection[dict[str, Any]]

@@ -14,7 +14,7 @@ import psycopg
 import pytest
 from playwright.sync_api import Page, expect
 
-from sql import broadcasts
+from pgcast.sql import broadcasts
 from tests import support
 from tests.browser import stack
 from tests.browser.test_dashboard import sign_in

@@ -13,7 +13,7 @@ import psycopg
 import pytest
 from playwright.sync_api import Page, expect
 
-from sql import broadcasts, segments
+from pgcast.sql import broadcasts, segments
 from tests.browser import stack
 from tests.browser import test_dashboard as dash
 

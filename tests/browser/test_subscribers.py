@@ -17,7 +17,7 @@ import psycopg
 import pytest
 from playwright.sync_api import Browser, Page, expect
 
-from mail import unsubscribe
+from pgcast.mail import unsubscribe
 from tests import support
 from tests.browser import stack
 

@@ -11,8 +11,8 @@ import httpx
 import psycopg
 import pytest
 
-from api import app as api_app
-from sql import broadcasts
+from pgcast.api import app as api_app
+from pgcast.sql import broadcasts
 from tests import support
 from tests.integration import test_api_helpers as h
 from tests.integration import test_api_security as sec
@@ -133,7 +133,7 @@ def test_recipient_cursors_are_opaque_and_bound_to_the_account(api: h.Api, conn:
 
 
 def test_cursor_keys_are_shared_by_processes_with_the_same_secret() -> None:
-    from api import config, cursors, errors
+    from pgcast.api import config, cursors, errors
 
     one, two = h.settings(), h.settings()
     assert one.cursor_key == two.cursor_key and len(one.cursor_key) == 32
@@ -148,7 +148,7 @@ def test_cursor_keys_are_shared_by_processes_with_the_same_secret() -> None:
 
 
 def test_limits_from_the_environment() -> None:
-    from api import config, errors
+    from pgcast.api import config, errors
 
     s = h.settings()
     assert (s.limit_concurrency, s.timeout_keep_alive, s.max_streams, s.total_streams) == (

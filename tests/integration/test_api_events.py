@@ -8,8 +8,8 @@ from typing import Any
 import anyio
 import psycopg
 
-from api import app as api_app
-from sql import broadcasts
+from pgcast.api import app as api_app
+from pgcast.sql import broadcasts
 from tests import support
 from tests.integration import test_api_helpers as h
 

@@ -11,7 +11,7 @@ import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis.specs.openapi import checks as openapi_checks
 
-from api import openapi
+from pgcast.api import openapi
 from tests import support
 from tests.integration import test_api_helpers as h
 

@@ -14,8 +14,8 @@ import anyio.from_thread
 import httpx
 import jwt
 
-from api import app as api_app
-from api import config
+from pgcast.api import app as api_app
+from pgcast.api import config
 
 SECRET = "test-secret-0123456789-abcdefghijklmnop"  # 39 bytes
 ACCOUNT = "acme"

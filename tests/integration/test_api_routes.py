@@ -7,9 +7,9 @@ from typing import Any
 
 import psycopg
 
-from api import app as api_app
-from api import openapi
-from mail import template
+from pgcast.api import app as api_app
+from pgcast.api import openapi
+from pgcast.mail import template
 from tests import support
 from tests.integration import test_api_helpers as h
 
@@ -175,7 +175,7 @@ def test_transitions_and_409s(api: h.Api, conn: Conn) -> None:
 
 
 def test_api_messages_equal_the_cli_ones(api: h.Api, conn: Conn) -> None:
-    from sql import broadcasts
+    from pgcast.sql import broadcasts
 
     support.seed_contacts(conn, 3, account=A)
     bid = uuid.UUID(create(api)["id"])

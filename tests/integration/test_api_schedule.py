@@ -9,12 +9,12 @@ from typing import Any
 import psycopg
 import pytest
 
-from sql import schedule
-from sql.queries import QUERIES
+from pgcast.sql import schedule
+from pgcast.sql.queries import QUERIES
+from pgcast.worker import starter
 from tests import support
 from tests.integration import test_api_helpers as h
 from tests.integration import test_dispatch as dispatch
-from worker import starter
 
 Conn = psycopg.Connection[dict[str, Any]]
 A = h.ACCOUNT

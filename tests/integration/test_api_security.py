@@ -16,7 +16,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from api import config, errors
+from pgcast.api import config, errors
 from tests import support
 from tests.integration import test_api_helpers as h
 

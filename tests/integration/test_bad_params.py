@@ -8,8 +8,8 @@ import anyio
 import psycopg
 import pytest
 
-from api import db as api_db
-from api import errors
+from pgcast.api import db as api_db
+from pgcast.api import errors
 from tests.integration import test_api_helpers as h
 
 

@@ -69,7 +69,7 @@ def test_a_declared_length_over_every_limit_is_refused_unread(api: h.Api, path: 
 
 
 def test_the_backstop_takes_the_largest_route_limit() -> None:
-    from api import bounds, dashboard_routes, http, webhooks
+    from pgcast.api import bounds, dashboard_routes, http, webhooks
 
     largest = max(dashboard_routes.MAX_IMPORT_BYTES, http.MAX_BODY_BYTES,
                   webhooks.MAX_BODY_BYTES)

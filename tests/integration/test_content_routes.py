@@ -10,7 +10,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from mail import errors, message, unsubscribe
+from pgcast.mail import errors, message, unsubscribe
 from tests.integration import test_api_helpers as h
 
 Conn = psycopg.Connection[dict[str, Any]]

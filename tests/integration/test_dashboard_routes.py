@@ -8,7 +8,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from api import dashboard_routes
+from pgcast.api import dashboard_routes
 from tests import support
 from tests.integration import test_api_helpers as h
 

@@ -10,10 +10,10 @@ from typing import Any
 import psycopg
 import pytest
 
-from sql import broadcasts, contacts
-from sql.queries import QUERIES
+from pgcast.sql import broadcasts, contacts
+from pgcast.sql.queries import QUERIES
+from pgcast.worker import sweeper
 from tests import support
-from worker import sweeper
 
 Conn = psycopg.Connection[dict[str, Any]]
 

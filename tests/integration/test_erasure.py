@@ -7,9 +7,9 @@ from typing import Any
 
 import psycopg
 
-import schema
-from sql import contacts, migrate
-from sql.queries import QUERIES
+from pgcast import schema
+from pgcast.sql import contacts, migrate
+from pgcast.sql.queries import QUERIES
 from tests import support
 from tests.integration import test_dispatch as d
 

@@ -15,8 +15,8 @@ from typing import Any
 import psycopg
 import pytest
 
-from sql import contacts, retention
-from sql.queries import QUERIES
+from pgcast.sql import contacts, retention
+from pgcast.sql.queries import QUERIES
 from tests import support
 from tests.integration import test_dispatch as d
 from tests.integration.test_fences import backend_pid, connect, waiting_or_done

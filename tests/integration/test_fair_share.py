@@ -15,9 +15,9 @@ import psycopg
 import pytest
 from psycopg_pool import AsyncConnectionPool
 
-from sql.queries import QUERIES
+from pgcast.sql.queries import QUERIES
+from pgcast.worker import pg, ratelimit
 from tests import support
-from worker import pg, ratelimit
 
 Conn = psycopg.Connection[dict[str, Any]]
 

@@ -13,13 +13,13 @@ import boto3
 import psycopg
 import pytest
 
-from api import sns, webhooks
-from sql import broadcasts
+from pgcast.api import sns, webhooks
+from pgcast.sql import broadcasts
+from pgcast.worker import render, ses
 from tests import snsmessages as m
 from tests import support
 from tests.integration import test_api_helpers as h
 from tests.integration import test_feedback_webhook as fw
-from worker import render, ses
 
 Conn = psycopg.Connection[dict[str, Any]]
 A = h.ACCOUNT

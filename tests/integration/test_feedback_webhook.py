@@ -11,7 +11,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from api import sns, webhooks
+from pgcast.api import sns, webhooks
 from tests import snsmessages as m
 from tests import support
 from tests.integration import test_api_helpers as h
@@ -387,7 +387,7 @@ def test_tags_of_a_row_that_does_not_exist_fall_back_to_the_address(
 
 def test_unsuppress_after_a_complaint_keeps_the_unsubscribe(
         hook: Hook, conn: Conn) -> None:
-    from sql import feedback as sql_feedback
+    from pgcast.sql import feedback as sql_feedback
 
     bid, rows = sending(conn)
     r0 = rows[0]

@@ -15,10 +15,10 @@ from typing import Any
 import psycopg
 import pytest
 
-from sql.queries import QUERIES
+from pgcast.sql.queries import QUERIES
+from pgcast.worker import sweeper
 from tests import support
 from tests.integration.test_dispatch import claim, handoff, in_thread, record
-from worker import sweeper
 
 Conn = psycopg.Connection[dict[str, Any]]
 
@@ -273,7 +273,7 @@ def test_suppressed_contacts_are_left_out_and_skipped_like_unsubscribed_ones(
 
 
 def test_an_empty_segment_is_refused_unless_allowed(conn: Conn) -> None:
-    from sql import broadcasts
+    from pgcast.sql import broadcasts
 
     support.seed_contacts(conn, 2)
     draft = support.new_broadcast(conn, tag="nobody-has-this", send=False)

@@ -22,7 +22,7 @@ import boto3
 import botocore.config
 import pytest
 
-from worker import providers, render, ses
+from pgcast.worker import providers, render, ses
 
 BROADCAST_FROM = '"Acme News" <news@example.com>'
 CONTACT = "bob@example.com"

@@ -13,8 +13,8 @@ import psycopg
 import pytest
 from psycopg_pool import AsyncConnectionPool
 
+from pgcast.worker import control, engine, providers
 from tests import support
-from worker import control, engine, providers
 
 Conn = psycopg.Connection[dict[str, Any]]
 
@@ -121,7 +121,7 @@ def test_the_same_key_again_returns_the_first_message_and_says_so(conn: Conn) ->
               "html": None, "from": "shop@example.com", "key": "k1", "category": None,
               "reply_to": None, "headers": "{}", "tags": "{}"}
     params["category"] = "transactional"
-    from sql.queries import QUERIES
+    from pgcast.sql.queries import QUERIES
 
     one = conn.execute(QUERIES["message_send"], params).fetchone()
     two = conn.execute(QUERIES["message_send"], {**params, "subject": "other"}).fetchone()
@@ -362,7 +362,7 @@ def test_messages_take_tokens_ahead_of_broadcasts_up_to_their_share(conn: Conn) 
 
 def test_a_handoff_whose_answer_was_lost_is_put_back_uncalled(conn: Conn, db_url: str,
                                                               tmp_path: Path) -> None:
-    from sql.queries import QUERIES
+    from pgcast.sql.queries import QUERIES
 
     mid = send(conn, "ann@example.com")
     token = "44444444-4444-4444-4444-444444444444"

@@ -8,8 +8,8 @@ from typing import Any
 import psycopg
 from psycopg_pool import AsyncConnectionPool
 
+from pgcast.worker import engine, metrics, providers
 from tests import support
-from worker import engine, metrics, providers
 
 Conn = psycopg.Connection[dict[str, Any]]
 

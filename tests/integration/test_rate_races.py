@@ -6,7 +6,7 @@ from typing import Any
 
 import psycopg
 
-from sql.queries import QUERIES
+from pgcast.sql.queries import QUERIES
 from tests import support
 from tests.integration import test_dispatch as d
 from tests.integration.test_fences import waiting_or_done

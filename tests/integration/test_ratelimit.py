@@ -9,7 +9,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from sql.queries import QUERIES
+from pgcast.sql.queries import QUERIES
 from tests import support
 
 Conn = psycopg.Connection[dict[str, Any]]

@@ -12,12 +12,12 @@ from typing import Any
 import psycopg
 import pytest
 
-from api import sns, webhooks
-from sql.queries import QUERIES
+from pgcast.api import sns, webhooks
+from pgcast.sql.queries import QUERIES
+from pgcast.worker import reconcile
 from tests import snsmessages as m
 from tests import support
 from tests.integration import test_api_helpers as h
-from worker import reconcile
 
 Conn = psycopg.Connection[dict[str, Any]]
 A = h.ACCOUNT

@@ -9,8 +9,8 @@ from typing import Any
 import psycopg
 import pytest
 
-from sql import broadcasts, errors, retention
-from sql.queries import QUERIES
+from pgcast.sql import broadcasts, errors, retention
+from pgcast.sql.queries import QUERIES
 from tests import support
 from tests.integration import test_dispatch as d
 

@@ -8,9 +8,9 @@ from typing import Any
 
 import psycopg
 
-from api import progress as api_progress
-from sql import contacts, schedule
-from sql.queries import QUERIES
+from pgcast.api import progress as api_progress
+from pgcast.sql import contacts, schedule
+from pgcast.sql.queries import QUERIES
 from tests import support
 from tests.integration import test_dispatch as dispatch
 

@@ -11,13 +11,13 @@ from typing import Any
 
 import psycopg
 
-from sql import retention, schedule
-from sql.queries import QUERIES
+from pgcast.sql import retention, schedule
+from pgcast.sql.queries import QUERIES
+from pgcast.worker import ses
 from tests import support
 from tests.integration import test_dispatch as d
 from tests.integration.test_fences import backend_pid, waiting_or_done
 from tests.integration.test_retention import age, partition_attached, sent_broadcast
-from worker import ses
 
 Conn = psycopg.Connection[dict[str, Any]]
 DAY = 86400.0  # seconds
@@ -200,7 +200,7 @@ def test_a_late_answer_after_a_retry_is_recorded_and_audited(conn: Conn) -> None
 def test_a_late_answer_after_a_reconcile_requeue_is_recorded(conn: Conn) -> None:
     """The reconcile requeue (0016) cleared the claim token: the first call's late `sent`
     then matched nothing, and the row was sent a second time. It keeps it, as a retry does."""
-    from worker import reconcile
+    from pgcast.worker import reconcile
 
     bid, ids, first = unknown_broadcast(conn, 1)
     handed_ago(conn, bid, ids, 3600)

@@ -12,9 +12,9 @@ from typing import Any
 
 import psycopg
 
-from mail import unsubscribe
-from sql import contacts
-from sql.queries import QUERIES
+from pgcast.mail import unsubscribe
+from pgcast.sql import contacts
+from pgcast.sql.queries import QUERIES
 from tests import support
 from tests.integration import test_api_helpers as h
 from tests.integration.test_messages import deliver, sent_files, status

@@ -11,10 +11,10 @@ from typing import Any
 import psycopg
 import pytest
 
-from sql import broadcasts, errors, schedule
-from sql.queries import QUERIES
+from pgcast.sql import broadcasts, errors, schedule
+from pgcast.sql.queries import QUERIES
+from pgcast.worker import starter
 from tests import support
-from worker import starter
 
 Conn = psycopg.Connection[dict[str, Any]]
 

@@ -8,8 +8,8 @@ from typing import Any
 
 import psycopg
 
-import schema
-from sql import migrate
+from pgcast import schema
+from pgcast.sql import migrate
 from tests import support
 
 DESCRIBE = """
@@ -62,7 +62,7 @@ def test_migrate_is_idempotent(db_url: str) -> None:
 def test_two_migrates_at_once_are_safe(pg_server: str) -> None:
     with support.fresh_database(pg_server, "template0") as url:
         env = support.pgcast_env(url)
-        runs = [subprocess.Popen([sys.executable, "-m", "bin.cli", "migrate"],
+        runs = [subprocess.Popen([sys.executable, "-m", "pgcast.bin.cli", "migrate"],
                                  cwd=support.ROOT, env=env, stdout=subprocess.PIPE,
                                  stderr=subprocess.PIPE, text=True)
                 for _ in range(3)]

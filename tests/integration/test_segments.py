@@ -10,10 +10,10 @@ from typing import Any
 import psycopg
 import pytest
 
-from bin import cli
-from sql import broadcasts, errors, segments
+from pgcast.bin import cli
+from pgcast.sql import broadcasts, errors, segments
+from pgcast.worker import starter
 from tests.integration import test_api_helpers as h
-from worker import starter
 
 Conn = psycopg.Connection[dict[str, Any]]
 A = h.ACCOUNT

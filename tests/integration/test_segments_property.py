@@ -15,7 +15,7 @@ from typing import Any
 
 import psycopg
 
-from sql import broadcasts, segments
+from pgcast.sql import broadcasts, segments
 from tests import support
 
 Conn = psycopg.Connection[dict[str, Any]]

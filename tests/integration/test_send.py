@@ -8,7 +8,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from sql import broadcasts, contacts, errors
+from pgcast.sql import broadcasts, contacts, errors
 from tests import support
 
 Conn = psycopg.Connection[dict[str, Any]]

@@ -9,7 +9,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from bin import cli
+from pgcast.bin import cli
 from tests.integration import test_api_helpers as h
 
 Conn = psycopg.Connection[dict[str, Any]]

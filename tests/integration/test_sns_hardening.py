@@ -10,7 +10,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from api import sns, webhooks
+from pgcast.api import sns, webhooks
 from tests import snsmessages as m
 from tests.integration import test_api_helpers as h
 from tests.integration import test_feedback_webhook as fw

@@ -10,8 +10,8 @@ from typing import Any
 import psycopg
 import pytest
 
-from mail import unsubscribe
-from sql import broadcasts, contacts
+from pgcast.mail import unsubscribe
+from pgcast.sql import broadcasts, contacts
 from tests import support
 from tests.integration import test_api_helpers as h
 
@@ -421,7 +421,7 @@ def test_archive_enable_from_the_cli(db_url: str, conn: Conn) -> None:
 
 
 def test_expired_deleted_suppressed_and_listed(api: h.Api, public: h.Api, conn: Conn) -> None:
-    from mail import confirm
+    from pgcast.mail import confirm
 
     form = _form(api)
     sup = _add(conn, "bounced@example.com")
@@ -472,7 +472,7 @@ def test_a_scheduled_start_leaves_unconfirmed_contacts_out(conn: Conn) -> None:
     bid = support.new_broadcast(conn, account=h.ACCOUNT, send=False)
     conn.execute("UPDATE broadcasts SET status = 'scheduled', scheduled_at = now() "
                  "WHERE id = %s", (bid,))
-    from sql.queries import QUERIES  # the scheduler's own statement (pgcast_start_due_v3)
+    from pgcast.sql.queries import QUERIES  # the scheduler's own statement (pgcast_start_due_v3)
 
     started = conn.execute(QUERIES["start_due"]).fetchall()
     assert [(r["broadcast_id"], r["queued"]) for r in started] == [(bid, 1)]

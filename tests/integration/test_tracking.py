@@ -15,9 +15,9 @@ from typing import Any
 import psycopg
 import pytest
 
-from api import tracking_events
-from mail import tracking, unsubscribe
-from sql import broadcasts, contacts, retention
+from pgcast.api import tracking_events
+from pgcast.mail import tracking, unsubscribe
+from pgcast.sql import broadcasts, contacts, retention
 from tests import support
 from tests.integration import test_api_helpers as h
 from tests.unit.test_tracking import EXPECTED, HTML, TEXT
@@ -194,7 +194,7 @@ def test_aggregate_mode_writes_no_row_naming_a_contact(
 
 
 def broadcasts_stats(conn: Conn, bid: uuid.UUID) -> dict[str, Any]:
-    from sql import tracking as sql_tracking
+    from pgcast.sql import tracking as sql_tracking
 
     return sql_tracking.stats(conn, A, bid)
 
@@ -270,7 +270,7 @@ def test_the_account_default_and_the_cli(conn: Conn, db_url: str) -> None:
 
 
 def test_ses_open_and_click_events_land_with_pgcast_s_own(db_url: str, conn: Conn) -> None:
-    from api import tracking as tracking_routes
+    from pgcast.api import tracking as tracking_routes
     from tests import snsmessages as m
     from tests.integration.test_feedback_webhook import Hook, feedback
 
@@ -309,7 +309,7 @@ def test_ses_open_and_click_events_land_with_pgcast_s_own(db_url: str, conn: Con
 
 def test_segments_by_activity_select_who_opened_or_clicked_in_contact_mode(
         conn: Conn, db_url: str) -> None:
-    from sql import segments
+    from pgcast.sql import segments
 
     support.seed_contacts(conn, 4, account=A)
     ids = [r["id"] for r in conn.execute("SELECT id FROM contacts ORDER BY id")]

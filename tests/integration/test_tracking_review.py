@@ -10,11 +10,11 @@ from typing import Any
 import psycopg
 import pytest
 
-from api import tracking as tracking_routes
-from api import tracking_events
-from mail import tracking
-from sql import broadcasts
-from sql import tracking as sql_tracking
+from pgcast.api import tracking as tracking_routes
+from pgcast.api import tracking_events
+from pgcast.mail import tracking
+from pgcast.sql import broadcasts
+from pgcast.sql import tracking as sql_tracking
 from tests.integration import test_api_helpers as h
 from tests.integration.test_tracking import CHROME, forge, keys, send, tokens
 

@@ -15,8 +15,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from bin import cli
-from mail import unsubscribe, validate
+from pgcast.bin import cli
+from pgcast.mail import unsubscribe, validate
 from tests.integration import test_api_helpers as h
 
 Conn = psycopg.Connection[dict[str, Any]]

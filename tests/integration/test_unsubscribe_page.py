@@ -8,7 +8,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from mail import unsubscribe
+from pgcast.mail import unsubscribe
 from tests.integration import test_api_helpers as h
 
 Conn = psycopg.Connection[dict[str, Any]]

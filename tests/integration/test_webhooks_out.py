@@ -18,10 +18,10 @@ from typing import Any
 import psycopg
 import pytest
 
-from sql import broadcasts, contacts, hooks
+from pgcast.sql import broadcasts, contacts, hooks
+from pgcast.worker import hookhttp
+from pgcast.worker import hooks as worker_hooks
 from tests import hookreceiver, support
-from worker import hookhttp
-from worker import hooks as worker_hooks
 
 Conn = psycopg.Connection[dict[str, Any]]
 DOC = Path(__file__).resolve().parents[2] / "docs" / "webhooks.md"

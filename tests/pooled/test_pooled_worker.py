@@ -8,8 +8,8 @@ from typing import Any
 import psycopg
 import pytest
 
-from sql import db
-from sql.queries import QUERIES
+from pgcast.sql import db
+from pgcast.sql.queries import QUERIES
 from tests import support
 
 pytestmark = pytest.mark.acceptance

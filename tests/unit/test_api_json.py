@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from api import http
+from pgcast.api import http
 
 GOOD = [b'{}', b' { } ', b'[]', b'"x"', b'3', b'null', b'{"a": []}', b'{"a":[ ]}',
         b'{"contacts": [{"email": "a@b.c", "tags": ["x", "y"]}, {"email": "d"}], "n": 1}',

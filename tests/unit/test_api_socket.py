@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import socket
 
-from bin import api_commands
+from pgcast.bin import api_commands
 
 
 def test_the_listening_socket_is_tcp_so_asyncio_sets_nodelay_on_each_connection() -> None:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import uuid
 
-from mail import message, renderpool
+from pgcast.mail import message, renderpool
+from pgcast.worker import dispatch
 from tests.unit.test_render_budget import MACRO
-from worker import dispatch
 
 
 def test_groups_side_by_side_add_their_failures_and_a_gone_broadcast_is_forgotten() -> None:

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from bin import cli, progressbar
+from pgcast.bin import cli, progressbar
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
+from pgcast.worker import claims, ratelimit
 from tests.unit import test_picker
-from worker import claims, ratelimit
 
 
 @pytest.mark.parametrize("boot", [0.0, 0.001, 1.0])

@@ -6,7 +6,7 @@ import uuid
 
 import pytest
 
-from mail import confirm, unsubscribe
+from pgcast.mail import confirm, unsubscribe
 
 A = "a" * 40
 B = "b" * 40

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from bin import cli
+from pgcast.bin import cli
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 SERVICES = sorted(DEPLOY.glob("*.service"))

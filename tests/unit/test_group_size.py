@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from bin import cli
-from worker import dispatch, engine, inflight, render
-from worker import errors as perr
+from pgcast.bin import cli
+from pgcast.worker import dispatch, engine, inflight, render
+from pgcast.worker import errors as perr
 
 
 def feed(sizer: inflight.GroupSizer, per_message: float, groups: int = 30) -> int:

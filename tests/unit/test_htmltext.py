@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mail import htmltext
+from pgcast.mail import htmltext
 
 
 def test_headings_paragraphs_links_and_emphasis() -> None:

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from bin import cli
-from worker import claims, dispatch, engine, inflight, ratelimit, render
+from pgcast.bin import cli
+from pgcast.worker import claims, dispatch, engine, inflight, ratelimit, render
 
 
 def test_the_window_follows_littles_law_within_its_bounds() -> None:

@@ -9,7 +9,7 @@ import uuid
 
 import pytest
 
-from bin import logs
+from pgcast.bin import logs
 
 
 def record(msg: str, *args: object, **extra: object) -> logging.LogRecord:

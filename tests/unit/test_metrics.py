@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from api import metrics as api_metrics
-from sql import errors as sql_errors
-from sql import metrics as sql_metrics
-from worker import errors, metrics, render
+from pgcast.api import metrics as api_metrics
+from pgcast.sql import errors as sql_errors
+from pgcast.sql import metrics as sql_metrics
+from pgcast.worker import errors, metrics, render
 
 
 class Scripted:

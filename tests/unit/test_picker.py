@@ -8,7 +8,7 @@ import uuid
 from collections import Counter
 from typing import Any
 
-from worker import picker
+from pgcast.worker import picker
 
 
 class Db:

@@ -10,7 +10,7 @@ import uuid
 
 import pytest
 
-from worker import dispatch, inflight, recorder
+from pgcast.worker import dispatch, inflight, recorder
 
 KEY = (uuid.uuid4(), 1, uuid.uuid4())
 

@@ -8,7 +8,7 @@ import uuid
 
 import pytest
 
-from mail import errors, message, template
+from pgcast.mail import errors, message, template
 
 # the three templates, accepted by POST /broadcasts on 5e12a0e
 MACRO = ("{% macro f(n) %}{% for i in range(1000) %}{% if n %}{{ f(n-1) }}{% endif %}"

@@ -10,9 +10,9 @@ from typing import Any
 import psutil
 import pytest
 
-from mail import errors, message, renderpool
+from pgcast.mail import errors, message, renderpool
+from pgcast.worker import dispatch
 from tests.unit.test_render_budget import MACRO
-from worker import dispatch
 
 ITEM = (1, "a@example.com", "A", None, None, None)
 

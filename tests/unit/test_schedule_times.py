@@ -6,7 +6,7 @@ import datetime as dt
 
 import pytest
 
-from sql import errors, schedule
+from pgcast.sql import errors, schedule
 
 NOW = dt.datetime(2026, 12, 1, 12, 0, tzinfo=dt.UTC)
 

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from sql import errors, segments
+from pgcast.sql import errors, segments
 
 
 def test_a_filter_is_a_small_shallow_json_object() -> None:

@@ -8,8 +8,8 @@ from typing import Any
 import botocore.exceptions
 import pytest
 
-from worker import control, engine, errors, render, ses
-from worker import main as worker_main
+from pgcast.worker import control, engine, errors, render, ses
+from pgcast.worker import main as worker_main
 
 
 def client_error(status: int, code: str, message: str) -> botocore.exceptions.ClientError:

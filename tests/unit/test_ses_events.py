@@ -6,7 +6,7 @@ import datetime as dt
 import json
 import uuid
 
-from api import ses_events
+from pgcast.api import ses_events
 from tests import snsmessages as m
 
 NOW = dt.datetime(2026, 12, 1, 12, 0, tzinfo=dt.UTC)

@@ -16,7 +16,7 @@ import botocore.exceptions
 import pytest
 
 from bench import sesd
-from worker import errors, render, ses, sesconn
+from pgcast.worker import errors, render, ses, sesconn
 
 CONTENT = render.Content(str(uuid.uuid4()), "a", "S", "f@example.com", "t", None)
 
@@ -125,7 +125,7 @@ def test_the_counts_are_metrics_however_often_a_provider_is_wrapped(
         provider: ses.SesProvider) -> None:
     import prometheus_client as prom
 
-    from worker import metrics
+    from pgcast.worker import metrics
 
     provider.send(message(1))
     for _ in range(2):  # one collector per process, reading the newest provider

@@ -8,7 +8,7 @@ import urllib.error
 
 import pytest
 
-from api import sns
+from pgcast.api import sns
 
 
 class _Redirect(http.server.BaseHTTPRequestHandler):

@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from api import sns
+from pgcast.api import sns
 
 URL = "https://sns.us-east-1.amazonaws.com/SimpleNotificationService-{}.pem"
 

@@ -6,7 +6,7 @@ import uuid
 
 import pytest
 
-from mail import errors, message, plaintext, template
+from pgcast.mail import errors, message, plaintext, template
 
 
 def content(text: str | None, html: str | None = None, subject: str = "S") -> message.Content:

@@ -11,8 +11,8 @@ import uuid
 
 import pytest
 
-from api import tracking_events
-from mail import message, tracking, unsubscribe
+from pgcast.api import tracking_events
+from pgcast.mail import message, tracking, unsubscribe
 
 BASE = "https://mail.example.org"
 KEYS = unsubscribe.Keys(("k" * 40,))
@@ -217,7 +217,7 @@ def test_a_head_request_is_a_machine(method: str, machine: bool) -> None:
     from starlette.applications import Starlette
     from starlette.requests import Request
 
-    from api import tracking as tracking_routes
+    from pgcast.api import tracking as tracking_routes
 
     app = Starlette()
     app.state.pool = None  # nothing is written here

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from api import tracking_events
+from pgcast.api import tracking_events
 from tests.unit.test_tracking import event
 
 
@@ -46,7 +46,7 @@ def test_a_token_s_count_is_forgotten_a_window_after_it_began() -> None:
 def test_a_token_is_read_only_as_pgcast_wrote_it() -> None:
     # the same bytes in standard base64 (`+`, `/`: `/c/ab/cd` is a token too), or padded,
     # were read as the token: one token, many URLs
-    from mail import tracking
+    from pgcast.mail import tracking
     from tests.unit.test_tracking import KEYS, content, tokens
 
     msg = content("contact").render(42, "ann@example.com", "Ann", {"code": "c1"})

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from mail import errors, message, transactional
-from worker import ses
+from pgcast.mail import errors, message, transactional
+from pgcast.worker import ses
 
 ROW = {"id": "0b5c4a8e-0000-4000-8000-000000000001", "to_address": "ann@example.com",
        "from_address": "Shop <shop@example.com>", "reply_to": "Help <help@example.com>",

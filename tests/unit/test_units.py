@@ -10,9 +10,9 @@ from typing import Any
 import botocore.exceptions
 import pytest
 
-from sql import contacts, errors, queries
-from worker import dispatch, engine, render, ses
-from worker import errors as perr
+from pgcast.sql import contacts, errors, queries
+from pgcast.worker import dispatch, engine, render, ses
+from pgcast.worker import errors as perr
 
 ROOT = Path(__file__).resolve().parents[2]
 

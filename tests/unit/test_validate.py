@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mail import errors, validate
+from pgcast.mail import errors, validate
 
 
 @pytest.mark.parametrize("bad", ["Bob\r\nBcc: evil@example.com", "a\nb", "nul\x00", "nel\x85",
