@@ -18,7 +18,7 @@ import threading
 import urllib.parse
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 SEND_EMAIL_PATH = "/v2/email/outbound-emails"
@@ -41,7 +41,9 @@ class Rule:
     skip: int = 0  # let the first `skip` matching requests through first
     limit: int | None = None  # answer at most this many, then forward again
     match: str | None = None  # only requests whose body contains this text
+    once_each: bool = False  # never answer two requests to the same destination
     seen: int = 0  # matching requests so far
+    hit: set[str] = field(default_factory=set)  # destinations answered (once_each)
     answered: int = 0  # requests this rule answered
 
 
@@ -62,9 +64,10 @@ def no_answer(address: str) -> Rule:
     return Rule(NO_ANSWER, "", "", match=f"<{address}>")
 
 
-def dropped(every: int, limit: int | None = None) -> Rule:
-    """Every Nth request read and never forwarded nor answered (the connection closes)."""
-    return Rule(NO_ANSWER, "", "", every=every, limit=limit)
+def dropped(every: int, limit: int | None = None, once_each: bool = False) -> Rule:
+    """Every Nth request read and never forwarded nor answered (the connection closes);
+    once_each: a destination's later requests (a requeued send) always go through."""
+    return Rule(NO_ANSWER, "", "", every=every, limit=limit, once_each=once_each)
 
 
 def answer_lost(every: int, limit: int | None = None) -> Rule:
@@ -87,6 +90,14 @@ def daily_quota(skip: int = 0) -> Rule:
 def server_error(status: int = 500) -> Rule:
     """A 5xx InternalFailure on every request."""
     return Rule(status, "InternalFailure", "An internal error occurred.")
+
+
+def _destination(text: str) -> str:
+    """The To addresses of a SendEmail body (JSON), as one key."""
+    try:
+        return ",".join(json.loads(text)["Destination"]["ToAddresses"])
+    except (ValueError, KeyError, TypeError):
+        return text
 
 
 class FaultProxy:
@@ -134,10 +145,15 @@ class FaultProxy:
                     continue
                 if rule.limit is not None and rule.answered >= rule.limit:
                     continue
+                to = _destination(text) if rule.once_each else ""
+                if to in rule.hit:
+                    continue
                 rule.seen += 1
                 if rule.seen <= rule.skip or (rule.seen - rule.skip) % rule.every != 0:
                     continue
                 rule.answered += 1
+                if rule.once_each:
+                    rule.hit.add(to)
                 return rule
             self.forwarded_sends += 1
         return None
