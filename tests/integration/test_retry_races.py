@@ -54,8 +54,11 @@ def test_a_retry_after_retention_listed_a_broadcast_is_never_archived_pending(
                             row_factory=psycopg.rows.dict_row) as ret:
         # holds the broadcast row against the archive's FOR UPDATE, not against a finalize
         holder.execute("SELECT 1 FROM broadcasts WHERE id = %s FOR KEY SHARE", (bid,))
+        # the pid before the thread takes `ret`: asked after, it waits for the connection the
+        # blocked archive holds, and the test hangs
+        pid = backend_pid(ret)  # type: ignore[arg-type]
         thread, out = d.in_thread(lambda: retention.archive_one(ret, bid))  # type: ignore[arg-type]
-        support.wait_for(waiting_or_done(conn, backend_pid(ret), out),  # type: ignore[arg-type]
+        support.wait_for(waiting_or_done(conn, pid, out),  # type: ignore[arg-type]
                          what="retention to block on the broadcast row, or to give up")
         # a worker's claim comes back empty (the partition is gone) and it finalizes
         conn.execute(QUERIES["finalize"], {"id": bid})
@@ -81,8 +84,11 @@ def test_a_broadcast_retention_has_begun_to_archive_refuses_a_retry(db_url: str,
             psycopg.connect(db_url, autocommit=True,
                             row_factory=psycopg.rows.dict_row) as ret:
         holder.execute("SELECT 1 FROM broadcasts WHERE id = %s FOR KEY SHARE", (bid,))
+        # the pid before the thread takes `ret`: asked after, it waits for the connection the
+        # blocked archive holds, and the test hangs
+        pid = backend_pid(ret)  # type: ignore[arg-type]
         thread, out = d.in_thread(lambda: retention.archive_one(ret, bid))  # type: ignore[arg-type]
-        support.wait_for(waiting_or_done(conn, backend_pid(ret), out),  # type: ignore[arg-type]
+        support.wait_for(waiting_or_done(conn, pid, out),  # type: ignore[arg-type]
                          what="retention to block on the broadcast row")
         assert "at" not in out  # detached, and waiting to archive
         answer = schedule.retry(conn, "default", bid)
