@@ -36,8 +36,11 @@ $(DEV): pyproject.toml | $(BIN)/python
 demo: $(EMBEDDED) ## run the whole system on an embedded Postgres and show it working
 	PGCAST_HOME="$${PGCAST_HOME:-$(CURDIR)/.pgcast}" $(BIN)/python -m pgcast.bin.demo
 
-test: $(DEV) licenses ## run every test (unit, integration, acceptance) on a real Postgres
+test: $(DEV) licenses ## run the unit and integration tests on a real Postgres (about 10 minutes)
 	$(BIN)/pytest
+
+test-acceptance: $(DEV) ## run the acceptance ring: real pgcast processes, moto's SES server, chaos
+	$(BIN)/pytest tests/acceptance
 
 licenses: $(DEV) ## refuse a copyleft licence among the runtime dependencies (not the dev tools)
 	$(BIN)/python -m tests.licenses
