@@ -21,7 +21,6 @@ import shlex
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 import uuid
@@ -29,11 +28,10 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-from psycopg import sql as pgsql
-from psycopg.conninfo import make_conninfo
 
+from bench import common
 from pgcast.api import auth, config
-from pgcast.sql import embedded, migrate
+from pgcast.sql import migrate
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "bench-secret-0123456789-abcdefghijklmnop"
@@ -251,26 +249,9 @@ def main() -> int:
     p.add_argument("--detail-requests", type=int, default=200)
     args = p.parse_args()
     command = "python -m bench.api " + shlex.join(sys.argv[1:])
-    server_url = os.environ.get("DATABASE_URL")
-    base_dir = None
-    if server_url:
-        name = f"pgcast_bench_{uuid.uuid4().hex[:8]}"
-        with psycopg.connect(server_url, autocommit=True) as conn:
-            conn.execute(pgsql.SQL("CREATE DATABASE {}").format(pgsql.Identifier(name)))
-        url = make_conninfo(server_url, dbname=name)
-    else:
-        base_dir = Path(tempfile.mkdtemp(prefix="pgcast-bench-"))
-        os.chmod(base_dir, 0o755)
-        url = embedded.start(base_dir)
-    try:
+    # DATABASE_URL's server, else an embedded one of its own; a fresh database dropped after
+    with common.bench_db("api", os.environ.get("DATABASE_URL"), migrated=False) as url:
         figures, detail = run(url, args)
-    finally:
-        if server_url:
-            with psycopg.connect(server_url, autocommit=True) as conn:
-                conn.execute(pgsql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
-                    pgsql.Identifier(name)))
-        elif base_dir:
-            embedded.discard(base_dir)
     print(f"$ {command.strip()}")
     print(f"GET /broadcasts/{{id}}/progress over HTTP (uvicorn, 1 process), "
           f"{args.requests} sequential requests, then {args.clients} concurrent clients")

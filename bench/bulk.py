@@ -38,7 +38,7 @@ import urllib.request
 import uuid
 from typing import Any
 
-from bench import common
+from bench import common, sesd
 
 SEND_EMAIL = "/v2/email/outbound-emails"
 SEND_BULK = "/v2/email/outbound-bulk-emails"
@@ -60,19 +60,10 @@ def serve(port_out: Any) -> None:
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while True:
-                line = await reader.readline()
-                if not line:
+                request = await sesd.read_request(reader)
+                if request is None:
                     return
-                method, path, _ = line.decode("latin-1").split(" ", 2)
-                length = 0
-                while True:
-                    header = await reader.readline()
-                    if header in (b"\r\n", b"\n", b""):
-                        break
-                    name, _, value = header.decode("latin-1").partition(":")
-                    if name.strip().lower() == "content-length":
-                        length = int(value.strip())
-                body = await reader.readexactly(length) if length else b""
+                method, path, body = request
                 status, answer = 200, {}  # type: tuple[int, dict[str, Any]]
                 route = path.split("?")[0]
                 if method == "POST" and route == SEND_EMAIL:

@@ -28,6 +28,27 @@ SEND_EMAIL_PATH = "/v2/email/outbound-emails"
 MAX_BODY = 4 * 1024 * 1024  # bytes
 
 
+async def read_request(reader: asyncio.StreamReader,
+                       max_body: int | None = None) -> tuple[str, str, bytes] | None:
+    """One HTTP/1.1 request off a kept-alive connection: (method, path, body); None at the end
+    of the stream or for a body over `max_body` bytes."""
+    line = await reader.readline()
+    if not line:
+        return None
+    method, path, _ = line.decode("latin-1").split(" ", 2)
+    length = 0
+    while True:
+        header = await reader.readline()
+        if header in (b"\r\n", b"\n", b""):
+            break
+        name, _, value = header.decode("latin-1").partition(":")
+        if name.strip().lower() == "content-length":
+            length = int(value.strip())
+    if max_body is not None and length > max_body:
+        return None
+    return method, path, (await reader.readexactly(length) if length else b"")
+
+
 @dataclass
 class Received:
     """One SendEmail request as the endpoint saw it."""
@@ -69,21 +90,10 @@ class Endpoint:
         self._open[task] = writer
         try:
             while True:
-                line = await reader.readline()
-                if not line:
+                request = await read_request(reader, MAX_BODY)
+                if request is None:
                     return
-                method, path, _ = line.decode("latin-1").split(" ", 2)
-                length = 0
-                while True:
-                    header = await reader.readline()
-                    if header in (b"\r\n", b"\n", b""):
-                        break
-                    name, _, value = header.decode("latin-1").partition(":")
-                    if name.strip().lower() == "content-length":
-                        length = int(value.strip())
-                if length > MAX_BODY:
-                    return
-                body = await reader.readexactly(length) if length else b""
+                method, path, body = request
                 if method == "POST" and path.split("?")[0] == SEND_EMAIL_PATH:
                     status, answer = await self._send_email(body)
                 else:

@@ -29,7 +29,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 import uuid
@@ -37,13 +36,12 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-from psycopg import sql as pgsql
-from psycopg.conninfo import make_conninfo
 
+from bench import common
 from bench.api import fill, pct
 from pgcast.api import auth, config
 from pgcast.mail import tracking, unsubscribe
-from pgcast.sql import embedded, migrate
+from pgcast.sql import migrate
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "bench-secret-0123456789-abcdefghijklmnop"
@@ -246,26 +244,9 @@ def main() -> int:
     p.add_argument("--stats-requests", type=int, default=300)
     args = p.parse_args()
     command = "python -m bench.tracking " + shlex.join(sys.argv[1:])
-    server_url = os.environ.get("DATABASE_URL")
-    base_dir = None
-    if server_url:
-        name = f"pgcast_bench_{uuid.uuid4().hex[:8]}"
-        with psycopg.connect(server_url, autocommit=True) as conn:
-            conn.execute(pgsql.SQL("CREATE DATABASE {}").format(pgsql.Identifier(name)))
-        url = make_conninfo(server_url, dbname=name)
-    else:
-        base_dir = Path(tempfile.mkdtemp(prefix="pgcast-bench-"))
-        os.chmod(base_dir, 0o755)
-        url = embedded.start(base_dir)
-    try:
+    # DATABASE_URL's server, else an embedded one of its own; a fresh database dropped after
+    with common.bench_db("tracking", os.environ.get("DATABASE_URL"), migrated=False) as url:
         f = run(url, args)
-    finally:
-        if server_url:
-            with psycopg.connect(server_url, autocommit=True) as conn:
-                conn.execute(pgsql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
-                    pgsql.Identifier(name)))
-        elif base_dir:
-            embedded.discard(base_dir)
     print(f"$ {command.strip()}")
     print("GET /c/{token} over HTTP (uvicorn, 1 API process; load generator in its own process)")
     print(f"  sequential, one connection: p50 {f['seq_p50']:.2f} ms, p99 {f['seq_p99']:.2f} ms "
