@@ -79,3 +79,8 @@ WHERE m.account = %(account)s AND m.idempotency_key = %(key)s
 -- The senders one account may use (an empty array: any From).
 SELECT ARRAY(SELECT s.sender FROM senders s WHERE s.account = %(account)s
              ORDER BY s.sender) AS senders
+
+-- message_one_click_unsubscribe --
+-- One-click unsubscribe from a marketing message's link: its account's contact with its
+-- address, account-wide (pgcast_unsubscribe_message_v1; no row: no such marketing message).
+SELECT * FROM pgcast_unsubscribe_message_v1(%(id)s)

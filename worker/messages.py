@@ -13,13 +13,14 @@ import asyncio
 import contextlib
 import logging
 import math
+import os
 import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
 from pgcast.mail import errors as mail_errors
-from pgcast.mail import transactional
+from pgcast.mail import transactional, unsubscribe
 from pgcast.worker import dispatch, pg
 
 log = logging.getLogger("pgcast.messages")
@@ -68,6 +69,8 @@ class Loop:
         self.busy = 0  # messages handed off and not yet recorded, in this process
         self.most = most  # the most of them (a slow provider must not gather a crowd in doubt)
         self._room = asyncio.Event()
+        # a marketing message's one-click link: the keys and URL in force, read once
+        self._unsubscribe: tuple[unsubscribe.Keys, str] | None = None
 
     async def run(self) -> None:
         """Claim and send until stopped (with --once: until nothing is claimable)."""
@@ -195,6 +198,20 @@ class Loop:
                 self.tokens.discard(token)
         return len(rows)
 
+    async def _unsubscribe_url(self, message_id: uuid.UUID) -> str:
+        """A marketing message's one-click unsubscribe URL (PGCAST_UNSUBSCRIBE_SECRET, else
+        the database's generated key; PGCAST_PUBLIC_URL); raises mail.errors.InvalidValue."""
+        if self._unsubscribe is None:
+            secret = os.environ.get("PGCAST_UNSUBSCRIBE_SECRET")
+            stored = None
+            if not (secret and secret.strip()):
+                rows = await self.db.q("unsubscribe_key")
+                stored = str(rows[0][0]) if rows else None
+            self._unsubscribe = (unsubscribe.keys_from(secret, stored),
+                                 unsubscribe.public_url(os.environ.get("PGCAST_PUBLIC_URL")))
+        keys, base_url = self._unsubscribe
+        return unsubscribe.link(base_url, keys.message(message_id))
+
     async def _take(self, want: int) -> int:
         """Tokens for up to `want` messages (0: stopping); waits on an empty bucket."""
         while not self.stopping.is_set():
@@ -226,7 +243,9 @@ class Loop:
         calls: list[asyncio.Future[dispatch.Outcome]] = []
         for i, row in numbered.items():
             try:
-                msg = transactional.compose(row, i)
+                link = (await self._unsubscribe_url(row["id"])
+                        if row.get("category") == "marketing" else None)
+                msg = transactional.compose(row, i, link)
             except mail_errors.MailError as exc:
                 done: asyncio.Future[dispatch.Outcome] = loop.create_future()
                 done.set_result(dispatch.cannot_build(i, str(exc)))
