@@ -64,6 +64,9 @@ def test_a_marketing_message_s_one_click_unsubscribes_its_contact_for_later_mark
         conn: Conn, db_url: str, tmp_path: Path, public: h.Api) -> None:
     conn.execute("INSERT INTO contacts (account, email) VALUES (%s, 'Ann@example.com')",
                  (h.ACCOUNT,))
+    conn.execute("INSERT INTO webhook_endpoints (account, url, events, secret) "
+                 "VALUES (%s, 'https://hooks.example.com/', '{contact.unsubscribed}', 's')",
+                 (h.ACCOUNT,))
     ids = {c: send(conn, "ann@example.com", c)
            for c in ("marketing", "transactional", "confirmation")}
     tm.deliver(db_url, tmp_path)
@@ -87,6 +90,8 @@ def test_a_marketing_message_s_one_click_unsubscribes_its_contact_for_later_mark
                           "WHERE contact_id = %s", (ann["id"],)).fetchall()
     assert events == [{"action": "unsubscribe", "source": "message-one-click",
                        "details": {"message_id": str(ids["marketing"])}, "broadcast_id": None}]
+    hooks = conn.execute("SELECT type, data->>'source' AS source FROM webhook_events").fetchall()
+    assert hooks == [{"type": "contact.unsubscribed", "source": "message-one-click"}]
     # a second click changes nothing and records nothing more
     assert public.post(link, **ONE_CLICK).status_code == 200
     assert conn.execute("SELECT count(*) AS n FROM contact_events").fetchone() == {"n": 1}
