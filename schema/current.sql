@@ -5849,3 +5849,25 @@ BEGIN
     RETURN QUERY SELECT cid, true;
 END
 $$;
+
+-- The share of a bucket's rate messages may take while broadcasts wait, v2: v1 refuses a share
+-- that is not more than 0 and at most 1 (SQLSTATE 22023). A share of 0 held messages back for
+-- as long as any broadcast waited for tokens (a password reset behind a whole broadcast):
+-- messages come ahead of broadcasts, and a small share still gives them a steady part. A 0
+-- already stored (set through v1 or by hand) keeps its meaning: messages take tokens only
+-- when no broadcast is waiting.
+CREATE FUNCTION pgcast_messages_share_v2(p_name text, p_share double precision)
+RETURNS TABLE (name text, messages_share double precision)
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF p_share IS NULL OR NOT (p_share > 0 AND p_share <= 1) THEN
+        RAISE EXCEPTION 'the messages share must be more than 0 and at most 1, not %', p_share
+            USING ERRCODE = '22023',
+                  HINT = '0 would hold messages back for as long as broadcasts wait';
+    END IF;
+    RETURN QUERY
+    UPDATE rate_limits r SET messages_share = p_share, updated_at = now()
+    WHERE r.name = p_name
+    RETURNING r.name, r.messages_share;
+END
+$$;
