@@ -162,3 +162,15 @@ def test_an_erased_address_is_not_brought_back_by_its_message_s_link(
     conn.execute("SELECT pgcast_erase_v6(%s, 'dee@example.com', 'test', '{}')", (h.ACCOUNT,))
     assert public.post(link, **ONE_CLICK).status_code == 200
     assert conn.execute("SELECT count(*) AS n FROM contacts").fetchone() == {"n": 0}
+
+
+def test_without_a_usable_unsubscribe_link_a_marketing_message_fails_and_others_go(
+        conn: Conn, db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PGCAST_PUBLIC_URL", "ftp://nope")
+    mid = send(conn, "eve@example.com", "marketing")
+    receipt = send(conn, "eve@example.com", "transactional")
+    tm.deliver(db_url, tmp_path)
+    failed = tm.status(conn, mid)
+    assert failed["status"] == "failed" and "PGCAST_PUBLIC_URL" in failed["error"]
+    assert tm.status(conn, receipt)["status"] == "sent"
+    assert tm.sent_files(tmp_path) == [str(receipt)]
