@@ -257,7 +257,8 @@ class Sender:
             self._throttles = 0
         except errors.Stopped:
             # stopped after the pacer's wait: put back as the check above does, never called
-            return Outcome(cid, stop[0].outcome, retry_in=stop[0].retry_in)
+            first = stop[0] if stop else Outcome(cid, "release")
+            return Outcome(cid, first.outcome, retry_in=first.retry_in)
         except errors.Throttled as exc:
             with self._lock:
                 self._throttles += 1
