@@ -1,8 +1,10 @@
 """One-click unsubscribe (RFC 8058): GET /u/{token} shows a page, POST unsubscribes.
 
-No JWT, no cookie, no redirect. GET never unsubscribes (mail scanners prefetch links); the
-page's one button POSTs the same body a mail client sends for one click. A malformed or
-forged token answers 400 with a page that says nothing about any contact.
+A broadcast's token names its contact; a marketing message's names the message, whose
+account and address name the contact (mail.unsubscribe). No JWT, no cookie, no redirect.
+GET never unsubscribes (mail scanners prefetch links); the page's one button POSTs the same
+body a mail client sends for one click. A malformed or forged token answers 400 with a page
+that says nothing about any contact.
 """
 
 from __future__ import annotations
@@ -98,7 +100,8 @@ async def keys(request: Request) -> unsubscribe.Keys:
 
 async def _target(request: Request) -> unsubscribe.Target | None:
     try:
-        return (await keys(request)).read(str(request.path_params.get("token", "")))
+        return (await keys(request)).read(str(request.path_params.get("token", "")),
+                                          messages=True)
     except unsubscribe.InvalidToken:
         return None
 
@@ -123,6 +126,10 @@ async def one_click(request: Request) -> Response:
         return _html(BAD_FORM, 400)
     if target.test:
         return _html(TEST_DONE)
+    if target.message_id is not None:  # a marketing message's link
+        await db.one(context.pool(request), "message_one_click_unsubscribe",
+                     {"id": target.message_id})
+        return _html(DONE)
     await db.one(context.pool(request), "one_click_unsubscribe", {
         "contact_id": target.contact_id, "account_prefix": target.account_prefix,
         "broadcast_id": target.broadcast_id})

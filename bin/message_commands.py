@@ -62,8 +62,11 @@ def _send(conn: psycopg.Connection[Any], args: argparse.Namespace) -> int:
 def cmd_messages_share(args: argparse.Namespace) -> int:
     """`pgcast rate messages-share F`."""
     with db.connect(autocommit=True) as conn:
-        row = conn.execute(QUERIES["messages_share"], {"name": "global",
-                                                       "share": args.share}).fetchone()
+        try:
+            row = conn.execute(QUERIES["messages_share"], {"name": "global",
+                                                           "share": args.share}).fetchone()
+        except psycopg.errors.InvalidParameterValue as exc:
+            raise errors.InvalidInput(exc.diag.message_primary or str(exc)) from None
     if row is None:
         raise errors.NotFound("no global bucket: run `pgcast migrate`")
     output.emit(dict(row))
@@ -75,8 +78,10 @@ def _share(raw: str) -> float:
         value = float(raw)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {raw!r}") from None
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError("must be from 0 to 1")
+    if not 0 < value <= 1:
+        # 0 would hold messages back for as long as broadcasts wait for tokens
+        raise argparse.ArgumentTypeError("must be more than 0 and at most 1 (0 would hold "
+                                         "messages back for as long as broadcasts wait)")
     return value
 
 
@@ -103,5 +108,6 @@ def register(sub: Any, rsub: Any, parser_class: type[argparse.ArgumentParser]) -
     m.set_defaults(func=cmd_message)
     share = rsub.add_parser("messages-share", help="the share of the global rate messages may "
                                                    "take while broadcasts wait (default 0.5)")
-    share.add_argument("share", type=_share, metavar="F", help="a fraction from 0 to 1")
+    share.add_argument("share", type=_share, metavar="F",
+                       help="a fraction, more than 0 and at most 1")
     share.set_defaults(func=cmd_messages_share)

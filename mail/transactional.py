@@ -74,16 +74,25 @@ def category(raw: Any) -> str:
     return str(raw)
 
 
-def compose(row: dict[str, Any], number: int) -> message.Message:
+def compose(row: dict[str, Any], number: int,
+            unsubscribe_url: str | None = None) -> message.Message:
     """The email of one handed-off message row; `number` stands for its contact id (the
-    provider's file name and tags use the message id in X-Pgcast-Message). Raises
-    mail.errors.RenderError or InvalidValue when it cannot be built."""
+    provider's file name and tags use the message id in X-Pgcast-Message). A `marketing`
+    message carries one-click unsubscribe (RFC 8058) to `unsubscribe_url`, which it must
+    have; the other categories never do. Raises mail.errors.RenderError or InvalidValue when
+    it cannot be built."""
     display, spec = validate.sender(row["from_address"])
     to = message.addr_spec(row["to_address"])
     extra = dict(row.get("headers") or {})
     if row.get("reply_to"):
         reply_name, reply_spec = validate.sender(row["reply_to"])
         extra["Reply-To"] = message.mailbox(reply_name, reply_spec, "Reply-To")
+    if row.get("category") == "marketing":
+        if not unsubscribe_url:
+            raise errors.InvalidValue("category", "a marketing message needs its unsubscribe "
+                                      "link")
+        extra["List-Unsubscribe"] = f"<{unsubscribe_url}>"
+        extra["List-Unsubscribe-Post"] = message.LIST_UNSUBSCRIBE_POST
     extra[HEADER] = str(row["id"])
     return message.Message(number, to, message.mailbox(display, spec, "From"),
                            message.one_line(row["subject"]), row.get("text_body"),

@@ -1,7 +1,9 @@
 """One-click unsubscribe tokens: opaque, authenticated, never expiring (AES-256-GCM).
 
 A token names the contact and the broadcast to pgcast alone: they are encrypted, so a
-reader learns neither, and the GCM tag refuses any altered or forged token. Version 2 carries
+reader learns neither, and the GCM tag refuses any altered or forged token. A marketing
+message's token (kind 2) names the message instead, sealed the same way: the message's
+account and address name the contact, so it cannot reach another account's. Version 2 carries
 no account name: the contact id is the contacts table's own key, so the link is the same
 length and just as exact for every account name. Version 1 links (sent before issue 23)
 carried the account cut to 200 bytes; they are still read, and match the contact by that
@@ -33,6 +35,7 @@ VERSION = 2  # what make() writes
 VERSION_CUT_ACCOUNT = 1  # read only: the account's first MAX_ACCOUNT bytes follow the head
 KIND_REAL = 0  # unsubscribes the contact
 KIND_TEST = 1  # a test send's link: shows the page, unsubscribes nobody
+KIND_MESSAGE = 2  # a marketing message's link: the id is the message's, the contact id 0
 MAX_ACCOUNT = 200  # bytes of account name a version 1 token carried (cut, maybe mid-character)
 MAX_TOKEN = 400  # characters of a token we try to read
 _NONCE = 12  # bytes
@@ -53,6 +56,9 @@ class Target:
     test: bool
     # a version 1 token's account bytes (at most MAX_ACCOUNT, maybe cut); None in version 2
     account_prefix: bytes | None = None
+    # a marketing message's token (kind 2): the message; contact_id is then 0 and
+    # broadcast_id the nil UUID (the message's address names the contact)
+    message_id: uuid.UUID | None = None
 
 
 @functools.lru_cache(maxsize=16)
@@ -101,8 +107,17 @@ class Keys:
 
         return make
 
-    def read(self, token: str) -> Target:
-        """What a token names; raises InvalidToken."""
+    def message(self, message_id: str | uuid.UUID) -> str:
+        """The token of a marketing message's one-click unsubscribe (version 2, kind 2)."""
+        mid = message_id if isinstance(message_id, uuid.UUID) else uuid.UUID(str(message_id))
+        nonce = os.urandom(_NONCE)
+        sealed = _aead(self.secrets[0]).encrypt(
+            nonce, _HEAD.pack(VERSION, KIND_MESSAGE, mid.bytes, 0), _AAD)
+        return base64.urlsafe_b64encode(nonce + sealed).rstrip(b"=").decode()
+
+    def read(self, token: str, messages: bool = False) -> Target:
+        """What a token names; raises InvalidToken. A message's token is read only with
+        `messages` (the one-click route): every other page a token opens is a broadcast's."""
         if not token or len(token) > MAX_TOKEN or not token.isascii():
             raise InvalidToken("malformed")
         try:
@@ -119,6 +134,10 @@ class Keys:
                 continue
             version, kind, bid, contact_id = _HEAD.unpack_from(plain)
             tail = plain[_HEAD.size:]
+            if kind == KIND_MESSAGE:
+                if not messages or version != VERSION or tail or contact_id != 0:
+                    break
+                return Target(0, uuid.UUID(int=0), False, None, uuid.UUID(bytes=bid))
             if kind not in (KIND_REAL, KIND_TEST):
                 break
             if version == VERSION and not tail:

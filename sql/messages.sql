@@ -67,8 +67,9 @@ UPDATE messages SET provider_message_id = %(provider_id)s
 WHERE id = %(id)s AND status = 'unknown' AND provider_message_id IS NULL
 
 -- messages_share --
--- Set the share of a bucket's rate messages may take while broadcasts wait.
-SELECT * FROM pgcast_messages_share_v1(%(name)s, %(share)s)
+-- Set the share of a bucket's rate messages may take while broadcasts wait (more than 0, at
+-- most 1: pgcast_messages_share_v2 refuses anything else, SQLSTATE 22023).
+SELECT * FROM pgcast_messages_share_v2(%(name)s, %(share)s)
 
 -- message_get_key --
 -- The message an account's idempotency key names, if any.
@@ -79,3 +80,8 @@ WHERE m.account = %(account)s AND m.idempotency_key = %(key)s
 -- The senders one account may use (an empty array: any From).
 SELECT ARRAY(SELECT s.sender FROM senders s WHERE s.account = %(account)s
              ORDER BY s.sender) AS senders
+
+-- message_one_click_unsubscribe --
+-- One-click unsubscribe from a marketing message's link: its account's contact with its
+-- address, account-wide (pgcast_unsubscribe_message_v1; no row: no such marketing message).
+SELECT * FROM pgcast_unsubscribe_message_v1(%(id)s)

@@ -15,6 +15,7 @@ import http.server
 import ipaddress
 import json
 import threading
+import time
 import urllib.parse
 import uuid
 from collections.abc import Iterator
@@ -42,6 +43,7 @@ class Rule:
     limit: int | None = None  # answer at most this many, then forward again
     match: str | None = None  # only requests whose body contains this text
     once_each: bool = False  # never answer two requests to the same destination
+    delay: float = 0.0  # seconds the answer is held back (the request was read at once)
     seen: int = 0  # matching requests so far
     hit: set[str] = field(default_factory=set)  # destinations answered (once_each)
     answered: int = 0  # requests this rule answered
@@ -76,10 +78,11 @@ def answer_lost(every: int, limit: int | None = None) -> Rule:
     return Rule(FORWARD_NO_ANSWER, "", "", every=every, limit=limit)
 
 
-def sending_paused(skip: int = 0) -> Rule:
-    """400 SendingPausedException for every request after the first `skip`."""
+def sending_paused(skip: int = 0, delay: float = 0.0) -> Rule:
+    """400 SendingPausedException for every request after the first `skip`, each answered
+    `delay` seconds after it was read."""
     return Rule(400, "SendingPausedException",
-                "Sending is paused for this account.", skip=skip)
+                "Sending is paused for this account.", skip=skip, delay=delay)
 
 
 def daily_quota(skip: int = 0) -> Rule:
@@ -224,6 +227,8 @@ def _handler(proxy: FaultProxy) -> type[http.server.BaseHTTPRequestHandler]:
                 self._forward(body, answer=False)
                 self.close_connection = True
                 return
+            if rule.delay > 0:
+                time.sleep(rule.delay)  # this connection's own thread: the others go on
             if rule.status == NO_ANSWER:
                 # the request was read, and nobody will ever say what became of it
                 self.close_connection = True

@@ -43,6 +43,26 @@ class Outcome:
 
 Each = Callable[[asyncio.Future[Outcome]], None]  # a done-callback per row's call
 
+# the stop list of the group whose call runs on this thread (set by Sender.send_one around the
+# provider's send): a provider that paces at the wire reads it after the pacer's wait
+_calling = threading.local()
+
+
+def at_the_wire(pace: Callable[[], object]) -> Callable[[], None]:
+    """What a provider that paces at the wire (ses) calls right before each request leaves:
+    the pacer's wait, then the group's stop check. A throttle or an account-level refusal
+    that came back while the call waited stops it here (errors.Stopped, nothing written), as
+    the check before the pacer would have: the group's later calls are not sent to be refused
+    one by one."""
+
+    def gate() -> None:
+        pace()
+        stop: list[Outcome] | None = getattr(_calling, "stop", None)
+        if stop:
+            raise errors.Stopped(f"not called: its group was stopped ({stop[0].outcome})")
+
+    return gate
+
 
 @dataclass
 class Retries:
@@ -156,9 +176,11 @@ class Sender:
     within `deadline` seconds of its handoff and its render (a starved thread pool) is not
     called at all but put back (`release`: pending again, no attempt counted). Then the pacer,
     the rate limit's last word (here, or inside the provider right before its request leaves:
-    ses), which holds a call about burst / rate at most. So what a crash can leave `unknown` is
-    the calls in flight and the rows handed off in the last `deadline` seconds plus their
-    render time (bounded by the render budget).
+    ses, through at_the_wire), which holds a call about burst / rate at most. The group's
+    stop list is checked after the pacer's wait (a throttle or an account-level refusal that
+    came back meanwhile stops the call: put back like the calls stopped before it). So what
+    a crash can leave `unknown` is the calls in flight and the rows handed off in the last
+    `deadline` seconds plus their render time (bounded by the render budget).
     """
 
     def __init__(self, provider: providers.Provider, retries: Retries,
@@ -228,10 +250,15 @@ class Sender:
         if stop:
             return Outcome(cid, stop[0].outcome, retry_in=stop[0].retry_in)
         started = time.perf_counter()
+        _calling.stop = stop  # read at the wire, after the pacer (at_the_wire)
         try:
             message_id = self.provider.send(message)
             outcome = Outcome(cid, "sent", message_id=str(message_id))
             self._throttles = 0
+        except errors.Stopped:
+            # stopped after the pacer's wait: put back as the check above does, never called
+            first = stop[0] if stop else Outcome(cid, "release")
+            return Outcome(cid, first.outcome, retry_in=first.retry_in)
         except errors.Throttled as exc:
             with self._lock:
                 self._throttles += 1
@@ -260,6 +287,8 @@ class Sender:
             kind = "unknown" if self.may_have_sent else "failed"
             outcome = Outcome(cid, kind, error=f"unexpected provider error: {describe(exc)}"
                               [:ERROR_CHARS])
+        finally:
+            _calling.stop = None
         outcome.seconds = time.perf_counter() - started
         return outcome
 

@@ -124,7 +124,9 @@ class Engine:
         # request); the others are paced by the sender, just before the call
         at_the_wire = getattr(provider, "pace_with", None)
         if at_the_wire is not None:
-            at_the_wire(self.pacer.wait)
+            # after the wait, the group's stop check: a refusal that came back meanwhile
+            # stops the call before its request leaves
+            at_the_wire(dispatch.at_the_wire(self.pacer.wait))
         self.sender = dispatch.Sender(provider, dispatch.Retries(
             settings.max_retries, settings.retry_base, settings.retry_cap,
             settings.throttle_backoff), self.executor,

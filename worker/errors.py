@@ -31,5 +31,10 @@ class AccountBlocked(ProviderError):
         self.reason = reason
 
 
+class Stopped(ProviderError):
+    """Not sent: the call's group was stopped (a throttle, account-level trouble) while the
+    call waited in the pacer; raised before any byte of the request was written."""
+
+
 class ConfigError(Exception):
     """The worker's configuration is unusable (bad provider name, bad flag)."""

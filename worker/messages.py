@@ -13,13 +13,14 @@ import asyncio
 import contextlib
 import logging
 import math
+import os
 import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
 from pgcast.mail import errors as mail_errors
-from pgcast.mail import transactional
+from pgcast.mail import transactional, unsubscribe
 from pgcast.worker import dispatch, pg
 
 log = logging.getLogger("pgcast.messages")
@@ -68,6 +69,8 @@ class Loop:
         self.busy = 0  # messages handed off and not yet recorded, in this process
         self.most = most  # the most of them (a slow provider must not gather a crowd in doubt)
         self._room = asyncio.Event()
+        # a marketing message's one-click link: the keys and URL in force, read once
+        self._unsubscribe: tuple[unsubscribe.Keys, str] | str | None = None  # str: why not
 
     async def run(self) -> None:
         """Claim and send until stopped (with --once: until nothing is claimable)."""
@@ -166,6 +169,7 @@ class Loop:
         remaining = [r["id"] for r in rows]
         groups: list[asyncio.Task[None]] = []
         try:
+            await self._load_unsubscribe()
             while remaining and not self.stopping.is_set():
                 granted = await self._take(len(remaining))
                 if not granted:
@@ -194,6 +198,30 @@ class Loop:
             else:
                 self.tokens.discard(token)
         return len(rows)
+
+    async def _load_unsubscribe(self) -> None:
+        """The keys (PGCAST_UNSUBSCRIBE_SECRET, else the database's generated key) and the URL
+        (PGCAST_PUBLIC_URL) of marketing messages' links, read once, before any handoff: a
+        failure here must not leave a handed-off row uncalled."""
+        if self._unsubscribe is not None:
+            return
+        secret = os.environ.get("PGCAST_UNSUBSCRIBE_SECRET")
+        stored = None
+        if not (secret and secret.strip()):
+            rows = await self.db.q("unsubscribe_key")
+            stored = str(rows[0][0]) if rows else None
+        try:
+            self._unsubscribe = (unsubscribe.keys_from(secret, stored),
+                                 unsubscribe.public_url(os.environ.get("PGCAST_PUBLIC_URL")))
+        except mail_errors.InvalidValue as exc:  # a marketing message cannot be built: why
+            self._unsubscribe = str(exc)
+
+    def _unsubscribe_url(self, message_id: uuid.UUID) -> str:
+        """A marketing message's one-click unsubscribe URL; raises mail.errors.InvalidValue."""
+        if not isinstance(self._unsubscribe, tuple):
+            raise mail_errors.InvalidValue("unsubscribe link", str(self._unsubscribe))
+        keys, base_url = self._unsubscribe
+        return unsubscribe.link(base_url, keys.message(message_id))
 
     async def _take(self, want: int) -> int:
         """Tokens for up to `want` messages (0: stopping); waits on an empty bucket."""
@@ -226,7 +254,9 @@ class Loop:
         calls: list[asyncio.Future[dispatch.Outcome]] = []
         for i, row in numbered.items():
             try:
-                msg = transactional.compose(row, i)
+                link = (self._unsubscribe_url(row["id"])
+                        if row.get("category") == "marketing" else None)
+                msg = transactional.compose(row, i, link)
             except mail_errors.MailError as exc:
                 done: asyncio.Future[dispatch.Outcome] = loop.create_future()
                 done.set_result(dispatch.cannot_build(i, str(exc)))

@@ -13,7 +13,8 @@ import prometheus_client.core as prom_core
 from pgcast.worker import engine, errors, pg, providers, render
 
 MESSAGES = prom.Counter("pgcast_messages", "provider calls by outcome: sent, rejected, "
-                        "unknown, transient, throttled, account_blocked", ["outcome"])
+                        "unknown, transient, throttled, account_blocked, stopped (its group "
+                        "was stopped while it waited in the pacer: never sent)", ["outcome"])
 PROVIDER_SECONDS = prom.Histogram("pgcast_provider_seconds", "time of one provider call")
 IN_FLIGHT = prom.Gauge("pgcast_provider_calls_in_flight", "provider calls in progress")
 THROTTLES = prom.Counter("pgcast_throttles", "provider throttles (each empties the global "
@@ -28,7 +29,8 @@ STATEMENT_SECONDS = prom.Histogram("pgcast_statement_seconds", "time of one engi
                                    "(claim, claim_handoff, handoff, record, release, finalize)",
                                    ["statement"])
 TIMED = frozenset({"claim", "claim_handoff", "handoff", "record", "release", "finalize"})
-OUTCOMES = ((errors.Throttled, "throttled"), (errors.AccountBlocked, "account_blocked"),
+OUTCOMES = ((errors.Stopped, "stopped"), (errors.Throttled, "throttled"),
+            (errors.AccountBlocked, "account_blocked"),
             (errors.RecipientRejected, "rejected"), (errors.OutcomeUnknown, "unknown"),
             (errors.Transient, "transient"))
 

@@ -98,7 +98,9 @@ class SesProvider:
 
     def pace_with(self, pace: Callable[[], object]) -> None:
         """Call `pace` on the sending thread right before each SendEmail request leaves (the
-        rate limit's pacer: boto3's own work per call is then behind it, not after it)."""
+        rate limit's pacer: boto3's own work per call is then behind it, not after it). It
+        may raise errors.Stopped (its group was stopped while it waited): send() raises it,
+        nothing of the request written."""
         self._pace = pace
         self.connections.pace = pace  # a call that waited to open a connection is paced again
 
@@ -165,7 +167,12 @@ class SesProvider:
         try:
             answer = self.client.send_email(**request)
             message_id = answer["MessageId"]
+        except errors.Stopped:
+            raise  # stopped at the wire, after the pacer: nothing was written
         except Exception as exc:
+            stopped = _stopped(exc)
+            if stopped is not None:
+                raise stopped from exc  # stopped at a new connection's second pace
             written = self.connections.written()
             error = classify(exc, written)
             if isinstance(exc, botocore.exceptions.BotoCoreError):  # the transport's failure
@@ -205,6 +212,14 @@ def email_tags(message: render.Message) -> list[dict[str, str]]:
     if broadcast:
         tags.insert(0, {"Name": "pgcast_broadcast", "Value": broadcast})
     return tags
+
+
+def _stopped(exc: BaseException) -> errors.Stopped | None:
+    """The errors.Stopped the pacer raised from inside the transport (botocore wraps what a
+    connection raises in an HTTPClientError), if that is what `exc` is."""
+    inner = getattr(exc, "kwargs", {}).get("error") \
+        if isinstance(exc, botocore.exceptions.HTTPClientError) else None
+    return inner if isinstance(inner, errors.Stopped) else None
 
 
 def _usable_rate(raw: Any) -> float | None:

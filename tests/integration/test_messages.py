@@ -360,6 +360,27 @@ def test_messages_take_tokens_ahead_of_broadcasts_up_to_their_share(conn: Conn) 
     assert _take_messages(conn, 5) == 0
 
 
+@pytest.mark.parametrize("bad", [0, -0.5, 1.5, float("nan"), None])
+def test_a_messages_share_of_zero_is_refused(conn: Conn, bad: float | None) -> None:
+    # 0 held messages back for as long as any broadcast waited: refused, as is anything
+    # outside (0, 1]; the share stored is untouched
+    with pytest.raises(psycopg.errors.InvalidParameterValue, match="more than 0"):
+        conn.execute("SELECT * FROM pgcast_messages_share_v2('global', %s)", (bad,))
+    assert conn.execute("SELECT messages_share FROM rate_limits WHERE name = 'global'"
+                        ).fetchone() == {"messages_share": 0.5}
+    row = conn.execute("SELECT * FROM pgcast_messages_share_v2('global', 0.01)").fetchone()
+    assert row == {"name": "global", "messages_share": 0.01}
+
+
+def test_a_zero_share_stored_before_lets_messages_take_tokens_when_no_broadcast_waits(
+        conn: Conn) -> None:
+    # set by hand (or through v1): messages take tokens only when no broadcast is waiting
+    # (test_messages_take_tokens_ahead_of_broadcasts_up_to_their_share: held back while one
+    # waits)
+    _bucket(conn, tokens=8, credit=0, share=0)
+    assert _take_messages(conn, 8) == 8
+
+
 def test_a_handoff_whose_answer_was_lost_is_put_back_uncalled(conn: Conn, db_url: str,
                                                               tmp_path: Path) -> None:
     from pgcast.sql.queries import QUERIES

@@ -3,9 +3,11 @@ row makes, and the EmailTags SES gets (issue 26)."""
 
 from __future__ import annotations
 
+import uuid
+
 import pytest
 
-from pgcast.mail import errors, message, transactional
+from pgcast.mail import errors, message, transactional, unsubscribe
 from pgcast.worker import ses
 
 ROW = {"id": "0b5c4a8e-0000-4000-8000-000000000001", "to_address": "ann@example.com",
@@ -56,3 +58,39 @@ def test_a_template_renders_with_data_under_the_budget() -> None:
     with pytest.raises(errors.RenderError):
         transactional.render_template("x", "{% for i in range(10**9) %}{{ i }}{% endfor %}",
                                       None, {}, timeout_ms=50)
+
+
+def test_only_a_marketing_message_carries_one_click_unsubscribe() -> None:
+    url = "https://mail.example.com/u/tok"
+    marketing = transactional.compose({**ROW, "category": "marketing"}, 0, url)
+    assert marketing.headers["List-Unsubscribe"] == f"<{url}>"
+    assert marketing.headers["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+    for category in ("transactional", "confirmation", None):
+        msg = transactional.compose({**ROW, "category": category}, 0, url)
+        assert "List-Unsubscribe" not in msg.headers
+        assert "List-Unsubscribe-Post" not in msg.headers
+    with pytest.raises(errors.InvalidValue):  # never a marketing message without the link
+        transactional.compose({**ROW, "category": "marketing"}, 0, None)
+
+
+def test_a_message_token_names_the_message_and_is_read_only_by_the_one_click_route() -> None:
+    keys = unsubscribe.Keys(("k" * 32,))
+    mid = uuid.uuid4()
+    token = keys.message(mid)
+    target = keys.read(token, messages=True)
+    assert (target.message_id, target.contact_id, target.test) == (mid, 0, False)
+    with pytest.raises(unsubscribe.InvalidToken):  # the preference and web pages: refused
+        keys.read(token)
+    # rotated keys: a later first key still reads it; a stranger's key does not
+    assert unsubscribe.Keys(("n" * 32, "k" * 32)).read(token, messages=True).message_id == mid
+    with pytest.raises(unsubscribe.InvalidToken):
+        unsubscribe.Keys(("s" * 32,)).read(token, messages=True)
+    # altered anywhere: refused
+    for i in (0, len(token) // 2, len(token) - 1):
+        bad = token[:i] + ("A" if token[i] != "A" else "B") + token[i + 1:]
+        with pytest.raises(unsubscribe.InvalidToken):
+            keys.read(bad, messages=True)
+    # a broadcast's token reads as before, with or without `messages`
+    old = keys.make("acme", 42, mid)
+    for got in (keys.read(old), keys.read(old, messages=True)):
+        assert (got.contact_id, got.broadcast_id, got.message_id) == (42, mid, None)

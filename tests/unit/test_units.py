@@ -165,3 +165,57 @@ def test_halted_epochs() -> None:
     assert state.is_halted(bid, 1) and not state.is_halted(bid, 2)
     state.halted[bid] = engine.NEVER  # cancelled
     assert state.is_halted(bid, 99)
+
+
+
+class WireProvider:
+    """Passes each call through the wire gate after its pace (as ses's before-send hook
+    does); counts what left (unit ring only)."""
+
+    name = "wire"
+    blocking = False
+
+    def __init__(self, pace: Any) -> None:
+        self.left: list[str] = []
+        self.gate = dispatch.at_the_wire(pace)
+
+    def send(self, message: render.Message) -> str:
+        self.gate()
+        self.left.append(message.to)
+        return "m"
+
+    def max_send_rate(self) -> float | None:
+        return None
+
+
+@pytest.mark.parametrize("refusal", [
+    dispatch.Outcome(0, "release"),  # what an account-level refusal leaves in the stop list
+    dispatch.Outcome(0, "throttled", retry_in=1.5)])
+def test_a_call_stopped_at_the_wire_is_put_back_like_one_stopped_before_the_pacer(
+        refusal: dispatch.Outcome) -> None:
+    stop: list[dispatch.Outcome] = []
+    # the call passes the check before the pacer; the refusal comes back while it waits
+    provider = WireProvider(lambda: stop.append(refusal))
+    sender = dispatch.Sender(provider, dispatch.Retries(), None)
+    got = sender.send_one(group(1)[0], {}, stop)
+    assert provider.left == []
+    before = sender.send_one(group(1)[0], {}, stop)  # the same call stopped before the pacer
+    assert (got.outcome, got.retry_in, got.error, got.seconds) == (
+        before.outcome, before.retry_in, before.error, before.seconds) == (
+        refusal.outcome, refusal.retry_in, None, None)
+    assert dispatch._calling.stop is None  # nothing left on the thread for the next call
+
+
+def test_the_wire_gate_lets_a_call_of_a_group_not_stopped_go() -> None:
+    provider = WireProvider(lambda: None)
+    sender = dispatch.Sender(provider, dispatch.Retries(), None)
+    assert sender.send_one(group(1)[0], {}, []).outcome == "sent"
+    provider.gate()  # outside any call: nothing to stop
+    assert len(provider.left) == 1
+
+
+def test_ses_sees_a_stop_raised_inside_the_transport() -> None:
+    stopped = perr.Stopped("stopped")
+    assert ses._stopped(botocore.exceptions.HTTPClientError(error=stopped)) is stopped
+    assert ses._stopped(botocore.exceptions.HTTPClientError(error=OSError("reset"))) is None
+    assert ses._stopped(OSError("reset")) is None

@@ -1,0 +1,117 @@
+"""pgcast_send_message inside the caller's transaction, against a concurrent erase (issue 26):
+the deadlock docs/messages.md warns of, and the order that avoids it. Two real sessions each.
+
+The erase takes the account's erasure lock (exclusive), then the erased contact's row, then
+the account's contacts fence; pgcast_send_message takes the erasure lock (shared). A
+transaction that holds the row or the fence when it calls pgcast_send_message, while an erase
+of that contact waits for it, closes the circle.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import psycopg
+import pytest
+
+from tests import support
+
+Conn = psycopg.Connection[dict[str, Any]]
+ACCOUNT = "acme"
+SEND = ("SELECT pgcast_send_message(%s, %s, 'Welcome', 'Hi', NULL, 'shop@example.com', NULL) "
+        "AS id")
+ERASE = "SELECT * FROM pgcast_erase_v6(%s, 'ann@example.com', 'test', '{}')"
+# what the application did first in its transaction
+ANN = "(SELECT id FROM contacts WHERE lower(email) = 'ann@example.com')"
+FIRST = {
+    # a row lock on the contact being erased
+    "update": "UPDATE contacts SET name = 'Ann' WHERE lower(email) = 'ann@example.com'",
+    "for update": f"SELECT 1 FROM contacts WHERE id = {ANN} FOR UPDATE",
+    "for share": f"SELECT 1 FROM contacts WHERE id = {ANN} FOR SHARE",
+    "foreign key": f"INSERT INTO app_orders (contact_id) VALUES ({ANN})",  # FOR KEY SHARE
+    # any contact of the account unsubscribed, confirmed or deleted: the contacts fence
+    "unsubscribe": "UPDATE contacts SET unsubscribed_at = now() "
+                   "WHERE lower(email) = 'zed@example.com'",
+    "confirm": "UPDATE contacts SET confirmed_at = NULL WHERE lower(email) = 'zed@example.com'",
+    "delete": "DELETE FROM contacts WHERE lower(email) = 'zed@example.com'",
+}
+
+
+def blocked(conn: Conn, pid: int) -> bool:
+    row = conn.execute("SELECT wait_event_type FROM pg_stat_activity WHERE pid = %s",
+                       (pid,)).fetchone()
+    return row is not None and row["wait_event_type"] == "Lock"
+
+
+def erase_in_thread(db_url: str, outcome: dict[str, Any]) -> tuple[threading.Thread, int]:
+    """An erase of ann in a session of its own; its pid."""
+    session = support.connect(db_url)
+
+    def run() -> None:
+        try:
+            session.execute(ERASE, (ACCOUNT,))
+            outcome["erase"] = "done"
+        except psycopg.errors.DeadlockDetected:
+            outcome["erase"] = "deadlock"
+        except psycopg.Error as exc:  # reported by the assertions, not lost in the thread
+            outcome["erase"] = repr(exc)
+        finally:
+            session.close()
+
+    t = threading.Thread(target=run)
+    t.start()
+    return t, session.info.backend_pid
+
+
+def seed(conn: Conn) -> None:
+    conn.execute("CREATE TABLE app_orders (contact_id bigint REFERENCES contacts (id))")
+    conn.execute("INSERT INTO contacts (account, email) VALUES (%s, 'ann@example.com'), "
+                 "(%s, 'zed@example.com')", (ACCOUNT, ACCOUNT))
+
+
+@pytest.mark.parametrize("first", sorted(FIRST))
+def test_a_contact_lock_taken_before_the_send_deadlocks_with_a_concurrent_erase(
+        conn: Conn, db_url: str, first: str) -> None:
+    seed(conn)
+    outcome: dict[str, Any] = {}
+    with support.connect(db_url) as app:
+        app.autocommit = False
+        app.execute(FIRST[first])
+        eraser, pid = erase_in_thread(db_url, outcome)
+        support.wait_for(lambda: blocked(conn, pid), timeout=30, what="the erase to wait")
+        try:
+            app.execute(SEND, (ACCOUNT, "ann@example.com"))
+            app.commit()
+            outcome["app"] = "done"
+        except psycopg.errors.DeadlockDetected:
+            app.rollback()
+            outcome["app"] = "deadlock"
+        eraser.join(timeout=60)
+        assert not eraser.is_alive()
+    # Postgres breaks the circle: one of the two transactions fails with 40P01
+    assert sorted(outcome.values()) == ["deadlock", "done"], outcome
+
+
+def test_the_send_first_then_the_contacts_never_deadlocks(conn: Conn, db_url: str) -> None:
+    seed(conn)
+    outcome: dict[str, Any] = {}
+    with support.connect(db_url) as app:
+        app.autocommit = False
+        row = app.execute(SEND, (ACCOUNT, "ann@example.com")).fetchone()
+        assert row is not None
+        eraser, pid = erase_in_thread(db_url, outcome)
+        # the erase waits for the send's erasure lock, holding nothing the application needs
+        support.wait_for(lambda: blocked(conn, pid), timeout=30, what="the erase to wait")
+        for name in ("update", "for update", "unsubscribe"):
+            app.execute(FIRST[name])
+        app.commit()
+        eraser.join(timeout=60)
+        assert not eraser.is_alive()
+    assert outcome == {"erase": "done"}
+    # the erase came after the commit: it found the message and took the address out
+    message = conn.execute("SELECT status, to_address FROM messages WHERE id = %s",
+                           (row["id"],)).fetchone()
+    assert message == {"status": "skipped", "to_address": "erased@erased.invalid"}
+    assert conn.execute("SELECT count(*) AS n FROM contacts WHERE lower(email) = "
+                        "'ann@example.com'").fetchone() == {"n": 0}
