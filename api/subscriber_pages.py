@@ -150,6 +150,8 @@ async def signup(request: Request) -> Response:
         "subject": subject, "text": text, "html": html})
     if row is None:
         return pages.respond(pages.NO_FORM, 404)
+    if row["message_id"] is not None:  # queued without a NOTIFY: wake the loops after commit
+        request.app.state.waker.request()
     return _answer(dict(row))
 
 
