@@ -195,6 +195,7 @@ def create_app(settings: config.Settings, database_url: str) -> Starlette:
             app.state.render_pool.close()
             await pool.close()
 
+    subscriber_pages.check_env()  # PGCAST_TRUSTED_PROXIES
     app = Starlette(
         routes=[*ROUTES, *dashboard.PAGES, *subscriber_pages.PAGES], lifespan=lifespan,
         exception_handlers=EXCEPTION_HANDLERS,
