@@ -2,13 +2,18 @@
 reaches the provider while a big broadcast drains.
 
     python -m bench.signup [--rate 200] [--seconds 15] [--recipients 20000]
-                           [--broadcast-rate 100] [--workers 2]
+                           [--broadcast-rate 100] [--workers 2] [--no-drain]
+                           [--profile PREFIX]
 
 One `pgcast api` process (uvicorn) on a fresh database (embedded Postgres in a temp dir, or
 DATABASE_URL's server). Open-loop load: a new sign-up (a new address, double opt-in: a contact
 row, a signup event and a confirmation message in one transaction) starts every 1/--rate
-seconds whatever the earlier ones are doing, each on a free keep-alive connection, so a slow
-answer delays nobody's start and shows up in the latency (no coordinated omission).
+seconds whatever the earlier ones are doing, each on a free keep-alive connection (256), so a
+slow answer delays nobody's start and shows up in the latency (no coordinated omission);
+client_lag_p99_ms is the load generator's own delay (scheduled start -> its task running).
+Each round prints the CPU its processes used (the API, this load generator, Postgres, the
+workers) and what the database's sessions were doing (pg_stat_activity every 10 ms);
+--profile PREFIX records the API process with py-spy (collapsed stacks).
 
 Round 1: sign-ups alone. Round 2: the same while --workers workers (null provider) drain a
 broadcast of --recipients contacts capped at --broadcast-rate emails/s (the broadcast's own
@@ -38,6 +43,7 @@ import psutil  # type: ignore[import-untyped]
 from bench import common
 
 FORM_ID = uuid.UUID("00000000-0000-4000-8000-00000000f0f0")
+CONNECTIONS = 256  # keep-alive connections of the load generator (a request waits for a free one)
 
 
 def _up(base: str) -> bool:
@@ -75,12 +81,14 @@ class Conn:
 async def load(port: int, rate: float, seconds: float, prefix: str) -> dict[str, Any]:
     """Open-loop sign-ups at `rate`/s for `seconds`; latency percentiles (ms) and statuses."""
     idle: asyncio.Queue[Conn] = asyncio.Queue()
-    for _ in range(64):
+    for _ in range(CONNECTIONS):
         idle.put_nowait(Conn(port))
     times: list[float] = []
+    lags: list[float] = []  # the load generator's own delay: due -> request written
     statuses: dict[int, int] = {}
 
     async def one(i: int, due: float) -> None:
+        lags.append((time.perf_counter() - due) * 1000)
         conn = await idle.get()
         try:
             status = await conn.post(f"email={prefix}{i}%40example.com&name=N".encode())
@@ -105,7 +113,8 @@ async def load(port: int, rate: float, seconds: float, prefix: str) -> dict[str,
         if c.writer is not None:
             c.writer.close()
     return {"n": n, "achieved_per_s": n / elapsed, "p50_ms": common.percentile(times, 50),
-            "p99_ms": common.percentile(times, 99), "max_ms": max(times), "statuses": statuses}
+            "p99_ms": common.percentile(times, 99), "max_ms": max(times), "statuses": statuses,
+            "client_lag_p99_ms": common.percentile(lags, 99)}
 
 
 def _to_provider(url: str, prefix: str, timeout: float = 600) -> dict[str, float]:
@@ -239,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--broadcast-rate", type=float, default=100.0,
                     help="the broadcast's own limit, emails/s")
     ap.add_argument("--workers", type=int, default=2, help="worker processes")
+    ap.add_argument("--no-drain", action="store_true", help="round 1 only")
     ap.add_argument("--profile", default="",
                     help="py-spy the API process: collapsed stacks to PREFIX-idle.txt and "
                          "PREFIX-busy.txt")
@@ -274,6 +284,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"round 1, CPU: {idle_cpu}")
             print("round 1, database sessions (mean active, by wait | query):",
                   *idle_waits.top(), sep="\n    ")
+            if args.no_drain:
+                return 0
             common.seed_contacts(url, args.recipients, tagged={"all": args.recipients})
             with common.connect(url) as conn:
                 bid = common.new_draft(conn, tag="all")
