@@ -51,7 +51,8 @@ def test_requests_while_one_runs_share_the_next_which_starts_after_them(
     assert fake.starts[1] >= asked[-1]  # the last request is served by one started after it
 
 
-def test_wake_ups_are_spaced_and_a_failure_is_survived(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_wake_ups_are_spaced_and_a_failure_is_survived(monkeypatch: pytest.MonkeyPatch,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
     fake = FakeDb(took=0.0, fail=True)
     monkeypatch.setattr(db, "one", fake.one)
 
@@ -63,6 +64,9 @@ def test_wake_ups_are_spaced_and_a_failure_is_survived(monkeypatch: pytest.Monke
         return w.sent
 
     assert asyncio.run(run()) == 0  # every one failed, none raised
+    assert [r.getMessage() for r in caplog.records].count(
+        "could not wake the message loops (gone); their poll will") == 3
     assert len(fake.starts) == 3
     gaps = [b - a for a, b in zip(fake.starts, fake.starts[1:], strict=False)]
     assert min(gaps) >= 0.09
+    assert wake.SPACING == 0.02  # docs/subscribers.md: at most one every 20 ms
