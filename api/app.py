@@ -30,6 +30,7 @@ from pgcast.api import (
     http,
     openapi,
     subscriber_pages,
+    wake,
 )
 from pgcast.api import bounds as body_bounds
 from pgcast.api import dashboard_routes as dashboard
@@ -185,13 +186,16 @@ def create_app(settings: config.Settings, database_url: str) -> Starlette:
         await pool.open(wait=False)  # /healthz says 503 until Postgres answers
         app.state.pool = pool
         app.state.render_pool = renderpool.RenderPool()  # processes start on first use
+        app.state.waker = wake.Waker(pool)  # sign-ups' NOTIFYs, after their commits
         try:
             yield
         finally:
             await tracking_routes.close(app)  # buffered opens and clicks
+            await app.state.waker.close()
             app.state.render_pool.close()
             await pool.close()
 
+    subscriber_pages.check_env()  # PGCAST_TRUSTED_PROXIES
     app = Starlette(
         routes=[*ROUTES, *dashboard.PAGES, *subscriber_pages.PAGES], lifespan=lifespan,
         exception_handlers=EXCEPTION_HANDLERS,

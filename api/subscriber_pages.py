@@ -10,6 +10,7 @@ GET /a/{slug}, /a/{slug}/{id}  an account's public archive, rendered with no one
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import time
 import urllib.parse
@@ -26,6 +27,7 @@ from pgcast.api import unsubscribe as unsubscribe_routes
 from pgcast.mail import confirm, unsubscribe
 from pgcast.mail import errors as mail_errors
 from pgcast.mail import validate as validate_mail
+from pgcast.sql import errors as sql_errors
 
 MAX_FORM = 4096  # bytes of a sign-up, confirm or preference POST
 MAX_CONFIRMATIONS = 3  # confirmation mails per address per 24 hours
@@ -34,13 +36,55 @@ DEFAULT_RATE = 10
 WINDOW = 60.0  # seconds
 MAX_CLIENTS = 100_000  # client addresses remembered before the table starts over
 HONEYPOT = "website"  # a field people never see; a bot that fills it is answered, not served
+PROXIES_ENV = "PGCAST_TRUSTED_PROXIES"  # addresses/CIDRs whose X-Forwarded-For is believed
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def trusted_proxies(raw: str) -> tuple[Network, ...]:
+    """PGCAST_TRUSTED_PROXIES: comma-separated addresses or CIDRs; raises InvalidInput."""
+    nets = []
+    for part in raw.split(","):
+        if part.strip():
+            try:
+                nets.append(ipaddress.ip_network(part.strip(), strict=False))
+            except ValueError:
+                raise sql_errors.InvalidInput(
+                    f"{PROXIES_ENV}: {part.strip()!r} is not an IP address or CIDR") from None
+    return tuple(nets)
+
+
+def _trusted(address: str, proxies: tuple[Network, ...]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in net for net in proxies)
+
+
+def client_address(peer: str, forwarded: list[str], proxies: tuple[Network, ...]) -> str:
+    """The address a client is counted under: the connection's peer; when the peer is a
+    trusted proxy, the right-most X-Forwarded-For entry that is not a trusted proxy (entries
+    left of it were written by the client and prove nothing)."""
+    if not _trusted(peer, proxies):
+        return peer
+    hops = [h.strip() for value in forwarded for h in value.split(",")]
+    hops = [h for h in hops if h]
+    for hop in reversed(hops):
+        if not _trusted(hop, proxies):
+            try:
+                return str(ipaddress.ip_address(hop))
+            except ValueError:  # garbage a trusted proxy passed on: counted as that proxy
+                return peer
+    return hops[0] if hops else peer  # every hop a proxy of ours
 
 
 class ClientLimit:
     """POSTs per client address per minute, in this process (fixed one-minute windows)."""
 
-    def __init__(self, per_minute: int) -> None:
+    def __init__(self, per_minute: int, proxies: tuple[Network, ...] = ()) -> None:
         self.per_minute = per_minute
+        self.proxies = proxies
         self.window = -float("inf")
         self.seen: dict[str, int] = {}
 
@@ -58,13 +102,21 @@ def _limit(request: Request) -> ClientLimit:
     if found is None:
         raw = os.environ.get(RATE_ENV, "").strip()
         rate = int(raw) if raw.isdigit() and int(raw) > 0 else DEFAULT_RATE
-        found = request.app.state.form_limit = ClientLimit(rate)
+        found = request.app.state.form_limit = ClientLimit(
+            rate, trusted_proxies(os.environ.get(PROXIES_ENV, "")))
     return found
 
 
 def _too_fast(request: Request) -> bool:
-    client = request.client.host if request.client else "unknown"
-    return not _limit(request).allow(client, time.monotonic())
+    limit = _limit(request)
+    peer = request.client.host if request.client else "unknown"
+    client = client_address(peer, request.headers.getlist("x-forwarded-for"), limit.proxies)
+    return not limit.allow(client, time.monotonic())
+
+
+def check_env() -> None:
+    """Refuse a malformed PGCAST_TRUSTED_PROXIES when the app is made (InvalidInput)."""
+    trusted_proxies(os.environ.get(PROXIES_ENV, ""))
 
 
 async def _form_body(request: Request) -> dict[str, list[str]] | None:
@@ -150,6 +202,8 @@ async def signup(request: Request) -> Response:
         "subject": subject, "text": text, "html": html})
     if row is None:
         return pages.respond(pages.NO_FORM, 404)
+    if row["message_id"] is not None:  # queued without a NOTIFY: wake the loops after commit
+        request.app.state.waker.request()
     return _answer(dict(row))
 
 

@@ -2,13 +2,18 @@
 reaches the provider while a big broadcast drains.
 
     python -m bench.signup [--rate 200] [--seconds 15] [--recipients 20000]
-                           [--broadcast-rate 100] [--workers 2]
+                           [--broadcast-rate 100] [--workers 2] [--no-drain]
+                           [--profile PREFIX]
 
 One `pgcast api` process (uvicorn) on a fresh database (embedded Postgres in a temp dir, or
 DATABASE_URL's server). Open-loop load: a new sign-up (a new address, double opt-in: a contact
 row, a signup event and a confirmation message in one transaction) starts every 1/--rate
-seconds whatever the earlier ones are doing, each on a free keep-alive connection, so a slow
-answer delays nobody's start and shows up in the latency (no coordinated omission).
+seconds whatever the earlier ones are doing, each on a free keep-alive connection (256), so a
+slow answer delays nobody's start and shows up in the latency (no coordinated omission);
+client_lag_p99_ms is the load generator's own delay (scheduled start -> its task running).
+Each round prints the CPU its processes used (the API, this load generator, Postgres, the
+workers) and what the database's sessions were doing (pg_stat_activity every 10 ms);
+--profile PREFIX records the API process with py-spy (collapsed stacks).
 
 Round 1: sign-ups alone. Round 2: the same while --workers workers (null provider) drain a
 broadcast of --recipients contacts capped at --broadcast-rate emails/s (the broadcast's own
@@ -21,17 +26,24 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
+import shutil
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 import uuid
+from collections.abc import Iterator
 from typing import Any
+
+import psutil  # type: ignore[import-untyped]
 
 from bench import common
 
 FORM_ID = uuid.UUID("00000000-0000-4000-8000-00000000f0f0")
+CONNECTIONS = 256  # keep-alive connections of the load generator (a request waits for a free one)
 
 
 def _up(base: str) -> bool:
@@ -69,12 +81,14 @@ class Conn:
 async def load(port: int, rate: float, seconds: float, prefix: str) -> dict[str, Any]:
     """Open-loop sign-ups at `rate`/s for `seconds`; latency percentiles (ms) and statuses."""
     idle: asyncio.Queue[Conn] = asyncio.Queue()
-    for _ in range(64):
+    for _ in range(CONNECTIONS):
         idle.put_nowait(Conn(port))
     times: list[float] = []
+    lags: list[float] = []  # the load generator's own delay: due -> request written
     statuses: dict[int, int] = {}
 
     async def one(i: int, due: float) -> None:
+        lags.append((time.perf_counter() - due) * 1000)
         conn = await idle.get()
         try:
             status = await conn.post(f"email={prefix}{i}%40example.com&name=N".encode())
@@ -99,7 +113,8 @@ async def load(port: int, rate: float, seconds: float, prefix: str) -> dict[str,
         if c.writer is not None:
             c.writer.close()
     return {"n": n, "achieved_per_s": n / elapsed, "p50_ms": common.percentile(times, 50),
-            "p99_ms": common.percentile(times, 99), "max_ms": max(times), "statuses": statuses}
+            "p99_ms": common.percentile(times, 99), "max_ms": max(times), "statuses": statuses,
+            "client_lag_p99_ms": common.percentile(lags, 99)}
 
 
 def _to_provider(url: str, prefix: str, timeout: float = 600) -> dict[str, float]:
@@ -122,6 +137,108 @@ def _to_provider(url: str, prefix: str, timeout: float = 600) -> dict[str, float
             "p95_s": common.percentile(lag, 95), "max_s": max(lag)}
 
 
+def _postgres_pids(url: str) -> list[int]:
+    """The server's postmaster and its children (the bench's own server, found by data dir)."""
+    with common.connect(url) as conn:
+        row = conn.execute("SELECT current_setting('data_directory') AS d").fetchone()
+    assert row is not None
+    for proc in psutil.process_iter(["cmdline"]):
+        with contextlib.suppress(psutil.Error):
+            if row["d"] in " ".join(proc.info["cmdline"] or []) and proc.ppid() != proc.pid:
+                kids = proc.children(recursive=True)
+                if kids:
+                    return [proc.pid, *[k.pid for k in kids]]
+    return []
+
+
+class Cpu:
+    """CPU seconds (user + system) each group of processes used between start and stop."""
+
+    def __init__(self, groups: dict[str, list[int]]) -> None:
+        self.groups = groups
+        self.before: dict[int, float] = {}
+        self.wall = 0.0
+
+    @staticmethod
+    def _cpu(pid: int) -> float:
+        try:
+            t = psutil.Process(pid).cpu_times()
+            return float(t.user + t.system)
+        except psutil.Error:
+            return 0.0
+
+    def start(self) -> None:
+        self.wall = time.monotonic()
+        self.before = {pid: self._cpu(pid) for pids in self.groups.values() for pid in pids}
+
+    def stop(self) -> dict[str, str]:
+        """Per group: CPU seconds and the share of one core over the wall time."""
+        wall = time.monotonic() - self.wall
+        out = {}
+        for name, pids in self.groups.items():
+            used = sum(self._cpu(pid) - self.before.get(pid, 0.0) for pid in pids)
+            out[name] = f"{used:.1f}s ({100 * used / wall:.0f}% of a core)"
+        load = os.getloadavg()
+        out["loadavg_1m"] = f"{load[0]:.1f}"
+        return out
+
+
+class Waits:
+    """What the database's other sessions are doing, sampled every 10 ms from pg_stat_activity
+    (active ones: running on CPU, or waiting on a lock, WAL flush, client, ...)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.counts: dict[str, int] = {}
+        self.samples = 0
+        self.stop_at = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        with common.connect(self.url) as conn:
+            while not self.stop_at.is_set():
+                rows = conn.execute(
+                    "SELECT coalesce(wait_event_type || ':' || wait_event, 'CPU') AS w, "
+                    "left(regexp_replace(query, '\\s+', ' ', 'g'), 40) AS q "
+                    "FROM pg_stat_activity WHERE datname = current_database() "
+                    "AND state = 'active' AND pid <> pg_backend_pid()").fetchall()
+                self.samples += 1
+                for r in rows:
+                    key = f"{r['w']} | {r['q']}"
+                    self.counts[key] = self.counts.get(key, 0) + 1
+                time.sleep(0.01)
+
+    def __enter__(self) -> Waits:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop_at.set()
+        self.thread.join()
+
+    def top(self, n: int = 8) -> list[str]:
+        """The most seen (wait, query) pairs: mean sessions in that state."""
+        best = sorted(self.counts.items(), key=lambda kv: -kv[1])[:n]
+        return [f"{c / max(1, self.samples):.2f} {k}" for k, c in best]
+
+
+@contextlib.contextmanager
+def _profiled(pid: int, path: str | None, seconds: float) -> Iterator[None]:
+    """py-spy record the API process (on-CPU samples, collapsed stacks) while the block runs."""
+    if not path:
+        yield
+        return
+    spy = shutil.which("py-spy", path=os.path.dirname(sys.executable)) or "py-spy"
+    proc = subprocess.Popen([spy, "record", "--pid", str(pid), "--format", "raw", "--rate",
+                             "200", "--duration", str(int(seconds) + 1), "--output", path,
+                             "--nonblocking"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        yield
+    finally:
+        proc.wait(timeout=120)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run both rounds and print the figures."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
@@ -131,6 +248,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--broadcast-rate", type=float, default=100.0,
                     help="the broadcast's own limit, emails/s")
     ap.add_argument("--workers", type=int, default=2, help="worker processes")
+    ap.add_argument("--no-drain", action="store_true", help="round 1 only")
+    ap.add_argument("--profile", default="",
+                    help="py-spy the API process: collapsed stacks to PREFIX-idle.txt and "
+                         "PREFIX-busy.txt")
     args = ap.parse_args(argv)
     with common.bench_db("signup", os.environ.get("DATABASE_URL")) as url:
         with common.connect(url) as conn:
@@ -151,22 +272,43 @@ def main(argv: list[str] | None = None) -> int:
                     raise RuntimeError("pgcast api did not start")
                 time.sleep(0.1)
             asyncio.run(load(port, args.rate, 2.0, "warm"))
-            idle = asyncio.run(load(port, args.rate, args.seconds, "idle"))
+            groups = {"api": [api.pid], "load generator": [os.getpid()],
+                      "postgres": _postgres_pids(url)}
+            cpu = Cpu(groups)
+            cpu.start()
+            with _profiled(api.pid, args.profile and f"{args.profile}-idle.txt", args.seconds), \
+                    Waits(url) as idle_waits:
+                idle = asyncio.run(load(port, args.rate, args.seconds, "idle"))
+            idle_cpu = cpu.stop()
             print(f"round 1, sign-ups alone at {args.rate:.0f}/s: {idle}")
+            print(f"round 1, CPU: {idle_cpu}")
+            print("round 1, database sessions (mean active, by wait | query):",
+                  *idle_waits.top(), sep="\n    ")
+            if args.no_drain:
+                return 0
             common.seed_contacts(url, args.recipients, tagged={"all": args.recipients})
             with common.connect(url) as conn:
                 bid = common.new_draft(conn, tag="all")
                 conn.execute("UPDATE broadcasts SET rate_limit = %s WHERE id = %s",
                              (args.broadcast_rate, bid))
-                with common.Workers(url, count=args.workers):
+                with common.Workers(url, count=args.workers) as workers:
                     common.send(conn, bid)
                     time.sleep(2.0)  # the drain under way
-                    busy = asyncio.run(load(port, args.rate, args.seconds, "busy"))
+                    cpu = Cpu({**groups, "workers": [p.pid for p in workers.procs],
+                               "postgres": _postgres_pids(url)})
+                    cpu.start()
+                    with _profiled(api.pid, args.profile and f"{args.profile}-busy.txt",
+                                   args.seconds), Waits(url) as busy_waits:
+                        busy = asyncio.run(load(port, args.rate, args.seconds, "busy"))
+                    busy_cpu = cpu.stop()
                     lag = _to_provider(url, "busy")
                     progress = conn.execute("SELECT status, sent, total FROM broadcasts "
                                             "WHERE id = %s", (bid,)).fetchone()
             print(f"round 2, sign-ups at {args.rate:.0f}/s while {args.recipients} recipients "
                   f"drain at {args.broadcast_rate:.0f}/s: {busy}")
+            print(f"round 2, CPU: {busy_cpu}")
+            print("round 2, database sessions (mean active, by wait | query):",
+                  *busy_waits.top(), sep="\n    ")
             print(f"round 2, confirmation creation -> provider answer: {lag}")
             print(f"broadcast when round 2 ended: {progress}")
         finally:

@@ -25,9 +25,15 @@ SELECT id, account, name, double_opt_in, redirect_url, embeddable FROM forms WHE
 
 -- signup --
 -- One sign-up on a form and its confirmation mail when due, one statement
--- (pgcast_form_signup_v1); no row when the form does not exist.
-SELECT * FROM pgcast_form_signup_v1(%(form)s, %(email)s, %(name)s, %(max_mails)s,
-                                    %(details)s::jsonb, %(subject)s, %(text)s, %(html)s)
+-- (pgcast_signup_v2, no NOTIFY: wake_messages follows the commit when message_id is set);
+-- no row when the form does not exist.
+SELECT * FROM pgcast_signup_v2(%(form)s, %(email)s, %(name)s, %(max_mails)s,
+                               %(details)s::jsonb, %(subject)s, %(text)s, %(html)s)
+
+-- wake_messages --
+-- Wakes the workers' message loops after a commit that queued messages without a NOTIFY
+-- (pgcast_notify_v2); an asynchronous commit: the statement writes nothing else.
+SELECT set_config('synchronous_commit', 'off', true), pgcast_notify_v2('message')
 
 -- confirm --
 -- Confirms a sign-up (pgcast_confirm_v1): ok, and where the form sends the browser.

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+import pytest
 
 from pgcast.mail import unsubscribe
 from pgcast.sql import contacts
@@ -312,13 +313,15 @@ def _waiting(conn: Conn, pid: int) -> bool:
     return row is not None and row["wait_event_type"] == "Lock"
 
 
-SIGNUP = ("SELECT * FROM pgcast_form_signup_v1(%s, 'ann@example.com', 'Ann', 3, '{}', "
+SIGNUP = ("SELECT * FROM {}(%s, 'ann@example.com', 'Ann', 3, '{{}}', "
           "'Confirm', 'Please confirm: ann@example.com', NULL)")
 ERASE = "SELECT * FROM pgcast_erase_v6('default', 'ann@example.com', 'api', '{}')"
 
 
+@pytest.mark.parametrize("signup", ["pgcast_form_signup_v1", "pgcast_signup_v2"])
 def test_a_sign_up_racing_an_erase_never_brings_the_address_back(
-        conn: Conn, db_url: str) -> None:
+        conn: Conn, db_url: str, signup: str) -> None:
+    query_signup = SIGNUP.format(signup)
     form = conn.execute("INSERT INTO forms (account, name, tags, from_address) VALUES "
                         "('default', 'N', '{news}', 'news@example.com') RETURNING id"
                         ).fetchone()["id"]  # type: ignore[index]
@@ -327,12 +330,12 @@ def test_a_sign_up_racing_an_erase_never_brings_the_address_back(
             a.autocommit = b.autocommit = False
             # the first one's transaction is open when the second one starts
             if first == "signup":
-                a.execute(SIGNUP, (form,))
+                a.execute(query_signup, (form,))
             else:
                 a.execute(ERASE)
             done: list[Any] = []
 
-            query, params = (ERASE, ()) if first == "signup" else (SIGNUP, (form,))
+            query, params = (ERASE, ()) if first == "signup" else (query_signup, (form,))
 
             def second(b: Conn = b, query: str = query, params: Any = params,
                        done: list[Any] = done) -> None:
