@@ -85,7 +85,7 @@ class Settings:
         return s
 
 @dataclass(frozen=True)
-class _Outcome:
+class Outcome:
     """One attempt waiting for its record."""
 
     endpoint: Any
@@ -102,11 +102,11 @@ class Recorder:
                  settings: Settings) -> None:
         self.pool = pool
         self.settings = settings
-        self.waiting: list[tuple[_Outcome, asyncio.Future[str | None]]] = []
+        self.waiting: list[tuple[Outcome, asyncio.Future[str | None]]] = []
         self.task: asyncio.Task[None] | None = None
         self.statements = 0
 
-    async def record(self, outcome: _Outcome) -> str | None:
+    async def record(self, outcome: Outcome) -> str | None:
         """The outcome's record: 'delivered', 'retry', 'disabled', or None (lease lost)."""
         future: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
         self.waiting.append((outcome, future))
@@ -128,7 +128,7 @@ class Recorder:
                 if not future.done():
                     future.set_result(rows.get(o.delivery))
 
-    async def _statement(self, batch: list[_Outcome]) -> dict[int, str]:
+    async def _statement(self, batch: list[Outcome]) -> dict[int, str]:
         s = self.settings
         async with self.pool.connection() as conn:
             cur = await conn.execute(QUERIES["hooks_record"], {
@@ -284,7 +284,7 @@ class Deliverer:
                    "Pgcast-Signature": hooks.signature(ep["secret"], int(time.time()), body)}
         answer = await self.poster.post(ep["url"], headers, body, str(ep["id"]))
         assert self.recorder is not None
-        outcome = await self.recorder.record(_Outcome(ep["id"], ep["lease_token"], row["id"],
+        outcome = await self.recorder.record(Outcome(ep["id"], ep["lease_token"], row["id"],
                                                       answer))
         if outcome == "delivered":
             self.delivered += 1
