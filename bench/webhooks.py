@@ -3,6 +3,11 @@ in 20 ms, and what a dead endpoint with 100,000 queued events costs the mail dra
 
 1. throughput: 8 accounts x 4 endpoints (the defaults: 32 slots, 4 per account), events
    queued before the worker starts; deliveries/s = deliveries / (last - first delivered_at).
+   An endpoint has one delivery in flight at a time (its order), so 500/s at 20 ms needs at
+   least 10 endpoints in flight: 32 allow 1,600/s before any overhead. The receiver is a
+   process of its own (asyncio, keep-alive), its CPU printed beside the worker's and the
+   server's, so it is seen not to be the limit. --runs N repeats it on fresh databases;
+   --py-spy FILE samples the worker (collapsed stacks, one file per run).
 2. dead endpoint: one worker drains a broadcast (null provider) while an endpoint whose
    receiver accepts connections and never answers (every attempt waits the 10 s timeout)
    holds 100,000 pending deliveries, vs the same drain with that endpoint disabled. Paired
@@ -11,6 +16,7 @@ in 20 ms, and what a dead endpoint with 100,000 queued events costs the mail dra
 
     .venv/bin/python -m bench.webhooks [--deliveries N] [--recipients N] [--pairs N]
                                        [--backlog N] [--part all|throughput|dead]
+                                       [--runs N] [--py-spy FILE]
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import asyncio
 import contextlib
 import json
 import os
+import signal
 import socket
 import statistics
 import subprocess
@@ -28,11 +35,12 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from bench import common
+from bench import common, profile_db
 
 ACCOUNTS = 8
 ENDPOINTS_PER_ACCOUNT = 4
 LATENCY = 0.020  # seconds the receiver waits before answering
+PY_SPY = os.path.join(os.path.dirname(sys.executable), "py-spy")  # the dev extra's
 ENV = {"PGCAST_WEBHOOKS_ALLOW_HTTP": "1", "PGCAST_WEBHOOKS_ALLOW_PRIVATE": "1",
        "PGCAST_WEBHOOKS_POLL": "0.2"}
 
@@ -77,6 +85,13 @@ def _silent(port: int) -> None:
 @contextlib.contextmanager
 def receiver(mode: str) -> Iterator[int]:
     """A receiver child process on a free port: 'answer' (20 ms) or 'silent'."""
+    with receiver_process(mode) as (port, _pid):
+        yield port
+
+
+@contextlib.contextmanager
+def receiver_process(mode: str) -> Iterator[tuple[int, int]]:
+    """A receiver child process on a free port, and its pid."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -90,7 +105,7 @@ def receiver(mode: str) -> Iterator[int]:
             if time.monotonic() > deadline:
                 raise TimeoutError("the receiver did not start")
             time.sleep(0.05)
-        yield port
+        yield port, proc.pid
     finally:
         proc.kill()
         proc.wait()
@@ -119,37 +134,71 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def throughput(url: str, deliveries: int) -> dict[str, Any]:
+def throughput(url: str, deliveries: int, spy: str | None = None) -> dict[str, Any]:
     per_account = deliveries // (ACCOUNTS * ENDPOINTS_PER_ACCOUNT)
-    with receiver("answer") as port, common.connect(url) as conn:
+    with receiver_process("answer") as (port, rx_pid), common.connect(url) as conn:
         for a in range(ACCOUNTS):
             for _ in range(ENDPOINTS_PER_ACCOUNT):
                 endpoint(conn, f"acct{a}", f"http://127.0.0.1:{port}/hook")
             queue(conn, f"acct{a}", per_account)
         total = conn.execute("SELECT count(*) AS n FROM webhook_deliveries").fetchone()["n"]
         conn.execute("VACUUM ANALYZE webhook_deliveries")
+        dbname = conn.execute("SELECT current_database() AS d").fetchone()["d"]
+        # count the record function's calls (its statements per delivery); the worker's
+        # sessions start after this
+        conn.execute(f'ALTER DATABASE "{dbname}" SET track_functions = \'all\'')
+        postmaster = profile_db.postmaster_pid(conn)
+        load0 = [round(x, 2) for x in os.getloadavg()]
         with common.Workers(url, count=1, env=ENV) as workers:
             pid = workers.procs[0].pid
-            cpu0 = cpu_seconds(pid)
+            cpu0, rx0 = cpu_seconds(pid), cpu_seconds(rx_pid)
+            srv0 = profile_db.server_cpu(postmaster)
+            xact0 = _xacts(conn, dbname)
+            sampler = subprocess.Popen(
+                [PY_SPY, "record", "--pid", str(pid), "--format", "raw", "--rate", "100",
+                 "--output", spy], stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL) if spy else None
             deadline = time.monotonic() + 600
             while conn.execute("SELECT count(*) AS n FROM webhook_deliveries "
                                "WHERE status = 'pending'").fetchone()["n"]:
                 if time.monotonic() > deadline:
                     raise TimeoutError("deliveries did not finish in 10 minutes")
                 time.sleep(0.2)
-            cpu = cpu_seconds(pid) - cpu0
+            cpu, rx_cpu = cpu_seconds(pid) - cpu0, cpu_seconds(rx_pid) - rx0
+            srv = profile_db.server_cpu(postmaster) - srv0
+            xacts = _xacts(conn, dbname) - xact0
+            if sampler is not None:
+                sampler.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
+                sampler.wait(timeout=60)
+        load1 = [round(x, 2) for x in os.getloadavg()]
+        calls = conn.execute("SELECT coalesce(sum(calls), 0) AS n FROM pg_stat_user_functions "
+                             "WHERE funcname = 'pgcast_webhook_record_v2'").fetchone()["n"]
         row = conn.execute(
             "SELECT count(*) AS n, extract(epoch FROM max(delivered_at) - min(delivered_at)) "
             "AS span, percentile_cont(0.5) WITHIN GROUP (ORDER BY latency_ms) AS p50, "
             "percentile_cont(0.99) WITHIN GROUP (ORDER BY latency_ms) AS p99, "
             "max(attempts) AS most FROM webhook_deliveries WHERE status = 'delivered'"
         ).fetchone()
-    return {"deliveries": int(total), "delivered": int(row["n"]),
-            "per_second": (int(row["n"]) - 1) / float(row["span"]),
+    n = int(row["n"])
+    return {"deliveries": int(total), "delivered": n,
+            "endpoints": ACCOUNTS * ENDPOINTS_PER_ACCOUNT,
+            "per_second": (n - 1) / float(row["span"]),
             "latency_p50_ms": float(row["p50"]), "latency_p99_ms": float(row["p99"]),
             "max_attempts": int(row["most"]), "worker_cpu_s": cpu,
-            "per_worker_cpu_second": int(row["n"]) / cpu,
-            "load_average": open("/proc/loadavg").read().split()[:3]}
+            "worker_cpu_ms_per_delivery": cpu / n * 1000,
+            "per_worker_cpu_second": n / cpu,
+            "server_cpu_ms_per_delivery": srv / n * 1000,
+            "receiver_cpu_ms_per_delivery": rx_cpu / n * 1000,
+            "record_statements_per_delivery": int(calls) / n,
+            "transactions_per_delivery": xacts / n,
+            "load_average_before": load0, "load_average_after": load1}
+
+
+def _xacts(conn: Any, dbname: str) -> int:
+    """Transactions committed in the database so far (the server's statistics)."""
+    conn.execute("SELECT pg_stat_clear_snapshot()")
+    return int(conn.execute("SELECT xact_commit FROM pg_stat_database WHERE datname = %s",
+                            (dbname,)).fetchone()["xact_commit"])
 
 
 # -- 2. a dead endpoint vs the mail drain ------------------------------------------------------
@@ -209,6 +258,9 @@ def main() -> None:
     p.add_argument("--pairs", type=int, default=5)
     p.add_argument("--backlog", type=int, default=100_000)
     p.add_argument("--part", choices=["all", "throughput", "dead"], default="all")
+    p.add_argument("--runs", type=int, default=1, help="throughput runs (fresh databases)")
+    p.add_argument("--py-spy", dest="spy", metavar="FILE",
+                   help="sample the worker with py-spy into FILE.N (collapsed stacks)")
     args = p.parse_args()
     if args.serve:
         mode, port = args.serve[0], int(args.serve[1])
@@ -219,9 +271,11 @@ def main() -> None:
         return
     with common.server() as srv:
         if args.part in ("all", "throughput"):
-            with common.database(srv, "hooks_tp") as url:
-                tp = throughput(url, args.deliveries)
-            print(json.dumps({"throughput": tp}), flush=True)
+            for run in range(args.runs):
+                with common.database(srv, "hooks_tp") as url:
+                    tp = throughput(url, args.deliveries,
+                                    f"{args.spy}.{run}" if args.spy else None)
+                print(json.dumps({"throughput": tp}), flush=True)
         if args.part in ("all", "dead"):
             with common.database(srv, "hooks_dead") as url:
                 dead = dead_endpoint(url, args.recipients, args.pairs, args.backlog)

@@ -7,10 +7,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import ssl
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+import certifi
 import pytest
 
 from pgcast.worker import hookhttp
@@ -229,3 +231,10 @@ def test_a_receiver_that_never_answers_times_out() -> None:
     with server:
         answer = asyncio.run(run(f"http://127.0.0.1:{server.getsockname()[1]}/"))
     assert not answer.ok and answer.error == "timed out after 0.5s"
+
+
+def test_certificates_are_verified_against_certifis_bundle() -> None:
+    expected = ssl.create_default_context(cafile=certifi.where()).get_ca_certs()
+    tls = hookhttp.Poster(1).tls
+    assert tls.verify_mode == ssl.CERT_REQUIRED and tls.check_hostname
+    assert expected and tls.get_ca_certs() == expected
