@@ -129,9 +129,15 @@ def queue(conn: Any, account: str, n: int) -> None:
 
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time a process used so far (Linux /proc), in seconds."""
+    return sum(cpu_split(pid))
+
+
+def cpu_split(pid: int) -> tuple[float, float]:
+    """User and system CPU time a process used so far (Linux /proc), in seconds."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
 
 
 def throughput(url: str, deliveries: int, spy: str | None = None) -> dict[str, Any]:
@@ -151,7 +157,7 @@ def throughput(url: str, deliveries: int, spy: str | None = None) -> dict[str, A
         load0 = [round(x, 2) for x in os.getloadavg()]
         with common.Workers(url, count=1, env=ENV) as workers:
             pid = workers.procs[0].pid
-            cpu0, rx0 = cpu_seconds(pid), cpu_seconds(rx_pid)
+            split0, rx0 = cpu_split(pid), cpu_seconds(rx_pid)
             srv0 = profile_db.server_cpu(postmaster)
             xact0 = _xacts(conn, dbname)
             sampler = subprocess.Popen(
@@ -164,7 +170,9 @@ def throughput(url: str, deliveries: int, spy: str | None = None) -> dict[str, A
                 if time.monotonic() > deadline:
                     raise TimeoutError("deliveries did not finish in 10 minutes")
                 time.sleep(0.2)
-            cpu, rx_cpu = cpu_seconds(pid) - cpu0, cpu_seconds(rx_pid) - rx0
+            split1, rx_cpu = cpu_split(pid), cpu_seconds(rx_pid) - rx0
+            user, system = split1[0] - split0[0], split1[1] - split0[1]
+            cpu = user + system
             srv = profile_db.server_cpu(postmaster) - srv0
             xacts = _xacts(conn, dbname) - xact0
             if sampler is not None:
@@ -185,6 +193,7 @@ def throughput(url: str, deliveries: int, spy: str | None = None) -> dict[str, A
             "per_second": (n - 1) / float(row["span"]),
             "latency_p50_ms": float(row["p50"]), "latency_p99_ms": float(row["p99"]),
             "max_attempts": int(row["most"]), "worker_cpu_s": cpu,
+            "worker_user_s": user, "worker_system_s": system,
             "worker_cpu_ms_per_delivery": cpu / n * 1000,
             "per_worker_cpu_second": n / cpu,
             "server_cpu_ms_per_delivery": srv / n * 1000,

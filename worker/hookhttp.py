@@ -147,6 +147,9 @@ class Poster:
                 asyncio.IncompleteReadError) as exc:
             return Answer(False, None, f"{type(exc).__name__}: {exc}"[:500] or "error", None,
                           (time.perf_counter() - start) * 1000)
+        if not status:  # the connection ended cleanly before any answer
+            return Answer(False, None, "closed without an answer", None,
+                          (time.perf_counter() - start) * 1000)
         text = kept.decode("utf-8", "replace")
         ok = 200 <= status < 300
         return Answer(ok, status, None if ok else f"HTTP {status}", text,
