@@ -84,6 +84,7 @@ class Settings:
                                      "PGCAST_WEBHOOKS_TIMEOUT (an attempt must end in its lease)")
         return s
 
+
 @dataclass(frozen=True)
 class Outcome:
     """One attempt waiting for its record."""
@@ -95,8 +96,9 @@ class Outcome:
 
 
 class Recorder:
-    """Writes attempts' outcomes in batches on a connection of its own: an outcome that ends
-    while a batch is being written goes in the next one (group commit)."""
+    """Writes attempts' outcomes in batches, one statement each (a connection of the pool, which
+    has one for it beside the drains' and the claim's): an outcome handed over while a batch
+    is being written goes in the next one (group commit)."""
 
     def __init__(self, pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]],
                  settings: Settings) -> None:
