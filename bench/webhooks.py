@@ -7,7 +7,8 @@ in 20 ms, and what a dead endpoint with 100,000 queued events costs the mail dra
    least 10 endpoints in flight: 32 allow 1,600/s before any overhead. The receiver is a
    process of its own (asyncio, keep-alive), its CPU printed beside the worker's and the
    server's, so it is seen not to be the limit. --runs N repeats it on fresh databases;
-   --py-spy FILE samples the worker (collapsed stacks, one file per run).
+   --py-spy FILE samples the worker (collapsed stacks, one file per run); --host localhost
+   makes the endpoints' URLs name their host (resolved at every delivery, as a real one is).
 2. dead endpoint: one worker drains a broadcast (null provider) while an endpoint whose
    receiver accepts connections and never answers (every attempt waits the 10 s timeout)
    holds 100,000 pending deliveries, vs the same drain with that endpoint disabled (and no
@@ -18,7 +19,7 @@ in 20 ms, and what a dead endpoint with 100,000 queued events costs the mail dra
 
     .venv/bin/python -m bench.webhooks [--deliveries N] [--recipients N] [--pairs N]
                                        [--backlog N] [--part all|throughput|dead]
-                                       [--runs N] [--py-spy FILE]
+                                       [--runs N] [--py-spy FILE] [--host NAME]
 """
 
 from __future__ import annotations
@@ -142,12 +143,13 @@ def cpu_split(pid: int) -> tuple[float, float]:
     return int(fields[11]) / tick, int(fields[12]) / tick
 
 
-def throughput(url: str, deliveries: int, spy: str | None = None) -> dict[str, Any]:
+def throughput(url: str, deliveries: int, spy: str | None = None,
+               host: str = "127.0.0.1") -> dict[str, Any]:
     per_account = deliveries // (ACCOUNTS * ENDPOINTS_PER_ACCOUNT)
     with receiver_process("answer") as (port, rx_pid), common.connect(url) as conn:
         for a in range(ACCOUNTS):
             for _ in range(ENDPOINTS_PER_ACCOUNT):
-                endpoint(conn, f"acct{a}", f"http://127.0.0.1:{port}/hook")
+                endpoint(conn, f"acct{a}", f"http://{host}:{port}/hook")
             queue(conn, f"acct{a}", per_account)
         total = conn.execute("SELECT count(*) AS n FROM webhook_deliveries").fetchone()["n"]
         conn.execute("VACUUM ANALYZE webhook_deliveries")
@@ -190,7 +192,7 @@ def throughput(url: str, deliveries: int, spy: str | None = None) -> dict[str, A
             "max(attempts) AS most FROM webhook_deliveries WHERE status = 'delivered'"
         ).fetchone()
     n = int(row["n"])
-    return {"deliveries": int(total), "delivered": n,
+    return {"deliveries": int(total), "delivered": n, "host": host,
             "endpoints": ACCOUNTS * ENDPOINTS_PER_ACCOUNT,
             "per_second": (n - 1) / float(row["span"]),
             "latency_p50_ms": float(row["p50"]), "latency_p99_ms": float(row["p99"]),
@@ -288,6 +290,8 @@ def main() -> None:
     p.add_argument("--backlog", type=int, default=100_000)
     p.add_argument("--part", choices=["all", "throughput", "dead"], default="all")
     p.add_argument("--runs", type=int, default=1, help="throughput runs (fresh databases)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="the endpoints' host: a name is resolved at every delivery")
     p.add_argument("--py-spy", dest="spy", metavar="FILE",
                    help="sample the worker with py-spy into FILE.N (collapsed stacks)")
     args = p.parse_args()
@@ -303,7 +307,7 @@ def main() -> None:
             for run in range(args.runs):
                 with common.database(srv, "hooks_tp") as url:
                     tp = throughput(url, args.deliveries,
-                                    f"{args.spy}.{run}" if args.spy else None)
+                                    f"{args.spy}.{run}" if args.spy else None, args.host)
                 print(json.dumps({"throughput": tp}), flush=True)
         if args.part in ("all", "dead"):
             with common.database(srv, "hooks_dead") as url:
