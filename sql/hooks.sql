@@ -100,12 +100,15 @@ ORDER BY d.id
 LIMIT %(limit)s
 
 -- hooks_record --
--- one attempt's outcome, under the endpoint's lease (pgcast_webhook_record_v1)
-SELECT pgcast_webhook_record_v1(%(id)s, %(token)s, %(delivery)s, %(ok)s, %(status)s,
-                                %(error)s, %(latency_ms)s, %(response)s,
-                                %(lease)s * interval '1 second',
-                                %(base)s * interval '1 second',
-                                %(give_up)s * interval '1 second') AS outcome
+-- a batch of attempts' outcomes, one per endpoint, each under its endpoint's lease (pgcast_webhook_record_v2)
+SELECT delivery_id, outcome
+FROM pgcast_webhook_record_v2(%(endpoints)s::uuid[], %(tokens)s::uuid[],
+                              %(deliveries)s::bigint[], %(ok)s::boolean[],
+                              %(status)s::integer[], %(error)s::text[],
+                              %(latency_ms)s::double precision[], %(response)s::text[],
+                              %(lease)s * interval '1 second',
+                              %(base)s * interval '1 second',
+                              %(give_up)s * interval '1 second')
 
 -- hooks_one --
 -- one endpoint of an account (is it there?)

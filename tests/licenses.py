@@ -42,9 +42,9 @@ REVIEWED = {
     "psycopg": "LGPL-3.0: used unmodified as a separately installed, replaceable library",
     "psycopg-binary": "LGPL-3.0: psycopg's C speedups, installed and replaceable on its own",
     "psycopg-pool": "LGPL-3.0: psycopg's pool, installed and replaceable on its own",
-    # MPL-2.0 (file-level copyleft): the CA bundle httpx reads for webhook deliveries, used
+    # MPL-2.0 (file-level copyleft): the CA bundle webhook deliveries verify against, used
     # unmodified; MPL asks only that changes to its own files be shared
-    "certifi": "MPL-2.0: CA certificates read unmodified (httpx, webhook deliveries)",
+    "certifi": "MPL-2.0: CA certificates read unmodified (webhook deliveries)",
 }
 
 _CLASSIFIER = {  # `License :: OSI Approved :: X` -> an SPDX-like name good enough to judge

@@ -2,7 +2,9 @@
 
 Endpoints are claimed with SKIP LOCKED under a lease, one worker per endpoint: its deliveries
 go out one at a time, in their order, so an endpoint sees events in the order they were
-written. Each attempt's outcome is recorded under the lease (pgcast_webhook_record_v1); a
+written. Each attempt's outcome is recorded under the lease before the endpoint's next POST;
+the outcomes of attempts that end while a record is being written go together in the next
+one (group commit: one pgcast_webhook_record_v2 statement per batch, not per delivery). A
 worker killed mid-delivery records nothing, and once the lease expires another worker sends
 the same delivery again (at least once). This loop has its own connections and its own slots:
 a slow or dead endpoint holds one slot for at most the timeout per attempt, never the mail
@@ -83,6 +85,66 @@ class Settings:
         return s
 
 
+@dataclass(frozen=True)
+class Outcome:
+    """One attempt waiting for its record."""
+
+    endpoint: Any
+    token: Any
+    delivery: int
+    answer: hookhttp.Answer
+
+
+class Recorder:
+    """Writes attempts' outcomes in batches, one statement each (a connection of the pool, which
+    has one for it beside the drains' and the claim's): an outcome handed over while a batch
+    is being written goes in the next one (group commit)."""
+
+    def __init__(self, pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]],
+                 settings: Settings) -> None:
+        self.pool = pool
+        self.settings = settings
+        self.waiting: list[tuple[Outcome, asyncio.Future[str | None]]] = []
+        self.task: asyncio.Task[None] | None = None
+        self.statements = 0
+
+    async def record(self, outcome: Outcome) -> str | None:
+        """The outcome's record: 'delivered', 'retry', 'disabled', or None (lease lost)."""
+        future: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
+        self.waiting.append((outcome, future))
+        if self.task is None or self.task.done():
+            self.task = asyncio.create_task(self._write(), name="webhook-records")
+        return await future
+
+    async def _write(self) -> None:
+        while self.waiting:
+            batch, self.waiting = self.waiting, []
+            try:
+                rows = await self._statement([o for o, _ in batch])
+            except Exception as exc:  # each waiting delivery sees the failure
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            for o, future in batch:
+                if not future.done():
+                    future.set_result(rows.get(o.delivery))
+
+    async def _statement(self, batch: list[Outcome]) -> dict[int, str]:
+        s = self.settings
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(QUERIES["hooks_record"], {
+                "endpoints": [o.endpoint for o in batch], "tokens": [o.token for o in batch],
+                "deliveries": [o.delivery for o in batch],
+                "ok": [o.answer.ok for o in batch], "status": [o.answer.status for o in batch],
+                "error": [o.answer.error for o in batch],
+                "latency_ms": [o.answer.latency_ms for o in batch],
+                "response": [o.answer.response for o in batch],
+                "lease": s.lease, "base": s.retry_base, "give_up": s.give_up})
+            self.statements += 1
+            return {int(r["delivery_id"]): str(r["outcome"]) for r in await cur.fetchall()}
+
+
 class Deliverer:
     """Claims endpoints with due deliveries and delivers to each one in order."""
 
@@ -97,6 +159,7 @@ class Deliverer:
         self.accounts: Counter[str] = Counter()
         self.wake = asyncio.Event()
         self.delivered = 0
+        self.recorder: Recorder | None = None  # from run(), on its pool
 
     async def run(self) -> None:
         """Until stopping: claim, deliver, restart after a database outage."""
@@ -105,6 +168,7 @@ class Deliverer:
             kwargs={"autocommit": True, "row_factory": dict_row, **db.CONNECT_KWARGS},
             reconnect_timeout=3600, name="pgcast-webhooks")
         await pool.open(wait=False)
+        self.recorder = Recorder(pool, self.settings)
         pruned = -math.inf  # never
         try:
             while not self.stopping.is_set():
@@ -131,6 +195,10 @@ class Deliverer:
             for task in list(self.slots.values()):
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
+            if self.recorder is not None and self.recorder.task is not None:
+                # every drain has its record by now (it waited for it) or was cancelled
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await self.recorder.task
             await self.poster.aclose()
             await pool.close()
 
@@ -207,26 +275,19 @@ class Deliverer:
                 if not row["due"] or self.stopping.is_set() \
                         or time.monotonic() - started >= QUANTUM:
                     return False
-                if await self._attempt(conn, ep, row) != "delivered":
+                if await self._attempt(ep, row) != "delivered":
                     return True
         return False
 
-    async def _attempt(self, conn: psycopg.AsyncConnection[Any], ep: dict[str, Any],
-                       row: dict[str, Any]) -> str | None:
+    async def _attempt(self, ep: dict[str, Any], row: dict[str, Any]) -> str | None:
         body = row["body"].encode()
-        stamp = int(time.time())
-        headers = {"Content-Type": "application/json", "User-Agent": "pgcast-webhooks/1",
+        headers = {"Content-Type": "application/json",
                    "Pgcast-Event-Id": str(row["event_id"]),
-                   "Pgcast-Signature": hooks.signature(ep["secret"], stamp, body)}
+                   "Pgcast-Signature": hooks.signature(ep["secret"], int(time.time()), body)}
         answer = await self.poster.post(ep["url"], headers, body, str(ep["id"]))
-        cur = await conn.execute(QUERIES["hooks_record"], {
-            "id": ep["id"], "token": ep["lease_token"], "delivery": row["id"],
-            "ok": answer.ok, "status": answer.status, "error": answer.error,
-            "latency_ms": answer.latency_ms, "response": answer.response,
-            "lease": self.settings.lease, "base": self.settings.retry_base,
-            "give_up": self.settings.give_up})
-        rec = await cur.fetchone()
-        outcome = rec["outcome"] if rec else None
+        assert self.recorder is not None
+        outcome = await self.recorder.record(Outcome(ep["id"], ep["lease_token"], row["id"],
+                                                      answer))
         if outcome == "delivered":
             self.delivered += 1
         elif outcome == "disabled":
@@ -234,7 +295,7 @@ class Deliverer:
                         self.settings.give_up, answer.error)
         elif outcome is None:
             log.warning("webhook endpoint %s: lease lost; another worker delivers", ep["id"])
-        return str(outcome) if outcome is not None else None
+        return outcome
 
 
 async def run(url: str, stopping: asyncio.Event, name: str) -> None:

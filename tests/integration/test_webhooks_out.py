@@ -483,3 +483,72 @@ def test_a_dead_account_holds_at_most_its_share_of_slots(
             held = conn.execute("SELECT count(*) AS n FROM webhook_endpoints "
                                 "WHERE account = 'a' AND lease_expires_at > now()").fetchone()
             assert held["n"] == 1
+
+
+def test_one_record_statement_writes_a_batch_under_each_endpoints_lease(conn: Conn) -> None:
+    """pgcast_webhook_record_v2 (the worker's group commit): a success is delivered and its
+    lease extended, a failure is scheduled again and its endpoint given back, and an attempt
+    whose lease was lost (another token) records nothing."""
+    eps = [conn.execute("INSERT INTO webhook_endpoints (account, url, events, secret) VALUES "
+                        "('default', %s, '{*}', 's') RETURNING id", (f"https://h{i}.example/",)
+                        ).fetchone()["id"] for i in range(3)]
+    conn.execute("SELECT pgcast_emit_event_v1('default', 'broadcast.sent', '{}')")
+    mine, theirs = uuid.uuid4(), uuid.uuid4()
+    for ep, token in zip(eps, (mine, mine, theirs), strict=True):
+        conn.execute("UPDATE webhook_endpoints SET lease_token = %s, worker = 'w', "
+                     "lease_expires_at = now() + interval '20 seconds' WHERE id = %s",
+                     (token, ep))
+    ids = [conn.execute("SELECT id FROM webhook_deliveries WHERE endpoint_id = %s", (ep,)
+                        ).fetchone()["id"] for ep in eps]
+    rows = conn.execute(hooks.QUERIES["hooks_record"], {
+        "endpoints": eps, "tokens": [mine, mine, mine], "deliveries": ids,
+        "ok": [True, False, True], "status": [200, 503, 200],
+        "error": [None, "HTTP 503", None], "latency_ms": [21.5, 22.5, 23.5],
+        "response": ["{}", "x" * 2000, "{}"], "lease": 60, "base": 10, "give_up": 3600,
+    }).fetchall()
+    assert {r["delivery_id"]: r["outcome"] for r in rows} == {
+        ids[0]: "delivered", ids[1]: "retry"}
+    assert len(rows) == 2
+    d = {r["id"]: r for r in deliveries(conn)}
+    assert d[ids[0]]["status"] == "delivered" and d[ids[0]]["attempts"] == 1
+    assert d[ids[0]]["latency_ms"] == 21.5 and d[ids[0]]["response"] == "{}"
+    assert d[ids[1]]["status"] == "pending" and d[ids[1]]["attempts"] == 1
+    assert d[ids[1]]["last_status"] == 503 and len(d[ids[1]]["response"]) == 1024
+    assert d[ids[2]]["status"] == "pending" and d[ids[2]]["attempts"] == 0
+    e = {r["id"]: r for r in conn.execute(
+        "SELECT id, lease_token, lease_expires_at - now() > interval '30 seconds' AS extended, "
+        "(SELECT next_attempt_at - now() > interval '5 seconds' FROM webhook_deliveries "
+        " WHERE endpoint_id = e.id) AS later FROM webhook_endpoints e").fetchall()}
+    assert e[eps[0]]["lease_token"] == mine and e[eps[0]]["extended"]
+    assert e[eps[1]]["lease_token"] is None and e[eps[1]]["later"]
+    assert e[eps[2]]["lease_token"] == theirs and not e[eps[2]]["extended"]
+
+
+def test_attempts_ending_together_are_recorded_by_one_statement(conn: Conn, db_url: str) -> None:
+    """The Recorder's group commit: outcomes handed over while no record is being written go
+    out together, one statement for the batch, each delivery told its own outcome."""
+    token = uuid.uuid4()
+    eps = [conn.execute("INSERT INTO webhook_endpoints (account, url, events, secret, "
+                        "lease_token, lease_expires_at, worker) VALUES ('default', %s, '{*}', "
+                        "'s', %s, now() + interval '1 minute', 'w') RETURNING id",
+                        (f"https://h{i}.example/", token)).fetchone()["id"] for i in range(8)]
+    conn.execute("SELECT pgcast_emit_event_v1('default', 'broadcast.sent', '{}')")
+    rows = deliveries(conn)
+
+    async def run() -> tuple[list[str | None], int]:
+        from psycopg.rows import dict_row
+        from psycopg_pool import AsyncConnectionPool
+        async with AsyncConnectionPool(db_url, min_size=1, max_size=2, kwargs={
+                "autocommit": True, "row_factory": dict_row}) as pool:
+            rec = worker_hooks.Recorder(pool, FAST)
+            ok = hookhttp.Answer(True, 200, None, "{}", 20.0)
+            outcomes = await asyncio.gather(*(
+                rec.record(worker_hooks.Outcome(r["endpoint_id"], token, r["id"], ok))
+                for r in rows))
+            return list(outcomes), rec.statements
+
+    outcomes, statements = asyncio.run(run())
+    assert len(rows) == len(eps) == 8
+    assert outcomes == ["delivered"] * 8
+    assert statements == 1
+    assert {r["status"] for r in deliveries(conn)} == {"delivered"}
