@@ -192,7 +192,7 @@ SELECT * FROM pgcast_handoff_v3(%(id)s, %(epoch)s, %(token)s, %(ids)s)
 
 -- record --
 -- One group's provider outcomes and counters (an answer its claim no longer holds: audited).
-SELECT * FROM pgcast_record_v5(%(id)s, %(token)s, %(ids)s, %(outcomes)s, %(message_ids)s,
+SELECT * FROM pgcast_record_v6(%(id)s, %(token)s, %(ids)s, %(outcomes)s, %(message_ids)s,
                                %(errors)s, %(retry_in)s, %(breaker)s)
 
 -- release --
