@@ -191,9 +191,11 @@ SELECT pgcast_fresh_floor_v1(%(id)s, %(from)s) AS floor
 SELECT * FROM pgcast_handoff_v3(%(id)s, %(epoch)s, %(token)s, %(ids)s)
 
 -- record --
--- One group's provider outcomes and counters (an answer its claim no longer holds: audited).
-SELECT * FROM pgcast_record_v5(%(id)s, %(token)s, %(ids)s, %(outcomes)s, %(message_ids)s,
-                               %(errors)s, %(retry_in)s, %(breaker)s)
+-- One group's provider outcomes and counters (an answer its claim no longer holds: audited);
+-- the arrays come as literals (worker.dispatch.record_params).
+SELECT * FROM pgcast_record_v6(%(id)s, %(token)s, %(ids)s::bigint[], %(outcomes)s::text[],
+                               %(message_ids)s::text[], %(errors)s::text[],
+                               %(retry_in)s::double precision[], %(breaker)s)
 
 -- release --
 -- Rows a claim holds but will not hand off go back to pending.

@@ -39,10 +39,11 @@ class NullProvider:
 
     def __init__(self) -> None:
         self._ids = itertools.count(1)
+        self._prefix = f"null-{os.getpid()}-"  # made in the process that sends
 
     def send(self, message: render.Message) -> str:
         """Pretend to send."""
-        return f"null-{os.getpid()}-{next(self._ids)}"
+        return f"{self._prefix}{next(self._ids)}"
 
     def max_send_rate(self) -> float | None:
         """No limit of its own."""
