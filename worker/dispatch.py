@@ -178,11 +178,13 @@ class Sender:
     async def send_group(self, content: render.Content | str,
                          handed: list[Recipient], attempts: dict[int, int],
                          handed_at: float | None = None,
-                         each: Each | None = None) -> list[Outcome]:
+                         each: Each | None = None,
+                         slots: ratelimit.Slots | None = None) -> list[Outcome]:
         """One outcome per handed-off row, in order; never raises (but CancelledError).
         `handed_at`: the handoff's time (time.monotonic), for the deadline; `each`: called
         with each row's future as soon as it is done (on the executor path), so that an
-        answer need not wait for the group's slowest call."""
+        answer need not wait for the group's slowest call; `slots`: the group's wire slots
+        (the i-th row's call waits for the i-th)."""
         rendering = time.monotonic()
         built = await self.builder.build(content, handed)
         rendered = time.monotonic() - rendering
@@ -196,30 +198,33 @@ class Sender:
         due = (handed_at if handed_at is not None else rendering) + rendered + self.deadline
         loop = asyncio.get_running_loop()
         futures: list[asyncio.Future[Outcome]] = []
-        for b in built:
+        for i, b in enumerate(built):
             if isinstance(b, Outcome):
                 done: asyncio.Future[Outcome] = loop.create_future()
                 done.set_result(b)
                 futures.append(done)
             else:
                 futures.append(loop.run_in_executor(self.executor, self.paced, b, attempts,
-                                                    stop, due))
+                                                    stop, due,
+                                                    slots.at(i) if slots else None))
         if each is not None:
             for future in futures:
                 future.add_done_callback(each)
         return list(await asyncio.gather(*futures))
 
     def paced(self, message: render.Message, attempts: dict[int, int], stop: list[Outcome],
-              due: float) -> Outcome:
-        """On a provider thread: the deadline, the pacer, then the call (a call past its
-        deadline books no pacer time: nobody would use it)."""
+              due: float, slot: ratelimit.Slot | None = None) -> Outcome:
+        """On a provider thread: the deadline, the pacer (until `slot`, when the call has
+        one), then the call (a call past its deadline books no pacer time: nobody would use
+        it)."""
         if time.monotonic() > due:
             return Outcome(message.contact_id, "release",
                            error="not called: its call would have started too late after "
                                  "its handoff (see --group-ms)")
-        if self.pacer is not None and not stop:
-            self.pacer.wait()
-        return self.send_one(message, attempts, stop)
+        with ratelimit.on_this_thread(slot):  # where the call leaves (ses) or here
+            if self.pacer is not None and not stop:
+                self.pacer.wait()
+            return self.send_one(message, attempts, stop)
 
     def send_one(self, message: render.Message, attempts: dict[int, int],
                  stop: list[Outcome]) -> Outcome:
