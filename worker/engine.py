@@ -74,6 +74,9 @@ class Stats:
     groups: int = 0
     # the provider's connections opened and retired, and transport failures by cause (ses)
     connections: dict[str, int] = field(default_factory=dict)
+    # the global wire schedule: calls that reached the wire after their slot, the most one
+    # was late (ms), and the longest lead this process asked for (ms)
+    wire: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -167,6 +170,12 @@ class Engine:
             counts = getattr(self.provider, "connection_counts", None)
             if counts is not None:
                 self.stats.connections = counts()
+            schedule = self.buckets.schedule
+            self.stats.wire = {"late": schedule.late, "latest_ms": round(schedule.latest * 1000, 1),
+                               "most_lead_ms": round(schedule.most_lead * 1000, 1),
+                               **{f"to_wire_p{q}_ms": round(1000 * sorted(schedule.recent)[
+                                   int(q / 100 * (len(schedule.recent) - 1))], 1)
+                                  for q in (50, 90, 99) if schedule.recent}}
             for task in loops:
                 task.cancel()
             if self.executor is not None:

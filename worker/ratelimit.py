@@ -12,6 +12,7 @@ process and host shares (Schedule); the pacer holds each call until its slot.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import math
 import threading
@@ -108,14 +109,17 @@ class Schedule:
         self._lock = threading.Lock()
         self.late = 0  # calls that reached the wire after their slot
         self.latest = 0.0  # the most seconds one was late
+        self.most_lead = 0.0  # the longest lead asked (seconds)
+        self.recent: collections.deque[float] = collections.deque(maxlen=10_000)  # grant-to-wire
 
     def lead(self) -> float:
         """Seconds ahead of now this process's next first slot should be, at the earliest."""
         with self._lock:
             need = self._need.value(time.monotonic())
-        if not math.isfinite(need):
-            return LEAD_FIRST
-        return min(LEAD_MAX, max(LEAD_MIN, need * LEAD_MARGIN))
+        lead = LEAD_FIRST if not math.isfinite(need) else min(LEAD_MAX, max(LEAD_MIN,
+                                                                             need * LEAD_MARGIN))
+        self.most_lead = max(self.most_lead, lead)
+        return lead
 
     def slots(self, offset: Any, spacing: Any, taken_at: Any, received: float) -> Slots | None:
         """A take's answer (slot_offset, slot_spacing, taken_at) as slots on this process's
@@ -131,6 +135,7 @@ class Schedule:
         """A call reached the wire at `now`, before waiting for its slot."""
         with self._lock:
             self._need.add(now, now - slot.since)
+            self.recent.append(now - slot.since)
             if now > slot.at:
                 self.late += 1
                 self.latest = max(self.latest, now - slot.at)
