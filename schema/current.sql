@@ -5810,12 +5810,13 @@ ALTER TABLE rate_limits ADD COLUMN next_slot timestamptz;
 -- take, v5: v4 (the bucket, fair shares, the messages' reserve), then the granted tokens' wire
 -- slots. slot_offset: seconds from taken_at (the database's clock_timestamp(), epoch seconds)
 -- to the first slot; slot_spacing: seconds between slots (1 / rate). NULL: no slot (nothing
--- granted, or no limit).
+-- granted, or no limit). slot_slack: (burst - 1) / rate, the lateness the bucket's burst
+-- absorbs (a call later than that for its slot could make a second hold more than rate + burst).
 CREATE FUNCTION pgcast_take_tokens_v5(p_name text, p_want integer, p_broadcast uuid,
                                       p_lead double precision)
 RETURNS TABLE (granted integer, wait_seconds double precision, ahead boolean,
                slot_offset double precision, slot_spacing double precision,
-               taken_at double precision)
+               taken_at double precision, slot_slack double precision)
 LANGUAGE plpgsql AS $$
 DECLARE
     g integer;
@@ -5824,6 +5825,7 @@ DECLARE
     t timestamptz;
     first timestamptz;
     r double precision;
+    k double precision;
 BEGIN
     -- v4 takes the bucket's rate lock (held to the end of the transaction) and commits
     -- asynchronously: the slots are booked under the same lock, in the same transaction
@@ -5838,15 +5840,16 @@ BEGIN
                                      secs => least(1, greatest(0, coalesce(p_lead, 0)))))
                         + make_interval(secs => g / l.rate)
         WHERE l.name = p_name AND l.rate > 0
-        RETURNING l.next_slot - make_interval(secs => g / l.rate), l.rate INTO first, r;
+        RETURNING l.next_slot - make_interval(secs => g / l.rate), l.rate,
+                  greatest(0, l.burst - 1) / l.rate INTO first, r, k;
         IF FOUND THEN
             RETURN QUERY SELECT g, w, a, extract(epoch FROM first - t)::double precision,
-                                1 / r, extract(epoch FROM t)::double precision;
+                                1 / r, extract(epoch FROM t)::double precision, k;
             RETURN;
         END IF;
     END IF;
     RETURN QUERY SELECT g, w, a, NULL::double precision, NULL::double precision,
-                        NULL::double precision;
+                        NULL::double precision, NULL::double precision;
 END
 $$;
 
@@ -5856,7 +5859,7 @@ CREATE FUNCTION pgcast_take_tokens_messages_v2(p_name text, p_want integer,
                                                p_lead double precision)
 RETURNS TABLE (granted integer, wait_seconds double precision,
                slot_offset double precision, slot_spacing double precision,
-               taken_at double precision)
+               taken_at double precision, slot_slack double precision)
 LANGUAGE plpgsql AS $$
 DECLARE
     g integer;
@@ -5864,6 +5867,7 @@ DECLARE
     t timestamptz;
     first timestamptz;
     r double precision;
+    k double precision;
 BEGIN
     SELECT v.granted, v.wait_seconds INTO g, w
     FROM pgcast_take_tokens_messages_v1(p_name, p_want) v;
@@ -5874,15 +5878,16 @@ BEGIN
                                      secs => least(1, greatest(0, coalesce(p_lead, 0)))))
                         + make_interval(secs => g / l.rate)
         WHERE l.name = p_name AND l.rate > 0
-        RETURNING l.next_slot - make_interval(secs => g / l.rate), l.rate INTO first, r;
+        RETURNING l.next_slot - make_interval(secs => g / l.rate), l.rate,
+                  greatest(0, l.burst - 1) / l.rate INTO first, r, k;
         IF FOUND THEN
             RETURN QUERY SELECT g, w, extract(epoch FROM first - t)::double precision, 1 / r,
-                                extract(epoch FROM t)::double precision;
+                                extract(epoch FROM t)::double precision, k;
             RETURN;
         END IF;
     END IF;
     RETURN QUERY SELECT g, w, NULL::double precision, NULL::double precision,
-                        NULL::double precision;
+                        NULL::double precision, NULL::double precision;
 END
 $$;
 

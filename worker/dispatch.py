@@ -172,6 +172,7 @@ class Sender:
         # an exception the provider did not classify may come after the request left
         self.may_have_sent = bool(getattr(provider, "may_have_sent_on_error", True))
         self._throttles = 0  # provider throttles in a row: the next one backs off longer
+        self.too_late = 0  # calls not made: too late for their wire slots (put back)
         self._lock = threading.Lock()
         self.builder = Builder()
 
@@ -216,11 +217,16 @@ class Sender:
               due: float, slot: ratelimit.Slot | None = None) -> Outcome:
         """On a provider thread: the deadline, the pacer (until `slot`, when the call has
         one), then the call (a call past its deadline books no pacer time: nobody would use
-        it)."""
+        it). A call too late for its slot is put back, not made (`release`)."""
         if time.monotonic() > due:
             return Outcome(message.contact_id, "release",
                            error="not called: its call would have started too late after "
                                  "its handoff (see --group-ms)")
+        if slot is not None and slot.too_late(time.monotonic()):
+            with self._lock:
+                self.too_late += 1
+            return Outcome(message.contact_id, "release",
+                           error="not called: too late for its slot in the rate limit's schedule")
         with ratelimit.on_this_thread(slot):  # where the call leaves (ses) or here
             if self.pacer is not None and not stop:
                 self.pacer.wait()

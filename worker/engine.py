@@ -170,12 +170,8 @@ class Engine:
             counts = getattr(self.provider, "connection_counts", None)
             if counts is not None:
                 self.stats.connections = counts()
-            schedule = self.buckets.schedule
-            self.stats.wire = {"late": schedule.late, "latest_ms": round(schedule.latest * 1000, 1),
-                               "most_lead_ms": round(schedule.most_lead * 1000, 1),
-                               **{f"to_wire_p{q}_ms": round(1000 * sorted(schedule.recent)[
-                                   int(q / 100 * (len(schedule.recent) - 1))], 1)
-                                  for q in (50, 90, 99) if schedule.recent}}
+            self.stats.wire = {**self.buckets.schedule.figures(),
+                               "put_back": self.sender.too_late}
             for task in loops:
                 task.cancel()
             if self.executor is not None:

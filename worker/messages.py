@@ -211,7 +211,7 @@ class Loop:
             granted, wait = int(rows[0][0]), float(rows[0][1])
             if granted:
                 return granted, self.schedule.slots(rows[0][2], rows[0][3], rows[0][4],
-                                                    received)
+                                                    received, rows[0][5])
             await self._sleep(min(WAIT_MAX, max(0.002, wait)))
         return 0, None
 

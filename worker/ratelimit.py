@@ -33,7 +33,7 @@ Release = Callable[[int], None]
 
 LEAD_FIRST = 0.05  # seconds: a process's lead until it has measured its own
 LEAD_MIN = 0.005  # seconds: the shortest lead it asks for
-LEAD_MAX = 0.25  # seconds: the longest (a starved process is late rather than slow to start)
+LEAD_MAX = 0.5  # seconds: the longest (a starved process is late rather than slow to start)
 LEAD_MARGIN = 1.25  # the lead asked: this times the slowest recent grant-to-wire time
 LEAD_WINDOW = 2.0  # seconds: how long a slow grant-to-wire time is remembered (two windows)
 CLOCK_WINDOW = 10.0  # seconds: how long the best clock reading is kept (two windows)
@@ -48,18 +48,27 @@ class Slots:
     first: float
     spacing: float
     since: float
+    late_max: float = math.inf  # seconds a call may be late for its slot and still be made
 
     def at(self, i: int) -> Slot:
         """The i-th call's slot (from 0)."""
-        return Slot(self.first + i * self.spacing, self.since + i * self.spacing)
+        return Slot(self.first + i * self.spacing, self.since + i * self.spacing,
+                    self.late_max)
 
 
 @dataclass(frozen=True)
 class Slot:
-    """One call's slot: `at` its time, `since` the moment it would be at with no lead."""
+    """One call's slot: `at` its time, `since` the moment it would be at with no lead;
+    `late_max`: later than at + late_max, the call is not made (too_late)."""
 
     at: float
     since: float
+    late_max: float = math.inf
+
+    def too_late(self, now: float) -> bool:
+        """Past its slot by more than half the lateness the bucket's burst absorbs: made now,
+        it could share a second with calls of other processes' slots beyond rate + burst."""
+        return now > self.at + self.late_max
 
 
 class WindowedMax:
@@ -121,15 +130,30 @@ class Schedule:
         self.most_lead = max(self.most_lead, lead)
         return lead
 
-    def slots(self, offset: Any, spacing: Any, taken_at: Any, received: float) -> Slots | None:
-        """A take's answer (slot_offset, slot_spacing, taken_at) as slots on this process's
-        clock; None when the take booked none (no limit)."""
+    def slots(self, offset: Any, spacing: Any, taken_at: Any, received: float,
+              slack: Any = None) -> Slots | None:
+        """A take's answer (slot_offset, slot_spacing, taken_at, slot_slack) as slots on this
+        process's clock; None when the take booked none (no limit). A call may be late for
+        its slot by half the slack (the other half is for the clocks' mapping and the time
+        from the check to the wire)."""
         if offset is None or spacing is None or taken_at is None:
             return None
         with self._lock:
             best = -self._clock.add(received, -(received - float(taken_at)))
         since = float(taken_at) + best
-        return Slots(since + float(offset), float(spacing), since)
+        return Slots(since + float(offset), float(spacing), since,
+                     math.inf if slack is None else float(slack) / 2)
+
+    def figures(self) -> dict[str, float]:
+        """For the worker's exit line: calls late at the wire, the most one was (ms), the
+        longest lead asked (ms), and percentiles of the recent grant-to-wire times (ms)."""
+        with self._lock:
+            recent = sorted(self.recent)
+        out = {"late": float(self.late), "latest_ms": round(self.latest * 1000, 1),
+               "most_lead_ms": round(self.most_lead * 1000, 1)}
+        for q in (50, 90, 99) if recent else ():
+            out[f"to_wire_p{q}_ms"] = round(1000 * recent[int(q / 100 * (len(recent) - 1))], 1)
+        return out
 
     def arrived(self, slot: Slot, now: float) -> None:
         """A call reached the wire at `now`, before waiting for its slot."""
@@ -234,7 +258,7 @@ class Buckets:
                         release(slots - granted)
                 if granted:
                     return granted, self.schedule.slots(rows[0][3], rows[0][4], rows[0][5],
-                                                        received)
+                                                        received, rows[0][6])
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.stopping.wait(), timeout=min(
                         WAIT_MAX, max(WAIT_MIN, wait + (0.0 if ahead else gather))))

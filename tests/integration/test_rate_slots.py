@@ -156,6 +156,7 @@ def test_the_first_slot_is_the_lead_ahead_of_an_idle_schedule_then_follows_the_l
     a = take(conn, 2, lead=0.3)
     assert a["granted"] == 2 and a["slot_spacing"] == pytest.approx(0.1)
     assert a["slot_offset"] == pytest.approx(0.3, abs=1e-6)
+    assert a["slot_slack"] == pytest.approx(0.4)  # (burst - 1) / rate
     b = take(conn, 2)  # no lead asked, but the schedule is booked to a's last slot + 0.1
     assert b["granted"] == 2
     assert b["taken_at"] + b["slot_offset"] == pytest.approx(a["taken_at"] + 0.5, abs=1e-5)

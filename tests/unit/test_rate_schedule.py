@@ -116,3 +116,29 @@ def test_a_group_s_calls_leave_at_their_slots() -> None:
     assert all(at >= first + i * 0.05 for i, at in enumerate(started)), (first, started)
     gaps = [b - a for a, b in zip(started, started[1:], strict=False)]
     assert min(gaps) >= 0.05 - 0.005, gaps
+
+
+def test_a_call_too_late_for_its_slot_is_put_back_not_made() -> None:
+    """Later than half the burst's slack for its slot, a call could share a second with other
+    processes' calls beyond rate + burst: it is not made but put back (no attempt counted)."""
+    provider = Slow(0.0)
+    pacer = ratelimit.Pacer(lambda: 100.0)
+    executor = concurrent.futures.ThreadPoolExecutor(2)
+    try:
+        sender = dispatch.Sender(provider, dispatch.Retries(), executor, pacer)
+        rows = [dispatch.Recipient(i, f"u{i}@example.com", None) for i in range(3)]
+        # slots a second ago, 20 ms of lateness allowed (burst 5 at 100/s: 40 ms of slack)
+        s = ratelimit.Schedule().slots(-1.0, 0.01, 1000.0, received=time.monotonic(),
+                                       slack=0.04)
+        assert s is not None and s.late_max == pytest.approx(0.02)
+        out = asyncio.run(sender.send_group(CONTENT, rows, {}, time.monotonic(), slots=s))
+    finally:
+        executor.shutdown()
+    assert [o.outcome for o in out] == ["release"] * 3
+    assert provider.calls == 0 and sender.too_late == 3
+    assert "too late for its slot" in (out[0].error or "")
+
+
+def test_no_slack_known_no_call_is_too_late() -> None:
+    s = ratelimit.Schedule().slots(0.0, 0.01, 1000.0, received=5.0)
+    assert s is not None and not s.at(0).too_late(1e9)
