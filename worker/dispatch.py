@@ -223,14 +223,20 @@ class Sender:
                            error="not called: its call would have started too late after "
                                  "its handoff (see --group-ms)")
         if slot is not None and slot.too_late(time.monotonic()):
-            with self._lock:
-                self.too_late += 1
-            return Outcome(message.contact_id, "release",
-                           error="not called: too late for its slot in the rate limit's schedule")
+            return self._not_called(message.contact_id, ratelimit.TOO_LATE)
         with ratelimit.on_this_thread(slot):  # where the call leaves (ses) or here
             if self.pacer is not None and not stop:
-                self.pacer.wait()
+                try:
+                    self.pacer.wait()
+                except errors.NotCalled as exc:
+                    return self._not_called(message.contact_id, str(exc))
             return self.send_one(message, attempts, stop)
+
+    def _not_called(self, cid: int, why: str) -> Outcome:
+        """A call too late for its wire slot: put back, not made."""
+        with self._lock:
+            self.too_late += 1
+        return Outcome(cid, "release", error=why)
 
     def send_one(self, message: render.Message, attempts: dict[int, int],
                  stop: list[Outcome]) -> Outcome:
@@ -250,6 +256,8 @@ class Sender:
             outcome = Outcome(cid, "throttled", error=reason(exc), retry_in=backoff(
                 n, self.retries.throttle_backoff, THROTTLE_CAP))
             stop.append(outcome)
+        except errors.NotCalled as exc:  # too late for its wire slot (the pacer at the wire)
+            outcome = self._not_called(cid, reason(exc))
         except errors.AccountBlocked as exc:
             outcome = Outcome(cid, "release", error=reason(exc), pause_reason=exc.reason)
             stop.append(Outcome(cid, "release"))

@@ -31,5 +31,10 @@ class AccountBlocked(ProviderError):
         self.reason = reason
 
 
+class NotCalled(ProviderError):
+    """Never sent: the call was too late for its slot in the rate limit's wire schedule
+    (raised where the request would leave). Put back, no attempt counted."""
+
+
 class ConfigError(Exception):
     """The worker's configuration is unusable (bad provider name, bad flag)."""

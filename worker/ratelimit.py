@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from pgcast.worker import pg
+from pgcast.worker import errors, pg
 
 WAIT_MIN = 0.005  # seconds: the shortest sleep on an empty bucket (never a busy loop)
 WAIT_MAX = 1.0  # seconds: the longest, so a rate change or a stop is seen soon
@@ -166,6 +166,7 @@ class Schedule:
 
 
 _CALL = threading.local()  # the slot of the call this provider thread is making
+TOO_LATE = "not called: too late for its slot in the rate limit's schedule"
 
 
 @contextlib.contextmanager
@@ -301,6 +302,8 @@ class Pacer:
             if not getattr(_CALL, "arrived", False):  # a second pass (sesconn) is not measured
                 _CALL.arrived = True
                 self.schedule.arrived(slot, now)
+            if slot.too_late(now):
+                raise errors.NotCalled(TOO_LATE)
             return max(0.0, slot.at - now)
         with self._lock:
             go = max(now, self._tat)
@@ -308,8 +311,13 @@ class Pacer:
         return go - now
 
     def wait(self) -> float:
-        """Book the next call and sleep until it may go; the seconds slept."""
+        """Book the next call and sleep until it may go; the seconds slept. Raises NotCalled
+        when the call is too late for its slot, before or after the sleep (a stalled thread
+        wakes late): it must not be made."""
         seconds = self.delay()
         if seconds > 0:
             time.sleep(seconds)
+            slot: Slot | None = getattr(_CALL, "slot", None)
+            if slot is not None and slot.too_late(time.monotonic()):
+                raise errors.NotCalled(TOO_LATE)
         return seconds

@@ -45,6 +45,8 @@ BEFORE_SEND: tuple[type[BaseException], ...] = (
 def classify(exc: Exception, written: int = 1) -> errors.ProviderError:
     """Map a boto3/botocore exception to what the engine must do (`written`: bytes of the
     request the call had written to its connection when it failed)."""
+    if isinstance(exc, errors.NotCalled):  # the pacer's, before the request left
+        return errors.NotCalled(str(exc))
     if isinstance(exc, botocore.exceptions.ClientError):
         err = exc.response.get("Error", {})
         code = str(err.get("Code", ""))

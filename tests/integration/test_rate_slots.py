@@ -4,6 +4,7 @@ and kind of taker (broadcasts, messages, software outside pgcast)."""
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 from typing import Any
@@ -211,3 +212,43 @@ def test_the_stable_external_function_answers_the_wait_for_its_first_slot(conn: 
                  "refilled_at = clock_timestamp() WHERE name = 'global'")
     none = conn.execute("SELECT * FROM pgcast_take_tokens_external(1)").fetchone()
     assert none is not None and none["granted"] == 0 and 0 < none["wait_seconds"] <= 0.1
+
+
+def test_a_call_too_late_at_the_wire_is_never_sent_and_is_put_back() -> None:
+    """ses paces at the wire (botocore's before-send): a call whose slot passed by more than
+    its allowed lateness while it waited there (a stalled thread) is not written to the
+    endpoint, and its outcome is `release` (pending again, no attempt counted); a call on
+    time for its slot is sent."""
+    import concurrent.futures
+    import time
+
+    from pgcast.worker import dispatch, ratelimit, render
+    from tests.integration.test_headers import capturing_ses, content
+
+    with capturing_ses() as (provider, bodies):
+        pacer = ratelimit.Pacer(lambda: 100.0)
+        provider.pace_with(pacer.wait)
+        executor = concurrent.futures.ThreadPoolExecutor(2)
+        try:
+            sender = dispatch.Sender(provider, dispatch.Retries(), executor)
+            message = render.render(content(), 7, "bob@example.com", "Bob")
+            now = time.monotonic()
+            late = ratelimit.Slot(at=now - 0.5, since=now - 0.6, late_max=60.0)
+            assert sender.paced(message, {}, [], math.inf, late).outcome == "sent"  # within
+            # on time when paced() checks it, too late by the time it reaches the wire: the
+            # thread stalls 0.1 s on its way there
+            now = time.monotonic()
+            stalled = ratelimit.Slot(at=now - 0.5, since=now - 0.6, late_max=0.5 + 0.05)
+            pacer_delay = pacer.delay
+            pacer.delay = lambda: (time.sleep(0.1), pacer_delay())[1]  # type: ignore[method-assign]
+            stalled_out = sender.paced(message, {}, [], math.inf, stalled)
+            pacer.delay = pacer_delay  # type: ignore[method-assign]
+            now = time.monotonic()
+            on_time = ratelimit.Slot(at=now + 0.05, since=now, late_max=0.5)
+            assert sender.paced(message, {}, [], math.inf, on_time).outcome == "sent"
+            assert time.monotonic() >= now + 0.05  # it waited for its slot
+        finally:
+            executor.shutdown()
+    assert stalled_out.outcome == "release" and "too late" in (stalled_out.error or "")
+    assert stalled_out.seconds is not None  # it reached the provider, which never sent it
+    assert len(bodies) == 2 and sender.too_late == 1
