@@ -36,6 +36,7 @@ LEAD_MIN = 0.005  # seconds: the shortest lead it asks for
 LEAD_MAX = 0.5  # seconds: the longest (a starved process is late rather than slow to start)
 LEAD_MARGIN = 1.25  # the lead asked: this times the slowest recent grant-to-wire time
 LEAD_WINDOW = 2.0  # seconds: how long a slow grant-to-wire time is remembered (two windows)
+LATE_SHARE = 0.5  # of the burst's slack ((burst - 1) / rate): the most a call may be late
 CLOCK_WINDOW = 10.0  # seconds: how long the best clock reading is kept (two windows)
 
 
@@ -66,8 +67,8 @@ class Slot:
     late_max: float = math.inf
 
     def too_late(self, now: float) -> bool:
-        """Past its slot by more than half the lateness the bucket's burst absorbs: made now,
-        it could share a second with calls of other processes' slots beyond rate + burst."""
+        """Past its slot by more than LATE_SHARE of the lateness the bucket's burst absorbs:
+        made now, it could share a second with other processes' calls beyond rate + burst."""
         return now > self.at + self.late_max
 
 
@@ -134,7 +135,7 @@ class Schedule:
               slack: Any = None) -> Slots | None:
         """A take's answer (slot_offset, slot_spacing, taken_at, slot_slack) as slots on this
         process's clock; None when the take booked none (no limit). A call may be late for
-        its slot by half the slack (the other half is for the clocks' mapping and the time
+        its slot by LATE_SHARE of the slack (the rest is for the clocks' mapping and the time
         from the check to the wire)."""
         if offset is None or spacing is None or taken_at is None:
             return None
@@ -142,7 +143,7 @@ class Schedule:
             best = -self._clock.add(received, -(received - float(taken_at)))
         since = float(taken_at) + best
         return Slots(since + float(offset), float(spacing), since,
-                     math.inf if slack is None else float(slack) / 2)
+                     math.inf if slack is None else float(slack) * LATE_SHARE)
 
     def figures(self) -> dict[str, float]:
         """For the worker's exit line: calls late at the wire, the most one was (ms), the
