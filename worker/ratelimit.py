@@ -34,8 +34,10 @@ Release = Callable[[int], None]
 LEAD_FIRST = 0.05  # seconds: a process's lead until it has measured its own
 LEAD_MIN = 0.005  # seconds: the shortest lead it asks for
 LEAD_MAX = 0.5  # seconds: the longest (a starved process is late rather than slow to start)
-LEAD_MARGIN = 1.25  # the lead asked: this times the slowest recent grant-to-wire time
-LEAD_WINDOW = 2.0  # seconds: how long a slow grant-to-wire time is remembered (two windows)
+LEAD_MARGIN = 1.25  # the lead asked: this times the LEAD_QUANTILE of recent grant-to-wire times
+LEAD_QUANTILE = 0.99  # a call slower than that is late, and put back beyond the burst's slack
+LEAD_SAMPLES = 512  # the recent calls the quantile is taken over
+LEAD_EVERY = 0.25  # seconds: how often the quantile is computed again
 LATE_SHARE = 0.5  # of the burst's slack ((burst - 1) / rate): the most a call may be late
 CLOCK_WINDOW = 10.0  # seconds: how long the best clock reading is kept (two windows)
 
@@ -108,14 +110,16 @@ class Schedule:
     the smallest (received - taken_at) of the last CLOCK_WINDOW seconds: every reading is
     late by the answer's trip and the event loop's delay, never early, and the best of them
     is late by the least (no clock sync between hosts is needed: both clocks only have to
-    run at the same speed). The lead this process asks for is LEAD_MARGIN times the longest
-    time a call of its recent grants took from its grant to the wire (its handoff commit,
-    its render, its thread), within LEAD_MIN..LEAD_MAX, so its calls wait for their slots
-    instead of arriving late."""
+    run at the same speed). The lead this process asks for is LEAD_MARGIN times the 99th
+    percentile of the time its last LEAD_SAMPLES calls took from their grant to the wire
+    (its handoff commit, its render, its thread), within LEAD_MIN..LEAD_MAX, so its calls
+    wait for their slots instead of arriving late (the slowest 1 % can be late)."""
 
     def __init__(self) -> None:
         self._clock = WindowedMax(CLOCK_WINDOW)  # of -(received - taken_at)
-        self._need = WindowedMax(LEAD_WINDOW)  # grant-to-wire seconds of recent calls
+        self._need: collections.deque[float] = collections.deque(maxlen=LEAD_SAMPLES)
+        self._lead = LEAD_FIRST
+        self._lead_at = -math.inf  # when _lead was computed (monotonic)
         self._lock = threading.Lock()
         self.late = 0  # calls that reached the wire after their slot
         self.latest = 0.0  # the most seconds one was late
@@ -124,12 +128,16 @@ class Schedule:
 
     def lead(self) -> float:
         """Seconds ahead of now this process's next first slot should be, at the earliest."""
-        with self._lock:
-            need = self._need.value(time.monotonic())
-        lead = LEAD_FIRST if not math.isfinite(need) else min(LEAD_MAX, max(LEAD_MIN,
-                                                                             need * LEAD_MARGIN))
-        self.most_lead = max(self.most_lead, lead)
-        return lead
+        now = time.monotonic()
+        if now - self._lead_at >= LEAD_EVERY:
+            with self._lock:
+                need = sorted(self._need)
+            if need:
+                q = need[min(len(need) - 1, int(LEAD_QUANTILE * len(need)))]
+                self._lead = min(LEAD_MAX, max(LEAD_MIN, q * LEAD_MARGIN))
+                self._lead_at = now
+        self.most_lead = max(self.most_lead, self._lead)
+        return self._lead
 
     def slots(self, offset: Any, spacing: Any, taken_at: Any, received: float,
               slack: Any = None) -> Slots | None:
@@ -159,7 +167,7 @@ class Schedule:
     def arrived(self, slot: Slot, now: float) -> None:
         """A call reached the wire at `now`, before waiting for its slot."""
         with self._lock:
-            self._need.add(now, now - slot.since)
+            self._need.append(now - slot.since)
             self.recent.append(now - slot.since)
             if now > slot.at:
                 self.late += 1

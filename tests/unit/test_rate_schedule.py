@@ -44,7 +44,8 @@ def test_no_slot_when_the_take_booked_none() -> None:
     assert ratelimit.Schedule().slots(None, None, None, received=1.0) is None
 
 
-def test_the_lead_follows_the_slowest_recent_grant_to_wire_time(monkeypatch: Any) -> None:
+def test_the_lead_follows_the_99th_percentile_of_recent_grant_to_wire_times(
+        monkeypatch: Any) -> None:
     clock = [100.0]
     monkeypatch.setattr(ratelimit.time, "monotonic", lambda: clock[0])
     s = ratelimit.Schedule()
@@ -52,19 +53,26 @@ def test_the_lead_follows_the_slowest_recent_grant_to_wire_time(monkeypatch: Any
     slot = ratelimit.Slots(first=100.05, spacing=0.01, since=100.0)
     s.arrived(slot.at(0), 100.030)  # 30 ms from the grant to the wire: on time
     s.arrived(slot.at(1), 100.020)  # its slot's `since` is 100.01: 10 ms
-    assert s.lead() == pytest.approx(0.030 * ratelimit.LEAD_MARGIN)
     assert s.late == 0
+    assert s.lead() == pytest.approx(0.030 * ratelimit.LEAD_MARGIN)
     s.arrived(slot.at(2), 100.200)  # 180 ms: late for its slot (100.07) by 130 ms
     assert s.late == 1 and s.latest == pytest.approx(0.13)
-    assert s.lead() == pytest.approx(0.180 * ratelimit.LEAD_MARGIN)
-    s.arrived(slot.at(3), 100.5)  # 470 ms: the lead is held to LEAD_MAX
+    # computed again only every LEAD_EVERY
+    assert s.lead() == pytest.approx(0.030 * ratelimit.LEAD_MARGIN)
+    # a hundred fast calls: the one slow call is beyond the 99th percentile
+    for _ in range(200):
+        s.arrived(ratelimit.Slot(at=200.0, since=199.99), 200.0)  # 10 ms
+    clock[0] += ratelimit.LEAD_EVERY
+    assert s.lead() == pytest.approx(0.010 * ratelimit.LEAD_MARGIN)
+    for _ in range(ratelimit.LEAD_SAMPLES):  # all slow: held to LEAD_MAX
+        s.arrived(ratelimit.Slot(at=300.0, since=299.0), 300.0)
+    clock[0] += ratelimit.LEAD_EVERY
     assert s.lead() == ratelimit.LEAD_MAX
-    clock[0] += 2 * ratelimit.LEAD_WINDOW + 0.1  # forgotten after two windows
-    assert s.lead() == ratelimit.LEAD_FIRST
-    s.arrived(slot.at(0), clock[0])  # (any time) a fast one: never below LEAD_MIN
-    s2 = ratelimit.Schedule()
-    s2.arrived(ratelimit.Slot(at=clock[0], since=clock[0]), clock[0])
-    assert s2.lead() == ratelimit.LEAD_MIN
+    for _ in range(ratelimit.LEAD_SAMPLES):  # all at once: never below LEAD_MIN
+        s.arrived(ratelimit.Slot(at=400.0, since=400.0), 400.0)
+    clock[0] += ratelimit.LEAD_EVERY
+    assert s.lead() == ratelimit.LEAD_MIN
+    assert s.most_lead == ratelimit.LEAD_MAX
 
 
 def test_the_pacer_holds_a_call_until_its_slot_and_keeps_no_time_of_its_own(
@@ -75,7 +83,7 @@ def test_the_pacer_holds_a_call_until_its_slot_and_keeps_no_time_of_its_own(
     with ratelimit.on_this_thread(ratelimit.Slot(at=50.3, since=50.0)):
         assert pacer.delay() == pytest.approx(0.3)
         assert pacer.delay() == pytest.approx(0.3)  # passed again (sesconn): same slot
-    assert pacer.schedule.lead() == pytest.approx(ratelimit.LEAD_MIN)  # measured once, 0 s
+    assert list(pacer.schedule._need) == [0.0]  # measured once (0 s from its grant)
     with ratelimit.on_this_thread(ratelimit.Slot(at=49.0, since=48.9)):
         assert pacer.delay() == 0.0  # late: at once
     assert pacer.schedule.late == 1
