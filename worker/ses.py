@@ -45,8 +45,12 @@ BEFORE_SEND: tuple[type[BaseException], ...] = (
 def classify(exc: Exception, written: int = 1) -> errors.ProviderError:
     """Map a boto3/botocore exception to what the engine must do (`written`: bytes of the
     request the call had written to its connection when it failed)."""
-    if isinstance(exc, errors.NotCalled):  # the pacer's, before the request left
-        return errors.NotCalled(str(exc))
+    # the pacer's, before the request left (botocore wraps it when it came from the gate
+    # that opens a connection: HTTPClientError)
+    inner = getattr(exc, "kwargs", {}).get("error") if not isinstance(exc, errors.NotCalled) \
+        else exc
+    if isinstance(inner, errors.NotCalled):
+        return errors.NotCalled(str(inner))
     if isinstance(exc, botocore.exceptions.ClientError):
         err = exc.response.get("Error", {})
         code = str(err.get("Code", ""))

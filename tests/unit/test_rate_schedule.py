@@ -150,3 +150,18 @@ def test_a_call_too_late_for_its_slot_is_put_back_not_made() -> None:
 def test_no_slack_known_no_call_is_too_late() -> None:
     s = ratelimit.Schedule().slots(0.0, 0.01, 1000.0, received=5.0)
     assert s is not None and not s.at(0).too_late(1e9)
+
+
+def test_a_call_too_late_at_the_connection_gate_is_not_called_either() -> None:
+    """The pacer also runs after a wait at the gate that opens connections (sesconn), inside
+    urllib3, where botocore wraps what it raises: still `NotCalled`, never a transient error
+    (which would count an attempt and feed the error-rate breaker)."""
+    import botocore.exceptions
+
+    from pgcast.worker import errors, ses
+
+    wrapped = botocore.exceptions.HTTPClientError(error=errors.NotCalled(ratelimit.TOO_LATE))
+    assert isinstance(ses.classify(wrapped, 0), errors.NotCalled)
+    assert isinstance(ses.classify(errors.NotCalled("x"), 0), errors.NotCalled)
+    other = botocore.exceptions.HTTPClientError(error=ConnectionResetError())
+    assert isinstance(ses.classify(other, 0), errors.Transient)
