@@ -47,10 +47,10 @@ def classify(exc: Exception, written: int = 1) -> errors.ProviderError:
     request the call had written to its connection when it failed)."""
     # the pacer's, before the request left (botocore wraps it when it came from the gate
     # that opens a connection: HTTPClientError)
-    inner = getattr(exc, "kwargs", {}).get("error") if not isinstance(exc, errors.NotCalled) \
-        else exc
-    if isinstance(inner, errors.NotCalled):
-        return errors.NotCalled(str(inner))
+    kwargs = getattr(exc, "kwargs", None)
+    inner = kwargs.get("error") if isinstance(kwargs, dict) else None
+    if isinstance(exc, errors.NotCalled) or isinstance(inner, errors.NotCalled):
+        return errors.NotCalled(str(inner or exc))
     if isinstance(exc, botocore.exceptions.ClientError):
         err = exc.response.get("Error", {})
         code = str(err.get("Code", ""))
