@@ -127,8 +127,8 @@ def test_a_group_s_calls_leave_at_their_slots() -> None:
 
 
 def test_a_call_too_late_for_its_slot_is_put_back_not_made() -> None:
-    """Later than half the burst's slack for its slot, a call could share a second with other
-    processes' calls beyond rate + burst: it is not made but put back (no attempt counted)."""
+    """A call later than its slot's late_max is not made but put back (no attempt counted).
+    (The engine's slots have no limit since LATE_SHARE is off: see worker.ratelimit.)"""
     provider = Slow(0.0)
     pacer = ratelimit.Pacer(lambda: 100.0)
     executor = concurrent.futures.ThreadPoolExecutor(2)
@@ -136,9 +136,8 @@ def test_a_call_too_late_for_its_slot_is_put_back_not_made() -> None:
         sender = dispatch.Sender(provider, dispatch.Retries(), executor, pacer)
         rows = [dispatch.Recipient(i, f"u{i}@example.com", None) for i in range(3)]
         # slots a second ago, 20 ms of lateness allowed (burst 5 at 100/s: 40 ms of slack)
-        s = ratelimit.Schedule().slots(-1.0, 0.01, 1000.0, received=time.monotonic(),
-                                       slack=0.04)
-        assert s is not None and s.late_max == pytest.approx(0.04 * ratelimit.LATE_SHARE)
+        now = time.monotonic()
+        s = ratelimit.Slots(first=now - 1.0, spacing=0.01, since=now - 1.0, late_max=0.02)
         out = asyncio.run(sender.send_group(CONTENT, rows, {}, time.monotonic(), slots=s))
     finally:
         executor.shutdown()
@@ -147,9 +146,12 @@ def test_a_call_too_late_for_its_slot_is_put_back_not_made() -> None:
     assert "too late for its slot" in (out[0].error or "")
 
 
-def test_no_slack_known_no_call_is_too_late() -> None:
-    s = ratelimit.Schedule().slots(0.0, 0.01, 1000.0, received=5.0)
-    assert s is not None and not s.at(0).too_late(1e9)
+def test_no_call_of_the_engine_s_slots_is_too_late() -> None:
+    """LATE_SHARE is off: late calls go at once (putting them back livelocked a process slower
+    than the rate)."""
+    for slack in (None, 0.04):
+        s = ratelimit.Schedule().slots(0.0, 0.01, 1000.0, received=5.0, slack=slack)
+        assert s is not None and not s.at(0).too_late(1e9)
 
 
 def test_a_call_too_late_at_the_connection_gate_is_not_called_either() -> None:
