@@ -218,7 +218,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
                                         metrics_addr=args.metrics_addr,
                                         webhooks=not args.no_webhooks))
     print(json.dumps({"sent": stats.sent, "failed": stats.failed, "retried": stats.retried,
-                      "groups": stats.groups, "connections": stats.connections}),
+                      "groups": stats.groups, "connections": stats.connections,
+                      "wire": stats.wire}),
           file=sys.stderr)
     return 0
 

@@ -51,9 +51,9 @@ SELECT pgcast_message_renew_v2(%(tokens)s::uuid[], make_interval(secs => %(lease
 SELECT pgcast_message_sweep_v1() AS unknown
 
 -- message_take_tokens --
--- Up to `want` tokens for messages, ahead of broadcasts up to their share
--- (pgcast_take_tokens_messages_v1).
-SELECT * FROM pgcast_take_tokens_messages_v1(%(name)s, %(want)s)
+-- Up to `want` tokens for messages, ahead of broadcasts up to their share, and their wire
+-- slots, `lead` seconds ahead at the earliest (pgcast_take_tokens_messages_v2).
+SELECT * FROM pgcast_take_tokens_messages_v2(%(name)s, %(want)s, %(lead)s)
 
 -- message_feedback --
 -- One SES event about a message, by the provider's message id (pgcast_message_feedback_v2; a

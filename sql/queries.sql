@@ -227,10 +227,10 @@ SELECT * FROM pgcast_sweep_one_v1(%(id)s)
 SELECT pgcast_renew_v3(%(ids)s, %(tokens)s, make_interval(secs => %(lease)s)) AS renewed
 
 -- take_tokens --
--- Up to `want` tokens from a bucket for a broadcast (pgcast_take_tokens_v4: its account's
+-- Up to `want` tokens from a bucket for a broadcast (pgcast_take_tokens_v5: its account's
 -- and its own fair share of a shared bucket, less what waiting messages are owed; broadcast
--- NULL: first come, first served).
-SELECT * FROM pgcast_take_tokens_v4(%(name)s, %(want)s, %(broadcast)s)
+-- NULL: first come, first served), and their wire slots, `lead` seconds ahead at the earliest.
+SELECT * FROM pgcast_take_tokens_v5(%(name)s, %(want)s, %(broadcast)s, %(lead)s)
 
 -- give_back_tokens --
 -- Tokens taken from a broadcast's own bucket and not used go back (pgcast_give_back_tokens_v1).

@@ -194,17 +194,20 @@ class Sender:
         # an exception the provider did not classify may come after the request left
         self.may_have_sent = bool(getattr(provider, "may_have_sent_on_error", True))
         self._throttles = 0  # provider throttles in a row: the next one backs off longer
+        self.too_late = 0  # calls not made: too late for their wire slots (put back)
         self._lock = threading.Lock()
         self.builder = Builder()
 
     async def send_group(self, content: render.Content | str,
                          handed: list[Recipient], attempts: dict[int, int],
                          handed_at: float | None = None,
-                         each: Each | None = None) -> list[Outcome]:
+                         each: Each | None = None,
+                         slots: ratelimit.Slots | None = None) -> list[Outcome]:
         """One outcome per handed-off row, in order; never raises (but CancelledError).
         `handed_at`: the handoff's time (time.monotonic), for the deadline; `each`: called
         with each row's future as soon as it is done (on the executor path), so that an
-        answer need not wait for the group's slowest call."""
+        answer need not wait for the group's slowest call; `slots`: the group's wire slots
+        (the i-th row's call waits for the i-th)."""
         rendering = time.monotonic()
         built = await self.builder.build(content, handed)
         rendered = time.monotonic() - rendering
@@ -218,30 +221,44 @@ class Sender:
         due = (handed_at if handed_at is not None else rendering) + rendered + self.deadline
         loop = asyncio.get_running_loop()
         futures: list[asyncio.Future[Outcome]] = []
-        for b in built:
+        for i, b in enumerate(built):
             if isinstance(b, Outcome):
                 done: asyncio.Future[Outcome] = loop.create_future()
                 done.set_result(b)
                 futures.append(done)
             else:
                 futures.append(loop.run_in_executor(self.executor, self.paced, b, attempts,
-                                                    stop, due))
+                                                    stop, due,
+                                                    slots.at(i) if slots else None))
         if each is not None:
             for future in futures:
                 future.add_done_callback(each)
         return list(await asyncio.gather(*futures))
 
     def paced(self, message: render.Message, attempts: dict[int, int], stop: list[Outcome],
-              due: float) -> Outcome:
-        """On a provider thread: the deadline, the pacer, then the call (a call past its
-        deadline books no pacer time: nobody would use it)."""
+              due: float, slot: ratelimit.Slot | None = None) -> Outcome:
+        """On a provider thread: the deadline, the pacer (until `slot`, when the call has
+        one), then the call (a call past its deadline books no pacer time: nobody would use
+        it). A call too late for its slot is put back, not made (`release`)."""
         if time.monotonic() > due:
             return Outcome(message.contact_id, "release",
                            error="not called: its call would have started too late after "
                                  "its handoff (see --group-ms)")
-        if self.pacer is not None and not stop:
-            self.pacer.wait()
-        return self.send_one(message, attempts, stop)
+        if slot is not None and slot.too_late(time.monotonic()):
+            return self._not_called(message.contact_id, ratelimit.TOO_LATE)
+        with ratelimit.on_this_thread(slot):  # where the call leaves (ses) or here
+            if self.pacer is not None and not stop:
+                try:
+                    self.pacer.wait()
+                except errors.NotCalled as exc:
+                    return self._not_called(message.contact_id, str(exc))
+            return self.send_one(message, attempts, stop)
+
+    def _not_called(self, cid: int, why: str) -> Outcome:
+        """A call too late for its wire slot: put back, not made."""
+        with self._lock:
+            self.too_late += 1
+        return Outcome(cid, "release", error=why)
 
     def send_one(self, message: render.Message, attempts: dict[int, int],
                  stop: list[Outcome]) -> Outcome:
@@ -266,6 +283,8 @@ class Sender:
             outcome = Outcome(cid, "throttled", error=reason(exc), retry_in=backoff(
                 n, self.retries.throttle_backoff, THROTTLE_CAP))
             stop.append(outcome)
+        except errors.NotCalled as exc:  # too late for its wire slot (the pacer at the wire)
+            outcome = self._not_called(cid, reason(exc))
         except errors.AccountBlocked as exc:
             outcome = Outcome(cid, "release", error=reason(exc), pause_reason=exc.reason)
             stop.append(Outcome(cid, "release"))

@@ -74,6 +74,9 @@ class Stats:
     groups: int = 0
     # the provider's connections opened and retired, and transport failures by cause (ses)
     connections: dict[str, int] = field(default_factory=dict)
+    # the global wire schedule: calls that reached the wire after their slot, the most one
+    # was late (ms), and the longest lead this process asked for (ms)
+    wire: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -119,7 +122,7 @@ class Engine:
         # one thread per call in flight: asyncio's default executor has cpu_count + 4
         self.executor = (concurrent.futures.ThreadPoolExecutor(
             settings.max_in_flight, thread_name_prefix="provider") if provider.blocking else None)
-        self.pacer = ratelimit.Pacer(self.buckets.global_rate)
+        self.pacer = ratelimit.Pacer(self.buckets.global_rate, self.buckets.schedule)
         # a provider that can pace at the wire does (ses: after boto3 has built and signed the
         # request); the others are paced by the sender, just before the call
         at_the_wire = getattr(provider, "pace_with", None)
@@ -140,6 +143,7 @@ class Engine:
         # transactional messages: the same sender, pacer and bucket, a loop of their own
         self.messages = messages.Loop(self.db, self.name, self.sender, self.state.rates,
                                       self.state.messages, self.stopping,
+                                      schedule=self.buckets.schedule,
                                       lease=settings.lease, poll=settings.poll,
                                       once=settings.once, most=settings.max_in_flight)
 
@@ -168,6 +172,8 @@ class Engine:
             counts = getattr(self.provider, "connection_counts", None)
             if counts is not None:
                 self.stats.connections = counts()
+            self.stats.wire = {**self.buckets.schedule.figures(),
+                               "put_back": self.sender.too_late}
             for task in loops:
                 task.cancel()
             if self.executor is not None:
@@ -396,8 +402,8 @@ class Engine:
                     want = min(self._group_size(entry), len(remaining))
                     held_since = time.monotonic()
                     # tokens and as many window slots, held from here to the group's record
-                    granted = await self.buckets.take(bid, epoch, entry.rate_limit, want,
-                                                      self._slots, self._unslot)
+                    granted, wire = await self.buckets.grant(bid, epoch, entry.rate_limit, want,
+                                                             self._slots, self._unslot)
                     if granted == 0 or self.stopping.is_set() or self.state.is_halted(bid, epoch):
                         self._unslot(granted)
                         break
@@ -415,7 +421,7 @@ class Engine:
                     if handed:
                         in_flight.add(asyncio.create_task(self._send_and_record(
                             bid, epoch, token, handed, attempts, content, len(handed),
-                            held_since, time.monotonic())))
+                            held_since, time.monotonic(), wire)))
             finally:
                 if remaining:
                     await self.db.q_retry("release", {"id": bid, "token": token,
@@ -454,17 +460,21 @@ class Engine:
     async def _send_and_record(self, bid: uuid.UUID, epoch: int, token: uuid.UUID,
                                handed: Handed, attempts: dict[int, int],
                                content: render.Content | str, slots: int,
-                               held_since: float, handed_at: float) -> None:
+                               held_since: float, handed_at: float,
+                               wire: ratelimit.Slots | None = None) -> None:
         """Rows already handed off: the provider, then the record (slots released after).
         Through the window (slots), each call is recorded as it is answered and frees its own
-        slot then; the group's task ends when its last call is recorded."""
+        slot then; the group's task ends when its last call is recorded. `wire`: the calls'
+        slots in the global schedule (the tokens' take booked them)."""
         if slots and self.provider.blocking:
             group = self.recorder.group((bid, epoch, token), slots, held_since)
-            await self.sender.send_group(content, handed, attempts, handed_at, group.answered)
+            await self.sender.send_group(content, handed, attempts, handed_at, group.answered,
+                                         wire)
             await group.done
             return
         try:
-            outcomes = await self.sender.send_group(content, handed, attempts, handed_at)
+            outcomes = await self.sender.send_group(content, handed, attempts, handed_at,
+                                                    slots=wire)
             self._observe(outcomes)
             await self._record(bid, epoch, token, outcomes)
         except Exception:  # noqa: BLE001 - a record that cannot be written must not stop us

@@ -36,5 +36,10 @@ class Stopped(ProviderError):
     call waited in the pacer; raised before any byte of the request was written."""
 
 
+class NotCalled(ProviderError):
+    """Never sent: the call was too late for its slot in the rate limit's wire schedule
+    (raised where the request would leave). Put back, no attempt counted."""
+
+
 class ConfigError(Exception):
     """The worker's configuration is unusable (bad provider name, bad flag)."""

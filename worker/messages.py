@@ -21,7 +21,7 @@ from typing import Any
 
 from pgcast.mail import errors as mail_errors
 from pgcast.mail import transactional, unsubscribe
-from pgcast.worker import dispatch, pg
+from pgcast.worker import dispatch, pg, ratelimit
 
 log = logging.getLogger("pgcast.messages")
 
@@ -50,7 +50,8 @@ class Loop:
 
     def __init__(self, db: pg.Db, name: str, sender: dispatch.Sender, rates: dict[str, float],
                  wake: asyncio.Event, stopping: asyncio.Event, *, lease: float, poll: float,
-                 once: bool = False, most: int = 128) -> None:
+                 once: bool = False, most: int = 128,
+                 schedule: ratelimit.Schedule | None = None) -> None:
         self.db = db
         self.name = name
         self.sender = sender
@@ -68,6 +69,8 @@ class Loop:
         self._rate_read = -math.inf
         self.busy = 0  # messages handed off and not yet recorded, in this process
         self.most = most  # the most of them (a slow provider must not gather a crowd in doubt)
+        # the global wire schedule (the engine's, shared with its broadcasts' takes)
+        self.schedule = schedule or ratelimit.Schedule()
         self._room = asyncio.Event()
         # a marketing message's one-click link: the keys and URL in force, read once
         self._unsubscribe: tuple[unsubscribe.Keys, str] | str | None = None  # str: why not
@@ -171,7 +174,7 @@ class Loop:
         try:
             await self._load_unsubscribe()
             while remaining and not self.stopping.is_set():
-                granted = await self._take(len(remaining))
+                granted, wire = await self._take(len(remaining))
                 if not granted:
                     break
                 group, remaining = remaining[:granted], remaining[granted:]
@@ -185,7 +188,8 @@ class Loop:
                 self.counts.skipped += len(group) - len(handed)
                 if handed:
                     self.busy += len(handed)
-                    task = asyncio.create_task(self._send_and_record(token, handed, attempts))
+                    task = asyncio.create_task(self._send_and_record(token, handed, attempts,
+                                                                     wire))
                     groups.append(task)
                     self._in_flight.add(task)
                     task.add_done_callback(self._in_flight.discard)
@@ -223,29 +227,36 @@ class Loop:
         keys, base_url = self._unsubscribe
         return unsubscribe.link(base_url, keys.message(message_id))
 
-    async def _take(self, want: int) -> int:
-        """Tokens for up to `want` messages (0: stopping); waits on an empty bucket."""
+    async def _take(self, want: int) -> tuple[int, ratelimit.Slots | None]:
+        """Tokens for up to `want` messages (0: stopping) and their wire slots (None: no
+        limit); waits on an empty bucket."""
         while not self.stopping.is_set():
             if self.rates.get("global", 1.0) == 0:
-                return want
-            rows = await self.db.q("message_take_tokens", {"name": "global", "want": want})
+                return want, None
+            rows = await self.db.q("message_take_tokens", {"name": "global", "want": want,
+                                                           "lead": self.schedule.lead()})
+            received = time.monotonic()
             granted, wait = int(rows[0][0]), float(rows[0][1])
             if granted:
-                return granted
+                return granted, self.schedule.slots(rows[0][2], rows[0][3], rows[0][4],
+                                                    received, rows[0][5])
             await self._sleep(min(WAIT_MAX, max(0.002, wait)))
-        return 0
+        return 0, None
 
     async def _send_and_record(self, token: uuid.UUID, handed: list[dict[str, Any]],
-                               attempts: dict[uuid.UUID, int]) -> None:
-        """The provider calls of one handed-off group, side by side, then one record."""
+                               attempts: dict[uuid.UUID, int],
+                               wire: ratelimit.Slots | None = None) -> None:
+        """The provider calls of one handed-off group, side by side, then one record (each
+        call at its slot in `wire`, when the take booked slots)."""
         try:
-            await self._calls_and_record(token, handed, attempts)
+            await self._calls_and_record(token, handed, attempts, wire)
         finally:
             self.busy -= len(handed)
             self._room.set()
 
     async def _calls_and_record(self, token: uuid.UUID, handed: list[dict[str, Any]],
-                                attempts: dict[uuid.UUID, int]) -> None:
+                                attempts: dict[uuid.UUID, int],
+                                wire: ratelimit.Slots | None = None) -> None:
         due = time.monotonic() + DEADLINE
         numbered = {i: row for i, row in enumerate(handed)}
         tries = {i: attempts.get(row["id"], int(row["attempts"])) for i, row in numbered.items()}
@@ -264,7 +275,8 @@ class Loop:
                 continue
             if self.sender.executor is not None and self.sender.provider.blocking:
                 calls.append(loop.run_in_executor(self.sender.executor, self.sender.paced, msg,
-                                                  tries, stop, due))
+                                                  tries, stop, due,
+                                                  wire.at(i) if wire else None))
             else:
                 done = loop.create_future()
                 done.set_result(self.sender.send_one(msg, tries, stop))

@@ -45,6 +45,12 @@ BEFORE_SEND: tuple[type[BaseException], ...] = (
 def classify(exc: Exception, written: int = 1) -> errors.ProviderError:
     """Map a boto3/botocore exception to what the engine must do (`written`: bytes of the
     request the call had written to its connection when it failed)."""
+    # the pacer's, before the request left (botocore wraps it when it came from the gate
+    # that opens a connection: HTTPClientError)
+    kwargs = getattr(exc, "kwargs", None)
+    inner = kwargs.get("error") if isinstance(kwargs, dict) else None
+    if isinstance(exc, errors.NotCalled) or isinstance(inner, errors.NotCalled):
+        return errors.NotCalled(str(inner or exc))
     if isinstance(exc, botocore.exceptions.ClientError):
         err = exc.response.get("Error", {})
         code = str(err.get("Code", ""))

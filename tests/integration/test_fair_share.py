@@ -33,7 +33,8 @@ def freeze(conn: Conn, tokens: float, burst: float = BURST) -> None:
 
 def take(conn: Conn, bid: uuid.UUID | None, want: int = WANT) -> int:
     row = conn.execute(QUERIES["take_tokens"],
-                       {"name": "global", "want": want, "broadcast": bid}).fetchone()
+                       {"name": "global", "want": want, "broadcast": bid,
+                        "lead": 0}).fetchone()
     assert row is not None
     return int(row["granted"])
 

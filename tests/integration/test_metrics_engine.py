@@ -27,7 +27,8 @@ def test_pauses_and_token_waits_are_counted(db_url: str, conn: Conn) -> None:
         async with AsyncConnectionPool(db_url, kwargs={"autocommit": True}, open=False) as pool:
             eng = metrics.MeteredEngine(engine.Settings(), providers.NullProvider(), pool)
             rows = await eng.db.q("take_tokens",
-                                  {"name": "global", "want": 5, "broadcast": None})
+                                  {"name": "global", "want": 5, "broadcast": None,
+                                   "lead": 0})
             assert rows[0][0] == 0  # an empty bucket: wait
             await eng._pause(bid, 1, "error_rate", {"threshold": 1})
 

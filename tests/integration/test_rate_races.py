@@ -30,7 +30,8 @@ def test_the_prune_never_forgets_an_account_and_keeps_its_broadcasts(db_url: str
     support.seed_contacts(conn, 1)
     bid = support.new_broadcast(conn)
     conn.execute(QUERIES["rate_set"], {"name": "global", "rate": 100, "burst": 5})
-    conn.execute(QUERIES["take_tokens"], {"name": "global", "want": 1, "broadcast": bid})
+    conn.execute(QUERIES["take_tokens"], {"name": "global", "want": 1, "broadcast": bid,
+                                             "lead": 0})
     # both last asked 57 s ago (one take stamps both): a minute old three seconds from now
     conn.execute("UPDATE rate_account_shares SET asked_at = clock_timestamp() "
                  "- interval '57 seconds'")

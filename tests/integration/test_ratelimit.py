@@ -31,7 +31,7 @@ with psycopg.connect(url) as conn:
         with conn.transaction():
             row = conn.execute(QUERIES["take_tokens"],
                                {"name": name, "want": want,
-                                "broadcast": rng.choice(bids)}).fetchone()
+                                "broadcast": rng.choice(bids), "lead": 0}).fetchone()
             granted = row[0]
             if granted:
                 conn.execute("INSERT INTO test_grants (bucket, granted, at) "
@@ -45,7 +45,8 @@ SECONDS = 3.0  # each process hammers for this long
 
 def take(conn: Conn, want: int, name: str = "global") -> tuple[int, float]:
     row = conn.execute(QUERIES["take_tokens"],
-                       {"name": name, "want": want, "broadcast": None}).fetchone()
+                       {"name": name, "want": want, "broadcast": None,
+                        "lead": 0}).fetchone()
     assert row is not None
     return int(row["granted"]), float(row["wait_seconds"])
 
