@@ -36,7 +36,7 @@ $(DEV): pyproject.toml | $(BIN)/python
 demo: $(EMBEDDED) ## run the whole system on an embedded Postgres and show it working
 	PGCAST_HOME="$${PGCAST_HOME:-$(CURDIR)/.pgcast}" $(BIN)/python -m pgcast.bin.demo
 
-test: $(DEV) licenses ## run the unit and integration tests on a real Postgres (about 10 minutes)
+test: $(DEV) licenses ## run the unit and integration tests on a real Postgres (5 minutes on a quiet 2-core machine)
 	$(BIN)/pytest
 
 test-acceptance: $(DEV) ## run the acceptance ring: real pgcast processes, moto's SES server, chaos
