@@ -3,7 +3,8 @@
 A transaction that NOTIFYs takes a database-wide lock at commit and holds it through its commit's
 WAL flush, so sign-ups that each NOTIFYd committed one at a time (bench.signup: 4-7 sessions
 waiting on Lock:object at 200 sign-ups/s). A sign-up now queues its confirmation without one
-(pgcast_signup_v2) and asks this process's Waker for a wake-up after its commit. The Waker runs
+(pgcast_signup_v2), as POST /messages does (pgcast_send_message_v3 with p_notify false), and
+each asks this process's Waker for a wake-up after its commit. The Waker runs
 at most one wake_messages statement at a time, and at most one every SPACING seconds: a request
 made while one runs is served by the next, which starts after the request, so every commit is
 followed by a NOTIFY that starts after it. A wake-up that fails (database gone, pool empty) is

@@ -51,7 +51,8 @@ def _send(conn: psycopg.Connection[Any], args: argparse.Namespace) -> int:
         row = conn.execute(QUERIES["message_send"], {
             "account": account, "to": to, "subject": args.subject, "text": text,
             "html": html, "from": args.from_address, "key": args.key, "category": category,
-            "reply_to": None, "headers": json.dumps({}), "tags": json.dumps({})}).fetchone()
+            "reply_to": None, "headers": json.dumps({}), "tags": json.dumps({}),
+            "notify": True}).fetchone()
     except psycopg.errors.InvalidParameterValue as exc:
         raise errors.InvalidInput(exc.diag.message_primary or str(exc)) from None
     assert row is not None

@@ -1,11 +1,12 @@
 -- Transactional messages (0017, issue 26): enqueue, claim, hand off, record, sweep, status.
 
 -- message_send --
--- Enqueue one message (pgcast_send_message_v2): its id, whether this call created it (false:
--- the idempotency key named an earlier one), its status.
-SELECT * FROM pgcast_send_message_v2(%(account)s, %(to)s, %(subject)s, %(text)s, %(html)s,
+-- Enqueue one message (pgcast_send_message_v3): its id, whether this call created it (false:
+-- the idempotency key named an earlier one), its status. notify false: no NOTIFY in this
+-- commit (the API wakes the loops after it, wake_messages, one NOTIFY for many commits).
+SELECT * FROM pgcast_send_message_v3(%(account)s, %(to)s, %(subject)s, %(text)s, %(html)s,
                                      %(from)s, %(key)s, %(category)s, %(reply_to)s,
-                                     %(headers)s::jsonb, %(tags)s::jsonb)
+                                     %(headers)s::jsonb, %(tags)s::jsonb, %(notify)s)
 
 -- message_get --
 -- One message of an account, as the message_status view shows it.

@@ -44,7 +44,8 @@ async def _enqueue(conn: psycopg.AsyncConnection[Any], row: dict[str, Any],
         "account": row["account"], "to": msg.to_address, "subject": msg.subject,
         "text": msg.text, "html": msg.html, "from": content.from_source,
         "key": KEY.format(row["id"]), "category": "transactional",
-        "reply_to": None, "headers": json.dumps(msg.headers), "tags": json.dumps({})})
+        "reply_to": None, "headers": json.dumps(msg.headers), "tags": json.dumps({}),
+        "notify": True})
 
 
 async def deliver(url: str, ids: list[int]) -> None:

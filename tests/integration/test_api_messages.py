@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
 import psycopg
 
+from pgcast.sql.queries import QUERIES
+from tests import support
 from tests.integration import test_api_helpers as h
 from tests.integration import test_messages as tm
 
@@ -82,3 +85,35 @@ def test_openapi_documents_the_routes(api: h.Api) -> None:
     doc = api.get("/openapi.json").json()
     assert set(doc["paths"]["/messages"]) == {"post"}
     assert set(doc["paths"]["/messages/{id}"]) == {"get"}
+
+
+def test_post_wakes_the_loops_after_its_commit_never_in_it(api: h.Api, conn: Conn,
+                                                             db_url: str) -> None:
+    """POST /messages commits without a NOTIFY (one would serialise concurrent requests'
+    commits) and the process's Waker sends one after the commit; a repeated key wakes
+    nobody. The CLI and SQL's stable function still NOTIFY in the commit."""
+    with support.connect(db_url) as listener:
+        listener.execute("LISTEN pgcast_control")
+        r = api.post("/messages", json={**BASE, "idempotency_key": "k-1"})
+        assert r.status_code == 202
+        notes = list(listener.notifies(timeout=10.0, stop_after=1))
+        assert [n.payload for n in notes] == ['{"event" : "message"}']
+        # the Waker counts its wake-up once the statement has returned, just after the NOTIFY
+        deadline = time.monotonic() + 10
+        while api.app.state.waker.sent == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert api.app.state.waker.sent == 1
+        assert api.post("/messages", json={**BASE, "idempotency_key": "k-1"}).status_code == 200
+        assert list(listener.notifies(timeout=1.0)) == []
+        assert api.app.state.waker.sent == 1
+        # in its own commit, the message_send block sends none when told not to
+        conn.execute(QUERIES["message_send"], {
+            "account": h.ACCOUNT, "to": "cy@example.com", "subject": "s", "text": "t",
+            "html": None, "from": "shop@example.com", "key": None, "category": "transactional",
+            "reply_to": None, "headers": "{}", "tags": "{}", "notify": False})
+        assert list(listener.notifies(timeout=1.0)) == []
+        conn.execute(QUERIES["message_send"], {
+            "account": h.ACCOUNT, "to": "di@example.com", "subject": "s", "text": "t",
+            "html": None, "from": "shop@example.com", "key": None, "category": "transactional",
+            "reply_to": None, "headers": "{}", "tags": "{}", "notify": True})
+        assert len(list(listener.notifies(timeout=10.0, stop_after=1))) == 1

@@ -119,7 +119,7 @@ def test_the_same_key_from_two_sessions_at_once_gives_one_message(
 def test_the_same_key_again_returns_the_first_message_and_says_so(conn: Conn) -> None:
     params = {"account": "default", "to": "ann@example.com", "subject": "S", "text": "T",
               "html": None, "from": "shop@example.com", "key": "k1", "category": None,
-              "reply_to": None, "headers": "{}", "tags": "{}"}
+              "reply_to": None, "headers": "{}", "tags": "{}", "notify": True}
     params["category"] = "transactional"
     from pgcast.sql.queries import QUERIES
 
