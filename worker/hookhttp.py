@@ -1,6 +1,8 @@
-"""One webhook POST, safe from SSRF: the name is resolved once, every address it resolves to is
+"""One webhook POST, safe from SSRF: the name is resolved, every address it resolves to is
 checked, and the connection goes to the checked address (the Host header and TLS SNI carry
-the name, and the certificate is verified against the name). No redirect is followed.
+the name, and the certificate is verified against the name). No redirect is followed. A name's
+addresses are kept for RESOLVE_TTL seconds (a slow resolver is not on every delivery's path)
+and checked again at every delivery.
 
 h11 (MIT, the HTTP/1.1 state machine under httpcore) speaks HTTP over an asyncio stream that
 this module opens itself, to the checked address: a webhook POST needs no more (no proxy,
@@ -30,6 +32,8 @@ RESPONSE_KEPT = 1024  # bytes of the receiver's answer kept in the delivery log
 DRAIN_MAX = 64 * 1024  # bytes of an answer read to keep its connection; a longer one closes it
 CONNECTIONS_KEPT = 256  # idle keep-alive connections kept (one per endpoint and address)
 READ_SIZE = 16 * 1024  # bytes asked of the socket at a time
+RESOLVE_TTL = 30.0  # seconds a name's resolved addresses are reused (failures are not kept)
+RESOLVED_KEPT = 1024  # names whose addresses are kept
 USER_AGENT = "pgcast-webhooks/1"
 
 Key = tuple[str, str, str, str, int]  # endpoint, scheme, name, address, port
@@ -83,9 +87,15 @@ class Poster:
             ssl.create_default_context(cafile=certifi.where()) if verify
             else _unverified())
         self._idle: collections.OrderedDict[Key, _Connection] = collections.OrderedDict()
+        self.resolve_ttl = RESOLVE_TTL
+        # (name, port) -> (when resolved, its addresses): only successful resolutions
+        self._resolved: collections.OrderedDict[tuple[str, int], tuple[float, list[str]]] = \
+            collections.OrderedDict()
 
     async def resolve(self, host: str, port: int) -> str:
-        """The address to connect to: every address the name resolves to must be allowed."""
+        """The address to connect to: every address the name resolves to must be allowed (the
+        addresses of a name resolved less than `resolve_ttl` seconds ago are reused, and
+        checked again: the rule in force now decides)."""
         try:
             literal = hooks.forbidden(host)
         except ValueError:
@@ -94,19 +104,34 @@ class Poster:
             if literal:
                 raise Refused(literal)
             return host
-        loop = asyncio.get_running_loop()
-        try:
-            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        except OSError as exc:
-            raise Refused(f"cannot resolve {host}: {exc}") from None
-        addresses = list(dict.fromkeys(str(i[4][0]) for i in infos))
-        if not addresses:
-            raise Refused(f"{host} resolves to no address")
+        addresses = await self._addresses(host, port)
         for address in addresses:
             why = hooks.forbidden(address)
             if why:
                 raise Refused(f"{host} resolves to a refused address: {why}")
         return addresses[0]
+
+    async def _addresses(self, host: str, port: int) -> list[str]:
+        """The name's addresses: kept ones while fresh, else the resolver's (kept on success)."""
+        now = time.monotonic()
+        kept = self._resolved.get((host, port))
+        if kept is not None and now - kept[0] < self.resolve_ttl:
+            return kept[1]
+        loop = asyncio.get_running_loop()
+        try:
+            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except OSError as exc:
+            self._resolved.pop((host, port), None)
+            raise Refused(f"cannot resolve {host}: {exc}") from None
+        addresses = list(dict.fromkeys(str(i[4][0]) for i in infos))
+        if not addresses:
+            self._resolved.pop((host, port), None)
+            raise Refused(f"{host} resolves to no address")
+        self._resolved[(host, port)] = (now, addresses)
+        self._resolved.move_to_end((host, port))
+        while len(self._resolved) > RESOLVED_KEPT:
+            self._resolved.popitem(last=False)
+        return addresses
 
     async def post(self, url: str, headers: dict[str, str], body: bytes,
                    endpoint: str = "") -> Answer:

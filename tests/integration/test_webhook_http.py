@@ -238,3 +238,37 @@ def test_certificates_are_verified_against_certifis_bundle() -> None:
     tls = hookhttp.Poster(1).tls
     assert tls.verify_mode == ssl.CERT_REQUIRED and tls.check_hostname
     assert expected and tls.get_ca_certs() == expected
+
+
+def test_a_names_addresses_are_reused_for_a_while_and_checked_again_each_time(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The resolver is asked once per name while its answer is fresh; the kept addresses are
+    checked against the rule in force at each delivery; a failed resolution is not kept."""
+
+    async def run() -> tuple[list[str], list[str]]:
+        poster = hookhttp.Poster(5)
+        loop = asyncio.get_running_loop()
+        asked: list[str] = []
+        real = loop.getaddrinfo
+
+        async def counting(host: str, *args: object, **kwargs: object) -> object:
+            asked.append(host)
+            return await real(host, *args, **kwargs)  # type: ignore[arg-type]
+
+        loop.getaddrinfo = counting  # type: ignore[method-assign]
+        got = [await poster.resolve("localhost", 80) for _ in range(3)]
+        monkeypatch.delenv("PGCAST_WEBHOOKS_ALLOW_PRIVATE")  # the rule changes: kept, refused
+        with pytest.raises(hookhttp.Refused, match="refused address"):
+            await poster.resolve("localhost", 80)
+        monkeypatch.setenv("PGCAST_WEBHOOKS_ALLOW_PRIVATE", "1")
+        poster.resolve_ttl = 0.05
+        await asyncio.sleep(0.1)
+        got.append(await poster.resolve("localhost", 80))  # stale: asked again
+        for _ in range(2):  # a failure is asked again every time
+            with pytest.raises(hookhttp.Refused, match="cannot resolve"):
+                await poster.resolve("no-such-host.invalid", 80)
+        return got, asked
+
+    got, asked = asyncio.run(run())
+    assert len(set(got)) == 1 and hookhttp.hooks.forbidden(got[0]) is None
+    assert asked == ["localhost", "localhost", "no-such-host.invalid", "no-such-host.invalid"]
