@@ -46,8 +46,16 @@ def test_calls_at_once_open_connections_through_the_gate_and_reuse_them(
         provider: ses.SesProvider) -> None:
     conns = provider.connections
     assert conns.tracking
+    conns.rate = 20.0  # a new connection every 50 ms past the burst: the calls below, all
+    # started together, ask for theirs well within that even on a loaded machine
+    together = threading.Barrier(16)
+
+    def send(i: int) -> str:
+        together.wait(timeout=30)  # 16 calls at once, not as the pool's threads happen to start
+        return provider.send(message(i))
+
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
-        ids = list(pool.map(lambda i: provider.send(message(i)), range(16)))
+        ids = list(pool.map(send, range(16)))
     assert len(set(ids)) == 16
     first = conns.counts()
     assert 1 <= first["opened"] <= 16 and first["waited"] >= 1, first  # not 16 at once
