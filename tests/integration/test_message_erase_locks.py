@@ -1,10 +1,12 @@
 """pgcast_send_message inside the caller's transaction, against a concurrent erase (issue 26):
-the deadlock docs/messages.md warns of, and the order that avoids it. Two real sessions each.
+the deadlock pgcast_erase_v6 had, gone with pgcast_erase_v7. Two real sessions each.
 
-The erase takes the account's erasure lock (exclusive), then the erased contact's row, then
-the account's contacts fence; pgcast_send_message takes the erasure lock (shared). A
-transaction that holds the row or the fence when it calls pgcast_send_message, while an erase
-of that contact waits for it, closes the circle.
+v6 takes the account's erasure lock (exclusive), then the erased contact's row, then the
+account's contacts fence, waiting for each while holding the ones before; pgcast_send_message
+takes the erasure lock (shared). A transaction that holds the row or the fence when it calls
+pgcast_send_message, while a v6 erase of that contact waits for it, closes the circle. v7 (the
+erase of the CLI and the API) waits for the row and the fence at most 100 ms while it holds the
+erasure lock: then it lets everything go and waits holding nothing.
 """
 
 from __future__ import annotations
@@ -15,13 +17,17 @@ from typing import Any
 import psycopg
 import pytest
 
+from pgcast.sql.queries import QUERIES
 from tests import support
 
 Conn = psycopg.Connection[dict[str, Any]]
 ACCOUNT = "acme"
 SEND = ("SELECT pgcast_send_message(%s, %s, 'Welcome', 'Hi', NULL, 'shop@example.com', NULL) "
         "AS id")
-ERASE = "SELECT * FROM pgcast_erase_v6(%s, 'ann@example.com', 'test', '{}')"
+ERASE_V6 = "SELECT * FROM pgcast_erase_v6(%(account)s, 'ann@example.com', 'test', '{}')"
+# the erase of `pgcast contacts erase` and POST /contacts/erase
+ERASE = QUERIES["contact_erase"]
+ERASE_PARAMS = {"email": "ann@example.com", "source": "test", "actor": "{}"}
 # what the application did first in its transaction
 ANN = "(SELECT id FROM contacts WHERE lower(email) = 'ann@example.com')"
 FIRST = {
@@ -44,13 +50,14 @@ def blocked(conn: Conn, pid: int) -> bool:
     return row is not None and row["wait_event_type"] == "Lock"
 
 
-def erase_in_thread(db_url: str, outcome: dict[str, Any]) -> tuple[threading.Thread, int]:
+def erase_in_thread(db_url: str, outcome: dict[str, Any],
+                    statement: str = ERASE) -> tuple[threading.Thread, int]:
     """An erase of ann in a session of its own; its pid."""
     session = support.connect(db_url)
 
     def run() -> None:
         try:
-            session.execute(ERASE, (ACCOUNT,))
+            session.execute(statement, {"account": ACCOUNT, **ERASE_PARAMS})
             outcome["erase"] = "done"
         except psycopg.errors.DeadlockDetected:
             outcome["erase"] = "deadlock"
@@ -65,20 +72,22 @@ def erase_in_thread(db_url: str, outcome: dict[str, Any]) -> tuple[threading.Thr
 
 
 def seed(conn: Conn) -> None:
-    conn.execute("CREATE TABLE app_orders (contact_id bigint REFERENCES contacts (id))")
+    # an application table that refers to the contacts (and lets an erase delete one)
+    conn.execute("CREATE TABLE app_orders (contact_id bigint REFERENCES contacts (id) "
+                 "ON DELETE SET NULL)")
     conn.execute("INSERT INTO contacts (account, email) VALUES (%s, 'ann@example.com'), "
                  "(%s, 'zed@example.com')", (ACCOUNT, ACCOUNT))
 
 
 @pytest.mark.parametrize("first", sorted(FIRST))
-def test_a_contact_lock_taken_before_the_send_deadlocks_with_a_concurrent_erase(
+def test_a_contact_lock_taken_before_the_send_deadlocked_with_a_v6_erase(
         conn: Conn, db_url: str, first: str) -> None:
     seed(conn)
     outcome: dict[str, Any] = {}
     with support.connect(db_url) as app:
         app.autocommit = False
         app.execute(FIRST[first])
-        eraser, pid = erase_in_thread(db_url, outcome)
+        eraser, pid = erase_in_thread(db_url, outcome, ERASE_V6)
         support.wait_for(lambda: blocked(conn, pid), timeout=30, what="the erase to wait")
         try:
             app.execute(SEND, (ACCOUNT, "ann@example.com"))
@@ -91,6 +100,33 @@ def test_a_contact_lock_taken_before_the_send_deadlocks_with_a_concurrent_erase(
         assert not eraser.is_alive()
     # Postgres breaks the circle: one of the two transactions fails with 40P01
     assert sorted(outcome.values()) == ["deadlock", "done"], outcome
+
+
+@pytest.mark.parametrize("first", sorted(FIRST))
+def test_a_contact_lock_taken_before_the_send_never_deadlocks_with_the_erase(
+        conn: Conn, db_url: str, first: str) -> None:
+    seed(conn)
+    outcome: dict[str, Any] = {}
+    with support.connect(db_url) as app:
+        app.autocommit = False
+        app.execute(FIRST[first])
+        eraser, pid = erase_in_thread(db_url, outcome)
+        support.wait_for(lambda: blocked(conn, pid), timeout=30, what="the erase to wait")
+        # the erase waits for what the application holds, holding nothing it needs: the send
+        # goes through, and the erase runs after the commit
+        row = app.execute(SEND, (ACCOUNT, "ann@example.com")).fetchone()
+        assert row is not None
+        assert eraser.is_alive(), outcome  # still waiting for the application's commit
+        app.commit()
+        eraser.join(timeout=60)
+        assert not eraser.is_alive()
+    assert outcome == {"erase": "done"}
+    # the erase came after the commit: it found the message and took the address out
+    message = conn.execute("SELECT status, to_address FROM messages WHERE id = %s",
+                           (row["id"],)).fetchone()
+    assert message == {"status": "skipped", "to_address": "erased@erased.invalid"}
+    assert conn.execute("SELECT count(*) AS n FROM contacts WHERE lower(email) = "
+                        "'ann@example.com'").fetchone() == {"n": 0}
 
 
 def test_the_send_first_then_the_contacts_never_deadlocks(conn: Conn, db_url: str) -> None:
