@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any, LiteralString
 
 import psycopg
@@ -15,6 +15,16 @@ from pgcast.sql import db as sql_db
 from pgcast.sql.queries import QUERIES
 
 CHECKOUT_TIMEOUT = 5.0  # seconds a request waits for a pooled connection before a 503
+LOCK_WAIT = 5000  # ms a statement of ERASURE_LOCKED waits for a lock before a 503 (busy)
+
+# The named statements that take the account's erasure lock (pgcast.erasure): shared by every
+# writer that could bring an erased address back, exclusive in the erase, which holds it for as
+# long as it runs (minutes for an account with millions of recipient rows). Each runs in a
+# transaction of its own whose lock waits end after LOCK_WAIT (psycopg LockNotAvailable: the
+# app answers 503 busy, errors.LockBusy), instead of holding the request and its connection.
+ERASURE_LOCKED = frozenset({
+    "broadcast_send", "contact_erase", "contacts_lock", "contacts_upsert",
+    "message_one_click_unsubscribe", "message_send", "signup", "test_send_queue"})
 
 Pool = AsyncConnectionPool[psycopg.AsyncConnection[DictRow]]
 
@@ -48,9 +58,32 @@ def query(name: str) -> LiteralString:
     return QUERIES[name]
 
 
+async def limit_lock_wait(conn: psycopg.AsyncConnection[DictRow]) -> None:
+    """Bound every lock wait of conn's open transaction to LOCK_WAIT."""
+    await conn.execute(QUERIES["lock_wait_limit"], {"ms": LOCK_WAIT})
+
+
+@contextlib.asynccontextmanager
+async def _connection(pool: Pool, name: str,
+                      pipeline: bool = True) -> AsyncIterator[psycopg.AsyncConnection[DictRow]]:
+    # a statement of ERASURE_LOCKED runs in a transaction with its lock waits bounded; with
+    # pipeline (a result is fetched: that syncs), BEGIN, the limit and the statement go in one
+    # round trip, and the commit in another
+    async with pool.connection() as conn:
+        if name not in ERASURE_LOCKED:
+            yield conn
+            return
+        async with contextlib.AsyncExitStack() as stack:
+            if pipeline:
+                await stack.enter_async_context(conn.pipeline())
+            await stack.enter_async_context(conn.transaction())
+            await limit_lock_wait(conn)
+            yield conn
+
+
 async def one(pool: Pool, name: str, params: dict[str, Any]) -> DictRow | None:
     """The first row of a named query, holding a connection only for that statement."""
-    async with pool.connection() as conn:
+    async with _connection(pool, name) as conn:
         with bad_text_is_bad_input():
             cur = await conn.execute(QUERIES[name], params)
         return await cur.fetchone()
@@ -58,7 +91,7 @@ async def one(pool: Pool, name: str, params: dict[str, Any]) -> DictRow | None:
 
 async def all_rows(pool: Pool, name: str, params: dict[str, Any]) -> list[DictRow]:
     """Every row of a named query."""
-    async with pool.connection() as conn:
+    async with _connection(pool, name) as conn:
         with bad_text_is_bad_input():
             cur = await conn.execute(QUERIES[name], params)
         return await cur.fetchall()
@@ -66,7 +99,7 @@ async def all_rows(pool: Pool, name: str, params: dict[str, Any]) -> list[DictRo
 
 async def rowcount(pool: Pool, name: str, params: dict[str, Any]) -> int:
     """How many rows a named write touched."""
-    async with pool.connection() as conn:
+    async with _connection(pool, name, pipeline=False) as conn:  # rowcount: no sync point
         with bad_text_is_bad_input():
             cur = await conn.execute(QUERIES[name], params)
         return cur.rowcount
