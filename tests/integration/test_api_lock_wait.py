@@ -5,7 +5,9 @@ runs. Without the bound, each request waited for that session's commit."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -73,6 +75,7 @@ def test_each_erasure_lock_path_answers_busy_while_an_erase_runs(
         ("POST", "/messages", {"json": {"to": "ann@example.com", "from": "shop@example.com",
                                         "subject": "Receipt", "text": "Thanks!"}}),
         ("POST", f"/broadcasts/{draft['id']}/send", {}),
+        ("POST", f"/broadcasts/{draft['id']}/test", {"json": {"to": ["qa@example.com"]}}),
         ("POST", f"/f/{form['id']}", {"content": b"email=sub%40example.com",
                                       "headers": URLENCODED}),
     ]
@@ -84,6 +87,7 @@ def test_each_erasure_lock_path_answers_busy_while_an_erase_runs(
     assert count("SELECT count(*) AS n FROM contacts WHERE account = %s AND email = "
                  "'bob@example.com'") == {"n": 1}
     assert count("SELECT count(*) AS n FROM messages WHERE account = %s") == {"n": 0}
+    assert count("SELECT count(*) AS n FROM test_sends WHERE account = %s") == {"n": 0}
     assert broadcasts.get(conn, A, draft["id"])["status"] == "draft"
     # the erase commits: the same request goes through
     erasing.commit()
@@ -121,3 +125,24 @@ def test_an_erase_waits_for_a_held_contact_at_most_the_lock_wait(
     r = bounded(api, "POST", "/contacts/erase", json={"email": "ann@example.com"})
     assert r.status_code == 200 and r.json()["erased"] is True, r.text
     assert conn.execute("SELECT count(*) AS n FROM contacts").fetchone() == {"n": 0}
+
+
+def test_every_api_statement_that_takes_the_erasure_lock_has_its_wait_bounded(
+        conn: Conn) -> None:
+    """db.ERASURE_LOCKED is complete: every named statement the API runs that calls a function
+    taking the erasure lock (directly or through another function) is in it."""
+    takers = {r["proname"] for r in conn.execute(
+        "SELECT DISTINCT proname FROM pg_proc WHERE prosrc LIKE '%%pgcast.erasure%%'")}
+    while True:  # and the functions that call them
+        found = {r["proname"] for r in conn.execute(
+            "SELECT DISTINCT proname FROM pg_proc WHERE pronamespace = 'public'::regnamespace"
+            " AND prosrc ~ %s", ("(" + "|".join(sorted(takers)) + r")\s*\(",))}
+        if found <= takers:
+            break
+        takers |= found
+    assert {"pgcast_erase_v7", "pgcast_send_message", "pgcast_signup_v2"} <= takers
+    source = "\n".join(p.read_text() for p in Path(db.__file__).parent.glob("*.py"))
+    used = {name for name in QUERIES if re.search(rf'"{name}"', source)}
+    locking = {name for name in used
+               if any(re.search(rf"\b{t}\s*\(", QUERIES[name]) for t in takers)}
+    assert locking == set(db.ERASURE_LOCKED)

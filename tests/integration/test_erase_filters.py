@@ -56,7 +56,10 @@ def test_an_erase_rewrites_every_filter_that_names_the_address(conn: Conn) -> No
     segments.save(conn, A, "either", {"any": [{"tag": "ann@example.com"},
                                               {"attribute": "x", "prefix": "ann@example.com"},
                                               {"attribute": "referrer",
-                                               "in": ["ann@example.com"]}]})
+                                               "in": ["ann@example.com"]},
+                                              {"tag": "list:Ann@Example.com"},
+                                              {"attribute": "ann@example.com",
+                                               "exists": True}]})
     segments.save(conn, A, "other", {"attribute": "referrer", "eq": "zed@example.com"})
     before = {n: segments.count(conn, A, {"segment": n})
               for n in ("referred", "mixed", "either", "other")}
@@ -81,7 +84,7 @@ def test_an_erase_rewrites_every_filter_that_names_the_address(conn: Conn) -> No
         {"attribute": "referrer", "in": ["zed@example.com"]},
         {"not": EVERYONE},
     ]}
-    assert rows["either"]["filter"] == {"any": [NOBODY, NOBODY, NOBODY]}
+    assert rows["either"]["filter"] == {"any": [NOBODY] * 5}
     assert rows["other"]["filter"] == {"attribute": "referrer", "eq": "zed@example.com"}
     for name in ("referred", "mixed", "either"):
         [entry] = rows[name]["audit_log"]
@@ -99,7 +102,7 @@ def test_an_erase_rewrites_every_filter_that_names_the_address(conn: Conn) -> No
     assert d["audit_log"][-1]["details"]["scrubbed"] == ["segment_filter"]
     assert (d["audit_log"][-1]["from"], d["audit_log"][-1]["to"]) == ("draft", "draft")
     s = broadcasts.get(conn, A, sent["id"])
-    assert s["filter_used"] == {"any": [NOBODY, NOBODY, NOBODY]}
+    assert s["filter_used"] == {"any": [NOBODY] * 5}
     assert s["audit_log"][-1]["details"]["scrubbed"] == ["filter_used", "audit_log"]
     assert not _names_ann(s["audit_log"])
     p = broadcasts.get(conn, A, plain["id"])
@@ -111,6 +114,11 @@ def test_an_erase_rewrites_every_filter_that_names_the_address(conn: Conn) -> No
         "strpos(lower(coalesce(segment_filter::text, '') || coalesce(filter_used::text, '')"
         " || audit_log::text), %(a)s) > 0) AS n", {"a": ANN}).fetchone()
     assert left == {"n": 0}
+    # another contact's data is theirs: kept
+    bob = conn.execute("SELECT tags, attributes FROM contacts WHERE email = 'bob@example.com'"
+                       ).fetchone()
+    assert bob == {"tags": ["vip", "ann@example.com"],
+                   "attributes": {"referrer": "ann@example.com", "x": "ann@example.com/2024"}}
 
 
 def test_an_erase_of_an_address_that_is_no_contact_still_rewrites_the_filters(

@@ -151,3 +151,17 @@ def test_the_send_first_then_the_contacts_never_deadlocks(conn: Conn, db_url: st
     assert message == {"status": "skipped", "to_address": "erased@erased.invalid"}
     assert conn.execute("SELECT count(*) AS n FROM contacts WHERE lower(email) = "
                         "'ann@example.com'").fetchone() == {"n": 0}
+
+
+def test_a_foreign_key_without_an_on_delete_action_makes_the_erase_fail_whole(
+        conn: Conn, db_url: str) -> None:
+    conn.execute("CREATE TABLE app_invoices (contact_id bigint REFERENCES contacts (id))")
+    conn.execute("INSERT INTO contacts (account, email) VALUES (%s, 'ann@example.com')",
+                 (ACCOUNT,))
+    conn.execute(f"INSERT INTO app_invoices (contact_id) VALUES ({ANN})")
+    with pytest.raises(psycopg.errors.ForeignKeyViolation):
+        conn.execute(ERASE, {"account": ACCOUNT, **ERASE_PARAMS})
+    # nothing was erased: the contact is there and no hash was kept
+    assert conn.execute("SELECT count(*) AS n FROM contacts WHERE lower(email) = "
+                        "'ann@example.com'").fetchone() == {"n": 1}
+    assert conn.execute("SELECT count(*) AS n FROM contact_erasures").fetchone() == {"n": 0}
