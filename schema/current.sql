@@ -6420,10 +6420,10 @@ $$;
 --   the erased contact's row and the account's contacts fence while it held the erasure lock
 --   (exclusive), and the caller, holding that row or that fence, then waited for the erasure
 --   lock (shared). pgcast_erase_v7 never waits long while it holds something: it takes the
---   erasure lock (waiting for it holding nothing), then waits at most 100 ms (half of
---   deadlock_timeout, if less) for the contact row and then the fence; past that, it lets
---   everything go (the rollback of a block), waits for the one that was busy holding nothing,
---   lets it go and starts again. A caller's lock_timeout bounds the erase's whole wait
+--   erasure lock (waiting for it holding nothing), then waits at most 100 ms in all (half of
+--   deadlock_timeout, if less) for the contact row, the fence and the rows of the broadcasts
+--   and saved segments it rewrites; past that, it lets everything go (the rollback of a
+--   block), waits for the one that was busy holding nothing, lets it go and starts again. A caller's lock_timeout bounds the erase's whole wait
 --   (SQLSTATE 55P03), so an API request never waits longer than it said.
 -- * An erase left the address in filters: a saved segment, a draft's or scheduled broadcast's
 --   filter, a sent broadcast's filter_used and the send's audit entry can hold it as a value
@@ -6484,14 +6484,17 @@ $$;
 
 ALTER TABLE segments ADD COLUMN audit_log jsonb NOT NULL DEFAULT '[]';
 
--- erase, v7: v6 (v3's scrub, the messages, opens and clicks) after taking v3's locks in
--- v3's order (the erasure lock, exclusive; the contact row; the contacts fence) without ever
--- waiting more than 100 ms (or half of deadlock_timeout) while holding one of them, then the
--- filters: saved segments, then broadcasts (locked in id order) whose segment_filter,
--- filter_used or a send's audit entry (details.filter) names the address. Each rewritten
--- segment or broadcast gets an audit entry {"action": "erase", "details": {"scrubbed": [the
--- columns], "source", "actor"}} (never the address). segments: how many saved segments were
--- rewritten. The caller's lock_timeout, when set, bounds the whole wait for the three locks.
+-- erase, v7: v6 (v3's scrub, the messages, opens and clicks) after taking, in this order, the
+-- erasure lock (exclusive), the contact row, the contacts fence (v3's locks), then the rows of
+-- the account's broadcasts whose audit log or filters name the address (in id order) and of
+-- its saved segments whose filter names it (in name order), waiting for them at most 100 ms in
+-- all (or half of deadlock_timeout) while it holds the erasure lock; past that it lets every
+-- one go, waits for the busy one holding nothing, and starts again. Then the filters: each
+-- saved segment and broadcast whose segment_filter, filter_used or a send's audit entry
+-- (details.filter) names the address is rewritten (pgcast_segment_scrub_v1) and gets an audit
+-- entry {"action": "erase", "details": {"scrubbed": [the columns], "source", the actor}}
+-- (never the address). segments: how many saved segments were rewritten. The caller's
+-- lock_timeout, when set, bounds the whole wait for those locks (SQLSTATE 55P03).
 CREATE FUNCTION pgcast_erase_v7(p_account text, p_email text, p_source text, p_actor jsonb)
 RETURNS TABLE (contact_id bigint, recipients bigint, messages bigint, segments bigint)
 LANGUAGE plpgsql AS $$
@@ -6499,15 +6502,15 @@ DECLARE
     addr text := lower(btrim(p_email));
     caller_timeout text := current_setting('lock_timeout');
     deadline timestamptz;
-    step interval := least(interval '100 ms',
-                           current_setting('deadlock_timeout')::interval / 2);
+    budget interval := least(interval '100 ms',
+                             current_setting('deadlock_timeout')::interval / 2);
+    holding_until timestamptz;
     busy text;
     cid bigint;
     v record;
     seg bigint;
     ids uuid[];
     entry jsonb;
-
 BEGIN
     IF caller_timeout::interval > interval '0' THEN
         deadline := clock_timestamp() + caller_timeout::interval;
@@ -6517,20 +6520,31 @@ BEGIN
             -- wait, holding nothing, until what was busy is free; the block's rollback lets it
             -- go again
             IF deadline IS NOT NULL AND clock_timestamp() >= deadline THEN
-                RAISE EXCEPTION 'the erase waited lock_timeout (%) for the %', caller_timeout,
-                    CASE busy WHEN 'contact' THEN 'contact row' ELSE 'contacts fence' END
-                    USING ERRCODE = 'lock_not_available';
+                RAISE EXCEPTION 'the erase waited lock_timeout (%) for a lock (%)',
+                    caller_timeout, busy USING ERRCODE = 'lock_not_available';
             END IF;
             BEGIN
                 PERFORM set_config('lock_timeout', CASE WHEN deadline IS NULL THEN '0'
                     ELSE greatest(1, ceil(extract(epoch FROM deadline - clock_timestamp())
                                           * 1000))::text || 'ms' END, true);
-                IF busy = 'contact' THEN
+                IF busy = 'contact row' THEN
                     PERFORM 1 FROM contacts c
                     WHERE c.account = p_account AND lower(c.email) = addr FOR UPDATE;
-                ELSE
+                ELSIF busy = 'contacts fence' THEN
                     PERFORM pg_advisory_xact_lock(hashtext('pgcast.contacts'),
                                                   hashtext(p_account));
+                ELSIF busy = 'broadcast rows' THEN
+                    PERFORM 1 FROM broadcasts b
+                    WHERE b.account = p_account
+                      AND (strpos(lower(b.audit_log::text), addr) > 0
+                           OR strpos(lower(b.segment_filter::text), addr) > 0
+                           OR strpos(lower(b.filter_used::text), addr) > 0)
+                    ORDER BY b.id FOR UPDATE;
+                ELSE
+                    PERFORM 1 FROM segments s
+                    WHERE s.account = p_account
+                      AND pgcast_segment_scrub_v1(s.filter, addr) IS DISTINCT FROM s.filter
+                    ORDER BY s.name FOR UPDATE;
                 END IF;
                 RAISE EXCEPTION 'let go' USING ERRCODE = 'PGC01';
             EXCEPTION WHEN SQLSTATE 'PGC01' THEN
@@ -6538,33 +6552,53 @@ BEGIN
             END;
         END IF;
         BEGIN
-            busy := 'erasure';
+            busy := 'erasure lock';
             PERFORM set_config('lock_timeout', CASE WHEN deadline IS NULL THEN '0'
                 ELSE greatest(1, ceil(extract(epoch FROM deadline - clock_timestamp())
                                       * 1000))::text || 'ms' END, true);
             PERFORM pg_advisory_xact_lock(hashtext('pgcast.erasure'), hashtext(p_account));
-            -- held: the erasure lock; from here on, short waits only
+            -- held: the erasure lock; from here on, waits of `budget` in all
+            holding_until := clock_timestamp() + budget;
+            IF deadline IS NOT NULL THEN
+                holding_until := least(holding_until, deadline);
+            END IF;
+            busy := 'contact row';
             PERFORM set_config('lock_timeout', greatest(1, ceil(extract(epoch FROM
-                CASE WHEN deadline IS NULL THEN step
-                     ELSE least(step, deadline - clock_timestamp()) END) * 1000))::text
-                || 'ms', true);
-            busy := 'contact';
+                holding_until - clock_timestamp()) * 1000))::text || 'ms', true);
             SELECT c.id INTO cid FROM contacts c
             WHERE c.account = p_account AND lower(c.email) = addr FOR UPDATE;
             IF cid IS NOT NULL THEN
-                busy := 'fence';
+                busy := 'contacts fence';
+                PERFORM set_config('lock_timeout', greatest(1, ceil(extract(epoch FROM
+                    holding_until - clock_timestamp()) * 1000))::text || 'ms', true);
                 PERFORM pg_advisory_xact_lock(hashtext('pgcast.contacts'), hashtext(p_account));
             END IF;
+            busy := 'broadcast rows';
+            PERFORM set_config('lock_timeout', greatest(1, ceil(extract(epoch FROM
+                holding_until - clock_timestamp()) * 1000))::text || 'ms', true);
+            ids := ARRAY(SELECT b.id FROM broadcasts b
+                         WHERE b.account = p_account
+                           AND (strpos(lower(b.audit_log::text), addr) > 0
+                                OR strpos(lower(b.segment_filter::text), addr) > 0
+                                OR strpos(lower(b.filter_used::text), addr) > 0)
+                         ORDER BY b.id FOR UPDATE);
+            busy := 'segment rows';
+            PERFORM set_config('lock_timeout', greatest(1, ceil(extract(epoch FROM
+                holding_until - clock_timestamp()) * 1000))::text || 'ms', true);
+            PERFORM 1 FROM segments s
+            WHERE s.account = p_account
+              AND pgcast_segment_scrub_v1(s.filter, addr) IS DISTINCT FROM s.filter
+            ORDER BY s.name FOR UPDATE;
             busy := NULL;
         EXCEPTION WHEN lock_not_available OR deadlock_detected THEN
-            IF busy = 'erasure' THEN
+            IF busy = 'erasure lock' THEN
                 RAISE;
             END IF;
         END;
         EXIT WHEN busy IS NULL;
     END LOOP;
     PERFORM set_config('lock_timeout', caller_timeout, true);
-    -- held: v3's three locks; v3 takes them again without waiting
+    -- held: v3's three locks (v3 takes them again without waiting) and the rows rewritten below
     SELECT * INTO v FROM pgcast_erase_v6(p_account, p_email, p_source, p_actor);
     entry := pgcast_audit_v1('erase', NULL, NULL, coalesce(p_actor, '{}'::jsonb)
                              || jsonb_build_object('source', p_source));
@@ -6576,14 +6610,7 @@ BEGIN
       AND pgcast_segment_scrub_v1(s.filter, addr) IS DISTINCT FROM s.filter;
     GET DIAGNOSTICS seg = ROW_COUNT;
     -- broadcasts: the filter of a draft or a scheduled one, the filter a send evaluated and
-    -- its copy in the audit entries (rows in id order, DESIGN)
-    ids := ARRAY(SELECT b.id FROM broadcasts b
-                 WHERE b.account = p_account
-                   AND (strpos(lower(b.segment_filter::text), addr) > 0
-                        OR strpos(lower(b.filter_used::text), addr) > 0
-                        OR (strpos(lower(b.audit_log::text), addr) > 0
-                            AND jsonb_path_exists(b.audit_log, '$[*].details.filter')))
-                 ORDER BY b.id FOR UPDATE);
+    -- its copy in the audit entries
     WITH scrubbed AS (
         SELECT b.id,
                pgcast_segment_scrub_v1(b.segment_filter, addr) AS segment_filter,

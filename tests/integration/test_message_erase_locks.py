@@ -17,6 +17,7 @@ from typing import Any
 import psycopg
 import pytest
 
+from pgcast.sql import broadcasts, segments
 from pgcast.sql.queries import QUERIES
 from tests import support
 
@@ -102,14 +103,13 @@ def test_a_contact_lock_taken_before_the_send_deadlocked_with_a_v6_erase(
     assert sorted(outcome.values()) == ["deadlock", "done"], outcome
 
 
-@pytest.mark.parametrize("first", sorted(FIRST))
-def test_a_contact_lock_taken_before_the_send_never_deadlocks_with_the_erase(
-        conn: Conn, db_url: str, first: str) -> None:
-    seed(conn)
+def _lock_then_send_during_an_erase(conn: Conn, db_url: str, first: str) -> None:
+    """The application runs `first`, an erase of ann starts and waits, the application sends
+    to ann and commits; the erase then runs, after the commit, and erases the message."""
     outcome: dict[str, Any] = {}
     with support.connect(db_url) as app:
         app.autocommit = False
-        app.execute(FIRST[first])
+        app.execute(first)  # type: ignore[arg-type]
         eraser, pid = erase_in_thread(db_url, outcome)
         support.wait_for(lambda: blocked(conn, pid), timeout=30, what="the erase to wait")
         # the erase waits for what the application holds, holding nothing it needs: the send
@@ -121,12 +121,38 @@ def test_a_contact_lock_taken_before_the_send_never_deadlocks_with_the_erase(
         eraser.join(timeout=60)
         assert not eraser.is_alive()
     assert outcome == {"erase": "done"}
-    # the erase came after the commit: it found the message and took the address out
     message = conn.execute("SELECT status, to_address FROM messages WHERE id = %s",
                            (row["id"],)).fetchone()
     assert message == {"status": "skipped", "to_address": "erased@erased.invalid"}
     assert conn.execute("SELECT count(*) AS n FROM contacts WHERE lower(email) = "
                         "'ann@example.com'").fetchone() == {"n": 0}
+
+
+@pytest.mark.parametrize("first", sorted(FIRST))
+def test_a_contact_lock_taken_before_the_send_never_deadlocks_with_the_erase(
+        conn: Conn, db_url: str, first: str) -> None:
+    seed(conn)
+    _lock_then_send_during_an_erase(conn, db_url, FIRST[first])
+
+
+# rows the erase rewrites besides the contact's: a broadcast and a saved segment whose filters
+# name the address (v7 takes them with the contact row and the fence, under the same budget)
+FILTER_ROWS = {
+    "broadcast": "UPDATE broadcasts SET subject = 'Changed' WHERE account = 'acme'",
+    "segment": "UPDATE segments SET updated_at = now() WHERE account = 'acme'",
+}
+
+
+@pytest.mark.parametrize("first", sorted(FILTER_ROWS))
+def test_a_filter_row_locked_before_the_send_never_deadlocks_with_the_erase(
+        conn: Conn, db_url: str, first: str) -> None:
+    seed(conn)
+    segments.save(conn, ACCOUNT, "referred", {"attribute": "referrer", "eq": "ann@example.com"})
+    draft = broadcasts.create(conn, ACCOUNT, subject="S", from_address="n@example.com",
+                              text="t", filter_value={"tag": "ann@example.com"})
+    _lock_then_send_during_an_erase(conn, db_url, FILTER_ROWS[first])
+    assert segments.get(conn, ACCOUNT, "referred")["filter"] == {"any": []}
+    assert broadcasts.get(conn, ACCOUNT, draft["id"])["segment_filter"] == {"any": []}
 
 
 def test_the_send_first_then_the_contacts_never_deadlocks(conn: Conn, db_url: str) -> None:
