@@ -6423,8 +6423,10 @@ $$;
 --   erasure lock (waiting for it holding nothing), then waits at most 100 ms in all (half of
 --   deadlock_timeout, if less) for the contact row, the fence and the rows of the broadcasts
 --   and saved segments it rewrites; past that, it lets everything go (the rollback of a
---   block), waits for the one that was busy holding nothing, lets it go and starts again. A caller's lock_timeout bounds the erase's whole wait
---   (SQLSTATE 55P03), so an API request never waits longer than it said.
+--   block), waits for the one that was busy holding nothing, lets it go and starts again; a
+--   deadlock Postgres resolves against it while it rewrites rolls it back and starts it again.
+--   A caller's lock_timeout bounds the erase's whole wait (SQLSTATE 55P03), so an API request
+--   never waits longer than it said.
 -- * An erase left the address in filters: a saved segment, a draft's or scheduled broadcast's
 --   filter, a sent broadcast's filter_used and the send's audit entry can hold it as a value
 --   (`{"attribute": "referrer", "eq": "ann@example.com"}`). v7 rewrites each condition that
@@ -6489,7 +6491,9 @@ ALTER TABLE segments ADD COLUMN audit_log jsonb NOT NULL DEFAULT '[]';
 -- the account's broadcasts whose audit log or filters name the address (in id order) and of
 -- its saved segments whose filter names it (in name order), waiting for them at most 100 ms in
 -- all (or half of deadlock_timeout) while it holds the erasure lock; past that it lets every
--- one go, waits for the busy one holding nothing, and starts again. Then the filters: each
+-- one go, waits for the busy one holding nothing, and starts again. If Postgres picks it in a
+-- deadlock while it rewrites (a row above those, held by a transaction that then waits for the
+-- erasure lock), all it did is rolled back and it starts again. Then the filters: each
 -- saved segment and broadcast whose segment_filter, filter_used or a send's audit entry
 -- (details.filter) names the address is rewritten (pgcast_segment_scrub_v1) and gets an audit
 -- entry {"action": "erase", "details": {"scrubbed": [the columns], "source", the actor}}
@@ -6516,13 +6520,13 @@ BEGIN
         deadline := clock_timestamp() + caller_timeout::interval;
     END IF;
     LOOP
-        IF busy IS NOT NULL THEN
+        IF busy IS NOT NULL AND deadline IS NOT NULL AND clock_timestamp() >= deadline THEN
+            RAISE EXCEPTION 'the erase waited lock_timeout (%) for a lock (%)',
+                caller_timeout, busy USING ERRCODE = 'lock_not_available';
+        END IF;
+        IF busy IS NOT NULL AND busy <> 'rewrite' THEN
             -- wait, holding nothing, until what was busy is free; the block's rollback lets it
-            -- go again
-            IF deadline IS NOT NULL AND clock_timestamp() >= deadline THEN
-                RAISE EXCEPTION 'the erase waited lock_timeout (%) for a lock (%)',
-                    caller_timeout, busy USING ERRCODE = 'lock_not_available';
-            END IF;
+            -- go again (after a deadlock of the rewrite: straight back to the erasure lock)
             BEGIN
                 PERFORM set_config('lock_timeout', CASE WHEN deadline IS NULL THEN '0'
                     ELSE greatest(1, ceil(extract(epoch FROM deadline - clock_timestamp())
@@ -6589,57 +6593,64 @@ BEGIN
             WHERE s.account = p_account
               AND pgcast_segment_scrub_v1(s.filter, addr) IS DISTINCT FROM s.filter
             ORDER BY s.name FOR UPDATE;
+            busy := 'rewrite';
+            PERFORM set_config('lock_timeout', caller_timeout, true);
+            -- held: v3's three locks (v3 takes them again without waiting) and the rows
+            -- rewritten below; a deadlock from here on rolls it all back and starts again
+            SELECT * INTO v FROM pgcast_erase_v6(p_account, p_email, p_source, p_actor);
+            entry := pgcast_audit_v1('erase', NULL, NULL, coalesce(p_actor, '{}'::jsonb)
+                                     || jsonb_build_object('source', p_source));
+            -- saved segments
+            UPDATE segments s
+            SET filter = pgcast_segment_scrub_v1(s.filter, addr),
+                audit_log = s.audit_log
+                    || jsonb_set(entry, '{0,details,scrubbed}', '["filter"]')
+            WHERE s.account = p_account
+              AND pgcast_segment_scrub_v1(s.filter, addr) IS DISTINCT FROM s.filter;
+            GET DIAGNOSTICS seg = ROW_COUNT;
+            -- broadcasts: the filter of a draft or a scheduled one, the filter a send
+            -- evaluated and its copy in the audit entries
+            WITH scrubbed AS (
+                SELECT b.id,
+                       pgcast_segment_scrub_v1(b.segment_filter, addr) AS segment_filter,
+                       pgcast_segment_scrub_v1(b.filter_used, addr) AS filter_used,
+                       (SELECT jsonb_agg(
+                                   CASE WHEN jsonb_typeof(a.e -> 'details' -> 'filter') = 'object'
+                                        THEN jsonb_set(a.e, '{details,filter}',
+                                                       pgcast_segment_scrub_v1(
+                                                           a.e -> 'details' -> 'filter', addr))
+                                        ELSE a.e END ORDER BY a.i)
+                        FROM jsonb_array_elements(b.audit_log) WITH ORDINALITY AS a(e, i))
+                           AS audit_log
+                FROM broadcasts b WHERE b.id = ANY (ids)
+            ), changed AS (
+                SELECT s.*, array_remove(ARRAY[
+                           CASE WHEN s.segment_filter IS DISTINCT FROM b.segment_filter
+                                THEN 'segment_filter' END,
+                           CASE WHEN s.filter_used IS DISTINCT FROM b.filter_used
+                                THEN 'filter_used' END,
+                           CASE WHEN s.audit_log IS DISTINCT FROM b.audit_log
+                                THEN 'audit_log' END], NULL) AS what
+                FROM scrubbed s JOIN broadcasts b ON b.id = s.id
+            )
+            UPDATE broadcasts b
+            SET segment_filter = c.segment_filter, filter_used = c.filter_used,
+                audit_log = coalesce(c.audit_log, '[]'::jsonb)
+                    || jsonb_set(jsonb_set(jsonb_set(entry, '{0,from}', to_jsonb(b.status)),
+                                           '{0,to}', to_jsonb(b.status)),
+                                 '{0,details,scrubbed}', to_jsonb(c.what))
+            FROM changed c
+            WHERE b.id = c.id AND cardinality(c.what) > 0;
             busy := NULL;
         EXCEPTION WHEN lock_not_available OR deadlock_detected THEN
-            IF busy = 'erasure lock' THEN
+            -- a short wait ran out (or Postgres chose this erase in a deadlock of its
+            -- rewrite): everything taken and done in the block is rolled back
+            IF busy = 'erasure lock' OR (busy = 'rewrite' AND SQLSTATE = '55P03') THEN
                 RAISE;
             END IF;
         END;
         EXIT WHEN busy IS NULL;
     END LOOP;
-    PERFORM set_config('lock_timeout', caller_timeout, true);
-    -- held: v3's three locks (v3 takes them again without waiting) and the rows rewritten below
-    SELECT * INTO v FROM pgcast_erase_v6(p_account, p_email, p_source, p_actor);
-    entry := pgcast_audit_v1('erase', NULL, NULL, coalesce(p_actor, '{}'::jsonb)
-                             || jsonb_build_object('source', p_source));
-    -- saved segments
-    UPDATE segments s
-    SET filter = pgcast_segment_scrub_v1(s.filter, addr),
-        audit_log = s.audit_log || jsonb_set(entry, '{0,details,scrubbed}', '["filter"]')
-    WHERE s.account = p_account
-      AND pgcast_segment_scrub_v1(s.filter, addr) IS DISTINCT FROM s.filter;
-    GET DIAGNOSTICS seg = ROW_COUNT;
-    -- broadcasts: the filter of a draft or a scheduled one, the filter a send evaluated and
-    -- its copy in the audit entries
-    WITH scrubbed AS (
-        SELECT b.id,
-               pgcast_segment_scrub_v1(b.segment_filter, addr) AS segment_filter,
-               pgcast_segment_scrub_v1(b.filter_used, addr) AS filter_used,
-               (SELECT jsonb_agg(CASE WHEN jsonb_typeof(a.e -> 'details' -> 'filter') = 'object'
-                                      THEN jsonb_set(a.e, '{details,filter}',
-                                                     pgcast_segment_scrub_v1(
-                                                         a.e -> 'details' -> 'filter', addr))
-                                      ELSE a.e END ORDER BY a.i)
-                FROM jsonb_array_elements(b.audit_log) WITH ORDINALITY AS a(e, i)) AS audit_log
-        FROM broadcasts b WHERE b.id = ANY (ids)
-    ), changed AS (
-        SELECT s.*, array_remove(ARRAY[
-                   CASE WHEN s.segment_filter IS DISTINCT FROM b.segment_filter
-                        THEN 'segment_filter' END,
-                   CASE WHEN s.filter_used IS DISTINCT FROM b.filter_used
-                        THEN 'filter_used' END,
-                   CASE WHEN s.audit_log IS DISTINCT FROM b.audit_log
-                        THEN 'audit_log' END], NULL) AS what
-        FROM scrubbed s JOIN broadcasts b ON b.id = s.id
-    )
-    UPDATE broadcasts b
-    SET segment_filter = c.segment_filter, filter_used = c.filter_used,
-        audit_log = coalesce(c.audit_log, '[]'::jsonb)
-            || jsonb_set(jsonb_set(jsonb_set(entry, '{0,from}', to_jsonb(b.status)),
-                                   '{0,to}', to_jsonb(b.status)),
-                         '{0,details,scrubbed}', to_jsonb(c.what))
-    FROM changed c
-    WHERE b.id = c.id AND cardinality(c.what) > 0;
     RETURN QUERY SELECT v.contact_id, v.recipients, v.messages, seg;
 END
 $$;

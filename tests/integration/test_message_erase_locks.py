@@ -191,3 +191,29 @@ def test_a_foreign_key_without_an_on_delete_action_makes_the_erase_fail_whole(
     assert conn.execute("SELECT count(*) AS n FROM contacts WHERE lower(email) = "
                         "'ann@example.com'").fetchone() == {"n": 1}
     assert conn.execute("SELECT count(*) AS n FROM contact_erasures").fetchone() == {"n": 0}
+
+
+def test_a_deadlock_in_the_erase_s_rewrite_rolls_it_back_and_it_runs_again(
+        conn: Conn, db_url: str) -> None:
+    """The residual case: the application holds a row the erase rewrites without taking it
+    first (a message to ann), and calls pgcast_send_message while the erase waits for that row
+    holding the erasure lock. Postgres fails the erase (it waited first) with 40P01; the erase
+    rolls back all it did, starts again, waits for the commit and erases both messages."""
+    seed(conn)
+    old = conn.execute(SEND, (ACCOUNT, "ann@example.com")).fetchone()
+    assert old is not None
+    outcome: dict[str, Any] = {}
+    with support.connect(db_url) as app:
+        app.autocommit = False
+        app.execute("SELECT 1 FROM messages WHERE id = %s FOR UPDATE", (old["id"],))
+        eraser, pid = erase_in_thread(db_url, outcome)
+        support.wait_for(lambda: blocked(conn, pid), timeout=30, what="the erase to wait")
+        row = app.execute(SEND, (ACCOUNT, "ann@example.com")).fetchone()
+        assert row is not None
+        assert eraser.is_alive(), outcome
+        app.commit()
+        eraser.join(timeout=60)
+        assert not eraser.is_alive()
+    assert outcome == {"erase": "done"}
+    assert conn.execute("SELECT array_agg(DISTINCT to_address) AS a FROM messages"
+                        ).fetchone() == {"a": ["erased@erased.invalid"]}
