@@ -19,9 +19,10 @@ LOCK_WAIT = 5000  # ms a statement of ERASURE_LOCKED waits for a lock before a 5
 
 # The named statements that take the account's erasure lock (pgcast.erasure): shared by every
 # writer that could bring an erased address back, exclusive in the erase, which holds it for as
-# long as it runs (minutes for an account with millions of recipient rows). Each runs in a
-# transaction of its own whose lock waits end after LOCK_WAIT (psycopg LockNotAvailable: the
-# app answers 503 busy, errors.LockBusy), instead of holding the request and its connection.
+# long as it runs (minutes for an account with millions of recipient rows). Each runs with its
+# lock waits ended after LOCK_WAIT (psycopg LockNotAvailable: the app answers 503 busy,
+# errors.LockBusy), instead of holding the request and its connection until the erase commits.
+# A test checks the set against the functions that take the lock.
 ERASURE_LOCKED = frozenset({
     "broadcast_send", "contact_erase", "contacts_lock", "contacts_upsert",
     "message_one_click_unsubscribe", "message_send", "signup", "test_send_queue"})
@@ -59,7 +60,7 @@ def query(name: str) -> LiteralString:
 
 
 async def limit_lock_wait(conn: psycopg.AsyncConnection[DictRow]) -> None:
-    """Bound every lock wait of conn's open transaction to LOCK_WAIT."""
+    """Bound every lock wait of conn's current transaction (or a pipeline's) to LOCK_WAIT."""
     await conn.execute(QUERIES["lock_wait_limit"], {"ms": LOCK_WAIT})
 
 

@@ -58,8 +58,9 @@ FROM c
 
 -- contact_erase --
 -- Erases one address of an account (pgcast_erase_v7: v3, its messages with their errors,
--- diagnostics and keys, its opens and clicks, the filters that name it, never deadlocking):
--- contact_id NULL when there was none (its hash is kept all the same, so it is never imported).
+-- diagnostics and keys, its opens and clicks, the filters that name it; it waits briefly for
+-- the contact, the fence and those filters' rows while it holds the erasure lock): contact_id
+-- NULL when there was none (its hash is kept all the same, so it is never imported).
 SELECT * FROM pgcast_erase_v7(%(account)s, %(email)s, %(source)s, %(actor)s::jsonb)
 
 -- recipients_page --
