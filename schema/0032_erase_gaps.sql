@@ -18,8 +18,9 @@
 --   selects nobody, and records it in the audit log of the segment (a new column) or of the
 --   broadcast.
 
--- Each condition of a filter that names p_addr (a lower-case address) in a string value, or
--- as an attribute's name (ignoring case, anywhere in the string), rewritten as if its value
+-- Each condition of a filter that names p_addr (a lower-case address; a text without @ names
+-- nothing) in a string value, or as an attribute's name (ignoring case, anywhere in the
+-- string), rewritten as if its value
 -- were one no contact has: `in` loses the values that name it ({"any": []} when none is left),
 -- `ne` becomes {"not": {"any": []}} (everyone), any other condition {"any": []} (nobody).
 -- all, any and not are rewritten inside; everything else is returned as it is.
@@ -29,7 +30,8 @@ DECLARE
     k text;
     kept jsonb;
 BEGIN
-    IF p_filter IS NULL OR jsonb_typeof(p_filter) <> 'object' OR coalesce(p_addr, '') = '' THEN
+    IF p_filter IS NULL OR jsonb_typeof(p_filter) <> 'object'
+       OR strpos(coalesce(p_addr, ''), '@') = 0 THEN
         RETURN p_filter;
     END IF;
     FOREACH k IN ARRAY ARRAY['all', 'any'] LOOP
@@ -88,6 +90,8 @@ RETURNS TABLE (contact_id bigint, recipients bigint, messages bigint, segments b
 LANGUAGE plpgsql AS $$
 DECLARE
     addr text := lower(btrim(p_email));
+    -- only an address is looked for in filters (strpos: a short text would match everywhere)
+    is_address boolean := strpos(lower(btrim(p_email)), '@') > 0;
     caller_timeout text := current_setting('lock_timeout');
     deadline timestamptz;
     budget interval := least(interval '100 ms',
@@ -124,9 +128,10 @@ BEGIN
                 ELSIF busy = 'broadcast rows' THEN
                     PERFORM 1 FROM broadcasts b
                     WHERE b.account = p_account
-                      AND (strpos(lower(b.audit_log::text), addr) > 0
-                           OR strpos(lower(b.segment_filter::text), addr) > 0
-                           OR strpos(lower(b.filter_used::text), addr) > 0)
+                      AND ((strpos(lower(b.audit_log::text), addr) > 0
+                            AND (b.audit_log @> '[{"action": "test"}]' OR is_address))
+                           OR (is_address AND (strpos(lower(b.segment_filter::text), addr) > 0
+                               OR strpos(lower(b.filter_used::text), addr) > 0)))
                     ORDER BY b.id FOR UPDATE;
                 ELSE
                     PERFORM 1 FROM segments s
@@ -166,9 +171,11 @@ BEGIN
                 holding_until - clock_timestamp()) * 1000))::text || 'ms', true);
             ids := ARRAY(SELECT b.id FROM broadcasts b
                          WHERE b.account = p_account
-                           AND (strpos(lower(b.audit_log::text), addr) > 0
-                                OR strpos(lower(b.segment_filter::text), addr) > 0
-                                OR strpos(lower(b.filter_used::text), addr) > 0)
+                           AND ((strpos(lower(b.audit_log::text), addr) > 0
+                                 AND (b.audit_log @> '[{"action": "test"}]' OR is_address))
+                                OR (is_address
+                                    AND (strpos(lower(b.segment_filter::text), addr) > 0
+                                         OR strpos(lower(b.filter_used::text), addr) > 0)))
                          ORDER BY b.id FOR UPDATE);
             busy := 'segment rows';
             PERFORM set_config('lock_timeout', greatest(1, ceil(extract(epoch FROM

@@ -136,3 +136,16 @@ def test_the_scrub_leaves_a_filter_without_the_address_as_it_is(conn: Conn) -> N
     row = conn.execute("SELECT pgcast_segment_scrub_v1(%s::jsonb, %s) AS f",
                        (json.dumps(f), ANN)).fetchone()
     assert row == {"f": f}
+
+
+def test_an_erase_of_a_text_that_is_no_address_rewrites_no_filter(conn: Conn) -> None:
+    """Only an address is looked for inside strings: an erase of `vip` (not an address, erased
+    as given) leaves `{"tag": "vip"}` and `{"tag": "vip-2024"}` alone."""
+    _add(conn, "bob@example.com", tags=["vip"])
+    f = {"any": [{"tag": "vip"}, {"tag": "vip-2024"}]}
+    segments.save(conn, A, "vips", f)
+    out = _erase(conn, "vip")
+    assert out["segments"] == 0
+    row = segments.get(conn, A, "vips")
+    assert row["filter"] == f
+    assert conn.execute("SELECT audit_log FROM segments").fetchone() == {"audit_log": []}
