@@ -217,3 +217,51 @@ def test_a_deadlock_in_the_erase_s_rewrite_rolls_it_back_and_it_runs_again(
     assert outcome == {"erase": "done"}
     assert conn.execute("SELECT array_agg(DISTINCT to_address) AS a FROM messages"
                         ).fetchone() == {"a": ["erased@erased.invalid"]}
+
+
+def test_when_the_application_waited_first_it_is_the_one_failed_with_40p01(
+        conn: Conn, db_url: str) -> None:
+    """The other side of the residual case: the erase, in its rewrite, first waits for a row of
+    a third session; meanwhile the application (holding a message row the erase needs next)
+    calls pgcast_send_message and waits for the erasure lock. When the third session commits,
+    the erase waits for the application's row and closes the circle; the application's wait
+    is the older, so Postgres fails the application (40P01) and the erase goes on."""
+    seed(conn)
+    first = conn.execute(SEND, (ACCOUNT, "ann@example.com")).fetchone()
+    second = conn.execute(SEND, (ACCOUNT, "ann@example.com")).fetchone()
+    assert first is not None and second is not None
+    # the erase locks the messages in id order: the third session's row first
+    conn.execute("UPDATE messages SET id = '00000000-0000-0000-0000-000000000001' "
+                 "WHERE id = %s", (first["id"],))
+    conn.execute("UPDATE messages SET id = '00000000-0000-0000-0000-000000000002' "
+                 "WHERE id = %s", (second["id"],))
+    outcome: dict[str, Any] = {}
+    with support.connect(db_url) as third, support.connect(db_url) as app:
+        third.autocommit = app.autocommit = False
+        third.execute("SELECT 1 FROM messages WHERE id = '00000000-0000-0000-0000-000000000001'"
+                      " FOR UPDATE")
+        app.execute("SELECT 1 FROM messages WHERE id = '00000000-0000-0000-0000-000000000002'"
+                    " FOR UPDATE")
+        eraser, pid = erase_in_thread(db_url, outcome)
+        support.wait_for(lambda: blocked(conn, pid), timeout=30, what="the erase to wait")
+        app_pid = app.info.backend_pid
+
+        def send() -> None:
+            try:
+                app.execute(SEND, (ACCOUNT, "ann@example.com"))
+                app.commit()
+                outcome["app"] = "done"
+            except psycopg.errors.DeadlockDetected:
+                app.rollback()
+                outcome["app"] = "deadlock"
+
+        sender = threading.Thread(target=send)
+        sender.start()
+        support.wait_for(lambda: blocked(conn, app_pid), timeout=30, what="the send to wait")
+        third.commit()
+        sender.join(timeout=60)
+        eraser.join(timeout=60)
+        assert not sender.is_alive() and not eraser.is_alive()
+    assert outcome == {"app": "deadlock", "erase": "done"}
+    assert conn.execute("SELECT array_agg(DISTINCT to_address) AS a FROM messages"
+                        ).fetchone() == {"a": ["erased@erased.invalid"]}
