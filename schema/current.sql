@@ -6493,14 +6493,15 @@ ALTER TABLE segments ADD COLUMN audit_log jsonb NOT NULL DEFAULT '[]';
 -- the account's broadcasts whose audit log or filters name the address (in id order) and of
 -- its saved segments whose filter names it (in name order), waiting for them at most 100 ms in
 -- all (or half of deadlock_timeout) while it holds the erasure lock; past that it lets every
--- one go, waits for the busy one holding nothing, and starts again. If Postgres picks it in a
--- deadlock while it rewrites (a row above those, held by a transaction that then waits for the
--- erasure lock), all it did is rolled back and it starts again. Then the filters: each
--- saved segment and broadcast whose segment_filter, filter_used or a send's audit entry
--- (details.filter) names the address is rewritten (pgcast_segment_scrub_v1) and gets an audit
--- entry {"action": "erase", "details": {"scrubbed": [the columns], "source", the actor}}
--- (never the address). segments: how many saved segments were rewritten. The caller's
--- lock_timeout, when set, bounds the whole wait for those locks (SQLSTATE 55P03).
+-- one go, waits for the busy one holding nothing, and starts again. After v6, the filters:
+-- each saved segment and broadcast whose segment_filter, filter_used or a send's audit entry
+-- (details.filter) names the address (a text with @) is rewritten (pgcast_segment_scrub_v1)
+-- and gets an audit entry {"action": "erase", "details": {"scrubbed": [the columns],
+-- "source", the actor}} (never the address). If Postgres picks it in a deadlock while it
+-- rewrites (another row it rewrites, held by a transaction that then waits for the erasure
+-- lock), all it did is rolled back and it starts again. segments: how many saved segments
+-- were rewritten. The caller's lock_timeout, when set, bounds the whole wait for those locks
+-- (SQLSTATE 55P03).
 CREATE FUNCTION pgcast_erase_v7(p_account text, p_email text, p_source text, p_actor jsonb)
 RETURNS TABLE (contact_id bigint, recipients bigint, messages bigint, segments bigint)
 LANGUAGE plpgsql AS $$
