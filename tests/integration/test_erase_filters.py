@@ -10,7 +10,7 @@ from typing import Any
 
 import psycopg
 
-from pgcast.sql import broadcasts, segments
+from pgcast.sql import broadcasts, schedule, segments
 from pgcast.sql.queries import QUERIES
 from tests.integration import test_api_helpers as h
 
@@ -71,6 +71,9 @@ def test_an_erase_rewrites_every_filter_that_names_the_address(conn: Conn) -> No
     assert broadcasts.send(conn, A, sent["id"])["queued"] == 1
     plain = broadcasts.create(conn, A, subject="S", from_address="n@example.com", text="t",
                               segment="other")
+    later = broadcasts.create(conn, A, subject="S", from_address="n@example.com", text="t",
+                              filter_value={"attribute": "referrer", "in": [ANN, "x@y.org"]})
+    assert schedule.schedule(conn, A, later["id"], "2099-01-01T00:00:00Z")["success"]
     assert _names_ann(broadcasts.get(conn, A, sent["id"])["filter_used"])
 
     out = _erase(conn, ANN)
@@ -105,6 +108,10 @@ def test_an_erase_rewrites_every_filter_that_names_the_address(conn: Conn) -> No
     assert s["filter_used"] == {"any": [NOBODY] * 5}
     assert s["audit_log"][-1]["details"]["scrubbed"] == ["filter_used", "audit_log"]
     assert not _names_ann(s["audit_log"])
+    sc = broadcasts.get(conn, A, later["id"])
+    assert (sc["status"], sc["segment_filter"]) == (
+        "scheduled", {"attribute": "referrer", "in": ["x@y.org"]})
+    assert (sc["audit_log"][-1]["from"], sc["audit_log"][-1]["to"]) == ("scheduled", "scheduled")
     p = broadcasts.get(conn, A, plain["id"])
     assert p["audit_log"][-1]["action"] != "erase"
     # nowhere in a filter or an audit log
