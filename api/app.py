@@ -161,6 +161,13 @@ async def _unavailable(request: Request, exc: Exception) -> Response:
                      status_code=503, headers={"Retry-After": "1"})
 
 
+async def _lock_busy(request: Request, exc: Exception) -> Response:
+    busy = errors.LockBusy(f"waited {db.LOCK_WAIT} ms for a lock another operation on the "
+                           "account holds (an erase, an import or a send); retry later",
+                           headers={"Retry-After": "5"})
+    return http.Json(busy.body(), status_code=busy.status_code, headers=busy.headers)
+
+
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "error")
@@ -172,6 +179,7 @@ EXCEPTION_HANDLERS: dict[Any, Any] = {
     errors.ApiError: _api_error,
     sql_errors.InvalidInput: _invalid_input,
     psycopg_pool.PoolTimeout: _unavailable,
+    psycopg.errors.LockNotAvailable: _lock_busy,  # lock_timeout (db.LOCK_WAIT): before 503 below
     psycopg.OperationalError: _unavailable,
     HTTPException: _http_error,
 }

@@ -130,6 +130,7 @@ async def import_csv(request: Request) -> Response:
     if batch.rows:
         # one transaction: a failure half-way imports nothing, as the CLI's
         async with context.pool(request).connection() as conn, conn.transaction():
+            await db.limit_lock_wait(conn)  # the erasure lock: bounded (db.ERASURE_LOCKED)
             if len(batch.rows) > UPSERT_CHUNK:
                 # lock order: every existing contact, in id order, before a chunk's fence
                 await conn.execute(db.query("contacts_lock"), {

@@ -82,6 +82,13 @@ class Unavailable(ApiError):
     code = "unavailable"
 
 
+class LockBusy(ApiError):
+    """A lock the request needs stayed held past the API's lock wait (an erase runs); retry."""
+
+    status_code = 503
+    code = "busy"
+
+
 class UnsupportedMediaType(ApiError):
     """The body is not of the media type the route reads (e.g. text/csv for an import)."""
 

@@ -220,7 +220,8 @@ ERRORS = {
     "429": {**_json("Error", "too many progress streams open (this account, or this server), "
                              "or over the account's hourly test-send cap (50 messages)"),
             "headers": {"Retry-After": {"schema": {"type": "integer"}}}},
-    "503": _json("Error", "Postgres is unreachable"),
+    "503": _json("Error", "Postgres is unreachable, or a lock stayed held past the wait "
+                          "allowed (busy: an erase of the account runs)"),
 }
 ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string", "format": "uuid"}}
 

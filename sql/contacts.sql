@@ -57,10 +57,11 @@ SELECT c.id, c.email, EXISTS (SELECT 1 FROM u) AS changed,
 FROM c
 
 -- contact_erase --
--- Erases one address of an account (pgcast_erase_v6: v3, its messages with their errors,
--- diagnostics and keys, its opens and clicks): contact_id NULL when there was none (its hash
--- is kept all the same, so it is never imported).
-SELECT * FROM pgcast_erase_v6(%(account)s, %(email)s, %(source)s, %(actor)s::jsonb)
+-- Erases one address of an account (pgcast_erase_v7: v3, its messages with their errors,
+-- diagnostics and keys, its opens and clicks, the filters that name it; it waits briefly for
+-- the contact, the fence and those filters' rows while it holds the erasure lock): contact_id
+-- NULL when there was none (its hash is kept all the same, so it is never imported).
+SELECT * FROM pgcast_erase_v7(%(account)s, %(email)s, %(source)s, %(actor)s::jsonb)
 
 -- recipients_page --
 -- A broadcast's recipient rows by contact id, keyset-paged, optionally of one status
