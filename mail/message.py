@@ -234,6 +234,15 @@ class Content:
                 "List-Unsubscribe-Post": LIST_UNSUBSCRIBE_POST,
                 "X-Pgcast-Broadcast": self.broadcast_id}
 
+    def reads_contact(self) -> bool:
+        """Whether a template of this content reads `contact` (its name, tags or attributes):
+        when none does, the worker claims no attributes or tags. Parsed once."""
+        if not hasattr(self, "_reads_contact"):
+            self._reads_contact = not self.problem and any(
+                source is not None and template.uses(source, "contact")
+                for source in (self.subject_source, self.text_source, self.html_source))
+        return self._reads_contact
+
     def links_printed(self) -> tuple[int, int, int] | None:
         """The links (template.LINKS) the subject, text and html print, when the whole message
         can be made from a skeleton (Content.fill): every part a template that prints nothing

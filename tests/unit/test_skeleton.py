@@ -166,3 +166,12 @@ def test_the_builder_fills_what_the_pool_renders_for_hostile_rows() -> None:
             assert made is None
     finally:
         pool.close()
+
+
+def test_a_content_reads_contact_only_when_a_template_names_it() -> None:
+    assert not content(*FILLABLE[2]).reads_contact()
+    assert not content("S", "{% if broadcast.id %}{{ unsubscribe_url }}{% endif %}", None,
+                       {}).reads_contact()
+    assert content("S", "x", "<p>{{ contact.attributes.plan }}</p>", {}).reads_contact()
+    assert content("Hi {{ contact.name }}", "x", None, {}).reads_contact()
+    assert content("S", "{{ contact['tags'] | join(',') }}", None, {}).reads_contact()
