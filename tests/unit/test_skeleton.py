@@ -175,3 +175,19 @@ def test_a_content_reads_contact_only_when_a_template_names_it() -> None:
     assert content("S", "x", "<p>{{ contact.attributes.plan }}</p>", {}).reads_contact()
     assert content("Hi {{ contact.name }}", "x", None, {}).reads_contact()
     assert content("S", "{{ contact['tags'] | join(',') }}", None, {}).reads_contact()
+
+
+def test_a_simple_address_is_its_own_addr_spec() -> None:
+    """addr_spec's fast path returns what email.headerregistry.Address gives for every
+    character a simple address may have, at both ends of the local part and the domain."""
+    import email.headerregistry
+
+    local_chars = "azAZ09.!#$%&'*+/=?^_`{|}~-"
+    domain_chars = "azAZ09.-"
+    for lc in local_chars:
+        for local in (lc, f"{lc}x", f"x{lc}", f"x{lc}{lc}y"):
+            for dc in domain_chars:
+                domain = f"{dc}b{dc}"
+                address = f"{local}@{domain}"
+                assert message.addr_spec(address) == email.headerregistry.Address(
+                    username=local, domain=domain).addr_spec
