@@ -191,3 +191,46 @@ def test_a_simple_address_is_its_own_addr_spec() -> None:
                 address = f"{local}@{domain}"
                 assert message.addr_spec(address) == email.headerregistry.Address(
                     username=local, domain=domain).addr_spec
+
+
+class FakePool:
+    """A render pool whose skeleton render fails (or is not rendered); messages are rendered
+    in this process as a render process would."""
+
+    def __init__(self, skeleton: renderpool.Failure) -> None:
+        self.failure = skeleton
+        self.skeleton_jobs = 0
+
+    async def run(self, account: str, kind: str, spec: object, items: list[object],
+                  stop_after: int = 0) -> list[object]:
+        if kind == "skeleton":
+            self.skeleton_jobs += 1
+            return [self.failure]
+        assert kind == "messages"
+        out: list[object] = []
+        for cid, address, name, attributes, tags, deliver_to in items:  # type: ignore[misc]
+            out.append(self.content.render(cid, address, name, attributes, tags, deliver_to))
+        return out
+
+    content: message.Content
+
+
+@pytest.mark.parametrize(("failure", "asked"), [
+    (renderpool.Failure("render budget exceeded (memory)", "memory"), 1),
+    (renderpool.Failure("not rendered: the render process could not start", None, True), 2)])
+def test_a_skeleton_that_cannot_be_made_leaves_the_messages_to_the_pool(
+        failure: renderpool.Failure, asked: int) -> None:
+    pool = FakePool(failure)
+    c = content(*FILLABLE[1])
+    pool.content = c
+    builder = dispatch.Builder(pool)  # type: ignore[arg-type]
+    handed = [dispatch.Recipient(cid, address, name) for cid, address, name in (RECIPIENTS[0], RECIPIENTS[2], RECIPIENTS[3])]
+
+    async def twice() -> list[list[object]]:
+        return [list(await builder.build(c, handed)) for _ in range(2)]
+
+    for built in asyncio.run(twice()):
+        assert [normalised(b) for b in built] == [
+            normalised(c.render(r.contact_id, r.email, r.name)) for r in handed]
+    # a failed render is not asked again; one that was not rendered is, on the next group
+    assert pool.skeleton_jobs == asked
