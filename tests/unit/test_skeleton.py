@@ -224,7 +224,8 @@ def test_a_skeleton_that_cannot_be_made_leaves_the_messages_to_the_pool(
     c = content(*FILLABLE[1])
     pool.content = c
     builder = dispatch.Builder(pool)  # type: ignore[arg-type]
-    handed = [dispatch.Recipient(cid, address, name) for cid, address, name in (RECIPIENTS[0], RECIPIENTS[2], RECIPIENTS[3])]
+    sendable = (RECIPIENTS[0], RECIPIENTS[2], RECIPIENTS[3])
+    handed = [dispatch.Recipient(cid, address, name) for cid, address, name in sendable]
 
     async def twice() -> list[list[object]]:
         return [list(await builder.build(c, handed)) for _ in range(2)]
