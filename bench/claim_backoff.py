@@ -47,7 +47,7 @@ def prepare(url: str, recipients: int, backoff: int) -> tuple[uuid.UUID, uuid.UU
             ids = [r["contact_id"] for r in rows]
             after = max(ids)
             conn.execute(QUERIES["handoff"], {"id": waiting, "epoch": epoch, "token": token,
-                                              "ids": ids})
+                                              "ids": ids, "contact": True})
             conn.execute(QUERIES["record"], {
                 "id": waiting, "token": token, "ids": ids, "outcomes": ["retry"] * len(ids),
                 "message_ids": [None] * len(ids), "errors": ["later"] * len(ids),

@@ -166,6 +166,10 @@ def main(argv: list[str] | None = None) -> None:
             env["PGCAST_PROVIDER"] = "null"
         plain = drain(url, env, args.recipients, logs, "plain", None, args.rate)
         spied = drain(url, env, args.recipients, logs, "spied", raw, args.rate)
+    print(f"in µs per delivered message: worker {plain.worker * 1000:.1f} (user "
+          f"{plain.user * 1000:.1f}, system {plain.system * 1000:.1f}), its render processes "
+          f"{plain.render_procs * 1000:.1f}, together "
+          f"{(plain.worker + plain.render_procs) * 1000:.1f}")
     print(f"{args.provider} provider: "
           f"worker CPU per delivered message, {args.latency_ms:g} ms endpoint, no limit, 1 "
           f"process: {plain.worker:.2f} ms (user {plain.user:.2f}, system {plain.system:.2f}; "
@@ -192,7 +196,7 @@ def main(argv: list[str] | None = None) -> None:
     print("share of GIL-holding samples (and that share of the plain drain's "
           f"{plain.user:.2f} ms user CPU per message):")
     for name, count in by_bucket.most_common():
-        print(f"  {100 * count / total:5.1f}%  {plain.user * count / total:5.2f} ms  {name}")
+        print(f"  {100 * count / total:5.1f}%  {plain.user * count / total:6.3f} ms  {name}")
     print(f"top {args.top} frames by inclusive share:")
     for f, count in inclusive.most_common(args.top):
         print(f"  {100 * count / total:5.1f}%  {f[:110]}")

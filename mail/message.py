@@ -11,6 +11,7 @@ addresses come out of `email.headerregistry.Address` with the domain in IDNA for
 
 from __future__ import annotations
 
+import base64
 import email.header
 import email.headerregistry
 import email.message
@@ -28,6 +29,7 @@ from pgcast.mail import errors, plaintext, sandbox, template, tracking, unsubscr
 POLICY = email.policy.SMTP.clone(cte_type="7bit", refold_source="none")
 LIST_UNSUBSCRIBE_POST = "List-Unsubscribe=One-Click"  # RFC 8058's one fixed value
 TEST_PREFIX = "[TEST] "
+SKELETON_ADDRESS = "skeleton@example.invalid"  # the To of a skeleton (Content.fill replaces it)
 _PLAIN = re.compile(r"[ -~]*")  # printable ASCII
 _SIMPLE_ADDRESS = re.compile(r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9.-]+")
 _LINE_BREAKS = re.compile(r"[\x00-\x1f\x7f\x85\u2028\u2029]+")
@@ -47,6 +49,15 @@ class Message:
     to_address: str = ""
     broadcast_id: str = ""
     tags: dict[str, str] = field(default_factory=dict)  # a message's own SES EmailTags
+
+
+@dataclass(frozen=True)
+class Skeleton:
+    """A broadcast's message rendered once with a stand-in token (`marker`): what every
+    recipient's message is made from by Content.fill (see template.links_printed)."""
+
+    marker: str
+    message: Message
 
 
 def one_line(value: str) -> str:
@@ -79,11 +90,15 @@ def phrase(display_name: str, header_name: str) -> str:
 def addr_spec(address: str) -> str:
     """An address as an addr-spec: the domain in IDNA form; raises RenderError."""
     candidate = address.strip()
-    if not (_SIMPLE_ADDRESS.fullmatch(candidate) and candidate.count("@") == 1):
-        try:  # the slow path: IDNA domains, quoted local parts, older rows never checked
-            candidate = validate.address(candidate)
-        except errors.InvalidValue as exc:
-            raise errors.RenderError(f"cannot send to this address: {exc.reason}") from None
+    if _SIMPLE_ADDRESS.fullmatch(candidate) and candidate.count("@") == 1:
+        # what Address(...).addr_spec below gives for it, without building one (issue 32: a
+        # third of a filled message's cost): a non-empty dot-atom-text local part (none of
+        # its characters is a special or a space: never quoted) and a non-empty domain
+        return candidate
+    try:  # the slow path: IDNA domains, quoted local parts, older rows never checked
+        candidate = validate.address(candidate)
+    except errors.InvalidValue as exc:
+        raise errors.RenderError(f"cannot send to this address: {exc.reason}") from None
     local, _, domain = candidate.rpartition("@")
     return str(email.headerregistry.Address(username=local, domain=domain).addr_spec)
 
@@ -136,6 +151,7 @@ class Content:
         self._text: template.Renderer | None = None
         self._html: template.Renderer | None = None
         self._text_from_html = False  # convert the rendered html per recipient
+        self._text_made: str | None = None  # the text template made from the html
         try:
             display, spec = validate.sender(from_address)
             self.from_header = mailbox(display, spec, "From")
@@ -150,6 +166,7 @@ class Content:
                     self._text_from_html = True
                 else:
                     self._text = template.compile_part("text", made)
+                    self._text_made = made
         except (errors.InvalidValue, errors.RenderError) as exc:
             self.problem = f"the broadcast cannot be sent: {exc}"
 
@@ -182,9 +199,7 @@ class Content:
     def _render(self, contact_id: int, email_address: str, name: str | None,
                 attributes: dict[str, Any] | None, tags: list[str] | None,
                 deliver_to: str | None, token: str | None = None) -> Message:
-        spec = addr_spec(deliver_to or email_address)
-        shown = phrase(name or "", "To")
-        to = f"{shown} <{spec}>" if shown else spec
+        spec, to = self._to(deliver_to or email_address, name)
         # one token per message: the unsubscribe, preference and web links all carry it
         token = token or self._token(contact_id)
         link = unsubscribe.link(self.base_url, token)
@@ -208,11 +223,90 @@ class Content:
             text = None
         if self._tracker is not None:
             html, text = self._tracker.rewrite(html, text, contact_id)
-        headers = {"List-Unsubscribe": f"<{link}>",
-                   "List-Unsubscribe-Post": LIST_UNSUBSCRIBE_POST,
-                   "X-Pgcast-Broadcast": self.broadcast_id}
-        return Message(contact_id, to, self.from_header, subject, text, html, headers,
-                       spec, self.broadcast_id)
+        return Message(contact_id, to, self.from_header, subject, text, html,
+                       self._headers(link), spec, self.broadcast_id)
+
+    @staticmethod
+    def _to(address: str, name: str | None) -> tuple[str, str]:
+        """The recipient's addr-spec and To header value; raises RenderError."""
+        spec = addr_spec(address)
+        shown = phrase(name or "", "To")
+        return spec, f"{shown} <{spec}>" if shown else spec
+
+    def _headers(self, link: str) -> dict[str, str]:
+        return {"List-Unsubscribe": f"<{link}>",
+                "List-Unsubscribe-Post": LIST_UNSUBSCRIBE_POST,
+                "X-Pgcast-Broadcast": self.broadcast_id}
+
+    def reads_contact(self) -> bool:
+        """Whether a template of this content reads `contact` (its name, tags or attributes):
+        when none does, the worker claims no attributes or tags. Parsed once."""
+        if not hasattr(self, "_reads_contact"):
+            self._reads_contact = not self.problem and any(
+                source is not None and template.uses(source, "contact")
+                for source in (self.subject_source, self.text_source, self.html_source))
+        return self._reads_contact
+
+    def links_printed(self) -> tuple[int, int, int] | None:
+        """The links (template.LINKS) the subject, text and html print, when the whole message
+        can be made from a skeleton (Content.fill): every part a template that prints nothing
+        per recipient but its links (template.links_printed), no tracking (its rewrite is per
+        contact), no text converted from each rendered html. None otherwise. Parsed once."""
+        if not hasattr(self, "_links_printed"):
+            self._links_printed = self._count_links()
+        return self._links_printed
+
+    def _count_links(self) -> tuple[int, int, int] | None:
+        if self.problem or self._tracker is not None or self._text_from_html:
+            return None
+        text_source = self.text_source if self.text_source is not None else self._text_made
+        counts = [template.links_printed(part, source) if source is not None else 0
+                  for part, source in (("subject", self.subject_source), ("text", text_source),
+                                       ("html", self.html_source))]
+        if any(n is None for n in counts):
+            return None
+        return (counts[0] or 0, counts[1] or 0, counts[2] or 0)
+
+    def stand_in(self) -> str:
+        """A stand-in token for a skeleton: random, with a real token's length and alphabet
+        (so an escaped part and the output limit treat it as they treat the real one)."""
+        return base64.urlsafe_b64encode(os.urandom(54)).rstrip(b"=").decode()
+
+    def skeleton(self, marker: str) -> Skeleton:
+        """The message rendered with `marker` as its token (in a render process: it runs the
+        templates); raises RenderError as render does."""
+        return Skeleton(marker, self.render(0, SKELETON_ADDRESS, None, token=marker))
+
+    def usable(self, skeleton: Skeleton) -> bool:
+        """Whether `skeleton` is one this content can fill: it prints its marker exactly where
+        the templates print a link, and the marker is a token's length."""
+        counts = self.links_printed()
+        made = skeleton.message
+        marker = skeleton.marker
+        return (counts is not None and len(marker) == len(self._token(0))
+                and made.subject.count(marker) == counts[0]
+                and (made.text or "").count(marker) == counts[1]
+                and (made.html or "").count(marker) == counts[2])
+
+    def fill(self, skeleton: Skeleton, contact_id: int, email_address: str,
+             name: str | None) -> Message:
+        """One recipient's message from a usable skeleton (Content.usable), in this process,
+        running no template: what render gives, byte for byte (a fresh token in place of the
+        marker); raises RenderError when the address cannot be sent to, as render does."""
+        spec, to = self._to(email_address, name)
+        token = self._token(contact_id)
+        made = skeleton.message
+        marker = skeleton.marker
+        subject, text, html = made.subject, made.text, made.html
+        if marker in subject:
+            subject = subject.replace(marker, token)
+        if text is not None and marker in text:
+            text = text.replace(marker, token)
+        if html is not None and marker in html:
+            html = html.replace(marker, token)
+        return Message(contact_id, to, self.from_header, subject, text, html,
+                       self._headers(unsubscribe.link(self.base_url, token)), spec,
+                       self.broadcast_id)
 
 
 def to_rfc5322(message: Message, message_id: str, date: str | None = None) -> bytes:

@@ -8,6 +8,7 @@ when a render does not answer in time (a step the sandbox cannot interrupt).
 Jobs (pickled over a pipe): `(kind, spec, items, stop_after)`; the answer is one result per
 item, sent in chunks as they are made (so the pool can time each one):
     messages: items are recipients; a result is a Message, or Failure.
+    skeleton: an item is a stand-in token; a result is a message.Skeleton, or Failure.
     preview: items are contact rows (or None); a result is mail.preview's dict, or Failure.
     trial: spec is (subject, from, text, html); a result is None or Failure.
 """
@@ -100,6 +101,8 @@ class Worker:
             contact_id, email, name, attributes, tags, deliver_to = item
             return self.content(spec).render(contact_id, email, name, attributes, tags,
                                              deliver_to)
+        if kind == "skeleton":  # item: the stand-in token (message.Content.skeleton)
+            return self.content(spec).skeleton(item)
         if kind == "preview":
             return preview.of(self.content(spec), item)
         if kind == "trial":

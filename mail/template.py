@@ -15,6 +15,7 @@ import jinja2
 import jinja2.exceptions
 import jinja2.meta
 import jinja2.nodes
+import jinja2.parser
 import jinja2.runtime
 import jinja2.sandbox
 
@@ -98,6 +99,39 @@ def uses(source: str, name: str) -> bool:
     except jinja2.TemplateSyntaxError:
         return False
     return any(n.name == name for n in tree.find_all(jinja2.nodes.Name))
+
+
+# the variables whose values pgcast makes per recipient from the message's token alone
+LINKS = ("unsubscribe_url", "preferences_url", "web_url")
+_SAME_FOR_ALL = frozenset({"id", "subject"})  # broadcast.id, broadcast.subject
+
+
+def links_printed(part: str, source: str) -> int | None:
+    """How many links (LINKS) a template prints when all it does is print text, constants,
+    `broadcast.id`, `broadcast.subject` and the links themselves, each as a bare `{{ name }}`
+    (no filter, test, call, condition, loop, assignment, macro or block; no `contact`). Such a
+    template's output is the same for every recipient of a broadcast but for the links, each
+    printed whole: rendered once with a stand-in token, it gives each recipient's output by
+    putting the recipient's token in place of the stand-in (mail.message.Content.fill).
+    None for any other template (and for one that does not parse)."""
+    try:  # the parser alone: the sandbox's _parse would add its budget ticks to the tree
+        tree = jinja2.parser.Parser(_env(part), source).parse()
+    except jinja2.TemplateSyntaxError:
+        return None
+    printed = 0
+    for node in tree.body:
+        if not isinstance(node, jinja2.nodes.Output):
+            return None
+        for item in node.nodes:
+            if isinstance(item, jinja2.nodes.TemplateData | jinja2.nodes.Const):
+                continue
+            if isinstance(item, jinja2.nodes.Name) and item.ctx == "load" and item.name in LINKS:
+                printed += 1
+            elif not (isinstance(item, jinja2.nodes.Getattr) and item.attr in _SAME_FOR_ALL
+                      and isinstance(item.node, jinja2.nodes.Name)
+                      and item.node.name == "broadcast" and item.node.ctx == "load"):
+                return None
+    return printed
 
 
 Renderer = Callable[[dict[str, Any]], str]

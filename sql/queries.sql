@@ -177,18 +177,20 @@ SELECT * FROM pgcast_claim_v3(%(id)s, %(limit)s, %(token)s, %(worker)s,
 
 -- claim_handoff --
 -- Claim up to `limit` rows and hand them off at once (handed = false: only claimed; all
--- of them when the global bucket has a rate by then, which global_rate says).
-SELECT * FROM pgcast_claim_handoff_v5(%(id)s, %(limit)s, %(token)s, %(worker)s,
-                                      make_interval(secs => %(lease)s), %(after)s)
+-- of them when the global bucket has a rate by then, which global_rate says); the contact's
+-- attributes and tags only when `contact` (the content reads them).
+SELECT * FROM pgcast_claim_handoff_v6(%(id)s, %(limit)s, %(token)s, %(worker)s,
+                                      make_interval(secs => %(lease)s), %(after)s,
+                                      %(contact)s)
 
 -- fresh_floor --
 -- The lowest never-claimed pending contact_id >= `from` of one broadcast, or NULL.
 SELECT pgcast_fresh_floor_v1(%(id)s, %(from)s) AS floor
 
 -- handoff --
--- The fence: claimed -> sending (or skipped) for one group, with each contact's name and
--- attributes (pgcast_handoff_v3).
-SELECT * FROM pgcast_handoff_v3(%(id)s, %(epoch)s, %(token)s, %(ids)s)
+-- The fence: claimed -> sending (or skipped) for one group, with each contact's name, and
+-- its attributes and tags when `contact` (pgcast_handoff_v4).
+SELECT * FROM pgcast_handoff_v4(%(id)s, %(epoch)s, %(token)s, %(ids)s, %(contact)s)
 
 -- record --
 -- One group's provider outcomes and counters (an answer its claim no longer holds: audited);

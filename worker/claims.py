@@ -70,11 +70,12 @@ class Claims:
         self.halted = halted
 
     async def claim(self, bid: uuid.UUID, entry: Active, token: uuid.UUID, limit: int,
-                    query: str = "claim") -> list[dict[str, Any]]:
+                    query: str = "claim", contact: bool = True) -> list[dict[str, Any]]:
         """A batch (`claim`, or `claim_handoff`), as dicts: every row has contact_id, attempts,
-        epoch and last_fresh (the cursor's next value)."""
+        epoch and last_fresh (the cursor's next value); `claim_handoff`'s rows have the
+        contact's attributes and tags only with `contact`."""
         params = {"id": bid, "limit": limit, "token": token, "worker": self.worker,
-                  "lease": self.lease, "after": entry.cursor}
+                  "lease": self.lease, "after": entry.cursor, "contact": contact}
         rows = await self.db.dicts(query, params)
         if rows and rows[0]["last_fresh"] is not None:
             entry.cursor = rows[0]["last_fresh"]

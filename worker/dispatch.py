@@ -108,6 +108,7 @@ def recipient(row: dict[str, Any]) -> Recipient:
 
 
 RENDER_STREAK = 3  # render budget failures in a row that pause a broadcast (render_budget)
+SKELETONS = 256  # contents whose skeleton (or its absence) a Builder keeps
 
 
 def cannot_build(cid: int, why: str, pause_reason: str | None = None) -> Outcome:
@@ -126,11 +127,37 @@ class Builder:
         self.pool = pool  # None: the process's render pool
         # (broadcast id, content key) -> budget failures in a row; none: no failure in a row
         self.streaks: dict[tuple[str, str], int] = {}
+        # content key -> its skeleton (None: rendered per message), being made or made
+        self.skeletons: dict[str, tuple[str, asyncio.Future[render.Skeleton | None]]] = {}
 
     def forget(self, broadcast_id: uuid.UUID | str) -> None:
         """The broadcast is no longer worked on: its streaks go."""
         gone = str(broadcast_id)
         self.streaks = {k: v for k, v in self.streaks.items() if k[0] != gone}
+        self.skeletons = {k: v for k, v in self.skeletons.items() if v[0] != gone}
+
+    async def skeleton(self, content: render.Content) -> render.Skeleton | None:
+        """The content's skeleton, made once per content (groups of it share the first
+        render's task); None: its messages are rendered one by one in the pool."""
+        if content.links_printed() is None:
+            return None
+        known = self.skeletons.get(content.key)
+        if known is None or known[1].get_loop() is not asyncio.get_running_loop():
+            if len(self.skeletons) >= SKELETONS:  # the oldest goes (made again if needed)
+                del self.skeletons[next(iter(self.skeletons))]
+            known = (content.broadcast_id,
+                     asyncio.ensure_future(render.skeleton(content, self.pool)))
+            self.skeletons[content.key] = known
+        try:
+            return await asyncio.shield(known[1])
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - not made this time: asked again next group
+            log.warning("broadcast %s: no skeleton this time (%s): rendered one by one",
+                        content.broadcast_id, describe(exc))
+            if self.skeletons.get(content.key) is known:
+                del self.skeletons[content.key]
+            return None
 
     async def build(self, content: render.Content | str,
                     handed: list[Recipient]) -> list[render.Message | Outcome]:
@@ -143,9 +170,14 @@ class Builder:
             return [Outcome(r.contact_id, "release", pause_reason="render_budget",
                             error="not rendered: the render budget was exceeded "
                                   f"{streak} times in a row") for r in handed]
-        results = await render.render_many(content, [
-            (r.contact_id, r.email, r.name, r.attributes, r.tags, None) for r in handed],
-            RENDER_STREAK - streak, self.pool)
+        made = await self.skeleton(content)
+        if made is not None:  # nothing per recipient but the links: filled here, no template
+            results = await render.fill_many(content, made, [
+                (r.contact_id, r.email, r.name) for r in handed])
+        else:
+            results = await render.render_many(content, [
+                (r.contact_id, r.email, r.name, r.attributes, r.tags, None) for r in handed],
+                RENDER_STREAK - streak, self.pool)
         # read again after the await: groups of the same broadcast render side by side, and
         # each adds its failures in a row to what the others left (no update lost)
         streak = self.streaks.get(key, 0)

@@ -314,11 +314,11 @@ class Engine:
                                 attempts, content, groups)
 
     async def _claim(self, bid: uuid.UUID, entry: claims.Active, token: uuid.UUID, limit: int,
-                     query: str = "claim") -> list[dict[str, Any]]:
+                     query: str = "claim", contact: bool = True) -> list[dict[str, Any]]:
         """A claim, charged to the broadcast's stride when it starts (loops picking at once
         spread out) and corrected by what it got."""
         self.picker.claimed(bid, limit)
-        rows = await self.claims.claim(bid, entry, token, limit, query)
+        rows = await self.claims.claim(bid, entry, token, limit, query, contact)
         self.picker.claimed(bid, len(rows) - limit)
         return rows
 
@@ -357,7 +357,8 @@ class Engine:
         # before the handoff: nothing may fail between it and the provider call
         content = await self.picker.content(bid)
         try:
-            rows = await self._claim(bid, entry, token, limit, "claim_handoff")
+            rows = await self._claim(bid, entry, token, limit, "claim_handoff",
+                                     _reads_contact(content))
         except pg.UNREACHABLE:
             # did it commit? Either way the provider was never called: put back what it took
             await self.db.q_retry("unhandoff", {"id": bid, "token": token, "ids": None})
@@ -409,7 +410,8 @@ class Engine:
                         break
                     group = remaining[:granted]
                     try:
-                        handed = await self._handoff(bid, epoch, token, group)
+                        handed = await self._handoff(bid, epoch, token, group,
+                                                     _reads_contact(content))
                     except BaseException:
                         self._unslot(granted)
                         raise
@@ -441,11 +443,12 @@ class Engine:
             self.window.release(n)
 
     async def _handoff(self, bid: uuid.UUID, epoch: int, token: uuid.UUID,
-                       group: list[int]) -> Handed | None:
-        """The fence for one group: the rows handed off ([] all skipped), None when fenced."""
+                       group: list[int], contact: bool = True) -> Handed | None:
+        """The fence for one group: the rows handed off ([] all skipped), None when fenced;
+        the contacts' attributes and tags only with `contact`."""
         try:
             rows = await self.db.dicts("handoff", {"id": bid, "epoch": epoch, "token": token,
-                                                   "ids": group})
+                                                   "ids": group, "contact": contact})
         except pg.UNREACHABLE:
             # did the handoff commit? Either way the provider was never called: undo it
             await self.db.q_retry("unhandoff", {"id": bid, "token": token, "ids": group})
@@ -534,3 +537,9 @@ class Engine:
         self.state.halted[bid] = max(self.state.halted.get(bid, 0), epoch)
         await self.db.q_retry("broadcast_pause", {"account": None, "id": bid, "reason": reason,
                                                   "details": json.dumps(details)})
+
+
+def _reads_contact(content: render.Content | str) -> bool:
+    """Whether the claim must bring the contacts' attributes and tags (a template reads
+    `contact`); a content that cannot be built reads nothing."""
+    return not isinstance(content, str) and content.reads_contact()

@@ -6,13 +6,15 @@ loop, under the render budget; `render` (in this process) is for tests and bench
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 from typing import Any
 
-from pgcast.mail import message, renderpool
+from pgcast.mail import message, renderpool, renderproc
 
 Content = message.Content
 Message = message.Message
+Skeleton = message.Skeleton
 Failure = renderpool.Failure
 Pool = renderpool.RenderPool
 Item = tuple[int, str, str | None, dict[str, Any] | None, list[str] | None, str | None]
@@ -48,3 +50,42 @@ async def render_one(content: Content, item: Item) -> Message:
     result: Message = await renderpool.one(pool(), content.account, "messages",
                                            renderpool.spec(content), item)
     return result
+
+
+async def skeleton(content: Content,
+                   in_pool: renderpool.RenderPool | None = None) -> Skeleton | None:
+    """The content's skeleton (message.Content.fill makes each recipient's message from it in
+    this process), rendered once in the render pool under the render budget; None when the
+    content cannot be made that way (its templates do more than print their links, or the
+    render failed: each message is then rendered in the pool); raises RuntimeError when the
+    pool did not render it (a render process that cannot start: worth asking again)."""
+    if content.links_printed() is None:
+        return None
+    made = (await (in_pool or pool()).run(content.account, "skeleton", renderpool.spec(content),
+                                          [content.stand_in()]))[0]
+    if isinstance(made, Failure) and made.skipped:  # not rendered (no process): ask again
+        raise RuntimeError(made.reason)
+    if isinstance(made, Skeleton) and content.usable(made):
+        return made
+    return None
+
+
+FILL_CHUNK = 100  # messages filled between two turns of the event loop
+
+
+async def fill_many(content: Content, made: Skeleton,
+                    items: list[tuple[int, str, str | None]]) -> list[Message | Failure]:
+    """Messages for many recipients (contact id, address, name) from a usable skeleton, in
+    this process (no template runs: message.Content.fill); a Failure for each that cannot be
+    built, with the reason the render pool would give. The event loop gets a turn every
+    FILL_CHUNK messages."""
+    out: list[Message | Failure] = []
+    fill = content.fill
+    for i, (contact_id, email_address, name) in enumerate(items):
+        if i and not i % FILL_CHUNK:
+            await asyncio.sleep(0)
+        try:
+            out.append(fill(made, contact_id, email_address, name))
+        except Exception as exc:  # noqa: BLE001 - every fault is this recipient's, as in the pool
+            out.append(renderproc.failure(exc))
+    return out

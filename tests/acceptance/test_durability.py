@@ -41,7 +41,8 @@ def test_an_acknowledged_handoff_and_unsubscribe_survive_an_immediate_stop() -> 
                                                    "after": 0}).fetchall()
             ids = [r["contact_id"] for r in rows]
             handed = conn.execute(QUERIES["handoff"], {"id": bid, "epoch": epoch,
-                                                       "token": token, "ids": ids}).fetchall()
+                                                       "token": token, "ids": ids,
+                                                       "contact": True}).fetchall()
             assert len(handed) == 2  # acknowledged: the worker would call the provider now
             unsubscribed = conn.execute(QUERIES["contact_unsubscribe"], {
                 "account": "default", "email": "user2@example.com", "source": "api",

@@ -19,18 +19,18 @@ Conn = psycopg.Connection[dict[str, Any]]
 
 
 def claim(conn: Conn, bid: uuid.UUID, n: int, lease: float = 30.0, after: int = 0,
-          query: str = "claim") -> tuple[uuid.UUID, list[dict[str, Any]]]:
+          query: str = "claim", contact: bool = True) -> tuple[uuid.UUID, list[dict[str, Any]]]:
     token = uuid.uuid4()
     rows = conn.execute(QUERIES[query], {"id": bid, "limit": n, "token": token,
                                          "worker": "test", "lease": lease,
-                                         "after": after}).fetchall()
+                                         "after": after, "contact": contact}).fetchall()
     return token, rows
 
 
 def handoff(conn: Conn, bid: uuid.UUID, epoch: int, token: uuid.UUID,
-            ids: list[int]) -> list[dict[str, Any]]:
+            ids: list[int], contact: bool = True) -> list[dict[str, Any]]:
     return conn.execute(QUERIES["handoff"], {"id": bid, "epoch": epoch, "token": token,
-                                             "ids": ids}).fetchall()
+                                             "ids": ids, "contact": contact}).fetchall()
 
 
 def record(conn: Conn, bid: uuid.UUID, token: uuid.UUID, ids: list[int], outcome: str,
@@ -51,9 +51,9 @@ def expire(conn: Conn, bid: uuid.UUID, *tokens: uuid.UUID) -> None:
                  (bid, list(tokens)))
 
 
-def claim_handoff(conn: Conn, bid: uuid.UUID, n: int,
-                  after: int = 0) -> tuple[uuid.UUID, list[dict[str, Any]]]:
-    return claim(conn, bid, n, after=after, query="claim_handoff")
+def claim_handoff(conn: Conn, bid: uuid.UUID, n: int, after: int = 0,
+                  contact: bool = True) -> tuple[uuid.UUID, list[dict[str, Any]]]:
+    return claim(conn, bid, n, after=after, query="claim_handoff", contact=contact)
 
 
 def in_thread(fn: Any) -> tuple[threading.Thread, dict[str, Any]]:
@@ -547,3 +547,31 @@ def test_circuit_breaker_trips_after_consecutive_failures(conn: Conn) -> None:
     assert record(conn, bid, token, ids[:3], "failed", breaker=5)["tripped"] is False
     assert record(conn, bid, token, ids[3:5], "sent", breaker=5)["tripped"] is False
     assert record(conn, bid, token, ids[5:], "failed", breaker=4)["tripped"] is True
+
+
+@pytest.mark.parametrize("contact", [True, False])
+def test_attributes_and_tags_come_only_for_a_content_that_reads_them(conn: Conn,
+                                                                     contact: bool) -> None:
+    """claim_handoff (v6) and handoff (v4): the same rows, fences and names either way; the
+    attributes and tags only with `contact` (issue 32: a content that never reads `contact`
+    does not pay for decoding them)."""
+    support.seed_contacts(conn, 4, tag="vip")
+    conn.execute("UPDATE contacts SET attributes = '{\"plan\": \"pro\"}'")
+    bid = support.new_broadcast(conn)
+    ids = recipient_ids(conn, bid)
+    _, direct = claim_handoff(conn, bid, 2, contact=contact)
+    token, claimed = claim(conn, bid, 2, after=max(r["contact_id"] for r in direct))
+    handed = handoff(conn, bid, claimed[0]["epoch"], token,
+                     [r["contact_id"] for r in claimed], contact=contact)
+    rows = direct + handed
+    assert sorted(r["contact_id"] for r in rows) == ids
+    assert all(r["handed"] for r in direct)
+    assert {(r["email"], r["name"]) for r in rows} == {
+        (f"user{i}@example.com", f"User {i}") for i in range(4)}
+    if contact:
+        assert all(r["attributes"] == {"plan": "pro"} and r["tags"] == ["vip"] for r in rows)
+    else:
+        assert all(r["attributes"] is None and r["tags"] is None for r in rows)
+    statuses = conn.execute("SELECT DISTINCT status FROM broadcast_recipients "
+                            "WHERE broadcast_id = %s", (bid,)).fetchall()
+    assert statuses == [{"status": "sending"}]

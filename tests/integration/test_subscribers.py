@@ -70,16 +70,16 @@ def test_both_handoffs_skip_a_contact_unconfirmed_after_the_snapshot(conn: Conn,
     if path == "handoff":
         claimed = conn.execute("SELECT contact_id, epoch FROM pgcast_claim_v3(%s, 10, %s, 'w', "
                                "interval '30 seconds', 0)", (bid, token)).fetchall()
-        handed = conn.execute("SELECT contact_id FROM pgcast_handoff_v3(%s, %s, %s, %s)", (
+        handed = conn.execute("SELECT contact_id FROM pgcast_handoff_v4(%s, %s, %s, %s, true)", (
             bid, claimed[0]["epoch"], token, [r["contact_id"] for r in claimed])).fetchall()
         assert [r["contact_id"] for r in handed] == [keep]
     else:
-        rows = conn.execute("SELECT contact_id, handed FROM pgcast_claim_handoff_v5(%s, 10, %s, "
-                            "'w', interval '30 seconds', 0)", (bid, token)).fetchall()
+        rows = conn.execute("SELECT contact_id, handed FROM pgcast_claim_handoff_v6(%s, 10, %s, "
+                            "'w', interval '30 seconds', 0, false)", (bid, token)).fetchall()
         assert {r["contact_id"]: r["handed"] for r in rows} == {keep: True, gone: False}
         epoch = conn.execute("SELECT epoch FROM broadcasts WHERE id = %s",
                              (bid,)).fetchone()["epoch"]  # type: ignore[index]
-        assert conn.execute("SELECT count(*) AS n FROM pgcast_handoff_v3(%s, %s, %s, %s)", (
+        assert conn.execute("SELECT count(*) AS n FROM pgcast_handoff_v4(%s, %s, %s, %s, false)", (
             bid, epoch, token, [gone])).fetchone() == {"n": 0}
     row = conn.execute("SELECT status, last_error FROM broadcast_recipients "
                        "WHERE broadcast_id = %s AND contact_id = %s", (bid, gone)).fetchone()
