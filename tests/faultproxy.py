@@ -15,8 +15,10 @@ forwarded in one SendBulkEmail request and their results put back in place. A 5x
 answers the whole call. A rule that loses an answer (no_answer, dropped, answer_lost) can
 only lose a whole call's: while one is set, the proxy answers SendBulkEmail 404
 UnknownOperationException, so the worker falls back to one SendEmail per message and the
-rule applies per message, as its tests expect. `send_requests` counts HTTP requests (one per
-bulk call), `forwarded_sends` and `injected` count messages.
+rule applies per message, as its tests expect. Rules made for a whole SendBulkEmail call
+(bulk_throttled, bulk_answer_lost: `whole_call`) are counted per call and leave SendEmail
+alone. `send_requests` counts HTTP requests (one per bulk call), `forwarded_sends` counts
+messages, `injected` messages for per-message rules and calls for whole-call ones.
 """
 
 from __future__ import annotations
@@ -57,12 +59,28 @@ class Rule:
     match: str | None = None  # only requests whose body contains this text
     once_each: bool = False  # never answer two requests to the same destination
     delay: float = 0.0  # seconds the answer is held back (the request was read at once)
+    # a rule for SendBulkEmail calls as a whole (counted per call, never per entry; it
+    # ignores SendEmail requests): a throttle or a lost answer of the whole call
+    whole_call: bool = False
     seen: int = 0  # matching requests so far
     hit: set[str] = field(default_factory=set)  # destinations answered (once_each)
     answered: int = 0  # requests this rule answered
 
 
 # Error shapes of the real SES v2 API (SendEmail), by what they mean to pgcast.
+def bulk_throttled(limit: int = 1) -> Rule:
+    """429 TooManyRequestsException for a whole SendBulkEmail call (the first `limit`)."""
+    return Rule(429, "TooManyRequestsException", "Maximum sending rate exceeded.",
+                limit=limit, whole_call=True)
+
+
+def bulk_answer_lost(limit: int = 1, skip: int = 0, delay: float = 0.0) -> Rule:
+    """A whole SendBulkEmail call forwarded (SES takes every entry), its answer held `delay`
+    seconds and then lost (the connection closes): the first `limit` calls after `skip`."""
+    return Rule(FORWARD_NO_ANSWER, "", "", limit=limit, skip=skip, delay=delay,
+                whole_call=True)
+
+
 def throttled(every: int = 5) -> Rule:
     """429 TooManyRequestsException, the sending-rate throttle."""
     return Rule(429, "TooManyRequestsException", "Maximum sending rate exceeded.", every=every)
@@ -172,20 +190,33 @@ class FaultProxy:
             return rule
 
     def loses_answers(self) -> bool:
-        """A rule that loses a call's answer is set (SendBulkEmail is then not served)."""
+        """A rule that loses one message's answer is set (SendBulkEmail is then not served)."""
         with self._lock:
-            return any(r.status in (NO_ANSWER, FORWARD_NO_ANSWER) for r in self._rules)
+            return any(r.status in (NO_ANSWER, FORWARD_NO_ANSWER) and not r.whole_call
+                       for r in self._rules)
 
-    def decide_bulk(self, entries: list[Any]) -> list[Rule | None]:
-        """The rule that answers each entry of a SendBulkEmail request, if any (counts it)."""
+    def decide_bulk(self, entries: list[Any]) -> tuple[Rule | None, list[Rule | None]]:
+        """The whole-call rule that answers a SendBulkEmail request, else the rule that
+        answers each of its entries, if any (counts them)."""
         with self._lock:
             self.send_requests += 1
+            for rule in self._rules:
+                if not rule.whole_call or (rule.limit is not None
+                                           and rule.answered >= rule.limit):
+                    continue
+                rule.seen += 1
+                if rule.seen <= rule.skip or (rule.seen - rule.skip) % rule.every != 0:
+                    continue
+                rule.answered += 1
+                return rule, [None] * len(entries)
             # each entry read as its message's own SendEmail request would be
-            return [self._decide(json.dumps(e)) for e in entries]
+            return None, [self._decide(json.dumps(e)) for e in entries]
 
     def _decide(self, text: str) -> Rule | None:
         """The rule that answers one message's request (under self._lock; counts it)."""
         for rule in self._rules:
+            if rule.whole_call:
+                continue
             if rule.match is not None and rule.match not in text:
                 continue
             if rule.limit is not None and rule.answered >= rule.limit:
@@ -263,9 +294,16 @@ def _handler(proxy: FaultProxy) -> type[http.server.BaseHTTPRequestHandler]:
                 return
             request = json.loads(body)
             entries = list(request.get("BulkEmailEntries", []))
-            rules = proxy.decide_bulk(entries)
-            whole = next((r for r in rules if r is not None and r.status >= 500), None)
-            held = max((r.delay for r in rules if r is not None), default=0.0)
+            call, rules = proxy.decide_bulk(entries)
+            if call is not None and call.status == FORWARD_NO_ANSWER:
+                with proxy._lock:
+                    proxy.forwarded_sends += len(entries)
+                self._upstream(body)
+                time.sleep(call.delay)
+                self.close_connection = True
+                return
+            whole = call or next((r for r in rules if r is not None and r.status >= 500), None)
+            held = max((r.delay for r in [call, *rules] if r is not None), default=0.0)
             if held > 0:
                 time.sleep(held)
             if whole is not None:

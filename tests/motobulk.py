@@ -21,7 +21,8 @@ What this rig adds and real SES does not have (test-only):
   `status`, `message_id`, `missing`, and `call` (the number of the SendBulkEmail call).
 - Fault injection per entry: `POST /_motobulk/faults` with `{"pattern": "STATUS", ...}`
   answers every entry whose To address matches the regular expression `pattern` with that
-  BulkEmailEntryResult Status (not sent; Error "injected by the test"); `{}` clears it.
+  BulkEmailEntryResult Status (not sent; Error "injected by the test"); `"STATUS:N"`: only
+  the first N such entries; `{}` clears it.
 - `POST /moto-api/reset` also forgets the entries and the faults.
 
     python -m tests.motobulk -H 127.0.0.1 -p 5000
@@ -46,7 +47,7 @@ PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z0-9_]+)\s*\}\}")
 
 _lock = threading.Lock()
 _entries: list[dict[str, Any]] = []
-_faults: dict[str, str] = {}
+_faults: dict[str, list[Any]] = {}  # pattern -> [status, how many more (None: all)]
 _calls = [0]
 
 
@@ -80,7 +81,6 @@ def send_bulk_email(self: Any) -> str:
     with _lock:
         _calls[0] += 1
         call = _calls[0]
-        faults = dict(_faults)
     results = []
     for entry in params.get("BulkEmailEntries", []):
         destination = entry.get("Destination", {})
@@ -96,8 +96,7 @@ def send_bulk_email(self: Any) -> str:
                    **{h["Name"]: h["Value"] for h in entry.get("ReplacementHeaders", [])}}
         tags = {**default_tags, **{t["Name"]: t["Value"] for t in entry.get("ReplacementTags",
                                                                             [])}}
-        status = next((s for pattern, s in faults.items()
-                       if re.search(pattern, _address(to))), None)
+        status = _fault(_address(to))
         result: dict[str, str]
         if status is not None:
             result = {"Status": status, "Error": "injected by the test"}
@@ -119,6 +118,17 @@ def send_bulk_email(self: Any) -> str:
                              "message_id": result.get("MessageId"), "missing": missing})
         results.append(result)
     return json.dumps({"BulkEmailEntryResults": results})
+
+
+def _fault(address: str) -> str | None:
+    """The Status injected for this address, if any (counted)."""
+    with _lock:
+        for pattern, fault in _faults.items():
+            if re.search(pattern, address) and fault[1] != 0:
+                if fault[1] is not None:
+                    fault[1] -= 1
+                return str(fault[0])
+    return None
 
 
 def install() -> None:
@@ -144,7 +154,9 @@ class App:
             faults = json.loads(environ["wsgi.input"].read(length) or b"{}")
             with _lock:
                 _faults.clear()
-                _faults.update({str(k): str(v) for k, v in faults.items()})
+                for pattern, value in faults.items():
+                    status, _, times = str(value).partition(":")
+                    _faults[str(pattern)] = [status, int(times) if times else None]
             return self._answer(start_response, b"{}")
         if path == "/moto-api/reset" and method == "POST":
             with _lock:
