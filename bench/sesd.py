@@ -74,6 +74,7 @@ class Endpoint:
     bulk: bool = True  # False: SendBulkEmail answered 404 (not served)
     received: list[Received] = field(default_factory=list)
     bulk_calls: int = 0  # SendBulkEmail requests answered
+    bulk_entries: int = 0  # their entries
     in_flight: int = 0  # requests being answered right now
     most_in_flight: int = 0  # the highest in_flight seen
     port: int = 0
@@ -147,6 +148,7 @@ class Endpoint:
         now = time.monotonic()
         with self._lock:
             self.bulk_calls += 1
+            self.bulk_entries += len(entries)
             for e in entries:
                 to = str(e.get("Destination", {}).get("ToAddresses", [""])[0])
                 self.received.append(Received(now, to.rsplit("<", 1)[-1].rstrip(">")))
