@@ -181,6 +181,10 @@ class Sender:
     came back meanwhile stops the call: put back like the calls stopped before it). So what
     a crash can leave `unknown` is the calls in flight and the rows handed off in the last
     `deadline` seconds plus their render time (bounded by the render budget).
+
+    A provider with send_many (ses: SendBulkEmail) gets a group's messages in chunks, one
+    executor call per chunk, each meeting the deadline and its first message's slot for all
+    its messages; every row keeps its own outcome and its own future (`each`).
     """
 
     def __init__(self, provider: providers.Provider, retries: Retries,
@@ -355,6 +359,7 @@ class Sender:
         for i, b in enumerate(built):
             if isinstance(b, Outcome):
                 futures[i].set_result(b)
+        calls: list[asyncio.Future[Any]] = []
         for chunk in chunks([i for i, b in enumerate(built) if not isinstance(b, Outcome)],
                             [b for b in built if not isinstance(b, Outcome)], most):
             slot = slots.at(chunk[0]) if slots else None  # its first message's wire slot
@@ -366,10 +371,16 @@ class Sender:
                 call = loop.run_in_executor(self.executor, self.paced_many, messages,
                                             attempts, stop, due, slot)
             call.add_done_callback(_spread(chunk, futures))
+            calls.append(call)
         if each is not None:
             for future in futures:
                 future.add_done_callback(each)
-        return list(await asyncio.gather(*futures))
+        try:
+            return list(await asyncio.gather(*futures))
+        except asyncio.CancelledError:
+            for call in calls:  # a call not started yet is never made, as one per message
+                call.cancel()
+            raise
 
     def paced_many(self, messages: list[render.Message], attempts: dict[int, int],
                    stop: list[Outcome], due: float,

@@ -12,7 +12,7 @@ import prometheus_client.core as prom_core
 
 from pgcast.worker import engine, errors, pg, providers, render
 
-MESSAGES = prom.Counter("pgcast_messages", "provider calls by outcome: sent, rejected, "
+MESSAGES = prom.Counter("pgcast_messages", "messages by outcome: sent, rejected, "
                         "unknown, transient, throttled, account_blocked, stopped (its group "
                         "was stopped while it waited in the pacer: never sent)", ["outcome"])
 PROVIDER_SECONDS = prom.Histogram("pgcast_provider_seconds", "time of one provider call")
