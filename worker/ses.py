@@ -251,9 +251,9 @@ class SesProvider:
         that stops the group (a throttle, account-level trouble) leaves the later calls
         unmade (errors.Stopped). Never raises."""
         out: list[str | errors.ProviderError | None] = [None] * len(messages)
-        shape = next((bulk_shape(m) for m in messages if bulk_fits(m)), None)
-        fits = [i for i, m in enumerate(messages)
-                if shape is not None and bulk_fits(m) and bulk_shape(m) == shape]
+        fitting = [i for i, m in enumerate(messages) if bulk_fits(m)]
+        shape = bulk_shape(messages[fitting[0]]) if fitting else None
+        fits = [i for i in fitting if bulk_shape(messages[i]) == shape]
         stop: errors.ProviderError | None = None
         if len(fits) > 1:
             results = self._send_bulk([messages[i] for i in fits]) if self.bulk else [
