@@ -16,7 +16,7 @@ import botocore.config
 import pytest
 
 from pgcast.mail import message as mail_message
-from pgcast.worker import errors, ratelimit, render, ses, sesconn
+from pgcast.worker import errors, ratelimit, render, ses, sesbulk, sesconn
 from tests import faultproxy, support
 from tests.integration.test_headers import capturing_ses
 
@@ -95,7 +95,7 @@ def test_a_message_holding_template_syntax_goes_by_send_email(verified: support.
                                                               ) -> None:
     c = content()
     messages = [*batch(2, c), render.render(c, 9, "user9@example.com", "{{evil}} Eve")]
-    assert not ses.bulk_fits(messages[2])
+    assert not sesbulk.fits(messages[2])
     results = provider_for(verified.url).send_many(messages)
     assert all(isinstance(r, str) for r in results), results
     assert [e["to"] for e in verified.bulk_entries()] == [m.to for m in messages[:2]]

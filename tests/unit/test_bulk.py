@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from pgcast.worker import dispatch, ratelimit, render, ses
+from pgcast.worker import dispatch, ratelimit, render, ses, sesbulk
 from pgcast.worker import errors as perr
 
 
@@ -50,7 +50,7 @@ def messages(n: int, c: render.Content | None = None) -> list[render.Message]:
 ])
 def test_each_entry_status_maps_to_what_the_engine_must_do(result: Any, kind: type,
                                                            detail: str | None) -> None:
-    got = ses.entry_outcome(result)
+    got = sesbulk.outcome(result)
     assert isinstance(got, kind)
     if kind is str:
         assert got == detail
@@ -62,7 +62,7 @@ def test_each_entry_status_maps_to_what_the_engine_must_do(result: Any, kind: ty
 
 def test_the_bulk_request_sends_shared_values_once_and_each_entry_what_differs() -> None:
     batch = messages(3)
-    request = ses.bulk_request(batch, "my-set")
+    request = sesbulk.request(batch, [ses.email_tags(m) for m in batch], "my-set")
     assert request["ConfigurationSetName"] == "my-set"
     assert request["FromEmailAddress"] == batch[0].from_address
     template = request["DefaultContent"]["Template"]
@@ -91,7 +91,8 @@ def test_the_bulk_request_sends_shared_values_once_and_each_entry_what_differs()
 
 
 def test_a_text_only_broadcast_has_no_html_part_and_no_configuration_set() -> None:
-    request = ses.bulk_request(messages(2, content(html=None)), None)
+    batch = messages(2, content(html=None))
+    request = sesbulk.request(batch, [ses.email_tags(m) for m in batch], None)
     assert request["DefaultContent"]["Template"]["TemplateContent"] == {
         "Subject": "{{subject}}", "Text": "{{text}}"}
     assert "ConfigurationSetName" not in request
@@ -99,17 +100,17 @@ def test_a_text_only_broadcast_has_no_html_part_and_no_configuration_set() -> No
 
 def test_what_does_not_fit_a_bulk_entry_goes_by_itself() -> None:
     plain = messages(1)[0]
-    assert ses.bulk_fits(plain)
+    assert sesbulk.fits(plain)
     # a contact's own data can hold SES's template syntax
-    assert not ses.bulk_fits(render.render(content(), 1, "u1@example.com", "{{evil}}"))
-    assert not ses.bulk_fits(messages(1, content(subject="{{ '{{' }}x}}"))[0])
+    assert not sesbulk.fits(render.render(content(), 1, "u1@example.com", "{{evil}}"))
+    assert not sesbulk.fits(messages(1, content(subject="{{ '{{' }}x}}"))[0])
     odd = messages(1)[0]
     odd.headers["X-Odd"] = "caf\u00e9"  # not printable ASCII: SES refuses it in an entry
-    assert not ses.bulk_fits(odd)
+    assert not sesbulk.fits(odd)
     transactional = messages(1)[0]
     transactional.headers["X-Pgcast-Message"] = "m1"
-    assert not ses.bulk_fits(transactional)
-    assert ses.bulk_shape(plain) != ses.bulk_shape(messages(1, content(html=None))[0])
+    assert not sesbulk.fits(transactional)
+    assert sesbulk.shape(plain) != sesbulk.shape(messages(1, content(html=None))[0])
 
 
 def test_chunks_respect_the_count_and_the_bytes() -> None:
