@@ -283,3 +283,13 @@ def test_chunks_leaving_at_their_first_slot_keep_any_second_within_rate_plus_bur
             departures += [slots.at(chunk[0]).at] * len(chunk)
         at += grant / rate
     assert max_in_window(sorted(departures), 1.0) <= rate + burst
+
+
+@pytest.mark.parametrize("text", ["plain text " * 200, "caf\u00e9 " * 300, "\U0001f600" * 500,
+                                  'quotes " and \\ backslashes ' * 50])
+def test_a_messages_byte_estimate_bounds_its_entry_in_the_request(text: str) -> None:
+    batch = messages(2, content(text=text, html=f"<p>{text}</p>"))
+    request = sesbulk.request(batch, [ses.email_tags(m) for m in batch], None)
+    body = json.dumps(request)  # as botocore writes it: ASCII, escaped
+    shared = len(json.dumps({k: v for k, v in request.items() if k != "BulkEmailEntries"}))
+    assert len(body) - shared <= sum(dispatch.message_bytes(m) for m in batch)
