@@ -386,17 +386,18 @@ class Sender:
                    stop: list[Outcome], due: float,
                    slot: ratelimit.Slot | None = None) -> list[Outcome]:
         """paced() for one call of many messages: the deadline and its first message's slot
-        decide for all; the pacer books every message's time (ratelimit.carrying)."""
+        decide for all; the pacer here books every message's time (a provider that paces at
+        the wire books its bulk call's, ratelimit.carrying)."""
         if time.monotonic() > due:
             return [Outcome(m.contact_id, "release",
                             error="not called: its call would have started too late after "
                                   "its handoff (see --group-ms)") for m in messages]
         if slot is not None and slot.too_late(time.monotonic()):
             return [self._not_called(m.contact_id, ratelimit.TOO_LATE) for m in messages]
-        with ratelimit.on_this_thread(slot), ratelimit.carrying(len(messages)):
+        with ratelimit.on_this_thread(slot):
             if self.pacer is not None and not stop:
                 try:
-                    self.pacer.wait()
+                    self.pacer.wait(len(messages))
                 except errors.NotCalled as exc:
                     return [self._not_called(m.contact_id, str(exc)) for m in messages]
             return self.send_many(messages, attempts, stop)

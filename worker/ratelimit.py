@@ -202,11 +202,12 @@ def carrying(n: int) -> Iterator[None]:
     """The call this thread makes inside the block carries n messages (SendBulkEmail): the
     pacer books n messages' time for it (with a wire slot it waits for that slot, its first
     message's: the take booked the others' slots already)."""
+    before = getattr(_CALL, "count", 1)
     _CALL.count = n
     try:
         yield
     finally:
-        _CALL.count = 1
+        _CALL.count = before
 
 
 class Buckets:

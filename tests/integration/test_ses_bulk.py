@@ -6,6 +6,7 @@ failures become every entry's outcome."""
 from __future__ import annotations
 
 import logging
+import math
 import time
 import uuid
 from collections.abc import Iterator
@@ -16,7 +17,7 @@ import botocore.config
 import pytest
 
 from pgcast.mail import message as mail_message
-from pgcast.worker import errors, ratelimit, render, ses, sesbulk, sesconn
+from pgcast.worker import dispatch, errors, ratelimit, render, ses, sesbulk, sesconn
 from tests import faultproxy, support
 from tests.integration.test_headers import capturing_ses
 
@@ -188,6 +189,14 @@ def test_the_pacer_books_a_bulk_call_once_for_all_its_entries(verified: support.
     provider.send_many(batch(4))
     provider.send(batch(1, start=7)[0])
     assert carried == [4, 1]
+    # through the sender: a chunk's messages that go by SendEmail book one message's time each
+    c = content()
+    chunk = [*batch(1, c, start=10), render.render(c, 20, "user20@example.com", "{{x}}"),
+             render.render(c, 21, "user21@example.com", "{{y}}")]
+    carried.clear()
+    outcomes = dispatch.Sender(provider, dispatch.Retries(), None).paced_many(
+        chunk, {}, [], math.inf)
+    assert [o.outcome for o in outcomes] == ["sent"] * 3 and carried == [1, 1, 1]
 
 
 def test_a_bulk_entry_keeps_a_subject_that_looks_like_encoded_words_as_send_email_does(
