@@ -1,7 +1,9 @@
 """Where a ses worker's CPU per delivered message goes: py-spy on one worker (issue 32's profile).
 
 One `pgcast worker` (default flags, PGCAST_PROVIDER=ses through real boto3, no rate limit)
-drains a broadcast against bench.sesd answering each SendEmail in `--latency-ms`. Two drains
+drains a broadcast against bench.sesd answering each SendEmail or SendBulkEmail call in
+`--latency-ms` (the worker sends by SendBulkEmail; `--send-email`: PGCAST_SES_BULK=0, one
+SendEmail per message as before issue 32's second half). Two drains
 of the same size, same run: the first without py-spy (the worker's CPU per delivered message,
 user + system, as bench.provider measures it), the second under `py-spy record --gil
 --nonblocking` (only samples where a thread holds the GIL: Python's own CPU; C work that
@@ -56,7 +58,8 @@ BUCKETS: list[tuple[str, tuple[str, ...]]] = [
                                                          "concurrent/", "logging/",
                                                          "selectors.py")),
 ]
-PROVIDER_CALL = "send (worker/ses.py"  # SesProvider.send: the whole provider call
+# SesProvider.send / send_many: the whole provider call
+PROVIDER_CALL = ("send (worker/ses.py", "send_many (worker/ses.py")
 
 
 def bucket(frames: list[str]) -> str:
@@ -154,6 +157,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--provider", choices=("ses", "null"), default="ses",
                    help="null: the same worker with the null provider (no endpoint is called)")
     p.add_argument("--keep", type=Path, help="also copy py-spy's raw output here")
+    p.add_argument("--send-email", action="store_true",
+                   help="ses: one SendEmail per message (PGCAST_SES_BULK=0), not SendBulkEmail")
     args = p.parse_args(argv)
     print(f"cpus {os.cpu_count()}, load average at start "
           + ", ".join(f"{x:.2f}" for x in os.getloadavg()), flush=True)
@@ -164,13 +169,20 @@ def main(argv: list[str] | None = None) -> None:
         env: dict[str, Any] = {**endpoint.env(), "PGCAST_RATE": "0"}
         if args.provider == "null":
             env["PGCAST_PROVIDER"] = "null"
+        if args.send_email:
+            env["PGCAST_SES_BULK"] = "0"
         plain = drain(url, env, args.recipients, logs, "plain", None, args.rate)
+        calls = (endpoint.bulk_calls, endpoint.bulk_entries, len(endpoint.snapshot()))
         spied = drain(url, env, args.recipients, logs, "spied", raw, args.rate)
     print(f"in µs per delivered message: worker {plain.worker * 1000:.1f} (user "
           f"{plain.user * 1000:.1f}, system {plain.system * 1000:.1f}), its render processes "
           f"{plain.render_procs * 1000:.1f}, together "
           f"{(plain.worker + plain.render_procs) * 1000:.1f}")
-    print(f"{args.provider} provider: "
+    bulk_calls, bulk_entries, received = calls
+    print(f"plain drain: {bulk_calls:,} SendBulkEmail calls ({bulk_entries:,} entries, "
+          f"{bulk_entries / max(bulk_calls, 1):.1f} a call), "
+          f"{received - bulk_entries:,} SendEmail calls")
+    print(f"{args.provider} provider{' (SendEmail only)' if args.send_email else ''}: "
           f"worker CPU per delivered message, {args.latency_ms:g} ms endpoint, no limit, 1 "
           f"process: {plain.worker:.2f} ms (user {plain.user:.2f}, system {plain.system:.2f}; "
           f"{plain.n:,} in {plain.seconds:.1f}s = {plain.n / plain.seconds:,.0f}/s); its render "
@@ -187,9 +199,9 @@ def main(argv: list[str] | None = None) -> None:
         by_bucket[bucket(frames)] += count
         for f in set(frames):
             inclusive[f] += count
-        if any(PROVIDER_CALL in f for f in frames):
+        if any(call in f for f in frames for call in PROVIDER_CALL):
             in_call += count
-    print(f"py-spy --gil: {total:,} samples at {args.rate}/s; inside SesProvider.send "
+    print(f"py-spy --gil: {total:,} samples at {args.rate}/s; inside SesProvider.send(_many) "
           f"{100 * in_call / total:.1f}%")
     print(f"samples with a thread holding the GIL: {total:,} in {spied.seconds:.1f}s; the "
           f"worker used {spied.worker * spied.n / spied.seconds / 10:.0f}% of a core meanwhile")
@@ -205,7 +217,8 @@ def main(argv: list[str] | None = None) -> None:
     print("load average at end " + ", ".join(f"{x:.2f}" for x in os.getloadavg()))
     print("reproduce: " + common.command("profile_cpu", "--recipients", str(args.recipients),
                                          "--latency-ms", f"{args.latency_ms:g}",
-                                         "--provider", args.provider))
+                                         "--provider", args.provider,
+                                         *(["--send-email"] if args.send_email else [])))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,11 @@ whom: rates are measured here, where the provider receives the requests. asyncio
 keep-alive, loopback only.
 Requests whose body contains one of `no_id_for` are answered 200 with no MessageId (an
 answer botocore accepts and pgcast cannot read: the request did reach the provider).
+SendBulkEmail (POST /v2/email/outbound-bulk-emails) is answered the same way, entry by entry
+(one BulkEmailEntryResults entry per BulkEmailEntry, SUCCESS and a message id; an entry
+holding one of `no_id_for`: SUCCESS with no MessageId), after the same latency; each entry
+counts as a request received and in flight (rates are of messages, as they are at SES).
+`bulk=False` answers it 404, as an endpoint without the operation does.
 
     python -m bench.sesd --latency-ms 100 --port 8025
 """
@@ -25,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 SEND_EMAIL_PATH = "/v2/email/outbound-emails"
+SEND_BULK_PATH = "/v2/email/outbound-bulk-emails"
 MAX_BODY = 4 * 1024 * 1024  # bytes
 
 
@@ -65,7 +71,10 @@ class Endpoint:
     slow_share: float = 0.0  # share of requests answered after slow_latency instead
     slow_latency: float = 0.0  # seconds
     no_id_for: list[str] = field(default_factory=list)
+    bulk: bool = True  # False: SendBulkEmail answered 404 (not served)
     received: list[Received] = field(default_factory=list)
+    bulk_calls: int = 0  # SendBulkEmail requests answered
+    bulk_entries: int = 0  # their entries
     in_flight: int = 0  # requests being answered right now
     most_in_flight: int = 0  # the highest in_flight seen
     port: int = 0
@@ -94,8 +103,12 @@ class Endpoint:
                 if request is None:
                     return
                 method, path, body = request
-                if method == "POST" and path.split("?")[0] == SEND_EMAIL_PATH:
+                route = path.split("?")[0]
+                answer: dict[str, Any]
+                if method == "POST" and route == SEND_EMAIL_PATH:
                     status, answer = await self._send_email(body)
+                elif method == "POST" and route == SEND_BULK_PATH and self.bulk:
+                    status, answer = await self._send_bulk(body)
                 else:
                     status, answer = 404, {"message": f"not served here: {method} {path}"}
                 data = json.dumps(answer).encode()
@@ -130,6 +143,32 @@ class Endpoint:
             return 200, {}
         return 200, {"MessageId": f"sesd-{uuid.uuid4()}"}
 
+    async def _send_bulk(self, body: bytes) -> tuple[int, dict[str, Any]]:
+        entries = json.loads(body).get("BulkEmailEntries", [])
+        now = time.monotonic()
+        with self._lock:
+            self.bulk_calls += 1
+            self.bulk_entries += len(entries)
+            for e in entries:
+                to = str(e.get("Destination", {}).get("ToAddresses", [""])[0])
+                self.received.append(Received(now, to.rsplit("<", 1)[-1].rstrip(">")))
+            self.in_flight += len(entries)
+            self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            slow = self.slow_share > 0 and self._random.random() < self.slow_share
+            await asyncio.sleep(self.slow_latency if slow else self.latency)
+        finally:
+            with self._lock:
+                self.in_flight -= len(entries)
+        results: list[dict[str, str]] = []
+        for e in entries:
+            text = json.dumps(e)
+            if any(marker in text for marker in self.no_id_for):
+                results.append({"Status": "SUCCESS"})
+            else:
+                results.append({"Status": "SUCCESS", "MessageId": f"sesd-{uuid.uuid4()}"})
+        return 200, {"BulkEmailEntryResults": results}
+
     async def serve(self, port: int = 0, ready: threading.Event | None = None) -> None:
         """Serve until cancelled."""
         server = await asyncio.start_server(self._handle, "127.0.0.1", port, backlog=1024)
@@ -162,10 +201,10 @@ class Endpoint:
 
 @contextlib.contextmanager
 def running(latency: float, no_id_for: list[str] | None = None,  # type: ignore[no-untyped-def]
-            slow_share: float = 0.0, slow_latency: float = 0.0):
+            slow_share: float = 0.0, slow_latency: float = 0.0, bulk: bool = True):
     """An Endpoint served from a daemon thread with its own event loop, for the block."""
     endpoint = Endpoint(latency=latency, no_id_for=list(no_id_for or []),
-                        slow_share=slow_share, slow_latency=slow_latency)
+                        slow_share=slow_share, slow_latency=slow_latency, bulk=bulk)
     ready = threading.Event()
     loop = asyncio.new_event_loop()
     task: list[asyncio.Task[None]] = []
@@ -195,9 +234,11 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8025)
     parser.add_argument("--slow-share", type=float, default=0.0)
     parser.add_argument("--slow-ms", type=float, default=0.0)
+    parser.add_argument("--no-bulk", action="store_true",
+                        help="answer SendBulkEmail 404, as an endpoint without it does")
     args = parser.parse_args()
     endpoint = Endpoint(latency=args.latency_ms / 1000, slow_share=args.slow_share,
-                        slow_latency=args.slow_ms / 1000)
+                        slow_latency=args.slow_ms / 1000, bulk=not args.no_bulk)
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(endpoint.serve(args.port))
 

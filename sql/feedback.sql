@@ -13,8 +13,8 @@ RETURNING message_id
 
 -- feedback_ses_event --
 -- Applies one SES event once per SNS MessageId, and resolves the `unknown` row it names
--- (pgcast_ses_event_v2).
-SELECT * FROM pgcast_ses_event_v2(
+-- (pgcast_ses_event_v3: and fails the `sent` row of a message SES could not render).
+SELECT * FROM pgcast_ses_event_v3(
     %(message_id)s, %(topic)s, %(sent_at)s, %(prune_before)s, %(event)s, %(broadcast)s,
     %(contact)s, %(addresses)s, %(detail)s, %(at)s, %(soft_limit)s, %(guard_min)s,
     %(max_bounce)s, %(max_complaint)s, %(ses_message_id)s)

@@ -117,13 +117,15 @@ class Processes:
 
 
 class MotoServer:
-    """moto's SES-compatible HTTP server, in its own process, on a loopback port."""
+    """moto's SES-compatible HTTP server, in its own process, on a loopback port: with
+    SendBulkEmail (tests.motobulk), or moto's own as it ships (`plain`: no SendBulkEmail)."""
 
-    def __init__(self) -> None:
+    def __init__(self, plain: bool = False) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+            [sys.executable, "-m", "moto.server" if plain else "tests.motobulk",
+             "-H", "127.0.0.1", "-p", str(self.port)], cwd=ROOT,
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         wait_for(self._up, timeout=30, what="moto server")
 
@@ -161,6 +163,18 @@ class MotoServer:
         with urllib.request.urlopen(f"{self.url}/moto-api/data.json", timeout=30) as r:
             data = json.load(r)
         return list(data.get("ses", {}).get("Message", []))
+
+    def bulk_entries(self) -> list[dict[str, Any]]:
+        """Every SendBulkEmail entry the server received, as tests.motobulk keeps them."""
+        with urllib.request.urlopen(f"{self.url}/_motobulk/entries", timeout=30) as r:
+            return list(json.load(r))
+
+    def bulk_faults(self, by_pattern: dict[str, str] | None = None) -> None:
+        """Answer the SendBulkEmail entries whose address matches a pattern (a regular
+        expression) with that Status (tests.motobulk); none: no faults."""
+        req = urllib.request.Request(f"{self.url}/_motobulk/faults", method="POST",
+                                     data=json.dumps(by_pattern or {}).encode())
+        urllib.request.urlopen(req, timeout=10).close()
 
     def close(self) -> None:
         """Stop the server process."""

@@ -56,7 +56,7 @@ def at_the_wire(pace: Callable[[], object]) -> Callable[[], None]:
     one by one."""
 
     def gate() -> None:
-        pace()
+        pace()  # a SendBulkEmail call books its entries' time (ratelimit.carrying)
         stop: list[Outcome] | None = getattr(_calling, "stop", None)
         if stop:
             raise errors.Stopped(f"not called: its group was stopped ({stop[0].outcome})")
@@ -213,6 +213,10 @@ class Sender:
     came back meanwhile stops the call: put back like the calls stopped before it). So what
     a crash can leave `unknown` is the calls in flight and the rows handed off in the last
     `deadline` seconds plus their render time (bounded by the render budget).
+
+    A provider with send_many (ses: SendBulkEmail) gets a group's messages in chunks, one
+    executor call per chunk, each meeting the deadline and its first message's slot for all
+    its messages; every row keeps its own outcome and its own future (`each`).
     """
 
     def __init__(self, provider: providers.Provider, retries: Retries,
@@ -251,6 +255,9 @@ class Sender:
         # longer than --group-ms (a big template, a busy render pool) was released whole,
         # claimed again and released again, for ever
         due = (handed_at if handed_at is not None else rendering) + rendered + self.deadline
+        most = self._chunk_max(slots)
+        if most > 1:
+            return await self._send_chunks(built, attempts, stop, due, most, each, slots)
         loop = asyncio.get_running_loop()
         futures: list[asyncio.Future[Outcome]] = []
         for i, b in enumerate(built):
@@ -304,44 +311,220 @@ class Sender:
             message_id = self.provider.send(message)
             outcome = Outcome(cid, "sent", message_id=str(message_id))
             self._throttles = 0
-        except errors.Stopped:
-            # stopped after the pacer's wait: put back as the check above does, never called
+        except Exception as exc:  # noqa: BLE001 - one recipient's outcome, never the process's
+            outcome = self._failed(cid, exc, attempts, stop)
+            if isinstance(exc, errors.Stopped):
+                return outcome  # never called: no time to count
+        finally:
+            _calling.stop = None
+        outcome.seconds = time.perf_counter() - started
+        return outcome
+
+    def _failed(self, cid: int, exc: Exception, attempts: dict[int, int],
+                stop: list[Outcome], throttle: Outcome | None = None) -> Outcome:
+        """The outcome of a provider call's error for one recipient (appended to `stop` when
+        it stops the group). `throttle`: the throttle outcome this call already gave another
+        of its messages (one SendBulkEmail call is one throttle, not one per entry)."""
+        if isinstance(exc, errors.Stopped):
+            # stopped after the pacer's wait: put back as the check before it does, never called
             first = stop[0] if stop else Outcome(cid, "release")
             return Outcome(cid, first.outcome, retry_in=first.retry_in)
-        except errors.Throttled as exc:
+        if isinstance(exc, errors.Throttled):
+            if throttle is not None:
+                return Outcome(cid, "throttled", error=reason(exc), retry_in=throttle.retry_in)
             with self._lock:
                 self._throttles += 1
                 n = self._throttles
             outcome = Outcome(cid, "throttled", error=reason(exc), retry_in=backoff(
                 n, self.retries.throttle_backoff, THROTTLE_CAP))
             stop.append(outcome)
-        except errors.NotCalled as exc:  # too late for its wire slot (the pacer at the wire)
-            outcome = self._not_called(cid, reason(exc))
-        except errors.AccountBlocked as exc:
-            outcome = Outcome(cid, "release", error=reason(exc), pause_reason=exc.reason)
-            stop.append(Outcome(cid, "release"))
-        except errors.RecipientRejected as exc:
-            outcome = Outcome(cid, "failed", error=reason(exc))
-        except errors.OutcomeUnknown as exc:
-            outcome = Outcome(cid, "unknown", error=reason(exc))
-        except errors.Transient as exc:
+            return outcome
+        if isinstance(exc, errors.NotCalled):  # too late for its wire slot (at the wire)
+            return self._not_called(cid, reason(exc))
+        if isinstance(exc, errors.Unsupported):  # never sent: again, one message per call
+            return Outcome(cid, "release", error=reason(exc))
+        if isinstance(exc, errors.AccountBlocked):
+            if not any(o.outcome == "release" for o in stop):
+                stop.append(Outcome(cid, "release"))
+            return Outcome(cid, "release", error=reason(exc), pause_reason=exc.reason)
+        if isinstance(exc, errors.RecipientRejected):
+            return Outcome(cid, "failed", error=reason(exc))
+        if isinstance(exc, errors.OutcomeUnknown):
+            return Outcome(cid, "unknown", error=reason(exc))
+        if isinstance(exc, errors.Transient):
             attempt = attempts.get(cid, 0) + 1
             if attempt > self.retries.max_retries:
-                outcome = Outcome(cid, "failed",
-                                  error=f"gave up after {attempt} attempts: {exc}"[:ERROR_CHARS])
+                return Outcome(cid, "failed",
+                               error=f"gave up after {attempt} attempts: {exc}"[:ERROR_CHARS])
+            return Outcome(cid, "retry", error=reason(exc), retry_in=backoff(
+                attempt, self.retries.retry_base, self.retries.retry_cap))
+        log.error("provider %s raised an unclassified error for contact %s",
+                  self.provider.name, cid, exc_info=exc)
+        kind = "unknown" if self.may_have_sent else "failed"
+        return Outcome(cid, kind, error=f"unexpected provider error: {describe(exc)}"
+                       [:ERROR_CHARS])
+
+    # -- many messages per call (a provider with send_many: ses's SendBulkEmail) ----------
+
+    def _chunk_max(self, slots: ratelimit.Slots | None) -> int:
+        """The most messages one call may carry for this group (1: one per call): the
+        provider's own limit, and under a global rate the bucket's burst (a call spends its
+        messages' tokens at once)."""
+        bulk_max = getattr(self.provider, "bulk_max", None)
+        if bulk_max is None or not hasattr(self.provider, "send_many"):
+            return 1
+        most = int(bulk_max())
+        if slots is not None and math.isfinite(slots.burst):
+            most = min(most, max(1, int(slots.burst)))
+        return most
+
+    async def _send_chunks(self, built: list[render.Message | Outcome],
+                           attempts: dict[int, int], stop: list[Outcome], due: float,
+                           most: int, each: Each | None,
+                           slots: ratelimit.Slots | None) -> list[Outcome]:
+        """send_group's executor path for a provider that carries many messages per call:
+        the built messages in chunks of at most `most` messages and CHUNK_BYTES, one
+        executor call per chunk (one alone goes by send, as it always did); every row still
+        has its own future, so `each` is called for each row."""
+        loop = asyncio.get_running_loop()
+        futures: list[asyncio.Future[Outcome]] = [loop.create_future() for _ in built]
+        for i, b in enumerate(built):
+            if isinstance(b, Outcome):
+                futures[i].set_result(b)
+        calls: list[asyncio.Future[Any]] = []
+        for chunk in chunks([i for i, b in enumerate(built) if not isinstance(b, Outcome)],
+                            [b for b in built if not isinstance(b, Outcome)], most):
+            slot = slots.at(chunk[0]) if slots else None  # its first message's wire slot
+            messages = [b for b in (built[i] for i in chunk) if not isinstance(b, Outcome)]
+            if len(messages) == 1:
+                call: asyncio.Future[Any] = loop.run_in_executor(
+                    self.executor, self.paced, messages[0], attempts, stop, due, slot)
             else:
-                outcome = Outcome(cid, "retry", error=reason(exc), retry_in=backoff(
-                    attempt, self.retries.retry_base, self.retries.retry_cap))
-        except Exception as exc:  # noqa: BLE001 - one recipient's outcome, never the process's
-            log.exception("provider %s raised an unclassified error for contact %s",
-                          self.provider.name, cid)
-            kind = "unknown" if self.may_have_sent else "failed"
-            outcome = Outcome(cid, kind, error=f"unexpected provider error: {describe(exc)}"
-                              [:ERROR_CHARS])
+                call = loop.run_in_executor(self.executor, self.paced_many, messages,
+                                            attempts, stop, due, slot)
+            call.add_done_callback(_spread(chunk, futures))
+            calls.append(call)
+        if each is not None:
+            for future in futures:
+                future.add_done_callback(each)
+        try:
+            return list(await asyncio.gather(*futures))
+        except asyncio.CancelledError:
+            for call in calls:  # a call not started yet is never made, as one per message
+                call.cancel()
+            raise
+
+    def paced_many(self, messages: list[render.Message], attempts: dict[int, int],
+                   stop: list[Outcome], due: float,
+                   slot: ratelimit.Slot | None = None) -> list[Outcome]:
+        """paced() for one call of many messages: the deadline and its first message's slot
+        decide for all; the pacer here books every message's time (a provider that paces at
+        the wire books its bulk call's, ratelimit.carrying)."""
+        if time.monotonic() > due:
+            return [Outcome(m.contact_id, "release",
+                            error="not called: its call would have started too late after "
+                                  "its handoff (see --group-ms)") for m in messages]
+        if slot is not None and slot.too_late(time.monotonic()):
+            return [self._not_called(m.contact_id, ratelimit.TOO_LATE) for m in messages]
+        with ratelimit.on_this_thread(slot):
+            if self.pacer is not None and not stop:
+                try:
+                    self.pacer.wait(len(messages))
+                except errors.NotCalled as exc:
+                    return [self._not_called(m.contact_id, str(exc)) for m in messages]
+            return self.send_many(messages, attempts, stop)
+
+    def send_many(self, messages: list[render.Message], attempts: dict[int, int],
+                  stop: list[Outcome]) -> list[Outcome]:
+        """Send a chunk of messages by the provider's send_many (any thread); an outcome per
+        message, in order, mapped as send_one maps one call's."""
+        if stop:
+            return [Outcome(m.contact_id, stop[0].outcome, retry_in=stop[0].retry_in)
+                    for m in messages]
+        started = time.perf_counter()
+        _calling.stop = stop  # read at the wire, after the pacer (at_the_wire)
+        try:
+            results: list[Any] = list(self.provider.send_many(messages))  # type: ignore[attr-defined]
+            if len(results) != len(messages):
+                raise errors.OutcomeUnknown(f"the provider answered {len(results)} outcomes "
+                                            f"for {len(messages)} messages")
+        except Exception as exc:  # noqa: BLE001 - the chunk's outcomes, never the process's
+            results = [exc] * len(messages)
         finally:
             _calling.stop = None
-        outcome.seconds = time.perf_counter() - started
-        return outcome
+        seconds = (time.perf_counter() - started) / len(messages)  # the call's, per message
+        outcomes: list[Outcome] = []
+        throttle: Outcome | None = None
+        for m, result in zip(messages, results, strict=True):
+            if isinstance(result, str):
+                outcome = Outcome(m.contact_id, "sent", message_id=result)
+            else:
+                outcome = self._failed(m.contact_id, result, attempts, stop, throttle)
+                if outcome.outcome == "throttled" and throttle is None:
+                    throttle = outcome
+                if isinstance(result, errors.Stopped):
+                    outcomes.append(outcome)  # never called: no time to count
+                    continue
+            outcome.seconds = seconds
+            outcomes.append(outcome)
+        if any(o.outcome == "sent" for o in outcomes):
+            self._throttles = 0
+        return outcomes
+
+
+CHUNK_BYTES = 10 * 1024 * 1024  # request bytes one chunk may reach, about (SES: 40 MB)
+
+
+def message_bytes(message: render.Message) -> int:
+    """At most about the bytes a message adds to a bulk request: its parts and headers in
+    JSON inside JSON (an ASCII character up to 2 bytes once escaped twice; any other up to
+    14: a surrogate pair of \\uXXXX), and a little for the entry's frame."""
+    size = 256
+    for part in (message.subject, message.text, message.html, *message.headers,
+                 *message.headers.values()):
+        if part:
+            size += len(part) * (2 if part.isascii() else 14)  # isascii(): O(1) for str
+    return size
+
+
+def chunks(rows: list[int], messages: list[render.Message], most: int,
+           most_bytes: int = CHUNK_BYTES) -> list[list[int]]:
+    """The rows in order, in chunks of at most `most` and about `most_bytes` (a message
+    bigger than that alone)."""
+    out: list[list[int]] = []
+    size = 0
+    for row, message in zip(rows, messages, strict=True):
+        n = message_bytes(message)
+        if not out or len(out[-1]) >= most or size + n > most_bytes:
+            out.append([])
+            size = 0
+        out[-1].append(row)
+        size += n
+    return out
+
+
+def _spread(rows: list[int], futures: list[asyncio.Future[Outcome]]
+            ) -> Callable[[asyncio.Future[Any]], None]:
+    """A done-callback for a chunk's call: each row's future gets its outcome (or the
+    call's cancellation or exception: the row is abandoned, as one call's would be)."""
+
+    def done(call: asyncio.Future[Any]) -> None:
+        if call.cancelled():
+            for row in rows:
+                futures[row].cancel()
+            return
+        exc = call.exception()
+        result = call.result() if exc is None else None
+        outcomes = result if isinstance(result, list) else [result] * len(rows)
+        for row, outcome in zip(rows, outcomes, strict=True):
+            if futures[row].done():
+                continue  # cancelled meanwhile (the group was abandoned)
+            if exc is not None:
+                futures[row].set_exception(exc)
+            else:
+                futures[row].set_result(outcome)
+
+    return done
 
 
 def text_array(values: list[str | None]) -> str:

@@ -41,5 +41,10 @@ class NotCalled(ProviderError):
     (raised where the request would leave). Put back, no attempt counted."""
 
 
+class Unsupported(ProviderError):
+    """Never sent: the provider does not serve this kind of call (an endpoint without
+    SendBulkEmail). Put back, no attempt counted: it goes again one message per call."""
+
+
 class ConfigError(Exception):
     """The worker's configuration is unusable (bad provider name, bad flag)."""

@@ -12,7 +12,7 @@ import prometheus_client.core as prom_core
 
 from pgcast.worker import engine, errors, pg, providers, render
 
-MESSAGES = prom.Counter("pgcast_messages", "provider calls by outcome: sent, rejected, "
+MESSAGES = prom.Counter("pgcast_messages", "messages by outcome: sent, rejected, "
                         "unknown, transient, throttled, account_blocked, stopped (its group "
                         "was stopped while it waited in the pacer: never sent)", ["outcome"])
 PROVIDER_SECONDS = prom.Histogram("pgcast_provider_seconds", "time of one provider call")
@@ -48,6 +48,10 @@ class MeteredProvider:
         pace_with = getattr(inner, "pace_with", None)
         if pace_with is not None:
             self.pace_with = pace_with
+        # a provider that carries many messages per call keeps doing so when measured
+        if hasattr(inner, "send_many") and hasattr(inner, "bulk_max"):
+            self.send_many = self._send_many
+            self.bulk_max = inner.bulk_max
         counts = getattr(inner, "connection_counts", None)
         if counts is not None:
             self.connection_counts = counts
@@ -73,6 +77,26 @@ class MeteredProvider:
             IN_FLIGHT.dec()
             MESSAGES.labels(outcome).inc()
             if outcome == "throttled":
+                THROTTLES.inc()
+
+    def _send_many(self, messages: Sequence[render.Message]
+                   ) -> list[str | errors.ProviderError]:
+        """The wrapped send_many, measured: one call's time, each message's outcome."""
+        IN_FLIGHT.inc()
+        started = time.perf_counter()
+        results: list[str | errors.ProviderError] = []
+        try:
+            results = self.inner.send_many(messages)  # type: ignore[attr-defined]
+            return results
+        finally:
+            PROVIDER_SECONDS.observe(time.perf_counter() - started)
+            IN_FLIGHT.dec()
+            outcomes = ["sent" if isinstance(result, str) else next(
+                (name for kind, name in OUTCOMES if isinstance(result, kind)), "error")
+                for result in results]
+            for outcome in outcomes:
+                MESSAGES.labels(outcome).inc()
+            if "throttled" in outcomes:  # one call, one throttle
                 THROTTLES.inc()
 
     def max_send_rate(self) -> float | None:

@@ -56,6 +56,7 @@ class Slots:
     spacing: float
     since: float
     late_max: float = math.inf  # seconds a call may be late for its slot and still be made
+    burst: float = math.inf  # the bucket's burst: the most messages one call may carry
 
     def at(self, i: int) -> Slot:
         """The i-th call's slot (from 0)."""
@@ -154,8 +155,11 @@ class Schedule:
         with self._lock:
             best = -self._clock.add(received, -(received - float(taken_at)))
         since = float(taken_at) + best
+        # the slack is (burst - 1) / rate, the spacing 1 / rate
+        burst = math.inf if slack is None or not float(spacing) > 0 else \
+            1 + round(float(slack) / float(spacing))
         return Slots(since + float(offset), float(spacing), since,
-                     math.inf if slack is None else float(slack) * LATE_SHARE)
+                     math.inf if slack is None else float(slack) * LATE_SHARE, burst)
 
     def figures(self) -> dict[str, float]:
         """For the worker's exit line: calls late at the wire, the most one was (ms), the
@@ -191,6 +195,19 @@ def on_this_thread(slot: Slot | None) -> Iterator[None]:
         yield
     finally:
         _CALL.slot = None
+
+
+@contextlib.contextmanager
+def carrying(n: int) -> Iterator[None]:
+    """The call this thread makes inside the block carries n messages (SendBulkEmail): the
+    pacer books n messages' time for it (with a wire slot it waits for that slot, its first
+    message's: the take booked the others' slots already)."""
+    before = getattr(_CALL, "count", 1)
+    _CALL.count = n
+    try:
+        yield
+    finally:
+        _CALL.count = before
 
 
 class Buckets:
@@ -287,7 +304,8 @@ class Buckets:
 class Pacer:
     """Holds each provider call until it may go (thread-safe): a call with a wire slot (the
     global schedule's, on_this_thread) until its slot; one without (no take booked it one)
-    at least 1 / rate after this process's previous call of that kind.
+    at least 1 / rate after this process's previous call of that kind, or n / rate after a
+    call that carried n messages (carrying: one SendBulkEmail call of n entries).
 
     The slots of every process and host are spaced 1 / rate apart in one schedule
     (pgcast_take_tokens_v5), so calls that wait for theirs leave the processes no closer
@@ -304,8 +322,9 @@ class Pacer:
         self._tat = -math.inf
         self._lock = threading.Lock()
 
-    def delay(self) -> float:
-        """Book the next call; the seconds it must wait before it goes (0: at once)."""
+    def delay(self, n: int | None = None) -> float:
+        """Book the next call, of n messages (None: what `carrying` says, else 1); the
+        seconds it must wait before it goes (0: at once)."""
         rate = self.rate()
         if not rate > 0 or not math.isfinite(rate):
             return 0.0
@@ -318,16 +337,17 @@ class Pacer:
             if slot.too_late(now):
                 raise errors.NotCalled(TOO_LATE)
             return max(0.0, slot.at - now)
+        count = n if n is not None else int(getattr(_CALL, "count", 1))
         with self._lock:
             go = max(now, self._tat)
-            self._tat = go + 1.0 / rate
+            self._tat = go + max(1, count) / rate
         return go - now
 
-    def wait(self) -> float:
-        """Book the next call and sleep until it may go; the seconds slept. Raises NotCalled
-        when the call is too late for its slot, before or after the sleep (a stalled thread
-        wakes late): it must not be made."""
-        seconds = self.delay()
+    def wait(self, n: int | None = None) -> float:
+        """Book the next call (of n messages, see delay) and sleep until it may go; the
+        seconds slept. Raises NotCalled when the call is too late for its slot, before or
+        after the sleep (a stalled thread wakes late): it must not be made."""
+        seconds = self.delay() if n is None else self.delay(n)
         if seconds > 0:
             time.sleep(seconds)
             slot: Slot | None = getattr(_CALL, "slot", None)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import os
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import boto3
@@ -12,7 +14,9 @@ import botocore.config
 import botocore.exceptions
 
 from pgcast.mail import message as mail_message
-from pgcast.worker import errors, render, sesconn
+from pgcast.worker import errors, ratelimit, render, sesbulk, sesconn
+
+log = logging.getLogger("pgcast.worker")
 
 # SES error codes that stop the whole account, mapped to the pause reason kept on the broadcast.
 ACCOUNT_LEVEL = {
@@ -42,15 +46,28 @@ BEFORE_SEND: tuple[type[BaseException], ...] = (
 )
 
 
+# what an endpoint without the operation answers (plain moto: a 404 page; AWS-shaped
+# services: UnknownOperationException). Not NotFoundException: SES's missing configuration set
+UNKNOWN_OPERATION = {"404", "UnknownOperationException", "UnknownOperation", "InvalidAction"}
+
+
+def from_pacer(exc: BaseException) -> errors.Stopped | errors.NotCalled | None:
+    """The errors.Stopped or errors.NotCalled the pacer raised before the request left, if
+    that is what `exc` is: raised by the hook itself, or by the gate that opens a connection
+    (botocore wraps what a connection raises in an HTTPClientError)."""
+    if isinstance(exc, (errors.Stopped, errors.NotCalled)):
+        return exc
+    kwargs = getattr(exc, "kwargs", None)
+    inner = kwargs.get("error") if isinstance(kwargs, dict) else None
+    return inner if isinstance(inner, (errors.Stopped, errors.NotCalled)) else None
+
+
 def classify(exc: Exception, written: int = 1) -> errors.ProviderError:
     """Map a boto3/botocore exception to what the engine must do (`written`: bytes of the
     request the call had written to its connection when it failed)."""
-    # the pacer's, before the request left (botocore wraps it when it came from the gate
-    # that opens a connection: HTTPClientError)
-    kwargs = getattr(exc, "kwargs", None)
-    inner = kwargs.get("error") if isinstance(kwargs, dict) else None
-    if isinstance(exc, errors.NotCalled) or isinstance(inner, errors.NotCalled):
-        return errors.NotCalled(str(inner or exc))
+    paced = from_pacer(exc)
+    if isinstance(paced, errors.NotCalled):  # too late for its slot: never left
+        return errors.NotCalled(str(paced))
     if isinstance(exc, botocore.exceptions.ClientError):
         err = exc.response.get("Error", {})
         code = str(err.get("Code", ""))
@@ -93,20 +110,26 @@ class SesProvider:
     may_have_sent_on_error = True  # the request may have reached SES
 
     def __init__(self, client: Any, configuration_set: str | None = None,
-                 connections: sesconn.Connections | None = None) -> None:
+                 connections: sesconn.Connections | None = None, bulk: bool = True) -> None:
         self.client = client
         self.configuration_set = configuration_set
         # counts the bytes each call writes (and gates new connections, when installed)
         self.connections = connections or sesconn.Connections()
         self._pace: Callable[[], object] | None = None
+        # False: one message per call (PGCAST_SES_BULK=0, or the endpoint has no
+        # SendBulkEmail: learnt from its first answer, for the process's life)
+        self.bulk = bulk
+        self._bulk_lock = threading.Lock()
         # the last moment before a request leaves: serialised and signed, about to be written
         client.meta.events.register("before-send.sesv2.SendEmail", self._before_send)
+        client.meta.events.register("before-send.sesv2.SendBulkEmail", self._before_send)
 
     def pace_with(self, pace: Callable[[], object]) -> None:
-        """Call `pace` on the sending thread right before each SendEmail request leaves (the
-        rate limit's pacer: boto3's own work per call is then behind it, not after it). It
-        may raise errors.Stopped (its group was stopped while it waited): send() raises it,
-        nothing of the request written."""
+        """Call `pace` on the sending thread right before each SendEmail or SendBulkEmail
+        request leaves (the rate limit's pacer: boto3's own work per call is then behind it,
+        not after it; a bulk call runs inside ratelimit.carrying(its entries)). It may raise
+        errors.Stopped (its group was stopped while it waited): the call raises it, nothing
+        of the request written."""
         self._pace = pace
         self.connections.pace = pace  # a call that waited to open a connection is paced again
 
@@ -141,8 +164,10 @@ class SesProvider:
         client = session.client("sesv2", region_name=region, config=config)
         connections = sesconn.Connections()
         sesconn.install(client, connections)  # opened a few at a time, retired when idle
+        bulk = os.environ.get("PGCAST_SES_BULK", "1").strip().lower() not in ("0", "false",
+                                                                            "no", "off")
         return cls(client, os.environ.get("PGCAST_SES_CONFIGURATION_SET") or None,
-                   connections)
+                   connections, bulk)
 
     def connection_counts(self) -> dict[str, int]:
         """Connections opened and retired, and transport failures by cause."""
@@ -176,15 +201,101 @@ class SesProvider:
         except errors.Stopped:
             raise  # stopped at the wire, after the pacer: nothing was written
         except Exception as exc:
-            stopped = _stopped(exc)
-            if stopped is not None:
-                raise stopped from exc  # stopped at a new connection's second pace
-            written = self.connections.written()
-            error = classify(exc, written)
-            if isinstance(exc, botocore.exceptions.BotoCoreError):  # the transport's failure
-                self.connections.failed(isinstance(error, errors.Transient))
-            raise error from exc
+            raise self._failure(exc) from exc
         return str(message_id)
+
+    def _failure(self, exc: Exception) -> errors.ProviderError:
+        """What a call's exception means (counted as the transport's failure when it is)."""
+        paced = from_pacer(exc)
+        if isinstance(paced, errors.Stopped):
+            return paced  # stopped at a new connection's second pace: nothing written
+        error = classify(exc, self.connections.written())
+        if isinstance(exc, botocore.exceptions.BotoCoreError):  # the transport's failure
+            self.connections.failed(isinstance(error, errors.Transient))
+        return error
+
+    def bulk_max(self) -> int:
+        """The most messages one send_many call carries at once (0: one per call)."""
+        return sesbulk.MOST if self.bulk else 0
+
+    def send_many(self, messages: Sequence[render.Message]) -> list[str | errors.ProviderError]:
+        """The messages of one group (one broadcast: one sender, the same parts), by one
+        SendBulkEmail call: a message id or the error, per message, in order.
+
+        A message that does not fit a bulk entry (a part holding `{{`, SES's template
+        syntax; a header SES would refuse in one; another sender or other parts than the
+        first's) goes by send(), one call each, as does the only one that fits. A refusal
+        that stops the group (a throttle, account-level trouble) leaves the later calls
+        unmade (errors.Stopped). Never raises."""
+        out: list[str | errors.ProviderError | None] = [None] * len(messages)
+        fitting = [i for i, m in enumerate(messages) if sesbulk.fits(m)]
+        shape = sesbulk.shape(messages[fitting[0]]) if fitting else None
+        fits = [i for i in fitting if sesbulk.shape(messages[i]) == shape]
+        stop: errors.ProviderError | None = None
+        if len(fits) > 1:
+            results = self._send_bulk([messages[i] for i in fits]) if self.bulk else [
+                errors.Unsupported("not sent: the endpoint has no SendBulkEmail; put back, "
+                                   "to go by SendEmail") for _ in fits]
+            for i, result in zip(fits, results, strict=True):
+                out[i] = result
+                if stop is None and isinstance(result, (errors.Throttled,
+                                                        errors.AccountBlocked)):
+                    stop = result
+        for i, m in enumerate(messages):
+            if out[i] is not None:
+                continue
+            if stop is not None:
+                out[i] = errors.Stopped(f"not called: its group was stopped ({stop})")
+                continue
+            try:
+                out[i] = self.send(m)
+            except errors.ProviderError as exc:
+                out[i] = exc
+                if isinstance(exc, (errors.Throttled, errors.AccountBlocked)):
+                    stop = exc
+            except Exception as exc:  # noqa: BLE001 - the caller classifies it as send's
+                out[i] = errors.OutcomeUnknown(f"unexpected provider error: "
+                                               f"{type(exc).__name__}: {exc}")
+        return [r for r in out if r is not None]
+
+    def _send_bulk(self, messages: list[render.Message]) -> list[str | errors.ProviderError]:
+        """One SendBulkEmail call: each entry's outcome, by position."""
+        request = sesbulk.request(messages, [email_tags(m) for m in messages],
+                                  self.configuration_set)
+        self.connections.begin()
+        try:
+            with ratelimit.carrying(len(messages)):
+                answer = self.client.send_bulk_email(**request)
+        except Exception as exc:  # noqa: BLE001 - every entry's outcome, never the caller's
+            if self._unknown_operation(exc):
+                return [errors.Unsupported("not sent: the endpoint has no SendBulkEmail; put "
+                                           "back, to go by SendEmail") for _ in messages]
+            error = self._failure(exc)
+            return [error] * len(messages)  # a throttle stops the group, unknown is unknown
+        results = answer.get("BulkEmailEntryResults")
+        if not isinstance(results, list) or len(results) != len(messages):
+            # SES answers one result per entry, in order: anything else cannot be mapped
+            got = len(results) if isinstance(results, list) else "no"
+            error = errors.OutcomeUnknown(f"SendBulkEmail answered {got} results for "
+                                          f"{len(messages)} entries")
+            return [error] * len(messages)
+        return [sesbulk.outcome(r) for r in results]
+
+    def _unknown_operation(self, exc: Exception) -> bool:
+        """The endpoint does not serve SendBulkEmail: from now on one message per call (said
+        once in the log)."""
+        if not isinstance(exc, botocore.exceptions.ClientError):
+            return False
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+        if code not in UNKNOWN_OPERATION or status not in (400, 404, 501):
+            return False
+        with self._bulk_lock:
+            if self.bulk:
+                self.bulk = False
+                log.warning("the SES endpoint does not serve SendBulkEmail (%s %s): sending "
+                            "one message per SendEmail call from now on", status, code)
+        return True
 
     def max_send_rate(self) -> float | None:
         """MaxSendRate from sesv2 get_account, else v1 get_send_quota; None when unknown."""
@@ -218,14 +329,6 @@ def email_tags(message: render.Message) -> list[dict[str, str]]:
     if broadcast:
         tags.insert(0, {"Name": "pgcast_broadcast", "Value": broadcast})
     return tags
-
-
-def _stopped(exc: BaseException) -> errors.Stopped | None:
-    """The errors.Stopped the pacer raised from inside the transport (botocore wraps what a
-    connection raises in an HTTPClientError), if that is what `exc` is."""
-    inner = getattr(exc, "kwargs", {}).get("error") \
-        if isinstance(exc, botocore.exceptions.HTTPClientError) else None
-    return inner if isinstance(inner, errors.Stopped) else None
 
 
 def _usable_rate(raw: Any) -> float | None:

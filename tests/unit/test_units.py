@@ -216,6 +216,9 @@ def test_the_wire_gate_lets_a_call_of_a_group_not_stopped_go() -> None:
 
 def test_ses_sees_a_stop_raised_inside_the_transport() -> None:
     stopped = perr.Stopped("stopped")
-    assert ses._stopped(botocore.exceptions.HTTPClientError(error=stopped)) is stopped
-    assert ses._stopped(botocore.exceptions.HTTPClientError(error=OSError("reset"))) is None
-    assert ses._stopped(OSError("reset")) is None
+    late = perr.NotCalled("too late")
+    assert ses.from_pacer(botocore.exceptions.HTTPClientError(error=stopped)) is stopped
+    assert ses.from_pacer(botocore.exceptions.HTTPClientError(error=late)) is late
+    assert ses.from_pacer(stopped) is stopped and ses.from_pacer(late) is late
+    assert ses.from_pacer(botocore.exceptions.HTTPClientError(error=OSError("reset"))) is None
+    assert ses.from_pacer(OSError("reset")) is None
