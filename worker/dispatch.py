@@ -279,19 +279,27 @@ class Sender:
         """On a provider thread: the deadline, the pacer (until `slot`, when the call has
         one), then the call (a call past its deadline books no pacer time: nobody would use
         it). A call too late for its slot is put back, not made (`release`)."""
-        if time.monotonic() > due:
-            return Outcome(message.contact_id, "release",
-                           error="not called: its call would have started too late after "
-                                 "its handoff (see --group-ms)")
-        if slot is not None and slot.too_late(time.monotonic()):
-            return self._not_called(message.contact_id, ratelimit.TOO_LATE)
         with ratelimit.on_this_thread(slot):  # where the call leaves (ses) or here
-            if self.pacer is not None and not stop:
-                try:
-                    self.pacer.wait()
-                except errors.NotCalled as exc:
-                    return self._not_called(message.contact_id, str(exc))
-            return self.send_one(message, attempts, stop)
+            held = self._hold([message.contact_id], stop, due, slot)
+            return held[0] if held else self.send_one(message, attempts, stop)
+
+    def _hold(self, cids: list[int], stop: list[Outcome], due: float,
+              slot: ratelimit.Slot | None) -> list[Outcome] | None:
+        """Before one call carrying the messages of `cids` (inside on_this_thread(slot)): the
+        deadline, its slot, then the pacer's wait for all of them. None: the call goes now;
+        else each message's outcome, the call not made."""
+        if time.monotonic() > due:
+            return [Outcome(cid, "release",
+                            error="not called: its call would have started too late after "
+                                  "its handoff (see --group-ms)") for cid in cids]
+        if slot is not None and slot.too_late(time.monotonic()):
+            return [self._not_called(cid, ratelimit.TOO_LATE) for cid in cids]
+        if self.pacer is not None and not stop:
+            try:
+                self.pacer.wait(len(cids))
+            except errors.NotCalled as exc:
+                return [self._not_called(cid, str(exc)) for cid in cids]
+        return None
 
     def _not_called(self, cid: int, why: str) -> Outcome:
         """A call too late for its wire slot: put back, not made."""
@@ -420,19 +428,9 @@ class Sender:
         """paced() for one call of many messages: the deadline and its first message's slot
         decide for all; the pacer here books every message's time (a provider that paces at
         the wire books its bulk call's, ratelimit.carrying)."""
-        if time.monotonic() > due:
-            return [Outcome(m.contact_id, "release",
-                            error="not called: its call would have started too late after "
-                                  "its handoff (see --group-ms)") for m in messages]
-        if slot is not None and slot.too_late(time.monotonic()):
-            return [self._not_called(m.contact_id, ratelimit.TOO_LATE) for m in messages]
         with ratelimit.on_this_thread(slot):
-            if self.pacer is not None and not stop:
-                try:
-                    self.pacer.wait(len(messages))
-                except errors.NotCalled as exc:
-                    return [self._not_called(m.contact_id, str(exc)) for m in messages]
-            return self.send_many(messages, attempts, stop)
+            held = self._hold([m.contact_id for m in messages], stop, due, slot)
+            return held if held is not None else self.send_many(messages, attempts, stop)
 
     def send_many(self, messages: list[render.Message], attempts: dict[int, int],
                   stop: list[Outcome]) -> list[Outcome]:
