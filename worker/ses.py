@@ -233,9 +233,8 @@ class SesProvider:
         fits = [i for i in fitting if sesbulk.shape(messages[i]) == shape]
         stop: errors.ProviderError | None = None
         if len(fits) > 1:
-            results = self._send_bulk([messages[i] for i in fits]) if self.bulk else [
-                errors.Unsupported("not sent: the endpoint has no SendBulkEmail; put back, "
-                                   "to go by SendEmail") for _ in fits]
+            results = self._send_bulk([messages[i] for i in fits]) if self.bulk else \
+                _no_bulk(len(fits))
             for i, result in zip(fits, results, strict=True):
                 out[i] = result
                 if stop is None and isinstance(result, (errors.Throttled,
@@ -268,8 +267,7 @@ class SesProvider:
                 answer = self.client.send_bulk_email(**request)
         except Exception as exc:  # noqa: BLE001 - every entry's outcome, never the caller's
             if self._unknown_operation(exc):
-                return [errors.Unsupported("not sent: the endpoint has no SendBulkEmail; put "
-                                           "back, to go by SendEmail") for _ in messages]
+                return _no_bulk(len(messages))
             error = self._failure(exc)
             return [error] * len(messages)  # a throttle stops the group, unknown is unknown
         results = answer.get("BulkEmailEntryResults")
@@ -329,6 +327,13 @@ def email_tags(message: render.Message) -> list[dict[str, str]]:
     if broadcast:
         tags.insert(0, {"Name": "pgcast_broadcast", "Value": broadcast})
     return tags
+
+
+def _no_bulk(n: int) -> list[str | errors.ProviderError]:
+    """The outcome of n messages a SendBulkEmail call cannot carry (the endpoint has none):
+    put back, never sent, to go by SendEmail."""
+    return [errors.Unsupported("not sent: the endpoint has no SendBulkEmail; put back, to go "
+                               "by SendEmail") for _ in range(n)]
 
 
 def _usable_rate(raw: Any) -> float | None:
