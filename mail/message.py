@@ -297,13 +297,9 @@ class Content:
         token = self._token(contact_id)
         made = skeleton.message
         marker = skeleton.marker
-        subject, text, html = made.subject, made.text, made.html
-        if marker in subject:
-            subject = subject.replace(marker, token)
-        if text is not None and marker in text:
-            text = text.replace(marker, token)
-        if html is not None and marker in html:
-            html = html.replace(marker, token)
+        subject = made.subject.replace(marker, token)
+        text = None if made.text is None else made.text.replace(marker, token)
+        html = None if made.html is None else made.html.replace(marker, token)
         return Message(contact_id, to, self.from_header, subject, text, html,
                        self._headers(unsubscribe.link(self.base_url, token)), spec,
                        self.broadcast_id)
