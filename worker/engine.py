@@ -376,11 +376,12 @@ class Engine:
         flags = rows.column("handed")
         recipients = map(dispatch.Recipient, ids, rows.column("email"), rows.column("name"),
                          rows.column("attributes"), rows.column("tags"))
-        handed = [r for r, h in zip(recipients, flags, strict=True) if h]
+        every = all(flags)
+        handed = list(recipients) if every else [
+            r for r, h in zip(recipients, flags, strict=True) if h]
         # contacts that unsubscribed since the snapshot were only claimed: the handoff skips
         # them (under the broadcast row lock), and whatever it cannot is released
-        claimed = [] if len(handed) == len(ids) else [
-            cid for cid, h in zip(ids, flags, strict=True) if not h]
+        claimed = [] if every else [cid for cid, h in zip(ids, flags, strict=True) if not h]
         try:
             if handed:
                 self.stats.groups += 1
