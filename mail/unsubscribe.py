@@ -16,10 +16,11 @@ from __future__ import annotations
 import base64
 import binascii
 import functools
+import itertools
 import os
 import struct
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidTag
@@ -39,6 +40,7 @@ KIND_MESSAGE = 2  # a marketing message's link: the id is the message's, the con
 MAX_ACCOUNT = 200  # bytes of account name a version 1 token carried (cut, maybe mid-character)
 MAX_TOKEN = 400  # characters of a token we try to read
 _NONCE = 12  # bytes
+_TAG = 16  # bytes: AES-GCM's tag
 _AAD = b"pgcast one-click unsubscribe"
 _HEAD = struct.Struct(">BB16sq")  # version, kind, broadcast id, contact id; then the account
 
@@ -104,6 +106,35 @@ class Keys:
             nonce = os.urandom(_NONCE)
             sealed = seal(nonce, head + contact(contact_id), _AAD)
             return base64.urlsafe_b64encode(nonce + sealed).rstrip(b"=").decode()
+
+        return make
+
+    def many_maker(self, account: str, broadcast_id: str | uuid.UUID,
+                   test: bool = False) -> Callable[[Sequence[int]], list[str]]:
+        """Tokens for a group of contacts at once, each what maker() makes for it: one
+        os.urandom call for the group's nonces and one base64 pass over its tokens (a
+        token's 54 bytes are 72 characters with no padding, so the tokens' text is the
+        text of their bytes joined; issue 32: a third of a token's cost)."""
+        bid = broadcast_id if isinstance(broadcast_id, uuid.UUID) else uuid.UUID(broadcast_id)
+        head = struct.Struct(">BB16s").pack(VERSION, KIND_TEST if test else KIND_REAL,
+                                            bid.bytes)
+        seal = _aead(self.secrets[0]).encrypt
+        contact = struct.Struct(">q").pack
+        one = self.maker(account, bid, test)
+        size = _NONCE + len(head) + 8 + _TAG  # bytes of one token
+        if size % 3:  # not whole base64 quanta: one at a time
+            return lambda contact_ids: [one(cid) for cid in contact_ids]
+        chars = size // 3 * 4
+
+        def make(contact_ids: Sequence[int]) -> list[str]:
+            n = len(contact_ids)
+            randoms = os.urandom(_NONCE * n)
+            nonces = [randoms[at:at + _NONCE] for at in range(0, _NONCE * n, _NONCE)]
+            sealed = map(seal, nonces, [head + contact(cid) for cid in contact_ids],
+                         itertools.repeat(_AAD, n))
+            raw = b"".join(itertools.chain.from_iterable(zip(nonces, sealed, strict=True)))
+            text = base64.urlsafe_b64encode(raw).decode()
+            return [text[at:at + chars] for at in range(0, len(text), chars)]
 
         return make
 

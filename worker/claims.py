@@ -70,15 +70,16 @@ class Claims:
         self.halted = halted
 
     async def claim(self, bid: uuid.UUID, entry: Active, token: uuid.UUID, limit: int,
-                    query: str = "claim", contact: bool = True) -> list[dict[str, Any]]:
-        """A batch (`claim`, or `claim_handoff`), as dicts: every row has contact_id, attempts,
-        epoch and last_fresh (the cursor's next value); `claim_handoff`'s rows have the
-        contact's attributes and tags only with `contact`."""
-        params = {"id": bid, "limit": limit, "token": token, "worker": self.worker,
-                  "lease": self.lease, "after": entry.cursor, "contact": contact}
-        rows = await self.db.dicts(query, params)
-        if rows and rows[0]["last_fresh"] is not None:
-            entry.cursor = rows[0]["last_fresh"]
+                    query: str = "claim", contact: bool = True) -> pg.Rows:
+        """A batch (`claim`, or `claim_handoff`): every row has contact_id, attempts, epoch
+        and last_fresh (the cursor's next value); `claim_handoff`'s rows have the contact's
+        attributes and tags only with `contact`."""
+        params: dict[str, Any] = {"id": bid, "limit": limit, "token": token,
+                                  "worker": self.worker, "lease": self.lease,
+                                  "after": entry.cursor, "contact": contact}
+        rows = await self.db.table(query, params)
+        if rows and rows.first("last_fresh") is not None:
+            entry.cursor = rows.first("last_fresh")
             return rows
         if not rows and self.halted(bid, entry.epoch):
             return rows  # paused or cancelled: nothing to look for
@@ -89,9 +90,9 @@ class Claims:
                 return rows  # claimed: work them; the floor can wait for the next claim
             raise
         if moved and not rows:
-            rows = await self.db.dicts(query, {**params, "after": entry.cursor})
-            if rows and rows[0]["last_fresh"] is not None:
-                entry.cursor = rows[0]["last_fresh"]
+            rows = await self.db.table(query, {**params, "after": entry.cursor})
+            if rows and rows.first("last_fresh") is not None:
+                entry.cursor = rows.first("last_fresh")
         return rows
 
     async def _look_behind(self, bid: uuid.UUID, entry: Active) -> bool:

@@ -8,6 +8,7 @@ The parts live in their own modules: worker.claims (which rows, how many), worke
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import contextlib
 import json
@@ -307,14 +308,14 @@ class Engine:
         if not rows:
             await self._drained(bid)
             return
-        epoch = rows[0]["epoch"]
-        attempts = {r["contact_id"]: r["attempts"] for r in rows}
+        epoch = rows.first("epoch")
+        ids = rows.column("contact_id")
+        attempts = dict(zip(ids, rows.column("attempts"), strict=True))
         content = await self.picker.content(bid)
-        await self._work_groups(bid, entry, epoch, token, [r["contact_id"] for r in rows],
-                                attempts, content, groups)
+        await self._work_groups(bid, entry, epoch, token, ids, attempts, content, groups)
 
     async def _claim(self, bid: uuid.UUID, entry: claims.Active, token: uuid.UUID, limit: int,
-                     query: str = "claim", contact: bool = True) -> list[dict[str, Any]]:
+                     query: str = "claim", contact: bool = True) -> pg.Rows:
         """A claim, charged to the broadcast's stride when it starts (loops picking at once
         spread out) and corrected by what it got."""
         self.picker.claimed(bid, limit)
@@ -366,15 +367,21 @@ class Engine:
         if not rows:
             await self._drained(bid)
             return
-        epoch = rows[0]["epoch"]
+        epoch = rows.first("epoch")
         # the rate the statement read after its fence: a limit set while it waited reaches
         # the groups below before the listener's notification does
-        self.state.rates["global"] = float(rows[0]["global_rate"])
-        attempts = {r["contact_id"]: r["attempts"] for r in rows}
-        handed = [dispatch.recipient(r) for r in rows if r["handed"]]
+        self.state.rates["global"] = float(rows.first("global_rate"))
+        ids = rows.column("contact_id")
+        attempts = dict(zip(ids, rows.column("attempts"), strict=True))
+        flags = rows.column("handed")
+        recipients = map(dispatch.Recipient, ids, rows.column("email"), rows.column("name"),
+                         rows.column("attributes"), rows.column("tags"))
+        every = all(flags)
+        handed = list(recipients) if every else [
+            r for r, h in zip(recipients, flags, strict=True) if h]
         # contacts that unsubscribed since the snapshot were only claimed: the handoff skips
         # them (under the broadcast row lock), and whatever it cannot is released
-        claimed = [r["contact_id"] for r in rows if not r["handed"]]
+        claimed = [] if every else [cid for cid, h in zip(ids, flags, strict=True) if not h]
         try:
             if handed:
                 self.stats.groups += 1
@@ -508,17 +515,14 @@ class Engine:
         result = await self.db.q_retry("record", dispatch.record_params(
             bid, token, outcomes, self.settings.breaker))
         tripped = bool(result and result[0][1])
-        sent = 0
-        for o in outcomes:
-            if o.outcome == "sent":
-                sent += 1
-            elif o.outcome == "failed":
-                self.stats.failed += 1
-            elif o.outcome in ("retry", "throttled"):
-                self.stats.retried += 1
+        kinds = collections.Counter([o.outcome for o in outcomes])
+        sent = kinds["sent"]
+        self.stats.failed += kinds["failed"]
+        self.stats.retried += kinds["retry"] + kinds["throttled"]
         self.stats.sent += sent
-        blocked = next((o for o in outcomes if o.pause_reason), None)
-        if any(o.outcome == "throttled" for o in outcomes):
+        blocked = None if sent == len(outcomes) else next(
+            (o for o in outcomes if o.pause_reason), None)
+        if kinds["throttled"]:
             self.window.throttled()
             await self.db.q_retry("drain_tokens", {"name": "global",
                                                    "seconds": self.settings.throttle_backoff})

@@ -150,6 +150,13 @@ class MeteredDb(pg.Db):
         _observe(name, params, rows, started)
         return rows
 
+    async def table(self, name: str, params: dict[str, Any]) -> pg.Rows:
+        """Run and observe one named query read as columns."""
+        started = time.perf_counter()
+        rows = await super().table(name, params)
+        _observe(name, params, rows.rows, started)
+        return rows
+
 
 def _observe(name: str, params: dict[str, Any] | None, rows: Sequence[Any],
              started: float) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+from collections.abc import Sequence
 from typing import Any
 
 from pgcast.mail import message, renderpool, renderproc
@@ -74,18 +75,29 @@ FILL_CHUNK = 100  # messages filled between two turns of the event loop
 
 
 async def fill_many(content: Content, made: Skeleton,
-                    items: list[tuple[int, str, str | None]]) -> list[Message | Failure]:
-    """Messages for many recipients (contact id, address, name) from a usable skeleton, in
-    this process (no template runs: message.Content.fill); a Failure for each that cannot be
+                    items: Sequence[tuple[Any, ...]]) -> list[Message | Failure]:
+    """Messages for many recipients (contact id, address, name, ...) from a usable skeleton,
+    in this process (no template runs: message.Filler); a Failure for each that cannot be
     built, with the reason the render pool would give. The event loop gets a turn every
     FILL_CHUNK messages."""
     out: list[Message | Failure] = []
-    fill = content.fill
-    for i, (contact_id, email_address, name) in enumerate(items):
-        if i and not i % FILL_CHUNK:
+    fill = content.filler(made).fill
+    failure = renderproc.failure
+    for start in range(0, len(items), FILL_CHUNK):
+        if start:
             await asyncio.sleep(0)
+        chunk = items[start:start + FILL_CHUNK]
         try:
-            out.append(fill(made, contact_id, email_address, name))
-        except Exception as exc:  # noqa: BLE001 - every fault is this recipient's, as in the pool
-            out.append(renderproc.failure(exc))
+            made_now: list[Message | Exception] = fill(chunk)
+        except Exception:  # noqa: BLE001 - not the group's fault: each recipient on its own
+            made_now = [_one(content, made, item) for item in chunk]
+        out.extend([m if isinstance(m, Message) else failure(m) for m in made_now])
     return out
+
+
+def _one(content: Content, made: Skeleton, item: tuple[Any, ...]) -> Message | Exception:
+    """One recipient's message, or what its fill raised."""
+    try:
+        return content.fill(made, item[0], item[1], item[2])
+    except Exception as exc:  # noqa: BLE001 - every fault is this recipient's, as in the pool
+        return exc

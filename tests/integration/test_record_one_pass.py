@@ -31,6 +31,12 @@ def test_text_arrays_round_trip_any_text(conn: Conn) -> None:
     assert row is not None and row["a"] == NASTY
     row = conn.execute("SELECT %s::text[] AS a", (dispatch.text_array([]),)).fetchone()
     assert row is not None and row["a"] == []
+    # the one-pass cases: all NULL, nothing to escape, and one element to escape among plain
+    for values in ([None] * 3, ["NULL", "null-1-2", "a,b", "{x}", "é", ""], [""],
+                   ["plain", 'a"b'], ["plain", "a\\b"], ["x", None]):
+        literal = dispatch.text_array(values)
+        row = conn.execute("SELECT %s::text[] AS a", (literal,)).fetchone()
+        assert row is not None and row["a"] == values, literal
 
 
 def test_number_arrays_round_trip(conn: Conn) -> None:
