@@ -137,6 +137,44 @@ def _to_provider(url: str, prefix: str, timeout: float = 600) -> dict[str, float
             "p95_s": common.percentile(lag, 95), "max_s": max(lag)}
 
 
+class DbStats:
+    """What the server did between start and stop: commits, and per function its calls and its
+    own time (track_functions = all, set by main), heaviest first."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.before: dict[str, tuple[int, float]] = {}
+        self.commits = 0
+
+    def _read(self) -> tuple[int, dict[str, tuple[int, float]]]:
+        with common.connect(self.url) as conn:
+            time.sleep(1.2)  # backends report their counters at most once a second
+            conn.execute("SELECT pg_stat_clear_snapshot()")
+            row = conn.execute("SELECT xact_commit AS c FROM pg_stat_database "
+                               "WHERE datname = current_database()").fetchone()
+            funcs = {r["f"]: (int(r["calls"]), float(r["self_time"])) for r in conn.execute(
+                "SELECT funcname AS f, calls, self_time FROM pg_stat_user_functions")}
+        assert row is not None
+        return int(row["c"]), funcs
+
+    def start(self) -> None:
+        self.commits, self.before = self._read()
+
+    def stop(self, per: int, top: int = 16) -> list[str]:
+        """Commits and the heaviest functions, each per `per` (the round's sign-ups)."""
+        commits, after = self._read()
+        rows = []
+        for f, (calls, ms) in after.items():
+            c0, m0 = self.before.get(f, (0, 0.0))
+            if calls > c0:
+                rows.append((ms - m0, calls - c0, f))
+        rows.sort(reverse=True)
+        out = [f"commits per sign-up {(commits - self.commits) / max(1, per):.2f}"]
+        out += [f"{f}: {c / max(1, per):.2f} calls, {ms / max(1, per):.3f} ms own time per "
+                f"sign-up" for ms, c, f in rows[:top]]
+        return out
+
+
 def _postgres_pids(url: str) -> list[int]:
     """The server's postmaster and its children (the bench's own server, found by data dir)."""
     with common.connect(url) as conn:
@@ -255,6 +293,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     with common.bench_db("signup", os.environ.get("DATABASE_URL")) as url:
         with common.connect(url) as conn:
+            conn.execute("ALTER SYSTEM SET track_functions = 'all'")
+            conn.execute("SELECT pg_reload_conf()")
             conn.execute("INSERT INTO forms (id, account, name, tags, from_address) "
                          "VALUES (%s, %s, 'bench', '{news}', 'news@example.com')",
                          (FORM_ID, common.ACCOUNT))
@@ -274,16 +314,20 @@ def main(argv: list[str] | None = None) -> int:
             asyncio.run(load(port, args.rate, 2.0, "warm"))
             groups = {"api": [api.pid], "load generator": [os.getpid()],
                       "postgres": _postgres_pids(url)}
+            stats = DbStats(url)
+            stats.start()
             cpu = Cpu(groups)
             cpu.start()
             with _profiled(api.pid, args.profile and f"{args.profile}-idle.txt", args.seconds), \
                     Waits(url) as idle_waits:
                 idle = asyncio.run(load(port, args.rate, args.seconds, "idle"))
             idle_cpu = cpu.stop()
+            idle_db = stats.stop(idle["n"])
             print(f"round 1, sign-ups alone at {args.rate:.0f}/s: {idle}")
             print(f"round 1, CPU: {idle_cpu}")
             print("round 1, database sessions (mean active, by wait | query):",
                   *idle_waits.top(), sep="\n    ")
+            print("round 1, database work:", *idle_db, sep="\n    ")
             if args.no_drain:
                 return 0
             common.seed_contacts(url, args.recipients, tagged={"all": args.recipients})
@@ -296,11 +340,15 @@ def main(argv: list[str] | None = None) -> int:
                     time.sleep(2.0)  # the drain under way
                     cpu = Cpu({**groups, "workers": [p.pid for p in workers.procs],
                                "postgres": _postgres_pids(url)})
+                    stats.start()
+                    sent0 = _sent(conn, bid)
                     cpu.start()
                     with _profiled(api.pid, args.profile and f"{args.profile}-busy.txt",
                                    args.seconds), Waits(url) as busy_waits:
                         busy = asyncio.run(load(port, args.rate, args.seconds, "busy"))
                     busy_cpu = cpu.stop()
+                    drained = _sent(conn, bid) - sent0
+                    busy_db = stats.stop(busy["n"])
                     lag = _to_provider(url, "busy")
                     progress = conn.execute("SELECT status, sent, total FROM broadcasts "
                                             "WHERE id = %s", (bid,)).fetchone()
@@ -309,12 +357,21 @@ def main(argv: list[str] | None = None) -> int:
             print(f"round 2, CPU: {busy_cpu}")
             print("round 2, database sessions (mean active, by wait | query):",
                   *busy_waits.top(), sep="\n    ")
+            print(f"round 2, database work ({drained} broadcast emails sent in the round):",
+                  *busy_db, sep="\n    ")
             print(f"round 2, confirmation creation -> provider answer: {lag}")
             print(f"broadcast when round 2 ended: {progress}")
         finally:
             api.terminate()
             api.wait(timeout=30)
     return 0
+
+
+def _sent(conn: Any, bid: uuid.UUID) -> int:
+    """The broadcast's recipients handed to the provider so far."""
+    row = conn.execute("SELECT count(*) AS n FROM broadcast_recipients WHERE broadcast_id = %s "
+                       "AND status <> 'pending'", (bid,)).fetchone()
+    return int(row["n"])
 
 
 def _free_port() -> int:
