@@ -13,7 +13,10 @@ slow answer delays nobody's start and shows up in the latency (no coordinated om
 client_lag_p99_ms is the load generator's own delay (scheduled start -> its task running).
 Each round prints the CPU its processes used (the API, this load generator, Postgres, the
 workers) and what the database's sessions were doing (pg_stat_activity every 10 ms);
---profile PREFIX records the API process with py-spy (collapsed stacks).
+--profile PREFIX records the API process with py-spy (collapsed stacks). Each round also
+prints the database's work per sign-up (commits, and per function its calls and own time:
+track_functions = all), and when the answers slower than SLOW_MS were due (stalls show as
+spans), with what the database's sessions were doing in the 60 ms before each.
 
 Round 1: sign-ups alone. Round 2: the same while --workers workers (null provider) drain a
 broadcast of --recipients contacts capped at --broadcast-rate emails/s (the broadcast's own
@@ -43,6 +46,7 @@ import psutil  # type: ignore[import-untyped]
 from bench import common
 
 FORM_ID = uuid.UUID("00000000-0000-4000-8000-00000000f0f0")
+SLOW_MS = 50  # answers slower than this are listed by when they were due (stalls show as spans)
 CONNECTIONS = 256  # keep-alive connections of the load generator (a request waits for a free one)
 
 
@@ -86,6 +90,7 @@ async def load(port: int, rate: float, seconds: float, prefix: str) -> dict[str,
     times: list[float] = []
     lags: list[float] = []  # the load generator's own delay: due -> request written
     statuses: dict[int, int] = {}
+    slow: list[float] = []  # when each answer slower than SLOW_MS was due (perf_counter)
 
     async def one(i: int, due: float) -> None:
         lags.append((time.perf_counter() - due) * 1000)
@@ -95,6 +100,8 @@ async def load(port: int, rate: float, seconds: float, prefix: str) -> dict[str,
         finally:
             idle.put_nowait(conn)
         times.append((time.perf_counter() - due) * 1000)  # from its scheduled start
+        if times[-1] > SLOW_MS:
+            slow.append(due)
         statuses[status] = statuses.get(status, 0) + 1
 
     n = int(rate * seconds)
@@ -114,7 +121,21 @@ async def load(port: int, rate: float, seconds: float, prefix: str) -> dict[str,
             c.writer.close()
     return {"n": n, "achieved_per_s": n / elapsed, "p50_ms": common.percentile(times, 50),
             "p99_ms": common.percentile(times, 99), "max_ms": max(times), "statuses": statuses,
-            "client_lag_p99_ms": common.percentile(lags, 99)}
+            "client_lag_p99_ms": common.percentile(lags, 99),
+            f"over_{SLOW_MS}ms_due_at_s": _spans([t - start for t in slow]),
+            "slow_due": slow}
+
+
+def _spans(at: list[float], gap: float = 0.1) -> list[str]:
+    """Times (s) grouped into spans no more than `gap` apart: 'start-end (count)'."""
+    out: list[list[float]] = []
+    for t in sorted(at):
+        if out and t - out[-1][1] <= gap:
+            out[-1][1] = t
+            out[-1][2] += 1
+        else:
+            out.append([t, t, 1])
+    return [f"{a:.2f}-{b:.2f} ({int(n)})" for a, b, n in out]
 
 
 def _to_provider(url: str, prefix: str, timeout: float = 600) -> dict[str, float]:
@@ -229,6 +250,7 @@ class Waits:
         self.url = url
         self.counts: dict[str, int] = {}
         self.samples = 0
+        self.timeline: list[tuple[float, list[str]]] = []  # (perf_counter, active sessions)
         self.stop_at = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
 
@@ -237,12 +259,13 @@ class Waits:
             while not self.stop_at.is_set():
                 rows = conn.execute(
                     "SELECT coalesce(wait_event_type || ':' || wait_event, 'CPU') AS w, "
-                    "left(regexp_replace(query, '\\s+', ' ', 'g'), 40) AS q "
+                    "left(regexp_replace(query, '\\s+', ' ', 'g'), 60) AS q "
                     "FROM pg_stat_activity WHERE datname = current_database() "
                     "AND state = 'active' AND pid <> pg_backend_pid()").fetchall()
                 self.samples += 1
-                for r in rows:
-                    key = f"{r['w']} | {r['q']}"
+                keys = [f"{r['w']} | {r['q']}" for r in rows]
+                self.timeline.append((time.perf_counter(), keys))
+                for key in keys:
                     self.counts[key] = self.counts.get(key, 0) + 1
                 time.sleep(0.01)
 
@@ -253,6 +276,23 @@ class Waits:
     def __exit__(self, *exc: object) -> None:
         self.stop_at.set()
         self.thread.join()
+
+    def during(self, due: list[float], n: int = 8, before: float = 0.06) -> list[str]:
+        """The most seen (wait, query) pairs in the samples taken from `before` seconds ahead of
+        each slow answer's due time to that time: mean sessions in that state then."""
+        counts: dict[str, int] = {}
+        picked = 0
+        marks = sorted(due)
+        j = 0
+        for t, keys in self.timeline:
+            while j < len(marks) and marks[j] < t:
+                j += 1
+            if j < len(marks) and marks[j] - before <= t:
+                picked += 1
+                for key in keys:
+                    counts[key] = counts.get(key, 0) + 1
+        best = sorted(counts.items(), key=lambda kv: -kv[1])[:n]
+        return [f"{c / max(1, picked):.2f} {k}" for k, c in best]
 
     def top(self, n: int = 8) -> list[str]:
         """The most seen (wait, query) pairs: mean sessions in that state."""
@@ -323,6 +363,7 @@ def main(argv: list[str] | None = None) -> int:
                 idle = asyncio.run(load(port, args.rate, args.seconds, "idle"))
             idle_cpu = cpu.stop()
             idle_db = stats.stop(idle["n"])
+            idle.pop("slow_due")
             print(f"round 1, sign-ups alone at {args.rate:.0f}/s: {idle}")
             print(f"round 1, CPU: {idle_cpu}")
             print("round 1, database sessions (mean active, by wait | query):",
@@ -347,6 +388,7 @@ def main(argv: list[str] | None = None) -> int:
                                    args.seconds), Waits(url) as busy_waits:
                         busy = asyncio.run(load(port, args.rate, args.seconds, "busy"))
                     busy_cpu = cpu.stop()
+                    slow_due = busy.pop("slow_due")
                     drained = _sent(conn, bid) - sent0
                     busy_db = stats.stop(busy["n"])
                     lag = _to_provider(url, "busy")
@@ -357,6 +399,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"round 2, CPU: {busy_cpu}")
             print("round 2, database sessions (mean active, by wait | query):",
                   *busy_waits.top(), sep="\n    ")
+            print(f"round 2, the same in the 60 ms before each answer over {SLOW_MS} ms was due:",
+                  *busy_waits.during(slow_due), sep="\n    ")
             print(f"round 2, database work ({drained} broadcast emails sent in the round):",
                   *busy_db, sep="\n    ")
             print(f"round 2, confirmation creation -> provider answer: {lag}")
