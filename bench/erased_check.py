@@ -3,7 +3,8 @@
 (a copy made in pg_temp for the run), each called once per transaction, as a sign-up's
 statements call it. Same connection, same database, alternating rounds; an empty statement of
 the same shape gives the round trip. Printed: median microseconds per call over the round
-trip, for each.
+trip, for each; then each called for 100,000 rows in one statement (as an import or a
+snapshot calls it per address): median microseconds per row.
 
     .venv/bin/python -m bench.erased_check --rounds 6 --calls 2000
 """
@@ -51,6 +52,17 @@ def main(argv: list[str] | None = None) -> int:
             med = statistics.median(times[name])
             print(f"pgcast_erased_v1 {name}: {med:.1f} us a call, {med - base:.1f} us over the "
                   f"round trip (rounds: {', '.join(f'{t:.0f}' for t in times[name])})")
+        rows: dict[str, list[float]] = {"plpgsql (now)": [], "sql (before)": []}
+        for r in range(args.rounds):
+            for name in (list(rows) if r % 2 == 0 else list(reversed(rows))):
+                fn = "pgcast_erased_v1" if name == "plpgsql (now)" else "pg_temp.erased_sql"
+                t = time.perf_counter()
+                conn.execute(f"SELECT count(*) FILTER (WHERE {fn}('bench', "  # type: ignore[arg-type]
+                             "'a' || g || '@example.com')) FROM generate_series(1, 100000) g")
+                rows[name].append((time.perf_counter() - t) / 100_000 * 1e6)
+        for name, per in rows.items():
+            print(f"pgcast_erased_v1 {name}, 100,000 rows in one statement: "
+                  f"{statistics.median(per):.2f} us a row")
     return 0
 
 
