@@ -3,8 +3,9 @@
 (a copy made in pg_temp for the run), each called once per transaction, as a sign-up's
 statements call it. Same connection, same database, alternating rounds; an empty statement of
 the same shape gives the round trip. Printed: median microseconds per call over the round
-trip, for each; then each called for 100,000 rows in one statement (as an import or a
-snapshot calls it per address): median microseconds per row.
+trip, for each; then each called for many rows in one statement (as the messages' handoff
+calls it, once per message), in a caller with plan_cache_mode auto and in one that forces
+custom plans as pgcast_message_handoff_v2 does: median microseconds per row.
 
     .venv/bin/python -m bench.erased_check --rounds 6 --calls 2000
 """
@@ -24,6 +25,17 @@ RETURNS boolean LANGUAGE sql STABLE AS $$
                      AND e.email_hash = sha256(k.k2 || sha256(k.k1 || sha256(
                          convert_to(lower(btrim(p_address)), 'UTF8')))))
 $$"""
+
+# a caller that checks n addresses in one statement, with its plan_cache_mode (as the
+# messages' handoff checks each message's address in one UPDATE)
+ROWS = """CREATE FUNCTION pg_temp.{name}(n integer) RETURNS bigint LANGUAGE plpgsql
+SET plan_cache_mode = {mode} AS $$
+BEGIN
+    RETURN (SELECT count(*) FILTER (WHERE {fn}('bench', 'a' || g || '@example.com'))
+            FROM generate_series(1, n) g);
+END
+$$"""
+ROW_COUNT = 20_000
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,17 +64,21 @@ def main(argv: list[str] | None = None) -> int:
             med = statistics.median(times[name])
             print(f"pgcast_erased_v1 {name}: {med:.1f} us a call, {med - base:.1f} us over the "
                   f"round trip (rounds: {', '.join(f'{t:.0f}' for t in times[name])})")
-        rows: dict[str, list[float]] = {"plpgsql (now)": [], "sql (before)": []}
-        for r in range(args.rounds):
-            for name in (list(rows) if r % 2 == 0 else list(reversed(rows))):
-                fn = "pgcast_erased_v1" if name == "plpgsql (now)" else "pg_temp.erased_sql"
-                t = time.perf_counter()
-                conn.execute(f"SELECT count(*) FILTER (WHERE {fn}('bench', "  # type: ignore[arg-type]
-                             "'a' || g || '@example.com')) FROM generate_series(1, 100000) g")
-                rows[name].append((time.perf_counter() - t) / 100_000 * 1e6)
-        for name, per in rows.items():
-            print(f"pgcast_erased_v1 {name}, 100,000 rows in one statement: "
-                  f"{statistics.median(per):.2f} us a row")
+        for mode in ("auto", "force_custom_plan"):
+            for fn in ("pgcast_erased_v1", "pg_temp.erased_sql"):
+                conn.execute(ROWS.format(fn=fn, name=f"rows_{fn.replace('.', '_')}_{mode}",
+                                         mode=mode))  # type: ignore[arg-type]
+            per_row: dict[str, list[float]] = {"plpgsql (now)": [], "sql (before)": []}
+            for r in range(args.rounds):
+                for name in (list(per_row) if r % 2 == 0 else list(reversed(per_row))):
+                    fn = "pgcast_erased_v1" if name == "plpgsql (now)" else "pg_temp.erased_sql"
+                    t = time.perf_counter()
+                    conn.execute(f"SELECT pg_temp.rows_{fn.replace('.', '_')}_{mode}(%s)",  # type: ignore[arg-type]
+                                 (ROW_COUNT,))
+                    per_row[name].append((time.perf_counter() - t) / ROW_COUNT * 1e6)
+            for name, per in per_row.items():
+                print(f"pgcast_erased_v1 {name}, {ROW_COUNT:,} rows in one statement of a "
+                      f"caller with plan_cache_mode {mode}: {statistics.median(per):.2f} us a row")
     return 0
 
 

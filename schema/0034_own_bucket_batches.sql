@@ -6,9 +6,10 @@
 -- takes, beside the application's own traffic on the same database (issue 28's sign-ups).
 -- pgcast_take_own_v1 grants nothing until the bucket holds half its burst (at least one, and
 -- never more than asked for), and says how long until it will: every take then carries about
--- half a burst (5 at 100/s, whose burst is rate / 10), however many processes take. The rate
--- is the same: the wait ends while the bucket still has half its burst of room, so a late
--- wake-up loses no refill. An empty take writes nothing. Like the other takes it commits
+-- half a burst (5 at 100/s, whose burst is rate / 10), however many processes of this version
+-- take. The rate is the same: the wait ends while the bucket still has half its burst of room,
+-- so a wake-up up to that late (50 ms at 20/s and more) loses no refill; with a burst of one
+-- (10/s and less) the batch is the whole bucket, as it was. An empty take writes nothing. Like the other takes it commits
 -- asynchronously under the bucket's rate lock (a grant is made durable by the handoff's
 -- synchronous commit that follows it), so it serialises with v5's takes of the same bucket
 -- from a process not yet upgraded.
@@ -22,6 +23,10 @@ DECLARE
     need double precision;
     g integer;
 BEGIN
+    IF p_want IS NULL OR p_want <= 0 THEN
+        RETURN QUERY SELECT 0, 0.0::double precision;  -- nothing asked, nothing taken
+        RETURN;
+    END IF;
     PERFORM set_config('synchronous_commit', 'off', true);
     PERFORM pg_advisory_xact_lock(hashtext('pgcast.rate'), hashtext(p_name));
     SELECT * INTO b FROM rate_limits WHERE name = p_name;
@@ -31,7 +36,7 @@ BEGIN
     END IF;
     t := clock_timestamp();
     have := least(b.burst, b.tokens + greatest(0, extract(epoch FROM t - b.refilled_at)) * b.rate);
-    need := least(greatest(p_want, 1), greatest(1, floor(b.burst / 2)));
+    need := least(p_want, greatest(1, floor(b.burst / 2)));
     IF have < need THEN
         RETURN QUERY SELECT 0, (need - have) / b.rate;
         RETURN;

@@ -62,6 +62,16 @@ def test_a_small_ask_or_a_small_burst_waits_for_no_more_than_it_can_use(conn: Co
     assert take(conn, one, 50)[0] == 1
 
 
+def test_asking_for_nothing_takes_and_writes_nothing(conn: Conn) -> None:
+    name = own(conn, 100, 10, 10)
+    before = conn.execute("SELECT tokens, xmin::text AS x FROM rate_limits WHERE name = %s",
+                          (name,)).fetchone()
+    assert take(conn, name, 0) == (0, 0.0)
+    assert take(conn, name, -3) == (0, 0.0)
+    assert conn.execute("SELECT tokens, xmin::text AS x FROM rate_limits WHERE name = %s",
+                        (name,)).fetchone() == before
+
+
 def test_an_unknown_or_unlimited_bucket_grants_everything(conn: Conn) -> None:
     assert take(conn, "broadcast:nobody", 40) == (40, 0.0)
     name = own(conn, 0, 10, 0)
@@ -82,14 +92,19 @@ def test_two_worker_processes_send_a_capped_broadcast_in_batches_at_its_rate(
         procs.start(db_url, "worker", PGCAST_PROVIDER="null", PGCAST_RATE="0")
     support.wait_for(lambda: support.progress(conn, bid)["status"] == "sent", timeout=60,
                      what="the broadcast to be sent")
-    rows = conn.execute(
-        "SELECT count(*) AS n, count(DISTINCT handed_at) AS handoffs, "
-        "extract(epoch FROM max(handed_at) - min(handed_at))::float AS span "
-        "FROM broadcast_recipients WHERE broadcast_id = %s AND status = 'sent'",
-        (bid,)).fetchone()
-    assert rows is not None and rows["n"] == n
-    # half the burst (5) a take, less only for the last rows; one token a take was ~1.3
-    assert n / rows["handoffs"] >= 4, rows
-    # the cap: the first burst at once, the rest at 100/s (a handoff starts before its rows'
-    # last token is due at the latest by the take's own wait)
-    assert rows["span"] >= (n - 10 - 5) / 100, rows
+    handoffs = conn.execute(
+        "SELECT extract(epoch FROM handed_at - min(handed_at) OVER ())::float AS at, "
+        "count(*) AS n FROM broadcast_recipients WHERE broadcast_id = %s AND status = 'sent' "
+        "GROUP BY handed_at ORDER BY handed_at", (bid,)).fetchall()
+    assert sum(h["n"] for h in handoffs) == n
+    # half the burst (5) a take, less only for a claim's last rows; a token or two a take
+    # came to 1.3-1.5 rows a handoff
+    assert n / len(handoffs) >= 4, len(handoffs)
+    # the cap between any two handoffs: the burst, plus 100/s for the time between them, plus
+    # slack: handed_at is when a handoff statement started, some time after its grant (a
+    # starved process's), so the first of two can look later than its tokens were
+    for i, first in enumerate(handoffs):
+        carried = 0
+        for later in handoffs[i:]:
+            carried += later["n"]
+            assert carried <= 10 + 100 * (later["at"] - first["at"]) + 20, (first, later)
