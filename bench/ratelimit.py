@@ -9,13 +9,18 @@ the handoffs are measured.
 
     python -m bench.ratelimit                  # embedded Postgres in a temp dir
     DATABASE_URL=postgresql://... python -m bench.ratelimit   # a server you run
-    python -m bench.ratelimit --case 12:60 --case 500:20 [--provider null]
+    python -m bench.ratelimit --case 12:60 --case 500:20 [--provider null] [--own]
+
+--own puts the limit on the broadcast instead (its `rate_limit`, whose bucket holds a tenth of
+a second, at least one; the global bucket unlimited), the cap a broadcast's own bucket
+enforces (pgcast_take_own_v1). Every line also gives the emails per handoff.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
 import signal
 import subprocess
@@ -57,6 +62,8 @@ class Result:
     max_handed: int
     # most SendEmail requests in any 1-second window where they arrive (None: null provider)
     max_received: int | None = None
+    handoffs: int = 0  # distinct handed_at: one per handoff statement
+    own: bool = False  # the broadcast's own limit, not the global one
 
     def line(self) -> str:
         """One printable line."""
@@ -66,11 +73,13 @@ class Result:
         at_endpoint = ("" if self.max_received is None else
                        f"max SendEmail at the endpoint in any {WINDOW:g}s window "
                        f"{self.max_received}; ")
-        return (f"target {self.rate:g}/s burst {self.burst:g}: {self.sent} sent in "
+        return (f"{'own' if self.own else 'global'} target {self.rate:g}/s burst "
+                f"{self.burst:g}: {self.sent} sent in "
                 f"{self.span:.2f}s -> achieved {self.achieved:.2f}/s ({error:+.2f}%), "
                 f"steady {self.steady:.2f}/s; {at_endpoint}max handoffs in any {WINDOW:g}s "
                 f"window {self.max_handed} (limit rate+burst = {self.rate + self.burst:g}; "
-                f"by recorded sent_at {self.max_window})"
+                f"by recorded sent_at {self.max_window}); "
+                f"{self.sent / max(1, self.handoffs):.1f} emails per handoff"
                 f" [{verdict}]")
 
 
@@ -84,11 +93,13 @@ def max_in_window(times: list[float], width: float) -> int:
     return best
 
 
-def run_case(url: str, rate: float, seconds: float, logs: Path, provider: str = "ses") -> Result:
+def run_case(url: str, rate: float, seconds: float, logs: Path, provider: str = "ses",
+             own: bool = False) -> Result:
     """One target rate: seed, start the workers, send, wait until drained, measure."""
     from bench import messages  # its endpoint process (bench.messages imports this module)
 
-    burst = worker_main.default_burst(rate)
+    # a broadcast's own bucket: a tenth of a second of its rate, at least one (pgcast_send)
+    burst = max(1.0, math.ceil(rate / 10)) if own else worker_main.default_burst(rate)
     n = int(rate * seconds)
     endpoint = messages.Endpoint(Path(tempfile.mkdtemp(prefix="pgcast-bench-rate-"))) \
         if provider == "ses" else None
@@ -98,7 +109,8 @@ def run_case(url: str, rate: float, seconds: float, logs: Path, provider: str = 
         conn.execute("INSERT INTO contacts (account, email) SELECT 'bench', "
                       "'r' || g || '@bench.example' FROM generate_series(1, %s) g", (n,))
         env = {**os.environ, "DATABASE_URL": url, "PYTHONPATH": str(ROOT),
-               "PGCAST_PROVIDER": "null", "PGCAST_RATE": str(rate), "PGCAST_BURST": str(burst),
+               "PGCAST_PROVIDER": "null", "PGCAST_RATE": "0" if own else str(rate),
+               "PGCAST_BURST": "1" if own else str(burst),
                "PGCAST_LOG_LEVEL": "WARNING", **(endpoint.env() if endpoint else {})}
         procs = [subprocess.Popen([sys.executable, "-m", "pgcast.bin.cli", "worker"],
                                   cwd=ROOT, env=env,
@@ -112,7 +124,7 @@ def run_case(url: str, rate: float, seconds: float, logs: Path, provider: str = 
         try:
             _wait(lambda: _listeners(conn) >= WORKERS, 60, "the workers to start")
             row = broadcasts.create(conn, "bench", subject="bench", from_address="b@bench.example",
-                                    text="hello")
+                                    text="hello", rate_limit=rate if own else None)
             assert broadcasts.send(conn, "bench", row["id"])["success"]
             _wait(lambda: broadcasts.progress(conn, "bench", row["id"])["status"] == "sent",
                   seconds * 3 + 60, "the broadcast to drain")
@@ -135,7 +147,8 @@ def run_case(url: str, rate: float, seconds: float, logs: Path, provider: str = 
                   max_in_window(times, WINDOW),
                   max_in_window(sorted(float(r["h"]) for r in stamps), WINDOW),
                   max_in_window(sorted(at for at, _ in received), WINDOW)
-                  if endpoint is not None else None)
+                  if endpoint is not None else None,
+                  len({float(r["h"]) for r in stamps}), own)
 
 
 def _listeners(conn: psycopg.Connection[Any]) -> int:
@@ -167,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--provider", choices=("ses", "null"), default="ses",
                         help="ses: real boto3 to a local endpoint, measured where the calls "
                              "arrive (default); null: no calls, measured at the handoff")
+    parser.add_argument("--own", action="store_true",
+                        help="the limit on the broadcast (rate_limit), the global unlimited")
     args = parser.parse_args(argv)
     logs = Path(tempfile.mkdtemp(prefix="pgcast-bench-logs-"))
     what = ("ses provider -> local endpoint (its own process)" if args.provider == "ses"
@@ -175,7 +190,8 @@ def main(argv: list[str] | None = None) -> int:
           f"worker logs in {logs}")
     with common.server() as server_url, common.database(server_url, "ratelimit") as url:
         for rate, seconds in args.case or CASES:
-            print(run_case(url, rate, seconds, logs, args.provider).line(), flush=True)
+            print(run_case(url, rate, seconds, logs, args.provider, args.own).line(),
+                  flush=True)
     return 0
 
 

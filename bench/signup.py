@@ -13,7 +13,10 @@ slow answer delays nobody's start and shows up in the latency (no coordinated om
 client_lag_p99_ms is the load generator's own delay (scheduled start -> its task running).
 Each round prints the CPU its processes used (the API, this load generator, Postgres, the
 workers) and what the database's sessions were doing (pg_stat_activity every 10 ms);
---profile PREFIX records the API process with py-spy (collapsed stacks).
+--profile PREFIX records the API process with py-spy (collapsed stacks). Each round also
+prints the database's work per sign-up (commits, and per function its calls and own time:
+track_functions = all), and when the answers slower than SLOW_MS were due (stalls show as
+spans), with what the database's sessions were doing in the 60 ms before each.
 
 Round 1: sign-ups alone. Round 2: the same while --workers workers (null provider) drain a
 broadcast of --recipients contacts capped at --broadcast-rate emails/s (the broadcast's own
@@ -43,6 +46,7 @@ import psutil  # type: ignore[import-untyped]
 from bench import common
 
 FORM_ID = uuid.UUID("00000000-0000-4000-8000-00000000f0f0")
+SLOW_MS = 50  # answers slower than this are listed by when they were due (stalls show as spans)
 CONNECTIONS = 256  # keep-alive connections of the load generator (a request waits for a free one)
 
 
@@ -86,6 +90,7 @@ async def load(port: int, rate: float, seconds: float, prefix: str) -> dict[str,
     times: list[float] = []
     lags: list[float] = []  # the load generator's own delay: due -> request written
     statuses: dict[int, int] = {}
+    slow: list[float] = []  # when each answer slower than SLOW_MS was due (perf_counter)
 
     async def one(i: int, due: float) -> None:
         lags.append((time.perf_counter() - due) * 1000)
@@ -95,6 +100,8 @@ async def load(port: int, rate: float, seconds: float, prefix: str) -> dict[str,
         finally:
             idle.put_nowait(conn)
         times.append((time.perf_counter() - due) * 1000)  # from its scheduled start
+        if times[-1] > SLOW_MS:
+            slow.append(due)
         statuses[status] = statuses.get(status, 0) + 1
 
     n = int(rate * seconds)
@@ -114,7 +121,21 @@ async def load(port: int, rate: float, seconds: float, prefix: str) -> dict[str,
             c.writer.close()
     return {"n": n, "achieved_per_s": n / elapsed, "p50_ms": common.percentile(times, 50),
             "p99_ms": common.percentile(times, 99), "max_ms": max(times), "statuses": statuses,
-            "client_lag_p99_ms": common.percentile(lags, 99)}
+            "client_lag_p99_ms": common.percentile(lags, 99),
+            f"over_{SLOW_MS}ms_due_at_s": _spans([t - start for t in slow]),
+            "slow_due": slow}
+
+
+def _spans(at: list[float], gap: float = 0.1) -> list[str]:
+    """Times (s) grouped into spans no more than `gap` apart: 'start-end (count)'."""
+    out: list[list[float]] = []
+    for t in sorted(at):
+        if out and t - out[-1][1] <= gap:
+            out[-1][1] = t
+            out[-1][2] += 1
+        else:
+            out.append([t, t, 1])
+    return [f"{a:.2f}-{b:.2f} ({int(n)})" for a, b, n in out]
 
 
 def _to_provider(url: str, prefix: str, timeout: float = 600) -> dict[str, float]:
@@ -135,6 +156,44 @@ def _to_provider(url: str, prefix: str, timeout: float = 600) -> dict[str, float
     lag = [float(r["s"]) for r in rows]
     return {"sent": len(lag), "unsent": int(row["open"]), "p50_s": common.percentile(lag, 50),
             "p95_s": common.percentile(lag, 95), "max_s": max(lag)}
+
+
+class DbStats:
+    """What the server did between start and stop: commits, and per function its calls and its
+    own time (track_functions = all, set by main), heaviest first."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.before: dict[str, tuple[int, float]] = {}
+        self.commits = 0
+
+    def _read(self) -> tuple[int, dict[str, tuple[int, float]]]:
+        with common.connect(self.url) as conn:
+            time.sleep(1.2)  # backends report their counters at most once a second
+            conn.execute("SELECT pg_stat_clear_snapshot()")
+            row = conn.execute("SELECT xact_commit AS c FROM pg_stat_database "
+                               "WHERE datname = current_database()").fetchone()
+            funcs = {r["f"]: (int(r["calls"]), float(r["self_time"])) for r in conn.execute(
+                "SELECT funcname AS f, calls, self_time FROM pg_stat_user_functions")}
+        assert row is not None
+        return int(row["c"]), funcs
+
+    def start(self) -> None:
+        self.commits, self.before = self._read()
+
+    def stop(self, per: int, top: int = 16) -> list[str]:
+        """Commits and the heaviest functions, each per `per` (the round's sign-ups)."""
+        commits, after = self._read()
+        rows = []
+        for f, (calls, ms) in after.items():
+            c0, m0 = self.before.get(f, (0, 0.0))
+            if calls > c0:
+                rows.append((ms - m0, calls - c0, f))
+        rows.sort(reverse=True)
+        out = [f"commits per sign-up {(commits - self.commits) / max(1, per):.2f}"]
+        out += [f"{f}: {c / max(1, per):.2f} calls, {ms / max(1, per):.3f} ms own time per "
+                f"sign-up" for ms, c, f in rows[:top]]
+        return out
 
 
 def _postgres_pids(url: str) -> list[int]:
@@ -191,6 +250,7 @@ class Waits:
         self.url = url
         self.counts: dict[str, int] = {}
         self.samples = 0
+        self.timeline: list[tuple[float, list[str]]] = []  # (perf_counter, active sessions)
         self.stop_at = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
 
@@ -199,12 +259,13 @@ class Waits:
             while not self.stop_at.is_set():
                 rows = conn.execute(
                     "SELECT coalesce(wait_event_type || ':' || wait_event, 'CPU') AS w, "
-                    "left(regexp_replace(query, '\\s+', ' ', 'g'), 40) AS q "
+                    "left(regexp_replace(query, '\\s+', ' ', 'g'), 60) AS q "
                     "FROM pg_stat_activity WHERE datname = current_database() "
                     "AND state = 'active' AND pid <> pg_backend_pid()").fetchall()
                 self.samples += 1
-                for r in rows:
-                    key = f"{r['w']} | {r['q']}"
+                keys = [f"{r['w']} | {r['q']}" for r in rows]
+                self.timeline.append((time.perf_counter(), keys))
+                for key in keys:
                     self.counts[key] = self.counts.get(key, 0) + 1
                 time.sleep(0.01)
 
@@ -215,6 +276,23 @@ class Waits:
     def __exit__(self, *exc: object) -> None:
         self.stop_at.set()
         self.thread.join()
+
+    def during(self, due: list[float], n: int = 8, before: float = 0.06) -> list[str]:
+        """The most seen (wait, query) pairs in the samples taken from `before` seconds ahead of
+        each slow answer's due time to that time: mean sessions in that state then."""
+        counts: dict[str, int] = {}
+        picked = 0
+        marks = sorted(due)
+        j = 0
+        for t, keys in self.timeline:
+            while j < len(marks) and marks[j] < t:
+                j += 1
+            if j < len(marks) and marks[j] - before <= t:
+                picked += 1
+                for key in keys:
+                    counts[key] = counts.get(key, 0) + 1
+        best = sorted(counts.items(), key=lambda kv: -kv[1])[:n]
+        return [f"{c / max(1, picked):.2f} {k}" for k, c in best]
 
     def top(self, n: int = 8) -> list[str]:
         """The most seen (wait, query) pairs: mean sessions in that state."""
@@ -255,6 +333,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     with common.bench_db("signup", os.environ.get("DATABASE_URL")) as url:
         with common.connect(url) as conn:
+            conn.execute("ALTER SYSTEM SET track_functions = 'all'")
+            conn.execute("SELECT pg_reload_conf()")
             conn.execute("INSERT INTO forms (id, account, name, tags, from_address) "
                          "VALUES (%s, %s, 'bench', '{news}', 'news@example.com')",
                          (FORM_ID, common.ACCOUNT))
@@ -274,16 +354,21 @@ def main(argv: list[str] | None = None) -> int:
             asyncio.run(load(port, args.rate, 2.0, "warm"))
             groups = {"api": [api.pid], "load generator": [os.getpid()],
                       "postgres": _postgres_pids(url)}
+            stats = DbStats(url)
+            stats.start()
             cpu = Cpu(groups)
             cpu.start()
             with _profiled(api.pid, args.profile and f"{args.profile}-idle.txt", args.seconds), \
                     Waits(url) as idle_waits:
                 idle = asyncio.run(load(port, args.rate, args.seconds, "idle"))
             idle_cpu = cpu.stop()
+            idle_db = stats.stop(idle["n"])
+            idle.pop("slow_due")
             print(f"round 1, sign-ups alone at {args.rate:.0f}/s: {idle}")
             print(f"round 1, CPU: {idle_cpu}")
             print("round 1, database sessions (mean active, by wait | query):",
                   *idle_waits.top(), sep="\n    ")
+            print("round 1, database work:", *idle_db, sep="\n    ")
             if args.no_drain:
                 return 0
             common.seed_contacts(url, args.recipients, tagged={"all": args.recipients})
@@ -296,11 +381,16 @@ def main(argv: list[str] | None = None) -> int:
                     time.sleep(2.0)  # the drain under way
                     cpu = Cpu({**groups, "workers": [p.pid for p in workers.procs],
                                "postgres": _postgres_pids(url)})
+                    stats.start()
+                    sent0 = _sent(conn, bid)
                     cpu.start()
                     with _profiled(api.pid, args.profile and f"{args.profile}-busy.txt",
                                    args.seconds), Waits(url) as busy_waits:
                         busy = asyncio.run(load(port, args.rate, args.seconds, "busy"))
                     busy_cpu = cpu.stop()
+                    slow_due = busy.pop("slow_due")
+                    drained = _sent(conn, bid) - sent0
+                    busy_db = stats.stop(busy["n"])
                     lag = _to_provider(url, "busy")
                     progress = conn.execute("SELECT status, sent, total FROM broadcasts "
                                             "WHERE id = %s", (bid,)).fetchone()
@@ -309,12 +399,23 @@ def main(argv: list[str] | None = None) -> int:
             print(f"round 2, CPU: {busy_cpu}")
             print("round 2, database sessions (mean active, by wait | query):",
                   *busy_waits.top(), sep="\n    ")
+            print(f"round 2, the same in the 60 ms before each answer over {SLOW_MS} ms was due:",
+                  *busy_waits.during(slow_due), sep="\n    ")
+            print(f"round 2, database work ({drained} broadcast emails sent in the round):",
+                  *busy_db, sep="\n    ")
             print(f"round 2, confirmation creation -> provider answer: {lag}")
             print(f"broadcast when round 2 ended: {progress}")
         finally:
             api.terminate()
             api.wait(timeout=30)
     return 0
+
+
+def _sent(conn: Any, bid: uuid.UUID) -> int:
+    """The broadcast's recipients handed to the provider so far."""
+    row = conn.execute("SELECT count(*) AS n FROM broadcast_recipients WHERE broadcast_id = %s "
+                       "AND status <> 'pending'", (bid,)).fetchone()
+    return int(row["n"])
 
 
 def _free_port() -> int:

@@ -214,14 +214,25 @@ def cmd_worker(args: argparse.Namespace) -> int:
     if level != "DEBUG":
         # procrastinate logs each periodic sweep job at INFO: DEBUG material for an operator
         logging.getLogger("procrastinate").setLevel(logging.WARNING)
-    stats = asyncio.run(worker_main.run(settings, db.database_url(),
-                                        metrics_addr=args.metrics_addr,
-                                        webhooks=not args.no_webhooks))
+    # on uvloop, as the API (a dependency; the asyncio loop when it is not installed)
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        stats = runner.run(worker_main.run(settings, db.database_url(),
+                                           metrics_addr=args.metrics_addr,
+                                           webhooks=not args.no_webhooks))
     print(json.dumps({"sent": stats.sent, "failed": stats.failed, "retried": stats.retried,
                       "groups": stats.groups, "connections": stats.connections,
                       "wire": stats.wire}),
           file=sys.stderr)
     return 0
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's event loop when it is installed, else None (asyncio's own)."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
 
 
 def cmd_contacts(args: argparse.Namespace) -> int:

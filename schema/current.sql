@@ -6829,3 +6829,75 @@ BEGIN
     RETURN QUERY SELECT v.contact_id, v.recipients, v.messages, seg;
 END
 $$;
+
+-- 0034_own_bucket_batches: a broadcast's own limit (`rate_limit`) is taken in batches.
+-- Under its own bucket a broadcast was taken, handed off and recorded about one recipient at a
+-- time: each worker process's taker woke when the next token was due (plus 25 ms of gather),
+-- and with two processes taking turns each take found one or two tokens. At 100/s that was
+-- some 90 handoffs and 90 records a second (each a synchronous commit) and twice as many
+-- takes, beside the application's own traffic on the same database (issue 28's sign-ups).
+-- pgcast_take_own_v1 grants nothing until the bucket holds half its burst (at least one, and
+-- never more than asked for), and says how long until it will: every take then carries about
+-- half a burst (5 at 100/s, whose burst is rate / 10), however many processes of this version
+-- take. The rate is the same: the wait ends while the bucket still has half its burst of room,
+-- so a wake-up up to that late (50 ms at 20/s and more) loses no refill; with a burst of one
+-- (10/s and less) the batch is the whole bucket, as it was. An empty take writes nothing. Like the other takes it commits
+-- asynchronously under the bucket's rate lock (a grant is made durable by the handoff's
+-- synchronous commit that follows it), so it serialises with v5's takes of the same bucket
+-- from a process not yet upgraded.
+CREATE FUNCTION pgcast_take_own_v1(p_name text, p_want integer)
+RETURNS TABLE (granted integer, wait_seconds double precision)
+LANGUAGE plpgsql AS $$
+DECLARE
+    b rate_limits%ROWTYPE;
+    t timestamptz;
+    have double precision;
+    need double precision;
+    g integer;
+BEGIN
+    IF p_want IS NULL OR p_want <= 0 THEN
+        RETURN QUERY SELECT 0, 0.0::double precision;  -- nothing asked, nothing taken
+        RETURN;
+    END IF;
+    PERFORM set_config('synchronous_commit', 'off', true);
+    PERFORM pg_advisory_xact_lock(hashtext('pgcast.rate'), hashtext(p_name));
+    SELECT * INTO b FROM rate_limits WHERE name = p_name;
+    IF NOT FOUND OR b.rate = 0 THEN
+        RETURN QUERY SELECT p_want, 0.0::double precision;
+        RETURN;
+    END IF;
+    t := clock_timestamp();
+    have := least(b.burst, b.tokens + greatest(0, extract(epoch FROM t - b.refilled_at)) * b.rate);
+    need := least(p_want, greatest(1, floor(b.burst / 2)));
+    IF have < need THEN
+        RETURN QUERY SELECT 0, (need - have) / b.rate;
+        RETURN;
+    END IF;
+    -- floor before the cast: a burst beyond an integer's range must not fail the take
+    g := floor(least(p_want::double precision, have))::integer;
+    UPDATE rate_limits SET tokens = have - g, refilled_at = t WHERE name = p_name;
+    RETURN QUERY SELECT g, 0.0::double precision;
+END
+$$;
+
+-- 0035_erased_cached_plan: pgcast_erased_v1 keeps its plan.
+-- A sign-up asks it four times (the sign-up, the message's address and reply-to, the message's
+-- handoff), and as a SQL function whose body holds a subquery it is never inlined: Postgres
+-- parsed and planned its body again in every statement that called it, some 0.1 ms a call on
+-- a busy server, the largest single cost of a sign-up in bench.signup. In plpgsql its plan is
+-- kept for the session; pinned generic, because a caller's plan_cache_mode reaches the
+-- functions it calls (pgcast_message_handoff_v2 forces custom plans, for which this body
+-- would be planned again for every message). Same arguments, same answer (a NULL address is
+-- erased nowhere), so callers of every version keep calling it: this replaces the body in
+-- place, the one time a shipped function is edited, because the alternative was a new version
+-- of each of its six callers for no change of meaning.
+CREATE OR REPLACE FUNCTION pgcast_erased_v1(p_account text, p_address text)
+RETURNS boolean LANGUAGE plpgsql STABLE
+SET plan_cache_mode = force_generic_plan AS $$
+BEGIN
+    RETURN EXISTS (SELECT 1 FROM contact_erasures e, erasure_keys k
+                   WHERE e.account = p_account
+                     AND e.email_hash = sha256(k.k2 || sha256(k.k1 || sha256(
+                         convert_to(lower(btrim(p_address)), 'UTF8')))));
+END
+$$;

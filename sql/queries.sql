@@ -234,6 +234,11 @@ SELECT pgcast_renew_v3(%(ids)s, %(tokens)s, make_interval(secs => %(lease)s)) AS
 -- NULL: first come, first served), and their wire slots, `lead` seconds ahead at the earliest.
 SELECT * FROM pgcast_take_tokens_v5(%(name)s, %(want)s, %(broadcast)s, %(lead)s)
 
+-- take_own_tokens --
+-- Up to `want` tokens from a broadcast's own bucket (its `rate_limit`), none until it holds half
+-- its burst or `want` (pgcast_take_own_v1), and the seconds until it will.
+SELECT * FROM pgcast_take_own_v1(%(name)s, %(want)s)
+
 -- give_back_tokens --
 -- Tokens taken from a broadcast's own bucket and not used go back (pgcast_give_back_tokens_v1).
 SELECT pgcast_give_back_tokens_v1(%(name)s, %(tokens)s)

@@ -168,7 +168,7 @@ def _observe(name: str, params: dict[str, Any] | None, rows: Sequence[Any],
     elif name == "claim_handoff":
         if rows:  # the batch it claimed and handed off in one statement
             GROUP_SIZE.observe(len(rows))
-    elif name == "take_tokens" and rows and not rows[0][0]:
+    elif name in ("take_tokens", "take_own_tokens") and rows and not rows[0][0]:
         TOKEN_WAITS.inc()
         TOKEN_WAIT_SECONDS.inc(max(0.0, float(rows[0][1])))
     elif name == "broadcast_pause":

@@ -1,8 +1,9 @@
 """The rate limit in one process: tokens from the buckets per group before its handoff, and
 the pacing of the calls that follow.
 
-Tokens come from Postgres (pgcast_take_tokens_v5): a broadcast's own bucket, then the global
-one, which shares itself fairly between accounts and between an account's broadcasts. A group
+Tokens come from Postgres: a broadcast's own bucket in batches of half its burst
+(pgcast_take_own_v1), then the global one (pgcast_take_tokens_v5), which shares itself fairly
+between accounts and between an account's broadcasts. A group
 takes its window slots (worker.inflight) together with its tokens and gives them back while it
 waits, so a loop waiting on the bucket never keeps another broadcast's group out of the window.
 The global bucket's take also books the group's wire slots in the one schedule that every
@@ -243,9 +244,7 @@ class Buckets:
         global limit)."""
         own = want
         if rate_limit:
-            # its own bucket has one taker: first come, first served
-            own, _ = await self._take_from(f"broadcast:{bid}", bid, epoch, want, rate_limit,
-                                           None)
+            own = await self._take_own(bid, epoch, want)
         if not own:
             return 0, None
         granted = 0
@@ -294,6 +293,23 @@ class Buckets:
                     await asyncio.wait_for(self.stopping.wait(), timeout=min(
                         WAIT_MAX, max(WAIT_MIN, wait + (0.0 if ahead else gather))))
         return 0, None
+
+    async def _take_own(self, bid: uuid.UUID, epoch: int, want: int) -> int:
+        """Tokens from the broadcast's own bucket, first come, first served, in batches: none
+        until it holds half its burst (or `want`), so that however many processes take from
+        it, each take carries about half a burst and not the token or two that came due
+        since the last (pgcast_take_own_v1). 0: stopped or halted."""
+        bucket = f"broadcast:{bid}"
+        async with self._takers.setdefault((bucket, bid), asyncio.Lock()):
+            while not self.stopping.is_set() and not self.halted(bid, epoch):
+                rows = await self.db.q("take_own_tokens", {"name": bucket, "want": want})
+                granted, wait = int(rows[0][0]), float(rows[0][1])
+                if granted:
+                    return granted
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.stopping.wait(),
+                                           timeout=min(WAIT_MAX, max(WAIT_MIN, wait)))
+        return 0
 
     def forget(self, bid: uuid.UUID) -> None:
         """A broadcast no longer worked on: drop its takers' locks (none is held)."""

@@ -103,3 +103,27 @@ def test_hashes_kept_before_0012_are_keyed_and_still_refuse_a_reimport(pg_server
         written = contacts.upsert(conn, "default", [{"email": "User0@example.com"},
                                                     {"email": "user1@example.com"}])
         assert (written.inserted, written.updated, len(written.erased)) == (0, 1, 1)
+
+
+def test_the_erasure_check_answers_as_before_and_keeps_its_plan(conn: Conn) -> None:
+    """pgcast_erased_v1 (plpgsql since 0035): the same answers as its SQL body, in a new
+    transaction each time (as the sign-up's statements ask it), and a kept plan."""
+    support.seed_contacts(conn, 1)
+    conn.execute("SELECT * FROM pgcast_erase_v3('default', 'USER0@example.com', 'sql', '{}')")
+    asked = [("default", "user0@example.com"), ("default", "  User0@Example.COM "),
+             ("default", "user1@example.com"), ("other", "user0@example.com"),
+             ("default", None)]
+    for account, address in asked:
+        row = conn.execute("SELECT pgcast_erased_v1(%s, %s) AS now, EXISTS ("
+                           "  SELECT 1 FROM contact_erasures e, erasure_keys k"
+                           "  WHERE e.account = %s AND e.email_hash = sha256(k.k2 || sha256("
+                           "    k.k1 || sha256(convert_to(lower(btrim(%s)), 'UTF8'))))) AS body",
+                           (account, address, account, address)).fetchone()
+        assert row is not None and row["now"] == row["body"], (account, address)
+        assert row["now"] == (account == "default" and address is not None
+                              and address.strip().lower() == "user0@example.com")
+    fn = conn.execute("SELECT l.lanname, p.proconfig FROM pg_proc p JOIN pg_language l "
+                      "ON l.oid = p.prolang WHERE p.proname = 'pgcast_erased_v1'").fetchone()
+    # a SQL body with a subquery is planned in every statement; a plpgsql one keeps its plan,
+    # pinned generic since a caller's force_custom_plan (the messages' handoff) reaches it
+    assert fn == {"lanname": "plpgsql", "proconfig": ["plan_cache_mode=force_generic_plan"]}

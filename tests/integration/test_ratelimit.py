@@ -29,9 +29,13 @@ with psycopg.connect(url) as conn:
     while time.monotonic() < deadline:
         want = rng.randint(1, 7)
         with conn.transaction():
-            row = conn.execute(QUERIES["take_tokens"],
-                               {"name": name, "want": want,
-                                "broadcast": rng.choice(bids), "lead": 0}).fetchone()
+            if name.startswith("broadcast:"):  # a broadcast's own bucket (pgcast_take_own_v1)
+                row = conn.execute(QUERIES["take_own_tokens"],
+                                   {"name": name, "want": want}).fetchone()
+            else:
+                row = conn.execute(QUERIES["take_tokens"],
+                                   {"name": name, "want": want,
+                                    "broadcast": rng.choice(bids), "lead": 0}).fetchone()
             granted = row[0]
             if granted:
                 conn.execute("INSERT INTO test_grants (bucket, granted, at) "
@@ -101,6 +105,18 @@ def test_concurrent_processes_never_get_more_than_rate_times_elapsed_plus_burst(
     excess = largest_excess(grants, rate)
     assert excess <= burst + 1e-3, (excess, total, len(grants))
     assert total > burst, (excess, total)  # it refilled: not just the initial bucket
+
+
+@pytest.mark.parametrize(("rate", "burst"), [(50.0, 5.0), (400.0, 40.0)])
+def test_a_broadcasts_own_bucket_taken_in_batches_keeps_the_bound(
+        db_url: str, conn: Conn, rate: float, burst: float) -> None:
+    """pgcast_take_own_v1 (0034) from four processes: no grant below half the burst unless
+    the ask is smaller, and still never more than rate x elapsed + burst."""
+    set_rate(conn, rate, burst, name="broadcast:own")
+    grants = hammer(db_url, "broadcast:own", SECONDS)
+    total = sum(g for _, g in grants)
+    assert largest_excess(grants, rate) <= burst + 1e-3
+    assert total > burst
 
 
 def test_fair_shares_keep_the_bound(db_url: str, conn: Conn) -> None:

@@ -94,3 +94,26 @@ def test_a_message_token_names_the_message_and_is_read_only_by_the_one_click_rou
     old = keys.make("acme", 42, mid)
     for got in (keys.read(old), keys.read(old, messages=True)):
         assert (got.contact_id, got.broadcast_id, got.message_id) == (42, mid, None)
+
+
+def test_a_sender_is_parsed_once_per_value_and_a_bad_one_refused_every_time(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[str] = []
+    real = transactional.validate.sender
+
+    def counting(value: str, field: str = "from") -> tuple[str, str]:
+        calls.append(value)
+        return real(value, field)
+
+    monkeypatch.setattr(transactional.validate, "sender", counting)
+    transactional._sender.cache_clear()
+    good = {**ROW, "from_address": "Cached Sender <cached@example.com>"}
+    first = transactional.compose(good, 1)
+    second = transactional.compose({**good, "id": uuid.uuid4()}, 2)
+    assert calls.count("Cached Sender <cached@example.com>") == 1
+    assert first.from_address == second.from_address == '"Cached Sender" <cached@example.com>'
+    bad = {**ROW, "from_address": "two@example.com, addresses@example.com"}
+    for _ in range(2):
+        with pytest.raises(errors.InvalidValue):
+            transactional.compose(bad, 3)
+    assert calls.count("two@example.com, addresses@example.com") == 2
