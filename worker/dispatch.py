@@ -314,22 +314,14 @@ class Sender:
     def send_one(self, message: render.Message, attempts: dict[int, int],
                  stop: list[Outcome]) -> Outcome:
         """Send one message (any thread); whatever happens becomes its outcome."""
-        cid = message.contact_id
-        if stop:
-            return Outcome(cid, stop[0].outcome, retry_in=stop[0].retry_in)
         started = time.perf_counter()
         _calling.stop = stop  # read at the wire, after the pacer (at_the_wire)
         try:
-            message_id = self.provider.send(message)
-            outcome = Outcome(cid, "sent", message_id=str(message_id))
-            self._throttles = 0
-        except Exception as exc:  # noqa: BLE001 - one recipient's outcome, never the process's
-            outcome = self._failed(cid, exc, attempts, stop)
-            if isinstance(exc, errors.Stopped):
-                return outcome  # never called: no time to count
+            outcome, called = self._call(message, attempts, stop)
         finally:
             _calling.stop = None
-        outcome.seconds = time.perf_counter() - started
+        if called:
+            outcome.seconds = time.perf_counter() - started
         return outcome
 
     def send_in_order(self, built: list[render.Message | Outcome], attempts: dict[int, int],
@@ -338,7 +330,6 @@ class Sender:
         that does not block): each message's outcome as send_one gives it, with the clock
         read once per call rather than twice and the stop list set once per group (issue
         32: the null provider's CPU per recipient)."""
-        send = self.provider.send
         out: list[Outcome] = []
         _calling.stop = stop  # read at the wire, after the pacer (at_the_wire)
         try:
@@ -347,26 +338,29 @@ class Sender:
                 if isinstance(b, Outcome):
                     out.append(b)
                     continue
-                cid = b.contact_id
-                if stop:
-                    out.append(Outcome(cid, stop[0].outcome, retry_in=stop[0].retry_in))
-                    continue
-                try:
-                    outcome = Outcome(cid, "sent", str(send(b)))
-                    self._throttles = 0
-                except Exception as exc:  # noqa: BLE001 - one recipient's outcome, as send_one
-                    outcome = self._failed(cid, exc, attempts, stop)
-                    if isinstance(exc, errors.Stopped):
-                        out.append(outcome)  # never called: no time to count
-                        started = time.perf_counter()
-                        continue
+                outcome, called = self._call(b, attempts, stop)
                 ended = time.perf_counter()
-                outcome.seconds = ended - started
+                if called:
+                    outcome.seconds = ended - started
                 started = ended
                 out.append(outcome)
         finally:
             _calling.stop = None
         return out
+
+    def _call(self, message: render.Message, attempts: dict[int, int],
+              stop: list[Outcome]) -> tuple[Outcome, bool]:
+        """One message's provider call and its outcome, and whether a call was made (its
+        time counts): none after a stop, nor when the call raised Stopped."""
+        cid = message.contact_id
+        if stop:
+            return Outcome(cid, stop[0].outcome, retry_in=stop[0].retry_in), False
+        try:
+            outcome = Outcome(cid, "sent", message_id=str(self.provider.send(message)))
+            self._throttles = 0
+            return outcome, True
+        except Exception as exc:  # noqa: BLE001 - one recipient's outcome, never the process's
+            return self._failed(cid, exc, attempts, stop), not isinstance(exc, errors.Stopped)
 
     def _failed(self, cid: int, exc: Exception, attempts: dict[int, int],
                 stop: list[Outcome], throttle: Outcome | None = None) -> Outcome:
