@@ -367,15 +367,14 @@ class Filler:
         subject, text, html = self.subject, self.text, self.html
         lone = subject[0] if len(subject) == 1 else None  # a subject without a link
         sender, bid, prefix = self.from_header, self.broadcast_id, self.unsubscribe
+        to_of = Content._to
         out: list[Message | Exception] = []
         for item, token in zip(items, tokens, strict=True):
-            try:  # Content._to, inline
-                spec = addr_spec(item[1])
-                shown = phrase(item[2], "To") if item[2] else ""
+            try:
+                spec, to = to_of(item[1], item[2])
             except Exception as exc:  # noqa: BLE001 - this recipient's, as render's
                 out.append(exc)
                 continue
-            to = f"{shown} <{spec}>" if shown else spec
             out.append(filled_message(
                 item[0], to, sender, lone if lone is not None else token.join(subject),
                 None if text is None else token.join(text),

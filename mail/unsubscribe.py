@@ -96,10 +96,7 @@ class Keys:
               test: bool = False) -> Callable[[int], str]:
         """Tokens for the contacts of one broadcast (what they share is packed once)."""
         del account  # the contact id names the contact in every account
-        bid = broadcast_id if isinstance(broadcast_id, uuid.UUID) else uuid.UUID(broadcast_id)
-        head = struct.Struct(">BB16s").pack(VERSION, KIND_TEST if test else KIND_REAL,
-                                            bid.bytes)
-        seal = _aead(self.secrets[0]).encrypt
+        head, seal = self._sealer(broadcast_id, test)
         contact = struct.Struct(">q").pack
 
         def make(contact_id: int) -> str:
@@ -115,12 +112,9 @@ class Keys:
         os.urandom call for the group's nonces and one base64 pass over its tokens (a
         token's 54 bytes are 72 characters with no padding, so the tokens' text is the
         text of their bytes joined; issue 32: a third of a token's cost)."""
-        bid = broadcast_id if isinstance(broadcast_id, uuid.UUID) else uuid.UUID(broadcast_id)
-        head = struct.Struct(">BB16s").pack(VERSION, KIND_TEST if test else KIND_REAL,
-                                            bid.bytes)
-        seal = _aead(self.secrets[0]).encrypt
+        head, seal = self._sealer(broadcast_id, test)
         contact = struct.Struct(">q").pack
-        one = self.maker(account, bid, test)
+        one = self.maker(account, broadcast_id, test)
         size = _NONCE + len(head) + 8 + _TAG  # bytes of one token
         if size % 3:  # not whole base64 quanta: one at a time
             return lambda contact_ids: [one(cid) for cid in contact_ids]
@@ -137,6 +131,15 @@ class Keys:
             return [text[at:at + chars] for at in range(0, len(text), chars)]
 
         return make
+
+    def _sealer(self, broadcast_id: str | uuid.UUID,
+                test: bool) -> tuple[bytes, Callable[[bytes, bytes, bytes], bytes]]:
+        """What a broadcast's tokens share before the contact id (version, kind, broadcast
+        id), and the first key's AES-GCM encrypt(nonce, plaintext, aad)."""
+        bid = broadcast_id if isinstance(broadcast_id, uuid.UUID) else uuid.UUID(broadcast_id)
+        head = struct.Struct(">BB16s").pack(VERSION, KIND_TEST if test else KIND_REAL,
+                                            bid.bytes)
+        return head, _aead(self.secrets[0]).encrypt
 
     def message(self, message_id: str | uuid.UUID) -> str:
         """The token of a marketing message's one-click unsubscribe (version 2, kind 2)."""
