@@ -3,9 +3,9 @@ the pacing of the calls that follow.
 
 Tokens come from Postgres: a broadcast's own bucket in batches of half its burst
 (pgcast_take_own_v1), then the global one (pgcast_take_tokens_v5), which shares itself fairly
-between accounts and between an account's broadcasts. A group
-takes its window slots (worker.inflight) together with its tokens and gives them back while it
-waits, so a loop waiting on the bucket never keeps another broadcast's group out of the window.
+between accounts and between an account's broadcasts. A group takes its window slots
+(worker.inflight) together with its tokens and gives them back while it waits, so a loop
+waiting on the bucket never keeps another broadcast's group out of the window.
 The global bucket's take also books the group's wire slots in the one schedule that every
 process and host shares (Schedule); the pacer holds each call until its slot.
 """
@@ -289,9 +289,7 @@ class Buckets:
                 if granted:
                     return granted, self.schedule.slots(rows[0][3], rows[0][4], rows[0][5],
                                                         received, rows[0][6])
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.stopping.wait(), timeout=min(
-                        WAIT_MAX, max(WAIT_MIN, wait + (0.0 if ahead else gather))))
+                await self._nap(wait + (0.0 if ahead else gather))
         return 0, None
 
     async def _take_own(self, bid: uuid.UUID, epoch: int, want: int) -> int:
@@ -306,10 +304,14 @@ class Buckets:
                 granted, wait = int(rows[0][0]), float(rows[0][1])
                 if granted:
                     return granted
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.stopping.wait(),
-                                           timeout=min(WAIT_MAX, max(WAIT_MIN, wait)))
+                await self._nap(wait)
         return 0
+
+    async def _nap(self, seconds: float) -> None:
+        """An empty bucket's wait: `seconds`, held to WAIT_MIN..WAIT_MAX, or until the stop."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.stopping.wait(),
+                                   timeout=min(WAIT_MAX, max(WAIT_MIN, seconds)))
 
     def forget(self, bid: uuid.UUID) -> None:
         """A broadcast no longer worked on: drop its takers' locks (none is held)."""
