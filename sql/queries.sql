@@ -195,7 +195,7 @@ SELECT * FROM pgcast_handoff_v4(%(id)s, %(epoch)s, %(token)s, %(ids)s, %(contact
 -- record --
 -- One group's provider outcomes and counters (an answer its claim no longer holds: audited);
 -- the arrays come as literals (worker.dispatch.record_params).
-SELECT * FROM pgcast_record_v6(%(id)s, %(token)s, %(ids)s::bigint[], %(outcomes)s::text[],
+SELECT * FROM pgcast_record_v7(%(id)s, %(token)s, %(ids)s::bigint[], %(outcomes)s::text[],
                                %(message_ids)s::text[], %(errors)s::text[],
                                %(retry_in)s::double precision[], %(breaker)s)
 

@@ -1,0 +1,191 @@
+"""Issue 32: the record writes a group's final answers before it locks the broadcast row
+(pgcast_record_v7).
+
+v6 locked the broadcast row first and held it through its whole UPDATE, so the records of
+every loop of every worker took turns on that one row. v7 writes the rows whose answer is
+final (sent, failed, unknown: what they become does not depend on the broadcast's status)
+first, then takes the broadcast row for everything else and the counters. A deadlock of that
+first step (an erase holds the broadcast row and rewrites a row the record already holds) is
+caught, and the record is done again the v6 way.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import psycopg
+
+from pgcast.sql.queries import QUERIES
+from pgcast.worker import dispatch
+from tests import support
+from tests.integration.test_dispatch import claim_handoff, in_thread
+from tests.integration.test_fences import backend_pid, connect, waiting_or_done
+
+Conn = psycopg.Connection[dict[str, Any]]
+
+
+def held_rows(probe: Conn, bid: uuid.UUID, ids: list[int]) -> list[int]:
+    """The rows of `ids` another session holds locked (probed with FOR UPDATE NOWAIT)."""
+    held = []
+    for cid in ids:
+        probe.execute("BEGIN")
+        try:
+            probe.execute("SELECT 1 FROM broadcast_recipients WHERE broadcast_id = %s "
+                          "AND contact_id = %s FOR UPDATE NOWAIT", (bid, cid))
+        except psycopg.errors.LockNotAvailable:
+            held.append(cid)
+        probe.execute("ROLLBACK")
+    return held
+
+
+def statuses(conn: Conn, bid: uuid.UUID) -> dict[int, str]:
+    return {r["contact_id"]: r["status"] for r in conn.execute(
+        "SELECT contact_id, status FROM broadcast_recipients WHERE broadcast_id = %s",
+        (bid,)).fetchall()}
+
+
+def deadlocks(conn: Conn) -> int:
+    """Deadlocks Postgres detected in this database so far (its statistics, flushed)."""
+    conn.execute("SELECT pg_stat_clear_snapshot()")
+    row = conn.execute("SELECT deadlocks FROM pg_stat_database "
+                       "WHERE datname = current_database()").fetchone()
+    assert row is not None
+    return int(row["deadlocks"])
+
+
+def record_in_thread(recorder: Conn, bid: uuid.UUID, token: uuid.UUID,
+                     outcomes: list[dispatch.Outcome]) -> tuple[Any, dict[str, Any]]:
+    def run() -> Any:
+        row = recorder.execute(QUERIES["record"],
+                               dispatch.record_params(bid, token, outcomes, 0)).fetchone()
+        recorder.commit()
+        return row
+    return in_thread(run)
+
+
+def test_final_answers_are_written_while_another_session_holds_the_broadcast_row(
+        db_url: str, conn: Conn) -> None:
+    """Another session holds the broadcast row, as another group's record does while it
+    writes its counters: the record has already written (and holds) its group's rows when it
+    waits for it. v6 waited holding nothing, so records of two groups never overlapped."""
+    support.seed_contacts(conn, 5)
+    bid = support.new_broadcast(conn)
+    token, rows = claim_handoff(conn, bid, 5)
+    ids = sorted(r["contact_id"] for r in rows)
+    outcomes = [dispatch.Outcome(cid, "sent", message_id=f"m{cid}") for cid in ids[:4]]
+    outcomes.append(dispatch.Outcome(ids[4], "failed", error="rejected"))
+    with connect(db_url) as blocker, connect(db_url) as probe, connect(db_url) as recorder:
+        blocker.execute("SELECT 1 FROM broadcasts WHERE id = %s FOR NO KEY UPDATE", (bid,))
+        pid = backend_pid(recorder)
+        t, out = record_in_thread(recorder, bid, token, outcomes)
+        try:
+            support.wait_for(waiting_or_done(conn, pid, out))
+            assert "at" not in out, out  # it waits for the broadcast row
+            assert held_rows(probe, bid, ids) == ids
+        finally:
+            blocker.commit()
+            t.join(30)
+    assert out.get("result") is not None and out["result"]["recorded"] == 5, out
+    got = statuses(conn, bid)
+    assert [got[c] for c in ids] == ["sent"] * 4 + ["failed"]
+    p = support.progress(conn, bid)
+    assert (p["sent"], p["failed"]) == (4, 1)
+
+
+def test_answers_that_depend_on_the_status_wait_for_a_cancel_and_follow_it(
+        db_url: str, conn: Conn) -> None:
+    """A cancel holds the broadcast row (uncommitted) while a group is recorded. The final
+    answers are written at once; a retry, and a sent row whose lease ends within a second (the
+    sweeper may be about to take it), wait for the broadcast row. Once the cancel commits,
+    the retry's row becomes `cancelled`, not `pending` (a pending row in a cancelled broadcast
+    would never be sent nor finished), and the counters equal the rows."""
+    support.seed_contacts(conn, 6)
+    bid = support.new_broadcast(conn)
+    token, rows = claim_handoff(conn, bid, 4)
+    ids = sorted(r["contact_id"] for r in rows)
+    soon = ids[3]
+    conn.execute("UPDATE broadcast_recipients SET lease_expires_at = clock_timestamp() "
+                 "+ interval '0.8 s' WHERE broadcast_id = %s AND contact_id = %s", (bid, soon))
+    outcomes = [dispatch.Outcome(ids[0], "sent", message_id="m0"),
+                dispatch.Outcome(ids[1], "unknown", error="timed out"),
+                dispatch.Outcome(ids[2], "retry", error="busy", retry_in=5.0),
+                dispatch.Outcome(soon, "sent", message_id="m3")]
+    account = conn.execute("SELECT account FROM broadcasts WHERE id = %s",
+                           (bid,)).fetchone()
+    assert account is not None
+    with connect(db_url) as canceller, connect(db_url) as probe, connect(db_url) as recorder:
+        row = canceller.execute("SELECT * FROM pgcast_cancel_v3(%s, %s, '{}')",
+                                (account["account"], bid)).fetchone()
+        assert row is not None and row["ok"]
+        pid = backend_pid(recorder)
+        t, out = record_in_thread(recorder, bid, token, outcomes)
+        try:
+            support.wait_for(waiting_or_done(conn, pid, out))
+            assert "at" not in out, out
+            assert held_rows(probe, bid, ids) == ids[:2]
+        finally:
+            canceller.commit()
+            t.join(30)
+    assert out.get("result") is not None and out["result"]["recorded"] == 4, out
+    got = statuses(conn, bid)
+    assert [got[c] for c in ids] == ["sent", "unknown", "cancelled", "sent"]
+    assert sorted(s for c, s in got.items() if c not in ids) == ["cancelled", "cancelled"]
+    p = support.progress(conn, bid)
+    assert (p["status"], p["sent"], p["unknown"], p["cancelled"]) == ("cancelled", 2, 1, 3)
+
+
+def test_a_deadlock_of_the_first_step_falls_back_to_the_broadcast_row_first(
+        db_url: str, conn: Conn) -> None:
+    """An erase's pattern: a session locks the broadcast row FOR UPDATE, then rewrites the
+    erased contact's recipient row, which the record's first step already holds; the record
+    then waits for the broadcast row. The record, the last to wait, finds the deadlock; it
+    lets its rows go, the rewrite goes on, and once it commits the record writes the whole
+    group the v6 way: nothing is lost, the counters equal the rows.
+
+    Made certain by a third session holding the group's second row: the first step takes
+    the first row and waits there, the eraser comes to wait for that first row, and only
+    then is the second row let go, so the record's wait for the broadcast row closes the
+    cycle (Postgres checks for a deadlock once, deadlock_timeout after a wait begins)."""
+    support.seed_contacts(conn, 4)
+    bid = support.new_broadcast(conn)
+    token, rows = claim_handoff(conn, bid, 4)
+    ids = sorted(r["contact_id"] for r in rows)
+    outcomes = [dispatch.Outcome(cid, "sent", message_id=f"m{cid}") for cid in ids]
+    before = deadlocks(conn)
+    with connect(db_url) as eraser, connect(db_url) as holder, \
+            connect(db_url) as recorder:
+        eraser.execute("SET deadlock_timeout = '60s'")
+        recorder.execute("SET deadlock_timeout = '100ms'")
+        recorder.commit()
+        holder.execute("SELECT 1 FROM broadcast_recipients WHERE broadcast_id = %s "
+                       "AND contact_id = %s FOR UPDATE", (bid, ids[1]))
+        eraser.execute("SELECT 1 FROM broadcasts WHERE id = %s FOR UPDATE", (bid,))
+        rec_pid, erase_pid = backend_pid(recorder), backend_pid(eraser)
+        t, out = record_in_thread(recorder, bid, token, outcomes)
+        support.wait_for(waiting_or_done(conn, rec_pid, out))
+        assert "at" not in out, out  # the record waits for the second row
+        te, erased = in_thread(lambda: eraser.execute(
+            "UPDATE broadcast_recipients SET email = 'erased@erased.invalid' "
+            "WHERE broadcast_id = %s AND contact_id = %s", (bid, ids[0])))
+        try:
+            support.wait_for(waiting_or_done(conn, erase_pid, erased))
+            assert "at" not in erased, erased  # the eraser waits for the first
+            holder.rollback()
+            te.join(30)
+            assert "error" not in erased, erased  # the record let its rows go
+        finally:
+            holder.rollback()
+            eraser.commit()
+            te.join(30)
+            t.join(30)
+    assert out.get("result") is not None and out["result"]["recorded"] == 4, out
+    got = conn.execute("SELECT contact_id, status, email, provider_message_id "
+                       "FROM broadcast_recipients WHERE broadcast_id = %s ORDER BY contact_id",
+                       (bid,)).fetchall()
+    assert [r["status"] for r in got] == ["sent"] * 4
+    assert [r["provider_message_id"] for r in got] == [f"m{c}" for c in ids]
+    assert got[0]["email"] == "erased@erased.invalid"
+    p = support.progress(conn, bid)
+    assert p["sent"] == 4
+    assert deadlocks(conn) == before + 1  # there was one, and the record rode it out
