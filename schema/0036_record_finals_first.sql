@@ -77,14 +77,17 @@ BEGIN
         FOR NO KEY UPDATE;
     EXCEPTION WHEN deadlock_detected THEN
         -- step 1 is rolled back: the whole group the v6 way, the broadcast row first
-        SELECT 0 AS n, 0 AS n_sent, 0 AS n_failed, 0 AS n_unknown, '{}'::bigint[] AS ids INTO f;
+        SELECT 0::bigint AS n, 0::bigint AS n_sent, 0::bigint AS n_failed, 0::bigint AS n_unknown,
+               '{}'::bigint[] AS ids
+        INTO f;
         SELECT b.status, b.unknown INTO st, n_unknown FROM broadcasts b WHERE b.id = p_id
         FOR NO KEY UPDATE;
     END;
     is_cancelled := st = 'cancelled';
     is_finished := st IN ('sent', 'failed');
-    SELECT 0 AS n, 0 AS n_sent, 0 AS n_failed, 0 AS n_unknown, 0 AS n_bad, 0 AS n_cancelled,
-           '{}'::bigint[] AS ids
+    -- bigint, as count(*): a record's field keeps the type its first assignment planned with
+    SELECT 0::bigint AS n, 0::bigint AS n_sent, 0::bigint AS n_failed, 0::bigint AS n_unknown,
+           0::bigint AS n_bad, 0::bigint AS n_cancelled, '{}'::bigint[] AS ids
     INTO c;
     IF f.n < cardinality(p_ids) THEN
         rest := ARRAY(SELECT unnest(p_ids) EXCEPT SELECT unnest(f.ids::bigint[]));

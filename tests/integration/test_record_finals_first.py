@@ -55,8 +55,12 @@ def deadlocks(conn: Conn) -> int:
 
 
 def record_in_thread(recorder: Conn, bid: uuid.UUID, token: uuid.UUID,
-                     outcomes: list[dispatch.Outcome]) -> tuple[Any, dict[str, Any]]:
+                     outcomes: list[dispatch.Outcome],
+                     deadlock_timeout: str | None = None) -> tuple[Any, dict[str, Any]]:
     def run() -> Any:
+        if deadlock_timeout is not None:  # in the record's own transaction
+            recorder.execute("SELECT set_config('deadlock_timeout', %s, true)",
+                             (deadlock_timeout,))
         row = recorder.execute(QUERIES["record"],
                                dispatch.record_params(bid, token, outcomes, 0)).fetchone()
         recorder.commit()
@@ -155,14 +159,12 @@ def test_a_deadlock_of_the_first_step_falls_back_to_the_broadcast_row_first(
     before = deadlocks(conn)
     with connect(db_url) as eraser, connect(db_url) as holder, \
             connect(db_url) as recorder:
-        eraser.execute("SET deadlock_timeout = '60s'")
-        recorder.execute("SET deadlock_timeout = '100ms'")
-        recorder.commit()
+        eraser.execute("SET LOCAL deadlock_timeout = '60s'")
         holder.execute("SELECT 1 FROM broadcast_recipients WHERE broadcast_id = %s "
                        "AND contact_id = %s FOR UPDATE", (bid, ids[1]))
         eraser.execute("SELECT 1 FROM broadcasts WHERE id = %s FOR UPDATE", (bid,))
         rec_pid, erase_pid = backend_pid(recorder), backend_pid(eraser)
-        t, out = record_in_thread(recorder, bid, token, outcomes)
+        t, out = record_in_thread(recorder, bid, token, outcomes, deadlock_timeout="100ms")
         support.wait_for(waiting_or_done(conn, rec_pid, out))
         assert "at" not in out, out  # the record waits for the second row
         te, erased = in_thread(lambda: eraser.execute(
