@@ -30,3 +30,16 @@ def test_schedule_probe_starts_the_due_broadcasts(db_url: str) -> None:
     figures = schedule.measure(db_url, 50, 5, 2)  # asserts both due broadcasts started
     assert len(figures["empty"]) == len(figures["sweep"]) == 5
     assert figures["per_start"] > 0 and figures["plan"]  # a 50-row table may be scanned
+
+
+def test_record_contention_records_every_group_with_either_version(db_url: str) -> None:
+    from bench import common, record_contention
+
+    common.seed_contacts(db_url, 1_200)
+    for version in ("v6", "v7"):  # each round asserts every row recorded and counted
+        rate, locked = record_contention.one_round(db_url, version, 2)
+        assert rate > 0 and 0 <= locked <= 1
+    with support.connect(db_url) as conn:
+        for row in conn.execute("SELECT id FROM broadcasts").fetchall():
+            assert support.status_counts(conn, row["id"]) == {"sent": 1_200}
+            support.assert_counters_true(conn, row["id"])
