@@ -21,22 +21,9 @@ from pgcast.worker import dispatch
 from tests import support
 from tests.integration.test_dispatch import claim_handoff, in_thread
 from tests.integration.test_fences import backend_pid, connect, waiting_or_done
+from tests.integration.test_record_one_pass import held_rows
 
 Conn = psycopg.Connection[dict[str, Any]]
-
-
-def held_rows(probe: Conn, bid: uuid.UUID, ids: list[int]) -> list[int]:
-    """The rows of `ids` another session holds locked (probed with FOR UPDATE NOWAIT)."""
-    held = []
-    for cid in ids:
-        probe.execute("BEGIN")
-        try:
-            probe.execute("SELECT 1 FROM broadcast_recipients WHERE broadcast_id = %s "
-                          "AND contact_id = %s FOR UPDATE NOWAIT", (bid, cid))
-        except psycopg.errors.LockNotAvailable:
-            held.append(cid)
-        probe.execute("ROLLBACK")
-    return held
 
 
 def statuses(conn: Conn, bid: uuid.UUID) -> dict[int, str]:
