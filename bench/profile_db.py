@@ -268,15 +268,16 @@ def settle(conn: psycopg.Connection[dict[str, Any]]) -> None:
     conn.execute("SELECT pg_stat_clear_snapshot()")
 
 
-def run_pgcast(url: str, n: int, log: Path) -> Cost:
-    """Seed n contacts, 2 default workers, one broadcast: counters around send + drain."""
+def run_pgcast(url: str, n: int, log: Path, concurrency: int = 2) -> Cost:
+    """Seed n contacts, 2 workers (`concurrency` loops each), one broadcast: counters around
+    send + drain."""
     common.seed_contacts(url, n)
     dbname = log_everything(url)
     with common.connect(url) as conn:
         me = {int(conn.execute("SELECT pg_backend_pid() AS p").fetchone()["p"])}  # type: ignore[index]
         bid = common.new_draft(conn)
         postmaster = postmaster_pid(conn)
-        with common.Workers(url, 2, ["--concurrency", "2"]) as workers:
+        with common.Workers(url, 2, ["--concurrency", str(concurrency)]) as workers:
             pids = [p.pid for p in workers.procs]
             conn.execute("CHECKPOINT")
             settle(conn)
@@ -414,6 +415,9 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--recipients", type=int, default=200_000)
     p.add_argument("--top", type=int, default=15, help="statements and functions to list")
+    p.add_argument("--concurrency", type=int, default=2,
+                   help="dispatch loops per worker (default 2, as every earlier figure; the "
+                        "worker's own default is 4)")
     args = p.parse_args(argv)
     from pgcast.sql import embedded
 
@@ -427,7 +431,7 @@ def main(argv: list[str] | None = None) -> None:
         with common.database(srv, "profile_floor") as fl:
             floor_cost = run_floor(fl, args.recipients, log)
         with common.database(srv, "profile_pgcast") as pg:
-            pgcast_cost = run_pgcast(pg, args.recipients, log)
+            pgcast_cost = run_pgcast(pg, args.recipients, log, args.concurrency)
     finally:
         embedded.discard(base, mode="fast")
         shutil.rmtree(base, ignore_errors=True)
@@ -446,7 +450,9 @@ def main(argv: list[str] | None = None) -> None:
           f"{(g.wal_bytes - g.send_wal_bytes) / f.wal_bytes:.2f}x; WAL records "
           f"{(g.wal['wal_records'] - g.send_wal_records) / f.wal['wal_records']:.2f}x")
     print("load average at end " + ", ".join(f"{x:.2f}" for x in os.getloadavg()))
-    print(f"reproduce: {common.command('profile_db', '--recipients', str(args.recipients))}")
+    extra = [] if args.concurrency == 2 else ["--concurrency", str(args.concurrency)]
+    print("reproduce: " + common.command("profile_db", "--recipients", str(args.recipients),
+                                         *extra))
 
 
 if __name__ == "__main__":

@@ -18,14 +18,19 @@
 --   in a drain without errors), then the counters of both steps, in the same transaction as
 --   the rows (invariant 6: counters equal rows at every commit).
 -- * Lock order: step 1 takes recipient rows before the broadcast row, the one exception to
---   DESIGN's order. Writers that hold the broadcast row and lock recipient rows touch rows
---   step 1 never holds (cancel: pending and claimed; pause: claimed; handoff: claimed;
---   the sweeper: leases already ended; retry and the SES events: rows already final), except
---   an erase, which rewrites every row of the contact after locking the broadcasts whose
---   filters or test sends name the address. A deadlock with it (or with anything not
---   foreseen here) is caught: step 1 runs in a block whose rollback lets its rows go, and the
---   record is then done as v6 does it, the broadcast row first (the erase redoes its rewrite
---   after a deadlock the same way).
+--   DESIGN's order. Writers that hold the broadcast row and lock recipient rows mostly touch
+--   rows step 1 never holds (cancel: pending and claimed; pause and handoff: claimed;
+--   unhandoff: a claim whose call was never made; the sweeper: leases already ended; retry,
+--   requeue and the SES events: rows already final; a record's late pass, below: only rows
+--   under its own token, reading the others without a lock). An erase does not: it rewrites
+--   every row of the contact after locking the broadcasts whose filters or test sends name
+--   the address; and a lease renewal, which holds no broadcast row, locks all its worker's
+--   claims' rows in one sorted pass and can stand between a record and a handoff or cancel.
+--   Postgres ends such a deadlock by rolling one side back. If it is the record, step 1 runs
+--   in a block whose rollback lets its rows go, and the record is then done as v6 does it,
+--   the broadcast row first. If it is the other side, it is retried as after a lost
+--   connection (the erase redoes its rewrite; the worker retries a renewal, undoes a handoff;
+--   the API answers 503).
 CREATE FUNCTION pgcast_record_v7(p_id uuid, p_token uuid, p_ids bigint[], p_outcomes text[],
                                  p_message_ids text[], p_errors text[], p_retry_in double precision[],
                                  p_breaker integer)
@@ -133,16 +138,25 @@ BEGIN
                coalesce(array_agg(u.contact_id), '{}') AS ids
         INTO c FROM upd u;
         IF c.n < cardinality(rest) THEN
-            -- the group's rows this claim no longer holds, locked in contact_id order (rows of
-            -- other claims: their own workers never take this claim's rows)
+            -- the group's rows this claim no longer holds. Locked, in contact_id order, only
+            -- those still under its token, the only ones it may write (a `sent` answer for a
+            -- requeued row nobody has claimed since); the others are another claim's now, and
+            -- that claim's record may hold them while it waits for the broadcast row, which
+            -- this one holds: they are read for the audit without a lock (v6 locked them)
             SELECT coalesce(array_agg(l.contact_id), '{}'),
                    coalesce(jsonb_object_agg(l.contact_id::text, l.status), '{}')
             INTO late, late_status
             FROM (SELECT r.contact_id, r.status FROM broadcast_recipients r
                   WHERE r.broadcast_id = p_id AND r.contact_id = ANY (rest)
-                    AND NOT (r.contact_id = ANY (c.ids))
+                    AND NOT (r.contact_id = ANY (c.ids)) AND r.claim_token = p_token
                   ORDER BY r.contact_id
                   FOR UPDATE) l;
+            SELECT late || coalesce(array_agg(o.contact_id), '{}'),
+                   late_status || coalesce(jsonb_object_agg(o.contact_id::text, o.status), '{}')
+            INTO late, late_status
+            FROM broadcast_recipients o
+            WHERE o.broadcast_id = p_id AND o.contact_id = ANY (rest)
+              AND NOT (o.contact_id = ANY (c.ids)) AND o.claim_token IS DISTINCT FROM p_token;
         END IF;
     END IF;
     IF cardinality(late) > 0 THEN

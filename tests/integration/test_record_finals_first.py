@@ -16,12 +16,15 @@ from typing import Any
 
 import psycopg
 
+from pgcast.sql import schedule
 from pgcast.sql.queries import QUERIES
 from pgcast.worker import dispatch
 from tests import support
+from tests.integration import test_dispatch as d
 from tests.integration.test_dispatch import claim_handoff, in_thread
 from tests.integration.test_fences import backend_pid, connect, waiting_or_done
 from tests.integration.test_record_one_pass import held_rows
+from tests.integration.test_retry_races import audit, handed_ago, unknown_broadcast
 
 Conn = psycopg.Connection[dict[str, Any]]
 
@@ -138,7 +141,7 @@ def test_a_deadlock_of_the_first_step_falls_back_to_the_broadcast_row_first(
     the first row and waits there, the eraser comes to wait for that first row, and only
     then is the second row let go, so the record's wait for the broadcast row closes the
     cycle (Postgres checks for a deadlock once, deadlock_timeout after a wait begins)."""
-    support.seed_contacts(conn, 4)
+    support.seed_contacts(conn, 6)
     bid = support.new_broadcast(conn)
     token, rows = claim_handoff(conn, bid, 4)
     ids = sorted(r["contact_id"] for r in rows)
@@ -168,13 +171,65 @@ def test_a_deadlock_of_the_first_step_falls_back_to_the_broadcast_row_first(
             eraser.commit()
             te.join(30)
             t.join(30)
-    assert out.get("result") is not None and out["result"]["recorded"] == 4, out
+        assert out.get("result") is not None and out["result"]["recorded"] == 4, out
+        # the same session's next record takes the first step (its counts keep their types)
+        token2, rows2 = claim_handoff(conn, bid, 2)
+        outcomes2 = [dispatch.Outcome(r["contact_id"], "sent", message_id=f"m{r['contact_id']}")
+                     for r in rows2]
+        again = recorder.execute(QUERIES["record"],
+                                 dispatch.record_params(bid, token2, outcomes2, 0)).fetchone()
+        recorder.commit()
+        assert again is not None and again["recorded"] == 2
     got = conn.execute("SELECT contact_id, status, email, provider_message_id "
                        "FROM broadcast_recipients WHERE broadcast_id = %s ORDER BY contact_id",
-                       (bid,)).fetchall()
+                       (bid,)).fetchall()[:4]
     assert [r["status"] for r in got] == ["sent"] * 4
     assert [r["provider_message_id"] for r in got] == [f"m{c}" for c in ids]
     assert got[0]["email"] == "erased@erased.invalid"
-    p = support.progress(conn, bid)
-    assert p["sent"] == 4
-    assert deadlocks(conn) == before + 1  # there was one, and the record rode it out
+    p = support.assert_counters_true(conn, bid)
+    assert p["sent"] == 6
+    # there was one, and the record rode it out (a backend's statistics reach the view
+    # when it reports them, at most once a second, or when it exits)
+    support.wait_for(lambda: deadlocks(conn) == before + 1, what="the deadlock counted")
+
+
+def test_a_late_answer_for_a_row_another_claim_holds_is_audited_without_waiting(
+        conn: Conn, db_url: str) -> None:
+    """retry --include-unknown requeued two rows whose first call is still out; another claim
+    took one of them and is recording it (its first step holds the row while it waits for the
+    broadcast row). The first call's answers come: the row nobody claimed again is recorded
+    sent, and the other is audited without waiting for it. v6's late pass locked every late
+    row while it held the broadcast row, and so would have waited for the other record, which
+    waits for it."""
+    bid, ids, first = unknown_broadcast(conn, 2)
+    a, b = ids
+    handed_ago(conn, bid, ids, schedule.in_doubt_seconds() + 60)
+    assert schedule.retry(conn, "default", bid, include_unknown=True)["requeued"] == 2
+    conn.execute("UPDATE broadcast_recipients SET retry_at = clock_timestamp() + "
+                 "interval '1 hour' WHERE broadcast_id = %s AND contact_id = %s", (bid, a))
+    second, rows = d.claim(conn, bid, 10)
+    assert [r["contact_id"] for r in rows] == [b]
+    assert [r["contact_id"] for r in d.handoff(conn, bid, rows[0]["epoch"], second, [b])] == [b]
+    with connect(db_url) as other_record, connect(db_url) as recorder:
+        other_record.execute("SELECT 1 FROM broadcast_recipients WHERE broadcast_id = %s "
+                             "AND contact_id = %s FOR UPDATE", (bid, b))
+        pid = backend_pid(recorder)
+        t, out = record_in_thread(recorder, bid, first, [
+            dispatch.Outcome(a, "sent", message_id=f"m{a}"),
+            dispatch.Outcome(b, "sent", message_id=f"m{b}")])
+        try:
+            support.wait_for(waiting_or_done(conn, pid, out))
+            assert "at" in out, "the late answer waited for the other claim's row"
+        finally:
+            other_record.rollback()
+            t.join(30)
+    assert out.get("result") is not None and out["result"]["recorded"] == 1, out
+    [entry] = audit(conn, bid, "late_answer")
+    assert entry["details"]["answers"] == [
+        {"contact_id": a, "outcome": "sent", "provider_message_id": f"m{a}",
+         "row_status": "pending", "recorded": True},
+        {"contact_id": b, "outcome": "sent", "provider_message_id": f"m{b}",
+         "row_status": "sending", "recorded": False}]
+    d.record(conn, bid, second, [b], "sent")
+    p = support.assert_counters_true(conn, bid)
+    assert (p["sent"], p["unknown"]) == (2, 0)
