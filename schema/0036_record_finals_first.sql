@@ -18,19 +18,18 @@
 --   in a drain without errors), then the counters of both steps, in the same transaction as
 --   the rows (invariant 6: counters equal rows at every commit).
 -- * Lock order: step 1 takes recipient rows before the broadcast row, the one exception to
---   DESIGN's order. Writers that hold the broadcast row and lock recipient rows mostly touch
---   rows step 1 never holds (cancel: pending and claimed; pause and handoff: claimed;
---   unhandoff: a claim whose call was never made; the sweeper: leases already ended; retry,
---   requeue and the SES events: rows already final; a record's late pass, below: only rows
---   under its own token, reading the others without a lock). An erase does not: it rewrites
---   every row of the contact after locking the broadcasts whose filters or test sends name
---   the address; and a lease renewal, which holds no broadcast row, locks all its worker's
---   claims' rows in one sorted pass and can stand between a record and a handoff or cancel.
---   Postgres ends such a deadlock by rolling one side back. If it is the record, step 1 runs
---   in a block whose rollback lets its rows go, and the record is then done as v6 does it,
---   the broadcast row first. If it is the other side, it is retried as after a lost
---   connection (the erase redoes its rewrite; the worker retries a renewal, undoes a handoff;
---   the API answers 503).
+--   DESIGN's order. Writers that hold the broadcast row and lock recipient rows touch rows
+--   step 1 never holds (cancel: pending and claimed; pause and handoff: claimed; unhandoff:
+--   a claim whose call was never made; the sweeper: leases already ended, and step 1 leaves
+--   leases that end within a second; retry, requeue and the SES events: rows already final;
+--   a record's late pass, below: only rows under its own token, reading the others without
+--   a lock). A lease renewal passes over rows others hold (renew v4, below). Left: an erase,
+--   which rewrites every row of the contact after locking the broadcasts whose filters or
+--   test sends name the address, and a sweep after the record stalled past a lease. Postgres
+--   ends such a deadlock by rolling one side back. If it is the record, step 1 runs in a
+--   block whose rollback lets its rows go, and the record is then done as v6 does it, the
+--   broadcast row first. If it is the erase, its block rolls back and it starts its rewrite
+--   again; a sweep runs again at its next tick.
 CREATE FUNCTION pgcast_record_v7(p_id uuid, p_token uuid, p_ids bigint[], p_outcomes text[],
                                  p_message_ids text[], p_errors text[], p_retry_in double precision[],
                                  p_breaker integer)
@@ -208,5 +207,38 @@ BEGIN
     RETURNING failure_streak INTO streak;
     RETURN QUERY SELECT (f.n + c.n + cardinality(applied))::integer,
                         p_breaker > 0 AND streak > p_breaker;
+END
+$$;
+
+-- renew, v4: v3 with the claims' rows taken FOR UPDATE SKIP LOCKED, so a renewal never waits
+-- for a row. With record v7 a renewal could otherwise close a cycle: it holds the rows of one
+-- claim (sorted pass) and waits for rows of another that a record's first step holds, while
+-- that record waits for the broadcast row, held by a handoff, cancel or pause that waits for
+-- the rows the renewal holds. A row skipped is held by a transaction that is about to change
+-- it (a record or a handoff of this worker, a cancel, a pause, an erase's rewrite, the
+-- sweeper): it is renewed a third of a lease later if it still needs it. Returns the rows
+-- renewed.
+CREATE FUNCTION pgcast_renew_v4(p_ids uuid[], p_tokens uuid[], p_lease interval)
+RETURNS integer LANGUAGE plpgsql
+SET plan_cache_mode = force_custom_plan
+AS $$
+DECLARE
+    c record;
+    n integer;
+    total integer := 0;
+BEGIN
+    FOR c IN SELECT t.id, array_agg(t.token) AS tokens
+             FROM unnest(p_ids, p_tokens) AS t(id, token) GROUP BY t.id ORDER BY t.id LOOP
+        UPDATE broadcast_recipients r
+        SET lease_expires_at = clock_timestamp() + p_lease
+        WHERE r.broadcast_id = c.id AND r.contact_id = ANY (ARRAY(
+            SELECT l.contact_id FROM broadcast_recipients l
+            WHERE l.broadcast_id = c.id AND l.worker IS NOT NULL
+              AND l.status IN ('claimed', 'sending') AND l.claim_token = ANY (c.tokens)
+            ORDER BY l.contact_id FOR UPDATE SKIP LOCKED));
+        GET DIAGNOSTICS n = ROW_COUNT;
+        total := total + n;
+    END LOOP;
+    RETURN total;
 END
 $$;

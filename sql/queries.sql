@@ -226,7 +226,7 @@ SELECT * FROM pgcast_sweep_one_v1(%(id)s)
 
 -- renew --
 -- Extends the lease on the claims a live worker holds: (broadcast, claim token) pairs.
-SELECT pgcast_renew_v3(%(ids)s, %(tokens)s, make_interval(secs => %(lease)s)) AS renewed
+SELECT pgcast_renew_v4(%(ids)s, %(tokens)s, make_interval(secs => %(lease)s)) AS renewed
 
 -- take_tokens --
 -- Up to `want` tokens from a bucket for a broadcast (pgcast_take_tokens_v5: its account's

@@ -198,9 +198,9 @@ def test_a_late_answer_for_a_row_another_claim_holds_is_audited_without_waiting(
     """retry --include-unknown requeued two rows whose first call is still out; another claim
     took one of them and is recording it (its first step holds the row while it waits for the
     broadcast row). The first call's answers come: the row nobody claimed again is recorded
-    sent, and the other is audited without waiting for it. v6's late pass locked every late
-    row while it held the broadcast row, and so would have waited for the other record, which
-    waits for it."""
+    sent, and the other is audited without waiting for it. This branch's first v7 locked
+    every late row while it held the broadcast row, and so waited for the other record, which
+    waited for it (v6's records took the broadcast row first: none held rows meanwhile)."""
     bid, ids, first = unknown_broadcast(conn, 2)
     a, b = ids
     handed_ago(conn, bid, ids, schedule.in_doubt_seconds() + 60)
@@ -233,3 +233,46 @@ def test_a_late_answer_for_a_row_another_claim_holds_is_audited_without_waiting(
     d.record(conn, bid, second, [b], "sent")
     p = support.assert_counters_true(conn, bid)
     assert (p["sent"], p["unknown"]) == (2, 0)
+
+
+def test_a_lease_renewal_passes_over_the_rows_a_record_holds(db_url: str, conn: Conn) -> None:
+    """A worker holds two claims of one broadcast: A only claimed (lower ids), B handed off
+    and being recorded (its first step holds B's rows while it waits for the broadcast row).
+    The lease renewal (pgcast_renew_v4) renews A's rows and passes over B's without waiting.
+    v3 waited for them holding A's rows: with a handoff of A holding the broadcast row and
+    waiting for A's rows, that closed a cycle (renewal -> record -> handoff -> renewal)."""
+    support.seed_contacts(conn, 6)
+    bid = support.new_broadcast(conn)
+    token_a, rows_a = d.claim(conn, bid, 3)
+    token_b, rows_b = claim_handoff(conn, bid, 3)
+    ids_a = sorted(r["contact_id"] for r in rows_a)
+    ids_b = sorted(r["contact_id"] for r in rows_b)
+    assert max(ids_a) < min(ids_b)
+    outcomes = [dispatch.Outcome(cid, "sent", message_id=f"m{cid}") for cid in ids_b]
+    with connect(db_url) as blocker, connect(db_url) as recorder, \
+            connect(db_url) as renewer:
+        blocker.execute("SELECT 1 FROM broadcasts WHERE id = %s FOR NO KEY UPDATE", (bid,))
+        pid = backend_pid(recorder)
+        t, out = record_in_thread(recorder, bid, token_b, outcomes)
+        try:
+            support.wait_for(waiting_or_done(conn, pid, out))
+            assert "at" not in out, out  # waits for the broadcast row, holding B's rows
+            renew_pid = backend_pid(renewer)
+            tr, renewed = in_thread(lambda: renewer.execute(QUERIES["renew"], {
+                "ids": [bid, bid], "tokens": [token_a, token_b], "lease": 600.0}).fetchone())
+            support.wait_for(waiting_or_done(conn, renew_pid, renewed))
+            assert "at" in renewed, "the renewal waited for the rows the record holds"
+            renewer.commit()
+            tr.join(30)
+        finally:
+            blocker.commit()
+            t.join(30)
+    assert renewed.get("result") == {"renewed": 3}, renewed
+    assert out.get("result") is not None and out["result"]["recorded"] == 3, out
+    long = {r["contact_id"]: r["long"] for r in conn.execute(
+        "SELECT contact_id, lease_expires_at > clock_timestamp() + interval '500 s' AS long "
+        "FROM broadcast_recipients WHERE broadcast_id = %s AND contact_id = ANY (%s)",
+        (bid, ids_a)).fetchall()}
+    assert long == dict.fromkeys(ids_a, True)
+    got = statuses(conn, bid)
+    assert [got[c] for c in ids_a + ids_b] == ["claimed"] * 3 + ["sent"] * 3
