@@ -6,7 +6,8 @@ Counts, between a mark before and a mark after each drain (issue 32's profile):
   the server log: the embedded Postgres (pgserver) ships no pg_stat_statements, so statements
   run *inside* plpgsql functions are not in this count; track_functions = all counts the calls
   of those functions instead);
-- transactions (pg_stat_database.xact_commit, the profiler's own polls taken out);
+- transactions (pg_stat_database.xact_commit, the profiler's own polls taken out), with the
+  rollbacks and the deadlocks Postgres detected;
 - rows inserted / updated / deleted per recipient and table (pg_stat_user_tables; a partition
   counts under its parent), HOT updates among them;
 - WAL bytes, WAL records and full-page images per recipient (pg_current_wal_lsn before and
@@ -89,8 +90,8 @@ def snap(conn: psycopg.Connection[dict[str, Any]], log: Path) -> Snap:
     lsn = conn.execute("SELECT pg_current_wal_lsn()::text AS l").fetchone()
     wal = conn.execute("SELECT wal_records, wal_fpi, wal_bytes::bigint AS wal_bytes "
                        "FROM pg_stat_wal").fetchone()
-    db = conn.execute("SELECT xact_commit, xact_rollback, tup_inserted, tup_updated, "
-                      "tup_deleted, tup_returned, tup_fetched, blks_hit, blks_read "
+    db = conn.execute("SELECT xact_commit, xact_rollback, deadlocks, tup_inserted, "
+                      "tup_updated, tup_deleted, tup_returned, tup_fetched, blks_hit, blks_read "
                       "FROM pg_stat_database WHERE datname = current_database()").fetchone()
     tables: dict[str, dict[str, int]] = collections.defaultdict(collections.Counter)
     for r in conn.execute(
@@ -392,7 +393,8 @@ def show(c: Cost, top: int) -> None:
           f"{c.client_cpu * 1e6 / n:.1f} µs/recipient")
     print(f"   top-level statements {st:,} = {c.per(st):.4f}/recipient; transactions "
           f"{c.db['xact_commit']:,} = {c.per(c.db['xact_commit']):.4f}/recipient "
-          f"(rollbacks {c.db['xact_rollback']:,}); server time in statements "
+          f"(rollbacks {c.db['xact_rollback']:,}, deadlocks {c.db['deadlocks']:,}); server "
+          f"time in statements "
           f"{ms / 1000:.1f}s = {ms * 1000 / n:.1f} µs/recipient")
     print(f"   rows per recipient: inserted {c.per(c.db['tup_inserted']):.2f}, updated "
           f"{c.per(c.db['tup_updated']):.2f}, deleted {c.per(c.db['tup_deleted']):.2f}")
