@@ -16,7 +16,6 @@ from typing import Any
 
 import psycopg
 
-from pgcast.sql import schedule
 from pgcast.sql.queries import QUERIES
 from pgcast.worker import dispatch
 from tests import support
@@ -24,7 +23,7 @@ from tests.integration import test_dispatch as d
 from tests.integration.test_dispatch import claim_handoff, in_thread
 from tests.integration.test_fences import backend_pid, connect, waiting_or_done
 from tests.integration.test_record_one_pass import held_rows
-from tests.integration.test_retry_races import audit, handed_ago, unknown_broadcast
+from tests.integration.test_retry_races import audit, requeued_then_one_reclaimed
 
 Conn = psycopg.Connection[dict[str, Any]]
 
@@ -201,15 +200,7 @@ def test_a_late_answer_for_a_row_another_claim_holds_is_audited_without_waiting(
     sent, and the other is audited without waiting for it. This branch's first v7 locked
     every late row while it held the broadcast row, and so waited for the other record, which
     waited for it (v6's records took the broadcast row first: none held rows meanwhile)."""
-    bid, ids, first = unknown_broadcast(conn, 2)
-    a, b = ids
-    handed_ago(conn, bid, ids, schedule.in_doubt_seconds() + 60)
-    assert schedule.retry(conn, "default", bid, include_unknown=True)["requeued"] == 2
-    conn.execute("UPDATE broadcast_recipients SET retry_at = clock_timestamp() + "
-                 "interval '1 hour' WHERE broadcast_id = %s AND contact_id = %s", (bid, a))
-    second, rows = d.claim(conn, bid, 10)
-    assert [r["contact_id"] for r in rows] == [b]
-    assert [r["contact_id"] for r in d.handoff(conn, bid, rows[0]["epoch"], second, [b])] == [b]
+    bid, a, b, first, second = requeued_then_one_reclaimed(conn)
     with connect(db_url) as other_record, connect(db_url) as recorder:
         other_record.execute("SELECT 1 FROM broadcast_recipients WHERE broadcast_id = %s "
                              "AND contact_id = %s FOR UPDATE", (bid, b))

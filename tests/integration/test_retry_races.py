@@ -166,21 +166,28 @@ def test_the_in_doubt_window_is_the_lease_plus_the_provider_timeout() -> None:
     assert schedule.in_doubt_seconds() >= schedule.DEFAULT_LEASE + schedule.PROVIDER_TIMEOUT
 
 
-def test_a_late_answer_after_a_retry_is_recorded_and_audited(conn: Conn) -> None:
-    """retry --include-unknown requeued two rows whose first call then answers `sent`. The
-    row nobody claimed again is recorded sent (no second email); the one already handed off
-    again keeps its new call, and the answer is in the audit log. Before 0013 the late
-    record matched no row and left no trace."""
+def requeued_then_one_reclaimed(conn: Conn) -> tuple[uuid.UUID, int, int, uuid.UUID, uuid.UUID]:
+    """Two unknown rows of a first claim that retry --include-unknown requeued while the
+    first call was still out; then another claim took one of them (b) and handed it off:
+    (broadcast, a, b, first claim's token, second's)."""
     bid, ids, first = unknown_broadcast(conn, 2)
     a, b = ids
     handed_ago(conn, bid, ids, schedule.in_doubt_seconds() + 60)
     assert schedule.retry(conn, "default", bid, include_unknown=True)["requeued"] == 2
-    # b is claimed and handed off again by another worker
     conn.execute("UPDATE broadcast_recipients SET retry_at = clock_timestamp() + "
                  "interval '1 hour' WHERE broadcast_id = %s AND contact_id = %s", (bid, a))
     second, rows = d.claim(conn, bid, 10)
     assert [r["contact_id"] for r in rows] == [b]
     assert [r["contact_id"] for r in d.handoff(conn, bid, rows[0]["epoch"], second, [b])] == [b]
+    return bid, a, b, first, second
+
+
+def test_a_late_answer_after_a_retry_is_recorded_and_audited(conn: Conn) -> None:
+    """retry --include-unknown requeued two rows whose first call then answers `sent`. The
+    row nobody claimed again is recorded sent (no second email); the one already handed off
+    again keeps its new call, and the answer is in the audit log. Before 0013 the late
+    record matched no row and left no trace."""
+    bid, a, b, first, second = requeued_then_one_reclaimed(conn)
     # the first worker's calls answer now
     late = d.record(conn, bid, first, [a, b], "sent")
     assert late["recorded"] == 1
