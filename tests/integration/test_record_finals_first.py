@@ -5,8 +5,9 @@ v6 locked the broadcast row first and held it through its whole UPDATE, so the r
 every loop of every worker took turns on that one row. v7 writes the rows whose answer is
 final (sent, failed, unknown: what they become does not depend on the broadcast's status)
 first, then takes the broadcast row for everything else and the counters. A deadlock of that
-first step (an erase holds the broadcast row and rewrites a row the record already holds) is
-caught, and the record is done again the v6 way.
+first step (an erase holds the broadcast row and rewrites a row the record already holds)
+that Postgres ends by rolling the record back lets its rows go, and the record is done again
+the v6 way; a lease renewal passes over the rows a record holds.
 """
 
 from __future__ import annotations
