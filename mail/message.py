@@ -368,10 +368,20 @@ class Filler:
         lone = subject[0] if len(subject) == 1 else None  # a subject without a link
         sender, bid, prefix = self.from_header, self.broadcast_id, self.unsubscribe
         to_of = Content._to
+        simple_address, simple_name = _SIMPLE_ADDRESS.fullmatch, _SIMPLE_NAME.fullmatch
         out: list[Message | Exception] = []
         for item, token in zip(items, tokens, strict=True):
+            address, name = item[1], item[2]
             try:
-                spec, to = to_of(item[1], item[2])
+                if (simple_address(address) is not None and address.count("@") == 1
+                        and (not name or (simple_name(name) is not None and "=?" not in name))):
+                    # what Content._to gives by the fast paths of addr_spec and phrase,
+                    # without their calls (issue 32): the address as it is (the pattern
+                    # holds no space, nothing to strip), the name quoted as it is
+                    spec = address
+                    to = '"' + name + '" <' + address + ">" if name else address
+                else:
+                    spec, to = to_of(address, name)
             except Exception as exc:  # noqa: BLE001 - this recipient's, as render's
                 out.append(exc)
                 continue

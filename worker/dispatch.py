@@ -236,6 +236,9 @@ class Sender:
         self.may_have_sent = bool(getattr(provider, "may_have_sent_on_error", True))
         self._throttles = 0  # provider throttles in a row: the next one backs off longer
         self.too_late = 0  # calls not made: too late for their wire slots (put back)
+        # a provider that does not block and takes many messages a call (null): a group's
+        # messages in one call on the event loop
+        self.in_one_call = not provider.blocking and hasattr(provider, "send_many")
         self._lock = threading.Lock()
         self.builder = Builder()
 
@@ -329,7 +332,14 @@ class Sender:
         """send_one for each message of a group, one after another on this thread (a provider
         that does not block): each message's outcome as send_one gives it, with the clock
         read once per call rather than twice and the stop list set once per group (issue
-        32: the null provider's CPU per recipient)."""
+        32: the null provider's CPU per recipient). A provider with send_many gets the
+        group's messages in one call (send_many), each keeping its own outcome."""
+        if self.in_one_call:
+            messages = [b for b in built if not isinstance(b, Outcome)]
+            if len(messages) == len(built):
+                return self.send_many(cast("list[render.Message]", built), attempts, stop)
+            answered = iter(self.send_many(messages, attempts, stop) if messages else ())
+            return [b if isinstance(b, Outcome) else next(answered) for b in built]
         out: list[Outcome] = []
         _calling.stop = stop  # read at the wire, after the pacer (at_the_wire)
         try:
@@ -487,19 +497,22 @@ class Sender:
         seconds = (time.perf_counter() - started) / len(messages)  # the call's, per message
         outcomes: list[Outcome] = []
         throttle: Outcome | None = None
+        sent = False
         for m, result in zip(messages, results, strict=True):
             if isinstance(result, str):
-                outcome = Outcome(m.contact_id, "sent", message_id=result)
-            else:
-                outcome = self._failed(m.contact_id, result, attempts, stop, throttle)
-                if outcome.outcome == "throttled" and throttle is None:
-                    throttle = outcome
-                if isinstance(result, errors.Stopped):
-                    outcomes.append(outcome)  # never called: no time to count
-                    continue
+                # positional: a group's worth of these is built per call (issue 32)
+                outcomes.append(Outcome(m.contact_id, "sent", result, None, 0.0, None, seconds))
+                sent = True
+                continue
+            outcome = self._failed(m.contact_id, result, attempts, stop, throttle)
+            if outcome.outcome == "throttled" and throttle is None:
+                throttle = outcome
+            if isinstance(result, errors.Stopped):
+                outcomes.append(outcome)  # never called: no time to count
+                continue
             outcome.seconds = seconds
             outcomes.append(outcome)
-        if any(o.outcome == "sent" for o in outcomes):
+        if sent:
             self._throttles = 0
         return outcomes
 
@@ -600,5 +613,7 @@ def record_params(bid: Any, token: Any, outcomes: list[Outcome],
             "outcomes": text_array(kinds),
             "message_ids": text_array(message_ids),
             "errors": text_array(errors_),
-            "retry_in": number_array(retry_in),
+            # mostly no retry at all: its zeros without a repr each
+            "retry_in": number_array(retry_in) if any(retry_in) else
+            "{" + ",".join(["0"] * len(retry_in)) + "}",
             "breaker": breaker}

@@ -164,9 +164,15 @@ class Window:
                 self.latency = old + LATENCY_ALPHA * (sample - old)
 
     def succeeded(self, calls: int) -> None:
-        """Calls went through: grow the cap back towards `most`."""
+        """Calls went through: grow the cap back towards `most` (a step per call; none once
+        it is there, where a drain spends its groups: issue 32)."""
+        most, cap = float(self.most), self.cap
         for _ in range(calls):
-            self.cap = min(float(self.most), self.cap + 1 / self.cap)
+            if cap >= most:
+                cap = most
+                break
+            cap = min(most, cap + 1 / cap)
+        self.cap = cap
         self._changed.set()
 
     def throttled(self) -> None:

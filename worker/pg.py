@@ -41,9 +41,11 @@ class Db:
 
     async def table(self, name: str, params: dict[str, Any]) -> Rows:
         """A named query's rows as psycopg's tuples, read by column name (Rows): no dict
-        per row (issue 32: a claim's 500 rows)."""
+        per row, and the rows in binary (no number or flag parsed from text; issue 32: a
+        claim's 500 rows). Its columns must be of types psycopg loads in binary (numbers,
+        text, booleans, uuid, json, arrays of them), as the claims' are."""
         async with self.pool.connection() as conn:
-            cur = await conn.execute(QUERIES[name], params)
+            cur = await conn.execute(QUERIES[name], params, binary=True)
             names = [c.name for c in cur.description or ()]
             return Rows(names, await cur.fetchall())
 
@@ -74,19 +76,24 @@ class Db:
 class Rows:
     """A statement's rows as tuples, with their columns by name."""
 
-    __slots__ = ("names", "rows")
+    __slots__ = ("_columns", "names", "rows")
 
     def __init__(self, names: list[str], rows: list[tuple[Any, ...]]) -> None:
         self.names = {n: i for i, n in enumerate(names)}
         self.rows = rows
+        self._columns: list[tuple[Any, ...]] | None = None
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def column(self, name: str) -> list[Any]:
-        """Every row's value of one column, in order."""
-        i = self.names[name]
-        return [r[i] for r in self.rows]
+        """Every row's value of one column, in order (the rows are turned into columns once,
+        by the first call)."""
+        columns = self._columns
+        if columns is None:
+            columns = self._columns = (list(zip(*self.rows, strict=True)) if self.rows
+                                       else [() for _ in self.names])
+        return list(columns[self.names[name]])
 
     def first(self, name: str) -> Any:
         """The first row's value of one column (there must be a row)."""

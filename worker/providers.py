@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import itertools
 import os
+import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -44,6 +46,15 @@ class NullProvider:
     def send(self, message: render.Message) -> str:
         """Pretend to send."""
         return f"{self._prefix}{next(self._ids)}"
+
+    def send_many(self, messages: Sequence[render.Message]) -> list[str]:
+        """Pretend to send a group in one call (what SendBulkEmail is to ses): an id each."""
+        prefix, ids = self._prefix, self._ids
+        return [f"{prefix}{next(ids)}" for _ in messages]
+
+    def bulk_max(self) -> int:
+        """No limit of its own on the messages of one send_many call."""
+        return sys.maxsize
 
     def max_send_rate(self) -> float | None:
         """No limit of its own."""

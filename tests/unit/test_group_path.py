@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from pgcast.mail import message, unsubscribe
-from pgcast.worker import dispatch
+from pgcast.worker import dispatch, providers
 from pgcast.worker import errors as perr
 from tests.unit.test_skeleton import FILLABLE, KEYS, RECIPIENTS, content, token_of, wire
 from tests.unit.test_units import ScriptedProvider, group
@@ -101,6 +101,30 @@ def test_a_group_sent_in_order_gets_each_outcome_send_one_gives(script: list[Any
     assert dispatch._calling.stop is None
 
 
+def test_a_provider_taking_many_a_call_gets_a_group_in_one_and_each_keeps_its_outcome(
+        ) -> None:
+    null = providers.NullProvider()
+    sender = dispatch.Sender(null, dispatch.Retries(), None)
+    assert sender.in_one_call
+    messages = group(4)
+    failed = [dispatch.cannot_build(90 + i, "bad address") for i in range(3)]
+    built: list[Any] = [failed[0], messages[0], messages[1], failed[1], messages[2],
+                        messages[3], failed[2]]
+    got = sender.send_in_order(built, {}, [])
+    assert [got[0], got[3], got[6]] == failed and got[0] is failed[0]
+    sent = [got[1], got[2], got[4], got[5]]
+    assert [o.contact_id for o in sent] == [m.contact_id for m in messages]
+    assert {o.outcome for o in sent} == {"sent"} and all(o.seconds is not None for o in sent)
+    ids = [o.message_id for o in sent]
+    assert len(set(ids)) == 4 and all(i and i.startswith("null-") for i in ids)
+    assert null.send(messages[0]) not in ids  # one sequence of ids for both calls
+    # nothing built: no call
+    assert sender.send_in_order(failed, {}, []) == failed
+    # a stopped group: nobody is called
+    stop = [dispatch.Outcome(0, "throttled", retry_in=1.0)]
+    assert {o.outcome for o in sender.send_in_order(messages, {}, stop)} == {"throttled"}
+
+
 def test_record_params_of_a_group_are_its_columns() -> None:
     outcomes = [dispatch.Outcome(1, "sent", "m-1"), dispatch.Outcome(2, "retry", None, "503", 2.5),
                 dispatch.Outcome(3, "failed", None, 'bad "x" \\ y')]
@@ -110,6 +134,9 @@ def test_record_params_of_a_group_are_its_columns() -> None:
                    "message_ids": '{"m-1",NULL,NULL}',
                    "errors": '{NULL,"503","bad \\"x\\" \\\\ y"}',
                    "retry_in": "{0.0,2.5,0.0}", "breaker": 3}
+    # no retry in the group: its zeros written without a repr each, the same numbers
+    sent = dispatch.record_params("b", "t", outcomes[:1] * 3, 0)
+    assert sent["retry_in"] == "{0,0,0}"
     empty = dispatch.record_params("b", "t", [], 0)
     assert [empty[k] for k in ("ids", "outcomes", "message_ids", "errors", "retry_in")] == [
         "{}"] * 5

@@ -57,6 +57,10 @@ RECIPIENTS = [
     (9, " spaced@example.com ", ""),
     (10, "\"a b\"@example.com", "Quoted"),
     (2**62, "big@example.com", "Big id"),
+    (11, "two@at@example.com", "Two"),
+    (12, "simple@example.com", "User 12"),
+    (13, "x@example.com", "x=?"),
+    (14, "Case.Mixed+tag@Example.COM", "~"),
 ]
 
 
