@@ -244,14 +244,10 @@ def waldump(conn: psycopg.Connection[dict[str, Any]], start: str, end: str) -> l
 
 
 def setup_server(url: str) -> Path:
-    """Count function calls, prefix the log with pid and database, keep the WAL for
-    pg_waldump; return the log's path."""
+    """Count function calls, prefix the log with pid and database; return the log's path."""
     with common.connect(url) as conn:
         conn.execute("ALTER SYSTEM SET track_functions = 'all'")
         conn.execute(f"ALTER SYSTEM SET log_line_prefix = '{LOG_PREFIX}'")
-        # the drain's WAL is still there for pg_waldump after the drain (a checkpoint during
-        # a 1,000,000-recipient drain recycled segments it had not read yet)
-        conn.execute("ALTER SYSTEM SET wal_keep_size = '4GB'")
         conn.execute("SELECT pg_reload_conf()")
         row = conn.execute("SHOW data_directory").fetchone()
     assert row is not None
