@@ -185,7 +185,7 @@ SELECT * FROM pgcast_claim_handoff_v6(%(id)s, %(limit)s, %(token)s, %(worker)s,
 
 -- fresh_floor --
 -- The lowest never-claimed pending contact_id >= `from` of one broadcast, or NULL.
-SELECT pgcast_fresh_floor_v1(%(id)s, %(from)s) AS floor
+SELECT pgcast_fresh_floor_v2(%(id)s, %(from)s) AS floor
 
 -- handoff --
 -- The fence: claimed -> sending (or skipped) for one group, with each contact's name, and

@@ -146,6 +146,23 @@ def test_requeued_rows_are_claimed_before_fresh_ones(conn: Conn) -> None:
     assert {r["last_fresh"] for r in rows} == {ids[6]}
 
 
+def test_the_fresh_floor_answers_as_the_walk_did_from_every_start(conn: Conn) -> None:
+    """fresh_floor v2 (none left: one scan; else v1's walk) gives v1's answer from every
+    start, with fresh rows on both sides of claimed ones, and once none is left."""
+    support.seed_contacts(conn, 12)
+    bid = support.new_broadcast(conn)
+    ids = recipient_ids(conn, bid)
+    claim(conn, bid, 3, after=ids[1])  # ids[2:5] claimed, fresh rows before and after them
+    claim(conn, bid, 2, after=ids[8])  # ids[9:11]
+    starts = [0, *ids, ids[-1] + 1]
+    walked = [conn.execute("SELECT pgcast_fresh_floor_v1(%s, %s) AS f",
+                           (bid, s)).fetchone()["f"] for s in starts]  # type: ignore[index]
+    assert [fresh_floor(conn, bid, s) for s in starts] == walked
+    assert walked[0] == ids[0] and walked[3 + 1] == ids[5] and walked[-1] is None
+    claim(conn, bid, 100, after=0)
+    assert fresh_floor(conn, bid, 0) is None
+
+
 def mark_claimed_sent(conn: Conn, bid: uuid.UUID) -> None:
     """Claimed rows sent, and counted (finalize checks the counters too)."""
     conn.execute("WITH u AS (UPDATE broadcast_recipients SET status = 'sent' "
