@@ -43,3 +43,11 @@ def test_record_contention_records_every_group_with_either_version(db_url: str) 
         for row in conn.execute("SELECT id FROM broadcasts").fetchall():
             assert support.status_counts(conn, row["id"]) == {"sent": 1_200}
             support.assert_counters_true(conn, row["id"])
+
+
+def test_fresh_floor_times_both_versions_on_a_drained_partition(db_url: str) -> None:
+    from bench import fresh_floor
+
+    times = fresh_floor.measure(db_url, 2_000, 2)  # asserts the drain and both answers
+    assert len(times[1]) == len(times[2]) == 2
+    assert all(ms > 0 for ms in times[1] + times[2])
