@@ -147,20 +147,33 @@ def test_requeued_rows_are_claimed_before_fresh_ones(conn: Conn) -> None:
 
 
 def test_the_fresh_floor_answers_as_the_walk_did_from_every_start(conn: Conn) -> None:
-    """fresh_floor v2 (none left: one scan; else v1's walk) gives v1's answer from every
-    start, with fresh rows on both sides of claimed ones, and once none is left."""
-    support.seed_contacts(conn, 12)
+    """fresh_floor v2 (a walk over the next 10,000 ids, the heap read beyond them) gives v1's
+    answer from every start: fresh rows on both sides of claimed ones, near and far (ids in
+    three clusters 20,000 apart), past the last id, near the largest bigint, none left."""
+    for cluster in range(3):
+        support.seed_contacts(conn, 4, start=cluster * 10)
+        conn.execute("SELECT setval(pg_get_serial_sequence('contacts', 'id'), "
+                     "(SELECT max(id) FROM contacts) + 20000)")
     bid = support.new_broadcast(conn)
     ids = recipient_ids(conn, bid)
-    claim(conn, bid, 3, after=ids[1])  # ids[2:5] claimed, fresh rows before and after them
-    claim(conn, bid, 2, after=ids[8])  # ids[9:11]
-    starts = [0, *ids, ids[-1] + 1]
-    walked = [conn.execute("SELECT pgcast_fresh_floor_v1(%s, %s) AS f",
-                           (bid, s)).fetchone()["f"] for s in starts]  # type: ignore[index]
-    assert [fresh_floor(conn, bid, s) for s in starts] == walked
-    assert walked[0] == ids[0] and walked[3 + 1] == ids[5] and walked[-1] is None
+    assert ids[4] - ids[3] > 10_000 and ids[8] - ids[7] > 10_000
+    claim(conn, bid, 4, after=0)  # the first cluster: the next fresh row is 20,000 ids on
+    claim(conn, bid, 2, after=ids[4])  # ids[5:7], a fresh row on either side
+
+    def both(start: int) -> tuple[int | None, int | None]:
+        walked = conn.execute("SELECT pgcast_fresh_floor_v1(%s, %s) AS f",
+                              (bid, start)).fetchone()
+        assert walked is not None
+        return walked["f"], fresh_floor(conn, bid, start)
+
+    starts = sorted({0, *ids, *(i + 1 for i in ids), *(i - 5_000 for i in ids),
+                     *(i - 15_000 for i in ids), ids[-1] + 1, 2**63 - 5})
+    answers = [both(s) for s in starts]
+    assert [v2 for _, v2 in answers] == [v1 for v1, _ in answers]
+    assert both(0) == (ids[4], ids[4]) and both(ids[5]) == (ids[7], ids[7])
+    assert both(ids[-1] + 1) == (None, None) and both(2**63 - 5) == (None, None)
     claim(conn, bid, 100, after=0)
-    assert fresh_floor(conn, bid, 0) is None
+    assert both(0) == (None, None)
 
 
 def mark_claimed_sent(conn: Conn, bid: uuid.UUID) -> None:
