@@ -262,6 +262,13 @@ class Content:
     @staticmethod
     def _to(address: str, name: str | None) -> tuple[str, str]:
         """The recipient's addr-spec and To header value; raises RenderError."""
+        if (_SIMPLE_ADDRESS.fullmatch(address) is not None and address.count("@") == 1
+                and (not name or (_SIMPLE_NAME.fullmatch(name) is not None
+                                  and "=?" not in name))):
+            # what the calls below give by their fast paths, without them (issue 32: one
+            # per recipient of a group): the address as it is (the pattern holds no space,
+            # nothing to strip), the name quoted as it is
+            return address, '"' + name + '" <' + address + ">" if name else address
         spec = addr_spec(address)
         shown = phrase(name or "", "To")
         return spec, f"{shown} <{spec}>" if shown else spec
@@ -368,20 +375,10 @@ class Filler:
         lone = subject[0] if len(subject) == 1 else None  # a subject without a link
         sender, bid, prefix = self.from_header, self.broadcast_id, self.unsubscribe
         to_of = Content._to
-        simple_address, simple_name = _SIMPLE_ADDRESS.fullmatch, _SIMPLE_NAME.fullmatch
         out: list[Message | Exception] = []
         for item, token in zip(items, tokens, strict=True):
-            address, name = item[1], item[2]
             try:
-                if (simple_address(address) is not None and address.count("@") == 1
-                        and (not name or (simple_name(name) is not None and "=?" not in name))):
-                    # what Content._to gives by the fast paths of addr_spec and phrase,
-                    # without their calls (issue 32): the address as it is (the pattern
-                    # holds no space, nothing to strip), the name quoted as it is
-                    spec = address
-                    to = '"' + name + '" <' + address + ">" if name else address
-                else:
-                    spec, to = to_of(address, name)
+                spec, to = to_of(item[1], item[2])
             except Exception as exc:  # noqa: BLE001 - this recipient's, as render's
                 out.append(exc)
                 continue

@@ -2,7 +2,7 @@
 -- asked at a drain's end, without walking the partition's key over every row claimed.
 --
 -- fresh_floor, v2: the lowest fresh contact_id >= p_from, or NULL, as v1, found in two parts:
--- v1's walk of the key over the next FRESH_WALK ids, then, if none is fresh there, the lowest
+-- v1's walk of the key over the next 10,000 ids, then, if none is fresh there, the lowest
 -- beyond them by one pass over the partition's heap (pgcast_fresh_beyond_v1).
 -- * Measured (a 1,000,000-recipient drain by two workers, bench.profile_db): each worker asks
 --   when its claims find no fresh row after their cursor, which is at the drain's end. v1
@@ -37,7 +37,7 @@ SET enable_seqscan = off
 SET enable_bitmapscan = off
 AS $$
 DECLARE
-    walk constant bigint := 10000;  -- FRESH_WALK: ids whose rows the walk may fetch
+    walk constant bigint := 10000;  -- ids whose rows the walk may fetch
     found bigint;
 BEGIN
     IF p_from > 9223372036854775807 - walk THEN

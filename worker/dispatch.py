@@ -337,7 +337,7 @@ class Sender:
         if self.in_one_call:
             messages = [b for b in built if not isinstance(b, Outcome)]
             if len(messages) == len(built):
-                return self.send_many(cast("list[render.Message]", built), attempts, stop)
+                return self.send_many(messages, attempts, stop)
             answered = iter(self.send_many(messages, attempts, stop) if messages else ())
             return [b if isinstance(b, Outcome) else next(answered) for b in built]
         out: list[Outcome] = []
@@ -595,7 +595,10 @@ def text_array(values: Sequence[str | None]) -> str:
 
 
 def number_array(values: Sequence[int] | Sequence[float]) -> str:
-    """A bigint[] or double precision[] parameter as one array literal (see text_array)."""
+    """A bigint[] or double precision[] parameter as one array literal (see text_array);
+    all zeros (a group's retry delays, mostly) without a repr each (issue 32)."""
+    if not any(values):
+        return "{" + ",".join(["0"] * len(values)) + "}"
     return "{" + ",".join(map(repr, values)) + "}"
 
 
@@ -613,7 +616,5 @@ def record_params(bid: Any, token: Any, outcomes: list[Outcome],
             "outcomes": text_array(kinds),
             "message_ids": text_array(message_ids),
             "errors": text_array(errors_),
-            # mostly no retry at all: its zeros without a repr each
-            "retry_in": number_array(retry_in) if any(retry_in) else
-            "{" + ",".join(["0"] * len(retry_in)) + "}",
+            "retry_in": number_array(retry_in),
             "breaker": breaker}

@@ -68,6 +68,32 @@ def test_a_simple_display_name_takes_the_fast_path_to_the_same_phrase(name: str)
     assert message.phrase(name, "To") == slow_phrase(name, "To")
 
 
+def composed_to(address: str, name: str | None) -> tuple[str, str] | str:
+    """Content._to as its calls give it (addr_spec, phrase), before issue 32's fast path;
+    the error's text when they refuse the address."""
+    try:
+        spec = message.addr_spec(address)
+    except Exception as exc:  # noqa: BLE001 - the reason is what must match
+        return str(exc)
+    shown = message.phrase(name or "", "To")
+    return spec, f"{shown} <{spec}>" if shown else spec
+
+
+ADDRESSES = ["a@example.com", "Case.Mixed+tag@Example.COM", "two@at@example.com",
+             " spaced@example.com ", "üser@example.com", "user@bücher.de", "not an address",
+             '"a b"@example.com', "x@y", "a.b-c_d@sub.example.org"]
+
+
+@pytest.mark.parametrize("address", ADDRESSES)
+def test_the_to_header_takes_the_fast_path_to_what_its_calls_give(address: str) -> None:
+    for name in [None, *NAMES]:
+        try:
+            got: tuple[str, str] | str = message.Content._to(address, name)
+        except Exception as exc:  # noqa: BLE001 - the reason is what must match
+            got = str(exc)
+        assert got == composed_to(address, name), (address, name)
+
+
 def scripts() -> list[list[Any]]:
     return [
         ["m0", perr.Throttled("slow down"), "m2", "m3"],
